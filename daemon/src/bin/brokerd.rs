@@ -1,0 +1,88 @@
+//! brokerd: the agent-broker daemon. See `brokerd --help`.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use agent_broker::config::{CliConfig, Config, FileConfig};
+use clap::Parser;
+
+/// The agent-broker daemon: receives every outbound TCP connection of the cgroups tagged with
+/// `brokerctl attach`, through eBPF programs that redirect them in the kernel.
+///
+/// Settings come from flags, over the TOML file given with --config, over embedded defaults.
+/// Tagged cgroups stay redirected while brokerd is down: their connects fail with ECONNREFUSED
+/// until it is back, and never go direct.
+#[derive(Debug, Parser)]
+#[command(name = "brokerd", version)]
+struct Args {
+    /// TOML config file with any of: state_dir, run_dir, policy_dir, pin_dir, listen.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State directory (vault, CA, audit log) [default: /var/lib/agent-broker].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Run directory holding the control socket control.sock [default: /run/agent-broker].
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Policy directory [default: /etc/agent-broker/policies].
+    #[arg(long, value_name = "DIR")]
+    policy_dir: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links; bpffs is mounted at /sys/fs/bpf when needed
+    /// [default: /sys/fs/bpf/agent-broker].
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
+    /// Loopback address for redirected connections; repeat for IPv4 and IPv6. All share one
+    /// port; port 0 picks a free one [default: 127.0.0.1:15001 and [::1]:15001].
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let config = match load_config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("brokerd: {e:#}");
+            return ExitCode::from(64); // EX_USAGE
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("brokerd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent_broker::daemon::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("brokerd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(args: Args) -> anyhow::Result<Config> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let cli = CliConfig {
+        state_dir: args.state_dir,
+        run_dir: args.run_dir,
+        policy_dir: args.policy_dir,
+        pin_dir: args.pin_dir,
+        listen: args.listen,
+    };
+    Ok(Config::layer(cli, file)?)
+}

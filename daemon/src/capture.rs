@@ -1,0 +1,881 @@
+//! The kernel path: loads the eBPF programs, tags cgroups with pinned links, and resolves each
+//! redirected connection to the [`ConnectionOrigin`] the programs recorded.
+//!
+//! This is the only module that uses aya. One thread ([`CaptureOwner`]) owns the loaded object and
+//! the links; everything else talks to it through [`CaptureHandle`] and gets a reply on a oneshot
+//! channel. The accept path only needs [`OriginResolver`], which holds its own map handle.
+//!
+//! Fail closed: links are pinned under `<pin-dir>/links`, maps under `<pin-dir>/maps`. Both outlive
+//! brokerd, so while it is down the programs keep redirecting to a port nobody listens on
+//! (ECONNREFUSED) instead of letting connections go direct. A restarted brokerd reuses the pinned
+//! maps and adopts the pinned links instead of attaching twice.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use agent_broker_common::{
+    self as common, AF_INET, BrokerConfig, Counter, Origin, PeerKey, is_v4_mapped, v4_mapped,
+};
+use agent_broker_protocol::{Counters, TaggedCgroup};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SockOps,
+        links::{FdLink, PinnedLink},
+    },
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use crate::cgroup::{CgroupError, CgroupId, CgroupPath, CgroupRoot};
+
+/// The eBPF object built by `cargo xtask build`, embedded at compile time.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("AGENT_BROKER_EBPF_OBJ"));
+
+/// The programs attached to every tagged cgroup, by program name and pin file name.
+const PROGRAMS: [(&str, &str); 5] = [
+    (common::programs::CONNECT4, "connect4"),
+    (common::programs::CONNECT6, "connect6"),
+    (common::programs::SOCKOPS, "sockops"),
+    (common::programs::GETPEERNAME4, "getpeername4"),
+    (common::programs::GETPEERNAME6, "getpeername6"),
+];
+
+/// Attach flags for the cgroup links. The kernel refuses any flag on a cgroup `BPF_LINK_CREATE`
+/// and always attaches links as multi-program, so other tools' programs on the same cgroup keep
+/// working and ours keep running beside them.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// Errors of the capture layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("cannot prepare the bpffs pin directory {path}: {message}")]
+    PinDir { path: PathBuf, message: String },
+    #[error("cannot load the eBPF programs (is this root on a kernel with BPF and BTF?)")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF program {name}: {message}")]
+    Program { name: &'static str, message: String },
+    #[error("eBPF map {name}: {message}")]
+    Map { name: &'static str, message: String },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("cgroup {path} {reason}")]
+    Forbidden { path: CgroupPath, reason: String },
+    #[error("cgroup {0} is not tagged")]
+    NotTagged(CgroupPath),
+    #[error("cannot attach to cgroup {path}: {message}")]
+    Attach { path: CgroupPath, message: String },
+    #[error("cannot detach from cgroup {path}: {message}")]
+    Detach { path: CgroupPath, message: String },
+    #[error("the capture thread has stopped")]
+    Stopped,
+}
+
+/// Where the programs keep their state and where they redirect to.
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// The cgroup2 hierarchy.
+    pub root: CgroupRoot,
+    /// bpffs directory for pinned maps and links.
+    pub pin_dir: PathBuf,
+    /// The broker's IPv4 listener.
+    pub listen_v4: SocketAddrV4,
+    /// The broker's IPv6 listener, if any. Without one, IPv6 connects go to the IPv4 listener's
+    /// v4-mapped address.
+    pub listen_v6: Option<SocketAddrV6>,
+}
+
+/// A tagged cgroup as the capture layer knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tag {
+    pub path: CgroupPath,
+    pub id: CgroupId,
+}
+
+/// The set of tagged cgroups, replaced whole on every change.
+pub type TagSet = Arc<Vec<Tag>>;
+
+/// Who opened a redirected connection and where it was going.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionOrigin {
+    /// The tagged cgroup (or a cgroup below one) the connecting thread was in.
+    pub cgroup: CgroupPath,
+    pub cgroup_id: CgroupId,
+    /// Process id (thread group id).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    pub comm: String,
+    /// The destination the agent asked for.
+    pub original_dst: SocketAddr,
+}
+
+/// Why an accepted connection has no origin.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResolveError {
+    #[error(
+        "no redirect record for peer {0} (not a redirected connection, or the record was evicted)"
+    )]
+    NoRecord(SocketAddr),
+    #[error("cgroup id {0} of the connecting process is in no tagged cgroup")]
+    UnknownCgroup(CgroupId),
+    #[error("redirect map lookup failed: {0}")]
+    Map(String),
+}
+
+/// Resolves accepted connections to their origin. Shared by all accept tasks.
+pub struct OriginResolver {
+    by_peer: Mutex<BpfHashMap<MapData, PeerKey, Origin>>,
+    root: CgroupRoot,
+    tags: watch::Receiver<TagSet>,
+    paths: Mutex<HashMap<CgroupId, CgroupPath>>,
+}
+
+impl OriginResolver {
+    /// Looks up and consumes the record for an accepted connection's peer address. One-shot: a
+    /// second lookup for the same peer finds nothing.
+    pub fn resolve(&self, peer: SocketAddr) -> Result<ConnectionOrigin, ResolveError> {
+        let key = peer_key(peer);
+        let origin = {
+            let mut map = self
+                .by_peer
+                .lock()
+                .map_err(|_| ResolveError::Map("resolver lock poisoned".into()))?;
+            let origin = match map.get(&key, 0) {
+                Ok(o) => o,
+                Err(aya::maps::MapError::KeyNotFound) => return Err(ResolveError::NoRecord(peer)),
+                Err(e) => return Err(ResolveError::Map(e.to_string())),
+            };
+            // A failed delete only leaves a stale record that the LRU evicts; the peer port
+            // cannot be reused while this connection is open.
+            let _ = map.remove(&key);
+            origin
+        };
+        let cgroup_id = CgroupId(origin.cgroup_id);
+        let cgroup = self
+            .cgroup_path(cgroup_id)
+            .ok_or(ResolveError::UnknownCgroup(cgroup_id))?;
+        let comm_len = origin
+            .comm
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(origin.comm.len());
+        Ok(ConnectionOrigin {
+            cgroup,
+            cgroup_id,
+            pid: origin.tgid,
+            tid: origin.pid,
+            comm: String::from_utf8_lossy(&origin.comm[..comm_len]).into_owned(),
+            original_dst: original_dst(&origin),
+        })
+    }
+
+    /// The tagged cgroups, as last published by the owner.
+    pub fn tags(&self) -> TagSet {
+        self.tags.borrow().clone()
+    }
+
+    fn cgroup_path(&self, id: CgroupId) -> Option<CgroupPath> {
+        if let Some(p) = self.paths.lock().ok()?.get(&id) {
+            return Some(p.clone());
+        }
+        let tags = self.tags();
+        let found = tags
+            .iter()
+            .find(|t| t.id == id)
+            .map(|t| t.path.clone())
+            .or_else(|| {
+                tags.iter()
+                    .find_map(|t| self.root.find_in_subtree(&t.path, id))
+            })?;
+        if let Ok(mut cache) = self.paths.lock() {
+            // cgroup ids are not reused during a boot, so a cached path only goes stale if the
+            // cgroup is renamed, which cgroupfs does not allow.
+            if cache.len() > 16_384 {
+                cache.clear();
+            }
+            cache.insert(id, found.clone());
+        }
+        Some(found)
+    }
+}
+
+/// The map key for an accepted connection's peer address.
+pub fn peer_key(peer: SocketAddr) -> PeerKey {
+    let octets = match peer {
+        SocketAddr::V4(a) => a.ip().to_ipv6_mapped().octets(),
+        SocketAddr::V6(a) => a.ip().octets(),
+    };
+    PeerKey {
+        addr: words(octets),
+        port: u32::from(peer.port()),
+    }
+}
+
+fn words(octets: [u8; 16]) -> [u32; 4] {
+    let mut w = [0u32; 4];
+    for (i, chunk) in octets.chunks_exact(4).enumerate() {
+        w[i] = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+    }
+    w
+}
+
+fn octets(words: &[u32; 4]) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    o
+}
+
+/// The destination recorded by connect4/connect6: IPv4 (also when the agent used a v4-mapped
+/// IPv6 address) or IPv6.
+fn original_dst(origin: &Origin) -> SocketAddr {
+    let ip6 = Ipv6Addr::from(octets(&origin.dst_addr));
+    if origin.family == AF_INET || is_v4_mapped(&origin.dst_addr) {
+        let [a, b, c, d] = origin.dst_addr[3].to_ne_bytes();
+        SocketAddr::from((Ipv4Addr::new(a, b, c, d), origin.dst_port))
+    } else {
+        SocketAddr::from((ip6, origin.dst_port))
+    }
+}
+
+/// A request to the owner thread.
+enum Command {
+    Attach {
+        cgroup: CgroupPath,
+        create: bool,
+        reply: oneshot::Sender<Result<(TaggedCgroup, bool), CaptureError>>,
+    },
+    Detach {
+        cgroup: CgroupPath,
+        reply: oneshot::Sender<Result<(), CaptureError>>,
+    },
+    Status {
+        reply: oneshot::Sender<(Vec<TaggedCgroup>, Counters)>,
+    },
+}
+
+/// Sends commands to the owner thread.
+#[derive(Clone)]
+pub struct CaptureHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl CaptureHandle {
+    /// Tags a cgroup. Returns its state and whether it was already tagged.
+    pub async fn attach(
+        &self,
+        cgroup: CgroupPath,
+        create: bool,
+    ) -> Result<(TaggedCgroup, bool), CaptureError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Attach {
+            cgroup,
+            create,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| CaptureError::Stopped)?
+    }
+
+    /// Untags a cgroup.
+    pub async fn detach(&self, cgroup: CgroupPath) -> Result<(), CaptureError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Detach { cgroup, reply }).await?;
+        rx.await.map_err(|_| CaptureError::Stopped)?
+    }
+
+    /// Tagged cgroups and kernel counters.
+    pub async fn status(&self) -> Result<(Vec<TaggedCgroup>, Counters), CaptureError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Status { reply }).await?;
+        rx.await.map_err(|_| CaptureError::Stopped)
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), CaptureError> {
+        self.tx.send(cmd).await.map_err(|_| CaptureError::Stopped)
+    }
+}
+
+/// A tagged cgroup's pinned links.
+struct Tagged {
+    id: CgroupId,
+    /// Directory holding this cgroup's link pins.
+    pin_dir: PathBuf,
+    links: Vec<PinnedLink>,
+}
+
+/// Owns the loaded eBPF object and every link. Runs on its own thread.
+pub struct CaptureOwner {
+    ebpf: Ebpf,
+    root: CgroupRoot,
+    links_dir: PathBuf,
+    tagged: BTreeMap<CgroupPath, Tagged>,
+    counters: PerCpuArray<MapData, u64>,
+    tags_tx: watch::Sender<TagSet>,
+}
+
+/// What [`start`] hands back.
+pub struct Capture {
+    pub handle: CaptureHandle,
+    pub resolver: Arc<OriginResolver>,
+    /// Reads `aya-log` records of the programs; drive it with [`drive_logger`].
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pub owner: std::thread::JoinHandle<()>,
+}
+
+/// Loads the programs, reuses pinned maps, adopts pinned links, and starts the owner thread.
+pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
+    prepare_pin_dir(&config.pin_dir)?;
+    let maps_dir = config.pin_dir.join("maps");
+    let links_dir = config.pin_dir.join("links");
+    for dir in [&maps_dir, &links_dir] {
+        make_private_dir(dir)?;
+    }
+
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&maps_dir)
+        .load(EBPF_OBJECT)
+        .map_err(CaptureError::Load)?;
+
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!(error = %e, "eBPF programs' log records will not be shown");
+            None
+        }
+    };
+
+    for (name, _) in PROGRAMS {
+        let program = ebpf.program_mut(name).ok_or(CaptureError::Program {
+            name,
+            message: "missing from the eBPF object".into(),
+        })?;
+        let loaded = match program {
+            aya::programs::Program::CgroupSockAddr(p) => p.load(),
+            aya::programs::Program::SockOps(p) => p.load(),
+            _ => {
+                return Err(CaptureError::Program {
+                    name,
+                    message: "unexpected program type".into(),
+                });
+            }
+        };
+        loaded.map_err(|e| CaptureError::Program {
+            name,
+            message: crate::error_chain(&e),
+        })?;
+    }
+
+    write_config(&mut ebpf, &config)?;
+
+    let by_peer = take_map(&mut ebpf, common::maps::ORIGIN_BY_PEER)?;
+    let by_peer: BpfHashMap<MapData, PeerKey, Origin> =
+        BpfHashMap::try_from(by_peer).map_err(|e| map_error(common::maps::ORIGIN_BY_PEER, e))?;
+    let counters = take_map(&mut ebpf, common::maps::COUNTERS)?;
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(counters).map_err(|e| map_error(common::maps::COUNTERS, e))?;
+
+    let (tags_tx, tags_rx) = watch::channel(TagSet::default());
+    let mut owner = CaptureOwner {
+        ebpf,
+        root: config.root.clone(),
+        links_dir,
+        tagged: BTreeMap::new(),
+        counters,
+        tags_tx,
+    };
+    owner.adopt_pinned_links();
+
+    let resolver = Arc::new(OriginResolver {
+        by_peer: Mutex::new(by_peer),
+        root: config.root,
+        tags: tags_rx,
+        paths: Mutex::new(HashMap::new()),
+    });
+    let (tx, rx) = mpsc::channel(64);
+    let owner = std::thread::Builder::new()
+        .name("capture".into())
+        .spawn(move || owner.run(rx))
+        .map_err(|e| CaptureError::Program {
+            name: "capture thread",
+            message: e.to_string(),
+        })?;
+    Ok(Capture {
+        handle: CaptureHandle { tx },
+        resolver,
+        logger,
+        owner,
+    })
+}
+
+/// Forwards the programs' `aya-log` records to brokerd's log until `cancel` fires.
+pub async fn drive_logger_until(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    // SAFETY: the logger owns its ring buffer fd for its whole life and always reports the same
+    // fd; the AsyncFd owns the logger, so the fd outlives the registration.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot poll the eBPF log ring buffer");
+            return;
+        }
+    };
+    loop {
+        let ready = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = fd.readable_mut() => r,
+        };
+        match ready {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => {
+                warn!(error = %e, "eBPF log ring buffer failed");
+                return;
+            }
+        }
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CaptureError> {
+    ebpf.take_map(name).ok_or(CaptureError::Map {
+        name,
+        message: "missing from the eBPF object".into(),
+    })
+}
+
+fn map_error(name: &'static str, e: impl std::fmt::Display) -> CaptureError {
+    CaptureError::Map {
+        name,
+        message: e.to_string(),
+    }
+}
+
+/// Publishes the listener addresses to the (pinned, shared) config map. Programs attached by an
+/// earlier brokerd read the same map, so they follow a changed port too.
+fn write_config(ebpf: &mut Ebpf, config: &CaptureConfig) -> Result<(), CaptureError> {
+    let name = common::maps::CONFIG;
+    let map = ebpf.map_mut(name).ok_or(CaptureError::Map {
+        name,
+        message: "missing from the eBPF object".into(),
+    })?;
+    let mut array: Array<&mut MapData, BrokerConfig> =
+        Array::try_from(map).map_err(|e| map_error(name, e))?;
+    let v4 = config.listen_v4;
+    let v4_be = u32::from_ne_bytes(v4.ip().octets());
+    let v6_addr = match config.listen_v6 {
+        Some(v6) => words(v6.ip().octets()),
+        None => v4_mapped(v4_be),
+    };
+    let value = BrokerConfig {
+        v4_addr: v4_be,
+        v6_addr,
+        port: v4.port(),
+        _pad: 0,
+    };
+    array.set(0, value, 0).map_err(|e| map_error(name, e))
+}
+
+impl CaptureOwner {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(cmd) = rx.blocking_recv() {
+            match cmd {
+                Command::Attach {
+                    cgroup,
+                    create,
+                    reply,
+                } => {
+                    let _ = reply.send(self.attach(cgroup, create));
+                }
+                Command::Detach { cgroup, reply } => {
+                    let _ = reply.send(self.detach(&cgroup));
+                }
+                Command::Status { reply } => {
+                    let _ = reply.send((self.tagged_report(), self.counters()));
+                }
+            }
+        }
+        // Dropping `self` closes the link fds; the pins keep the programs attached.
+    }
+
+    fn publish(&self) {
+        let tags: Vec<Tag> = self
+            .tagged
+            .iter()
+            .map(|(path, t)| Tag {
+                path: path.clone(),
+                id: t.id,
+            })
+            .collect();
+        self.tags_tx.send_replace(Arc::new(tags));
+    }
+
+    fn report(&self, path: &CgroupPath, t: &Tagged) -> TaggedCgroup {
+        TaggedCgroup {
+            path: path.to_string(),
+            id: t.id.0,
+            processes: self.root.process_count(path),
+            links: t.links.len() as u32,
+        }
+    }
+
+    fn tagged_report(&self) -> Vec<TaggedCgroup> {
+        self.tagged.iter().map(|(p, t)| self.report(p, t)).collect()
+    }
+
+    fn counters(&self) -> Counters {
+        let sum = |c: Counter| {
+            self.counters
+                .get(&(c as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        Counters {
+            redirected: sum(Counter::Redirected),
+            refused: sum(Counter::Refused),
+            rekey_failed: sum(Counter::RekeyFailed),
+        }
+    }
+
+    fn attach(
+        &mut self,
+        cgroup: CgroupPath,
+        create: bool,
+    ) -> Result<(TaggedCgroup, bool), CaptureError> {
+        // brokerd must never redirect itself: refuse its own cgroup and every ancestor.
+        if let Some(own) = self.root.cgroup_of(std::process::id())? {
+            if cgroup.is_ancestor_or_self_of(&own) {
+                return Err(CaptureError::Forbidden {
+                    path: cgroup,
+                    reason: format!(
+                        "contains brokerd itself (brokerd runs in {own}); tag a cgroup that \
+                         brokerd is not in"
+                    ),
+                });
+            }
+        }
+        if let Some(t) = self.tagged.get(&cgroup) {
+            return Ok((self.report(&cgroup, t), true));
+        }
+        // Nested tags would run the programs twice on one connect; the ancestor's tag already
+        // covers every cgroup below it.
+        if let Some(other) = self
+            .tagged
+            .keys()
+            .find(|t| t.is_ancestor_or_self_of(&cgroup) || cgroup.is_ancestor_or_self_of(t))
+        {
+            return Err(CaptureError::Forbidden {
+                path: cgroup.clone(),
+                reason: format!(
+                    "overlaps tagged cgroup {other}; a tag covers every cgroup below it, detach \
+                     {other} first to tag at another level"
+                ),
+            });
+        }
+        if !self.root.exists(&cgroup) {
+            if !create {
+                return Err(CgroupError::Missing(cgroup).into());
+            }
+            self.root.create(&cgroup)?;
+        }
+        let id = self.root.id(&cgroup)?;
+        let dir = self.root.dir(&cgroup);
+        let cgroup_fd = fs::File::open(&dir).map_err(|e| CaptureError::Attach {
+            path: cgroup.clone(),
+            message: format!("open {}: {e}", dir.display()),
+        })?;
+        let pin_dir = self.links_dir.join(link_dir_name(&cgroup, id));
+        make_private_dir(&pin_dir)?;
+
+        let mut links = Vec::with_capacity(PROGRAMS.len());
+        for (name, pin_name) in PROGRAMS {
+            match self.attach_one(name, &cgroup_fd, &pin_dir.join(pin_name)) {
+                Ok(link) => links.push(link),
+                Err(message) => {
+                    // Roll back: never leave a half-tagged cgroup.
+                    for link in links {
+                        let _ = link.unpin();
+                    }
+                    let _ = fs::remove_dir(&pin_dir);
+                    return Err(CaptureError::Attach {
+                        path: cgroup,
+                        message: format!("{name}: {message}"),
+                    });
+                }
+            }
+        }
+        info!(cgroup = %cgroup, id = id.0, "tagged: connections from this cgroup now go to brokerd");
+        let tagged = Tagged { id, pin_dir, links };
+        let report = self.report(&cgroup, &tagged);
+        self.tagged.insert(cgroup, tagged);
+        self.publish();
+        Ok((report, false))
+    }
+
+    fn attach_one(
+        &mut self,
+        name: &str,
+        cgroup: &fs::File,
+        pin: &Path,
+    ) -> Result<PinnedLink, String> {
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .ok_or("missing from the eBPF object")?;
+        let fd_link: FdLink = match program {
+            aya::programs::Program::CgroupSockAddr(p) => {
+                let p: &mut CgroupSockAddr = p;
+                let id = p
+                    .attach(cgroup, LINK_MODE)
+                    .map_err(|e| crate::error_chain(&e))?;
+                let link = p.take_link(id).map_err(|e| crate::error_chain(&e))?;
+                FdLink::try_from(link).map_err(|e| crate::error_chain(&e))?
+            }
+            aya::programs::Program::SockOps(p) => {
+                let p: &mut SockOps = p;
+                let id = p
+                    .attach(cgroup, LINK_MODE)
+                    .map_err(|e| crate::error_chain(&e))?;
+                let link = p.take_link(id).map_err(|e| crate::error_chain(&e))?;
+                FdLink::try_from(link).map_err(|e| crate::error_chain(&e))?
+            }
+            _ => return Err("unexpected program type".into()),
+        };
+        fd_link
+            .pin(pin)
+            .map_err(|e| format!("pin {}: {}", pin.display(), crate::error_chain(&e)))
+    }
+
+    fn detach(&mut self, cgroup: &CgroupPath) -> Result<(), CaptureError> {
+        let tagged = self
+            .tagged
+            .remove(cgroup)
+            .ok_or_else(|| CaptureError::NotTagged(cgroup.clone()))?;
+        let mut failures = Vec::new();
+        for link in tagged.links {
+            // Unpinning and dropping the last fd detaches the program.
+            if let Err(e) = link.unpin() {
+                failures.push(e.to_string());
+            }
+        }
+        if let Err(e) = fs::remove_dir(&tagged.pin_dir) {
+            failures.push(format!("{}: {e}", tagged.pin_dir.display()));
+        }
+        self.publish();
+        if failures.is_empty() {
+            info!(cgroup = %cgroup, "untagged: connections from this cgroup are no longer redirected");
+            Ok(())
+        } else {
+            Err(CaptureError::Detach {
+                path: cgroup.clone(),
+                message: failures.join("; "),
+            })
+        }
+    }
+
+    /// Takes over the links an earlier brokerd pinned. A pin whose cgroup is gone (or was
+    /// replaced by a new cgroup of the same name) is removed: the kernel already detached it.
+    fn adopt_pinned_links(&mut self) {
+        let Ok(entries) = fs::read_dir(&self.links_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let Some((cgroup, id)) = entry.file_name().to_str().and_then(parse_link_dir_name)
+            else {
+                warn!(dir = %dir.display(), "ignoring unrecognised entry in the links pin directory");
+                continue;
+            };
+            let current = self.root.id(&cgroup).ok();
+            if current != Some(id) {
+                info!(cgroup = %cgroup, "removing pinned links of a cgroup that no longer exists");
+                remove_pins(&dir);
+                continue;
+            }
+            let mut links = Vec::new();
+            for (_, pin_name) in PROGRAMS {
+                let pin = dir.join(pin_name);
+                match PinnedLink::from_pin(&pin) {
+                    Ok(link) => links.push(link),
+                    Err(e) => warn!(pin = %pin.display(), error = %e, "cannot adopt pinned link"),
+                }
+            }
+            if links.len() != PROGRAMS.len() {
+                warn!(cgroup = %cgroup, links = links.len(), "adopted an incompletely tagged cgroup; detach and attach it again");
+            }
+            info!(cgroup = %cgroup, links = links.len(), "adopted pinned links");
+            self.tagged.insert(
+                cgroup,
+                Tagged {
+                    id,
+                    pin_dir: dir,
+                    links,
+                },
+            );
+        }
+        self.publish();
+    }
+}
+
+fn remove_pins(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// A pin directory name that identifies both the cgroup and its id: `agents%2Fdemo@1234`.
+fn link_dir_name(cgroup: &CgroupPath, id: CgroupId) -> String {
+    let mut name = String::new();
+    for c in cgroup.as_str().chars() {
+        match c {
+            '/' => name.push_str("%2F"),
+            '%' => name.push_str("%25"),
+            '@' => name.push_str("%40"),
+            c => name.push(c),
+        }
+    }
+    format!("{name}@{}", id.0)
+}
+
+fn parse_link_dir_name(name: &str) -> Option<(CgroupPath, CgroupId)> {
+    let (path, id) = name.rsplit_once('@')?;
+    let id = id.parse().ok()?;
+    let path = path
+        .replace("%2F", "/")
+        .replace("%40", "@")
+        .replace("%25", "%");
+    Some((CgroupPath::parse(&path).ok()?, CgroupId(id)))
+}
+
+fn make_private_dir(dir: &Path) -> Result<(), CaptureError> {
+    let err = |message: String| CaptureError::PinDir {
+        path: dir.into(),
+        message,
+    };
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => {}
+        Err(e) => return Err(err(e.to_string())),
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| err(e.to_string()))
+}
+
+/// Makes sure the pin directory is on a bpf filesystem, mounting bpffs at /sys/fs/bpf when the
+/// directory is below it and nothing is mounted there.
+fn prepare_pin_dir(pin_dir: &Path) -> Result<(), CaptureError> {
+    let err = |message: String| CaptureError::PinDir {
+        path: pin_dir.into(),
+        message,
+    };
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| err(e.to_string()))?;
+    let on_bpffs = |mounts: &str| {
+        mounts.lines().any(|line| {
+            let Some((left, right)) = line.split_once(" - ") else {
+                return false;
+            };
+            let Some(point) = left.split_whitespace().nth(4) else {
+                return false;
+            };
+            right.split_whitespace().next() == Some("bpf") && pin_dir.starts_with(point)
+        })
+    };
+    if on_bpffs(&mountinfo) {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(default) {
+        return Err(err(format!(
+            "it is not on a bpf filesystem; mount one (mount -t bpf bpf DIR) or use a pin dir \
+             below {}",
+            default.display()
+        )));
+    }
+    fs::create_dir_all(default).map_err(|e| err(e.to_string()))?;
+    nix::mount::mount(
+        Some("bpf"),
+        default,
+        Some("bpf"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some("mode=0700"),
+    )
+    .map_err(|e| err(format!("mounting bpffs at {}: {e}", default.display())))?;
+    info!(path = %default.display(), "mounted bpffs");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_keys_use_the_v4_mapped_form() {
+        let v4 = peer_key("127.0.0.1:4242".parse().expect("addr"));
+        let mapped = peer_key("[::ffff:127.0.0.1]:4242".parse().expect("addr"));
+        assert_eq!(v4, mapped);
+        assert_eq!(v4.port, 4242);
+        assert_eq!(v4.addr, v4_mapped(u32::from_ne_bytes([127, 0, 0, 1])));
+    }
+
+    #[test]
+    fn original_dst_decodes_each_family() {
+        let mut o = Origin {
+            dst_addr: v4_mapped(u32::from_ne_bytes([127, 0, 0, 2])),
+            dst_port: 8443,
+            family: AF_INET,
+            tgid: 1,
+            pid: 1,
+            via_v4: 1,
+            cgroup_id: 1,
+            comm: [0; 16],
+        };
+        assert_eq!(
+            original_dst(&o),
+            "127.0.0.2:8443".parse::<SocketAddr>().expect("addr")
+        );
+        o.family = common::AF_INET6; // v4-mapped from an IPv6 socket
+        assert_eq!(
+            original_dst(&o),
+            "127.0.0.2:8443".parse::<SocketAddr>().expect("addr")
+        );
+        o.dst_addr = words(Ipv6Addr::LOCALHOST.octets());
+        o.via_v4 = 0;
+        assert_eq!(
+            original_dst(&o),
+            "[::1]:8443".parse::<SocketAddr>().expect("addr")
+        );
+    }
+
+    #[test]
+    fn link_dir_names_round_trip() {
+        for raw in ["agents/demo", "a%b/c@d", "x"] {
+            let p = CgroupPath::parse(raw).expect(raw);
+            let name = link_dir_name(&p, CgroupId(77));
+            assert!(!name.contains('/'), "{name}");
+            assert_eq!(parse_link_dir_name(&name), Some((p, CgroupId(77))));
+        }
+        assert_eq!(parse_link_dir_name("garbage"), None);
+    }
+}

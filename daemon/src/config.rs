@@ -1,0 +1,237 @@
+//! brokerd's configuration: command-line flags over a TOML file over embedded defaults, validated
+//! into a [`Config`] before anything binds or attaches.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Default state directory (vault, CA, audit log).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/agent-broker";
+/// Default run directory (control socket).
+pub const DEFAULT_RUN_DIR: &str = "/run/agent-broker";
+/// Default policy directory.
+pub const DEFAULT_POLICY_DIR: &str = "/etc/agent-broker/policies";
+/// Default bpffs directory for pinned maps and links.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/agent-broker";
+/// Default listeners for redirected connections.
+pub const DEFAULT_LISTEN: [&str; 2] = ["127.0.0.1:15001", "[::1]:15001"];
+
+/// Errors of configuration loading and validation.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid listen address {addr}: {reason}")]
+    Listen {
+        addr: SocketAddr,
+        reason: &'static str,
+    },
+    #[error("{0} must be an absolute path, got {1}")]
+    RelativeDir(&'static str, PathBuf),
+}
+
+/// The settings a config file may hold; every field optional, unknown fields refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Directory for the vault, the CA and the audit log.
+    pub state_dir: Option<PathBuf>,
+    /// Directory for the control socket.
+    pub run_dir: Option<PathBuf>,
+    /// Directory of policy files.
+    pub policy_dir: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links.
+    pub pin_dir: Option<PathBuf>,
+    /// Loopback addresses to accept redirected connections on.
+    pub listen: Option<Vec<SocketAddr>>,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Settings given on the command line; each overrides the file.
+#[derive(Debug, Default)]
+pub struct CliConfig {
+    pub state_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub policy_dir: Option<PathBuf>,
+    pub pin_dir: Option<PathBuf>,
+    pub listen: Vec<SocketAddr>,
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub policy_dir: PathBuf,
+    pub pin_dir: PathBuf,
+    /// At least one IPv4 and at most one address per family, all loopback; a zero port means
+    /// "pick one", shared by all listeners.
+    pub listen: Vec<SocketAddr>,
+}
+
+impl Config {
+    /// Layers CLI over file over defaults and validates the result.
+    pub fn layer(cli: CliConfig, file: FileConfig) -> Result<Self, ConfigError> {
+        let dir = |name, cli: Option<PathBuf>, file: Option<PathBuf>, default: &str| {
+            let p = cli.or(file).unwrap_or_else(|| PathBuf::from(default));
+            if p.is_absolute() {
+                Ok(p)
+            } else {
+                Err(ConfigError::RelativeDir(name, p))
+            }
+        };
+        let listen = if !cli.listen.is_empty() {
+            cli.listen
+        } else if let Some(l) = file.listen {
+            l
+        } else {
+            DEFAULT_LISTEN
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect()
+        };
+        let config = Self {
+            state_dir: dir(
+                "--state-dir",
+                cli.state_dir,
+                file.state_dir,
+                DEFAULT_STATE_DIR,
+            )?,
+            run_dir: dir("--run-dir", cli.run_dir, file.run_dir, DEFAULT_RUN_DIR)?,
+            policy_dir: dir(
+                "--policy-dir",
+                cli.policy_dir,
+                file.policy_dir,
+                DEFAULT_POLICY_DIR,
+            )?,
+            pin_dir: dir("--pin-dir", cli.pin_dir, file.pin_dir, DEFAULT_PIN_DIR)?,
+            listen,
+        };
+        config.validate_listen()?;
+        Ok(config)
+    }
+
+    fn validate_listen(&self) -> Result<(), ConfigError> {
+        let mut v4 = 0;
+        let mut v6 = 0;
+        let mut port = None;
+        for addr in &self.listen {
+            let err = |reason| ConfigError::Listen {
+                addr: *addr,
+                reason,
+            };
+            if !addr.ip().is_loopback() {
+                // A broker reachable from the network would be a credential oracle for it.
+                return Err(err("brokerd listens on loopback addresses only"));
+            }
+            match addr {
+                SocketAddr::V4(_) => v4 += 1,
+                SocketAddr::V6(_) => v6 += 1,
+            }
+            if v4 > 1 || v6 > 1 {
+                return Err(err("give at most one IPv4 and one IPv6 listen address"));
+            }
+            if addr.port() != 0 && *port.get_or_insert(addr.port()) != addr.port() {
+                return Err(err("all listen addresses must share one port"));
+            }
+        }
+        if v4 == 0 {
+            return Err(ConfigError::Listen {
+                addr: self
+                    .listen
+                    .first()
+                    .copied()
+                    .unwrap_or_else(|| ([0u16; 8], 0).into()),
+                reason: "an IPv4 loopback listen address is required (IPv4 and v4-mapped \
+                         connections are redirected to it)",
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_embedded() {
+        let c = Config::layer(CliConfig::default(), FileConfig::default()).expect("defaults");
+        assert_eq!(c.run_dir, PathBuf::from(DEFAULT_RUN_DIR));
+        assert_eq!(c.listen.len(), 2);
+        assert!(
+            c.listen
+                .iter()
+                .all(|a| a.port() == 15001 && a.ip().is_loopback())
+        );
+    }
+
+    #[test]
+    fn cli_overrides_file_overrides_defaults() {
+        let file: FileConfig =
+            toml::from_str("run_dir = \"/from/file\"\nstate_dir = \"/state\"").expect("toml");
+        let cli = CliConfig {
+            run_dir: Some("/from/cli".into()),
+            ..Default::default()
+        };
+        let c = Config::layer(cli, file).expect("layer");
+        assert_eq!(c.run_dir, PathBuf::from("/from/cli"));
+        assert_eq!(c.state_dir, PathBuf::from("/state"));
+        assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+    }
+
+    #[test]
+    fn unknown_file_fields_are_refused() {
+        assert!(toml::from_str::<FileConfig>("listne = []").is_err());
+    }
+
+    #[test]
+    fn non_loopback_and_mixed_ports_are_refused() {
+        for listen in [
+            vec!["0.0.0.0:15001"],
+            vec!["10.0.0.1:15001"],
+            vec!["127.0.0.1:1", "[::1]:2"],
+            vec!["[::1]:15001"],
+            vec!["127.0.0.1:1", "127.0.0.2:1"],
+        ] {
+            let cli = CliConfig {
+                listen: listen.iter().map(|s| s.parse().expect("addr")).collect(),
+                ..Default::default()
+            };
+            let err = Config::layer(cli, FileConfig::default()).expect_err("refused");
+            assert!(err.to_string().contains("invalid listen address"), "{err}");
+        }
+    }
+
+    #[test]
+    fn relative_dirs_are_refused() {
+        let cli = CliConfig {
+            run_dir: Some("run".into()),
+            ..Default::default()
+        };
+        let err = Config::layer(cli, FileConfig::default()).expect_err("refused");
+        assert!(err.to_string().contains("--run-dir"), "{err}");
+    }
+}

@@ -1,0 +1,268 @@
+//! The control socket: `<run-dir>/control.sock`, mode 0600 in a 0700 directory, root only.
+//!
+//! Every connection's peer credentials are checked: the peer must be root (or brokerd's own uid),
+//! and a peer process that runs inside a tagged cgroup is refused, so an agent cannot detach
+//! itself even if it could reach the socket.
+
+use std::{
+    fs, io,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use agent_broker_protocol::{
+    self as protocol, ErrorKind, MAX_REQUEST_LINE, Request, Response, StatusReport,
+};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    capture::{CaptureError, CaptureHandle, OriginResolver},
+    cgroup::{CgroupError, CgroupPath, CgroupRoot},
+    relay::RecentConnections,
+};
+
+/// Errors setting up the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot create run directory {path}")]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("another brokerd is already serving {0}; stop it or use another --run-dir")]
+    InUse(PathBuf),
+    #[error("cannot bind control socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What the control server needs from the rest of brokerd.
+pub struct ControlState {
+    pub capture: CaptureHandle,
+    pub resolver: Arc<OriginResolver>,
+    pub recent: Arc<RecentConnections>,
+    pub root: CgroupRoot,
+    pub listeners: Vec<std::net::SocketAddr>,
+    pub pin_dir: PathBuf,
+}
+
+/// Binds the control socket, refusing to steal it from a running brokerd.
+pub fn bind(run_dir: &Path) -> Result<(UnixListener, PathBuf), ControlError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(run_dir)
+        .and_then(|()| fs::set_permissions(run_dir, fs::Permissions::from_mode(0o700)))
+        .map_err(|source| ControlError::RunDir {
+            path: run_dir.into(),
+            source,
+        })?;
+    let path = run_dir.join(protocol::SOCKET_NAME);
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(ControlError::InUse(path));
+        }
+        // A stale socket of a brokerd that died.
+        let _ = fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path).map_err(|source| ControlError::Bind {
+        path: path.clone(),
+        source,
+    })?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ControlError::Bind {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    Ok((listener, path))
+}
+
+/// Serves control connections until `cancel` fires.
+pub async fn serve(listener: UnixListener, state: Arc<ControlState>, cancel: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_one(stream, &state).await {
+                        warn!(error = %e, "control connection failed");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "control accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_one(stream: UnixStream, state: &ControlState) -> io::Result<()> {
+    let refusal = check_peer(&stream, state);
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST_LINE as u64 + 1);
+    let mut line = Vec::new();
+    if let Some(response) = refusal {
+        // Read the request first, so the client is not writing into a closed socket when the
+        // refusal arrives.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            reader.read_until(b'\n', &mut line),
+        )
+        .await;
+        write.write_all(&encode(&response)).await?;
+        return Ok(());
+    }
+    loop {
+        line.clear();
+        reader.set_limit(MAX_REQUEST_LINE as u64 + 1);
+        if reader.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        let response = if line.len() > MAX_REQUEST_LINE {
+            let r = error(
+                ErrorKind::BadRequest,
+                format!("request longer than {MAX_REQUEST_LINE} bytes"),
+            );
+            write.write_all(&encode(&r)).await?;
+            return Ok(());
+        } else {
+            match protocol::decode_line::<Request>(&line) {
+                Ok(request) => handle(request, state).await,
+                Err(e) => error(ErrorKind::BadRequest, format!("malformed request: {e}")),
+            }
+        };
+        write.write_all(&encode(&response)).await?;
+    }
+}
+
+/// Refuses peers that are not root, and peers inside a tagged cgroup.
+fn check_peer(stream: &UnixStream, state: &ControlState) -> Option<Response> {
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            return Some(error(
+                ErrorKind::Forbidden,
+                format!("cannot read peer credentials: {e}"),
+            ));
+        }
+    };
+    let own_uid = nix::unistd::geteuid().as_raw();
+    if cred.uid() != 0 && cred.uid() != own_uid {
+        return Some(error(
+            ErrorKind::Forbidden,
+            format!("uid {} may not control brokerd", cred.uid()),
+        ));
+    }
+    let Some(pid) = cred.pid().and_then(|p| u32::try_from(p).ok()) else {
+        return Some(error(
+            ErrorKind::Forbidden,
+            "peer process id unknown".into(),
+        ));
+    };
+    let caller = match state.root.cgroup_of(pid) {
+        Ok(Some(cg)) => cg,
+        // Outside what our cgroup2 mount shows: not below any tag either.
+        Ok(None) => return None,
+        Err(e) => {
+            return Some(error(
+                ErrorKind::Forbidden,
+                format!("cannot check caller's cgroup: {e}"),
+            ));
+        }
+    };
+    let tags = state.resolver.tags();
+    if let Some(tag) = tags.iter().find(|t| t.path.is_ancestor_or_self_of(&caller)) {
+        warn!(pid, cgroup = %caller, tagged = %tag.path, "control request from a tagged cgroup refused");
+        return Some(error(
+            ErrorKind::Forbidden,
+            format!(
+                "caller (pid {pid}) runs in cgroup {caller}, inside tagged cgroup {}; agents may not control brokerd",
+                tag.path
+            ),
+        ));
+    }
+    None
+}
+
+async fn handle(request: Request, state: &ControlState) -> Response {
+    match request {
+        Request::Status => match state.capture.status().await {
+            Ok((cgroups, counters)) => Response::Status(StatusReport {
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+                listeners: state.listeners.clone(),
+                cgroup_root: state.root.mount().display().to_string(),
+                pin_dir: state.pin_dir.display().to_string(),
+                cgroups,
+                counters,
+            }),
+            Err(e) => capture_error(e),
+        },
+        Request::Attach { cgroup, create } => {
+            let cgroup = match CgroupPath::parse(&cgroup) {
+                Ok(c) => c,
+                Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
+            };
+            match state.capture.attach(cgroup, create).await {
+                Ok((cgroup, already)) => Response::Attached { cgroup, already },
+                Err(e) => capture_error(e),
+            }
+        }
+        Request::Detach { cgroup } => {
+            let cgroup = match CgroupPath::parse(&cgroup) {
+                Ok(c) => c,
+                Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
+            };
+            match state.capture.detach(cgroup.clone()).await {
+                Ok(()) => Response::Detached {
+                    cgroup: cgroup.to_string(),
+                },
+                Err(e) => capture_error(e),
+            }
+        }
+        Request::Connections { limit } => Response::Connections {
+            connections: state.recent.latest(limit),
+        },
+    }
+}
+
+fn capture_error(e: CaptureError) -> Response {
+    let kind = match &e {
+        CaptureError::Forbidden { .. } => ErrorKind::Forbidden,
+        CaptureError::NotTagged(_) | CaptureError::Cgroup(CgroupError::Missing(_)) => {
+            ErrorKind::NotFound
+        }
+        CaptureError::Cgroup(CgroupError::InvalidPath { .. }) => ErrorKind::BadRequest,
+        _ => ErrorKind::Internal,
+    };
+    let message = crate::error_chain(&e);
+    info!(error = %message, "control request failed");
+    error(kind, message)
+}
+
+fn error(kind: ErrorKind, message: String) -> Response {
+    Response::Error { kind, message }
+}
+
+fn encode(response: &Response) -> Vec<u8> {
+    protocol::encode_line(response).unwrap_or_else(|_| {
+        b"{\"response\":\"error\",\"kind\":\"internal\",\"message\":\"unencodable response\"}\n"
+            .to_vec()
+    })
+}

@@ -1,0 +1,134 @@
+//! Types shared by the agent-broker eBPF programs (kernel side) and brokerd (user side).
+//!
+//! Every type is `#[repr(C)]` with explicit padding and a compile-time size check, because the
+//! kernel and user space read the same bytes through BPF maps. Nothing here may allocate or
+//! depend on `std`: the kernel side is `no_std`. With the `user` feature the types implement
+//! `aya::Pod` so brokerd can use them as map keys and values.
+#![no_std]
+
+/// `AF_INET`, as stored in [`Origin::family`].
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as stored in [`Origin::family`].
+pub const AF_INET6: u16 = 10;
+
+/// Map names, as declared by the eBPF object and looked up by brokerd.
+pub mod maps {
+    /// `LruHashMap<u64 socket cookie, Origin>`: written by connect4/6, read by sockops and
+    /// getpeername4/6.
+    pub const ORIGIN_BY_COOKIE: &str = "ORIGIN_BY_COOKIE";
+    /// `LruHashMap<PeerKey, Origin>`: written by sockops when the redirected SYN is about to
+    /// leave, consumed (looked up, then deleted) by brokerd on accept.
+    pub const ORIGIN_BY_PEER: &str = "ORIGIN_BY_PEER";
+    /// `Array<BrokerConfig>` with one entry: where to redirect to. Zero port means "no broker
+    /// configured": connects fail with EPERM rather than going direct.
+    pub const CONFIG: &str = "CONFIG";
+    /// `PerCpuArray<u64>` of [`super::Counter`] values, for `brokerctl status`.
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Program names (the Rust function names in the eBPF crate).
+pub mod programs {
+    /// cgroup/connect4
+    pub const CONNECT4: &str = "redirect_connect4";
+    /// cgroup/connect6
+    pub const CONNECT6: &str = "redirect_connect6";
+    /// sockops
+    pub const SOCKOPS: &str = "rekey_origin";
+    /// cgroup/getpeername4
+    pub const GETPEERNAME4: &str = "restore_peer4";
+    /// cgroup/getpeername6
+    pub const GETPEERNAME6: &str = "restore_peer6";
+}
+
+/// Capacity of the origin maps. LRU, so a flood evicts the oldest unconsumed records; an evicted
+/// record makes brokerd refuse that connection (fail closed), never pass it through.
+pub const ORIGIN_MAP_CAPACITY: u32 = 65_536;
+
+/// Who opened a redirected connection and where it was going.
+///
+/// Recorded by connect4/connect6 at `connect()` time, in the context of the calling thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// Original destination address, network byte order. IPv4 destinations are stored as
+    /// v4-mapped IPv6 (`::ffff:a.b.c.d`), both from connect4 and from a v4-mapped connect6.
+    pub dst_addr: [u32; 4],
+    /// Original destination port, host byte order.
+    pub dst_port: u16,
+    /// Address family of the agent's socket ([`AF_INET`] or [`AF_INET6`]).
+    pub family: u16,
+    /// Thread group id (the process id as user space knows it) of the caller.
+    pub tgid: u32,
+    /// Thread id of the caller.
+    pub pid: u32,
+    /// 1 when the connection was sent to the IPv4 listener (IPv4 or v4-mapped destination).
+    pub via_v4: u32,
+    /// cgroup v2 id (inode number of the cgroup directory) of the calling task.
+    pub cgroup_id: u64,
+    /// `comm` of the calling thread, NUL padded.
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Origin>() == 56);
+
+/// Key of [`maps::ORIGIN_BY_PEER`]: the agent socket's local address, which is the peer address
+/// brokerd sees on the accepted socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// Network byte order; IPv4 as v4-mapped IPv6.
+    pub addr: [u32; 4],
+    /// Host byte order.
+    pub port: u32,
+}
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 20);
+
+/// Where connect4/connect6 send a tagged cgroup's connections.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BrokerConfig {
+    /// IPv4 listener address, network byte order.
+    pub v4_addr: u32,
+    /// IPv6 listener address, network byte order.
+    pub v6_addr: [u32; 4],
+    /// Listener port, host byte order. Zero: no broker configured, connects are refused.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<BrokerConfig>() == 24);
+
+/// Indices into [`maps::COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Connections redirected to the broker.
+    Redirected = 0,
+    /// Connects refused because the origin record could not be stored or no broker is configured.
+    Refused = 1,
+    /// Redirected connections whose record sockops could not re-key.
+    RekeyFailed = 2,
+}
+/// Number of entries in [`maps::COUNTERS`].
+pub const COUNTER_COUNT: u32 = 3;
+
+/// The v4-mapped IPv6 form of an IPv4 address given in network byte order.
+#[inline(always)]
+pub const fn v4_mapped(ip4_be: u32) -> [u32; 4] {
+    // ::ffff:a.b.c.d; the third word is 0x0000ffff in network byte order.
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4_be]
+}
+
+/// Whether a network-byte-order IPv6 address is v4-mapped.
+#[inline(always)]
+pub const fn is_v4_mapped(ip6: &[u32; 4]) -> bool {
+    ip6[0] == 0 && ip6[1] == 0 && ip6[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, #[repr(C)], no implicit padding (checked by the size asserts).
+    unsafe impl aya::Pod for super::Origin {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PeerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BrokerConfig {}
+}

@@ -1,0 +1,215 @@
+//! The control protocol between brokerd and its clients (brokerctl, the console).
+//!
+//! Framing: newline-delimited JSON over brokerd's Unix socket (`<run-dir>/control.sock`). A client
+//! writes one [`Request`] per line and reads one [`Response`] per line, in order. This crate is
+//! serde types only: it must never depend on aya, redb, rustls or tokio, so the console can link
+//! it without linking the daemon. It never carries a secret value.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// File name of the control socket inside the run directory.
+pub const SOCKET_NAME: &str = "control.sock";
+
+/// Longest request line brokerd accepts, in bytes. Longer lines are an error, not a crash.
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+
+/// A request from a client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Daemon state: listeners, tagged cgroups, counters.
+    Status,
+    /// Tag a cgroup: attach the redirect programs to it (pinned, so they outlive brokerd).
+    Attach {
+        /// Path relative to the cgroup2 mount, e.g. `agents/demo`.
+        cgroup: String,
+        /// Create the cgroup directory when it does not exist.
+        #[serde(default)]
+        create: bool,
+    },
+    /// Untag a cgroup: detach and unpin its programs.
+    Detach {
+        /// Path relative to the cgroup2 mount.
+        cgroup: String,
+    },
+    /// The most recent connections brokerd accepted, newest last.
+    Connections {
+        /// At most this many records.
+        limit: usize,
+    },
+}
+
+/// brokerd's answer to one [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Status(StatusReport),
+    Attached {
+        cgroup: TaggedCgroup,
+        /// True when the cgroup was already tagged and nothing was attached again.
+        already: bool,
+    },
+    Detached {
+        cgroup: String,
+    },
+    Connections {
+        connections: Vec<ConnectionRecord>,
+    },
+    /// The request failed; `message` says what was wrong and what to do about it.
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// Broad class of a failed request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request was malformed or named something invalid (a bad cgroup path).
+    BadRequest,
+    /// The caller may not ask this (for example it runs inside a tagged cgroup).
+    Forbidden,
+    /// The thing named does not exist (an untagged cgroup on detach).
+    NotFound,
+    /// brokerd failed to do it (the kernel refused an attach).
+    Internal,
+}
+
+/// Daemon state for `brokerctl status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusReport {
+    /// brokerd's version.
+    pub version: String,
+    /// brokerd's process id.
+    pub pid: u32,
+    /// Addresses brokerd accepts redirected connections on.
+    pub listeners: Vec<SocketAddr>,
+    /// Absolute path of the cgroup2 mount brokerd uses.
+    pub cgroup_root: String,
+    /// bpffs directory holding the pinned maps and links.
+    pub pin_dir: String,
+    /// Tagged cgroups.
+    pub cgroups: Vec<TaggedCgroup>,
+    /// Kernel-side counters.
+    pub counters: Counters,
+}
+
+/// One tagged cgroup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaggedCgroup {
+    /// Path relative to the cgroup2 mount.
+    pub path: String,
+    /// cgroup id (inode of the cgroup directory).
+    pub id: u64,
+    /// Processes in the cgroup and every cgroup below it.
+    pub processes: u64,
+    /// Number of programs attached through pinned links (5 when fully tagged).
+    pub links: u32,
+}
+
+/// Kernel-side counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Counters {
+    /// Connects redirected to brokerd.
+    pub redirected: u64,
+    /// Connects refused in the kernel (origin not recordable, no broker configured).
+    pub refused: u64,
+    /// Redirected connections whose origin record could not be re-keyed.
+    pub rekey_failed: u64,
+}
+
+/// One connection brokerd accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionRecord {
+    /// Unix time of the accept, in milliseconds.
+    pub time_ms: u64,
+    /// The accepted socket's peer (the agent socket's local address).
+    pub peer: SocketAddr,
+    /// Who made it; `None` when brokerd could not resolve the origin (then it refused it).
+    pub origin: Option<OriginRecord>,
+    /// What brokerd did with it.
+    pub outcome: Outcome,
+}
+
+/// The resolved origin of a redirected connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginRecord {
+    /// cgroup path relative to the cgroup2 mount.
+    pub cgroup: String,
+    /// cgroup id.
+    pub cgroup_id: u64,
+    /// Process id (thread group id) of the connecting process.
+    pub pid: u32,
+    /// Thread id of the connecting thread.
+    pub tid: u32,
+    /// `comm` of the connecting thread.
+    pub comm: String,
+    /// The destination the agent asked for.
+    pub original_dst: SocketAddr,
+}
+
+/// What brokerd did with a connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Outcome {
+    /// Relayed byte for byte to the original destination.
+    Relayed,
+    /// Closed without relaying.
+    Refused { reason: String },
+}
+
+/// Encodes a message as one protocol line (JSON plus `\n`).
+pub fn encode_line<T: Serialize>(msg: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let mut line = serde_json::to_vec(msg)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// Decodes one protocol line (with or without its trailing newline).
+pub fn decode_line<'a, T: Deserialize<'a>>(line: &'a [u8]) -> Result<T, serde_json::Error> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    serde_json::from_slice(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trips_as_one_line() {
+        let req = Request::Attach {
+            cgroup: "agents/demo".into(),
+            create: true,
+        };
+        let line = encode_line(&req).expect("encode");
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        assert_eq!(decode_line::<Request>(&line).expect("decode"), req);
+    }
+
+    #[test]
+    fn unknown_fields_and_requests_are_rejected() {
+        assert!(decode_line::<Request>(br#"{"request":"status","extra":1}"#).is_err());
+        assert!(decode_line::<Request>(br#"{"request":"format_disk"}"#).is_err());
+        assert!(decode_line::<Request>(b"not json").is_err());
+    }
+
+    #[test]
+    fn create_defaults_to_false() {
+        let req: Request = decode_line(br#"{"request":"attach","cgroup":"a"}"#).expect("decode");
+        assert_eq!(
+            req,
+            Request::Attach {
+                cgroup: "a".into(),
+                create: false
+            }
+        );
+    }
+}
