@@ -15,6 +15,8 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod relay;
+pub mod tls;
+pub mod upstream;
 
 /// An error and its sources, `outer: inner: innermost`, for messages that cross a process
 /// boundary (control replies) where `{:#}` formatting of anyhow is not available.
