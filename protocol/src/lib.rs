@@ -3,7 +3,9 @@
 //! Framing: newline-delimited JSON over brokerd's Unix socket (`<run-dir>/control.sock`). A client
 //! writes one [`Request`] per line and reads one [`Response`] per line, in order. This crate is
 //! serde types only: it must never depend on aya, redb, rustls or tokio, so the console can link
-//! it without linking the daemon. It never carries a secret value.
+//! it without linking the daemon. A secret value travels in one direction only, from brokerctl to
+//! brokerd in [`Request::SecretSet`], wrapped in [`SecretInput`] (redacted `Debug`, zeroized on
+//! drop); no response ever carries one.
 
 use std::net::SocketAddr;
 
@@ -39,6 +41,81 @@ pub enum Request {
         /// At most this many records.
         limit: usize,
     },
+    /// Store a secret (a new version if it exists). With `rotate`, the secret must exist.
+    SecretSet {
+        name: String,
+        value: SecretInput,
+        #[serde(default)]
+        rotate: bool,
+    },
+    /// Names, versions and dates of the stored secrets (never values).
+    SecretList,
+    /// Delete a secret.
+    SecretRemove { name: String },
+    /// The broker CA certificate (PEM).
+    CaCert,
+    /// Mint a handle: an opaque token the agent may use in place of the secret.
+    HandleMint {
+        cgroup: String,
+        secret: String,
+        host: String,
+        ttl_secs: u64,
+    },
+    /// The handles (never their tokens).
+    HandleList,
+    /// Revoke a handle by id.
+    HandleRevoke { id: String },
+}
+
+/// A secret value on its way into the vault. `Debug` never shows it; it is zeroized on drop.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretInput(String);
+
+impl SecretInput {
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The value, for the vault.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretInput(<redacted, {} bytes>)", self.0.len())
+    }
+}
+
+impl Drop for SecretInput {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+/// A stored secret, without its value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretInfo {
+    pub name: String,
+    pub version: u64,
+    pub created_unix: u64,
+    pub updated_unix: u64,
+}
+
+/// A handle, without its token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandleInfo {
+    pub id: String,
+    pub cgroup: String,
+    pub secret: String,
+    pub host: String,
+    pub created_unix: u64,
+    pub expires_unix: u64,
+    pub revoked: bool,
 }
 
 /// brokerd's answer to one [`Request`].
@@ -56,6 +133,29 @@ pub enum Response {
     },
     Connections {
         connections: Vec<ConnectionRecord>,
+    },
+    SecretStored {
+        secret: SecretInfo,
+    },
+    Secrets {
+        secrets: Vec<SecretInfo>,
+    },
+    SecretRemoved {
+        name: String,
+    },
+    CaCert {
+        pem: String,
+    },
+    /// A new handle; `token` is shown once, here, and stored only as a hash.
+    HandleMinted {
+        handle: HandleInfo,
+        token: String,
+    },
+    Handles {
+        handles: Vec<HandleInfo>,
+    },
+    HandleRevoked {
+        id: String,
     },
     /// The request failed; `message` says what was wrong and what to do about it.
     Error {
@@ -196,9 +296,18 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_requests_are_rejected() {
-        assert!(decode_line::<Request>(br#"{"request":"status","extra":1}"#).is_err());
+        assert!(decode_line::<Request>(br#"{"request":"detach","cgroup":"a","extra":1}"#).is_err());
         assert!(decode_line::<Request>(br#"{"request":"format_disk"}"#).is_err());
         assert!(decode_line::<Request>(b"not json").is_err());
+    }
+
+    #[test]
+    fn secret_input_is_redacted_in_debug() {
+        let value = "do-not-print-me";
+        let req = Request::SecretSet { name: "K".into(), value: SecretInput::new(value.into()), rotate: false };
+        let shown = format!("{req:?}");
+        assert!(!shown.contains(value), "{shown}");
+        assert!(shown.contains("redacted"));
     }
 
     #[test]
