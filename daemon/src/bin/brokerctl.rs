@@ -64,6 +64,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Store, list, rotate and remove secrets in brokerd's encrypted vault.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// The broker CA that signs the certificates agents see.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Handles: opaque `brk_...` tokens an agent may use in place of a secret.
+    #[command(subcommand)]
+    Handle(HandleCommand),
     /// The most recent connections brokerd accepted, oldest first.
     Connections {
         /// How many to show.
@@ -73,6 +82,78 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCommand {
+    /// Store a secret (a new version if NAME exists). The value is read from stdin when it is
+    /// not a terminal, else from a prompt that does not echo; never from the command line.
+    Set {
+        /// Secret name: letters, digits, `_`, `-`, `.`; starts with a letter.
+        name: String,
+    },
+    /// Replace the value of an existing secret (its version goes up). Value as for `set`.
+    Rotate { name: String },
+    /// Names, versions and dates of the stored secrets. Values are never shown.
+    List {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a secret.
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Write the broker CA certificate (PEM) to FILE, or to stdout.
+    Export {
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Add the broker CA to the system trust store (Debian: update-ca-certificates).
+    ///
+    /// curl, Python's ssl module and most OpenSSL-based tools then trust it. Others keep their
+    /// own stores: Node.js needs NODE_EXTRA_CA_CERTS=/usr/local/share/ca-certificates/agent-broker.crt
+    /// (or --use-openssl-ca); Python requests/httpx use certifi unless REQUESTS_CA_BUNDLE or
+    /// SSL_CERT_FILE points at /etc/ssl/certs/ca-certificates.crt; Go, Rust rustls-native-certs
+    /// and Java read the system store (Java after its own cacerts update).
+    Install,
+}
+
+#[derive(Debug, Subcommand)]
+enum HandleCommand {
+    /// Mint a handle for SECRET, usable only from the cgroup subtree PATH towards HOST until it
+    /// expires. Prints the token once; brokerd keeps only its hash.
+    Mint {
+        #[arg(long, value_name = "PATH")]
+        cgroup: String,
+        #[arg(long, value_name = "NAME")]
+        secret: String,
+        #[arg(long, value_name = "HOST")]
+        host: String,
+        /// Lifetime, e.g. 30s, 15m, 2h, 1d.
+        #[arg(long, default_value = "15m", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+    },
+    /// The handles (never their tokens).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a handle by id.
+    Revoke { id: String },
+}
+
+/// Where `brokerctl ca install` puts the CA for update-ca-certificates.
+const SYSTEM_CA_PATH: &str = "/usr/local/share/ca-certificates/agent-broker.crt";
+
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (examples: 30s, 15m, 2h, 1d)"))?;
+    if d.is_zero() {
+        return Err("the ttl must be longer than zero".into());
+    }
+    Ok(d)
 }
 
 fn main() -> ExitCode {
@@ -129,6 +210,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             Response::Status(status) => print_status(&status),
             other => return Err(unexpected(other)),
         },
+        Command::Secret(cmd) => secret(&args.run_dir, cmd)?,
+        Command::Ca(cmd) => ca(&args.run_dir, cmd)?,
+        Command::Handle(cmd) => handle(&args.run_dir, cmd)?,
         Command::Connections { limit, json } => {
             match call(&args.run_dir, &Request::Connections { limit })? {
                 Response::Connections { connections } if json => {
@@ -140,6 +224,130 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn secret(run_dir: &std::path::Path, cmd: SecretCommand) -> anyhow::Result<()> {
+    match cmd {
+        SecretCommand::Set { name } => store_secret(run_dir, name, false),
+        SecretCommand::Rotate { name } => store_secret(run_dir, name, true),
+        SecretCommand::List { json } => match call(run_dir, &Request::SecretList)? {
+            Response::Secrets { secrets } if json => Ok(println!("{}", serde_json::to_string_pretty(&secrets)?)),
+            Response::Secrets { secrets } => {
+                println!("{:<32} {:>8} {:<20} {:<20}", "NAME", "VERSION", "CREATED", "UPDATED");
+                for s in secrets {
+                    println!("{:<32} {:>8} {:<20} {:<20}", s.name, s.version, date(s.created_unix), date(s.updated_unix));
+                }
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        },
+        SecretCommand::Rm { name } => match call(run_dir, &Request::SecretRemove { name })? {
+            Response::SecretRemoved { name } => Ok(println!("removed secret {name}")),
+            other => Err(unexpected(other)),
+        },
+    }
+}
+
+fn store_secret(run_dir: &std::path::Path, name: String, rotate: bool) -> anyhow::Result<()> {
+    use std::io::{IsTerminal as _, Read as _};
+    let value = if std::io::stdin().is_terminal() {
+        rpassword::prompt_password(format!("value for {name} (not echoed): ")).context("reading the value")?
+    } else {
+        let mut v = String::new();
+        std::io::stdin().read_to_string(&mut v).context("reading the value from stdin")?;
+        v
+    };
+    let value = agent_broker_protocol::SecretInput::new(value);
+    match call(run_dir, &Request::SecretSet { name, value, rotate })? {
+        Response::SecretStored { secret } => {
+            println!("stored secret {} version {}", secret.name, secret.version);
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+fn ca(run_dir: &std::path::Path, cmd: CaCommand) -> anyhow::Result<()> {
+    let pem = match call(run_dir, &Request::CaCert)? {
+        Response::CaCert { pem } => pem,
+        other => return Err(unexpected(other)),
+    };
+    match cmd {
+        CaCommand::Export { out: None } => print!("{pem}"),
+        CaCommand::Export { out: Some(path) } => {
+            write_atomically(&path, pem.as_bytes())?;
+            println!("wrote the broker CA to {}", path.display());
+        }
+        CaCommand::Install => {
+            let path = std::path::Path::new(SYSTEM_CA_PATH);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            write_atomically(path, pem.as_bytes())?;
+            let status = std::process::Command::new("update-ca-certificates")
+                .status()
+                .context("running update-ca-certificates (Debian package ca-certificates)")?;
+            if !status.success() {
+                bail!("update-ca-certificates failed ({status})");
+            }
+            println!("installed the broker CA as {SYSTEM_CA_PATH} and updated the system trust store");
+            println!("Node.js: set NODE_EXTRA_CA_CERTS={SYSTEM_CA_PATH}; Python requests/httpx: set REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt");
+        }
+    }
+    Ok(())
+}
+
+fn handle(run_dir: &std::path::Path, cmd: HandleCommand) -> anyhow::Result<()> {
+    match cmd {
+        HandleCommand::Mint { cgroup, secret, host, ttl } => {
+            let cgroup = CgroupPath::parse(&cgroup)?.to_string();
+            let request = Request::HandleMint { cgroup, secret, host, ttl_secs: ttl.as_secs().max(1) };
+            match call(run_dir, &request)? {
+                Response::HandleMinted { token, handle } => {
+                    eprintln!("handle {} for {} towards {} from {}, expires {}", handle.id, handle.secret, handle.host, handle.cgroup, date(handle.expires_unix));
+                    println!("{token}");
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        HandleCommand::List { json } => match call(run_dir, &Request::HandleList)? {
+            Response::Handles { handles } if json => Ok(println!("{}", serde_json::to_string_pretty(&handles)?)),
+            Response::Handles { handles } => {
+                println!("{:<12} {:<24} {:<20} {:<28} {:<20} STATE", "ID", "CGROUP", "SECRET", "HOST", "EXPIRES");
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                for h in handles {
+                    let state = if h.revoked { "revoked" } else if h.expires_unix <= now { "expired" } else { "active" };
+                    println!("{:<12} {:<24} {:<20} {:<28} {:<20} {state}", h.id, h.cgroup, h.secret, h.host, date(h.expires_unix));
+                }
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        },
+        HandleCommand::Revoke { id } => match call(run_dir, &Request::HandleRevoke { id })? {
+            Response::HandleRevoked { id } => Ok(println!("revoked handle {id}")),
+            other => Err(unexpected(other)),
+        },
+    }
+}
+
+/// Writes a file through a temporary sibling and a rename, so readers never see half of it.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// A Unix time as `YYYY-MM-DD HH:MM:SS` UTC.
+fn date(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
+        .to_string()
+        .replace('T', " ")
+        .trim_end_matches('Z')
+        .to_string()
 }
 
 fn attach(
