@@ -1,0 +1,578 @@
+//! Issue 2, transparent capture: the real eBPF path on fresh cgroups, real python and curl clients.
+//!
+//! Each test has its own cgroup, brokerd, pin dir and temp dirs, and cleans them up on failure.
+//! Oracles: brokerd's connection records (`brokerctl connections --json`), the test servers'
+//! view of who connected (peer address and the pid owning the peer socket), what the agent saw
+//! (getsockname/getpeername, the echo), and the kernel's own count of attached programs.
+//!
+//! Run as root: `cargo test -p agent-broker-tests -- --test-threads=1`.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    process::Stdio,
+    thread,
+    time::Duration,
+};
+
+use agent_broker_protocol::{ConnectionRecord, Outcome, Request, Response};
+use agent_broker_tests::{
+    AgentRun, Broker, Mode, SHORT, TestCgroup, TestHost, TestServer, agent, attached_programs,
+    canon, cgroup_of, require_privileges, spawn_in_cgroup, wait_with_timeout,
+};
+
+/// Asserts that `run` (an agent in cgroup `cgroup`) was captured and relayed by `broker` to
+/// `server`, whose address the agent dialled as `dst`. Returns brokerd's record.
+fn assert_brokered(
+    what: &str,
+    broker: &Broker,
+    server: &TestServer,
+    accepted_before: usize,
+    run: &AgentRun,
+    cgroup: &str,
+    dst: SocketAddr,
+) -> ConnectionRecord {
+    let r = &run.report;
+    run.assert_round_trip(what);
+    let local = run.local();
+    assert_eq!(
+        r.peer,
+        Some(dst),
+        "{what}: getpeername in the agent must show the original destination, not the broker"
+    );
+
+    let record = broker.wait_connection(what, |c| canon(c.peer) == canon(local));
+    let origin = record.origin.clone().unwrap_or_else(|| {
+        panic!(
+            "{what}: brokerd could not resolve the origin: {record:?}\n{}",
+            broker.log()
+        )
+    });
+    assert_eq!(origin.cgroup, cgroup, "{what}: cgroup in {record:?}");
+    assert_eq!(origin.pid, r.pid, "{what}: pid in {record:?}");
+    assert_eq!(origin.tid, r.tid, "{what}: tid in {record:?}");
+    assert_eq!(
+        canon(origin.original_dst),
+        canon(dst),
+        "{what}: original destination in {record:?}"
+    );
+    assert_eq!(record.outcome, Outcome::Relayed, "{what}: {record:?}");
+
+    let accepted = server.accepted();
+    let new = &accepted[accepted_before.min(accepted.len())..];
+    assert_eq!(
+        new.len(),
+        1,
+        "{what}: the server should have accepted exactly one connection (brokerd's): {new:?}"
+    );
+    assert_ne!(
+        canon(new[0].peer),
+        canon(local),
+        "{what}: the server saw the agent's own socket, so the connection went direct"
+    );
+    assert_eq!(
+        new[0].owner,
+        Some(broker.pid()),
+        "{what}: the server's peer socket {} should belong to brokerd (pid {}), the agent is pid {}",
+        new[0].peer,
+        broker.pid(),
+        r.pid
+    );
+    assert_eq!(
+        r.greeting.as_deref(),
+        Some(format!("peer={}", new[0].peer).as_str()),
+        "{what}: the agent should read the greeting the server sent to brokerd"
+    );
+    record
+}
+
+/// Asserts that `run` went straight to `server`, with no trace in brokerd.
+fn assert_direct(
+    what: &str,
+    broker: &Broker,
+    server: &TestServer,
+    accepted_before: usize,
+    run: &AgentRun,
+) {
+    let r = &run.report;
+    run.assert_round_trip(what);
+    let local = run.local();
+    let accepted = server.accepted();
+    let new = &accepted[accepted_before.min(accepted.len())..];
+    assert_eq!(new.len(), 1, "{what}: server accepted {new:?}");
+    assert_eq!(
+        canon(new[0].peer),
+        canon(local),
+        "{what}: the server should see the agent's own socket (direct connection)"
+    );
+    assert_eq!(
+        new[0].owner,
+        Some(r.pid),
+        "{what}: the server's peer socket should belong to the agent"
+    );
+    assert_eq!(
+        r.greeting.as_deref(),
+        Some(format!("peer={local}").as_str()),
+        "{what}: greeting"
+    );
+    let leaked: Vec<_> = broker
+        .connections()
+        .into_iter()
+        .filter(|c| {
+            canon(c.peer) == canon(local) || c.origin.as_ref().is_some_and(|o| o.pid == r.pid)
+        })
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "{what}: brokerd has records for a connection that should not be redirected: {leaked:?}"
+    );
+}
+
+/// Panics unless the kernel reports exactly `n` programs attached directly to `cgroup` on every
+/// one of the five hooks.
+fn assert_programs_attached(cgroup: &str, n: u32, what: &str) {
+    let counts = attached_programs(cgroup);
+    assert!(
+        counts.iter().all(|&(_, c)| c == n),
+        "{what}: expected {n} program(s) attached to {cgroup} on each hook, the kernel reports \
+         {counts:?}"
+    );
+}
+
+#[test]
+fn ipv4_ipv6_and_v4_mapped_connects_are_captured_and_relayed() {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let broker = Broker::start();
+    let agent_cg = cg.path().to_string();
+    broker.attach(&agent_cg);
+    assert_programs_attached(&agent_cg, 1, "after attach");
+
+    let echo4 = TestServer::echo("127.0.0.1:0");
+    let echo6 = TestServer::echo("[::1]:0");
+    let mapped = SocketAddr::from((Ipv4Addr::LOCALHOST.to_ipv6_mapped(), echo4.addr().port()));
+    for (what, server, dst) in [
+        ("IPv4", &echo4, echo4.addr()),
+        ("IPv6", &echo6, echo6.addr()),
+        ("v4-mapped IPv6", &echo4, mapped),
+    ] {
+        let before = server.accepted().len();
+        let run = agent::connect(&agent_cg, Mode::Connect, dst);
+        assert_eq!(run.report.pid, run.spawned_pid, "{what}: agent pid");
+        assert_brokered(what, &broker, server, before, &run, &agent_cg, dst);
+    }
+    assert!(
+        broker.status().counters.redirected >= 3,
+        "kernel counter of redirected connects: {:?}",
+        broker.status().counters
+    );
+}
+
+#[test]
+fn child_process_second_thread_and_nested_cgroup_are_captured() {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let broker = Broker::start();
+    let agent_cg = cg.path().to_string();
+    broker.attach(&agent_cg);
+    let echo = TestServer::echo("127.0.0.1:0");
+
+    // A child process: the record names the child, not the process the test started.
+    let before = echo.accepted().len();
+    let run = agent::connect(&agent_cg, Mode::Child, echo.addr());
+    assert_eq!(run.report.parent_pid, Some(run.spawned_pid), "{run:?}");
+    assert_ne!(
+        run.report.pid, run.spawned_pid,
+        "the child is a separate process: {run:?}"
+    );
+    let rec = assert_brokered(
+        "child process",
+        &broker,
+        &echo,
+        before,
+        &run,
+        &agent_cg,
+        echo.addr(),
+    );
+    assert_eq!(rec.origin.map(|o| o.pid), Some(run.report.pid));
+
+    // A second thread: pid is the process, tid is the thread that connected.
+    let before = echo.accepted().len();
+    let run = agent::connect(&agent_cg, Mode::Thread, echo.addr());
+    assert_eq!(run.report.pid, run.spawned_pid, "{run:?}");
+    assert_eq!(run.report.main_tid, Some(run.spawned_pid), "{run:?}");
+    assert_ne!(
+        run.report.tid, run.report.pid,
+        "the connect came from a second thread: {run:?}"
+    );
+    let rec = assert_brokered(
+        "second thread",
+        &broker,
+        &echo,
+        before,
+        &run,
+        &agent_cg,
+        echo.addr(),
+    );
+    let origin = rec.origin.unwrap_or_else(|| panic!("no origin"));
+    assert_eq!((origin.pid, origin.tid), (run.spawned_pid, run.report.tid));
+
+    // A process in a cgroup below the tagged one is captured (the programs are inherited), and
+    // the record names the cgroup it actually runs in.
+    let nested = cg.create_child("tool");
+    let before = echo.accepted().len();
+    let run = agent::connect(&nested, Mode::Connect, echo.addr());
+    assert_brokered(
+        "nested cgroup",
+        &broker,
+        &echo,
+        before,
+        &run,
+        &nested,
+        echo.addr(),
+    );
+}
+
+#[test]
+fn untagged_sibling_and_detached_cgroup_are_not_redirected() {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let broker = Broker::start();
+    let tagged = cg.create_child("agent");
+    let sibling = cg.create_child("sibling");
+    broker.attach(&tagged);
+    let echo = TestServer::echo("127.0.0.1:0");
+    let echo6 = TestServer::echo("[::1]:0");
+
+    // The oracle works here: the tagged cgroup is brokered.
+    let before = echo.accepted().len();
+    let run = agent::connect(&tagged, Mode::Connect, echo.addr());
+    assert_brokered(
+        "tagged cgroup",
+        &broker,
+        &echo,
+        before,
+        &run,
+        &tagged,
+        echo.addr(),
+    );
+
+    for (what, server) in [("sibling, IPv4", &echo), ("sibling, IPv6", &echo6)] {
+        let before = server.accepted().len();
+        let run = agent::connect(&sibling, Mode::Connect, server.addr());
+        assert_direct(what, &broker, server, before, &run);
+    }
+    assert_programs_attached(&sibling, 0, "untagged sibling");
+
+    broker.detach(&tagged);
+    let status = broker.status();
+    assert!(
+        status.cgroups.iter().all(|c| c.path != tagged),
+        "status still lists {tagged} after detach: {status:?}"
+    );
+    assert_programs_attached(&tagged, 0, "after detach");
+    for (what, server) in [
+        ("after detach, IPv4", &echo),
+        ("after detach, IPv6", &echo6),
+    ] {
+        let before = server.accepted().len();
+        let run = agent::connect(&tagged, Mode::Connect, server.addr());
+        assert_direct(what, &broker, server, before, &run);
+    }
+}
+
+#[test]
+fn fail_closed_after_sigkill_and_adopted_after_restart() {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let mut broker = Broker::start();
+    let agent_cg = cg.path().to_string();
+    broker.attach(&agent_cg);
+    let echo = TestServer::echo("127.0.0.1:0");
+    let echo6 = TestServer::echo("[::1]:0");
+
+    let before = echo.accepted().len();
+    let run = agent::connect(&agent_cg, Mode::Connect, echo.addr());
+    assert_brokered(
+        "before the kill",
+        &broker,
+        &echo,
+        before,
+        &run,
+        &agent_cg,
+        echo.addr(),
+    );
+
+    broker.kill9();
+    for (what, server) in [("IPv4", &echo), ("IPv6", &echo6)] {
+        let before = server.accepted().len();
+        let run = agent::connect(&agent_cg, Mode::Connect, server.addr());
+        assert_eq!(
+            run.report.errno,
+            Some(libc::ECONNREFUSED),
+            "{what}: with brokerd killed, the agent's connect must be refused: {:?}",
+            run.report
+        );
+        // Give a connection that slipped through time to show up before concluding it did not.
+        thread::sleep(Duration::from_millis(200));
+        let after = server.accepted();
+        assert_eq!(
+            after.len(),
+            before,
+            "{what}: with brokerd down the server got a connection (it went direct): {:?}",
+            &after[before..]
+        );
+    }
+    assert_programs_attached(&agent_cg, 1, "links pinned while brokerd is down");
+
+    broker.restart();
+    let status = broker.status();
+    let entry = status
+        .cgroups
+        .iter()
+        .find(|c| c.path == agent_cg)
+        .unwrap_or_else(|| panic!("restarted brokerd does not list {agent_cg}: {status:?}"));
+    assert_eq!(entry.links, 5, "adopted links: {entry:?}");
+    assert_programs_attached(&agent_cg, 1, "after restart (adopted, not attached twice)");
+
+    for (what, server) in [
+        ("after restart, IPv4", &echo),
+        ("after restart, IPv6", &echo6),
+    ] {
+        let before = server.accepted().len();
+        let run = agent::connect(&agent_cg, Mode::Connect, server.addr());
+        assert_brokered(
+            what,
+            &broker,
+            server,
+            before,
+            &run,
+            &agent_cg,
+            server.addr(),
+        );
+    }
+}
+
+#[test]
+fn refusals_root_dotdot_own_cgroup_and_control_from_tagged_cgroup() {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let daemon_cg = cg.create_child("daemon");
+    let broker = Broker::start_in_cgroup(&daemon_cg);
+    assert_eq!(
+        cgroup_of(broker.pid()),
+        daemon_cg,
+        "brokerd runs in its test cgroup"
+    );
+
+    let refused = |what: &str, path: &str| {
+        for create in [false, true] {
+            let mut args = vec!["attach", "--cgroup", path];
+            if create {
+                args.push("--create");
+            }
+            let out = broker.ctl_output(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "brokerctl attach of {what} ({path:?}, create {create}) must be refused; stdout: \
+                 {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            assert!(
+                !stderr.trim().is_empty(),
+                "brokerctl attach of {what} ({path:?}) failed without a message"
+            );
+            // The daemon refuses too, not only brokerctl's own parsing.
+            let answer = broker.request(&Request::Attach {
+                cgroup: path.to_string(),
+                create,
+            });
+            assert!(
+                matches!(answer, Response::Error { .. }),
+                "brokerd must refuse attach of {what} ({path:?}, create {create}): {answer:?}"
+            );
+        }
+    };
+    for (what, path) in [
+        ("the root", ""),
+        ("the root", "/"),
+        ("the root", "."),
+        ("a path with ..", "a/../b"),
+        ("a path with ..", ".."),
+        ("a path with ..", "../x"),
+        ("a path with ..", &format!("{}/..", cg.path())),
+        ("brokerd's own cgroup", &daemon_cg),
+        ("brokerd's own cgroup", &format!("/{daemon_cg}/")),
+        ("an ancestor of brokerd's cgroup", cg.path()),
+    ] {
+        refused(what, path);
+    }
+    let status = broker.status();
+    assert!(
+        status.cgroups.is_empty(),
+        "nothing may be tagged: {status:?}"
+    );
+    assert_programs_attached(&daemon_cg, 0, "brokerd's own cgroup");
+    assert_programs_attached(cg.path(), 0, "brokerd's parent cgroup");
+
+    // The control socket refuses a client inside a tagged cgroup, or below one.
+    let agent_cg = cg.create_child("agent");
+    broker.attach(&agent_cg);
+    let below = cg.create_child("agent/sub");
+    for (where_, args) in [
+        (&agent_cg, vec!["status", "--json"]),
+        (&below, vec!["status"]),
+        (&agent_cg, vec!["detach", "--cgroup", agent_cg.as_str()]),
+    ] {
+        let mut cmd = broker.ctl();
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = spawn_in_cgroup(where_, &mut cmd);
+        let out = wait_with_timeout(child, SHORT, "brokerctl in a tagged cgroup");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "brokerctl {args:?} from inside tagged cgroup {where_} must be refused; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            stderr.contains(&agent_cg) && stderr.contains("tagged"),
+            "the refusal should say the caller is in tagged cgroup {agent_cg}: {stderr}"
+        );
+    }
+    let status = broker.status();
+    assert!(
+        status
+            .cgroups
+            .iter()
+            .any(|c| c.path == agent_cg && c.links == 5),
+        "{agent_cg} must still be tagged after a refused detach: {status:?}"
+    );
+}
+
+#[test]
+fn non_loopback_destination_is_refused_and_nothing_arrives() {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let broker = Broker::start();
+    let agent_cg = cg.path().to_string();
+    broker.attach(&agent_cg);
+    let host = TestHost::start();
+
+    // The oracle is meaningful: the host is reachable directly from the root namespace.
+    let direct = TcpStream::connect_timeout(&host.addr(), Duration::from_secs(3))
+        .unwrap_or_else(|e| panic!("test host {} unreachable from the test: {e}", host.addr()));
+    drop(direct);
+    assert!(
+        host.wait_accepted(1, Duration::from_secs(3)),
+        "the test host never saw the direct connection"
+    );
+    let before = host.accepted().len();
+
+    let run = agent::connect(&agent_cg, Mode::Connect, host.addr());
+    let r = &run.report;
+    assert!(
+        r.echo.is_none() && r.greeting.is_none(),
+        "the agent must not get a working connection to {}: {r:?}",
+        host.addr()
+    );
+    if let Some(local) = r.local {
+        assert!(
+            local.ip().is_loopback(),
+            "a redirected connect has a loopback local address, this one went out: {r:?}"
+        );
+    }
+    let record = broker.wait_connection("the non-loopback connect", |c| {
+        c.origin.as_ref().is_some_and(|o| o.pid == run.spawned_pid)
+    });
+    let origin = record.origin.clone().unwrap_or_else(|| panic!("no origin"));
+    assert_eq!(origin.cgroup, agent_cg, "{record:?}");
+    assert_eq!(origin.original_dst, host.addr(), "{record:?}");
+    assert!(
+        matches!(record.outcome, Outcome::Refused { .. }),
+        "a non-loopback destination must be refused: {record:?}"
+    );
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        host.accepted().len(),
+        before,
+        "the test host received a connection from the agent: {:?}",
+        host.accepted()
+    );
+}
+
+#[test]
+fn acceptance_brokerctl_run_curl_reaches_local_http_server() {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let broker = Broker::start();
+    let demo = cg.child("demo");
+    let body = format!("hello from the abtest http server {}\n", std::process::id());
+    let http = TestServer::http("127.0.0.1:0", &body);
+    let url = format!("http://{}/", http.addr());
+
+    let mut cmd = broker.ctl();
+    cmd.args(["run", "--cgroup", &demo, "--create", "--"])
+        .args(["curl", "-s", "--noproxy", "*", "--max-time", "5", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let curl_pid = child.id();
+    let out = wait_with_timeout(child, SHORT * 2, "brokerctl run -- curl");
+    assert!(
+        out.status.success(),
+        "brokerctl run -- curl failed ({}): {}\nbrokerd's log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        broker.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), body, "curl's output");
+
+    let record = broker.wait_connection("curl", |c| {
+        c.origin.as_ref().is_some_and(|o| o.pid == curl_pid)
+    });
+    let origin = record.origin.clone().unwrap_or_else(|| panic!("no origin"));
+    assert_eq!(origin.cgroup, demo, "{record:?}");
+    assert_eq!(origin.comm, "curl", "{record:?}");
+    assert_eq!(origin.original_dst, http.addr(), "{record:?}");
+    assert_eq!(record.outcome, Outcome::Relayed, "{record:?}");
+    let accepted = http.accepted();
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    assert_eq!(
+        accepted[0].owner,
+        Some(broker.pid()),
+        "the HTTP server should have been reached by brokerd: {accepted:?}"
+    );
+
+    let log = broker.log();
+    assert!(
+        log.lines().any(|l| l.contains(&format!("cgroup={demo}"))
+            && l.contains(&format!("pid={curl_pid}"))
+            && l.contains("comm=curl")
+            && l.contains(&format!("original_dst={}", http.addr()))
+            && l.contains("outcome=")),
+        "brokerd's log should have a line for curl's connection (cgroup={demo} pid={curl_pid} \
+         comm=curl original_dst={}):\n{log}",
+        http.addr()
+    );
+
+    let status = broker.status();
+    assert!(
+        status
+            .cgroups
+            .iter()
+            .any(|c| c.path == demo && c.links == 5),
+        "status should list {demo} with 5 links: {status:?}"
+    );
+    let text = broker.ctl_ok(&["status"]);
+    assert!(
+        text.contains(&demo),
+        "plain `brokerctl status` should list {demo}:\n{text}"
+    );
+    assert_programs_attached(&demo, 1, "agents/demo");
+}
