@@ -53,6 +53,11 @@ pub struct FileConfig {
     pub pin_dir: Option<PathBuf>,
     /// Loopback addresses to accept redirected connections on.
     pub listen: Option<Vec<SocketAddr>>,
+    /// Extra PEM files of CAs trusted for upstream servers, beside the system roots.
+    pub upstream_ca: Option<Vec<PathBuf>>,
+    /// Read the vault master key from the systemd credential `agent-broker-master-key`
+    /// instead of `<state_dir>/master.key`.
+    pub master_key_credential: Option<bool>,
 }
 
 impl FileConfig {
@@ -77,6 +82,8 @@ pub struct CliConfig {
     pub policy_dir: Option<PathBuf>,
     pub pin_dir: Option<PathBuf>,
     pub listen: Vec<SocketAddr>,
+    pub upstream_ca: Vec<PathBuf>,
+    pub master_key_credential: bool,
 }
 
 /// Validated configuration.
@@ -89,6 +96,10 @@ pub struct Config {
     /// At least one IPv4 and at most one address per family, all loopback; a zero port means
     /// "pick one", shared by all listeners.
     pub listen: Vec<SocketAddr>,
+    /// Extra upstream trust roots (PEM files); the CLI list adds to the file's.
+    pub upstream_ca: Vec<PathBuf>,
+    /// Master key from the systemd credential rather than the key file.
+    pub master_key_credential: bool,
 }
 
 impl Config {
@@ -128,6 +139,14 @@ impl Config {
             )?,
             pin_dir: dir("--pin-dir", cli.pin_dir, file.pin_dir, DEFAULT_PIN_DIR)?,
             listen,
+            upstream_ca: file
+                .upstream_ca
+                .unwrap_or_default()
+                .into_iter()
+                .chain(cli.upstream_ca)
+                .collect(),
+            master_key_credential: cli.master_key_credential
+                || file.master_key_credential.unwrap_or(false),
         };
         config.validate_listen()?;
         Ok(config)

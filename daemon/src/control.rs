@@ -12,7 +12,7 @@ use std::{
 };
 
 use agent_broker_protocol::{
-    self as protocol, ErrorKind, MAX_REQUEST_LINE, Request, Response, StatusReport,
+    self as protocol, ErrorKind, MAX_REQUEST_LINE, Request, Response, SecretInfo, StatusReport,
 };
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
@@ -22,9 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    accept::RecentConnections,
     capture::{CaptureError, CaptureHandle, OriginResolver},
     cgroup::{CgroupError, CgroupPath, CgroupRoot},
-    relay::RecentConnections,
+    secret::{SecretName, SecretValue},
+    vault::{SecretMeta, Vault, VaultError},
 };
 
 /// Errors setting up the control socket.
@@ -54,6 +56,9 @@ pub struct ControlState {
     pub root: CgroupRoot,
     pub listeners: Vec<std::net::SocketAddr>,
     pub pin_dir: PathBuf,
+    pub vault: Arc<Vault>,
+    /// The broker CA certificate (public).
+    pub ca_pem: String,
 }
 
 /// Binds the control socket, refusing to steal it from a running brokerd.
@@ -239,7 +244,108 @@ async fn handle(request: Request, state: &ControlState) -> Response {
         Request::Connections { limit } => Response::Connections {
             connections: state.recent.latest(limit),
         },
+        Request::SecretSet {
+            name,
+            value,
+            rotate,
+        } => {
+            let name = match SecretName::new(name) {
+                Ok(n) => n,
+                Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
+            };
+            let value = match SecretValue::from_string(value.expose().to_string()) {
+                Ok(v) => v,
+                Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
+            };
+            let vault = state.vault.clone();
+            let stored = blocking(move || {
+                if rotate {
+                    vault.rotate(&name, value)
+                } else {
+                    vault.set(&name, value)
+                }
+            })
+            .await;
+            match stored {
+                Ok(meta) => {
+                    info!(secret = %meta.name.as_str(), version = meta.version, "secret stored");
+                    Response::SecretStored {
+                        secret: secret_info(meta),
+                    }
+                }
+                Err(response) => response,
+            }
+        }
+        Request::SecretList => {
+            let vault = state.vault.clone();
+            match blocking(move || vault.list()).await {
+                Ok(list) => Response::Secrets {
+                    secrets: list.into_iter().map(secret_info).collect(),
+                },
+                Err(response) => response,
+            }
+        }
+        Request::SecretRemove { name } => {
+            let name = match SecretName::new(name) {
+                Ok(n) => n,
+                Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
+            };
+            let vault = state.vault.clone();
+            let shown = name.as_str().to_string();
+            match blocking(move || vault.remove(&name)).await {
+                Ok(true) => {
+                    info!(secret = %shown, "secret removed");
+                    Response::SecretRemoved { name: shown }
+                }
+                Ok(false) => error(ErrorKind::NotFound, format!("no secret named {shown}")),
+                Err(response) => response,
+            }
+        }
+        Request::CaCert => Response::CaCert {
+            pem: state.ca_pem.clone(),
+        },
+        Request::HandleMint {
+            cgroup,
+            secret,
+            host,
+            ttl_secs,
+        } => crate::handle_store::mint(&state.vault, &cgroup, &secret, &host, ttl_secs).await,
+        Request::HandleList => crate::handle_store::list(&state.vault).await,
+        Request::HandleRevoke { id } => crate::handle_store::revoke(&state.vault, id).await,
     }
+}
+
+/// Runs vault work (redb is synchronous) off the async threads; a failure is the error reply.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, VaultError> + Send + 'static,
+) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(vault_error(e)),
+        Err(e) => Err(error(
+            ErrorKind::Internal,
+            format!("vault task failed: {e}"),
+        )),
+    }
+}
+
+fn secret_info(meta: SecretMeta) -> SecretInfo {
+    SecretInfo {
+        name: meta.name.as_str().to_string(),
+        version: meta.version,
+        created_unix: meta.created_unix,
+        updated_unix: meta.updated_unix,
+    }
+}
+
+fn vault_error(e: VaultError) -> Response {
+    let kind = match &e {
+        VaultError::NotFound { .. } => ErrorKind::NotFound,
+        _ => ErrorKind::Internal,
+    };
+    let message = crate::error_chain(&e);
+    warn!(error = %message, "vault request failed");
+    error(kind, message)
 }
 
 fn capture_error(e: CaptureError) -> Response {
@@ -256,7 +362,7 @@ fn capture_error(e: CaptureError) -> Response {
     error(kind, message)
 }
 
-fn error(kind: ErrorKind, message: String) -> Response {
+pub(crate) fn error(kind: ErrorKind, message: String) -> Response {
     Response::Error { kind, message }
 }
 

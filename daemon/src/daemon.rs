@@ -12,12 +12,25 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
 
 use crate::{
+    accept::{self, RecentConnections},
+    authorize::PolicyAuthorizer,
     capture::{self, CaptureConfig},
     cgroup::CgroupRoot,
     config::Config,
     control::{self, ControlState},
-    relay::{self, RecentConnections},
+    policy::Policy,
+    proxy::Proxy,
+    secret::SecretValue,
+    tls::{BrokerCa, LeafMinter},
+    upstream::Upstream,
+    vault::{KeySource, Vault},
 };
+
+/// Vault blob names of the broker CA.
+const CA_KEY_BLOB: &str = "broker-ca-key";
+const CA_CERT_BLOB: &str = "broker-ca-cert";
+/// The CA certificate, also written here for operators (public).
+const CA_CERT_FILE: &str = "ca.pem";
 
 /// Runs brokerd until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -26,6 +39,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let root = CgroupRoot::discover()?;
     info!(mount = %root.mount().display(), "cgroup2 hierarchy");
+
+    // Everything that can be refused for bad input (key, vault, policy, CA files) is checked
+    // before anything binds or touches the kernel.
+    let key = if config.master_key_credential {
+        KeySource::SystemdCredential { dir: None }
+    } else {
+        KeySource::default_file(&config.state_dir)
+    };
+    let vault = Arc::new(Vault::open(&config.state_dir, key)?);
+    let policy = load_policy(&config.policy_dir)?;
+    let ca = load_or_create_ca(&vault, &config.state_dir)?;
+    let minter = LeafMinter::new(ca)?;
+    let upstream = Upstream::new(&config.upstream_ca)?;
+    let proxy = Arc::new(Proxy {
+        minter,
+        upstream,
+        authorizer: Arc::new(PolicyAuthorizer::new(policy, vault.clone())),
+    });
 
     // Bind first: the kernel side needs the final port, and a bind failure must not leave
     // programs redirecting to a port we do not own.
@@ -56,8 +87,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let recent = Arc::new(RecentConnections::default());
     let shared_addrs = Arc::new(addrs.clone());
     for listener in listeners {
-        tracker.spawn(relay::serve(
+        tracker.spawn(accept::serve(
             listener,
+            proxy.clone(),
             capture.resolver.clone(),
             recent.clone(),
             shared_addrs.clone(),
@@ -71,6 +103,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         root,
         listeners: addrs.clone(),
         pin_dir: config.pin_dir.clone(),
+        vault,
+        ca_pem: proxy.minter.ca().cert_pem().to_string(),
     });
     tracker.spawn(control::serve(control_listener, state, cancel.clone()));
     tracker.close();
@@ -146,4 +180,66 @@ fn split_families(addrs: &[SocketAddr]) -> anyhow::Result<(SocketAddrV4, Option<
         SocketAddr::V4(_) => None,
     });
     Ok((v4.context("an IPv4 listener is required")?, v6))
+}
+
+/// Loads the policy directory; a missing directory is an empty policy (everything denied).
+fn load_policy(dir: &std::path::Path) -> anyhow::Result<Arc<Policy>> {
+    if !dir.exists() {
+        info!(dir = %dir.display(), "no policy directory: every request will be denied");
+        return Ok(Arc::new(Policy::empty()));
+    }
+    let policy = Policy::load_dir(dir)?;
+    info!(dir = %dir.display(), files = policy.files().len(), "policy loaded");
+    Ok(Arc::new(policy))
+}
+
+/// The broker CA from the vault, or a new one on first start. Its key never leaves the vault
+/// unsealed except in memory; the certificate is also written to `<state_dir>/ca.pem`.
+fn load_or_create_ca(vault: &Vault, state_dir: &std::path::Path) -> anyhow::Result<BrokerCa> {
+    let key = vault.get_blob(CA_KEY_BLOB)?;
+    let cert = vault.get_blob(CA_CERT_BLOB)?;
+    let ca = match (key, cert) {
+        (Some(key), Some(cert)) => {
+            let key =
+                std::str::from_utf8(key.expose()).context("the stored broker CA key is not PEM")?;
+            let cert = std::str::from_utf8(cert.expose())
+                .context("the stored broker CA certificate is not PEM")?;
+            BrokerCa::load(cert, key)?
+        }
+        (None, None) => {
+            let (ca, key_pem) = BrokerCa::generate()?;
+            vault.put_blob(
+                CA_CERT_BLOB,
+                &SecretValue::binary(ca.cert_pem().as_bytes().to_vec()),
+            )?;
+            vault.put_blob(
+                CA_KEY_BLOB,
+                &SecretValue::binary(key_pem.as_bytes().to_vec()),
+            )?;
+            info!("created the broker CA (ECDSA P-256); install it with `brokerctl ca install`");
+            ca
+        }
+        _ => bail!(
+            "the vault holds only half of the broker CA (key or certificate missing); remove both blobs to start a new CA"
+        ),
+    };
+    write_public_file(&state_dir.join(CA_CERT_FILE), ca.cert_pem().as_bytes())?;
+    Ok(ca)
+}
+
+/// Writes a world-readable file through a temporary sibling and a rename.
+fn write_public_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    if std::fs::read(path).is_ok_and(|b| b == bytes) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} into place", tmp.display()))?;
+    Ok(())
 }

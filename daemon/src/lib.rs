@@ -1,22 +1,34 @@
 //! agent-broker's daemon library: everything `brokerd` and `brokerctl` are made of.
 //!
 //! Module map (see ARCHITECTURE.md): [`capture`] is the kernel path and the only user of aya;
-//! [`cgroup`] names and inspects cgroups; [`relay`] accepts redirected connections; [`control`]
-//! serves the Unix control socket and [`client`] speaks to it; [`config`] layers flags over a
-//! file over defaults; [`daemon`] wires them together.
+//! [`cgroup`] names and inspects cgroups; [`accept`] takes redirected connections and resolves
+//! their origin; [`proxy`] terminates TLS/HTTP and forwards authorized requests through
+//! [`upstream`]; [`tls`] is the broker CA; [`control`] serves the Unix control socket and
+//! [`client`] speaks to it; [`config`] layers flags over a file over defaults; [`daemon`] wires
+//! them together.
 //!
-//! Never: let a tagged cgroup's connection through unrecorded, relay to a non-loopback
-//! destination, or answer control requests from inside a tagged cgroup.
+//! Never: let a tagged cgroup's connection through unrecorded, send a secret anywhere but the
+//! hosts its rule binds it to over verified TLS, show a secret value to an agent or in any log or
+//! reply, or answer control requests from inside a tagged cgroup.
 
+pub mod accept;
+pub mod authorize;
 pub mod capture;
 pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod relay;
+pub mod handle;
+pub mod handle_store;
+pub mod inject;
+pub mod policy;
+pub mod proxy;
+pub mod scrub;
+pub mod secret;
 pub mod tls;
 pub mod upstream;
+pub mod vault;
 
 /// An error and its sources, `outer: inner: innermost`, for messages that cross a process
 /// boundary (control replies) where `{:#}` formatting of anyhow is not available.

@@ -15,8 +15,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::{
     ServerConfig,
@@ -66,14 +66,19 @@ pub struct BrokerCa {
 impl BrokerCa {
     /// Creates a new CA. Returns it and its private key as PKCS#8 PEM, for the caller to seal.
     pub fn generate() -> Result<(Self, Zeroizing<String>), TlsError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(TlsError::KeyGen)?;
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(TlsError::KeyGen)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "agent-broker local CA");
         dn.push(DnType::OrganizationName, "agent-broker");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + CA_VALIDITY;
@@ -96,7 +101,8 @@ impl BrokerCa {
 
     /// Loads a CA from its certificate PEM and its private key PEM.
     pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::BadCa(format!("private key: {e}")))?;
+        let key =
+            KeyPair::from_pem(key_pem).map_err(|e| TlsError::BadCa(format!("private key: {e}")))?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
             .map_err(|e| TlsError::BadCa(format!("certificate: {e}")))?;
         let der = rustls::pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
@@ -153,7 +159,8 @@ struct LeafCache {
 impl LeafMinter {
     /// A minter with a fresh leaf key.
     pub fn new(ca: BrokerCa) -> Result<Self, TlsError> {
-        let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(TlsError::KeyGen)?;
+        let leaf_key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(TlsError::KeyGen)?;
         let leaf_key_der = PrivatePkcs8KeyDer::from(leaf_key.serialize_der());
         Ok(Self {
             ca,
@@ -170,7 +177,12 @@ impl LeafMinter {
 
     /// A server config presenting a leaf for `name`, offering h2 and http/1.1 by ALPN.
     pub fn server_config(&self, name: &LeafName) -> Result<Arc<ServerConfig>, TlsError> {
-        if let Some(c) = self.cache.lock().ok().and_then(|c| c.configs.get(name).cloned()) {
+        if let Some(c) = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|c| c.configs.get(name).cloned())
+        {
             return Ok(c);
         }
         let config = Arc::new(self.mint(name)?);
@@ -190,7 +202,9 @@ impl LeafMinter {
     fn mint(&self, name: &LeafName) -> Result<ServerConfig, TlsError> {
         let san = match name {
             LeafName::Dns(d) => SanType::DnsName(
-                d.clone().try_into().map_err(|_| TlsError::BadName(d.clone()))?,
+                d.clone()
+                    .try_into()
+                    .map_err(|_| TlsError::BadName(d.clone()))?,
             ),
             LeafName::Ip(ip) => SanType::IpAddress(*ip),
         };
@@ -215,10 +229,16 @@ impl LeafMinter {
         let key = PrivateKeyDer::Pkcs8(self.leaf_key_der.clone_key());
         let mut config = ServerConfig::builder_with_provider(crypto_provider())
             .with_safe_default_protocol_versions()
-            .map_err(|source| TlsError::ServerConfig { name: name.to_string(), source })?
+            .map_err(|source| TlsError::ServerConfig {
+                name: name.to_string(),
+                source,
+            })?
             .with_no_client_auth()
             .with_single_cert(chain, key)
-            .map_err(|source| TlsError::ServerConfig { name: name.to_string(), source })?;
+            .map_err(|source| TlsError::ServerConfig {
+                name: name.to_string(),
+                source,
+            })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
@@ -249,13 +269,18 @@ mod tests {
         let b = minter.server_config(&name).expect("cached");
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(a.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
-        let ip = minter.server_config(&LeafName::Ip("127.0.0.2".parse().expect("ip"))).expect("ip leaf");
+        let ip = minter
+            .server_config(&LeafName::Ip("127.0.0.2".parse().expect("ip")))
+            .expect("ip leaf");
         assert!(!Arc::ptr_eq(&a, &ip));
     }
 
     #[test]
     fn garbage_ca_is_refused_with_a_reason() {
-        let err = BrokerCa::load("not a cert", "not a key").err().expect("refused").to_string();
+        let err = BrokerCa::load("not a cert", "not a key")
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(err.contains("stored broker CA is unusable"), "{err}");
     }
 }

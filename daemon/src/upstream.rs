@@ -19,7 +19,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::Uri;
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use tracing::warn;
 
 /// Request bodies sent upstream.
-pub type UpstreamBody = BoxBody<Bytes, hyper::Error>;
+pub type UpstreamBody = UnsyncBoxBody<Bytes, hyper::Error>;
 /// A pooled client for one original destination.
 pub type UpstreamClient = Client<HttpsConnector<FixedDst>, UpstreamBody>;
 
@@ -53,7 +53,9 @@ pub enum UpstreamError {
     },
     #[error("upstream CA file {path} holds no usable certificate: {message}")]
     BadCa { path: PathBuf, message: String },
-    #[error("no trusted root certificates: the system store is empty and no --upstream-ca was given")]
+    #[error(
+        "no trusted root certificates: the system store is empty and no --upstream-ca was given"
+    )]
     NoRoots,
     #[error("cannot build the upstream TLS config")]
     Tls(#[source] rustls::Error),
@@ -163,7 +165,12 @@ impl tower_service::Service<Uri> for FixedDst {
         Box::pin(async move {
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst))
                 .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))??;
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connect to {dst} timed out"),
+                    )
+                })??;
             stream.set_nodelay(true)?;
             Ok(TokioIo::new(stream))
         })
@@ -176,7 +183,9 @@ mod tests {
 
     #[test]
     fn a_missing_ca_file_is_named() {
-        let err = Upstream::new(&[PathBuf::from("/nonexistent/ca.pem")]).err().expect("error");
+        let err = Upstream::new(&[PathBuf::from("/nonexistent/ca.pem")])
+            .err()
+            .expect("error");
         assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
     }
 

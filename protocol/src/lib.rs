@@ -260,8 +260,8 @@ pub struct OriginRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Outcome {
-    /// Relayed byte for byte to the original destination.
-    Relayed,
+    /// Handed to the proxy: TLS or HTTP is terminated and each request is decided on its own.
+    Brokered,
     /// Closed without relaying.
     Refused { reason: String },
 }

@@ -149,7 +149,8 @@ enum HandleCommand {
 const SYSTEM_CA_PATH: &str = "/usr/local/share/ca-certificates/agent-broker.crt";
 
 fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (examples: 30s, 15m, 2h, 1d)"))?;
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?}: {e} (examples: 30s, 15m, 2h, 1d)"))?;
     if d.is_zero() {
         return Err("the ttl must be longer than zero".into());
     }
@@ -231,11 +232,22 @@ fn secret(run_dir: &std::path::Path, cmd: SecretCommand) -> anyhow::Result<()> {
         SecretCommand::Set { name } => store_secret(run_dir, name, false),
         SecretCommand::Rotate { name } => store_secret(run_dir, name, true),
         SecretCommand::List { json } => match call(run_dir, &Request::SecretList)? {
-            Response::Secrets { secrets } if json => Ok(println!("{}", serde_json::to_string_pretty(&secrets)?)),
+            Response::Secrets { secrets } if json => {
+                Ok(println!("{}", serde_json::to_string_pretty(&secrets)?))
+            }
             Response::Secrets { secrets } => {
-                println!("{:<32} {:>8} {:<20} {:<20}", "NAME", "VERSION", "CREATED", "UPDATED");
+                println!(
+                    "{:<32} {:>8} {:<20} {:<20}",
+                    "NAME", "VERSION", "CREATED", "UPDATED"
+                );
                 for s in secrets {
-                    println!("{:<32} {:>8} {:<20} {:<20}", s.name, s.version, date(s.created_unix), date(s.updated_unix));
+                    println!(
+                        "{:<32} {:>8} {:<20} {:<20}",
+                        s.name,
+                        s.version,
+                        date(s.created_unix),
+                        date(s.updated_unix)
+                    );
                 }
                 Ok(())
             }
@@ -251,14 +263,24 @@ fn secret(run_dir: &std::path::Path, cmd: SecretCommand) -> anyhow::Result<()> {
 fn store_secret(run_dir: &std::path::Path, name: String, rotate: bool) -> anyhow::Result<()> {
     use std::io::{IsTerminal as _, Read as _};
     let value = if std::io::stdin().is_terminal() {
-        rpassword::prompt_password(format!("value for {name} (not echoed): ")).context("reading the value")?
+        rpassword::prompt_password(format!("value for {name} (not echoed): "))
+            .context("reading the value")?
     } else {
         let mut v = String::new();
-        std::io::stdin().read_to_string(&mut v).context("reading the value from stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut v)
+            .context("reading the value from stdin")?;
         v
     };
     let value = agent_broker_protocol::SecretInput::new(value);
-    match call(run_dir, &Request::SecretSet { name, value, rotate })? {
+    match call(
+        run_dir,
+        &Request::SecretSet {
+            name,
+            value,
+            rotate,
+        },
+    )? {
         Response::SecretStored { secret } => {
             println!("stored secret {} version {}", secret.name, secret.version);
             Ok(())
@@ -281,7 +303,8 @@ fn ca(run_dir: &std::path::Path, cmd: CaCommand) -> anyhow::Result<()> {
         CaCommand::Install => {
             let path = std::path::Path::new(SYSTEM_CA_PATH);
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
             }
             write_atomically(path, pem.as_bytes())?;
             let status = std::process::Command::new("update-ca-certificates")
@@ -290,8 +313,12 @@ fn ca(run_dir: &std::path::Path, cmd: CaCommand) -> anyhow::Result<()> {
             if !status.success() {
                 bail!("update-ca-certificates failed ({status})");
             }
-            println!("installed the broker CA as {SYSTEM_CA_PATH} and updated the system trust store");
-            println!("Node.js: set NODE_EXTRA_CA_CERTS={SYSTEM_CA_PATH}; Python requests/httpx: set REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt");
+            println!(
+                "installed the broker CA as {SYSTEM_CA_PATH} and updated the system trust store"
+            );
+            println!(
+                "Node.js: set NODE_EXTRA_CA_CERTS={SYSTEM_CA_PATH}; Python requests/httpx: set REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt"
+            );
         }
     }
     Ok(())
@@ -299,12 +326,29 @@ fn ca(run_dir: &std::path::Path, cmd: CaCommand) -> anyhow::Result<()> {
 
 fn handle(run_dir: &std::path::Path, cmd: HandleCommand) -> anyhow::Result<()> {
     match cmd {
-        HandleCommand::Mint { cgroup, secret, host, ttl } => {
+        HandleCommand::Mint {
+            cgroup,
+            secret,
+            host,
+            ttl,
+        } => {
             let cgroup = CgroupPath::parse(&cgroup)?.to_string();
-            let request = Request::HandleMint { cgroup, secret, host, ttl_secs: ttl.as_secs().max(1) };
+            let request = Request::HandleMint {
+                cgroup,
+                secret,
+                host,
+                ttl_secs: ttl.as_secs().max(1),
+            };
             match call(run_dir, &request)? {
                 Response::HandleMinted { token, handle } => {
-                    eprintln!("handle {} for {} towards {} from {}, expires {}", handle.id, handle.secret, handle.host, handle.cgroup, date(handle.expires_unix));
+                    eprintln!(
+                        "handle {} for {} towards {} from {}, expires {}",
+                        handle.id,
+                        handle.secret,
+                        handle.host,
+                        handle.cgroup,
+                        date(handle.expires_unix)
+                    );
                     println!("{token}");
                     Ok(())
                 }
@@ -312,13 +356,34 @@ fn handle(run_dir: &std::path::Path, cmd: HandleCommand) -> anyhow::Result<()> {
             }
         }
         HandleCommand::List { json } => match call(run_dir, &Request::HandleList)? {
-            Response::Handles { handles } if json => Ok(println!("{}", serde_json::to_string_pretty(&handles)?)),
+            Response::Handles { handles } if json => {
+                Ok(println!("{}", serde_json::to_string_pretty(&handles)?))
+            }
             Response::Handles { handles } => {
-                println!("{:<12} {:<24} {:<20} {:<28} {:<20} STATE", "ID", "CGROUP", "SECRET", "HOST", "EXPIRES");
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                println!(
+                    "{:<12} {:<24} {:<20} {:<28} {:<20} STATE",
+                    "ID", "CGROUP", "SECRET", "HOST", "EXPIRES"
+                );
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
                 for h in handles {
-                    let state = if h.revoked { "revoked" } else if h.expires_unix <= now { "expired" } else { "active" };
-                    println!("{:<12} {:<24} {:<20} {:<28} {:<20} {state}", h.id, h.cgroup, h.secret, h.host, date(h.expires_unix));
+                    let state = if h.revoked {
+                        "revoked"
+                    } else if h.expires_unix <= now {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    println!(
+                        "{:<12} {:<24} {:<20} {:<28} {:<20} {state}",
+                        h.id,
+                        h.cgroup,
+                        h.secret,
+                        h.host,
+                        date(h.expires_unix)
+                    );
                 }
                 Ok(())
             }
@@ -335,9 +400,13 @@ fn handle(run_dir: &std::path::Path, cmd: HandleCommand) -> anyhow::Result<()> {
 fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write as _;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
@@ -411,7 +480,7 @@ fn print_connections(records: &[ConnectionRecord]) {
     );
     for r in records {
         let outcome = match &r.outcome {
-            Outcome::Relayed => "relayed".to_string(),
+            Outcome::Brokered => "brokered".to_string(),
             Outcome::Refused { reason } => format!("refused: {reason}"),
         };
         match &r.origin {

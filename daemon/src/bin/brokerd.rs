@@ -14,7 +14,8 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "brokerd", version)]
 struct Args {
-    /// TOML config file with any of: state_dir, run_dir, policy_dir, pin_dir, listen.
+    /// TOML config file with any of: state_dir, run_dir, policy_dir, pin_dir, listen,
+    /// upstream_ca, master_key_credential.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// State directory (vault, CA, audit log) [default: /var/lib/agent-broker].
@@ -34,6 +35,13 @@ struct Args {
     /// port; port 0 picks a free one [default: 127.0.0.1:15001 and [::1]:15001].
     #[arg(long, value_name = "ADDR")]
     listen: Vec<SocketAddr>,
+    /// PEM file of a CA to trust for upstream servers, beside the system roots (repeatable).
+    #[arg(long, value_name = "FILE")]
+    upstream_ca: Vec<PathBuf>,
+    /// Read the vault master key from the systemd credential `agent-broker-master-key`
+    /// ($CREDENTIALS_DIRECTORY) instead of <state-dir>/master.key.
+    #[arg(long)]
+    master_key_credential: bool,
 }
 
 fn main() -> ExitCode {
@@ -83,6 +91,8 @@ fn load_config(args: Args) -> anyhow::Result<Config> {
         policy_dir: args.policy_dir,
         pin_dir: args.pin_dir,
         listen: args.listen,
+        upstream_ca: args.upstream_ca,
+        master_key_credential: args.master_key_credential,
     };
     Ok(Config::layer(cli, file)?)
 }

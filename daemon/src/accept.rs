@@ -1,6 +1,8 @@
-//! Accepts redirected connections and, until TLS interception lands, relays each one byte for
-//! byte to its original destination when (and only when) that destination is a loopback
-//! address, so nothing leaves the machine.
+//! Accepts redirected connections, resolves each to its origin, and hands it to the proxy.
+//!
+//! A connection whose origin cannot be resolved (no redirect record: a process dialing the
+//! broker port directly, or a record evicted under a flood) is refused and logged, so brokerd is
+//! never a credential oracle for processes outside the tagged cgroups.
 
 use std::{
     collections::VecDeque,
@@ -14,12 +16,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::capture::{ConnectionOrigin, OriginResolver};
+use crate::{
+    capture::{ConnectionOrigin, OriginResolver},
+    proxy::Proxy,
+};
 
 /// How many recent connections `brokerctl connections` can show.
 const RECENT_CAPACITY: usize = 1024;
-/// Deadline for connecting to the original destination.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A bounded history of accepted connections, newest last.
 #[derive(Default)]
@@ -51,33 +54,18 @@ impl RecentConnections {
     }
 }
 
-/// What to do with a resolved connection.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Decision {
-    Relay,
-    Refuse(&'static str),
-}
-
-/// Decides whether a resolved connection may be relayed. `listeners` are brokerd's own
-/// addresses: an agent that dials the broker directly must not make it connect to itself.
-pub fn decide(original_dst: SocketAddr, listeners: &[SocketAddr]) -> Decision {
-    if listeners.iter().any(|l| {
+/// Whether an agent dialed brokerd's own listener (which would make brokerd connect to itself).
+pub fn is_broker_itself(original_dst: SocketAddr, listeners: &[SocketAddr]) -> bool {
+    listeners.iter().any(|l| {
         l.port() == original_dst.port()
             && (l.ip() == original_dst.ip() || original_dst.ip().is_unspecified())
-    }) {
-        Decision::Refuse("the agent dialed brokerd's own listener")
-    } else if !original_dst.ip().is_loopback() {
-        Decision::Refuse(
-            "non-loopback destinations are not relayed (TLS interception is not enabled)",
-        )
-    } else {
-        Decision::Relay
-    }
+    })
 }
 
 /// Accepts on `listener` until `cancel` fires.
 pub async fn serve(
     listener: TcpListener,
+    proxy: Arc<Proxy>,
     resolver: Arc<OriginResolver>,
     recent: Arc<RecentConnections>,
     listeners: Arc<Vec<SocketAddr>>,
@@ -100,8 +88,9 @@ pub async fn serve(
         let resolver = resolver.clone();
         let recent = recent.clone();
         let listeners = listeners.clone();
+        let proxy = proxy.clone();
         tokio::spawn(async move {
-            handle(stream, peer, &resolver, &recent, &listeners).await;
+            handle(stream, peer, proxy, &resolver, &recent, &listeners).await;
         });
     }
 }
@@ -109,6 +98,7 @@ pub async fn serve(
 async fn handle(
     agent: TcpStream,
     peer: SocketAddr,
+    proxy: Arc<Proxy>,
     resolver: &OriginResolver,
     recent: &RecentConnections,
     listeners: &[SocketAddr],
@@ -132,26 +122,22 @@ async fn handle(
             return; // dropping `agent` closes it
         }
     };
-    let outcome = match decide(origin.original_dst, listeners) {
-        Decision::Refuse(reason) => Outcome::Refused {
-            reason: reason.into(),
-        },
-        Decision::Relay => match connect(origin.original_dst).await {
-            Ok(upstream) => {
-                log_connection(&origin, peer, "relayed", None);
-                recent.push(record(time_ms, peer, &origin, Outcome::Relayed));
-                relay(agent, upstream).await;
-                return;
-            }
-            Err(e) => Outcome::Refused {
-                reason: format!("cannot connect to the original destination: {e}"),
-            },
-        },
-    };
-    if let Outcome::Refused { reason } = &outcome {
+    if is_broker_itself(origin.original_dst, listeners) {
+        let reason = "the agent dialed brokerd's own listener";
         log_connection(&origin, peer, "refused", Some(reason));
+        recent.push(record(
+            time_ms,
+            peer,
+            &origin,
+            Outcome::Refused {
+                reason: reason.into(),
+            },
+        ));
+        return;
     }
-    recent.push(record(time_ms, peer, &origin, outcome));
+    log_connection(&origin, peer, "brokered", None);
+    recent.push(record(time_ms, peer, &origin, Outcome::Brokered));
+    proxy.serve(agent, origin).await;
 }
 
 fn log_connection(
@@ -194,23 +180,6 @@ fn record(
     }
 }
 
-async fn connect(dst: SocketAddr) -> std::io::Result<TcpStream> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connect timed out",
-        )),
-    }
-}
-
-async fn relay(mut agent: TcpStream, mut upstream: TcpStream) {
-    let _ = agent.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    // Either side closing or failing ends the relay; errors here are ordinary disconnects.
-    let _ = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,28 +189,13 @@ mod tests {
     }
 
     #[test]
-    fn relays_only_loopback_destinations() {
-        let l = [a("127.0.0.1:15001"), a("[::1]:15001")];
-        assert_eq!(decide(a("127.0.0.1:8080"), &l), Decision::Relay);
-        assert_eq!(decide(a("127.0.0.2:443"), &l), Decision::Relay);
-        assert_eq!(decide(a("[::1]:8080"), &l), Decision::Relay);
-        assert!(matches!(decide(a("10.0.0.1:80"), &l), Decision::Refuse(_)));
-        assert!(matches!(
-            decide(a("[2001:db8::1]:443"), &l),
-            Decision::Refuse(_)
-        ));
-        assert!(matches!(decide(a("0.0.0.0:8080"), &l), Decision::Refuse(_)));
-    }
-
-    #[test]
-    fn refuses_the_broker_itself() {
+    fn recognises_the_broker_itself() {
         let l = [a("127.0.0.1:15001"), a("[::1]:15001")];
         for dst in ["127.0.0.1:15001", "[::1]:15001", "0.0.0.0:15001"] {
-            assert_eq!(
-                decide(a(dst), &l),
-                Decision::Refuse("the agent dialed brokerd's own listener"),
-                "{dst}"
-            );
+            assert!(is_broker_itself(a(dst), &l), "{dst}");
+        }
+        for dst in ["127.0.0.1:8080", "127.0.0.2:15001", "10.0.0.1:443"] {
+            assert!(!is_broker_itself(a(dst), &l), "{dst}");
         }
     }
 
@@ -253,7 +207,7 @@ mod tests {
                 time_ms: i as u64,
                 peer: a("127.0.0.1:1"),
                 origin: None,
-                outcome: Outcome::Relayed,
+                outcome: Outcome::Brokered,
             });
         }
         let latest = r.latest(3);

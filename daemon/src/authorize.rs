@@ -1,0 +1,141 @@
+//! Request authorization: policy decision, handle swaps and credential injection, in that order.
+//!
+//! The proxy hands each request here (with the host SNI/Host/:authority agreed on); the answer is
+//! either a [`Grant`] with the request rewritten, or a [`Denial`] with a reason an agent can act
+//! on. Secrets are looked up in the vault only after the policy allowed the destination, and are
+//! written only into the slots the rule names (or where the agent put a valid handle).
+
+use std::{sync::Arc, time::SystemTime};
+
+use http::{HeaderName, HeaderValue, StatusCode, request::Parts};
+use tracing::warn;
+
+use crate::{
+    handle::{self, SwapContext},
+    handle_store,
+    policy::{Decision, Policy},
+    proxy::{Authorizer, Denial, Grant, RequestFacts},
+    secret::{SecretName, SecretValue},
+    vault::Vault,
+};
+
+/// Authorizes against a policy snapshot and the vault.
+pub struct PolicyAuthorizer {
+    policy: Arc<Policy>,
+    vault: Arc<Vault>,
+}
+
+impl PolicyAuthorizer {
+    pub fn new(policy: Arc<Policy>, vault: Arc<Vault>) -> Self {
+        Self { policy, vault }
+    }
+
+    fn secret(&self, name: &SecretName) -> Option<SecretValue> {
+        match self.vault.get(name) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(secret = %name.as_str(), error = %crate::error_chain(&e), "cannot read secret");
+                None
+            }
+        }
+    }
+}
+
+impl Authorizer for PolicyAuthorizer {
+    fn authorize(&self, facts: &RequestFacts<'_>, parts: &mut Parts) -> Result<Grant, Denial> {
+        let cgroup = &facts.origin.cgroup;
+        let (rule, inject, plain_http) = match self.policy.decide(cgroup, facts.host, facts.port) {
+            Decision::Allow {
+                rule,
+                inject,
+                plain_http,
+            } => (rule, inject, plain_http),
+            Decision::Deny { reason, .. } => return Err(Denial::forbidden(reason)),
+        };
+        let rule_name = rule.to_string();
+        let deny = |reason: String| Denial {
+            status: StatusCode::FORBIDDEN,
+            reason,
+            rule: Some(rule_name.clone()),
+        };
+        // Secrets travel over plain HTTP only when the rule says so (ARCHITECTURE invariant 2).
+        let may_write_secrets = facts.tls || plain_http;
+        let mut grant = Grant {
+            rule: rule_name.clone(),
+            ..Grant::default()
+        };
+
+        let ctx = SwapContext {
+            cgroup,
+            host: facts.host,
+            now: SystemTime::now(),
+        };
+        let swapped = handle::swap_handles(
+            &parts.headers,
+            parts.uri.query(),
+            &ctx,
+            |hash| match self.vault.handle_by_token_hash(&hash.0) {
+                Ok(Some(record)) => handle_store::from_vault(record),
+                Ok(None) => None,
+                Err(e) => {
+                    warn!(error = %crate::error_chain(&e), "cannot read handle");
+                    None
+                }
+            },
+            |name| self.secret(name),
+        )
+        .map_err(|d| deny(d.to_string()))?;
+        if let Some(swapped) = swapped {
+            if !may_write_secrets {
+                return Err(deny(format!(
+                    "the request carries a handle but goes to {} over plain HTTP; use https \
+                     (the rule does not allow secrets over plain HTTP)",
+                    facts.host
+                )));
+            }
+            grant
+                .secrets
+                .extend(swapped.used.iter().map(|u| u.secret.as_str().to_string()));
+            grant.needles.extend(swapped.secret_values.iter().cloned());
+            swapped.apply(parts).map_err(|e| {
+                deny(format!(
+                    "cannot rewrite the request with the handle's secret: {e}"
+                ))
+            })?;
+        }
+
+        if !inject.is_empty() {
+            if !may_write_secrets {
+                return Err(deny(format!(
+                    "{} is reached over plain HTTP and the rule injects credentials; use https \
+                     (or set plain_http = true in the rule if this host has no TLS)",
+                    facts.host
+                )));
+            }
+            let rendered = inject
+                .render(|name| self.secret(name))
+                .map_err(|e| deny(format!("cannot inject credentials: {e}")))?;
+            for (name, value) in &rendered.headers {
+                let name = HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|e| deny(format!("invalid header name {name} in the rule: {e}")))?;
+                let mut value = HeaderValue::from_bytes(value).map_err(|_| {
+                    deny(format!(
+                        "the value injected into {name} is not a valid header value"
+                    ))
+                })?;
+                value.set_sensitive(true);
+                // Whatever the agent sent in this header is replaced.
+                parts.headers.remove(&name);
+                parts.headers.insert(name, value);
+            }
+            for secret in &rendered.secrets {
+                let secret = secret.as_str().to_string();
+                if !grant.secrets.contains(&secret) {
+                    grant.secrets.push(secret);
+                }
+            }
+            grant.needles.extend(rendered.secret_values.iter().cloned());
+        }
+        Ok(grant)
+    }
+}

@@ -1,0 +1,672 @@
+//! Handles: opaque `brk_...` strings an agent may hold in place of a real key.
+//!
+//! `brokerctl handle mint` binds a fresh random token to (cgroup subtree, secret, host, expiry)
+//! and prints it once; the broker stores only its SHA-256 ([`HandleRecord`]). The agent puts the
+//! token wherever a key goes: any header (`Bearer brk_...`, `x-api-key`), basic auth (inside the
+//! base64 `user:pass`), or a query parameter (also percent-encoded). [`swap_handles`] finds the
+//! tokens in a request, checks each against its record ([`check`]), and rewrites the request
+//! with the secret in the token's place; any failed check denies the whole request with a
+//! reason the agent can read. Bodies and paths are not searched.
+//!
+//! Pure: the caller supplies the time, the record lookup and the secret lookup. The only effect
+//! is drawing randomness in [`mint`].
+
+use std::{
+    borrow::Borrow, collections::HashMap, fmt, ops::Range, time::Duration, time::SystemTime,
+};
+
+use data_encoding::{BASE32_NOPAD, BASE64, BASE64_NOPAD, HEXLOWER};
+use http::{HeaderMap, HeaderValue};
+use sha2::{Digest as _, Sha256};
+use zeroize::Zeroizing;
+
+use crate::{
+    cgroup::CgroupPath,
+    inject::{SecretBytes, reserve_zeroizing},
+    policy::{HostError, HostPattern},
+    secret::SecretName,
+};
+
+/// Every token starts with this.
+pub const TOKEN_PREFIX: &str = "brk_";
+/// Random bytes in a token.
+const TOKEN_RANDOM_BYTES: usize = 32;
+/// Characters after the prefix: 32 bytes in unpadded base32.
+pub const TOKEN_BODY_LEN: usize = 52;
+/// Random bytes in a handle id (`h_` + 8 hex digits).
+const ID_RANDOM_BYTES: usize = 4;
+/// TTL when `--ttl` is not given.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
+/// Longest TTL accepted.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// Errors minting handles or parsing their parameters.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("invalid ttl {input:?}: {reason}; write a duration such as 30s, 15m, 1h or 2d")]
+    Ttl { input: String, reason: String },
+    #[error("invalid host {input:?} for a handle: {source}")]
+    Host {
+        input: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("invalid handle id {0:?}: expected h_ followed by 8 lowercase hex digits")]
+    Id(String),
+    #[error("the handle's expiry is out of range")]
+    ExpiryOutOfRange,
+    #[error("cannot draw random bytes for a handle")]
+    Random(#[source] getrandom::Error),
+}
+
+/// Why a request carrying a handle was refused. Messages are for the agent: they say what is
+/// wrong without revealing the binding; the fields carry the details for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandleDenial {
+    #[error(
+        "the request carries a handle ({shown}...) that the broker does not know; it may be \
+         mistyped or deleted"
+    )]
+    Unknown {
+        /// The prefix and first characters of the token.
+        shown: String,
+    },
+    #[error("handle {id} expired at {}", humantime::format_rfc3339_seconds(*.expired_at))]
+    Expired {
+        id: HandleId,
+        expired_at: SystemTime,
+    },
+    #[error("handle {id} was revoked")]
+    Revoked { id: HandleId },
+    #[error("handle {id} is not valid for cgroup {caller}")]
+    WrongCgroup {
+        id: HandleId,
+        caller: CgroupPath,
+        bound: CgroupPath,
+    },
+    #[error("handle {id} is not valid for host {host}")]
+    WrongHost {
+        id: HandleId,
+        host: String,
+        bound: HostPattern,
+    },
+    #[error("handle {id} refers to secret {secret}, which is not in the vault")]
+    MissingSecret { id: HandleId, secret: SecretName },
+    #[error("the secret behind handle {id} cannot be written where the handle is: {reason}")]
+    Unencodable { id: HandleId, reason: &'static str },
+}
+
+/// A handle's public id, `h_` + 8 hex digits: what `handle list` shows and `handle revoke`
+/// takes. Not a credential.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HandleId(String);
+
+impl HandleId {
+    pub fn parse(raw: &str) -> Result<Self, HandleError> {
+        let ok = raw.strip_prefix("h_").is_some_and(|hex| {
+            hex.len() == 2 * ID_RANDOM_BYTES
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+        if ok {
+            Ok(Self(raw.to_string()))
+        } else {
+            Err(HandleError::Id(raw.to_string()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for HandleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// SHA-256 of a token string: what the broker stores and looks tokens up by. Tokens carry 256
+/// random bits, so a plain hash cannot be reversed or guessed.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl TokenHash {
+    pub fn of(token: &str) -> Self {
+        Self(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// Lowercase hex, for storage.
+    pub fn to_hex(&self) -> String {
+        HEXLOWER.encode(&self.0)
+    }
+
+    /// Parses [`TokenHash::to_hex`] output.
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        let bytes = HEXLOWER.decode(hex.as_bytes()).ok()?;
+        bytes.try_into().ok().map(Self)
+    }
+}
+
+impl fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenHash({})", self.to_hex())
+    }
+}
+
+/// The token string, shown to the operator once at mint. Debug is redacted.
+pub struct HandleToken(Zeroizing<String>);
+
+impl HandleToken {
+    /// The `brk_...` string, to print for the operator.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for HandleToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HandleToken(<redacted>)")
+    }
+}
+
+/// What a handle is bound to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandleBinding {
+    /// The handle works for requests from this cgroup and every cgroup below it.
+    pub cgroup: CgroupPath,
+    /// The secret it stands for.
+    pub secret: SecretName,
+    /// The host it may be sent to (exact, or `*.suffix`).
+    pub host: HostPattern,
+}
+
+impl HandleBinding {
+    /// Validates the host as policy files do.
+    pub fn new(cgroup: CgroupPath, secret: SecretName, host: &str) -> Result<Self, HandleError> {
+        let host = HostPattern::parse(host).map_err(|source| HandleError::Host {
+            input: host.to_string(),
+            source,
+        })?;
+        Ok(Self {
+            cgroup,
+            secret,
+            host,
+        })
+    }
+}
+
+/// What the broker stores for a handle: never the token, only its hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandleRecord {
+    pub id: HandleId,
+    pub token_hash: TokenHash,
+    pub binding: HandleBinding,
+    pub created: SystemTime,
+    pub expires: SystemTime,
+    pub revoked: bool,
+}
+
+/// Mints a handle: a fresh token (returned once) and the record to store. Storage should
+/// refuse an id that is already taken (ids are 32 random bits), and mint again.
+pub fn mint(
+    now: SystemTime,
+    ttl: Duration,
+    binding: HandleBinding,
+) -> Result<(HandleToken, HandleRecord), HandleError> {
+    mint_with(now, ttl, binding, |buf| {
+        getrandom::fill(buf).map_err(HandleError::Random)
+    })
+}
+
+fn mint_with(
+    now: SystemTime,
+    ttl: Duration,
+    binding: HandleBinding,
+    mut random: impl FnMut(&mut [u8]) -> Result<(), HandleError>,
+) -> Result<(HandleToken, HandleRecord), HandleError> {
+    let expires = now.checked_add(ttl).ok_or(HandleError::ExpiryOutOfRange)?;
+    let mut bytes = Zeroizing::new([0u8; TOKEN_RANDOM_BYTES]);
+    random(&mut bytes[..])?;
+    let mut token = Zeroizing::new(String::with_capacity(TOKEN_PREFIX.len() + TOKEN_BODY_LEN));
+    token.push_str(TOKEN_PREFIX);
+    let mut body = Zeroizing::new(vec![0u8; BASE32_NOPAD.encode_len(TOKEN_RANDOM_BYTES)]);
+    BASE32_NOPAD.encode_mut(&bytes[..], &mut body);
+    for &b in body.iter() {
+        token.push(char::from(b.to_ascii_lowercase()));
+    }
+    let mut id = [0u8; ID_RANDOM_BYTES];
+    random(&mut id)?;
+    let record = HandleRecord {
+        id: HandleId(format!("h_{}", HEXLOWER.encode(&id))),
+        token_hash: TokenHash::of(&token),
+        binding,
+        created: now,
+        expires,
+        revoked: false,
+    };
+    Ok((HandleToken(token), record))
+}
+
+/// Parses a TTL such as `30s`, `15m`, `1h`, `2d` or `1h30m`.
+pub fn parse_ttl(input: &str) -> Result<Duration, HandleError> {
+    let fail = |reason: String| HandleError::Ttl {
+        input: input.to_string(),
+        reason,
+    };
+    let ttl = humantime::parse_duration(input.trim()).map_err(|e| fail(e.to_string()))?;
+    if ttl.is_zero() {
+        return Err(fail("a handle must live longer than zero".into()));
+    }
+    if ttl > MAX_TTL {
+        return Err(fail("the longest ttl is 365d".into()));
+    }
+    Ok(ttl)
+}
+
+/// Whether `record` may be used by a request from `caller` to `host` at `now`.
+pub fn check(
+    record: &HandleRecord,
+    caller: &CgroupPath,
+    host: &str,
+    now: SystemTime,
+) -> Result<(), HandleDenial> {
+    let id = || record.id.clone();
+    if record.revoked {
+        return Err(HandleDenial::Revoked { id: id() });
+    }
+    if now >= record.expires {
+        return Err(HandleDenial::Expired {
+            id: id(),
+            expired_at: record.expires,
+        });
+    }
+    if !record.binding.cgroup.is_ancestor_or_self_of(caller) {
+        return Err(HandleDenial::WrongCgroup {
+            id: id(),
+            caller: caller.clone(),
+            bound: record.binding.cgroup.clone(),
+        });
+    }
+    if !record.binding.host.matches(host) {
+        return Err(HandleDenial::WrongHost {
+            id: id(),
+            host: host.to_string(),
+            bound: record.binding.host.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn is_token_body_byte(b: u8) -> bool {
+    b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)
+}
+
+/// A byte that would make a `brk_` string part of a longer word.
+fn is_word_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
+/// Every well-formed token in `haystack`: `brk_` plus exactly 52 base32 characters, not
+/// preceded or followed by a letter, digit or `_`.
+pub fn find_tokens(haystack: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
+    memchr::memmem::find_iter(haystack, TOKEN_PREFIX.as_bytes()).filter_map(move |start| {
+        let body_start = start + TOKEN_PREFIX.len();
+        let end = body_start + TOKEN_BODY_LEN;
+        let body = haystack.get(body_start..end)?;
+        let clean_start = start == 0 || !is_word_byte(haystack[start - 1]);
+        let clean_end = haystack.get(end).is_none_or(|&b| !is_word_byte(b));
+        (clean_start && clean_end && body.iter().all(|&b| is_token_body_byte(b)))
+            .then_some(start..end)
+    })
+}
+
+/// Who is asking, for [`swap_handles`].
+#[derive(Clone, Copy, Debug)]
+pub struct SwapContext<'a> {
+    /// The caller's cgroup.
+    pub cgroup: &'a CgroupPath,
+    /// The host the request goes to (as policy decided it).
+    pub host: &'a str,
+    pub now: SystemTime,
+}
+
+/// A handle a request used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsedHandle {
+    pub id: HandleId,
+    pub secret: SecretName,
+}
+
+/// A request with its handles swapped for secrets. Debug shows no values.
+#[derive(Default)]
+pub struct Swapped {
+    /// The full header map with secrets in place of tokens, when any header held a token
+    /// (swapped values are marked sensitive, so HTTP/2 never indexes them).
+    pub headers: Option<HeaderMap>,
+    /// The new query string (without `?`), when the query held a token.
+    pub query: Option<Zeroizing<String>>,
+    /// Each handle used, once, in order of first use: for the audit record.
+    pub used: Vec<UsedHandle>,
+    /// The secret of each entry in `used`, same order: for response scrubbing.
+    pub secret_values: Vec<Zeroizing<Vec<u8>>>,
+}
+
+impl fmt::Debug for Swapped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Swapped")
+            .field("headers_changed", &self.headers.is_some())
+            .field("query_changed", &self.query.is_some())
+            .field("used", &self.used)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Swapped {
+    /// Writes the swapped headers and query into a request.
+    pub fn apply(self, parts: &mut http::request::Parts) -> Result<(), http::Error> {
+        if let Some(headers) = self.headers {
+            parts.headers = headers;
+        }
+        if let Some(query) = self.query {
+            let path = parts.uri.path();
+            let mut uri = http::uri::Parts::from(parts.uri.clone());
+            uri.path_and_query = Some(http::uri::PathAndQuery::try_from(format!(
+                "{path}?{}",
+                query.as_str()
+            ))?);
+            parts.uri = http::Uri::from_parts(uri)?;
+        }
+        Ok(())
+    }
+}
+
+/// Resolves tokens once each, in order of first appearance.
+struct Resolver<'c, R, S> {
+    ctx: &'c SwapContext<'c>,
+    records: R,
+    secrets: S,
+    /// Token -> index into `out.used`.
+    seen: HashMap<String, usize>,
+    out: Swapped,
+}
+
+impl<R, Rec, S, V> Resolver<'_, R, S>
+where
+    R: FnMut(&TokenHash) -> Option<Rec>,
+    Rec: Borrow<HandleRecord>,
+    S: FnMut(&SecretName) -> Option<V>,
+    V: SecretBytes,
+{
+    /// The index of the token's secret in `out.secret_values`.
+    fn resolve(&mut self, token: &[u8]) -> Result<usize, HandleDenial> {
+        // Tokens are ASCII by construction of `find_tokens`.
+        let token = String::from_utf8_lossy(token);
+        if let Some(&i) = self.seen.get(token.as_ref()) {
+            return Ok(i);
+        }
+        let hash = TokenHash::of(&token);
+        let unknown = || HandleDenial::Unknown {
+            shown: token.chars().take(TOKEN_PREFIX.len() + 4).collect(),
+        };
+        let record = (self.records)(&hash).ok_or_else(unknown)?;
+        let record = record.borrow();
+        if record.token_hash != hash {
+            return Err(unknown());
+        }
+        check(record, self.ctx.cgroup, self.ctx.host, self.ctx.now)?;
+        let secret = &record.binding.secret;
+        let value = (self.secrets)(secret).ok_or_else(|| HandleDenial::MissingSecret {
+            id: record.id.clone(),
+            secret: secret.clone(),
+        })?;
+        let bytes = value.secret_bytes();
+        if bytes.is_empty() {
+            return Err(HandleDenial::Unencodable {
+                id: record.id.clone(),
+                reason: "the secret is empty",
+            });
+        }
+        let i = self.out.used.len();
+        self.out.used.push(UsedHandle {
+            id: record.id.clone(),
+            secret: secret.clone(),
+        });
+        self.out.secret_values.push(Zeroizing::new(bytes.to_vec()));
+        self.seen.insert(token.into_owned(), i);
+        Ok(i)
+    }
+
+    fn id(&self, i: usize) -> HandleId {
+        self.out.used[i].id.clone()
+    }
+
+    /// `input` with each token range replaced by `encode(secret)`; `None` without tokens.
+    fn replace(
+        &mut self,
+        input: &[u8],
+        mut encode: impl FnMut(&[u8], &mut Zeroizing<Vec<u8>>),
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, HandleDenial> {
+        let ranges: Vec<Range<usize>> = find_tokens(input).collect();
+        if ranges.is_empty() {
+            return Ok(None);
+        }
+        let mut out = Zeroizing::new(Vec::with_capacity(input.len() + 64));
+        let mut last = 0;
+        for r in ranges {
+            let i = self.resolve(&input[r.clone()])?;
+            out.extend_from_slice(&input[last..r.start]);
+            encode(&self.out.secret_values[i], &mut out);
+            last = r.end;
+        }
+        out.extend_from_slice(&input[last..]);
+        Ok(Some(out))
+    }
+
+    /// A header value with its tokens swapped, or `None` when it has none.
+    fn header_value(&mut self, value: &HeaderValue) -> Result<Option<HeaderValue>, HandleDenial> {
+        let bytes = value.as_bytes();
+        if memchr::memmem::find(bytes, TOKEN_PREFIX.as_bytes()).is_none()
+            && !starts_with_ignore_case(bytes, b"basic ")
+        {
+            return Ok(None);
+        }
+        let swapped = match self.basic_auth(bytes)? {
+            Some(v) => v,
+            None => match self.replace(bytes, |secret, out| {
+                reserve_zeroizing(out, secret.len());
+                out.extend_from_slice(secret);
+            })? {
+                Some(v) => v,
+                None => return Ok(None),
+            },
+        };
+        let mut value = HeaderValue::from_bytes(&swapped).map_err(|_| {
+            let i = self.out.used.len().saturating_sub(1);
+            HandleDenial::Unencodable {
+                id: self.id(i),
+                reason: "the secret holds bytes that cannot go into a header",
+            }
+        })?;
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+
+    /// `Basic base64(user:pass)` with tokens inside the decoded text, re-encoded.
+    fn basic_auth(&mut self, value: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, HandleDenial> {
+        const SCHEME: &[u8] = b"basic ";
+        if !starts_with_ignore_case(value, SCHEME) {
+            return Ok(None);
+        }
+        let (scheme, encoded) = value.split_at(SCHEME.len());
+        let encoded = encoded.trim_ascii();
+        let Some(decoded) = decode_base64(encoded) else {
+            return Ok(None);
+        };
+        let Some(swapped) = self.replace(&decoded, |secret, out| {
+            reserve_zeroizing(out, secret.len());
+            out.extend_from_slice(secret);
+        })?
+        else {
+            return Ok(None);
+        };
+        let mut out = Zeroizing::new(Vec::with_capacity(
+            scheme.len() + BASE64.encode_len(swapped.len()),
+        ));
+        out.extend_from_slice(scheme);
+        out.resize(scheme.len() + BASE64.encode_len(swapped.len()), 0);
+        BASE64.encode_mut(&swapped, &mut out[scheme.len()..]);
+        Ok(Some(out))
+    }
+
+    /// The query with tokens swapped, looking inside percent-encoding; bytes around the tokens
+    /// are kept exactly as they were.
+    fn query(&mut self, query: &str) -> Result<Option<Zeroizing<String>>, HandleDenial> {
+        if !query.contains(TOKEN_PREFIX) && !query.contains('%') {
+            return Ok(None);
+        }
+        let raw = query.as_bytes();
+        // Decoded bytes and, for each, where its text starts in `raw` (plus a final end).
+        let mut decoded = Vec::with_capacity(raw.len());
+        let mut starts = Vec::with_capacity(raw.len() + 1);
+        let mut i = 0;
+        while i < raw.len() {
+            starts.push(i);
+            match (raw[i], raw.get(i + 1..i + 3).and_then(hex_pair)) {
+                (b'%', Some(b)) => {
+                    decoded.push(b);
+                    i += 3;
+                }
+                (b, _) => {
+                    decoded.push(b);
+                    i += 1;
+                }
+            }
+        }
+        starts.push(raw.len());
+        let ranges: Vec<Range<usize>> = find_tokens(&decoded).collect();
+        if ranges.is_empty() {
+            return Ok(None);
+        }
+        let mut out = Zeroizing::new(Vec::with_capacity(raw.len() + 64));
+        let mut last = 0;
+        for r in ranges {
+            let secret = self.resolve(&decoded[r.clone()])?;
+            out.extend_from_slice(&raw[last..starts[r.start]]);
+            let value = &self.out.secret_values[secret];
+            reserve_zeroizing(&mut out, value.len() * 3);
+            percent_encode_into(value, &mut out);
+            last = starts[r.end];
+        }
+        out.extend_from_slice(&raw[last..]);
+        let bytes = std::mem::take(&mut *out);
+        match String::from_utf8(bytes) {
+            Ok(s) => Ok(Some(Zeroizing::new(s))),
+            Err(e) => {
+                // Unreachable: the input was UTF-8 and only ASCII was spliced in.
+                drop(Zeroizing::new(e.into_bytes()));
+                Err(HandleDenial::Unencodable {
+                    id: self.id(0),
+                    reason: "the query string could not be rebuilt",
+                })
+            }
+        }
+    }
+}
+
+fn starts_with_ignore_case(value: &[u8], prefix: &[u8]) -> bool {
+    value
+        .get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+}
+
+fn decode_base64(encoded: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    for encoding in [&BASE64, &BASE64_NOPAD] {
+        let Ok(len) = encoding.decode_len(encoded.len()) else {
+            continue;
+        };
+        let mut out = Zeroizing::new(vec![0u8; len]);
+        if let Ok(n) = encoding.decode_mut(encoded, &mut out) {
+            out.truncate(n);
+            return Some(out);
+        }
+    }
+    None
+}
+
+fn hex_pair(pair: &[u8]) -> Option<u8> {
+    let digit = |b: u8| char::from(b).to_digit(16);
+    match pair {
+        [h, l] => Some((digit(*h)? * 16 + digit(*l)?) as u8),
+        _ => None,
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn percent_encode_into(bytes: &[u8], out: &mut Zeroizing<Vec<u8>>) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        }
+    }
+}
+
+/// Swaps every handle token in a request's headers and query for its secret.
+///
+/// `records` looks a record up by token hash; `secrets` fetches a secret's value (called only
+/// after the record's [`check`] passed). Returns `Ok(None)` when the request holds no token, and
+/// the first denial when any token is unknown or fails its check: the request must then not be
+/// forwarded.
+pub fn swap_handles<R, Rec, S, V>(
+    headers: &HeaderMap,
+    query: Option<&str>,
+    ctx: &SwapContext<'_>,
+    records: R,
+    secrets: S,
+) -> Result<Option<Swapped>, HandleDenial>
+where
+    R: FnMut(&TokenHash) -> Option<Rec>,
+    Rec: Borrow<HandleRecord>,
+    S: FnMut(&SecretName) -> Option<V>,
+    V: SecretBytes,
+{
+    let mut resolver = Resolver {
+        ctx,
+        records,
+        secrets,
+        seen: HashMap::new(),
+        out: Swapped::default(),
+    };
+    let mut replacements = Vec::new();
+    for (index, value) in headers.values().enumerate() {
+        if let Some(new) = resolver.header_value(value)? {
+            replacements.push((index, new));
+        }
+    }
+    if let Some(q) = query {
+        resolver.out.query = resolver.query(q)?;
+    }
+    if !replacements.is_empty() {
+        let mut rebuilt = HeaderMap::with_capacity(headers.len());
+        let mut replacements = replacements.into_iter().peekable();
+        for (index, (name, value)) in headers.iter().enumerate() {
+            let value = match replacements.next_if(|(i, _)| *i == index) {
+                Some((_, new)) => new,
+                None => value.clone(),
+            };
+            rebuilt.append(name.clone(), value);
+        }
+        resolver.out.headers = Some(rebuilt);
+    }
+    if resolver.out.used.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(resolver.out))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,411 @@
+use std::path::PathBuf;
+
+use super::*;
+
+fn cg(s: &str) -> CgroupPath {
+    CgroupPath::parse(s).expect(s)
+}
+
+fn policy(files: &[(&str, &str)]) -> Policy {
+    try_policy(files).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn try_policy(files: &[(&str, &str)]) -> Result<Policy, PolicyError> {
+    Policy::from_files(
+        files
+            .iter()
+            .map(|(p, t)| (PathBuf::from(p), t.to_string()))
+            .collect(),
+    )
+}
+
+/// The single error of a policy that must fail, as text.
+fn error(files: &[(&str, &str)]) -> PolicyFileError {
+    match try_policy(files) {
+        Ok(_) => panic!("policy loaded but should fail"),
+        Err(PolicyError::Invalid(mut errors)) => {
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            errors.remove(0)
+        }
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+fn allowed_rule(d: &Decision<'_>) -> usize {
+    match d {
+        Decision::Allow { rule, .. } => rule.index,
+        Decision::Deny { reason, .. } => panic!("denied: {reason}"),
+    }
+}
+
+fn denied(d: &Decision<'_>) -> String {
+    match d {
+        Decision::Deny { reason, .. } => reason.clone(),
+        Decision::Allow { rule, .. } => panic!("allowed by {rule}"),
+    }
+}
+
+const DEMO: &str = r#"
+cgroup = "agents/demo"
+[[allow]]
+host = "api.example.test"
+port = 443
+inject.headers = { authorization = "Bearer {secret:EXAMPLE_KEY}" }
+"#;
+
+#[test]
+fn demo_form_allows_its_host_and_injects() {
+    let p = policy(&[("demo.toml", DEMO)]);
+    let d = p.decide(&cg("agents/demo"), "api.example.test", 443);
+    let Decision::Allow {
+        rule,
+        inject,
+        plain_http,
+    } = d
+    else {
+        panic!("denied: {d:?}")
+    };
+    assert_eq!(rule.to_string(), "demo.toml:4 allow[0]");
+    assert!(!plain_http);
+    assert_eq!(inject.header_names().collect::<Vec<_>>(), ["authorization"]);
+    assert_eq!(
+        inject.headers()[0].1.as_str(),
+        "Bearer {secret:EXAMPLE_KEY}"
+    );
+    let names: Vec<&str> = p
+        .secret_names()
+        .into_iter()
+        .map(SecretName::as_str)
+        .collect();
+    assert_eq!(names, ["EXAMPLE_KEY"]);
+}
+
+#[test]
+fn default_deny_with_reasons_an_agent_can_read() {
+    let p = policy(&[("demo.toml", DEMO)]);
+    let demo = cg("agents/demo");
+    assert_eq!(
+        denied(&p.decide(&demo, "api.foo.test", 443)),
+        "no rule allows api.foo.test:443 for cgroup agents/demo"
+    );
+    assert_eq!(
+        denied(&p.decide(&demo, "api.example.test", 8443)),
+        "no rule allows api.example.test:8443 for cgroup agents/demo \
+         (allowed port for this host: 443)"
+    );
+    let other = p.decide(&cg("agents/other"), "api.example.test", 443);
+    assert!(denied(&other).starts_with("no policy covers cgroup agents/other"));
+    assert!(matches!(
+        other,
+        Decision::Deny {
+            policy_file: None,
+            ..
+        }
+    ));
+    assert!(matches!(
+        p.decide(&demo, "x.test", 443),
+        Decision::Deny { policy_file: Some(f), .. } if f == Path::new("demo.toml")
+    ));
+    assert!(denied(&p.decide(&demo, "", 443)).contains("not a valid host"));
+    assert!(
+        !Policy::empty()
+            .decide(&demo, "api.example.test", 443)
+            .is_allow()
+    );
+}
+
+#[test]
+fn loopback_is_not_special() {
+    let p = policy(&[("demo.toml", DEMO)]);
+    for host in ["127.0.0.1", "localhost", "::1", "[::1]"] {
+        assert!(
+            !p.decide(&cg("agents/demo"), host, 443).is_allow(),
+            "{host}"
+        );
+    }
+    let p = policy(&[(
+        "l.toml",
+        "cgroup = \"agents/demo\"\n[[allow]]\nhost = \"127.0.0.2\"\nport = 8443\n[[allow]]\nhost = \"[::1]\"\n",
+    )]);
+    assert_eq!(
+        allowed_rule(&p.decide(&cg("agents/demo"), "127.0.0.2", 8443)),
+        0
+    );
+    assert_eq!(allowed_rule(&p.decide(&cg("agents/demo"), "::1", 443)), 1);
+    assert_eq!(
+        allowed_rule(&p.decide(&cg("agents/demo"), "[0::1]", 443)),
+        1
+    );
+    assert!(!p.decide(&cg("agents/demo"), "127.0.0.3", 8443).is_allow());
+}
+
+#[test]
+fn subtree_and_closest_ancestor() {
+    let child = r#"
+cgroup = "agents/demo/tool"
+[[allow]]
+host = "tool.example.test"
+"#;
+    let p = policy(&[("demo.toml", DEMO), ("tool.toml", child)]);
+    // Below agents/demo: the demo file applies.
+    assert_eq!(
+        allowed_rule(&p.decide(&cg("agents/demo/x/y"), "api.example.test", 443)),
+        0
+    );
+    // agents/demo/tool and below: its own file is the closest, and (for now) the only one.
+    let tool = cg("agents/demo/tool/sub");
+    assert!(p.decide(&tool, "tool.example.test", 443).is_allow());
+    assert!(!p.decide(&tool, "api.example.test", 443).is_allow());
+    // A sibling with a common name prefix is not below agents/demo.
+    assert!(
+        !p.decide(&cg("agents/demox"), "api.example.test", 443)
+            .is_allow()
+    );
+    // Ancestors are not covered by a child's file.
+    assert!(!p.decide(&cg("agents"), "api.example.test", 443).is_allow());
+    assert_eq!(
+        p.file_for(&cg("agents/demo/tool")).map(|f| f.path()),
+        Some(Path::new("tool.toml"))
+    );
+}
+
+#[test]
+fn host_matching_and_precedence() {
+    let text = r#"
+cgroup = "a"
+[[allow]]
+host = "*.example.test"
+[[allow]]
+host = "API.example.test"
+inject.headers = { x-which = "exact" }
+[[allow]]
+host = "*.b.example.test"
+[[allow]]
+host = "*.example.test"
+port = 80
+plain_http = true
+"#;
+    let p = policy(&[("a.toml", text)]);
+    let a = cg("a");
+    assert_eq!(allowed_rule(&p.decide(&a, "api.example.test", 443)), 1);
+    assert_eq!(allowed_rule(&p.decide(&a, "Api.Example.Test.", 443)), 1);
+    assert_eq!(allowed_rule(&p.decide(&a, "other.example.test", 443)), 0);
+    assert_eq!(allowed_rule(&p.decide(&a, "x.b.example.test", 443)), 2);
+    assert_eq!(allowed_rule(&p.decide(&a, "x.y.b.example.test", 443)), 2);
+    // b.example.test itself is one label below example.test.
+    assert_eq!(allowed_rule(&p.decide(&a, "b.example.test", 443)), 0);
+    // A longer suffix on another port falls back to the shorter one on this port.
+    assert_eq!(allowed_rule(&p.decide(&a, "x.b.example.test", 80)), 3);
+    assert!(matches!(
+        p.decide(&a, "x.example.test", 80),
+        Decision::Allow {
+            plain_http: true,
+            ..
+        }
+    ));
+    assert!(!p.decide(&a, "example.test", 443).is_allow());
+    assert!(!p.decide(&a, "notexample.test", 443).is_allow());
+    assert!(!p.decide(&a, "example.test.evil", 443).is_allow());
+    assert!(!p.decide(&a, "api.example.test", 8080).is_allow());
+}
+
+#[test]
+fn fields_have_defaults_and_refuse_unknowns() {
+    let p = policy(&[("m.toml", "cgroup = \"m\"\n[[allow]]\nhost = \"h.test\"\n")]);
+    let rule = &p.files()[0].rules()[0];
+    assert_eq!(rule.port(), DEFAULT_PORT);
+    assert!(!rule.plain_http());
+    assert!(rule.inject().is_empty());
+    assert_eq!(rule.host(), &HostPattern::Exact("h.test".into()));
+
+    // A file with no rules is valid and denies everything.
+    let p = policy(&[("empty.toml", "cgroup = \"m\"\n")]);
+    assert!(!p.decide(&cg("m"), "h.test", 443).is_allow());
+
+    let e = error(&[("u.toml", "cgroup = \"m\"\nverbose = true\n")]);
+    assert_eq!((e.line, e.field.as_deref()), (2, Some("verbose")));
+    assert!(e.message.contains("unknown field `verbose`"), "{e}");
+
+    let e = error(&[(
+        "u.toml",
+        "cgroup = \"m\"\n[[allow]]\nhost = \"h.test\"\ninject.header = { a = \"b\" }\n",
+    )]);
+    assert_eq!(e.line, 4, "{e}");
+    assert!(e.to_string().contains("unknown field `header`"), "{e}");
+}
+
+#[test]
+fn errors_name_file_line_column_and_field() {
+    let text = "cgroup = \"agents/demo\"\n\n[[allow]]\nhost = \"api.example.test\"\nport = 0\n";
+    let e = error(&[("dir/p.toml", text)]);
+    assert_eq!(
+        e.to_string(),
+        "dir/p.toml:5:8: allow[0].port: port 0 is not a destination port"
+    );
+
+    let text =
+        "cgroup = \"x\"\n[[allow]]\nhost = \"h.test\"\ninject.headers = { Host = \"evil\" }\n";
+    let e = error(&[("p.toml", text)]);
+    assert_eq!(
+        (e.line, e.field.as_deref()),
+        (4, Some("allow[0].inject.headers.Host"))
+    );
+    assert!(e.message.contains("manages this header"), "{e}");
+
+    let text = "cgroup = \"x\"\n[[allow]]\nhost = \"h.test\"\n[allow.inject.headers]\nAuthorization = \"a\"\nauthorization = \"b\"\n";
+    let e = error(&[("p.toml", text)]);
+    assert!(e.message.contains("set more than once"), "{e}");
+    assert_eq!(e.line, 6, "{e}");
+}
+
+#[test]
+fn all_problems_in_a_file_are_reported() {
+    let text = r#"cgroup = "x"
+[[allow]]
+host = "*"
+[[allow]]
+host = "ok.test"
+inject.headers = { a = "{nope}" }
+[[allow]]
+host = "dup.test"
+[[allow]]
+host = "DUP.test"
+"#;
+    let Err(PolicyError::Invalid(errors)) = try_policy(&[("p.toml", text)]) else {
+        panic!("should fail")
+    };
+    let summary: Vec<(usize, Option<&str>)> = errors
+        .iter()
+        .map(|e| (e.line, e.field.as_deref()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (3, Some("allow[0].host")),
+            (6, Some("allow[1].inject.headers.a")),
+            (10, Some("allow[3].host")),
+        ]
+    );
+    assert!(errors[2].message.contains("already covered by allow[2]"));
+    let shown = PolicyError::Invalid(errors).to_string();
+    assert!(
+        shown.starts_with("3 problems in policy files:\n  p.toml:3:8: "),
+        "{shown}"
+    );
+}
+
+#[test]
+fn two_files_for_one_cgroup_is_an_error() {
+    let other = "# the same subtree\ncgroup = \"/agents/demo/\"\n";
+    let e = error(&[("b.toml", other), ("a.toml", DEMO)]);
+    // Files are taken in path order, so the second by name is the one at fault.
+    assert_eq!(e.path, Path::new("b.toml"));
+    assert_eq!((e.line, e.field.as_deref()), (2, Some("cgroup")));
+    assert!(e.message.contains("already governed by a.toml"), "{e}");
+}
+
+#[test]
+fn bad_cgroup_is_located() {
+    let e = error(&[("c.toml", "\ncgroup = \"/\"\n")]);
+    assert_eq!(
+        (e.line, e.column, e.field.as_deref()),
+        (2, 10, Some("cgroup"))
+    );
+    assert!(e.message.contains("root cgroup"), "{e}");
+}
+
+#[test]
+fn load_dir_reads_toml_files_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("demo.toml"), DEMO).expect("write");
+    fs::write(dir.path().join("notes.md"), "not a policy").expect("write");
+    fs::write(dir.path().join(".#demo.toml"), "editor lock file").expect("write");
+    fs::write(dir.path().join("demo.toml~"), "backup").expect("write");
+    fs::create_dir(dir.path().join("invalid")).expect("mkdir");
+    fs::write(dir.path().join("invalid/x.toml"), "broken = ").expect("write");
+    let p = Policy::load_dir(dir.path()).expect("loads");
+    assert_eq!(p.files().len(), 1);
+    assert!(
+        p.decide(&cg("agents/demo"), "api.example.test", 443)
+            .is_allow()
+    );
+
+    fs::write(dir.path().join("bad.toml"), b"cgroup = \"x\"\n\xff\n").expect("write");
+    let e = Policy::load_dir(dir.path())
+        .expect_err("not utf-8")
+        .to_string();
+    assert!(
+        e.ends_with("bad.toml:2:1: the file is not valid UTF-8"),
+        "{e}"
+    );
+
+    let missing = dir.path().join("nope");
+    let e = Policy::load_dir(&missing).expect_err("missing dir");
+    assert!(matches!(e, PolicyError::ReadDir { .. }), "{e}");
+
+    let empty = tempfile::tempdir().expect("tempdir");
+    assert!(
+        Policy::load_dir(empty.path())
+            .expect("empty dir")
+            .files()
+            .is_empty()
+    );
+}
+
+/// The shipped policies directory.
+fn shipped() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+#[test]
+fn shipped_policies_load() {
+    let p = Policy::load_dir(&shipped()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(p.files().len() >= 2);
+    assert!(
+        p.decide(&cg("agents/demo"), "api.example.test", 443)
+            .is_allow()
+    );
+    assert!(
+        !p.decide(&cg("agents/demo"), "api.openai.com", 443)
+            .is_allow()
+    );
+}
+
+#[test]
+fn shipped_invalid_fixtures_fail_with_file_line_and_field() {
+    let dir = shipped().join("invalid");
+    let mut count = 0;
+    for entry in fs::read_dir(&dir).expect("policies/invalid") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        count += 1;
+        let text = fs::read_to_string(&path).expect("read");
+        // First line: `# expect: line N, field F` (F is `(none)` for errors outside any field).
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: line "))
+            .unwrap_or_else(|| panic!("{}: no `# expect:` first line", path.display()));
+        let (line, field) = expect.split_once(", field ").expect("expect format");
+        let line: usize = line.parse().expect("line number");
+        let field = (field != "(none)").then_some(field);
+
+        let Err(PolicyError::Invalid(errors)) = Policy::from_files(vec![(path.clone(), text)])
+        else {
+            panic!("{} loaded but is in policies/invalid", path.display());
+        };
+        let e = &errors[0];
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with(&format!("{}:{line}:", path.display())),
+            "{shown}"
+        );
+        assert_eq!(e.field.as_deref(), field, "{shown}");
+        if let Some(field) = field {
+            assert!(shown.contains(field), "{shown}");
+        }
+    }
+    assert!(count >= 4, "only {count} invalid fixtures");
+}

@@ -1,0 +1,986 @@
+//! The encrypted vault: secrets, internal sealed blobs and handle records in one redb file,
+//! `<state_dir>/vault.redb`. The only module that uses redb and aes-gcm.
+//!
+//! Each secret version is sealed with AES-256-GCM under a fresh random 96-bit nonce, with
+//! associated data binding it to its name and version, so a record copied to another name or
+//! rolled back to another version fails to open. The master key never lives in the vault: it
+//! comes from a key file ([`KeySource::File`], created 0600 on first start) or a systemd
+//! credential ([`KeySource::SystemdCredential`]).
+//!
+//! Opening never damages an existing vault: the master key, the file's integrity and a sealed
+//! key-check record are all verified on an in-memory copy before the file itself is opened for
+//! writing, so a wrong key or a corrupt file is refused with the file byte-for-byte unchanged.
+//!
+//! redb is synchronous and so is this API: from async code call it through
+//! `tokio::task::spawn_blocking` (share the vault as `Arc<Vault>`; it is `Send + Sync`), and never
+//! across an `.await`. Every write is one redb write transaction, committed durably (redb's
+//! default `Durability::Immediate`) before the method returns.
+//!
+//! Never: log, print or return a secret value in an error; store a handle token (only its
+//! SHA-256); create a new master key for a vault that already exists.
+
+mod key;
+mod seal;
+mod tables;
+#[cfg(test)]
+mod tests;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+use redb::backends::{FileBackend, InMemoryBackend};
+use redb::{
+    Builder, Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable,
+    StorageBackend, TableError, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::secret::{SecretError, SecretName, SecretValue};
+use seal::{Cipher, SealError};
+use tables::{
+    BLOBS, FORMAT, FORMAT_KEY, HANDLE_TOKENS, HANDLES, KEY_CHECK_AAD, KEY_CHECK_KEY,
+    KEY_CHECK_PLAINTEXT, META, SECRETS, Sealed, SecretRecord, blob_aad, secret_aad,
+};
+
+pub use seal::MASTER_KEY_LEN;
+
+/// File name of the vault inside the state directory.
+pub const VAULT_FILE: &str = "vault.redb";
+/// File name of the default master key file inside the state directory.
+pub const KEY_FILE: &str = "master.key";
+/// Name of the systemd credential holding the master key (`LoadCredential=` or
+/// `LoadCredentialEncrypted=` in the unit).
+pub const SYSTEMD_CREDENTIAL_NAME: &str = "agent-broker-master-key";
+/// The variable systemd sets to the directory of a service's credentials.
+pub const CREDENTIALS_DIRECTORY_ENV: &str = "CREDENTIALS_DIRECTORY";
+/// Held (flock) for as long as a [`Vault`] is open, so two processes never open one vault.
+const LOCK_FILE: &str = "vault.lock";
+/// A new vault is built under this name and linked into place only once it is complete.
+const NEW_VAULT_FILE: &str = "vault.redb.new";
+/// Longest accepted internal blob name.
+const MAX_BLOB_NAME_LEN: usize = 128;
+
+/// Where the master key comes from. It is exactly [`MASTER_KEY_LEN`] (32) raw bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// A key file: must be a regular file owned by the broker's user with no group or other
+    /// access (mode 0600 or 0400). Created with mode 0600 when neither it nor the vault exists.
+    File(PathBuf),
+    /// The systemd credential [`SYSTEMD_CREDENTIAL_NAME`] in `dir`, or in
+    /// `$CREDENTIALS_DIRECTORY` when `dir` is `None`. Never created.
+    SystemdCredential { dir: Option<PathBuf> },
+}
+
+impl KeySource {
+    /// The default: `<state_dir>/master.key`.
+    pub fn default_file(state_dir: &Path) -> Self {
+        Self::File(state_dir.join(KEY_FILE))
+    }
+}
+
+/// What `secret list` shows: never a value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretMeta {
+    pub name: SecretName,
+    /// 1 for a new secret, +1 on every `set` or `rotate`.
+    pub version: u64,
+    /// Unix seconds when the first version was stored.
+    pub created_unix: u64,
+    /// Unix seconds when the latest version was stored.
+    pub updated_unix: u64,
+}
+
+/// A stored handle. Not secret: it holds the SHA-256 of the `brk_...` token, never the token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandleRecord {
+    pub id: String,
+    pub token_sha256: [u8; 32],
+    pub cgroup: String,
+    pub secret: String,
+    pub host: String,
+    pub expires_unix: u64,
+    pub created_unix: u64,
+    pub revoked: bool,
+}
+
+/// Everything the vault can refuse. Messages name the file or secret, never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("cannot create state directory {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot lock {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("vault {path} is in use by another process (is brokerd already running?)")]
+    InUse { path: PathBuf },
+    #[error("cannot read vault file {path}")]
+    VaultFileRead {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create vault {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error(
+        "vault {vault} exists but its master key file {key} is missing; refusing to create a new key for an existing vault (restore the key file)"
+    )]
+    KeyFileMissing { key: PathBuf, vault: PathBuf },
+    #[error("cannot read master key {path}")]
+    KeyFileRead {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create master key file {path}")]
+    KeyFileCreate {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("master key file {path} is not a regular file")]
+    KeyFileNotRegular { path: PathBuf },
+    #[error(
+        "master key file {path} has mode {mode:04o}; group and others must have no access (chmod 600 {path})",
+        path = path.display()
+    )]
+    KeyFilePermissions { path: PathBuf, mode: u32 },
+    #[error(
+        "master key file {path} is owned by uid {owner}, not by uid {euid} that runs the broker",
+        path = path.display()
+    )]
+    KeyFileOwner {
+        path: PathBuf,
+        owner: u32,
+        euid: u32,
+    },
+    #[error(
+        "master key {path} is {len} bytes; it must be exactly 32 raw bytes (e.g. head -c 32 /dev/urandom)",
+        path = path.display()
+    )]
+    KeyFileLength { path: PathBuf, len: u64 },
+    #[error(
+        "the master key is to come from a systemd credential but ${CREDENTIALS_DIRECTORY_ENV} is not set (add LoadCredential={SYSTEMD_CREDENTIAL_NAME}:... to the unit)"
+    )]
+    CredentialsDirectoryUnset,
+    #[error(
+        "systemd credential {path} does not exist (add LoadCredential={SYSTEMD_CREDENTIAL_NAME}:... to the unit)",
+        path = path.display()
+    )]
+    CredentialMissing { path: PathBuf },
+    #[error("cannot get random bytes from the operating system")]
+    Random {
+        #[source]
+        source: getrandom::Error,
+    },
+    #[error("wrong master key for vault {path}")]
+    WrongKey { path: PathBuf },
+    #[error("vault file {path} is corrupt or not an agent-broker vault: {detail}")]
+    Corrupt {
+        path: PathBuf,
+        detail: String,
+        #[source]
+        source: Option<Box<redb::Error>>,
+    },
+    #[error("vault {path} has format {format}; this broker reads format {FORMAT}")]
+    UnsupportedFormat { path: PathBuf, format: u64 },
+    #[error("vault {path}: {action} failed")]
+    Storage {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("vault {path}: malformed record: {what}")]
+    Malformed { path: PathBuf, what: String },
+    #[error(
+        "secret {name} failed to decrypt: its record was altered, or moved from another name or version"
+    )]
+    Decrypt { name: String },
+    #[error("vault blob {name} failed to decrypt: its record was altered or moved")]
+    BlobDecrypt { name: String },
+    #[error("cannot seal {what}: the value is too long")]
+    TooLong { what: String },
+    #[error("no secret named {name}")]
+    NotFound { name: SecretName },
+    #[error("secret {name} not stored")]
+    InvalidValue {
+        name: SecretName,
+        #[source]
+        source: SecretError,
+    },
+    #[error("invalid vault blob name {name:?}: 1-{MAX_BLOB_NAME_LEN} bytes")]
+    InvalidBlobName { name: String },
+    #[error("invalid handle record: {reason}")]
+    InvalidHandle { reason: String },
+    #[error("handle {id} has the same token hash as handle {other}")]
+    HandleTokenConflict { id: String, other: String },
+}
+
+impl VaultError {
+    fn seal(e: SealError, what: impl FnOnce() -> String) -> Self {
+        match e {
+            SealError::Random(source) => Self::Random { source },
+            SealError::TooLong => Self::TooLong { what: what() },
+        }
+    }
+}
+
+/// The open vault. See the module docs for the threading and durability contract.
+pub struct Vault {
+    // Declared before `_lock`: the database closes before the lock is released.
+    db: Database,
+    cipher: Cipher,
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+// The daemon shares one vault between tasks, and its errors cross threads inside anyhow.
+const _: fn() = || {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Vault>();
+    assert_send_sync::<VaultError>();
+};
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vault {
+    /// Opens `<state_dir>/vault.redb`, creating the state directory (0700), the key file and the
+    /// vault on first start.
+    ///
+    /// Refuses, without writing to the vault: a key file others can read or that is not 32
+    /// bytes, an existing vault whose key file is missing, a wrong key, a corrupt or foreign
+    /// file, and a vault another process has open.
+    pub fn open(state_dir: &Path, key: KeySource) -> Result<Vault, VaultError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(|source| VaultError::StateDir {
+                path: state_dir.to_path_buf(),
+                source,
+            })?;
+        let path = state_dir.join(VAULT_FILE);
+        let lock = lock_state_dir(state_dir, &path)?;
+        let vault_exists = match std::fs::symlink_metadata(&path) {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(source) => return Err(VaultError::VaultFileRead { path, source }),
+        };
+        let master = match &key {
+            KeySource::File(key_path) => key::load_or_create_file(key_path, &path, vault_exists)?,
+            KeySource::SystemdCredential { dir } => key::load_systemd_credential(dir.as_deref())?,
+        };
+        let cipher = Cipher::new(&master);
+        drop(master);
+
+        if !vault_exists {
+            create_vault(&path, &cipher)?;
+        }
+        verify_copy(&path, &cipher)?;
+
+        let db = Builder::new().open(&path).map_err(|e| match e {
+            DatabaseError::DatabaseAlreadyOpen => VaultError::InUse { path: path.clone() },
+            e => VaultError::Storage {
+                path: path.clone(),
+                action: "opening the vault",
+                source: Box::new(e.into()),
+            },
+        })?;
+        let vault = Vault {
+            db,
+            cipher,
+            path,
+            _lock: lock,
+        };
+        check_key(&vault.db, &vault.cipher, &vault.path)?;
+        vault.ensure_tables()?;
+        Ok(vault)
+    }
+
+    /// The vault file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stores `value` as the secret `name`: version 1 if new, else the next version.
+    pub fn set(&self, name: &SecretName, value: SecretValue) -> Result<SecretMeta, VaultError> {
+        self.write_secret(name, &value, false)
+    }
+
+    /// Stores `value` as the next version of the existing secret `name`.
+    pub fn rotate(&self, name: &SecretName, value: SecretValue) -> Result<SecretMeta, VaultError> {
+        self.write_secret(name, &value, true)
+    }
+
+    /// The latest version of `name`, or `None` if there is no such secret. A record that fails
+    /// to decrypt (altered, or moved from another name or version) is an error naming the secret.
+    pub fn get(&self, name: &SecretName) -> Result<Option<SecretValue>, VaultError> {
+        let txn = self.read_txn()?;
+        let table = txn
+            .open_table(SECRETS)
+            .map_err(self.storage("opening the secrets table"))?;
+        let Some(guard) = table
+            .get(name.as_str())
+            .map_err(self.storage("reading a secret"))?
+        else {
+            return Ok(None);
+        };
+        let record = self.decode_secret(name.as_str(), guard.value())?;
+        let plaintext = self
+            .cipher
+            .open(&secret_aad(name.as_str(), record.version), &record.sealed)
+            .ok_or_else(|| VaultError::Decrypt {
+                name: name.to_string(),
+            })?;
+        Ok(Some(SecretValue::from_zeroizing(plaintext)))
+    }
+
+    /// Names, versions and dates of all secrets, sorted by name. Decrypts nothing.
+    pub fn list(&self) -> Result<Vec<SecretMeta>, VaultError> {
+        let txn = self.read_txn()?;
+        let table = txn
+            .open_table(SECRETS)
+            .map_err(self.storage("opening the secrets table"))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(self.storage("listing secrets"))? {
+            let (key, value) = entry.map_err(self.storage("listing secrets"))?;
+            let name = SecretName::new(key.value()).map_err(|e| self.malformed(e.to_string()))?;
+            let record = self.decode_secret(name.as_str(), value.value())?;
+            out.push(SecretMeta {
+                name,
+                version: record.version,
+                created_unix: record.created_unix,
+                updated_unix: record.updated_unix,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes `name`; `false` if there was no such secret.
+    pub fn remove(&self, name: &SecretName) -> Result<bool, VaultError> {
+        self.remove_from(SECRETS, name.as_str(), "removing a secret")
+    }
+
+    /// Seals an internal blob (such as the broker CA private key) under `name`, replacing any
+    /// previous one. Blobs are kept apart from secrets: they never show in [`Vault::list`] and
+    /// cannot be injected.
+    pub fn put_blob(&self, name: &str, value: &SecretValue) -> Result<(), VaultError> {
+        check_blob_name(name)?;
+        let sealed = self
+            .cipher
+            .seal(&blob_aad(name), value.expose())
+            .map_err(|e| VaultError::seal(e, || format!("vault blob {name}")))?;
+        let txn = self.write_txn()?;
+        {
+            let mut table = txn
+                .open_table(BLOBS)
+                .map_err(self.storage("opening the blobs table"))?;
+            table
+                .insert(name, sealed.encode().as_slice())
+                .map_err(self.storage("writing a blob"))?;
+        }
+        self.commit(txn)
+    }
+
+    /// The blob `name`, or `None` if there is none.
+    pub fn get_blob(&self, name: &str) -> Result<Option<SecretValue>, VaultError> {
+        let txn = self.read_txn()?;
+        let table = txn
+            .open_table(BLOBS)
+            .map_err(self.storage("opening the blobs table"))?;
+        let Some(guard) = table.get(name).map_err(self.storage("reading a blob"))? else {
+            return Ok(None);
+        };
+        let sealed = Sealed::decode(guard.value())
+            .ok_or_else(|| self.malformed(format!("vault blob {name}")))?;
+        let plaintext =
+            self.cipher
+                .open(&blob_aad(name), &sealed)
+                .ok_or_else(|| VaultError::BlobDecrypt {
+                    name: name.to_string(),
+                })?;
+        Ok(Some(SecretValue::from_zeroizing(plaintext)))
+    }
+
+    /// Deletes the blob `name`; `false` if there was none.
+    pub fn remove_blob(&self, name: &str) -> Result<bool, VaultError> {
+        self.remove_from(BLOBS, name, "removing a blob")
+    }
+
+    /// Stores `handle`, replacing the record with the same id (and its token index entry).
+    pub fn put_handle(&self, handle: &HandleRecord) -> Result<(), VaultError> {
+        if handle.id.is_empty() {
+            return Err(VaultError::InvalidHandle {
+                reason: "the id is empty".into(),
+            });
+        }
+        let row = serde_json::to_vec(&HandleRow::from(handle)).map_err(|e| {
+            VaultError::InvalidHandle {
+                reason: e.to_string(),
+            }
+        })?;
+        let txn = self.write_txn()?;
+        {
+            let mut handles = txn
+                .open_table(HANDLES)
+                .map_err(self.storage("opening the handles table"))?;
+            let mut tokens = txn
+                .open_table(HANDLE_TOKENS)
+                .map_err(self.storage("opening the handle token table"))?;
+            let previous = match handles
+                .get(handle.id.as_str())
+                .map_err(self.storage("reading a handle"))?
+            {
+                Some(guard) => Some(self.decode_handle(&handle.id, guard.value())?),
+                None => None,
+            };
+            if let Some(previous) = previous
+                && previous.token_sha256 != handle.token_sha256
+            {
+                tokens
+                    .remove(previous.token_sha256.as_slice())
+                    .map_err(self.storage("removing a handle token"))?;
+            }
+            let other = tokens
+                .get(handle.token_sha256.as_slice())
+                .map_err(self.storage("reading a handle token"))?
+                .map(|guard| guard.value().to_string());
+            if let Some(other) = other
+                && other != handle.id
+            {
+                return Err(VaultError::HandleTokenConflict {
+                    id: handle.id.clone(),
+                    other,
+                });
+            }
+            handles
+                .insert(handle.id.as_str(), row.as_slice())
+                .map_err(self.storage("writing a handle"))?;
+            tokens
+                .insert(handle.token_sha256.as_slice(), handle.id.as_str())
+                .map_err(self.storage("writing a handle token"))?;
+        }
+        self.commit(txn)
+    }
+
+    /// The handle whose token hashes to `token_sha256`, revoked or expired ones included (the
+    /// caller decides, and can say why it refused).
+    pub fn handle_by_token_hash(
+        &self,
+        token_sha256: &[u8; 32],
+    ) -> Result<Option<HandleRecord>, VaultError> {
+        let txn = self.read_txn()?;
+        let tokens = txn
+            .open_table(HANDLE_TOKENS)
+            .map_err(self.storage("opening the handle token table"))?;
+        let Some(id) = tokens
+            .get(token_sha256.as_slice())
+            .map_err(self.storage("reading a handle token"))?
+            .map(|guard| guard.value().to_string())
+        else {
+            return Ok(None);
+        };
+        let handle = self.handle_in(&txn, &id)?.ok_or_else(|| {
+            self.malformed(format!("handle token index names missing handle {id}"))
+        })?;
+        if &handle.token_sha256 != token_sha256 {
+            return Err(self.malformed(format!("handle token index disagrees with handle {id}")));
+        }
+        Ok(Some(handle))
+    }
+
+    /// The handle `id`, or `None`.
+    pub fn get_handle(&self, id: &str) -> Result<Option<HandleRecord>, VaultError> {
+        let txn = self.read_txn()?;
+        self.handle_in(&txn, id)
+    }
+
+    /// All handles, sorted by id.
+    pub fn list_handles(&self) -> Result<Vec<HandleRecord>, VaultError> {
+        let txn = self.read_txn()?;
+        let table = txn
+            .open_table(HANDLES)
+            .map_err(self.storage("opening the handles table"))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(self.storage("listing handles"))? {
+            let (key, value) = entry.map_err(self.storage("listing handles"))?;
+            out.push(self.decode_handle(key.value(), value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Marks the handle `id` revoked (kept, so its misuse can still be reported); `false` if
+    /// there is no such handle. Revoking twice is not an error.
+    pub fn revoke_handle(&self, id: &str) -> Result<bool, VaultError> {
+        let txn = self.write_txn()?;
+        {
+            let mut handles = txn
+                .open_table(HANDLES)
+                .map_err(self.storage("opening the handles table"))?;
+            let current = match handles.get(id).map_err(self.storage("reading a handle"))? {
+                Some(guard) => self.decode_handle(id, guard.value())?,
+                None => return Ok(false),
+            };
+            if current.revoked {
+                return Ok(true);
+            }
+            let revoked = HandleRecord {
+                revoked: true,
+                ..current
+            };
+            let row = serde_json::to_vec(&HandleRow::from(&revoked)).map_err(|e| {
+                VaultError::InvalidHandle {
+                    reason: e.to_string(),
+                }
+            })?;
+            handles
+                .insert(id, row.as_slice())
+                .map_err(self.storage("writing a handle"))?;
+        }
+        self.commit(txn)?;
+        Ok(true)
+    }
+
+    /// Deletes the handle `id` and its token index entry (pruning expired handles); `false` if
+    /// there is no such handle.
+    pub fn remove_handle(&self, id: &str) -> Result<bool, VaultError> {
+        let txn = self.write_txn()?;
+        {
+            let mut handles = txn
+                .open_table(HANDLES)
+                .map_err(self.storage("opening the handles table"))?;
+            let removed = match handles
+                .remove(id)
+                .map_err(self.storage("removing a handle"))?
+            {
+                Some(guard) => self.decode_handle(id, guard.value())?,
+                None => return Ok(false),
+            };
+            let mut tokens = txn
+                .open_table(HANDLE_TOKENS)
+                .map_err(self.storage("opening the handle token table"))?;
+            tokens
+                .remove(removed.token_sha256.as_slice())
+                .map_err(self.storage("removing a handle token"))?;
+        }
+        self.commit(txn)?;
+        Ok(true)
+    }
+
+    fn write_secret(
+        &self,
+        name: &SecretName,
+        value: &SecretValue,
+        must_exist: bool,
+    ) -> Result<SecretMeta, VaultError> {
+        value
+            .check_header_safe()
+            .map_err(|source| VaultError::InvalidValue {
+                name: name.clone(),
+                source,
+            })?;
+        let now = unix_now();
+        let txn = self.write_txn()?;
+        let meta = {
+            let mut table = txn
+                .open_table(SECRETS)
+                .map_err(self.storage("opening the secrets table"))?;
+            let previous = match table
+                .get(name.as_str())
+                .map_err(self.storage("reading a secret"))?
+            {
+                Some(guard) => Some(self.decode_secret(name.as_str(), guard.value())?),
+                None => None,
+            };
+            let (version, created_unix) = match previous {
+                Some(p) => (
+                    p.version.checked_add(1).ok_or_else(|| {
+                        self.malformed(format!("secret {name}: version overflow"))
+                    })?,
+                    p.created_unix,
+                ),
+                None if must_exist => return Err(VaultError::NotFound { name: name.clone() }),
+                None => (1, now),
+            };
+            let sealed = self
+                .cipher
+                .seal(&secret_aad(name.as_str(), version), value.expose())
+                .map_err(|e| VaultError::seal(e, || format!("secret {name}")))?;
+            let record = SecretRecord {
+                version,
+                created_unix,
+                updated_unix: now,
+                sealed,
+            };
+            table
+                .insert(name.as_str(), record.encode().as_slice())
+                .map_err(self.storage("writing a secret"))?;
+            SecretMeta {
+                name: name.clone(),
+                version,
+                created_unix,
+                updated_unix: now,
+            }
+        };
+        self.commit(txn)?;
+        Ok(meta)
+    }
+
+    fn remove_from(
+        &self,
+        table: redb::TableDefinition<&str, &[u8]>,
+        key: &str,
+        action: &'static str,
+    ) -> Result<bool, VaultError> {
+        let txn = self.write_txn()?;
+        let removed = {
+            let mut table = txn.open_table(table).map_err(self.storage(action))?;
+            table.remove(key).map_err(self.storage(action))?.is_some()
+        };
+        if removed {
+            self.commit(txn)?;
+        }
+        Ok(removed)
+    }
+
+    fn handle_in(
+        &self,
+        txn: &ReadTransaction,
+        id: &str,
+    ) -> Result<Option<HandleRecord>, VaultError> {
+        let table = txn
+            .open_table(HANDLES)
+            .map_err(self.storage("opening the handles table"))?;
+        let guard = table.get(id).map_err(self.storage("reading a handle"))?;
+        guard
+            .map(|guard| self.decode_handle(id, guard.value()))
+            .transpose()
+    }
+
+    /// Creates any table a vault written by an older build lacks, so reads never meet a missing
+    /// table.
+    fn ensure_tables(&self) -> Result<(), VaultError> {
+        let txn = self.write_txn()?;
+        for table in [SECRETS, BLOBS, HANDLES] {
+            txn.open_table(table)
+                .map_err(self.storage("creating tables"))?;
+        }
+        txn.open_table(HANDLE_TOKENS)
+            .map_err(self.storage("creating tables"))?;
+        self.commit(txn)
+    }
+
+    fn decode_secret(&self, name: &str, bytes: &[u8]) -> Result<SecretRecord, VaultError> {
+        SecretRecord::decode(bytes).ok_or_else(|| self.malformed(format!("secret {name}")))
+    }
+
+    fn decode_handle(&self, id: &str, bytes: &[u8]) -> Result<HandleRecord, VaultError> {
+        let row: HandleRow = serde_json::from_slice(bytes)
+            .map_err(|e| self.malformed(format!("handle {id}: {e}")))?;
+        HandleRecord::try_from(row).map_err(|what| self.malformed(format!("handle {id}: {what}")))
+    }
+
+    fn read_txn(&self) -> Result<ReadTransaction, VaultError> {
+        self.db
+            .begin_read()
+            .map_err(self.storage("starting a read transaction"))
+    }
+
+    fn write_txn(&self) -> Result<WriteTransaction, VaultError> {
+        self.db
+            .begin_write()
+            .map_err(self.storage("starting a write transaction"))
+    }
+
+    fn commit(&self, txn: WriteTransaction) -> Result<(), VaultError> {
+        txn.commit().map_err(self.storage("committing"))
+    }
+
+    fn storage<E: Into<redb::Error>>(&self, action: &'static str) -> impl FnOnce(E) -> VaultError {
+        let path = self.path.clone();
+        move |e| VaultError::Storage {
+            path,
+            action,
+            source: Box::new(e.into()),
+        }
+    }
+
+    fn malformed(&self, what: String) -> VaultError {
+        VaultError::Malformed {
+            path: self.path.clone(),
+            what,
+        }
+    }
+}
+
+/// Takes `<state_dir>/vault.lock` exclusively, without waiting.
+fn lock_state_dir(state_dir: &Path, vault: &Path) -> Result<Flock<File>, VaultError> {
+    let lock_path = state_dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|source| VaultError::Lock {
+            path: lock_path.clone(),
+            source,
+        })?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            VaultError::InUse {
+                path: vault.to_path_buf(),
+            }
+        } else {
+            VaultError::Lock {
+                path: lock_path,
+                source: errno.into(),
+            }
+        }
+    })
+}
+
+/// Builds a new vault under a temporary name (format and key-check records, all tables) and
+/// links it into place only when complete, so a crash never leaves a half-made vault behind.
+fn create_vault(path: &Path, cipher: &Cipher) -> Result<(), VaultError> {
+    let tmp = path.with_file_name(NEW_VAULT_FILE);
+    let create_err = |source: redb::Error| VaultError::Create {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    };
+    let io_err = |source: io::Error| create_err(redb::StorageError::Io(source).into());
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err)?;
+    let backend = FileBackend::new(file).map_err(|e| create_err(e.into()))?;
+    let db = Builder::new()
+        .create_with_backend(backend)
+        .map_err(|e| create_err(e.into()))?;
+    let check = cipher
+        .seal(KEY_CHECK_AAD, KEY_CHECK_PLAINTEXT)
+        .map_err(|e| VaultError::seal(e, || "the key check record".into()))?;
+    let txn = db.begin_write().map_err(|e| create_err(e.into()))?;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| create_err(e.into()))?;
+        meta.insert(FORMAT_KEY, FORMAT.to_be_bytes().as_slice())
+            .map_err(|e| create_err(e.into()))?;
+        meta.insert(KEY_CHECK_KEY, check.encode().as_slice())
+            .map_err(|e| create_err(e.into()))?;
+        for table in [SECRETS, BLOBS, HANDLES] {
+            txn.open_table(table).map_err(|e| create_err(e.into()))?;
+        }
+        txn.open_table(HANDLE_TOKENS)
+            .map_err(|e| create_err(e.into()))?;
+    }
+    txn.commit().map_err(|e| create_err(e.into()))?;
+    db.close().map_err(|e| create_err(e.into()))?;
+    // A hard link, unlike rename, never replaces an existing vault.
+    std::fs::hard_link(&tmp, path).map_err(io_err)?;
+    std::fs::remove_file(&tmp).map_err(io_err)?;
+    key::sync_parent(path).map_err(io_err)?;
+    tracing::info!(path = %path.display(), "created vault");
+    Ok(())
+}
+
+/// Checks the vault file on an in-memory copy: redb can open it (repairing an unclean shutdown
+/// in memory only), every page passes its checksum, and the key opens the key-check record.
+/// Nothing is written to the file whatever the outcome.
+fn verify_copy(path: &Path, cipher: &Cipher) -> Result<(), VaultError> {
+    let bytes = std::fs::read(path).map_err(|source| VaultError::VaultFileRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let corrupt = |detail: &str, source: Option<Box<redb::Error>>| VaultError::Corrupt {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+        source,
+    };
+    if bytes.is_empty() {
+        return Err(corrupt("the file is empty", None));
+    }
+    let backend = InMemoryBackend::new();
+    backend
+        .set_len(bytes.len() as u64)
+        .and_then(|()| backend.write(0, &bytes))
+        .map_err(|e| corrupt("cannot copy it into memory", Some(Box::new(e.into()))))?;
+    drop(bytes);
+    // redb may panic on a file altered outside it; that must be a refusal, not a crash. The
+    // database is private to this closure, so nothing observes state a panic interrupted.
+    let checked = catch_unwind(AssertUnwindSafe(|| {
+        let mut db = Builder::new().create_with_backend(backend).map_err(|e| {
+            corrupt(
+                "it cannot be opened as a redb database",
+                Some(Box::new(e.into())),
+            )
+        })?;
+        match db.check_integrity() {
+            Ok(true) => {}
+            Ok(false) => return Err(corrupt("some pages fail their checksums", None)),
+            Err(e) => {
+                return Err(corrupt(
+                    "the integrity check failed",
+                    Some(Box::new(e.into())),
+                ));
+            }
+        }
+        check_key(&db, cipher, path)
+    }));
+    match checked {
+        Ok(Err(VaultError::Storage { source, .. })) => {
+            Err(corrupt("reading the key check record failed", Some(source)))
+        }
+        Ok(result) => result,
+        Err(_) => Err(corrupt("the storage engine failed while reading it", None)),
+    }
+}
+
+/// The format record names a format this code reads, and the key opens the key-check record.
+fn check_key(db: &impl ReadableDatabase, cipher: &Cipher, path: &Path) -> Result<(), VaultError> {
+    let storage = |action: &'static str| {
+        move |e: redb::Error| VaultError::Storage {
+            path: path.to_path_buf(),
+            action,
+            source: Box::new(e),
+        }
+    };
+    let corrupt = |detail: &str| VaultError::Corrupt {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+        source: None,
+    };
+    let txn = db
+        .begin_read()
+        .map_err(|e| storage("starting a read transaction")(e.into()))?;
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(TableError::TableDoesNotExist(_)) => return Err(corrupt("it has no meta table")),
+        Err(e) => return Err(storage("opening the meta table")(e.into())),
+    };
+    let format = meta
+        .get(FORMAT_KEY)
+        .map_err(|e| storage("reading the format record")(e.into()))?
+        .ok_or_else(|| corrupt("it has no format record"))?;
+    let format = <[u8; 8]>::try_from(format.value())
+        .map(u64::from_be_bytes)
+        .map_err(|_| corrupt("its format record is malformed"))?;
+    if format != FORMAT {
+        return Err(VaultError::UnsupportedFormat {
+            path: path.to_path_buf(),
+            format,
+        });
+    }
+    let check = meta
+        .get(KEY_CHECK_KEY)
+        .map_err(|e| storage("reading the key check record")(e.into()))?
+        .ok_or_else(|| corrupt("it has no key check record"))?;
+    let sealed = Sealed::decode(check.value())
+        .ok_or_else(|| corrupt("its key check record is malformed"))?;
+    match cipher.open(KEY_CHECK_AAD, &sealed) {
+        Some(plaintext) if plaintext.as_slice() == KEY_CHECK_PLAINTEXT => Ok(()),
+        _ => Err(VaultError::WrongKey {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+fn check_blob_name(name: &str) -> Result<(), VaultError> {
+    if name.is_empty() || name.len() > MAX_BLOB_NAME_LEN {
+        return Err(VaultError::InvalidBlobName {
+            name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A handle as stored: JSON with the token hash in hex.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HandleRow {
+    id: String,
+    token_sha256: String,
+    cgroup: String,
+    secret: String,
+    host: String,
+    expires_unix: u64,
+    created_unix: u64,
+    revoked: bool,
+}
+
+impl From<&HandleRecord> for HandleRow {
+    fn from(h: &HandleRecord) -> Self {
+        Self {
+            id: h.id.clone(),
+            token_sha256: h.token_sha256.iter().map(|b| format!("{b:02x}")).collect(),
+            cgroup: h.cgroup.clone(),
+            secret: h.secret.clone(),
+            host: h.host.clone(),
+            expires_unix: h.expires_unix,
+            created_unix: h.created_unix,
+            revoked: h.revoked,
+        }
+    }
+}
+
+impl TryFrom<HandleRow> for HandleRecord {
+    type Error = &'static str;
+    fn try_from(row: HandleRow) -> Result<Self, Self::Error> {
+        const BAD_HASH: &str = "token_sha256 is not 64 hex digits";
+        let hex = row.token_sha256.as_bytes();
+        if hex.len() != 64 || !hex.iter().all(u8::is_ascii_hexdigit) {
+            return Err(BAD_HASH);
+        }
+        let mut token_sha256 = [0u8; 32];
+        for (out, pair) in token_sha256.iter_mut().zip(hex.chunks_exact(2)) {
+            let digits = std::str::from_utf8(pair).map_err(|_| BAD_HASH)?;
+            *out = u8::from_str_radix(digits, 16).map_err(|_| BAD_HASH)?;
+        }
+        Ok(Self {
+            id: row.id,
+            token_sha256,
+            cgroup: row.cgroup,
+            secret: row.secret,
+            host: row.host,
+            expires_unix: row.expires_unix,
+            created_unix: row.created_unix,
+            revoked: row.revoked,
+        })
+    }
+}
