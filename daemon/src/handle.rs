@@ -382,13 +382,21 @@ impl Swapped {
     }
 }
 
-/// Resolves tokens once each, in order of first appearance.
+/// A token whose record passed [`check`].
+struct Admitted {
+    id: HandleId,
+    secret: SecretName,
+    /// Index into `Swapped::secret_values` once the secret was fetched.
+    value: Option<usize>,
+}
+
+/// Checks every token first, then fetches secrets and rewrites, so a request that is denied
+/// never has any secret decrypted for it.
 struct Resolver<'c, R, S> {
     ctx: &'c SwapContext<'c>,
     records: R,
     secrets: S,
-    /// Token -> index into `out.used`.
-    seen: HashMap<String, usize>,
+    admitted: HashMap<String, Admitted>,
     out: Swapped,
 }
 
@@ -399,12 +407,12 @@ where
     S: FnMut(&SecretName) -> Option<V>,
     V: SecretBytes,
 {
-    /// The index of the token's secret in `out.secret_values`.
-    fn resolve(&mut self, token: &[u8]) -> Result<usize, HandleDenial> {
+    /// Looks the token's record up and checks it.
+    fn admit(&mut self, token: &[u8]) -> Result<(), HandleDenial> {
         // Tokens are ASCII by construction of `find_tokens`.
-        let token = String::from_utf8_lossy(token);
-        if let Some(&i) = self.seen.get(token.as_ref()) {
-            return Ok(i);
+        let token = String::from_utf8_lossy(token).into_owned();
+        if self.admitted.contains_key(&token) {
+            return Ok(());
         }
         let hash = TokenHash::of(&token);
         let unknown = || HandleDenial::Unknown {
@@ -416,38 +424,59 @@ where
             return Err(unknown());
         }
         check(record, self.ctx.cgroup, self.ctx.host, self.ctx.now)?;
-        let secret = &record.binding.secret;
-        let value = (self.secrets)(secret).ok_or_else(|| HandleDenial::MissingSecret {
+        let admitted = Admitted {
             id: record.id.clone(),
-            secret: secret.clone(),
-        })?;
+            secret: record.binding.secret.clone(),
+            value: None,
+        };
+        self.admitted.insert(token, admitted);
+        Ok(())
+    }
+
+    /// The index of an admitted token's secret in `out.secret_values`, fetching it once.
+    fn resolve(&mut self, token: &[u8]) -> Result<usize, HandleDenial> {
+        let token = String::from_utf8_lossy(token);
+        let Some(admitted) = self.admitted.get_mut(token.as_ref()) else {
+            // Every token was admitted in the first pass; refuse rather than trust that.
+            return Err(HandleDenial::Unknown {
+                shown: token.chars().take(TOKEN_PREFIX.len() + 4).collect(),
+            });
+        };
+        if let Some(i) = admitted.value {
+            return Ok(i);
+        }
+        let value =
+            (self.secrets)(&admitted.secret).ok_or_else(|| HandleDenial::MissingSecret {
+                id: admitted.id.clone(),
+                secret: admitted.secret.clone(),
+            })?;
         let bytes = value.secret_bytes();
         if bytes.is_empty() {
             return Err(HandleDenial::Unencodable {
-                id: record.id.clone(),
+                id: admitted.id.clone(),
                 reason: "the secret is empty",
             });
         }
-        let i = self.out.used.len();
-        self.out.used.push(UsedHandle {
-            id: record.id.clone(),
-            secret: secret.clone(),
-        });
+        let i = self.out.secret_values.len();
         self.out.secret_values.push(Zeroizing::new(bytes.to_vec()));
-        self.seen.insert(token.into_owned(), i);
+        self.out.used.push(UsedHandle {
+            id: admitted.id.clone(),
+            secret: admitted.secret.clone(),
+        });
+        admitted.value = Some(i);
         Ok(i)
     }
 
-    fn id(&self, i: usize) -> HandleId {
-        self.out.used[i].id.clone()
+    /// The handle whose secret was spliced in last (for an error about the result).
+    fn last_used_id(&self) -> HandleId {
+        self.out
+            .used
+            .last()
+            .map_or_else(|| HandleId(String::new()), |u| u.id.clone())
     }
 
-    /// `input` with each token range replaced by `encode(secret)`; `None` without tokens.
-    fn replace(
-        &mut self,
-        input: &[u8],
-        mut encode: impl FnMut(&[u8], &mut Zeroizing<Vec<u8>>),
-    ) -> Result<Option<Zeroizing<Vec<u8>>>, HandleDenial> {
+    /// `input` with each token range replaced by the raw secret; `None` without tokens.
+    fn replace(&mut self, input: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, HandleDenial> {
         let ranges: Vec<Range<usize>> = find_tokens(input).collect();
         if ranges.is_empty() {
             return Ok(None);
@@ -457,7 +486,9 @@ where
         for r in ranges {
             let i = self.resolve(&input[r.clone()])?;
             out.extend_from_slice(&input[last..r.start]);
-            encode(&self.out.secret_values[i], &mut out);
+            let secret = &self.out.secret_values[i];
+            reserve_zeroizing(&mut out, secret.len());
+            out.extend_from_slice(secret);
             last = r.end;
         }
         out.extend_from_slice(&input[last..]);
@@ -467,84 +498,37 @@ where
     /// A header value with its tokens swapped, or `None` when it has none.
     fn header_value(&mut self, value: &HeaderValue) -> Result<Option<HeaderValue>, HandleDenial> {
         let bytes = value.as_bytes();
-        if memchr::memmem::find(bytes, TOKEN_PREFIX.as_bytes()).is_none()
-            && !starts_with_ignore_case(bytes, b"basic ")
-        {
-            return Ok(None);
-        }
-        let swapped = match self.basic_auth(bytes)? {
-            Some(v) => v,
-            None => match self.replace(bytes, |secret, out| {
-                reserve_zeroizing(out, secret.len());
-                out.extend_from_slice(secret);
-            })? {
+        let swapped = match basic_credentials(bytes) {
+            Some((scheme, decoded)) if find_tokens(&decoded).next().is_some() => {
+                let Some(swapped) = self.replace(&decoded)? else {
+                    return Ok(None);
+                };
+                let len = scheme.len() + BASE64.encode_len(swapped.len());
+                let mut out = Zeroizing::new(Vec::with_capacity(len));
+                out.extend_from_slice(scheme);
+                out.resize(len, 0);
+                BASE64.encode_mut(&swapped, &mut out[scheme.len()..]);
+                out
+            }
+            _ => match self.replace(bytes)? {
                 Some(v) => v,
                 None => return Ok(None),
             },
         };
-        let mut value = HeaderValue::from_bytes(&swapped).map_err(|_| {
-            let i = self.out.used.len().saturating_sub(1);
-            HandleDenial::Unencodable {
-                id: self.id(i),
+        let mut value =
+            HeaderValue::from_bytes(&swapped).map_err(|_| HandleDenial::Unencodable {
+                id: self.last_used_id(),
                 reason: "the secret holds bytes that cannot go into a header",
-            }
-        })?;
+            })?;
         value.set_sensitive(true);
         Ok(Some(value))
-    }
-
-    /// `Basic base64(user:pass)` with tokens inside the decoded text, re-encoded.
-    fn basic_auth(&mut self, value: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, HandleDenial> {
-        const SCHEME: &[u8] = b"basic ";
-        if !starts_with_ignore_case(value, SCHEME) {
-            return Ok(None);
-        }
-        let (scheme, encoded) = value.split_at(SCHEME.len());
-        let encoded = encoded.trim_ascii();
-        let Some(decoded) = decode_base64(encoded) else {
-            return Ok(None);
-        };
-        let Some(swapped) = self.replace(&decoded, |secret, out| {
-            reserve_zeroizing(out, secret.len());
-            out.extend_from_slice(secret);
-        })?
-        else {
-            return Ok(None);
-        };
-        let mut out = Zeroizing::new(Vec::with_capacity(
-            scheme.len() + BASE64.encode_len(swapped.len()),
-        ));
-        out.extend_from_slice(scheme);
-        out.resize(scheme.len() + BASE64.encode_len(swapped.len()), 0);
-        BASE64.encode_mut(&swapped, &mut out[scheme.len()..]);
-        Ok(Some(out))
     }
 
     /// The query with tokens swapped, looking inside percent-encoding; bytes around the tokens
     /// are kept exactly as they were.
     fn query(&mut self, query: &str) -> Result<Option<Zeroizing<String>>, HandleDenial> {
-        if !query.contains(TOKEN_PREFIX) && !query.contains('%') {
-            return Ok(None);
-        }
         let raw = query.as_bytes();
-        // Decoded bytes and, for each, where its text starts in `raw` (plus a final end).
-        let mut decoded = Vec::with_capacity(raw.len());
-        let mut starts = Vec::with_capacity(raw.len() + 1);
-        let mut i = 0;
-        while i < raw.len() {
-            starts.push(i);
-            match (raw[i], raw.get(i + 1..i + 3).and_then(hex_pair)) {
-                (b'%', Some(b)) => {
-                    decoded.push(b);
-                    i += 3;
-                }
-                (b, _) => {
-                    decoded.push(b);
-                    i += 1;
-                }
-            }
-        }
-        starts.push(raw.len());
+        let (decoded, starts) = decode_query(raw);
         let ranges: Vec<Range<usize>> = find_tokens(&decoded).collect();
         if ranges.is_empty() {
             return Ok(None);
@@ -567,12 +551,64 @@ where
                 // Unreachable: the input was UTF-8 and only ASCII was spliced in.
                 drop(Zeroizing::new(e.into_bytes()));
                 Err(HandleDenial::Unencodable {
-                    id: self.id(0),
+                    id: self.last_used_id(),
                     reason: "the query string could not be rebuilt",
                 })
             }
         }
     }
+}
+
+/// The tokens a header value holds: inside `Basic` credentials when those hold any, else in
+/// the raw value.
+fn header_tokens(value: &[u8]) -> Vec<Vec<u8>> {
+    if let Some((_, decoded)) = basic_credentials(value) {
+        let inside: Vec<Vec<u8>> = find_tokens(&decoded).map(|r| decoded[r].to_vec()).collect();
+        if !inside.is_empty() {
+            return inside;
+        }
+    }
+    find_tokens(value).map(|r| value[r].to_vec()).collect()
+}
+
+/// The tokens a query string holds, after percent-decoding.
+fn query_tokens(query: &str) -> Vec<Vec<u8>> {
+    let (decoded, _) = decode_query(query.as_bytes());
+    find_tokens(&decoded).map(|r| decoded[r].to_vec()).collect()
+}
+
+/// `Basic base64(user:pass)`: the scheme text as sent (with its space) and the decoded
+/// credentials, when the value is that and decodes.
+fn basic_credentials(value: &[u8]) -> Option<(&[u8], Zeroizing<Vec<u8>>)> {
+    const SCHEME: &[u8] = b"basic ";
+    if !starts_with_ignore_case(value, SCHEME) {
+        return None;
+    }
+    let (scheme, encoded) = value.split_at(SCHEME.len());
+    Some((scheme, decode_base64(encoded.trim_ascii())?))
+}
+
+/// Percent-decodes a query (`+` stays `+`; invalid escapes stay as they are). Returns the
+/// decoded bytes and, for each, where its text starts in `raw`, plus `raw.len()` at the end.
+fn decode_query(raw: &[u8]) -> (Vec<u8>, Vec<usize>) {
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut starts = Vec::with_capacity(raw.len() + 1);
+    let mut i = 0;
+    while i < raw.len() {
+        starts.push(i);
+        match (raw[i], raw.get(i + 1..i + 3).and_then(hex_pair)) {
+            (b'%', Some(b)) => {
+                decoded.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    starts.push(raw.len());
+    (decoded, starts)
 }
 
 fn starts_with_ignore_case(value: &[u8], prefix: &[u8]) -> bool {
@@ -638,9 +674,21 @@ where
         ctx,
         records,
         secrets,
-        seen: HashMap::new(),
+        admitted: HashMap::new(),
         out: Swapped::default(),
     };
+    // First pass: every token must be known and pass its check before any secret is fetched.
+    for value in headers.values() {
+        for token in header_tokens(value.as_bytes()) {
+            resolver.admit(&token)?;
+        }
+    }
+    for token in query.map(query_tokens).unwrap_or_default() {
+        resolver.admit(&token)?;
+    }
+    if resolver.admitted.is_empty() {
+        return Ok(None);
+    }
     let mut replacements = Vec::new();
     for (index, value) in headers.values().enumerate() {
         if let Some(new) = resolver.header_value(value)? {

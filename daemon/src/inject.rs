@@ -265,6 +265,8 @@ pub fn parse_header_name(raw: &str) -> Result<String, InjectError> {
             "{} is not allowed (header names are letters, digits and !#$%&'*+-.^_`|~)",
             if c.is_ascii_graphic() {
                 format!("`{c}`")
+            } else if c == ' ' {
+                "a space".to_string()
             } else {
                 format!("U+{:04X}", u32::from(c))
             }

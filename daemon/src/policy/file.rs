@@ -106,7 +106,19 @@ impl Locator<'_> {
     /// A serde/TOML error: the field path comes from the document tree at the error's offset.
     fn toml_error(&self, e: &toml::de::Error) -> PolicyFileError {
         let span = e.span();
-        let field = span.as_ref().and_then(|s| field_at(self.text, s.start));
+        let mut field = span.as_ref().and_then(|s| field_at(self.text, s.start));
+        // serde points a missing field at its table; name the field itself.
+        let missing = e
+            .message()
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(name, _)| name);
+        if let Some(name) = missing {
+            field = Some(match field {
+                Some(table) => format!("{table}.{}", key_segment(name)),
+                None => key_segment(name),
+            });
+        }
         self.error(span, field, e.message().trim_end())
     }
 }
@@ -121,41 +133,45 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 /// The dotted path of the innermost key or value containing `offset`, if the text parses.
 fn field_at(text: &str, offset: usize) -> Option<String> {
     let doc = DeTable::parse(text).ok()?;
-    let mut path = String::new();
-    walk_table(doc.get_ref(), offset, &mut path);
-    (!path.is_empty()).then_some(path)
+    let mut path = Vec::new();
+    find_in_table(doc.get_ref(), offset, &mut path).then(|| path.concat())
 }
 
-fn walk_table(table: &DeTable<'_>, offset: usize, path: &mut String) {
+/// Pushes the path segments leading to `offset` and says whether it was found. Container spans
+/// are not trusted to enclose their children (an array of tables spans only its first
+/// `[[header]]`), so every child is searched before the container itself is considered.
+fn find_in_table(table: &DeTable<'_>, offset: usize, path: &mut Vec<String>) -> bool {
     for (key, value) in table.iter() {
-        let in_key = key.span().contains(&offset);
-        if in_key || value.span().contains(&offset) {
-            if !path.is_empty() {
-                path.push('.');
-            }
-            path.push_str(&key_segment(key.get_ref()));
-            if !in_key {
-                walk_value(value.get_ref(), offset, path);
-            }
-            return;
+        let segment = if path.is_empty() {
+            key_segment(key.get_ref())
+        } else {
+            format!(".{}", key_segment(key.get_ref()))
+        };
+        path.push(segment);
+        if key.span().contains(&offset)
+            || find_in_value(value.get_ref(), offset, path)
+            || value.span().contains(&offset)
+        {
+            return true;
         }
+        path.pop();
     }
+    false
 }
 
-fn walk_value(value: &DeValue<'_>, offset: usize, path: &mut String) {
+fn find_in_value(value: &DeValue<'_>, offset: usize, path: &mut Vec<String>) -> bool {
     match value {
-        DeValue::Table(t) => walk_table(t, offset, path),
-        DeValue::Array(items) => {
-            if let Some((i, item)) = items
-                .iter()
-                .enumerate()
-                .find(|(_, v)| v.span().contains(&offset))
-            {
-                path.push_str(&format!("[{i}]"));
-                walk_value(item.get_ref(), offset, path);
+        DeValue::Table(t) => find_in_table(t, offset, path),
+        DeValue::Array(items) => items.iter().enumerate().any(|(i, item)| {
+            path.push(format!("[{i}]"));
+            let found =
+                find_in_value(item.get_ref(), offset, path) || item.span().contains(&offset);
+            if !found {
+                path.pop();
             }
-        }
-        _ => {}
+            found
+        }),
+        _ => false,
     }
 }
 

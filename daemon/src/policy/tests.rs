@@ -232,6 +232,15 @@ fn fields_have_defaults_and_refuse_unknowns() {
     )]);
     assert_eq!(e.line, 4, "{e}");
     assert!(e.to_string().contains("unknown field `header`"), "{e}");
+
+    let e = error(&[(
+        "m.toml",
+        "cgroup = \"m\"\n[[allow]]\nhost = \"h.test\"\n[[allow]]\nport = 80\n",
+    )]);
+    assert_eq!(
+        e.to_string(),
+        "m.toml:4:1: allow[1].host: missing field `host`"
+    );
 }
 
 #[test]
@@ -392,7 +401,8 @@ fn shipped_invalid_fixtures_fail_with_file_line_and_field() {
         let line: usize = line.parse().expect("line number");
         let field = (field != "(none)").then_some(field);
 
-        let Err(PolicyError::Invalid(errors)) = Policy::from_files(vec![(path.clone(), text)])
+        let Err(PolicyError::Invalid(errors)) =
+            Policy::from_files(vec![(path.clone(), text.clone())])
         else {
             panic!("{} loaded but is in policies/invalid", path.display());
         };
