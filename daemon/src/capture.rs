@@ -558,8 +558,10 @@ impl CaptureOwner {
         create: bool,
     ) -> Result<(TaggedCgroup, bool), CaptureError> {
         // brokerd must never redirect itself: refuse its own cgroup and every ancestor.
-        if let Some(own) = self.root.cgroup_of(std::process::id())? {
-            if cgroup.is_ancestor_or_self_of(&own) {
+        if let Some(own) = self.root.cgroup_of(std::process::id())?
+            && cgroup.is_ancestor_or_self_of(&own)
+        {
+            {
                 return Err(CaptureError::Forbidden {
                     path: cgroup,
                     reason: format!(

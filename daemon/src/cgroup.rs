@@ -135,10 +135,10 @@ impl CgroupRoot {
                 continue;
             };
             for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    if let Some(name) = entry.file_name().to_str() {
-                        stack.push(cg.child(name));
-                    }
+                if entry.file_type().is_ok_and(|t| t.is_dir())
+                    && let Some(name) = entry.file_name().to_str()
+                {
+                    stack.push(cg.child(name));
                 }
             }
         }

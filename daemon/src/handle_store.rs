@@ -83,40 +83,65 @@ pub async fn mint(
         (Err(e), _) => return error(ErrorKind::BadRequest, e.to_string()),
         (_, Err(e)) => return error(ErrorKind::BadRequest, e.to_string()),
     };
-    let (token, record) =
-        match handle::mint(SystemTime::now(), Duration::from_secs(ttl_secs), binding) {
+    // Ids are 32 random bits: on the rare collision with a stored handle, mint again.
+    let mut attempts = 0;
+    let (token, stored, result) = loop {
+        attempts += 1;
+        let (token, record) = match handle::mint(
+            SystemTime::now(),
+            Duration::from_secs(ttl_secs),
+            binding.clone(),
+        ) {
             Ok(m) => m,
             Err(e) => return error(ErrorKind::BadRequest, crate::error_chain(&e)),
         };
-    let stored = to_vault(&record);
-    let v = vault.clone();
-    let secret_name = record.binding.secret.clone();
-    let to_store = stored.clone();
-    let result = blocking(move || {
-        if v.get(&secret_name)?.is_none() {
-            return Ok(false);
+        let stored = to_vault(&record);
+        let v = vault.clone();
+        let secret_name = record.binding.secret.clone();
+        let to_store = stored.clone();
+        let result = blocking(move || {
+            if v.get(&secret_name)?.is_none() {
+                return Ok(Minted::NoSecret);
+            }
+            if v.get_handle(&to_store.id)?.is_some() {
+                return Ok(Minted::IdTaken);
+            }
+            v.put_handle(&to_store)?;
+            Ok(Minted::Stored)
+        })
+        .await;
+        if !matches!(result, Ok(Minted::IdTaken)) || attempts >= 5 {
+            break (token, stored, result);
         }
-        v.put_handle(&to_store)?;
-        Ok(true)
-    })
-    .await;
+    };
     match result {
-        Ok(true) => {
+        Ok(Minted::Stored) => {
             info!(handle = %stored.id, cgroup = %stored.cgroup, secret = %stored.secret, host = %stored.host, "handle minted");
             Response::HandleMinted {
                 handle: info(&stored),
                 token: token.expose().to_string(),
             }
         }
-        Ok(false) => error(
+        Ok(Minted::NoSecret) => error(
             ErrorKind::NotFound,
             format!(
                 "no secret named {}; store it first with `brokerctl secret set`",
                 stored.secret
             ),
         ),
+        Ok(Minted::IdTaken) => error(
+            ErrorKind::Internal,
+            "could not find a free handle id".into(),
+        ),
         Err(response) => response,
     }
+}
+
+/// What happened to a freshly minted handle.
+enum Minted {
+    Stored,
+    NoSecret,
+    IdTaken,
 }
 
 /// Every stored handle, without tokens.

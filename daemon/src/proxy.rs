@@ -316,17 +316,36 @@ impl Proxy {
                 );
             }
         };
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(agent_upgrade) = agent_upgrade {
-                let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(splice_upgrade(agent_upgrade, upstream_upgrade));
-            }
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(agent_upgrade) = agent_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(splice_upgrade(agent_upgrade, upstream_upgrade));
         }
         let (mut resp_parts, resp_body) = response.into_parts();
         strip_hop_by_hop(
             &mut resp_parts.headers,
             resp_parts.status == StatusCode::SWITCHING_PROTOCOLS,
         );
+        if !grant.needles.is_empty() && is_encoded(&resp_parts.headers) {
+            // We asked for identity; a compressed body could carry the secret past the scrubber.
+            let reason = format!(
+                "upstream {host} sent an encoded (compressed) response to a request carrying a \
+                 credential; it cannot be checked for the credential, so it is withheld"
+            );
+            warn!(cgroup = %conn.origin.cgroup, %reason, "response withheld");
+            let body = error_body(
+                "response withheld by agent-broker",
+                &reason,
+                Some(&grant.rule),
+                &conn.origin,
+            );
+            return (
+                json_response(StatusCode::BAD_GATEWAY, &body),
+                host,
+                Some(grant),
+            );
+        }
         let body = if grant.needles.is_empty() {
             resp_body.boxed_unsync()
         } else {
@@ -516,6 +535,18 @@ fn prepare_upstream(
     Ok(())
 }
 
+/// Whether a response body carries a content coding other than identity.
+fn is_encoded(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONTENT_ENCODING).iter().any(|v| {
+        v.to_str()
+            .map(|s| {
+                s.split(',')
+                    .any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
+            })
+            .unwrap_or(true)
+    })
+}
+
 fn scrub_headers(headers: &mut HeaderMap, needles: &Needles) {
     for value in headers.values_mut() {
         if let Some(clean) = needles.scrub_header_value(value.as_bytes()) {
@@ -660,6 +691,24 @@ mod tests {
         assert_eq!(sniff(b"SSH-2.0-"), Sniffed::Other);
         assert_eq!(sniff(b"\x00\x01"), Sniffed::Other);
         assert_eq!(sniff(b"get / "), Sniffed::Other);
+    }
+
+    #[test]
+    fn content_codings_other_than_identity_are_encoded() {
+        let mut h = HeaderMap::new();
+        assert!(!is_encoded(&h));
+        h.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        assert!(!is_encoded(&h));
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        assert!(is_encoded(&h));
+        h.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_static("identity, br"),
+        );
+        assert!(is_encoded(&h));
     }
 
     #[test]

@@ -187,10 +187,10 @@ impl LeafMinter {
         }
         let config = Arc::new(self.mint(name)?);
         if let Ok(mut cache) = self.cache.lock() {
-            if cache.configs.len() >= LEAF_CACHE_CAPACITY {
-                if let Some(old) = cache.order.pop_front() {
-                    cache.configs.remove(&old);
-                }
+            if cache.configs.len() >= LEAF_CACHE_CAPACITY
+                && let Some(old) = cache.order.pop_front()
+            {
+                cache.configs.remove(&old);
             }
             if cache.configs.insert(name.clone(), config.clone()).is_none() {
                 cache.order.push_back(name.clone());

@@ -233,7 +233,8 @@ fn secret(run_dir: &std::path::Path, cmd: SecretCommand) -> anyhow::Result<()> {
         SecretCommand::Rotate { name } => store_secret(run_dir, name, true),
         SecretCommand::List { json } => match call(run_dir, &Request::SecretList)? {
             Response::Secrets { secrets } if json => {
-                Ok(println!("{}", serde_json::to_string_pretty(&secrets)?))
+                println!("{}", serde_json::to_string_pretty(&secrets)?);
+                Ok(())
             }
             Response::Secrets { secrets } => {
                 println!(
@@ -254,7 +255,10 @@ fn secret(run_dir: &std::path::Path, cmd: SecretCommand) -> anyhow::Result<()> {
             other => Err(unexpected(other)),
         },
         SecretCommand::Rm { name } => match call(run_dir, &Request::SecretRemove { name })? {
-            Response::SecretRemoved { name } => Ok(println!("removed secret {name}")),
+            Response::SecretRemoved { name } => {
+                println!("removed secret {name}");
+                Ok(())
+            }
             other => Err(unexpected(other)),
         },
     }
@@ -357,7 +361,8 @@ fn handle(run_dir: &std::path::Path, cmd: HandleCommand) -> anyhow::Result<()> {
         }
         HandleCommand::List { json } => match call(run_dir, &Request::HandleList)? {
             Response::Handles { handles } if json => {
-                Ok(println!("{}", serde_json::to_string_pretty(&handles)?))
+                println!("{}", serde_json::to_string_pretty(&handles)?);
+                Ok(())
             }
             Response::Handles { handles } => {
                 println!(
@@ -390,7 +395,10 @@ fn handle(run_dir: &std::path::Path, cmd: HandleCommand) -> anyhow::Result<()> {
             other => Err(unexpected(other)),
         },
         HandleCommand::Revoke { id } => match call(run_dir, &Request::HandleRevoke { id })? {
-            Response::HandleRevoked { id } => Ok(println!("revoked handle {id}")),
+            Response::HandleRevoked { id } => {
+                println!("revoked handle {id}");
+                Ok(())
+            }
             other => Err(unexpected(other)),
         },
     }
