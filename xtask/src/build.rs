@@ -1,0 +1,81 @@
+//! `cargo xtask build`: the eBPF programs first (brokerd embeds their object), then the host
+//! workspace's binaries.
+
+use anyhow::{Context, Result, bail};
+
+use crate::{cmd, paths, setup};
+
+/// The cargo profile the host binaries are built with. The eBPF object is always built with
+/// `release`: the verifier rejects what unoptimised code does with the stack.
+#[derive(Clone, Copy)]
+pub enum Profile {
+    Debug,
+    Release,
+}
+
+impl Profile {
+    pub fn from_release_flag(release: bool) -> Self {
+        if release { Self::Release } else { Self::Debug }
+    }
+
+    /// The directory under `target/` the binaries land in.
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            Self::Debug => "debug",
+            Self::Release => "release",
+        }
+    }
+}
+
+/// Installs what is missing, builds the eBPF object, then the host binaries.
+pub fn build(profile: Profile) -> Result<()> {
+    setup::ensure()?;
+    build_ebpf().context("building the eBPF programs")?;
+
+    let mut host = cmd::workspace_cargo()?;
+    host.args(["build", "--workspace", "--bins"]);
+    if let Profile::Release = profile {
+        host.arg("--release");
+    }
+    cmd::run(&mut host).context("building the workspace")?;
+    eprintln!(
+        "build: binaries in {}",
+        cmd::relative(&paths::target_dir().join(profile.dir_name()))
+    );
+    Ok(())
+}
+
+fn build_ebpf() -> Result<()> {
+    // aya-ebpf selects the kernel's register layout for the host architecture through this cfg;
+    // BTF lets the kernel check the maps and programs against their types.
+    let rustflags = [
+        format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+        "-Cdebuginfo=2".to_owned(),
+        "-Clink-arg=--btf".to_owned(),
+    ]
+    .join("\x1f");
+
+    let mut ebpf = cmd::ebpf_cargo()?;
+    ebpf.env("CARGO_ENCODED_RUSTFLAGS", rustflags)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .arg("--target-dir")
+        .arg(paths::ebpf_target_dir());
+    cmd::run(&mut ebpf)?;
+
+    let object = paths::ebpf_object();
+    if !object.is_file() {
+        bail!(
+            "the eBPF build succeeded but left no object at {}",
+            object.display()
+        );
+    }
+    eprintln!("build: eBPF object at {}", cmd::relative(&object));
+    Ok(())
+}

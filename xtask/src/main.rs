@@ -1,0 +1,77 @@
+//! Developer and CI tasks for agent-broker, run as `cargo xtask <command>`.
+//!
+//! xtask is the one place that knows how the pieces are built: it installs what the build and the
+//! tests need (Debian packages, rustup components, a `bpf-linker` under `target/ebpf-tools`),
+//! builds the eBPF programs with nightly for `bpfel-unknown-none`, then builds, runs or tests the
+//! host workspace. Every command is idempotent and prints each external command before running it.
+//!
+//! It must never write outside the workspace's `target/` directory, except for the Debian packages
+//! and rustup components it installs, and it must never let a test be skipped silently: an ignored
+//! test, or a privileged end-to-end suite that ran nothing, fails `cargo xtask test`.
+
+mod build;
+mod cmd;
+mod paths;
+mod run;
+mod setup;
+mod test;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer and CI tasks for agent-broker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build and the tests need: Debian packages, rustup components, bpf-linker.
+    Setup,
+    /// Build the eBPF programs, then the workspace's binaries (runs `setup` first).
+    Build {
+        /// Build the host binaries with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then replace this process with `target/debug/brokerd` (needs root).
+    Run {
+        /// Arguments passed to brokerd, after `--`.
+        #[arg(last = true)]
+        brokerd_args: Vec<OsString>,
+    },
+    /// Build, check formatting and lints, run unit/component tests, then the privileged
+    /// end-to-end tests (need root); fails if any test failed, was ignored, or none ran.
+    Test,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::ensure(),
+        Command::Build { release } => build::build(build::Profile::from_release_flag(release)),
+        Command::Run { brokerd_args } => run::run(brokerd_args),
+        Command::Test => test::test(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Whether this process has root's effective uid, which loading eBPF programs and the privileged
+/// tests need.
+fn running_as_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
