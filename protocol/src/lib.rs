@@ -304,7 +304,11 @@ mod tests {
     #[test]
     fn secret_input_is_redacted_in_debug() {
         let value = "do-not-print-me";
-        let req = Request::SecretSet { name: "K".into(), value: SecretInput::new(value.into()), rotate: false };
+        let req = Request::SecretSet {
+            name: "K".into(),
+            value: SecretInput::new(value.into()),
+            rotate: false,
+        };
         let shown = format!("{req:?}");
         assert!(!shown.contains(value), "{shown}");
         assert!(shown.contains("redacted"));
