@@ -574,18 +574,32 @@ impl CaptureOwner {
         if let Some(t) = self.tagged.get(&cgroup) {
             return Ok((self.report(&cgroup, t), true));
         }
-        // Nested tags would run the programs twice on one connect; the ancestor's tag already
-        // covers every cgroup below it.
+        // Below a tagged cgroup: already covered, nothing to attach (the cgroup is still
+        // created on request, so `brokerctl run` can start an agent there).
+        if let Some((path, t)) = self
+            .tagged
+            .iter()
+            .find(|(t, _)| t.is_ancestor_or_self_of(&cgroup))
+        {
+            if !self.root.exists(&cgroup) {
+                if !create {
+                    return Err(CgroupError::Missing(cgroup).into());
+                }
+                self.root.create(&cgroup)?;
+            }
+            return Ok((self.report(path, t), true));
+        }
+        // Tagging above a tagged cgroup would run the programs twice on its connects.
         if let Some(other) = self
             .tagged
             .keys()
-            .find(|t| t.is_ancestor_or_self_of(&cgroup) || cgroup.is_ancestor_or_self_of(t))
+            .find(|t| cgroup.is_ancestor_or_self_of(t))
         {
             return Err(CaptureError::Forbidden {
                 path: cgroup.clone(),
                 reason: format!(
-                    "overlaps tagged cgroup {other}; a tag covers every cgroup below it, detach \
-                     {other} first to tag at another level"
+                    "contains tagged cgroup {other}; a tag covers every cgroup below it, detach \
+                     {other} first to tag at a higher level"
                 ),
             });
         }

@@ -33,7 +33,7 @@ use crate::{
     capture::ConnectionOrigin,
     scrub::Needles,
     tls::{LeafMinter, LeafName},
-    upstream::{Upstream, UpstreamBody},
+    upstream::{Protocols, Upstream, UpstreamBody},
 };
 
 /// Deadline for the first bytes of a connection and for the TLS handshake.
@@ -296,7 +296,12 @@ impl Proxy {
             return (deny(&conn.origin, Denial::forbidden(reason)), host, None);
         }
         let upstream_req = Request::from_parts(parts, body.boxed_unsync());
-        let client = self.upstream.client(conn.origin.original_dst);
+        let protocols = if upgrade {
+            Protocols::Http1Only
+        } else {
+            Protocols::Any
+        };
+        let client = self.upstream.client(conn.origin.original_dst, protocols);
         let mut response = match client.request(upstream_req).await {
             Ok(r) => r,
             Err(e) => {

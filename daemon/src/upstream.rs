@@ -64,7 +64,17 @@ pub enum UpstreamError {
 /// Pools of upstream connections, one per original destination.
 pub struct Upstream {
     tls: ClientConfig,
-    clients: Mutex<HashMap<SocketAddr, UpstreamClient>>,
+    clients: Mutex<HashMap<(SocketAddr, Protocols), UpstreamClient>>,
+}
+
+/// Which HTTP versions an upstream connection may negotiate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocols {
+    /// h2 when the server offers it, else http/1.1.
+    Any,
+    /// http/1.1 only: for requests that upgrade the connection (WebSocket), which HTTP/2
+    /// cannot carry the same way.
+    Http1Only,
 }
 
 impl Upstream {
@@ -98,29 +108,31 @@ impl Upstream {
         })
     }
 
-    /// The pooled client that dials `dst`.
-    pub fn client(&self, dst: SocketAddr) -> UpstreamClient {
+    /// The pooled client that dials `dst` and may speak `protocols`.
+    pub fn client(&self, dst: SocketAddr, protocols: Protocols) -> UpstreamClient {
         let mut clients = match self.clients.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(c) = clients.get(&dst) {
+        if let Some(c) = clients.get(&(dst, protocols)) {
             return c.clone();
         }
         if clients.len() >= MAX_DESTINATIONS {
             // Dropping a client only drops its idle connections; requests in flight keep theirs.
             clients.clear();
         }
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(self.tls.clone())
             .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(FixedDst(dst));
+            .enable_http1();
+        let connector = match protocols {
+            Protocols::Any => builder.enable_http2().wrap_connector(FixedDst(dst)),
+            Protocols::Http1Only => builder.wrap_connector(FixedDst(dst)),
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
             .build(connector);
-        clients.insert(dst, client.clone());
+        clients.insert((dst, protocols), client.clone());
         client
     }
 }

@@ -1,9 +1,10 @@
 //! Agents: python3 processes started inside a cgroup that make one TCP connection and print, as
 //! one JSON line, what they saw.
 //!
-//! The connection reads the server's first line (the [`TestServer`](crate::TestServer) echo
-//! greeting `peer=...`), sends a payload and reads the echo. Modes: connect from the main thread,
-//! from a second thread, or from a child process.
+//! The connection carries one plain HTTP/1.1 request, `GET /<payload>`, to a
+//! [`TestServer`](crate::TestServer) "who are you" server, whose answer is
+//! `peer=<peer it saw>\n<payload>`: the agent reports the first line as `greeting` and the rest
+//! as `echo`. Modes: connect from the main thread, from a second thread, or from a child process.
 
 use std::{
     net::SocketAddr,
@@ -19,16 +20,16 @@ use serde::Deserialize;
 
 use crate::{SHORT, run_with_timeout, spawn_in_cgroup, wait_with_timeout};
 
-/// The agent program. Arguments: MODE FAMILY HOST PORT PAYLOAD; prints one JSON object.
+/// The agent program. Arguments: MODE FAMILY HOST PORT HOSTHEADER PAYLOAD; prints one JSON object.
 const AGENT_PY: &str = r#"
-import json, os, socket, subprocess, sys, threading
+import http.client, json, os, socket, subprocess, sys, threading
 
 def fmt(addr):
     if len(addr) == 2:
         return "%s:%d" % addr
     return "[%s]:%d" % (addr[0], addr[1])
 
-def connect(family, host, port, payload):
+def connect(family, host, port, host_header, payload):
     out = {"pid": os.getpid(), "tid": threading.get_native_id()}
     fam = socket.AF_INET if family == "4" else socket.AF_INET6
     s = socket.socket(fam, socket.SOCK_STREAM)
@@ -42,44 +43,42 @@ def connect(family, host, port, payload):
         return out
     out["local"] = fmt(s.getsockname())
     out["peer"] = fmt(s.getpeername())
-    buf = b""
+    conn = http.client.HTTPConnection(host_header, timeout=5)
+    conn.sock = s
     try:
-        while b"\n" not in buf:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-        if b"\n" not in buf:
-            out["closed_early"] = True
-        else:
-            line, _, rest = buf.partition(b"\n")
-            out["greeting"] = line.decode()
-            s.sendall(payload.encode())
-            while len(rest) < len(payload):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                rest += chunk
-            out["echo"] = rest.decode()
+        conn.putrequest("GET", "/" + payload, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", host_header)
+        conn.putheader("Connection", "close")
+        conn.endheaders()
+        r = conn.getresponse()
+        body = r.read().decode("utf-8", "replace")
+        out["status"] = r.status
+        out["body"] = body
+        if r.status == 200:
+            line, _, rest = body.partition("\n")
+            out["greeting"] = line
+            out["echo"] = rest
+    except (http.client.RemoteDisconnected, http.client.BadStatusLine, ConnectionResetError, BrokenPipeError):
+        out["closed_early"] = True
     except OSError as e:
         out["errno"] = e.errno
         out["error"] = str(e)
     s.close()
     return out
 
-mode, family, host, port, payload = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+mode, family, host, port, host_header, payload = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6]
 if mode == "connect":
-    res = connect(family, host, port, payload)
+    res = connect(family, host, port, host_header, payload)
 elif mode == "thread":
     box = {}
-    t = threading.Thread(target=lambda: box.update(connect(family, host, port, payload)))
+    t = threading.Thread(target=lambda: box.update(connect(family, host, port, host_header, payload)))
     t.start()
     t.join()
     res = dict(box)
     res["main_tid"] = threading.get_native_id()
 elif mode == "child":
     p = subprocess.run(
-        [sys.executable, "-c", os.environ["ABTEST_AGENT_SRC"], "connect", family, host, str(port), payload],
+        [sys.executable, "-c", os.environ["ABTEST_AGENT_SRC"], "connect", family, host, str(port), host_header, payload],
         stdout=subprocess.PIPE, check=True, timeout=20)
     res = json.loads(p.stdout)
     res["parent_pid"] = os.getpid()
@@ -120,14 +119,18 @@ pub struct AgentReport {
     pub local: Option<SocketAddr>,
     /// getpeername after connect.
     pub peer: Option<SocketAddr>,
-    /// The server's first line, e.g. `peer=127.0.0.1:4242`.
+    /// HTTP status of the answer, when one came.
+    pub status: Option<u16>,
+    /// The whole answer body (e.g. brokerd's JSON denial).
+    pub body: Option<String>,
+    /// With a 200: the first line of the body, e.g. `peer=127.0.0.1:4242`.
     pub greeting: Option<String>,
-    /// What came back after sending the payload.
+    /// With a 200: the rest of the body, the payload as the server received it.
     pub echo: Option<String>,
     /// errno of a failed connect/recv (None with a timeout).
     pub errno: Option<i32>,
     pub error: Option<String>,
-    /// The connection closed before any greeting line arrived.
+    /// The connection closed before any HTTP answer arrived.
     #[serde(default)]
     pub closed_early: bool,
     /// Thread mode: tid of the main thread.
@@ -145,13 +148,14 @@ pub struct AgentRun {
 }
 
 impl AgentRun {
-    /// Panics unless the connection was made and the echo round trip completed.
+    /// Panics unless the connection was made and the request/answer round trip completed.
     pub fn assert_round_trip(&self, what: &str) {
         let r = &self.report;
         assert!(
             r.errno.is_none() && r.error.is_none() && !r.closed_early,
             "{what}: the agent's connection failed: {r:?}"
         );
+        assert_eq!(r.status, Some(200), "{what}: HTTP status: {r:?}");
         assert_eq!(
             r.echo.as_deref(),
             Some(self.payload.as_str()),
@@ -187,6 +191,9 @@ pub fn python() -> &'static Path {
 
 /// Starts a python agent in cgroup `rel` that connects to `dst` (IPv4, IPv6 or v4-mapped, which
 /// python connects to through an AF_INET6 socket) in the given mode, and returns its report.
+///
+/// The request's Host header names the address `dst` stands for (a v4-mapped address as its
+/// IPv4 form), so policy rules written for 127.0.0.1 and ::1 apply.
 pub fn connect(rel: &str, mode: Mode, dst: SocketAddr) -> AgentRun {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let payload = format!(
@@ -195,11 +202,13 @@ pub fn connect(rel: &str, mode: Mode, dst: SocketAddr) -> AgentRun {
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
     let family = if dst.is_ipv4() { "4" } else { "6" };
+    let host_header = crate::canon(dst).to_string();
     let mut cmd = Command::new(python());
     cmd.env("ABTEST_AGENT_SRC", AGENT_PY)
         .args(["-c", AGENT_PY, mode.arg(), family])
         .arg(dst.ip().to_string())
         .arg(dst.port().to_string())
+        .arg(&host_header)
         .arg(&payload)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

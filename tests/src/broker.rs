@@ -6,6 +6,7 @@ use std::{
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -23,7 +24,7 @@ use crate::{SHORT, bin, poll_until, read_text, run_with_timeout, spawn_in_cgroup
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A running brokerd with its own temporary state/run/policy dirs, a unique bpffs pin dir under
-/// /sys/fs/bpf, and listeners on 127.0.0.1 and [::1] at a port the kernel picks.
+/// /sys/fs/bpf, and listeners on `127.0.0.1` and `[::1]` at a port the kernel picks.
 ///
 /// Its stderr (the tracing log) goes to `brokerd.log` in the temp dir, across restarts; every
 /// failure message from this harness includes it. Drop kills brokerd by pid and removes the pin
@@ -34,21 +35,55 @@ pub struct Broker {
     pin_dir: PathBuf,
     /// cgroup (relative to the mount) brokerd is started in; None: the test's own cgroup.
     cgroup: Option<String>,
+    /// `--upstream-ca` files.
+    upstream_cas: Vec<PathBuf>,
     starts: u32,
+    /// Byte length of brokerd.log when the current (or last) start began.
+    log_start: u64,
+    /// stdout and stderr of every brokerctl run through this harness, for leak scans.
+    transcript: Mutex<Vec<u8>>,
 }
 
-impl Broker {
-    /// Starts brokerd in the test process's cgroup and waits until it answers `status`.
-    pub fn start() -> Self {
-        Self::start_with(None)
+/// How to start a [`Broker`]: where, with which policy files and upstream CAs.
+///
+/// Policy files are written into brokerd's policy dir before it starts (brokerd reads them at
+/// start).
+#[derive(Default)]
+pub struct BrokerBuilder {
+    cgroup: Option<String>,
+    policies: Vec<(String, String)>,
+    upstream_cas: Vec<PathBuf>,
+}
+
+impl BrokerBuilder {
+    /// Start brokerd inside the cgroup `rel` (relative to the mount) instead of the test's own.
+    pub fn in_cgroup(mut self, rel: &str) -> Self {
+        self.cgroup = Some(rel.to_string());
+        self
     }
 
-    /// Starts brokerd inside the cgroup `rel` (relative to the mount).
-    pub fn start_in_cgroup(rel: &str) -> Self {
-        Self::start_with(Some(rel.to_string()))
+    /// A policy file `<name>.toml` with this content.
+    pub fn policy(mut self, name: &str, toml: &str) -> Self {
+        self.policies
+            .push((format!("{name}.toml"), toml.to_string()));
+        self
     }
 
-    fn start_with(cgroup: Option<String>) -> Self {
+    /// An extra trusted CA for upstream servers (`--upstream-ca FILE`).
+    pub fn upstream_ca(mut self, pem: &Path) -> Self {
+        self.upstream_cas.push(pem.to_path_buf());
+        self
+    }
+
+    /// Starts brokerd and waits until it answers `status`; panics with its log otherwise.
+    pub fn start(self) -> Broker {
+        let mut broker = self.prepare();
+        broker.spawn();
+        broker
+    }
+
+    /// Creates the dirs and files but does not start brokerd (see [`Broker::try_start`]).
+    pub fn prepare(self) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("abtest-broker-")
             .tempdir()
@@ -57,21 +92,53 @@ impl Broker {
             fs::create_dir(dir.path().join(sub))
                 .unwrap_or_else(|e| panic!("cannot create {sub} dir: {e}"));
         }
-        let mut broker = Self {
+        for (name, toml) in &self.policies {
+            let path = dir.path().join("policy").join(name);
+            fs::write(&path, toml)
+                .unwrap_or_else(|e| panic!("cannot write policy {}: {e}", path.display()));
+        }
+        Broker {
             child: None,
             dir,
             pin_dir: PathBuf::from("/sys/fs/bpf").join(unique_name()),
-            cgroup,
+            cgroup: self.cgroup,
+            upstream_cas: self.upstream_cas,
             starts: 0,
-        };
-        broker.spawn();
-        broker
+            log_start: 0,
+            transcript: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Broker {
+    /// Starts brokerd in the test process's cgroup and waits until it answers `status`.
+    pub fn start() -> Self {
+        Self::builder().start()
+    }
+
+    /// Starts brokerd inside the cgroup `rel` (relative to the mount).
+    pub fn start_in_cgroup(rel: &str) -> Self {
+        Self::builder().in_cgroup(rel).start()
+    }
+
+    /// A builder for a brokerd with policies and upstream CAs.
+    pub fn builder() -> BrokerBuilder {
+        BrokerBuilder::default()
     }
 
     fn spawn(&mut self) {
+        if let Err(failure) = self.try_spawn() {
+            panic!("{failure}");
+        }
+    }
+
+    /// Starts brokerd and waits until it is ready. When it exits during startup instead, returns
+    /// the exit status and its log from this start.
+    fn try_spawn(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "brokerd is already running");
         self.starts += 1;
         let log_path = self.log_path();
+        self.log_start = fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -80,15 +147,18 @@ impl Broker {
         let _ = writeln!(log, "===== harness: brokerd start #{} =====", self.starts);
         let mut cmd = Command::new(bin("brokerd"));
         cmd.arg("--state-dir")
-            .arg(self.dir.path().join("state"))
+            .arg(self.state_dir())
             .arg("--run-dir")
             .arg(self.run_dir())
             .arg("--policy-dir")
-            .arg(self.dir.path().join("policy"))
+            .arg(self.policy_dir())
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .args(["--listen", "127.0.0.1:0", "--listen", "[::1]:0"])
-            .env("RUST_LOG", "info")
+            .args(["--listen", "127.0.0.1:0", "--listen", "[::1]:0"]);
+        for ca in &self.upstream_cas {
+            cmd.arg("--upstream-ca").arg(ca);
+        }
+        cmd.env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -100,26 +170,26 @@ impl Broker {
         };
         let pid = child.id();
         self.child = Some(child);
-        self.wait_ready(pid);
+        self.wait_ready(pid)
     }
 
     /// Polls `brokerctl status --json` until it answers with this brokerd's pid.
-    fn wait_ready(&mut self, pid: u32) {
+    fn wait_ready(&mut self, pid: u32) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
                 self.child = None;
-                panic!(
+                return Err(format!(
                     "brokerd exited during startup ({status}); its log:\n{}",
                     self.log()
-                );
+                ));
             }
             let out = self.ctl_output(&["status", "--json"]);
             let last = if out.status.success() {
                 match serde_json::from_slice::<StatusReport>(&out.stdout) {
-                    Ok(s) if s.pid == pid => return,
+                    Ok(s) if s.pid == pid => return Ok(()),
                     Ok(s) => format!("status answered by pid {}, expected {pid}", s.pid),
                     Err(e) => format!("status --json is not a StatusReport: {e}"),
                 }
@@ -152,13 +222,60 @@ impl Broker {
         &self.pin_dir
     }
 
+    /// `--state-dir`: master.key, vault.redb, ...
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// `--policy-dir`.
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.path().join("policy")
+    }
+
+    /// A scratch directory of this broker's temp dir (created), e.g. for an exported CA.
+    pub fn scratch_dir(&self) -> PathBuf {
+        let dir = self.dir.path().join("scratch");
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        dir
+    }
+
+    /// brokerd's stderr since the current (or last) start began.
+    pub fn log_of_last_start(&self) -> String {
+        let all = fs::read(self.log_path()).unwrap_or_default();
+        let from = usize::try_from(self.log_start).unwrap_or(0).min(all.len());
+        crate::canary::redact(&String::from_utf8_lossy(&all[from..]))
+    }
+
+    /// brokerd's whole log as bytes (for leak scans).
+    pub fn log_bytes(&self) -> Vec<u8> {
+        fs::read(self.log_path()).unwrap_or_default()
+    }
+
+    /// Everything brokerctl printed (stdout and stderr) through this harness so far.
+    pub fn transcript(&self) -> Vec<u8> {
+        self.transcript
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default()
+    }
+
+    fn record_output(&self, out: &Output) {
+        if let Ok(mut t) = self.transcript.lock() {
+            t.extend_from_slice(&out.stdout);
+            t.push(b'\n');
+            t.extend_from_slice(&out.stderr);
+            t.push(b'\n');
+        }
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("brokerd.log")
     }
 
-    /// brokerd's stderr so far, over all starts.
+    /// brokerd's stderr so far, over all starts, with every canary secret redacted (this text
+    /// goes into failure messages; scan [`Broker::log_bytes`] for leaks).
     pub fn log(&self) -> String {
-        read_text(&self.log_path())
+        crate::canary::redact(&read_text(&self.log_path()))
     }
 
     /// A `brokerctl --run-dir <this broker's run dir>` command, for the caller to complete.
@@ -172,7 +289,57 @@ impl Broker {
 
     /// Runs brokerctl with `args` and returns its output, whatever the exit status.
     pub fn ctl_output(&self, args: &[&str]) -> Output {
-        run_with_timeout(self.ctl().args(args), SHORT)
+        let out = run_with_timeout(self.ctl().args(args), SHORT);
+        self.record_output(&out);
+        out
+    }
+
+    /// Runs brokerctl with `args`, writing `stdin` to its standard input; its output, whatever
+    /// the exit status.
+    pub fn ctl_output_with_stdin(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let mut cmd = self.ctl();
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start brokerctl {args:?}: {e}"));
+        if let Some(mut input) = child.stdin.take() {
+            input
+                .write_all(stdin)
+                .unwrap_or_else(|e| panic!("cannot write to brokerctl {args:?}: {e}"));
+            // Dropping it closes stdin: brokerctl reads to EOF.
+        }
+        let out = crate::wait_with_timeout(child, SHORT, &format!("brokerctl {args:?}"));
+        self.record_output(&out);
+        out
+    }
+
+    /// `brokerctl secret set NAME` with the value on stdin (never on the command line); must
+    /// succeed. The value is never printed by the harness.
+    pub fn secret_set(&self, name: &str, value: &[u8]) {
+        let out = self.ctl_output_with_stdin(&["secret", "set", name], value);
+        assert!(
+            out.status.success(),
+            "brokerctl secret set {name} failed ({}): {}\nbrokerd's log:\n{}",
+            out.status,
+            crate::canary::redact(&String::from_utf8_lossy(&out.stderr)),
+            self.log()
+        );
+    }
+
+    /// `brokerctl ca export --out <scratch>/broker-ca.pem`; the file's path.
+    pub fn export_ca(&self) -> PathBuf {
+        let path = self.scratch_dir().join("broker-ca.pem");
+        let out = path.to_string_lossy().into_owned();
+        self.ctl_ok(&["ca", "export", "--out", &out]);
+        let pem = read_text(&path);
+        assert!(
+            pem.contains("-----BEGIN CERTIFICATE-----"),
+            "brokerctl ca export wrote no PEM certificate to {out}: {pem}"
+        );
+        path
     }
 
     /// Runs brokerctl with `args`, panicking (with brokerd's log) unless it succeeds; its stdout.
@@ -182,7 +349,7 @@ impl Broker {
             out.status.success(),
             "brokerctl {args:?} failed ({}): {}\nbrokerd's log:\n{}",
             out.status,
-            String::from_utf8_lossy(&out.stderr),
+            crate::canary::redact(&String::from_utf8_lossy(&out.stderr)),
             self.log()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -269,6 +436,35 @@ impl Broker {
     /// Starts brokerd again with the same dirs, pin dir and cgroup (after [`Broker::kill9`]).
     pub fn restart(&mut self) {
         self.spawn();
+    }
+
+    /// Starts brokerd (again), expecting it to work; Err with its exit status and log when it
+    /// exits during startup instead.
+    pub fn try_start(&mut self) -> Result<(), String> {
+        self.try_spawn()
+    }
+
+    /// SIGTERM brokerd (by pid) and wait up to 10 s for it to exit (SIGKILL after that).
+    pub fn stop(&mut self) {
+        let mut child = self
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("brokerd is not running"));
+        let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        let exited = poll_until(Duration::from_secs(10), || child.try_wait().ok().flatten());
+        if exited.is_none() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether brokerd (the child this harness started) is running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
     }
 }
 

@@ -5,24 +5,38 @@
 //! - [`TestCgroup`]: a fresh cgroup directly under the cgroup2 mount (`abtest-<pid>-<n>`), with
 //!   helpers to start a command inside it; Drop kills everything in it and removes it.
 //! - [`Broker`]: a brokerd of its own, with temporary state/run/policy dirs, a unique bpffs pin dir
-//!   and port 0, plus typed wrappers around `brokerctl` (status, connections, attach, ...).
-//! - [`TestServer`]: a loopback echo or HTTP server that records every peer it accepts and which
+//!   and port 0, policy files and `--upstream-ca` files from a [`BrokerBuilder`], plus typed
+//!   wrappers around `brokerctl` (status, connections, attach, secret set, ca export, ...). It
+//!   keeps every brokerctl output so tests can scan it for secrets.
+//! - [`TestServer`]: a loopback plain-HTTP server that records every peer it accepts and which
 //!   process owns that peer socket, so a test can tell a connection relayed by brokerd (the peer
 //!   is brokerd's socket) from a direct one (the peer is the agent's own socket).
+//! - [`TestCa`] and [`TestUpstream`]: an HTTPS API with its own runtime-generated CA (`/hash`,
+//!   `/echo`, `/stream`, `/ws`) that records what it received as hashes, never values.
 //! - [`agent`]: python3 agents that connect from inside a cgroup and report, as JSON, what they
-//!   saw (their pid/tid, local address, `getpeername`, the server's greeting, the echo).
+//!   saw (their pid/tid, local address, `getpeername`, the server's answer).
+//! - [`clients`]: real HTTPS clients (curl, python3, node, the static `agent-client` binary of
+//!   this crate) started with `brokerctl run`, with their output and environment kept for leak
+//!   scans.
+//! - [`Canary`]: random secrets that are never printed; [`redact`] hides them (in any common
+//!   encoding) from every text the harness prints.
 //! - [`TestHost`]: a non-loopback host in a network namespace of the test's own.
 //!
 //! These tests need root, cgroup v2 and BPF. Without them they fail and say why; they never skip.
 //! Traffic goes only to loopback or into network namespaces the tests create.
 //!
-//! Binaries come from `$AGENT_BROKER_BIN_DIR`, else `<workspace>/target/debug`.
+//! Binaries come from `$AGENT_BROKER_BIN_DIR`, else `<workspace>/target/debug`; the static client
+//! from `$AGENT_BROKER_STATIC_CLIENT`, else
+//! `<workspace>/target/static/x86_64-unknown-linux-gnu/debug/agent-client`.
 
 pub mod agent;
 pub mod broker;
+pub mod canary;
 pub mod cgroup;
+pub mod clients;
 pub mod netns;
 pub mod servers;
+pub mod upstream;
 
 use std::{
     io::Read as _,
@@ -35,10 +49,12 @@ use std::{
 };
 
 pub use agent::{AgentReport, AgentRun, Mode};
-pub use broker::Broker;
+pub use broker::{Broker, BrokerBuilder};
+pub use canary::{Canary, redact, sha256_hex};
 pub use cgroup::{TestCgroup, attached_programs, cgroup_of, cgroup2_mount, spawn_in_cgroup};
 pub use netns::TestHost;
 pub use servers::{Accepted, TestServer, tcp_socket_owner};
+pub use upstream::{Alpn, TestCa, TestUpstream, UpstreamOptions, UpstreamRequest};
 
 /// Deadline for one network operation or short-lived command in a test.
 pub const SHORT: Duration = Duration::from_secs(10);

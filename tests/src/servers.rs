@@ -1,9 +1,12 @@
-//! Loopback servers that say who connected to them.
+//! Loopback plain-HTTP servers that say who connected to them.
 //!
 //! A connection relayed by brokerd arrives from brokerd's own socket; a direct one arrives from
 //! the agent's socket. Each server records, per accepted connection, the peer address and the
 //! pid that owns the peer socket (looked up in /proc while the connection is open), so a test
 //! can assert "relayed by brokerd" or "direct from the agent" without guessing.
+//!
+//! They speak HTTP/1.1 (one request per connection, then close) because brokerd terminates
+//! HTTP: a server that speaks first, or any non-HTTP protocol, is refused by it.
 
 use std::{
     fs,
@@ -30,7 +33,8 @@ pub struct Accepted {
 
 #[derive(Clone)]
 enum Kind {
-    /// Writes `peer=<peer>\n`, then echoes every byte back until EOF.
+    /// Answers one HTTP/1.1 request with 200 and the body `peer=<peer>\n<request target without
+    /// its leading slash>`, then closes.
     Echo,
     /// Answers one HTTP/1.1 request with 200 and this body, then closes.
     Http(Arc<String>),
@@ -45,8 +49,8 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// An echo server on `bind` (e.g. "127.0.0.1:0" or "[::1]:0") that greets each connection
-    /// with `peer=<the peer address it sees>\n` and then echoes.
+    /// An HTTP "who are you" server on `bind` (e.g. `"127.0.0.1:0"` or `"[::1]:0"`): each request
+    /// `GET /<payload>` is answered with the body `peer=<the peer address it sees>\n<payload>`.
     pub fn echo(bind: &str) -> Self {
         Self::start(bind, Kind::Echo)
     }
@@ -133,38 +137,32 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, kind: &Kind) -> std::io::Resul
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    match kind {
-        Kind::Echo => {
-            stream.write_all(format!("peer={peer}\n").as_bytes())?;
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = stream.read(&mut buf)?;
-                if n == 0 {
-                    return Ok(());
-                }
-                stream.write_all(&buf[..n])?;
-            }
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 64 * 1024 {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
         }
-        Kind::Http(body) => {
-            let mut req = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 64 * 1024 {
-                let n = stream.read(&mut buf)?;
-                if n == 0 {
-                    return Ok(());
-                }
-                req.extend_from_slice(&buf[..n]);
-            }
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-                 Connection: close\r\n\r\n",
-                body.len()
-            );
-            stream.write_all(head.as_bytes())?;
-            stream.write_all(body.as_bytes())?;
-            stream.flush()
-        }
+        req.extend_from_slice(&buf[..n]);
     }
+    let body = match kind {
+        Kind::Echo => {
+            // Request line: METHOD SP TARGET SP VERSION.
+            let head = String::from_utf8_lossy(&req);
+            let target = head.split_whitespace().nth(1).unwrap_or("/");
+            format!("peer={peer}\n{}", target.trim_start_matches('/'))
+        }
+        Kind::Http(body) => body.to_string(),
+    };
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    stream.flush()
 }
 
 /// The pid of the process that owns the TCP socket whose local address is `local`, found through
@@ -259,10 +257,20 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_owner_of_its_own_socket() {
+    fn finds_the_owner_of_its_own_socket_and_answers_http() {
         let server = TestServer::echo("127.0.0.1:0");
-        let client = TcpStream::connect(server.addr()).expect("connect");
+        let mut client = TcpStream::connect(server.addr()).expect("connect");
         let local = client.local_addr().expect("local_addr");
+        client
+            .write_all(b"GET /hello-42 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(
+            answer.ends_with(&format!("\r\n\r\npeer={local}\nhello-42")),
+            "{answer}"
+        );
         assert_eq!(tcp_socket_owner(local), Some(std::process::id()));
         let seen = crate::poll_until(Duration::from_secs(5), || {
             server.accepted().first().cloned()

@@ -3,7 +3,11 @@
 //! Each test has its own cgroup, brokerd, pin dir and temp dirs, and cleans them up on failure.
 //! Oracles: brokerd's connection records (`brokerctl connections --json`), the test servers'
 //! view of who connected (peer address and the pid owning the peer socket), what the agent saw
-//! (getsockname/getpeername, the echo), and the kernel's own count of attached programs.
+//! (getsockname/getpeername, the HTTP answer), and the kernel's own count of attached programs.
+//!
+//! brokerd terminates HTTP and decides every request by policy (default deny, loopback is not
+//! special), so the servers here are plain-HTTP loopback servers and each test that expects a
+//! brokered round trip writes a policy allowing exactly those servers before brokerd starts.
 //!
 //! Run as root: `cargo test -p agent-broker-tests -- --test-threads=1`.
 
@@ -19,6 +23,31 @@ use agent_broker_tests::{
     AgentRun, Broker, Mode, SHORT, TestCgroup, TestHost, TestServer, agent, attached_programs,
     canon, cgroup_of, require_privileges, spawn_in_cgroup, wait_with_timeout,
 };
+
+/// A policy for `cgroup` (and below) allowing plain HTTP to exactly these servers.
+fn allow_servers(cgroup: &str, servers: &[&TestServer]) -> String {
+    let mut toml = format!("cgroup = \"{cgroup}\"\n");
+    for server in servers {
+        toml.push_str(&format!(
+            "\n[[allow]]\nhost = \"{}\"\nport = {}\n",
+            server.addr().ip(),
+            server.addr().port()
+        ));
+    }
+    toml
+}
+
+/// A brokerd whose policy lets `cgroup` reach `servers`.
+fn broker_allowing(cgroup: &str, servers: &[&TestServer]) -> Broker {
+    Broker::builder()
+        .policy("capture", &allow_servers(cgroup, servers))
+        .start()
+}
+
+/// Whether brokerd took the connection (anything but a refusal: `brokered`, or a later variant).
+fn not_refused(outcome: &Outcome) -> bool {
+    !matches!(outcome, Outcome::Refused { .. })
+}
 
 /// Asserts that `run` (an agent in cgroup `cgroup`) was captured and relayed by `broker` to
 /// `server`, whose address the agent dialled as `dst`. Returns brokerd's record.
@@ -55,7 +84,10 @@ fn assert_brokered(
         canon(dst),
         "{what}: original destination in {record:?}"
     );
-    assert_eq!(record.outcome, Outcome::Relayed, "{what}: {record:?}");
+    assert!(
+        not_refused(&record.outcome),
+        "{what}: brokerd refused the connection: {record:?}"
+    );
 
     let accepted = server.accepted();
     let new = &accepted[accepted_before.min(accepted.len())..];
@@ -80,7 +112,7 @@ fn assert_brokered(
     assert_eq!(
         r.greeting.as_deref(),
         Some(format!("peer={}", new[0].peer).as_str()),
-        "{what}: the agent should read the greeting the server sent to brokerd"
+        "{what}: the agent should read the answer the server sent to brokerd"
     );
     record
 }
@@ -142,13 +174,13 @@ fn assert_programs_attached(cgroup: &str, n: u32, what: &str) {
 fn ipv4_ipv6_and_v4_mapped_connects_are_captured_and_relayed() {
     require_privileges();
     let cg = TestCgroup::new();
-    let broker = Broker::start();
+    let echo4 = TestServer::echo("127.0.0.1:0");
+    let echo6 = TestServer::echo("[::1]:0");
+    let broker = broker_allowing(cg.path(), &[&echo4, &echo6]);
     let agent_cg = cg.path().to_string();
     broker.attach(&agent_cg);
     assert_programs_attached(&agent_cg, 1, "after attach");
 
-    let echo4 = TestServer::echo("127.0.0.1:0");
-    let echo6 = TestServer::echo("[::1]:0");
     let mapped = SocketAddr::from((Ipv4Addr::LOCALHOST.to_ipv6_mapped(), echo4.addr().port()));
     for (what, server, dst) in [
         ("IPv4", &echo4, echo4.addr()),
@@ -171,10 +203,10 @@ fn ipv4_ipv6_and_v4_mapped_connects_are_captured_and_relayed() {
 fn child_process_second_thread_and_nested_cgroup_are_captured() {
     require_privileges();
     let cg = TestCgroup::new();
-    let broker = Broker::start();
+    let echo = TestServer::echo("127.0.0.1:0");
+    let broker = broker_allowing(cg.path(), &[&echo]);
     let agent_cg = cg.path().to_string();
     broker.attach(&agent_cg);
-    let echo = TestServer::echo("127.0.0.1:0");
 
     // A child process: the record names the child, not the process the test started.
     let before = echo.accepted().len();
@@ -236,12 +268,12 @@ fn child_process_second_thread_and_nested_cgroup_are_captured() {
 fn untagged_sibling_and_detached_cgroup_are_not_redirected() {
     require_privileges();
     let cg = TestCgroup::new();
-    let broker = Broker::start();
+    let echo = TestServer::echo("127.0.0.1:0");
+    let echo6 = TestServer::echo("[::1]:0");
+    let broker = broker_allowing(cg.path(), &[&echo, &echo6]);
     let tagged = cg.create_child("agent");
     let sibling = cg.create_child("sibling");
     broker.attach(&tagged);
-    let echo = TestServer::echo("127.0.0.1:0");
-    let echo6 = TestServer::echo("[::1]:0");
 
     // The oracle works here: the tagged cgroup is brokered.
     let before = echo.accepted().len();
@@ -284,11 +316,11 @@ fn untagged_sibling_and_detached_cgroup_are_not_redirected() {
 fn fail_closed_after_sigkill_and_adopted_after_restart() {
     require_privileges();
     let cg = TestCgroup::new();
-    let mut broker = Broker::start();
-    let agent_cg = cg.path().to_string();
-    broker.attach(&agent_cg);
     let echo = TestServer::echo("127.0.0.1:0");
     let echo6 = TestServer::echo("[::1]:0");
+    let mut broker = broker_allowing(cg.path(), &[&echo, &echo6]);
+    let agent_cg = cg.path().to_string();
+    broker.attach(&agent_cg);
 
     let before = echo.accepted().len();
     let run = agent::connect(&agent_cg, Mode::Connect, echo.addr());
@@ -453,10 +485,12 @@ fn refusals_root_dotdot_own_cgroup_and_control_from_tagged_cgroup() {
 }
 
 #[test]
-fn non_loopback_destination_is_refused_and_nothing_arrives() {
+fn non_loopback_destination_without_a_rule_is_denied_and_nothing_arrives() {
     require_privileges();
     let cg = TestCgroup::new();
-    let broker = Broker::start();
+    // A policy for this cgroup that allows something else: the host still has no rule.
+    let decoy = TestServer::echo("127.0.0.1:0");
+    let broker = broker_allowing(cg.path(), &[&decoy]);
     let agent_cg = cg.path().to_string();
     broker.attach(&agent_cg);
     let host = TestHost::start();
@@ -490,10 +524,30 @@ fn non_loopback_destination_is_refused_and_nothing_arrives() {
     let origin = record.origin.clone().unwrap_or_else(|| panic!("no origin"));
     assert_eq!(origin.cgroup, agent_cg, "{record:?}");
     assert_eq!(origin.original_dst, host.addr(), "{record:?}");
-    assert!(
-        matches!(record.outcome, Outcome::Refused { .. }),
-        "a non-loopback destination must be refused: {record:?}"
-    );
+    // Either brokerd closes the connection, or it answers the request with its JSON 403.
+    match r.status {
+        Some(403) => {
+            let body: serde_json::Value = serde_json::from_str(r.body.as_deref().unwrap_or(""))
+                .unwrap_or_else(|e| panic!("the 403 body is not JSON ({e}): {r:?}"));
+            assert_eq!(
+                body["error"].as_str(),
+                Some("denied by agent-broker"),
+                "{r:?}"
+            );
+            assert_eq!(body["agent"].as_str(), Some(agent_cg.as_str()), "{r:?}");
+            assert!(
+                body["reason"].as_str().is_some_and(|s| !s.is_empty()),
+                "the denial must say why: {r:?}"
+            );
+        }
+        None => assert!(
+            r.closed_early
+                || r.errno.is_some()
+                || matches!(record.outcome, Outcome::Refused { .. }),
+            "without an HTTP answer the connection must have been closed: {r:?} {record:?}"
+        ),
+        Some(other) => panic!("a destination without a rule got HTTP {other}: {r:?}"),
+    }
     thread::sleep(Duration::from_millis(500));
     assert_eq!(
         host.accepted().len(),
@@ -501,16 +555,21 @@ fn non_loopback_destination_is_refused_and_nothing_arrives() {
         "the test host received a connection from the agent: {:?}",
         host.accepted()
     );
+    assert!(
+        decoy.accepted().is_empty(),
+        "nothing may reach the allowed decoy either: {:?}",
+        decoy.accepted()
+    );
 }
 
 #[test]
 fn acceptance_brokerctl_run_curl_reaches_local_http_server() {
     require_privileges();
     let cg = TestCgroup::new();
-    let broker = Broker::start();
     let demo = cg.child("demo");
     let body = format!("hello from the abtest http server {}\n", std::process::id());
     let http = TestServer::http("127.0.0.1:0", &body);
+    let broker = broker_allowing(&demo, &[&http]);
     let url = format!("http://{}/", http.addr());
 
     let mut cmd = broker.ctl();
@@ -540,7 +599,7 @@ fn acceptance_brokerctl_run_curl_reaches_local_http_server() {
     assert_eq!(origin.cgroup, demo, "{record:?}");
     assert_eq!(origin.comm, "curl", "{record:?}");
     assert_eq!(origin.original_dst, http.addr(), "{record:?}");
-    assert_eq!(record.outcome, Outcome::Relayed, "{record:?}");
+    assert!(not_refused(&record.outcome), "{record:?}");
     let accepted = http.accepted();
     assert_eq!(accepted.len(), 1, "{accepted:?}");
     assert_eq!(
@@ -575,4 +634,78 @@ fn acceptance_brokerctl_run_curl_reaches_local_http_server() {
         "plain `brokerctl status` should list {demo}:\n{text}"
     );
     assert_programs_attached(&demo, 1, "agents/demo");
+}
+
+/// Connects from inside `cgroup` to `dst`, sends `payload` (not HTTP, not TLS) and prints what
+/// came back as JSON: `{"data": "<text>", "closed": true|false, "error": ...}`.
+const RAW_PY: &str = r#"
+import json, socket, sys
+host, port, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+out = {"data": "", "closed": False}
+try:
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(payload.encode())
+    buf = b""
+    while True:
+        c = s.recv(4096)
+        if not c:
+            out["closed"] = True
+            break
+        buf += c
+    out["data"] = buf.decode("utf-8", "replace")
+except ConnectionResetError:
+    out["closed"] = True
+except OSError as e:
+    out["error"] = str(e)
+print(json.dumps(out), flush=True)
+"#;
+
+#[test]
+fn non_http_traffic_to_an_allowed_destination_is_closed_and_reaches_nothing() {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let server = TestServer::echo("127.0.0.1:0");
+    let broker = broker_allowing(cg.path(), &[&server]);
+    broker.attach(cg.path());
+
+    let mut cmd = std::process::Command::new(agent::python());
+    cmd.args(["-c", RAW_PY])
+        .arg(server.addr().ip().to_string())
+        .arg(server.addr().port().to_string())
+        .arg("SSH-2.0-abtest\r\n")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = spawn_in_cgroup(cg.path(), &mut cmd);
+    let pid = child.id();
+    let out = wait_with_timeout(child, SHORT * 2, "raw python agent");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "the raw agent printed no report ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(
+        report["closed"], true,
+        "brokerd must close a connection that is neither TLS nor HTTP: {report}"
+    );
+    assert_eq!(
+        report["data"], "",
+        "the agent must get nothing back: {report}"
+    );
+    let record = broker.wait_connection("the raw connection", |c| {
+        c.origin.as_ref().is_some_and(|o| o.pid == pid)
+    });
+    assert_eq!(
+        record.origin.map(|o| o.original_dst),
+        Some(server.addr()),
+        "brokerd records where it was going"
+    );
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        server.accepted().is_empty(),
+        "non-HTTP bytes must not be relayed to the server: {:?}",
+        server.accepted()
+    );
 }

@@ -173,8 +173,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Attach { cgroup, create } => {
             let path = CgroupPath::parse(&cgroup)?;
             let (tagged, already) = attach(&args.run_dir, &path, create)?;
-            if already {
+            if already && tagged.path == path.to_string() {
                 println!("{} is already tagged", tagged.path);
+            } else if already {
+                println!("{path} is covered by tagged cgroup {}", tagged.path);
             } else {
                 println!("tagged {} (cgroup id {})", tagged.path, tagged.id);
             }

@@ -1,0 +1,685 @@
+//! A test HTTPS API: the "real" upstream that brokerd forwards to, with its own CA.
+//!
+//! [`TestCa`] is generated at runtime (rcgen) and written as PEM to a temp file for brokerd's
+//! `--upstream-ca`. [`TestUpstream`] runs in-process on its own tokio runtime thread: a TLS
+//! listener (ALPN h2 and/or http/1.1, hyper-util's auto server) on a loopback address such as
+//! 127.0.0.2, and optionally a plain-HTTP listener on the same address. Endpoints:
+//!
+//! - `/hash`: JSON with the sha256 (hex) of the `Authorization` header, of `x-api-key`, of the
+//!   query string, plus the HTTP version, Host, :authority, SNI and ALPN it saw;
+//! - `/echo`: JSON `{"headers": {name: value}, "authorization_base64": ...}` of every request
+//!   header (and the Authorization value in base64), and the `Authorization` value copied into
+//!   the response header `x-echo-authorization` (the worst-case reflecting API that brokerd
+//!   must scrub);
+//! - `/stream`: [`STREAM_CHUNKS`] chunks of [`STREAM_CHUNK_LEN`] bytes, [`STREAM_GAP`] apart
+//!   (chunked transfer over HTTP/1.1, DATA frames over h2);
+//! - `/ws`: a WebSocket echo (HTTP/1.1 upgrade).
+//!
+//! Every request is recorded as an [`UpstreamRequest`]: hashes and lengths, never values. A test
+//! can register canaries ([`TestUpstream::watch_for`]); a request in which one occurs (in any
+//! header, the path, the query or the body, in any encoding [`Canary::find_in`] knows) records
+//! where, so "the attacker got nothing" and "the placeholder was not forwarded" are checkable.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::{
+    ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{Message, handshake::derive_accept_key, protocol::Role},
+};
+
+use crate::{
+    canary::{Canary, sha256_hex},
+    tcp_socket_owner,
+};
+
+/// `/stream`: how many chunks.
+pub const STREAM_CHUNKS: usize = 5;
+/// `/stream`: bytes per chunk (each ends with `\n`).
+pub const STREAM_CHUNK_LEN: usize = 256;
+/// `/stream`: pause between chunks.
+pub const STREAM_GAP: Duration = Duration::from_millis(300);
+
+/// A certificate authority of the test's own (ECDSA P-256), its certificate in a temp PEM file.
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert_der: CertificateDer<'static>,
+    _dir: tempfile::TempDir,
+    pem_path: PathBuf,
+}
+
+impl TestCa {
+    /// A new CA whose common name is `name`.
+    pub fn new(name: &str) -> Self {
+        let key = KeyPair::generate().unwrap_or_else(|e| panic!("test CA key: {e}"));
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        dn.push(DnType::OrganizationName, "agent-broker tests");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params
+            .self_signed(&key)
+            .unwrap_or_else(|e| panic!("test CA certificate: {e}"));
+        let dir = tempfile::Builder::new()
+            .prefix("abtest-ca-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("temp dir for the test CA: {e}"));
+        let pem_path = dir.path().join("test-ca.pem");
+        std::fs::write(&pem_path, cert.pem())
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", pem_path.display()));
+        Self {
+            issuer: Issuer::new(params, key),
+            cert_der: cert.der().clone(),
+            _dir: dir,
+            pem_path,
+        }
+    }
+
+    /// The CA certificate as a PEM file (for `--upstream-ca`).
+    pub fn pem_path(&self) -> &Path {
+        &self.pem_path
+    }
+
+    /// A server certificate chain and key for `names` (DNS names or IP literals).
+    fn leaf(&self, names: &[String]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap_or_else(|e| panic!("leaf key: {e}"));
+        let mut params = CertificateParams::new(names.to_vec())
+            .unwrap_or_else(|e| panic!("leaf params for {names:?}: {e}"));
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .unwrap_or_else(|e| panic!("leaf for {names:?}: {e}"));
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (vec![cert.der().clone(), self.cert_der.clone()], key)
+    }
+}
+
+/// Which ALPN protocols the TLS listener offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alpn {
+    /// h2 and http/1.1 (h2 preferred).
+    Both,
+    /// http/1.1 only.
+    Http1Only,
+}
+
+/// How to start a [`TestUpstream`].
+#[derive(Clone, Debug)]
+pub struct UpstreamOptions {
+    /// Address to listen on (port chosen by the kernel).
+    pub ip: IpAddr,
+    /// Names in the server certificate.
+    pub names: Vec<String>,
+    pub alpn: Alpn,
+    /// Also listen for plain HTTP.
+    pub plain: bool,
+}
+
+impl UpstreamOptions {
+    /// 127.0.0.2, certificate for api.example.test and other.example.test, h2 + http/1.1,
+    /// with a plain listener.
+    pub fn api() -> Self {
+        Self {
+            ip: IpAddr::from([127, 0, 0, 2]),
+            names: vec!["api.example.test".into(), "other.example.test".into()],
+            alpn: Alpn::Both,
+            plain: true,
+        }
+    }
+}
+
+/// One request the upstream received. Values never appear: only hashes, lengths and names.
+#[derive(Clone, Debug, Serialize)]
+pub struct UpstreamRequest {
+    /// Whether it came over the TLS listener.
+    pub tls: bool,
+    /// The TCP peer and the pid owning the peer socket (brokerd's, when relayed).
+    pub peer: SocketAddr,
+    pub peer_owner: Option<u32>,
+    pub sni: Option<String>,
+    pub alpn: Option<String>,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    /// The Host header, if any.
+    pub host: Option<String>,
+    /// The request URI's authority (h2 `:authority`), if any.
+    pub authority: Option<String>,
+    /// sha256 hex of each value of each header, by lowercase name.
+    pub header_sha256: BTreeMap<String, Vec<String>>,
+    /// sha256 hex of the query string (without `?`), if there is one.
+    pub query_sha256: Option<String>,
+    pub body_len: usize,
+    /// Where a watched canary occurred, e.g. `secret in header authorization (raw)`.
+    pub canary_hits: Vec<String>,
+}
+
+impl UpstreamRequest {
+    /// sha256 of the (single) value of header `name`.
+    pub fn header_hash(&self, name: &str) -> Option<&str> {
+        self.header_sha256
+            .get(name)
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    }
+}
+
+#[derive(Default)]
+struct State {
+    requests: Mutex<Vec<UpstreamRequest>>,
+    /// TCP connections accepted, TLS handshakes completed.
+    accepted: AtomicUsize,
+    handshakes: AtomicUsize,
+    canaries: Mutex<Vec<(String, Canary)>>,
+    /// WebSocket messages echoed.
+    ws_messages: AtomicUsize,
+}
+
+/// An HTTPS (and optionally plain HTTP) test API on a loopback address; stopped on Drop.
+pub struct TestUpstream {
+    tls_addr: SocketAddr,
+    plain_addr: Option<SocketAddr>,
+    state: Arc<State>,
+    shutdown: Option<watch::Sender<bool>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// The connection a request came on.
+#[derive(Clone)]
+struct ConnInfo {
+    tls: bool,
+    peer: SocketAddr,
+    peer_owner: Option<u32>,
+    sni: Option<String>,
+    alpn: Option<String>,
+}
+
+impl TestUpstream {
+    /// Starts the API with a certificate from `ca`.
+    pub fn start(ca: &TestCa, options: UpstreamOptions) -> Self {
+        let (chain, key) = ca.leaf(&options.names);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|e| panic!("rustls protocol versions: {e}"))
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap_or_else(|e| panic!("upstream server config: {e}"));
+        config.alpn_protocols = match options.alpn {
+            Alpn::Both => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            Alpn::Http1Only => vec![b"http/1.1".to_vec()],
+        };
+        let config = Arc::new(config);
+
+        let bind = |what: &str| {
+            let l =
+                std::net::TcpListener::bind(SocketAddr::new(options.ip, 0)).unwrap_or_else(|e| {
+                    panic!("cannot bind the {what} upstream on {}: {e}", options.ip)
+                });
+            l.set_nonblocking(true)
+                .unwrap_or_else(|e| panic!("set_nonblocking: {e}"));
+            l
+        };
+        let tls_listener = bind("TLS");
+        let plain_listener = options.plain.then(|| bind("plain"));
+        let tls_addr = tls_listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("local_addr: {e}"));
+        let plain_addr = plain_listener
+            .as_ref()
+            .map(|l| l.local_addr().unwrap_or_else(|e| panic!("local_addr: {e}")));
+
+        let state = Arc::new(State::default());
+        let (tx, rx) = watch::channel(false);
+        let thread = {
+            let state = state.clone();
+            thread::Builder::new()
+                .name("abtest-upstream".into())
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()
+                        .unwrap_or_else(|e| panic!("upstream runtime: {e}"));
+                    rt.block_on(async move {
+                        let tls = tokio::net::TcpListener::from_std(tls_listener)
+                            .unwrap_or_else(|e| panic!("tokio listener: {e}"));
+                        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                        let mut tasks = vec![tokio::spawn(accept_loop(
+                            tls,
+                            Some(acceptor),
+                            state.clone(),
+                            rx.clone(),
+                        ))];
+                        if let Some(plain) = plain_listener {
+                            let plain = tokio::net::TcpListener::from_std(plain)
+                                .unwrap_or_else(|e| panic!("tokio listener: {e}"));
+                            tasks.push(tokio::spawn(accept_loop(
+                                plain,
+                                None,
+                                state.clone(),
+                                rx.clone(),
+                            )));
+                        }
+                        let mut rx = rx;
+                        while !*rx.borrow() {
+                            if rx.changed().await.is_err() {
+                                break;
+                            }
+                        }
+                        for t in tasks {
+                            t.abort();
+                        }
+                    });
+                    rt.shutdown_timeout(Duration::from_secs(1));
+                })
+                .unwrap_or_else(|e| panic!("cannot start the upstream thread: {e}"))
+        };
+        Self {
+            tls_addr,
+            plain_addr,
+            state,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// The TLS listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.tls_addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.tls_addr.port()
+    }
+
+    /// The plain-HTTP listener; panics when it was not asked for.
+    pub fn plain_addr(&self) -> SocketAddr {
+        self.plain_addr
+            .unwrap_or_else(|| panic!("this upstream has no plain HTTP listener"))
+    }
+
+    /// Every request received so far, oldest first.
+    pub fn requests(&self) -> Vec<UpstreamRequest> {
+        self.state
+            .requests
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
+    /// TCP connections accepted on either listener.
+    pub fn connections(&self) -> usize {
+        self.state.accepted.load(Ordering::Relaxed)
+    }
+
+    /// TLS handshakes completed.
+    pub fn handshakes(&self) -> usize {
+        self.state.handshakes.load(Ordering::Relaxed)
+    }
+
+    /// WebSocket messages echoed.
+    pub fn ws_messages(&self) -> usize {
+        self.state.ws_messages.load(Ordering::Relaxed)
+    }
+
+    /// Record where `canary` occurs in requests from now on, under `label`.
+    pub fn watch_for(&self, label: &str, canary: &Canary) {
+        if let Ok(mut c) = self.state.canaries.lock() {
+            c.push((label.to_string(), canary.clone()));
+        }
+    }
+
+    /// Waits up to `timeout` for a request matching `pred`.
+    pub fn wait_request(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&UpstreamRequest) -> bool,
+    ) -> Option<UpstreamRequest> {
+        crate::poll_until(timeout, || self.requests().into_iter().find(|r| pred(r)))
+    }
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(true);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<State>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        state.accepted.fetch_add(1, Ordering::Relaxed);
+        // Look the owner up now, while the peer socket certainly exists.
+        let peer_owner = tokio::task::spawn_blocking(move || tcp_socket_owner(peer))
+            .await
+            .ok()
+            .flatten();
+        let state = state.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            match tls {
+                Some(acceptor) => {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                            .await
+                    else {
+                        return;
+                    };
+                    state.handshakes.fetch_add(1, Ordering::Relaxed);
+                    let (_, conn) = stream.get_ref();
+                    let info = ConnInfo {
+                        tls: true,
+                        peer,
+                        peer_owner,
+                        sni: conn.server_name().map(str::to_string),
+                        alpn: conn
+                            .alpn_protocol()
+                            .map(|p| String::from_utf8_lossy(p).into_owned()),
+                    };
+                    serve(TokioIo::new(stream), info, state).await;
+                }
+                None => {
+                    let info = ConnInfo {
+                        tls: false,
+                        peer,
+                        peer_owner,
+                        sni: None,
+                        alpn: None,
+                    };
+                    serve(TokioIo::new(stream), info, state).await;
+                }
+            }
+        });
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+async fn serve<I>(io: I, info: ConnInfo, state: Arc<State>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let info = info.clone();
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(req, &info, &state).await) }
+    });
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(io, service)
+        .await;
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn version_name(v: http::Version) -> String {
+    format!("{v:?}")
+}
+
+async fn handle(mut req: Request<Incoming>, info: &ConnInfo, state: &Arc<State>) -> Response<Body> {
+    let is_ws = req.uri().path() == "/ws";
+    let upgrade = is_ws.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let body = if is_ws {
+        Bytes::new()
+    } else {
+        match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => Bytes::new(),
+        }
+    };
+
+    let mut header_sha256: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in &parts.headers {
+        header_sha256
+            .entry(name.as_str().to_string())
+            .or_default()
+            .push(sha256_hex(value.as_bytes()));
+    }
+    let query = parts.uri.query().map(str::to_string);
+    let mut hits = Vec::new();
+    if let Ok(canaries) = state.canaries.lock() {
+        for (label, canary) in canaries.iter() {
+            for (name, value) in &parts.headers {
+                if let Some((enc, _)) = canary.find_in(value.as_bytes()) {
+                    hits.push(format!("{label} in header {name} ({enc})"));
+                }
+            }
+            if let Some((enc, _)) = canary.find_in(parts.uri.path().as_bytes()) {
+                hits.push(format!("{label} in the path ({enc})"));
+            }
+            if let Some(q) = &query
+                && let Some((enc, _)) = canary.find_in(q.as_bytes())
+            {
+                hits.push(format!("{label} in the query ({enc})"));
+            }
+            if let Some((enc, _)) = canary.find_in(&body) {
+                hits.push(format!("{label} in the body ({enc})"));
+            }
+        }
+    }
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
+    let authority = parts.uri.authority().map(|a| a.to_string());
+    let record = UpstreamRequest {
+        tls: info.tls,
+        peer: info.peer,
+        peer_owner: info.peer_owner,
+        sni: info.sni.clone(),
+        alpn: info.alpn.clone(),
+        version: version_name(parts.version),
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        host: host.clone(),
+        authority: authority.clone(),
+        header_sha256,
+        query_sha256: query.as_deref().map(|q| sha256_hex(q.as_bytes())),
+        body_len: body.len(),
+        canary_hits: hits,
+    };
+    if let Ok(mut r) = state.requests.lock() {
+        r.push(record.clone());
+    }
+
+    match parts.uri.path() {
+        "/hash" => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "authorization_sha256": record.header_hash("authorization"),
+                "x_api_key_sha256": record.header_hash("x-api-key"),
+                "query_sha256": record.query_sha256,
+                "version": record.version,
+                "host": host,
+                "authority": authority,
+                "sni": info.sni,
+                "alpn": info.alpn,
+            }),
+        ),
+        "/echo" => {
+            let headers: serde_json::Map<String, serde_json::Value> = parts
+                .headers
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.as_str().to_string(),
+                        serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into()),
+                    )
+                })
+                .collect();
+            // Also the Authorization value in base64, as some debug endpoints echo it.
+            let b64 = parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .map(|v| data_encoding::BASE64.encode(v.as_bytes()));
+            let mut r = json(
+                StatusCode::OK,
+                &serde_json::json!({ "headers": headers, "authorization_base64": b64 }),
+            );
+            if let Some(auth) = parts.headers.get(header::AUTHORIZATION) {
+                r.headers_mut().insert("x-echo-authorization", auth.clone());
+            }
+            r
+        }
+        "/stream" => {
+            let stream = futures_util::stream::unfold(0usize, |i| async move {
+                if i >= STREAM_CHUNKS {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(STREAM_GAP).await;
+                }
+                let mut line = format!("chunk {i} ");
+                while line.len() < STREAM_CHUNK_LEN - 1 {
+                    line.push('.');
+                }
+                line.push('\n');
+                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(line))), i + 1))
+            });
+            let mut r = Response::new(BoxBody::new(StreamBody::new(stream)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain"),
+            );
+            r
+        }
+        "/ws" => websocket(&parts, upgrade, state),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "no such endpoint", "path": parts.uri.path()}),
+        ),
+    }
+}
+
+fn websocket(
+    parts: &http::request::Parts,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    state: &Arc<State>,
+) -> Response<Body> {
+    let key = parts.headers.get("sec-websocket-key");
+    let wants = parts
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let (Some(key), true, Some(upgrade)) = (key, wants, upgrade) else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": "not a websocket upgrade"}),
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let state = state.clone();
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(msg)) = ws.next().await {
+            match msg {
+                Message::Text(_) | Message::Binary(_) => {
+                    state.ws_messages.fetch_add(1, Ordering::Relaxed);
+                    if ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Close(_) => {
+                    let _ = ws.close(None).await;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    });
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("Upgrade"),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    r
+}
