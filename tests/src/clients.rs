@@ -654,23 +654,20 @@ pub fn node_client(
 }
 
 /// Path of the statically linked agent-client: `$AGENT_BROKER_STATIC_CLIENT`, else
-/// `<workspace>/target/static/x86_64-unknown-linux-gnu/debug/agent-client`. Panics when it is
+/// `<workspace>/target/static/agent-client`. Panics when it is
 /// missing or not static (it must have no ELF interpreter).
 pub fn static_client() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let path = match std::env::var_os("AGENT_BROKER_STATIC_CLIENT") {
             Some(p) => PathBuf::from(p),
-            None => {
-                workspace_dir().join("target/static/x86_64-unknown-linux-gnu/debug/agent-client")
-            }
+            None => workspace_dir().join("target/static/agent-client"),
         };
         assert!(
             path.is_file(),
-            "the static test client is missing at {}: build it with `RUSTFLAGS=\"-C \
-             target-feature=+crt-static\" cargo build -p agent-broker-tests --bin agent-client \
-             --target x86_64-unknown-linux-gnu --target-dir target/static` (cargo xtask build \
-             does), or set AGENT_BROKER_STATIC_CLIENT",
+            "the static test client is missing at {}: build it with `cargo xtask build` \
+             (it links agent-client with -C target-feature=+crt-static and copies it there), \
+             or set AGENT_BROKER_STATIC_CLIENT",
             path.display()
         );
         let bytes =

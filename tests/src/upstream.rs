@@ -154,6 +154,10 @@ pub struct UpstreamOptions {
     pub alpn: Alpn,
     /// Also listen for plain HTTP.
     pub plain: bool,
+    /// Port of the TLS listener; 0 lets the kernel choose.
+    pub port: u16,
+    /// sha256 hex of the Authorization value `/v1/whoami` accepts (the demo's "real key").
+    pub expect_authorization_sha256: Option<String>,
 }
 
 impl UpstreamOptions {
@@ -165,6 +169,8 @@ impl UpstreamOptions {
             names: vec!["api.example.test".into(), "other.example.test".into()],
             alpn: Alpn::Both,
             plain: true,
+            port: 0,
+            expect_authorization_sha256: None,
         }
     }
 }
@@ -216,6 +222,8 @@ struct State {
     canaries: Mutex<Vec<(String, Canary)>>,
     /// WebSocket messages echoed.
     ws_messages: AtomicUsize,
+    /// What `/v1/whoami` accepts.
+    expect_authorization_sha256: Option<String>,
 }
 
 /// An HTTPS (and optionally plain HTTP) test API on a loopback address; stopped on Drop.
@@ -254,17 +262,17 @@ impl TestUpstream {
         };
         let config = Arc::new(config);
 
-        let bind = |what: &str| {
+        let bind = |what: &str, port: u16| {
             let l =
-                std::net::TcpListener::bind(SocketAddr::new(options.ip, 0)).unwrap_or_else(|e| {
+                std::net::TcpListener::bind(SocketAddr::new(options.ip, port)).unwrap_or_else(|e| {
                     panic!("cannot bind the {what} upstream on {}: {e}", options.ip)
                 });
             l.set_nonblocking(true)
                 .unwrap_or_else(|e| panic!("set_nonblocking: {e}"));
             l
         };
-        let tls_listener = bind("TLS");
-        let plain_listener = options.plain.then(|| bind("plain"));
+        let tls_listener = bind("TLS", options.port);
+        let plain_listener = options.plain.then(|| bind("plain", 0));
         let tls_addr = tls_listener
             .local_addr()
             .unwrap_or_else(|e| panic!("local_addr: {e}"));
@@ -272,7 +280,10 @@ impl TestUpstream {
             .as_ref()
             .map(|l| l.local_addr().unwrap_or_else(|e| panic!("local_addr: {e}")));
 
-        let state = Arc::new(State::default());
+        let state = Arc::new(State {
+            expect_authorization_sha256: options.expect_authorization_sha256.clone(),
+            ..State::default()
+        });
         let (tx, rx) = watch::channel(false);
         let thread = {
             let state = state.clone();
@@ -597,6 +608,15 @@ async fn handle(mut req: Request<Incoming>, info: &ConnInfo, state: &Arc<State>)
                 r.headers_mut().insert("x-echo-authorization", auth.clone());
             }
             r
+        }
+        "/v1/whoami" => {
+            let got = record.header_hash("authorization");
+            let authorized = got.is_some() && got == state.expect_authorization_sha256.as_deref();
+            let status = if authorized { StatusCode::OK } else { StatusCode::UNAUTHORIZED };
+            json(
+                status,
+                &serde_json::json!({ "authorized": authorized, "authorization_sha256": got }),
+            )
         }
         "/stream" => {
             let stream = futures_util::stream::unfold(0usize, |i| async move {

@@ -38,10 +38,42 @@ pub fn build(profile: Profile) -> Result<()> {
         host.arg("--release");
     }
     cmd::run(&mut host).context("building the workspace")?;
+    build_static_client(profile).context("building the statically linked test client")?;
     eprintln!(
         "build: binaries in {}",
         cmd::relative(&paths::target_dir().join(profile.dir_name()))
     );
+    Ok(())
+}
+
+/// The end-to-end tests run one statically linked client (no dynamic loader, no libc from the
+/// host), as an uncooperative agent binary would be. Only its final link differs from the
+/// workspace build, so `cargo rustc` reuses every compiled dependency; the result is copied
+/// aside because the next ordinary build relinks the same path dynamically.
+fn build_static_client(profile: Profile) -> Result<()> {
+    let mut link = cmd::workspace_cargo()?;
+    link.args([
+        "rustc",
+        "--package",
+        "agent-broker-tests",
+        "--bin",
+        "agent-client",
+    ]);
+    if let Profile::Release = profile {
+        link.arg("--release");
+    }
+    link.args(["--", "-C", "target-feature=+crt-static"]);
+    cmd::run(&mut link)?;
+    let built = paths::target_dir()
+        .join(profile.dir_name())
+        .join("agent-client");
+    let dest = paths::static_client();
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::copy(&built, &dest)
+        .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
+    eprintln!("build: static test client at {}", cmd::relative(&dest));
     Ok(())
 }
 

@@ -41,3 +41,8 @@ pub fn ebpf_object() -> PathBuf {
         .join("release")
         .join("agent-broker")
 }
+
+/// The statically linked test client, copied here by `build`.
+pub fn static_client() -> PathBuf {
+    target_dir().join("static").join("agent-client")
+}
