@@ -11,6 +11,7 @@
 
 mod build;
 mod cmd;
+mod demo;
 mod paths;
 mod run;
 mod setup;
@@ -48,6 +49,13 @@ enum Command {
         #[arg(last = true)]
         brokerd_args: Vec<OsString>,
     },
+    /// Run the README's end-to-end flow against the bundled test API, calling until Ctrl-C
+    /// (needs root).
+    Demo {
+        /// Stop after this many calls.
+        #[arg(long)]
+        calls: Option<u32>,
+    },
     /// Build, check formatting and lints, run unit/component tests, then the privileged
     /// end-to-end tests (need root); fails if any test failed, was ignored, or none ran.
     Test,
@@ -59,6 +67,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::ensure(),
         Command::Build { release } => build::build(build::Profile::from_release_flag(release)),
         Command::Run { brokerd_args } => run::run(brokerd_args),
+        Command::Demo { calls } => demo::demo(calls),
         Command::Test => test::test(),
     };
     match result {
