@@ -58,6 +58,18 @@ impl Authorizer for PolicyAuthorizer {
             reason,
             rule: Some(rule_name.clone()),
         };
+        // Over plain HTTP nothing proves who answers at the original address: a Host header
+        // naming an allowed host could front any IP. Only an IP rule for that very address, or a
+        // rule that opts in with plain_http, may pass plain HTTP.
+        if !facts.tls && !plain_http && !host_is_address(facts.host, facts.origin.original_dst.ip())
+        {
+            return Err(deny(format!(
+                "plain HTTP to {} cannot be verified (nothing proves that {} is that host); use \
+                 https, or allow the address itself",
+                facts.host,
+                facts.origin.original_dst.ip()
+            )));
+        }
         // Secrets travel over plain HTTP only when the rule says so (ARCHITECTURE invariant 2).
         let may_write_secrets = facts.tls || plain_http;
         let mut grant = Grant {
@@ -137,5 +149,29 @@ impl Authorizer for PolicyAuthorizer {
             grant.needles.extend(rendered.secret_values.iter().cloned());
         }
         Ok(grant)
+    }
+}
+
+/// Whether `host` is the literal form of `ip`.
+fn host_is_address(host: &str, ip: std::net::IpAddr) -> bool {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|h| h == ip || h.to_canonical() == ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_is_address;
+
+    #[test]
+    fn only_the_literal_address_counts() {
+        let ip = "127.0.0.1".parse().expect("ip");
+        assert!(host_is_address("127.0.0.1", ip));
+        assert!(!host_is_address("127.0.0.2", ip));
+        assert!(!host_is_address("api.example.test", ip));
+        let v6 = "::1".parse().expect("ip");
+        assert!(host_is_address("[::1]", v6));
+        assert!(host_is_address("::1", v6));
     }
 }
