@@ -8,6 +8,7 @@
 use std::{sync::Arc, time::SystemTime};
 
 use http::{HeaderName, HeaderValue, StatusCode, request::Parts};
+use tokio::sync::watch;
 use tracing::warn;
 
 use crate::{
@@ -21,12 +22,13 @@ use crate::{
 
 /// Authorizes against a policy snapshot and the vault.
 pub struct PolicyAuthorizer {
-    policy: Arc<Policy>,
+    /// The live policy; each request takes the snapshot current when it arrives.
+    policy: watch::Receiver<Arc<Policy>>,
     vault: Arc<Vault>,
 }
 
 impl PolicyAuthorizer {
-    pub fn new(policy: Arc<Policy>, vault: Arc<Vault>) -> Self {
+    pub fn new(policy: watch::Receiver<Arc<Policy>>, vault: Arc<Vault>) -> Self {
         Self { policy, vault }
     }
 
@@ -44,7 +46,8 @@ impl PolicyAuthorizer {
 impl Authorizer for PolicyAuthorizer {
     fn authorize(&self, facts: &RequestFacts<'_>, parts: &mut Parts) -> Result<Grant, Denial> {
         let cgroup = &facts.origin.cgroup;
-        let (rule, inject, plain_http) = match self.policy.decide(cgroup, facts.host, facts.port) {
+        let policy = self.policy.borrow().clone();
+        let (rule, inject, plain_http) = match policy.decide(cgroup, facts.host, facts.port) {
             Decision::Allow {
                 rule,
                 inject,

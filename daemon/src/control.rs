@@ -25,6 +25,7 @@ use crate::{
     accept::RecentConnections,
     capture::{CaptureError, CaptureHandle, OriginResolver},
     cgroup::{CgroupError, CgroupPath, CgroupRoot},
+    policy_store::PolicyStore,
     secret::{SecretName, SecretValue},
     vault::{SecretMeta, Vault, VaultError},
 };
@@ -59,6 +60,7 @@ pub struct ControlState {
     pub vault: Arc<Vault>,
     /// The broker CA certificate (public).
     pub ca_pem: String,
+    pub policy: Arc<PolicyStore>,
 }
 
 /// Binds the control socket, refusing to steal it from a running brokerd.
@@ -216,6 +218,7 @@ async fn handle(request: Request, state: &ControlState) -> Response {
                 pin_dir: state.pin_dir.display().to_string(),
                 cgroups,
                 counters,
+                policy: policy_status(&state.policy),
             }),
             Err(e) => capture_error(e),
         },
@@ -312,6 +315,34 @@ async fn handle(request: Request, state: &ControlState) -> Response {
         } => crate::handle_store::mint(&state.vault, &cgroup, &secret, &host, ttl_secs).await,
         Request::HandleList => crate::handle_store::list(&state.vault).await,
         Request::HandleRevoke { id } => crate::handle_store::revoke(&state.vault, id).await,
+        Request::PolicyReload => {
+            let store = state.policy.clone();
+            match tokio::task::spawn_blocking(move || store.reload()).await {
+                Ok(Ok(files)) => Response::PolicyReloaded { files },
+                Ok(Err(message)) => error(ErrorKind::BadRequest, message),
+                Err(e) => error(ErrorKind::Internal, format!("reload task failed: {e}")),
+            }
+        }
+        Request::PolicyShow { cgroup } => crate::explain::show(&state.policy.current(), &cgroup),
+        Request::PolicyExplain {
+            cgroup,
+            method,
+            url,
+        } => crate::explain::explain(&state.policy.current(), &cgroup, &method, &url),
+    }
+}
+
+fn policy_status(store: &PolicyStore) -> agent_broker_protocol::PolicyStatus {
+    let s = store.state();
+    agent_broker_protocol::PolicyStatus {
+        dir: store.dir().display().to_string(),
+        files: s.files,
+        loaded_unix: s
+            .loaded
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        error: s.error,
     }
 }
 

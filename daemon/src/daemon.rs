@@ -18,7 +18,7 @@ use crate::{
     cgroup::CgroupRoot,
     config::Config,
     control::{self, ControlState},
-    policy::Policy,
+    policy_store::PolicyStore,
     proxy::Proxy,
     secret::SecretValue,
     tls::{BrokerCa, LeafMinter},
@@ -48,14 +48,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         KeySource::default_file(&config.state_dir)
     };
     let vault = Arc::new(Vault::open(&config.state_dir, key)?);
-    let policy = load_policy(&config.policy_dir)?;
+    let policy = PolicyStore::open(&config.policy_dir)?;
+    info!(dir = %config.policy_dir.display(), files = policy.current().files().len(), "policy loaded");
     let ca = load_or_create_ca(&vault, &config.state_dir)?;
     let minter = LeafMinter::new(ca)?;
     let upstream = Upstream::new(&config.upstream_ca)?;
     let proxy = Arc::new(Proxy {
         minter,
         upstream,
-        authorizer: Arc::new(PolicyAuthorizer::new(policy, vault.clone())),
+        authorizer: Arc::new(PolicyAuthorizer::new(policy.subscribe(), vault.clone())),
     });
 
     // Bind first: the kernel side needs the final port, and a bind failure must not leave
@@ -105,7 +106,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         pin_dir: config.pin_dir.clone(),
         vault,
         ca_pem: proxy.minter.ca().cert_pem().to_string(),
+        policy: policy.clone(),
     });
+    tracker.spawn(policy.watch(cancel.clone()));
     tracker.spawn(control::serve(control_listener, state, cancel.clone()));
     tracker.close();
     info!(
@@ -180,17 +183,6 @@ fn split_families(addrs: &[SocketAddr]) -> anyhow::Result<(SocketAddrV4, Option<
         SocketAddr::V4(_) => None,
     });
     Ok((v4.context("an IPv4 listener is required")?, v6))
-}
-
-/// Loads the policy directory; a missing directory is an empty policy (everything denied).
-fn load_policy(dir: &std::path::Path) -> anyhow::Result<Arc<Policy>> {
-    if !dir.exists() {
-        info!(dir = %dir.display(), "no policy directory: every request will be denied");
-        return Ok(Arc::new(Policy::empty()));
-    }
-    let policy = Policy::load_dir(dir)?;
-    info!(dir = %dir.display(), files = policy.files().len(), "policy loaded");
-    Ok(Arc::new(policy))
 }
 
 /// The broker CA from the vault, or a new one on first start. Its key never leaves the vault

@@ -65,6 +65,16 @@ pub enum Request {
     HandleList,
     /// Revoke a handle by id.
     HandleRevoke { id: String },
+    /// Load the policy directory now (it also reloads by itself within a second of a change).
+    PolicyReload,
+    /// The effective policy of a cgroup, after narrowing by its ancestors' files.
+    PolicyShow { cgroup: String },
+    /// Would this request be allowed, and by which rule and file?
+    PolicyExplain {
+        cgroup: String,
+        method: String,
+        url: String,
+    },
 }
 
 /// A secret value on its way into the vault. `Debug` never shows it; it is zeroized on drop.
@@ -157,6 +167,18 @@ pub enum Response {
     HandleRevoked {
         id: String,
     },
+    PolicyReloaded {
+        files: usize,
+    },
+    /// Human-readable policy text (`policy show`).
+    PolicyText {
+        text: String,
+    },
+    /// The answer to `PolicyExplain`.
+    PolicyExplained {
+        allowed: bool,
+        text: String,
+    },
     /// The request failed; `message` says what was wrong and what to do about it.
     Error {
         kind: ErrorKind,
@@ -196,6 +218,21 @@ pub struct StatusReport {
     pub cgroups: Vec<TaggedCgroup>,
     /// Kernel-side counters.
     pub counters: Counters,
+    /// The policy directory and its load state.
+    pub policy: PolicyStatus,
+}
+
+/// The policy as loaded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyStatus {
+    pub dir: String,
+    /// Files in the active policy.
+    pub files: usize,
+    /// When the active policy was loaded (Unix seconds).
+    pub loaded_unix: u64,
+    /// Why the newest files did not load, when they did not (the previous policy is active).
+    pub error: Option<String>,
 }
 
 /// One tagged cgroup.

@@ -263,10 +263,9 @@ impl TestUpstream {
         let config = Arc::new(config);
 
         let bind = |what: &str, port: u16| {
-            let l =
-                std::net::TcpListener::bind(SocketAddr::new(options.ip, port)).unwrap_or_else(|e| {
-                    panic!("cannot bind the {what} upstream on {}: {e}", options.ip)
-                });
+            let l = std::net::TcpListener::bind(SocketAddr::new(options.ip, port)).unwrap_or_else(
+                |e| panic!("cannot bind the {what} upstream on {}: {e}", options.ip),
+            );
             l.set_nonblocking(true)
                 .unwrap_or_else(|e| panic!("set_nonblocking: {e}"));
             l
@@ -612,7 +611,11 @@ async fn handle(mut req: Request<Incoming>, info: &ConnInfo, state: &Arc<State>)
         "/v1/whoami" => {
             let got = record.header_hash("authorization");
             let authorized = got.is_some() && got == state.expect_authorization_sha256.as_deref();
-            let status = if authorized { StatusCode::OK } else { StatusCode::UNAUTHORIZED };
+            let status = if authorized {
+                StatusCode::OK
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
             json(
                 status,
                 &serde_json::json!({ "authorized": authorized, "authorization_sha256": got }),

@@ -73,6 +73,9 @@ enum Command {
     /// Handles: opaque `brk_...` tokens an agent may use in place of a secret.
     #[command(subcommand)]
     Handle(HandleCommand),
+    /// Check, reload, show and explain the policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// The most recent connections brokerd accepted, oldest first.
     Connections {
         /// How many to show.
@@ -143,6 +146,35 @@ enum HandleCommand {
     },
     /// Revoke a handle by id.
     Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files offline (no brokerd needed): the files of DIR, with FILES added or
+    /// replacing the ones of the same name, are loaded together as brokerd would load them.
+    Check {
+        /// The policy directory the files belong to.
+        #[arg(long, value_name = "DIR", default_value = agent_broker::config::DEFAULT_POLICY_DIR)]
+        policy_dir: PathBuf,
+        /// Files to check; none: the directory as it is.
+        files: Vec<PathBuf>,
+    },
+    /// Make brokerd load its policy directory now (it also does so within a second of a change).
+    Reload,
+    /// The effective policy of a cgroup.
+    Show {
+        #[arg(long, value_name = "PATH")]
+        cgroup: String,
+    },
+    /// Would METHOD URL from the cgroup be allowed? Prints the rule and file that decide.
+    Explain {
+        #[arg(long, value_name = "PATH")]
+        cgroup: String,
+        /// HTTP method, e.g. GET.
+        method: String,
+        /// Full URL, e.g. https://api.example.test/v1/models.
+        url: String,
+    },
 }
 
 /// Where `brokerctl ca install` puts the CA for update-ca-certificates.
@@ -216,6 +248,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Secret(cmd) => secret(&args.run_dir, cmd)?,
         Command::Ca(cmd) => ca(&args.run_dir, cmd)?,
         Command::Handle(cmd) => handle(&args.run_dir, cmd)?,
+        Command::Policy(cmd) => policy(&args.run_dir, cmd)?,
         Command::Connections { limit, json } => {
             match call(&args.run_dir, &Request::Connections { limit })? {
                 Response::Connections { connections } if json => {
@@ -227,6 +260,91 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn policy(run_dir: &std::path::Path, cmd: PolicyCommand) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCommand::Check { policy_dir, files } => {
+            let mut set: std::collections::BTreeMap<std::ffi::OsString, (PathBuf, String)> =
+                std::collections::BTreeMap::new();
+            if policy_dir.is_dir() {
+                for entry in std::fs::read_dir(&policy_dir)
+                    .with_context(|| format!("reading {}", policy_dir.display()))?
+                {
+                    let path = entry?.path();
+                    let name = path
+                        .file_name()
+                        .map(|n| n.to_os_string())
+                        .unwrap_or_default();
+                    let is_policy = path.extension().is_some_and(|e| e == "toml")
+                        && !name.to_string_lossy().starts_with('.')
+                        && path.is_file();
+                    if is_policy {
+                        let text = std::fs::read_to_string(&path)
+                            .with_context(|| format!("reading {}", path.display()))?;
+                        set.insert(name, (path, text));
+                    }
+                }
+            } else if files.is_empty() {
+                bail!(
+                    "{} is not a directory; give files to check or --policy-dir",
+                    policy_dir.display()
+                );
+            }
+            for path in &files {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_os_string())
+                    .unwrap_or_default();
+                set.insert(name, (path.clone(), text));
+            }
+            let count = set.len();
+            agent_broker::policy::Policy::from_files(set.into_values().collect())
+                .map_err(|e| anyhow::anyhow!("{}", agent_broker::error_chain(&e)))?;
+            println!("policy ok: {count} file(s)");
+            Ok(())
+        }
+        PolicyCommand::Reload => match call(run_dir, &Request::PolicyReload)? {
+            Response::PolicyReloaded { files } => {
+                println!("policy reloaded: {files} file(s)");
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        },
+        PolicyCommand::Show { cgroup } => {
+            let cgroup = CgroupPath::parse(&cgroup)?.to_string();
+            match call(run_dir, &Request::PolicyShow { cgroup })? {
+                Response::PolicyText { text } => {
+                    print!("{text}");
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        PolicyCommand::Explain {
+            cgroup,
+            method,
+            url,
+        } => {
+            let cgroup = CgroupPath::parse(&cgroup)?.to_string();
+            match call(
+                run_dir,
+                &Request::PolicyExplain {
+                    cgroup,
+                    method,
+                    url,
+                },
+            )? {
+                Response::PolicyExplained { text, .. } => {
+                    println!("{text}");
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+    }
 }
 
 fn secret(run_dir: &std::path::Path, cmd: SecretCommand) -> anyhow::Result<()> {
@@ -467,6 +585,17 @@ fn print_status(s: &StatusReport) {
         "kernel         {} redirected, {} refused, {} not re-keyed",
         s.counters.redirected, s.counters.refused, s.counters.rekey_failed
     );
+    println!(
+        "policy         {} ({} file(s), loaded {})",
+        s.policy.dir,
+        s.policy.files,
+        date(s.policy.loaded_unix)
+    );
+    if let Some(e) = &s.policy.error {
+        println!(
+            "policy error   the newest files did not load, the previous policy is active: {e}"
+        );
+    }
     if s.cgroups.is_empty() {
         println!("no tagged cgroups");
         return;

@@ -38,7 +38,10 @@ fn run() -> Result<(), String> {
         match arg.as_str() {
             "--listen" => {
                 let v = value()?;
-                listen = Some(v.parse().map_err(|e| format!("invalid --listen {v}: {e}"))?);
+                listen = Some(
+                    v.parse()
+                        .map_err(|e| format!("invalid --listen {v}: {e}"))?,
+                );
             }
             "--ca-out" => ca_out = Some(PathBuf::from(value()?)),
             "--expect-bearer-file" => expect = Some(PathBuf::from(value()?)),
@@ -52,7 +55,9 @@ fn run() -> Result<(), String> {
     }
     let listen = listen.ok_or("--listen is required")?;
     if !listen.ip().is_loopback() {
-        return Err(format!("--listen {listen}: only loopback addresses are allowed"));
+        return Err(format!(
+            "--listen {listen}: only loopback addresses are allowed"
+        ));
     }
     let ca_out = ca_out.ok_or("--ca-out is required")?;
     let expect_authorization_sha256 = match expect {

@@ -1,0 +1,216 @@
+//! The live policy: loaded at start, reloaded when the policy directory changes, replaced whole.
+//!
+//! Readers take the current [`Policy`] snapshot from a `watch` channel; a reload builds a new
+//! `Policy` and swaps it in atomically, so a request sees either the old rules or the new ones,
+//! never a mix. A directory that fails to load keeps the last-known-good policy, and the error
+//! (file, line and field) is logged and kept for `brokerctl status`.
+//!
+//! Changes are found by polling a fingerprint of the directory (names, sizes, mtimes, inodes of
+//! its `*.toml` files) every [`POLL_INTERVAL`], so an edit applies within a second without
+//! depending on inotify semantics of editors' rename-over writes.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::policy::Policy;
+
+/// How often the directory is checked for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What `brokerctl status` shows about the policy.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyState {
+    /// Files in the active policy.
+    pub files: usize,
+    /// When the active policy was loaded.
+    pub loaded: Option<SystemTime>,
+    /// The error of the last failed load, if the newest files did not load (the previous
+    /// policy is still active).
+    pub error: Option<String>,
+}
+
+/// The policy directory and its live snapshot.
+pub struct PolicyStore {
+    dir: PathBuf,
+    tx: watch::Sender<Arc<Policy>>,
+    state: Mutex<PolicyState>,
+    fingerprint: Mutex<Fingerprint>,
+}
+
+type Fingerprint = Vec<(String, u64, u64, u64, i64)>;
+
+impl PolicyStore {
+    /// Loads the directory; a missing directory is an empty policy (everything denied), an
+    /// invalid one is an error (brokerd refuses to start on a bad policy).
+    pub fn open(dir: &Path) -> Result<Arc<Self>, crate::policy::PolicyError> {
+        let fingerprint = fingerprint(dir);
+        let policy = load(dir)?;
+        let files = policy.files().len();
+        let (tx, _) = watch::channel(Arc::new(policy));
+        Ok(Arc::new(Self {
+            dir: dir.to_path_buf(),
+            tx,
+            state: Mutex::new(PolicyState {
+                files,
+                loaded: Some(SystemTime::now()),
+                error: None,
+            }),
+            fingerprint: Mutex::new(fingerprint),
+        }))
+    }
+
+    /// The current policy.
+    pub fn current(&self) -> Arc<Policy> {
+        self.tx.borrow().clone()
+    }
+
+    /// A receiver that always holds the current policy.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Policy>> {
+        self.tx.subscribe()
+    }
+
+    /// The policy directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Load state for status.
+    pub fn state(&self) -> PolicyState {
+        self.state.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Loads the directory now. On success the new policy is active; on failure the previous
+    /// one stays and the error is returned (and kept for status).
+    pub fn reload(&self) -> Result<usize, String> {
+        let fp = fingerprint(&self.dir);
+        if let Ok(mut f) = self.fingerprint.lock() {
+            *f = fp;
+        }
+        match load(&self.dir) {
+            Ok(policy) => {
+                let files = policy.files().len();
+                self.tx.send_replace(Arc::new(policy));
+                if let Ok(mut s) = self.state.lock() {
+                    *s = PolicyState {
+                        files,
+                        loaded: Some(SystemTime::now()),
+                        error: None,
+                    };
+                }
+                info!(dir = %self.dir.display(), files, "policy reloaded");
+                Ok(files)
+            }
+            Err(e) => {
+                let message = crate::error_chain(&e);
+                warn!(dir = %self.dir.display(), error = %message, "policy reload failed; keeping the last good policy");
+                if let Ok(mut s) = self.state.lock() {
+                    s.error = Some(message.clone());
+                }
+                Err(message)
+            }
+        }
+    }
+
+    /// Reloads whenever the directory changes, until `cancel` fires.
+    pub async fn watch(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+            let store = self.clone();
+            let changed = tokio::task::spawn_blocking(move || {
+                let fp = fingerprint(&store.dir);
+                store.fingerprint.lock().map(|f| *f != fp).unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false);
+            if changed {
+                let store = self.clone();
+                let _ = tokio::task::spawn_blocking(move || store.reload()).await;
+            }
+        }
+    }
+}
+
+fn load(dir: &Path) -> Result<Policy, crate::policy::PolicyError> {
+    if !dir.exists() {
+        return Ok(Policy::empty());
+    }
+    Policy::load_dir(dir)
+}
+
+/// Names, sizes, mtimes and inodes of the directory's `*.toml` files, sorted. Entries in
+/// subdirectories are not policy and are left out.
+fn fingerprint(dir: &Path) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut fp: Fingerprint = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            if !name.ends_with(".toml") || name.starts_with('.') {
+                return None;
+            }
+            let m = std::fs::metadata(e.path()).ok()?;
+            Some((name, m.len(), m.ino(), m.mtime() as u64, m.mtime_nsec()))
+        })
+        .collect();
+    fp.sort();
+    fp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "cgroup = \"agents/a\"\n[[allow]]\nhost = \"api.example.test\"\n";
+
+    #[test]
+    fn a_bad_edit_keeps_the_last_good_policy_and_reports_where() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.toml"), GOOD).expect("write");
+        let store = PolicyStore::open(dir.path()).expect("open");
+        let before = store.current();
+        assert_eq!(before.files().len(), 1);
+
+        std::fs::write(
+            dir.path().join("a.toml"),
+            "cgroup = \"agents/a\"\n[[allow]]\nhots = 1\n",
+        )
+        .expect("write");
+        let err = store.reload().expect_err("bad file");
+        assert!(err.contains("a.toml") && err.contains(":3"), "{err}");
+        assert!(
+            Arc::ptr_eq(&before, &store.current()),
+            "the old policy stays active"
+        );
+        assert_eq!(store.state().error.as_deref(), Some(err.as_str()));
+
+        std::fs::write(dir.path().join("a.toml"), GOOD).expect("write");
+        assert_eq!(store.reload(), Ok(1));
+        assert!(store.state().error.is_none());
+    }
+
+    #[test]
+    fn fingerprints_change_with_content_and_ignore_other_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = fingerprint(dir.path());
+        std::fs::write(dir.path().join("notes.txt"), "x").expect("write");
+        assert_eq!(a, fingerprint(dir.path()));
+        std::fs::write(dir.path().join("a.toml"), GOOD).expect("write");
+        let b = fingerprint(dir.path());
+        assert_ne!(a, b);
+        std::fs::write(dir.path().join("a.toml"), format!("{GOOD}\n")).expect("write");
+        assert_ne!(b, fingerprint(dir.path()));
+    }
+}
