@@ -75,6 +75,124 @@ pub enum Request {
         method: String,
         url: String,
     },
+    /// Audit records matching `filter`, oldest first, each as a [`Response::Event`], then
+    /// [`Response::EndOfLog`]. With `follow`, live records keep coming after `EndOfLog` until
+    /// the client disconnects.
+    Logs {
+        #[serde(default)]
+        filter: LogFilter,
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Check the audit log's hash chain.
+    LogsVerify,
+    /// Live events only (what the console shows), as [`Response::Event`]s, until the client
+    /// disconnects.
+    Subscribe,
+}
+
+/// Which audit records to return.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFilter {
+    /// Only records of this cgroup or below it.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// Only denials (and failures).
+    #[serde(default)]
+    pub denied_only: bool,
+    /// Only records at or after this Unix time in milliseconds.
+    #[serde(default)]
+    pub since_ms: Option<u64>,
+    /// At most this many (the newest), 0 for all.
+    #[serde(default)]
+    pub limit: usize,
+}
+
+/// What an audit record is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// An HTTP request that was forwarded (whatever status came back).
+    Request,
+    /// A request or connection brokerd refused.
+    Denial,
+    /// A TLS handshake that failed (e.g. the agent rejected the broker CA).
+    TlsFailure,
+    /// A handle used where it is not valid (wrong cgroup or host, expired, revoked, unknown).
+    HandleMisuse,
+    /// A cgroup was tagged.
+    Attach,
+    /// A cgroup was untagged.
+    Detach,
+    /// The policy was (re)loaded, or a reload failed.
+    PolicyReload,
+}
+
+/// Which side a failure came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    Agent,
+    Upstream,
+    Broker,
+}
+
+/// One audit record, also the live event. It never holds a secret value: secrets appear by
+/// name only, paths without their query.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditEvent {
+    /// Position in the log, from 1; 0 before it is stored.
+    pub seq: u64,
+    /// Unix time in milliseconds.
+    pub time_ms: u64,
+    pub kind: Option<EventKind>,
+    pub cgroup: Option<String>,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// The connecting process's executable (`/proc/PID/exe`), when it could be read.
+    pub exe: Option<String>,
+    pub original_dst: Option<SocketAddr>,
+    pub sni: Option<String>,
+    pub method: Option<String>,
+    pub host: Option<String>,
+    /// Request path without the query string.
+    pub path: Option<String>,
+    /// HTTP status returned to the agent.
+    pub status: Option<u16>,
+    /// Request body bytes from the agent, response body bytes to the agent.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub latency_us: Option<u64>,
+    /// "allow" or "deny".
+    pub decision: Option<String>,
+    /// The rule that decided (file:line allow[i]).
+    pub rule: Option<String>,
+    /// Why it was denied or failed.
+    pub reason: Option<String>,
+    /// Names of the secrets written into the request.
+    pub secrets: Vec<String>,
+    /// Which side failed, for failures.
+    pub side: Option<Side>,
+}
+
+/// The result of checking the audit chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyReport {
+    /// Records checked.
+    pub records: u64,
+    /// None when the chain is intact; else the first record that was edited, removed or
+    /// reordered, and what is wrong with it.
+    pub first_bad: Option<BadRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BadRecord {
+    pub seq: u64,
+    pub problem: String,
 }
 
 /// A secret value on its way into the vault. `Debug` never shows it; it is zeroized on drop.
@@ -178,6 +296,16 @@ pub enum Response {
     PolicyExplained {
         allowed: bool,
         text: String,
+    },
+    /// One audit record or live event.
+    Event {
+        event: AuditEvent,
+    },
+    /// The stored records of a `Logs` request are all sent.
+    EndOfLog,
+    /// The answer to `LogsVerify`.
+    Verified {
+        report: VerifyReport,
     },
     /// The request failed; `message` says what was wrong and what to do about it.
     Error {
