@@ -60,6 +60,8 @@ impl Authorizer for PolicyAuthorizer {
             status: StatusCode::FORBIDDEN,
             reason,
             rule: Some(rule_name.clone()),
+            retry_after: None,
+            handle_misuse: false,
         };
         // Over plain HTTP nothing proves who answers at the original address: a Host header
         // naming an allowed host could front any IP. Only an IP rule for that very address, or a
@@ -99,7 +101,10 @@ impl Authorizer for PolicyAuthorizer {
             },
             |name| self.secret(name),
         )
-        .map_err(|d| deny(d.to_string()))?;
+        .map_err(|d| Denial {
+            handle_misuse: true,
+            ..deny(d.to_string())
+        })?;
         if let Some(swapped) = swapped {
             if !may_write_secrets {
                 return Err(deny(format!(

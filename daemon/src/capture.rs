@@ -113,6 +113,8 @@ pub struct ConnectionOrigin {
     /// Thread id.
     pub tid: u32,
     pub comm: String,
+    /// The process's executable, when it could still be read at accept time.
+    pub exe: Option<String>,
     /// The destination the agent asked for.
     pub original_dst: SocketAddr,
 }
@@ -173,6 +175,10 @@ impl OriginResolver {
             pid: origin.tgid,
             tid: origin.pid,
             comm: String::from_utf8_lossy(&origin.comm[..comm_len]).into_owned(),
+            // A short-lived process may be gone already; the record keeps pid and comm.
+            exe: std::fs::read_link(format!("/proc/{}/exe", origin.tgid))
+                .ok()
+                .map(|p| p.display().to_string()),
             original_dst: original_dst(&origin),
         })
     }

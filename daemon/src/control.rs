@@ -324,9 +324,10 @@ async fn handle(request: Request, state: &ControlState) -> Response {
             }
         }
         // TRANSIENT: the audit log and event stream are being wired (issue 5).
-        Request::Logs { .. } | Request::LogsVerify | Request::Subscribe => {
-            error(ErrorKind::Internal, "the audit log is not available in this build".into())
-        }
+        Request::Logs { .. } | Request::LogsVerify | Request::Subscribe => error(
+            ErrorKind::Internal,
+            "the audit log is not available in this build".into(),
+        ),
         Request::PolicyShow { cgroup } => crate::explain::show(&state.policy.current(), &cgroup),
         Request::PolicyExplain {
             cgroup,

@@ -57,6 +57,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         minter,
         upstream,
         authorizer: Arc::new(PolicyAuthorizer::new(policy.subscribe(), vault.clone())),
+        events: Arc::new(LogOnly),
     });
 
     // Bind first: the kernel side needs the final port, and a bind failure must not leave
@@ -234,4 +235,11 @@ fn write_public_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()>
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} into place", tmp.display()))?;
     Ok(())
+}
+
+/// Until the audit log is wired, events go to brokerd's log only (the proxy logs each one).
+struct LogOnly;
+
+impl crate::proxy::EventSink for LogOnly {
+    fn record(&self, _event: agent_broker_protocol::AuditEvent) {}
 }

@@ -10,9 +10,14 @@
 //! This module does HTTP mechanics only; it never decides what is allowed.
 
 use std::{
-    sync::Arc,
-    time::{Duration, Instant},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+
+use agent_broker_protocol::{AuditEvent, EventKind, Side};
 
 use bytes::Bytes;
 use http::{
@@ -60,6 +65,25 @@ pub struct Grant {
     pub secrets: Vec<String>,
     /// The secret values written into the request, to scrub from the response.
     pub needles: Vec<Zeroizing<Vec<u8>>>,
+    /// Keep up to this many bytes of the response body for [`Grant::on_complete`] (token
+    /// budgets read the JSON `usage` of LLM APIs); 0 keeps none.
+    pub capture_body: usize,
+    /// Called once when the exchange is over (response body finished or dropped).
+    pub on_complete: Option<OnComplete>,
+}
+
+/// A callback run once when an exchange is over.
+pub type OnComplete = Box<dyn FnOnce(&Completion) + Send>;
+
+/// What is known when a brokered exchange is over.
+#[derive(Debug, Default)]
+pub struct Completion {
+    /// Request body bytes the agent sent.
+    pub bytes_in: u64,
+    /// Response body bytes sent to the agent.
+    pub bytes_out: u64,
+    /// The start of the response body, up to [`Grant::capture_body`] bytes.
+    pub body: Vec<u8>,
 }
 
 /// Why a request was refused.
@@ -68,6 +92,10 @@ pub struct Denial {
     pub status: StatusCode,
     pub reason: String,
     pub rule: Option<String>,
+    /// For 429: when to try again.
+    pub retry_after: Option<Duration>,
+    /// A handle was misused (unknown, expired, revoked, wrong cgroup or host).
+    pub handle_misuse: bool,
 }
 
 impl Denial {
@@ -76,8 +104,15 @@ impl Denial {
             status: StatusCode::FORBIDDEN,
             reason: reason.into(),
             rule: None,
+            retry_after: None,
+            handle_misuse: false,
         }
     }
+}
+
+/// Where the proxy reports each exchange, denial and failed handshake (the audit log).
+pub trait EventSink: Send + Sync + 'static {
+    fn record(&self, event: AuditEvent);
 }
 
 /// Decides requests and rewrites them (injection, handle swaps).
@@ -91,6 +126,7 @@ pub struct Proxy {
     pub minter: LeafMinter,
     pub upstream: Upstream,
     pub authorizer: Arc<dyn Authorizer>,
+    pub events: Arc<dyn EventSink>,
 }
 
 /// What kind of traffic a connection starts with.
@@ -132,10 +168,19 @@ impl Proxy {
         let mut first = [0u8; 8];
         let n = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
             Ok(Ok(n)) => n,
-            Ok(Err(e)) => return log_refused(&origin, &format!("read failed: {e}")),
-            Err(_) => {
-                return log_refused(
+            Ok(Err(e)) => {
+                return self.refused_connection(
                     &origin,
+                    None,
+                    EventKind::Denial,
+                    &format!("read failed: {e}"),
+                );
+            }
+            Err(_) => {
+                return self.refused_connection(
+                    &origin,
+                    None,
+                    EventKind::Denial,
                     "the agent sent nothing (server-first protocols are not brokered)",
                 );
             }
@@ -150,8 +195,10 @@ impl Proxy {
                 });
                 self.serve_http(TokioIo::new(stream), conn).await;
             }
-            Sniffed::Other => log_refused(
+            Sniffed::Other => self.refused_connection(
                 &origin,
+                None,
+                EventKind::Denial,
                 "neither TLS nor HTTP (TCP passthrough is not enabled)",
             ),
         }
@@ -161,8 +208,14 @@ impl Proxy {
         let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
         let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return log_refused(&origin, &format!("malformed TLS ClientHello: {e}")),
-            Err(_) => return log_refused(&origin, "TLS ClientHello timed out"),
+            Ok(Err(e)) => {
+                let reason = format!("malformed TLS ClientHello: {e}");
+                return self.refused_connection(&origin, None, EventKind::TlsFailure, &reason);
+            }
+            Err(_) => {
+                let reason = "TLS ClientHello timed out";
+                return self.refused_connection(&origin, None, EventKind::TlsFailure, reason);
+            }
         };
         let sni = start
             .client_hello()
@@ -175,12 +228,15 @@ impl Proxy {
         let config = match self.minter.server_config(&leaf) {
             Ok(c) => c,
             Err(e) => {
-                return log_refused(
+                let reason = format!(
+                    "cannot mint a certificate for {leaf}: {}",
+                    crate::error_chain(&e)
+                );
+                return self.refused_connection(
                     &origin,
-                    &format!(
-                        "cannot mint a certificate for {leaf}: {}",
-                        crate::error_chain(&e)
-                    ),
+                    sni.as_deref(),
+                    EventKind::TlsFailure,
+                    &reason,
                 );
             }
         };
@@ -189,14 +245,25 @@ impl Proxy {
             Ok(Err(e)) => {
                 // Typically the client does not trust the broker CA (alert unknown_ca): the
                 // connection fails; it is never passed through uninspected.
-                return log_refused(
+                let reason = format!(
+                    "TLS handshake with the agent failed (does it trust the broker CA?): {e}"
+                );
+                return self.refused_connection(
                     &origin,
-                    &format!(
-                        "TLS handshake with the agent failed (does it trust the broker CA?): {e}"
-                    ),
+                    sni.as_deref(),
+                    EventKind::TlsFailure,
+                    &reason,
                 );
             }
-            Err(_) => return log_refused(&origin, "TLS handshake timed out"),
+            Err(_) => {
+                let reason = "TLS handshake timed out";
+                return self.refused_connection(
+                    &origin,
+                    sni.as_deref(),
+                    EventKind::TlsFailure,
+                    reason,
+                );
+            }
         };
         let conn = Arc::new(Conn {
             origin,
@@ -226,44 +293,107 @@ impl Proxy {
 
     async fn handle(&self, req: Request<Incoming>, conn: &Conn) -> Response<UpstreamBody> {
         let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let (response, host, grant) = self.forward(req, conn).await;
-        let status = response.status();
-        let (rule, secrets) = match &grant {
-            Some(g) => (g.rule.as_str(), g.secrets.join(",")),
-            None => ("", String::new()),
-        };
-        info!(
-            cgroup = %conn.origin.cgroup,
-            pid = conn.origin.pid,
-            comm = %conn.origin.comm,
-            original_dst = %conn.origin.original_dst,
-            host = %host,
-            %method,
-            path = %path,
-            status = status.as_u16(),
-            rule,
-            secrets = %secrets,
-            latency_us = started.elapsed().as_micros() as u64,
-            "request"
-        );
-        response
+        let mut event = base_event(&conn.origin, conn.sni.as_deref());
+        event.method = Some(req.method().to_string());
+        // The query may hold a handle or other credentials: it is never recorded.
+        event.path = Some(req.uri().path().to_string());
+        let exchange = self.forward(req, conn).await;
+        event.host = Some(exchange.host.clone()).filter(|h| !h.is_empty());
+        event.status = Some(exchange.response.status().as_u16());
+        event.latency_us = Some(started.elapsed().as_micros() as u64);
+        match exchange.failure {
+            Some(failure) => {
+                info!(
+                    cgroup = %conn.origin.cgroup,
+                    pid = conn.origin.pid,
+                    comm = %conn.origin.comm,
+                    host = %exchange.host,
+                    method = event.method.as_deref().unwrap_or(""),
+                    path = event.path.as_deref().unwrap_or(""),
+                    status = exchange.response.status().as_u16(),
+                    reason = %failure.reason,
+                    "request refused"
+                );
+                event.kind = Some(failure.kind);
+                event.decision = Some(
+                    if failure.side == Side::Upstream {
+                        "allow"
+                    } else {
+                        "deny"
+                    }
+                    .into(),
+                );
+                event.reason = Some(failure.reason);
+                event.rule = failure.rule;
+                event.side = Some(failure.side);
+                if let Some(grant) = exchange.grant {
+                    event.secrets = grant.secrets;
+                }
+                self.events.record(event);
+                exchange.response
+            }
+            None => {
+                let Some(grant) = exchange.grant else {
+                    return exchange.response;
+                };
+                event.kind = Some(EventKind::Request);
+                event.decision = Some("allow".into());
+                event.rule = Some(grant.rule.clone());
+                event.secrets = grant.secrets.clone();
+                let events = self.events.clone();
+                let bytes_in = exchange.bytes_in;
+                let on_complete = grant.on_complete;
+                let (parts, body) = exchange.response.into_parts();
+                let observed = Observed {
+                    inner: body,
+                    bytes_out: 0,
+                    capture: Vec::new(),
+                    capture_limit: grant.capture_body,
+                    done: Some(Box::new(move |bytes_out, body| {
+                        let completion = Completion {
+                            bytes_in: bytes_in.load(Ordering::Relaxed),
+                            bytes_out,
+                            body,
+                        };
+                        event.bytes_in = completion.bytes_in;
+                        event.bytes_out = completion.bytes_out;
+                        info!(
+                            cgroup = event.cgroup.as_deref().unwrap_or(""),
+                            pid = event.pid.unwrap_or(0),
+                            comm = event.comm.as_deref().unwrap_or(""),
+                            host = event.host.as_deref().unwrap_or(""),
+                            method = event.method.as_deref().unwrap_or(""),
+                            path = event.path.as_deref().unwrap_or(""),
+                            status = event.status.unwrap_or(0),
+                            rule = event.rule.as_deref().unwrap_or(""),
+                            secrets = %event.secrets.join(","),
+                            latency_us = event.latency_us.unwrap_or(0),
+                            bytes_in = event.bytes_in,
+                            bytes_out = event.bytes_out,
+                            "request"
+                        );
+                        if let Some(f) = on_complete {
+                            f(&completion);
+                        }
+                        events.record(event);
+                    })),
+                };
+                Response::from_parts(parts, UnsyncBoxBody::new(observed))
+            }
+        }
     }
 
-    /// Authorizes and forwards one request. Returns the response, the host, and the grant.
-    async fn forward(
-        &self,
-        req: Request<Incoming>,
-        conn: &Conn,
-    ) -> (Response<UpstreamBody>, String, Option<Grant>) {
+    /// Authorizes and forwards one request.
+    async fn forward(&self, req: Request<Incoming>, conn: &Conn) -> Exchange {
+        let bytes_in = Arc::new(AtomicU64::new(0));
         let (mut parts, body) = req.into_parts();
         let host = match request_host(&parts, conn) {
             Ok(h) => h,
             Err(reason) => {
-                return (
-                    deny(&conn.origin, Denial::forbidden(reason)),
+                return Exchange::refused(
+                    &conn.origin,
                     String::new(),
+                    Denial::forbidden(reason),
                     None,
                 );
             }
@@ -277,7 +407,7 @@ impl Proxy {
         };
         let grant = match self.authorizer.authorize(&facts, &mut parts) {
             Ok(g) => g,
-            Err(denial) => return (deny(&conn.origin, denial), host, None),
+            Err(denial) => return Exchange::refused(&conn.origin, host, denial, None),
         };
         let upgrade = is_upgrade(&parts.headers);
         let agent_upgrade = if upgrade {
@@ -293,9 +423,13 @@ impl Proxy {
             !grant.needles.is_empty(),
             upgrade,
         ) {
-            return (deny(&conn.origin, Denial::forbidden(reason)), host, None);
+            return Exchange::refused(&conn.origin, host, Denial::forbidden(reason), Some(grant));
         }
-        let upstream_req = Request::from_parts(parts, body.boxed_unsync());
+        let counted = Counted {
+            inner: body,
+            bytes: bytes_in.clone(),
+        };
+        let upstream_req = Request::from_parts(parts, UnsyncBoxBody::new(counted));
         let protocols = if upgrade {
             Protocols::Http1Only
         } else {
@@ -311,14 +445,23 @@ impl Proxy {
                     crate::error_chain(&e)
                 );
                 warn!(cgroup = %conn.origin.cgroup, %reason, "upstream failure");
-                return (
-                    json_response(
-                        StatusCode::BAD_GATEWAY,
-                        &error_body("upstream failed", &reason, None, &conn.origin),
-                    ),
-                    host,
-                    Some(grant),
+                let response = json_response(
+                    StatusCode::BAD_GATEWAY,
+                    &error_body("upstream failed", &reason, None, &conn.origin),
                 );
+                let failure = Failure {
+                    kind: EventKind::Request,
+                    reason,
+                    rule: Some(grant.rule.clone()),
+                    side: Side::Upstream,
+                };
+                return Exchange {
+                    response,
+                    host,
+                    grant: Some(grant),
+                    failure: Some(failure),
+                    bytes_in,
+                };
             }
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -345,11 +488,19 @@ impl Proxy {
                 Some(&grant.rule),
                 &conn.origin,
             );
-            return (
-                json_response(StatusCode::BAD_GATEWAY, &body),
+            let failure = Failure {
+                kind: EventKind::Request,
+                reason,
+                rule: Some(grant.rule.clone()),
+                side: Side::Upstream,
+            };
+            return Exchange {
+                response: json_response(StatusCode::BAD_GATEWAY, &body),
                 host,
-                Some(grant),
-            );
+                grant: Some(grant),
+                failure: Some(failure),
+                bytes_in,
+            };
         }
         let body = if grant.needles.is_empty() {
             resp_body.boxed_unsync()
@@ -360,20 +511,194 @@ impl Proxy {
             resp_parts.headers.remove(header::CONTENT_LENGTH);
             scrubbed_body(resp_body, needles.scrubber())
         };
-        (Response::from_parts(resp_parts, body), host, Some(grant))
+        Exchange {
+            response: Response::from_parts(resp_parts, body),
+            host,
+            grant: Some(grant),
+            failure: None,
+            bytes_in,
+        }
+    }
+
+    /// Records a connection that never got to HTTP (TLS failure, unknown protocol).
+    fn refused_connection(
+        &self,
+        origin: &ConnectionOrigin,
+        sni: Option<&str>,
+        kind: EventKind,
+        reason: &str,
+    ) {
+        info!(
+            cgroup = %origin.cgroup,
+            pid = origin.pid,
+            comm = %origin.comm,
+            original_dst = %origin.original_dst,
+            outcome = "refused",
+            reason,
+            "connection"
+        );
+        let mut event = base_event(origin, sni);
+        event.kind = Some(kind);
+        event.decision = Some("deny".into());
+        event.reason = Some(reason.to_string());
+        event.side = Some(Side::Agent);
+        self.events.record(event);
     }
 }
 
-fn log_refused(origin: &ConnectionOrigin, reason: &str) {
-    info!(
-        cgroup = %origin.cgroup,
-        pid = origin.pid,
-        comm = %origin.comm,
-        original_dst = %origin.original_dst,
-        outcome = "refused",
-        reason,
-        "connection"
-    );
+/// One request's result, for [`Proxy::handle`].
+struct Exchange {
+    response: Response<UpstreamBody>,
+    host: String,
+    grant: Option<Grant>,
+    /// Set when the request was refused or failed.
+    failure: Option<Failure>,
+    bytes_in: Arc<AtomicU64>,
+}
+
+struct Failure {
+    kind: EventKind,
+    reason: String,
+    rule: Option<String>,
+    side: Side,
+}
+
+impl Exchange {
+    fn refused(
+        origin: &ConnectionOrigin,
+        host: String,
+        denial: Denial,
+        grant: Option<Grant>,
+    ) -> Self {
+        let failure = Failure {
+            kind: if denial.handle_misuse {
+                EventKind::HandleMisuse
+            } else {
+                EventKind::Denial
+            },
+            reason: denial.reason.clone(),
+            rule: denial.rule.clone(),
+            side: Side::Agent,
+        };
+        Self {
+            response: deny(origin, denial),
+            host,
+            grant,
+            failure: Some(failure),
+            bytes_in: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+/// The fields every event about a connection carries.
+fn base_event(origin: &ConnectionOrigin, sni: Option<&str>) -> AuditEvent {
+    AuditEvent {
+        time_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        cgroup: Some(origin.cgroup.to_string()),
+        pid: Some(origin.pid),
+        comm: Some(origin.comm.clone()),
+        exe: origin.exe.clone(),
+        original_dst: Some(origin.original_dst),
+        sni: sni.map(str::to_string),
+        ..AuditEvent::default()
+    }
+}
+
+/// A request body on its way upstream, counted.
+struct Counted {
+    inner: Incoming,
+    bytes: Arc<AtomicU64>,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Called once with the response bytes sent and the captured start of the body.
+type Done = Box<dyn FnOnce(u64, Vec<u8>) + Send>;
+
+/// A response body on its way to the agent: counted, optionally captured, and reported once
+/// when it ends or is dropped (the agent went away).
+struct Observed {
+    inner: UpstreamBody,
+    bytes_out: u64,
+    capture: Vec<u8>,
+    capture_limit: usize,
+    done: Option<Done>,
+}
+
+impl Observed {
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.bytes_out, std::mem::take(&mut self.capture));
+        }
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl hyper::body::Body for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes_out += data.len() as u64;
+                    let room = self.capture_limit.saturating_sub(self.capture.len());
+                    if room > 0 {
+                        let take = room.min(data.len());
+                        self.capture.extend_from_slice(&data[..take]);
+                    }
+                }
+            }
+            std::task::Poll::Ready(None) | std::task::Poll::Ready(Some(Err(_))) => self.finish(),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The host a request is for, after checking that SNI, Host and :authority agree.
@@ -657,8 +982,7 @@ fn error_body(
 }
 
 fn deny(origin: &ConnectionOrigin, denial: Denial) -> Response<UpstreamBody> {
-    info!(cgroup = %origin.cgroup, pid = origin.pid, reason = %denial.reason, "request denied");
-    json_response(
+    let mut response = json_response(
         denial.status,
         &error_body(
             "denied by agent-broker",
@@ -666,7 +990,15 @@ fn deny(origin: &ConnectionOrigin, denial: Denial) -> Response<UpstreamBody> {
             denial.rule.as_deref(),
             origin,
         ),
-    )
+    );
+    if let Some(after) = denial.retry_after {
+        // Whole seconds, rounded up, at least 1.
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    response
 }
 
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<UpstreamBody> {
