@@ -220,21 +220,12 @@ fn load_or_create_ca(vault: &Vault, state_dir: &std::path::Path) -> anyhow::Resu
     Ok(ca)
 }
 
-/// Writes a world-readable file through a temporary sibling and a rename.
+/// Writes a public file (the CA certificate) unless it already holds `bytes`.
 fn write_public_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
     if std::fs::read(path).is_ok_and(|b| b == bytes) {
         return Ok(());
     }
-    let tmp = path.with_extension("tmp");
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} into place", tmp.display()))?;
-    Ok(())
+    crate::write_file_atomically(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Until the audit log is wired, events go to brokerd's log only (the proxy logs each one).

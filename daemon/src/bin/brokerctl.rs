@@ -524,18 +524,10 @@ fn handle(run_dir: &std::path::Path, cmd: HandleCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Writes a file through a temporary sibling and a rename, so readers never see half of it.
+/// Writes a file atomically, naming it in the error.
 fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("tmp");
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    agent_broker::write_file_atomically(path, bytes)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A Unix time as `YYYY-MM-DD HH:MM:SS` UTC.
