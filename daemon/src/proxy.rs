@@ -387,6 +387,9 @@ impl Proxy {
     async fn forward(&self, req: Request<Incoming>, conn: &Conn) -> Exchange {
         let bytes_in = Arc::new(AtomicU64::new(0));
         let (mut parts, body) = req.into_parts();
+        if let Err(reason) = check_request_shape(&parts) {
+            return Exchange::refused(&conn.origin, String::new(), Denial::forbidden(reason), None);
+        }
         let host = match request_host(&parts, conn) {
             Ok(h) => h,
             Err(reason) => {
@@ -749,6 +752,27 @@ fn request_host(parts: &Parts, conn: &Conn) -> Result<String, String> {
     Ok(host)
 }
 
+/// Refuses request forms that would tunnel past per-request decisions or reflect headers: a
+/// CONNECT tunnel, TRACE (echoes the request, credentials included), and upgrades to anything
+/// but WebSocket (`h2c` would switch protocols under the proxy).
+fn check_request_shape(parts: &Parts) -> Result<(), String> {
+    if parts.method == http::Method::CONNECT {
+        return Err("CONNECT tunnels are not brokered; make the request directly".into());
+    }
+    if parts.method == http::Method::TRACE {
+        return Err("TRACE is not allowed through the broker".into());
+    }
+    if let Some(upgrade) = parts.headers.get(header::UPGRADE) {
+        let websocket = upgrade
+            .to_str()
+            .is_ok_and(|u| u.trim().eq_ignore_ascii_case("websocket"));
+        if !websocket {
+            return Err("only WebSocket upgrades are brokered".into());
+        }
+    }
+    Ok(())
+}
+
 fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         // [v6]:port
@@ -1046,6 +1070,24 @@ mod tests {
             HeaderValue::from_static("identity, br"),
         );
         assert!(is_encoded(&h));
+    }
+
+    #[test]
+    fn connect_trace_and_h2c_are_refused() {
+        let parts = |method: &str, upgrade: Option<&str>| {
+            let mut b = Request::builder().method(method).uri("/");
+            if let Some(u) = upgrade {
+                b = b
+                    .header(header::UPGRADE, u)
+                    .header(header::CONNECTION, "upgrade");
+            }
+            b.body(()).expect("request").into_parts().0
+        };
+        assert!(check_request_shape(&parts("CONNECT", None)).is_err());
+        assert!(check_request_shape(&parts("TRACE", None)).is_err());
+        assert!(check_request_shape(&parts("GET", Some("h2c"))).is_err());
+        assert!(check_request_shape(&parts("GET", Some("websocket"))).is_ok());
+        assert!(check_request_shape(&parts("POST", None)).is_ok());
     }
 
     #[test]
