@@ -76,6 +76,8 @@ enum Command {
     /// Check, reload, show and explain the policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Live console: brokered calls and denials as they happen (q to quit, ? for keys).
+    Console,
     /// The most recent connections brokerd accepted, oldest first.
     Connections {
         /// How many to show.
@@ -249,6 +251,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Ca(cmd) => ca(&args.run_dir, cmd)?,
         Command::Handle(cmd) => handle(&args.run_dir, cmd)?,
         Command::Policy(cmd) => policy(&args.run_dir, cmd)?,
+        Command::Console => agent_broker_console::run(&args.run_dir)?,
         Command::Connections { limit, json } => {
             match call(&args.run_dir, &Request::Connections { limit })? {
                 Response::Connections { connections } if json => {
