@@ -49,6 +49,16 @@ impl Client {
     /// Sends one request and waits for its answer.
     pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
         self.writer.write_all(&protocol::encode_line(request)?)?;
+        self.read_answer()
+    }
+
+    /// The next answer on a streaming request (`Logs`, `Subscribe`); waits as long as it takes.
+    pub fn next_streamed(&mut self) -> Result<Response, ClientError> {
+        self.reader.get_ref().set_read_timeout(None)?;
+        self.read_answer()
+    }
+
+    fn read_answer(&mut self) -> Result<Response, ClientError> {
         let mut line = Vec::new();
         if self.reader.read_until(b'\n', &mut line)? == 0 {
             return Err(ClientError::NoAnswer);

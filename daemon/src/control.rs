@@ -12,7 +12,8 @@ use std::{
 };
 
 use agent_broker_protocol::{
-    self as protocol, ErrorKind, MAX_REQUEST_LINE, Request, Response, SecretInfo, StatusReport,
+    self as protocol, ErrorKind, LogFilter, MAX_REQUEST_LINE, Request, Response, SecretInfo,
+    StatusReport,
 };
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
@@ -61,6 +62,7 @@ pub struct ControlState {
     /// The broker CA certificate (public).
     pub ca_pem: String,
     pub policy: Arc<PolicyStore>,
+    pub audit: Arc<dyn crate::audit_access::AuditAccess>,
 }
 
 /// Binds the control socket, refusing to steal it from a running brokerd.
@@ -150,11 +152,86 @@ async fn serve_one(stream: UnixStream, state: &ControlState) -> io::Result<()> {
             return Ok(());
         } else {
             match protocol::decode_line::<Request>(&line) {
+                // Streams: the rest of the connection belongs to them.
+                Ok(Request::Logs { filter, follow }) => {
+                    return stream_logs(reader, write, state, filter, follow).await;
+                }
+                Ok(Request::Subscribe) => {
+                    return stream_logs(reader, write, state, LogFilter::default(), true).await;
+                }
                 Ok(request) => handle(request, state).await,
                 Err(e) => error(ErrorKind::BadRequest, format!("malformed request: {e}")),
             }
         };
         write.write_all(&encode(&response)).await?;
+    }
+}
+
+/// Sends stored records matching `filter` (none for a bare subscription, which passes a
+/// default filter with `follow`), then `EndOfLog`, then, with `follow`, live events until the
+/// client goes away. A subscriber that falls behind skips events rather than slowing brokerd.
+async fn stream_logs(
+    mut reader: tokio::io::Take<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    state: &ControlState,
+    filter: LogFilter,
+    follow: bool,
+) -> io::Result<()> {
+    // Subscribe before reading history so nothing committed in between is missed; events
+    // already sent as history are skipped by sequence number.
+    let mut live = follow.then(|| state.audit.subscribe());
+    let audit = state.audit.clone();
+    let query = filter.clone();
+    let history = tokio::task::spawn_blocking(move || audit.query(&query)).await;
+    let mut last_seq = 0;
+    match history {
+        Ok(Ok(events)) => {
+            for event in events {
+                last_seq = last_seq.max(event.seq);
+                write.write_all(&encode(&Response::Event { event })).await?;
+            }
+        }
+        Ok(Err(message)) => {
+            write
+                .write_all(&encode(&error(ErrorKind::Internal, message)))
+                .await?;
+            return Ok(());
+        }
+        Err(e) => {
+            let r = error(ErrorKind::Internal, format!("audit query failed: {e}"));
+            write.write_all(&encode(&r)).await?;
+            return Ok(());
+        }
+    }
+    write.write_all(&encode(&Response::EndOfLog)).await?;
+    let Some(live) = live.as_mut() else {
+        return Ok(());
+    };
+    let mut scratch = Vec::new();
+    loop {
+        tokio::select! {
+            // The client closing its end (or sending anything) ends the stream.
+            r = reader.read_until(b'\n', &mut scratch) => {
+                if r.unwrap_or(0) == 0 {
+                    return Ok(());
+                }
+                scratch.clear();
+            }
+            event = live.recv() => match event {
+                Ok(event) => {
+                    if event.seq != 0 && event.seq <= last_seq {
+                        continue;
+                    }
+                    if crate::audit_access::matches(&filter, &event) {
+                        write.write_all(&encode(&Response::Event { event })).await?;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(skipped = n, "a log follower fell behind; events skipped");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+        }
     }
 }
 
@@ -323,10 +400,18 @@ async fn handle(request: Request, state: &ControlState) -> Response {
                 Err(e) => error(ErrorKind::Internal, format!("reload task failed: {e}")),
             }
         }
-        // TRANSIENT: the audit log and event stream are being wired (issue 5).
-        Request::Logs { .. } | Request::LogsVerify | Request::Subscribe => error(
-            ErrorKind::Internal,
-            "the audit log is not available in this build".into(),
+        Request::LogsVerify => {
+            let audit = state.audit.clone();
+            match tokio::task::spawn_blocking(move || audit.verify()).await {
+                Ok(Ok(report)) => Response::Verified { report },
+                Ok(Err(message)) => error(ErrorKind::Internal, message),
+                Err(e) => error(ErrorKind::Internal, format!("verify task failed: {e}")),
+            }
+        }
+        // Streams are served by `stream_logs`, before `handle` is reached.
+        Request::Logs { .. } | Request::Subscribe => error(
+            ErrorKind::BadRequest,
+            "streams are served before this point".into(),
         ),
         Request::PolicyShow { cgroup } => crate::explain::show(&state.policy.current(), &cgroup),
         Request::PolicyExplain {

@@ -53,11 +53,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ca = load_or_create_ca(&vault, &config.state_dir)?;
     let minter = LeafMinter::new(ca)?;
     let upstream = Upstream::new(&config.upstream_ca)?;
+    let event_log = Arc::new(MemoryLog::new());
     let proxy = Arc::new(Proxy {
         minter,
         upstream,
         authorizer: Arc::new(PolicyAuthorizer::new(policy.subscribe(), vault.clone())),
-        events: Arc::new(LogOnly),
+        events: event_log.clone(),
     });
 
     // Bind first: the kernel side needs the final port, and a bind failure must not leave
@@ -108,6 +109,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         vault,
         ca_pem: proxy.minter.ca().cert_pem().to_string(),
         policy: policy.clone(),
+        audit: event_log.clone(),
     });
     tracker.spawn(policy.watch(cancel.clone()));
     tracker.spawn(control::serve(control_listener, state, cancel.clone()));
@@ -228,9 +230,69 @@ fn write_public_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()>
     crate::write_file_atomically(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Until the audit log is wired, events go to brokerd's log only (the proxy logs each one).
-struct LogOnly;
+/// An in-memory event log (bounded, not durable) until the hash-chained store is wired: it
+/// numbers events, keeps the newest, and fans them out to followers.
+struct MemoryLog {
+    events: std::sync::Mutex<std::collections::VecDeque<agent_broker_protocol::AuditEvent>>,
+    next_seq: std::sync::atomic::AtomicU64,
+    live: tokio::sync::broadcast::Sender<agent_broker_protocol::AuditEvent>,
+}
 
-impl crate::proxy::EventSink for LogOnly {
-    fn record(&self, _event: agent_broker_protocol::AuditEvent) {}
+impl MemoryLog {
+    const CAPACITY: usize = 10_000;
+
+    fn new() -> Self {
+        Self {
+            events: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            next_seq: std::sync::atomic::AtomicU64::new(1),
+            live: tokio::sync::broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl crate::proxy::EventSink for MemoryLog {
+    fn record(&self, mut event: agent_broker_protocol::AuditEvent) {
+        let Ok(mut events) = self.events.lock() else {
+            return;
+        };
+        event.seq = self
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if events.len() == Self::CAPACITY {
+            events.pop_front();
+        }
+        events.push_back(event.clone());
+        let _ = self.live.send(event);
+    }
+}
+
+impl crate::audit_access::AuditAccess for MemoryLog {
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<agent_broker_protocol::AuditEvent> {
+        self.live.subscribe()
+    }
+
+    fn query(
+        &self,
+        filter: &agent_broker_protocol::LogFilter,
+    ) -> Result<Vec<agent_broker_protocol::AuditEvent>, String> {
+        let events = self
+            .events
+            .lock()
+            .map_err(|_| "event log lock poisoned".to_string())?;
+        let matching: Vec<_> = events
+            .iter()
+            .filter(|e| crate::audit_access::matches(filter, e))
+            .cloned()
+            .collect();
+        let skip = if filter.limit == 0 {
+            0
+        } else {
+            matching.len().saturating_sub(filter.limit)
+        };
+        Ok(matching.into_iter().skip(skip).collect())
+    }
+
+    fn verify(&self) -> Result<agent_broker_protocol::VerifyReport, String> {
+        Err("the in-memory event log has no hash chain to verify".into())
+    }
 }

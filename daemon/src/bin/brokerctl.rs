@@ -78,6 +78,9 @@ enum Command {
     Policy(PolicyCommand),
     /// Live console: brokered calls and denials as they happen (q to quit, ? for keys).
     Console,
+    /// The audit log: every brokered call, denial, TLS failure, handle misuse, attach, detach
+    /// and policy reload. Secrets appear by name only.
+    Logs(LogsArgs),
     /// The most recent connections brokerd accepted, oldest first.
     Connections {
         /// How many to show.
@@ -87,6 +90,53 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct LogsArgs {
+    #[command(subcommand)]
+    command: Option<LogsCommand>,
+    /// Keep printing new records as they are written.
+    #[arg(long, short)]
+    follow: bool,
+    /// Only records of this cgroup and the cgroups below it.
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<String>,
+    /// Only denials and failures.
+    #[arg(long)]
+    denied: bool,
+    /// Only records since TIME: RFC 3339 (2026-11-23T10:00:00Z) or an age (15m, 2h, 1d).
+    #[arg(long, value_name = "TIME", value_parser = parse_since)]
+    since: Option<u64>,
+    /// At most the newest N stored records (0: all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// One JSON object per line, for shipping to other systems.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum LogsCommand {
+    /// Check the hash chain; names the first record that was edited, removed or reordered.
+    Verify,
+}
+
+/// `--since`: an RFC 3339 time or an age, as Unix milliseconds.
+fn parse_since(s: &str) -> Result<u64, String> {
+    let now = std::time::SystemTime::now();
+    let at = match humantime::parse_rfc3339_weak(s) {
+        Ok(t) => t,
+        Err(_) => {
+            let age = humantime::parse_duration(s)
+                .map_err(|_| format!("invalid time {s:?}: give RFC 3339 or an age like 15m"))?;
+            now.checked_sub(age).ok_or("that age reaches before 1970")?
+        }
+    };
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|_| "times before 1970 are not supported".into())
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,6 +302,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Handle(cmd) => handle(&args.run_dir, cmd)?,
         Command::Policy(cmd) => policy(&args.run_dir, cmd)?,
         Command::Console => agent_broker_console::run(&args.run_dir)?,
+        Command::Logs(logs_args) => logs(&args.run_dir, logs_args)?,
         Command::Connections { limit, json } => {
             match call(&args.run_dir, &Request::Connections { limit })? {
                 Response::Connections { connections } if json => {
@@ -263,6 +314,98 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn logs(run_dir: &std::path::Path, args: LogsArgs) -> anyhow::Result<()> {
+    if let Some(LogsCommand::Verify) = args.command {
+        return match call(run_dir, &Request::LogsVerify)? {
+            Response::Verified { report } => match report.first_bad {
+                None => {
+                    println!("audit log intact: {} record(s) verified", report.records);
+                    Ok(())
+                }
+                Some(bad) => bail!(
+                    "audit log tampered: record {} {} ({} record(s) checked)",
+                    bad.seq,
+                    bad.problem,
+                    report.records
+                ),
+            },
+            other => Err(unexpected(other)),
+        };
+    }
+    let cgroup = match &args.cgroup {
+        Some(c) => Some(CgroupPath::parse(c)?.to_string()),
+        None => None,
+    };
+    let request = Request::Logs {
+        filter: agent_broker_protocol::LogFilter {
+            cgroup,
+            denied_only: args.denied,
+            since_ms: args.since,
+            limit: args.limit,
+        },
+        follow: args.follow,
+    };
+    let mut client = Client::connect(run_dir)?;
+    let mut response = client.call(&request)?;
+    if !args.json {
+        println!(
+            "{:<8} {:<12} {:<22} {:>7} {:<12} {:<6} {:<24} {:<24} {:>6} {:<12} DETAIL",
+            "SEQ", "TIME", "AGENT", "PID", "COMM", "METHOD", "HOST", "PATH", "STATUS", "SECRETS"
+        );
+    }
+    loop {
+        match response {
+            Response::Event { event } if args.json => {
+                println!("{}", serde_json::to_string(&event)?)
+            }
+            Response::Event { event } => print_event(&event),
+            Response::EndOfLog if !args.follow => return Ok(()),
+            Response::EndOfLog => {}
+            Response::Error { kind, message } => bail!("brokerd refused ({kind:?}): {message}"),
+            other => return Err(unexpected(other)),
+        }
+        response = client.next_streamed()?;
+    }
+}
+
+fn print_event(e: &agent_broker_protocol::AuditEvent) {
+    let time = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.time_ms),
+    )
+    .to_string();
+    let time = time.get(11..23).unwrap_or(&time).to_string();
+    let kind = e
+        .kind
+        .map(|k| format!("{k:?}").to_lowercase())
+        .unwrap_or_default();
+    let detail = match (&e.decision, &e.reason) {
+        (Some(d), Some(r)) => format!("{kind} {d}: {r}"),
+        (Some(d), None) => format!("{kind} {d} {}", e.rule.as_deref().unwrap_or("")),
+        (None, Some(r)) => format!("{kind}: {r}"),
+        (None, None) => kind,
+    };
+    println!(
+        "{:<8} {:<12} {:<22} {:>7} {:<12} {:<6} {:<24} {:<24} {:>6} {:<12} {}",
+        e.seq,
+        time,
+        e.cgroup.as_deref().unwrap_or("-"),
+        e.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        e.comm.as_deref().unwrap_or("-"),
+        e.method.as_deref().unwrap_or("-"),
+        e.host.as_deref().unwrap_or("-"),
+        e.path.as_deref().unwrap_or("-"),
+        e.status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "-".into()),
+        if e.secrets.is_empty() {
+            "-".to_string()
+        } else {
+            e.secrets.join(",")
+        },
+        detail
+    );
 }
 
 fn policy(run_dir: &std::path::Path, cmd: PolicyCommand) -> anyhow::Result<()> {

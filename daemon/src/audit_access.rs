@@ -1,0 +1,83 @@
+//! What the control socket needs from the audit log: history, verification and live events.
+
+use agent_broker_protocol::{AuditEvent, EventKind, LogFilter, VerifyReport};
+use tokio::sync::broadcast;
+
+/// The audit log as the control socket sees it. `query` and `verify` are synchronous (the
+/// store is redb): call them off the async threads.
+pub trait AuditAccess: Send + Sync + 'static {
+    /// Live events, after they are stored.
+    fn subscribe(&self) -> broadcast::Receiver<AuditEvent>;
+    /// Stored records matching `filter`, oldest first.
+    fn query(&self, filter: &LogFilter) -> Result<Vec<AuditEvent>, String>;
+    /// Checks the hash chain.
+    fn verify(&self) -> Result<VerifyReport, String>;
+}
+
+/// Whether an event passes a filter (cgroup subtree, denials only, since). `limit` is the
+/// store's business.
+pub fn matches(filter: &LogFilter, event: &AuditEvent) -> bool {
+    if let Some(cgroup) = filter.cgroup.as_deref() {
+        let cgroup = cgroup.trim_matches('/');
+        let in_subtree = event.cgroup.as_deref().is_some_and(|c| {
+            c == cgroup
+                || c.strip_prefix(cgroup)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        });
+        if !in_subtree {
+            return false;
+        }
+    }
+    if filter.denied_only && !is_denial(event) {
+        return false;
+    }
+    if filter.since_ms.is_some_and(|since| event.time_ms < since) {
+        return false;
+    }
+    true
+}
+
+/// Denials and failures: what `--denied` shows.
+pub fn is_denial(event: &AuditEvent) -> bool {
+    event.decision.as_deref() == Some("deny")
+        || matches!(
+            event.kind,
+            Some(EventKind::Denial | EventKind::TlsFailure | EventKind::HandleMisuse)
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(cgroup: &str, decision: &str) -> AuditEvent {
+        AuditEvent {
+            time_ms: 1_000,
+            cgroup: Some(cgroup.into()),
+            decision: Some(decision.into()),
+            ..AuditEvent::default()
+        }
+    }
+
+    #[test]
+    fn filters_by_subtree_denial_and_time() {
+        let f = LogFilter {
+            cgroup: Some("agents/a".into()),
+            ..LogFilter::default()
+        };
+        assert!(matches(&f, &event("agents/a", "allow")));
+        assert!(matches(&f, &event("agents/a/sub", "allow")));
+        assert!(!matches(&f, &event("agents/ab", "allow")));
+        let d = LogFilter {
+            denied_only: true,
+            ..LogFilter::default()
+        };
+        assert!(matches(&d, &event("x", "deny")));
+        assert!(!matches(&d, &event("x", "allow")));
+        let s = LogFilter {
+            since_ms: Some(2_000),
+            ..LogFilter::default()
+        };
+        assert!(!matches(&s, &event("x", "allow")));
+    }
+}
