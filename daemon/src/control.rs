@@ -63,6 +63,32 @@ pub struct ControlState {
     pub ca_pem: String,
     pub policy: Arc<PolicyStore>,
     pub audit: Arc<dyn crate::audit_access::AuditAccess>,
+    /// Where attach, detach and policy reloads are recorded.
+    pub events: Arc<dyn crate::proxy::EventSink>,
+}
+
+/// An operator action, as an audit event.
+fn operator_event(
+    kind: agent_broker_protocol::EventKind,
+    cgroup: Option<String>,
+    outcome: Result<(), String>,
+) -> agent_broker_protocol::AuditEvent {
+    let (decision, reason) = match outcome {
+        Ok(()) => ("allow", None),
+        Err(reason) => ("deny", Some(reason)),
+    };
+    agent_broker_protocol::AuditEvent {
+        time_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        kind: Some(kind),
+        cgroup,
+        decision: Some(decision.into()),
+        reason,
+        side: Some(agent_broker_protocol::Side::Broker),
+        ..Default::default()
+    }
 }
 
 /// Binds the control socket, refusing to steal it from a running brokerd.
@@ -304,8 +330,17 @@ async fn handle(request: Request, state: &ControlState) -> Response {
                 Ok(c) => c,
                 Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
             };
+            let name = cgroup.to_string();
             match state.capture.attach(cgroup, create).await {
-                Ok((cgroup, already)) => Response::Attached { cgroup, already },
+                Ok((cgroup, already)) => {
+                    if !already {
+                        let kind = agent_broker_protocol::EventKind::Attach;
+                        state
+                            .events
+                            .record(operator_event(kind, Some(name), Ok(())));
+                    }
+                    Response::Attached { cgroup, already }
+                }
                 Err(e) => capture_error(e),
             }
         }
@@ -315,9 +350,15 @@ async fn handle(request: Request, state: &ControlState) -> Response {
                 Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
             };
             match state.capture.detach(cgroup.clone()).await {
-                Ok(()) => Response::Detached {
-                    cgroup: cgroup.to_string(),
-                },
+                Ok(()) => {
+                    let kind = agent_broker_protocol::EventKind::Detach;
+                    state
+                        .events
+                        .record(operator_event(kind, Some(cgroup.to_string()), Ok(())));
+                    Response::Detached {
+                        cgroup: cgroup.to_string(),
+                    }
+                }
                 Err(e) => capture_error(e),
             }
         }

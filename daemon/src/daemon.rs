@@ -110,7 +110,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ca_pem: proxy.minter.ca().cert_pem().to_string(),
         policy: policy.clone(),
         audit: event_log.clone(),
+        events: event_log.clone(),
     });
+    policy.report_to(event_log.clone());
     tracker.spawn(policy.watch(cancel.clone()));
     tracker.spawn(control::serve(control_listener, state, cancel.clone()));
     tracker.close();

@@ -39,6 +39,8 @@ pub struct PolicyState {
 /// The policy directory and its live snapshot.
 pub struct PolicyStore {
     dir: PathBuf,
+    /// Told about every reload, successful or not (the audit log).
+    events: Mutex<Option<Arc<dyn crate::proxy::EventSink>>>,
     tx: watch::Sender<Arc<Policy>>,
     state: Mutex<PolicyState>,
     fingerprint: Mutex<Fingerprint>,
@@ -56,6 +58,7 @@ impl PolicyStore {
         let (tx, _) = watch::channel(Arc::new(policy));
         Ok(Arc::new(Self {
             dir: dir.to_path_buf(),
+            events: Mutex::new(None),
             tx,
             state: Mutex::new(PolicyState {
                 files,
@@ -64,6 +67,37 @@ impl PolicyStore {
             }),
             fingerprint: Mutex::new(fingerprint),
         }))
+    }
+
+    /// Records every later reload with `sink`.
+    pub fn report_to(&self, sink: Arc<dyn crate::proxy::EventSink>) {
+        if let Ok(mut e) = self.events.lock() {
+            *e = Some(sink);
+        }
+    }
+
+    fn report(&self, outcome: Result<usize, &str>) {
+        let Some(sink) = self.events.lock().ok().and_then(|e| e.clone()) else {
+            return;
+        };
+        let (decision, reason) = match outcome {
+            Ok(files) => (
+                "allow",
+                format!("{files} file(s) from {}", self.dir.display()),
+            ),
+            Err(e) => ("deny", format!("kept the previous policy: {e}")),
+        };
+        sink.record(agent_broker_protocol::AuditEvent {
+            time_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            kind: Some(agent_broker_protocol::EventKind::PolicyReload),
+            decision: Some(decision.into()),
+            reason: Some(reason),
+            side: Some(agent_broker_protocol::Side::Broker),
+            ..Default::default()
+        });
     }
 
     /// The current policy.
@@ -105,6 +139,7 @@ impl PolicyStore {
                     };
                 }
                 info!(dir = %self.dir.display(), files, "policy reloaded");
+                self.report(Ok(files));
                 Ok(files)
             }
             Err(e) => {
@@ -113,6 +148,7 @@ impl PolicyStore {
                 if let Ok(mut s) = self.state.lock() {
                     s.error = Some(message.clone());
                 }
+                self.report(Err(&message));
                 Err(message)
             }
         }
