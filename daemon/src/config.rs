@@ -35,6 +35,8 @@ pub enum ConfigError {
         addr: SocketAddr,
         reason: &'static str,
     },
+    #[error("invalid audit retention: {0}")]
+    Audit(&'static str),
     #[error("{0} must be an absolute path, got {1}")]
     RelativeDir(&'static str, PathBuf),
 }
@@ -58,6 +60,10 @@ pub struct FileConfig {
     /// Read the vault master key from the systemd credential `agent-broker-master-key`
     /// instead of `<state_dir>/master.key`.
     pub master_key_credential: Option<bool>,
+    /// Remove audit records older than this many days.
+    pub audit_max_age_days: Option<u64>,
+    /// Keep at most this many audit records.
+    pub audit_max_records: Option<u64>,
 }
 
 impl FileConfig {
@@ -84,6 +90,8 @@ pub struct CliConfig {
     pub listen: Vec<SocketAddr>,
     pub upstream_ca: Vec<PathBuf>,
     pub master_key_credential: bool,
+    pub audit_max_age_days: Option<u64>,
+    pub audit_max_records: Option<u64>,
 }
 
 /// Validated configuration.
@@ -100,6 +108,8 @@ pub struct Config {
     pub upstream_ca: Vec<PathBuf>,
     /// Master key from the systemd credential rather than the key file.
     pub master_key_credential: bool,
+    /// How long audit records are kept.
+    pub audit_retention: crate::audit::Retention,
 }
 
 impl Config {
@@ -147,7 +157,17 @@ impl Config {
                 .collect(),
             master_key_credential: cli.master_key_credential
                 || file.master_key_credential.unwrap_or(false),
+            audit_retention: crate::audit::Retention {
+                max_age: cli
+                    .audit_max_age_days
+                    .or(file.audit_max_age_days)
+                    .map(|d| std::time::Duration::from_secs(d.saturating_mul(86_400))),
+                max_records: cli.audit_max_records.or(file.audit_max_records),
+            },
         };
+        if config.audit_retention.max_records == Some(0) {
+            return Err(ConfigError::Audit("audit_max_records must be at least 1"));
+        }
         config.validate_listen()?;
         Ok(config)
     }

@@ -13,6 +13,7 @@ use tracing::info;
 
 use crate::{
     accept::{self, RecentConnections},
+    audit::AuditLog,
     authorize::PolicyAuthorizer,
     capture::{self, CaptureConfig},
     cgroup::CgroupRoot,
@@ -53,7 +54,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ca = load_or_create_ca(&vault, &config.state_dir)?;
     let minter = LeafMinter::new(ca)?;
     let upstream = Upstream::new(&config.upstream_ca)?;
-    let event_log = Arc::new(MemoryLog::new());
+    let (audit, audit_writer) = AuditLog::open(&config.state_dir, config.audit_retention)?.writer()?;
+    let event_log = Arc::new(audit.clone());
     let proxy = Arc::new(Proxy {
         minter,
         upstream,
@@ -117,6 +119,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracker.spawn(control::serve(control_listener, state, cancel.clone()));
     tracker.close();
     info!(
+        log = %audit.path().display(),
+        "audit log open; a crash loses at most the last group commit (see `brokerctl logs verify`)"
+    );
+    info!(
         listen = ?addrs,
         control = %control_path.display(),
         pin_dir = %config.pin_dir.display(),
@@ -129,6 +135,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    // Every record accepted so far is committed durably before brokerd exits.
+    let flushed = tokio::task::spawn_blocking(move || {
+        let last = audit.flush_and_stop();
+        let _ = audit_writer.join();
+        last
+    })
+    .await;
+    match flushed {
+        Ok(Ok(seq)) => info!(last_seq = seq, "audit log flushed"),
+        Ok(Err(e)) => tracing::warn!(error = %crate::error_chain(&e), "audit log flush failed"),
+        Err(e) => tracing::warn!(error = %e, "audit log flush task failed"),
+    }
     let _ = std::fs::remove_file(&control_path);
     Ok(())
 }
@@ -230,71 +248,4 @@ fn write_public_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()>
         return Ok(());
     }
     crate::write_file_atomically(path, bytes).with_context(|| format!("writing {}", path.display()))
-}
-
-/// An in-memory event log (bounded, not durable) until the hash-chained store is wired: it
-/// numbers events, keeps the newest, and fans them out to followers.
-struct MemoryLog {
-    events: std::sync::Mutex<std::collections::VecDeque<agent_broker_protocol::AuditEvent>>,
-    next_seq: std::sync::atomic::AtomicU64,
-    live: tokio::sync::broadcast::Sender<agent_broker_protocol::AuditEvent>,
-}
-
-impl MemoryLog {
-    const CAPACITY: usize = 10_000;
-
-    fn new() -> Self {
-        Self {
-            events: std::sync::Mutex::new(std::collections::VecDeque::new()),
-            next_seq: std::sync::atomic::AtomicU64::new(1),
-            live: tokio::sync::broadcast::channel(1024).0,
-        }
-    }
-}
-
-impl crate::proxy::EventSink for MemoryLog {
-    fn record(&self, mut event: agent_broker_protocol::AuditEvent) {
-        let Ok(mut events) = self.events.lock() else {
-            return;
-        };
-        event.seq = self
-            .next_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if events.len() == Self::CAPACITY {
-            events.pop_front();
-        }
-        events.push_back(event.clone());
-        let _ = self.live.send(event);
-    }
-}
-
-impl crate::audit_access::AuditAccess for MemoryLog {
-    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<agent_broker_protocol::AuditEvent> {
-        self.live.subscribe()
-    }
-
-    fn query(
-        &self,
-        filter: &agent_broker_protocol::LogFilter,
-    ) -> Result<Vec<agent_broker_protocol::AuditEvent>, String> {
-        let events = self
-            .events
-            .lock()
-            .map_err(|_| "event log lock poisoned".to_string())?;
-        let matching: Vec<_> = events
-            .iter()
-            .filter(|e| crate::audit_access::matches(filter, e))
-            .cloned()
-            .collect();
-        let skip = if filter.limit == 0 {
-            0
-        } else {
-            matching.len().saturating_sub(filter.limit)
-        };
-        Ok(matching.into_iter().skip(skip).collect())
-    }
-
-    fn verify(&self) -> Result<agent_broker_protocol::VerifyReport, String> {
-        Err("the in-memory event log has no hash chain to verify".into())
-    }
 }

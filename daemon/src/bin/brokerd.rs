@@ -15,7 +15,7 @@ use clap::Parser;
 #[command(name = "brokerd", version)]
 struct Args {
     /// TOML config file with any of: state_dir, run_dir, policy_dir, pin_dir, listen,
-    /// upstream_ca, master_key_credential.
+    /// upstream_ca, master_key_credential, audit_max_age_days, audit_max_records.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// State directory (vault, CA, audit log) [default: /var/lib/agent-broker].
@@ -42,6 +42,12 @@ struct Args {
     /// ($CREDENTIALS_DIRECTORY) instead of <state-dir>/master.key.
     #[arg(long)]
     master_key_credential: bool,
+    /// Remove audit records older than DAYS [default: keep all].
+    #[arg(long, value_name = "DAYS")]
+    audit_max_age_days: Option<u64>,
+    /// Keep at most N audit records, removing the oldest [default: keep all].
+    #[arg(long, value_name = "N")]
+    audit_max_records: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -93,6 +99,8 @@ fn load_config(args: Args) -> anyhow::Result<Config> {
         listen: args.listen,
         upstream_ca: args.upstream_ca,
         master_key_credential: args.master_key_credential,
+        audit_max_age_days: args.audit_max_age_days,
+        audit_max_records: args.audit_max_records,
     };
     Ok(Config::layer(cli, file)?)
 }

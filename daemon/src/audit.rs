@@ -1,0 +1,658 @@
+//! The audit log: every brokered request, denial, TLS failure, handle misuse, attach/detach and
+//! policy reload, as [`AuditEvent`]s in `<state_dir>/audit.redb` (mode 0600), append-only and
+//! hash-chained, written by group commit off the request path.
+//!
+//! # Records and the chain
+//!
+//! Records are keyed by `seq` (u64, from 1, dense) and hold the event's JSON with `seq` set,
+//! its `prev_hash` and its `hash`, where
+//! `hash = SHA-256(prev_hash || seq as u64 big-endian || the event's JSON bytes as stored)` and
+//! record 1's `prev_hash` is 32 zero bytes (layout in `audit/tables.rs`). A small meta table
+//! keeps the chain head (last seq and hash) and the retention floor (seq and hash of the last
+//! record retention removed; 0 and zeros until then), both updated in the same transaction as
+//! the records. [`AuditLog::verify`] recomputes the chain from the floor and names the first
+//! record that was edited, removed or reordered; records removed by retention are not
+//! tampering. What the chain cannot show: someone who can write the file may rewrite a whole
+//! suffix of the log together with the head, or raise the floor; comparing the head with a
+//! copy kept elsewhere (brokerd logs it on shutdown) catches that.
+//!
+//! # Writing: group commit, and what a crash can lose
+//!
+//! [`AuditLog::writer`] moves the log to a writer thread and returns an [`AuditHandle`].
+//! [`AuditHandle::record`] is all the request path pays: a non-blocking send of the already
+//! built event into a bounded queue ([`WriterConfig::queue_capacity`], 65 536 by default). When
+//! the queue is full (the disk cannot keep up) the event is dropped, never the request delayed:
+//! the drop is counted ([`AuditHandle::dropped`]), logged as a warning (on the 1st, 2nd, 4th,
+//! 8th... drop), and the writer appends a record saying how many events were lost, so the gap
+//! is visible in the log itself.
+//!
+//! The writer takes everything pending and commits it in one redb write transaction, durably
+//! (`Durability::Immediate`, fsync), at most [`WriterConfig::commit_interval`] (50 ms) after
+//! the first event of the batch arrived, or at once when [`WriterConfig::max_batch`] (512)
+//! are pending; seq and hashes are assigned in commit order. Committed events then go to live
+//! subscribers ([`AuditHandle::subscribe`]); a slow subscriber lags, it never holds the writer.
+//!
+//! **Crash window.** A SIGKILL (or power loss) loses the events recorded in the last
+//! `commit_interval` before it, plus those of a commit in flight: at the default, the last
+//! 50 ms plus one fsync. Everything that [`AuditHandle::committed_seq`] reported is on disk.
+//! SIGTERM/SIGINT lose nothing: [`AuditHandle::flush_and_stop`] commits everything pending,
+//! durably, before it returns.
+//!
+//! # Opening
+//!
+//! [`AuditLog::open`] creates the log on first start (built under a temporary name and linked
+//! into place complete). An existing file is checked first on a copy-on-write view of it (redb
+//! repairs and verifies every page checksum there, and the tables must say this is an
+//! agent-broker audit log), so a corrupt or foreign file is refused with an error naming it and
+//! not one byte of it changed. Only then is it opened for writing (repairing after a crash).
+//! `<state_dir>/audit.lock` is held while it is open, so two brokers never share one log.
+//!
+//! redb is synchronous, and so is this API: from async code call [`AuditHandle::query`],
+//! [`AuditHandle::verify`] and [`AuditHandle::flush_and_stop`] through
+//! `tokio::task::spawn_blocking`. [`AuditHandle::record`] and [`AuditHandle::subscribe`] never
+//! block and may be called anywhere.
+//!
+//! Never: store a secret value (the event type has secret names only), overwrite or renumber a
+//! record, or block a request on the disk.
+
+mod chain;
+mod overlay;
+mod tables;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileExt as _, OpenOptionsExt};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_broker_protocol::{AuditEvent, LogFilter, VerifyReport};
+use nix::fcntl::{Flock, FlockArg};
+use redb::{
+    Builder, Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable,
+    TableError,
+};
+
+use tables::{
+    FLOOR_KEY, FORMAT, FORMAT_KEY, HEAD_KEY, KIND, KIND_KEY, Link, META, RECORDS, StoredRecord,
+};
+
+pub use writer::{AuditHandle, WriterConfig};
+
+/// File name of the audit log inside the state directory.
+pub const AUDIT_FILE: &str = "audit.redb";
+/// Held (flock) while the log is open.
+const LOCK_FILE: &str = "audit.lock";
+/// A new log is built under this name and linked into place only once it is complete.
+const NEW_FILE: &str = "audit.redb.new";
+/// redb's page cache for the log. Reads are mostly sequential scans; the default (1 GiB) is
+/// far more than an audit log needs.
+const CACHE_SIZE: usize = 64 * 1024 * 1024;
+/// The first bytes of every redb file.
+const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+
+/// How long records are kept. Both limits apply when both are set; `None` keeps everything.
+/// The writer thread applies it at most once per [`WriterConfig::retention_interval`], removing
+/// the oldest records and advancing the retention floor in the same transaction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Remove records older than this (by their `time_ms`, oldest first, stopping at the first
+    /// younger one).
+    pub max_age: Option<Duration>,
+    /// Keep at most this many records (at least 1).
+    pub max_records: Option<u64>,
+}
+
+impl Retention {
+    /// Keep everything.
+    pub const KEEP_ALL: Retention = Retention {
+        max_age: None,
+        max_records: None,
+    };
+
+    fn is_set(&self) -> bool {
+        self.max_age.is_some() || self.max_records.is_some()
+    }
+}
+
+/// Everything the audit log can refuse. Messages name the file.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot create state directory {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot lock {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("audit log {path} is in use by another process (is brokerd already running?)")]
+    InUse { path: PathBuf },
+    #[error("cannot read audit log {path}")]
+    FileRead {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create audit log {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("audit log {path} is corrupt or not an agent-broker audit log: {detail}")]
+    Corrupt {
+        path: PathBuf,
+        detail: String,
+        #[source]
+        source: Option<Box<redb::Error>>,
+    },
+    #[error("audit log {path} has format {format}; this broker reads format {FORMAT}")]
+    UnsupportedFormat { path: PathBuf, format: u64 },
+    #[error("audit log {path}: {action} failed")]
+    Storage {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("audit log {path}: record {seq} is malformed; run `brokerctl logs verify`")]
+    Malformed { path: PathBuf, seq: u64 },
+    #[error("invalid audit retention: {reason}")]
+    InvalidRetention { reason: &'static str },
+    #[error("invalid audit writer settings: {reason}")]
+    InvalidWriterConfig { reason: &'static str },
+    #[error("cannot start the audit writer thread")]
+    Spawn {
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot encode audit record")]
+    Encode {
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the audit writer has stopped")]
+    WriterStopped,
+    #[error("the audit writer failed to commit")]
+    WriterFailed {
+        #[source]
+        source: Arc<AuditError>,
+    },
+}
+
+// The log is shared between the writer thread and query callers; errors cross threads.
+const _: fn() = || {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<AuditLog>();
+    assert_send_sync::<AuditError>();
+};
+
+/// The open audit log. See the module docs.
+pub struct AuditLog {
+    store: Arc<Store>,
+}
+
+/// What the log and the writer share.
+struct Store {
+    // Declared before `_lock`: the database closes before the lock is released.
+    db: Database,
+    path: PathBuf,
+    retention: Retention,
+    _lock: Flock<File>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.store.path)
+            .field("retention", &self.store.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditLog {
+    /// Opens `<state_dir>/audit.redb`, creating the state directory (0700) and the log (0600)
+    /// when missing.
+    ///
+    /// Refuses, without writing to the file: a corrupt file, one that is not an agent-broker
+    /// audit log (another redb file such as the vault, or no redb file at all), a later format,
+    /// a symlink, and a log another process has open.
+    pub fn open(state_dir: &Path, retention: Retention) -> Result<AuditLog, AuditError> {
+        if retention.max_records == Some(0) {
+            return Err(AuditError::InvalidRetention {
+                reason: "max_records must be at least 1",
+            });
+        }
+        if retention.max_age == Some(Duration::ZERO) {
+            return Err(AuditError::InvalidRetention {
+                reason: "max_age must be more than zero",
+            });
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(|source| AuditError::StateDir {
+                path: state_dir.to_path_buf(),
+                source,
+            })?;
+        let path = state_dir.join(AUDIT_FILE);
+        let lock = lock_state_dir(state_dir, &path)?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_file() => {}
+            Ok(_) => {
+                return Err(AuditError::Corrupt {
+                    path,
+                    detail: "it is not a regular file".into(),
+                    source: None,
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => create_log(&path)?,
+            Err(source) => return Err(AuditError::FileRead { path, source }),
+        }
+        check_copy(&path)?;
+        let db = Builder::new()
+            .set_cache_size(CACHE_SIZE)
+            .open(&path)
+            .map_err(|e| match e {
+                DatabaseError::DatabaseAlreadyOpen => AuditError::InUse { path: path.clone() },
+                e => AuditError::Storage {
+                    path: path.clone(),
+                    action: "opening the audit log",
+                    source: Box::new(e.into()),
+                },
+            })?;
+        let store = Store {
+            db,
+            path,
+            retention,
+            _lock: lock,
+        };
+        let txn = store.read_txn()?;
+        chain_state(&txn, &store.path)?;
+        drop(txn);
+        Ok(AuditLog {
+            store: Arc::new(store),
+        })
+    }
+
+    /// The log file's path.
+    pub fn path(&self) -> &Path {
+        &self.store.path
+    }
+
+    /// The records matching `filter`, oldest first (see [`LogFilter`] and
+    /// [`crate::audit_access::matches`]: `cgroup` is that cgroup or below it; `denied_only` is
+    /// decision "deny" or a denial, TLS failure or handle misuse; `limit` keeps the newest). A record that does not decode is skipped here (with a
+    /// warning) and reported by [`AuditLog::verify`].
+    pub fn query(&self, filter: &LogFilter) -> Result<Vec<AuditEvent>, AuditError> {
+        self.store.query(filter)
+    }
+
+    /// Recomputes the hash chain from the retention floor and names the first record that was
+    /// edited, removed or reordered. An error here is a storage failure, not a broken chain.
+    pub fn verify(&self) -> Result<VerifyReport, AuditError> {
+        self.store.verify()
+    }
+
+    /// The seq of the last record (0 for an empty log).
+    pub fn last_seq(&self) -> Result<u64, AuditError> {
+        let txn = self.store.read_txn()?;
+        Ok(chain_state(&txn, &self.store.path)?.head.seq)
+    }
+
+    /// Starts the writer thread with the default [`WriterConfig`].
+    pub fn writer(
+        self,
+    ) -> Result<
+        (
+            AuditHandle,
+            std::thread::JoinHandle<Result<(), AuditError>>,
+        ),
+        AuditError,
+    > {
+        self.writer_with(WriterConfig::default())
+    }
+
+    /// Starts the writer thread. The thread ends after [`AuditHandle::flush_and_stop`], or when
+    /// every handle is dropped (committing what is pending either way); its result is the
+    /// final commit's.
+    pub fn writer_with(
+        self,
+        config: WriterConfig,
+    ) -> Result<
+        (
+            AuditHandle,
+            std::thread::JoinHandle<Result<(), AuditError>>,
+        ),
+        AuditError,
+    > {
+        writer::start(self.store, config)
+    }
+}
+
+/// The chain's two ends as stored.
+#[derive(Clone, Copy, Debug)]
+struct ChainState {
+    head: Link,
+    floor: Link,
+}
+
+impl Store {
+    fn query(&self, filter: &LogFilter) -> Result<Vec<AuditEvent>, AuditError> {
+        let txn = self.read_txn()?;
+        let table = txn
+            .open_table(RECORDS)
+            .map_err(self.storage("opening the records table"))?;
+        let iter = table.iter().map_err(self.storage("reading records"))?;
+        let mut out = Vec::new();
+        let mut visit = |entry: Result<_, redb::StorageError>| -> Result<bool, AuditError> {
+            let (key, value): (redb::AccessGuard<'_, u64>, redb::AccessGuard<'_, &[u8]>) =
+                entry.map_err(self.storage("reading records"))?;
+            let seq = key.value();
+            let Some(event) = StoredRecord::decode(value.value())
+                .and_then(|r| serde_json::from_slice::<AuditEvent>(r.event_json).ok())
+            else {
+                tracing::warn!(path = %self.path.display(), seq, "skipping a malformed audit record; run `brokerctl logs verify`");
+                return Ok(true);
+            };
+            if crate::audit_access::matches(filter, &event) {
+                out.push(event);
+            }
+            Ok(filter.limit == 0 || out.len() < filter.limit)
+        };
+        if filter.limit == 0 {
+            for entry in iter {
+                visit(entry)?;
+            }
+        } else {
+            for entry in iter.rev() {
+                if !visit(entry)? {
+                    break;
+                }
+            }
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    fn verify(&self) -> Result<VerifyReport, AuditError> {
+        let txn = self.read_txn()?;
+        let state = chain_state(&txn, &self.path)?;
+        let table = txn
+            .open_table(RECORDS)
+            .map_err(self.storage("opening the records table"))?;
+        let iter = table.iter().map_err(self.storage("reading records"))?;
+        let mut failure = None;
+        let records = iter.map_while(|entry| match entry {
+            Ok((key, value)) => Some((key.value(), value.value().to_vec())),
+            Err(e) => {
+                failure = Some(e);
+                None
+            }
+        });
+        let report = chain::verify(state.floor, state.head, records);
+        if let Some(e) = failure {
+            return Err(self.storage("reading records")(e));
+        }
+        Ok(report)
+    }
+
+    fn read_txn(&self) -> Result<ReadTransaction, AuditError> {
+        self.db
+            .begin_read()
+            .map_err(self.storage("starting a read transaction"))
+    }
+
+    fn storage<E: Into<redb::Error>>(&self, action: &'static str) -> impl FnOnce(E) -> AuditError {
+        storage_error(&self.path, action)
+    }
+}
+
+fn storage_error<E: Into<redb::Error>>(
+    path: &Path,
+    action: &'static str,
+) -> impl FnOnce(E) -> AuditError {
+    let path = path.to_path_buf();
+    move |e| AuditError::Storage {
+        path,
+        action,
+        source: Box::new(e.into()),
+    }
+}
+
+/// Reads and checks the meta table: this is an audit log of our format with a sane chain state.
+fn chain_state(txn: &ReadTransaction, path: &Path) -> Result<ChainState, AuditError> {
+    let corrupt = |detail: &str| AuditError::Corrupt {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+        source: None,
+    };
+    let storage = |action| storage_error::<redb::Error>(path, action);
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(TableError::TableDoesNotExist(_)) => {
+            return Err(corrupt(
+                "it has no audit tables (is it another redb file, such as the vault?)",
+            ));
+        }
+        Err(e) => return Err(storage("opening the meta table")(e.into())),
+    };
+    let get = |key: &str| -> Result<Option<Vec<u8>>, AuditError> {
+        Ok(meta
+            .get(key)
+            .map_err(|e| storage("reading the meta table")(e.into()))?
+            .map(|g| g.value().to_vec()))
+    };
+    if get(KIND_KEY)?.as_deref() != Some(KIND) {
+        return Err(corrupt("its meta table does not name it an audit log"));
+    }
+    let format = get(FORMAT_KEY)?
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt("its format record is missing or malformed"))?;
+    if format != FORMAT {
+        return Err(AuditError::UnsupportedFormat {
+            path: path.to_path_buf(),
+            format,
+        });
+    }
+    let head = get(HEAD_KEY)?
+        .and_then(|b| Link::decode(&b))
+        .ok_or_else(|| corrupt("its chain head is missing or malformed"))?;
+    let floor = get(FLOOR_KEY)?
+        .and_then(|b| Link::decode(&b))
+        .ok_or_else(|| corrupt("its retention floor is missing or malformed"))?;
+    if head.seq < floor.seq {
+        return Err(corrupt("its chain head is below its retention floor"));
+    }
+    match txn.open_table(RECORDS) {
+        Ok(_) => {}
+        Err(TableError::TableDoesNotExist(_)) => {
+            return Err(corrupt("it has no records table"));
+        }
+        Err(e) => return Err(storage("opening the records table")(e.into())),
+    }
+    Ok(ChainState { head, floor })
+}
+
+/// Takes `<state_dir>/audit.lock` exclusively, without waiting.
+fn lock_state_dir(state_dir: &Path, log: &Path) -> Result<Flock<File>, AuditError> {
+    let lock_path = state_dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|source| AuditError::Lock {
+            path: lock_path.clone(),
+            source,
+        })?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            AuditError::InUse {
+                path: log.to_path_buf(),
+            }
+        } else {
+            AuditError::Lock {
+                path: lock_path,
+                source: errno.into(),
+            }
+        }
+    })
+}
+
+/// Builds an empty log under a temporary name and links it into place only when complete.
+fn create_log(path: &Path) -> Result<(), AuditError> {
+    let tmp = path.with_file_name(NEW_FILE);
+    let create_err = |source: redb::Error| AuditError::Create {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    };
+    let io_err = |source: io::Error| create_err(redb::StorageError::Io(source).into());
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err)?;
+    let backend = redb::backends::FileBackend::new(file).map_err(|e| create_err(e.into()))?;
+    let db = Builder::new()
+        .create_with_backend(backend)
+        .map_err(|e| create_err(e.into()))?;
+    let txn = db.begin_write().map_err(|e| create_err(e.into()))?;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| create_err(e.into()))?;
+        let origin = Link::ORIGIN.encode();
+        for (key, value) in [
+            (KIND_KEY, KIND),
+            (FORMAT_KEY, FORMAT.to_be_bytes().as_slice()),
+            (HEAD_KEY, origin.as_slice()),
+            (FLOOR_KEY, origin.as_slice()),
+        ] {
+            meta.insert(key, value).map_err(|e| create_err(e.into()))?;
+        }
+        txn.open_table(RECORDS).map_err(|e| create_err(e.into()))?;
+    }
+    txn.commit().map_err(|e| create_err(e.into()))?;
+    db.close().map_err(|e| create_err(e.into()))?;
+    // A hard link, unlike rename, never replaces an existing log.
+    std::fs::hard_link(&tmp, path).map_err(io_err)?;
+    std::fs::remove_file(&tmp).map_err(io_err)?;
+    sync_parent(path).map_err(io_err)?;
+    tracing::info!(path = %path.display(), "created audit log");
+    Ok(())
+}
+
+fn sync_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Checks the log on a copy-on-write view of the file: it is a redb file, redb can open it
+/// (repairing an unclean shutdown in memory only), every page passes its checksum, and its
+/// tables say it is an audit log of our format. Nothing is written to the file.
+fn check_copy(path: &Path) -> Result<(), AuditError> {
+    let corrupt = |detail: &str, source: Option<Box<redb::Error>>| AuditError::Corrupt {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+        source,
+    };
+    let file = File::open(path).map_err(|source| AuditError::FileRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut magic = [0u8; REDB_MAGIC.len()];
+    match file.read_exact_at(&mut magic, 0) {
+        Ok(()) if magic == REDB_MAGIC => {}
+        Ok(()) => return Err(corrupt("it is not a redb database", None)),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(corrupt("it is too short to be a redb database", None));
+        }
+        Err(source) => {
+            return Err(AuditError::FileRead {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    }
+    let view = overlay::Overlay::new(file).map_err(|source| AuditError::FileRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // redb may panic on a file altered outside it; that must be a refusal, not a crash. The
+    // database is private to this closure, so nothing observes state a panic interrupted.
+    let checked = catch_unwind(AssertUnwindSafe(|| {
+        let mut db = Builder::new()
+            .set_cache_size(CACHE_SIZE)
+            .create_with_backend(view)
+            .map_err(|e| {
+                corrupt(
+                    "it cannot be opened as a redb database",
+                    Some(Box::new(e.into())),
+                )
+            })?;
+        match db.check_integrity() {
+            Ok(true) => {}
+            Ok(false) => return Err(corrupt("some pages fail their checksums", None)),
+            Err(e) => {
+                return Err(corrupt(
+                    "the integrity check failed",
+                    Some(Box::new(e.into())),
+                ));
+            }
+        }
+        let txn = db
+            .begin_read()
+            .map_err(|e| corrupt("it cannot be read", Some(Box::new(e.into()))))?;
+        chain_state(&txn, path).map(drop)
+    }));
+    match checked {
+        Ok(Err(AuditError::Storage { source, .. })) => {
+            Err(corrupt("reading its tables failed", Some(source)))
+        }
+        Ok(result) => result,
+        Err(_) => Err(corrupt("the storage engine failed while reading it", None)),
+    }
+}
+
+/// The proxy (and the control socket, for attach/detach/reload) report straight into the log.
+impl crate::proxy::EventSink for AuditHandle {
+    fn record(&self, event: AuditEvent) {
+        AuditHandle::record(self, event);
+    }
+}
+
+/// What the control socket serves `logs`, `logs verify` and `subscribe` from.
+impl crate::audit_access::AuditAccess for AuditHandle {
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<AuditEvent> {
+        AuditHandle::subscribe(self)
+    }
+
+    fn query(&self, filter: &LogFilter) -> Result<Vec<AuditEvent>, String> {
+        AuditHandle::query(self, filter).map_err(|e| crate::error_chain(&e))
+    }
+
+    fn verify(&self) -> Result<VerifyReport, String> {
+        AuditHandle::verify(self).map_err(|e| crate::error_chain(&e))
+    }
+}
