@@ -1,0 +1,122 @@
+//! Issue 5, the audit log against a real brokerd: what a SIGKILL can lose, and that the chain
+//! still verifies afterwards.
+//!
+//! Run as root: `cargo test -p agent-broker-tests -- --test-threads=1`.
+
+use std::{
+    io::Read as _,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use agent_broker_protocol::{AuditEvent, EventKind};
+use agent_broker_tests::{
+    Broker, TestCgroup, TestServer, agent::python, require_privileges, spawn_in_cgroup,
+};
+
+/// The crash window brokerd documents: one group commit (50 ms) plus the commit in flight.
+/// The test allows 250 ms so a loaded machine does not make it flaky; records older than that
+/// must all survive.
+const CRASH_WINDOW: Duration = Duration::from_millis(250);
+
+/// An agent that makes plain-HTTP requests in a loop until one fails, printing the Unix time in
+/// milliseconds at which each successful response was complete.
+const AGENT: &str = r#"
+import sys, time, urllib.request
+url = sys.argv[1]
+while True:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            r.read()
+    except Exception as e:
+        print("stopped", type(e).__name__, flush=True)
+        break
+    print(int(time.time() * 1000), flush=True)
+"#;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn records(broker: &Broker) -> Vec<AuditEvent> {
+    broker
+        .ctl_ok(&["logs", "--json"])
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line ({e}): {l}")))
+        .collect()
+}
+
+#[test]
+fn sigkill_while_requests_flow_loses_at_most_the_last_group_commit_and_the_chain_verifies() {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let server = TestServer::http("127.0.0.1:0", "ok");
+    let agent = cg.child("agent");
+    let policy = format!(
+        "cgroup = \"{agent}\"\n[[allow]]\nhost = \"127.0.0.1\"\nport = {}\n",
+        server.addr().port()
+    );
+    let mut broker = Broker::builder().policy("agent", &policy).start();
+    broker.ctl_ok(&["attach", "--cgroup", &agent, "--create"]);
+
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", AGENT, &format!("http://{}/", server.addr())])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = spawn_in_cgroup(&agent, &mut cmd);
+    thread::sleep(Duration::from_millis(1500));
+    let killed_at = now_ms();
+    broker.kill9();
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        stdout
+            .read_to_string(&mut out)
+            .unwrap_or_else(|e| panic!("agent output: {e}"));
+    }
+    let _ = child.wait();
+    let completed: Vec<u64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert!(
+        completed.len() >= 10,
+        "the agent made too few requests before the kill to measure anything: {out}"
+    );
+    assert!(
+        out.contains("stopped"),
+        "after SIGKILL the agent's next request must fail (fail closed): {out}"
+    );
+
+    broker.restart();
+    let stored: Vec<AuditEvent> = records(&broker)
+        .into_iter()
+        .filter(|r| r.kind == Some(EventKind::Request) && r.cgroup.as_deref() == Some(&agent))
+        .collect();
+    let must_survive = completed
+        .iter()
+        .filter(|t| **t + CRASH_WINDOW.as_millis() as u64 <= killed_at)
+        .count();
+    let lost = completed.len().saturating_sub(stored.len());
+    println!(
+        "requests completed: {}, stored after SIGKILL: {}, lost: {lost} (completed within {} ms of the kill: {})",
+        completed.len(),
+        stored.len(),
+        CRASH_WINDOW.as_millis(),
+        completed.len() - must_survive
+    );
+    assert!(
+        stored.len() >= must_survive,
+        "{} requests completed more than {} ms before the SIGKILL, but only {} records survived",
+        must_survive,
+        CRASH_WINDOW.as_millis(),
+        stored.len()
+    );
+    let verified = broker.ctl_ok(&["logs", "verify"]);
+    assert!(verified.contains("intact"), "{verified}");
+    // The chain continues across the restart: new records verify too.
+    broker.ctl_ok(&["detach", "--cgroup", &agent]);
+    let verified = broker.ctl_ok(&["logs", "verify"]);
+    assert!(verified.contains("intact"), "{verified}");
+}
