@@ -73,8 +73,7 @@ use std::time::Duration;
 use agent_broker_protocol::{AuditEvent, LogFilter, VerifyReport};
 use nix::fcntl::{Flock, FlockArg};
 use redb::{
-    Builder, Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable,
-    TableError,
+    Builder, Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable, TableError,
 };
 
 use tables::{
@@ -313,13 +312,7 @@ impl AuditLog {
     /// Starts the writer thread with the default [`WriterConfig`].
     pub fn writer(
         self,
-    ) -> Result<
-        (
-            AuditHandle,
-            std::thread::JoinHandle<Result<(), AuditError>>,
-        ),
-        AuditError,
-    > {
+    ) -> Result<(AuditHandle, std::thread::JoinHandle<Result<(), AuditError>>), AuditError> {
         self.writer_with(WriterConfig::default())
     }
 
@@ -329,13 +322,7 @@ impl AuditLog {
     pub fn writer_with(
         self,
         config: WriterConfig,
-    ) -> Result<
-        (
-            AuditHandle,
-            std::thread::JoinHandle<Result<(), AuditError>>,
-        ),
-        AuditError,
-    > {
+    ) -> Result<(AuditHandle, std::thread::JoinHandle<Result<(), AuditError>>), AuditError> {
         writer::start(self.store, config)
     }
 }

@@ -5,7 +5,10 @@
 //! on. Secrets are looked up in the vault only after the policy allowed the destination, and are
 //! written only into the slots the rule names (or where the agent put a valid handle).
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Instant, SystemTime},
+};
 
 use http::{HeaderName, HeaderValue, StatusCode, request::Parts};
 use tokio::sync::watch;
@@ -14,7 +17,7 @@ use tracing::warn;
 use crate::{
     handle::{self, SwapContext},
     handle_store,
-    policy::{Decision, Policy},
+    policy::{Limiter, Policy, RequestDecision, RequestInfo, usage_tokens},
     proxy::{Authorizer, Denial, Grant, RequestFacts},
     secret::{SecretName, SecretValue},
     vault::Vault,
@@ -25,11 +28,35 @@ pub struct PolicyAuthorizer {
     /// The live policy; each request takes the snapshot current when it arrives.
     policy: watch::Receiver<Arc<Policy>>,
     vault: Arc<Vault>,
+    /// Rate limits and budgets, per agent cgroup and rule; kept across reloads for rules that
+    /// still exist.
+    limiter: Arc<Limiter>,
+    /// The policy the limiter was last pruned for.
+    limiter_policy: Mutex<usize>,
 }
+
+/// How much of a limited response is kept to read an LLM API's `usage` from.
+const USAGE_CAPTURE: usize = 256 * 1024;
 
 impl PolicyAuthorizer {
     pub fn new(policy: watch::Receiver<Arc<Policy>>, vault: Arc<Vault>) -> Self {
-        Self { policy, vault }
+        Self {
+            policy,
+            vault,
+            limiter: Arc::new(Limiter::new()),
+            limiter_policy: Mutex::new(0),
+        }
+    }
+
+    /// Drops the counters of rules a reload removed (once per new policy).
+    fn follow_reloads(&self, policy: &Arc<Policy>) {
+        let id = Arc::as_ptr(policy) as usize;
+        if let Ok(mut seen) = self.limiter_policy.lock()
+            && *seen != id
+        {
+            *seen = id;
+            self.limiter.retain_for(policy);
+        }
     }
 
     fn secret(&self, name: &SecretName) -> Option<SecretValue> {
@@ -47,13 +74,30 @@ impl Authorizer for PolicyAuthorizer {
     fn authorize(&self, facts: &RequestFacts<'_>, parts: &mut Parts) -> Result<Grant, Denial> {
         let cgroup = &facts.origin.cgroup;
         let policy = self.policy.borrow().clone();
-        let (rule, inject, plain_http) = match policy.decide(cgroup, facts.host, facts.port) {
-            Decision::Allow {
+        self.follow_reloads(&policy);
+        let request = RequestInfo {
+            method: &parts.method,
+            path: parts.uri.path(),
+            headers: &parts.headers,
+            host: facts.host,
+            port: facts.port,
+            dst_ip: facts.origin.original_dst.ip(),
+            tls: facts.tls,
+            now: SystemTime::now(),
+        };
+        let (rule, inject, plain_http, limit_keys) = match policy.decide_request(cgroup, &request) {
+            RequestDecision::Allow {
                 rule,
                 inject,
                 plain_http,
-            } => (rule, inject, plain_http),
-            Decision::Deny { reason, .. } => return Err(Denial::forbidden(reason)),
+                limit_keys,
+            } => (rule, inject, plain_http, limit_keys),
+            RequestDecision::Deny { reason, rule, .. } => {
+                return Err(Denial {
+                    rule: rule.map(ToString::to_string),
+                    ..Denial::forbidden(reason)
+                });
+            }
         };
         let rule_name = rule.to_string();
         let deny = |reason: String| Denial {
@@ -148,13 +192,45 @@ impl Authorizer for PolicyAuthorizer {
                 parts.headers.remove(&name);
                 parts.headers.insert(name, value);
             }
+            if let Some(query) = rendered.rewrite_query(parts.uri.query()) {
+                let path_and_query = format!("{}?{}", parts.uri.path(), query.as_str());
+                let mut uri = http::uri::Parts::from(parts.uri.clone());
+                uri.path_and_query = Some(
+                    http::uri::PathAndQuery::try_from(path_and_query)
+                        .map_err(|e| deny(format!("cannot inject into the query: {e}")))?,
+                );
+                parts.uri = http::Uri::from_parts(uri)
+                    .map_err(|e| deny(format!("cannot inject into the query: {e}")))?;
+            }
             for secret in &rendered.secrets {
                 let secret = secret.as_str().to_string();
                 if !grant.secrets.contains(&secret) {
                     grant.secrets.push(secret);
                 }
             }
-            grant.needles.extend(rendered.secret_values.iter().cloned());
+            grant.needles.extend(rendered.needles().cloned());
+        }
+
+        // Limits last: a request refused for another reason does not use up a budget.
+        if !limit_keys.is_empty() {
+            if let Err(limited) = self.limiter.check(&limit_keys, Instant::now()) {
+                return Err(Denial {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    retry_after: Some(limited.retry_after),
+                    ..deny(limited.reason)
+                });
+            }
+            let limiter = self.limiter.clone();
+            grant.capture_body = USAGE_CAPTURE;
+            grant.on_complete = Some(Box::new(move |done| {
+                let tokens = usage_tokens(&done.body).unwrap_or(0);
+                limiter.record(
+                    &limit_keys,
+                    done.bytes_in + done.bytes_out,
+                    tokens,
+                    Instant::now(),
+                );
+            }));
         }
         Ok(grant)
     }

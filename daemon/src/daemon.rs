@@ -54,7 +54,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ca = load_or_create_ca(&vault, &config.state_dir)?;
     let minter = LeafMinter::new(ca)?;
     let upstream = Upstream::new(&config.upstream_ca)?;
-    let (audit, audit_writer) = AuditLog::open(&config.state_dir, config.audit_retention)?.writer()?;
+    let (audit, audit_writer) =
+        AuditLog::open(&config.state_dir, config.audit_retention)?.writer()?;
     let event_log = Arc::new(audit.clone());
     let proxy = Arc::new(Proxy {
         minter,

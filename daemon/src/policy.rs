@@ -1,34 +1,69 @@
-//! Policy: which destinations each agent cgroup may reach, and what is injected on the way.
+//! Policy: which destinations and requests each agent cgroup may make, what is injected on the
+//! way, how often, and until when.
 //!
 //! Policies are TOML files in one directory, one file per cgroup subtree (see
-//! `policies/README.md` for every field). [`Policy::load_dir`] parses and validates all of them
-//! and compiles them into per-file lookup tables, so [`Policy::decide`] does a few hash lookups
-//! and no pattern matching per request. Pure: the only I/O is reading the directory in
-//! `load_dir`; everything else works on strings, so it is unit-tested without files.
+//! `policies/README.md` for every field). [`Policy::load_dir`] parses and validates all of them,
+//! checks that every file only narrows the files of its ancestor cgroups, and compiles each into
+//! lookup tables (hash maps by exact host and wildcard suffix, address ranges by prefix length,
+//! method bitsets, precompiled path globs), so a decision is a few hash lookups. Pure: the only
+//! I/O is reading the directory in `load_dir`; times are passed in.
 //!
-//! Semantics (issue 3's minimal form; the policy engine issue extends it):
-//! - default deny: a cgroup no file covers, and a destination no rule names, are denied;
-//! - the file that applies to a cgroup is the one whose `cgroup` is its closest
-//!   ancestor-or-self (intersection with further ancestors comes with delegation narrowing);
-//! - within a file an exact host rule wins over a wildcard, and a longer wildcard suffix over a
-//!   shorter one; the port must match too.
+//! Semantics:
+//! - default deny: a cgroup no file covers, and a request no rule allows, are denied;
+//! - delegation narrows: the files that govern a cgroup are its own closest file and every
+//!   ancestor's; a request is allowed only if each of them allows it with one of its rules. The
+//!   closest file's rule decides what is injected, each level's rule adds its limits. A child
+//!   file that tries to allow more than its parent is refused at load ([`narrow`]);
+//! - within a file the most specific destination wins (exact host, then the longest wildcard
+//!   suffix, then the longest address prefix), and among rules for that destination the first
+//!   in file order whose method, path, header and expiry conditions hold.
+//!
+//! Questions answered: [`Policy::decide_request`] (per HTTP request), [`Policy::decide_connection`]
+//! (per accepted connection: intercept, pass through, or refuse), [`Policy::dns_allowed`],
+//! [`Policy::explain`] and [`Policy::effective`] for operators, and [`Policy::decide`] (the
+//! minimal form's destination-only question). Limits are counted by a [`Limiter`].
 //!
 //! Never: allow when in doubt, or put a secret value in a decision or error.
 
+mod bench;
+mod cidr;
+mod clock;
+mod decide;
+mod dns;
+mod explain;
 mod file;
+mod glob;
 mod host;
+mod injection;
+mod limits;
+mod method;
+mod narrow;
+mod rule;
 
 use std::{
-    collections::{BTreeSet, HashMap},
-    fmt, fs, io,
+    collections::{BTreeSet, HashMap, HashSet},
+    fs, io,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
+pub use bench::{BenchRequest, bench_policy};
+pub use cidr::{CidrError, IpNet};
+pub use clock::{format_rfc3339, parse_rfc3339};
+pub use decide::{ConnectionDecision, Decision, OwnedRequest, RequestDecision, RequestInfo};
+pub use dns::DnsNames;
+pub use explain::{EffectivePolicy, ExplainError, Explanation};
 pub use file::{DEFAULT_PORT, PolicyFileError};
+pub use glob::{GlobError, PathPattern};
 pub use host::{HostError, HostPattern, normalize_host};
+pub use injection::{BasicAuth, Injection, RenderedInjection};
+pub use limits::{Budget, LimitDenial, LimitKey, Limiter, Rate, RatePeriod, usage_tokens};
+pub use method::{MethodError, MethodSet};
+pub use rule::{Destination, Rule, RuleRef};
 
-use crate::{cgroup::CgroupPath, inject::InjectSpec, secret::SecretName};
+use crate::{cgroup::CgroupPath, secret::SecretName};
+use limits::{LimitId, LimitSpec};
+use rule::Matcher;
 
 /// Errors loading a policy directory.
 #[derive(Debug, thiserror::Error)]
@@ -64,87 +99,67 @@ fn display_errors(errors: &[PolicyFileError]) -> String {
     }
 }
 
-/// Where a rule is written: for audit records, denials and `policy explain`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct RuleRef {
-    /// The policy file.
-    pub file: Arc<Path>,
-    /// Position in the file's `[[allow]]` list, from 0.
-    pub index: usize,
-    /// Line of the rule's `host`, from 1.
-    pub line: usize,
-}
-
-impl fmt::Display for RuleRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{} allow[{}]",
-            self.file.display(),
-            self.line,
-            self.index
-        )
-    }
-}
-
-/// One compiled allow rule.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rule {
-    host: HostPattern,
-    port: u16,
-    plain_http: bool,
-    inject: InjectSpec,
-    rule_ref: RuleRef,
-}
-
-impl Rule {
-    pub fn host(&self) -> &HostPattern {
-        &self.host
-    }
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-    /// Whether injection (and handle swaps) may happen over plain HTTP for this rule.
-    pub fn plain_http(&self) -> bool {
-        self.plain_http
-    }
-    pub fn inject(&self) -> &InjectSpec {
-        &self.inject
-    }
-    pub fn rule_ref(&self) -> &RuleRef {
-        &self.rule_ref
-    }
-}
-
 /// One compiled policy file: the rules for one cgroup subtree and their lookup tables.
 #[derive(Clone, Debug)]
 pub struct PolicyFile {
     path: Arc<Path>,
     cgroup: CgroupPath,
     rules: Vec<Rule>,
-    /// Exact host -> rule indices (one per port).
-    exact: HashMap<String, Vec<usize>>,
-    /// Wildcard suffix (without `*.`) -> rule indices (one per port).
-    wildcard: HashMap<String, Vec<usize>>,
+    /// HTTP rules by destination.
+    http: Matcher,
+    /// tcp passthrough rules by destination.
+    tcp: Matcher,
+    dns: DnsNames,
+    /// Explicit `[dns] allow` entries with their (line, column), for narrowing errors.
+    dns_entries: Vec<(HostPattern, (usize, usize))>,
+    /// Files of ancestor cgroups, nearest first (indices into `Policy::files`).
+    ancestors: Vec<usize>,
+    /// For each rule, the rule of the nearest ancestor file that covers it.
+    covering: Vec<Option<usize>>,
 }
 
 impl PolicyFile {
-    fn new(path: Arc<Path>, cgroup: CgroupPath, rules: Vec<Rule>) -> Self {
-        let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut wildcard: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, rule) in rules.iter().enumerate() {
-            let (table, key) = match &rule.host {
-                HostPattern::Exact(h) => (&mut exact, h),
-                HostPattern::Wildcard(s) => (&mut wildcard, s),
-            };
-            table.entry(key.clone()).or_default().push(i);
+    fn new(
+        path: Arc<Path>,
+        cgroup: CgroupPath,
+        mut rules: Vec<Rule>,
+        dns: DnsNames,
+        dns_entries: Vec<(HostPattern, (usize, usize))>,
+    ) -> Self {
+        let mut http = Matcher::default();
+        let mut tcp = Matcher::default();
+        let cgroup_key: Arc<str> = Arc::from(cgroup.as_str());
+        for (i, rule) in rules.iter_mut().enumerate() {
+            if rule.rate.is_some() || rule.budget.is_some() {
+                rule.limit = Some(LimitKey::new(LimitSpec {
+                    id: LimitId {
+                        cgroup: Arc::clone(&cgroup_key),
+                        rule: rule.limit_identity().into(),
+                    },
+                    rate: rule.rate,
+                    budget: rule.budget,
+                    label: format!("{}:{} ({})", rule.dest, rule.port, rule.rule_ref),
+                }));
+            }
+            if rule.tcp {
+                tcp.insert(i, rule);
+            } else {
+                http.insert(i, rule);
+            }
         }
+        http.finish();
+        tcp.finish();
+        let count = rules.len();
         Self {
             path,
             cgroup,
             rules,
-            exact,
-            wildcard,
+            http,
+            tcp,
+            dns,
+            dns_entries,
+            ancestors: Vec::new(),
+            covering: vec![None; count],
         }
     }
 
@@ -158,61 +173,9 @@ impl PolicyFile {
     pub fn rules(&self) -> &[Rule] {
         &self.rules
     }
-
-    /// The rule for a normalized host and port: exact first, then the longest wildcard suffix.
-    /// The second value is the ports of every rule naming the host, for a helpful denial.
-    fn lookup(&self, host: &str, port: u16) -> Result<&Rule, Vec<u16>> {
-        let mut other_ports = Vec::new();
-        let mut pick = |indices: Option<&Vec<usize>>| -> Option<&Rule> {
-            for &i in indices.into_iter().flatten() {
-                let rule = &self.rules[i];
-                if rule.port == port {
-                    return Some(rule);
-                }
-                other_ports.push(rule.port);
-            }
-            None
-        };
-        if let Some(rule) = pick(self.exact.get(host)) {
-            return Ok(rule);
-        }
-        // Longest suffix first: walk the dots left to right.
-        let mut rest = host;
-        while let Some((_, suffix)) = rest.split_once('.') {
-            if let Some(rule) = pick(self.wildcard.get(suffix)) {
-                return Ok(rule);
-            }
-            rest = suffix;
-        }
-        other_ports.sort_unstable();
-        other_ports.dedup();
-        Err(other_ports)
-    }
-}
-
-/// The answer for one destination.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision<'a> {
-    Allow {
-        /// The rule that allowed it.
-        rule: &'a RuleRef,
-        /// Headers to set (empty: forward without injection).
-        inject: &'a InjectSpec,
-        /// Whether injection and handle swaps may happen over plain HTTP (ARCHITECTURE
-        /// invariant 2: off unless the rule says so).
-        plain_http: bool,
-    },
-    Deny {
-        /// Plain enough for an LLM agent to act on; never names a secret value.
-        reason: String,
-        /// The file that was consulted, when one covers the cgroup (for `policy explain`).
-        policy_file: Option<&'a Path>,
-    },
-}
-
-impl Decision<'_> {
-    pub fn is_allow(&self) -> bool {
-        matches!(self, Self::Allow { .. })
+    /// The names this file lets its agents resolve.
+    pub fn dns(&self) -> &DnsNames {
+        &self.dns
     }
 }
 
@@ -223,6 +186,8 @@ pub struct Policy {
     files: Vec<PolicyFile>,
     /// cgroup path -> index in `files`.
     by_cgroup: HashMap<String, usize>,
+    /// Every limited rule's counter identity (for [`Limiter::retain_for`]).
+    limit_ids: HashSet<LimitId>,
 }
 
 impl Policy {
@@ -273,7 +238,8 @@ impl Policy {
     }
 
     /// Builds a policy from `(path, text)` pairs (the path is only used in messages and rule
-    /// references). Two files naming the same cgroup are an error.
+    /// references). Two files naming the same cgroup are an error, and so is a file that
+    /// allows more than the file of its nearest ancestor cgroup.
     pub fn from_files(mut files: Vec<(PathBuf, String)>) -> Result<Self, PolicyError> {
         files.sort_by(|a, b| a.0.cmp(&b.0));
         let mut errors = Vec::new();
@@ -299,11 +265,47 @@ impl Policy {
             policy.by_cgroup.insert(key, policy.files.len());
             policy.files.push(compiled);
         }
-        if errors.is_empty() {
-            Ok(policy)
-        } else {
-            Err(PolicyError::Invalid(errors))
+
+        for i in 0..policy.files.len() {
+            let ancestors = policy.ancestors_of(policy.files[i].cgroup.as_str());
+            policy.files[i].ancestors = ancestors;
         }
+        // Each file against its nearest ancestor's; by induction, against every ancestor's.
+        for i in 0..policy.files.len() {
+            let Some(&parent) = policy.files[i].ancestors.first() else {
+                continue;
+            };
+            match narrow::check(&policy.files[i], &policy.files[parent]) {
+                Ok(covering) => policy.files[i].covering = covering,
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+
+        if !errors.is_empty() {
+            errors.sort_by(|a, b| (&a.path, a.line, a.column).cmp(&(&b.path, b.line, b.column)));
+            return Err(PolicyError::Invalid(errors));
+        }
+        policy.limit_ids = policy
+            .files
+            .iter()
+            .flat_map(|f| &f.rules)
+            .filter_map(|r| r.limit.as_ref())
+            .map(|k| k.id().clone())
+            .collect();
+        Ok(policy)
+    }
+
+    /// Indices of the files of `cgroup`'s strict ancestors, nearest first.
+    fn ancestors_of(&self, cgroup: &str) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut path = cgroup;
+        while let Some((parent, _)) = path.rsplit_once('/') {
+            if let Some(&i) = self.by_cgroup.get(parent) {
+                out.push(i);
+            }
+            path = parent;
+        }
+        out
     }
 
     /// Files in path order.
@@ -311,16 +313,33 @@ impl Policy {
         &self.files
     }
 
-    /// The file that governs `cgroup`: the closest ancestor-or-self with a file.
-    pub fn file_for(&self, cgroup: &CgroupPath) -> Option<&PolicyFile> {
-        let mut path = cgroup.as_str();
+    /// Index of the file that governs `cgroup`: the closest ancestor-or-self with a file.
+    fn governing(&self, cgroup: &str) -> Option<usize> {
+        let mut path = cgroup;
         while !path.is_empty() {
             if let Some(&i) = self.by_cgroup.get(path) {
-                return self.files.get(i);
+                return Some(i);
             }
             path = path.rsplit_once('/').map_or("", |(parent, _)| parent);
         }
         None
+    }
+
+    /// The closest file that governs `cgroup` (its own rules; see [`Policy::chain`] for every
+    /// file that applies).
+    pub fn file_for(&self, cgroup: &CgroupPath) -> Option<&PolicyFile> {
+        self.governing(cgroup.as_str()).map(|i| &self.files[i])
+    }
+
+    /// Every file that governs `cgroup`, closest first: a request must be allowed by each.
+    pub fn chain(&self, cgroup: &CgroupPath) -> Vec<&PolicyFile> {
+        let Some(i) = self.governing(cgroup.as_str()) else {
+            return Vec::new();
+        };
+        std::iter::once(i)
+            .chain(self.files[i].ancestors.iter().copied())
+            .map(|i| &self.files[i])
+            .collect()
     }
 
     /// Every secret any rule injects (to warn about names missing from the vault at load).
@@ -330,59 +349,6 @@ impl Policy {
             .flat_map(|f| &f.rules)
             .flat_map(|r| r.inject.secret_names())
             .collect()
-    }
-
-    /// Decides whether `cgroup` may reach `host:port`. `host` is the SNI, the request's host
-    /// (without port), or the original destination IP when there is no name; any case, with or
-    /// without a trailing dot, IPv6 with or without brackets.
-    pub fn decide(&self, cgroup: &CgroupPath, host: &str, port: u16) -> Decision<'_> {
-        let Some(file) = self.file_for(cgroup) else {
-            return Decision::Deny {
-                reason: format!(
-                    "no policy covers cgroup {cgroup}, so every destination is denied; \
-                     ask the operator to add a policy file for it"
-                ),
-                policy_file: None,
-            };
-        };
-        let deny = |reason: String| Decision::Deny {
-            reason,
-            policy_file: Some(&file.path),
-        };
-        let Some(normalized) = normalize_host(host) else {
-            return deny(format!(
-                "the destination host {host:?} is not a valid host name or address"
-            ));
-        };
-        match file.lookup(&normalized, port) {
-            Ok(rule) => Decision::Allow {
-                rule: &rule.rule_ref,
-                inject: &rule.inject,
-                plain_http: rule.plain_http,
-            },
-            Err(ports) if ports.is_empty() => deny(format!(
-                "no rule allows {} for cgroup {cgroup}",
-                show_dest(&normalized, port)
-            )),
-            Err(ports) => {
-                let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-                deny(format!(
-                    "no rule allows {} for cgroup {cgroup} (allowed port{} for this host: {})",
-                    show_dest(&normalized, port),
-                    if ports.len() == 1 { "" } else { "s" },
-                    ports.join(", ")
-                ))
-            }
-        }
-    }
-}
-
-/// `host:port`, with brackets around an IPv6 address.
-fn show_dest(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
     }
 }
 

@@ -232,6 +232,20 @@ impl Broker {
         self.dir.path().join("policy")
     }
 
+    /// Writes the policy file `<name>.toml` in the policy dir atomically, as an editor or a
+    /// deployment tool does: the text goes to a dot-file (which brokerd ignores) that is then
+    /// renamed over the file, so brokerd never reads a half-written file. Returns its path.
+    pub fn write_policy(&self, name: &str, toml: &str) -> PathBuf {
+        let dir = self.policy_dir();
+        let path = dir.join(format!("{name}.toml"));
+        let tmp = dir.join(format!(".{name}.toml.{}.tmp", unique_name()));
+        fs::write(&tmp, toml).unwrap_or_else(|e| panic!("cannot write {}: {e}", tmp.display()));
+        fs::rename(&tmp, &path).unwrap_or_else(|e| {
+            panic!("cannot rename {} to {}: {e}", tmp.display(), path.display())
+        });
+        path
+    }
+
     /// A scratch directory of this broker's temp dir (created), e.g. for an exported CA.
     pub fn scratch_dir(&self) -> PathBuf {
         let dir = self.dir.path().join("scratch");

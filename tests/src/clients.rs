@@ -111,6 +111,53 @@ impl HttpReport {
         );
         reason
     }
+
+    /// Panics unless this is brokerd's 429 for a limit: a `Retry-After` header of whole seconds
+    /// (at least 1) and the denial JSON (`error` = "denied by agent-broker", a non-empty
+    /// `reason`, `agent` = `cgroup`). Returns the reason and the Retry-After seconds.
+    pub fn assert_limited(&self, cgroup: &str, what: &str) -> (String, u64) {
+        assert_eq!(
+            self.status,
+            429,
+            "{what}: expected brokerd's 429: {}",
+            self.show()
+        );
+        let retry_after = self.headers.get("retry-after").unwrap_or_else(|| {
+            panic!("{what}: the 429 has no Retry-After header: {}", self.show())
+        });
+        let secs: u64 = retry_after.trim().parse().unwrap_or_else(|e| {
+            panic!(
+                "{what}: Retry-After {retry_after:?} is not a number of seconds ({e}): {}",
+                self.show()
+            )
+        });
+        assert!(
+            secs >= 1,
+            "{what}: Retry-After must be at least 1 s: {}",
+            self.show()
+        );
+        let v: serde_json::Value = serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("{what}: the 429 body is not JSON ({e}): {}", self.show()));
+        assert_eq!(
+            v["error"].as_str(),
+            Some("denied by agent-broker"),
+            "{what}: {}",
+            self.show()
+        );
+        let reason = v["reason"].as_str().unwrap_or_default().to_string();
+        assert!(
+            !reason.trim().is_empty(),
+            "{what}: the 429 gives no reason: {}",
+            self.show()
+        );
+        assert_eq!(
+            v["agent"].as_str(),
+            Some(cgroup),
+            "{what}: the 429 names the agent's cgroup: {}",
+            self.show()
+        );
+        (reason, secs)
+    }
 }
 
 /// One client run inside a cgroup.
@@ -313,6 +360,10 @@ pub struct Call {
     /// Request headers (name, value).
     pub headers: Vec<(String, String)>,
     pub proto: Proto,
+    /// Request method (`GET` unless [`Call::method`] says otherwise).
+    pub method: String,
+    /// Request body, if any ([`Call::body`]).
+    pub body: Option<String>,
 }
 
 /// Which HTTP version the client should ask for.
@@ -331,7 +382,21 @@ impl Call {
             path: path.into(),
             headers: Vec::new(),
             proto: Proto::Http1,
+            method: "GET".into(),
+            body: None,
         }
+    }
+
+    /// Use this request method (curl, python3 and node; the static client only does GET).
+    pub fn method(mut self, method: &str) -> Self {
+        self.method = method.to_ascii_uppercase();
+        self
+    }
+
+    /// Send this request body (curl, python3 and node).
+    pub fn body(mut self, body: &str) -> Self {
+        self.body = Some(body.into());
+        self
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Self {
@@ -361,6 +426,8 @@ impl Call {
             "path": self.path,
             "headers": headers,
             "h2": self.proto == Proto::Http2,
+            "method": self.method,
+            "body": self.body,
         })
         .to_string()
     }
@@ -393,6 +460,17 @@ impl Trust {
 
 /// curl with `--resolve HOST:PORT:IP`, `-i`, and the status/version written to stderr.
 pub fn curl(broker: &Broker, cgroup: &str, trust: &Trust, call: &Call) -> (ClientRun, HttpReport) {
+    let mut argv = curl_args(call);
+    argv.push("-w".into());
+    argv.push("%{stderr}ABTEST status=%{http_code} version=%{http_version}\\n".into());
+    argv.push(call.url("https"));
+    let run = run_in_cgroup(broker, cgroup, "curl", &trust.var("curl"), &argv);
+    let report = parse_curl(&run);
+    (run, report)
+}
+
+/// curl's options for `call`, up to (not including) `-w` and the URL.
+fn curl_args(call: &Call) -> Vec<String> {
     let ip = match call.ip {
         std::net::IpAddr::V6(v6) => format!("[{v6}]"),
         std::net::IpAddr::V4(v4) => v4.to_string(),
@@ -418,35 +496,106 @@ pub fn curl(broker: &Broker, cgroup: &str, trust: &Trust, call: &Call) -> (Clien
         }
         .into(),
     );
+    if call.method != "GET" {
+        argv.push("-X".into());
+        argv.push(call.method.clone());
+    }
+    if let Some(body) = &call.body {
+        argv.push("--data-binary".into());
+        argv.push(body.clone());
+    }
     for (k, v) in &call.headers {
         argv.push("-H".into());
         argv.push(format!("{k}: {v}"));
     }
+    argv
+}
+
+/// One curl process making `n` requests for `call` back to back (over one connection when
+/// brokerd keeps it open), as a loop in an agent would. Each response (headers and body) goes
+/// to its own file; stderr gets one `ABTEST` line per request, in order. Returns the run and
+/// the `n` reports, in request order.
+pub fn curl_repeat(
+    broker: &Broker,
+    cgroup: &str,
+    trust: &Trust,
+    call: &Call,
+    n: usize,
+) -> (ClientRun, Vec<HttpReport>) {
+    let dir = broker
+        .scratch_dir()
+        .join(format!("curl-{}", crate::unique_name()));
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    let mut argv = curl_args(call);
     argv.push("-w".into());
     argv.push("%{stderr}ABTEST status=%{http_code} version=%{http_version}\\n".into());
-    argv.push(call.url("https"));
-    let run = run_in_cgroup(broker, cgroup, "curl", &trust.var("curl"), &argv);
-    let report = parse_curl(&run);
-    (run, report)
+    let files: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("response-{i}"))).collect();
+    for file in &files {
+        argv.push("-o".into());
+        argv.push(file.to_string_lossy().into_owned());
+        argv.push(call.url("https"));
+    }
+    let mut run = run_in_cgroup(
+        broker,
+        cgroup,
+        &format!("curl ({n} requests)"),
+        &trust.var("curl"),
+        &argv,
+    );
+    let stderr = String::from_utf8_lossy(&run.output.stderr).into_owned();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("ABTEST status="))
+        .collect();
+    let reports = files
+        .iter()
+        .enumerate()
+        .map(|(i, file)| {
+            let mut report = HttpReport::default();
+            if let Some(line) = lines.get(i) {
+                parse_status_line(line, &mut report);
+            }
+            let bytes = fs::read(file).unwrap_or_default();
+            parse_head_and_body(&bytes, &mut report);
+            // What curl wrote to the files is its output too (for leak scans of the run).
+            run.output.stdout.extend_from_slice(&bytes);
+            if report.status == 0 {
+                report.error = Some(redact(&stderr));
+            }
+            report
+        })
+        .collect();
+    let _ = fs::remove_dir_all(&dir);
+    (run, reports)
+}
+
+/// Fields of an `ABTEST status=... version=...` line.
+fn parse_status_line(line: &str, report: &mut HttpReport) {
+    for field in line.split_whitespace().skip(1) {
+        match field.split_once('=') {
+            Some(("status", v)) => report.status = v.parse().unwrap_or(0),
+            Some(("version", v)) => report.version = Some(v.to_string()),
+            _ => {}
+        }
+    }
 }
 
 fn parse_curl(run: &ClientRun) -> HttpReport {
     let mut report = HttpReport::default();
     let stderr = String::from_utf8_lossy(&run.output.stderr);
     if let Some(line) = stderr.lines().find(|l| l.starts_with("ABTEST status=")) {
-        for field in line.split_whitespace().skip(1) {
-            match field.split_once('=') {
-                Some(("status", v)) => report.status = v.parse().unwrap_or(0),
-                Some(("version", v)) => report.version = Some(v.to_string()),
-                _ => {}
-            }
-        }
+        parse_status_line(line, &mut report);
     }
     if !run.output.status.success() {
         report.error = Some(redact(&stderr));
     }
-    // -i: one or more header blocks (1xx, then the final one), then the body.
-    let mut rest: &[u8] = &run.output.stdout;
+    parse_head_and_body(&run.output.stdout, &mut report);
+    report
+}
+
+/// curl `-i` output: one or more header blocks (1xx, then the final one), then the body.
+fn parse_head_and_body(output: &[u8], report: &mut HttpReport) {
+    let mut rest: &[u8] = output;
     while let Some(end) = crate::canary::find(rest, b"\r\n\r\n") {
         let head = String::from_utf8_lossy(&rest[..end]).into_owned();
         if !head.starts_with("HTTP/") {
@@ -470,7 +619,6 @@ fn parse_curl(run: &ClientRun) -> HttpReport {
         }
     }
     report.body = String::from_utf8_lossy(rest).into_owned();
-    report
 }
 
 /// The python3 client: `http.client` over a socket to `call.ip` wrapped with
@@ -542,7 +690,8 @@ def ws():
 
 def get():
     c = Conn(cfg["host"], cfg["port"], context=ctx, timeout=15)
-    c.request("GET", cfg["path"], headers=cfg["headers"])
+    body = cfg.get("body")
+    c.request(cfg.get("method") or "GET", cfg["path"], body=None if body is None else body.encode(), headers=cfg["headers"])
     r = c.getresponse()
     out["status"] = r.status
     out["version"] = "HTTP/1.1" if r.version == 11 else "HTTP/%s" % r.version
@@ -611,7 +760,7 @@ if (cfg.h2) {
     createConnection: () => tls.connect({ host: cfg.connect, port: cfg.port, servername: cfg.host, ALPNProtocols: ["h2"] }),
   });
   session.on("error", fail);
-  const req = session.request(Object.assign({ ":method": "GET", ":path": cfg.path }, cfg.headers));
+  const req = session.request(Object.assign({ ":method": cfg.method || "GET", ":path": cfg.path }, cfg.headers));
   req.on("response", (h) => {
     out.status = h[":status"];
     out.version = "HTTP/2";
@@ -620,14 +769,14 @@ if (cfg.h2) {
   req.on("data", onData);
   req.on("end", () => { session.close(); onEnd(); });
   req.on("error", fail);
-  req.end();
+  req.end(cfg.body == null ? undefined : cfg.body);
 } else {
   const https = require("https");
   const lookup = (hostname, opts, cb) => {
     if (opts && opts.all) cb(null, [{ address: cfg.connect, family: 4 }]);
     else cb(null, cfg.connect, 4);
   };
-  const req = https.request({ host: cfg.host, port: cfg.port, path: cfg.path, method: "GET", headers: cfg.headers, lookup, agent: false, ALPNProtocols: ["http/1.1"] }, (res) => {
+  const req = https.request({ host: cfg.host, port: cfg.port, path: cfg.path, method: cfg.method || "GET", headers: cfg.headers, lookup, agent: false, ALPNProtocols: ["http/1.1"] }, (res) => {
     out.status = res.statusCode;
     out.version = "HTTP/" + res.httpVersion;
     for (const [k, v] of Object.entries(res.headers)) out.headers[k] = String(v);
@@ -636,7 +785,7 @@ if (cfg.h2) {
     res.on("error", fail);
   });
   req.on("error", fail);
-  req.end();
+  req.end(cfg.body == null ? undefined : cfg.body);
 }
 "#;
 
@@ -721,6 +870,11 @@ pub fn static_client_run(
     mode: &str,
     message: Option<&str>,
 ) -> (ClientRun, HttpReport) {
+    assert!(
+        call.method == "GET" && call.body.is_none(),
+        "the static agent-client only sends GET without a body, not {} (use curl, python3 or node)",
+        call.method
+    );
     let scheme = if mode == "ws" { "wss" } else { "https" };
     let mut argv = vec![
         static_client().to_string_lossy().into_owned(),

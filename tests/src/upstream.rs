@@ -13,7 +13,9 @@
 //!   must scrub);
 //! - `/stream`: [`STREAM_CHUNKS`] chunks of [`STREAM_CHUNK_LEN`] bytes, [`STREAM_GAP`] apart
 //!   (chunked transfer over HTTP/1.1, DATA frames over h2);
-//! - `/ws`: a WebSocket echo (HTTP/1.1 upgrade).
+//! - `/ws`: a WebSocket echo (HTTP/1.1 upgrade);
+//! - `/v1/...` (but `/v1/whoami`): 200 with what `/hash` says plus the method and path, an API
+//!   shaped like the ones policies name paths of (`/v1/models`, `/v1/chat/completions`).
 //!
 //! Every request is recorded as an [`UpstreamRequest`]: hashes and lengths, never values. A test
 //! can register canaries ([`TestUpstream::watch_for`]); a request in which one occurs (in any
@@ -644,6 +646,23 @@ async fn handle(mut req: Request<Incoming>, info: &ConnInfo, state: &Arc<State>)
             r
         }
         "/ws" => websocket(&parts, upgrade, state),
+        // An API shaped like the LLM APIs policies are written for (`/v1/models`,
+        // `/v1/chat/completions`, ...): what `/hash` says, plus the method and path it saw.
+        p if p.starts_with("/v1/") => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "method": record.method,
+                "path": record.path,
+                "authorization_sha256": record.header_hash("authorization"),
+                "x_api_key_sha256": record.header_hash("x-api-key"),
+                "query_sha256": record.query_sha256,
+                "body_len": record.body_len,
+                "version": record.version,
+                "host": host,
+                "authority": authority,
+                "sni": info.sni,
+            }),
+        ),
         _ => json(
             StatusCode::NOT_FOUND,
             &serde_json::json!({"error": "no such endpoint", "path": parts.uri.path()}),

@@ -47,7 +47,10 @@ where
             return bad(
                 checked,
                 expected,
-                format!("{missing} (removed): record {seq} follows record {}", prev.seq),
+                format!(
+                    "{missing} (removed): record {seq} follows record {}",
+                    prev.seq
+                ),
             );
         }
         let Some(record) = StoredRecord::decode(&bytes) else {

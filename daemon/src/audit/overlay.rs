@@ -62,7 +62,10 @@ impl Overlay {
 }
 
 fn out_of_range() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the view")
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "read past the end of the view",
+    )
 }
 
 impl StorageBackend for Overlay {

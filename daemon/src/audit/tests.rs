@@ -21,7 +21,12 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn event(cgroup: Option<&str>, kind: EventKind, decision: Option<&str>, time_ms: u64) -> AuditEvent {
+fn event(
+    cgroup: Option<&str>,
+    kind: EventKind,
+    decision: Option<&str>,
+    time_ms: u64,
+) -> AuditEvent {
     AuditEvent {
         time_ms,
         kind: Some(kind),
@@ -68,7 +73,10 @@ fn write_events(dir: &Path, retention: Retention, events: Vec<AuditEvent>) -> u6
     }
     let last = handle.flush_and_stop().expect("flush and stop");
     drop(handle);
-    thread.join().expect("writer thread").expect("writer result");
+    thread
+        .join()
+        .expect("writer thread")
+        .expect("writer result");
     last
 }
 
@@ -239,9 +247,20 @@ fn the_chain_verifies_and_links_each_record_to_the_one_before() {
         prev = record.hash;
     }
     let meta = txn.open_table(META).expect("meta");
-    let head = Link::decode(meta.get(tables::HEAD_KEY).expect("get").expect("head").value())
-        .expect("head");
-    assert_eq!(head, Link { seq: 50, hash: prev });
+    let head = Link::decode(
+        meta.get(tables::HEAD_KEY)
+            .expect("get")
+            .expect("head")
+            .value(),
+    )
+    .expect("head");
+    assert_eq!(
+        head,
+        Link {
+            seq: 50,
+            hash: prev
+        }
+    );
 }
 
 #[test]
@@ -257,8 +276,11 @@ fn verify_names_an_edited_record() {
         let mut event: AuditEvent = serde_json::from_slice(r.event_json).expect("json");
         event.host = Some("innocent.example".into());
         let json = serde_json::to_vec(&event).expect("json");
-        t.insert(4, StoredRecord::encode(&r.prev_hash, &r.hash, &json).as_slice())
-            .expect("insert");
+        t.insert(
+            4,
+            StoredRecord::encode(&r.prev_hash, &r.hash, &json).as_slice(),
+        )
+        .expect("insert");
     });
     let (seq, problem) = first_bad(copy.path());
     assert_eq!(seq, 4, "{problem}");
@@ -273,8 +295,11 @@ fn verify_names_an_edited_record() {
         event.status = Some(204);
         let json = serde_json::to_vec(&event).expect("json");
         let hash = record_hash(&r.prev_hash, 4, &json);
-        t.insert(4, StoredRecord::encode(&r.prev_hash, &hash, &json).as_slice())
-            .expect("insert");
+        t.insert(
+            4,
+            StoredRecord::encode(&r.prev_hash, &hash, &json).as_slice(),
+        )
+        .expect("insert");
     });
     let (seq, problem) = first_bad(copy.path());
     assert_eq!(seq, 4, "{problem}");
@@ -413,7 +438,14 @@ fn retention_by_age_prunes_old_records() {
     let now = now_ms();
     let hour = 3_600_000;
     let mut events: Vec<_> = (0..4)
-        .map(|i| event(Some("agents/a"), EventKind::Request, None, now - 3 * hour + i))
+        .map(|i| {
+            event(
+                Some("agents/a"),
+                EventKind::Request,
+                None,
+                now - 3 * hour + i,
+            )
+        })
         .collect();
     events.extend((0..3).map(|i| event(Some("agents/a"), EventKind::Request, None, now + i)));
     let retention = Retention {
@@ -482,8 +514,14 @@ fn dropping_every_handle_commits_and_ends_the_writer() {
 #[test]
 fn reopen_continues_the_chain() {
     let dir = tempfile::tempdir().expect("tempdir");
-    assert_eq!(write_events(dir.path(), Retention::KEEP_ALL, requests(3)), 3);
-    assert_eq!(write_events(dir.path(), Retention::KEEP_ALL, requests(4)), 7);
+    assert_eq!(
+        write_events(dir.path(), Retention::KEEP_ALL, requests(3)),
+        3
+    );
+    assert_eq!(
+        write_events(dir.path(), Retention::KEEP_ALL, requests(4)),
+        7
+    );
     let log = open(dir.path());
     let seqs: Vec<u64> = log
         .query(&LogFilter::default())
@@ -736,7 +774,11 @@ fn a_full_queue_drops_counts_and_records_the_gap() {
     let log = open(dir.path());
     let all = log.query(&LogFilter::default()).expect("query");
     assert_eq!(last, all.len() as u64);
-    assert_eq!(all.len() as u64, 10 - dropped + 1, "kept events and the notice");
+    assert_eq!(
+        all.len() as u64,
+        10 - dropped + 1,
+        "kept events and the notice"
+    );
     let notice = all.last().expect("notice");
     assert_eq!(notice.side, Some(Side::Broker));
     assert!(
@@ -836,7 +878,12 @@ fn scratch_bench() {
     use std::time::Instant;
     let dir = tempfile::tempdir_in("/tmp").expect("tempdir");
     let (handle, thread) = open(dir.path()).writer().expect("writer");
-    let proto = event(Some("agents/a"), EventKind::Request, Some("allow"), now_ms());
+    let proto = event(
+        Some("agents/a"),
+        EventKind::Request,
+        Some("allow"),
+        now_ms(),
+    );
     // record() cost: a clone is the caller's building cost, measured apart.
     let n = 200_000u32;
     let mut built = Vec::with_capacity(n as usize);
@@ -853,7 +900,10 @@ fn scratch_bench() {
         }
     }
     let per = t.elapsed() / n;
-    eprintln!("record(): {per:?} per event over {n}, dropped {}", handle.dropped());
+    eprintln!(
+        "record(): {per:?} per event over {n}, dropped {}",
+        handle.dropped()
+    );
     handle.flush().expect("flush");
     // Commit latency: one event, then flush.
     let mut worst = Duration::ZERO;
@@ -866,25 +916,44 @@ fn scratch_bench() {
         worst = worst.max(d);
         total += d;
     }
-    eprintln!("record+flush (commit incl. fsync): avg {:?} worst {worst:?}", total / 50);
+    eprintln!(
+        "record+flush (commit incl. fsync): avg {:?} worst {worst:?}",
+        total / 50
+    );
     // Sustained throughput at the default settings.
     let t = Instant::now();
     for _ in 0..100_000 {
         handle.record(proto.clone());
     }
     handle.flush().expect("flush");
-    eprintln!("100k sustained: {:?}, dropped {}", t.elapsed(), handle.dropped());
+    eprintln!(
+        "100k sustained: {:?}, dropped {}",
+        t.elapsed(),
+        handle.dropped()
+    );
     handle.flush_and_stop().expect("stop");
     drop(handle);
     thread.join().expect("join").expect("writer");
-    let size = std::fs::metadata(dir.path().join(AUDIT_FILE)).expect("meta").len();
+    let size = std::fs::metadata(dir.path().join(AUDIT_FILE))
+        .expect("meta")
+        .len();
     let t = Instant::now();
     let log = open(dir.path());
     eprintln!("open of {} MB: {:?}", size / 1_000_000, t.elapsed());
     let t = Instant::now();
     let r = log.verify().expect("verify");
-    eprintln!("verify of {} records: {:?} {:?}", r.records, t.elapsed(), r.first_bad);
+    eprintln!(
+        "verify of {} records: {:?} {:?}",
+        r.records,
+        t.elapsed(),
+        r.first_bad
+    );
     let t = Instant::now();
-    let q = log.query(&LogFilter { limit: 100, ..LogFilter::default() }).expect("q");
+    let q = log
+        .query(&LogFilter {
+            limit: 100,
+            ..LogFilter::default()
+        })
+        .expect("q");
     eprintln!("query newest 100: {:?} ({})", t.elapsed(), q.len());
 }

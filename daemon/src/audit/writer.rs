@@ -285,7 +285,10 @@ impl Writer {
             if let Err(e) = result {
                 self.log_failure(&e);
                 // Bound memory while the disk refuses: drop the oldest beyond the queue size.
-                let excess = self.pending.len().saturating_sub(self.config.queue_capacity);
+                let excess = self
+                    .pending
+                    .len()
+                    .saturating_sub(self.config.queue_capacity);
                 if excess > 0 {
                     self.pending.drain(..excess);
                     self.shared
@@ -301,7 +304,8 @@ impl Writer {
     fn gather(&mut self) {
         if self.pending.is_empty() && self.waiters.is_empty() && !self.ending() {
             let wait = if self.shared.store.retention.is_set() {
-                self.next_retention.saturating_duration_since(Instant::now())
+                self.next_retention
+                    .saturating_duration_since(Instant::now())
             } else {
                 IDLE_WAIT
             };
@@ -394,7 +398,8 @@ impl Writer {
             pruned = prune(&txn, store, tail)?;
         }
         if self.pending.is_empty() && pruned == 0 {
-            txn.abort().map_err(store.storage("aborting a transaction"))?;
+            txn.abort()
+                .map_err(store.storage("aborting a transaction"))?;
         } else {
             txn.commit().map_err(store.storage("committing records"))?;
         }
@@ -452,7 +457,11 @@ fn append(
         let json = serde_json::to_vec(&*event).map_err(|source| AuditError::Encode { source })?;
         let hash = record_hash(&tail.hash, seq, &json);
         let value = StoredRecord::encode(&tail.hash, &hash, &json);
-        if records.get(seq).map_err(store.storage("reading records"))?.is_some() {
+        if records
+            .get(seq)
+            .map_err(store.storage("reading records"))?
+            .is_some()
+        {
             // Unreachable unless the file changed under the open log; refuse, never overwrite.
             return Err(AuditError::Malformed {
                 path: store.path.clone(),
@@ -504,7 +513,10 @@ fn prune(txn: &WriteTransaction, store: &Store, tail: Link) -> Result<u64, Audit
             break;
         }
         let Some(record) = StoredRecord::decode(value.value()) else {
-            tracing::warn!(seq, "audit retention stopped at a malformed record; run `brokerctl logs verify`");
+            tracing::warn!(
+                seq,
+                "audit retention stopped at a malformed record; run `brokerctl logs verify`"
+            );
             break;
         };
         let by_count = pruned < over_count;

@@ -77,7 +77,9 @@ impl IpNet {
                     });
                 }
                 // A v4-mapped v6 range counts its prefix over 128 bits.
-                let n = n.checked_sub(u32::from(shift)).ok_or(CidrError::MappedPrefix)?;
+                let n = n
+                    .checked_sub(u32::from(shift))
+                    .ok_or(CidrError::MappedPrefix)?;
                 u8::try_from(n).map_err(|_| CidrError::BadPrefix(p.to_string()))?
             }
         };
@@ -186,7 +188,10 @@ mod tests {
     fn bad_forms_say_why() {
         for (raw, want) in [
             ("", "empty"),
-            ("10.0.0.0/33", "/33 is too long for an IPv4 address (at most /32)"),
+            (
+                "10.0.0.0/33",
+                "/33 is too long for an IPv4 address (at most /32)",
+            ),
             ("::/129", "too long for an IPv6"),
             ("::ffff:10.0.0.0/129", "too long"),
             ("::ffff:10.0.0.0/90", "at least /96"),

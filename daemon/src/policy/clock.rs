@@ -12,9 +12,7 @@ pub const DAY_SECS: u64 = 86_400;
 /// `2026-12-31T09:00:00+09:00`, fractional seconds allowed).
 pub fn parse_rfc3339(raw: &str) -> Result<SystemTime, String> {
     let dt: Datetime = raw.trim().parse().map_err(|_| {
-        format!(
-            "{raw:?} is not an RFC 3339 date and time; write it like \"2026-12-31T00:00:00Z\""
-        )
+        format!("{raw:?} is not an RFC 3339 date and time; write it like \"2026-12-31T00:00:00Z\"")
     })?;
     from_datetime(&dt).map_err(|e| format!("{raw:?}: {e}"))
 }
@@ -129,10 +127,7 @@ mod tests {
     #[test]
     fn parses_utc_offsets_and_fractions() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Ok(at(0)));
-        assert_eq!(
-            parse_rfc3339("2026-12-31T00:00:00Z"),
-            Ok(at(1_798_675_200))
-        );
+        assert_eq!(parse_rfc3339("2026-12-31T00:00:00Z"), Ok(at(1_798_675_200)));
         assert_eq!(
             parse_rfc3339("2026-12-31T09:00:00+09:00"),
             Ok(at(1_798_675_200))

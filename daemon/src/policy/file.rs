@@ -8,33 +8,48 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
+    net::IpAddr,
     ops::Range,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
+use http::HeaderName;
 use serde::Deserialize;
 use toml::{
     Spanned,
     de::{DeTable, DeValue},
 };
 
-use super::{HostPattern, PolicyFile, Rule, RuleRef};
+use super::{
+    HostPattern, PolicyFile,
+    cidr::IpNet,
+    clock,
+    dns::DnsNames,
+    glob::PathPattern,
+    injection::{BasicAuth, Injection, parse_query_name},
+    limits::{Budget, Rate, RatePeriod},
+    method::MethodSet,
+    rule::{Destination, Rule, RuleRef, Spans},
+};
 use crate::{
     cgroup::CgroupPath,
     inject::{InjectSpec, Template, parse_header_name},
+    secret::SecretName,
 };
 
 /// The port a rule applies to when it names none.
 pub const DEFAULT_PORT: u16 = 443;
 
 /// A policy file as written. Every struct refuses unknown fields, so a typo is an error rather
-/// than a silently ignored rule.
+/// than a silently ignored rule. policies/README.md documents each field.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
     /// The cgroup subtree the file governs, relative to the cgroup2 mount.
     cgroup: Spanned<String>,
+    /// Names the agents may resolve; absent: the names of the file's `host` rules.
+    dns: Option<Spanned<RawDns>>,
     /// Allow rules; none means everything is denied.
     #[serde(default)]
     allow: Vec<Spanned<RawRule>>,
@@ -42,12 +57,56 @@ struct RawFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawDns {
+    /// Exact names and `*.suffix` patterns.
+    allow: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRule {
-    host: Spanned<String>,
+    /// A label for audit records and limit counters; unique in the file.
+    name: Option<Spanned<String>>,
+    /// Destination by name: exact or `*.suffix`.
+    host: Option<Spanned<String>>,
+    /// Destination by address: one address or a CIDR range.
+    ip: Option<Spanned<String>>,
+    /// Destination port, default 443.
     port: Option<Spanned<u16>>,
-    #[serde(default)]
-    plain_http: bool,
-    inject: Option<RawInject>,
+    /// Pass the connection through without interception.
+    tcp: Option<Spanned<bool>>,
+    /// Allowed request methods; absent: all.
+    methods: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Allowed request paths (exact or globs); absent: all.
+    paths: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Request headers that must have exactly these values.
+    headers: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
+    /// Allow writing credentials over plain HTTP.
+    plain_http: Option<Spanned<bool>>,
+    /// The rule stops matching after this instant.
+    not_after: Option<Spanned<toml::Value>>,
+    /// Requests per second or minute, with a burst.
+    rate: Option<Spanned<RawRate>>,
+    /// Daily request, byte and token budgets.
+    budget: Option<Spanned<RawBudget>>,
+    /// Credentials written into matching requests.
+    inject: Option<Spanned<RawInject>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    per_second: Option<Spanned<u32>>,
+    per_minute: Option<Spanned<u32>>,
+    burst: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    requests_per_day: Option<Spanned<u64>>,
+    bytes_per_day: Option<Spanned<u64>>,
+    tokens_per_day: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +114,16 @@ struct RawRule {
 struct RawInject {
     #[serde(default)]
     headers: BTreeMap<Spanned<String>, Spanned<String>>,
+    basic_auth: Option<Spanned<RawBasicAuth>>,
+    #[serde(default)]
+    query: BTreeMap<Spanned<String>, Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBasicAuth {
+    username: Spanned<String>,
+    password: Spanned<String>,
 }
 
 /// A problem in one policy file, located for the operator: `policies/demo.toml:4:8: allow[0].host:
@@ -188,6 +257,36 @@ fn key_segment(key: &str) -> String {
     }
 }
 
+/// Collects the errors of one rule, each located and named `allow[N].field`.
+struct RuleErrors<'a, 'l> {
+    loc: &'a Locator<'l>,
+    index: usize,
+    list: &'a mut Vec<PolicyFileError>,
+}
+
+impl RuleErrors<'_, '_> {
+    fn at(&mut self, span: Range<usize>, field: &str, message: impl fmt::Display) {
+        let field = if field.is_empty() {
+            format!("allow[{}]", self.index)
+        } else {
+            format!("allow[{}].{field}", self.index)
+        };
+        self.list
+            .push(self.loc.error(Some(span), Some(field), message));
+    }
+}
+
+/// What makes two rules of a file the same rule.
+#[derive(PartialEq, Eq, Hash)]
+struct MatchKey {
+    dest: Destination,
+    port: u16,
+    tcp: bool,
+    methods: MethodSet,
+    paths: Option<Vec<String>>,
+    headers: Vec<(String, String)>,
+}
+
 /// Parses and validates one file. Returns every problem found (serde stops at its first).
 pub(super) fn compile(path: &Path, text: &str) -> Result<PolicyFile, Vec<PolicyFileError>> {
     let loc = Locator { path, text };
@@ -199,114 +298,608 @@ pub(super) fn compile(path: &Path, text: &str) -> Result<PolicyFile, Vec<PolicyF
         .ok();
 
     let file: Arc<Path> = Arc::from(path);
-    let mut rules = Vec::with_capacity(raw.allow.len());
-    // (host pattern, port) -> index of the first rule with it.
-    let mut seen: HashMap<(HostPattern, u16), usize> = HashMap::new();
-    for (index, rule) in raw.allow.into_iter().enumerate() {
-        let rule = rule.into_inner();
-        let field = |name: &str| Some(format!("allow[{index}].{name}"));
-
-        let host = match HostPattern::parse(rule.host.get_ref()) {
-            Ok(h) => Some(h),
-            Err(e) => {
-                errors.push(loc.error(
-                    Some(rule.host.span()),
-                    field("host"),
-                    format!("{:?}: {e}", rule.host.get_ref()),
-                ));
-                None
-            }
+    let mut rules: Vec<Rule> = Vec::with_capacity(raw.allow.len());
+    let mut seen: HashMap<MatchKey, usize> = HashMap::new();
+    // (destination, port) -> (tcp?, index of the first rule with it).
+    let mut kinds: HashMap<(Destination, u16), (bool, usize)> = HashMap::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    for (index, spanned) in raw.allow.into_iter().enumerate() {
+        let rule_span = spanned.span();
+        let raw_rule = spanned.into_inner();
+        let name_span = raw_rule.name.as_ref().map(Spanned::span);
+        let dest_span = raw_rule
+            .host
+            .as_ref()
+            .or(raw_rule.ip.as_ref())
+            .map_or(rule_span.clone(), Spanned::span);
+        let mut errs = RuleErrors {
+            loc: &loc,
+            index,
+            list: &mut errors,
         };
-        let port = match &rule.port {
-            None => DEFAULT_PORT,
-            Some(p) if *p.get_ref() == 0 => {
-                errors.push(loc.error(
-                    Some(p.span()),
-                    field("port"),
-                    "port 0 is not a destination port",
-                ));
-                DEFAULT_PORT
-            }
-            Some(p) => *p.get_ref(),
+        let Some(rule) = compile_rule(&mut errs, &file, rule_span, raw_rule) else {
+            continue;
         };
-        let inject = compile_inject(&loc, index, rule.inject, &mut errors);
-
-        let (line, _) = loc.position(rule.host.span().start);
-        let Some(host) = host else { continue };
-        if let Some(first) = seen.insert((host.clone(), port), index) {
-            errors.push(loc.error(
-                Some(rule.host.span()),
-                field("host"),
-                format!(
-                    "{host} port {port} is already covered by allow[{first}]; merge the two rules"
-                ),
-            ));
+        let dest_field = rule.dest.field();
+        if let (Some(name), Some(span)) = (&rule.name, name_span)
+            && let Some(first) = names.insert(name.to_string(), index)
+        {
+            errs.at(
+                span,
+                "name",
+                format!("the name {name:?} is already used by allow[{first}]"),
+            );
             continue;
         }
-        rules.push(Rule {
-            host,
-            port,
-            plain_http: rule.plain_http,
-            inject: inject.unwrap_or_default(),
-            rule_ref: RuleRef {
-                file: Arc::clone(&file),
-                index,
-                line,
-            },
-        });
+        let key = MatchKey {
+            dest: rule.dest.clone(),
+            port: rule.port,
+            tcp: rule.tcp,
+            methods: rule.methods.clone(),
+            paths: rule
+                .paths
+                .as_ref()
+                .map(|p| p.iter().map(|p| p.as_str().to_string()).collect()),
+            headers: rule
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_string(), v.clone()))
+                .collect(),
+        };
+        if let Some(first) = seen.get(&key) {
+            errs.at(
+                dest_span,
+                dest_field,
+                format!(
+                    "{} port {} is already covered by allow[{first}]; merge the two rules",
+                    rule.dest, rule.port
+                ),
+            );
+            continue;
+        }
+        match kinds.get(&(rule.dest.clone(), rule.port)) {
+            Some(&(tcp, first)) if tcp != rule.tcp => {
+                errs.at(
+                    dest_span,
+                    dest_field,
+                    format!(
+                        "{} port {} has a tcp passthrough rule and an HTTP rule (allow[{first}]); \
+                         a destination is either passed through or inspected, not both",
+                        rule.dest, rule.port
+                    ),
+                );
+                continue;
+            }
+            Some(_) => {}
+            None => {
+                kinds.insert((rule.dest.clone(), rule.port), (rule.tcp, index));
+            }
+        }
+        seen.insert(key, index);
+        rules.push(rule);
     }
 
+    // Explicit `[dns]` entries with their positions, for narrowing errors.
+    let mut dns_entries: Vec<(HostPattern, (usize, usize))> = Vec::new();
+    let dns = match raw.dns {
+        Some(dns) => {
+            let mut patterns = Vec::new();
+            for (j, entry) in dns.into_inner().allow.into_iter().enumerate() {
+                let field = Some(format!("dns.allow[{j}]"));
+                let name = entry.get_ref();
+                let bare = name.trim_start_matches('[').trim_end_matches(']');
+                if bare.parse::<IpAddr>().is_ok() {
+                    errors.push(loc.error(
+                        Some(entry.span()),
+                        field,
+                        format!("{name:?} is an address; DNS entries are names"),
+                    ));
+                    continue;
+                }
+                match HostPattern::parse(name) {
+                    Ok(p) => {
+                        dns_entries.push((p.clone(), loc.position(entry.span().start)));
+                        patterns.push(p);
+                    }
+                    Err(e) => {
+                        errors.push(loc.error(Some(entry.span()), field, format!("{name:?}: {e}")))
+                    }
+                }
+            }
+            DnsNames::new(true, patterns)
+        }
+        None => DnsNames::new(
+            false,
+            rules
+                .iter()
+                .filter_map(|r| r.dest.host())
+                .filter(|h| match h {
+                    HostPattern::Exact(h) => h.parse::<IpAddr>().is_err(),
+                    HostPattern::Wildcard(_) => true,
+                })
+                .cloned(),
+        ),
+    };
+
     match cgroup {
-        Some(cgroup) if errors.is_empty() => Ok(PolicyFile::new(file, cgroup, rules)),
+        Some(cgroup) if errors.is_empty() => {
+            Ok(PolicyFile::new(file, cgroup, rules, dns, dns_entries))
+        }
         _ => Err(errors),
     }
 }
 
-fn compile_inject(
-    loc: &Locator<'_>,
-    index: usize,
-    raw: Option<RawInject>,
-    errors: &mut Vec<PolicyFileError>,
-) -> Option<InjectSpec> {
-    let raw = raw?;
+/// Validates one rule. `None` when it has errors (all of them are in `errs`).
+fn compile_rule(
+    errs: &mut RuleErrors<'_, '_>,
+    file: &Arc<Path>,
+    rule_span: Range<usize>,
+    raw: RawRule,
+) -> Option<Rule> {
+    let before = errs.list.len();
+    let loc = errs.loc;
+    let pos = |span: &Range<usize>| loc.position(span.start);
+
+    let dest_span = raw
+        .host
+        .as_ref()
+        .or(raw.ip.as_ref())
+        .map_or(rule_span.clone(), Spanned::span);
+    let mut spans = Spans::new(pos(&dest_span));
+    let dest = match (&raw.host, &raw.ip) {
+        (Some(h), None) => match HostPattern::parse(h.get_ref()) {
+            Ok(p) => Some(Destination::Host(p)),
+            Err(e) => {
+                errs.at(h.span(), "host", format!("{:?}: {e}", h.get_ref()));
+                None
+            }
+        },
+        (None, Some(ip)) => match IpNet::parse(ip.get_ref()) {
+            Ok(n) => Some(Destination::Ip(n)),
+            Err(e) => {
+                errs.at(ip.span(), "ip", format!("{:?}: {e}", ip.get_ref()));
+                None
+            }
+        },
+        (Some(_), Some(ip)) => {
+            errs.at(
+                ip.span(),
+                "ip",
+                "give `host` or `ip`, not both; write two rules to allow both",
+            );
+            None
+        }
+        (None, None) => {
+            errs.at(
+                rule_span.clone(),
+                "host",
+                "a rule needs a destination: `host` (a name such as \"api.example.test\") or \
+                 `ip` (an address or range such as \"192.0.2.0/24\")",
+            );
+            None
+        }
+    };
+    spans.set(
+        dest.as_ref().map_or("host", Destination::field),
+        pos(&dest_span),
+    );
+
+    let name = raw.name.as_ref().and_then(|n| {
+        spans.set("name", pos(&n.span()));
+        let valid = !n.get_ref().is_empty()
+            && n.get_ref().len() <= 64
+            && n.get_ref()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if valid {
+            Some(Arc::<str>::from(n.get_ref().as_str()))
+        } else {
+            errs.at(
+                n.span(),
+                "name",
+                format!(
+                    "{:?}: a name is 1 to 64 letters, digits, `-`, `_` or `.`",
+                    n.get_ref()
+                ),
+            );
+            None
+        }
+    });
+
+    let port = match &raw.port {
+        None => DEFAULT_PORT,
+        Some(p) => {
+            spans.set("port", pos(&p.span()));
+            if *p.get_ref() == 0 {
+                errs.at(p.span(), "port", "port 0 is not a destination port");
+            }
+            *p.get_ref()
+        }
+    };
+
+    let tcp = raw.tcp.as_ref().is_some_and(|t| {
+        spans.set("tcp", pos(&t.span()));
+        *t.get_ref()
+    });
+    if tcp {
+        // Passthrough is spliced unread: nothing about requests can apply.
+        let not_for_tcp: [(&str, Option<Range<usize>>); 5] = [
+            ("methods", raw.methods.as_ref().map(Spanned::span)),
+            ("paths", raw.paths.as_ref().map(Spanned::span)),
+            ("headers", raw.headers.as_ref().map(Spanned::span)),
+            ("inject", raw.inject.as_ref().map(Spanned::span)),
+            (
+                "plain_http",
+                raw.plain_http
+                    .as_ref()
+                    .filter(|p| *p.get_ref())
+                    .map(Spanned::span),
+            ),
+        ];
+        for (field, span) in not_for_tcp {
+            if let Some(span) = span {
+                errs.at(
+                    span,
+                    field,
+                    format!(
+                        "a tcp rule passes the connection through without reading it, so \
+                         `{field}` cannot apply; remove it, or drop `tcp = true` to have \
+                         requests inspected"
+                    ),
+                );
+            }
+        }
+    }
+
+    let methods = match &raw.methods {
+        None => MethodSet::Any,
+        Some(list) => {
+            spans.set("methods", pos(&list.span()));
+            match MethodSet::parse(list.get_ref().iter().map(|m| m.get_ref().as_str())) {
+                Ok(m) => m,
+                Err((i, e)) => {
+                    match list.get_ref().get(i) {
+                        Some(m) => errs.at(m.span(), &format!("methods[{i}]"), e),
+                        None => errs.at(list.span(), "methods", e),
+                    }
+                    MethodSet::Any
+                }
+            }
+        }
+    };
+
+    let paths = raw.paths.as_ref().map(|list| {
+        spans.set("paths", pos(&list.span()));
+        if list.get_ref().is_empty() {
+            errs.at(
+                list.span(),
+                "paths",
+                "an empty list would allow nothing; omit `paths` to allow every path",
+            );
+        }
+        let mut out: Vec<PathPattern> = Vec::new();
+        for (i, p) in list.get_ref().iter().enumerate() {
+            match PathPattern::parse(p.get_ref()) {
+                Ok(pat) if out.contains(&pat) => errs.at(
+                    p.span(),
+                    &format!("paths[{i}]"),
+                    format!("{:?} is listed twice", p.get_ref()),
+                ),
+                Ok(pat) => out.push(pat),
+                Err(e) => errs.at(
+                    p.span(),
+                    &format!("paths[{i}]"),
+                    format!("{:?}: {e}", p.get_ref()),
+                ),
+            }
+        }
+        out
+    });
+
+    let mut headers: Vec<(HeaderName, String)> = Vec::new();
+    if let Some(map) = &raw.headers {
+        spans.set("headers", pos(&map.span()));
+        for (name, value) in map.get_ref() {
+            let field = format!("headers.{}", key_segment(name.get_ref()));
+            let parsed = parse_header_name(name.get_ref())
+                .map_err(|e| e.to_string())
+                .and_then(|n| HeaderName::from_bytes(n.as_bytes()).map_err(|e| e.to_string()));
+            let hn = match parsed {
+                Ok(n) => n,
+                Err(e) => {
+                    errs.at(name.span(), &field, e);
+                    continue;
+                }
+            };
+            if headers.iter().any(|(n, _)| *n == hn) {
+                errs.at(
+                    name.span(),
+                    &field,
+                    format!(
+                        "header {hn} is listed more than once (header names are case-insensitive)"
+                    ),
+                );
+                continue;
+            }
+            if let Some(c) = value
+                .get_ref()
+                .chars()
+                .find(|&c| !(c == '\t' || c == ' ' || c.is_ascii_graphic()))
+            {
+                errs.at(
+                    value.span(),
+                    &field,
+                    format!(
+                        "character U+{:04X} cannot appear in a header value to match",
+                        u32::from(c)
+                    ),
+                );
+                continue;
+            }
+            headers.push((hn, value.get_ref().clone()));
+        }
+        headers.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+    }
+
+    let plain_http = raw.plain_http.as_ref().is_some_and(|p| {
+        spans.set("plain_http", pos(&p.span()));
+        *p.get_ref()
+    });
+
+    let not_after = raw.not_after.as_ref().and_then(|t| {
+        spans.set("not_after", pos(&t.span()));
+        let parsed = match t.get_ref() {
+            toml::Value::String(s) => clock::parse_rfc3339(s),
+            toml::Value::Datetime(dt) => clock::from_datetime(dt),
+            _ => Err("not_after is a date and time, such as \"2026-12-31T00:00:00Z\"".into()),
+        };
+        parsed.map_err(|e| errs.at(t.span(), "not_after", e)).ok()
+    });
+
+    let rate = raw.rate.as_ref().and_then(|r| {
+        spans.set("rate", pos(&r.span()));
+        compile_rate(errs, r)
+    });
+
+    let budget = raw.budget.as_ref().and_then(|b| {
+        spans.set("budget", pos(&b.span()));
+        let raw_b = b.get_ref();
+        let mut ok = true;
+        let mut take = |v: &Option<Spanned<u64>>, field: &str| -> Option<u64> {
+            let v = v.as_ref()?;
+            if *v.get_ref() == 0 {
+                errs.at(
+                    v.span(),
+                    &format!("budget.{field}"),
+                    "a budget of 0 would refuse every request; remove the rule instead",
+                );
+                ok = false;
+            }
+            Some(*v.get_ref())
+        };
+        let budget = Budget {
+            requests_per_day: take(&raw_b.requests_per_day, "requests_per_day"),
+            bytes_per_day: take(&raw_b.bytes_per_day, "bytes_per_day"),
+            tokens_per_day: take(&raw_b.tokens_per_day, "tokens_per_day"),
+        };
+        if !budget.is_set() {
+            errs.at(
+                b.span(),
+                "budget",
+                "give at least one of requests_per_day, bytes_per_day, tokens_per_day",
+            );
+            ok = false;
+        }
+        if tcp && let Some(t) = &raw_b.tokens_per_day {
+            errs.at(
+                t.span(),
+                "budget.tokens_per_day",
+                "a tcp rule does not read responses, so it cannot count LLM tokens",
+            );
+            ok = false;
+        }
+        ok.then_some(budget)
+    });
+
+    let inject = match raw.inject {
+        Some(i) => {
+            spans.set("inject", pos(&i.span()));
+            compile_inject(errs, i.into_inner())
+        }
+        None => Some(Injection::default()),
+    };
+
+    if errs.list.len() > before {
+        return None;
+    }
+    let dest = dest?;
+    let inject = inject?;
+    let mut secrets: Vec<SecretName> = inject.secret_names().into_iter().cloned().collect();
+    secrets.sort();
+    let (line, _) = pos(&dest_span);
+    Some(Rule {
+        rule_ref: RuleRef {
+            file: Arc::clone(file),
+            index: errs.index,
+            line,
+            name: name.clone(),
+        },
+        name,
+        dest,
+        port,
+        tcp,
+        methods,
+        paths,
+        headers,
+        plain_http,
+        not_after,
+        rate,
+        budget,
+        inject,
+        secrets,
+        limit: None,
+        spans,
+    })
+}
+
+fn compile_rate(errs: &mut RuleErrors<'_, '_>, raw: &Spanned<RawRate>) -> Option<Rate> {
+    let r = raw.get_ref();
+    let zero = |errs: &mut RuleErrors<'_, '_>, v: &Spanned<u32>, field: &str| {
+        let is_zero = *v.get_ref() == 0;
+        if is_zero {
+            errs.at(
+                v.span(),
+                &format!("rate.{field}"),
+                format!(
+                    "a {} of 0 would refuse every request; remove the rule instead",
+                    if field == "burst" { "burst" } else { "rate" }
+                ),
+            );
+        }
+        is_zero
+    };
+    let (count, period) = match (&r.per_second, &r.per_minute) {
+        (Some(s), None) => (s, RatePeriod::Second),
+        (None, Some(m)) => (m, RatePeriod::Minute),
+        (Some(_), Some(m)) => {
+            errs.at(
+                m.span(),
+                "rate.per_minute",
+                "give per_second or per_minute, not both",
+            );
+            return None;
+        }
+        (None, None) => {
+            errs.at(
+                raw.span(),
+                "rate",
+                "give per_second or per_minute, as in `rate = { per_second = 5, burst = 10 }`",
+            );
+            return None;
+        }
+    };
+    let bad_count = zero(
+        errs,
+        count,
+        if period == RatePeriod::Second {
+            "per_second"
+        } else {
+            "per_minute"
+        },
+    );
+    let bad_burst = r.burst.as_ref().is_some_and(|b| zero(errs, b, "burst"));
+    if bad_count || bad_burst {
+        return None;
+    }
+    Some(Rate {
+        count: *count.get_ref(),
+        period,
+        burst: r.burst.as_ref().map_or(*count.get_ref(), |b| *b.get_ref()),
+    })
+}
+
+fn compile_inject(errs: &mut RuleErrors<'_, '_>, raw: RawInject) -> Option<Injection> {
+    let before = errs.list.len();
     let mut headers = Vec::with_capacity(raw.headers.len());
     let mut first_span: HashMap<String, Range<usize>> = HashMap::new();
-    let before = errors.len();
     for (name, template) in raw.headers {
-        let field = Some(format!(
-            "allow[{index}].inject.headers.{}",
-            key_segment(name.get_ref())
-        ));
+        let field = format!("inject.headers.{}", key_segment(name.get_ref()));
         let lower = match parse_header_name(name.get_ref()) {
             Ok(n) => n,
             Err(e) => {
-                errors.push(loc.error(Some(name.span()), field, e));
+                errs.at(name.span(), &field, e);
                 continue;
             }
         };
         if first_span.insert(lower.clone(), name.span()).is_some() {
-            errors.push(loc.error(
-                Some(name.span()),
-                field,
+            errs.at(
+                name.span(),
+                &field,
                 format!("header {lower} is set more than once (header names are case-insensitive)"),
-            ));
+            );
             continue;
         }
         match Template::parse(template.get_ref()) {
             Ok(t) => headers.push((lower, t)),
-            Err(e) => errors.push(loc.error(Some(template.span()), field, e)),
+            Err(e) => errs.at(template.span(), &field, e),
         }
     }
-    if errors.len() > before {
+
+    let basic_auth = raw.basic_auth.and_then(|b| {
+        let span = b.span();
+        let b = b.into_inner();
+        if first_span.contains_key("authorization") {
+            errs.at(
+                span,
+                "inject.basic_auth",
+                "basic_auth sets the authorization header, which inject.headers sets too; keep one",
+            );
+        }
+        let username = match Template::parse(b.username.get_ref()) {
+            Ok(t) => {
+                // A literal `:` would end the username early; secrets are checked when rendered.
+                let rendered = t.render(|_| Some(&b"x"[..]));
+                if rendered.is_ok_and(|r| r.contains(&b':')) {
+                    errs.at(
+                        b.username.span(),
+                        "inject.basic_auth.username",
+                        "a basic-auth username cannot contain `:`",
+                    );
+                    None
+                } else {
+                    Some(t)
+                }
+            }
+            Err(e) => {
+                errs.at(b.username.span(), "inject.basic_auth.username", e);
+                None
+            }
+        };
+        let password = match Template::parse(b.password.get_ref()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                errs.at(b.password.span(), "inject.basic_auth.password", e);
+                None
+            }
+        };
+        Some(BasicAuth {
+            username: username?,
+            password: password?,
+        })
+    });
+
+    let mut query = Vec::with_capacity(raw.query.len());
+    for (name, template) in raw.query {
+        let field = format!("inject.query.{}", key_segment(name.get_ref()));
+        let parsed = match parse_query_name(name.get_ref()) {
+            Ok(n) => n,
+            Err(e) => {
+                errs.at(name.span(), &field, format!("{:?}: {e}", name.get_ref()));
+                continue;
+            }
+        };
+        match Template::parse(template.get_ref()) {
+            Ok(t) => query.push((parsed, t)),
+            Err(e) => errs.at(template.span(), &field, e),
+        }
+    }
+
+    if errs.list.len() > before {
         return None;
     }
-    match InjectSpec::from_parsed(headers) {
-        Ok(spec) => Some(spec),
+    let headers = match InjectSpec::from_parsed(headers) {
+        Ok(spec) => spec,
         Err(e) => {
-            errors.push(loc.error(None, Some(format!("allow[{index}].inject.headers")), e));
-            None
+            let span = first_span.values().next().cloned().unwrap_or_default();
+            errs.at(span, "inject.headers", e);
+            return None;
         }
-    }
+    };
+    Some(Injection {
+        headers,
+        basic_auth,
+        query,
+    })
 }
 
 /// The error for a file whose `cgroup` another file already claims.
@@ -329,4 +922,29 @@ pub(super) fn duplicate_cgroup(
             other.display()
         ),
     )
+}
+
+/// An error located at a rule's field, for checks made after compiling (narrowing).
+pub(super) fn rule_error(rule: &Rule, field: &str, message: String) -> PolicyFileError {
+    let (line, column) = rule.spans.at(field);
+    let field = format!("allow[{}].{field}", rule.rule_ref.index);
+    PolicyFileError {
+        path: rule.rule_ref.file.to_path_buf(),
+        line,
+        column,
+        field: Some(field),
+        message,
+    }
+}
+
+/// An error located at entry `index` of a file's `[dns] allow`, found after compiling.
+pub(super) fn dns_error(file: &PolicyFile, index: usize, message: String) -> PolicyFileError {
+    let (line, column) = file.dns_entries.get(index).map_or((1, 1), |(_, at)| *at);
+    PolicyFileError {
+        path: file.path.to_path_buf(),
+        line,
+        column,
+        field: Some(format!("dns.allow[{index}]")),
+        message,
+    }
 }

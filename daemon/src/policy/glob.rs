@@ -34,9 +34,7 @@ pub enum GlobError {
          are refused"
     )]
     DotSegment,
-    #[error(
-        "percent-encoded `/`, `\\` or `.` never match, since requests with them are refused"
-    )]
+    #[error("percent-encoded `/`, `\\` or `.` never match, since requests with them are refused")]
     EncodedSeparator,
     #[error("the pattern is {0} characters long; at most {MAX_PATTERN_LEN} are allowed")]
     TooLong(usize),
@@ -82,10 +80,7 @@ impl PathPattern {
         if raw.contains(['?', '#']) {
             return Err(GlobError::HasQuery);
         }
-        if let Some(c) = raw
-            .chars()
-            .find(|&c| !c.is_ascii_graphic() || c == '\\')
-        {
+        if let Some(c) = raw.chars().find(|&c| !c.is_ascii_graphic() || c == '\\') {
             return Err(GlobError::BadChar(if c == ' ' {
                 "a space".into()
             } else if c.is_ascii_graphic() {

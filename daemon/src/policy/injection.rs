@@ -115,19 +115,20 @@ impl Injection {
             Some(out.secrets.len() - 1)
         };
         // Render against the values fetched so far, so each secret is read once.
-        let render = |out: &mut RenderedInjection,
-                      fetch: &mut dyn FnMut(&mut RenderedInjection, &SecretName) -> Option<usize>,
-                      t: &Template|
-         -> Result<Zeroizing<Vec<u8>>, InjectError> {
-            let mut found = Vec::new();
-            for name in t.secret_names() {
-                found.push((name, fetch(out, name)));
-            }
-            t.render(|name| {
-                let i = found.iter().find(|(n, _)| *n == name)?.1?;
-                out.secret_values.get(i).map(|v| v.as_slice())
-            })
-        };
+        let render =
+            |out: &mut RenderedInjection,
+             fetch: &mut dyn FnMut(&mut RenderedInjection, &SecretName) -> Option<usize>,
+             t: &Template|
+             -> Result<Zeroizing<Vec<u8>>, InjectError> {
+                let mut found = Vec::new();
+                for name in t.secret_names() {
+                    found.push((name, fetch(out, name)));
+                }
+                t.render(|name| {
+                    let i = found.iter().find(|(n, _)| *n == name)?.1?;
+                    out.secret_values.get(i).map(|v| v.as_slice())
+                })
+            };
 
         for (name, template) in self.headers.headers() {
             let value = render(&mut out, &mut fetch, template)?;
@@ -207,7 +208,11 @@ impl RenderedInjection {
         for pair in original.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let key = pair.split_once('=').map_or(pair, |(k, _)| k);
             let decoded = percent_decode(key);
-            if self.query.iter().any(|(n, _)| n.as_bytes() == decoded.as_slice()) {
+            if self
+                .query
+                .iter()
+                .any(|(n, _)| n.as_bytes() == decoded.as_slice())
+            {
                 continue;
             }
             push_sep(&mut out);
@@ -338,12 +343,10 @@ mod tests {
 
     #[test]
     fn renders_headers_basic_auth_and_query() {
-        let vault: HashMap<SecretName, Vec<u8>> = [
-            (name("A"), b"a&b c".to_vec()),
-            (name("B"), b"pw".to_vec()),
-        ]
-        .into_iter()
-        .collect();
+        let vault: HashMap<SecretName, Vec<u8>> =
+            [(name("A"), b"a&b c".to_vec()), (name("B"), b"pw".to_vec())]
+                .into_iter()
+                .collect();
         let mut lookups = 0;
         let inj = full();
         let r = inj
@@ -362,7 +365,9 @@ mod tests {
         let needles: Vec<&[u8]> = r.needles().map(|n| n.as_slice()).collect();
         assert_eq!(needles, [&b"a&b c"[..], b"pw", b"user:pw"]);
         assert_eq!(
-            r.rewrite_query(Some("q=1&api_key=agent&api%5Fkey=x&x=")).as_deref().map(|s| s.as_str()),
+            r.rewrite_query(Some("q=1&api_key=agent&api%5Fkey=x&x="))
+                .as_deref()
+                .map(|s| s.as_str()),
             Some("q=1&x=&api_key=a%26b%20c&v=2")
         );
         assert_eq!(
@@ -372,7 +377,11 @@ mod tests {
         let shown = format!("{r:?}");
         assert!(!shown.contains("a&b") && !shown.contains("pw"), "{shown}");
 
-        let names: Vec<&str> = inj.secret_names().into_iter().map(SecretName::as_str).collect();
+        let names: Vec<&str> = inj
+            .secret_names()
+            .into_iter()
+            .map(SecretName::as_str)
+            .collect();
         assert_eq!(names, ["A", "B"]);
         assert_eq!(
             inj.header_names().collect::<Vec<_>>(),

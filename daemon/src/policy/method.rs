@@ -14,9 +14,7 @@ pub enum MethodError {
     Empty,
     #[error("methods are case-sensitive and written in upper case: {0}")]
     Lowercase(String),
-    #[error(
-        "{0:?} is not a method name (upper-case letters, digits, `-` and `_`, at most 32)"
-    )]
+    #[error("{0:?} is not a method name (upper-case letters, digits, `-` and `_`, at most 32)")]
     Invalid(String),
     #[error("{0} is never forwarded by the broker, so a rule cannot allow it")]
     NeverForwarded(String),
@@ -49,7 +47,9 @@ fn bit(method: &str) -> Option<u8> {
 
 impl MethodSet {
     /// Validates a list as written in a policy.
-    pub fn parse<'a>(list: impl IntoIterator<Item = &'a str>) -> Result<Self, (usize, MethodError)> {
+    pub fn parse<'a>(
+        list: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, (usize, MethodError)> {
         let mut bits = 0u8;
         let mut other: Vec<String> = Vec::new();
         let mut count = 0;

@@ -1,16 +1,28 @@
-use std::path::PathBuf;
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use http::{HeaderMap, HeaderValue, Method};
 
 use super::*;
 
-fn cg(s: &str) -> CgroupPath {
+mod chain;
+mod connection;
+mod explain;
+mod property;
+mod request;
+
+pub(super) fn cg(s: &str) -> CgroupPath {
     CgroupPath::parse(s).expect(s)
 }
 
-fn policy(files: &[(&str, &str)]) -> Policy {
+pub(super) fn policy(files: &[(&str, &str)]) -> Policy {
     try_policy(files).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn try_policy(files: &[(&str, &str)]) -> Result<Policy, PolicyError> {
+pub(super) fn try_policy(files: &[(&str, &str)]) -> Result<Policy, PolicyError> {
     Policy::from_files(
         files
             .iter()
@@ -20,7 +32,7 @@ fn try_policy(files: &[(&str, &str)]) -> Result<Policy, PolicyError> {
 }
 
 /// The single error of a policy that must fail, as text.
-fn error(files: &[(&str, &str)]) -> PolicyFileError {
+pub(super) fn error(files: &[(&str, &str)]) -> PolicyFileError {
     match try_policy(files) {
         Ok(_) => panic!("policy loaded but should fail"),
         Err(PolicyError::Invalid(mut errors)) => {
@@ -28,6 +40,61 @@ fn error(files: &[(&str, &str)]) -> PolicyFileError {
             errors.remove(0)
         }
         Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+/// 2026-06-01T00:00:00Z: the time requests in tests are made at.
+pub(super) fn now() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_780_272_000)
+}
+
+/// A request to `target` (`host[:port]/path`, port 443 by default). The destination address
+/// is the host when it is an address, else 192.0.2.1.
+pub(super) fn req(method: &str, target: &str) -> OwnedRequest {
+    let (authority, path) = match target.find('/') {
+        Some(i) => (&target[..i], &target[i..]),
+        None => (target, "/"),
+    };
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (host, rest) = rest.split_once(']').expect("closing bracket");
+        (
+            host,
+            rest.strip_prefix(':')
+                .map_or(443, |p| p.parse().expect("port")),
+        )
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().expect("port")),
+            None => (authority, 443),
+        }
+    };
+    let dst_ip = host
+        .parse::<IpAddr>()
+        .unwrap_or(IpAddr::from([192, 0, 2, 1]));
+    OwnedRequest {
+        method: Method::from_bytes(method.as_bytes()).expect("method"),
+        path: path.to_string(),
+        headers: HeaderMap::new(),
+        host: host.to_string(),
+        port,
+        dst_ip,
+        tls: true,
+        now: now(),
+    }
+}
+
+/// The same request with a header added.
+pub(super) fn with_header(mut r: OwnedRequest, name: &'static str, value: &str) -> OwnedRequest {
+    r.headers
+        .append(name, HeaderValue::from_str(value).expect("value"));
+    r
+}
+
+/// The decision for a request from `cgroup`: `Ok(rule ref text)` or `Err(reason)`.
+pub(super) fn ask(p: &Policy, cgroup: &str, r: &OwnedRequest) -> Result<String, String> {
+    match p.decide_request(&cg(cgroup), &r.info()) {
+        RequestDecision::Allow { rule, .. } => Ok(rule.to_string()),
+        RequestDecision::Deny { reason, .. } => Err(reason),
     }
 }
 
@@ -141,21 +208,24 @@ fn loopback_is_not_special() {
 
 #[test]
 fn subtree_and_closest_ancestor() {
+    // The child narrows the parent: same host, no injection.
     let child = r#"
 cgroup = "agents/demo/tool"
 [[allow]]
-host = "tool.example.test"
+host = "api.example.test"
 "#;
     let p = policy(&[("demo.toml", DEMO), ("tool.toml", child)]);
     // Below agents/demo: the demo file applies.
-    assert_eq!(
-        allowed_rule(&p.decide(&cg("agents/demo/x/y"), "api.example.test", 443)),
-        0
-    );
-    // agents/demo/tool and below: its own file is the closest, and (for now) the only one.
+    let d = p.decide(&cg("agents/demo/x/y"), "api.example.test", 443);
+    assert_eq!(allowed_rule(&d), 0);
+    assert!(matches!(d, Decision::Allow { inject, .. } if !inject.is_empty()));
+    // agents/demo/tool and below: its own file is the closest (and says what is injected:
+    // nothing), and the demo file must allow it too.
     let tool = cg("agents/demo/tool/sub");
-    assert!(p.decide(&tool, "tool.example.test", 443).is_allow());
-    assert!(!p.decide(&tool, "api.example.test", 443).is_allow());
+    let d = p.decide(&tool, "api.example.test", 443);
+    assert!(matches!(d, Decision::Allow { rule, inject, .. }
+        if rule.file.as_ref() == Path::new("tool.toml") && inject.is_empty()));
+    assert!(!p.decide(&tool, "tool.example.test", 443).is_allow());
     // A sibling with a common name prefix is not below agents/demo.
     assert!(
         !p.decide(&cg("agents/demox"), "api.example.test", 443)
@@ -167,6 +237,13 @@ host = "tool.example.test"
         p.file_for(&cg("agents/demo/tool")).map(|f| f.path()),
         Some(Path::new("tool.toml"))
     );
+    let chain: Vec<&Path> = p
+        .chain(&cg("agents/demo/tool/x"))
+        .iter()
+        .map(|f| f.path())
+        .collect();
+    assert_eq!(chain, [Path::new("tool.toml"), Path::new("demo.toml")]);
+    assert!(p.chain(&cg("other")).is_empty());
 }
 
 #[test]
@@ -216,7 +293,10 @@ fn fields_have_defaults_and_refuse_unknowns() {
     assert_eq!(rule.port(), DEFAULT_PORT);
     assert!(!rule.plain_http());
     assert!(rule.inject().is_empty());
-    assert_eq!(rule.host(), &HostPattern::Exact("h.test".into()));
+    assert_eq!(
+        rule.host(),
+        &Destination::Host(HostPattern::Exact("h.test".into()))
+    );
 
     // A file with no rules is valid and denies everything.
     let p = policy(&[("empty.toml", "cgroup = \"m\"\n")]);
@@ -239,7 +319,8 @@ fn fields_have_defaults_and_refuse_unknowns() {
     )]);
     assert_eq!(
         e.to_string(),
-        "m.toml:4:1: allow[1].host: missing field `host`"
+        "m.toml:4:1: allow[1].host: a rule needs a destination: `host` (a name such as \
+         \"api.example.test\") or `ip` (an address or range such as \"192.0.2.0/24\")"
     );
 }
 
@@ -380,42 +461,90 @@ fn shipped_policies_load() {
     );
 }
 
+/// The `# expect: line N, field F` of a fixture (F is `(none)` for errors outside any field).
+fn expectation(text: &str) -> Option<(usize, Option<String>)> {
+    let expect = text.lines().next()?.strip_prefix("# expect: line ")?;
+    let (line, field) = expect.split_once(", field ").expect("expect format");
+    Some((
+        line.parse().expect("line number"),
+        (field != "(none)").then(|| field.to_string()),
+    ))
+}
+
+fn assert_fails_as_expected(
+    what: &Path,
+    result: Result<Policy, PolicyError>,
+    file: &Path,
+    line: usize,
+    field: Option<&str>,
+) {
+    let Err(PolicyError::Invalid(errors)) = result else {
+        panic!("{} loaded but is in policies/invalid", what.display());
+    };
+    let e = &errors[0];
+    let shown = e.to_string();
+    assert_eq!(e.path, file, "{shown}");
+    assert!(
+        shown.starts_with(&format!("{}:{line}:", file.display())),
+        "{shown}"
+    );
+    assert_eq!(e.field.as_deref(), field, "{shown}");
+    if let Some(field) = field {
+        assert!(shown.contains(field), "{shown}");
+    }
+    assert!(
+        errors.iter().all(|e| e.path == file),
+        "only the file with `# expect:` may be at fault: {errors:?}"
+    );
+}
+
+/// Each `policies/invalid/*.toml` fails alone; each `policies/invalid/<case>/` directory is
+/// loaded as one policy directory (a parent and a child, say), and the one file in it whose
+/// first line is `# expect: ...` is the one at fault.
 #[test]
 fn shipped_invalid_fixtures_fail_with_file_line_and_field() {
     let dir = shipped().join("invalid");
     let mut count = 0;
+    let mut dirs = 0;
     for entry in fs::read_dir(&dir).expect("policies/invalid") {
         let path = entry.expect("entry").path();
+        if path.is_dir() {
+            dirs += 1;
+            count += 1;
+            let mut expected = None;
+            for file in fs::read_dir(&path).expect("fixture dir") {
+                let file = file.expect("entry").path();
+                let text = fs::read_to_string(&file).expect("read");
+                if let Some(e) = expectation(&text) {
+                    assert!(
+                        expected.is_none(),
+                        "{}: two `# expect:` files",
+                        path.display()
+                    );
+                    expected = Some((file, e));
+                }
+            }
+            let (file, (line, field)) = expected
+                .unwrap_or_else(|| panic!("{}: no file has a `# expect:` line", path.display()));
+            assert_fails_as_expected(
+                &path,
+                Policy::load_dir(&path),
+                &file,
+                line,
+                field.as_deref(),
+            );
+            continue;
+        }
         if path.extension().is_none_or(|e| e != "toml") {
             continue;
         }
         count += 1;
         let text = fs::read_to_string(&path).expect("read");
-        // First line: `# expect: line N, field F` (F is `(none)` for errors outside any field).
-        let expect = text
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect: line "))
+        let (line, field) = expectation(&text)
             .unwrap_or_else(|| panic!("{}: no `# expect:` first line", path.display()));
-        let (line, field) = expect.split_once(", field ").expect("expect format");
-        let line: usize = line.parse().expect("line number");
-        let field = (field != "(none)").then_some(field);
-
-        let Err(PolicyError::Invalid(errors)) =
-            Policy::from_files(vec![(path.clone(), text.clone())])
-        else {
-            panic!("{} loaded but is in policies/invalid", path.display());
-        };
-        let e = &errors[0];
-        let shown = e.to_string();
-        assert!(
-            shown.starts_with(&format!("{}:{line}:", path.display())),
-            "{shown}"
-        );
-        assert_eq!(e.field.as_deref(), field, "{shown}");
-        if let Some(field) = field {
-            assert!(shown.contains(field), "{shown}");
-        }
+        let result = Policy::from_files(vec![(path.clone(), text.clone())]);
+        assert_fails_as_expected(&path, result, &path, line, field.as_deref());
     }
-    assert!(count >= 4, "only {count} invalid fixtures");
+    assert!(count >= 20, "only {count} invalid fixtures");
+    assert!(dirs >= 6, "only {dirs} multi-file fixtures");
 }

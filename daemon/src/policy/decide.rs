@@ -1,0 +1,765 @@
+//! The decisions: per request, per connection, per DNS name, and the minimal form's
+//! destination-only question. Every one walks the chain of files that govern the cgroup, closest
+//! first; the fast path allocates nothing unless a rule has limits, and reasons are only worked
+//! out for a denial.
+
+use std::{
+    borrow::Cow,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::SystemTime,
+};
+
+use http::{HeaderMap, Method};
+
+use super::{
+    Policy, PolicyFile,
+    clock::format_rfc3339,
+    glob::is_canonical,
+    host::{HostPattern, normalize_host},
+    injection::Injection,
+    limits::LimitKey,
+    rule::{Miss, Req, Rule, RuleRef, Tier},
+};
+use crate::{cgroup::CgroupPath, inject::InjectSpec, secret::SecretName};
+
+/// One HTTP request, as the proxy sees it after SNI, `Host` and `:authority` agreed.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestInfo<'a> {
+    pub method: &'a Method,
+    /// The path, without the query.
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+    /// The request's host (any case, no port).
+    pub host: &'a str,
+    /// The original destination port.
+    pub port: u16,
+    /// The original destination address (what `ip` rules match).
+    pub dst_ip: IpAddr,
+    /// Whether the agent spoke TLS.
+    pub tls: bool,
+    /// The time `not_after` is compared with.
+    pub now: SystemTime,
+}
+
+/// An owned [`RequestInfo`], for benchmarks and tests.
+#[derive(Clone, Debug)]
+pub struct OwnedRequest {
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub host: String,
+    pub port: u16,
+    pub dst_ip: IpAddr,
+    pub tls: bool,
+    pub now: SystemTime,
+}
+
+impl OwnedRequest {
+    pub fn info(&self) -> RequestInfo<'_> {
+        RequestInfo {
+            method: &self.method,
+            path: &self.path,
+            headers: &self.headers,
+            host: &self.host,
+            port: self.port,
+            dst_ip: self.dst_ip,
+            tls: self.tls,
+            now: self.now,
+        }
+    }
+}
+
+/// The answer for one HTTP request.
+#[derive(Debug)]
+pub enum RequestDecision<'a> {
+    Allow {
+        /// The closest file's rule that allowed it (it decides the injection).
+        rule: &'a RuleRef,
+        /// What to write into the request (may be empty).
+        inject: &'a Injection,
+        /// Whether credentials may be written over plain HTTP: every level's rule must say so
+        /// (ARCHITECTURE invariant 2: off unless a rule says so).
+        plain_http: bool,
+        /// Limits to check with a [`super::Limiter`] before forwarding, one per level whose
+        /// rule has any; record the exchange's bytes and tokens against them afterwards.
+        limit_keys: Vec<LimitKey>,
+    },
+    Deny {
+        /// Plain enough for an LLM agent to act on; never names a secret value.
+        reason: String,
+        /// The rule nearest to allowing it, if one came close (for the operator).
+        rule: Option<&'a RuleRef>,
+        /// The file that refused, when one covers the cgroup.
+        file: Option<&'a Path>,
+    },
+}
+
+impl RequestDecision<'_> {
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Self::Allow { .. })
+    }
+}
+
+/// The answer for one accepted connection, before any request is read.
+#[derive(Debug)]
+pub enum ConnectionDecision<'a> {
+    /// Terminate TLS (or read plain HTTP) and decide per request.
+    Http,
+    /// Splice the bytes to the original destination unread.
+    Tcp {
+        rule: &'a RuleRef,
+        /// Limits to check once for the connection (rate and request budget count
+        /// connections; a bytes budget counts spliced bytes).
+        limit_keys: Vec<LimitKey>,
+    },
+    /// Close the connection.
+    Deny {
+        reason: String,
+        file: Option<&'a Path>,
+    },
+}
+
+/// The answer of [`Policy::decide`], the minimal form's destination-only question.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision<'a> {
+    Allow {
+        /// The rule that allowed it.
+        rule: &'a RuleRef,
+        /// Headers to set (empty: forward without injection). Basic auth and query injection
+        /// need [`Policy::decide_request`].
+        inject: &'a InjectSpec,
+        /// Whether injection and handle swaps may happen over plain HTTP (ARCHITECTURE
+        /// invariant 2: off unless the rule says so).
+        plain_http: bool,
+    },
+    Deny {
+        /// Plain enough for an LLM agent to act on; never names a secret value.
+        reason: String,
+        /// The file that was consulted, when one covers the cgroup (for `policy explain`).
+        policy_file: Option<&'a Path>,
+    },
+}
+
+impl Decision<'_> {
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Self::Allow { .. })
+    }
+}
+
+/// A level's refusal.
+#[derive(Debug)]
+pub(super) struct Refusal<'p> {
+    /// The file that refused; `None` when no file covers the cgroup.
+    pub(super) level: Option<&'p PolicyFile>,
+    /// The rule nearest to allowing it.
+    pub(super) rule: Option<&'p Rule>,
+    pub(super) reason: String,
+}
+
+/// A request every level allowed.
+#[derive(Debug)]
+pub(super) struct Granted<'p> {
+    pub(super) rule: &'p Rule,
+    pub(super) plain_http: bool,
+}
+
+/// How a level would handle a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Http,
+    Tcp(usize),
+}
+
+impl<'a> Req<'a> {
+    pub(super) fn new(
+        method: &'a str,
+        path: &'a str,
+        headers: Option<&'a HeaderMap>,
+        host: &'a str,
+        port: u16,
+        ip: Option<IpAddr>,
+        now: SystemTime,
+    ) -> Self {
+        Self {
+            method,
+            path,
+            canonical_path: is_canonical(path),
+            headers,
+            host: normalize_host(host),
+            raw_host: host,
+            ip: ip.map(|ip| ip.to_canonical()),
+            port,
+            now,
+        }
+    }
+
+    fn host_or_raw(&self) -> &str {
+        self.host.as_deref().unwrap_or(self.raw_host)
+    }
+
+    /// `api.example.test/v1/files` (the port shown unless 443 or 80).
+    fn target(&self) -> String {
+        let host = self.host_or_raw();
+        let host: Cow<'_, str> = if host.contains(':') {
+            Cow::Owned(format!("[{host}]"))
+        } else {
+            Cow::Borrowed(host)
+        };
+        if matches!(self.port, 443 | 80) {
+            format!("{host}{}", self.path)
+        } else {
+            format!("{host}:{}{}", self.port, self.path)
+        }
+    }
+}
+
+/// `host:port`, with brackets around an IPv6 address.
+pub(super) fn show_dest(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+fn no_file(cgroup: &CgroupPath) -> String {
+    format!(
+        "no policy covers cgroup {cgroup}, so every destination is denied; ask the operator to \
+         add a policy file for it"
+    )
+}
+
+/// ` (by the policy for agents, which also applies to agents/coder)` for a level above the
+/// closest, empty for the closest.
+fn by_level(level: &PolicyFile, closest: bool, cgroup: &CgroupPath) -> String {
+    if closest {
+        String::new()
+    } else {
+        format!(
+            " (by the policy for {}, which also applies to {cgroup})",
+            level.cgroup
+        )
+    }
+}
+
+fn list<'s>(items: impl IntoIterator<Item = &'s str>) -> String {
+    let mut seen: Vec<&str> = Vec::new();
+    for i in items {
+        if !seen.contains(&i) {
+            seen.push(i);
+        }
+    }
+    seen.join(", ")
+}
+
+impl PolicyFile {
+    /// The rule this file picks for a request: the most specific destination, then file order.
+    /// `need`: secrets the rule must inject too (for levels above the closest).
+    pub(super) fn select(&self, req: &Req<'_>, need: &[SecretName]) -> Option<usize> {
+        if req.host.is_none() && req.ip.is_none() {
+            return None;
+        }
+        self.http
+            .find(req.host.as_deref(), req.ip, |i| {
+                self.rules[i].first_miss(req, need).is_none()
+            })
+            .map(|(i, _)| i)
+    }
+
+    /// Why no rule of this file allows the request (the slow path of a denial).
+    pub(super) fn refusal<'p>(
+        &'p self,
+        cgroup: &CgroupPath,
+        req: &Req<'_>,
+        need: &[SecretName],
+        closest: bool,
+    ) -> Refusal<'p> {
+        let by = by_level(self, closest, cgroup);
+        let refuse = |rule: Option<&'p Rule>, reason: String| Refusal {
+            level: Some(self),
+            rule,
+            reason,
+        };
+        let mut candidates = Vec::new();
+        if req.host.is_some() || req.ip.is_some() {
+            self.http.find(req.host.as_deref(), req.ip, |i| {
+                candidates.push(i);
+                false
+            });
+        }
+        let on_port: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| self.rules[i].port == req.port)
+            .collect();
+        if on_port.is_empty() {
+            return refuse(
+                None,
+                self.destination_refusal(cgroup, req.host_or_raw(), req.ip, req.port, &candidates)
+                    + &by,
+            );
+        }
+        let mut best: Option<(usize, Miss)> = None;
+        for &i in &on_port {
+            if let Some(miss) = self.rules[i].first_miss(req, need)
+                && best.is_none_or(|(_, m)| miss > m)
+            {
+                best = Some((i, miss));
+            }
+        }
+        let Some((bi, miss)) = best else {
+            // Unreachable in practice: `select` found nothing, so every candidate missed.
+            return refuse(
+                None,
+                format!("no rule allows {} for {cgroup}{by}", req.target()),
+            );
+        };
+        let rule = &self.rules[bi];
+        let method = req.method;
+        let target = req.target();
+        let reason = match miss {
+            Miss::Port => format!("no rule allows {target} for {cgroup}"),
+            Miss::Method => format!(
+                "{method} is not allowed to {target} for {cgroup}{by}; allowed methods: {}",
+                list(on_port.iter().flat_map(|&i| self.rules[i].methods.names()))
+            ),
+            Miss::PathNotCanonical => format!(
+                "{method} {target} is not allowed for {cgroup}{by}: the path has `.` or `..` \
+                 segments, empty segments, a backslash, or an encoded `/`, `\\` or `.`, and \
+                 the rules for {} only match normalized paths",
+                req.host_or_raw()
+            ),
+            Miss::Path => format!(
+                "{method} {target} is not allowed for {cgroup}{by}; allowed paths for \
+                 {method}: {}",
+                list(
+                    on_port
+                        .iter()
+                        .map(|&i| &self.rules[i])
+                        .filter(|r| r.methods.allows_str(method))
+                        .filter_map(|r| r.paths.as_deref())
+                        .flatten()
+                        .map(|p| p.as_str())
+                )
+            ),
+            Miss::Header => format!(
+                "{method} {target} is not allowed for {cgroup}{by}: the rule for it needs the \
+                 request header{} {} with the value the policy requires",
+                if rule.headers.len() == 1 { "" } else { "s" },
+                list(rule.headers.iter().map(|(n, _)| n.as_str()))
+            ),
+            Miss::Secrets => format!(
+                "{method} {target} is not allowed for {cgroup}{by}: that policy does not let \
+                 the credentials injected for it be used there ({})",
+                list(need.iter().map(SecretName::as_str))
+            ),
+            Miss::Expired => format!(
+                "the rule allowing {target} for {cgroup}{by} expired at {}; ask the operator \
+                 to renew it",
+                rule.not_after.map(format_rfc3339).unwrap_or_default()
+            ),
+        };
+        refuse(Some(rule), reason)
+    }
+
+    /// The reason when no rule of this file names the destination on this port.
+    fn destination_refusal(
+        &self,
+        cgroup: &CgroupPath,
+        host: &str,
+        ip: Option<IpAddr>,
+        port: u16,
+        candidates: &[usize],
+    ) -> String {
+        if normalize_host(host).is_none() {
+            return format!("the destination host {host:?} is not a valid host name or address");
+        }
+        let dest = show_dest(host, port);
+        let tcp_only = self
+            .tcp
+            .find(normalize_host(host).as_deref(), ip, |i| {
+                self.rules[i].port == port
+            })
+            .is_some();
+        if tcp_only {
+            return format!(
+                "{dest} is only allowed for cgroup {cgroup} as a passed-through TCP \
+                 connection, not for HTTP requests"
+            );
+        }
+        let mut ports: Vec<u16> = candidates.iter().map(|&i| self.rules[i].port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        match ports.as_slice() {
+            [] => format!("no rule allows {dest} for cgroup {cgroup}"),
+            ports => format!(
+                "no rule allows {dest} for cgroup {cgroup} (allowed port{} for this host: {})",
+                if ports.len() == 1 { "" } else { "s" },
+                ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// How this file would handle a connection: the most specific rule among HTTP and tcp
+    /// rules. Without a name (no SNI), any HTTP host rule on the port could still match the
+    /// request's `Host`, but a tcp rule that matches the address is more specific.
+    fn connection_kind(
+        &self,
+        name: Option<&str>,
+        ip: IpAddr,
+        port: u16,
+        now: SystemTime,
+    ) -> Option<Kind> {
+        let ok = |i: usize| {
+            let r = &self.rules[i];
+            r.port == port && !r.is_expired(now)
+        };
+        let ip_text;
+        let host = match name {
+            Some(n) => n,
+            None => {
+                ip_text = ip.to_string();
+                &ip_text
+            }
+        };
+        let http: Option<(Kind, Tier)> = self
+            .http
+            .find(Some(host), Some(ip), ok)
+            .map(|(_, t)| (Kind::Http, t))
+            .or_else(|| {
+                let maybe = name.is_none()
+                    && self
+                        .http
+                        .host_rules_on(port)
+                        .iter()
+                        .any(|&i| !self.rules[i].is_expired(now));
+                maybe.then_some((Kind::Http, (3, 0)))
+            });
+        let tcp = self
+            .tcp
+            .find(Some(host), Some(ip), ok)
+            .map(|(i, t)| (Kind::Tcp(i), t));
+        match (http, tcp) {
+            (Some(h), Some(t)) => Some(if t.1 < h.1 { t.0 } else { h.0 }),
+            (h, t) => h.or(t).map(|(k, _)| k),
+        }
+    }
+
+    /// The destination-only pick of the minimal form: port and expiry, no request conditions.
+    fn select_destination(
+        &self,
+        host: &str,
+        ip: Option<IpAddr>,
+        port: u16,
+        now: SystemTime,
+        need: &[SecretName],
+    ) -> Option<usize> {
+        self.http
+            .find(Some(host), ip, |i| {
+                let r = &self.rules[i];
+                r.port == port
+                    && !r.is_expired(now)
+                    && need.iter().all(|s| r.secrets.binary_search(s).is_ok())
+            })
+            .map(|(i, _)| i)
+    }
+}
+
+impl Policy {
+    /// Evaluates a request against every level. `each_level` sees each level's rule, closest
+    /// first (to collect limit keys).
+    pub(super) fn evaluate<'p>(
+        &'p self,
+        cgroup: &CgroupPath,
+        req: &Req<'_>,
+        mut each_level: impl FnMut(&'p PolicyFile, &'p Rule),
+    ) -> Result<Granted<'p>, Refusal<'p>> {
+        let Some(fi) = self.governing(cgroup.as_str()) else {
+            return Err(Refusal {
+                level: None,
+                rule: None,
+                reason: no_file(cgroup),
+            });
+        };
+        let file = &self.files[fi];
+        let Some(ri) = file.select(req, &[]) else {
+            return Err(file.refusal(cgroup, req, &[], true));
+        };
+        let rule = &file.rules[ri];
+        each_level(file, rule);
+        let mut plain_http = rule.plain_http;
+        for &ai in &file.ancestors {
+            let level = &self.files[ai];
+            let Some(i) = level.select(req, &rule.secrets) else {
+                return Err(level.refusal(cgroup, req, &rule.secrets, false));
+            };
+            let r = &level.rules[i];
+            plain_http &= r.plain_http;
+            each_level(level, r);
+        }
+        Ok(Granted { rule, plain_http })
+    }
+
+    /// Decides one HTTP request from `cgroup`: every file governing it must allow it; the
+    /// closest file's rule says what to inject; every level's rule adds its limits.
+    pub fn decide_request(
+        &self,
+        cgroup: &CgroupPath,
+        req: &RequestInfo<'_>,
+    ) -> RequestDecision<'_> {
+        let r = Req::new(
+            req.method.as_str(),
+            req.path,
+            Some(req.headers),
+            req.host,
+            req.port,
+            Some(req.dst_ip),
+            req.now,
+        );
+        let mut limit_keys = Vec::new();
+        let decided = self.evaluate(cgroup, &r, |_, rule| {
+            if let Some(k) = &rule.limit {
+                limit_keys.push(k.clone());
+            }
+        });
+        match decided {
+            Ok(g) => RequestDecision::Allow {
+                rule: &g.rule.rule_ref,
+                inject: &g.rule.inject,
+                plain_http: g.plain_http,
+                limit_keys,
+            },
+            Err(refusal) => RequestDecision::Deny {
+                reason: refusal.reason,
+                rule: refusal.rule.map(|r| &r.rule_ref),
+                file: refusal.level.map(|f| &*f.path),
+            },
+        }
+    }
+
+    /// Decides a connection from `cgroup` to `dst` before reading any request. `name` is the
+    /// TLS server name, or for a connection without TLS a name brokerd's DNS answered with
+    /// `dst`'s address (if it keeps track); `None` otherwise. Without a name, `ip` rules and
+    /// exact-address `host` rules match the address, and any HTTP `host` rule on the port lets
+    /// the connection through to be decided per request by its `Host`.
+    pub fn decide_connection(
+        &self,
+        cgroup: &CgroupPath,
+        dst: SocketAddr,
+        name: Option<&str>,
+        now: SystemTime,
+    ) -> ConnectionDecision<'_> {
+        let Some(fi) = self.governing(cgroup.as_str()) else {
+            return ConnectionDecision::Deny {
+                reason: no_file(cgroup),
+                file: None,
+            };
+        };
+        let file = &self.files[fi];
+        fn deny(level: &PolicyFile, reason: String) -> ConnectionDecision<'_> {
+            ConnectionDecision::Deny {
+                reason,
+                file: Some(&level.path),
+            }
+        }
+        let name = match name {
+            None => None,
+            Some(n) => match HostPattern::parse(n) {
+                Ok(HostPattern::Exact(h)) => Some(Cow::<str>::Owned(h)),
+                _ => {
+                    return deny(
+                        file,
+                        format!("the server name {n:?} is not a valid host name"),
+                    );
+                }
+            },
+        };
+        let ip = dst.ip().to_canonical();
+        let port = dst.port();
+        let shown = name
+            .as_deref()
+            .map_or_else(|| show_dest(&ip.to_string(), port), |n| show_dest(n, port));
+        let Some(kind) = file.connection_kind(name.as_deref(), ip, port, now) else {
+            let host = name
+                .as_deref()
+                .map_or_else(|| ip.to_string(), str::to_string);
+            let mut candidates = Vec::new();
+            file.http.find(Some(&host), Some(ip), |i| {
+                candidates.push(i);
+                false
+            });
+            let expired = candidates
+                .iter()
+                .map(|&i| &file.rules[i])
+                .find(|r| r.port == port && r.is_expired(now));
+            let reason = match expired {
+                Some(r) => format!(
+                    "the rule allowing {shown} for {cgroup} expired at {}; ask the operator to \
+                     renew it",
+                    r.not_after.map(format_rfc3339).unwrap_or_default()
+                ),
+                None => file.destination_refusal(cgroup, &host, Some(ip), port, &candidates),
+            };
+            return deny(file, reason);
+        };
+        let mut limit_keys = Vec::new();
+        if let Kind::Tcp(i) = kind {
+            limit_keys.extend(file.rules[i].limit.clone());
+        }
+        for &ai in &file.ancestors {
+            let level = &self.files[ai];
+            let by = by_level(level, false, cgroup);
+            match (kind, level.connection_kind(name.as_deref(), ip, port, now)) {
+                (Kind::Http, Some(Kind::Http)) => {}
+                (Kind::Tcp(_), Some(Kind::Tcp(j))) => {
+                    limit_keys.extend(level.rules[j].limit.clone());
+                }
+                (Kind::Http, Some(Kind::Tcp(_))) => {
+                    return deny(
+                        level,
+                        format!("{shown} may only be passed through unread for {cgroup}{by}"),
+                    );
+                }
+                (Kind::Tcp(_), Some(Kind::Http)) => {
+                    return deny(
+                        level,
+                        format!("{shown} may not be passed through unread for {cgroup}{by}"),
+                    );
+                }
+                (_, None) => {
+                    return deny(level, format!("no rule allows {shown} for {cgroup}{by}"));
+                }
+            }
+        }
+        match kind {
+            Kind::Http => ConnectionDecision::Http,
+            Kind::Tcp(i) => ConnectionDecision::Tcp {
+                rule: &file.rules[i].rule_ref,
+                limit_keys,
+            },
+        }
+    }
+
+    /// Whether `cgroup` may resolve `name` (any case, trailing dot allowed): every governing
+    /// file must allow it, by its `[dns] allow` list or, without one, by its `host` rules.
+    pub fn dns_allowed(&self, cgroup: &CgroupPath, name: &str) -> Result<(), String> {
+        let Some(fi) = self.governing(cgroup.as_str()) else {
+            return Err(format!(
+                "no policy covers cgroup {cgroup}, so no name may be resolved"
+            ));
+        };
+        let valid = matches!(HostPattern::parse(name), Ok(HostPattern::Exact(ref h)) if h.parse::<IpAddr>().is_err());
+        let normalized = normalize_host(name).filter(|_| valid);
+        let Some(name) = normalized else {
+            return Err(format!("{name:?} is not a valid host name"));
+        };
+        let file = &self.files[fi];
+        for (n, level) in std::iter::once(fi)
+            .chain(file.ancestors.iter().copied())
+            .map(|i| &self.files[i])
+            .enumerate()
+        {
+            if !level.dns.allows(&name) {
+                let by = by_level(level, n == 0, cgroup);
+                let allowed = &file.dns;
+                return Err(if allowed.patterns().is_empty() {
+                    format!("{cgroup} may not resolve any name{by}")
+                } else {
+                    let shown: Vec<String> = allowed
+                        .patterns()
+                        .iter()
+                        .take(8)
+                        .map(ToString::to_string)
+                        .collect();
+                    format!(
+                        "{cgroup} may not resolve {name}{by}; names it may resolve: {}{}",
+                        shown.join(", "),
+                        if allowed.patterns().len() > 8 {
+                            ", ..."
+                        } else {
+                            ""
+                        }
+                    )
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The minimal form's question: may `cgroup` reach `host:port` at all? Connection-level:
+    /// it looks at destinations, ports and expiry only, not at methods, paths or headers, and
+    /// knows no limits. Use [`Policy::decide_request`] per request. `host` is the SNI, the
+    /// request's host (without port), or the original destination IP when there is no name;
+    /// any case, with or without a trailing dot, IPv6 with or without brackets.
+    pub fn decide(&self, cgroup: &CgroupPath, host: &str, port: u16) -> Decision<'_> {
+        let now = SystemTime::now();
+        let Some(fi) = self.governing(cgroup.as_str()) else {
+            return Decision::Deny {
+                reason: no_file(cgroup),
+                policy_file: None,
+            };
+        };
+        let file = &self.files[fi];
+        let Some(normalized) = normalize_host(host) else {
+            return Decision::Deny {
+                reason: format!(
+                    "the destination host {host:?} is not a valid host name or address"
+                ),
+                policy_file: Some(&file.path),
+            };
+        };
+        let ip = normalized.parse::<IpAddr>().ok();
+        let Some(ri) = file.select_destination(&normalized, ip, port, now, &[]) else {
+            let mut candidates = Vec::new();
+            file.http.find(Some(&normalized), ip, |i| {
+                candidates.push(i);
+                false
+            });
+            let expired = candidates
+                .iter()
+                .map(|&i| &file.rules[i])
+                .find(|r| r.port == port && r.is_expired(now));
+            let reason = match expired {
+                Some(r) => format!(
+                    "the rule allowing {} for {cgroup} expired at {}; ask the operator to renew \
+                     it",
+                    show_dest(&normalized, port),
+                    r.not_after.map(format_rfc3339).unwrap_or_default()
+                ),
+                None => file.destination_refusal(cgroup, &normalized, ip, port, &candidates),
+            };
+            return Decision::Deny {
+                reason,
+                policy_file: Some(&file.path),
+            };
+        };
+        let rule = &file.rules[ri];
+        let mut plain_http = rule.plain_http;
+        for &ai in &file.ancestors {
+            let level = &self.files[ai];
+            match level.select_destination(&normalized, ip, port, now, &rule.secrets) {
+                Some(i) => plain_http &= level.rules[i].plain_http,
+                None => {
+                    return Decision::Deny {
+                        reason: format!(
+                            "no rule allows {} for cgroup {cgroup}{}",
+                            show_dest(&normalized, port),
+                            by_level(level, false, cgroup)
+                        ),
+                        policy_file: Some(&level.path),
+                    };
+                }
+            }
+        }
+        Decision::Allow {
+            rule: &rule.rule_ref,
+            inject: &rule.inject.headers,
+            plain_http,
+        }
+    }
+}
