@@ -36,7 +36,8 @@ pub struct RequestInfo<'a> {
     pub port: u16,
     /// The original destination address (what `ip` rules match).
     pub dst_ip: IpAddr,
-    /// Whether the agent spoke TLS.
+    /// Whether the agent spoke TLS. Not used by the decision: the caller enforces the
+    /// returned `plain_http` for requests without TLS.
     pub tls: bool,
     /// The time `not_after` is compared with.
     pub now: SystemTime,

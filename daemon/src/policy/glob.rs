@@ -273,15 +273,14 @@ pub fn is_canonical(path: &str) -> bool {
     if path.contains('\\') || has_encoded_separator(path) {
         return false;
     }
-    if rest.is_empty() {
-        return true;
+    let mut segments = rest.split('/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        if matches!(segment, "." | "..") || (segment.is_empty() && !last) {
+            return false;
+        }
     }
-    let segments: Vec<&str> = rest.split('/').collect();
-    let last = segments.len() - 1;
-    !segments
-        .iter()
-        .enumerate()
-        .any(|(i, s)| matches!(*s, "." | "..") || (s.is_empty() && i != last))
+    true
 }
 
 #[cfg(test)]

@@ -443,7 +443,7 @@ fn load_dir_reads_toml_files_only() {
 }
 
 /// The shipped policies directory.
-fn shipped() -> PathBuf {
+pub(super) fn shipped() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
 }
 

@@ -423,3 +423,47 @@ tcp = true
         )
     );
 }
+
+#[test]
+fn the_readme_shows_a_real_widening_error() {
+    let dir = shipped().join("invalid/widen-method");
+    let Err(PolicyError::Invalid(errors)) = Policy::load_dir(&dir) else {
+        panic!("widen-method loaded")
+    };
+    let prefix = format!("{}/", dir.display());
+    let shown = errors[0].to_string().replace(&prefix, "");
+    let readme = fs::read_to_string(shipped().join("README.md")).expect("README");
+    assert!(
+        readme.contains(&format!("\n{shown}\n")),
+        "README lacks:\n{shown}"
+    );
+}
+
+#[test]
+fn a_level_that_does_not_hand_out_the_secrets_says_so() {
+    // Load-time narrowing makes this a defence in depth: check the level's reason directly.
+    let p = policy(&[(
+        "agents.toml",
+        "cgroup = \"agents\"\n[[allow]]\nhost = \"api.example.test\"\n",
+    )]);
+    let r = req("GET", "api.example.test/x");
+    let info = r.info();
+    let q = rule::Req::new(
+        info.method.as_str(),
+        info.path,
+        Some(info.headers),
+        info.host,
+        info.port,
+        Some(info.dst_ip),
+        info.now,
+    );
+    let need = [SecretName::new("K").expect("name")];
+    let refusal = p.files()[0].refusal(&cg("agents/c"), &q, &need, false);
+    assert_eq!(refusal.rule.map(|r| r.rule_ref().index), Some(0));
+    assert_eq!(
+        refusal.reason,
+        "GET api.example.test/x is not allowed for agents/c (by the policy for agents, which \
+         also applies to agents/c): that policy does not let the credentials injected for it be \
+         used there (K)"
+    );
+}
