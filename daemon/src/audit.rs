@@ -14,7 +14,7 @@
 //! record that was edited, removed or reordered; records removed by retention are not
 //! tampering. What the chain cannot show: someone who can write the file may rewrite a whole
 //! suffix of the log together with the head, or raise the floor; comparing the head with a
-//! copy kept elsewhere (brokerd logs it on shutdown) catches that.
+//! copy kept elsewhere catches that (the writer logs the head, seq and hash, when it stops).
 //!
 //! # Writing: group commit, and what a crash can lose
 //!
@@ -163,8 +163,11 @@ pub enum AuditError {
         #[source]
         source: Box<redb::Error>,
     },
-    #[error("audit log {path}: record {seq} is malformed; run `brokerctl logs verify`")]
-    Malformed { path: PathBuf, seq: u64 },
+    #[error(
+        "audit log {path}: record {seq} already exists past the chain head; refusing to overwrite it (was the file changed while brokerd ran?)",
+        path = path.display()
+    )]
+    Occupied { path: PathBuf, seq: u64 },
     #[error("invalid audit retention: {reason}")]
     InvalidRetention { reason: &'static str },
     #[error("invalid audit writer settings: {reason}")]

@@ -15,10 +15,12 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::{
+    capture::ConnectionOrigin,
     handle::{self, SwapContext},
     handle_store,
+    policy::ConnectionDecision,
     policy::{Limiter, Policy, RequestDecision, RequestInfo, usage_tokens},
-    proxy::{Authorizer, Denial, Grant, RequestFacts},
+    proxy::{Authorizer, ConnectionVerdict, Denial, Grant, RequestFacts},
     secret::{SecretName, SecretValue},
     vault::Vault,
 };
@@ -71,6 +73,28 @@ impl PolicyAuthorizer {
 }
 
 impl Authorizer for PolicyAuthorizer {
+    fn connection(&self, origin: &ConnectionOrigin, sni: Option<&str>) -> ConnectionVerdict {
+        let policy = self.policy.borrow().clone();
+        self.follow_reloads(&policy);
+        match policy.decide_connection(&origin.cgroup, origin.original_dst, sni, SystemTime::now())
+        {
+            ConnectionDecision::Tcp { rule, limit_keys } => {
+                if let Err(limited) = self.limiter.check(&limit_keys, Instant::now()) {
+                    return ConnectionVerdict::Refuse(limited.reason);
+                }
+                let limiter = self.limiter.clone();
+                ConnectionVerdict::Splice {
+                    rule: rule.to_string(),
+                    on_done: Some(Box::new(move |bytes| {
+                        limiter.record(&limit_keys, bytes, 0, Instant::now());
+                    })),
+                }
+            }
+            ConnectionDecision::Http => ConnectionVerdict::Intercept,
+            ConnectionDecision::Deny { reason, .. } => ConnectionVerdict::Refuse(reason),
+        }
+    }
+
     fn authorize(&self, facts: &RequestFacts<'_>, parts: &mut Parts) -> Result<Grant, Denial> {
         let cgroup = &facts.origin.cgroup;
         let policy = self.policy.borrow().clone();

@@ -115,8 +115,26 @@ pub trait EventSink: Send + Sync + 'static {
     fn record(&self, event: AuditEvent);
 }
 
+/// What to do with a connection before any request is read.
+pub enum ConnectionVerdict {
+    /// Terminate TLS (or read plain HTTP) and decide each request.
+    Intercept,
+    /// Splice the bytes to the original destination unread (a `tcp = true` rule): no
+    /// interception, no injection. `on_done` gets the bytes spliced both ways.
+    Splice {
+        rule: String,
+        on_done: Option<Box<dyn FnOnce(u64) + Send>>,
+    },
+    /// Close it.
+    Refuse(String),
+}
+
 /// Decides requests and rewrites them (injection, handle swaps).
 pub trait Authorizer: Send + Sync + 'static {
+    /// Decides a connection by its destination and, for TLS, the SNI (None before the
+    /// ClientHello is seen). Only `Splice` is final before the first bytes are read.
+    fn connection(&self, origin: &ConnectionOrigin, sni: Option<&str>) -> ConnectionVerdict;
+
     /// Authorizes one request; on success the parts carry the injected credentials.
     fn authorize(&self, facts: &RequestFacts<'_>, parts: &mut Parts) -> Result<Grant, Denial>;
 }
@@ -153,6 +171,32 @@ pub fn sniff(first: &[u8]) -> Sniffed {
     }
 }
 
+/// The SNI of a TLS ClientHello still in the socket's receive queue (peeked, not consumed),
+/// when it arrives whole within a short wait.
+async fn peek_sni(stream: &TcpStream) -> Option<String> {
+    let mut buf = vec![0u8; 16 * 1024];
+    for _ in 0..20 {
+        let n = stream.peek(&mut buf).await.ok()?;
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut slice = &buf[..n];
+        if acceptor.read_tls(&mut slice).is_err() {
+            return None;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                return accepted
+                    .client_hello()
+                    .server_name()
+                    .map(|s| s.to_ascii_lowercase());
+            }
+            // Not all of it has arrived yet.
+            Ok(None) if n < buf.len() => tokio::time::sleep(Duration::from_millis(5)).await,
+            _ => return None,
+        }
+    }
+    None
+}
+
 /// The per-connection context handed to every request.
 struct Conn {
     origin: ConnectionOrigin,
@@ -165,6 +209,12 @@ impl Proxy {
     /// Serves one captured connection to completion.
     pub async fn serve(self: Arc<Self>, stream: TcpStream, origin: ConnectionOrigin) {
         let _ = stream.set_nodelay(true);
+        // A tcp rule for the destination itself: splice at once (server-first protocols too).
+        if let ConnectionVerdict::Splice { rule, on_done } =
+            self.authorizer.connection(&origin, None)
+        {
+            return self.splice(stream, origin, None, rule, on_done).await;
+        }
         let mut first = [0u8; 8];
         let n = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
             Ok(Ok(n)) => n,
@@ -186,7 +236,15 @@ impl Proxy {
             }
         };
         match sniff(&first[..n]) {
-            Sniffed::Tls => self.serve_tls(stream, origin).await,
+            Sniffed::Tls => {
+                let sni = peek_sni(&stream).await;
+                if let ConnectionVerdict::Splice { rule, on_done } =
+                    self.authorizer.connection(&origin, sni.as_deref())
+                {
+                    return self.splice(stream, origin, sni, rule, on_done).await;
+                }
+                self.serve_tls(stream, origin).await
+            }
             Sniffed::Http => {
                 let conn = Arc::new(Conn {
                     origin,
@@ -199,7 +257,7 @@ impl Proxy {
                 &origin,
                 None,
                 EventKind::Denial,
-                "neither TLS nor HTTP (TCP passthrough is not enabled)",
+                "neither TLS nor HTTP, and no tcp rule allows this destination",
             ),
         }
     }
@@ -521,6 +579,59 @@ impl Proxy {
             failure: None,
             bytes_in,
         }
+    }
+
+    /// Splices a connection a tcp rule allows to its original destination, unread.
+    async fn splice(
+        &self,
+        mut agent: TcpStream,
+        origin: ConnectionOrigin,
+        sni: Option<String>,
+        rule: String,
+        on_done: Option<Box<dyn FnOnce(u64) + Send>>,
+    ) {
+        let started = Instant::now();
+        let mut event = base_event(&origin, sni.as_deref());
+        event.kind = Some(EventKind::Request);
+        event.rule = Some(rule);
+        let connected =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(origin.original_dst)).await;
+        let mut upstream = match connected {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return self.splice_failed(
+                    event,
+                    format!("cannot connect to {}: {e}", origin.original_dst),
+                );
+            }
+            Err(_) => {
+                return self.splice_failed(
+                    event,
+                    format!("connecting to {} timed out", origin.original_dst),
+                );
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        info!(cgroup = %origin.cgroup, pid = origin.pid, original_dst = %origin.original_dst, "tcp passthrough");
+        let (to_upstream, to_agent) = tokio::io::copy_bidirectional(&mut agent, &mut upstream)
+            .await
+            .unwrap_or((0, 0));
+        event.decision = Some("allow".into());
+        event.bytes_in = to_upstream;
+        event.bytes_out = to_agent;
+        event.latency_us = Some(started.elapsed().as_micros() as u64);
+        if let Some(done) = on_done {
+            done(to_upstream + to_agent);
+        }
+        self.events.record(event);
+    }
+
+    fn splice_failed(&self, mut event: AuditEvent, reason: String) {
+        warn!(cgroup = event.cgroup.as_deref().unwrap_or(""), %reason, "tcp passthrough failed");
+        event.decision = Some("allow".into());
+        event.reason = Some(reason);
+        event.side = Some(Side::Upstream);
+        self.events.record(event);
     }
 
     /// Records a connection that never got to HTTP (TLS failure, unknown protocol).

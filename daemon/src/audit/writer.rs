@@ -277,6 +277,12 @@ impl Writer {
                     self.shared.dropped.fetch_add(lost, Ordering::Relaxed);
                     tracing::error!(lost, "audit writer stopping with uncommitted events");
                 }
+                tracing::info!(
+                    path = %self.shared.store.path.display(),
+                    seq = self.tail.seq,
+                    hash = %super::tables::hex(&self.tail.hash),
+                    "audit log chain head"
+                );
                 if let Some(stop) = self.stop.take() {
                     let _ = stop.send(answer());
                 }
@@ -284,6 +290,10 @@ impl Writer {
             }
             if let Err(e) = result {
                 self.log_failure(&e);
+                // Retry no sooner than the next commit, retention included.
+                self.next_retention = self
+                    .next_retention
+                    .max(Instant::now() + self.config.commit_interval);
                 // Bound memory while the disk refuses: drop the oldest beyond the queue size.
                 let excess = self
                     .pending
@@ -407,7 +417,12 @@ impl Writer {
             self.next_retention = if pruned >= PRUNE_LIMIT {
                 Instant::now()
             } else {
-                Instant::now() + self.config.retention_interval
+                // Never more often than commits, so an idle writer does not spin.
+                Instant::now()
+                    + self
+                        .config
+                        .retention_interval
+                        .max(self.config.commit_interval)
             };
             if pruned > 0 {
                 tracing::debug!(pruned, "audit retention removed records");
@@ -463,7 +478,7 @@ fn append(
             .is_some()
         {
             // Unreachable unless the file changed under the open log; refuse, never overwrite.
-            return Err(AuditError::Malformed {
+            return Err(AuditError::Occupied {
                 path: store.path.clone(),
                 seq,
             });
