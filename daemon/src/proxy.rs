@@ -441,10 +441,27 @@ impl Proxy {
         }
     }
 
-    /// Authorizes and forwards one request.
+    /// Authorizes and forwards one request. A refused request's body is read (up to a bound)
+    /// before the refusal is sent: an HTTP/2 stream reset for an unread body makes some
+    /// clients (curl) drop the 403 and its reason.
     async fn forward(&self, req: Request<Incoming>, conn: &Conn) -> Exchange {
+        let (parts, body) = req.into_parts();
+        let mut body = Some(body);
+        let exchange = self.forward_parts(parts, &mut body, conn).await;
+        if let Some(unread) = body {
+            drain(unread).await;
+        }
+        exchange
+    }
+
+    /// [`Proxy::forward`]; takes `body` only when the request goes upstream.
+    async fn forward_parts(
+        &self,
+        mut parts: Parts,
+        body: &mut Option<Incoming>,
+        conn: &Conn,
+    ) -> Exchange {
         let bytes_in = Arc::new(AtomicU64::new(0));
-        let (mut parts, body) = req.into_parts();
         if let Err(reason) = check_request_shape(&parts) {
             return Exchange::refused(&conn.origin, String::new(), Denial::forbidden(reason), None);
         }
@@ -486,8 +503,12 @@ impl Proxy {
         ) {
             return Exchange::refused(&conn.origin, host, Denial::forbidden(reason), Some(grant));
         }
+        let Some(inner) = body.take() else {
+            let denial = Denial::forbidden("the request body was already consumed");
+            return Exchange::refused(&conn.origin, host, denial, Some(grant));
+        };
         let counted = Counted {
-            inner: body,
+            inner,
             bytes: bytes_in.clone(),
         };
         let upstream_req = Request::from_parts(parts, UnsyncBoxBody::new(counted));
@@ -703,6 +724,24 @@ impl Exchange {
         }
     }
 }
+
+/// Reads and discards what is left of a refused request's body: at most [`DRAIN_LIMIT`] bytes,
+/// for at most [`DRAIN_TIME`].
+async fn drain(mut body: Incoming) {
+    let mut read = 0usize;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while read < DRAIN_LIMIT {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+                _ => break,
+            }
+        }
+    })
+    .await;
+}
+
+const DRAIN_LIMIT: usize = 64 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// The fields every event about a connection carries.
 fn base_event(origin: &ConnectionOrigin, sni: Option<&str>) -> AuditEvent {

@@ -1399,7 +1399,19 @@ fn calls_denials_and_handle_misuse_are_audited_and_shown_in_the_console_without_
     let (_, report) = clients::curl(&w.broker, &w.agent, &w.trust(), &misuse);
     report.assert_denied(&w.agent, "an unknown handle");
 
-    let (records, raw) = audit_records(&w, &[]);
+    // Records are committed in groups (every 50 ms): wait until all three calls are stored.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (records, raw) = loop {
+        let (records, raw) = audit_records(&w, &[]);
+        let stored = |kind| records.iter().any(|r| r.kind == Some(kind));
+        let all = stored(EventKind::Request)
+            && stored(EventKind::Denial)
+            && stored(EventKind::HandleMisuse);
+        if all || std::time::Instant::now() > deadline {
+            break (records, raw);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     w.secret
         .assert_absent(raw.as_bytes(), "brokerctl logs --json");
     let call = records

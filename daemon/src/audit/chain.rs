@@ -94,11 +94,7 @@ where
                     seq,
                     format!(
                         "record {seq} does not chain to {}: records before it were removed or replaced",
-                        if floor.seq == 0 {
-                            "the start of the log".to_string()
-                        } else {
-                            format!("the retention floor (record {})", floor.seq)
-                        }
+                        after(prev, floor)
                     ),
                 )
             } else {
@@ -159,5 +155,83 @@ where
     VerifyReport {
         records: checked,
         first_bad: None,
+    }
+}
+
+/// What a record follows, for messages.
+fn after(prev: Link, floor: Link) -> String {
+    match prev.seq {
+        0 => "the start of the log".to_string(),
+        seq if seq == floor.seq => format!("the retention floor (record {seq})"),
+        seq => format!("record {seq}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records 1..=n, correctly chained; and the link of each.
+    fn chain(n: u64) -> (Vec<(u64, Vec<u8>)>, Vec<Link>) {
+        let mut prev = Link::ORIGIN;
+        let mut records = Vec::new();
+        let mut links = vec![Link::ORIGIN];
+        for seq in 1..=n {
+            let json = serde_json::to_vec(&AuditEvent {
+                seq,
+                time_ms: seq,
+                ..AuditEvent::default()
+            })
+            .expect("json");
+            let hash = record_hash(&prev.hash, seq, &json);
+            records.push((seq, StoredRecord::encode(&prev.hash, &hash, &json)));
+            prev = Link { seq, hash };
+            links.push(prev);
+        }
+        (records, links)
+    }
+
+    fn first_bad(report: VerifyReport) -> (u64, String) {
+        let bad = report.first_bad.expect("a bad record");
+        (bad.seq, bad.problem)
+    }
+
+    #[test]
+    fn an_intact_chain_verifies_from_its_floor() {
+        let (records, links) = chain(5);
+        let report = verify(Link::ORIGIN, links[5], records.clone());
+        assert_eq!((report.records, report.first_bad), (5, None));
+        let report = verify(links[2], links[5], records[2..].to_vec());
+        assert_eq!((report.records, report.first_bad), (3, None));
+        let report = verify(links[5], links[5], Vec::new());
+        assert_eq!((report.records, report.first_bad), (0, None));
+    }
+
+    #[test]
+    fn the_ends_of_the_chain_are_checked() {
+        let (records, links) = chain(5);
+        let wrong = Link {
+            seq: 5,
+            hash: [7; 32],
+        };
+        let (seq, problem) = first_bad(verify(Link::ORIGIN, wrong, records.clone()));
+        assert_eq!(seq, 5, "{problem}");
+        assert!(problem.contains("chain head"), "{problem}");
+
+        let (seq, problem) = first_bad(verify(Link::ORIGIN, links[4], records.clone()));
+        assert_eq!(seq, 5, "{problem}");
+        assert!(problem.contains("past the chain head"), "{problem}");
+
+        let forged_floor = Link {
+            seq: 2,
+            hash: [7; 32],
+        };
+        let (seq, problem) = first_bad(verify(forged_floor, links[5], records[2..].to_vec()));
+        assert_eq!(seq, 3, "{problem}");
+        assert!(problem.contains("retention floor (record 2)"), "{problem}");
+
+        let (seq, problem) = first_bad(verify(links[2], links[5], records[1..].to_vec()));
+        assert_eq!(seq, 2, "{problem}");
+        assert!(problem.contains("retention floor"), "{problem}");
     }
 }

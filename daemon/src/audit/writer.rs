@@ -32,7 +32,8 @@ pub struct WriterConfig {
     pub max_batch: usize,
     /// Events waiting for the writer; when full, [`AuditHandle::record`] drops (and counts).
     pub queue_capacity: usize,
-    /// Retention runs at most this often.
+    /// Retention runs at most this often (and never more often than `commit_interval`); the
+    /// first pass is at the writer's first commit.
     pub retention_interval: Duration,
     /// Committed events a live subscriber may fall behind by before it lags (misses events).
     pub live_capacity: usize,
@@ -260,7 +261,7 @@ impl Writer {
             self.gather();
             let ending = self.ending();
             if ending {
-                // Take what raced the stop too; the queue is bounded, so this ends.
+                // Take what raced the stop too, at most one queue's worth.
                 self.drain_queued();
             }
             let result = self.commit().map_err(Arc::new);
@@ -363,7 +364,7 @@ impl Writer {
     }
 
     fn drain_queued(&mut self) {
-        loop {
+        for _ in 0..self.config.queue_capacity {
             match self.rx.try_recv() {
                 Ok(msg) => self.accept(msg),
                 Err(TryRecvError::Empty) => break,
@@ -469,7 +470,22 @@ fn append(
     for event in events.iter_mut() {
         let seq = tail.seq + 1;
         event.seq = seq;
-        let json = serde_json::to_vec(&*event).map_err(|source| AuditError::Encode { source })?;
+        let json = match serde_json::to_vec(&*event) {
+            Ok(json) => json,
+            // Not expected (the event is plain data), but one bad event must not wedge the
+            // writer: it becomes a record saying so.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an audit event");
+                *event = AuditEvent {
+                    seq,
+                    time_ms: event.time_ms,
+                    side: Some(Side::Broker),
+                    reason: Some(format!("an audit event could not be encoded: {e}")),
+                    ..AuditEvent::default()
+                };
+                serde_json::to_vec(&*event).map_err(|source| AuditError::Encode { source })?
+            }
+        };
         let hash = record_hash(&tail.hash, seq, &json);
         let value = StoredRecord::encode(&tail.hash, &hash, &json);
         if records
