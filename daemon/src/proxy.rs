@@ -1023,10 +1023,10 @@ fn prepare_upstream(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    parts.headers.insert(
-        header::HOST,
-        HeaderValue::from_str(&authority).map_err(|e| format!("invalid host {authority}: {e}"))?,
-    );
+    // The host travels in the URI's authority: the pooled client writes it as `Host` on an
+    // HTTP/1.1 connection and as `:authority` on HTTP/2, where a `Host` header as well would be
+    // a duplicate that servers such as nginx refuse.
+    parts.headers.remove(header::HOST);
     if injected {
         // A compressed echo of an injected secret could not be scrubbed.
         parts.headers.insert(

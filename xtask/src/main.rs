@@ -9,6 +9,7 @@
 //! and rustup components it installs, and it must never let a test be skipped silently: an ignored
 //! test, or a privileged end-to-end suite that ran nothing, fails `cargo xtask test`.
 
+mod bench;
 mod build;
 mod cmd;
 mod demo;
@@ -59,6 +60,16 @@ enum Command {
     /// Build, check formatting and lints, run unit/component tests, then the privileged
     /// end-to-end tests (need root); fails if any test failed, was ignored, or none ran.
     Test,
+    /// Measure brokerd against the direct path, nginx and mitmproxy in one run; print the table
+    /// and write target/bench/latest.json (needs root, about 5 minutes).
+    Bench {
+        /// Length of each throughput or latency measurement, in seconds.
+        #[arg(long, default_value_t = bench::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// Also record a perf profile of brokerd (target/bench/brokerd-profile.txt).
+        #[arg(long)]
+        profile: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,6 +80,7 @@ fn main() -> ExitCode {
         Command::Run { brokerd_args } => run::run(brokerd_args),
         Command::Demo { calls } => demo::demo(calls),
         Command::Test => test::test(),
+        Command::Bench { seconds, profile } => bench::bench(&bench::Options { seconds, profile }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

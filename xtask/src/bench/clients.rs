@@ -1,0 +1,221 @@
+//! Two small Python clients for what wrk and h2load cannot do: time one new connection at a time
+//! to a first-seen or a cached host name (SNI), and hold many idle TLS connections open while the
+//! proxy's resident memory is read. Python's `ssl` is all they need, it is installed anyway (for
+//! mitmproxy), and its cost is the same in every column.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    os::unix::process::CommandExt as _,
+    path::Path,
+    process::{Child, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::{load::Endpoint, process, stopping};
+use crate::cmd;
+
+/// Makes `count` connections one after another, each a TLS handshake with SNI `pattern` (with
+/// `{}` replaced by the connection's number; `-` for none, as a client dialing an address sends)
+/// and one `Connection: close` request whose Host matches, and prints the median time per
+/// connection and how many did not answer 200.
+const CONNECT_PY: &str = r#"import json, socket, ssl, statistics, sys, time
+host, port, count, pattern, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.set_alpn_protocols(["http/1.1"])
+times, failures = [], 0
+for i in range(count):
+    name = None if pattern == "-" else pattern.replace("{}", str(i))
+    started = time.perf_counter()
+    with ctx.wrap_socket(socket.create_connection((host, port), timeout=10), server_hostname=name) as tls:
+        tls.sendall(f"GET /v1/whoami HTTP/1.1\r\nHost: {name or host}:{port}\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    times.append(time.perf_counter() - started)
+    if not answer.startswith(b"HTTP/1.1 200"):
+        failures += 1
+print(json.dumps({"median_ms": statistics.median(times) * 1e3, "failures": failures}))
+"#;
+
+/// Opens `count` TLS connections (no SNI: it dials the address), makes one keep-alive request on
+/// each, prints `ready <held> <failures>`, and keeps them open until its stdin closes.
+const IDLE_PY: &str = r#"import resource, socket, ssl, sys
+host, port, count, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.set_alpn_protocols(["http/1.1"])
+request = f"GET /v1/whoami HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: {authorization}\r\n\r\n".encode()
+
+def answer_ok(tls):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = tls.recv(65536)
+        if not chunk:
+            return False
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").lower().split("\r\n")
+    length = next((int(l.split(":", 1)[1]) for l in lines if l.startswith("content-length:")), None)
+    while (len(body) < length) if length is not None else not body.endswith(b"0\r\n\r\n"):
+        chunk = tls.recv(65536)
+        if not chunk:
+            return False
+        body += chunk
+    return lines[0].startswith("http/1.1 200")
+
+held, failures = [], 0
+for _ in range(count):
+    try:
+        tls = ctx.wrap_socket(socket.create_connection((host, port), timeout=10))
+        tls.sendall(request)
+        if answer_ok(tls):
+            held.append(tls)
+        else:
+            failures += 1
+            tls.close()
+    except OSError:
+        failures += 1
+print(f"ready {len(held)} {failures}", flush=True)
+sys.stdin.read()
+"#;
+
+/// The SNI pattern for no SNI at all.
+pub const NO_SNI: &str = "-";
+
+/// Writes the clients' scripts into `dir`.
+pub fn write_scripts(dir: &Path) -> Result<()> {
+    fs::write(dir.join("connect.py"), CONNECT_PY)?;
+    fs::write(dir.join("idle.py"), IDLE_PY)?;
+    Ok(())
+}
+
+/// Time per new connection, handshake and one request.
+#[derive(Debug)]
+pub struct ConnectTimes {
+    pub median_ms: f64,
+    pub failures: u64,
+}
+
+/// Runs `connect.py` from `dir`: `count` connections with SNI `pattern`.
+pub fn connect_times(
+    python: &Path,
+    dir: &Path,
+    endpoint: &Endpoint,
+    pattern: &str,
+    count: u32,
+) -> Result<ConnectTimes> {
+    let mut command = endpoint.launch.command(python);
+    command
+        .arg(dir.join("connect.py"))
+        .arg(endpoint.addr.ip().to_string())
+        .arg(endpoint.addr.port().to_string())
+        .arg(count.to_string())
+        .arg(pattern)
+        .arg(&endpoint.authorization);
+    let out = process::output_within(&mut command, Duration::from_secs(120))?;
+    if !out.status.success() {
+        bail!("connect.py failed ({}): {}", out.status, out.stderr_tail());
+    }
+    let report: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .with_context(|| format!("reading connect.py's report {:?}", out.stdout))?;
+    let number = |key: &str| report.get(key).and_then(serde_json::Value::as_f64);
+    match (
+        number("median_ms"),
+        report.get("failures").and_then(serde_json::Value::as_u64),
+    ) {
+        (Some(median_ms), Some(failures)) => Ok(ConnectTimes {
+            median_ms,
+            failures,
+        }),
+        _ => bail!("connect.py's report lacks a field: {report}"),
+    }
+}
+
+/// Resident memory the process tree `proxy_pid` gains per idle connection, in KiB: `count` TLS
+/// connections (one request each, then idle) are opened through `endpoint` by `idle.py` from
+/// `dir`, and the proxy's VmRSS is read before and once they are all open.
+pub fn idle_memory_per_connection(
+    python: &Path,
+    dir: &Path,
+    endpoint: &Endpoint,
+    count: u32,
+    proxy_pid: u32,
+) -> Result<f64> {
+    let before = process::tree_rss_kib(proxy_pid)?;
+    let mut command = endpoint.launch.command(python);
+    command
+        .arg(dir.join("idle.py"))
+        .arg(endpoint.addr.ip().to_string())
+        .arg(endpoint.addr.port().to_string())
+        .arg(count.to_string())
+        .arg(&endpoint.authorization)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .process_group(0);
+    let shown = cmd::echo(&command);
+    let mut holder = command
+        .spawn()
+        .with_context(|| format!("starting `{shown}`"))?;
+    let result = read_ready(&mut holder, Duration::from_secs(180)).and_then(|(held, failures)| {
+        if failures > 0 || held != count {
+            bail!("idle.py opened {held} of {count} connections ({failures} failed)");
+        }
+        // Let the proxy finish the last request's bookkeeping before reading its memory.
+        thread::sleep(Duration::from_millis(500));
+        let after = process::tree_rss_kib(proxy_pid)?;
+        Ok(after.saturating_sub(before) as f64 / f64::from(count))
+    });
+    // Closing stdin tells the holder to close its connections and exit.
+    drop(holder.stdin.take());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while matches!(holder.try_wait(), Ok(None)) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    if matches!(holder.try_wait(), Ok(None)) {
+        let _ = holder.kill();
+    }
+    let _ = holder.wait();
+    result
+}
+
+/// Waits for the holder's `ready <held> <failures>` line.
+fn read_ready(holder: &mut Child, deadline: Duration) -> Result<(u32, u32)> {
+    let stdout = holder
+        .stdout
+        .take()
+        .context("idle.py's stdout is not piped")?;
+    let (line_tx, line_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = line_tx.send(line);
+    });
+    let give_up = Instant::now() + deadline;
+    let line = loop {
+        match line_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => break line,
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("idle.py's output reader failed"),
+            Err(mpsc::RecvTimeoutError::Timeout) if stopping() => bail!("interrupted"),
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > give_up => {
+                bail!("idle.py did not report within {deadline:?}")
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    };
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["ready", held, failures] => Ok((held.parse()?, failures.parse()?)),
+        _ => bail!("idle.py ended without reporting (it printed {line:?})"),
+    }
+}

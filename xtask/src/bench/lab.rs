@@ -1,0 +1,495 @@
+//! Everything a bench run starts, on loopback only: the origin API (nginx on 127.0.0.2), the
+//! wide-area relay in front of it, brokerd with its policy, key and tagged agent cgroup, the nginx
+//! peer and mitmproxy (both on 127.0.0.1). Files live in the run directory (`target/bench/run`),
+//! brokerd's pins in their own bpffs directory, brokerd listens on a port of its own choosing, so
+//! a brokerd started with the defaults (or by `cargo xtask demo`) is not disturbed.
+//! [`Lab::stop`] undoes all of it: it untags the cgroup, stops every process by pid, removes the
+//! pins and the cgroup.
+
+use std::{
+    fs,
+    io::Read as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::{
+    clients,
+    load::{Endpoint, Launch},
+    mitm, nginx, pki,
+    process::Services,
+    relay::DelayRelay,
+    report::Column,
+    tools::Tools,
+};
+use crate::cmd;
+
+/// The tagged agent cgroup the brokerd column's clients run in.
+const CGROUP: &str = "agents/bench";
+/// brokerd's bpffs pin directory, apart from the default one.
+const PIN_DIR: &str = "/sys/fs/bpf/agent-broker-bench";
+/// The origin API's address: a loopback address of its own, so a rule can name it.
+const ORIGIN_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+/// Where the nginx peer and mitmproxy listen.
+const PROXY_IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// The wide-area relay's delay in each direction.
+pub const WIDE_AREA_ONE_WAY: Duration = Duration::from_millis(20);
+/// What a client holds wherever a proxy writes the real key.
+const PLACEHOLDER: &str = "Bearer placeholder";
+/// The name the key has in brokerd's vault.
+const SECRET_NAME: &str = "BENCH_KEY";
+
+/// Which way a request reaches the origin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Straight over loopback.
+    Local,
+    /// Through the relay that adds [`WIDE_AREA_ONE_WAY`] each way.
+    WideArea,
+}
+
+/// A peer proxy: its pid (the root of its process tree) and its listener for each route.
+struct Peer {
+    pid: u32,
+    local: SocketAddr,
+    wide_area: SocketAddr,
+}
+
+/// The running lab; see the module documentation.
+pub struct Lab {
+    dir: PathBuf,
+    bin: PathBuf,
+    services: Services,
+    relay: Option<DelayRelay>,
+    /// The real key (hex), which only the direct client, brokerd's vault, nginx's config and
+    /// mitmproxy's addon see.
+    key: String,
+    /// The origin's listener for the direct client (h2 and http/1.1).
+    origin: SocketAddr,
+    /// The origin's http/1.1 listener for the proxies and the relay (see [`nginx`] for why).
+    origin_http1: SocketAddr,
+    wide_area: Option<SocketAddr>,
+    brokerd_pid: Option<u32>,
+    nginx: Option<Peer>,
+    mitmproxy: Result<Peer, String>,
+}
+
+impl Lab {
+    /// A lab that will keep its files in `dir` (which must exist, empty and private) and run
+    /// brokerd and brokerctl from `bin`.
+    pub fn new(dir: &Path, bin: &Path) -> Result<Self> {
+        let mut random = [0u8; 16];
+        fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+        let [origin, origin_http1] = free_ports(ORIGIN_IP)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            bin: bin.to_owned(),
+            services: Services::new(dir),
+            relay: None,
+            key: random.iter().map(|b| format!("{b:02x}")).collect(),
+            origin: SocketAddr::new(ORIGIN_IP, origin),
+            origin_http1: SocketAddr::new(ORIGIN_IP, origin_http1),
+            wide_area: None,
+            brokerd_pid: None,
+            nginx: None,
+            mitmproxy: Err("not started".into()),
+        })
+    }
+
+    /// Starts everything, then checks that each path answers 200 and that the origin refuses a
+    /// request without the real key. mitmproxy failing to start or answer only marks its column.
+    pub fn start(&mut self, tools: &Tools) -> Result<()> {
+        clients::write_scripts(&self.dir)?;
+        let authorization = format!("Bearer {}", self.key);
+        let key_file = self.private_file("bench.key", &self.key)?;
+        let authorization_file = self.private_file("authorization", &authorization)?;
+        let pki = pki::create(&tools.openssl, &self.dir)?;
+
+        step(&format!(
+            "origin API (nginx) on {} and {} (http/1.1 only)",
+            self.origin, self.origin_http1
+        ));
+        let origin = nginx::Common {
+            dir: &self.dir,
+            name: "origin",
+            cert: &pki.origin,
+        };
+        let config = nginx::origin_config(&origin, self.origin, self.origin_http1, &authorization);
+        self.services
+            .start("origin", nginx::command(&tools.nginx, &origin, &config)?)?;
+        self.services
+            .wait_listening("the origin API", self.origin)?;
+        self.services
+            .wait_listening("the origin API", self.origin_http1)?;
+
+        let relay = DelayRelay::start(ORIGIN_IP, self.origin_http1, WIDE_AREA_ONE_WAY)?;
+        let wide_area = relay.addr();
+        step(&format!(
+            "wide-area relay on {wide_area} ({WIDE_AREA_ONE_WAY:?} each way)"
+        ));
+        self.relay = Some(relay);
+        self.wide_area = Some(wide_area);
+
+        self.start_brokerd(&pki.ca, &key_file, wide_area)?;
+        self.start_nginx_peer(tools, &pki, &authorization, wide_area)?;
+        self.mitmproxy = self.start_mitmproxy(tools, &authorization_file, wide_area);
+        if let Err(why) = &self.mitmproxy {
+            eprintln!("bench: mitmproxy column unavailable: {why}");
+        }
+        self.check_paths(tools)
+    }
+
+    fn start_brokerd(
+        &mut self,
+        upstream_ca: &Path,
+        key_file: &Path,
+        wide_area: SocketAddr,
+    ) -> Result<()> {
+        let policies = self.dir.join("policies");
+        fs::create_dir_all(&policies)?;
+        fs::write(
+            policies.join("bench.toml"),
+            policy(self.origin_http1.port(), wide_area.port()),
+        )?;
+        step(&format!(
+            "brokerd (pins in {PIN_DIR}, log in {})",
+            cmd::relative(&self.dir.join("brokerd.log"))
+        ));
+        let mut brokerd = Command::new(self.bin.join("brokerd"));
+        brokerd
+            .arg("--state-dir")
+            .arg(self.dir.join("brokerd-state"))
+            .arg("--run-dir")
+            .arg(self.brokerd_run_dir())
+            .arg("--policy-dir")
+            .arg(&policies)
+            .args(["--pin-dir", PIN_DIR])
+            .args(["--listen", "127.0.0.1:0", "--listen", "[::1]:0"])
+            .arg("--upstream-ca")
+            .arg(upstream_ca);
+        self.brokerd_pid = Some(self.services.start("brokerd", brokerd)?);
+        let mut status = self.brokerctl();
+        status
+            .arg("status")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.services
+            .wait_until("brokerd to answer on its control socket", || {
+                status.status().is_ok_and(|s| s.success())
+            })?;
+        let mut set = self.brokerctl();
+        set.args(["secret", "set", SECRET_NAME])
+            .stdin(fs::File::open(key_file)?)
+            .stdout(Stdio::null());
+        cmd::run(&mut set).context("storing the bench key in brokerd's vault")
+    }
+
+    fn start_nginx_peer(
+        &mut self,
+        tools: &Tools,
+        pki: &pki::Pki,
+        authorization: &str,
+        wide_area: SocketAddr,
+    ) -> Result<()> {
+        let [local, far] = free_ports(PROXY_IP)?.map(|port| SocketAddr::new(PROXY_IP, port));
+        step(&format!("nginx peer on {local} and {far}"));
+        let common = nginx::Common {
+            dir: &self.dir,
+            name: "nginx-peer",
+            cert: &pki.proxy,
+        };
+        let routes = [
+            nginx::Route {
+                listen: local,
+                upstream: self.origin_http1,
+            },
+            nginx::Route {
+                listen: far,
+                upstream: wide_area,
+            },
+        ];
+        let config = nginx::proxy_config(&common, &routes, &pki.ca, authorization);
+        let pid = self.services.start(
+            "nginx-peer",
+            nginx::command(&tools.nginx, &common, &config)?,
+        )?;
+        self.services.wait_listening("the nginx peer", local)?;
+        self.services.wait_listening("the nginx peer", far)?;
+        self.nginx = Some(Peer {
+            pid,
+            local,
+            wide_area: far,
+        });
+        Ok(())
+    }
+
+    fn start_mitmproxy(
+        &mut self,
+        tools: &Tools,
+        authorization_file: &Path,
+        wide_area: SocketAddr,
+    ) -> Result<Peer, String> {
+        let mitmdump = tools.mitmdump.as_ref().map_err(Clone::clone)?;
+        let started = || -> Result<Peer> {
+            let [local, far] = free_ports(PROXY_IP)?;
+            step(&format!("mitmproxy on 127.0.0.1:{local} and :{far}"));
+            let routes = [
+                mitm::Route {
+                    listen_port: local,
+                    upstream: self.origin_http1,
+                },
+                mitm::Route {
+                    listen_port: far,
+                    upstream: wide_area,
+                },
+            ];
+            let command = mitm::command(mitmdump, &self.dir, &routes, authorization_file)?;
+            let pid = self.services.start("mitmproxy", command)?;
+            let peer = Peer {
+                pid,
+                local: SocketAddr::new(PROXY_IP, local),
+                wide_area: SocketAddr::new(PROXY_IP, far),
+            };
+            self.services.wait_listening("mitmproxy", peer.local)?;
+            self.services.wait_listening("mitmproxy", peer.wide_area)?;
+            Ok(peer)
+        }();
+        started.map_err(|e| {
+            // It is the newest service; nothing else depends on it.
+            self.services.stop_newest();
+            format!("{e:#}")
+        })
+    }
+
+    /// One request per path before anything is measured, so a broken path fails here with a
+    /// clear message rather than as a fast column of errors.
+    fn check_paths(&mut self, tools: &Tools) -> Result<()> {
+        let python = &tools.python3;
+        let mut without_key = self.endpoint(Column::Direct, Route::Local)?;
+        without_key.authorization = PLACEHOLDER.into();
+        let refused = clients::connect_times(python, &self.dir, &without_key, clients::NO_SNI, 1)?;
+        if refused.failures != 1 {
+            bail!("the origin API answered 200 to a request without the real key");
+        }
+        for column in [Column::Direct, Column::Brokerd, Column::Nginx] {
+            for route in [Route::Local, Route::WideArea] {
+                let endpoint = self.endpoint(column, route)?;
+                let answer =
+                    clients::connect_times(python, &self.dir, &endpoint, clients::NO_SNI, 1)?;
+                if answer.failures > 0 {
+                    bail!(
+                        "the {} path ({route:?}) did not answer 200; see the logs in {}",
+                        column.name(),
+                        cmd::relative(&self.dir)
+                    );
+                }
+            }
+        }
+        if self.mitmproxy.is_ok() {
+            let endpoint = self.endpoint(Column::Mitmproxy, Route::Local)?;
+            let answered = clients::connect_times(python, &self.dir, &endpoint, clients::NO_SNI, 1);
+            match answered {
+                Ok(answer) if answer.failures == 0 => {}
+                Ok(_) => self.mitmproxy_failed("it did not answer 200".into()),
+                Err(e) => self.mitmproxy_failed(format!("{e:#}")),
+            }
+        }
+        Ok(())
+    }
+
+    fn mitmproxy_failed(&mut self, why: String) {
+        eprintln!("bench: mitmproxy column unavailable: {why}");
+        self.services.stop_newest();
+        self.mitmproxy = Err(why);
+    }
+
+    /// How `column`'s client reaches the origin by `route`; an error for a column that is not
+    /// running (mitmproxy, when it could not be installed or started).
+    pub fn endpoint(&self, column: Column, route: Route) -> Result<Endpoint> {
+        let origin = |listener: SocketAddr| match route {
+            Route::Local => Some(listener),
+            Route::WideArea => self.wide_area,
+        };
+        let peer = |peer: Option<&Peer>| {
+            peer.map(|p| match route {
+                Route::Local => p.local,
+                Route::WideArea => p.wide_area,
+            })
+        };
+        let (addr, authorization, launch) = match column {
+            Column::Direct => (
+                origin(self.origin),
+                format!("Bearer {}", self.key),
+                Launch::Outside,
+            ),
+            Column::Brokerd => (
+                origin(self.origin_http1),
+                PLACEHOLDER.to_owned(),
+                Launch::InAgentCgroup {
+                    brokerctl: self.bin.join("brokerctl"),
+                    run_dir: self.brokerd_run_dir(),
+                    cgroup: CGROUP.to_owned(),
+                },
+            ),
+            Column::Nginx => (
+                peer(self.nginx.as_ref()),
+                PLACEHOLDER.to_owned(),
+                Launch::Outside,
+            ),
+            Column::Mitmproxy => (
+                peer(self.mitmproxy.as_ref().ok()),
+                PLACEHOLDER.to_owned(),
+                Launch::Outside,
+            ),
+        };
+        let addr = addr.with_context(|| format!("the {} path is not running", column.name()))?;
+        Ok(Endpoint {
+            addr,
+            authorization,
+            launch,
+        })
+    }
+
+    /// The pid at the root of `column`'s proxy process tree (none for the direct path).
+    pub fn proxy_pid(&self, column: Column) -> Option<u32> {
+        match column {
+            Column::Direct => None,
+            Column::Brokerd => self.brokerd_pid,
+            Column::Nginx => self.nginx.as_ref().map(|p| p.pid),
+            Column::Mitmproxy => self.mitmproxy.as_ref().ok().map(|p| p.pid),
+        }
+    }
+
+    /// Why the mitmproxy column is empty, if it is.
+    pub fn mitmproxy_missing(&self) -> Option<&str> {
+        self.mitmproxy.as_ref().err().map(String::as_str)
+    }
+
+    /// Where the clients' scripts are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Untags the cgroup, stops every process by pid, and removes the pins and the cgroup.
+    pub fn stop(&mut self) {
+        step(&format!(
+            "cleaning up: untag {CGROUP}, stop what the bench started, remove {PIN_DIR}"
+        ));
+        if self.brokerd_pid.is_some() {
+            // Not bounded by the interrupt flag: cleanup runs after Ctrl-C too.
+            let _ = self
+                .brokerctl()
+                .args(["detach", "--cgroup", CGROUP])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        self.services.stop_all();
+        self.relay = None;
+        if Path::new(PIN_DIR).exists() {
+            let _ = fs::remove_dir_all(PIN_DIR);
+        }
+        if let Some(mount) = cgroup2_mount() {
+            // Only empty cgroups can be removed, and every client has exited by now. `agents`
+            // stays when something else uses it.
+            let _ = fs::remove_dir(mount.join(CGROUP));
+            let _ = fs::remove_dir(mount.join("agents"));
+        }
+    }
+
+    fn brokerd_run_dir(&self) -> PathBuf {
+        self.dir.join("brokerd-run")
+    }
+
+    fn brokerctl(&self) -> Command {
+        let mut brokerctl = Command::new(self.bin.join("brokerctl"));
+        brokerctl.arg("--run-dir").arg(self.brokerd_run_dir());
+        brokerctl
+    }
+
+    fn private_file(&self, name: &str, contents: &str) -> Result<PathBuf> {
+        let path = self.dir.join(name);
+        fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        Ok(path)
+    }
+}
+
+/// Removes pins a previous, killed run may have left (they would keep its links attached).
+pub fn remove_stale_pins() {
+    if Path::new(PIN_DIR).exists() {
+        let _ = fs::remove_dir_all(PIN_DIR);
+    }
+}
+
+/// brokerd's policy for the bench cgroup: the origin by address (clients that dial an address
+/// send no SNI) on both routes, and any `*.bench.test` name on the origin's port for the
+/// first-seen host workload, each with the key injected.
+fn policy(origin_port: u16, wide_area_port: u16) -> String {
+    let rule = |host: &str, port: u16| {
+        format!(
+            "\n[[allow]]\nhost = \"{host}\"\nport = {port}\n\
+             inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n"
+        )
+    };
+    format!(
+        "# Written by cargo xtask bench.\ncgroup = \"{CGROUP}\"\n{}{}{}",
+        rule("127.0.0.2", origin_port),
+        rule("127.0.0.2", wide_area_port),
+        rule("*.bench.test", origin_port),
+    )
+}
+
+/// `N` distinct ports nothing listens on at `ip` right now, for programs that must be told their
+/// ports. Another process could take one before the program binds it; on a bench machine that
+/// does not happen.
+fn free_ports<const N: usize>(ip: IpAddr) -> Result<[u16; N]> {
+    // All bound at once, so the kernel cannot hand out the same port twice.
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind((ip, 0)).with_context(|| format!("binding {ip}:0")))
+        .collect::<Result<Vec<_>>>()?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+fn cgroup2_mount() -> Option<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+fn step(text: &str) {
+    eprintln!("bench: {text}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_allows_the_origin_on_both_routes_and_any_bench_name() {
+        let policy = policy(9443, 9444);
+        assert!(policy.contains("cgroup = \"agents/bench\""));
+        assert!(policy.contains("host = \"127.0.0.2\"\nport = 9443\n"));
+        assert!(policy.contains("host = \"127.0.0.2\"\nport = 9444\n"));
+        assert!(policy.contains("host = \"*.bench.test\"\nport = 9443\n"));
+        assert_eq!(
+            policy
+                .matches("authorization = \"Bearer {secret:BENCH_KEY}\"")
+                .count(),
+            3
+        );
+    }
+}

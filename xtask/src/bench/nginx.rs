@@ -1,0 +1,248 @@
+//! nginx in two roles: the origin API every column calls in the end, and the peer brokerd is
+//! compared with, a TLS-terminating reverse proxy that sets the Authorization header and keeps its
+//! upstream connections alive.
+//!
+//! The origin answers `GET /v1/whoami` with a small fixed JSON body: 200 only when the request
+//! carries `Authorization: Bearer <the bench key>`, 401 otherwise. It has two listeners: h2 and
+//! http/1.1 for the direct client, http/1.1 only for the proxies. nginx 1.22 answers 400 to an h2
+//! request that has a Host header besides `:authority` ("client sent duplicate host header"),
+//! which brokerd's h2 upstream requests have; over http/1.1 upstream, as nginx's own, the proxies
+//! do the same work. It is nginx rather than the
+//! bundled test-api because test-api looks up the owner of every accepted connection by scanning
+//! `/proc` and keeps a record of every request; that makes new connections to it cost milliseconds
+//! and its memory grow with each request, which would turn the direct column into a measurement of
+//! test-api.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result};
+
+use super::pki::CertFiles;
+
+/// The settings both nginx instances share.
+pub struct Common<'a> {
+    /// Where the config, pid file, logs and temp dirs go.
+    pub dir: &'a Path,
+    /// The instance's name, which prefixes its files.
+    pub name: &'a str,
+    pub cert: &'a CertFiles,
+}
+
+/// The origin API's config: TLS listeners on `h2_and_http1` (offering h2, then http/1.1) and on
+/// `http1_only`.
+pub fn origin_config(
+    common: &Common,
+    h2_and_http1: SocketAddr,
+    http1_only: SocketAddr,
+    authorization: &str,
+) -> String {
+    let mut conf = head(common, "access_log off;");
+    let _ = write!(
+        conf,
+        r#"    server {{
+        listen {h2_and_http1} ssl http2;
+        listen {http1_only} ssl;
+{tls}
+        location = /v1/whoami {{
+            default_type application/json;
+            if ($http_authorization != "{authorization}") {{
+                return 401 '{{"authorized":false}}';
+            }}
+            return 200 '{{"authorized":true}}';
+        }}
+        location / {{
+            return 404;
+        }}
+    }}
+}}
+"#,
+        tls = tls_lines(common.cert),
+    );
+    conf
+}
+
+/// One listener of the nginx peer and the upstream it forwards to.
+pub struct Route {
+    pub listen: SocketAddr,
+    pub upstream: SocketAddr,
+}
+
+/// The nginx peer's config: for each route a TLS listener that forwards to its upstream over
+/// verified TLS, writes `authorization` into every request, and keeps up to 64 idle upstream
+/// connections per worker. Its access log is on (buffered), as brokerd's audit log is.
+pub fn proxy_config(
+    common: &Common,
+    routes: &[Route],
+    upstream_ca: &Path,
+    authorization: &str,
+) -> String {
+    let access_log = format!(
+        "access_log {} combined buffer=64k flush=1s;",
+        common
+            .dir
+            .join(format!("{}-access.log", common.name))
+            .display()
+    );
+    let mut conf = head(common, &access_log);
+    for (index, route) in routes.iter().enumerate() {
+        let _ = write!(
+            conf,
+            r#"    upstream origin_{index} {{
+        server {upstream};
+        keepalive 64;
+    }}
+    server {{
+        listen {listen} ssl http2;
+{tls}
+        location / {{
+            proxy_pass https://origin_{index};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host api.example.test;
+            proxy_set_header Authorization "{authorization}";
+            proxy_ssl_server_name on;
+            proxy_ssl_name api.example.test;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {ca};
+            proxy_ssl_session_reuse on;
+        }}
+    }}
+"#,
+            upstream = route.upstream,
+            listen = route.listen,
+            tls = tls_lines(common.cert),
+            ca = upstream_ca.display(),
+        );
+    }
+    conf.push_str("}\n");
+    conf
+}
+
+/// Everything before the servers: one worker per core (nginx's `auto`, as brokerd's runtime has
+/// one thread per core), enough connections for the idle-memory workload (the workers inherit the
+/// bench's raised open-files limit), files under `dir`, and
+/// TLS 1.3 offered both ways, as brokerd does (Debian's nginx 1.22 stops at TLS 1.2 by default).
+fn head(common: &Common, access_log: &str) -> String {
+    let file = |suffix: &str| {
+        common
+            .dir
+            .join(format!("{}-{suffix}", common.name))
+            .display()
+            .to_string()
+    };
+    let temp = file("temp");
+    format!(
+        r#"daemon off;
+master_process on;
+worker_processes auto;
+pid {pid};
+error_log {error_log} warn;
+events {{
+    worker_connections 16384;
+}}
+http {{
+    {access_log}
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    proxy_ssl_protocols TLSv1.2 TLSv1.3;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+"#,
+        pid = file("nginx.pid"),
+        error_log = file("error.log"),
+    )
+}
+
+fn tls_lines(cert: &CertFiles) -> String {
+    format!(
+        "        ssl_certificate {};\n        ssl_certificate_key {};",
+        cert.cert.display(),
+        cert.key.display()
+    )
+}
+
+/// Writes `config` as `<dir>/<name>.conf` and returns the command that runs nginx with it in the
+/// foreground (`-e` keeps even its start-up errors out of /var/log/nginx).
+pub fn command(nginx: &Path, common: &Common, config: &str) -> Result<Command> {
+    let conf: PathBuf = common.dir.join(format!("{}.conf", common.name));
+    fs::write(&conf, config).with_context(|| format!("writing {}", conf.display()))?;
+    fs::create_dir_all(common.dir.join(format!("{}-temp", common.name)))?;
+    let mut nginx = Command::new(nginx);
+    nginx
+        .arg("-p")
+        .arg(common.dir)
+        .arg("-e")
+        .arg(common.dir.join(format!("{}-error.log", common.name)))
+        .arg("-c")
+        .arg(&conf);
+    Ok(nginx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common<'a>(cert: &'a CertFiles) -> Common<'a> {
+        Common {
+            dir: Path::new("/b"),
+            name: "peer",
+            cert,
+        }
+    }
+
+    fn cert() -> CertFiles {
+        CertFiles {
+            cert: PathBuf::from("/b/c.pem"),
+            key: PathBuf::from("/b/c.key"),
+        }
+    }
+
+    #[test]
+    fn the_origin_answers_200_only_for_the_key() {
+        let cert = cert();
+        let conf = origin_config(
+            &common(&cert),
+            "127.0.0.2:9443".parse().expect("addr"),
+            "127.0.0.2:9444".parse().expect("addr"),
+            "Bearer k1",
+        );
+        assert!(conf.contains("listen 127.0.0.2:9443 ssl http2;"));
+        assert!(conf.contains("listen 127.0.0.2:9444 ssl;"));
+        assert!(conf.contains(r#"if ($http_authorization != "Bearer k1")"#));
+        assert!(conf.contains("access_log off;"));
+        assert!(conf.contains("ssl_certificate_key /b/c.key;"));
+        assert_eq!(conf.matches('{').count(), conf.matches('}').count());
+    }
+
+    #[test]
+    fn the_peer_sets_the_header_and_keeps_upstreams_alive() {
+        let cert = cert();
+        let routes = [
+            Route {
+                listen: "127.0.0.1:1".parse().expect("addr"),
+                upstream: "127.0.0.2:2".parse().expect("addr"),
+            },
+            Route {
+                listen: "127.0.0.1:3".parse().expect("addr"),
+                upstream: "127.0.0.2:4".parse().expect("addr"),
+            },
+        ];
+        let conf = proxy_config(&common(&cert), &routes, Path::new("/b/ca.pem"), "Bearer k1");
+        assert!(conf.contains("upstream origin_1 {\n        server 127.0.0.2:4;"));
+        assert!(conf.contains("proxy_pass https://origin_1;"));
+        assert!(conf.contains(r#"proxy_set_header Authorization "Bearer k1";"#));
+        assert!(conf.contains("proxy_ssl_trusted_certificate /b/ca.pem;"));
+        assert!(conf.contains("access_log /b/peer-access.log combined"));
+        assert_eq!(conf.matches('{').count(), conf.matches('}').count());
+    }
+}
