@@ -79,7 +79,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_broker_protocol::{AuditEvent, LogFilter, VerifyReport};
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use redb::{
     Builder, Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable, TableError,
 };
@@ -482,31 +482,17 @@ fn chain_state(txn: &ReadTransaction, path: &Path) -> Result<ChainState, AuditEr
     Ok(ChainState { head, floor })
 }
 
-/// Takes `<state_dir>/audit.lock` exclusively, without waiting.
+/// Takes the store's lock file in `state_dir` exclusively, without waiting.
 fn lock_state_dir(state_dir: &Path, log: &Path) -> Result<Flock<File>, AuditError> {
     let lock_path = state_dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(|source| AuditError::Lock {
-            path: lock_path.clone(),
+    crate::lock_exclusive(&lock_path).map_err(|failure| match failure {
+        crate::LockFailure::Held => AuditError::InUse {
+            path: log.to_path_buf(),
+        },
+        crate::LockFailure::Io(source) => AuditError::Lock {
+            path: lock_path,
             source,
-        })?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-        if errno == nix::errno::Errno::EWOULDBLOCK {
-            AuditError::InUse {
-                path: log.to_path_buf(),
-            }
-        } else {
-            AuditError::Lock {
-                path: lock_path,
-                source: errno.into(),
-            }
-        }
+        },
     })
 }
 

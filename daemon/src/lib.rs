@@ -57,3 +57,37 @@ pub fn write_file_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::R
     f.sync_all()?;
     std::fs::rename(&tmp, path)
 }
+
+/// Why an exclusive lock file could not be taken.
+#[derive(Debug)]
+pub(crate) enum LockFailure {
+    /// Another process holds it.
+    Held,
+    /// The lock file could not be opened or locked.
+    Io(std::io::Error),
+}
+
+/// Takes `path` (created 0600 if missing) as an exclusive `flock`, without waiting. Held for
+/// as long as the returned value lives, so two processes never open the same store.
+pub(crate) fn lock_exclusive(
+    path: &std::path::Path,
+) -> Result<nix::fcntl::Flock<std::fs::File>, LockFailure> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(LockFailure::Io)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                LockFailure::Held
+            } else {
+                LockFailure::Io(errno.into())
+            }
+        },
+    )
+}

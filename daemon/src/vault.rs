@@ -32,7 +32,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use redb::backends::{FileBackend, InMemoryBackend};
 use redb::{
     Builder, Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable,
@@ -735,31 +735,17 @@ impl Vault {
     }
 }
 
-/// Takes `<state_dir>/vault.lock` exclusively, without waiting.
+/// Takes the store's lock file in `state_dir` exclusively, without waiting.
 fn lock_state_dir(state_dir: &Path, vault: &Path) -> Result<Flock<File>, VaultError> {
     let lock_path = state_dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(|source| VaultError::Lock {
-            path: lock_path.clone(),
+    crate::lock_exclusive(&lock_path).map_err(|failure| match failure {
+        crate::LockFailure::Held => VaultError::InUse {
+            path: vault.to_path_buf(),
+        },
+        crate::LockFailure::Io(source) => VaultError::Lock {
+            path: lock_path,
             source,
-        })?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-        if errno == nix::errno::Errno::EWOULDBLOCK {
-            VaultError::InUse {
-                path: vault.to_path_buf(),
-            }
-        } else {
-            VaultError::Lock {
-                path: lock_path,
-                source: errno.into(),
-            }
-        }
+        },
     })
 }
 
