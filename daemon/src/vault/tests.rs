@@ -469,14 +469,17 @@ fn blobs_are_sealed_apart_from_secrets() {
     let dir = tempfile::tempdir().expect("tempdir");
     let vault = open_default(dir.path()).expect("open");
     // Shaped like a PEM key (built here, so no key-shaped string sits in the source).
-    let pem = format!("-----BEGIN {0} KEY-----\nAAAA\n-----END {0} KEY-----\n", "PRIVATE");
+    let pem = format!(
+        "-----BEGIN {0} KEY-----\nAAAA\n-----END {0} KEY-----\n",
+        "PRIVATE"
+    );
     assert!(vault.get_blob("ca-key").expect("get").is_none());
     vault
         .put_blob("ca-key", &SecretValue::binary(pem.as_bytes().to_vec()))
         .expect("put");
     assert!(is(
         &vault.get_blob("ca-key").expect("get").expect("present"),
-        pem
+        &pem
     ));
     assert!(
         vault.list().expect("list").is_empty(),
