@@ -364,6 +364,36 @@ impl PolicyFile {
         refuse(Some(rule), reason)
     }
 
+    /// The reason when no rule of this file matches the destination now: an expired rule for it
+    /// (so the agent knows to ask for a renewal), or else [`Self::destination_refusal`].
+    /// `shown` is how the destination appears in the message.
+    fn unmatched_destination(
+        &self,
+        cgroup: &CgroupPath,
+        host: &str,
+        ip: Option<IpAddr>,
+        port: u16,
+        now: SystemTime,
+        shown: &str,
+    ) -> String {
+        let mut candidates = Vec::new();
+        self.http.find(Some(host), ip, |i| {
+            candidates.push(i);
+            false
+        });
+        let expired = candidates
+            .iter()
+            .map(|&i| &self.rules[i])
+            .find(|r| r.port == port && r.is_expired(now));
+        match expired {
+            Some(r) => format!(
+                "the rule allowing {shown} for {cgroup} expired at {}; ask the operator to renew it",
+                r.not_after.map(format_rfc3339).unwrap_or_default()
+            ),
+            None => self.destination_refusal(cgroup, host, ip, port, &candidates),
+        }
+    }
+
     /// The reason when no rule of this file names the destination on this port.
     fn destination_refusal(
         &self,
@@ -589,23 +619,7 @@ impl Policy {
             let host = name
                 .as_deref()
                 .map_or_else(|| ip.to_string(), str::to_string);
-            let mut candidates = Vec::new();
-            file.http.find(Some(&host), Some(ip), |i| {
-                candidates.push(i);
-                false
-            });
-            let expired = candidates
-                .iter()
-                .map(|&i| &file.rules[i])
-                .find(|r| r.port == port && r.is_expired(now));
-            let reason = match expired {
-                Some(r) => format!(
-                    "the rule allowing {shown} for {cgroup} expired at {}; ask the operator to \
-                     renew it",
-                    r.not_after.map(format_rfc3339).unwrap_or_default()
-                ),
-                None => file.destination_refusal(cgroup, &host, Some(ip), port, &candidates),
-            };
+            let reason = file.unmatched_destination(cgroup, &host, Some(ip), port, now, &shown);
             return deny(file, reason);
         };
         let mut limit_keys = Vec::new();
@@ -716,24 +730,8 @@ impl Policy {
         };
         let ip = normalized.parse::<IpAddr>().ok();
         let Some(ri) = file.select_destination(&normalized, ip, port, now, &[]) else {
-            let mut candidates = Vec::new();
-            file.http.find(Some(&normalized), ip, |i| {
-                candidates.push(i);
-                false
-            });
-            let expired = candidates
-                .iter()
-                .map(|&i| &file.rules[i])
-                .find(|r| r.port == port && r.is_expired(now));
-            let reason = match expired {
-                Some(r) => format!(
-                    "the rule allowing {} for {cgroup} expired at {}; ask the operator to renew \
-                     it",
-                    show_dest(&normalized, port),
-                    r.not_after.map(format_rfc3339).unwrap_or_default()
-                ),
-                None => file.destination_refusal(cgroup, &normalized, ip, port, &candidates),
-            };
+            let shown = show_dest(&normalized, port);
+            let reason = file.unmatched_destination(cgroup, &normalized, ip, port, now, &shown);
             return Decision::Deny {
                 reason,
                 policy_file: Some(&file.path),
