@@ -27,7 +27,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSock, CgroupSockAddr, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -36,17 +36,42 @@ use tracing::{info, warn};
 
 use crate::cgroup::{CgroupError, CgroupId, CgroupPath, CgroupRoot};
 
+mod unix_hooks;
+use unix_hooks::{UNIX_HOOKS, UnixPrograms};
+
 /// The eBPF object built by `cargo xtask build`, embedded at compile time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("AGENT_BROKER_EBPF_OBJ"));
 
-/// The programs attached to every tagged cgroup, by program name and pin file name.
-const PROGRAMS: [(&str, &str); 5] = [
+/// The programs attached to every tagged cgroup, by program name and pin file name. Besides
+/// these, the two AF_UNIX hooks of [`unix_hooks`] are attached to every tagged cgroup.
+const PROGRAMS: [(&str, &str); 14] = [
     (common::programs::CONNECT4, "connect4"),
     (common::programs::CONNECT6, "connect6"),
     (common::programs::SOCKOPS, "sockops"),
     (common::programs::GETPEERNAME4, "getpeername4"),
     (common::programs::GETPEERNAME6, "getpeername6"),
+    (common::programs::SENDMSG4, "sendmsg4"),
+    (common::programs::SENDMSG6, "sendmsg6"),
+    (common::programs::RECVMSG4, "recvmsg4"),
+    (common::programs::RECVMSG6, "recvmsg6"),
+    (common::programs::SOCK_CREATE, "sock_create"),
+    (common::programs::BIND4, "bind4"),
+    (common::programs::BIND6, "bind6"),
+    (common::programs::EGRESS, "egress"),
+    (common::programs::INGRESS, "ingress"),
 ];
+
+/// How many links a fully tagged cgroup has.
+pub const LINKS_PER_CGROUP: usize = PROGRAMS.len() + UNIX_HOOKS.len();
+
+/// The hooks brokerd attaches to a tagged cgroup, for `brokerctl status` and `doctor`.
+pub fn hook_names() -> Vec<String> {
+    PROGRAMS
+        .iter()
+        .map(|(_, pin)| pin.to_string())
+        .chain(UNIX_HOOKS.iter().map(|h| h.pin_name.to_string()))
+        .collect()
+}
 
 /// Attach flags for the cgroup links. The kernel refuses any flag on a cgroup `BPF_LINK_CREATE`
 /// and always attaches links as multi-program, so other tools' programs on the same cgroup keep
@@ -90,6 +115,8 @@ pub struct CaptureConfig {
     /// The broker's IPv6 listener, if any. Without one, IPv6 connects go to the IPv4 listener's
     /// v4-mapped address.
     pub listen_v6: Option<SocketAddrV6>,
+    /// The port of brokerd's UDP DNS listener (on the same addresses); 0 refuses all DNS.
+    pub dns_port: u16,
 }
 
 /// A tagged cgroup as the capture layer knows it.
@@ -135,6 +162,7 @@ pub enum ResolveError {
 /// Resolves accepted connections to their origin. Shared by all accept tasks.
 pub struct OriginResolver {
     by_peer: Mutex<BpfHashMap<MapData, PeerKey, Origin>>,
+    dns_by_peer: Mutex<BpfHashMap<MapData, PeerKey, Origin>>,
     root: CgroupRoot,
     tags: watch::Receiver<TagSet>,
     paths: Mutex<HashMap<CgroupId, CgroupPath>>,
@@ -144,6 +172,29 @@ impl OriginResolver {
     /// Looks up and consumes the record for an accepted connection's peer address. One-shot: a
     /// second lookup for the same peer finds nothing.
     pub fn resolve(&self, peer: SocketAddr) -> Result<ConnectionOrigin, ResolveError> {
+        let origin = self.take_record(peer)?;
+        self.origin_of(origin)
+    }
+
+    /// The origin of a DNS datagram that arrived at brokerd's DNS listener from `peer`. Not
+    /// consumed: one agent socket may send many queries. A datagram without a record (a local
+    /// process sending to the DNS port directly) has no origin and gets no answer.
+    pub fn resolve_dns(&self, peer: SocketAddr) -> Result<ConnectionOrigin, ResolveError> {
+        let origin = {
+            let map = self
+                .dns_by_peer
+                .lock()
+                .map_err(|_| ResolveError::Map("resolver lock poisoned".into()))?;
+            match map.get(&peer_key(peer), 0) {
+                Ok(o) => o,
+                Err(aya::maps::MapError::KeyNotFound) => return Err(ResolveError::NoRecord(peer)),
+                Err(e) => return Err(ResolveError::Map(e.to_string())),
+            }
+        };
+        self.origin_of(origin)
+    }
+
+    fn take_record(&self, peer: SocketAddr) -> Result<Origin, ResolveError> {
         let key = peer_key(peer);
         let origin = {
             let mut map = self
@@ -160,6 +211,10 @@ impl OriginResolver {
             let _ = map.remove(&key);
             origin
         };
+        Ok(origin)
+    }
+
+    fn origin_of(&self, origin: Origin) -> Result<ConnectionOrigin, ResolveError> {
         let cgroup_id = CgroupId(origin.cgroup_id);
         let cgroup = self
             .cgroup_path(cgroup_id)
@@ -325,6 +380,7 @@ pub struct CaptureOwner {
     root: CgroupRoot,
     links_dir: PathBuf,
     tagged: BTreeMap<CgroupPath, Tagged>,
+    unix: UnixPrograms,
     counters: PerCpuArray<MapData, u64>,
     tags_tx: watch::Sender<TagSet>,
 }
@@ -368,6 +424,8 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         let loaded = match program {
             aya::programs::Program::CgroupSockAddr(p) => p.load(),
             aya::programs::Program::SockOps(p) => p.load(),
+            aya::programs::Program::CgroupSock(p) => p.load(),
+            aya::programs::Program::CgroupSkb(p) => p.load(),
             _ => {
                 return Err(CaptureError::Program {
                     name,
@@ -381,11 +439,19 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         })?;
     }
 
+    let unix = UnixPrograms::load().map_err(|message| CaptureError::Program {
+        name: "connect_unix/sendmsg_unix",
+        message,
+    })?;
+
     write_config(&mut ebpf, &config)?;
 
     let by_peer = take_map(&mut ebpf, common::maps::ORIGIN_BY_PEER)?;
     let by_peer: BpfHashMap<MapData, PeerKey, Origin> =
         BpfHashMap::try_from(by_peer).map_err(|e| map_error(common::maps::ORIGIN_BY_PEER, e))?;
+    let dns_by_peer = take_map(&mut ebpf, common::maps::DNS_BY_PEER)?;
+    let dns_by_peer: BpfHashMap<MapData, PeerKey, Origin> =
+        BpfHashMap::try_from(dns_by_peer).map_err(|e| map_error(common::maps::DNS_BY_PEER, e))?;
     let counters = take_map(&mut ebpf, common::maps::COUNTERS)?;
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(counters).map_err(|e| map_error(common::maps::COUNTERS, e))?;
@@ -396,6 +462,7 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         root: config.root.clone(),
         links_dir,
         tagged: BTreeMap::new(),
+        unix,
         counters,
         tags_tx,
     };
@@ -403,6 +470,7 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
 
     let resolver = Arc::new(OriginResolver {
         by_peer: Mutex::new(by_peer),
+        dns_by_peer: Mutex::new(dns_by_peer),
         root: config.root,
         tags: tags_rx,
         paths: Mutex::new(HashMap::new()),
@@ -492,7 +560,8 @@ fn write_config(ebpf: &mut Ebpf, config: &CaptureConfig) -> Result<(), CaptureEr
         v4_addr: v4_be,
         v6_addr,
         port: v4.port(),
-        _pad: 0,
+        dns_port: config.dns_port,
+        netns_cookie: own_netns_cookie().map_err(|e| map_error(name, e))?,
     };
     array.set(0, value, 0).map_err(|e| map_error(name, e))
 }
@@ -555,6 +624,13 @@ impl CaptureOwner {
             redirected: sum(Counter::Redirected),
             refused: sum(Counter::Refused),
             rekey_failed: sum(Counter::RekeyFailed),
+            dns_redirected: sum(Counter::DnsRedirected),
+            udp_refused: sum(Counter::UdpRefused),
+            socket_refused: sum(Counter::SocketRefused),
+            bind_refused: sum(Counter::BindRefused),
+            egress_dropped: sum(Counter::EgressDropped),
+            ingress_dropped: sum(Counter::IngressDropped),
+            netns_refused: sum(Counter::NetnsRefused),
         }
     }
 
@@ -624,22 +700,33 @@ impl CaptureOwner {
         let pin_dir = self.links_dir.join(link_dir_name(&cgroup, id));
         make_private_dir(&pin_dir)?;
 
-        let mut links = Vec::with_capacity(PROGRAMS.len());
+        let mut links = Vec::with_capacity(LINKS_PER_CGROUP);
+        let mut failure = None;
         for (name, pin_name) in PROGRAMS {
             match self.attach_one(name, &cgroup_fd, &pin_dir.join(pin_name)) {
                 Ok(link) => links.push(link),
                 Err(message) => {
-                    // Roll back: never leave a half-tagged cgroup.
-                    for link in links {
-                        let _ = link.unpin();
-                    }
-                    let _ = fs::remove_dir(&pin_dir);
-                    return Err(CaptureError::Attach {
-                        path: cgroup,
-                        message: format!("{name}: {message}"),
-                    });
+                    failure = Some(format!("{name}: {message}"));
+                    break;
                 }
             }
+        }
+        if failure.is_none() {
+            match self.unix.attach_and_pin(&cgroup_fd, &pin_dir) {
+                Ok(unix) => links.extend(unix),
+                Err(message) => failure = Some(message),
+            }
+        }
+        if let Some(message) = failure {
+            // Roll back: never leave a half-tagged cgroup.
+            for link in links {
+                let _ = link.unpin();
+            }
+            let _ = fs::remove_dir(&pin_dir);
+            return Err(CaptureError::Attach {
+                path: cgroup,
+                message,
+            });
         }
         info!(cgroup = %cgroup, id = id.0, "tagged: connections from this cgroup now go to brokerd");
         let tagged = Tagged { id, pin_dir, links };
@@ -672,6 +759,25 @@ impl CaptureOwner {
                 let p: &mut SockOps = p;
                 let id = p
                     .attach(cgroup, LINK_MODE)
+                    .map_err(|e| crate::error_chain(&e))?;
+                let link = p.take_link(id).map_err(|e| crate::error_chain(&e))?;
+                FdLink::try_from(link).map_err(|e| crate::error_chain(&e))?
+            }
+            aya::programs::Program::CgroupSock(p) => {
+                let p: &mut CgroupSock = p;
+                let id = p
+                    .attach(cgroup, LINK_MODE)
+                    .map_err(|e| crate::error_chain(&e))?;
+                let link = p.take_link(id).map_err(|e| crate::error_chain(&e))?;
+                FdLink::try_from(link).map_err(|e| crate::error_chain(&e))?
+            }
+            aya::programs::Program::CgroupSkb(p) => {
+                let p: &mut CgroupSkb = p;
+                let attach_type = p
+                    .expected_attach_type()
+                    .ok_or("a cgroup_skb program without ingress/egress in its section name")?;
+                let id = p
+                    .attach(cgroup, attach_type, LINK_MODE)
                     .map_err(|e| crate::error_chain(&e))?;
                 let link = p.take_link(id).map_err(|e| crate::error_chain(&e))?;
                 FdLink::try_from(link).map_err(|e| crate::error_chain(&e))?
@@ -730,14 +836,18 @@ impl CaptureOwner {
                 continue;
             }
             let mut links = Vec::new();
-            for (_, pin_name) in PROGRAMS {
+            let pin_names = PROGRAMS
+                .iter()
+                .map(|(_, pin)| *pin)
+                .chain(UNIX_HOOKS.iter().map(|h| h.pin_name));
+            for pin_name in pin_names {
                 let pin = dir.join(pin_name);
                 match PinnedLink::from_pin(&pin) {
                     Ok(link) => links.push(link),
                     Err(e) => warn!(pin = %pin.display(), error = %e, "cannot adopt pinned link"),
                 }
             }
-            if links.len() != PROGRAMS.len() {
+            if links.len() != LINKS_PER_CGROUP {
                 warn!(cgroup = %cgroup, links = links.len(), "adopted an incompletely tagged cgroup; detach and attach it again");
             }
             info!(cgroup = %cgroup, links = links.len(), "adopted pinned links");
@@ -752,6 +862,30 @@ impl CaptureOwner {
         }
         self.publish();
     }
+}
+
+/// The cookie of the network namespace brokerd runs in (`SO_NETNS_COOKIE`, Linux 5.14+).
+fn own_netns_cookie() -> std::io::Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a valid u64.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::other(format!(
+            "SO_NETNS_COOKIE: {} (needs Linux 5.14 or later)",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(cookie)
 }
 
 fn remove_pins(dir: &Path) {

@@ -18,6 +18,8 @@ pub const DEFAULT_POLICY_DIR: &str = "/etc/agent-broker/policies";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/agent-broker";
 /// Default listeners for redirected connections.
 pub const DEFAULT_LISTEN: [&str; 2] = ["127.0.0.1:15001", "[::1]:15001"];
+/// Default UDP port of the DNS listener (on the listen addresses).
+pub const DEFAULT_DNS_PORT: u16 = 15053;
 
 /// Errors of configuration loading and validation.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,12 @@ pub struct FileConfig {
     pub audit_max_age_days: Option<u64>,
     /// Keep at most this many audit records.
     pub audit_max_records: Option<u64>,
+    /// UDP port of the DNS listener agents' DNS is redirected to (0 picks one).
+    pub dns_port: Option<u16>,
+    /// Resolvers brokerd forwards allowed DNS queries to (default: /etc/resolv.conf).
+    pub dns_upstream: Option<Vec<SocketAddr>>,
+    /// Refuse to start unless the optional BPF LSM programs load.
+    pub require_lsm: Option<bool>,
 }
 
 impl FileConfig {
@@ -92,6 +100,9 @@ pub struct CliConfig {
     pub master_key_credential: bool,
     pub audit_max_age_days: Option<u64>,
     pub audit_max_records: Option<u64>,
+    pub dns_port: Option<u16>,
+    pub dns_upstream: Vec<SocketAddr>,
+    pub require_lsm: bool,
 }
 
 /// Validated configuration.
@@ -110,6 +121,12 @@ pub struct Config {
     pub master_key_credential: bool,
     /// How long audit records are kept.
     pub audit_retention: crate::audit::Retention,
+    /// UDP port of the DNS listener; 0 picks a free one.
+    pub dns_port: u16,
+    /// Resolvers for allowed names; empty means "read /etc/resolv.conf at start".
+    pub dns_upstream: Vec<SocketAddr>,
+    /// Refuse to start unless the BPF LSM programs load.
+    pub require_lsm: bool,
 }
 
 impl Config {
@@ -164,6 +181,13 @@ impl Config {
                     .map(|d| std::time::Duration::from_secs(d.saturating_mul(86_400))),
                 max_records: cli.audit_max_records.or(file.audit_max_records),
             },
+            dns_port: cli.dns_port.or(file.dns_port).unwrap_or(DEFAULT_DNS_PORT),
+            dns_upstream: if cli.dns_upstream.is_empty() {
+                file.dns_upstream.unwrap_or_default()
+            } else {
+                cli.dns_upstream
+            },
+            require_lsm: cli.require_lsm || file.require_lsm.unwrap_or(false),
         };
         if config.audit_retention.max_records == Some(0) {
             return Err(ConfigError::Audit("audit_max_records must be at least 1"));

@@ -72,6 +72,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .map(|l| l.local_addr())
         .collect::<Result<_, _>>()?;
     let (listen_v4, listen_v6) = split_families(&addrs)?;
+    let dns_sockets = bind_dns(&addrs, config.dns_port).await?;
+    let dns_port = dns_sockets
+        .first()
+        .map(|s| s.local_addr().map(|a| a.port()))
+        .transpose()?
+        .unwrap_or(0);
 
     // Take the control socket before touching the kernel, so a second brokerd on the same run
     // dir fails without disturbing the first one's programs.
@@ -82,6 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         pin_dir: config.pin_dir.clone(),
         listen_v4,
         listen_v6,
+        dns_port,
     })
     .context("starting the kernel capture path")?;
 
@@ -161,6 +168,34 @@ async fn shutdown_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// Binds the UDP DNS listener on every listen address's IP, all on one port (`port`, or a free
+/// one picked for the first address when it is 0; retried if another address has it taken).
+async fn bind_dns(listen: &[SocketAddr], port: u16) -> anyhow::Result<Vec<tokio::net::UdpSocket>> {
+    let attempts = if port == 0 { 20 } else { 1 };
+    let mut last_err = None;
+    'attempt: for _ in 0..attempts {
+        let mut chosen = port;
+        let mut out = Vec::with_capacity(listen.len());
+        for addr in listen {
+            let addr = SocketAddr::new(addr.ip(), chosen);
+            match tokio::net::UdpSocket::bind(addr).await {
+                Ok(s) => {
+                    chosen = s.local_addr()?.port();
+                    out.push(s);
+                }
+                Err(e) => {
+                    last_err = Some(anyhow::Error::new(e).context(format!(
+                        "binding the DNS listener {addr} (choose another with --dns-port)"
+                    )));
+                    continue 'attempt;
+                }
+            }
+        }
+        return Ok(out);
+    }
+    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no listen addresses for DNS")))
 }
 
 /// Binds every listen address. Port 0 picks a free port for the first address, and the others

@@ -387,6 +387,27 @@ pub struct Counters {
     pub refused: u64,
     /// Redirected connections whose origin record could not be re-keyed.
     pub rekey_failed: u64,
+    /// DNS datagrams and connects sent to brokerd's DNS listener.
+    #[serde(default)]
+    pub dns_redirected: u64,
+    /// UDP sends and connects refused (anything but DNS, QUIC included).
+    #[serde(default)]
+    pub udp_refused: u64,
+    /// Sockets refused at creation (raw, ICMP, MPTCP, SCTP, UDP-Lite...).
+    #[serde(default)]
+    pub socket_refused: u64,
+    /// Binds refused (a non-loopback address or one of brokerd's ports).
+    #[serde(default)]
+    pub bind_refused: u64,
+    /// Packets the egress filter dropped (destination not loopback).
+    #[serde(default)]
+    pub egress_dropped: u64,
+    /// Packets the ingress filter dropped (source not loopback).
+    #[serde(default)]
+    pub ingress_dropped: u64,
+    /// Connects and sends refused for coming from another network namespace.
+    #[serde(default)]
+    pub netns_refused: u64,
 }
 
 /// One connection brokerd accepted.

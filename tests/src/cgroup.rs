@@ -200,13 +200,24 @@ fn remove_tree(dir: &Path) {
     }
 }
 
-/// The five hooks brokerd attaches to a tagged cgroup, as (name, `bpf_attach_type`).
-pub const HOOKS: [(&str, u32); 5] = [
+/// The hooks brokerd attaches to a tagged cgroup, as (name, `bpf_attach_type` from linux/bpf.h).
+pub const HOOKS: [(&str, u32); 16] = [
+    ("ingress", 0),
+    ("egress", 1),
+    ("sock_create", 2),
     ("sock_ops", 3),
+    ("bind4", 8),
+    ("bind6", 9),
     ("connect4", 10),
     ("connect6", 11),
+    ("sendmsg4", 14),
+    ("sendmsg6", 15),
+    ("recvmsg4", 19),
+    ("recvmsg6", 20),
     ("getpeername4", 29),
     ("getpeername6", 30),
+    ("connect_unix", 49),
+    ("sendmsg_unix", 50),
 ];
 
 /// How many BPF programs are attached directly to the cgroup `rel`, per hook in [`HOOKS`]

@@ -51,7 +51,7 @@ use std::{
 pub use agent::{AgentReport, AgentRun, Mode};
 pub use broker::{Broker, BrokerBuilder};
 pub use canary::{Canary, redact, sha256_hex};
-pub use cgroup::{TestCgroup, attached_programs, cgroup_of, cgroup2_mount, spawn_in_cgroup};
+pub use cgroup::{HOOKS, TestCgroup, attached_programs, cgroup_of, cgroup2_mount, spawn_in_cgroup};
 pub use netns::TestHost;
 pub use servers::{Accepted, TestServer, tcp_socket_owner};
 pub use upstream::{Alpn, TestCa, TestUpstream, UpstreamOptions, UpstreamRequest};

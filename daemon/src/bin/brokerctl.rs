@@ -723,6 +723,15 @@ fn print_status(s: &StatusReport) {
         "kernel         {} redirected, {} refused, {} not re-keyed",
         s.counters.redirected, s.counters.refused, s.counters.rekey_failed
     );
+    let c = &s.counters;
+    println!(
+        "               {} DNS redirected, {} UDP refused, {} sockets refused, {} binds refused",
+        c.dns_redirected, c.udp_refused, c.socket_refused, c.bind_refused
+    );
+    println!(
+        "               {} egress and {} ingress packets dropped, {} from other netns refused",
+        c.egress_dropped, c.ingress_dropped, c.netns_refused
+    );
     println!(
         "policy         {} ({} file(s), loaded {})",
         s.policy.dir,

@@ -15,7 +15,8 @@ use clap::Parser;
 #[command(name = "brokerd", version)]
 struct Args {
     /// TOML config file with any of: state_dir, run_dir, policy_dir, pin_dir, listen,
-    /// upstream_ca, master_key_credential, audit_max_age_days, audit_max_records.
+    /// upstream_ca, master_key_credential, audit_max_age_days, audit_max_records, dns_port,
+    /// dns_upstream, require_lsm.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// State directory (vault, CA, audit log) [default: /var/lib/agent-broker].
@@ -48,6 +49,20 @@ struct Args {
     /// Keep at most N audit records, removing the oldest [default: keep all].
     #[arg(long, value_name = "N")]
     audit_max_records: Option<u64>,
+    /// UDP port of the DNS listener, on the listen addresses: agents' DNS (to any resolver on
+    /// port 53) is redirected there and answered only for names their policy allows; port 0
+    /// picks a free one [default: 15053].
+    #[arg(long, value_name = "PORT")]
+    dns_port: Option<u16>,
+    /// Resolver to forward allowed DNS queries to (repeatable) [default: the nameservers of
+    /// /etc/resolv.conf].
+    #[arg(long, value_name = "ADDR")]
+    dns_upstream: Vec<SocketAddr>,
+    /// Refuse to start unless the optional BPF LSM programs load (they add a socket-family and
+    /// ptrace check in the kernel; many kernels do not allow them, and every protection brokerd
+    /// promises holds without them).
+    #[arg(long)]
+    require_lsm: bool,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +116,9 @@ fn load_config(args: Args) -> anyhow::Result<Config> {
         master_key_credential: args.master_key_credential,
         audit_max_age_days: args.audit_max_age_days,
         audit_max_records: args.audit_max_records,
+        dns_port: args.dns_port,
+        dns_upstream: args.dns_upstream,
+        require_lsm: args.require_lsm,
     };
     Ok(Config::layer(cli, file)?)
 }

@@ -24,6 +24,10 @@ pub mod maps {
     pub const CONFIG: &str = "CONFIG";
     /// `PerCpuArray<u64>` of [`super::Counter`] values, for `brokerctl status`.
     pub const COUNTERS: &str = "COUNTERS";
+    /// `LruHashMap<PeerKey, Origin>`: who sent the DNS datagrams arriving at brokerd's DNS
+    /// listener from a given source address (written by cgroup_skb/egress, read by brokerd for
+    /// every datagram; not consumed, since one socket may send many queries).
+    pub const DNS_BY_PEER: &str = "DNS_BY_PEER";
 }
 
 /// Program names (the Rust function names in the eBPF crate).
@@ -38,6 +42,24 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "restore_peer4";
     /// cgroup/getpeername6
     pub const GETPEERNAME6: &str = "restore_peer6";
+    /// cgroup/sendmsg4
+    pub const SENDMSG4: &str = "udp_sendmsg4";
+    /// cgroup/sendmsg6
+    pub const SENDMSG6: &str = "udp_sendmsg6";
+    /// cgroup/recvmsg4
+    pub const RECVMSG4: &str = "udp_recvmsg4";
+    /// cgroup/recvmsg6
+    pub const RECVMSG6: &str = "udp_recvmsg6";
+    /// cgroup/sock_create
+    pub const SOCK_CREATE: &str = "only_tcp_udp";
+    /// cgroup/bind4
+    pub const BIND4: &str = "loopback_bind4";
+    /// cgroup/bind6
+    pub const BIND6: &str = "loopback_bind6";
+    /// cgroup_skb/egress
+    pub const EGRESS: &str = "loopback_egress";
+    /// cgroup_skb/ingress
+    pub const INGRESS: &str = "loopback_ingress";
 }
 
 /// Capacity of the origin maps. LRU, so a flood evicts the oldest unconsumed records; an evicted
@@ -92,9 +114,13 @@ pub struct BrokerConfig {
     pub v6_addr: [u32; 4],
     /// Listener port, host byte order. Zero: no broker configured, connects are refused.
     pub port: u16,
-    pub _pad: u16,
+    /// DNS listener port (UDP, on the same addresses), host byte order. Zero: DNS is refused.
+    pub dns_port: u16,
+    /// Cookie of the network namespace brokerd listens in. Connects and sends made from any
+    /// other namespace are refused: there the rewritten loopback address would not be brokerd.
+    pub netns_cookie: u64,
 }
-const _: () = assert!(core::mem::size_of::<BrokerConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<BrokerConfig>() == 32);
 
 /// Indices into [`maps::COUNTERS`].
 #[repr(u32)]
@@ -106,9 +132,26 @@ pub enum Counter {
     Refused = 1,
     /// Redirected connections whose record sockops could not re-key.
     RekeyFailed = 2,
+    /// DNS datagrams and connections sent to brokerd's DNS listener.
+    DnsRedirected = 3,
+    /// UDP sends and connects refused (anything but DNS: QUIC, other datagrams).
+    UdpRefused = 4,
+    /// Sockets refused at creation (raw, ICMP, MPTCP, SCTP, UDP-Lite, ...).
+    SocketRefused = 5,
+    /// Binds refused (a non-loopback address or one of brokerd's ports).
+    BindRefused = 6,
+    /// Packets dropped by the egress filter (destination not loopback).
+    EgressDropped = 7,
+    /// Packets dropped by the ingress filter (source not loopback).
+    IngressDropped = 8,
+    /// Connects and sends refused because they came from another network namespace.
+    NetnsRefused = 9,
 }
 /// Number of entries in [`maps::COUNTERS`].
-pub const COUNTER_COUNT: u32 = 3;
+pub const COUNTER_COUNT: u32 = 10;
+
+/// The DNS port agents' resolvers send to, redirected to brokerd's DNS listener.
+pub const DNS_PORT: u16 = 53;
 
 /// The v4-mapped IPv6 form of an IPv4 address given in network byte order.
 #[inline(always)]

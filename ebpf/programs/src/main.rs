@@ -8,32 +8,50 @@
 //!   `BPF_SOCK_OPS_TCP_CONNECT_CB` (source port assigned, SYN not yet sent), so brokerd can find it
 //!   from the accepted socket's peer address without racing the handshake.
 //! - `getpeername4`/`getpeername6` show the agent the address it asked for, not the broker's.
+//! - UDP: `connect4`/`connect6` and `sendmsg4`/`sendmsg6` send port 53 to brokerd's DNS listener
+//!   and refuse every other destination (QUIC included, so HTTP/3 clients fall back to TCP);
+//!   `recvmsg4`/`recvmsg6` show the reply as coming from the resolver the agent asked.
+//! - `sock_create` allows only TCP and UDP sockets in AF_INET/AF_INET6 (no raw, ICMP, MPTCP,
+//!   SCTP, UDP-Lite, SMC).
+//! - `bind4`/`bind6` keep the agent's listeners on loopback (a wildcard bind becomes a loopback
+//!   bind) and off brokerd's ports.
+//! - `cgroup_skb` egress and ingress are the backstop: no packet to or from anything but loopback.
 //!
-//! These programs must never let a tagged cgroup's TCP connect reach any address but the broker.
+//! These programs must never let a tagged cgroup's traffic reach any address but the broker.
 #![no_std]
 #![no_main]
 
 use agent_broker_common::{
-    AF_INET, AF_INET6, BrokerConfig, COUNTER_COUNT, Counter, ORIGIN_MAP_CAPACITY, Origin, PeerKey,
-    is_v4_mapped, v4_mapped,
+    AF_INET, AF_INET6, BrokerConfig, COUNTER_COUNT, Counter, DNS_PORT, ORIGIN_MAP_CAPACITY, Origin,
+    PeerKey, is_v4_mapped, v4_mapped,
 };
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::bpf_get_socket_cookie,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 
 /// Return values of cgroup sock_addr programs.
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
+/// Return values of cgroup_skb programs.
+const PASS: i32 = 1;
+const DROP: i32 = 0;
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+/// 127.0.0.1 in network byte order.
+const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// ::1 in network byte order.
+const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
 #[map]
 static ORIGIN_BY_COOKIE: LruHashMap<u64, Origin> = LruHashMap::pinned(ORIGIN_MAP_CAPACITY, 0);
@@ -46,6 +64,9 @@ static CONFIG: Array<BrokerConfig> = Array::pinned(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+
+#[map]
+static DNS_BY_PEER: LruHashMap<PeerKey, Origin> = LruHashMap::pinned(ORIGIN_MAP_CAPACITY, 0);
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -126,45 +147,91 @@ fn record(
     true
 }
 
-#[cgroup_sock_addr(connect4)]
-pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
-    let sa = sock_addr(&ctx);
-    if sa.type_ != SOCK_STREAM {
-        // UDP and other datagram sockets belong to the bypass-resistance hook set.
-        return ALLOW;
-    }
+/// Whether the hook runs in the network namespace brokerd listens in. Elsewhere (an agent that
+/// made its own namespace) the broker's loopback address would be the agent's own: refuse.
+#[inline(always)]
+fn in_broker_netns(ctx: &SockAddrContext, cfg: &BrokerConfig) -> bool {
+    // SAFETY: bpf_get_netns_cookie accepts a sock_addr context.
+    cfg.netns_cookie == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.netns_cookie
+}
+
+/// What to do with a connect or an unconnected send from a tagged cgroup.
+enum Verdict {
+    /// TCP: to brokerd's listener.
+    Broker(BrokerConfig),
+    /// UDP to port 53: to brokerd's DNS listener.
+    Dns(BrokerConfig),
+}
+
+/// Decides a connect (TCP or UDP) or an unconnected UDP send; `None` means refuse (EPERM).
+/// Counts the refusals.
+#[inline(always)]
+fn verdict(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_port_be: u32) -> Option<Verdict> {
     let Some(cfg) = config() else {
         count(Counter::Refused);
+        return None;
+    };
+    if !in_broker_netns(ctx, &cfg) {
+        count(Counter::NetnsRefused);
+        return None;
+    }
+    let (ty, protocol) = (sa.type_, sa.protocol);
+    if ty == SOCK_STREAM && protocol == IPPROTO_TCP {
+        return Some(Verdict::Broker(cfg));
+    }
+    if ty == SOCK_DGRAM
+        && protocol == IPPROTO_UDP
+        && u16::from_be(dst_port_be as u16) == DNS_PORT
+        && cfg.dns_port != 0
+    {
+        return Some(Verdict::Dns(cfg));
+    }
+    count(Counter::UdpRefused);
+    None
+}
+
+/// Sends an IPv4 connect or send where [`verdict`] says, recording where it was going first.
+#[inline(always)]
+fn redirect4(ctx: &SockAddrContext) -> i32 {
+    let sa = sock_addr(ctx);
+    let dst_port = sa.user_port;
+    let Some(v) = verdict(ctx, sa, dst_port) else {
         return REFUSE;
     };
-    if !record(&ctx, v4_mapped(sa.user_ip4), sa.user_port, AF_INET, true) {
+    if !record(ctx, v4_mapped(sa.user_ip4), dst_port, AF_INET, true) {
         count(Counter::Refused);
         return REFUSE;
     }
+    let (cfg, port, counter) = match v {
+        Verdict::Broker(cfg) => (cfg, cfg.port, Counter::Redirected),
+        Verdict::Dns(cfg) => (cfg, cfg.dns_port, Counter::DnsRedirected),
+    };
     sa.user_ip4 = cfg.v4_addr;
-    sa.user_port = u32::from(cfg.port.to_be());
-    count(Counter::Redirected);
+    sa.user_port = u32::from(port.to_be());
+    count(counter);
     ALLOW
 }
 
-#[cgroup_sock_addr(connect6)]
-pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
-    let sa = sock_addr(&ctx);
-    if sa.type_ != SOCK_STREAM {
-        return ALLOW;
-    }
-    let Some(cfg) = config() else {
-        count(Counter::Refused);
+/// IPv6 form of [`redirect4`].
+#[inline(always)]
+fn redirect6(ctx: &SockAddrContext) -> i32 {
+    let sa = sock_addr(ctx);
+    let dst_port = sa.user_port;
+    let Some(v) = verdict(ctx, sa, dst_port) else {
         return REFUSE;
     };
     let dst = read_user_ip6(sa);
     // A v4-mapped destination is an IPv4 connection on the wire: send it to the IPv4 listener
     // through its mapped form, so the socket stays a valid AF_INET6 socket.
     let mapped = is_v4_mapped(&dst);
-    if !record(&ctx, dst, sa.user_port, AF_INET6, mapped) {
+    if !record(ctx, dst, dst_port, AF_INET6, mapped) {
         count(Counter::Refused);
         return REFUSE;
     }
+    let (cfg, port, counter) = match v {
+        Verdict::Broker(cfg) => (cfg, cfg.port, Counter::Redirected),
+        Verdict::Dns(cfg) => (cfg, cfg.dns_port, Counter::DnsRedirected),
+    };
     write_user_ip6(
         sa,
         if mapped {
@@ -173,9 +240,260 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
             cfg.v6_addr
         },
     );
-    sa.user_port = u32::from(cfg.port.to_be());
-    count(Counter::Redirected);
+    sa.user_port = u32::from(port.to_be());
+    count(counter);
     ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    redirect4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    redirect6(&ctx)
+}
+
+/// Unconnected UDP sends (`sendto`/`sendmsg` with an address): DNS to brokerd, nothing else.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn udp_sendmsg4(ctx: SockAddrContext) -> i32 {
+    redirect4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn udp_sendmsg6(ctx: SockAddrContext) -> i32 {
+    redirect6(&ctx)
+}
+
+/// The resolver a DNS socket asked, if `ctx` is a datagram from brokerd's DNS listener to it.
+#[inline(always)]
+fn asked_resolver(ctx: &SockAddrContext, from_port_be: u32) -> Option<(Origin, BrokerConfig)> {
+    let cfg = config()?;
+    if cfg.dns_port == 0 || u16::from_be(from_port_be as u16) != cfg.dns_port {
+        return None;
+    }
+    let origin = recorded_origin(ctx)?;
+    if origin.dst_port != DNS_PORT {
+        return None;
+    }
+    Some((origin, cfg))
+}
+
+/// Replies from brokerd's DNS listener appear to come from the resolver the agent asked, so stub
+/// resolvers that check the reply's source accept them.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn udp_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let sa = sock_addr(&ctx);
+    if let Some((origin, cfg)) = asked_resolver(&ctx, sa.user_port) {
+        if sa.user_ip4 == cfg.v4_addr && is_v4_mapped(&origin.dst_addr) {
+            sa.user_ip4 = origin.dst_addr[3];
+            sa.user_port = u32::from(origin.dst_port.to_be());
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn udp_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let sa = sock_addr(&ctx);
+    if let Some((origin, cfg)) = asked_resolver(&ctx, sa.user_port) {
+        let from = read_user_ip6(sa);
+        if from == cfg.v6_addr || from == v4_mapped(cfg.v4_addr) {
+            write_user_ip6(sa, origin.dst_addr);
+            sa.user_port = u32::from(origin.dst_port.to_be());
+        }
+    }
+    ALLOW
+}
+
+/// Only TCP and UDP sockets in AF_INET/AF_INET6 may be created. (The kernel runs this hook for
+/// those two families only; other families are the launcher's seccomp filter's job.)
+#[cgroup_sock(sock_create)]
+pub fn only_tcp_udp(ctx: SockContext) -> i32 {
+    // SAFETY: plain loads from the kernel-provided bpf_sock.
+    let (family, ty, protocol) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.sock).family),
+            core::ptr::read_volatile(&(*ctx.sock).type_),
+            core::ptr::read_volatile(&(*ctx.sock).protocol),
+        )
+    };
+    let inet = family == u32::from(AF_INET) || family == u32::from(AF_INET6);
+    let tcp = ty == SOCK_STREAM && protocol == IPPROTO_TCP;
+    let udp = ty == SOCK_DGRAM && protocol == IPPROTO_UDP;
+    if inet && (tcp || udp) {
+        ALLOW
+    } else {
+        count(Counter::SocketRefused);
+        REFUSE
+    }
+}
+
+/// Whether `port_be` (as in `user_port`) is one of brokerd's listener ports.
+#[inline(always)]
+fn is_broker_port(cfg: &BrokerConfig, port_be: u32) -> bool {
+    let port = u16::from_be(port_be as u16);
+    port != 0 && (port == cfg.port || port == cfg.dns_port)
+}
+
+#[inline(always)]
+fn is_loopback4(ip4_be: u32) -> bool {
+    ip4_be.to_ne_bytes()[0] == 127
+}
+
+#[inline(always)]
+fn is_loopback6(ip6: &[u32; 4]) -> bool {
+    *ip6 == LOOPBACK6 || (is_v4_mapped(ip6) && is_loopback4(ip6[3]))
+}
+
+/// Agents listen on loopback only: a wildcard bind becomes a loopback bind, any other address is
+/// refused, and so are brokerd's own ports (no squatting them while brokerd is down).
+#[cgroup_sock_addr(bind4)]
+pub fn loopback_bind4(ctx: SockAddrContext) -> i32 {
+    let sa = sock_addr(&ctx);
+    let Some(cfg) = config() else {
+        count(Counter::BindRefused);
+        return REFUSE;
+    };
+    if is_broker_port(&cfg, sa.user_port) {
+        count(Counter::BindRefused);
+        return REFUSE;
+    }
+    let ip = sa.user_ip4;
+    if ip == 0 {
+        sa.user_ip4 = LOOPBACK4;
+    } else if !is_loopback4(ip) {
+        count(Counter::BindRefused);
+        return REFUSE;
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn loopback_bind6(ctx: SockAddrContext) -> i32 {
+    let sa = sock_addr(&ctx);
+    let Some(cfg) = config() else {
+        count(Counter::BindRefused);
+        return REFUSE;
+    };
+    if is_broker_port(&cfg, sa.user_port) {
+        count(Counter::BindRefused);
+        return REFUSE;
+    }
+    let ip = read_user_ip6(sa);
+    if ip == [0; 4] {
+        write_user_ip6(sa, LOOPBACK6);
+    } else if ip == v4_mapped(0) {
+        write_user_ip6(sa, v4_mapped(LOOPBACK4));
+    } else if !is_loopback6(&ip) {
+        count(Counter::BindRefused);
+        return REFUSE;
+    }
+    ALLOW
+}
+
+/// The addresses and ports of an IP packet, as far as the filters need them. Every field is
+/// always set (zero when absent): the verifier rejects reading a register LLVM left undefined,
+/// which is what an `Option` of a tuple can become.
+struct Packet {
+    /// Source and destination, IPv4 as v4-mapped IPv6, network byte order.
+    src: [u32; 4],
+    dst: [u32; 4],
+    /// UDP ports (host byte order); zero unless the packet is UDP with its header in reach.
+    udp_src: u16,
+    udp_dst: u16,
+}
+
+#[inline(always)]
+fn parse(ctx: &SkBuffContext) -> Option<Packet> {
+    // cgroup_skb programs see the packet from its network header on.
+    let first: u8 = ctx.load(0).ok()?;
+    let (src, dst, l4_offset) = match first >> 4 {
+        4 => {
+            let header_len = u32::from(first & 0x0f) * 4;
+            let protocol: u8 = ctx.load(9).ok()?;
+            let src: u32 = ctx.load(12).ok()?;
+            let dst: u32 = ctx.load(16).ok()?;
+            let udp = u32::from(protocol) == IPPROTO_UDP && (20..=60).contains(&header_len);
+            (
+                v4_mapped(src),
+                v4_mapped(dst),
+                if udp { header_len } else { 0 },
+            )
+        }
+        6 => {
+            let next: u8 = ctx.load(6).ok()?;
+            let src: [u32; 4] = ctx.load(8).ok()?;
+            let dst: [u32; 4] = ctx.load(24).ok()?;
+            (
+                src,
+                dst,
+                if u32::from(next) == IPPROTO_UDP {
+                    40
+                } else {
+                    0
+                },
+            )
+        }
+        _ => return None,
+    };
+    let mut packet = Packet {
+        src,
+        dst,
+        udp_src: 0,
+        udp_dst: 0,
+    };
+    if l4_offset != 0 {
+        let ports: u32 = ctx.load(l4_offset as usize).unwrap_or(0);
+        let [a, b, c, d] = ports.to_ne_bytes();
+        packet.udp_src = u16::from_be_bytes([a, b]);
+        packet.udp_dst = u16::from_be_bytes([c, d]);
+    }
+    Some(packet)
+}
+
+/// The backstop: whatever the other hooks missed, no packet leaves a tagged cgroup for anything
+/// but loopback. DNS datagrams to brokerd also get their sender recorded here, where the source
+/// port is known (for a connected UDP socket it is not yet bound at connect time).
+#[cgroup_skb(egress)]
+pub fn loopback_egress(ctx: SkBuffContext) -> i32 {
+    let Some(packet) = parse(&ctx) else {
+        count(Counter::EgressDropped);
+        return DROP;
+    };
+    if !is_loopback6(&packet.dst) {
+        count(Counter::EgressDropped);
+        return DROP;
+    }
+    if let Some(cfg) = config() {
+        if cfg.dns_port != 0 && packet.udp_dst == cfg.dns_port {
+            // SAFETY: bpf_get_socket_cookie accepts an skb context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            // SAFETY: copied out immediately.
+            if let Some(origin) = unsafe { ORIGIN_BY_COOKIE.get(&cookie) }.copied() {
+                let key = PeerKey {
+                    addr: packet.src,
+                    port: u32::from(packet.udp_src),
+                };
+                let _ = DNS_BY_PEER.insert(&key, &origin, 0);
+            }
+        }
+    }
+    PASS
+}
+
+/// Nothing but loopback reaches a tagged cgroup's sockets (an agent's `listen()` without `bind()`
+/// autobinds to the wildcard address; this keeps it unreachable from the network).
+#[cgroup_skb(ingress)]
+pub fn loopback_ingress(ctx: SkBuffContext) -> i32 {
+    match parse(&ctx) {
+        Some(packet) if is_loopback6(&packet.src) => PASS,
+        _ => {
+            count(Counter::IngressDropped);
+            DROP
+        }
+    }
 }
 
 #[sock_ops]
