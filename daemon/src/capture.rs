@@ -101,6 +101,11 @@ pub enum CaptureError {
     Detach { path: CgroupPath, message: String },
     #[error("the capture thread has stopped")]
     Stopped,
+    #[error(
+        "--require-lsm: the BPF LSM program cannot be used on this host: {0} (BPF LSM needs \
+         `bpf` in the kernel's lsm= list and a kernel that lets LSM programs load)"
+    )]
+    LsmRequired(String),
 }
 
 /// Where the programs keep their state and where they redirect to.
@@ -117,6 +122,8 @@ pub struct CaptureConfig {
     pub listen_v6: Option<SocketAddrV6>,
     /// The port of brokerd's UDP DNS listener (on the same addresses); 0 refuses all DNS.
     pub dns_port: u16,
+    /// Fail unless the optional BPF LSM program loads and attaches.
+    pub require_lsm: bool,
 }
 
 /// A tagged cgroup as the capture layer knows it.
@@ -380,6 +387,8 @@ pub struct CaptureOwner {
     root: CgroupRoot,
     links_dir: PathBuf,
     tagged: BTreeMap<CgroupPath, Tagged>,
+    /// Mirror of `tagged`'s ids for the LSM program.
+    tagged_ids: BpfHashMap<MapData, u64, u8>,
     unix: UnixPrograms,
     counters: PerCpuArray<MapData, u64>,
     tags_tx: watch::Sender<TagSet>,
@@ -391,6 +400,8 @@ pub struct Capture {
     pub resolver: Arc<OriginResolver>,
     /// Reads `aya-log` records of the programs; drive it with [`drive_logger`].
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// The optional BPF LSM layer: `active: ...` or why it is not loaded.
+    pub lsm: String,
     pub owner: std::thread::JoinHandle<()>,
 }
 
@@ -452,6 +463,19 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
     let dns_by_peer = take_map(&mut ebpf, common::maps::DNS_BY_PEER)?;
     let dns_by_peer: BpfHashMap<MapData, PeerKey, Origin> =
         BpfHashMap::try_from(dns_by_peer).map_err(|e| map_error(common::maps::DNS_BY_PEER, e))?;
+    let tagged_ids = take_map(&mut ebpf, common::maps::TAGGED_IDS)?;
+    let tagged_ids: BpfHashMap<MapData, u64, u8> =
+        BpfHashMap::try_from(tagged_ids).map_err(|e| map_error(common::maps::TAGGED_IDS, e))?;
+    let lsm = match load_lsm(&mut ebpf, &config.pin_dir) {
+        Ok(()) => "active: lsm/socket_create refuses AF_PACKET, AF_VSOCK, AF_XDP, AF_SMC, AF_KEY \
+                   and AF_ALG in tagged cgroups"
+            .to_string(),
+        Err(reason) if config.require_lsm => return Err(CaptureError::LsmRequired(reason)),
+        Err(reason) => {
+            info!(%reason, "optional BPF LSM layer not loaded; the cgroup hooks and the launcher's seccomp filter do not need it");
+            format!("not loaded: {reason}")
+        }
+    };
     let counters = take_map(&mut ebpf, common::maps::COUNTERS)?;
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(counters).map_err(|e| map_error(common::maps::COUNTERS, e))?;
@@ -462,6 +486,7 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         root: config.root.clone(),
         links_dir,
         tagged: BTreeMap::new(),
+        tagged_ids,
         unix,
         counters,
         tags_tx,
@@ -487,6 +512,7 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         handle: CaptureHandle { tx },
         resolver,
         logger,
+        lsm,
         owner,
     })
 }
@@ -588,7 +614,22 @@ impl CaptureOwner {
         // Dropping `self` closes the link fds; the pins keep the programs attached.
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        // Keep the LSM program's view in step: stale ids out, current ones in.
+        let stale: Vec<u64> = self
+            .tagged_ids
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !self.tagged.values().any(|t| t.id.0 == *id))
+            .collect();
+        for id in stale {
+            let _ = self.tagged_ids.remove(&id);
+        }
+        for t in self.tagged.values() {
+            if let Err(e) = self.tagged_ids.insert(t.id.0, 1, 0) {
+                warn!(id = t.id.0, error = %e, "cannot record a tagged cgroup for the LSM program");
+            }
+        }
         let tags: Vec<Tag> = self
             .tagged
             .iter()
@@ -862,6 +903,53 @@ impl CaptureOwner {
         }
         self.publish();
     }
+}
+
+/// Loads and attaches the optional LSM program, pinned at `<pin_dir>/lsm/socket_create` so it
+/// outlives brokerd like the cgroup links. A pin left by an earlier brokerd is replaced.
+fn load_lsm(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), String> {
+    let lsm_list = Path::new("/sys/kernel/security/lsm");
+    if !lsm_list.exists() {
+        // securityfs lists the active LSMs; mount it where the host has not.
+        let _ = nix::mount::mount(
+            Some("securityfs"),
+            "/sys/kernel/security",
+            Some("securityfs"),
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
+            None::<&str>,
+        );
+    }
+    let listed = fs::read_to_string(lsm_list).unwrap_or_default();
+    if !listed.split(',').any(|l| l.trim() == "bpf") {
+        return Err(
+            "`bpf` is not in /sys/kernel/security/lsm (or securityfs is not mounted)".into(),
+        );
+    }
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+    let program: &mut aya::programs::Lsm = ebpf
+        .program_mut(common::programs::LSM_SOCKET_CREATE)
+        .ok_or("missing from the eBPF object")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    program
+        .load("socket_create", &btf)
+        .map_err(|e| crate::error_chain(&e))?;
+    let dir = pin_dir.join("lsm");
+    make_private_dir(&dir).map_err(|e| e.to_string())?;
+    let pin = dir.join("socket_create");
+    if pin.exists()
+        && let Ok(old) = PinnedLink::from_pin(&pin)
+    {
+        let _ = old.unpin();
+    }
+    let id = program.attach().map_err(|e| crate::error_chain(&e))?;
+    let link = program.take_link(id).map_err(|e| crate::error_chain(&e))?;
+    let link: FdLink = link.into();
+    link.pin(&pin)
+        .map(drop)
+        .map_err(|e| format!("pin {}: {}", pin.display(), crate::error_chain(&e)))
 }
 
 /// The cookie of the network namespace brokerd runs in (`SO_NETNS_COOKIE`, Linux 5.14+).

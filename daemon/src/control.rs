@@ -57,6 +57,10 @@ pub struct ControlState {
     pub recent: Arc<RecentConnections>,
     pub root: CgroupRoot,
     pub listeners: Vec<std::net::SocketAddr>,
+    /// The UDP DNS listeners.
+    pub dns_listeners: Vec<std::net::SocketAddr>,
+    /// The optional BPF LSM layer's state, as `brokerctl status` shows it.
+    pub lsm: String,
     pub pin_dir: PathBuf,
     pub vault: Arc<Vault>,
     /// The broker CA certificate (public).
@@ -322,6 +326,9 @@ async fn handle(request: Request, state: &ControlState) -> Response {
                 cgroups,
                 counters,
                 policy: policy_status(&state.policy),
+                dns_listeners: state.dns_listeners.clone(),
+                hooks: crate::capture::hook_names(),
+                lsm: state.lsm.clone(),
             }),
             Err(e) => capture_error(e),
         },

@@ -89,6 +89,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         listen_v4,
         listen_v6,
         dns_port,
+        require_lsm: config.require_lsm,
     })
     .context("starting the kernel capture path")?;
 
@@ -115,6 +116,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         recent,
         root,
         listeners: addrs.clone(),
+        dns_listeners: dns_sockets
+            .iter()
+            .map(|s| s.local_addr())
+            .collect::<Result<_, _>>()?,
+        lsm: capture.lsm.clone(),
         pin_dir: config.pin_dir.clone(),
         vault,
         ca_pem: proxy.minter.ca().cert_pem().to_string(),

@@ -348,6 +348,15 @@ pub struct StatusReport {
     pub counters: Counters,
     /// The policy directory and its load state.
     pub policy: PolicyStatus,
+    /// Where agents' DNS is answered (UDP).
+    #[serde(default)]
+    pub dns_listeners: Vec<SocketAddr>,
+    /// The kernel hooks attached to every tagged cgroup.
+    #[serde(default)]
+    pub hooks: Vec<String>,
+    /// The optional BPF LSM layer: `active: ...` or `not loaded: <why>`.
+    #[serde(default)]
+    pub lsm: String,
 }
 
 /// The policy as loaded.

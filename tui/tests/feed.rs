@@ -49,6 +49,9 @@ fn status() -> StatusReport {
             loaded_unix: 0,
             error: None,
         },
+        dns_listeners: Vec::new(),
+        hooks: Vec::new(),
+        lsm: String::new(),
     }
 }
 

@@ -719,6 +719,16 @@ fn print_status(s: &StatusReport) {
     println!("listening on   {}", listeners.join(", "));
     println!("cgroup2 mount  {}", s.cgroup_root);
     println!("pin dir        {}", s.pin_dir);
+    if !s.dns_listeners.is_empty() {
+        let dns: Vec<String> = s.dns_listeners.iter().map(ToString::to_string).collect();
+        println!("dns (udp)      {}", dns.join(", "));
+    }
+    if !s.hooks.is_empty() {
+        println!("hooks          {}", s.hooks.join(" "));
+    }
+    if !s.lsm.is_empty() {
+        println!("bpf lsm        {}", s.lsm);
+    }
     println!(
         "kernel         {} redirected, {} refused, {} not re-keyed",
         s.counters.redirected, s.counters.refused, s.counters.rekey_failed

@@ -28,6 +28,9 @@ pub mod maps {
     /// listener from a given source address (written by cgroup_skb/egress, read by brokerd for
     /// every datagram; not consumed, since one socket may send many queries).
     pub const DNS_BY_PEER: &str = "DNS_BY_PEER";
+    /// `HashMap<u64 cgroup id, u8>`: the tagged cgroups, for the optional LSM program (which is
+    /// global, so it must find out itself whether the current task is in a tagged subtree).
+    pub const TAGGED_IDS: &str = "TAGGED_IDS";
 }
 
 /// Program names (the Rust function names in the eBPF crate).
@@ -60,7 +63,14 @@ pub mod programs {
     pub const EGRESS: &str = "loopback_egress";
     /// cgroup_skb/ingress
     pub const INGRESS: &str = "loopback_ingress";
+    /// lsm/socket_create (optional: only where the kernel lets BPF LSM programs load)
+    pub const LSM_SOCKET_CREATE: &str = "lsm_socket_families";
 }
+
+/// Capacity of [`maps::TAGGED_IDS`].
+pub const TAGGED_CAPACITY: u32 = 4096;
+/// How many cgroup levels the LSM program walks up looking for a tagged ancestor.
+pub const MAX_CGROUP_DEPTH: i32 = 16;
 
 /// Capacity of the origin maps. LRU, so a flood evicts the oldest unconsumed records; an evicted
 /// record makes brokerd refuse that connection (fail closed), never pass it through.

@@ -22,19 +22,21 @@
 #![no_main]
 
 use agent_broker_common::{
-    AF_INET, AF_INET6, BrokerConfig, COUNTER_COUNT, Counter, DNS_PORT, ORIGIN_MAP_CAPACITY, Origin,
-    PeerKey, is_v4_mapped, v4_mapped,
+    AF_INET, AF_INET6, BrokerConfig, COUNTER_COUNT, Counter, DNS_PORT, MAX_CGROUP_DEPTH,
+    ORIGIN_MAP_CAPACITY, Origin, PeerKey, TAGGED_CAPACITY, is_v4_mapped, v4_mapped,
 };
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        },
     },
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
-    maps::{Array, LruHashMap, PerCpuArray},
-    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 
@@ -64,6 +66,9 @@ static CONFIG: Array<BrokerConfig> = Array::pinned(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+
+#[map]
+static TAGGED_IDS: HashMap<u64, u8> = HashMap::pinned(TAGGED_CAPACITY, 0);
 
 #[map]
 static DNS_BY_PEER: LruHashMap<PeerKey, Origin> = LruHashMap::pinned(ORIGIN_MAP_CAPACITY, 0);
@@ -571,6 +576,46 @@ pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
         }
     }
     ALLOW
+}
+
+/// Socket families no agent needs and the cgroup hooks cannot see: AF_KEY, AF_PACKET, AF_ALG,
+/// AF_SMC, AF_XDP and AF_VSOCK (which reaches the hypervisor without any privilege).
+const DENIED_FAMILIES: [i32; 6] = [15, 17, 38, 43, 44, 40];
+const EPERM: i32 = 1;
+
+/// Whether the current task is in a tagged cgroup or below one.
+#[inline(always)]
+fn current_task_tagged() -> bool {
+    let mut level = 1;
+    while level <= MAX_CGROUP_DEPTH {
+        // SAFETY: no pointers; the helper returns 0 above the task's own level.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false;
+        }
+        // SAFETY: only the presence of the key is used.
+        if unsafe { TAGGED_IDS.get(&id) }.is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
+
+/// Optional BPF LSM layer (loaded only where the kernel allows BPF LSM programs): refuses the
+/// families of [`DENIED_FAMILIES`] to tagged cgroups, beside the launcher's seccomp filter, so it
+/// also covers agents started without `brokerctl run`.
+#[lsm(hook = "socket_create")]
+pub fn lsm_socket_families(ctx: LsmContext) -> i32 {
+    // socket_create(int family, int type, int protocol, int kern), then the previous verdict.
+    let (family, kern, previous): (i32, i32, i32) = (ctx.arg(0), ctx.arg(3), ctx.arg(4));
+    if previous != 0 {
+        return previous;
+    }
+    if kern != 0 || !DENIED_FAMILIES.contains(&family) {
+        return 0;
+    }
+    if current_task_tagged() { -EPERM } else { 0 }
 }
 
 #[cfg(not(test))]
