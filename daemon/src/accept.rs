@@ -62,15 +62,18 @@ pub fn is_broker_itself(original_dst: SocketAddr, listeners: &[SocketAddr]) -> b
     })
 }
 
-/// Accepts on `listener` until `cancel` fires.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    resolver: Arc<OriginResolver>,
-    recent: Arc<RecentConnections>,
-    listeners: Arc<Vec<SocketAddr>>,
-    cancel: CancellationToken,
-) {
+/// What every accept loop shares.
+pub struct Shared {
+    pub proxy: Arc<Proxy>,
+    pub resolver: Arc<OriginResolver>,
+    pub recent: Arc<RecentConnections>,
+    /// brokerd's own listen addresses.
+    pub listeners: Arc<Vec<SocketAddr>>,
+}
+
+/// Accepts on `listener` until `cancel` fires; each connection is served on a task of the
+/// calling runtime.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -85,12 +88,17 @@ pub async fn serve(
                 continue;
             }
         };
-        let resolver = resolver.clone();
-        let recent = recent.clone();
-        let listeners = listeners.clone();
-        let proxy = proxy.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
-            handle(stream, peer, proxy, &resolver, &recent, &listeners).await;
+            handle(
+                stream,
+                peer,
+                shared.proxy.clone(),
+                &shared.resolver,
+                &shared.recent,
+                &shared.listeners,
+            )
+            .await;
         });
     }
 }

@@ -99,17 +99,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker.spawn(capture::drive_logger_until(logger, cancel.clone()));
     }
     let recent = Arc::new(RecentConnections::default());
-    let shared_addrs = Arc::new(addrs.clone());
-    for listener in listeners {
-        tracker.spawn(accept::serve(
-            listener,
-            proxy.clone(),
-            capture.resolver.clone(),
-            recent.clone(),
-            shared_addrs.clone(),
-            cancel.clone(),
-        ));
-    }
+    let workers = spawn_proxy_workers(
+        listeners,
+        &Arc::new(accept::Shared {
+            proxy: proxy.clone(),
+            resolver: capture.resolver.clone(),
+            recent: recent.clone(),
+            listeners: Arc::new(addrs.clone()),
+        }),
+        &cancel,
+    )?;
     let state = Arc::new(ControlState {
         capture: capture.handle.clone(),
         resolver: capture.resolver.clone(),
@@ -149,6 +148,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for w in workers {
+            let _ = w.join();
+        }
+    })
+    .await;
     // Every record accepted so far is committed durably before brokerd exits.
     let flushed = tokio::task::spawn_blocking(move || {
         let last = audit.flush_and_stop();
@@ -163,6 +168,57 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&control_path);
     Ok(())
+}
+
+/// Starts one proxy thread per core, each with a single-threaded runtime accepting on every
+/// listener (the kernel wakes one of them per connection). A connection and everything it
+/// causes (its requests, its upstream connections) stay on the thread that accepted it, so a
+/// request never hands off between cores.
+fn spawn_proxy_workers(
+    listeners: Vec<TcpListener>,
+    shared: &Arc<accept::Shared>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let listeners: Vec<std::net::TcpListener> = listeners
+        .into_iter()
+        .map(|l| l.into_std())
+        .collect::<Result<_, _>>()
+        .context("preparing the listeners for the proxy threads")?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut handles = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let own: Vec<std::net::TcpListener> = listeners
+            .iter()
+            .map(|l| l.try_clone())
+            .collect::<Result<_, _>>()
+            .context("sharing the listeners with the proxy threads")?;
+        let shared = shared.clone();
+        let cancel = cancel.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a proxy thread's runtime")?;
+        let handle = std::thread::Builder::new()
+            .name(format!("proxy-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let tracker = TaskTracker::new();
+                    for listener in own {
+                        match TcpListener::from_std(listener) {
+                            Ok(l) => {
+                                tracker.spawn(accept::serve(l, shared.clone(), cancel.clone()));
+                            }
+                            Err(e) => tracing::error!(error = %e, "proxy thread cannot use a listener"),
+                        }
+                    }
+                    tracker.close();
+                    tracker.wait().await;
+                });
+            })
+            .context("starting a proxy thread")?;
+        handles.push(handle);
+    }
+    Ok(handles)
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

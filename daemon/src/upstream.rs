@@ -9,6 +9,7 @@
 
 use std::{
     collections::HashMap,
+    thread::ThreadId,
     future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -61,10 +62,14 @@ pub enum UpstreamError {
     Tls(#[source] rustls::Error),
 }
 
-/// Pools of upstream connections, one per original destination.
+/// Pools of upstream connections, one per original destination and proxy thread.
+///
+/// brokerd serves connections on one single-threaded runtime per core, so keying the pools by
+/// thread keeps an agent connection, its upstream connection and their tasks on one thread: a
+/// request never wakes another core.
 pub struct Upstream {
     tls: ClientConfig,
-    clients: Mutex<HashMap<(SocketAddr, Protocols), UpstreamClient>>,
+    clients: Mutex<HashMap<(SocketAddr, Protocols, ThreadId), UpstreamClient>>,
 }
 
 /// Which HTTP versions an upstream connection may negotiate.
@@ -108,13 +113,14 @@ impl Upstream {
         })
     }
 
-    /// The pooled client that dials `dst` and may speak `protocols`.
+    /// The calling thread's pooled client that dials `dst` and may speak `protocols`.
     pub fn client(&self, dst: SocketAddr, protocols: Protocols) -> UpstreamClient {
+        let key = (dst, protocols, std::thread::current().id());
         let mut clients = match self.clients.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(c) = clients.get(&(dst, protocols)) {
+        if let Some(c) = clients.get(&key) {
             return c.clone();
         }
         if clients.len() >= MAX_DESTINATIONS {
@@ -132,7 +138,7 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
             .build(connector);
-        clients.insert((dst, protocols), client.clone());
+        clients.insert(key, client.clone());
         client
     }
 }

@@ -82,7 +82,10 @@ fn main() -> ExitCode {
             return ExitCode::from(64); // EX_USAGE
         }
     };
+    // The control plane (control socket, policy reloads, DNS, logs) needs little: one worker.
+    // Proxied connections run on the per-core threads `daemon::run` starts.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
     {
