@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::{
+    answered::AnsweredNames,
     capture::ConnectionOrigin,
     handle::{self, SwapContext},
     handle_store,
@@ -35,6 +36,8 @@ pub struct PolicyAuthorizer {
     limiter: Arc<Limiter>,
     /// The policy the limiter was last pruned for.
     limiter_policy: Mutex<usize>,
+    /// Names brokerd's DNS gave agents, for connections that carry no server name.
+    answered: Option<Arc<AnsweredNames>>,
 }
 
 /// How much of a limited response is kept to read an LLM API's `usage` from.
@@ -47,7 +50,15 @@ impl PolicyAuthorizer {
             vault,
             limiter: Arc::new(Limiter::new()),
             limiter_policy: Mutex::new(0),
+            answered: None,
         }
+    }
+
+    /// Lets connections without a server name be matched by the name brokerd's DNS gave the
+    /// agent for the address it dialed.
+    pub fn with_answered_names(mut self, answered: Arc<AnsweredNames>) -> Self {
+        self.answered = Some(answered);
+        self
     }
 
     /// Drops the counters of rules a reload removed (once per new policy).
@@ -76,7 +87,12 @@ impl Authorizer for PolicyAuthorizer {
     fn connection(&self, origin: &ConnectionOrigin, sni: Option<&str>) -> ConnectionVerdict {
         let policy = self.policy.borrow().clone();
         self.follow_reloads(&policy);
-        match policy.decide_connection(&origin.cgroup, origin.original_dst, sni, SystemTime::now())
+        let answered = match (sni, &self.answered) {
+            (None, Some(names)) => names.lookup(&origin.cgroup, origin.original_dst.ip()),
+            _ => None,
+        };
+        let name = sni.or(answered.as_deref());
+        match policy.decide_connection(&origin.cgroup, origin.original_dst, name, SystemTime::now())
         {
             ConnectionDecision::Tcp { rule, limit_keys } => {
                 if let Err(limited) = self.limiter.check(&limit_keys, Instant::now()) {

@@ -208,7 +208,9 @@ fn spawn_proxy_workers(
                             Ok(l) => {
                                 tracker.spawn(accept::serve(l, shared.clone(), cancel.clone()));
                             }
-                            Err(e) => tracing::error!(error = %e, "proxy thread cannot use a listener"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "proxy thread cannot use a listener")
+                            }
                         }
                     }
                     tracker.close();

@@ -12,6 +12,7 @@
 //! reply, or answer control requests from inside a tagged cgroup.
 
 pub mod accept;
+pub mod answered;
 pub mod audit;
 pub mod audit_access;
 pub mod authorize;

@@ -9,13 +9,13 @@
 
 use std::{
     collections::HashMap,
-    thread::ThreadId,
     future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
     pin::Pin,
     sync::Mutex,
     task::{Context, Poll},
+    thread::ThreadId,
     time::Duration,
 };
 
