@@ -12,7 +12,12 @@ use std::{
 };
 
 use agent_broker_protocol::{ConnectionRecord, OriginRecord, Outcome};
-use tokio::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -71,9 +76,46 @@ pub struct Shared {
     pub listeners: Arc<Vec<SocketAddr>>,
 }
 
-/// Accepts on `listener` until `cancel` fires; each connection is served on a task of the
-/// calling runtime.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
+/// An accepted connection on its way to a proxy thread.
+type Accepted = (std::net::TcpStream, SocketAddr);
+
+/// Hands accepted connections to the proxy threads in turn. A connection and everything it
+/// causes (its requests, its upstream connections) then stay on that thread's single-threaded
+/// runtime: requests never hop between cores, and the threads share the load evenly.
+pub struct Dispatch {
+    workers: Vec<mpsc::UnboundedSender<Accepted>>,
+    next: AtomicUsize,
+}
+
+impl Dispatch {
+    /// A dispatcher over `n` proxy threads, and the receiving end for each.
+    pub fn new(n: usize) -> (Self, Vec<mpsc::UnboundedReceiver<Accepted>>) {
+        let (workers, receivers) = (0..n.max(1)).map(|_| mpsc::unbounded_channel()).unzip();
+        (
+            Self {
+                workers,
+                next: AtomicUsize::new(0),
+            },
+            receivers,
+        )
+    }
+
+    fn send(&self, accepted: Accepted) {
+        let n = self.workers.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut accepted = accepted;
+        // A stopped thread (it only stops at shutdown) passes its turn to the next.
+        for i in 0..n {
+            match self.workers[(first + i) % n].send(accepted) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => accepted = back,
+            }
+        }
+    }
+}
+
+/// Accepts on `listener` until `cancel` fires and hands each connection to a proxy thread.
+pub async fn serve(listener: TcpListener, dispatch: Arc<Dispatch>, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -85,6 +127,26 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: Cancellat
                 // EMFILE and friends: back off instead of spinning.
                 warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match stream.into_std() {
+            Ok(stream) => dispatch.send((stream, peer)),
+            Err(e) => {
+                warn!(%peer, error = %e, "cannot hand an accepted connection to a proxy thread")
+            }
+        }
+    }
+}
+
+/// A proxy thread's loop: serves each connection handed to it on a task of its own runtime,
+/// until the dispatcher is gone.
+pub async fn run_worker(mut rx: mpsc::UnboundedReceiver<Accepted>, shared: Arc<Shared>) {
+    while let Some((stream, peer)) = rx.recv().await {
+        let stream = match TcpStream::from_std(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%peer, error = %e, "proxy thread cannot take an accepted connection");
                 continue;
             }
         };

@@ -99,16 +99,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker.spawn(capture::drive_logger_until(logger, cancel.clone()));
     }
     let recent = Arc::new(RecentConnections::default());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (dispatch, receivers) = accept::Dispatch::new(threads);
     let workers = spawn_proxy_workers(
-        listeners,
+        receivers,
         &Arc::new(accept::Shared {
             proxy: proxy.clone(),
             resolver: capture.resolver.clone(),
             recent: recent.clone(),
             listeners: Arc::new(addrs.clone()),
         }),
-        &cancel,
     )?;
+    let dispatch = Arc::new(dispatch);
+    for listener in listeners {
+        tracker.spawn(accept::serve(listener, dispatch.clone(), cancel.clone()));
+    }
+    // The accept loops hold the only handles now: when they stop, the proxy threads do too.
+    drop(dispatch);
     let state = Arc::new(ControlState {
         capture: capture.handle.clone(),
         resolver: capture.resolver.clone(),
@@ -170,53 +177,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts one proxy thread per core, each with a single-threaded runtime accepting on every
-/// listener (the kernel wakes one of them per connection). A connection and everything it
-/// causes (its requests, its upstream connections) stay on the thread that accepted it, so a
-/// request never hands off between cores.
+/// Starts one proxy thread per receiver (one per core), each with a single-threaded runtime
+/// serving the connections [`accept::Dispatch`] hands it.
 fn spawn_proxy_workers(
-    listeners: Vec<TcpListener>,
+    receivers: Vec<tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>>,
     shared: &Arc<accept::Shared>,
-    cancel: &CancellationToken,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
-    let listeners: Vec<std::net::TcpListener> = listeners
-        .into_iter()
-        .map(|l| l.into_std())
-        .collect::<Result<_, _>>()
-        .context("preparing the listeners for the proxy threads")?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut handles = Vec::with_capacity(threads);
-    for i in 0..threads {
-        let own: Vec<std::net::TcpListener> = listeners
-            .iter()
-            .map(|l| l.try_clone())
-            .collect::<Result<_, _>>()
-            .context("sharing the listeners with the proxy threads")?;
+    let mut handles = Vec::with_capacity(receivers.len());
+    for (i, rx) in receivers.into_iter().enumerate() {
         let shared = shared.clone();
-        let cancel = cancel.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting a proxy thread's runtime")?;
         let handle = std::thread::Builder::new()
             .name(format!("proxy-{i}"))
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let tracker = TaskTracker::new();
-                    for listener in own {
-                        match TcpListener::from_std(listener) {
-                            Ok(l) => {
-                                tracker.spawn(accept::serve(l, shared.clone(), cancel.clone()));
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "proxy thread cannot use a listener")
-                            }
-                        }
-                    }
-                    tracker.close();
-                    tracker.wait().await;
-                });
-            })
+            .spawn(move || runtime.block_on(accept::run_worker(rx, shared)))
             .context("starting a proxy thread")?;
         handles.push(handle);
     }
