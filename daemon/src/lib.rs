@@ -26,6 +26,7 @@ pub mod explain;
 pub mod handle;
 pub mod handle_store;
 pub mod inject;
+pub mod launcher;
 pub mod policy;
 pub mod policy_store;
 pub mod proxy;

@@ -1,6 +1,6 @@
 //! brokerctl: the operator's command line for brokerd. See `brokerctl --help`.
 
-use std::{ffi::OsString, os::unix::process::CommandExt as _, path::PathBuf, process::ExitCode};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
 use agent_broker::{
     cgroup::{CgroupPath, CgroupRoot},
@@ -43,10 +43,22 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         cgroup: String,
     },
-    /// Start a command inside a tagged cgroup (tagging it first if needed).
+    /// Start a command inside a tagged cgroup (tagging it first if needed), sandboxed.
     ///
-    /// brokerctl asks brokerd to tag the cgroup, moves itself into it, and executes CMD, which
-    /// keeps brokerctl's pid. If brokerd cannot be reached, CMD is not started.
+    /// brokerctl asks brokerd to tag the cgroup (CMD is not started if brokerd cannot be
+    /// reached), then starts CMD directly inside the cgroup (clone3 CLONE_INTO_CGROUP) with only
+    /// stdin, stdout and stderr open, and before executing it: a private mount namespace without
+    /// cgroupfs and bpffs, with the system CA bundle plus the broker CA mounted read-only over the
+    /// standard bundle paths (and SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, REQUESTS_CA_BUNDLE,
+    /// CURL_CA_BUNDLE, GIT_SSL_CAINFO pointing at it); an unprivileged identity (--user, or root
+    /// inside a user namespace: --userns, the default); no capabilities and no_new_privs; a
+    /// Landlock domain (read-only file system except the work directory, --allow-write
+    /// directories and /tmp, /var/tmp, /dev/shm; no signals or abstract UNIX sockets outside it);
+    /// a seccomp filter refusing AF_PACKET, AF_VSOCK, AF_XDP, AF_SMC, AF_KEY and AF_ALG sockets,
+    /// bpf, ptrace, process_vm_readv/writev, perf_event_open, keyrings, modules, kexec,
+    /// userfaultfd and io_uring. brokerctl waits for CMD, forwards SIGINT, SIGTERM, SIGHUP and
+    /// SIGQUIT to it, and exits with its status (128 + signal if it was killed; 126 if it could
+    /// not be started). Needs root.
     Run {
         /// cgroup path relative to the cgroup2 mount.
         #[arg(long, value_name = "PATH")]
@@ -54,6 +66,23 @@ enum Command {
         /// Create the cgroup if it does not exist.
         #[arg(long)]
         create: bool,
+        /// Run as this unprivileged uid (and gid; default: the same number). 0 is refused.
+        #[arg(long, value_name = "UID[:GID]", value_parser = parse_identity, conflicts_with = "userns")]
+        user: Option<agent_broker::launcher::Identity>,
+        /// Run as root inside a new user namespace whose root maps to --userns-uid on the host
+        /// (the default when --user is not given).
+        #[arg(long)]
+        userns: bool,
+        /// The host uid (and gid) the user namespace's root maps to.
+        #[arg(long, value_name = "UID", default_value_t = 65534, value_parser = clap::value_parser!(u32).range(1..))]
+        userns_uid: u32,
+        /// Working directory of CMD, writable under Landlock [default: the current directory].
+        #[arg(long, value_name = "DIR")]
+        workdir: Option<PathBuf>,
+        /// A directory CMD may write besides the work directory and the scratch places
+        /// (repeatable).
+        #[arg(long, value_name = "DIR")]
+        allow_write: Vec<PathBuf>,
         /// The command and its arguments.
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -124,6 +153,10 @@ enum LogsCommand {
 }
 
 /// `--since`: an RFC 3339 time or an age, as Unix milliseconds.
+fn parse_identity(s: &str) -> Result<agent_broker::launcher::Identity, String> {
+    agent_broker::launcher::Identity::parse_user(s)
+}
+
 fn parse_since(s: &str) -> Result<u64, String> {
     let now = std::time::SystemTime::now();
     let at = match humantime::parse_rfc3339_weak(s) {
@@ -280,15 +313,45 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Run {
             cgroup,
             create,
+            user,
+            userns: _,
+            userns_uid,
+            workdir,
+            allow_write,
             command,
         } => {
+            if !nix::unistd::geteuid().is_root() {
+                bail!(
+                    "brokerctl run needs root: it starts the agent inside its cgroup with a \
+                     private mount namespace and an identity of its own"
+                );
+            }
             let path = CgroupPath::parse(&cgroup)?;
             attach(&args.run_dir, &path, create)?;
+            let pem = match call(&args.run_dir, &Request::CaCert)? {
+                Response::CaCert { pem } => pem,
+                other => return Err(unexpected(other)),
+            };
             let root = CgroupRoot::discover()?;
-            root.join(&path, std::process::id())?;
             let (program, rest) = command.split_first().context("no command given")?;
-            let err = std::process::Command::new(program).args(rest).exec();
-            bail!("cannot execute {}: {err}", program.to_string_lossy());
+            let workdir = match workdir {
+                Some(w) => w,
+                None => std::env::current_dir().context("reading the current directory")?,
+            };
+            let spec = agent_broker::launcher::LaunchSpec {
+                cgroup_dir: root.dir(&path),
+                identity: user.unwrap_or(agent_broker::launcher::Identity::UserNs {
+                    host_uid: userns_uid,
+                    host_gid: userns_uid,
+                }),
+                workdir,
+                allow_write,
+                ca_bundle: agent_broker::launcher::merged_ca_bundle(&pem),
+                program: program.clone(),
+                args: rest.to_vec(),
+            };
+            let code = agent_broker::launcher::launch(&spec)?;
+            std::process::exit(code);
         }
         Command::Status { json } => match call(&args.run_dir, &Request::Status)? {
             Response::Status(status) if json => {

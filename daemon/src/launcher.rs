@@ -1,0 +1,401 @@
+//! The hardened launcher behind `brokerctl run` (THREAT-MODEL.md 3.2).
+//!
+//! The agent is created directly inside its cgroup (`clone3` with `CLONE_INTO_CGROUP`), so not
+//! one instruction of it runs outside the tagged cgroup, and it starts with nothing but stdio.
+//! Before `execve`, in this order, the child:
+//!
+//! 1. enters a private mount namespace and removes every cgroup, cgroup2 and bpf filesystem from
+//!    it (so it cannot move itself out of its cgroup or open the pinned links even if it found a
+//!    way to root), and bind-mounts a merged CA bundle (system roots + the broker CA) read-only
+//!    over the standard bundle paths;
+//! 2. takes its identity: a dedicated unprivileged uid (`--user`), or root inside a new user
+//!    namespace whose root maps to an unprivileged host uid (`--userns`). The mounts of step 1
+//!    were made before, by real root, so the namespace's root cannot undo them;
+//! 3. drops every capability (bounding, ambient, permitted, effective, inheritable) and sets
+//!    `no_new_privs`, so setuid binaries and file capabilities give nothing back;
+//! 4. enters a Landlock domain where available: the file system is read-only except the work
+//!    directory, `--allow-write` directories and the usual scratch places, and abstract UNIX
+//!    sockets and signals cannot reach outside the sandbox (brokerd, the user's processes);
+//! 5. installs a seccomp filter returning EPERM for socket families the cgroup hooks cannot see
+//!    (AF_PACKET, AF_VSOCK, AF_XDP, AF_SMC, AF_KEY, AF_ALG), for `bpf`, `ptrace`,
+//!    `process_vm_readv/writev`, `perf_event_open`, kernel keyrings, module and kexec calls,
+//!    `userfaultfd`, and for io_uring (whose socket operations would bypass the `socket` check);
+//! 6. closes every descriptor above stderr and executes the command.
+//!
+//! brokerctl stays as the agent's parent: it forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT and
+//! exits with the agent's status (128 + signal when it was killed).
+
+mod confine;
+
+use std::{
+    ffi::{CString, OsString},
+    fs,
+    io::{Read as _, Write as _},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::{OsStrExt as _, OsStringExt as _},
+    },
+    path::PathBuf,
+    sync::atomic::{AtomicI32, Ordering},
+};
+
+/// Who the agent runs as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// A dedicated unprivileged uid and gid; supplementary groups are cleared.
+    User { uid: u32, gid: u32 },
+    /// Root inside a new user namespace whose uid and gid 0 map to these host ids.
+    UserNs { host_uid: u32, host_gid: u32 },
+}
+
+impl Identity {
+    /// Parses `--user UID[:GID]` (the gid defaults to the uid). Root is refused: an agent that
+    /// is real root can leave its cgroup and detach the programs.
+    pub fn parse_user(s: &str) -> Result<Self, String> {
+        let (uid, gid) = match s.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (s, None),
+        };
+        let uid: u32 = uid
+            .parse()
+            .map_err(|_| format!("{uid:?} is not a numeric uid"))?;
+        let gid: u32 = match gid {
+            Some(g) => g
+                .parse()
+                .map_err(|_| format!("{g:?} is not a numeric gid"))?,
+            None => uid,
+        };
+        if uid == 0 || gid == 0 {
+            return Err(
+                "the agent may not run as root (uid or gid 0): it could leave its cgroup; use \
+                 --userns for root inside a user namespace"
+                    .into(),
+            );
+        }
+        Ok(Self::User { uid, gid })
+    }
+}
+
+/// The standard CA bundle paths the merged bundle is mounted over (those that exist).
+pub const CA_BUNDLE_PATHS: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+    "/etc/ssl/ca-bundle.pem",
+];
+
+/// Environment variables pointed at the merged bundle, for runtimes that do not read the
+/// system bundle (Node) or that replace it when set.
+pub const CA_ENV: [&str; 5] = [
+    "SSL_CERT_FILE",
+    "NODE_EXTRA_CA_CERTS",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+];
+
+/// What to start and how.
+#[derive(Clone, Debug)]
+pub struct LaunchSpec {
+    /// The cgroup directory (under the cgroup2 mount) the agent is created in.
+    pub cgroup_dir: PathBuf,
+    pub identity: Identity,
+    /// The agent's working directory (writable under Landlock).
+    pub workdir: PathBuf,
+    /// More directories the agent may write.
+    pub allow_write: Vec<PathBuf>,
+    /// The merged CA bundle (PEM).
+    pub ca_bundle: Vec<u8>,
+    pub program: OsString,
+    pub args: Vec<OsString>,
+}
+
+/// Errors before the agent was started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LaunchError {
+    let what = what.into();
+    move |source| LaunchError::Io { what, source }
+}
+
+/// The system CA bundle followed by the broker CA.
+pub fn merged_ca_bundle(broker_ca_pem: &str) -> Vec<u8> {
+    let mut bundle = CA_BUNDLE_PATHS
+        .iter()
+        .find_map(|p| fs::read(p).ok())
+        .unwrap_or_default();
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(b"# agent-broker CA (added by brokerctl run)\n");
+    bundle.extend_from_slice(broker_ca_pem.as_bytes());
+    if !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle
+}
+
+/// The agent's pid, for the signal forwarder.
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(sig: libc::c_int) {
+    let pid = CHILD.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io("pipe")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Starts the agent as described in the module documentation and waits for it. Returns the
+/// exit code brokerctl should exit with. Must be called while the process is single-threaded
+/// (the child runs Rust code between clone and exec).
+pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
+    let cgroup = fs::File::open(&spec.cgroup_dir)
+        .map_err(io(format!("opening cgroup {}", spec.cgroup_dir.display())))?;
+    // Everything the child needs is prepared here, so a failure is reported before anything
+    // starts, and the child only makes system calls.
+    let program = CString::new(spec.program.as_bytes())
+        .map_err(|_| LaunchError::Invalid("the command contains a NUL byte".into()))?;
+    let mut argv = vec![program.clone()];
+    for a in &spec.args {
+        argv.push(CString::new(a.as_bytes()).map_err(|_| {
+            LaunchError::Invalid("an argument of the command contains a NUL byte".into())
+        })?);
+    }
+    let filter = confine::seccomp_filter()?;
+    let plan = confine::Plan {
+        identity: spec.identity,
+        workdir: spec.workdir.clone(),
+        allow_write: spec.allow_write.clone(),
+        ca_bundle: spec.ca_bundle.clone(),
+    };
+    let (ready_r, ready_w) = pipe()?; // child -> parent: user namespace created
+    let (go_r, go_w) = pipe()?; // parent -> child: ids mapped
+
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 with a fully initialised clone_args of the size passed and no stack, so
+    // the child continues on a copy of this stack, like fork. The process is single-threaded
+    // (documented precondition), so no lock is held by a thread that does not exist in the child.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(io(format!(
+            "starting the agent in cgroup {} (clone3 with CLONE_INTO_CGROUP needs Linux 5.7)",
+            spec.cgroup_dir.display()
+        ))(e));
+    }
+    if pid == 0 {
+        drop(ready_r);
+        drop(go_w);
+        let code = match confine::child(&plan, &filter, ready_w, go_r, &program, &argv) {
+            Ok(never) => match never {},
+            Err(e) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "brokerctl run: {e}; the agent was not started"
+                );
+                126
+            }
+        };
+        // SAFETY: _exit ends the child without running the parent's atexit handlers twice.
+        unsafe { libc::_exit(code) };
+    }
+    let pid = pid as i32;
+    CHILD.store(pid, Ordering::SeqCst);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        // SAFETY: installs an async-signal-safe handler.
+        unsafe { libc::signal(sig, forward_signal as *const () as libc::sighandler_t) };
+    }
+    drop(ready_w);
+    drop(go_r);
+    drop(cgroup);
+    if let Identity::UserNs { host_uid, host_gid } = spec.identity {
+        let mut ready = fs::File::from(ready_r);
+        let mut byte = [0u8; 1];
+        // The child writes one byte after unshare(CLONE_NEWUSER), or exits on a failure (EOF).
+        if matches!(ready.read(&mut byte), Ok(1)) {
+            let mapped = write_id_maps(pid, host_uid, host_gid);
+            let mut go = fs::File::from(go_w);
+            let _ = go.write_all(if mapped.is_ok() { b"1" } else { b"0" });
+            if let Err(e) = mapped {
+                eprintln!("brokerctl run: {e}");
+            }
+        }
+    } else {
+        drop(ready_r);
+        drop(go_w);
+    }
+    wait_for(pid)
+}
+
+fn write_id_maps(pid: i32, host_uid: u32, host_gid: u32) -> Result<(), LaunchError> {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    fs::write(proc.join("setgroups"), "deny").map_err(io("writing setgroups deny"))?;
+    fs::write(proc.join("uid_map"), format!("0 {host_uid} 1\n"))
+        .map_err(io("writing the agent's uid_map"))?;
+    fs::write(proc.join("gid_map"), format!("0 {host_gid} 1\n"))
+        .map_err(io("writing the agent's gid_map"))?;
+    Ok(())
+}
+
+fn wait_for(pid: i32) -> Result<i32, LaunchError> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io("waiting for the agent")(e));
+        }
+        if libc::WIFEXITED(status) {
+            return Ok(libc::WEXITSTATUS(status));
+        }
+        if libc::WIFSIGNALED(status) {
+            return Ok(128 + libc::WTERMSIG(status));
+        }
+    }
+}
+
+/// Decodes the octal escapes (`\040` for a space) of a mountinfo path.
+fn unescape_mount_path(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(OsString::from_vec(out))
+}
+
+/// Mount points of the given file system types in a mountinfo text, deepest first.
+fn mounts_of_types(mountinfo: &str, types: &[&str]) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split_whitespace().next()?;
+            let point = left.split_whitespace().nth(4)?;
+            types.contains(&fstype).then(|| unescape_mount_path(point))
+        })
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    found.dedup();
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_parse_and_root_is_refused() {
+        assert_eq!(
+            Identity::parse_user("1000"),
+            Ok(Identity::User {
+                uid: 1000,
+                gid: 1000
+            })
+        );
+        assert_eq!(
+            Identity::parse_user("1000:2000"),
+            Ok(Identity::User {
+                uid: 1000,
+                gid: 2000
+            })
+        );
+        for bad in ["0", "0:5", "5:0", "root", "", "1000:", "-1"] {
+            assert!(Identity::parse_user(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn mountinfo_cgroup_and_bpf_mounts_are_found_deepest_first() {
+        let text = "\
+22 1 0:21 / /sys rw,nosuid - sysfs sysfs rw
+30 22 0:26 / /sys/fs/cgroup ro - tmpfs tmpfs ro
+31 30 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
+32 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
+40 22 0:35 / /sys/fs/bpf rw - bpf bpf rw
+41 1 0:36 / /mnt/with\\040space rw - bpf bpf rw
+";
+        let found = mounts_of_types(text, &["cgroup", "cgroup2", "bpf"]);
+        assert_eq!(
+            found,
+            [
+                PathBuf::from("/sys/fs/cgroup/unified"),
+                PathBuf::from("/sys/fs/cgroup/cpu"),
+                PathBuf::from("/mnt/with space"),
+                PathBuf::from("/sys/fs/bpf"),
+            ]
+        );
+    }
+
+    #[test]
+    fn merged_bundle_ends_with_the_broker_ca() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+        let bundle = merged_ca_bundle(pem);
+        let text = String::from_utf8(bundle).expect("utf8");
+        assert!(text.ends_with(&format!("{pem}\n")));
+    }
+}

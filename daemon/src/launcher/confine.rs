@@ -1,0 +1,397 @@
+//! The child's side of the launcher: the steps between `clone3` and `execve`.
+//!
+//! Runs in the freshly cloned, single-threaded child. Every failure is returned with the step
+//! that failed; the caller prints it and exits 126 without starting the agent.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    ffi::{CStr, CString},
+    fs,
+    io::{Read as _, Write as _},
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::PathBuf,
+};
+
+use landlock::{
+    ABI, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreatedAttr,
+    Scope, path_beneath_rules,
+};
+use nix::mount::{MntFlags, MsFlags};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use super::{CA_BUNDLE_PATHS, CA_ENV, Identity, LaunchError, io, mounts_of_types};
+
+/// What the child applies.
+pub struct Plan {
+    pub identity: Identity,
+    pub workdir: PathBuf,
+    pub allow_write: Vec<PathBuf>,
+    pub ca_bundle: Vec<u8>,
+}
+
+/// Socket families refused by the seccomp filter: the cgroup hooks only see AF_INET, AF_INET6
+/// and AF_UNIX. AF_VSOCK needs no privilege and reaches the hypervisor on a VM.
+pub const DENIED_FAMILIES: [(i32, &str); 6] = [
+    (libc::AF_PACKET, "AF_PACKET"),
+    (libc::AF_VSOCK, "AF_VSOCK"),
+    (libc::AF_XDP, "AF_XDP"),
+    (43, "AF_SMC"),
+    (libc::AF_KEY, "AF_KEY"),
+    (libc::AF_ALG, "AF_ALG"),
+];
+
+/// System calls refused outright (EPERM).
+const DENIED_SYSCALLS: [(libc::c_long, &str); 17] = [
+    (libc::SYS_bpf, "bpf"),
+    (libc::SYS_ptrace, "ptrace"),
+    (libc::SYS_process_vm_readv, "process_vm_readv"),
+    (libc::SYS_process_vm_writev, "process_vm_writev"),
+    (libc::SYS_perf_event_open, "perf_event_open"),
+    (libc::SYS_kexec_load, "kexec_load"),
+    (libc::SYS_kexec_file_load, "kexec_file_load"),
+    (libc::SYS_init_module, "init_module"),
+    (libc::SYS_finit_module, "finit_module"),
+    (libc::SYS_delete_module, "delete_module"),
+    (libc::SYS_keyctl, "keyctl"),
+    (libc::SYS_add_key, "add_key"),
+    (libc::SYS_request_key, "request_key"),
+    (libc::SYS_userfaultfd, "userfaultfd"),
+    (libc::SYS_io_uring_setup, "io_uring_setup"),
+    (libc::SYS_io_uring_enter, "io_uring_enter"),
+    (libc::SYS_io_uring_register, "io_uring_register"),
+];
+
+/// The seccomp filter (built before the clone, so the child does not allocate for it).
+pub fn seccomp_filter() -> Result<BpfProgram, LaunchError> {
+    let err = |e: seccompiler::BackendError| LaunchError::Invalid(format!("seccomp filter: {e}"));
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for (nr, _) in DENIED_SYSCALLS {
+        rules.insert(nr, Vec::new());
+    }
+    for syscall in [libc::SYS_socket, libc::SYS_socketpair] {
+        let mut by_family = Vec::new();
+        for (family, _) in DENIED_FAMILIES {
+            by_family.push(
+                SeccompRule::new(vec![
+                    SeccompCondition::new(
+                        0,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Eq,
+                        family as u64,
+                    )
+                    .map_err(err)?,
+                ])
+                .map_err(err)?,
+            );
+        }
+        rules.insert(syscall, by_family);
+    }
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| LaunchError::Invalid(format!("seccomp: {e}")))?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(err)?;
+    BpfProgram::try_from(filter).map_err(err)
+}
+
+fn last_os(what: &str) -> LaunchError {
+    io(what.to_string())(std::io::Error::last_os_error())
+}
+
+fn check(r: libc::c_int, what: &str) -> Result<(), LaunchError> {
+    if r < 0 { Err(last_os(what)) } else { Ok(()) }
+}
+
+/// Runs the steps and executes the agent; returns only on failure.
+pub fn child(
+    plan: &Plan,
+    filter: &BpfProgram,
+    ready: OwnedFd,
+    go: OwnedFd,
+    program: &CStr,
+    argv: &[CString],
+) -> Result<Infallible, LaunchError> {
+    private_mounts(plan)?;
+    match plan.identity {
+        Identity::User { uid, gid } => {
+            drop_bounding_set()?;
+            // SAFETY: plain system calls with valid arguments.
+            unsafe {
+                check(
+                    libc::setgroups(0, std::ptr::null()),
+                    "clearing supplementary groups",
+                )?;
+                check(libc::setresgid(gid, gid, gid), "setting the agent's gid")?;
+                check(libc::setresuid(uid, uid, uid), "setting the agent's uid")?;
+            }
+        }
+        Identity::UserNs { .. } => {
+            // SAFETY: plain system call.
+            check(
+                unsafe { libc::unshare(libc::CLONE_NEWUSER) },
+                "creating the user namespace",
+            )?;
+            let mut ready = fs::File::from(ready);
+            ready
+                .write_all(b"1")
+                .map_err(io("telling brokerctl the user namespace exists"))?;
+            drop(ready);
+            let mut go = fs::File::from(go);
+            let mut answer = [0u8; 1];
+            if !matches!(go.read(&mut answer), Ok(1)) || answer[0] != b'1' {
+                return Err(LaunchError::Invalid(
+                    "brokerctl could not map the user namespace's ids".into(),
+                ));
+            }
+            // SAFETY: plain system calls; uid/gid 0 are mapped by now.
+            unsafe {
+                check(
+                    libc::setresgid(0, 0, 0),
+                    "becoming gid 0 in the user namespace",
+                )?;
+                check(
+                    libc::setresuid(0, 0, 0),
+                    "becoming uid 0 in the user namespace",
+                )?;
+            }
+            drop_bounding_set()?;
+        }
+    }
+    drop_capabilities()?;
+    // SAFETY: plain prctl.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+        "setting no_new_privs",
+    )?;
+    landlock(plan)?;
+    std::env::set_current_dir(&plan.workdir).map_err(io(format!(
+        "changing to the work directory {}",
+        plan.workdir.display()
+    )))?;
+    seccompiler::apply_filter(filter)
+        .map_err(|e| LaunchError::Invalid(format!("installing the seccomp filter: {e}")))?;
+    // SAFETY: closes every descriptor from 3 up; nothing in this process uses them any more.
+    check(
+        unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) as libc::c_int },
+        "closing inherited descriptors",
+    )?;
+    let err = nix::unistd::execvp(program, argv).unwrap_err();
+    Err(LaunchError::Invalid(format!(
+        "cannot execute {}: {err}",
+        program.to_string_lossy()
+    )))
+}
+
+/// Step 1: private mount namespace without cgroupfs and bpffs, merged CA bundle in place.
+fn private_mounts(plan: &Plan) -> Result<(), LaunchError> {
+    // SAFETY: plain system call.
+    check(
+        unsafe { libc::unshare(libc::CLONE_NEWNS) },
+        "creating the mount namespace",
+    )?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| io("making the mounts private")(e.into()))?;
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(io("reading /proc/self/mountinfo"))?;
+    for point in mounts_of_types(&mountinfo, &["cgroup", "cgroup2", "bpf"]) {
+        if nix::mount::umount2(&point, MntFlags::MNT_DETACH).is_err() {
+            // Not unmountable (already covered, or busy): cover it with an empty read-only tmpfs.
+            nix::mount::mount(
+                Some("tmpfs"),
+                &point,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=4k,mode=0555"),
+            )
+            .map_err(|e| io(format!("hiding {}", point.display()))(e.into()))?;
+        }
+    }
+    let still = mounts_of_types(
+        &fs::read_to_string("/proc/self/mountinfo").map_err(io("reading /proc/self/mountinfo"))?,
+        &["cgroup", "cgroup2", "bpf"],
+    );
+    if !still.is_empty() {
+        return Err(LaunchError::Invalid(format!(
+            "cgroup or bpf file systems are still mounted at {still:?}"
+        )));
+    }
+    mount_ca_bundle(plan)
+}
+
+fn mount_ca_bundle(plan: &Plan) -> Result<(), LaunchError> {
+    let targets: Vec<&str> = CA_BUNDLE_PATHS
+        .iter()
+        .copied()
+        .filter(|p| std::path::Path::new(p).is_file())
+        .collect();
+    let Some(first) = targets.first() else {
+        return Ok(());
+    };
+    // The bundle needs a file on a mount of this namespace to be bind-mounted from (a memfd's
+    // internal mount is refused). A small tmpfs over the cgroup directory serves as that, and
+    // also leaves nothing of cgroupfs to see there.
+    let staging = ["/sys/fs/cgroup", "/mnt"]
+        .into_iter()
+        .find(|d| std::path::Path::new(d).is_dir())
+        .ok_or_else(|| LaunchError::Invalid("no directory to stage the CA bundle in".into()))?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        staging,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=8m,mode=0755"),
+    )
+    .map_err(|e| io(format!("mounting a tmpfs on {staging}"))(e.into()))?;
+    let source = std::path::Path::new(staging).join("agent-broker-ca-bundle.pem");
+    {
+        let mut file = fs::File::create(&source).map_err(io("writing the CA bundle"))?;
+        file.write_all(&plan.ca_bundle)
+            .map_err(io("writing the CA bundle"))?;
+        // SAFETY: plain system call on our own descriptor.
+        check(
+            unsafe { libc::fchmod(file.as_raw_fd(), 0o444) },
+            "chmod of the CA bundle",
+        )?;
+    }
+    nix::mount::mount(
+        None::<&str>,
+        staging,
+        None::<&str>,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| io(format!("making {staging} read-only"))(e.into()))?;
+    for target in &targets {
+        nix::mount::mount(
+            Some(&source),
+            *target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| io(format!("mounting the CA bundle over {target}"))(e.into()))?;
+        nix::mount::mount(
+            None::<&str>,
+            *target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| io(format!("making {target} read-only"))(e.into()))?;
+    }
+    for var in CA_ENV {
+        // SAFETY: the child is single-threaded; nothing reads the environment concurrently.
+        unsafe { std::env::set_var(var, first) };
+    }
+    Ok(())
+}
+
+fn last_cap() -> u32 {
+    fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+fn drop_bounding_set() -> Result<(), LaunchError> {
+    for cap in 0..=last_cap() {
+        // SAFETY: plain prctl; EINVAL for a capability this kernel does not know is ignored.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(last_os("dropping the capability bounding set"));
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn drop_capabilities() -> Result<(), LaunchError> {
+    // SAFETY: plain prctl.
+    check(
+        unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
+        },
+        "clearing ambient capabilities",
+    )?;
+    let header = CapHeader {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: capset with a v3 header and the two data words it expects.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    check(r as libc::c_int, "dropping capabilities")
+}
+
+/// Step 4: Landlock, best effort for the running kernel's ABI.
+fn landlock(plan: &Plan) -> Result<(), LaunchError> {
+    let abi = ABI::V6;
+    let err = |e: landlock::RulesetError| LaunchError::Invalid(format!("landlock: {e}"));
+    let mut writable: Vec<PathBuf> = vec![
+        plan.workdir.clone(),
+        "/tmp".into(),
+        "/var/tmp".into(),
+        "/dev/shm".into(),
+        "/dev/null".into(),
+        "/dev/zero".into(),
+        "/dev/full".into(),
+        "/dev/tty".into(),
+        "/dev/pts".into(),
+        "/dev/urandom".into(),
+        "/dev/random".into(),
+    ];
+    writable.extend(plan.allow_write.iter().cloned());
+    writable.retain(|p| p.exists());
+    Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(err)?
+        .scope(Scope::from_all(abi))
+        .map_err(err)?
+        .create()
+        .map_err(err)?
+        .add_rules(path_beneath_rules(["/"], AccessFs::from_read(abi)))
+        .map_err(err)?
+        .add_rules(path_beneath_rules(&writable, AccessFs::from_all(abi)))
+        .map_err(err)?
+        .restrict_self()
+        .map_err(err)?;
+    Ok(())
+}
