@@ -74,6 +74,8 @@ pub struct Shared {
     pub recent: Arc<RecentConnections>,
     /// brokerd's own listen addresses.
     pub listeners: Arc<Vec<SocketAddr>>,
+    /// Answers DNS over TCP (connections to port 53).
+    pub dns: Arc<crate::dns::DnsServer>,
 }
 
 /// An accepted connection on its way to a proxy thread.
@@ -152,27 +154,13 @@ pub async fn run_worker(mut rx: mpsc::UnboundedReceiver<Accepted>, shared: Arc<S
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            handle(
-                stream,
-                peer,
-                shared.proxy.clone(),
-                &shared.resolver,
-                &shared.recent,
-                &shared.listeners,
-            )
-            .await;
+            handle(stream, peer, &shared).await;
         });
     }
 }
 
-async fn handle(
-    agent: TcpStream,
-    peer: SocketAddr,
-    proxy: Arc<Proxy>,
-    resolver: &OriginResolver,
-    recent: &RecentConnections,
-    listeners: &[SocketAddr],
-) {
+async fn handle(agent: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let (resolver, recent, listeners) = (&shared.resolver, &shared.recent, &shared.listeners);
     let time_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -207,7 +195,12 @@ async fn handle(
     }
     log_connection(&origin, peer, "brokered", None);
     recent.push(record(time_ms, peer, &origin, Outcome::Brokered));
-    proxy.serve(agent, origin).await;
+    if origin.original_dst.port() == agent_broker_common::DNS_PORT {
+        // DNS over TCP: answered by brokerd like the UDP queries, never passed on.
+        shared.dns.serve_tcp(agent, origin).await;
+        return;
+    }
+    shared.proxy.clone().serve(agent, origin).await;
 }
 
 fn log_connection(

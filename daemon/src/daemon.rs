@@ -13,12 +13,14 @@ use tracing::info;
 
 use crate::{
     accept::{self, RecentConnections},
+    answered::AnsweredNames,
     audit::AuditLog,
     authorize::PolicyAuthorizer,
     capture::{self, CaptureConfig},
     cgroup::CgroupRoot,
     config::Config,
     control::{self, ControlState},
+    dns::{self, DnsServer},
     policy_store::PolicyStore,
     proxy::Proxy,
     secret::SecretValue,
@@ -57,12 +59,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (audit, audit_writer) =
         AuditLog::open(&config.state_dir, config.audit_retention)?.writer()?;
     let event_log = Arc::new(audit.clone());
+    let answered = Arc::new(AnsweredNames::default());
     let proxy = Arc::new(Proxy {
         minter,
         upstream,
-        authorizer: Arc::new(PolicyAuthorizer::new(policy.subscribe(), vault.clone())),
+        authorizer: Arc::new(
+            PolicyAuthorizer::new(policy.subscribe(), vault.clone())
+                .with_answered_names(answered.clone()),
+        ),
         events: event_log.clone(),
     });
+    let dns_upstreams = if config.dns_upstream.is_empty() {
+        match dns::upstreams_from_resolv_conf(std::path::Path::new("/etc/resolv.conf")) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "agents' allowed DNS names will get SERVFAIL");
+                Vec::new()
+            }
+        }
+    } else {
+        config.dns_upstream.clone()
+    };
+    info!(upstreams = ?dns_upstreams, "DNS for agents: allowed names are forwarded there");
+    let dns = Arc::new(DnsServer::new(
+        dns_upstreams,
+        policy.subscribe(),
+        event_log.clone(),
+        answered,
+    ));
 
     // Bind first: the kernel side needs the final port, and a bind failure must not leave
     // programs redirecting to a port we do not own.
@@ -108,6 +132,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             resolver: capture.resolver.clone(),
             recent: recent.clone(),
             listeners: Arc::new(addrs.clone()),
+            dns: dns.clone(),
         }),
     )?;
     let dispatch = Arc::new(dispatch);
@@ -116,16 +141,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     // The accept loops hold the only handles now: when they stop, the proxy threads do too.
     drop(dispatch);
+    let dns_listeners: Vec<SocketAddr> = dns_sockets
+        .iter()
+        .map(|s| s.local_addr())
+        .collect::<Result<_, _>>()?;
+    for socket in dns_sockets {
+        let resolver = capture.resolver.clone();
+        tracker.spawn(dns.clone().serve_udp(
+            socket,
+            Arc::new(move |peer| resolver.resolve_dns(peer).ok()),
+            cancel.clone(),
+        ));
+    }
     let state = Arc::new(ControlState {
         capture: capture.handle.clone(),
         resolver: capture.resolver.clone(),
         recent,
         root,
         listeners: addrs.clone(),
-        dns_listeners: dns_sockets
-            .iter()
-            .map(|s| s.local_addr())
-            .collect::<Result<_, _>>()?,
+        dns_listeners,
         lsm: capture.lsm.clone(),
         pin_dir: config.pin_dir.clone(),
         vault,

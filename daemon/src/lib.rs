@@ -22,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dns;
 pub mod explain;
 pub mod handle;
 pub mod handle_store;

@@ -127,6 +127,9 @@ pub enum EventKind {
     Detach,
     /// The policy was (re)loaded, or a reload failed.
     PolicyReload,
+    /// A DNS query from an agent: `host` is the name, `method` the record type, `status` the
+    /// DNS response code, `decision` allow or deny.
+    Dns,
 }
 
 /// Which side a failure came from.

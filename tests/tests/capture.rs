@@ -583,7 +583,7 @@ fn acceptance_brokerctl_run_curl_reaches_local_http_server() {
     let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let curl_pid = child.id();
+    let launcher_pid = child.id();
     let out = wait_with_timeout(child, SHORT * 2, "brokerctl run -- curl");
     assert!(
         out.status.success(),
@@ -595,9 +595,13 @@ fn acceptance_brokerctl_run_curl_reaches_local_http_server() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), body, "curl's output");
 
     let record = broker.wait_connection("curl", |c| {
-        c.origin.as_ref().is_some_and(|o| o.pid == curl_pid)
+        c.origin.as_ref().is_some_and(|o| o.comm == "curl")
     });
     let origin = record.origin.clone().unwrap_or_else(|| panic!("no origin"));
+    // The launcher stays as curl's parent (it forwards signals and reports the exit status), so
+    // curl has a pid of its own.
+    let curl_pid = origin.pid;
+    assert_ne!(curl_pid, launcher_pid, "{record:?}");
     assert_eq!(origin.cgroup, demo, "{record:?}");
     assert_eq!(origin.comm, "curl", "{record:?}");
     assert_eq!(origin.original_dst, http.addr(), "{record:?}");

@@ -244,6 +244,7 @@ fn kind_tag(kind: Option<EventKind>) -> &'static str {
         Some(EventKind::Attach) => "ATTACH",
         Some(EventKind::Detach) => "DETACH",
         Some(EventKind::PolicyReload) => "RELOAD",
+        Some(EventKind::Dns) => "DNS",
     }
 }
 
@@ -511,6 +512,7 @@ fn kind_name(kind: EventKind) -> &'static str {
         EventKind::Attach => "attach",
         EventKind::Detach => "detach",
         EventKind::PolicyReload => "policy_reload",
+        EventKind::Dns => "dns",
     }
 }
 

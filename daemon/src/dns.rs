@@ -1,0 +1,541 @@
+//! brokerd's DNS for agents (THREAT-MODEL.md 3.3).
+//!
+//! The eBPF programs send every UDP datagram an agent addresses to port 53 to brokerd's DNS
+//! listener (and TCP connections to port 53 arrive on the proxy listener like any other). A
+//! resolver that forwarded everything would be a tunnel out of the sandbox (data encoded in
+//! query names), so brokerd answers only names the agent's policy allows (`[dns]`, or the names
+//! of its `host` rules), forwarding those to the host's resolvers, and answers REFUSED for the
+//! rest without sending anything anywhere. Every query is audited.
+//!
+//! HTTPS and SVCB queries get an empty answer: their records advertise HTTP/3 and ECH, which
+//! would only make clients try QUIC (refused in the kernel) or encrypted ClientHellos (which
+//! brokerd cannot read). Addresses in answers are remembered per agent cgroup
+//! ([`AnsweredNames`]) so a connection without a server name can be matched by name.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use agent_broker_protocol::{AuditEvent, EventKind};
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, ResponseCode},
+    rr::{DNSClass, RData, RecordType},
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::{TcpStream, UdpSocket},
+    sync::watch,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{answered::AnsweredNames, capture::ConnectionOrigin, policy::Policy, proxy::EventSink};
+
+/// How long one upstream resolver gets to answer.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Upper bound on queries being forwarded at once; more get SERVFAIL.
+const MAX_IN_FLIGHT: usize = 256;
+/// Largest DNS message brokerd reads (UDP with EDNS, or TCP).
+const MAX_MESSAGE: usize = 4096;
+/// How long an idle DNS-over-TCP connection is kept.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Errors reading the resolver configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} names no nameserver; give brokerd --dns-upstream ADDR for the resolvers to \
+         forward allowed names to"
+    )]
+    NoNameserver { path: String },
+}
+
+/// The `nameserver` addresses of a resolv.conf text, on port 53.
+pub fn nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next()? == "nameserver").then_some(())?;
+            let ip: IpAddr = words.next()?.split('%').next()?.parse().ok()?;
+            Some(SocketAddr::new(ip, 53))
+        })
+        .collect()
+}
+
+/// The nameservers of `path` (normally /etc/resolv.conf).
+pub fn upstreams_from_resolv_conf(path: &Path) -> Result<Vec<SocketAddr>, DnsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DnsError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let found = nameservers(&text);
+    if found.is_empty() {
+        return Err(DnsError::NoNameserver {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(found)
+}
+
+/// How a query arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// Answers agents' DNS queries; shared by the UDP listeners and the TCP path.
+pub struct DnsServer {
+    upstreams: Vec<SocketAddr>,
+    policy: watch::Receiver<Arc<Policy>>,
+    events: Arc<dyn EventSink>,
+    answered: Arc<AnsweredNames>,
+    in_flight: AtomicUsize,
+}
+
+/// A checked query: what the answer needs and the audit record shows.
+struct Question {
+    id: u16,
+    name: String,
+    qtype: RecordType,
+}
+
+impl DnsServer {
+    pub fn new(
+        upstreams: Vec<SocketAddr>,
+        policy: watch::Receiver<Arc<Policy>>,
+        events: Arc<dyn EventSink>,
+        answered: Arc<AnsweredNames>,
+    ) -> Self {
+        Self {
+            upstreams,
+            policy,
+            events,
+            answered,
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// One DNS message in (wire format), the answer out; `None` when the input is not worth an
+    /// answer (not even a readable header). Never panics on malformed input.
+    pub async fn answer(
+        &self,
+        origin: &ConnectionOrigin,
+        query: &[u8],
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
+        let started = Instant::now();
+        let question = match check_query(query) {
+            Ok(q) => q,
+            Err(Some(reply)) => return Some(reply),
+            Err(None) => return None,
+        };
+        let policy = self.policy.borrow().clone();
+        let mut event = dns_event(origin, &question);
+        if let Err(reason) = policy.dns_allowed(&origin.cgroup, &question.name) {
+            info!(
+                cgroup = %origin.cgroup,
+                pid = origin.pid,
+                comm = %origin.comm,
+                name = %question.name,
+                qtype = %question.qtype,
+                %reason,
+                "DNS query refused"
+            );
+            event.decision = Some("deny".into());
+            event.reason = Some(reason);
+            event.status = Some(u16::from(ResponseCode::Refused));
+            event.latency_us = Some(started.elapsed().as_micros() as u64);
+            self.events.record(event);
+            return Some(reply_with(&question, ResponseCode::Refused));
+        }
+        event.decision = Some("allow".into());
+        let reply = if matches!(question.qtype, RecordType::HTTPS | RecordType::SVCB) {
+            // Allowed name, but no HTTP/3 or ECH hints: see the module documentation.
+            event.reason = Some("HTTPS/SVCB records are not passed on (no HTTP/3, no ECH)".into());
+            reply_with(&question, ResponseCode::NoError)
+        } else {
+            match self.forward(query, &question, transport).await {
+                Ok(reply) => {
+                    self.remember(origin, &question, &reply);
+                    reply
+                }
+                Err(reason) => {
+                    warn!(name = %question.name, %reason, "DNS query failed upstream");
+                    event.reason = Some(reason);
+                    reply_with(&question, ResponseCode::ServFail)
+                }
+            }
+        };
+        event.status = reply
+            .get(3)
+            .map(|b| u16::from(b & 0x0f))
+            .or(Some(u16::from(ResponseCode::ServFail)));
+        event.latency_us = Some(started.elapsed().as_micros() as u64);
+        debug!(cgroup = %origin.cgroup, name = %question.name, qtype = %question.qtype, "DNS query answered");
+        self.events.record(event);
+        Some(reply)
+    }
+
+    /// Sends the agent's query (with a fresh id) to the upstream resolvers in turn, over UDP
+    /// (TCP when the agent used TCP or the UDP answer was truncated). The answer goes back with
+    /// the agent's id.
+    async fn forward(
+        &self,
+        query: &[u8],
+        question: &Question,
+        transport: Transport,
+    ) -> Result<Vec<u8>, String> {
+        if self.upstreams.is_empty() {
+            return Err("no upstream resolver configured".into());
+        }
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(format!("more than {MAX_IN_FLIGHT} queries in flight"));
+        }
+        let result = self.forward_inner(query, question, transport).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    async fn forward_inner(
+        &self,
+        query: &[u8],
+        question: &Question,
+        transport: Transport,
+    ) -> Result<Vec<u8>, String> {
+        let mut errors = Vec::new();
+        for upstream in &self.upstreams {
+            let id: u16 = rand_id();
+            let mut outgoing = query.to_vec();
+            outgoing[..2].copy_from_slice(&id.to_be_bytes());
+            let attempt = match transport {
+                Transport::Udp => match udp_exchange(*upstream, &outgoing, id).await {
+                    Ok(reply) if is_truncated(&reply) => {
+                        tcp_exchange(*upstream, &outgoing, id).await
+                    }
+                    other => other,
+                },
+                Transport::Tcp => tcp_exchange(*upstream, &outgoing, id).await,
+            };
+            match attempt.and_then(|reply| same_question(reply, question)) {
+                Ok(mut reply) => {
+                    reply[..2].copy_from_slice(&question.id.to_be_bytes());
+                    return Ok(reply);
+                }
+                Err(e) => errors.push(format!("{upstream}: {e}")),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    fn remember(&self, origin: &ConnectionOrigin, question: &Question, reply: &[u8]) {
+        let Ok(message) = Message::from_vec(reply) else {
+            return;
+        };
+        let mut ttl = u32::MAX;
+        let addrs: Vec<IpAddr> = message
+            .answers
+            .iter()
+            .filter_map(|r| {
+                let ip = match &r.data {
+                    RData::A(a) => IpAddr::V4(a.0),
+                    RData::AAAA(a) => IpAddr::V6(a.0),
+                    _ => return None,
+                };
+                ttl = ttl.min(r.ttl);
+                Some(ip)
+            })
+            .collect();
+        if !addrs.is_empty() {
+            self.answered.record(
+                &origin.cgroup,
+                &question.name,
+                addrs,
+                Duration::from_secs(u64::from(ttl)),
+            );
+        }
+    }
+
+    /// Serves one UDP listener until `cancel` fires. `origin_of` maps a datagram's source to
+    /// the agent that sent it; a datagram without one (a process that is not a redirected
+    /// agent) gets no answer, so brokerd is no open resolver for the host.
+    pub async fn serve_udp(
+        self: Arc<Self>,
+        socket: UdpSocket,
+        origin_of: Arc<dyn Fn(SocketAddr) -> Option<ConnectionOrigin> + Send + Sync>,
+        cancel: CancellationToken,
+    ) {
+        let socket = Arc::new(socket);
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        loop {
+            let (len, peer) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = socket.recv_from(&mut buf) => match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(error = %e, "DNS listener receive failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+            };
+            let Some(origin) = origin_of(peer) else {
+                debug!(%peer, "DNS datagram without a redirect record dropped");
+                continue;
+            };
+            let query = buf[..len].to_vec();
+            let server = self.clone();
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                if let Some(reply) = server.answer(&origin, &query, Transport::Udp).await {
+                    let reply = truncate_for_udp(reply, &query);
+                    if let Err(e) = socket.send_to(&reply, peer).await {
+                        debug!(%peer, error = %e, "DNS reply not sent");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Serves DNS over TCP (2-byte length prefix; several queries per connection) for one
+    /// redirected connection to port 53.
+    pub async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut stream: S,
+        origin: ConnectionOrigin,
+    ) {
+        loop {
+            let mut len = [0u8; 2];
+            match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+                Ok(Ok(_)) => {}
+                _ => return,
+            }
+            let len = usize::from(u16::from_be_bytes(len));
+            if len == 0 || len > MAX_MESSAGE {
+                return;
+            }
+            let mut query = vec![0u8; len];
+            match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await {
+                Ok(Ok(_)) => {}
+                _ => return,
+            }
+            let Some(reply) = self.answer(&origin, &query, Transport::Tcp).await else {
+                return;
+            };
+            let Ok(reply_len) = u16::try_from(reply.len()) else {
+                return;
+            };
+            let mut framed = Vec::with_capacity(reply.len() + 2);
+            framed.extend_from_slice(&reply_len.to_be_bytes());
+            framed.extend_from_slice(&reply);
+            if stream.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Checks that `query` is one standard query for one IN name. `Err(Some(reply))`: answer with
+/// this error; `Err(None)`: not even a header, drop it.
+fn check_query(query: &[u8]) -> Result<Question, Option<Vec<u8>>> {
+    if query.len() < 12 {
+        return Err(None);
+    }
+    let id = u16::from_be_bytes([query[0], query[1]]);
+    if query[2] & 0x80 != 0 {
+        // A response sent to us: never answer it (no reflection loops).
+        return Err(None);
+    }
+    let error = |code| Err(Some(error_reply(id, code)));
+    if (query[2] >> 3) & 0x0f != 0 {
+        return error(ResponseCode::NotImp);
+    }
+    let Ok(message) = Message::from_vec(query) else {
+        return error(ResponseCode::FormErr);
+    };
+    if message.metadata.message_type != MessageType::Query
+        || message.queries.len() != 1
+        || !message.answers.is_empty()
+        || !message.authorities.is_empty()
+    {
+        return error(ResponseCode::FormErr);
+    }
+    let q = &message.queries[0];
+    if q.query_class() != DNSClass::IN {
+        return error(ResponseCode::Refused);
+    }
+    let name = q.name().to_ascii();
+    let name = name.strip_suffix('.').unwrap_or(&name).to_ascii_lowercase();
+    if name.is_empty() || name.len() > 253 {
+        return error(ResponseCode::FormErr);
+    }
+    Ok(Question {
+        id,
+        name,
+        qtype: q.query_type(),
+    })
+}
+
+fn error_reply(id: u16, code: ResponseCode) -> Vec<u8> {
+    Message::error_msg(id, OpCode::Query, code)
+        .to_vec()
+        .unwrap_or_default()
+}
+
+/// A reply to `question` with `code` and no records (the question echoed).
+fn reply_with(question: &Question, code: ResponseCode) -> Vec<u8> {
+    let mut message = Message::error_msg(question.id, OpCode::Query, code);
+    message.metadata.recursion_desired = true;
+    message.metadata.recursion_available = true;
+    if let Ok(name) = hickory_proto::rr::Name::from_ascii(&question.name) {
+        let mut query = hickory_proto::op::Query::query(name, question.qtype);
+        query.set_query_class(DNSClass::IN);
+        message.add_query(query);
+    }
+    message
+        .to_vec()
+        .unwrap_or_else(|_| error_reply(question.id, code))
+}
+
+fn is_truncated(reply: &[u8]) -> bool {
+    reply.len() > 2 && reply[2] & 0x02 != 0
+}
+
+/// The upstream's reply if it answers `question` (same name and type); otherwise an error.
+fn same_question(reply: Vec<u8>, question: &Question) -> Result<Vec<u8>, String> {
+    let message = Message::from_vec(&reply).map_err(|e| format!("unreadable answer: {e}"))?;
+    let matches = message.queries.len() == 1 && {
+        let q = &message.queries[0];
+        let name = q.name().to_ascii();
+        let name = name.strip_suffix('.').unwrap_or(&name).to_ascii_lowercase();
+        name == question.name && q.query_type() == question.qtype
+    };
+    if message.metadata.message_type != MessageType::Response || !matches {
+        return Err("the answer is not for the question asked".into());
+    }
+    Ok(reply)
+}
+
+/// A UDP reply that does not fit the client's buffer (512 bytes without EDNS) is cut to its
+/// header and question with TC set, so the client retries over TCP.
+fn truncate_for_udp(reply: Vec<u8>, query: &[u8]) -> Vec<u8> {
+    let limit = Message::from_vec(query)
+        .ok()
+        .and_then(|m| m.edns.map(|e| usize::from(e.max_payload())))
+        .unwrap_or(512)
+        .max(512);
+    if reply.len() <= limit {
+        return reply;
+    }
+    match Message::from_vec(&reply) {
+        Ok(mut m) => {
+            m.answers.clear();
+            m.authorities.clear();
+            m.additionals.clear();
+            m.metadata.truncation = true;
+            m.to_vec().unwrap_or_default()
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+async fn udp_exchange(upstream: SocketAddr, query: &[u8], id: u16) -> Result<Vec<u8>, String> {
+    let bind: SocketAddr = if upstream.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let socket = UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
+    socket.connect(upstream).await.map_err(|e| e.to_string())?;
+    socket.send(query).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let deadline = tokio::time::Instant::now() + UPSTREAM_TIMEOUT;
+    loop {
+        let len = tokio::time::timeout_at(deadline, socket.recv(&mut buf))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        // Ignore anything that is not the answer to this query (spoofing, stale replies).
+        if len >= 12 && u16::from_be_bytes([buf[0], buf[1]]) == id {
+            buf.truncate(len);
+            return Ok(buf);
+        }
+    }
+}
+
+async fn tcp_exchange(upstream: SocketAddr, query: &[u8], id: u16) -> Result<Vec<u8>, String> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(upstream)
+            .await
+            .map_err(|e| e.to_string())?;
+        let len = u16::try_from(query.len()).map_err(|_| "query too long".to_string())?;
+        let mut framed = len.to_be_bytes().to_vec();
+        framed.extend_from_slice(query);
+        stream.write_all(&framed).await.map_err(|e| e.to_string())?;
+        let mut len = [0u8; 2];
+        stream
+            .read_exact(&mut len)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream
+            .read_exact(&mut reply)
+            .await
+            .map_err(|e| e.to_string())?;
+        if reply.len() < 12 || u16::from_be_bytes([reply[0], reply[1]]) != id {
+            return Err("answer with another id".to_string());
+        }
+        Ok(reply)
+    };
+    tokio::time::timeout(UPSTREAM_TIMEOUT, exchange)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+fn rand_id() -> u16 {
+    let mut b = [0u8; 2];
+    if getrandom::fill(&mut b).is_err() {
+        // Fall back on the clock; the id only needs to be hard to guess for a remote spoofer.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        return nanos as u16;
+    }
+    u16::from_ne_bytes(b)
+}
+
+fn dns_event(origin: &ConnectionOrigin, question: &Question) -> AuditEvent {
+    AuditEvent {
+        time_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        kind: Some(EventKind::Dns),
+        cgroup: Some(origin.cgroup.to_string()),
+        pid: Some(origin.pid),
+        comm: Some(origin.comm.clone()),
+        exe: origin.exe.clone(),
+        original_dst: Some(origin.original_dst),
+        method: Some(question.qtype.to_string()),
+        host: Some(question.name.clone()),
+        ..AuditEvent::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,408 @@
+//! The DNS server against a fake upstream resolver on loopback.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::Mutex,
+};
+
+use hickory_proto::{
+    op::Query,
+    rr::{Name, Record, rdata::A},
+};
+use tokio::net::TcpListener;
+
+use super::*;
+use crate::cgroup::{CgroupId, CgroupPath};
+
+const POLICY: &str = r#"
+cgroup = "agents/a"
+
+[[allow]]
+host = "api.example.test"
+
+[dns]
+allow = ["api.example.test", "big.example.test", "*.pkg.example.test"]
+"#;
+
+/// What the fake resolver answers: 192.0.2.7 for every A query; for big.example.test a UDP
+/// answer with TC set (the full answer only over TCP).
+struct FakeResolver {
+    addr: SocketAddr,
+    udp_queries: Arc<AtomicUsize>,
+    tcp_queries: Arc<AtomicUsize>,
+}
+
+fn answer_for(query: &[u8], over_tcp: bool) -> Vec<u8> {
+    let q = Message::from_vec(query).expect("query");
+    let mut m = Message::response(q.metadata.id, OpCode::Query);
+    let question = q.queries[0].clone();
+    let name = question.name().clone();
+    m.add_query(question);
+    if name.to_ascii().starts_with("big.") && !over_tcp {
+        m.metadata.truncation = true;
+    } else {
+        m.answers.push(Record::from_rdata(
+            name,
+            300,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 7))),
+        ));
+    }
+    m.to_vec().expect("encode")
+}
+
+impl FakeResolver {
+    async fn start() -> Self {
+        for _ in 0..20 {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+            let addr = udp.local_addr().expect("addr");
+            let Ok(tcp) = TcpListener::bind(addr).await else {
+                continue;
+            };
+            let udp_queries = Arc::new(AtomicUsize::new(0));
+            let tcp_queries = Arc::new(AtomicUsize::new(0));
+            let counted = udp_queries.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let reply = answer_for(&buf[..n], false);
+                    let _ = udp.send_to(&reply, peer).await;
+                }
+            });
+            let counted = tcp_queries.clone();
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = tcp.accept().await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let mut len = [0u8; 2];
+                    if s.read_exact(&mut len).await.is_err() {
+                        continue;
+                    }
+                    let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    if s.read_exact(&mut q).await.is_err() {
+                        continue;
+                    }
+                    let reply = answer_for(&q, true);
+                    let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+                    framed.extend_from_slice(&reply);
+                    let _ = s.write_all(&framed).await;
+                }
+            });
+            return Self {
+                addr,
+                udp_queries,
+                tcp_queries,
+            };
+        }
+        panic!("no port for the fake resolver");
+    }
+
+    fn queries(&self) -> usize {
+        self.udp_queries.load(Ordering::SeqCst) + self.tcp_queries.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Default)]
+struct Events(Mutex<Vec<AuditEvent>>);
+
+impl EventSink for Events {
+    fn record(&self, event: AuditEvent) {
+        self.0.lock().expect("events").push(event);
+    }
+}
+
+impl Events {
+    fn all(&self) -> Vec<AuditEvent> {
+        self.0.lock().expect("events").clone()
+    }
+}
+
+struct World {
+    server: Arc<DnsServer>,
+    events: Arc<Events>,
+    answered: Arc<AnsweredNames>,
+    origin: ConnectionOrigin,
+    _policy: watch::Sender<Arc<Policy>>,
+}
+
+fn world(upstreams: Vec<SocketAddr>) -> World {
+    let policy =
+        Policy::from_files(vec![(PathBuf::from("a.toml"), POLICY.to_string())]).expect("policy");
+    let (tx, rx) = watch::channel(Arc::new(policy));
+    let events = Arc::new(Events::default());
+    let answered = Arc::new(AnsweredNames::default());
+    let server = Arc::new(DnsServer::new(
+        upstreams,
+        rx,
+        events.clone(),
+        answered.clone(),
+    ));
+    World {
+        server,
+        events,
+        answered,
+        origin: ConnectionOrigin {
+            cgroup: CgroupPath::parse("agents/a").expect("cgroup"),
+            cgroup_id: CgroupId(7),
+            pid: 4242,
+            tid: 4242,
+            comm: "agent".into(),
+            exe: None,
+            original_dst: "8.8.8.8:53".parse().expect("addr"),
+        },
+        _policy: tx,
+    }
+}
+
+fn query(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).expect("name"), qtype));
+    m.to_vec().expect("encode")
+}
+
+fn parse(reply: &[u8]) -> Message {
+    Message::from_vec(reply).expect("reply parses")
+}
+
+#[tokio::test]
+async fn an_allowed_name_is_answered_by_the_upstream_with_the_agents_id() {
+    let upstream = FakeResolver::start().await;
+    let w = world(vec![upstream.addr]);
+    let reply = w
+        .server
+        .answer(
+            &w.origin,
+            &query(0x1234, "API.example.test", RecordType::A),
+            Transport::Udp,
+        )
+        .await
+        .expect("reply");
+    let m = parse(&reply);
+    assert_eq!(m.metadata.id, 0x1234);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(m.answers.len(), 1);
+    assert_eq!(upstream.queries(), 1);
+    assert_eq!(
+        w.answered
+            .lookup(&w.origin.cgroup, "192.0.2.7".parse().expect("ip")),
+        Some("api.example.test".into())
+    );
+    let events = w.events.all();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, Some(EventKind::Dns));
+    assert_eq!(events[0].decision.as_deref(), Some("allow"));
+    assert_eq!(events[0].host.as_deref(), Some("api.example.test"));
+    assert_eq!(events[0].method.as_deref(), Some("A"));
+}
+
+#[tokio::test]
+async fn names_the_policy_does_not_allow_are_refused_and_nothing_is_forwarded() {
+    let upstream = FakeResolver::start().await;
+    let w = world(vec![upstream.addr]);
+    let tunnel = format!("{}.api.example.test", "c2VjcmV0".repeat(6));
+    for (i, name) in ["other.example.test", tunnel.as_str(), "pkg.example.test"]
+        .iter()
+        .enumerate()
+    {
+        let reply = w
+            .server
+            .answer(
+                &w.origin,
+                &query(i as u16, name, RecordType::A),
+                Transport::Udp,
+            )
+            .await
+            .expect("reply");
+        let m = parse(&reply);
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused, "{name}");
+        assert_eq!(m.metadata.id, i as u16);
+        assert!(m.answers.is_empty());
+    }
+    assert_eq!(
+        upstream.queries(),
+        0,
+        "a refused name must not leave brokerd"
+    );
+    let events = w.events.all();
+    assert_eq!(events.len(), 3);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.decision.as_deref() == Some("deny") && e.reason.is_some())
+    );
+    // A wildcard allows names below its suffix.
+    let reply = w
+        .server
+        .answer(
+            &w.origin,
+            &query(9, "files.pkg.example.test", RecordType::A),
+            Transport::Udp,
+        )
+        .await
+        .expect("reply");
+    assert_eq!(parse(&reply).metadata.response_code, ResponseCode::NoError);
+}
+
+#[tokio::test]
+async fn https_and_svcb_queries_get_no_records() {
+    let upstream = FakeResolver::start().await;
+    let w = world(vec![upstream.addr]);
+    for qtype in [RecordType::HTTPS, RecordType::SVCB] {
+        let reply = w
+            .server
+            .answer(
+                &w.origin,
+                &query(5, "api.example.test", qtype),
+                Transport::Udp,
+            )
+            .await
+            .expect("reply");
+        let m = parse(&reply);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        assert_eq!(m.queries.len(), 1);
+    }
+    assert_eq!(upstream.queries(), 0);
+}
+
+#[tokio::test]
+async fn malformed_queries_get_formerr_or_nothing_and_never_a_panic() {
+    let w = world(vec!["127.0.0.1:9".parse().expect("addr")]);
+    assert!(
+        w.server
+            .answer(&w.origin, b"", Transport::Udp)
+            .await
+            .is_none()
+    );
+    assert!(
+        w.server
+            .answer(&w.origin, &[0; 11], Transport::Udp)
+            .await
+            .is_none()
+    );
+    // Two questions.
+    let mut m = Message::new(77, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(
+        Name::from_ascii("api.example.test").expect("name"),
+        RecordType::A,
+    ));
+    m.add_query(Query::query(
+        Name::from_ascii("api.example.test").expect("name"),
+        RecordType::AAAA,
+    ));
+    let reply = w
+        .server
+        .answer(&w.origin, &m.to_vec().expect("encode"), Transport::Udp)
+        .await
+        .expect("reply");
+    assert_eq!(parse(&reply).metadata.response_code, ResponseCode::FormErr);
+    // A response sent as a query is never answered.
+    let mut response = query(3, "api.example.test", RecordType::A);
+    response[2] |= 0x80;
+    assert!(
+        w.server
+            .answer(&w.origin, &response, Transport::Udp)
+            .await
+            .is_none()
+    );
+    // Random bytes: whatever comes back, nothing panics and nothing is forwarded.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for len in 0..400 {
+        let bytes: Vec<u8> = (0..(len % 64 + 12))
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let _ = w.server.answer(&w.origin, &bytes, Transport::Udp).await;
+    }
+}
+
+#[tokio::test]
+async fn a_truncated_answer_is_retried_over_tcp() {
+    let upstream = FakeResolver::start().await;
+    let w = world(vec![upstream.addr]);
+    let reply = w
+        .server
+        .answer(
+            &w.origin,
+            &query(8, "big.example.test", RecordType::A),
+            Transport::Udp,
+        )
+        .await
+        .expect("reply");
+    let m = parse(&reply);
+    assert_eq!(m.answers.len(), 1, "the TCP answer is passed on");
+    assert!(!m.metadata.truncation);
+    assert_eq!(upstream.tcp_queries.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_silent_upstream_gives_servfail() {
+    let silent = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    let w = world(vec![silent.local_addr().expect("addr")]);
+    let started = Instant::now();
+    let reply = w
+        .server
+        .answer(
+            &w.origin,
+            &query(4, "api.example.test", RecordType::A),
+            Transport::Udp,
+        )
+        .await
+        .expect("reply");
+    assert_eq!(parse(&reply).metadata.response_code, ResponseCode::ServFail);
+    assert!(started.elapsed() < UPSTREAM_TIMEOUT + Duration::from_secs(1));
+    let events = w.events.all();
+    assert_eq!(events.len(), 1);
+    assert!(
+        events[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("timed out"))
+    );
+}
+
+#[tokio::test]
+async fn dns_over_tcp_answers_several_queries_on_one_connection() {
+    let upstream = FakeResolver::start().await;
+    let w = world(vec![upstream.addr]);
+    let (mut client, server_side) = tokio::io::duplex(8192);
+    let server = w.server.clone();
+    let origin = w.origin.clone();
+    let serving = tokio::spawn(async move { server.serve_tcp(server_side, origin).await });
+    for (id, name, code) in [
+        (1u16, "api.example.test", ResponseCode::NoError),
+        (2, "other.example.test", ResponseCode::Refused),
+    ] {
+        let q = query(id, name, RecordType::A);
+        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&q);
+        client.write_all(&framed).await.expect("write");
+        let mut len = [0u8; 2];
+        client.read_exact(&mut len).await.expect("len");
+        let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        client.read_exact(&mut reply).await.expect("reply");
+        let m = parse(&reply);
+        assert_eq!(m.metadata.id, id);
+        assert_eq!(m.metadata.response_code, code, "{name}");
+    }
+    drop(client);
+    serving.await.expect("served");
+}
+
+#[test]
+fn resolv_conf_nameservers_are_read() {
+    let text = "# comment\nnameserver 127.0.0.53\nsearch example\nnameserver fe80::1%eth0\n\
+                nameserver not-an-ip\n";
+    assert_eq!(
+        nameservers(text),
+        vec![
+            "127.0.0.53:53".parse::<SocketAddr>().expect("addr"),
+            "[fe80::1]:53".parse().expect("addr"),
+        ]
+    );
+}
