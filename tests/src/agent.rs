@@ -189,6 +189,13 @@ pub fn python() -> &'static Path {
     })
 }
 
+/// A python3 an unprivileged agent can execute (the system one; a pyenv under /root is not
+/// reachable for the uid `brokerctl run` gives agents).
+pub fn agent_python() -> &'static Path {
+    let system = Path::new("/usr/bin/python3");
+    if system.exists() { system } else { python() }
+}
+
 /// Starts a python agent in cgroup `rel` that connects to `dst` (IPv4, IPv6 or v4-mapped, which
 /// python connects to through an AF_INET6 socket) in the given mode, and returns its report.
 ///

@@ -3,7 +3,7 @@
 use std::{
     fs::{self, OpenOptions},
     io::{BufRead as _, BufReader, Write as _},
-    os::unix::net::UnixStream,
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::Mutex,
@@ -88,10 +88,16 @@ impl BrokerBuilder {
             .prefix("abtest-broker-")
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a temp dir for brokerd: {e}"));
+        // Agents started with `brokerctl run` are unprivileged (uid 65534 or a user namespace
+        // mapped to it): they must reach the scratch dir below, not brokerd's state.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("cannot open up the temp dir: {e}"));
         for sub in ["state", "policy"] {
             fs::create_dir(dir.path().join(sub))
                 .unwrap_or_else(|e| panic!("cannot create {sub} dir: {e}"));
         }
+        fs::set_permissions(dir.path().join("state"), fs::Permissions::from_mode(0o700))
+            .unwrap_or_else(|e| panic!("cannot restrict the state dir: {e}"));
         for (name, toml) in &self.policies {
             let path = dir.path().join("policy").join(name);
             fs::write(&path, toml)
@@ -246,10 +252,13 @@ impl Broker {
         path
     }
 
-    /// A scratch directory of this broker's temp dir (created), e.g. for an exported CA.
+    /// A scratch directory of this broker's temp dir (created), e.g. for an exported CA. It is
+    /// world-writable (sticky, like /tmp): sandboxed agents write their reports there.
     pub fn scratch_dir(&self) -> PathBuf {
         let dir = self.dir.path().join("scratch");
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777))
+            .unwrap_or_else(|e| panic!("cannot open up {}: {e}", dir.display()));
         dir
     }
 

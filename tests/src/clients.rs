@@ -24,7 +24,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{Broker, Canary, agent::python, bin, cgroup::cgroup_dir, redact, workspace_dir};
+use crate::{Broker, Canary, bin, cgroup::cgroup_dir, redact, workspace_dir};
 
 /// Deadline for one client run.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(40);
@@ -263,7 +263,7 @@ pub fn run_in_cgroup(
     }
     cmd.args([
         "-c",
-        r#"cat "/proc/$$/environ" > "$ABTEST_ENV_DUMP" && exec "$@""#,
+        r#"echo $$ > "$ABTEST_ENV_DUMP.pid" && cat "/proc/$$/environ" > "$ABTEST_ENV_DUMP" && exec "$@""#,
         "sh",
     ])
     .args(argv)
@@ -336,6 +336,14 @@ pub fn run_in_cgroup(
     };
     let env_dump = fs::read(&dump).unwrap_or_default();
     let _ = fs::remove_file(&dump);
+    // The client's own pid (the shell above execs it): under `brokerctl run` it is the
+    // launcher's child, not the launcher.
+    let pid_file = PathBuf::from(format!("{}.pid", dump.display()));
+    let pid = fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(pid);
+    let _ = fs::remove_file(&pid_file);
     ClientRun {
         what: what.to_string(),
         pid,
@@ -729,7 +737,9 @@ pub fn python_client(
         serde_json::from_str(&call.json()).unwrap_or_else(|e| panic!("call json: {e}"));
     cfg["message"] = serde_json::Value::String(message.unwrap_or("ping").to_string());
     let argv = vec![
-        python().to_string_lossy().into_owned(),
+        crate::agent::agent_python()
+            .to_string_lossy()
+            .into_owned(),
         "-c".into(),
         CLIENT_PY.into(),
         cfg.to_string(),
