@@ -37,6 +37,7 @@ pub struct Broker {
     cgroup: Option<String>,
     /// `--upstream-ca` files.
     upstream_cas: Vec<PathBuf>,
+    extra_args: Vec<String>,
     starts: u32,
     /// Byte length of brokerd.log when the current (or last) start began.
     log_start: u64,
@@ -53,9 +54,16 @@ pub struct BrokerBuilder {
     cgroup: Option<String>,
     policies: Vec<(String, String)>,
     upstream_cas: Vec<PathBuf>,
+    extra_args: Vec<String>,
 }
 
 impl BrokerBuilder {
+    /// An extra brokerd argument (e.g. `--dns-upstream`, `--require-lsm`).
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.extra_args.push(arg.to_string());
+        self
+    }
+
     /// Start brokerd inside the cgroup `rel` (relative to the mount) instead of the test's own.
     pub fn in_cgroup(mut self, rel: &str) -> Self {
         self.cgroup = Some(rel.to_string());
@@ -109,6 +117,7 @@ impl BrokerBuilder {
             pin_dir: PathBuf::from("/sys/fs/bpf").join(unique_name()),
             cgroup: self.cgroup,
             upstream_cas: self.upstream_cas,
+            extra_args: self.extra_args,
             starts: 0,
             log_start: 0,
             transcript: Mutex::new(Vec::new()),
@@ -164,6 +173,7 @@ impl Broker {
         for ca in &self.upstream_cas {
             cmd.arg("--upstream-ca").arg(ca);
         }
+        cmd.args(&self.extra_args);
         cmd.env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -737,9 +737,7 @@ pub fn python_client(
         serde_json::from_str(&call.json()).unwrap_or_else(|e| panic!("call json: {e}"));
     cfg["message"] = serde_json::Value::String(message.unwrap_or("ping").to_string());
     let argv = vec![
-        crate::agent::agent_python()
-            .to_string_lossy()
-            .into_owned(),
+        crate::agent::agent_python().to_string_lossy().into_owned(),
         "-c".into(),
         CLIENT_PY.into(),
         cfg.to_string(),
@@ -841,6 +839,23 @@ pub fn static_client() -> &'static PathBuf {
     })
 }
 
+/// A copy of the executable `src` in `broker`'s scratch dir (mode 0755), so an unprivileged
+/// agent can run it wherever the workspace lives (a checkout under /root is not reachable).
+pub fn agent_copy(broker: &Broker, src: &std::path::Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let name = src
+        .file_name()
+        .unwrap_or_else(|| panic!("{} has no file name", src.display()));
+    let dst = broker.scratch_dir().join(name);
+    if !dst.exists() {
+        fs::copy(src, &dst)
+            .unwrap_or_else(|e| panic!("cannot copy {} for the agent: {e}", src.display()));
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", dst.display()));
+    }
+    dst
+}
+
 /// True for a 64-bit little-endian ELF with no PT_INTERP program header.
 pub fn elf_is_static(b: &[u8]) -> bool {
     let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
@@ -887,7 +902,9 @@ pub fn static_client_run(
     );
     let scheme = if mode == "ws" { "wss" } else { "https" };
     let mut argv = vec![
-        static_client().to_string_lossy().into_owned(),
+        agent_copy(broker, static_client())
+            .to_string_lossy()
+            .into_owned(),
         mode.to_string(),
         call.url(scheme),
         "--connect".into(),

@@ -38,7 +38,7 @@ pub fn build(profile: Profile) -> Result<()> {
         host.arg("--release");
     }
     cmd::run(&mut host).context("building the workspace")?;
-    build_static_client(profile).context("building the statically linked test client")?;
+    build_static_client(profile).context("building the statically linked test binaries")?;
     eprintln!(
         "build: binaries in {}",
         cmd::relative(&paths::target_dir().join(profile.dir_name()))
@@ -51,29 +51,23 @@ pub fn build(profile: Profile) -> Result<()> {
 /// workspace build, so `cargo rustc` reuses every compiled dependency; the result is copied
 /// aside because the next ordinary build relinks the same path dynamically.
 fn build_static_client(profile: Profile) -> Result<()> {
-    let mut link = cmd::workspace_cargo()?;
-    link.args([
-        "rustc",
-        "--package",
-        "agent-broker-tests",
-        "--bin",
-        "agent-client",
-    ]);
-    if let Profile::Release = profile {
-        link.arg("--release");
+    for bin in paths::STATIC_BINS {
+        let mut link = cmd::workspace_cargo()?;
+        link.args(["rustc", "--package", "agent-broker-tests", "--bin", bin]);
+        if let Profile::Release = profile {
+            link.arg("--release");
+        }
+        link.args(["--", "-C", "target-feature=+crt-static"]);
+        cmd::run(&mut link)?;
+        let built = paths::target_dir().join(profile.dir_name()).join(bin);
+        let dest = paths::static_bin(bin);
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::copy(&built, &dest)
+            .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
+        eprintln!("build: static {bin} at {}", cmd::relative(&dest));
     }
-    link.args(["--", "-C", "target-feature=+crt-static"]);
-    cmd::run(&mut link)?;
-    let built = paths::target_dir()
-        .join(profile.dir_name())
-        .join("agent-client");
-    let dest = paths::static_client();
-    if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::copy(&built, &dest)
-        .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
-    eprintln!("build: static test client at {}", cmd::relative(&dest));
     Ok(())
 }
 

@@ -42,7 +42,10 @@ pub fn ebpf_object() -> PathBuf {
         .join("agent-broker")
 }
 
-/// The statically linked test client, copied here by `build`.
-pub fn static_client() -> PathBuf {
-    target_dir().join("static").join("agent-client")
+/// The test binaries `build` links statically: the HTTPS test client and the attack battery.
+pub const STATIC_BINS: [&str; 2] = ["agent-client", "attack-battery"];
+
+/// Where `build` copies the statically linked test binary `bin`.
+pub fn static_bin(bin: &str) -> PathBuf {
+    target_dir().join("static").join(bin)
 }

@@ -57,7 +57,15 @@ pub fn test() -> Result<()> {
         "AGENT_BROKER_BIN_DIR",
         paths::target_dir().join(profile.dir_name()),
     );
-    end_to_end_command.env("AGENT_BROKER_STATIC_CLIENT", paths::static_client());
+    end_to_end_command
+        .env(
+            "AGENT_BROKER_STATIC_CLIENT",
+            paths::static_bin("agent-client"),
+        )
+        .env(
+            "AGENT_BROKER_ATTACK_BATTERY",
+            paths::static_bin("attack-battery"),
+        );
     let end_to_end = run_tests(
         "privileged end-to-end tests",
         end_to_end_command,

@@ -1,0 +1,499 @@
+//! Issue 6, bypass resistance: the attack battery (`attack-battery`, a static binary) runs
+//! inside a tagged cgroup under the real launcher (`brokerctl run`), once as an unprivileged uid
+//! and once as root inside a user namespace, against a real brokerd with a canary secret.
+//!
+//! Pass means, for each tier: every row of the battery met its exact expectation; nothing
+//! reached the "outside" recorders (a loopback TCP listener, a UDP socket, a pathname and an
+//! abstract AF_UNIX socket run by the test, outside the broker); the canary secret is in none
+//! of the battery's output, DNS answers included; the allowed API received the real secret
+//! (the positive control); and the audit log has a denial for the blocked attempts that
+//! reached brokerd (the HTTP request to the outside service, the refused DNS name).
+//!
+//! The battery's table is written to `$AGENT_BROKER_BATTERY_OUT/<tier>.txt` (`cargo xtask test`
+//! prints it) or, without that variable, to the test's output.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    os::unix::net::{UnixDatagram, UnixListener},
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use agent_broker_protocol::{AuditEvent, EventKind};
+use agent_broker_tests::{
+    Broker, Canary, TestCa, TestCgroup, TestUpstream, UpstreamOptions, clients::agent_copy,
+    require_privileges, sha256_hex, wait_with_timeout,
+};
+
+const SECRET_NAME: &str = "BATTERY_KEY";
+/// The test API's certificate names it (see `TestUpstream`).
+const API: &str = "api.example.test";
+const DENIED_NAME: &str = "exfil.example.test";
+/// The address the fake upstream resolver gives for every name.
+const ANSWER: [u8; 4] = [192, 0, 2, 10];
+
+/// Loopback services outside the broker that must never hear from the agent.
+struct Outside {
+    tcp: SocketAddr,
+    udp: SocketAddr,
+    unix: PathBuf,
+    abstract_name: String,
+    arrivals: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Outside {
+    fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("abtest-outside-")
+            .tempdir()
+            .expect("tempdir");
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let record = |what: String, arrivals: &Arc<Mutex<Vec<String>>>| {
+            arrivals.lock().expect("arrivals").push(what);
+        };
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("tcp");
+        let tcp_addr = tcp.local_addr().expect("addr");
+        let a = arrivals.clone();
+        thread::spawn(move || {
+            for s in tcp.incoming().flatten() {
+                record(format!("tcp from {:?}", s.peer_addr()), &a);
+            }
+        });
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let udp_addr = udp.local_addr().expect("addr");
+        let a = arrivals.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((_, from)) = udp.recv_from(&mut buf) {
+                record(format!("udp from {from}"), &a);
+            }
+        });
+        let unix = dir.path().join("outside.sock");
+        let listener = UnixListener::bind(&unix).expect("unix");
+        std::fs::set_permissions(&unix, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let a = arrivals.clone();
+        thread::spawn(move || {
+            for _ in listener.incoming().flatten() {
+                record("unix stream".into(), &a);
+            }
+        });
+        let dgram_path = PathBuf::from(format!("{}.dgram", unix.display()));
+        let dgram = UnixDatagram::bind(&dgram_path).expect("unix dgram");
+        std::fs::set_permissions(&dgram_path, std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        let a = arrivals.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while dgram.recv(&mut buf).is_ok() {
+                record("unix datagram".into(), &a);
+            }
+        });
+        let abstract_name = format!("abtest-outside-{}", agent_broker_tests::unique_name());
+        let abstract_listener = {
+            use std::os::linux::net::SocketAddrExt as _;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+                .expect("abstract addr");
+            UnixListener::bind_addr(&addr).expect("abstract listener")
+        };
+        let a = arrivals.clone();
+        thread::spawn(move || {
+            for _ in abstract_listener.incoming().flatten() {
+                record("unix abstract".into(), &a);
+            }
+        });
+        Self {
+            tcp: tcp_addr,
+            udp: udp_addr,
+            unix,
+            abstract_name,
+            arrivals,
+            _dir: dir,
+        }
+    }
+
+    fn arrivals(&self) -> Vec<String> {
+        self.arrivals.lock().expect("arrivals").clone()
+    }
+}
+
+/// A DNS resolver on loopback (UDP and TCP) answering every A query with [`ANSWER`]: the
+/// "host's resolver" brokerd forwards allowed names to. Counts the queries it got.
+struct FakeResolver {
+    addr: SocketAddr,
+    names: Arc<Mutex<Vec<String>>>,
+}
+
+fn dns_answer(query: &[u8]) -> Option<(Vec<u8>, String)> {
+    if query.len() < 17 {
+        return None;
+    }
+    let mut i = 12;
+    let mut labels = Vec::new();
+    while *query.get(i)? != 0 {
+        let len = usize::from(query[i]);
+        labels.push(String::from_utf8_lossy(query.get(i + 1..i + 1 + len)?).into_owned());
+        i += 1 + len;
+    }
+    let question_end = i + 5;
+    let mut reply = query.get(..question_end)?.to_vec();
+    reply[2] = 0x81;
+    reply[3] = 0x80;
+    reply[6..8].copy_from_slice(&1u16.to_be_bytes());
+    reply[8..12].fill(0);
+    reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+    reply.extend_from_slice(&ANSWER);
+    Some((reply, labels.join(".")))
+}
+
+impl FakeResolver {
+    fn start() -> Self {
+        for _ in 0..20 {
+            let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
+            let addr = udp.local_addr().expect("addr");
+            let Ok(tcp) = TcpListener::bind(addr) else {
+                continue;
+            };
+            let names = Arc::new(Mutex::new(Vec::new()));
+            let n = names.clone();
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok((len, from)) = udp.recv_from(&mut buf) {
+                    if let Some((reply, name)) = dns_answer(&buf[..len]) {
+                        n.lock().expect("names").push(name);
+                        let _ = udp.send_to(&reply, from);
+                    }
+                }
+            });
+            let n = names.clone();
+            thread::spawn(move || {
+                for mut s in tcp.incoming().flatten() {
+                    let mut len = [0u8; 2];
+                    if s.read_exact(&mut len).is_err() {
+                        continue;
+                    }
+                    let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    if s.read_exact(&mut q).is_err() {
+                        continue;
+                    }
+                    if let Some((reply, name)) = dns_answer(&q) {
+                        n.lock().expect("names").push(name);
+                        let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+                        framed.extend_from_slice(&reply);
+                        let _ = s.write_all(&framed);
+                    }
+                }
+            });
+            return Self { addr, names };
+        }
+        panic!("no port for the fake resolver");
+    }
+}
+
+fn battery_binary() -> PathBuf {
+    let path = std::env::var_os("AGENT_BROKER_ATTACK_BATTERY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            agent_broker_tests::workspace_dir().join("target/static/attack-battery")
+        });
+    assert!(
+        path.is_file(),
+        "the attack battery is missing at {}: build it with `cargo xtask build` (it links \
+         attack-battery statically and copies it there), or set AGENT_BROKER_ATTACK_BATTERY",
+        path.display()
+    );
+    path
+}
+
+#[derive(serde::Deserialize, Debug)]
+struct Row {
+    id: String,
+    attack: String,
+    expected: String,
+    outcome: String,
+    pass: bool,
+}
+
+fn records(broker: &Broker) -> Vec<AuditEvent> {
+    broker
+        .ctl_ok(&["logs", "--json"])
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line ({e}): {l}")))
+        .collect()
+}
+
+fn table(tier: &str, rows: &[Row]) -> String {
+    let mut t = format!(
+        "attack battery, tier {tier}: {} rows, {} failed\n{:<5} {:<72} {:<36} {:<26} RESULT\n",
+        rows.len(),
+        rows.iter().filter(|r| !r.pass).count(),
+        "ID",
+        "ATTACK",
+        "EXPECTED",
+        "OUTCOME"
+    );
+    for r in rows {
+        t.push_str(&format!(
+            "{:<5} {:<72} {:<36} {:<26} {}\n",
+            r.id,
+            r.attack,
+            r.expected,
+            r.outcome,
+            if r.pass { "pass" } else { "FAIL" }
+        ));
+    }
+    t
+}
+
+fn publish(tier: &str, text: &str) {
+    match std::env::var_os("AGENT_BROKER_BATTERY_OUT") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            std::fs::create_dir_all(&dir).expect("battery out dir");
+            std::fs::write(dir.join(format!("{tier}.txt")), text).expect("write table");
+        }
+        None => println!("{text}"),
+    }
+}
+
+fn run_tier(tier: &str, identity: &[&str]) {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let agent = cg.child("agent");
+    let outside = Outside::start();
+    let resolver = FakeResolver::start();
+    let ca = TestCa::new("abtest battery CA");
+    let api = TestUpstream::start(&ca, UpstreamOptions::api());
+    let policy = format!(
+        "cgroup = \"{agent}\"\n\n[[allow]]\nhost = \"{API}\"\nport = {}\n\
+         inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n\n\
+         [dns]\nallow = [\"{API}\"]\n",
+        api.port()
+    );
+    let broker = Broker::builder()
+        .upstream_ca(ca.pem_path())
+        .policy("battery", &policy)
+        .arg("--dns-port")
+        .arg("0")
+        .arg("--dns-upstream")
+        .arg(&resolver.addr.to_string())
+        .start();
+    let secret = Canary::new();
+    broker.secret_set(SECRET_NAME, secret.expose().as_bytes());
+    let placeholder = Canary::with_prefix("abtest-placeholder-");
+    api.watch_for("secret", &secret);
+    api.watch_for("placeholder", &placeholder);
+
+    let status = broker.status();
+    let tcp_port = status.listeners[0].port();
+    let dns_port = status
+        .dns_listeners
+        .first()
+        .map(|a| a.port())
+        .unwrap_or_else(|| panic!("brokerd reports no DNS listener: {status:?}"));
+    let battery = agent_copy(&broker, &battery_binary());
+    let state = broker.state_dir();
+    let mut cmd = broker.ctl();
+    cmd.args(["run", "--cgroup", &agent, "--create"])
+        .args(identity)
+        .arg("--")
+        .arg(&battery)
+        .arg("--json")
+        .args(["--outside-tcp", &outside.tcp.to_string()])
+        .args(["--outside-udp", &outside.udp.to_string()])
+        .arg("--outside-unix")
+        .arg(&outside.unix)
+        .args(["--outside-abstract", &outside.abstract_name])
+        .args(["--broker-ports", &format!("{tcp_port},{dns_port}")])
+        .args(["--broker-pid", &broker.pid().to_string()])
+        // Any resolver address: the kernel sends port 53 to brokerd, so this never leaves.
+        .args(["--resolver", "8.8.8.8:53"])
+        .args(["--dns-name", API, "--dns-denied", DENIED_NAME])
+        .args(["--allowed-host", API])
+        .args(["--allowed-connect", &api.addr().to_string()])
+        .args(["--placeholder", placeholder.expose()])
+        .arg("--protected-path")
+        .arg(state.join("master.key"))
+        .arg("--protected-path")
+        .arg(state.join("vault.redb"))
+        .arg("--protected-path")
+        .arg(broker.run_dir().join("control.sock"))
+        .arg("--protected-path")
+        .arg(broker.pin_dir())
+        .current_dir(broker.scratch_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let out = wait_with_timeout(child, Duration::from_secs(120), "attack-battery");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    secret.assert_absent(&out.stdout, "the battery's output");
+    secret.assert_absent(&out.stderr, "the battery's stderr");
+    let rows: Vec<Row> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad row ({e}): {l}")))
+        .collect();
+    let text = table(tier, &rows);
+    publish(tier, &text);
+    assert!(
+        !rows.is_empty(),
+        "the battery printed no rows ({}); stderr:\n{stderr}\nbrokerd's log:\n{}",
+        out.status,
+        broker.log()
+    );
+    let failed: Vec<&Row> = rows.iter().filter(|r| !r.pass).collect();
+    assert!(
+        failed.is_empty(),
+        "tier {tier}: rows failed: {failed:#?}\n{text}\nstderr:\n{stderr}"
+    );
+    assert!(
+        out.status.success(),
+        "battery exit {}: {stderr}",
+        out.status
+    );
+    // Every row of 7.2 that applies to one host is accounted for.
+    for id in [
+        "N01", "N02", "N03", "N04", "N05", "N06", "N07", "N08", "N10", "N11", "N12", "N13", "N14",
+        "N15", "N16", "N17", "N18", "N19", "N20", "N21", "N22", "N23", "N24", "N25", "N26", "N27",
+        "N28", "N29", "N31", "N32", "N33", "N34", "N35", "N36", "N37", "N38", "N39", "N40", "N41",
+        "N42", "N51", "N52",
+    ] {
+        assert!(
+            rows.iter().any(|r| r.id == id),
+            "row {id} missing from the battery:\n{text}"
+        );
+    }
+
+    // Independent oracles.
+    thread::sleep(Duration::from_millis(300));
+    let arrivals = outside.arrivals();
+    assert!(
+        arrivals.is_empty(),
+        "tier {tier}: something reached the outside services directly: {arrivals:?}"
+    );
+    let names = resolver.names.lock().expect("names").clone();
+    assert!(
+        names.iter().all(|n| n == API),
+        "tier {tier}: the host's resolver was asked for names the policy does not allow: {names:?}"
+    );
+    assert!(!names.is_empty(), "the allowed name was never forwarded");
+    let expected_auth = sha256_hex(format!("Bearer {}", secret.expose()).as_bytes());
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.header_hash("authorization") == Some(expected_auth.as_str())),
+        "tier {tier}: the allowed API never received the real secret (positive control)"
+    );
+    // Denials that reached brokerd are audited.
+    let audit = {
+        let mut found = Vec::new();
+        for _ in 0..50 {
+            found = records(&broker);
+            let has_http = found.iter().any(|e| {
+                e.original_dst == Some(outside.tcp) && e.decision.as_deref() == Some("deny")
+            });
+            let has_dns = found.iter().any(|e| {
+                e.kind == Some(EventKind::Dns)
+                    && e.host.as_deref() == Some(DENIED_NAME)
+                    && e.decision.as_deref() == Some("deny")
+            });
+            if has_http && has_dns {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        found
+    };
+    assert!(
+        audit.iter().any(|e| e.original_dst == Some(outside.tcp)
+            && e.decision.as_deref() == Some("deny")
+            && e.cgroup.as_deref() == Some(agent.as_str())),
+        "tier {tier}: no audited denial for the request to the outside service: {audit:#?}"
+    );
+    assert!(
+        audit.iter().any(|e| e.kind == Some(EventKind::Dns)
+            && e.host.as_deref() == Some(DENIED_NAME)
+            && e.decision.as_deref() == Some("deny")),
+        "tier {tier}: no audited DNS denial for {DENIED_NAME}"
+    );
+    secret.assert_absent(broker.log().as_bytes(), "brokerd's log");
+    let status = broker.status();
+    assert!(
+        status.counters.udp_refused > 0
+            && status.counters.socket_refused > 0
+            && status.counters.bind_refused > 0
+            && status.counters.dns_redirected > 0,
+        "tier {tier}: the kernel counters should show the refusals: {:?}",
+        status.counters
+    );
+}
+
+#[test]
+fn attack_battery_as_an_unprivileged_uid() {
+    run_tier("unprivileged-uid", &["--user", "65534"]);
+}
+
+#[test]
+fn attack_battery_as_root_in_a_user_namespace() {
+    run_tier("userns-root", &["--userns"]);
+}
+
+#[test]
+fn require_lsm_refuses_to_start_where_bpf_lsm_cannot_load() {
+    require_privileges();
+    let probe = Broker::start();
+    let lsm = probe.status().lsm;
+    drop(probe);
+    let mut strict = Broker::builder().arg("--require-lsm").prepare();
+    let started = strict.try_start();
+    if lsm.starts_with("active") {
+        assert!(
+            started.is_ok(),
+            "BPF LSM works here, so --require-lsm must start: {started:?}"
+        );
+    } else {
+        let err = started.expect_err("--require-lsm must refuse to start without BPF LSM");
+        assert!(
+            err.contains("--require-lsm") && err.contains("BPF LSM"),
+            "the refusal should name --require-lsm and BPF LSM: {err}"
+        );
+        assert!(
+            lsm.starts_with("not loaded:"),
+            "status should say why: {lsm}"
+        );
+    }
+}
+
+#[test]
+fn status_lists_every_hook_and_the_kernel_attaches_them() {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let broker = Broker::start();
+    broker.attach(cg.path());
+    let status = broker.status();
+    for (hook, _) in agent_broker_tests::HOOKS {
+        let name = hook.replace("sock_ops", "sockops");
+        assert!(
+            status.hooks.contains(&name),
+            "status does not list {hook}: {:?}",
+            status.hooks
+        );
+    }
+    let counts = agent_broker_tests::attached_programs(cg.path());
+    assert!(
+        counts.iter().all(|&(_, n)| n == 1),
+        "the kernel should report one program on every hook: {counts:?}"
+    );
+}
