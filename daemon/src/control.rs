@@ -61,6 +61,8 @@ pub struct ControlState {
     pub dns_listeners: Vec<std::net::SocketAddr>,
     /// The optional BPF LSM layer's state, as `brokerctl status` shows it.
     pub lsm: String,
+    /// brokerd's own hardening (see [`crate::harden`]).
+    pub hardening: String,
     pub pin_dir: PathBuf,
     pub vault: Arc<Vault>,
     /// The broker CA certificate (public).
@@ -329,6 +331,7 @@ async fn handle(request: Request, state: &ControlState) -> Response {
                 dns_listeners: state.dns_listeners.clone(),
                 hooks: crate::capture::hook_names(),
                 lsm: state.lsm.clone(),
+                hardening: state.hardening.clone(),
             }),
             Err(e) => capture_error(e),
         },

@@ -40,6 +40,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("brokerd must run as root: it loads eBPF programs and manages cgroups");
     }
+    let hardening = crate::harden::harden();
+    if hardening.failures.is_empty() {
+        info!(%hardening, "brokerd hardened");
+    } else {
+        tracing::warn!(%hardening, "brokerd hardening incomplete");
+    }
     let root = CgroupRoot::discover()?;
     info!(mount = %root.mount().display(), "cgroup2 hierarchy");
 
@@ -161,6 +167,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         listeners: addrs.clone(),
         dns_listeners,
         lsm: capture.lsm.clone(),
+        hardening: hardening.to_string(),
         pin_dir: config.pin_dir.clone(),
         vault,
         ca_pem: proxy.minter.ca().cert_pem().to_string(),

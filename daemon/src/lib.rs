@@ -26,6 +26,7 @@ pub mod dns;
 pub mod explain;
 pub mod handle;
 pub mod handle_store;
+pub mod harden;
 pub mod inject;
 pub mod launcher;
 pub mod policy;

@@ -360,6 +360,9 @@ pub struct StatusReport {
     /// The optional BPF LSM layer: `active: ...` or `not loaded: <why>`.
     #[serde(default)]
     pub lsm: String,
+    /// brokerd's own hardening, e.g. `not dumpable, no core dumps, memory locked`.
+    #[serde(default)]
+    pub hardening: String,
 }
 
 /// The policy as loaded.

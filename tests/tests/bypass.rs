@@ -491,6 +491,32 @@ fn status_lists_every_hook_and_the_kernel_attaches_them() {
             status.hooks
         );
     }
+    // brokerd's own hardening, as it reports it and as the kernel shows it.
+    assert!(
+        status.hardening.contains("not dumpable")
+            && status.hardening.contains("no core dumps")
+            && status.hardening.contains("memory locked"),
+        "brokerd should be hardened: {:?}",
+        status.hardening
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", broker.pid())).expect("limits");
+    assert!(
+        limits.lines().any(
+            |l| l.starts_with("Max core file size") && l.split_whitespace().nth(4) == Some("0")
+        ),
+        "brokerd's core file size limit should be 0:\n{limits}"
+    );
+    let proc_status =
+        std::fs::read_to_string(format!("/proc/{}/status", broker.pid())).expect("status");
+    let locked: u64 = proc_status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        locked > 0,
+        "brokerd's memory should be locked (VmLck): {proc_status}"
+    );
     let counts = agent_broker_tests::attached_programs(cg.path());
     assert!(
         counts.iter().all(|&(_, n)| n == 1),

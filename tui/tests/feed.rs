@@ -52,6 +52,7 @@ fn status() -> StatusReport {
         dns_listeners: Vec::new(),
         hooks: Vec::new(),
         lsm: String::new(),
+        hardening: String::new(),
     }
 }
 

@@ -57,6 +57,8 @@ pub fn test() -> Result<()> {
         "AGENT_BROKER_BIN_DIR",
         paths::target_dir().join(profile.dir_name()),
     );
+    let battery_out = paths::target_dir().join("battery");
+    let _ = std::fs::remove_dir_all(&battery_out);
     end_to_end_command
         .env(
             "AGENT_BROKER_STATIC_CLIENT",
@@ -65,12 +67,14 @@ pub fn test() -> Result<()> {
         .env(
             "AGENT_BROKER_ATTACK_BATTERY",
             paths::static_bin("attack-battery"),
-        );
+        )
+        .env("AGENT_BROKER_BATTERY_OUT", &battery_out);
     let end_to_end = run_tests(
         "privileged end-to-end tests",
         end_to_end_command,
         &mut problems,
     );
+    print_battery_tables(&battery_out);
 
     let total = unit + end_to_end;
     println!(
@@ -93,6 +97,21 @@ pub fn test() -> Result<()> {
         problems.push(format!("not running as root: {NEEDS_ROOT}"));
     }
     bail!("{}", problems.join("; "))
+}
+
+/// Prints the attack battery's tables the bypass tests left (one per privilege tier).
+fn print_battery_tables(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        println!("attack battery: no table was written (the bypass tests did not run)");
+        return;
+    };
+    let mut files: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+    files.sort();
+    for file in files {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            println!("\n{text}");
+        }
+    }
 }
 
 /// The host workspace's cargo with `args` (whitespace-separated).

@@ -792,6 +792,9 @@ fn print_status(s: &StatusReport) {
     if !s.lsm.is_empty() {
         println!("bpf lsm        {}", s.lsm);
     }
+    if !s.hardening.is_empty() {
+        println!("brokerd        {}", s.hardening);
+    }
     println!(
         "kernel         {} redirected, {} refused, {} not re-keyed",
         s.counters.redirected, s.counters.refused, s.counters.rekey_failed
