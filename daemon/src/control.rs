@@ -320,6 +320,14 @@ async fn handle(request: Request, state: &ControlState) -> Response {
     match request {
         Request::Status => match state.capture.status().await {
             Ok((cgroups, counters)) => Response::Status(StatusReport {
+                unprotected: cgroups
+                    .iter()
+                    .flat_map(|c| {
+                        let dir = state.root.mount().join(&c.path);
+                        crate::protections::unprotected_in(&dir, &c.path, 64)
+                    })
+                    .take(64)
+                    .collect(),
                 version: env!("CARGO_PKG_VERSION").into(),
                 pid: std::process::id(),
                 listeners: state.listeners.clone(),

@@ -31,6 +31,7 @@ pub mod inject;
 pub mod launcher;
 pub mod policy;
 pub mod policy_store;
+pub mod protections;
 pub mod proxy;
 pub mod scrub;
 pub mod secret;

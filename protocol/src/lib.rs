@@ -363,6 +363,22 @@ pub struct StatusReport {
     /// brokerd's own hardening, e.g. `not dumpable, no core dumps, memory locked`.
     #[serde(default)]
     pub hardening: String,
+    /// Processes in tagged cgroups that lack launcher protections (started without
+    /// `brokerctl run`), at most 64.
+    #[serde(default)]
+    pub unprotected: Vec<ProcessProtections>,
+}
+
+/// A process in a tagged cgroup and the launcher protections it lacks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessProtections {
+    /// The cgroup it is in.
+    pub cgroup: String,
+    pub pid: u32,
+    pub comm: String,
+    /// What it lacks, most serious first.
+    pub missing: Vec<String>,
 }
 
 /// The policy as loaded.

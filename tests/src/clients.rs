@@ -534,6 +534,12 @@ pub fn curl_repeat(
         .scratch_dir()
         .join(format!("curl-{}", crate::unique_name()));
     fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        // curl runs unprivileged under `brokerctl run` and writes its responses here.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777))
+            .unwrap_or_else(|e| panic!("cannot open up {}: {e}", dir.display()));
+    }
     let mut argv = curl_args(call);
     argv.push("-w".into());
     argv.push("%{stderr}ABTEST status=%{http_code} version=%{http_version}\\n".into());

@@ -517,6 +517,48 @@ fn status_lists_every_hook_and_the_kernel_attaches_them() {
         locked > 0,
         "brokerd's memory should be locked (VmLck): {proc_status}"
     );
+    // A process started in the tagged cgroup without the launcher is reported with what it
+    // lacks; one started by `brokerctl run` lacks nothing.
+    let raw = cg.create_child("raw");
+    let mut raw_sleep =
+        agent_broker_tests::spawn_in_cgroup(&raw, std::process::Command::new("sleep").arg("30"));
+    let sandboxed = cg.child("sandboxed");
+    let mut launched = broker
+        .ctl()
+        .args([
+            "run", "--cgroup", &sandboxed, "--create", "--", "sleep", "30",
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("brokerctl run sleep");
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen = broker.status().unprotected;
+        let sandboxed_running = std::fs::read_to_string(
+            agent_broker_tests::cgroup2_mount()
+                .join(&sandboxed)
+                .join("cgroup.procs"),
+        )
+        .is_ok_and(|p| !p.trim().is_empty());
+        if sandboxed_running && seen.iter().any(|p| p.pid == raw_sleep.id()) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let raw_entry = seen
+        .iter()
+        .find(|p| p.pid == raw_sleep.id())
+        .unwrap_or_else(|| panic!("status should report the unsandboxed process: {seen:#?}"));
+    assert!(raw_entry.missing[0].contains("real root"), "{raw_entry:#?}");
+    assert!(
+        !seen.iter().any(|p| p.cgroup == sandboxed),
+        "a process started by brokerctl run should lack nothing: {seen:#?}"
+    );
+    let _ = raw_sleep.kill();
+    let _ = raw_sleep.wait();
+    // SAFETY: signalling our own child (brokerctl forwards SIGTERM to the agent).
+    unsafe { libc::kill(launched.id() as i32, libc::SIGTERM) };
+    let _ = launched.wait();
     let counts = agent_broker_tests::attached_programs(cg.path());
     assert!(
         counts.iter().all(|&(_, n)| n == 1),

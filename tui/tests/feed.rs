@@ -53,6 +53,7 @@ fn status() -> StatusReport {
         hooks: Vec::new(),
         lsm: String::new(),
         hardening: String::new(),
+        unprotected: Vec::new(),
     }
 }
 

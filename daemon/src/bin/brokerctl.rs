@@ -795,6 +795,15 @@ fn print_status(s: &StatusReport) {
     if !s.hardening.is_empty() {
         println!("brokerd        {}", s.hardening);
     }
+    for p in &s.unprotected {
+        println!(
+            "unprotected    pid {} ({}) in {}: {}",
+            p.pid,
+            p.comm,
+            p.cgroup,
+            p.missing.join("; ")
+        );
+    }
     println!(
         "kernel         {} redirected, {} refused, {} not re-keyed",
         s.counters.redirected, s.counters.refused, s.counters.rekey_failed
