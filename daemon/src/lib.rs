@@ -23,6 +23,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dns;
+pub mod doctor;
 pub mod explain;
 pub mod handle;
 pub mod handle_store;

@@ -554,6 +554,24 @@ fn status_lists_every_hook_and_the_kernel_attaches_them() {
         !seen.iter().any(|p| p.cgroup == sandboxed),
         "a process started by brokerctl run should lack nothing: {seen:#?}"
     );
+    // doctor says the same, fails, and says how to fix it.
+    let state = broker.state_dir();
+    let doctor = broker.ctl_output(&["doctor", "--state-dir", &state.to_string_lossy()]);
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert_eq!(
+        doctor.status.code(),
+        Some(1),
+        "doctor must fail with a real-root agent:\n{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("real root") && l.contains(&raw)),
+        "doctor should name the real-root process:\n{text}"
+    );
+    assert!(
+        text.contains("brokerctl run"),
+        "doctor should say how to fix it:\n{text}"
+    );
     let _ = raw_sleep.kill();
     let _ = raw_sleep.wait();
     // SAFETY: signalling our own child (brokerctl forwards SIGTERM to the agent).

@@ -107,6 +107,19 @@ enum Command {
     Policy(PolicyCommand),
     /// Live console: brokered calls and denials as they happen (q to quit, ? for keys).
     Console,
+    /// Check this host for what agent-broker needs: kernel and hooks, BTF, cgroup v2, bpffs,
+    /// Landlock, brokerd's tagged cgroups and pinned links, processes in them that lack the
+    /// launcher's protections (real root, capabilities...), the BPF LSM layer, brokerd's
+    /// hardening, the broker CA in the system store, master key and state dir permissions, and
+    /// relevant sysctls. Prints what is missing and how to fix it; exits 1 if anything failed.
+    Doctor {
+        /// One JSON object per check.
+        #[arg(long)]
+        json: bool,
+        /// brokerd's state directory (for the key file and directory checks).
+        #[arg(long, value_name = "DIR", default_value = agent_broker::config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// The audit log: every brokered call, denial, TLS failure, handle misuse, attach, detach
     /// and policy reload. Secrets appear by name only.
     Logs(LogsArgs),
@@ -365,6 +378,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Handle(cmd) => handle(&args.run_dir, cmd)?,
         Command::Policy(cmd) => policy(&args.run_dir, cmd)?,
         Command::Console => agent_broker_console::run(&args.run_dir)?,
+        Command::Doctor { json, state_dir } => {
+            let checks = agent_broker::doctor::run_checks(&agent_broker::doctor::DoctorOptions {
+                run_dir: &args.run_dir,
+                state_dir: &state_dir,
+            });
+            if !agent_broker::doctor::print(&checks, json) {
+                std::process::exit(1);
+            }
+        }
         Command::Logs(logs_args) => logs(&args.run_dir, logs_args)?,
         Command::Connections { limit, json } => {
             match call(&args.run_dir, &Request::Connections { limit })? {

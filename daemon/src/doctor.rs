@@ -1,0 +1,457 @@
+//! `brokerctl doctor`: what this host offers agent-broker, what is missing, and how to fix it.
+//!
+//! Each check reads the host (kernel version, BTF, mounts, sysctls, files) or asks brokerd
+//! (`status`: the hooks it attached, the LSM layer, its hardening, processes in tagged cgroups
+//! that lack the launcher's protections). Nothing is changed.
+
+use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
+
+use agent_broker_protocol::{Request, Response, StatusReport};
+use serde::Serialize;
+
+use crate::{cgroup::CgroupRoot, client::Client};
+
+/// How a check came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    /// Works, with a weaker guarantee or a gap worth knowing.
+    Warn,
+    /// A protection brokerd promises does not hold, or brokerd cannot run.
+    Fail,
+}
+
+/// One check.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub level: Level,
+    /// What was found.
+    pub found: String,
+    /// How to fix it (empty when there is nothing to fix).
+    pub fix: String,
+}
+
+fn check(
+    name: &'static str,
+    level: Level,
+    found: impl Into<String>,
+    fix: impl Into<String>,
+) -> Check {
+    Check {
+        name,
+        level,
+        found: found.into(),
+        fix: fix.into(),
+    }
+}
+
+/// Where brokerd keeps its state and control socket.
+pub struct DoctorOptions<'a> {
+    pub run_dir: &'a Path,
+    pub state_dir: &'a Path,
+}
+
+/// `6.18.44-fc` → (6, 18).
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+fn sysctl(name: &str) -> Option<String> {
+    fs::read_to_string(format!("/proc/sys/{}", name.replace('.', "/")))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Runs every check.
+pub fn run_checks(opts: &DoctorOptions<'_>) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    checks.push(match kernel_version(release) {
+        Some(v) if v >= (6, 7) => check(
+            "kernel",
+            Level::Ok,
+            format!("Linux {release}: every hook brokerd uses, AF_UNIX ones included"),
+            "",
+        ),
+        Some(v) if v >= (5, 15) => check(
+            "kernel",
+            Level::Fail,
+            format!("Linux {release}: no AF_UNIX cgroup hooks (6.7), brokerd refuses to start"),
+            "use Linux 6.7 or later",
+        ),
+        _ => check(
+            "kernel",
+            Level::Fail,
+            format!("Linux {release:?}: too old or unreadable"),
+            "use Linux 6.7 or later",
+        ),
+    });
+    checks.push(if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        check("btf", Level::Ok, "/sys/kernel/btf/vmlinux present", "")
+    } else {
+        check(
+            "btf",
+            Level::Warn,
+            "no kernel BTF: the optional LSM layer cannot load",
+            "a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+        )
+    });
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    checks.push(match CgroupRoot::discover() {
+        Ok(root) => {
+            let nsdelegate = mountinfo.lines().any(|l| {
+                l.contains(" - cgroup2 ") && l.split_whitespace().nth(4) == Some(&*root.mount().to_string_lossy()) && l.contains("nsdelegate")
+            });
+            check(
+                "cgroup v2",
+                Level::Ok,
+                format!("mounted at {}{}", root.mount().display(), if nsdelegate { " (nsdelegate)" } else { " (without nsdelegate: the launcher's mount namespace keeps agents away from cgroupfs)" }),
+                "",
+            )
+        }
+        Err(e) => check("cgroup v2", Level::Fail, e.to_string(), "mount cgroup2 (e.g. mount -t cgroup2 none /sys/fs/cgroup/unified)"),
+    });
+    let v1_net = mountinfo
+        .lines()
+        .any(|l| l.contains(" - cgroup ") && (l.contains("net_cls") || l.contains("net_prio")));
+    if v1_net {
+        checks.push(check(
+            "net_cls/net_prio (cgroup v1)",
+            Level::Warn,
+            "mounted: before Linux 5.15 this silently disabled cgroup2 socket matching",
+            "on kernels before 5.15, unmount the v1 net_cls/net_prio hierarchies",
+        ));
+    }
+    let bpffs = mountinfo
+        .lines()
+        .find(|l| l.contains(" - bpf "))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_string));
+    checks.push(match bpffs {
+        Some(at) => check("bpffs", Level::Ok, format!("mounted at {at}"), ""),
+        None => check(
+            "bpffs",
+            Level::Warn,
+            "not mounted",
+            "brokerd mounts it at /sys/fs/bpf when it starts",
+        ),
+    });
+    let lsms = fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    checks.push(if lsms.split(',').any(|l| l.trim() == "landlock") {
+        check(
+            "landlock",
+            Level::Ok,
+            "active: brokerctl run confines agents' files, signals and abstract sockets",
+            "",
+        )
+    } else {
+        check(
+            "landlock",
+            Level::Warn,
+            format!("not in the active LSMs ({})", lsms.trim()),
+            "boot with lsm=...,landlock for the launcher's file system confinement",
+        )
+    });
+
+    match status(opts.run_dir) {
+        Ok(s) => {
+            status_checks(&s, &mut checks);
+            let pem = Client::connect(opts.run_dir)
+                .ok()
+                .and_then(|mut c| c.call(&Request::CaCert).ok());
+            checks.push(match pem {
+                Some(Response::CaCert { pem }) if system_store_has(&pem) => check("broker CA", Level::Ok, "in the system trust store", ""),
+                Some(Response::CaCert { .. }) => check("broker CA", Level::Warn, "not in the system trust store: agents started another way than `brokerctl run` (which mounts a bundle with it) will fail TLS", "brokerctl ca install"),
+                _ => check("broker CA", Level::Warn, "brokerd did not hand out its CA", ""),
+            });
+        }
+        Err(e) => checks.push(check(
+            "brokerd",
+            Level::Fail,
+            format!("not reachable: {e}"),
+            "start brokerd (cargo xtask run, or the brokerd binary as root)",
+        )),
+    }
+
+    let key = opts.state_dir.join("master.key");
+    checks.push(match fs::metadata(&key) {
+        Ok(m) if m.mode() & 0o077 != 0 => check(
+            "master key",
+            Level::Fail,
+            format!(
+                "{} is mode {:o}: group or others can read it",
+                key.display(),
+                m.mode() & 0o777
+            ),
+            format!("chmod 600 {}", key.display()),
+        ),
+        Ok(m) if m.uid() != 0 => check(
+            "master key",
+            Level::Fail,
+            format!("{} is owned by uid {}", key.display(), m.uid()),
+            format!("chown root {}", key.display()),
+        ),
+        Ok(_) => check(
+            "master key",
+            Level::Ok,
+            format!("{} is root's, mode 600", key.display()),
+            "",
+        ),
+        Err(_) => check(
+            "master key",
+            Level::Ok,
+            format!(
+                "no {} (a systemd credential, or brokerd has not run yet)",
+                key.display()
+            ),
+            "",
+        ),
+    });
+    checks.push(match fs::metadata(opts.state_dir) {
+        Ok(m) if m.mode() & 0o077 != 0 => check(
+            "state dir",
+            Level::Warn,
+            format!(
+                "{} is mode {:o}",
+                opts.state_dir.display(),
+                m.mode() & 0o777
+            ),
+            format!("chmod 700 {}", opts.state_dir.display()),
+        ),
+        Ok(_) => check(
+            "state dir",
+            Level::Ok,
+            format!("{} is private", opts.state_dir.display()),
+            "",
+        ),
+        Err(_) => check(
+            "state dir",
+            Level::Warn,
+            format!("{} does not exist", opts.state_dir.display()),
+            "start brokerd once (or pass --state-dir)",
+        ),
+    });
+
+    checks.push(match sysctl("kernel.unprivileged_bpf_disabled").as_deref() {
+        Some("0") => check("kernel.unprivileged_bpf_disabled", Level::Warn, "0: unprivileged processes may load BPF programs (the launcher's seccomp filter still refuses bpf())", "sysctl kernel.unprivileged_bpf_disabled=2"),
+        Some(v) => check("kernel.unprivileged_bpf_disabled", Level::Ok, v.to_string(), ""),
+        None => check("kernel.unprivileged_bpf_disabled", Level::Warn, "unreadable", ""),
+    });
+    checks.push(match sysctl("user.max_user_namespaces").as_deref() {
+        Some("0") => check(
+            "user.max_user_namespaces",
+            Level::Warn,
+            "0: `brokerctl run --userns` cannot work",
+            "use --user UID, or sysctl user.max_user_namespaces=65536",
+        ),
+        Some(v) => check("user.max_user_namespaces", Level::Ok, v.to_string(), ""),
+        None => check("user.max_user_namespaces", Level::Warn, "unreadable", ""),
+    });
+    checks.push(check(
+        "kernel.io_uring_disabled",
+        Level::Ok,
+        format!(
+            "{} (the launcher's seccomp filter refuses io_uring to agents either way)",
+            sysctl("kernel.io_uring_disabled").unwrap_or_else(|| "absent".into())
+        ),
+        "",
+    ));
+    checks.push(check(
+        "net.ipv4.ping_group_range",
+        Level::Ok,
+        format!(
+            "{} (ping sockets are refused to agents by cgroup/sock_create either way)",
+            sysctl("net.ipv4.ping_group_range")
+                .unwrap_or_else(|| "absent".into())
+                .replace('\t', " ")
+        ),
+        "",
+    ));
+    checks.push(match sysctl("kernel.yama.ptrace_scope") {
+        Some(v) => check("kernel.yama.ptrace_scope", Level::Ok, v, ""),
+        None => check("kernel.yama.ptrace_scope", Level::Ok, "no Yama: agents are kept from ptrace by their uid, the seccomp filter and brokerd being non-dumpable", ""),
+    });
+    checks
+}
+
+fn status(run_dir: &Path) -> Result<StatusReport, String> {
+    let mut client = Client::connect(run_dir).map_err(|e| e.to_string())?;
+    match client.call(&Request::Status).map_err(|e| e.to_string())? {
+        Response::Status(s) => Ok(s),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+fn status_checks(s: &StatusReport, checks: &mut Vec<Check>) {
+    checks.push(check(
+        "brokerd",
+        Level::Ok,
+        format!(
+            "up (pid {}), listening on {:?}, DNS on {:?}",
+            s.pid, s.listeners, s.dns_listeners
+        ),
+        "",
+    ));
+    checks.push(check(
+        "hooks",
+        Level::Ok,
+        format!("{} per tagged cgroup: {}", s.hooks.len(), s.hooks.join(" ")),
+        "",
+    ));
+    for c in &s.cgroups {
+        let complete = c.links as usize == s.hooks.len();
+        checks.push(if complete {
+            check(
+                "tagged cgroup",
+                Level::Ok,
+                format!(
+                    "{}: {} pinned links, {} processes",
+                    c.path, c.links, c.processes
+                ),
+                "",
+            )
+        } else {
+            check(
+                "tagged cgroup",
+                Level::Fail,
+                format!("{}: {} of {} links", c.path, c.links, s.hooks.len()),
+                format!(
+                    "brokerctl detach --cgroup {0}; brokerctl attach --cgroup {0}",
+                    c.path
+                ),
+            )
+        });
+    }
+    for p in &s.unprotected {
+        checks.push(check(
+            "unprotected process",
+            if p.missing.iter().any(|m| m.contains("real root")) { Level::Fail } else { Level::Warn },
+            format!("pid {} ({}) in {}: {}", p.pid, p.comm, p.cgroup, p.missing.join("; ")),
+            "start agents with `brokerctl run` (unprivileged uid or user namespace, no capabilities, seccomp)",
+        ));
+    }
+    checks.push(if s.lsm.starts_with("active") {
+        check("bpf lsm", Level::Ok, s.lsm.clone(), "")
+    } else {
+        check(
+            "bpf lsm",
+            Level::Ok,
+            format!("optional, {}", s.lsm),
+            "nothing brokerd promises depends on it; brokerd --require-lsm insists on it",
+        )
+    });
+    let hardened = ["not dumpable", "no core dumps", "memory locked"]
+        .iter()
+        .all(|h| s.hardening.contains(h));
+    checks.push(check(
+        "brokerd hardening",
+        if hardened { Level::Ok } else { Level::Warn },
+        s.hardening.clone(),
+        if hardened {
+            ""
+        } else {
+            "see brokerd's log for the step that failed"
+        },
+    ));
+}
+
+/// Whether the system trust store holds `ca_pem` (for `doctor`'s CA check).
+pub fn system_store_has(ca_pem: &str) -> bool {
+    let needle: String = ca_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+    ]
+    .iter()
+    .filter_map(|p| fs::read_to_string(p).ok())
+    .any(|bundle| !needle.is_empty() && bundle.contains(&needle))
+}
+
+/// Prints the checks as a table (or JSON lines); returns whether none failed.
+pub fn print(checks: &[Check], json: bool) -> bool {
+    for c in checks {
+        if json {
+            println!("{}", serde_json::to_string(c).unwrap_or_default());
+        } else {
+            let level = match c.level {
+                Level::Ok => "ok",
+                Level::Warn => "WARN",
+                Level::Fail => "FAIL",
+            };
+            println!("{level:<5} {:<32} {}", c.name, c.found);
+            if !c.fix.is_empty() && c.level != Level::Ok {
+                println!("{:<38}fix: {}", "", c.fix);
+            }
+        }
+    }
+    !checks.iter().any(|c| c.level == Level::Fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_parse() {
+        assert_eq!(kernel_version("6.18.44-fc-v669"), Some((6, 18)));
+        assert_eq!(kernel_version("5.15.0-91-generic"), Some((5, 15)));
+        assert_eq!(kernel_version("garbage"), None);
+    }
+
+    #[test]
+    fn on_this_host_the_cgroup_check_finds_the_real_mount() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let checks = run_checks(&DoctorOptions {
+            run_dir: dir.path(),
+            state_dir: dir.path(),
+        });
+        let cgroup = checks
+            .iter()
+            .find(|c| c.name == "cgroup v2")
+            .expect("cgroup check");
+        let root = CgroupRoot::discover().expect("cgroup2");
+        assert_eq!(cgroup.level, Level::Ok, "{cgroup:?}");
+        assert!(
+            cgroup.found.contains(&*root.mount().to_string_lossy()),
+            "{cgroup:?}"
+        );
+        let brokerd = checks
+            .iter()
+            .find(|c| c.name == "brokerd")
+            .expect("brokerd check");
+        assert_eq!(
+            brokerd.level,
+            Level::Fail,
+            "no brokerd runs in an empty run dir"
+        );
+        assert!(!brokerd.fix.is_empty());
+    }
+
+    #[test]
+    fn a_group_readable_key_fails() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("master.key");
+        fs::write(&key, [0u8; 32]).expect("key");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o640)).expect("chmod");
+        let checks = run_checks(&DoctorOptions {
+            run_dir: dir.path(),
+            state_dir: dir.path(),
+        });
+        let c = checks
+            .iter()
+            .find(|c| c.name == "master key")
+            .expect("key check");
+        assert_eq!(c.level, Level::Fail, "{c:?}");
+        assert!(c.fix.contains("chmod 600"));
+    }
+}
