@@ -102,6 +102,9 @@ pub struct LaunchSpec {
     pub identity: Identity,
     /// The agent's working directory (writable under Landlock).
     pub workdir: PathBuf,
+    /// Whether `workdir` was asked for; an inherited one the agent cannot enter is replaced
+    /// by /tmp, an asked-for one is an error.
+    pub workdir_given: bool,
     /// More directories the agent may write.
     pub allow_write: Vec<PathBuf>,
     /// The merged CA bundle (PEM).
@@ -204,6 +207,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
     let plan = confine::Plan {
         identity: spec.identity,
         workdir: spec.workdir.clone(),
+        workdir_given: spec.workdir_given,
         allow_write: spec.allow_write.clone(),
         ca_bundle: spec.ca_bundle.clone(),
     };

@@ -170,8 +170,9 @@ impl Demo {
             };
             let out = self
                 .brokerctl(&["run", "--cgroup", CGROUP, "--create", "--"])
-                .args(["curl", "-s", "-w", "\n%{http_code}", "--cacert"])
-                .arg(&broker_ca)
+                // No --cacert: brokerctl run mounts the system roots plus the broker CA over
+                // the standard bundle paths (and sets CURL_CA_BUNDLE) for the agent.
+                .args(["curl", "-s", "-w", "\n%{http_code}"])
                 .args(["--resolve", &format!("{host}:443:127.0.0.2")])
                 .args(["-H", "Authorization: Bearer placeholder"])
                 .arg(format!("https://{host}/v1/whoami"))

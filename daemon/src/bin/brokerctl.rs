@@ -76,7 +76,8 @@ enum Command {
         /// The host uid (and gid) the user namespace's root maps to.
         #[arg(long, value_name = "UID", default_value_t = 65534, value_parser = clap::value_parser!(u32).range(1..))]
         userns_uid: u32,
-        /// Working directory of CMD, writable under Landlock [default: the current directory].
+        /// Working directory of CMD, writable under Landlock [default: the current directory, or
+        /// /tmp when the agent's identity cannot enter it].
         #[arg(long, value_name = "DIR")]
         workdir: Option<PathBuf>,
         /// A directory CMD may write besides the work directory and the scratch places
@@ -347,6 +348,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             };
             let root = CgroupRoot::discover()?;
             let (program, rest) = command.split_first().context("no command given")?;
+            let workdir_given = workdir.is_some();
             let workdir = match workdir {
                 Some(w) => w,
                 None => std::env::current_dir().context("reading the current directory")?,
@@ -358,6 +360,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     host_gid: userns_uid,
                 }),
                 workdir,
+                workdir_given,
                 allow_write,
                 ca_bundle: agent_broker::launcher::merged_ca_bundle(&pem),
                 program: program.clone(),

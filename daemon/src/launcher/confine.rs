@@ -29,6 +29,8 @@ use super::{CA_BUNDLE_PATHS, CA_ENV, Identity, LaunchError, io, mounts_of_types}
 pub struct Plan {
     pub identity: Identity,
     pub workdir: PathBuf,
+    /// Whether the work directory was asked for (`--workdir`) rather than inherited.
+    pub workdir_given: bool,
     pub allow_write: Vec<PathBuf>,
     pub ca_bundle: Vec<u8>,
 }
@@ -172,10 +174,22 @@ pub fn child(
         "setting no_new_privs",
     )?;
     landlock(plan)?;
-    std::env::set_current_dir(&plan.workdir).map_err(io(format!(
-        "changing to the work directory {}",
-        plan.workdir.display()
-    )))?;
+    if let Err(e) = std::env::set_current_dir(&plan.workdir) {
+        if plan.workdir_given {
+            return Err(io(format!(
+                "changing to the work directory {}",
+                plan.workdir.display()
+            ))(e));
+        }
+        // The caller's directory is not reachable for the agent's identity (a home under /root,
+        // say): start in /tmp rather than not at all.
+        let _ = writeln!(
+            std::io::stderr(),
+            "brokerctl run: the agent cannot enter {} ({e}); starting it in /tmp",
+            plan.workdir.display()
+        );
+        std::env::set_current_dir("/tmp").map_err(io("changing to /tmp"))?;
+    }
     seccompiler::apply_filter(filter)
         .map_err(|e| LaunchError::Invalid(format!("installing the seccomp filter: {e}")))?;
     // SAFETY: closes every descriptor from 3 up; nothing in this process uses them any more.
