@@ -583,3 +583,53 @@ fn status_lists_every_hook_and_the_kernel_attaches_them() {
         "the kernel should report one program on every hook: {counts:?}"
     );
 }
+
+#[test]
+fn the_launcher_reports_exit_codes_refuses_root_and_starts_nothing_without_brokerd() {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let mut broker = Broker::start();
+    let agent = cg.child("agent");
+    // The agent's exit status is brokerctl's.
+    let out = broker.ctl_output(&[
+        "run", "--cgroup", &agent, "--create", "--", "sh", "-c", "exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    // Killed by a signal: 128 + signal.
+    let out = broker.ctl_output(&["run", "--cgroup", &agent, "--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
+    // Real root is refused, and so is a uid that is not a number.
+    for bad in ["0", "0:0", "root"] {
+        let out = broker.ctl_output(&["run", "--cgroup", &agent, "--user", bad, "--", "true"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--user {bad}: {stderr}");
+        assert!(
+            stderr.contains("--user"),
+            "--user {bad}: the error should name the flag: {stderr}"
+        );
+    }
+    // A command that does not exist: 126 with the reason, nothing else started.
+    let out = broker.ctl_output(&["run", "--cgroup", &agent, "--", "/nonexistent/agent"]);
+    assert_eq!(out.status.code(), Some(126), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent"));
+    // brokerd down: the command is not started at all.
+    broker.stop();
+    let marker = broker.scratch_dir().join("started");
+    let out = broker.ctl_output(&[
+        "run",
+        "--cgroup",
+        &agent,
+        "--",
+        "touch",
+        &marker.to_string_lossy(),
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach brokerd"),
+        "{out:?}"
+    );
+    assert!(
+        !marker.exists(),
+        "the agent must not start while brokerd is down"
+    );
+}
