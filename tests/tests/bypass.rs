@@ -332,10 +332,25 @@ fn run_tier(tier: &str, identity: &[&str]) {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // A socket created outside the cgroup and leaked into brokerctl (fd 5, no close-on-exec):
+    // it would carry traffic around the hooks (B30), so the launcher must not pass it on (the
+    // battery's N38 row checks the agent's descriptors).
+    let leaked = UdpSocket::bind("127.0.0.1:0").expect("socket to leak");
+    let leaked_fd = std::os::fd::AsRawFd::as_raw_fd(&leaked);
+    // SAFETY: dup2 is async-signal-safe; the fd stays open in the parent until the child ran.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::dup2(leaked_fd, 5) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     let out = wait_with_timeout(child, Duration::from_secs(120), "attack-battery");
+    drop(leaked);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     secret.assert_absent(&out.stdout, "the battery's output");

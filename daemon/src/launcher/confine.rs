@@ -252,9 +252,6 @@ fn mount_ca_bundle(plan: &Plan) -> Result<(), LaunchError> {
         .copied()
         .filter(|p| std::path::Path::new(p).is_file())
         .collect();
-    let Some(first) = targets.first() else {
-        return Ok(());
-    };
     // The bundle needs a file on a mount of this namespace to be bind-mounted from (a memfd's
     // internal mount is refused). A small tmpfs over the cgroup directory serves as that, and
     // also leaves nothing of cgroupfs to see there.
@@ -311,9 +308,14 @@ fn mount_ca_bundle(plan: &Plan) -> Result<(), LaunchError> {
         )
         .map_err(|e| io(format!("making {target} read-only"))(e.into()))?;
     }
+    // The variables name a standard path when there is one (what tools expect), else the
+    // staged file itself (a host without a system bundle).
+    let bundle = targets
+        .first()
+        .map_or_else(|| source.clone(), std::path::PathBuf::from);
     for var in CA_ENV {
         // SAFETY: the child is single-threaded; nothing reads the environment concurrently.
-        unsafe { std::env::set_var(var, first) };
+        unsafe { std::env::set_var(var, &bundle) };
     }
     Ok(())
 }

@@ -116,7 +116,7 @@ pub fn connect_times(
 ) -> Result<ConnectTimes> {
     let mut command = endpoint.launch.command(python);
     command
-        .arg(dir.join("connect.py"))
+        .args(script(dir, "connect.py")?)
         .arg(endpoint.addr.ip().to_string())
         .arg(endpoint.addr.port().to_string())
         .arg(count.to_string())
@@ -141,6 +141,14 @@ pub fn connect_times(
     }
 }
 
+/// `-c <source of dir/name>`: the script is passed inline, since the sandboxed agent (an
+/// unprivileged uid under `brokerctl run`) may not be able to read the bench's directory.
+fn script(dir: &Path, name: &str) -> Result<[std::ffi::OsString; 2]> {
+    let source = std::fs::read_to_string(dir.join(name))
+        .with_context(|| format!("reading {}", dir.join(name).display()))?;
+    Ok(["-c".into(), source.into()])
+}
+
 /// Resident memory the process tree `proxy_pid` gains per idle connection, in KiB: `count` TLS
 /// connections (one request each, then idle) are opened through `endpoint` by `idle.py` from
 /// `dir`, and the proxy's VmRSS is read before and once they are all open.
@@ -154,7 +162,7 @@ pub fn idle_memory_per_connection(
     let before = process::tree_rss_kib(proxy_pid)?;
     let mut command = endpoint.launch.command(python);
     command
-        .arg(dir.join("idle.py"))
+        .args(script(dir, "idle.py")?)
         .arg(endpoint.addr.ip().to_string())
         .arg(endpoint.addr.port().to_string())
         .arg(count.to_string())

@@ -58,7 +58,13 @@ pub fn ensure(profile: bool) -> Result<Tools> {
         h2load: find("h2load")?,
         nginx: find("nginx")?,
         openssl: find("openssl")?,
-        python3: find("python3")?,
+        // The system interpreter: agents run as an unprivileged uid under `brokerctl run`, which
+        // cannot execute one under /root (pyenv).
+        python3: ["/usr/bin/python3"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| is_executable(p))
+            .map_or_else(|| find("python3"), Ok)?,
         mitmdump,
         perf: if profile { Some(find("perf")?) } else { None },
     })
