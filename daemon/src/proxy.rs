@@ -415,7 +415,9 @@ impl Proxy {
                         };
                         event.bytes_in = completion.bytes_in;
                         event.bytes_out = completion.bytes_out;
-                        info!(
+                        // Debug level: every brokered request is an audit record already
+                        // (`brokerctl logs`), and a log line per request costs a write(2).
+                        tracing::debug!(
                             cgroup = event.cgroup.as_deref().unwrap_or(""),
                             pid = event.pid.unwrap_or(0),
                             comm = event.comm.as_deref().unwrap_or(""),
