@@ -355,6 +355,27 @@ fn run_tier(tier: &str, identity: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     secret.assert_absent(&out.stdout, "the battery's output");
     secret.assert_absent(&out.stderr, "the battery's stderr");
+    // Nor in any file the agent could read or write in its directories, nor in the environment
+    // it was started with.
+    for entry in std::fs::read_dir(broker.scratch_dir())
+        .expect("scratch dir")
+        .flatten()
+    {
+        if entry.path().is_file() {
+            let bytes = std::fs::read(entry.path()).unwrap_or_default();
+            secret.assert_absent(&bytes, &format!("{}", entry.path().display()));
+        }
+    }
+    let env: Vec<u8> = std::env::vars_os()
+        .flat_map(|(k, v)| {
+            let mut b = k.into_encoded_bytes();
+            b.push(b'=');
+            b.extend(v.into_encoded_bytes());
+            b.push(0);
+            b
+        })
+        .collect();
+    secret.assert_absent(&env, "the environment the agent inherits");
     let rows: Vec<Row> = stdout
         .lines()
         .filter(|l| l.starts_with('{'))
