@@ -569,13 +569,20 @@ fn status_lists_every_hook_and_the_kernel_attaches_them() {
         .expect("brokerctl run sleep");
     let mut seen = Vec::new();
     for _ in 0..50 {
-        seen = broker.status().unprotected;
         let sandboxed_running = std::fs::read_to_string(
             agent_broker_tests::cgroup2_mount()
                 .join(&sandboxed)
                 .join("cgroup.procs"),
         )
-        .is_ok_and(|p| !p.trim().is_empty());
+        // Running the agent itself, not the launcher's child still setting up the sandbox.
+        .is_ok_and(|p| {
+            p.lines().any(|pid| {
+                std::fs::read_to_string(format!("/proc/{}/comm", pid.trim()))
+                    .is_ok_and(|c| c.trim() == "sleep")
+            })
+        });
+        // The snapshot is taken after the agent is known to run.
+        seen = broker.status().unprotected;
         if sandboxed_running && seen.iter().any(|p| p.pid == raw_sleep.id()) {
             break;
         }
