@@ -222,6 +222,15 @@ impl Broker {
         }
     }
 
+    /// Every audit record, as `brokerctl logs --json` prints them.
+    pub fn audit_records(&self) -> Vec<agent_broker_protocol::AuditEvent> {
+        self.ctl_ok(&["logs", "--json"])
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line ({e}): {l}")))
+            .collect()
+    }
+
     /// brokerd's pid. Panics when it is not running.
     pub fn pid(&self) -> u32 {
         self.child

@@ -42,15 +42,6 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn records(broker: &Broker) -> Vec<AuditEvent> {
-    broker
-        .ctl_ok(&["logs", "--json"])
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line ({e}): {l}")))
-        .collect()
-}
-
 #[test]
 fn sigkill_while_requests_flow_loses_at_most_the_last_group_commit_and_the_chain_verifies() {
     require_privileges();
@@ -90,7 +81,8 @@ fn sigkill_while_requests_flow_loses_at_most_the_last_group_commit_and_the_chain
     );
 
     broker.restart();
-    let stored: Vec<AuditEvent> = records(&broker)
+    let stored: Vec<AuditEvent> = broker
+        .audit_records()
         .into_iter()
         .filter(|r| r.kind == Some(EventKind::Request) && r.cgroup.as_deref() == Some(&agent))
         .collect();

@@ -23,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use agent_broker_protocol::{AuditEvent, EventKind};
+use agent_broker_protocol::EventKind;
 use agent_broker_tests::{
     Broker, Canary, TestCa, TestCgroup, TestUpstream, UpstreamOptions, clients::agent_copy,
     require_privileges, sha256_hex, wait_with_timeout,
@@ -219,15 +219,6 @@ struct Row {
     expected: String,
     outcome: String,
     pass: bool,
-}
-
-fn records(broker: &Broker) -> Vec<AuditEvent> {
-    broker
-        .ctl_ok(&["logs", "--json"])
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line ({e}): {l}")))
-        .collect()
 }
 
 fn table(tier: &str, rows: &[Row]) -> String {
@@ -436,7 +427,7 @@ fn run_tier(tier: &str, identity: &[&str]) {
     let audit = {
         let mut found = Vec::new();
         for _ in 0..50 {
-            found = records(&broker);
+            found = broker.audit_records();
             let has_http = found.iter().any(|e| {
                 e.original_dst == Some(outside.tcp) && e.decision.as_deref() == Some("deny")
             });

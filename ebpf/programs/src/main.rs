@@ -352,17 +352,25 @@ fn is_loopback6(ip6: &[u32; 4]) -> bool {
     *ip6 == LOOPBACK6 || (is_v4_mapped(ip6) && is_loopback4(ip6[3]))
 }
 
+/// Whether the bind's port is allowed: a broker must be configured, and the port must not be
+/// one of brokerd's (counts the refusal otherwise).
+#[inline(always)]
+fn bind_port_allowed(sa: &bpf_sock_addr) -> bool {
+    match config() {
+        Some(cfg) if !is_broker_port(&cfg, sa.user_port) => true,
+        _ => {
+            count(Counter::BindRefused);
+            false
+        }
+    }
+}
+
 /// Agents listen on loopback only: a wildcard bind becomes a loopback bind, any other address is
 /// refused, and so are brokerd's own ports (no squatting them while brokerd is down).
 #[cgroup_sock_addr(bind4)]
 pub fn loopback_bind4(ctx: SockAddrContext) -> i32 {
     let sa = sock_addr(&ctx);
-    let Some(cfg) = config() else {
-        count(Counter::BindRefused);
-        return REFUSE;
-    };
-    if is_broker_port(&cfg, sa.user_port) {
-        count(Counter::BindRefused);
+    if !bind_port_allowed(sa) {
         return REFUSE;
     }
     let ip = sa.user_ip4;
@@ -378,12 +386,7 @@ pub fn loopback_bind4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(bind6)]
 pub fn loopback_bind6(ctx: SockAddrContext) -> i32 {
     let sa = sock_addr(&ctx);
-    let Some(cfg) = config() else {
-        count(Counter::BindRefused);
-        return REFUSE;
-    };
-    if is_broker_port(&cfg, sa.user_port) {
-        count(Counter::BindRefused);
+    if !bind_port_allowed(sa) {
         return REFUSE;
     }
     let ip = read_user_ip6(sa);
