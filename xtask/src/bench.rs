@@ -62,7 +62,11 @@ pub struct Options {
     pub seconds: u64,
     /// Record a perf profile of brokerd during the 32-connection workload.
     pub profile: bool,
+    /// Run only these workloads (keys of [`WORKLOADS`]); all when empty.
+    pub only: Vec<String>,
 }
+
+pub use workloads::WORKLOADS;
 
 /// Runs the bench; see the module documentation.
 pub fn bench(options: &Options) -> Result<()> {
@@ -96,6 +100,7 @@ pub fn bench(options: &Options) -> Result<()> {
         duration: Duration::from_secs(options.seconds),
         profile: options.profile.then(|| out_dir.join("brokerd-profile.txt")),
         open_files,
+        only: options.only.clone(),
     };
     let measured = lab
         .start(&tools)
@@ -203,6 +208,9 @@ fn command_line(options: &Options) -> String {
     }
     if options.profile {
         line.push_str(" --profile");
+    }
+    if !options.only.is_empty() {
+        line.push_str(&format!(" --only {}", options.only.join(",")));
     }
     line
 }

@@ -69,6 +69,10 @@ enum Command {
         /// Also record a perf profile of brokerd (target/bench/brokerd-profile.txt).
         #[arg(long)]
         profile: bool,
+        /// Run only these workloads (comma-separated): keepalive1, keepalive32, newconn, h2,
+        /// widearea, idle, hostnames, micro. The table then has only their rows.
+        #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::WORKLOADS))]
+        only: Vec<String>,
     },
 }
 
@@ -80,7 +84,15 @@ fn main() -> ExitCode {
         Command::Run { brokerd_args } => run::run(brokerd_args),
         Command::Demo { calls } => demo::demo(calls),
         Command::Test => test::test(),
-        Command::Bench { seconds, profile } => bench::bench(&bench::Options { seconds, profile }),
+        Command::Bench {
+            seconds,
+            profile,
+            only,
+        } => bench::bench(&bench::Options {
+            seconds,
+            profile,
+            only,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

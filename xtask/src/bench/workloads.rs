@@ -45,6 +45,27 @@ pub struct Settings<'a> {
     pub profile: Option<PathBuf>,
     /// The soft limit on open files, which bounds the idle-connection workloads.
     pub open_files: u64,
+    /// Run only the workloads with these keys ([`WORKLOADS`]); all when empty.
+    pub only: Vec<String>,
+}
+
+/// The workloads' keys, in the order they run, for `--only`.
+pub const WORKLOADS: [&str; 8] = [
+    "keepalive1",
+    "keepalive32",
+    "newconn",
+    "h2",
+    "widearea",
+    "idle",
+    "hostnames",
+    "micro",
+];
+
+impl Settings<'_> {
+    fn wanted(&self, key: &str) -> bool {
+        debug_assert!(WORKLOADS.contains(&key), "{key}");
+        self.only.is_empty() || self.only.iter().any(|k| k == key)
+    }
 }
 
 /// Runs every workload and returns the table's rows.
@@ -70,102 +91,111 @@ pub fn measure(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     };
     wrk_each("warm-up", lab, settings, Route::Local, &warm_up, false)?;
 
-    let samples = wrk_each(
-        "keep-alive, 1 connection",
-        lab,
-        settings,
-        Route::Local,
-        &keep_alive(1),
-        false,
-    )?;
-    rows.push(fill(
-        Row::new("keep-alive, 1 connection: p50", "µs", Lower)
+    if settings.wanted("keepalive1") {
+        let samples = wrk_each(
+            "keep-alive, 1 connection",
+            lab,
+            settings,
+            Route::Local,
+            &keep_alive(1),
+            false,
+        )?;
+        rows.push(fill(
+            Row::new("keep-alive, 1 connection: p50", "µs", Lower)
+                .with_targets(&[NoWorseThanNginx, TimesMitmproxy(MITMPROXY_FACTOR)]),
+            &samples,
+            |s| measured(s.wrk.p50_us, s.wrk.failures),
+        ));
+        rows.push(fill(
+            Row::new("keep-alive, 1 connection: p99", "µs", Lower),
+            &samples,
+            |s| measured(s.wrk.p99_us, s.wrk.failures),
+        ));
+    }
+
+    if settings.wanted("keepalive32") {
+        let profile = settings.profile.is_some();
+        let samples = wrk_each(
+            "keep-alive, 32 connections",
+            lab,
+            settings,
+            Route::Local,
+            &keep_alive(32),
+            profile,
+        )?;
+        rows.push(fill(
+            Row::new("keep-alive, 32 connections", "req/s", Higher)
+                .with_targets(&[NoWorseThanNginx, TimesMitmproxy(MITMPROXY_FACTOR)]),
+            &samples,
+            |s| measured(s.wrk.requests_per_second, s.wrk.failures),
+        ));
+        rows.push(fill(
+            Row::new(
+                "keep-alive, 32 connections: proxy CPU per request",
+                "µs",
+                Lower,
+            ),
+            &samples,
+            WrkSample::cpu_cell,
+        ));
+    }
+
+    if settings.wanted("newconn") {
+        let samples = wrk_each(
+            "new TLS connection per request",
+            lab,
+            settings,
+            Route::Local,
+            &new_connection,
+            false,
+        )?;
+        rows.push(fill(
+            Row::new(
+                format!("new TLS connection per request ({NEW_CONNECTION_CLIENTS} clients)"),
+                "conn/s",
+                Higher,
+            )
             .with_targets(&[NoWorseThanNginx, TimesMitmproxy(MITMPROXY_FACTOR)]),
-        &samples,
-        |s| measured(s.wrk.p50_us, s.wrk.failures),
-    ));
-    rows.push(fill(
-        Row::new("keep-alive, 1 connection: p99", "µs", Lower),
-        &samples,
-        |s| measured(s.wrk.p99_us, s.wrk.failures),
-    ));
+            &samples,
+            |s| measured(s.wrk.requests_per_second, s.wrk.failures),
+        ));
+        rows.push(fill(
+            Row::new(
+                "new TLS connection per request: proxy CPU per request",
+                "µs",
+                Lower,
+            ),
+            &samples,
+            WrkSample::cpu_cell,
+        ));
+    }
 
-    let profile = settings.profile.is_some();
-    let samples = wrk_each(
-        "keep-alive, 32 connections",
-        lab,
-        settings,
-        Route::Local,
-        &keep_alive(32),
-        profile,
-    )?;
-    rows.push(fill(
-        Row::new("keep-alive, 32 connections", "req/s", Higher)
-            .with_targets(&[NoWorseThanNginx, TimesMitmproxy(MITMPROXY_FACTOR)]),
-        &samples,
-        |s| measured(s.wrk.requests_per_second, s.wrk.failures),
-    ));
-    rows.push(fill(
-        Row::new(
-            "keep-alive, 32 connections: proxy CPU per request",
-            "µs",
-            Lower,
-        ),
-        &samples,
-        WrkSample::cpu_cell,
-    ));
+    if settings.wanted("h2") {
+        let samples = each_column(
+            "HTTP/2, 32 streams",
+            lab,
+            Route::Local,
+            &Column::ALL,
+            |_, endpoint| load::h2load(&tools.h2load, endpoint, 32, settings.duration),
+        )?;
+        rows.push(fill(
+            Row::new("HTTP/2, 1 connection x 32 streams", "req/s", Higher)
+                .with_targets(&[TimesMitmproxy(MITMPROXY_FACTOR)]),
+            &samples,
+            |s| measured(s.requests_per_second, s.failures),
+        ));
+    }
 
-    let samples = wrk_each(
-        "new TLS connection per request",
-        lab,
-        settings,
-        Route::Local,
-        &new_connection,
-        false,
-    )?;
-    rows.push(fill(
-        Row::new(
-            format!("new TLS connection per request ({NEW_CONNECTION_CLIENTS} clients)"),
-            "conn/s",
-            Higher,
-        )
-        .with_targets(&[NoWorseThanNginx, TimesMitmproxy(MITMPROXY_FACTOR)]),
-        &samples,
-        |s| measured(s.wrk.requests_per_second, s.wrk.failures),
-    ));
-    rows.push(fill(
-        Row::new(
-            "new TLS connection per request: proxy CPU per request",
-            "µs",
-            Lower,
-        ),
-        &samples,
-        WrkSample::cpu_cell,
-    ));
-
-    let samples = each_column(
-        "HTTP/2, 32 streams",
-        lab,
-        Route::Local,
-        &Column::ALL,
-        |_, endpoint| load::h2load(&tools.h2load, endpoint, 32, settings.duration),
-    )?;
-    rows.push(fill(
-        Row::new("HTTP/2, 1 connection x 32 streams", "req/s", Higher)
-            .with_targets(&[TimesMitmproxy(MITMPROXY_FACTOR)]),
-        &samples,
-        |s| measured(s.requests_per_second, s.failures),
-    ));
-
-    let samples = wrk_each(
-        "wide-area upstream",
-        lab,
-        settings,
-        Route::WideArea,
-        &new_connection,
-        false,
-    )?;
-    rows.push(fill(
+    if settings.wanted("widearea") {
+        let samples = wrk_each(
+            "wide-area upstream",
+            lab,
+            settings,
+            Route::WideArea,
+            &new_connection,
+            false,
+        )?;
+        rows.push(fill(
         Row::new(
             format!(
                 "upstream 20 ms away, new connection per request ({NEW_CONNECTION_CLIENTS} clients)"
@@ -177,10 +207,17 @@ pub fn measure(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
         &samples,
         |s| measured(s.wrk.requests_per_second, s.wrk.failures),
     ));
+    }
 
-    rows.extend(idle_memory(lab, settings)?);
-    rows.extend(host_names(lab, settings)?);
-    rows.extend(microbenchmarks());
+    if settings.wanted("idle") {
+        rows.extend(idle_memory(lab, settings)?);
+    }
+    if settings.wanted("hostnames") {
+        rows.extend(host_names(lab, settings)?);
+    }
+    if settings.wanted("micro") {
+        rows.extend(microbenchmarks());
+    }
     Ok(rows)
 }
 
