@@ -41,7 +41,12 @@ pub enum ConfigError {
     Audit(&'static str),
     #[error("{0} must be an absolute path, got {1}")]
     RelativeDir(&'static str, PathBuf),
+    #[error("spin_us must be at most {max} (microseconds), got {got}")]
+    Spin { got: u64, max: u64 },
 }
+
+/// The longest spin window accepted: beyond a millisecond spinning only burns CPU.
+pub const MAX_SPIN_US: u64 = 1_000;
 
 /// The settings a config file may hold; every field optional, unknown fields refused.
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +77,8 @@ pub struct FileConfig {
     pub dns_upstream: Option<Vec<SocketAddr>>,
     /// Refuse to start unless the optional BPF LSM programs load.
     pub require_lsm: Option<bool>,
+    /// How long a proxy thread keeps polling after a request before it sleeps, in µs (0: never).
+    pub spin_us: Option<u64>,
 }
 
 impl FileConfig {
@@ -103,6 +110,7 @@ pub struct CliConfig {
     pub dns_port: Option<u16>,
     pub dns_upstream: Vec<SocketAddr>,
     pub require_lsm: bool,
+    pub spin_us: Option<u64>,
 }
 
 /// Validated configuration.
@@ -127,6 +135,8 @@ pub struct Config {
     pub dns_upstream: Vec<SocketAddr>,
     /// Refuse to start unless the BPF LSM programs load.
     pub require_lsm: bool,
+    /// How long a proxy thread busy-polls after a request before sleeping (see [`crate::spin`]).
+    pub spin: std::time::Duration,
 }
 
 impl Config {
@@ -188,6 +198,16 @@ impl Config {
                 cli.dns_upstream
             },
             require_lsm: cli.require_lsm || file.require_lsm.unwrap_or(false),
+            spin: match cli.spin_us.or(file.spin_us) {
+                None => crate::spin::DEFAULT_WINDOW,
+                Some(got) if got > MAX_SPIN_US => {
+                    return Err(ConfigError::Spin {
+                        got,
+                        max: MAX_SPIN_US,
+                    });
+                }
+                Some(us) => std::time::Duration::from_micros(us),
+            },
         };
         if config.audit_retention.max_records == Some(0) {
             return Err(ConfigError::Audit("audit_max_records must be at least 1"));

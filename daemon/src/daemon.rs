@@ -140,6 +140,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             listeners: Arc::new(addrs.clone()),
             dns: dns.clone(),
         }),
+        config.spin,
     )?;
     let dispatch = Arc::new(dispatch);
     for listener in listeners {
@@ -219,10 +220,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Starts one proxy thread per receiver (one per core), each with a single-threaded runtime
-/// serving the connections [`accept::Dispatch`] hands it.
+/// serving the connections [`accept::Dispatch`] hands it, beside its spinner ([`crate::spin`]).
 fn spawn_proxy_workers(
     receivers: Vec<tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>>,
     shared: &Arc<accept::Shared>,
+    spin_window: std::time::Duration,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut handles = Vec::with_capacity(receivers.len());
     for (i, rx) in receivers.into_iter().enumerate() {
@@ -233,7 +235,14 @@ fn spawn_proxy_workers(
             .context("starting a proxy thread's runtime")?;
         let handle = std::thread::Builder::new()
             .name(format!("proxy-{i}"))
-            .spawn(move || runtime.block_on(accept::run_worker(rx, shared)))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    tokio::select! {
+                        () = accept::run_worker(rx, shared) => {}
+                        () = crate::spin::run(spin_window) => {}
+                    }
+                })
+            })
             .context("starting a proxy thread")?;
         handles.push(handle);
     }

@@ -36,6 +36,7 @@ pub mod protections;
 pub mod proxy;
 pub mod scrub;
 pub mod secret;
+pub mod spin;
 pub mod tls;
 pub mod upstream;
 pub mod vault;

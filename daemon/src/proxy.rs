@@ -350,12 +350,14 @@ impl Proxy {
     }
 
     async fn handle(&self, req: Request<Incoming>, conn: &Conn) -> Response<UpstreamBody> {
+        crate::spin::kick();
         let started = Instant::now();
         let mut event = base_event(&conn.origin, conn.sni.as_deref());
         event.method = Some(req.method().to_string());
         // The query may hold a handle or other credentials: it is never recorded.
         event.path = Some(req.uri().path().to_string());
         let exchange = self.forward(req, conn).await;
+        crate::spin::kick();
         event.host = Some(exchange.host.clone()).filter(|h| !h.is_empty());
         event.status = Some(exchange.response.status().as_u16());
         event.latency_us = Some(started.elapsed().as_micros() as u64);
@@ -959,6 +961,16 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one pass over the names decides, without a lookup
+    // (and a name parse) per hop-by-hop header.
+    let any = headers.keys().any(|name| {
+        *name == header::CONNECTION
+            || *name == header::UPGRADE
+            || HOP_BY_HOP.contains(&name.as_str())
+    });
+    if !any {
+        return;
+    }
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)

@@ -142,6 +142,8 @@ impl NeedleSet {
     fn scan(&self, buf: &[u8], safe: usize, out: &mut Vec<u8>) -> (usize, bool) {
         let find = |needle: &[u8], from: usize| {
             buf.get(from..)
+                // Most header values and many chunks are shorter than a secret.
+                .filter(|rest| rest.len() >= needle.len())
                 .and_then(|rest| memchr::memmem::find(rest, needle))
                 .map(|p| p + from)
         };
@@ -243,11 +245,19 @@ impl Scrubber {
 /// itself.
 fn encoded_forms(secret: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
     let mut forms = Vec::new();
-    for escape_slash in [false, true] {
-        forms.push(json_escaped(secret, escape_slash));
+    // Built once per request: skip the encodings that would equal the value itself (the usual
+    // case for API keys, which are plain ASCII letters, digits and `-_`).
+    let json_special = |b: &u8| *b < 0x20 || matches!(b, b'"' | b'\\' | b'/');
+    if secret.iter().any(json_special) {
+        for escape_slash in [false, true] {
+            forms.push(json_escaped(secret, escape_slash));
+        }
     }
-    for upper in [true, false] {
-        forms.push(percent_encoded(secret, upper));
+    let unreserved = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
+    if !secret.iter().all(unreserved) {
+        for upper in [true, false] {
+            forms.push(percent_encoded(secret, upper));
+        }
     }
     if secret.len() >= MIN_ENCODED_LEN {
         for encoding in [&BASE64_NOPAD, &BASE64URL_NOPAD] {
