@@ -317,4 +317,29 @@ mod tests {
         let err = Config::layer(cli, FileConfig::default()).expect_err("refused");
         assert!(err.to_string().contains("--run-dir"), "{err}");
     }
+
+    #[test]
+    fn the_spin_window_is_layered_and_bounded() {
+        let default = Config::layer(CliConfig::default(), FileConfig::default()).expect("layer");
+        assert_eq!(default.spin, crate::spin::DEFAULT_WINDOW);
+        let file: FileConfig = toml::from_str("spin_us = 0").expect("toml");
+        let off = Config::layer(CliConfig::default(), file).expect("layer");
+        assert!(off.spin.is_zero());
+        let cli = CliConfig {
+            spin_us: Some(250),
+            ..Default::default()
+        };
+        let file: FileConfig = toml::from_str("spin_us = 0").expect("toml");
+        let c = Config::layer(cli, file).expect("layer");
+        assert_eq!(c.spin, std::time::Duration::from_micros(250));
+        let cli = CliConfig {
+            spin_us: Some(MAX_SPIN_US + 1),
+            ..Default::default()
+        };
+        let err = Config::layer(cli, FileConfig::default()).expect_err("refused");
+        assert!(
+            err.to_string().contains("spin_us must be at most 1000"),
+            "{err}"
+        );
+    }
 }

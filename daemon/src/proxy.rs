@@ -38,7 +38,7 @@ use crate::{
     capture::ConnectionOrigin,
     scrub::Needles,
     tls::{LeafMinter, LeafName},
-    upstream::{Protocols, Upstream, UpstreamBody},
+    upstream::{PooledBody, Protocols, Upstream, UpstreamBody},
 };
 
 /// Deadline for the first bytes of a connection and for the TLS handshake.
@@ -521,8 +521,11 @@ impl Proxy {
         } else {
             Protocols::Any
         };
-        let client = self.upstream.client(conn.origin.original_dst, protocols);
-        let mut response = match client.request(upstream_req).await {
+        let mut response = match self
+            .upstream
+            .request(conn.origin.original_dst, protocols, upstream_req)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 let reason = format!(
@@ -1077,11 +1080,11 @@ fn scrub_headers(headers: &mut HeaderMap, needles: &Needles) {
     }
 }
 
-fn scrubbed_body(body: Incoming, scrubber: crate::scrub::Scrubber) -> UpstreamBody {
+fn scrubbed_body(body: PooledBody, scrubber: crate::scrub::Scrubber) -> UpstreamBody {
     use futures_util::StreamExt as _;
     /// The body, the scrubber while data may still come, and a frame waiting its turn.
     type State = (
-        Incoming,
+        PooledBody,
         Option<crate::scrub::Scrubber>,
         Option<Frame<Bytes>>,
     );

@@ -8,40 +8,45 @@
 //! any `--upstream-ca` files; there is no way to turn it off.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
-    future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
     pin::Pin,
-    sync::Mutex,
+    sync::Arc,
     task::{Context, Poll},
-    thread::ThreadId,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
+use http::{HeaderValue, Request, Response, Uri, Version, header, uri::PathAndQuery};
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::Uri;
-use hyper_rustls::HttpsConnector;
-use hyper_util::{
-    client::legacy::Client,
-    rt::{TokioExecutor, TokioIo},
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    client::conn::{http1, http2},
 };
-use rustls::{ClientConfig, RootCertStore, pki_types::CertificateDer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::{
+    ClientConfig, RootCertStore,
+    pki_types::{CertificateDer, ServerName},
+};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tracing::warn;
 
 /// Request bodies sent upstream.
 pub type UpstreamBody = UnsyncBoxBody<Bytes, hyper::Error>;
-/// A pooled client for one original destination.
-pub type UpstreamClient = Client<HttpsConnector<FixedDst>, UpstreamBody>;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
-/// Deadline for the TCP connect to the original destination.
+/// How often a proxy thread's pool closes connections idle for longer than [`POOL_IDLE`].
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// Deadline for the TCP connect and the TLS handshake to the original destination.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bound on the number of distinct destinations with a pool.
+/// Bound on the number of distinct destinations a proxy thread pools connections for.
 const MAX_DESTINATIONS: usize = 4096;
+/// Bound on the idle HTTP/1.1 connections kept per destination.
+const MAX_IDLE_PER_DESTINATION: usize = 256;
 
 /// Errors building the upstream TLS configuration.
 #[derive(Debug, thiserror::Error)]
@@ -62,14 +67,23 @@ pub enum UpstreamError {
     Tls(#[source] rustls::Error),
 }
 
-/// Pools of upstream connections, one per original destination and proxy thread.
-///
-/// brokerd serves connections on one single-threaded runtime per core, so keying the pools by
-/// thread keeps an agent connection, its upstream connection and their tasks on one thread: a
-/// request never wakes another core.
-pub struct Upstream {
-    tls: ClientConfig,
-    clients: Mutex<HashMap<(SocketAddr, Protocols, ThreadId), UpstreamClient>>,
+/// Why an upstream request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("the request URI names no host")]
+    NoHost,
+    #[error("{host} is not a valid TLS server name")]
+    ServerName { host: String },
+    #[error("cannot connect")]
+    Connect(#[source] std::io::Error),
+    #[error("connecting timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("TLS handshake failed")]
+    Tls(#[source] std::io::Error),
+    #[error("HTTP handshake failed")]
+    Handshake(#[source] hyper::Error),
+    #[error("request failed")]
+    Request(#[source] hyper::Error),
 }
 
 /// Which HTTP versions an upstream connection may negotiate.
@@ -80,6 +94,51 @@ pub enum Protocols {
     /// http/1.1 only: for requests that upgrade the connection (WebSocket), which HTTP/2
     /// cannot carry the same way.
     Http1Only,
+}
+
+/// Upstream connections, pooled per proxy thread.
+///
+/// brokerd serves connections on one single-threaded runtime per core, and each of those
+/// threads keeps its own pool (a thread-local): an agent connection, the upstream connection
+/// its request takes and both connections' tasks stay on one thread, and taking a pooled
+/// connection needs no lock. A pool entry is keyed by the original destination address, the
+/// scheme and authority of the request (the TLS server name) and the protocols allowed, so a
+/// connection verified for one host name is never reused for another.
+pub struct Upstream {
+    /// ALPN h2 and http/1.1.
+    tls_any: TlsConnector,
+    /// ALPN http/1.1 only.
+    tls_http1: TlsConnector,
+}
+
+/// What a pooled connection is keyed by.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    dst: SocketAddr,
+    tls: bool,
+    /// `host[:port]` as in the request URI.
+    authority: String,
+    protocols: Protocols,
+}
+
+/// One proxy thread's connections.
+#[derive(Default)]
+struct Pool {
+    /// Idle HTTP/1.1 connections, most recently used last.
+    idle: HashMap<Key, Vec<Idle>>,
+    /// One multiplexed HTTP/2 connection per destination.
+    h2: HashMap<Key, http2::SendRequest<UpstreamBody>>,
+    /// Whether this thread's sweeper task runs.
+    sweeping: bool,
+}
+
+struct Idle {
+    sender: http1::SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+thread_local! {
+    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
 }
 
 impl Upstream {
@@ -102,44 +161,261 @@ impl Upstream {
         if roots.is_empty() {
             return Err(UpstreamError::NoRoots);
         }
-        let tls = ClientConfig::builder_with_provider(crate::tls::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .map_err(UpstreamError::Tls)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = |alpn: &[&[u8]]| -> Result<TlsConnector, UpstreamError> {
+            let mut config = ClientConfig::builder_with_provider(crate::tls::crypto_provider())
+                .with_safe_default_protocol_versions()
+                .map_err(UpstreamError::Tls)?
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            Ok(TlsConnector::from(Arc::new(config)))
+        };
         Ok(Self {
-            tls,
-            clients: Mutex::new(HashMap::new()),
+            tls_any: config(&[b"h2", b"http/1.1"])?,
+            tls_http1: config(&[b"http/1.1"])?,
         })
     }
 
-    /// The calling thread's pooled client that dials `dst` and may speak `protocols`.
-    pub fn client(&self, dst: SocketAddr, protocols: Protocols) -> UpstreamClient {
-        let key = (dst, protocols, std::thread::current().id());
-        let mut clients = match self.clients.lock() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
+    /// Sends `req` (absolute URI: scheme, host for TLS verification, path) over a pooled or
+    /// new connection to `dst`, never to an address of the host name. Must run on a Tokio
+    /// runtime; the response body gives its connection back to this thread's pool when it ends.
+    pub async fn request(
+        &self,
+        dst: SocketAddr,
+        protocols: Protocols,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, RequestError> {
+        let authority = req.uri().authority().ok_or(RequestError::NoHost)?.clone();
+        let key = Key {
+            dst,
+            tls: req.uri().scheme() == Some(&http::uri::Scheme::HTTPS),
+            authority: authority.as_str().to_ascii_lowercase(),
+            protocols,
         };
-        if let Some(c) = clients.get(&key) {
-            return c.clone();
+        if let Some(mut h2) = POOL.with(|p| p.borrow().h2.get(&key).cloned()) {
+            if h2.ready().await.is_ok() {
+                return send_h2(&mut h2, req).await;
+            }
+            POOL.with(|p| p.borrow_mut().h2.remove(&key));
         }
-        if clients.len() >= MAX_DESTINATIONS {
-            // Dropping a client only drops its idle connections; requests in flight keep theirs.
-            clients.clear();
-        }
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(self.tls.clone())
-            .https_or_http()
-            .enable_http1();
-        let connector = match protocols {
-            Protocols::Any => builder.enable_http2().wrap_connector(FixedDst(dst)),
-            Protocols::Http1Only => builder.wrap_connector(FixedDst(dst)),
+        let sender = match take_idle(&key).await {
+            Some(sender) => sender,
+            None => match self.connect(&key, authority.host()).await? {
+                Connection::Http1(sender) => sender,
+                Connection::Http2(mut h2) => {
+                    POOL.with(|p| {
+                        let mut pool = p.borrow_mut();
+                        if pool.h2.len() >= MAX_DESTINATIONS {
+                            pool.h2.clear();
+                        }
+                        pool.h2.insert(key.clone(), h2.clone());
+                    });
+                    return send_h2(&mut h2, req).await;
+                }
+            },
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .build(connector);
-        clients.insert(key, client.clone());
-        client
+        // HTTP/1.1 on the wire: origin-form target and a Host header.
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| RequestError::NoHost)?;
+        *req.uri_mut() = Uri::from(path);
+        req.headers_mut().insert(header::HOST, host);
+        *req.version_mut() = Version::HTTP_11;
+        let mut sender = sender;
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(RequestError::Request)?;
+        // An upgraded connection (WebSocket) belongs to the upgrade, not to the pool.
+        let give_back =
+            (response.status() != http::StatusCode::SWITCHING_PROTOCOLS).then_some((key, sender));
+        Ok(response.map(|body| PooledBody::new(body, give_back)))
+    }
+
+    /// A new connection to `key.dst`, TLS verified for `host` when `key.tls`.
+    async fn connect(&self, key: &Key, host: &str) -> Result<Connection, RequestError> {
+        let dst = key.dst;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst))
+            .await
+            .map_err(|_| RequestError::ConnectTimeout(CONNECT_TIMEOUT))?
+            .map_err(RequestError::Connect)?;
+        tcp.set_nodelay(true).map_err(RequestError::Connect)?;
+        if !key.tls {
+            return http1_connection(TokioIo::new(tcp)).await;
+        }
+        let name = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name =
+            ServerName::try_from(name.to_owned()).map_err(|_| RequestError::ServerName {
+                host: name.to_owned(),
+            })?;
+        let connector = match key.protocols {
+            Protocols::Any => &self.tls_any,
+            Protocols::Http1Only => &self.tls_http1,
+        };
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(server_name, tcp))
+            .await
+            .map_err(|_| RequestError::ConnectTimeout(CONNECT_TIMEOUT))?
+            .map_err(RequestError::Tls)?;
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .map_err(RequestError::Handshake)?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            return Ok(Connection::Http2(sender));
+        }
+        http1_connection(TokioIo::new(tls)).await
+    }
+}
+
+enum Connection {
+    Http1(http1::SendRequest<UpstreamBody>),
+    Http2(http2::SendRequest<UpstreamBody>),
+}
+
+/// An HTTP/1.1 client connection over `io`, driven by a task of its own on this thread.
+async fn http1_connection<I>(io: I) -> Result<Connection, RequestError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::handshake(io)
+        .await
+        .map_err(RequestError::Handshake)?;
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    Ok(Connection::Http1(sender))
+}
+
+async fn send_h2(
+    sender: &mut http2::SendRequest<UpstreamBody>,
+    mut req: Request<UpstreamBody>,
+) -> Result<Response<PooledBody>, RequestError> {
+    *req.version_mut() = Version::HTTP_2;
+    let response = sender
+        .send_request(req)
+        .await
+        .map_err(RequestError::Request)?;
+    Ok(response.map(|body| PooledBody::new(body, None)))
+}
+
+/// The most recently used idle connection for `key` that is still open and ready, if any;
+/// closed and expired ones are dropped on the way.
+async fn take_idle(key: &Key) -> Option<http1::SendRequest<UpstreamBody>> {
+    loop {
+        let idle = POOL.with(|p| p.borrow_mut().idle.get_mut(key).and_then(Vec::pop))?;
+        if idle.since.elapsed() > POOL_IDLE || idle.sender.is_closed() {
+            continue;
+        }
+        let mut sender = idle.sender;
+        // Ready at once unless the previous response's end has not been processed yet.
+        if sender.ready().await.is_ok() {
+            return Some(sender);
+        }
+    }
+}
+
+/// Puts a connection whose exchange is over back into this thread's pool.
+fn give_back(key: Key, sender: http1::SendRequest<UpstreamBody>) {
+    if sender.is_closed() {
+        return;
+    }
+    let start_sweeper = POOL.with(|p| {
+        let mut pool = p.borrow_mut();
+        if !pool.idle.contains_key(&key) && pool.idle.len() >= MAX_DESTINATIONS {
+            // Dropping a sender closes its idle connection; requests in flight keep theirs.
+            pool.idle.clear();
+        }
+        let idle = pool.idle.entry(key).or_default();
+        if idle.len() < MAX_IDLE_PER_DESTINATION {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+        !std::mem::replace(&mut pool.sweeping, true)
+    });
+    if start_sweeper && tokio::runtime::Handle::try_current().is_ok() {
+        tokio::spawn(sweep());
+    }
+}
+
+/// Closes this thread's connections idle for longer than [`POOL_IDLE`] (and forgets closed
+/// ones), every [`SWEEP_EVERY`], until the pool is empty.
+async fn sweep() {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let empty = POOL.with(|p| {
+            let mut pool = p.borrow_mut();
+            pool.idle.retain(|_, idle| {
+                idle.retain(|i| i.since.elapsed() <= POOL_IDLE && !i.sender.is_closed());
+                !idle.is_empty()
+            });
+            pool.h2.retain(|_, h2| !h2.is_closed());
+            let empty = pool.idle.is_empty() && pool.h2.is_empty();
+            if empty {
+                pool.sweeping = false;
+            }
+            empty
+        });
+        if empty {
+            return;
+        }
+    }
+}
+
+/// A response body from upstream; when it ends, its HTTP/1.1 connection goes back to the
+/// pool. Dropped before its end, the connection is dropped with it (and closed).
+pub struct PooledBody {
+    inner: Incoming,
+    give_back: Option<(Key, http1::SendRequest<UpstreamBody>)>,
+}
+
+impl PooledBody {
+    fn new(inner: Incoming, give_back: Option<(Key, http1::SendRequest<UpstreamBody>)>) -> Self {
+        let mut body = Self { inner, give_back };
+        if body.inner.is_end_stream() {
+            body.finish();
+        }
+        body
+    }
+
+    fn finish(&mut self) {
+        if let Some((key, sender)) = self.give_back.take() {
+            give_back(key, sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(),
+            // A failed body leaves the connection in an unknown state: not reused.
+            Poll::Ready(Some(Err(_))) => self.give_back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -163,36 +439,6 @@ fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, UpstreamE
         });
     }
     Ok(certs)
-}
-
-/// A connector that ignores the URI's host and always dials one address.
-#[derive(Clone, Copy, Debug)]
-pub struct FixedDst(pub SocketAddr);
-
-impl tower_service::Service<Uri> for FixedDst {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let dst = self.0;
-        Box::pin(async move {
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("connect to {dst} timed out"),
-                    )
-                })??;
-            stream.set_nodelay(true)?;
-            Ok(TokioIo::new(stream))
-        })
-    }
 }
 
 #[cfg(test)]
