@@ -445,6 +445,161 @@ fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, UpstreamE
 mod tests {
     use super::*;
 
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt as _, Empty};
+
+    use crate::tls::{BrokerCa, LeafMinter, LeafName};
+
+    /// A local HTTPS server with a test CA, answering every request with `body_len` bytes over
+    /// h2 or http/1.1 (ALPN), counting the connections it accepts.
+    struct TestServer {
+        addr: SocketAddr,
+        connections: Arc<AtomicUsize>,
+        ca_file: tempfile::NamedTempFile,
+    }
+
+    async fn test_server(body_len: usize) -> TestServer {
+        let (ca, _key) = BrokerCa::generate().expect("ca");
+        let mut ca_file = tempfile::NamedTempFile::new().expect("tempfile");
+        std::io::Write::write_all(&mut ca_file, ca.cert_pem().as_bytes()).expect("write ca");
+        let minter = Arc::new(LeafMinter::new(ca).expect("minter"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let minter = minter.clone();
+                tokio::spawn(async move {
+                    let acceptor = tokio_rustls::LazyConfigAcceptor::new(
+                        rustls::server::Acceptor::default(),
+                        tcp,
+                    );
+                    let Ok(start) = acceptor.await else { return };
+                    let name = start
+                        .client_hello()
+                        .server_name()
+                        .unwrap_or("unnamed")
+                        .to_owned();
+                    let config = minter.server_config(&LeafName::Dns(name)).expect("leaf");
+                    let Ok(tls) = start.into_stream(config).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |_req| async move {
+                        let body = http_body_util::Full::new(Bytes::from(vec![b'x'; body_len]));
+                        Ok::<_, std::convert::Infallible>(Response::new(body))
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        TestServer {
+            addr,
+            connections,
+            ca_file,
+        }
+    }
+
+    fn get(host: &str) -> Request<UpstreamBody> {
+        Request::get(format!("https://{host}/v1"))
+            .body(Empty::new().map_err(|never| match never {}).boxed_unsync())
+            .expect("request")
+    }
+
+    async fn fetch(upstream: &Upstream, server: &TestServer, host: &str, p: Protocols) -> usize {
+        let response = upstream
+            .request(server.addr, p, get(host))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        let body = response.into_body().collect().await.expect("body");
+        body.to_bytes().len()
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn http1_connections_are_reused_per_host_and_only_after_a_complete_body() {
+        runtime().block_on(async {
+            let server = test_server(64 * 1024).await;
+            let upstream = Upstream::new(&[server.ca_file.path().into()]).expect("upstream");
+            let h1 = Protocols::Http1Only;
+            for _ in 0..3 {
+                assert_eq!(fetch(&upstream, &server, "a.test", h1).await, 64 * 1024);
+            }
+            assert_eq!(
+                server.connections.load(Ordering::SeqCst),
+                1,
+                "one pooled connection"
+            );
+            // A connection verified for one name is never used for another.
+            assert_eq!(fetch(&upstream, &server, "b.test", h1).await, 64 * 1024);
+            assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+            // A body dropped before its end takes its connection with it.
+            let response = upstream
+                .request(server.addr, h1, get("a.test"))
+                .await
+                .expect("response");
+            drop(response);
+            assert_eq!(fetch(&upstream, &server, "a.test", h1).await, 64 * 1024);
+            assert_eq!(server.connections.load(Ordering::SeqCst), 3);
+        });
+    }
+
+    #[test]
+    fn h2_is_negotiated_and_multiplexed_on_one_connection() {
+        runtime().block_on(async {
+            let server = test_server(1024).await;
+            let upstream = Upstream::new(&[server.ca_file.path().into()]).expect("upstream");
+            let response = upstream
+                .request(server.addr, Protocols::Any, get("c.test"))
+                .await
+                .expect("response");
+            assert_eq!(response.version(), Version::HTTP_2);
+            // Another request while the first body is still unread shares the connection.
+            assert_eq!(
+                fetch(&upstream, &server, "c.test", Protocols::Any).await,
+                1024
+            );
+            drop(response);
+            assert_eq!(
+                fetch(&upstream, &server, "c.test", Protocols::Any).await,
+                1024
+            );
+            assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+        });
+    }
+
+    #[test]
+    fn a_certificate_for_another_name_or_ca_is_refused() {
+        runtime().block_on(async {
+            let server = test_server(16).await;
+            // Trusting only another CA: the server's leaf does not verify.
+            let other = test_server(16).await;
+            let upstream = Upstream::new(&[other.ca_file.path().into()]).expect("upstream");
+            let err = upstream
+                .request(server.addr, Protocols::Any, get("a.test"))
+                .await
+                .err()
+                .expect("refused");
+            assert!(matches!(err, RequestError::Tls(_)), "{err:?}");
+        });
+    }
+
     #[test]
     fn a_missing_ca_file_is_named() {
         let err = Upstream::new(&[PathBuf::from("/nonexistent/ca.pem")])
