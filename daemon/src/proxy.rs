@@ -966,10 +966,19 @@ const HOP_BY_HOP: [&str; 8] = [
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none of these: one pass over the names decides, without a lookup
     // (and a name parse) per hop-by-hop header.
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
     let any = headers.keys().any(|name| {
+        // Standard names compare as enum tags; only the two custom ones compare bytes.
         *name == header::CONNECTION
             || *name == header::UPGRADE
-            || HOP_BY_HOP.contains(&name.as_str())
+            || *name == header::TE
+            || *name == header::TRAILER
+            || *name == header::TRANSFER_ENCODING
+            || *name == header::PROXY_AUTHENTICATE
+            || *name == header::PROXY_AUTHORIZATION
+            || *name == KEEP_ALIVE
+            || *name == PROXY_CONNECTION
     });
     if !any {
         return;
@@ -1081,64 +1090,89 @@ fn scrub_headers(headers: &mut HeaderMap, needles: &Needles) {
 }
 
 fn scrubbed_body(body: PooledBody, scrubber: crate::scrub::Scrubber) -> UpstreamBody {
-    use futures_util::StreamExt as _;
-    /// The body, the scrubber while data may still come, and a frame waiting its turn.
-    type State = (
-        PooledBody,
-        Option<crate::scrub::Scrubber>,
-        Option<Frame<Bytes>>,
-    );
-    let state: State = (body, Some(scrubber), None);
-    let stream =
-        futures_util::stream::unfold(state, |(mut body, mut scrubber, pending)| async move {
-            if let Some(frame) = pending {
-                return Some((Ok(frame), (body, scrubber, None)));
-            }
-            loop {
-                let Some(active) = scrubber.as_mut() else {
-                    // Data is over (trailers were sent); pass anything left through.
-                    return body.frame().await.map(|f| (f, (body, None, None)));
-                };
-                match body.frame().await {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => {
-                            let out = active.push(&data);
-                            if !out.is_empty() {
-                                let out = Frame::data(Bytes::from(out.to_vec()));
-                                return Some((Ok(out), (body, scrubber, None)));
-                            }
+    UnsyncBoxBody::new(Scrubbed {
+        inner: body,
+        scrubber: Some(scrubber),
+        pending: None,
+    })
+}
+
+/// A response body with every injected secret replaced as it streams (see [`crate::scrub`]).
+struct Scrubbed {
+    inner: PooledBody,
+    /// While data may still come; taken when the data ends (trailers, end or error), after
+    /// which anything left passes through.
+    scrubber: Option<crate::scrub::Scrubber>,
+    /// Trailers waiting for the held-back tail to go first.
+    pending: Option<Frame<Bytes>>,
+}
+
+impl hyper::body::Body for Scrubbed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Some(frame) = this.pending.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        loop {
+            let Some(active) = this.scrubber.as_mut() else {
+                return std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+            };
+            let frame = match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(frame) => frame,
+            };
+            match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = active.push(&data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
                         }
-                        Err(trailers) => {
-                            // Flush what is held back before the trailers.
-                            let rest = scrubber
-                                .take()
-                                .map(crate::scrub::Scrubber::finish)
-                                .unwrap_or_default();
-                            if rest.is_empty() {
-                                return Some((Ok(trailers), (body, None, None)));
-                            }
-                            let rest = Frame::data(Bytes::from(rest.to_vec()));
-                            return Some((Ok(rest), (body, None, Some(trailers))));
-                        }
-                    },
-                    Some(Err(e)) => return Some((Err(e), (body, None, None))),
-                    None => {
-                        let rest = scrubber
+                        // All of it held back (it may be the start of a secret): read on.
+                    }
+                    Err(trailers) => {
+                        // Flush what is held back before the trailers.
+                        let rest = this
+                            .scrubber
                             .take()
                             .map(crate::scrub::Scrubber::finish)
                             .unwrap_or_default();
                         if rest.is_empty() {
-                            return None;
+                            return Poll::Ready(Some(Ok(trailers)));
                         }
-                        return Some((
-                            Ok(Frame::data(Bytes::from(rest.to_vec()))),
-                            (body, None, None),
-                        ));
+                        this.pending = Some(trailers);
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
                     }
+                },
+                Some(Err(e)) => {
+                    this.scrubber = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    let rest = this
+                        .scrubber
+                        .take()
+                        .map(crate::scrub::Scrubber::finish)
+                        .unwrap_or_default();
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
                 }
             }
-        });
-    UnsyncBoxBody::new(http_body_util::StreamBody::new(stream.boxed()))
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_none() && self.scrubber.is_none() && self.inner.is_end_stream()
+    }
 }
 
 async fn splice_upgrade(agent: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
@@ -1255,6 +1289,29 @@ mod tests {
         assert!(check_request_shape(&parts("GET", Some("h2c"))).is_err());
         assert!(check_request_shape(&parts("GET", Some("websocket"))).is_ok());
         assert!(check_request_shape(&parts("POST", None)).is_ok());
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_is_stripped_alone() {
+        for name in HOP_BY_HOP.iter().chain(&["upgrade"]) {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_static(name), HeaderValue::from_static("x"));
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            strip_hop_by_hop(&mut h, false);
+            assert!(!h.contains_key(*name), "{name} was forwarded");
+            assert!(h.contains_key(header::CONTENT_TYPE));
+        }
+        // Names listed in Connection go too; an upgrade keeps its Upgrade and Connection.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-hop, upgrade"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert!(!h.contains_key("x-hop"));
+        assert!(h.contains_key(header::UPGRADE) && h.contains_key(header::CONNECTION));
     }
 
     #[test]

@@ -260,9 +260,14 @@ fn encoded_forms(secret: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
         }
     }
     if secret.len() >= MIN_ENCODED_LEN {
+        // Two zero bytes, then the secret: the input for offset k starts 2 - k bytes in.
+        let mut padded = Zeroizing::new(Vec::new());
+        reserve_zeroizing(&mut padded, secret.len() + 2);
+        padded.extend_from_slice(&[0, 0]);
+        padded.extend_from_slice(secret);
         for encoding in [&BASE64_NOPAD, &BASE64URL_NOPAD] {
             for offset in 0..3 {
-                forms.push(base64_core(encoding, secret, offset));
+                forms.push(base64_core(encoding, &padded[2 - offset..], offset));
             }
         }
     }
@@ -270,18 +275,25 @@ fn encoded_forms(secret: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
     forms
 }
 
-/// The base64 characters that depend only on `secret` when it starts `offset` bytes into a
+/// The base64 characters that depend only on the secret when it starts `offset` bytes into a
 /// 3-byte group of a longer base64 text: the same characters appear in every encoding of any
-/// text that contains `secret` at such a position.
-fn base64_core(encoding: &Encoding, secret: &[u8], offset: usize) -> Zeroizing<Vec<u8>> {
-    let mut input = Zeroizing::new(vec![0u8; offset]);
-    input.extend_from_slice(secret);
+/// text that contains the secret at such a position. `input` is `offset` zero bytes, then the
+/// secret.
+fn base64_core(encoding: &Encoding, input: &[u8], offset: usize) -> Zeroizing<Vec<u8>> {
+    let secret_len = input.len() - offset;
     let mut encoded = Zeroizing::new(vec![0u8; encoding.encode_len(input.len())]);
-    encoding.encode_mut(&input, &mut encoded);
+    encoding.encode_mut(input, &mut encoded);
     // Character i covers bits [6i, 6i + 6); keep those inside the secret's bits.
     let first = (8 * offset).div_ceil(6);
-    let end = (8 * (offset + secret.len())) / 6;
-    Zeroizing::new(encoded.get(first..end).unwrap_or_default().to_vec())
+    let end = ((8 * (offset + secret_len)) / 6).min(encoded.len());
+    if first >= end {
+        encoded.clear();
+        return encoded;
+    }
+    // In place: the discarded characters are overwritten or cut off, never left behind.
+    encoded.copy_within(first..end, 0);
+    encoded.truncate(end - first);
+    encoded
 }
 
 fn json_escaped(secret: &[u8], escape_slash: bool) -> Zeroizing<Vec<u8>> {
@@ -588,7 +600,7 @@ mod tests {
         // 3 bytes at offset 0 -> 4 characters, all secret-only.
         assert_eq!(&base64_core(&BASE64_NOPAD, b"abc", 0)[..], b"YWJj");
         // At offset 1 the first character mixes in the prefix byte and is dropped.
-        let core = base64_core(&BASE64_NOPAD, b"abcdef", 1);
+        let core = base64_core(&BASE64_NOPAD, b"\0abcdef", 1);
         let full = BASE64_NOPAD.encode(b"\0abcdef");
         assert!(full.contains(std::str::from_utf8(&core).expect("ascii")));
         assert_eq!(core.len(), (8 * 7) / 6 - 2);
