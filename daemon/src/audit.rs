@@ -65,6 +65,7 @@
 
 mod chain;
 mod overlay;
+mod priority;
 mod tables;
 #[cfg(test)]
 mod tests;

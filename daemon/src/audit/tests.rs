@@ -894,3 +894,61 @@ fn secret_names_round_trip_and_records_have_no_place_for_a_value() {
         ]
     );
 }
+
+/// The scheduling policy of thread `tid`.
+fn policy_of(tid: i32) -> libc::c_int {
+    // SAFETY: plain syscall; a bad tid returns -1.
+    unsafe { libc::sched_getscheduler(tid) }
+}
+
+/// Polls `check` for up to two seconds.
+fn eventually(check: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    check()
+}
+
+#[test]
+fn the_writer_idles_in_the_idle_class_and_is_raised_by_a_backlog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (handle, thread) = open(dir.path()).writer_with(fast()).expect("writer");
+    assert!(
+        eventually(|| handle.writer_tid() != 0),
+        "the writer registers"
+    );
+    let tid = handle.writer_tid();
+    assert!(
+        eventually(|| policy_of(tid) == libc::SCHED_IDLE),
+        "an idle writer is in the idle class, not {}",
+        policy_of(tid)
+    );
+    // A writer that takes nothing (blocked here, starved in production) while records pile up
+    // is raised by the recording side.
+    let release = handle.block_writer();
+    for e in requests(super::priority::PROMOTE_QUEUED as u64 + 1) {
+        handle.record(e);
+    }
+    assert_eq!(
+        policy_of(tid),
+        libc::SCHED_BATCH,
+        "a backlog raises the writer"
+    );
+    drop(release);
+    // Once it has caught up it goes back to the idle class, and nothing was lost.
+    let committed = handle.flush().expect("flush");
+    assert_eq!(committed, super::priority::PROMOTE_QUEUED as u64 + 1);
+    assert!(
+        eventually(|| policy_of(tid) == libc::SCHED_IDLE),
+        "the writer stays raised after catching up: {}",
+        policy_of(tid)
+    );
+    assert_eq!(handle.dropped(), 0);
+    handle.flush_and_stop().expect("stop");
+    drop(handle);
+    thread.join().expect("join").expect("writer");
+}

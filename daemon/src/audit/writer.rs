@@ -72,6 +72,8 @@ struct Shared {
     dropped: AtomicU64,
     committed_seq: AtomicU64,
     live: broadcast::Sender<AuditEvent>,
+    /// The writer's scheduling class (see [`super::priority`]).
+    priority: super::priority::Priority,
 }
 
 /// The way into the audit log once its writer runs: cheap to clone, `Send + Sync`.
@@ -96,7 +98,11 @@ impl AuditHandle {
     /// stopped, the event is dropped and counted (see the module docs). `seq` is assigned by
     /// the writer; whatever the caller put there is replaced.
     pub fn record(&self, event: AuditEvent) {
-        if let Err(e) = self.tx.try_send(Msg::Event(Box::new(event))) {
+        let sent = self.tx.try_send(Msg::Event(Box::new(event)));
+        if sent.is_ok() {
+            self.shared.priority.queued_one();
+        }
+        if let Err(e) = sent {
             let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if dropped.is_power_of_two() {
                 let why = match e {
@@ -133,6 +139,8 @@ impl AuditHandle {
 
     fn request(&self, msg: impl FnOnce(Reply) -> Msg) -> Result<u64, AuditError> {
         let (reply, answer) = mpsc::channel();
+        // Whoever waits for the writer needs it to get CPU.
+        self.shared.priority.raise();
         // A blocking send: this is the shutdown or test path, and the writer is draining.
         self.tx
             .send(msg(reply))
@@ -163,6 +171,12 @@ impl AuditHandle {
     /// The log file's path.
     pub fn path(&self) -> &std::path::Path {
         &self.shared.store.path
+    }
+
+    /// Tests: the writer thread's id (0 before it started).
+    #[cfg(test)]
+    pub(super) fn writer_tid(&self) -> i32 {
+        self.shared.priority.tid()
     }
 
     /// Tests: stops the writer reading the queue until the returned sender is dropped.
@@ -196,6 +210,7 @@ pub(super) fn start(
         dropped: AtomicU64::new(0),
         committed_seq: AtomicU64::new(tail.seq),
         live,
+        priority: super::priority::Priority::default(),
     });
     let mut writer = Writer {
         shared: shared.clone(),
@@ -213,27 +228,11 @@ pub(super) fn start(
     let thread = std::thread::Builder::new()
         .name("audit-writer".into())
         .spawn(move || {
-            batch_scheduling();
+            writer.shared.priority.writer_started();
             writer.run()
         })
         .map_err(|source| AuditError::Spawn { source })?;
     Ok((AuditHandle { tx, shared }, thread))
-}
-
-/// Marks the calling thread as batch work for the kernel's scheduler (SCHED_BATCH, same nice
-/// value): it keeps its full share of CPU, so it keeps up, but its wake-ups every few
-/// milliseconds no longer preempt a proxy thread in the middle of a request (which showed as
-/// millisecond stalls in the tail latency of a busy two-core machine). Best effort.
-fn batch_scheduling() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: plain syscall on the calling thread (pid 0) with a valid parameter struct.
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
-    if rc != 0 {
-        tracing::debug!(
-            error = %std::io::Error::last_os_error(),
-            "cannot make the audit writer a batch thread"
-        );
-    }
 }
 
 /// Where the next record chains on: the head, unless records past it exist (written outside
@@ -287,6 +286,7 @@ impl Writer {
                 self.drain_queued();
             }
             let result = self.commit().map_err(Arc::new);
+            self.shared.priority.settle();
             let answer = || match &result {
                 Ok(()) => Ok(self.tail.seq),
                 Err(e) => Err(AuditError::WriterFailed { source: e.clone() }),
@@ -371,7 +371,10 @@ impl Writer {
 
     fn accept(&mut self, msg: Msg) {
         match msg {
-            Msg::Event(event) => self.pending.push(*event),
+            Msg::Event(event) => {
+                self.shared.priority.took(1);
+                self.pending.push(*event);
+            }
             Msg::Flush(reply) => self.waiters.push(reply),
             Msg::Stop(reply) => match self.stop {
                 // A second stop waits for the first one's commit.
