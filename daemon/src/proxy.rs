@@ -1107,6 +1107,16 @@ struct Scrubbed {
     pending: Option<Frame<Bytes>>,
 }
 
+impl Scrubbed {
+    /// Ends scrubbing (the data is over) and returns the held-back tail, scrubbed.
+    fn finish_scrubbing(&mut self) -> Vec<u8> {
+        self.scrubber
+            .take()
+            .map(crate::scrub::Scrubber::finish)
+            .unwrap_or_default()
+    }
+}
+
 impl hyper::body::Body for Scrubbed {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -1139,11 +1149,7 @@ impl hyper::body::Body for Scrubbed {
                     }
                     Err(trailers) => {
                         // Flush what is held back before the trailers.
-                        let rest = this
-                            .scrubber
-                            .take()
-                            .map(crate::scrub::Scrubber::finish)
-                            .unwrap_or_default();
+                        let rest = this.finish_scrubbing();
                         if rest.is_empty() {
                             return Poll::Ready(Some(Ok(trailers)));
                         }
@@ -1156,11 +1162,7 @@ impl hyper::body::Body for Scrubbed {
                     return Poll::Ready(Some(Err(e)));
                 }
                 None => {
-                    let rest = this
-                        .scrubber
-                        .take()
-                        .map(crate::scrub::Scrubber::finish)
-                        .unwrap_or_default();
+                    let rest = this.finish_scrubbing();
                     if rest.is_empty() {
                         return Poll::Ready(None);
                     }
