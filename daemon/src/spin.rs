@@ -4,7 +4,7 @@
 //! the agent's next request. Both usually come back within tens of microseconds, but a thread
 //! that sleeps in `epoll_wait` meanwhile must be woken, and on a virtual machine waking an idle
 //! vCPU is an inter-processor interrupt and a VM exit on each side: measured on the bench
-//! machine, about 3.5 cross-CPU wake-ups per request and a third of brokerd's CPU time inside
+//! machine, about 3.5 cross-CPU wake-ups per request and a quarter of brokerd's CPU time inside
 //! them. Go's scheduler and poll-mode servers answer this the same way: stay awake briefly.
 //!
 //! After a [`kick`] (a request started, a response arrived, a connection was accepted) the
