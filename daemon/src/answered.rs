@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::cgroup::CgroupPath;
+use agent_broker_core::cgroup::CgroupPath;
 
 /// How long an answer is remembered at least (clients cache beyond short TTLs) and at most.
 const MIN_KEEP: Duration = Duration::from_secs(60);

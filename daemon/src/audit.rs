@@ -71,6 +71,7 @@ mod tables;
 mod tests;
 mod writer;
 
+use agent_broker_core::fmt::error_chain;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt as _, OpenOptionsExt};
@@ -633,10 +634,10 @@ impl crate::audit_access::AuditAccess for AuditHandle {
     }
 
     fn query(&self, filter: &LogFilter) -> Result<Vec<AuditEvent>, String> {
-        AuditHandle::query(self, filter).map_err(|e| crate::error_chain(&e))
+        AuditHandle::query(self, filter).map_err(|e| error_chain(&e))
     }
 
     fn verify(&self) -> Result<VerifyReport, String> {
-        AuditHandle::verify(self).map_err(|e| crate::error_chain(&e))
+        AuditHandle::verify(self).map_err(|e| error_chain(&e))
     }
 }

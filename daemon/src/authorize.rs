@@ -5,6 +5,7 @@
 //! on. Secrets are looked up in the vault only after the policy allowed the destination, and are
 //! written only into the slots the rule names (or where the agent put a valid handle).
 
+use agent_broker_core::fmt::error_chain;
 use std::{
     sync::{Arc, Mutex},
     time::{Instant, SystemTime},
@@ -17,13 +18,15 @@ use tracing::warn;
 use crate::{
     answered::AnsweredNames,
     capture::ConnectionOrigin,
-    handle::{self, SwapContext},
     handle_store,
+    proxy::{Authorizer, ConnectionVerdict, Denial, Grant, RequestFacts},
+    vault::Vault,
+};
+use agent_broker_core::{
+    handle::{self, SwapContext},
     policy::ConnectionDecision,
     policy::{Limiter, Policy, RequestDecision, RequestInfo, usage_tokens},
-    proxy::{Authorizer, ConnectionVerdict, Denial, Grant, RequestFacts},
     secret::{SecretName, SecretValue},
-    vault::Vault,
 };
 
 /// Authorizes against a policy snapshot and the vault.
@@ -76,7 +79,7 @@ impl PolicyAuthorizer {
         match self.vault.get(name) {
             Ok(v) => v,
             Err(e) => {
-                warn!(secret = %name.as_str(), error = %crate::error_chain(&e), "cannot read secret");
+                warn!(secret = %name.as_str(), error = %error_chain(&e), "cannot read secret");
                 None
             }
         }
@@ -179,7 +182,7 @@ impl Authorizer for PolicyAuthorizer {
                 Ok(Some(record)) => handle_store::from_vault(record),
                 Ok(None) => None,
                 Err(e) => {
-                    warn!(error = %crate::error_chain(&e), "cannot read handle");
+                    warn!(error = %error_chain(&e), "cannot read handle");
                     None
                 }
             },

@@ -10,6 +10,7 @@
 //! (ECONNREFUSED) instead of letting connections go direct. A restarted brokerd reuses the pinned
 //! maps and adopts the pinned links instead of attaching twice.
 
+use agent_broker_core::fmt::error_chain;
 use std::{
     collections::{BTreeMap, HashMap},
     fs,
@@ -34,13 +35,17 @@ use aya::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use crate::cgroup::{CgroupError, CgroupId, CgroupPath, CgroupRoot};
+use agent_broker_core::cgroup::{CgroupError, CgroupId, CgroupPath, CgroupRoot};
 
 mod unix_hooks;
 use unix_hooks::{UNIX_HOOKS, UnixPrograms};
 
 /// The eBPF object built by `cargo xtask build`, embedded at compile time.
+#[cfg(not(ebpf_object_skipped))]
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("AGENT_BROKER_EBPF_OBJ"));
+/// Built with `AGENT_BROKER_EBPF_SKIP` (see build.rs): no programs, and capture refuses to start.
+#[cfg(ebpf_object_skipped)]
+static EBPF_OBJECT: &[u8] = &[];
 
 /// The programs attached to every tagged cgroup, by program name and pin file name. Besides
 /// these, the two AF_UNIX hooks of [`unix_hooks`] are attached to every tagged cgroup.
@@ -83,6 +88,11 @@ const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 pub enum CaptureError {
     #[error("cannot prepare the bpffs pin directory {path}: {message}")]
     PinDir { path: PathBuf, message: String },
+    #[error(
+        "this brokerd was built without its eBPF programs (AGENT_BROKER_EBPF_SKIP): build it \
+         with `cargo xtask build`"
+    )]
+    NotBuilt,
     #[error("cannot load the eBPF programs (is this root on a kernel with BPF and BTF?)")]
     Load(#[source] aya::EbpfError),
     #[error("eBPF program {name}: {message}")]
@@ -407,6 +417,9 @@ pub struct Capture {
 
 /// Loads the programs, reuses pinned maps, adopts pinned links, and starts the owner thread.
 pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(CaptureError::NotBuilt);
+    }
     prepare_pin_dir(&config.pin_dir)?;
     let maps_dir = config.pin_dir.join("maps");
     let links_dir = config.pin_dir.join("links");
@@ -446,7 +459,7 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         };
         loaded.map_err(|e| CaptureError::Program {
             name,
-            message: crate::error_chain(&e),
+            message: error_chain(&e),
         })?;
     }
 
@@ -790,27 +803,21 @@ impl CaptureOwner {
         let fd_link: FdLink = match program {
             aya::programs::Program::CgroupSockAddr(p) => {
                 let p: &mut CgroupSockAddr = p;
-                let id = p
-                    .attach(cgroup, LINK_MODE)
-                    .map_err(|e| crate::error_chain(&e))?;
-                let link = p.take_link(id).map_err(|e| crate::error_chain(&e))?;
-                FdLink::try_from(link).map_err(|e| crate::error_chain(&e))?
+                let id = p.attach(cgroup, LINK_MODE).map_err(|e| error_chain(&e))?;
+                let link = p.take_link(id).map_err(|e| error_chain(&e))?;
+                FdLink::try_from(link).map_err(|e| error_chain(&e))?
             }
             aya::programs::Program::SockOps(p) => {
                 let p: &mut SockOps = p;
-                let id = p
-                    .attach(cgroup, LINK_MODE)
-                    .map_err(|e| crate::error_chain(&e))?;
-                let link = p.take_link(id).map_err(|e| crate::error_chain(&e))?;
-                FdLink::try_from(link).map_err(|e| crate::error_chain(&e))?
+                let id = p.attach(cgroup, LINK_MODE).map_err(|e| error_chain(&e))?;
+                let link = p.take_link(id).map_err(|e| error_chain(&e))?;
+                FdLink::try_from(link).map_err(|e| error_chain(&e))?
             }
             aya::programs::Program::CgroupSock(p) => {
                 let p: &mut CgroupSock = p;
-                let id = p
-                    .attach(cgroup, LINK_MODE)
-                    .map_err(|e| crate::error_chain(&e))?;
-                let link = p.take_link(id).map_err(|e| crate::error_chain(&e))?;
-                FdLink::try_from(link).map_err(|e| crate::error_chain(&e))?
+                let id = p.attach(cgroup, LINK_MODE).map_err(|e| error_chain(&e))?;
+                let link = p.take_link(id).map_err(|e| error_chain(&e))?;
+                FdLink::try_from(link).map_err(|e| error_chain(&e))?
             }
             aya::programs::Program::CgroupSkb(p) => {
                 let p: &mut CgroupSkb = p;
@@ -819,15 +826,15 @@ impl CaptureOwner {
                     .ok_or("a cgroup_skb program without ingress/egress in its section name")?;
                 let id = p
                     .attach(cgroup, attach_type, LINK_MODE)
-                    .map_err(|e| crate::error_chain(&e))?;
-                let link = p.take_link(id).map_err(|e| crate::error_chain(&e))?;
-                FdLink::try_from(link).map_err(|e| crate::error_chain(&e))?
+                    .map_err(|e| error_chain(&e))?;
+                let link = p.take_link(id).map_err(|e| error_chain(&e))?;
+                FdLink::try_from(link).map_err(|e| error_chain(&e))?
             }
             _ => return Err("unexpected program type".into()),
         };
         fd_link
             .pin(pin)
-            .map_err(|e| format!("pin {}: {}", pin.display(), crate::error_chain(&e)))
+            .map_err(|e| format!("pin {}: {}", pin.display(), error_chain(&e)))
     }
 
     fn detach(&mut self, cgroup: &CgroupPath) -> Result<(), CaptureError> {
@@ -935,7 +942,7 @@ fn load_lsm(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), String> {
         .map_err(|e: aya::programs::ProgramError| e.to_string())?;
     program
         .load("socket_create", &btf)
-        .map_err(|e| crate::error_chain(&e))?;
+        .map_err(|e| error_chain(&e))?;
     let dir = pin_dir.join("lsm");
     make_private_dir(&dir).map_err(|e| e.to_string())?;
     let pin = dir.join("socket_create");
@@ -944,12 +951,12 @@ fn load_lsm(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), String> {
     {
         let _ = old.unpin();
     }
-    let id = program.attach().map_err(|e| crate::error_chain(&e))?;
-    let link = program.take_link(id).map_err(|e| crate::error_chain(&e))?;
+    let id = program.attach().map_err(|e| error_chain(&e))?;
+    let link = program.take_link(id).map_err(|e| error_chain(&e))?;
     let link: FdLink = link.into();
     link.pin(&pin)
         .map(drop)
-        .map_err(|e| format!("pin {}: {}", pin.display(), crate::error_chain(&e)))
+        .map_err(|e| format!("pin {}: {}", pin.display(), error_chain(&e)))
 }
 
 /// The cookie of the network namespace brokerd runs in (`SO_NETNS_COOKIE`, Linux 5.14+).

@@ -4,6 +4,7 @@
 //! and a peer process that runs inside a tagged cgroup is refused, so an agent cannot detach
 //! itself even if it could reach the socket.
 
+use agent_broker_core::fmt::error_chain;
 use std::{
     fs, io,
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
@@ -25,10 +26,12 @@ use tracing::{info, warn};
 use crate::{
     accept::RecentConnections,
     capture::{CaptureError, CaptureHandle, OriginResolver},
-    cgroup::{CgroupError, CgroupPath, CgroupRoot},
     policy_store::PolicyStore,
-    secret::{SecretName, SecretValue},
     vault::{SecretMeta, Vault, VaultError},
+};
+use agent_broker_core::{
+    cgroup::{CgroupError, CgroupPath, CgroupRoot},
+    secret::{SecretName, SecretValue},
 };
 
 /// Errors setting up the control socket.
@@ -523,7 +526,7 @@ fn vault_error(e: VaultError) -> Response {
         VaultError::NotFound { .. } => ErrorKind::NotFound,
         _ => ErrorKind::Internal,
     };
-    let message = crate::error_chain(&e);
+    let message = error_chain(&e);
     warn!(error = %message, "vault request failed");
     error(kind, message)
 }
@@ -537,7 +540,7 @@ fn capture_error(e: CaptureError) -> Response {
         CaptureError::Cgroup(CgroupError::InvalidPath { .. }) => ErrorKind::BadRequest,
         _ => ErrorKind::Internal,
     };
-    let message = crate::error_chain(&e);
+    let message = error_chain(&e);
     info!(error = %message, "control request failed");
     error(kind, message)
 }

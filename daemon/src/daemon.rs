@@ -1,5 +1,6 @@
 //! brokerd's top level: validate config, load the kernel path, bind, serve, shut down.
 
+use agent_broker_core::fmt::error_chain;
 use std::{
     net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     sync::Arc,
@@ -17,17 +18,16 @@ use crate::{
     audit::AuditLog,
     authorize::PolicyAuthorizer,
     capture::{self, CaptureConfig},
-    cgroup::CgroupRoot,
     config::Config,
     control::{self, ControlState},
     dns::{self, DnsServer},
     policy_store::PolicyStore,
     proxy::Proxy,
-    secret::SecretValue,
     tls::{BrokerCa, LeafMinter},
     upstream::Upstream,
     vault::{KeySource, Vault},
 };
+use agent_broker_core::{cgroup::CgroupRoot, secret::SecretValue};
 
 /// Vault blob names of the broker CA.
 const CA_KEY_BLOB: &str = "broker-ca-key";
@@ -212,7 +212,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await;
     match flushed {
         Ok(Ok(seq)) => info!(last_seq = seq, "audit log flushed"),
-        Ok(Err(e)) => tracing::warn!(error = %crate::error_chain(&e), "audit log flush failed"),
+        Ok(Err(e)) => tracing::warn!(error = %error_chain(&e), "audit log flush failed"),
         Err(e) => tracing::warn!(error = %e, "audit log flush task failed"),
     }
     let _ = std::fs::remove_file(&control_path);
@@ -373,5 +373,6 @@ fn write_public_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()>
     if std::fs::read(path).is_ok_and(|b| b == bytes) {
         return Ok(());
     }
-    crate::write_file_atomically(path, bytes).with_context(|| format!("writing {}", path.display()))
+    agent_broker_core::fs::write_file_atomically(path, bytes)
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -35,7 +35,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{answered::AnsweredNames, capture::ConnectionOrigin, policy::Policy, proxy::EventSink};
+use crate::{answered::AnsweredNames, capture::ConnectionOrigin, proxy::EventSink};
+use agent_broker_core::policy::Policy;
 
 /// How long one upstream resolver gets to answer.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);

@@ -9,7 +9,8 @@ use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
 use agent_broker_protocol::{Request, Response, StatusReport};
 use serde::Serialize;
 
-use crate::{cgroup::CgroupRoot, client::Client};
+use crate::client::Client;
+use agent_broker_core::cgroup::CgroupRoot;
 
 /// How a check came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -2,7 +2,8 @@
 
 use agent_broker_protocol::{ErrorKind, Response};
 
-use crate::{cgroup::CgroupPath, control::error, policy::Policy};
+use crate::control::error;
+use agent_broker_core::{cgroup::CgroupPath, policy::Policy};
 
 /// The effective rules of `cgroup`, after narrowing by its ancestors' files.
 pub fn show(policy: &Policy, cgroup: &str) -> Response {

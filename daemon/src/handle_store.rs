@@ -1,6 +1,7 @@
 //! Handles as brokerd stores and serves them: conversion between the vault's storage record and
-//! [`crate::handle::HandleRecord`], and the control operations (mint, list, revoke).
+//! [`agent_broker_core::handle::HandleRecord`], and the control operations (mint, list, revoke).
 
+use agent_broker_core::fmt::error_chain;
 use std::{
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -10,11 +11,13 @@ use agent_broker_protocol::{ErrorKind, HandleInfo, Response};
 use tracing::info;
 
 use crate::{
-    cgroup::CgroupPath,
     control::{blocking, error},
+    vault::{self, Vault},
+};
+use agent_broker_core::{
+    cgroup::CgroupPath,
     handle::{self, HandleBinding, HandleId, HandleRecord, TokenHash},
     secret::SecretName,
-    vault::{self, Vault},
 };
 
 fn unix(t: SystemTime) -> u64 {
@@ -78,7 +81,7 @@ pub async fn mint(
     let binding = match (CgroupPath::parse(cgroup), SecretName::new(secret)) {
         (Ok(c), Ok(s)) => match HandleBinding::new(c, s, host) {
             Ok(b) => b,
-            Err(e) => return error(ErrorKind::BadRequest, crate::error_chain(&e)),
+            Err(e) => return error(ErrorKind::BadRequest, error_chain(&e)),
         },
         (Err(e), _) => return error(ErrorKind::BadRequest, e.to_string()),
         (_, Err(e)) => return error(ErrorKind::BadRequest, e.to_string()),
@@ -93,7 +96,7 @@ pub async fn mint(
             binding.clone(),
         ) {
             Ok(m) => m,
-            Err(e) => return error(ErrorKind::BadRequest, crate::error_chain(&e)),
+            Err(e) => return error(ErrorKind::BadRequest, error_chain(&e)),
         };
         let stored = to_vault(&record);
         let v = vault.clone();

@@ -5,7 +5,7 @@
 //! - `RLIMIT_CORE` 0: no core file even if something made it dumpable again;
 //! - all memory locked (`mlockall`, on fault), so secret values never reach swap.
 //!
-//! Secret values are also zeroized when dropped (see [`crate::secret`]).
+//! Secret values are also zeroized when dropped (see [`agent_broker_core::secret`]).
 
 /// What [`harden`] achieved, as `brokerctl status` shows it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

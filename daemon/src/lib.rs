@@ -17,7 +17,6 @@ pub mod audit;
 pub mod audit_access;
 pub mod authorize;
 pub mod capture;
-pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod control;
@@ -25,45 +24,17 @@ pub mod daemon;
 pub mod dns;
 pub mod doctor;
 pub mod explain;
-pub mod handle;
 pub mod handle_store;
 pub mod harden;
-pub mod inject;
 pub mod launcher;
-pub mod policy;
 pub mod policy_store;
 pub mod protections;
 pub mod proxy;
 pub mod scrub;
-pub mod secret;
 pub mod spin;
 pub mod tls;
 pub mod upstream;
 pub mod vault;
-
-/// An error and its sources, `outer: inner: innermost`, for messages that cross a process
-/// boundary (control replies) where `{:#}` formatting of anyhow is not available.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
-/// Writes a file through a temporary sibling, fsync and a rename, so a reader (or a crash)
-/// never sees half of it. The file gets the default mode (umask applies).
-pub fn write_file_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
 
 /// Why an exclusive lock file could not be taken.
 #[derive(Debug)]

@@ -9,6 +9,7 @@
 //! its `*.toml` files) every [`POLL_INTERVAL`], so an edit applies within a second without
 //! depending on inotify semantics of editors' rename-over writes.
 
+use agent_broker_core::fmt::error_chain;
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -19,7 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::policy::Policy;
+use agent_broker_core::policy::Policy;
 
 /// How often the directory is checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -51,7 +52,7 @@ type Fingerprint = Vec<(String, u64, u64, u64, i64)>;
 impl PolicyStore {
     /// Loads the directory; a missing directory is an empty policy (everything denied), an
     /// invalid one is an error (brokerd refuses to start on a bad policy).
-    pub fn open(dir: &Path) -> Result<Arc<Self>, crate::policy::PolicyError> {
+    pub fn open(dir: &Path) -> Result<Arc<Self>, agent_broker_core::policy::PolicyError> {
         let fingerprint = fingerprint(dir);
         let policy = load(dir)?;
         let files = policy.files().len();
@@ -143,7 +144,7 @@ impl PolicyStore {
                 Ok(files)
             }
             Err(e) => {
-                let message = crate::error_chain(&e);
+                let message = error_chain(&e);
                 warn!(dir = %self.dir.display(), error = %message, "policy reload failed; keeping the last good policy");
                 if let Ok(mut s) = self.state.lock() {
                     s.error = Some(message.clone());
@@ -176,7 +177,7 @@ impl PolicyStore {
     }
 }
 
-fn load(dir: &Path) -> Result<Policy, crate::policy::PolicyError> {
+fn load(dir: &Path) -> Result<Policy, agent_broker_core::policy::PolicyError> {
     if !dir.exists() {
         return Ok(Policy::empty());
     }

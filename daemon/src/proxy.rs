@@ -9,6 +9,7 @@
 //!
 //! This module does HTTP mechanics only; it never decides what is allowed.
 
+use agent_broker_core::fmt::error_chain;
 use std::{
     sync::{
         Arc,
@@ -286,10 +287,7 @@ impl Proxy {
         let config = match self.minter.server_config(&leaf) {
             Ok(c) => c,
             Err(e) => {
-                let reason = format!(
-                    "cannot mint a certificate for {leaf}: {}",
-                    crate::error_chain(&e)
-                );
+                let reason = format!("cannot mint a certificate for {leaf}: {}", error_chain(&e));
                 return self.refused_connection(
                     &origin,
                     sni.as_deref(),
@@ -531,7 +529,7 @@ impl Proxy {
                 let reason = format!(
                     "upstream {host} ({}) failed: {}",
                     conn.origin.original_dst,
-                    crate::error_chain(&e)
+                    error_chain(&e)
                 );
                 warn!(cgroup = %conn.origin.cgroup, %reason, "upstream failure");
                 let response = json_response(

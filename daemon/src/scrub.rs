@@ -28,7 +28,7 @@ use std::sync::Arc;
 use data_encoding::{BASE64_NOPAD, BASE64URL_NOPAD, Encoding};
 use zeroize::Zeroizing;
 
-use crate::inject::reserve_zeroizing;
+use agent_broker_core::inject::reserve_zeroizing;
 
 /// What a secret value is replaced with.
 pub const PLACEHOLDER: &[u8] = b"[redacted by agent-broker]";

@@ -40,7 +40,7 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::secret::{SecretError, SecretName, SecretValue};
+use agent_broker_core::secret::{SecretError, SecretName, SecretValue};
 use seal::{Cipher, SealError};
 use tables::{
     BLOBS, FORMAT, FORMAT_KEY, HANDLE_TOKENS, HANDLES, KEY_CHECK_AAD, KEY_CHECK_KEY,

@@ -1,3 +1,4 @@
+use agent_broker_core::fmt::error_chain;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -645,7 +646,7 @@ fn a_corrupt_or_foreign_file_is_refused_unchanged() {
         let path = state.path().join(AUDIT_FILE);
         std::fs::write(&path, &bytes).expect("write");
         let err = AuditLog::open(state.path(), Retention::KEEP_ALL).expect_err(what);
-        let shown = crate::error_chain(&err);
+        let shown = error_chain(&err);
         assert!(matches!(err, AuditError::Corrupt { .. }), "{what}: {shown}");
         assert!(
             shown.contains(&path.display().to_string()),

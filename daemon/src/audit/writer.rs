@@ -1,5 +1,6 @@
 //! The writer thread: group commit, retention, live fan-out. See the module docs of `audit`.
 
+use agent_broker_core::fmt::error_chain;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -471,7 +472,7 @@ impl Writer {
         {
             self.last_error_log = Some(now);
             tracing::error!(
-                error = %crate::error_chain(e),
+                error = %error_chain(e),
                 pending = self.pending.len(),
                 "audit commit failed; retrying"
             );

@@ -1,12 +1,10 @@
 //! brokerctl: the operator's command line for brokerd. See `brokerctl --help`.
 
+use agent_broker_core::fmt::error_chain;
 use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
-use agent_broker::{
-    cgroup::{CgroupPath, CgroupRoot},
-    client::Client,
-    config::DEFAULT_RUN_DIR,
-};
+use agent_broker::{client::Client, config::DEFAULT_RUN_DIR};
+use agent_broker_core::cgroup::{CgroupPath, CgroupRoot};
 use agent_broker_protocol::{ConnectionRecord, Outcome, Request, Response, StatusReport};
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -535,8 +533,8 @@ fn policy(run_dir: &std::path::Path, cmd: PolicyCommand) -> anyhow::Result<()> {
                 set.insert(name, (path.clone(), text));
             }
             let count = set.len();
-            agent_broker::policy::Policy::from_files(set.into_values().collect())
-                .map_err(|e| anyhow::anyhow!("{}", agent_broker::error_chain(&e)))?;
+            agent_broker_core::policy::Policy::from_files(set.into_values().collect())
+                .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))?;
             println!("policy ok: {count} file(s)");
             Ok(())
         }
@@ -760,7 +758,7 @@ fn handle(run_dir: &std::path::Path, cmd: HandleCommand) -> anyhow::Result<()> {
 
 /// Writes a file atomically, naming it in the error.
 fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    agent_broker::write_file_atomically(path, bytes)
+    agent_broker_core::fs::write_file_atomically(path, bytes)
         .with_context(|| format!("writing {}", path.display()))
 }
 

@@ -13,7 +13,7 @@ use hickory_proto::{
 use tokio::net::TcpListener;
 
 use super::*;
-use crate::cgroup::{CgroupId, CgroupPath};
+use agent_broker_core::cgroup::{CgroupId, CgroupPath};
 
 const POLICY: &str = r#"
 cgroup = "agents/a"

@@ -1,6 +1,7 @@
 //! Vault tests. They compare secret values with `assert!(a == b)`, never `assert_eq!`, so a
 //! failure never prints a value.
 
+use agent_broker_core::fmt::error_chain;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
@@ -282,7 +283,7 @@ fn corrupt_vault_file_is_refused_and_unchanged() {
         assert!(
             matches!(e, VaultError::Corrupt { .. }),
             "{what}: {}",
-            crate::error_chain(&e)
+            error_chain(&e)
         );
         assert!(e.to_string().contains(&path.display().to_string()), "{e}");
         assert!(
@@ -323,7 +324,7 @@ fn single_byte_damage_anywhere_is_refused_or_harmless() {
                 match e {
                     VaultError::Corrupt { .. } => "corrupt".to_string(),
                     VaultError::WrongKey { .. } => "wrong key".to_string(),
-                    e => panic!("offset {offset}: unexpected {}", crate::error_chain(&e)),
+                    e => panic!("offset {offset}: unexpected {}", error_chain(&e)),
                 }
             }
         };
@@ -611,6 +612,6 @@ fn errors_and_debug_never_show_values() {
             SecretValue::binary(format!("{secret}\nx").into_bytes()),
         )
         .expect_err("refused");
-    assert!(!crate::error_chain(&e).contains("SHOULD-NEVER"));
+    assert!(!error_chain(&e).contains("SHOULD-NEVER"));
     assert!(!format!("{e:?}").contains("SHOULD-NEVER"));
 }

@@ -416,11 +416,11 @@ fn host_names(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     ])
 }
 
-/// The policy decision and audit rows. They need in-process microbenchmarks of brokerd's policy
-/// engine and audit writer, which this bench runs when `daemon/benches/decisions.rs` exists:
-/// `cargo bench -p agent-broker --bench decisions`, reading the lines it prints as
-/// `bench-metric policy_decision_p99_us <value>` and `bench-metric audit_cpu_us_per_request
-/// <value>`. Until then the rows say "not measured".
+/// The policy decision and audit rows, from in-process microbenchmarks of the policy engine
+/// (`cargo bench -p agent-broker-core --bench policy`) and brokerd's audit writer
+/// (`cargo bench -p agent-broker --features bench --bench audit`), reading the lines they print
+/// as `bench-metric policy_decision_p99_us <value>` and `bench-metric audit_cpu_us_per_request
+/// <value>`.
 fn microbenchmarks() -> Vec<Row> {
     let metrics = [
         (
@@ -430,15 +430,7 @@ fn microbenchmarks() -> Vec<Row> {
         ),
         ("audit CPU per request", "audit_cpu_us_per_request", 2.0),
     ];
-    let bench_source = paths::root()
-        .join("daemon")
-        .join("benches")
-        .join("decisions.rs");
-    let report = if bench_source.is_file() {
-        run_decisions_bench()
-    } else {
-        Err("no microbenchmark yet (daemon/benches/decisions.rs)".to_owned())
-    };
+    let report = run_microbenchmarks();
     metrics
         .iter()
         .map(|(workload, metric, limit)| {
@@ -447,7 +439,7 @@ fn microbenchmarks() -> Vec<Row> {
                 Ok(text) => bench_metric(text, metric).map_or_else(
                     || {
                         Cell::NotMeasured(format!(
-                            "the decisions bench printed no `bench-metric {metric}` line"
+                            "the microbenchmarks printed no `bench-metric {metric}` line"
                         ))
                     },
                     Cell::value,
@@ -463,14 +455,21 @@ fn microbenchmarks() -> Vec<Row> {
         .collect()
 }
 
-fn run_decisions_bench() -> Result<String, String> {
-    let mut bench = cmd::workspace_cargo().map_err(|e| format!("{e:#}"))?;
-    bench.args(["bench", "-p", "agent-broker", "--bench", "decisions"]);
-    match process::output_within(&mut bench, Duration::from_secs(300)) {
-        Ok(out) if out.status.success() => Ok(out.stdout),
-        Ok(out) => Err(format!("the decisions bench failed: {}", out.stderr_tail())),
-        Err(e) => Err(format!("{e:#}")),
+fn run_microbenchmarks() -> Result<String, String> {
+    let mut report = String::new();
+    for args in [
+        "bench -p agent-broker-core --bench policy",
+        "bench -p agent-broker --features bench --bench audit",
+    ] {
+        let mut bench = cmd::workspace_cargo().map_err(|e| format!("{e:#}"))?;
+        bench.args(args.split_whitespace());
+        match process::output_within(&mut bench, Duration::from_secs(300)) {
+            Ok(out) if out.status.success() => report.push_str(&out.stdout),
+            Ok(out) => return Err(format!("`cargo {args}` failed: {}", out.stderr_tail())),
+            Err(e) => return Err(format!("{e:#}")),
+        }
     }
+    Ok(report)
 }
 
 /// The value of a `bench-metric <name> <value>` line.

@@ -159,7 +159,7 @@ impl SecretValue {
     }
 
     /// Plaintext that the vault just decrypted; it was validated when it was stored.
-    pub(crate) fn from_zeroizing(bytes: Zeroizing<Vec<u8>>) -> Self {
+    pub fn from_zeroizing(bytes: Zeroizing<Vec<u8>>) -> Self {
         Self(bytes)
     }
 

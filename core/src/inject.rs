@@ -207,7 +207,7 @@ impl fmt::Display for Template {
 
 /// Grows `buf` so that `extra` more bytes fit without reallocating, zeroizing the old block if a
 /// reallocation is needed.
-pub(crate) fn reserve_zeroizing(buf: &mut Zeroizing<Vec<u8>>, extra: usize) {
+pub fn reserve_zeroizing(buf: &mut Zeroizing<Vec<u8>>, extra: usize) {
     let needed = buf.len() + extra;
     if needed > buf.capacity() {
         let mut grown = Zeroizing::new(Vec::with_capacity(needed.max(buf.capacity() * 2)));

@@ -1,0 +1,19 @@
+//! agent-broker's pure logic, shared by brokerd and brokerctl.
+//!
+//! [`policy`] decides what each agent cgroup may call and what is written into its requests;
+//! [`inject`] renders the credential templates a rule names; [`handle`] mints and recognizes the
+//! `brk_` tokens an agent may hold in place of a key; [`secret`] holds secret names and values;
+//! [`cgroup`] names and finds cgroups. [`fmt`] and [`fs`] hold the few helpers every side needs,
+//! written once.
+//!
+//! This crate never links the eBPF loader, TLS, storage or an async runtime, so it builds and
+//! tests on stable Rust with no root. Never: log or display a secret value, or decide "allow"
+//! when in doubt.
+
+pub mod cgroup;
+pub mod fmt;
+pub mod fs;
+pub mod handle;
+pub mod inject;
+pub mod policy;
+pub mod secret;
