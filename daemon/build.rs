@@ -23,7 +23,8 @@ fn main() {
         return;
     }
     // An object named explicitly (xtask does) must exist: skipping it would hide a failed build.
-    let skip = std::env::var_os("AGENT_BROKER_EBPF_SKIP").is_some_and(|v| !v.is_empty() && v != "0");
+    let skip =
+        std::env::var_os("AGENT_BROKER_EBPF_SKIP").is_some_and(|v| !v.is_empty() && v != "0");
     if skip && explicit.is_none() {
         println!(
             "cargo:warning=building brokerd without its eBPF programs (AGENT_BROKER_EBPF_SKIP is \

@@ -8,12 +8,8 @@ use std::{
 
 use serde::Deserialize;
 
-/// Default state directory (vault, CA, audit log).
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/agent-broker";
-/// Default run directory (control socket).
-pub const DEFAULT_RUN_DIR: &str = "/run/agent-broker";
-/// Default policy directory.
-pub const DEFAULT_POLICY_DIR: &str = "/etc/agent-broker/policies";
+use agent_broker_protocol::{DEFAULT_POLICY_DIR, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
+
 /// Default bpffs directory for pinned maps and links.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/agent-broker";
 /// Default listeners for redirected connections.

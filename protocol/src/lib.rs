@@ -2,14 +2,24 @@
 //!
 //! Framing: newline-delimited JSON over brokerd's Unix socket (`<run-dir>/control.sock`). A client
 //! writes one [`Request`] per line and reads one [`Response`] per line, in order. This crate is
-//! serde types only: it must never depend on aya, redb, rustls or tokio, so the console can link
-//! it without linking the daemon. A secret value travels in one direction only, from brokerctl to
+//! serde types only (plus the blocking client): it must never depend on aya, redb, rustls or tokio, so the console can link
+//! it without linking the daemon. [`client`] is the one blocking client of the socket, with
+//! bounded lines, for both. A secret value travels in one direction only, from brokerctl to
 //! brokerd in [`Request::SecretSet`], wrapped in [`SecretInput`] (redacted `Debug`, zeroized on
 //! drop); no response ever carries one.
 
 use std::net::SocketAddr;
 
+pub mod client;
+
 use serde::{Deserialize, Serialize};
+
+/// Default state directory of brokerd (vault, CA, audit log).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/agent-broker";
+/// Default run directory of brokerd (its control socket).
+pub const DEFAULT_RUN_DIR: &str = "/run/agent-broker";
+/// Default policy directory.
+pub const DEFAULT_POLICY_DIR: &str = "/etc/agent-broker/policies";
 
 /// File name of the control socket inside the run directory.
 pub const SOCKET_NAME: &str = "control.sock";

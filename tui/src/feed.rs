@@ -7,8 +7,7 @@
 //! parses goes through [`StreamDecoder`], which tests drive with the same JSON lines.
 
 use std::{
-    io::{self, BufRead as _, BufReader, Read, Write as _},
-    os::unix::net::UnixStream,
+    io,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -20,7 +19,8 @@ use std::{
 };
 
 use agent_broker_protocol::{
-    self as protocol, AuditEvent, LogFilter, Request, Response, SOCKET_NAME, StatusReport,
+    self as protocol, AuditEvent, LogFilter, Request, Response, StatusReport,
+    client::{Client, ClientError},
 };
 
 /// Stored records asked for on each connect, so a fresh console shows recent calls.
@@ -28,9 +28,6 @@ pub const HISTORY_ON_CONNECT: usize = 200;
 
 /// Pause between connection attempts.
 pub const RETRY_EVERY: Duration = Duration::from_secs(1);
-
-/// Longest line accepted from brokerd; a longer one ends the connection (and it is retried).
-pub const MAX_LINE: usize = 1 << 20;
 
 /// Messages in flight between the reader and the UI; when full, the reader waits, so a burst
 /// is held back by the socket rather than by memory.
@@ -134,7 +131,7 @@ fn wire_name<T: serde::Serialize>(value: &T, tag: Option<&str>) -> String {
 
 /// The socket the console connects to.
 pub fn socket_path(run_dir: &Path) -> PathBuf {
-    run_dir.join(SOCKET_NAME)
+    protocol::client::socket_path(run_dir)
 }
 
 /// The running reader thread. Dropping it stops the thread and waits for it (at most about
@@ -150,10 +147,10 @@ impl Feed {
     pub fn spawn(run_dir: &Path) -> io::Result<(Self, Receiver<FeedMsg>)> {
         let (tx, rx) = mpsc::sync_channel(CHANNEL_DEPTH);
         let stop = Arc::new(AtomicBool::new(false));
-        let path = socket_path(run_dir);
+        let run_dir = run_dir.to_path_buf();
         let thread = thread::Builder::new().name("console-feed".into()).spawn({
             let stop = stop.clone();
-            move || read_forever(&path, &tx, &stop)
+            move || read_forever(&run_dir, &tx, &stop)
         })?;
         Ok((
             Self {
@@ -183,9 +180,9 @@ enum Ended {
     Lost(String),
 }
 
-fn read_forever(path: &Path, tx: &SyncSender<FeedMsg>, stop: &AtomicBool) {
+fn read_forever(run_dir: &Path, tx: &SyncSender<FeedMsg>, stop: &AtomicBool) {
     loop {
-        let reason = match session(path, tx, stop) {
+        let reason = match session(run_dir, tx, stop) {
             Err(Ended::Stopped) => return,
             Err(Ended::Lost(reason)) => reason,
         };
@@ -205,22 +202,24 @@ fn read_forever(path: &Path, tx: &SyncSender<FeedMsg>, stop: &AtomicBool) {
 
 /// One connection, from connect to loss. Only returns by ending.
 fn session(
-    path: &Path,
+    run_dir: &Path,
     tx: &SyncSender<FeedMsg>,
     stop: &AtomicBool,
 ) -> Result<std::convert::Infallible, Ended> {
-    let stream = UnixStream::connect(path)
-        .map_err(|e| Ended::Lost(format!("cannot connect to {}: {e}", path.display())))?;
-    stream
-        .set_read_timeout(Some(POLL))
-        .map_err(|e| Ended::Lost(format!("cannot set a read timeout: {e}")))?;
-    let mut writer = stream
-        .try_clone()
-        .map_err(|e| Ended::Lost(format!("cannot clone the socket: {e}")))?;
-    let mut lines = LineReader::new(stream, stop);
+    let lost = |e: ClientError| match e {
+        ClientError::Stopped => Ended::Stopped,
+        ClientError::NoAnswer => Ended::Lost("brokerd closed the connection".into()),
+        ClientError::Connect { path, source } => {
+            Ended::Lost(format!("cannot connect to {}: {source}", path.display()))
+        }
+        e => Ended::Lost(e.to_string()),
+    };
+    let keep_waiting = || !stop.load(Ordering::Relaxed);
+    let mut client = Client::connect(run_dir).map_err(lost)?;
+    let next_line = |client: &mut Client| client.next_line_polling(POLL, &keep_waiting);
 
-    write_request(&mut writer, &Request::Status)?;
-    let status = match protocol::decode_line::<Response>(&lines.next_line()?) {
+    client.send(&Request::Status).map_err(lost)?;
+    let status = match protocol::decode_line::<Response>(&next_line(&mut client).map_err(lost)?) {
         Ok(Response::Status(status)) => Some(Box::new(status)),
         Ok(Response::Error { message, .. }) => {
             return Err(Ended::Lost(format!("brokerd refused: {message}")));
@@ -230,30 +229,22 @@ fn session(
     };
     send(tx, stop, FeedMsg::Connected(status))?;
 
-    write_request(&mut writer, &history_request())?;
+    client.send(&history_request()).map_err(lost)?;
     let mut decoder = StreamDecoder::for_logs();
-    match decoder.decode(&lines.next_line()?) {
+    match decoder.decode(&next_line(&mut client).map_err(lost)?) {
         Decoded::Msg(msg) => send(tx, stop, msg)?,
         Decoded::Refused(reason) => {
-            write_request(&mut writer, &Request::Subscribe)?;
+            client.send(&Request::Subscribe).map_err(lost)?;
             decoder = StreamDecoder::for_subscribe();
             send(tx, stop, FeedMsg::LiveOnly(reason))?;
         }
     }
     loop {
-        match decoder.decode(&lines.next_line()?) {
+        match decoder.decode(&next_line(&mut client).map_err(lost)?) {
             Decoded::Msg(msg) => send(tx, stop, msg)?,
             Decoded::Refused(reason) => return Err(Ended::Lost(format!("brokerd: {reason}"))),
         }
     }
-}
-
-fn write_request(writer: &mut UnixStream, request: &Request) -> Result<(), Ended> {
-    let line = protocol::encode_line(request)
-        .map_err(|e| Ended::Lost(format!("cannot encode a request: {e}")))?;
-    writer
-        .write_all(&line)
-        .map_err(|e| Ended::Lost(format!("cannot write to brokerd: {e}")))
 }
 
 /// Sends to the UI without blocking forever: a full channel is retried until the console stops.
@@ -274,82 +265,9 @@ fn send(tx: &SyncSender<FeedMsg>, stop: &AtomicBool, msg: FeedMsg) -> Result<(),
     }
 }
 
-/// Reads newline-terminated lines, bounded by [`MAX_LINE`], waking up to check the stop flag.
-struct LineReader<'a, R> {
-    reader: BufReader<R>,
-    buf: Vec<u8>,
-    stop: &'a AtomicBool,
-}
-
-impl<'a, R: Read> LineReader<'a, R> {
-    fn new(inner: R, stop: &'a AtomicBool) -> Self {
-        Self {
-            reader: BufReader::new(inner),
-            buf: Vec::new(),
-            stop,
-        }
-    }
-
-    fn next_line(&mut self) -> Result<Vec<u8>, Ended> {
-        self.buf.clear();
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return Err(Ended::Stopped);
-            }
-            let room = (MAX_LINE + 1).saturating_sub(self.buf.len()) as u64;
-            // On a timeout, read_until keeps what it read in `buf`; the next call goes on.
-            match (&mut self.reader)
-                .take(room)
-                .read_until(b'\n', &mut self.buf)
-            {
-                Ok(0) if self.buf.is_empty() => {
-                    return Err(Ended::Lost("brokerd closed the connection".into()));
-                }
-                Ok(0) => return Err(Ended::Lost("brokerd closed the connection mid-line".into())),
-                Ok(_) if self.buf.ends_with(b"\n") => return Ok(std::mem::take(&mut self.buf)),
-                Ok(_) if self.buf.len() > MAX_LINE => {
-                    return Err(Ended::Lost(format!(
-                        "brokerd sent a line longer than {MAX_LINE} bytes"
-                    )));
-                }
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => return Err(Ended::Lost(format!("cannot read from brokerd: {e}"))),
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn line_reader_splits_and_bounds_lines() {
-        let stop = AtomicBool::new(false);
-        let mut data = b"one\ntwo\n".to_vec();
-        data.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
-        data.push(b'\n');
-        let mut lines = LineReader::new(io::Cursor::new(data), &stop);
-        assert_eq!(lines.next_line().ok(), Some(b"one\n".to_vec()));
-        assert_eq!(lines.next_line().ok(), Some(b"two\n".to_vec()));
-        assert!(matches!(lines.next_line(), Err(Ended::Lost(r)) if r.contains("longer")));
-    }
-
-    #[test]
-    fn line_reader_reports_eof() {
-        let stop = AtomicBool::new(false);
-        let mut lines = LineReader::new(io::Cursor::new(b"half".to_vec()), &stop);
-        assert!(matches!(lines.next_line(), Err(Ended::Lost(r)) if r.contains("mid-line")));
-        let mut lines = LineReader::new(io::Cursor::new(Vec::new()), &stop);
-        assert!(matches!(lines.next_line(), Err(Ended::Lost(r)) if r.contains("closed")));
-    }
 
     #[test]
     fn error_kind_is_shown_as_the_protocol_spells_it() {

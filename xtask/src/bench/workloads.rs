@@ -25,7 +25,7 @@ use super::{
     stopping,
     tools::Tools,
 };
-use crate::{cmd, paths};
+use crate::cmd;
 
 /// Concurrent clients in the new-connection-per-request workloads.
 const NEW_CONNECTION_CLIENTS: u32 = 8;

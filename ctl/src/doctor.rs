@@ -9,8 +9,8 @@ use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
 use agent_broker_protocol::{Request, Response, StatusReport};
 use serde::Serialize;
 
-use crate::client::Client;
 use agent_broker_core::cgroup::CgroupRoot;
+use agent_broker_protocol::client::Client;
 
 /// How a check came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -3,9 +3,12 @@
 use agent_broker_core::fmt::error_chain;
 use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
-use agent_broker::{client::Client, config::DEFAULT_RUN_DIR};
+mod doctor;
+mod launcher;
+
 use agent_broker_core::cgroup::{CgroupPath, CgroupRoot};
 use agent_broker_protocol::{ConnectionRecord, Outcome, Request, Response, StatusReport};
+use agent_broker_protocol::{DEFAULT_RUN_DIR, client::Client};
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
@@ -66,7 +69,7 @@ enum Command {
         create: bool,
         /// Run as this unprivileged uid (and gid; default: the same number). 0 is refused.
         #[arg(long, value_name = "UID[:GID]", value_parser = parse_identity, conflicts_with = "userns")]
-        user: Option<agent_broker::launcher::Identity>,
+        user: Option<launcher::Identity>,
         /// Run as root inside a new user namespace whose root maps to --userns-uid on the host
         /// (the default when --user is not given).
         #[arg(long)]
@@ -116,7 +119,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// brokerd's state directory (for the key file and directory checks).
-        #[arg(long, value_name = "DIR", default_value = agent_broker::config::DEFAULT_STATE_DIR)]
+        #[arg(long, value_name = "DIR", default_value = agent_broker_protocol::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
     /// The audit log: every brokered call, denial, TLS failure, handle misuse, attach, detach
@@ -165,8 +168,8 @@ enum LogsCommand {
 }
 
 /// `--since`: an RFC 3339 time or an age, as Unix milliseconds.
-fn parse_identity(s: &str) -> Result<agent_broker::launcher::Identity, String> {
-    agent_broker::launcher::Identity::parse_user(s)
+fn parse_identity(s: &str) -> Result<launcher::Identity, String> {
+    launcher::Identity::parse_user(s)
 }
 
 fn parse_since(s: &str) -> Result<u64, String> {
@@ -251,7 +254,7 @@ enum PolicyCommand {
     /// replacing the ones of the same name, are loaded together as brokerd would load them.
     Check {
         /// The policy directory the files belong to.
-        #[arg(long, value_name = "DIR", default_value = agent_broker::config::DEFAULT_POLICY_DIR)]
+        #[arg(long, value_name = "DIR", default_value = agent_broker_protocol::DEFAULT_POLICY_DIR)]
         policy_dir: PathBuf,
         /// Files to check; none: the directory as it is.
         files: Vec<PathBuf>,
@@ -351,20 +354,20 @@ fn run(args: Args) -> anyhow::Result<()> {
                 Some(w) => w,
                 None => std::env::current_dir().context("reading the current directory")?,
             };
-            let spec = agent_broker::launcher::LaunchSpec {
+            let spec = launcher::LaunchSpec {
                 cgroup_dir: root.dir(&path),
-                identity: user.unwrap_or(agent_broker::launcher::Identity::UserNs {
+                identity: user.unwrap_or(launcher::Identity::UserNs {
                     host_uid: userns_uid,
                     host_gid: userns_uid,
                 }),
                 workdir,
                 workdir_given,
                 allow_write,
-                ca_bundle: agent_broker::launcher::merged_ca_bundle(&pem),
+                ca_bundle: launcher::merged_ca_bundle(&pem),
                 program: program.clone(),
                 args: rest.to_vec(),
             };
-            let code = agent_broker::launcher::launch(&spec)?;
+            let code = launcher::launch(&spec)?;
             std::process::exit(code);
         }
         Command::Status { json } => match call(&args.run_dir, &Request::Status)? {
@@ -380,11 +383,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Policy(cmd) => policy(&args.run_dir, cmd)?,
         Command::Console => agent_broker_console::run(&args.run_dir)?,
         Command::Doctor { json, state_dir } => {
-            let checks = agent_broker::doctor::run_checks(&agent_broker::doctor::DoctorOptions {
+            let checks = doctor::run_checks(&doctor::DoctorOptions {
                 run_dir: &args.run_dir,
                 state_dir: &state_dir,
             });
-            if !agent_broker::doctor::print(&checks, json) {
+            if !doctor::print(&checks, json) {
                 std::process::exit(1);
             }
         }
