@@ -452,7 +452,7 @@ fn logs(run_dir: &std::path::Path, args: LogsArgs) -> anyhow::Result<()> {
             Response::Event { event } => print_event(&event),
             Response::EndOfLog if !args.follow => return Ok(()),
             Response::EndOfLog => {}
-            Response::Error { kind, message } => bail!("brokerd refused ({kind:?}): {message}"),
+            Response::Error { kind, message } => bail!("brokerd refused ({kind}): {message}"),
             other => return Err(unexpected(other)),
         }
         response = client.next_streamed()?;
@@ -465,10 +465,7 @@ fn print_event(e: &agent_broker_protocol::AuditEvent) {
     )
     .to_string();
     let time = time.get(11..23).unwrap_or(&time).to_string();
-    let kind = e
-        .kind
-        .map(|k| format!("{k:?}").to_lowercase())
-        .unwrap_or_default();
+    let kind = e.kind.map(|k| k.to_string()).unwrap_or_default();
     let detail = match (&e.decision, &e.reason) {
         (Some(d), Some(r)) => format!("{kind} {d}: {r}"),
         (Some(d), None) => format!("{kind} {d} {}", e.rule.as_deref().unwrap_or("")),
@@ -793,7 +790,7 @@ fn attach(
 fn call(run_dir: &std::path::Path, request: &Request) -> anyhow::Result<Response> {
     let mut client = Client::connect(run_dir)?;
     match client.call(request)? {
-        Response::Error { kind, message } => bail!("brokerd refused ({kind:?}): {message}"),
+        Response::Error { kind, message } => bail!("brokerd refused ({kind}): {message}"),
         other => Ok(other),
     }
 }

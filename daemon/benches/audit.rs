@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use agent_broker::audit::AuditLog;
-use agent_broker_protocol::{AuditEvent, EventKind};
+use agent_broker_protocol::{AuditEvent, Decision, EventKind};
 
 fn audit_record_cost() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
@@ -22,7 +22,7 @@ fn audit_record_cost() -> Result<(), Box<dyn std::error::Error>> {
         host: Some("api.example.test".into()),
         path: Some("/v1/models".into()),
         status: Some(200),
-        decision: Some("allow".into()),
+        decision: Some(Decision::Allow),
         rule: Some("policies/bench.toml:3 allow[0]".into()),
         secrets: vec!["BENCH_KEY".into()],
         ..AuditEvent::default()

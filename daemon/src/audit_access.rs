@@ -1,6 +1,6 @@
 //! What the control socket needs from the audit log: history, verification and live events.
 
-use agent_broker_protocol::{AuditEvent, EventKind, LogFilter, VerifyReport};
+use agent_broker_protocol::{AuditEvent, LogFilter, VerifyReport};
 use tokio::sync::broadcast;
 
 /// The audit log as the control socket sees it. `query` and `verify` are synchronous (the
@@ -28,7 +28,7 @@ pub fn matches(filter: &LogFilter, event: &AuditEvent) -> bool {
             return false;
         }
     }
-    if filter.denied_only && !is_denial(event) {
+    if filter.denied_only && !event.is_denial() {
         return false;
     }
     if filter.since_ms.is_some_and(|since| event.time_ms < since) {
@@ -37,24 +37,16 @@ pub fn matches(filter: &LogFilter, event: &AuditEvent) -> bool {
     true
 }
 
-/// Denials and failures: what `--denied` shows.
-pub fn is_denial(event: &AuditEvent) -> bool {
-    event.decision.as_deref() == Some("deny")
-        || matches!(
-            event.kind,
-            Some(EventKind::Denial | EventKind::TlsFailure | EventKind::HandleMisuse)
-        )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agent_broker_protocol::Decision;
 
-    fn event(cgroup: &str, decision: &str) -> AuditEvent {
+    fn event(cgroup: &str, decision: Decision) -> AuditEvent {
         AuditEvent {
             time_ms: 1_000,
             cgroup: Some(cgroup.into()),
-            decision: Some(decision.into()),
+            decision: Some(decision),
             ..AuditEvent::default()
         }
     }
@@ -65,19 +57,19 @@ mod tests {
             cgroup: Some("agents/a".into()),
             ..LogFilter::default()
         };
-        assert!(matches(&f, &event("agents/a", "allow")));
-        assert!(matches(&f, &event("agents/a/sub", "allow")));
-        assert!(!matches(&f, &event("agents/ab", "allow")));
+        assert!(matches(&f, &event("agents/a", Decision::Allow)));
+        assert!(matches(&f, &event("agents/a/sub", Decision::Allow)));
+        assert!(!matches(&f, &event("agents/ab", Decision::Allow)));
         let d = LogFilter {
             denied_only: true,
             ..LogFilter::default()
         };
-        assert!(matches(&d, &event("x", "deny")));
-        assert!(!matches(&d, &event("x", "allow")));
+        assert!(matches(&d, &event("x", Decision::Deny)));
+        assert!(!matches(&d, &event("x", Decision::Allow)));
         let s = LogFilter {
             since_ms: Some(2_000),
             ..LogFilter::default()
         };
-        assert!(!matches(&s, &event("x", "allow")));
+        assert!(!matches(&s, &event("x", Decision::Allow)));
     }
 }

@@ -5,6 +5,7 @@
 //! itself even if it could reach the socket.
 
 use agent_broker_core::fmt::error_chain;
+use agent_broker_protocol::Decision;
 use std::{
     fs, io,
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
@@ -83,8 +84,8 @@ fn operator_event(
     outcome: Result<(), String>,
 ) -> agent_broker_protocol::AuditEvent {
     let (decision, reason) = match outcome {
-        Ok(()) => ("allow", None),
-        Err(reason) => ("deny", Some(reason)),
+        Ok(()) => (Decision::Allow, None),
+        Err(reason) => (Decision::Deny, Some(reason)),
     };
     agent_broker_protocol::AuditEvent {
         time_ms: std::time::SystemTime::now()
@@ -93,7 +94,7 @@ fn operator_event(
             .unwrap_or(0),
         kind: Some(kind),
         cgroup,
-        decision: Some(decision.into()),
+        decision: Some(decision),
         reason,
         side: Some(agent_broker_protocol::Side::Broker),
         ..Default::default()

@@ -12,6 +12,7 @@
 //! brokerd cannot read). Addresses in answers are remembered per agent cgroup
 //! ([`AnsweredNames`]) so a connection without a server name can be matched by name.
 
+use agent_broker_protocol::Decision;
 use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
@@ -156,14 +157,14 @@ impl DnsServer {
                 %reason,
                 "DNS query refused"
             );
-            event.decision = Some("deny".into());
+            event.decision = Some(Decision::Deny);
             event.reason = Some(reason);
             event.status = Some(u16::from(ResponseCode::Refused));
             event.latency_us = Some(started.elapsed().as_micros() as u64);
             self.events.record(event);
             return Some(reply_with(&question, ResponseCode::Refused));
         }
-        event.decision = Some("allow".into());
+        event.decision = Some(Decision::Allow);
         let reply = if matches!(question.qtype, RecordType::HTTPS | RecordType::SVCB) {
             // Allowed name, but no HTTP/3 or ECH hints: see the module documentation.
             event.reason = Some("HTTPS/SVCB records are not passed on (no HTTP/3, no ECH)".into());

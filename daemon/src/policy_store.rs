@@ -10,6 +10,7 @@
 //! depending on inotify semantics of editors' rename-over writes.
 
 use agent_broker_core::fmt::error_chain;
+use agent_broker_protocol::Decision;
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -83,10 +84,10 @@ impl PolicyStore {
         };
         let (decision, reason) = match outcome {
             Ok(files) => (
-                "allow",
+                Decision::Allow,
                 format!("{files} file(s) from {}", self.dir.display()),
             ),
-            Err(e) => ("deny", format!("kept the previous policy: {e}")),
+            Err(e) => (Decision::Deny, format!("kept the previous policy: {e}")),
         };
         sink.record(agent_broker_protocol::AuditEvent {
             time_ms: SystemTime::now()
@@ -94,7 +95,7 @@ impl PolicyStore {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             kind: Some(agent_broker_protocol::EventKind::PolicyReload),
-            decision: Some(decision.into()),
+            decision: Some(decision),
             reason: Some(reason),
             side: Some(agent_broker_protocol::Side::Broker),
             ..Default::default()

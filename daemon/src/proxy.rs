@@ -10,6 +10,7 @@
 //! This module does HTTP mechanics only; it never decides what is allowed.
 
 use agent_broker_core::fmt::error_chain;
+use agent_broker_protocol::Decision;
 use std::{
     sync::{
         Arc,
@@ -373,14 +374,12 @@ impl Proxy {
                     "request refused"
                 );
                 event.kind = Some(failure.kind);
-                event.decision = Some(
-                    if failure.side == Side::Upstream {
-                        "allow"
-                    } else {
-                        "deny"
-                    }
-                    .into(),
-                );
+                // An upstream failure was allowed; the broker or the agent's request refused it.
+                event.decision = Some(if failure.side == Side::Upstream {
+                    Decision::Allow
+                } else {
+                    Decision::Deny
+                });
                 event.reason = Some(failure.reason);
                 event.rule = failure.rule;
                 event.side = Some(failure.side);
@@ -395,7 +394,7 @@ impl Proxy {
                     return exchange.response;
                 };
                 event.kind = Some(EventKind::Request);
-                event.decision = Some("allow".into());
+                event.decision = Some(Decision::Allow);
                 event.rule = Some(grant.rule.clone());
                 event.secrets = grant.secrets.clone();
                 let events = self.events.clone();
@@ -642,7 +641,7 @@ impl Proxy {
         let (to_upstream, to_agent) = tokio::io::copy_bidirectional(&mut agent, &mut upstream)
             .await
             .unwrap_or((0, 0));
-        event.decision = Some("allow".into());
+        event.decision = Some(Decision::Allow);
         event.bytes_in = to_upstream;
         event.bytes_out = to_agent;
         event.latency_us = Some(started.elapsed().as_micros() as u64);
@@ -654,7 +653,7 @@ impl Proxy {
 
     fn splice_failed(&self, mut event: AuditEvent, reason: String) {
         warn!(cgroup = event.cgroup.as_deref().unwrap_or(""), %reason, "tcp passthrough failed");
-        event.decision = Some("allow".into());
+        event.decision = Some(Decision::Allow);
         event.reason = Some(reason);
         event.side = Some(Side::Upstream);
         self.events.record(event);
@@ -679,7 +678,7 @@ impl Proxy {
         );
         let mut event = base_event(origin, sni);
         event.kind = Some(kind);
-        event.decision = Some("deny".into());
+        event.decision = Some(Decision::Deny);
         event.reason = Some(reason.to_string());
         event.side = Some(Side::Agent);
         self.events.record(event);

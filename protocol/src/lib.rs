@@ -142,6 +142,14 @@ pub enum EventKind {
     Dns,
 }
 
+/// What was decided about a request, connection, query or operator action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allow,
+    Deny,
+}
+
 /// Which side a failure came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -178,8 +186,8 @@ pub struct AuditEvent {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub latency_us: Option<u64>,
-    /// "allow" or "deny".
-    pub decision: Option<String>,
+    /// Allowed or denied (none for records that decide nothing, such as a drop notice).
+    pub decision: Option<Decision>,
     /// The rule that decided (file:line allow[i]).
     pub rule: Option<String>,
     /// Why it was denied or failed.
@@ -189,6 +197,61 @@ pub struct AuditEvent {
     /// Which side failed, for failures.
     pub side: Option<Side>,
 }
+
+impl AuditEvent {
+    /// A denial or failure the operator must notice: what `logs --denied` shows and the
+    /// console highlights. A failed policy reload is one (it is denied); a lost-records notice
+    /// is not.
+    pub fn is_denial(&self) -> bool {
+        self.decision == Some(Decision::Deny)
+            || matches!(
+                self.kind,
+                Some(EventKind::Denial | EventKind::TlsFailure | EventKind::HandleMisuse)
+            )
+    }
+}
+
+/// The one spelling of each variant, the same as on the wire (snake_case), for every output.
+macro_rules! wire_names {
+    ($ty:ty { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$ty] = &[$(<$ty>::$variant),+];
+
+            /// The name this variant has on the wire, in the audit log and in every output.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(<$ty>::$variant => $name),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+wire_names!(EventKind {
+    Request => "request",
+    Denial => "denial",
+    TlsFailure => "tls_failure",
+    HandleMisuse => "handle_misuse",
+    Attach => "attach",
+    Detach => "detach",
+    PolicyReload => "policy_reload",
+    Dns => "dns",
+});
+wire_names!(Decision { Allow => "allow", Deny => "deny" });
+wire_names!(Side { Agent => "agent", Upstream => "upstream", Broker => "broker" });
+wire_names!(ErrorKind {
+    BadRequest => "bad_request",
+    Forbidden => "forbidden",
+    NotFound => "not_found",
+    Internal => "internal",
+});
 
 /// The result of checking the audit chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -509,6 +572,43 @@ pub fn decode_line<'a, T: Deserialize<'a>>(line: &'a [u8]) -> Result<T, serde_js
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one spelling of each name is the wire's: serde and `as_str` never disagree.
+    fn same_as_wire<T: Serialize + std::fmt::Display>(all: &[T]) {
+        for value in all {
+            let wire = serde_json::to_string(value).expect("serializes");
+            assert_eq!(wire, format!("\"{value}\""));
+        }
+    }
+
+    #[test]
+    fn names_are_spelled_as_on_the_wire() {
+        same_as_wire(EventKind::ALL);
+        same_as_wire(Decision::ALL);
+        same_as_wire(Side::ALL);
+        same_as_wire(ErrorKind::ALL);
+        assert_eq!(
+            EventKind::ALL.len(),
+            8,
+            "a new kind needs its name in wire_names!"
+        );
+    }
+
+    #[test]
+    fn denials_are_denied_decisions_and_failure_kinds() {
+        let with = |kind, decision| AuditEvent {
+            kind,
+            decision,
+            ..AuditEvent::default()
+        };
+        assert!(with(Some(EventKind::Request), Some(Decision::Deny)).is_denial());
+        assert!(with(Some(EventKind::TlsFailure), None).is_denial());
+        assert!(with(Some(EventKind::HandleMisuse), Some(Decision::Allow)).is_denial());
+        assert!(with(Some(EventKind::Denial), None).is_denial());
+        assert!(!with(Some(EventKind::Request), Some(Decision::Allow)).is_denial());
+        assert!(!with(Some(EventKind::PolicyReload), Some(Decision::Allow)).is_denial());
+        assert!(!with(None, None).is_denial());
+    }
 
     #[test]
     fn request_round_trips_as_one_line() {

@@ -12,6 +12,7 @@
 //! The battery's table is written to `$AGENT_BROKER_BATTERY_OUT/<tier>.txt` (`cargo xtask test`
 //! prints it) or, without that variable, to the test's output.
 
+use agent_broker_protocol::Decision;
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, UdpSocket},
@@ -428,13 +429,13 @@ fn run_tier(tier: &str, identity: &[&str]) {
         let mut found = Vec::new();
         for _ in 0..50 {
             found = broker.audit_records();
-            let has_http = found.iter().any(|e| {
-                e.original_dst == Some(outside.tcp) && e.decision.as_deref() == Some("deny")
-            });
+            let has_http = found
+                .iter()
+                .any(|e| e.original_dst == Some(outside.tcp) && e.decision == Some(Decision::Deny));
             let has_dns = found.iter().any(|e| {
                 e.kind == Some(EventKind::Dns)
                     && e.host.as_deref() == Some(DENIED_NAME)
-                    && e.decision.as_deref() == Some("deny")
+                    && e.decision == Some(Decision::Deny)
             });
             if has_http && has_dns {
                 break;
@@ -445,14 +446,14 @@ fn run_tier(tier: &str, identity: &[&str]) {
     };
     assert!(
         audit.iter().any(|e| e.original_dst == Some(outside.tcp)
-            && e.decision.as_deref() == Some("deny")
+            && e.decision == Some(Decision::Deny)
             && e.cgroup.as_deref() == Some(agent.as_str())),
         "tier {tier}: no audited denial for the request to the outside service: {audit:#?}"
     );
     assert!(
         audit.iter().any(|e| e.kind == Some(EventKind::Dns)
             && e.host.as_deref() == Some(DENIED_NAME)
-            && e.decision.as_deref() == Some("deny")),
+            && e.decision == Some(Decision::Deny)),
         "tier {tier}: no audited DNS denial for {DENIED_NAME}"
     );
     secret.assert_absent(broker.log().as_bytes(), "brokerd's log");

@@ -14,6 +14,7 @@
 //! Run as root: `cargo test -p agent-broker-tests -- --test-threads=1`. The static client comes
 //! from `$AGENT_BROKER_STATIC_CLIENT` or target/static (see `clients::static_client`).
 
+use agent_broker_protocol::Decision;
 use std::{
     fs,
     net::{IpAddr, Ipv4Addr},
@@ -1451,12 +1452,7 @@ fn calls_denials_and_handle_misuse_are_audited_and_shown_in_the_console_without_
         redact(&raw)
     );
     let (denials, _) = audit_records(&w, &["--denied"]);
-    assert!(
-        !denials.is_empty()
-            && denials
-                .iter()
-                .all(|r| r.decision.as_deref() == Some("deny"))
-    );
+    assert!(!denials.is_empty() && denials.iter().all(|r| r.decision == Some(Decision::Deny)));
 
     // The console, fed by the same brokerd, shows the call and flags the denials; no frame it
     // draws contains the secret.

@@ -22,15 +22,6 @@ pub const RATE_WINDOW_SECS: u64 = 60;
 /// How an event without a cgroup (a policy reload) is attributed.
 pub const BROKER_AGENT: &str = "(brokerd)";
 
-/// Whether an event is a denial or failure the operator must notice.
-pub fn is_denial(event: &AuditEvent) -> bool {
-    event.decision.as_deref() == Some("deny")
-        || matches!(
-            event.kind,
-            Some(EventKind::Denial | EventKind::TlsFailure | EventKind::HandleMisuse)
-        )
-}
-
 /// Whether an event counts as a call of its agent (not bookkeeping such as attach or reload).
 pub fn is_call(event: &AuditEvent) -> bool {
     !matches!(
@@ -51,7 +42,7 @@ pub struct Entry {
     pub id: u64,
     /// The event exactly as brokerd sent it.
     pub event: AuditEvent,
-    /// Cached [`is_denial`].
+    /// Cached [`AuditEvent::is_denial`].
     pub denied: bool,
 }
 
@@ -270,7 +261,7 @@ impl App {
     }
 
     fn push(&mut self, event: AuditEvent) {
-        let denied = is_denial(&event);
+        let denied = event.is_denial();
         let agent = agent_of(&event).to_string();
         if !self.agents.contains_key(&agent) {
             self.make_room_for_agent();
@@ -585,6 +576,7 @@ pub fn window_start(hint: usize, selected: Option<usize>, n: usize, rows: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agent_broker_protocol::Decision;
 
     fn ev(seq: u64, cgroup: &str, deny: bool) -> AuditEvent {
         AuditEvent {
@@ -596,7 +588,11 @@ mod tests {
                 EventKind::Request
             }),
             cgroup: Some(cgroup.into()),
-            decision: Some(if deny { "deny" } else { "allow" }.into()),
+            decision: Some(if deny {
+                Decision::Deny
+            } else {
+                Decision::Allow
+            }),
             ..AuditEvent::default()
         }
     }

@@ -3,7 +3,7 @@
 //! Layout, top to bottom: a status line, the table of calls, the per-agent summary beside the
 //! detail of the selected call, and a line of key hints. Times are shown in UTC.
 
-use agent_broker_protocol::{AuditEvent, EventKind, Side};
+use agent_broker_protocol::{AuditEvent, EventKind};
 use ratatui::{
     Frame,
     layout::{Constraint, Layout, Rect},
@@ -223,7 +223,7 @@ fn cell_text(col: Col, width: u16, entry: &Entry) -> String {
             if entry.denied || e.kind == Some(EventKind::PolicyReload) {
                 e.reason
                     .clone()
-                    .or_else(|| e.decision.clone())
+                    .or_else(|| e.decision.map(|d| d.as_str().into()))
                     .unwrap_or_else(|| "-".into())
             } else if e.secrets.is_empty() {
                 "-".into()
@@ -234,7 +234,8 @@ fn cell_text(col: Col, width: u16, entry: &Entry) -> String {
     }
 }
 
-/// What the method column shows for an event that is not an HTTP request.
+/// What the six-character method column shows for an event that is not an HTTP request: a
+/// column tag, not a name (the detail pane and every other output spell the kind by its name).
 fn kind_tag(kind: Option<EventKind>) -> &'static str {
     match kind {
         Some(EventKind::Request) | None => "-",
@@ -471,21 +472,11 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
         }
     };
     opt("seq", (*seq != 0).then(|| seq.to_string()));
-    opt("kind", kind.map(|k| kind_name(k).into()));
-    opt("decision", decision.clone());
+    opt("kind", kind.map(|k| k.as_str().into()));
+    opt("decision", decision.map(|d| d.as_str().into()));
     opt("reason", reason.clone());
     opt("rule", rule.clone());
-    opt(
-        "side",
-        side.map(|s| {
-            match s {
-                Side::Agent => "agent",
-                Side::Upstream => "upstream",
-                Side::Broker => "broker",
-            }
-            .into()
-        }),
-    );
+    opt("side", side.map(|s| s.as_str().into()));
     opt("agent", cgroup.clone());
     opt("pid", pid.map(|p| p.to_string()));
     opt("comm", comm.clone());
@@ -501,19 +492,6 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
     opt("sni", sni.clone());
     opt("secrets", (!secrets.is_empty()).then(|| secrets.join(", ")));
     out
-}
-
-fn kind_name(kind: EventKind) -> &'static str {
-    match kind {
-        EventKind::Request => "request",
-        EventKind::Denial => "denial",
-        EventKind::TlsFailure => "tls_failure",
-        EventKind::HandleMisuse => "handle_misuse",
-        EventKind::Attach => "attach",
-        EventKind::Detach => "detach",
-        EventKind::PolicyReload => "policy_reload",
-        EventKind::Dns => "dns",
-    }
 }
 
 fn render_footer(frame: &mut Frame, area: Rect) {

@@ -2,7 +2,7 @@ use agent_broker_core::fmt::error_chain;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use agent_broker_protocol::{AuditEvent, EventKind, LogFilter, Side};
+use agent_broker_protocol::{AuditEvent, Decision, EventKind, LogFilter, Side};
 use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::tables::{Link, META, RECORDS, StoredRecord, record_hash};
@@ -25,7 +25,7 @@ fn now_ms() -> u64 {
 fn event(
     cgroup: Option<&str>,
     kind: EventKind,
-    decision: Option<&str>,
+    decision: Option<Decision>,
     time_ms: u64,
 ) -> AuditEvent {
     AuditEvent {
@@ -44,7 +44,7 @@ fn event(
         bytes_in: 10,
         bytes_out: 20,
         latency_us: Some(1234),
-        decision: decision.map(str::to_string),
+        decision,
         rule: Some("agents/a.toml:3 allow[0]".into()),
         secrets: vec!["OPENAI_KEY".into()],
         ..AuditEvent::default()
@@ -58,7 +58,7 @@ fn requests(n: u64) -> Vec<AuditEvent> {
             event(
                 Some("agents/a"),
                 EventKind::Request,
-                Some("allow"),
+                Some(Decision::Allow),
                 1_000 + i,
             )
         })
@@ -140,14 +140,39 @@ fn new_log_is_private_and_empty_and_verifies() {
 fn append_and_query_with_each_filter() {
     let dir = tempfile::tempdir().expect("tempdir");
     let events = vec![
-        event(Some("agents/a"), EventKind::Request, Some("allow"), 1_000),
-        event(Some("agents/a/sub"), EventKind::Denial, Some("deny"), 2_000),
-        event(Some("agents/ab"), EventKind::Request, Some("allow"), 3_000),
+        event(
+            Some("agents/a"),
+            EventKind::Request,
+            Some(Decision::Allow),
+            1_000,
+        ),
+        event(
+            Some("agents/a/sub"),
+            EventKind::Denial,
+            Some(Decision::Deny),
+            2_000,
+        ),
+        event(
+            Some("agents/ab"),
+            EventKind::Request,
+            Some(Decision::Allow),
+            3_000,
+        ),
         event(Some("agents/b"), EventKind::TlsFailure, None, 4_000),
         event(Some("agents/a"), EventKind::HandleMisuse, None, 5_000),
-        event(Some("agents/a"), EventKind::Attach, Some("allow"), 6_000),
+        event(
+            Some("agents/a"),
+            EventKind::Attach,
+            Some(Decision::Allow),
+            6_000,
+        ),
         event(None, EventKind::PolicyReload, None, 7_000),
-        event(Some("agents/b"), EventKind::Request, Some("deny"), 8_000),
+        event(
+            Some("agents/b"),
+            EventKind::Request,
+            Some(Decision::Deny),
+            8_000,
+        ),
     ];
     assert_eq!(
         write_events(dir.path(), Retention::KEEP_ALL, events.clone()),
@@ -850,7 +875,12 @@ fn subscribers_get_committed_events_and_a_slow_one_lags() {
 #[test]
 fn secret_names_round_trip_and_records_have_no_place_for_a_value() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut e = event(Some("agents/a"), EventKind::Request, Some("allow"), 1);
+    let mut e = event(
+        Some("agents/a"),
+        EventKind::Request,
+        Some(Decision::Allow),
+        1,
+    );
     e.secrets = vec!["OPENAI_KEY".into(), "GITHUB_TOKEN".into()];
     write_events(dir.path(), Retention::KEEP_ALL, vec![e.clone()]);
     let stored = open(dir.path())

@@ -191,7 +191,7 @@ async fn an_allowed_name_is_answered_by_the_upstream_with_the_agents_id() {
     let events = w.events.all();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].kind, Some(EventKind::Dns));
-    assert_eq!(events[0].decision.as_deref(), Some("allow"));
+    assert_eq!(events[0].decision, Some(Decision::Allow));
     assert_eq!(events[0].host.as_deref(), Some("api.example.test"));
     assert_eq!(events[0].method.as_deref(), Some("A"));
 }
@@ -229,7 +229,7 @@ async fn names_the_policy_does_not_allow_are_refused_and_nothing_is_forwarded() 
     assert!(
         events
             .iter()
-            .all(|e| e.decision.as_deref() == Some("deny") && e.reason.is_some())
+            .all(|e| e.decision == Some(Decision::Deny) && e.reason.is_some())
     );
     // A wildcard allows names below its suffix.
     let reply = w

@@ -1,5 +1,6 @@
 //! Fixed events, a fixed clock, and text snapshots for the console tests.
 
+use agent_broker_protocol::Decision;
 use std::{env, fs, path::PathBuf};
 
 use agent_broker_console::App;
@@ -22,7 +23,7 @@ fn call(seq: u64, offset_ms: u64, cgroup: &str, pid: u32, comm: &str) -> AuditEv
         cgroup: Some(cgroup.into()),
         pid: Some(pid),
         comm: Some(comm.into()),
-        decision: Some("allow".into()),
+        decision: Some(Decision::Allow),
         ..AuditEvent::default()
     }
 }
@@ -62,7 +63,7 @@ pub fn events() -> Vec<AuditEvent> {
             path: Some("/repos/acme/widgets".into()),
             status: Some(403),
             latency_us: Some(640),
-            decision: Some("deny".into()),
+            decision: Some(Decision::Deny),
             rule: Some("demo.toml:9 deny (default)".into()),
             reason: Some("no rule allows DELETE api.github.com/repos/acme/widgets".into()),
             side: Some(Side::Agent),
@@ -73,7 +74,7 @@ pub fn events() -> Vec<AuditEvent> {
             exe: Some("/usr/bin/node".into()),
             original_dst: Some("127.0.0.2:443".parse().expect("addr")),
             sni: Some("registry.npmjs.org".into()),
-            decision: Some("deny".into()),
+            decision: Some(Decision::Deny),
             reason: Some("agent rejected the broker certificate (unknown ca)".into()),
             side: Some(Side::Agent),
             ..call(4, 7_500, "agents/scraper/worker", 5001, "node")
@@ -94,7 +95,7 @@ pub fn events() -> Vec<AuditEvent> {
             host: Some("api.openai.com".into()),
             path: Some("/v1/models".into()),
             status: Some(403),
-            decision: Some("deny".into()),
+            decision: Some(Decision::Deny),
             reason: Some("handle h-7 is bound to agents/demo".into()),
             side: Some(Side::Agent),
             ..call(6, 12_000, "agents/scraper/worker", 5003, "python3")
@@ -121,7 +122,7 @@ pub fn events() -> Vec<AuditEvent> {
         AuditEvent {
             kind: Some(EventKind::Denial),
             original_dst: Some("127.0.0.3:5432".parse().expect("addr")),
-            decision: Some("deny".into()),
+            decision: Some(Decision::Deny),
             reason: Some("no rule for 127.0.0.3:5432 (not TLS or HTTP)".into()),
             side: Some(Side::Agent),
             ..call(9, 28_400, "agents/demo", 4400, "psql")
