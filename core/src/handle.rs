@@ -55,6 +55,8 @@ pub enum HandleError {
     Id(String),
     #[error("the handle's expiry is out of range")]
     ExpiryOutOfRange,
+    #[error("a handle's lifetime must be between 1s and 365d (asked for {}s)", .0.as_secs())]
+    TtlOutOfRange(Duration),
     #[error("cannot draw random bytes for a handle")]
     Random(#[source] getrandom::Error),
 }
@@ -209,7 +211,8 @@ pub struct HandleRecord {
 }
 
 /// Mints a handle: a fresh token (returned once) and the record to store. Storage should
-/// refuse an id that is already taken (ids are 32 random bits), and mint again.
+/// refuse an id that is already taken (ids are 32 random bits), and mint again. A `ttl` under a
+/// second or over [`MAX_TTL`] is refused, whoever asks (brokerctl or a raw control client).
 pub fn mint(
     now: SystemTime,
     ttl: Duration,
@@ -226,6 +229,9 @@ fn mint_with(
     binding: HandleBinding,
     mut random: impl FnMut(&mut [u8]) -> Result<(), HandleError>,
 ) -> Result<(HandleToken, HandleRecord), HandleError> {
+    if ttl < Duration::from_secs(1) || ttl > MAX_TTL {
+        return Err(HandleError::TtlOutOfRange(ttl));
+    }
     let expires = now.checked_add(ttl).ok_or(HandleError::ExpiryOutOfRange)?;
     let mut bytes = Zeroizing::new([0u8; TOKEN_RANDOM_BYTES]);
     random(&mut bytes[..])?;
@@ -256,8 +262,8 @@ pub fn parse_ttl(input: &str) -> Result<Duration, HandleError> {
         reason,
     };
     let ttl = humantime::parse_duration(input.trim()).map_err(|e| fail(e.to_string()))?;
-    if ttl.is_zero() {
-        return Err(fail("a handle must live longer than zero".into()));
+    if ttl < Duration::from_secs(1) {
+        return Err(fail("a handle must live at least 1s".into()));
     }
     if ttl > MAX_TTL {
         return Err(fail("the longest ttl is 365d".into()));

@@ -3,7 +3,7 @@
 //! [`policy`] decides what each agent cgroup may call and what is written into its requests;
 //! [`inject`] renders the credential templates a rule names; [`handle`] mints and recognizes the
 //! `brk_` tokens an agent may hold in place of a key; [`secret`] holds secret names and values;
-//! [`cgroup`] names and finds cgroups. [`fmt`] and [`fs`] hold the few helpers every side needs,
+//! [`cgroup`] names and finds cgroups. [`fmt`], [`fs`] and [`time`] hold the few helpers every side needs,
 //! written once.
 //!
 //! This crate never links the eBPF loader, TLS, storage or an async runtime, so it builds and
@@ -17,3 +17,4 @@ pub mod handle;
 pub mod inject;
 pub mod policy;
 pub mod secret;
+pub mod time;

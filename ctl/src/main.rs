@@ -235,8 +235,8 @@ enum HandleCommand {
         secret: String,
         #[arg(long, value_name = "HOST")]
         host: String,
-        /// Lifetime, e.g. 30s, 15m, 2h, 1d.
-        #[arg(long, default_value = "15m", value_parser = parse_ttl)]
+        /// Lifetime, e.g. 30s, 15m, 2h, 1d; at least 1s, at most 365d.
+        #[arg(long, default_value = "15m", value_parser = agent_broker_core::handle::parse_ttl)]
         ttl: std::time::Duration,
     },
     /// The handles (never their tokens).
@@ -279,15 +279,6 @@ enum PolicyCommand {
 
 /// Where `brokerctl ca install` puts the CA for update-ca-certificates.
 const SYSTEM_CA_PATH: &str = "/usr/local/share/ca-certificates/agent-broker.crt";
-
-fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("invalid duration {s:?}: {e} (examples: 30s, 15m, 2h, 1d)"))?;
-    if d.is_zero() {
-        return Err("the ttl must be longer than zero".into());
-    }
-    Ok(d)
-}
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -693,7 +684,7 @@ fn handle(run_dir: &std::path::Path, cmd: HandleCommand) -> anyhow::Result<()> {
                 cgroup,
                 secret,
                 host,
-                ttl_secs: ttl.as_secs().max(1),
+                ttl_secs: ttl.as_secs(),
             };
             match call(run_dir, &request)? {
                 Response::HandleMinted { token, handle } => {

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use agent_broker::audit::AuditLog;
+use agent_broker::AuditLog;
 use agent_broker_protocol::{AuditEvent, Decision, EventKind};
 
 fn audit_record_cost() -> Result<(), Box<dyn std::error::Error>> {

@@ -65,11 +65,14 @@
 
 mod chain;
 mod overlay;
+mod ports;
 mod priority;
 mod tables;
 #[cfg(test)]
 mod tests;
 mod writer;
+
+pub use ports::{AuditAccess, EventSink, matches};
 
 use agent_broker_core::fmt::error_chain;
 use std::fs::{File, OpenOptions};
@@ -297,25 +300,29 @@ impl AuditLog {
     }
 
     /// The log file's path.
+    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.store.path
     }
 
     /// The records matching `filter`, oldest first (see [`LogFilter`] and
-    /// [`crate::audit_access::matches`]: `cgroup` is that cgroup or below it; `denied_only` is
+    /// [`matches`]: `cgroup` is that cgroup or below it; `denied_only` is
     /// decision "deny" or a denial, TLS failure or handle misuse; `limit` keeps the newest). A record that does not decode is skipped here (with a
     /// warning) and reported by [`AuditLog::verify`].
+    #[cfg(test)]
     pub fn query(&self, filter: &LogFilter) -> Result<Vec<AuditEvent>, AuditError> {
         self.store.query(filter)
     }
 
     /// Recomputes the hash chain from the retention floor and names the first record that was
     /// edited, removed or reordered. An error here is a storage failure, not a broken chain.
+    #[cfg(test)]
     pub fn verify(&self) -> Result<VerifyReport, AuditError> {
         self.store.verify()
     }
 
     /// The seq of the last record (0 for an empty log).
+    #[cfg(test)]
     pub fn last_seq(&self) -> Result<u64, AuditError> {
         let txn = self.store.read_txn()?;
         Ok(chain_state(&txn, &self.store.path)?.head.seq)
@@ -364,7 +371,7 @@ impl Store {
                 tracing::warn!(path = %self.path.display(), seq, "skipping a malformed audit record; run `brokerctl logs verify`");
                 return Ok(true);
             };
-            if crate::audit_access::matches(filter, &event) {
+            if matches(filter, &event) {
                 out.push(event);
             }
             Ok(filter.limit == 0 || out.len() < filter.limit)
@@ -621,14 +628,14 @@ fn check_copy(path: &Path) -> Result<(), AuditError> {
 }
 
 /// The proxy (and the control socket, for attach/detach/reload) report straight into the log.
-impl crate::proxy::EventSink for AuditHandle {
+impl EventSink for AuditHandle {
     fn record(&self, event: AuditEvent) {
         AuditHandle::record(self, event);
     }
 }
 
 /// What the control socket serves `logs`, `logs verify` and `subscribe` from.
-impl crate::audit_access::AuditAccess for AuditHandle {
+impl AuditAccess for AuditHandle {
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<AuditEvent> {
         AuditHandle::subscribe(self)
     }

@@ -412,7 +412,8 @@ pub struct Capture {
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// The optional BPF LSM layer: `active: ...` or why it is not loaded.
     pub lsm: String,
-    pub owner: std::thread::JoinHandle<()>,
+    /// The owner thread; it ends when every [`CaptureHandle`] is dropped.
+    _owner: std::thread::JoinHandle<()>,
 }
 
 /// Loads the programs, reuses pinned maps, adopts pinned links, and starts the owner thread.
@@ -526,7 +527,7 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         resolver,
         logger,
         lsm,
-        owner,
+        _owner: owner,
     })
 }
 

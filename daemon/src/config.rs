@@ -195,7 +195,7 @@ impl Config {
             },
             require_lsm: cli.require_lsm || file.require_lsm.unwrap_or(false),
             spin: match cli.spin_us.or(file.spin_us) {
-                None => crate::spin::DEFAULT_WINDOW,
+                None => crate::proxy::spin::DEFAULT_WINDOW,
                 Some(got) if got > MAX_SPIN_US => {
                     return Err(ConfigError::Spin {
                         got,
@@ -317,7 +317,7 @@ mod tests {
     #[test]
     fn the_spin_window_is_layered_and_bounded() {
         let default = Config::layer(CliConfig::default(), FileConfig::default()).expect("layer");
-        assert_eq!(default.spin, crate::spin::DEFAULT_WINDOW);
+        assert_eq!(default.spin, crate::proxy::spin::DEFAULT_WINDOW);
         let file: FileConfig = toml::from_str("spin_us = 0").expect("toml");
         let off = Config::layer(CliConfig::default(), file).expect("layer");
         assert!(off.spin.is_zero());

@@ -2,10 +2,18 @@
 //!
 //! Every connection's peer credentials are checked: the peer must be root (or brokerd's own uid),
 //! and a peer process that runs inside a tagged cgroup is refused, so an agent cannot detach
-//! itself even if it could reach the socket.
+//! itself even if it could reach the socket. Requests are served by family, one module each:
+//! [`cgroups`] (status, attach, detach, connections), [`secrets`], [`handles`], [`policy`] and
+//! [`logs`]; [`reply`] holds what they share.
 
-use agent_broker_core::fmt::error_chain;
-use agent_broker_protocol::Decision;
+mod cgroups;
+mod handles;
+mod logs;
+mod policy;
+mod protections;
+mod reply;
+mod secrets;
+
 use std::{
     fs, io,
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
@@ -13,27 +21,25 @@ use std::{
     sync::Arc,
 };
 
+use agent_broker_core::cgroup::CgroupRoot;
 use agent_broker_protocol::{
-    self as protocol, ErrorKind, LogFilter, MAX_REQUEST_LINE, Request, Response, SecretInfo,
-    StatusReport,
+    self as protocol, ErrorKind, LogFilter, MAX_REQUEST_LINE, Request, Response,
 };
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::{
-    accept::RecentConnections,
-    capture::{CaptureError, CaptureHandle, OriginResolver},
+    audit::{AuditAccess, EventSink},
+    capture::{CaptureHandle, OriginResolver},
     policy_store::PolicyStore,
-    vault::{SecretMeta, Vault, VaultError},
+    proxy::accept::RecentConnections,
+    vault::Vault,
 };
-use agent_broker_core::{
-    cgroup::{CgroupError, CgroupPath, CgroupRoot},
-    secret::{SecretName, SecretValue},
-};
+use reply::{encode, error};
 
 /// Errors setting up the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -72,33 +78,9 @@ pub struct ControlState {
     /// The broker CA certificate (public).
     pub ca_pem: String,
     pub policy: Arc<PolicyStore>,
-    pub audit: Arc<dyn crate::audit_access::AuditAccess>,
+    pub audit: Arc<dyn AuditAccess>,
     /// Where attach, detach and policy reloads are recorded.
-    pub events: Arc<dyn crate::proxy::EventSink>,
-}
-
-/// An operator action, as an audit event.
-fn operator_event(
-    kind: agent_broker_protocol::EventKind,
-    cgroup: Option<String>,
-    outcome: Result<(), String>,
-) -> agent_broker_protocol::AuditEvent {
-    let (decision, reason) = match outcome {
-        Ok(()) => (Decision::Allow, None),
-        Err(reason) => (Decision::Deny, Some(reason)),
-    };
-    agent_broker_protocol::AuditEvent {
-        time_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        kind: Some(kind),
-        cgroup,
-        decision: Some(decision),
-        reason,
-        side: Some(agent_broker_protocol::Side::Broker),
-        ..Default::default()
-    }
+    pub events: Arc<dyn EventSink>,
 }
 
 /// Binds the control socket, refusing to steal it from a running brokerd.
@@ -190,84 +172,17 @@ async fn serve_one(stream: UnixStream, state: &ControlState) -> io::Result<()> {
             match protocol::decode_line::<Request>(&line) {
                 // Streams: the rest of the connection belongs to them.
                 Ok(Request::Logs { filter, follow }) => {
-                    return stream_logs(reader, write, state, filter, follow).await;
+                    return logs::stream_logs(reader, write, state, filter, follow).await;
                 }
                 Ok(Request::Subscribe) => {
-                    return stream_logs(reader, write, state, LogFilter::default(), true).await;
+                    return logs::stream_logs(reader, write, state, LogFilter::default(), true)
+                        .await;
                 }
-                Ok(request) => handle(request, state).await,
+                Ok(request) => dispatch(request, state).await,
                 Err(e) => error(ErrorKind::BadRequest, format!("malformed request: {e}")),
             }
         };
         write.write_all(&encode(&response)).await?;
-    }
-}
-
-/// Sends stored records matching `filter` (none for a bare subscription, which passes a
-/// default filter with `follow`), then `EndOfLog`, then, with `follow`, live events until the
-/// client goes away. A subscriber that falls behind skips events rather than slowing brokerd.
-async fn stream_logs(
-    mut reader: tokio::io::Take<BufReader<tokio::net::unix::OwnedReadHalf>>,
-    mut write: tokio::net::unix::OwnedWriteHalf,
-    state: &ControlState,
-    filter: LogFilter,
-    follow: bool,
-) -> io::Result<()> {
-    // Subscribe before reading history so nothing committed in between is missed; events
-    // already sent as history are skipped by sequence number.
-    let mut live = follow.then(|| state.audit.subscribe());
-    let audit = state.audit.clone();
-    let query = filter.clone();
-    let history = tokio::task::spawn_blocking(move || audit.query(&query)).await;
-    let mut last_seq = 0;
-    match history {
-        Ok(Ok(events)) => {
-            for event in events {
-                last_seq = last_seq.max(event.seq);
-                write.write_all(&encode(&Response::Event { event })).await?;
-            }
-        }
-        Ok(Err(message)) => {
-            write
-                .write_all(&encode(&error(ErrorKind::Internal, message)))
-                .await?;
-            return Ok(());
-        }
-        Err(e) => {
-            let r = error(ErrorKind::Internal, format!("audit query failed: {e}"));
-            write.write_all(&encode(&r)).await?;
-            return Ok(());
-        }
-    }
-    write.write_all(&encode(&Response::EndOfLog)).await?;
-    let Some(live) = live.as_mut() else {
-        return Ok(());
-    };
-    let mut scratch = Vec::new();
-    loop {
-        tokio::select! {
-            // The client closing its end (or sending anything) ends the stream.
-            r = reader.read_until(b'\n', &mut scratch) => {
-                if r.unwrap_or(0) == 0 {
-                    return Ok(());
-                }
-                scratch.clear();
-            }
-            event = live.recv() => match event {
-                Ok(event) => {
-                    if event.seq != 0 && event.seq <= last_seq {
-                        continue;
-                    }
-                    if crate::audit_access::matches(&filter, &event) {
-                        write.write_all(&encode(&Response::Event { event })).await?;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    warn!(skipped = n, "a log follower fell behind; events skipped");
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
-            },
-        }
     }
 }
 
@@ -320,70 +235,12 @@ fn check_peer(stream: &UnixStream, state: &ControlState) -> Option<Response> {
     None
 }
 
-async fn handle(request: Request, state: &ControlState) -> Response {
+/// Routes one request to its family.
+async fn dispatch(request: Request, state: &ControlState) -> Response {
     match request {
-        Request::Status => match state.capture.status().await {
-            Ok((cgroups, counters)) => Response::Status(StatusReport {
-                unprotected: cgroups
-                    .iter()
-                    .flat_map(|c| {
-                        let dir = state.root.mount().join(&c.path);
-                        crate::protections::unprotected_in(&dir, &c.path, 64)
-                    })
-                    .take(64)
-                    .collect(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                pid: std::process::id(),
-                listeners: state.listeners.clone(),
-                cgroup_root: state.root.mount().display().to_string(),
-                pin_dir: state.pin_dir.display().to_string(),
-                cgroups,
-                counters,
-                policy: policy_status(&state.policy),
-                dns_listeners: state.dns_listeners.clone(),
-                hooks: crate::capture::hook_names(),
-                lsm: state.lsm.clone(),
-                hardening: state.hardening.clone(),
-            }),
-            Err(e) => capture_error(e),
-        },
-        Request::Attach { cgroup, create } => {
-            let cgroup = match CgroupPath::parse(&cgroup) {
-                Ok(c) => c,
-                Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
-            };
-            let name = cgroup.to_string();
-            match state.capture.attach(cgroup, create).await {
-                Ok((cgroup, already)) => {
-                    if !already {
-                        let kind = agent_broker_protocol::EventKind::Attach;
-                        state
-                            .events
-                            .record(operator_event(kind, Some(name), Ok(())));
-                    }
-                    Response::Attached { cgroup, already }
-                }
-                Err(e) => capture_error(e),
-            }
-        }
-        Request::Detach { cgroup } => {
-            let cgroup = match CgroupPath::parse(&cgroup) {
-                Ok(c) => c,
-                Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
-            };
-            match state.capture.detach(cgroup.clone()).await {
-                Ok(()) => {
-                    let kind = agent_broker_protocol::EventKind::Detach;
-                    state
-                        .events
-                        .record(operator_event(kind, Some(cgroup.to_string()), Ok(())));
-                    Response::Detached {
-                        cgroup: cgroup.to_string(),
-                    }
-                }
-                Err(e) => capture_error(e),
-            }
-        }
+        Request::Status => cgroups::status(state).await,
+        Request::Attach { cgroup, create } => cgroups::attach(state, cgroup, create).await,
+        Request::Detach { cgroup } => cgroups::detach(state, cgroup).await,
         Request::Connections { limit } => Response::Connections {
             connections: state.recent.latest(limit),
         },
@@ -391,59 +248,9 @@ async fn handle(request: Request, state: &ControlState) -> Response {
             name,
             value,
             rotate,
-        } => {
-            let name = match SecretName::new(name) {
-                Ok(n) => n,
-                Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
-            };
-            let value = match SecretValue::from_string(value.expose().to_string()) {
-                Ok(v) => v,
-                Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
-            };
-            let vault = state.vault.clone();
-            let stored = blocking(move || {
-                if rotate {
-                    vault.rotate(&name, value)
-                } else {
-                    vault.set(&name, value)
-                }
-            })
-            .await;
-            match stored {
-                Ok(meta) => {
-                    info!(secret = %meta.name.as_str(), version = meta.version, "secret stored");
-                    Response::SecretStored {
-                        secret: secret_info(meta),
-                    }
-                }
-                Err(response) => response,
-            }
-        }
-        Request::SecretList => {
-            let vault = state.vault.clone();
-            match blocking(move || vault.list()).await {
-                Ok(list) => Response::Secrets {
-                    secrets: list.into_iter().map(secret_info).collect(),
-                },
-                Err(response) => response,
-            }
-        }
-        Request::SecretRemove { name } => {
-            let name = match SecretName::new(name) {
-                Ok(n) => n,
-                Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
-            };
-            let vault = state.vault.clone();
-            let shown = name.as_str().to_string();
-            match blocking(move || vault.remove(&name)).await {
-                Ok(true) => {
-                    info!(secret = %shown, "secret removed");
-                    Response::SecretRemoved { name: shown }
-                }
-                Ok(false) => error(ErrorKind::NotFound, format!("no secret named {shown}")),
-                Err(response) => response,
-            }
-        }
+        } => secrets::set(state, name, value, rotate).await,
+        Request::SecretList => secrets::list(state).await,
+        Request::SecretRemove { name } => secrets::remove(state, name).await,
         Request::CaCert => Response::CaCert {
             pem: state.ca_pem.clone(),
         },
@@ -452,107 +259,21 @@ async fn handle(request: Request, state: &ControlState) -> Response {
             secret,
             host,
             ttl_secs,
-        } => crate::handle_store::mint(&state.vault, &cgroup, &secret, &host, ttl_secs).await,
-        Request::HandleList => crate::handle_store::list(&state.vault).await,
-        Request::HandleRevoke { id } => crate::handle_store::revoke(&state.vault, id).await,
-        Request::PolicyReload => {
-            let store = state.policy.clone();
-            match tokio::task::spawn_blocking(move || store.reload()).await {
-                Ok(Ok(files)) => Response::PolicyReloaded { files },
-                Ok(Err(message)) => error(ErrorKind::BadRequest, message),
-                Err(e) => error(ErrorKind::Internal, format!("reload task failed: {e}")),
-            }
-        }
-        Request::LogsVerify => {
-            let audit = state.audit.clone();
-            match tokio::task::spawn_blocking(move || audit.verify()).await {
-                Ok(Ok(report)) => Response::Verified { report },
-                Ok(Err(message)) => error(ErrorKind::Internal, message),
-                Err(e) => error(ErrorKind::Internal, format!("verify task failed: {e}")),
-            }
-        }
-        // Streams are served by `stream_logs`, before `handle` is reached.
-        Request::Logs { .. } | Request::Subscribe => error(
-            ErrorKind::BadRequest,
-            "streams are served before this point".into(),
-        ),
-        Request::PolicyShow { cgroup } => crate::explain::show(&state.policy.current(), &cgroup),
+        } => handles::mint(&state.vault, &cgroup, &secret, &host, ttl_secs).await,
+        Request::HandleList => handles::list(&state.vault).await,
+        Request::HandleRevoke { id } => handles::revoke(&state.vault, id).await,
+        Request::PolicyReload => policy::reload(state).await,
+        Request::PolicyShow { cgroup } => policy::show(&state.policy.current(), &cgroup),
         Request::PolicyExplain {
             cgroup,
             method,
             url,
-        } => crate::explain::explain(&state.policy.current(), &cgroup, &method, &url),
+        } => policy::explain(&state.policy.current(), &cgroup, &method, &url),
+        Request::LogsVerify => logs::verify(state).await,
+        // Streams are served by `logs::stream_logs`, before dispatch.
+        Request::Logs { .. } | Request::Subscribe => error(
+            ErrorKind::BadRequest,
+            "streams are served before this point".into(),
+        ),
     }
-}
-
-fn policy_status(store: &PolicyStore) -> agent_broker_protocol::PolicyStatus {
-    let s = store.state();
-    agent_broker_protocol::PolicyStatus {
-        dir: store.dir().display().to_string(),
-        files: s.files,
-        loaded_unix: s
-            .loaded
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        error: s.error,
-    }
-}
-
-/// Runs vault work (redb is synchronous) off the async threads; a failure is the error reply.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, VaultError> + Send + 'static,
-) -> Result<T, Response> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(vault_error(e)),
-        Err(e) => Err(error(
-            ErrorKind::Internal,
-            format!("vault task failed: {e}"),
-        )),
-    }
-}
-
-fn secret_info(meta: SecretMeta) -> SecretInfo {
-    SecretInfo {
-        name: meta.name.as_str().to_string(),
-        version: meta.version,
-        created_unix: meta.created_unix,
-        updated_unix: meta.updated_unix,
-    }
-}
-
-fn vault_error(e: VaultError) -> Response {
-    let kind = match &e {
-        VaultError::NotFound { .. } => ErrorKind::NotFound,
-        _ => ErrorKind::Internal,
-    };
-    let message = error_chain(&e);
-    warn!(error = %message, "vault request failed");
-    error(kind, message)
-}
-
-fn capture_error(e: CaptureError) -> Response {
-    let kind = match &e {
-        CaptureError::Forbidden { .. } => ErrorKind::Forbidden,
-        CaptureError::NotTagged(_) | CaptureError::Cgroup(CgroupError::Missing(_)) => {
-            ErrorKind::NotFound
-        }
-        CaptureError::Cgroup(CgroupError::InvalidPath { .. }) => ErrorKind::BadRequest,
-        _ => ErrorKind::Internal,
-    };
-    let message = error_chain(&e);
-    info!(error = %message, "control request failed");
-    error(kind, message)
-}
-
-pub(crate) fn error(kind: ErrorKind, message: String) -> Response {
-    Response::Error { kind, message }
-}
-
-fn encode(response: &Response) -> Vec<u8> {
-    protocol::encode_line(response).unwrap_or_else(|_| {
-        b"{\"response\":\"error\",\"kind\":\"internal\",\"message\":\"unencodable response\"}\n"
-            .to_vec()
-    })
 }

@@ -13,18 +13,20 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
 
 use crate::{
-    accept::{self, RecentConnections},
-    answered::AnsweredNames,
     audit::AuditLog,
-    authorize::PolicyAuthorizer,
+    broker::PolicyAuthorizer,
     capture::{self, CaptureConfig},
     config::Config,
     control::{self, ControlState},
-    dns::{self, DnsServer},
+    dns::{self, AnsweredNames, DnsServer},
     policy_store::PolicyStore,
-    proxy::Proxy,
-    tls::{BrokerCa, LeafMinter},
-    upstream::Upstream,
+    proxy::{
+        Proxy,
+        accept::{self, RecentConnections},
+        spin,
+        tls::{BrokerCa, LeafMinter},
+        upstream::Upstream,
+    },
     vault::{KeySource, Vault},
 };
 use agent_broker_core::{cgroup::CgroupRoot, secret::SecretValue};
@@ -239,7 +241,7 @@ fn spawn_proxy_workers(
                 runtime.block_on(async move {
                     tokio::select! {
                         () = accept::run_worker(rx, shared) => {}
-                        () = crate::spin::run(spin_window) => {}
+                        () = spin::run(spin_window) => {}
                     }
                 })
             })

@@ -36,7 +36,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{answered::AnsweredNames, capture::ConnectionOrigin, proxy::EventSink};
+mod answered;
+
+pub use answered::AnsweredNames;
+
+use crate::{audit::EventSink, capture::ConnectionOrigin};
 use agent_broker_core::policy::Policy;
 
 /// How long one upstream resolver gets to answer.

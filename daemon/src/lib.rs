@@ -1,37 +1,35 @@
-//! agent-broker's daemon library: everything `brokerd` and `brokerctl` are made of.
+//! brokerd, the credential broker daemon. Its modules are private: brokerd's binary reaches
+//! only [`config`] and [`daemon`], and nothing else links this crate (brokerctl speaks the
+//! control protocol; shared pure logic lives in `agent-broker-core`).
 //!
-//! Module map (see ARCHITECTURE.md): [`capture`] is the kernel path and the only user of aya;
-//! [`cgroup`] names and inspects cgroups; [`accept`] takes redirected connections and resolves
-//! their origin; [`proxy`] terminates TLS/HTTP and forwards authorized requests through
-//! [`upstream`]; [`tls`] is the broker CA; [`control`] serves the Unix control socket and
-//! [`client`] speaks to it; [`config`] layers flags over a file over defaults; [`daemon`] wires
-//! them together.
+//! A request's path, in module order: `capture` (the kernel path, the only user of aya)
+//! redirects an agent's connection and tells who made it; `proxy` accepts it, terminates TLS
+//! and HTTP, and asks `broker` (the policy decision, handle swaps, credential injection,
+//! limits) about each request; `proxy` forwards it over verified TLS and streams back the
+//! scrubbed response; `audit` records it. Beside the path: `dns` answers agents' queries,
+//! `vault` keeps secrets, `policy_store` keeps the live policy, `control` serves the operator's
+//! socket, `harden` hardens brokerd itself. [`config`] layers flags over a file over defaults;
+//! [`daemon`] wires them together.
 //!
 //! Never: let a tagged cgroup's connection through unrecorded, send a secret anywhere but the
 //! hosts its rule binds it to over verified TLS, show a secret value to an agent or in any log or
 //! reply, or answer control requests from inside a tagged cgroup.
 
-pub mod accept;
-pub mod answered;
-pub mod audit;
-pub mod audit_access;
-pub mod authorize;
-pub mod capture;
+mod audit;
+mod broker;
+mod capture;
 pub mod config;
-pub mod control;
+mod control;
 pub mod daemon;
-pub mod dns;
-pub mod explain;
-pub mod handle_store;
-pub mod harden;
-pub mod policy_store;
-pub mod protections;
-pub mod proxy;
-pub mod scrub;
-pub mod spin;
-pub mod tls;
-pub mod upstream;
-pub mod vault;
+mod dns;
+mod harden;
+mod policy_store;
+mod proxy;
+mod vault;
+
+/// The audit log, for the audit-cost microbenchmark (`daemon/benches/audit.rs`) only.
+#[cfg(feature = "bench")]
+pub use audit::AuditLog;
 
 /// Why an exclusive lock file could not be taken.
 #[derive(Debug)]

@@ -42,7 +42,7 @@ pub struct PolicyState {
 pub struct PolicyStore {
     dir: PathBuf,
     /// Told about every reload, successful or not (the audit log).
-    events: Mutex<Option<Arc<dyn crate::proxy::EventSink>>>,
+    events: Mutex<Option<Arc<dyn crate::audit::EventSink>>>,
     tx: watch::Sender<Arc<Policy>>,
     state: Mutex<PolicyState>,
     fingerprint: Mutex<Fingerprint>,
@@ -72,7 +72,7 @@ impl PolicyStore {
     }
 
     /// Records every later reload with `sink`.
-    pub fn report_to(&self, sink: Arc<dyn crate::proxy::EventSink>) {
+    pub fn report_to(&self, sink: Arc<dyn crate::audit::EventSink>) {
         if let Ok(mut e) = self.events.lock() {
             *e = Some(sink);
         }

@@ -30,7 +30,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::Flock;
 use redb::backends::{FileBackend, InMemoryBackend};
@@ -40,14 +40,16 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
-use agent_broker_core::secret::{SecretError, SecretName, SecretValue};
+use agent_broker_core::{
+    cgroup::CgroupPath,
+    handle::{HandleBinding, HandleId, HandleRecord, TokenHash},
+    secret::{SecretError, SecretName, SecretValue},
+};
 use seal::{Cipher, SealError};
 use tables::{
     BLOBS, FORMAT, FORMAT_KEY, HANDLE_TOKENS, HANDLES, KEY_CHECK_AAD, KEY_CHECK_KEY,
     KEY_CHECK_PLAINTEXT, META, SECRETS, Sealed, SecretRecord, blob_aad, secret_aad,
 };
-
-pub use seal::MASTER_KEY_LEN;
 
 /// File name of the vault inside the state directory.
 pub const VAULT_FILE: &str = "vault.redb";
@@ -93,19 +95,6 @@ pub struct SecretMeta {
     pub created_unix: u64,
     /// Unix seconds when the latest version was stored.
     pub updated_unix: u64,
-}
-
-/// A stored handle. Not secret: it holds the SHA-256 of the `brk_...` token, never the token.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HandleRecord {
-    pub id: String,
-    pub token_sha256: [u8; 32],
-    pub cgroup: String,
-    pub secret: String,
-    pub host: String,
-    pub expires_unix: u64,
-    pub created_unix: u64,
-    pub revoked: bool,
 }
 
 /// Everything the vault can refuse. Messages name the file or secret, never a value.
@@ -319,11 +308,6 @@ impl Vault {
         Ok(vault)
     }
 
-    /// The vault file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Stores `value` as the secret `name`: version 1 if new, else the next version.
     pub fn set(&self, name: &SecretName, value: SecretValue) -> Result<SecretMeta, VaultError> {
         self.write_secret(name, &value, false)
@@ -425,17 +409,13 @@ impl Vault {
     }
 
     /// Deletes the blob `name`; `false` if there was none.
+    #[cfg(test)]
     pub fn remove_blob(&self, name: &str) -> Result<bool, VaultError> {
         self.remove_from(BLOBS, name, "removing a blob")
     }
 
     /// Stores `handle`, replacing the record with the same id (and its token index entry).
     pub fn put_handle(&self, handle: &HandleRecord) -> Result<(), VaultError> {
-        if handle.id.is_empty() {
-            return Err(VaultError::InvalidHandle {
-                reason: "the id is empty".into(),
-            });
-        }
         let row = serde_json::to_vec(&HandleRow::from(handle)).map_err(|e| {
             VaultError::InvalidHandle {
                 reason: e.to_string(),
@@ -453,25 +433,25 @@ impl Vault {
                 .get(handle.id.as_str())
                 .map_err(self.storage("reading a handle"))?
             {
-                Some(guard) => Some(self.decode_handle(&handle.id, guard.value())?),
+                Some(guard) => Some(self.decode_handle(handle.id.as_str(), guard.value())?),
                 None => None,
             };
             if let Some(previous) = previous
-                && previous.token_sha256 != handle.token_sha256
+                && previous.token_hash != handle.token_hash
             {
                 tokens
-                    .remove(previous.token_sha256.as_slice())
+                    .remove(previous.token_hash.0.as_slice())
                     .map_err(self.storage("removing a handle token"))?;
             }
             let other = tokens
-                .get(handle.token_sha256.as_slice())
+                .get(handle.token_hash.0.as_slice())
                 .map_err(self.storage("reading a handle token"))?
                 .map(|guard| guard.value().to_string());
             if let Some(other) = other
-                && other != handle.id
+                && other != handle.id.as_str()
             {
                 return Err(VaultError::HandleTokenConflict {
-                    id: handle.id.clone(),
+                    id: handle.id.as_str().to_string(),
                     other,
                 });
             }
@@ -479,7 +459,7 @@ impl Vault {
                 .insert(handle.id.as_str(), row.as_slice())
                 .map_err(self.storage("writing a handle"))?;
             tokens
-                .insert(handle.token_sha256.as_slice(), handle.id.as_str())
+                .insert(handle.token_hash.0.as_slice(), handle.id.as_str())
                 .map_err(self.storage("writing a handle token"))?;
         }
         self.commit(txn)
@@ -489,14 +469,14 @@ impl Vault {
     /// caller decides, and can say why it refused).
     pub fn handle_by_token_hash(
         &self,
-        token_sha256: &[u8; 32],
+        token_hash: &TokenHash,
     ) -> Result<Option<HandleRecord>, VaultError> {
         let txn = self.read_txn()?;
         let tokens = txn
             .open_table(HANDLE_TOKENS)
             .map_err(self.storage("opening the handle token table"))?;
         let Some(id) = tokens
-            .get(token_sha256.as_slice())
+            .get(token_hash.0.as_slice())
             .map_err(self.storage("reading a handle token"))?
             .map(|guard| guard.value().to_string())
         else {
@@ -505,7 +485,7 @@ impl Vault {
         let handle = self.handle_in(&txn, &id)?.ok_or_else(|| {
             self.malformed(format!("handle token index names missing handle {id}"))
         })?;
-        if &handle.token_sha256 != token_sha256 {
+        if handle.token_hash != *token_hash {
             return Err(self.malformed(format!("handle token index disagrees with handle {id}")));
         }
         Ok(Some(handle))
@@ -563,8 +543,9 @@ impl Vault {
         Ok(true)
     }
 
-    /// Deletes the handle `id` and its token index entry (pruning expired handles); `false` if
-    /// there is no such handle.
+    /// Deletes the handle `id` and its token index entry; `false` if there is no such handle.
+    /// Nothing prunes handles yet (a revoked or expired one stays, so its misuse is reported).
+    #[cfg(test)]
     pub fn remove_handle(&self, id: &str) -> Result<bool, VaultError> {
         let txn = self.write_txn()?;
         {
@@ -582,7 +563,7 @@ impl Vault {
                 .open_table(HANDLE_TOKENS)
                 .map_err(self.storage("opening the handle token table"))?;
             tokens
-                .remove(removed.token_sha256.as_slice())
+                .remove(removed.token_hash.0.as_slice())
                 .map_err(self.storage("removing a handle token"))?;
         }
         self.commit(txn)?;
@@ -696,10 +677,13 @@ impl Vault {
         SecretRecord::decode(bytes).ok_or_else(|| self.malformed(format!("secret {name}")))
     }
 
+    /// A stored handle, parsed and checked once here: a record that does not parse is a
+    /// malformed vault, not an unknown handle.
     fn decode_handle(&self, id: &str, bytes: &[u8]) -> Result<HandleRecord, VaultError> {
         let row: HandleRow = serde_json::from_slice(bytes)
             .map_err(|e| self.malformed(format!("handle {id}: {e}")))?;
-        HandleRecord::try_from(row).map_err(|what| self.malformed(format!("handle {id}: {what}")))
+        row.into_record()
+            .map_err(|what| self.malformed(format!("handle {id}: {what}")))
     }
 
     fn read_txn(&self) -> Result<ReadTransaction, VaultError> {
@@ -911,9 +895,7 @@ fn check_blob_name(name: &str) -> Result<(), VaultError> {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    unix_secs(SystemTime::now())
 }
 
 /// A handle as stored: JSON with the token hash in hex.
@@ -933,40 +915,39 @@ struct HandleRow {
 impl From<&HandleRecord> for HandleRow {
     fn from(h: &HandleRecord) -> Self {
         Self {
-            id: h.id.clone(),
-            token_sha256: h.token_sha256.iter().map(|b| format!("{b:02x}")).collect(),
-            cgroup: h.cgroup.clone(),
-            secret: h.secret.clone(),
-            host: h.host.clone(),
-            expires_unix: h.expires_unix,
-            created_unix: h.created_unix,
+            id: h.id.as_str().to_string(),
+            token_sha256: h.token_hash.to_hex(),
+            cgroup: h.binding.cgroup.as_str().to_string(),
+            secret: h.binding.secret.as_str().to_string(),
+            host: h.binding.host.to_string(),
+            expires_unix: unix_secs(h.expires),
+            created_unix: unix_secs(h.created),
             revoked: h.revoked,
         }
     }
 }
 
-impl TryFrom<HandleRow> for HandleRecord {
-    type Error = &'static str;
-    fn try_from(row: HandleRow) -> Result<Self, Self::Error> {
-        const BAD_HASH: &str = "token_sha256 is not 64 hex digits";
-        let hex = row.token_sha256.as_bytes();
-        if hex.len() != 64 || !hex.iter().all(u8::is_ascii_hexdigit) {
-            return Err(BAD_HASH);
-        }
-        let mut token_sha256 = [0u8; 32];
-        for (out, pair) in token_sha256.iter_mut().zip(hex.chunks_exact(2)) {
-            let digits = std::str::from_utf8(pair).map_err(|_| BAD_HASH)?;
-            *out = u8::from_str_radix(digits, 16).map_err(|_| BAD_HASH)?;
-        }
-        Ok(Self {
-            id: row.id,
-            token_sha256,
-            cgroup: row.cgroup,
-            secret: row.secret,
-            host: row.host,
-            expires_unix: row.expires_unix,
-            created_unix: row.created_unix,
-            revoked: row.revoked,
+impl HandleRow {
+    /// The typed record; says which field does not parse.
+    fn into_record(self) -> Result<HandleRecord, String> {
+        let token_hash = TokenHash::from_hex(&self.token_sha256)
+            .ok_or("token_sha256 is not 64 lowercase hex digits")?;
+        let cgroup = CgroupPath::parse(&self.cgroup).map_err(|e| format!("cgroup: {e}"))?;
+        let secret = SecretName::new(self.secret).map_err(|e| format!("secret: {e}"))?;
+        let binding =
+            HandleBinding::new(cgroup, secret, &self.host).map_err(|e| format!("host: {e}"))?;
+        Ok(HandleRecord {
+            id: HandleId::parse(&self.id).map_err(|e| format!("id: {e}"))?,
+            token_hash,
+            binding,
+            created: UNIX_EPOCH + Duration::from_secs(self.created_unix),
+            expires: UNIX_EPOCH + Duration::from_secs(self.expires_unix),
+            revoked: self.revoked,
         })
     }
+}
+
+/// Unix seconds of `t` (0 before the epoch).
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

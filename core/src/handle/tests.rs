@@ -109,6 +109,30 @@ fn deterministic_mint() {
 }
 
 #[test]
+fn minting_enforces_the_ttl_bounds_whoever_asks() {
+    let at = |ttl| mint(SystemTime::now(), ttl, binding("a", "h.test"));
+    for ttl in [
+        Duration::ZERO,
+        Duration::from_millis(999),
+        MAX_TTL + Duration::from_secs(1),
+    ] {
+        let err = at(ttl).expect_err("out of range");
+        assert!(
+            matches!(err, HandleError::TtlOutOfRange(t) if t == ttl),
+            "{err}"
+        );
+        assert!(err.to_string().contains("365d"), "{err}");
+    }
+    for ttl in [Duration::from_secs(1), DEFAULT_TTL, MAX_TTL] {
+        let (_, record) = at(ttl).expect("in range");
+        assert_eq!(
+            record.expires.duration_since(record.created).ok(),
+            Some(ttl)
+        );
+    }
+}
+
+#[test]
 fn ttl_parsing() {
     for (input, secs) in [
         ("30s", 30),

@@ -60,6 +60,8 @@ type Reply = mpsc::Sender<Result<u64, AuditError>>;
 enum Msg {
     // Boxed: the queue's slots are allocated up front, and an event is several hundred bytes.
     Event(Box<AuditEvent>),
+    /// Tests: answered once everything recorded before it is committed.
+    #[cfg(test)]
     Flush(Reply),
     Stop(Reply),
     /// Tests: the writer waits on this before reading the queue again.
@@ -127,6 +129,7 @@ impl AuditHandle {
 
     /// Waits until every event recorded before this call is committed; returns the last
     /// committed seq. Blocking (use `spawn_blocking` from async code).
+    #[cfg(test)]
     pub fn flush(&self) -> Result<u64, AuditError> {
         self.request(Msg::Flush)
     }
@@ -376,6 +379,7 @@ impl Writer {
                 self.shared.priority.took(1);
                 self.pending.push(*event);
             }
+            #[cfg(test)]
             Msg::Flush(reply) => self.waiters.push(reply),
             Msg::Stop(reply) => match self.stop {
                 // A second stop waits for the first one's commit.

@@ -518,15 +518,26 @@ fn blobs_are_sealed_apart_from_secrets() {
     ));
 }
 
+/// A handle id from a short name (`h1` -> `h_00000001`-like ids that parse).
+fn hid(name: &str) -> String {
+    let n = name.bytes().fold(0u32, |acc, b| {
+        acc.wrapping_mul(31).wrapping_add(u32::from(b))
+    });
+    format!("h_{n:08x}")
+}
+
 fn handle(id: &str, token_byte: u8) -> HandleRecord {
     HandleRecord {
-        id: id.to_string(),
-        token_sha256: [token_byte; 32],
-        cgroup: "agents/demo".into(),
-        secret: "EXAMPLE_KEY".into(),
-        host: "api.example.test".into(),
-        expires_unix: 2_000_000_000,
-        created_unix: 1_700_000_000,
+        id: HandleId::parse(&hid(id)).expect("id"),
+        token_hash: TokenHash([token_byte; 32]),
+        binding: HandleBinding::new(
+            CgroupPath::parse("agents/demo").expect("cgroup"),
+            SecretName::new("EXAMPLE_KEY").expect("name"),
+            "api.example.test",
+        )
+        .expect("binding"),
+        expires: UNIX_EPOCH + Duration::from_secs(2_000_000_000),
+        created: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         revoked: false,
     }
 }
@@ -541,45 +552,64 @@ fn handles_round_trip_and_revoke() {
     vault.put_handle(&h2).expect("put h2");
 
     assert_eq!(
-        vault.handle_by_token_hash(&[1; 32]).expect("lookup"),
+        vault
+            .handle_by_token_hash(&TokenHash([1; 32]))
+            .expect("lookup"),
         Some(h1.clone())
     );
-    assert_eq!(vault.handle_by_token_hash(&[9; 32]).expect("lookup"), None);
-    assert_eq!(vault.get_handle("h2").expect("get"), Some(h2.clone()));
+    assert_eq!(
+        vault
+            .handle_by_token_hash(&TokenHash([9; 32]))
+            .expect("lookup"),
+        None
+    );
+    assert_eq!(vault.get_handle(&hid("h2")).expect("get"), Some(h2.clone()));
     assert_eq!(
         vault.list_handles().expect("list"),
         [h1.clone(), h2.clone()]
     );
 
-    assert!(vault.revoke_handle("h1").expect("revoke"));
-    assert!(vault.revoke_handle("h1").expect("revoke twice"));
+    assert!(vault.revoke_handle(&hid("h1")).expect("revoke"));
+    assert!(vault.revoke_handle(&hid("h1")).expect("revoke twice"));
     assert!(!vault.revoke_handle("nope").expect("revoke unknown"));
     let revoked = vault
-        .handle_by_token_hash(&[1; 32])
+        .handle_by_token_hash(&TokenHash([1; 32]))
         .expect("lookup")
         .expect("still found");
     assert!(revoked.revoked);
 
     // Re-keying a handle drops its old token from the index.
     let rekeyed = HandleRecord {
-        token_sha256: [3; 32],
+        token_hash: TokenHash([3; 32]),
         ..h2.clone()
     };
     vault.put_handle(&rekeyed).expect("rekey");
-    assert_eq!(vault.handle_by_token_hash(&[2; 32]).expect("lookup"), None);
     assert_eq!(
-        vault.handle_by_token_hash(&[3; 32]).expect("lookup"),
+        vault
+            .handle_by_token_hash(&TokenHash([2; 32]))
+            .expect("lookup"),
+        None
+    );
+    assert_eq!(
+        vault
+            .handle_by_token_hash(&TokenHash([3; 32]))
+            .expect("lookup"),
         Some(rekeyed)
     );
 
     // Another handle may not take an existing token hash.
     let e = vault.put_handle(&handle("h3", 1)).expect_err("conflict");
     assert!(matches!(e, VaultError::HandleTokenConflict { .. }), "{e}");
-    assert_eq!(vault.get_handle("h3").expect("get"), None);
+    assert_eq!(vault.get_handle(&hid("h3")).expect("get"), None);
 
-    assert!(vault.remove_handle("h1").expect("remove"));
-    assert!(!vault.remove_handle("h1").expect("remove again"));
-    assert_eq!(vault.handle_by_token_hash(&[1; 32]).expect("lookup"), None);
+    assert!(vault.remove_handle(&hid("h1")).expect("remove"));
+    assert!(!vault.remove_handle(&hid("h1")).expect("remove again"));
+    assert_eq!(
+        vault
+            .handle_by_token_hash(&TokenHash([1; 32]))
+            .expect("lookup"),
+        None
+    );
 
     drop(vault);
     let vault = open_default(dir.path()).expect("reopen");
@@ -591,10 +621,17 @@ fn handle_rows_hold_the_hash_in_hex_and_never_a_token() {
     let row = serde_json::to_string(&HandleRow::from(&handle("h", 0xab))).expect("json");
     assert!(row.contains(&"ab".repeat(32)), "{row}");
     let back: HandleRow = serde_json::from_str(&row).expect("parse");
-    assert_eq!(HandleRecord::try_from(back), Ok(handle("h", 0xab)));
+    assert_eq!(back.into_record(), Ok(handle("h", 0xab)));
     let bad = row.replace(&"ab".repeat(32), &"+b".repeat(32));
     let bad: HandleRow = serde_json::from_str(&bad).expect("parse");
-    assert!(HandleRecord::try_from(bad).is_err());
+    assert!(bad.into_record().is_err());
+    let bad_cgroup = row.replace("agents/demo", "../escape");
+    let bad_cgroup: HandleRow = serde_json::from_str(&bad_cgroup).expect("parse");
+    assert!(
+        bad_cgroup
+            .into_record()
+            .is_err_and(|e| e.starts_with("cgroup"))
+    );
 }
 
 #[test]

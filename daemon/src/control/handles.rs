@@ -1,5 +1,5 @@
-//! Handles as brokerd stores and serves them: conversion between the vault's storage record and
-//! [`agent_broker_core::handle::HandleRecord`], and the control operations (mint, list, revoke).
+//! Handles: `handle mint`, `handle list` and `handle revoke`. The vault stores the typed
+//! [`HandleRecord`]; a token is in the mint reply once and nowhere else.
 
 use agent_broker_core::fmt::error_chain;
 use std::{
@@ -10,62 +10,24 @@ use std::{
 use agent_broker_protocol::{ErrorKind, HandleInfo, Response};
 use tracing::info;
 
-use crate::{
-    control::{blocking, error},
-    vault::{self, Vault},
-};
+use super::reply::{blocking, error};
+use crate::vault::Vault;
 use agent_broker_core::{
     cgroup::CgroupPath,
-    handle::{self, HandleBinding, HandleId, HandleRecord, TokenHash},
+    handle::{self, HandleBinding, HandleRecord},
     secret::SecretName,
 };
 
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// The storage form of a handle record.
-pub fn to_vault(r: &HandleRecord) -> vault::HandleRecord {
-    vault::HandleRecord {
+/// A handle as `brokerctl handle list` shows it (never the token or its hash).
+fn info(r: &HandleRecord) -> HandleInfo {
+    let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    HandleInfo {
         id: r.id.as_str().to_string(),
-        token_sha256: r.token_hash.0,
         cgroup: r.binding.cgroup.as_str().to_string(),
         secret: r.binding.secret.as_str().to_string(),
         host: r.binding.host.to_string(),
-        expires_unix: unix(r.expires),
         created_unix: unix(r.created),
-        revoked: r.revoked,
-    }
-}
-
-/// The checked form of a stored record; `None` when it no longer parses (it is then unusable).
-pub fn from_vault(r: vault::HandleRecord) -> Option<HandleRecord> {
-    let binding = HandleBinding::new(
-        CgroupPath::parse(&r.cgroup).ok()?,
-        SecretName::new(r.secret).ok()?,
-        &r.host,
-    )
-    .ok()?;
-    Some(HandleRecord {
-        id: HandleId::parse(&r.id).ok()?,
-        token_hash: TokenHash(r.token_sha256),
-        binding,
-        created: UNIX_EPOCH + Duration::from_secs(r.created_unix),
-        expires: UNIX_EPOCH + Duration::from_secs(r.expires_unix),
-        revoked: r.revoked,
-    })
-}
-
-fn info(r: &vault::HandleRecord) -> HandleInfo {
-    HandleInfo {
-        id: r.id.clone(),
-        cgroup: r.cgroup.clone(),
-        secret: r.secret.clone(),
-        host: r.host.clone(),
-        created_unix: r.created_unix,
-        expires_unix: r.expires_unix,
+        expires_unix: unix(r.expires),
         revoked: r.revoked,
     }
 }
@@ -98,15 +60,15 @@ pub async fn mint(
             Ok(m) => m,
             Err(e) => return error(ErrorKind::BadRequest, error_chain(&e)),
         };
-        let stored = to_vault(&record);
+        let stored = record.clone();
         let v = vault.clone();
         let secret_name = record.binding.secret.clone();
-        let to_store = stored.clone();
+        let to_store = record;
         let result = blocking(move || {
             if v.get(&secret_name)?.is_none() {
                 return Ok(Minted::NoSecret);
             }
-            if v.get_handle(&to_store.id)?.is_some() {
+            if v.get_handle(to_store.id.as_str())?.is_some() {
                 return Ok(Minted::IdTaken);
             }
             v.put_handle(&to_store)?;
@@ -119,7 +81,7 @@ pub async fn mint(
     };
     match result {
         Ok(Minted::Stored) => {
-            info!(handle = %stored.id, cgroup = %stored.cgroup, secret = %stored.secret, host = %stored.host, "handle minted");
+            info!(handle = %stored.id.as_str(), cgroup = %stored.binding.cgroup, secret = %stored.binding.secret.as_str(), host = %stored.binding.host, "handle minted");
             Response::HandleMinted {
                 handle: info(&stored),
                 token: token.expose().to_string(),
@@ -129,7 +91,7 @@ pub async fn mint(
             ErrorKind::NotFound,
             format!(
                 "no secret named {}; store it first with `brokerctl secret set`",
-                stored.secret
+                stored.binding.secret.as_str()
             ),
         ),
         Ok(Minted::IdTaken) => error(

@@ -1,9 +1,22 @@
-//! `brokerctl policy show` and `policy explain`: the policy's answers in words, for operators.
+//! The policy: `policy reload`, and `policy show` and `policy explain`, its answers in words for
+//! operators.
 
+use std::time::SystemTime;
+
+use agent_broker_core::{cgroup::CgroupPath, policy::Policy};
 use agent_broker_protocol::{ErrorKind, Response};
 
-use crate::control::error;
-use agent_broker_core::{cgroup::CgroupPath, policy::Policy};
+use super::{ControlState, reply::error};
+
+/// Reloads the policy directory now (it is also watched); a bad file keeps the last good one.
+pub async fn reload(state: &ControlState) -> Response {
+    let store = state.policy.clone();
+    match tokio::task::spawn_blocking(move || store.reload()).await {
+        Ok(Ok(files)) => Response::PolicyReloaded { files },
+        Ok(Err(message)) => error(ErrorKind::BadRequest, message),
+        Err(e) => error(ErrorKind::Internal, format!("reload task failed: {e}")),
+    }
+}
 
 /// The effective rules of `cgroup`, after narrowing by its ancestors' files.
 pub fn show(policy: &Policy, cgroup: &str) -> Response {
@@ -22,7 +35,7 @@ pub fn explain(policy: &Policy, cgroup: &str, method: &str, url: &str) -> Respon
         Ok(c) => c,
         Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
     };
-    match policy.explain(&cgroup, method, url, std::time::SystemTime::now()) {
+    match policy.explain(&cgroup, method, url, SystemTime::now()) {
         Ok(explanation) => Response::PolicyExplained {
             allowed: explanation.allowed,
             text: explanation.to_string(),

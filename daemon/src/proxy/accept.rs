@@ -145,7 +145,7 @@ pub async fn serve(listener: TcpListener, dispatch: Arc<Dispatch>, cancel: Cance
 /// until the dispatcher is gone.
 pub async fn run_worker(mut rx: mpsc::UnboundedReceiver<Accepted>, shared: Arc<Shared>) {
     while let Some((stream, peer)) = rx.recv().await {
-        crate::spin::kick();
+        super::spin::kick();
         let stream = match TcpStream::from_std(stream) {
             Ok(s) => s,
             Err(e) => {

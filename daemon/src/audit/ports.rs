@@ -1,7 +1,14 @@
-//! What the control socket needs from the audit log: history, verification and live events.
+//! The audit log's two ports: the write port every recorder reports into ([`EventSink`]: the
+//! proxy, DNS, the control socket and the policy store), and the read port the control socket
+//! serves history, verification and live events from ([`AuditAccess`]).
 
 use agent_broker_protocol::{AuditEvent, LogFilter, VerifyReport};
 use tokio::sync::broadcast;
+
+/// Where each exchange, denial, failed handshake, DNS answer and operator action is reported.
+pub trait EventSink: Send + Sync + 'static {
+    fn record(&self, event: AuditEvent);
+}
 
 /// The audit log as the control socket sees it. `query` and `verify` are synchronous (the
 /// store is redb): call them off the async threads.

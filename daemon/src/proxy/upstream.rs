@@ -162,11 +162,12 @@ impl Upstream {
             return Err(UpstreamError::NoRoots);
         }
         let config = |alpn: &[&[u8]]| -> Result<TlsConnector, UpstreamError> {
-            let mut config = ClientConfig::builder_with_provider(crate::tls::crypto_provider())
-                .with_safe_default_protocol_versions()
-                .map_err(UpstreamError::Tls)?
-                .with_root_certificates(roots.clone())
-                .with_no_client_auth();
+            let mut config =
+                ClientConfig::builder_with_provider(crate::proxy::tls::crypto_provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(UpstreamError::Tls)?
+                    .with_root_certificates(roots.clone())
+                    .with_no_client_auth();
             config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
             Ok(TlsConnector::from(Arc::new(config)))
         };
@@ -449,7 +450,7 @@ mod tests {
 
     use http_body_util::{BodyExt as _, Empty};
 
-    use crate::tls::{BrokerCa, LeafMinter, LeafName};
+    use crate::proxy::tls::{BrokerCa, LeafMinter, LeafName};
 
     /// A local HTTPS server with a test CA, answering every request with `body_len` bytes over
     /// h2 or http/1.1 (ALPN), counting the connections it accepts.

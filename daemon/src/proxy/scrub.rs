@@ -187,17 +187,20 @@ pub struct Scrubber {
 
 impl Scrubber {
     /// A scrubber for these secret values (their encodings are added, see [`Needles::new`]).
+    #[cfg(test)]
     pub fn new(secrets: Vec<Zeroizing<Vec<u8>>>) -> Self {
         Needles::new(secrets).scrubber()
     }
 
     /// The needles this scrubber replaces.
+    #[cfg(test)]
     pub fn needles(&self) -> &Needles {
         &self.needles
     }
 
     /// A header value with every needle replaced, or `None` when it holds none (does not touch
     /// the body state).
+    #[cfg(test)]
     pub fn scrub_header_value(&self, value: &[u8]) -> Option<Vec<u8>> {
         self.needles.scrub_header_value(value)
     }
@@ -236,6 +239,7 @@ impl Scrubber {
     }
 
     /// Bytes currently held back (at most `max_len - 1`).
+    #[cfg(test)]
     pub fn held_len(&self) -> usize {
         self.held.len()
     }

@@ -120,6 +120,7 @@ impl BrokerCa {
     }
 
     /// The CA certificate in DER.
+    #[cfg(test)]
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
     }

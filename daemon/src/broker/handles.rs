@@ -1,0 +1,66 @@
+//! The second step: a `brk_` handle the agent put in a header or the query is swapped for the
+//! secret it stands for, when the handle is valid for this agent, host and time.
+
+use std::time::SystemTime;
+
+use agent_broker_core::{
+    fmt::error_chain,
+    handle::{self, SwapContext},
+};
+use http::request::Parts;
+use tracing::warn;
+
+use super::{PolicyAuthorizer, request::Allowed};
+use crate::proxy::{Denial, Grant, RequestFacts};
+
+/// Swaps every handle in the request; misuse (unknown, expired, revoked, another agent's or
+/// another host's handle) is a denial marked as handle misuse.
+pub(super) fn swap(
+    broker: &PolicyAuthorizer,
+    facts: &RequestFacts<'_>,
+    parts: &mut Parts,
+    allowed: &Allowed<'_>,
+    grant: &mut Grant,
+) -> Result<(), Denial> {
+    let ctx = SwapContext {
+        cgroup: &facts.origin.cgroup,
+        host: facts.host,
+        now: SystemTime::now(),
+    };
+    let swapped = handle::swap_handles(
+        &parts.headers,
+        parts.uri.query(),
+        &ctx,
+        |hash| match broker.vault.handle_by_token_hash(hash) {
+            Ok(record) => record,
+            Err(e) => {
+                warn!(error = %error_chain(&e), "cannot read handle");
+                None
+            }
+        },
+        |name| broker.secret(name),
+    )
+    .map_err(|d| Denial {
+        handle_misuse: true,
+        ..allowed.deny(d.to_string())
+    })?;
+    let Some(swapped) = swapped else {
+        return Ok(());
+    };
+    if !allowed.may_write_secrets {
+        return Err(allowed.deny(format!(
+            "the request carries a handle but goes to {} over plain HTTP; use https (the rule \
+             does not allow secrets over plain HTTP)",
+            facts.host
+        )));
+    }
+    grant
+        .secrets
+        .extend(swapped.used.iter().map(|u| u.secret.as_str().to_string()));
+    grant.needles.extend(swapped.secret_values.iter().cloned());
+    swapped.apply(parts).map_err(|e| {
+        allowed.deny(format!(
+            "cannot rewrite the request with the handle's secret: {e}"
+        ))
+    })
+}

@@ -1,0 +1,64 @@
+//! The third step: the rule's credentials, rendered from the vault, are written into the
+//! request's headers and query, replacing whatever the agent put there.
+
+use http::{HeaderName, HeaderValue, request::Parts};
+
+use super::{PolicyAuthorizer, request::Allowed};
+use crate::proxy::{Denial, Grant, RequestFacts};
+
+/// Writes what the rule injects; the values go into the grant's needles, to be scrubbed from
+/// the response.
+pub(super) fn write(
+    broker: &PolicyAuthorizer,
+    facts: &RequestFacts<'_>,
+    parts: &mut Parts,
+    allowed: &Allowed<'_>,
+    grant: &mut Grant,
+) -> Result<(), Denial> {
+    if allowed.inject.is_empty() {
+        return Ok(());
+    }
+    let deny = |reason: String| allowed.deny(reason);
+    if !allowed.may_write_secrets {
+        return Err(deny(format!(
+            "{} is reached over plain HTTP and the rule injects credentials; use https (or set \
+             plain_http = true in the rule if this host has no TLS)",
+            facts.host
+        )));
+    }
+    let rendered = allowed
+        .inject
+        .render(|name| broker.secret(name))
+        .map_err(|e| deny(format!("cannot inject credentials: {e}")))?;
+    for (name, value) in &rendered.headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|e| deny(format!("invalid header name {name} in the rule: {e}")))?;
+        let mut value = HeaderValue::from_bytes(value).map_err(|_| {
+            deny(format!(
+                "the value injected into {name} is not a valid header value"
+            ))
+        })?;
+        value.set_sensitive(true);
+        // Whatever the agent sent in this header is replaced.
+        parts.headers.remove(&name);
+        parts.headers.insert(name, value);
+    }
+    if let Some(query) = rendered.rewrite_query(parts.uri.query()) {
+        let path_and_query = format!("{}?{}", parts.uri.path(), query.as_str());
+        let mut uri = http::uri::Parts::from(parts.uri.clone());
+        uri.path_and_query = Some(
+            http::uri::PathAndQuery::try_from(path_and_query)
+                .map_err(|e| deny(format!("cannot inject into the query: {e}")))?,
+        );
+        parts.uri = http::Uri::from_parts(uri)
+            .map_err(|e| deny(format!("cannot inject into the query: {e}")))?;
+    }
+    for secret in &rendered.secrets {
+        let secret = secret.as_str().to_string();
+        if !grant.secrets.contains(&secret) {
+            grant.secrets.push(secret);
+        }
+    }
+    grant.needles.extend(rendered.needles().cloned());
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! Tagging: `status`, `attach`, `detach` and `connections`, each operator action recorded.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use agent_broker_core::cgroup::CgroupPath;
+use agent_broker_protocol::{
+    AuditEvent, Decision, ErrorKind, EventKind, PolicyStatus, Response, Side, StatusReport,
+};
+
+use super::{
+    ControlState,
+    reply::{capture_error, error},
+};
+use crate::policy_store::PolicyStore;
+
+/// Daemon state: listeners, tagged cgroups (with processes that lack the launcher's
+/// protections), counters, policy, hooks and hardening.
+pub async fn status(state: &ControlState) -> Response {
+    match state.capture.status().await {
+        Ok((cgroups, counters)) => Response::Status(StatusReport {
+            unprotected: cgroups
+                .iter()
+                .flat_map(|c| {
+                    let dir = state.root.mount().join(&c.path);
+                    super::protections::unprotected_in(&dir, &c.path, 64)
+                })
+                .take(64)
+                .collect(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            listeners: state.listeners.clone(),
+            cgroup_root: state.root.mount().display().to_string(),
+            pin_dir: state.pin_dir.display().to_string(),
+            cgroups,
+            counters,
+            policy: policy_status(&state.policy),
+            dns_listeners: state.dns_listeners.clone(),
+            hooks: crate::capture::hook_names(),
+            lsm: state.lsm.clone(),
+            hardening: state.hardening.clone(),
+        }),
+        Err(e) => capture_error(e),
+    }
+}
+
+/// Tags a cgroup (creating it with `create`).
+pub async fn attach(state: &ControlState, cgroup: String, create: bool) -> Response {
+    let cgroup = match CgroupPath::parse(&cgroup) {
+        Ok(c) => c,
+        Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
+    };
+    let name = cgroup.to_string();
+    match state.capture.attach(cgroup, create).await {
+        Ok((cgroup, already)) => {
+            if !already {
+                let kind = EventKind::Attach;
+                state
+                    .events
+                    .record(operator_event(kind, Some(name), Ok(())));
+            }
+            Response::Attached { cgroup, already }
+        }
+        Err(e) => capture_error(e),
+    }
+}
+
+/// Untags a cgroup.
+pub async fn detach(state: &ControlState, cgroup: String) -> Response {
+    let cgroup = match CgroupPath::parse(&cgroup) {
+        Ok(c) => c,
+        Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
+    };
+    match state.capture.detach(cgroup.clone()).await {
+        Ok(()) => {
+            let kind = EventKind::Detach;
+            state
+                .events
+                .record(operator_event(kind, Some(cgroup.to_string()), Ok(())));
+            Response::Detached {
+                cgroup: cgroup.to_string(),
+            }
+        }
+        Err(e) => capture_error(e),
+    }
+}
+
+fn policy_status(store: &PolicyStore) -> PolicyStatus {
+    let s = store.state();
+    PolicyStatus {
+        dir: store.dir().display().to_string(),
+        files: s.files,
+        loaded_unix: s
+            .loaded
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        error: s.error,
+    }
+}
+
+/// An operator action, as an audit event.
+fn operator_event(
+    kind: EventKind,
+    cgroup: Option<String>,
+    outcome: Result<(), String>,
+) -> AuditEvent {
+    let (decision, reason) = match outcome {
+        Ok(()) => (Decision::Allow, None),
+        Err(reason) => (Decision::Deny, Some(reason)),
+    };
+    AuditEvent {
+        time_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        kind: Some(kind),
+        cgroup,
+        decision: Some(decision),
+        reason,
+        side: Some(Side::Broker),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,233 @@
+//! The bodies that stream through the proxy: the agent's request body (counted), and the
+//! response body the agent gets (counted, optionally captured for token budgets, scrubbed of
+//! injected secrets, and reported once when it ends). None is ever buffered whole.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::{Frame, Incoming};
+
+use super::{
+    scrub::{Needles, Scrubber},
+    upstream::PooledBody,
+};
+
+/// The body of every response brokerd sends an agent: upstream's answer (scrubbed when a
+/// secret was injected) or brokerd's own JSON reply.
+pub type AgentBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// A request body on its way upstream, counted.
+pub(super) struct Counted {
+    inner: Incoming,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Counted {
+    pub(super) fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
+        Self { inner, bytes }
+    }
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Called once with the response bytes sent and the captured start of the body.
+pub(super) type Done = Box<dyn FnOnce(u64, Vec<u8>) + Send>;
+
+/// A response body on its way to the agent: counted, optionally captured, and reported once
+/// when it ends or is dropped (the agent went away).
+pub(super) struct Observed {
+    inner: AgentBody,
+    bytes_out: u64,
+    capture: Vec<u8>,
+    capture_limit: usize,
+    done: Option<Done>,
+}
+
+impl Observed {
+    /// Observes `inner`, keeping up to `capture_limit` bytes of its start for `done`.
+    pub(super) fn new(inner: AgentBody, capture_limit: usize, done: Done) -> Self {
+        Self {
+            inner,
+            bytes_out: 0,
+            capture: Vec::new(),
+            capture_limit,
+            done: Some(done),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.bytes_out, std::mem::take(&mut self.capture));
+        }
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl hyper::body::Body for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes_out += data.len() as u64;
+                    let room = self.capture_limit.saturating_sub(self.capture.len());
+                    if room > 0 {
+                        let take = room.min(data.len());
+                        self.capture.extend_from_slice(&data[..take]);
+                    }
+                }
+            }
+            std::task::Poll::Ready(None) | std::task::Poll::Ready(Some(Err(_))) => self.finish(),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pub(super) fn scrub_headers(headers: &mut HeaderMap, needles: &Needles) {
+    for value in headers.values_mut() {
+        if let Some(clean) = needles.scrub_header_value(value.as_bytes()) {
+            match HeaderValue::from_bytes(&clean) {
+                Ok(v) => *value = v,
+                // Never let a header that held a secret through unscrubbed.
+                Err(_) => *value = HeaderValue::from_static("[redacted by agent-broker]"),
+            }
+        }
+    }
+}
+
+pub(super) fn scrubbed_body(body: PooledBody, scrubber: Scrubber) -> AgentBody {
+    UnsyncBoxBody::new(Scrubbed {
+        inner: body,
+        scrubber: Some(scrubber),
+        pending: None,
+    })
+}
+
+/// A response body with every injected secret replaced as it streams (see [`crate::scrub`]).
+pub(super) struct Scrubbed {
+    inner: PooledBody,
+    /// While data may still come; taken when the data ends (trailers, end or error), after
+    /// which anything left passes through.
+    scrubber: Option<Scrubber>,
+    /// Trailers waiting for the held-back tail to go first.
+    pending: Option<Frame<Bytes>>,
+}
+
+impl Scrubbed {
+    /// Ends scrubbing (the data is over) and returns the held-back tail, scrubbed.
+    fn finish_scrubbing(&mut self) -> Vec<u8> {
+        self.scrubber
+            .take()
+            .map(Scrubber::finish)
+            .unwrap_or_default()
+    }
+}
+
+impl hyper::body::Body for Scrubbed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Some(frame) = this.pending.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        loop {
+            let Some(active) = this.scrubber.as_mut() else {
+                return std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+            };
+            let frame = match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(frame) => frame,
+            };
+            match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = active.push(&data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                        }
+                        // All of it held back (it may be the start of a secret): read on.
+                    }
+                    Err(trailers) => {
+                        // Flush what is held back before the trailers.
+                        let rest = this.finish_scrubbing();
+                        if rest.is_empty() {
+                            return Poll::Ready(Some(Ok(trailers)));
+                        }
+                        this.pending = Some(trailers);
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                    }
+                },
+                Some(Err(e)) => {
+                    this.scrubber = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    let rest = this.finish_scrubbing();
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_none() && self.scrubber.is_none() && self.inner.is_end_stream()
+    }
+}

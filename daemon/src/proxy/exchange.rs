@@ -1,0 +1,300 @@
+//! One HTTP request through the broker: check its shape and host, ask the authorizer, forward
+//! it upstream, and turn the answer (or the failure) into the response the agent gets, with
+//! its audit record.
+
+use std::{
+    sync::{Arc, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
+
+use agent_broker_core::fmt::error_chain;
+use agent_broker_protocol::{EventKind, Side};
+use http::{Request, Response, StatusCode, header, request::Parts};
+use http_body_util::{BodyExt as _, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use tracing::{info, warn};
+
+use super::{
+    Denial, Grant, Proxy, RequestFacts,
+    body::{AgentBody, Counted, scrub_headers, scrubbed_body},
+    http::{
+        check_request_shape, is_encoded, is_upgrade, prepare_upstream, request_host,
+        strip_hop_by_hop,
+    },
+    record,
+    reply::{deny, error_body, json_response},
+    scrub::Needles,
+    serve::Conn,
+    splice::splice_upgrade,
+    upstream::Protocols,
+};
+use crate::capture::ConnectionOrigin;
+
+impl Proxy {
+    /// Serves one request: forwards it (or refuses it) and records its outcome. A forwarded
+    /// request's audit record is completed when its response body ends.
+    pub(super) async fn serve_request(
+        &self,
+        req: Request<Incoming>,
+        conn: &Conn,
+    ) -> Response<AgentBody> {
+        super::spin::kick();
+        let started = Instant::now();
+        let mut event = record::request_event(&conn.origin, conn.sni.as_deref(), &req);
+        let exchange = self.forward(req, conn).await;
+        super::spin::kick();
+        event.host = Some(exchange.host.clone()).filter(|h| !h.is_empty());
+        event.status = Some(exchange.response.status().as_u16());
+        event.latency_us = Some(started.elapsed().as_micros() as u64);
+        match (exchange.failure, exchange.grant) {
+            (Some(failure), grant) => {
+                info!(
+                    cgroup = %conn.origin.cgroup,
+                    pid = conn.origin.pid,
+                    comm = %conn.origin.comm,
+                    host = %exchange.host,
+                    method = event.method.as_deref().unwrap_or(""),
+                    path = event.path.as_deref().unwrap_or(""),
+                    status = exchange.response.status().as_u16(),
+                    reason = %failure.reason,
+                    "request refused"
+                );
+                record::failed(&mut event, failure, grant);
+                self.events.record(event);
+                exchange.response
+            }
+            (None, Some(grant)) => record::when_done(
+                exchange.response,
+                event,
+                grant,
+                exchange.bytes_in,
+                self.events.clone(),
+            ),
+            (None, None) => exchange.response,
+        }
+    }
+
+    /// Authorizes and forwards one request. A refused request's body is read (up to a bound)
+    /// before the refusal is sent: an HTTP/2 stream reset for an unread body makes some
+    /// clients (curl) drop the 403 and its reason.
+    async fn forward(&self, req: Request<Incoming>, conn: &Conn) -> Exchange {
+        let (parts, body) = req.into_parts();
+        let mut body = Some(body);
+        let exchange = self.forward_parts(parts, &mut body, conn).await;
+        if let Some(unread) = body {
+            drain(unread).await;
+        }
+        exchange
+    }
+
+    /// [`Proxy::forward`]; takes `body` only when the request goes upstream.
+    async fn forward_parts(
+        &self,
+        mut parts: Parts,
+        body: &mut Option<Incoming>,
+        conn: &Conn,
+    ) -> Exchange {
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        if let Err(reason) = check_request_shape(&parts) {
+            return Exchange::refused(&conn.origin, String::new(), Denial::forbidden(reason), None);
+        }
+        let host = match request_host(&parts, conn) {
+            Ok(h) => h,
+            Err(reason) => {
+                return Exchange::refused(
+                    &conn.origin,
+                    String::new(),
+                    Denial::forbidden(reason),
+                    None,
+                );
+            }
+        };
+        let port = conn.origin.original_dst.port();
+        let facts = RequestFacts {
+            origin: &conn.origin,
+            host: &host,
+            port,
+            tls: conn.tls,
+        };
+        let grant = match self.authorizer.authorize(&facts, &mut parts) {
+            Ok(g) => g,
+            Err(denial) => return Exchange::refused(&conn.origin, host, denial, None),
+        };
+        let upgrade = is_upgrade(&parts.headers);
+        let agent_upgrade = if upgrade {
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
+        if let Err(reason) = prepare_upstream(
+            &mut parts,
+            &host,
+            port,
+            conn.tls,
+            !grant.needles.is_empty(),
+            upgrade,
+        ) {
+            return Exchange::refused(&conn.origin, host, Denial::forbidden(reason), Some(grant));
+        }
+        let Some(inner) = body.take() else {
+            let denial = Denial::forbidden("the request body was already consumed");
+            return Exchange::refused(&conn.origin, host, denial, Some(grant));
+        };
+        let counted = Counted::new(inner, bytes_in.clone());
+        let upstream_req = Request::from_parts(parts, UnsyncBoxBody::new(counted));
+        let protocols = if upgrade {
+            Protocols::Http1Only
+        } else {
+            Protocols::Any
+        };
+        let mut response = match self
+            .upstream
+            .request(conn.origin.original_dst, protocols, upstream_req)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = format!(
+                    "upstream {host} ({}) failed: {}",
+                    conn.origin.original_dst,
+                    error_chain(&e)
+                );
+                warn!(cgroup = %conn.origin.cgroup, %reason, "upstream failure");
+                let response = json_response(
+                    StatusCode::BAD_GATEWAY,
+                    &error_body("upstream failed", &reason, None, &conn.origin),
+                );
+                let failure = Failure {
+                    kind: EventKind::Request,
+                    reason,
+                    rule: Some(grant.rule.clone()),
+                    side: Side::Upstream,
+                };
+                return Exchange {
+                    response,
+                    host,
+                    grant: Some(grant),
+                    failure: Some(failure),
+                    bytes_in,
+                };
+            }
+        };
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(agent_upgrade) = agent_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(splice_upgrade(agent_upgrade, upstream_upgrade));
+        }
+        let (mut resp_parts, resp_body) = response.into_parts();
+        strip_hop_by_hop(
+            &mut resp_parts.headers,
+            resp_parts.status == StatusCode::SWITCHING_PROTOCOLS,
+        );
+        if !grant.needles.is_empty() && is_encoded(&resp_parts.headers) {
+            // We asked for identity; a compressed body could carry the secret past the scrubber.
+            let reason = format!(
+                "upstream {host} sent an encoded (compressed) response to a request carrying a \
+                 credential; it cannot be checked for the credential, so it is withheld"
+            );
+            warn!(cgroup = %conn.origin.cgroup, %reason, "response withheld");
+            let body = error_body(
+                "response withheld by agent-broker",
+                &reason,
+                Some(&grant.rule),
+                &conn.origin,
+            );
+            let failure = Failure {
+                kind: EventKind::Request,
+                reason,
+                rule: Some(grant.rule.clone()),
+                side: Side::Upstream,
+            };
+            return Exchange {
+                response: json_response(StatusCode::BAD_GATEWAY, &body),
+                host,
+                grant: Some(grant),
+                failure: Some(failure),
+                bytes_in,
+            };
+        }
+        let body = if grant.needles.is_empty() {
+            resp_body.boxed_unsync()
+        } else {
+            let needles = Needles::new(grant.needles.clone());
+            scrub_headers(&mut resp_parts.headers, &needles);
+            // The length changes when a value is replaced.
+            resp_parts.headers.remove(header::CONTENT_LENGTH);
+            scrubbed_body(resp_body, needles.scrubber())
+        };
+        Exchange {
+            response: Response::from_parts(resp_parts, body),
+            host,
+            grant: Some(grant),
+            failure: None,
+            bytes_in,
+        }
+    }
+}
+
+/// One request's result, for [`Proxy::serve_request`].
+pub(super) struct Exchange {
+    response: Response<AgentBody>,
+    host: String,
+    grant: Option<Grant>,
+    /// Set when the request was refused or failed.
+    failure: Option<Failure>,
+    bytes_in: Arc<AtomicU64>,
+}
+
+pub(super) struct Failure {
+    pub(super) kind: EventKind,
+    pub(super) reason: String,
+    pub(super) rule: Option<String>,
+    pub(super) side: Side,
+}
+
+impl Exchange {
+    fn refused(
+        origin: &ConnectionOrigin,
+        host: String,
+        denial: Denial,
+        grant: Option<Grant>,
+    ) -> Self {
+        let failure = Failure {
+            kind: if denial.handle_misuse {
+                EventKind::HandleMisuse
+            } else {
+                EventKind::Denial
+            },
+            reason: denial.reason.clone(),
+            rule: denial.rule.clone(),
+            side: Side::Agent,
+        };
+        Self {
+            response: deny(origin, denial),
+            host,
+            grant,
+            failure: Some(failure),
+            bytes_in: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+/// Reads and discards what is left of a refused request's body: at most [`DRAIN_LIMIT`] bytes,
+/// for at most [`DRAIN_TIME`].
+async fn drain(mut body: Incoming) {
+    let mut read = 0usize;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while read < DRAIN_LIMIT {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+                _ => break,
+            }
+        }
+    })
+    .await;
+}
+
+const DRAIN_LIMIT: usize = 64 * 1024;
+
+const DRAIN_TIME: Duration = Duration::from_secs(1);
