@@ -21,6 +21,8 @@
 //! - [`Canary`]: random secrets that are never printed; [`redact`] hides them (in any common
 //!   encoding) from every text the harness prints.
 //! - [`TestHost`]: a non-loopback host in a network namespace of the test's own.
+//! - [`world`]: the world of the tests against the HTTPS test API (a cgroup, the API, a brokerd
+//!   trusting its CA, a secret in the vault), shared by several test files.
 //!
 //! These tests need root, cgroup v2 and BPF. Without them they fail and say why; they never skip.
 //! Traffic goes only to loopback or into network namespaces the tests create.
@@ -37,6 +39,7 @@ pub mod clients;
 pub mod netns;
 pub mod servers;
 pub mod upstream;
+pub mod world;
 
 use std::{
     io::Read as _,

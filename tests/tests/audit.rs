@@ -1,7 +1,11 @@
 //! Issue 5, the audit log against a real brokerd: what a SIGKILL can lose, and that the chain
-//! still verifies afterwards.
+//! still verifies afterwards. (What the log records for calls, denials and handle misuse, as
+//! `brokerctl logs` and the console show it, is in `console.rs`.)
 //!
-//! Run as root: `cargo test -p agent-broker-tests -- --test-threads=1`.
+//! Needs root, cgroup v2 and BPF (brokerd attaches its programs to the test's cgroup), and
+//! python3.
+//!
+//! Run as root: `cargo test -p agent-broker-tests --test audit -- --test-threads=1`.
 
 use std::{
     io::Read as _,

@@ -11,6 +11,15 @@
 //!
 //! The battery's table is written to `$AGENT_BROKER_BATTERY_OUT/<tier>.txt` (`cargo xtask test`
 //! prints it) or, without that variable, to the test's output.
+//!
+//! Also here: brokerd's own hardening and what `status` and `doctor` report (hooks, processes
+//! started without the launcher), `--require-lsm`, and the launcher's exit codes and refusals.
+//!
+//! Needs root, cgroup v2 and BPF; user namespaces (the second tier); the static `attack-battery`
+//! from `$AGENT_BROKER_ATTACK_BATTERY` or target/static (`cargo xtask build`). BPF LSM is used
+//! where the kernel has it; the `--require-lsm` test checks both cases.
+//!
+//! Run as root: `cargo test -p agent-broker-tests --test bypass -- --test-threads=1`.
 
 use agent_broker_protocol::Decision;
 use std::{

@@ -7,9 +7,14 @@
 //!
 //! brokerd terminates HTTP and decides every request by policy (default deny, loopback is not
 //! special), so the servers here are plain-HTTP loopback servers and each test that expects a
-//! brokered round trip writes a policy allowing exactly those servers before brokerd starts.
+//! brokered round trip writes a policy allowing exactly those servers before brokerd starts. One
+//! test, a process outside every tagged cgroup dialling brokerd's port itself, uses the HTTPS
+//! test API instead (`agent_broker_tests::world`): brokerd serves only what the kernel redirected.
 //!
-//! Run as root: `cargo test -p agent-broker-tests -- --test-threads=1`.
+//! Needs root, cgroup v2 and BPF; python3 and curl; `ip` (iproute2) for the network namespace of
+//! the non-loopback test host.
+//!
+//! Run as root: `cargo test -p agent-broker-tests --test capture -- --test-threads=1`.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpStream},
@@ -21,7 +26,9 @@ use std::{
 use agent_broker_protocol::{ConnectionRecord, Outcome, Request, Response};
 use agent_broker_tests::{
     AgentRun, Broker, HOOKS, Mode, SHORT, TestCgroup, TestHost, TestServer, agent,
-    attached_programs, canon, cgroup_of, require_privileges, spawn_in_cgroup, wait_with_timeout,
+    attached_programs, canon, cgroup_of, redact, require_privileges, spawn_in_cgroup,
+    wait_with_timeout,
+    world::{API, World},
 };
 
 /// A policy for `cgroup` (and below) allowing plain HTTP to exactly these servers.
@@ -782,4 +789,54 @@ fn tcp_rule_passes_a_connection_through_unread() {
         Some(broker.pid()),
         "the server was reached by brokerd, not directly: {accepted:?}"
     );
+}
+
+#[test]
+fn process_outside_tagged_cgroups_dialling_the_broker_port_gets_nothing() {
+    // brokerd is no credential oracle: a local process that is not an agent connects straight
+    // to its listener, asking for api.example.test with the placeholder.
+    let w = World::new();
+    let listener = w
+        .broker
+        .status()
+        .listeners
+        .into_iter()
+        .find(std::net::SocketAddr::is_ipv4)
+        .unwrap_or_else(|| panic!("brokerd reports no IPv4 listener"));
+    let before = w.api.requests().len();
+    let out = agent_broker_tests::run_with_timeout(
+        std::process::Command::new("curl")
+            .args(["-sS", "--noproxy", "*", "--max-time", "10", "--http1.1"])
+            .arg("--cacert")
+            .arg(&w.broker_ca)
+            .arg("--resolve")
+            .arg(format!("{API}:{}:{}", listener.port(), listener.ip()))
+            .args([
+                "-H",
+                &format!("Authorization: Bearer {}", w.placeholder.expose()),
+            ])
+            .args(["-w", "%{stderr}ABTEST status=%{http_code}\\n"])
+            .arg(format!("https://{API}:{}/hash", listener.port())),
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || stderr.contains("ABTEST status=000"),
+        "a direct connection to brokerd's port must be refused: {}\n{}",
+        redact(&String::from_utf8_lossy(&out.stdout)),
+        redact(&stderr)
+    );
+    w.secret.assert_absent(&out.stdout, "curl's stdout");
+    w.secret.assert_absent(&out.stderr, "curl's stderr");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        w.api.requests().len(),
+        before,
+        "the API received a request from a process outside any agent cgroup"
+    );
+    let refused = w.broker.wait_connection("the direct connection", |c| {
+        c.origin.is_none() && matches!(c.outcome, agent_broker_protocol::Outcome::Refused { .. })
+    });
+    assert!(refused.peer.ip().is_loopback(), "{refused:?}");
+    w.assert_no_secret_in_logs();
 }

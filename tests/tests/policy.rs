@@ -13,6 +13,9 @@
 //! never printed; every client output, brokerd's log and every brokerctl output is scanned for
 //! them.
 //!
+//! Needs root, cgroup v2 and BPF (brokerd attaches its programs to the test's cgroup), and curl
+//! (`rfc3339_formats_utc_dates`, a check of this file's date helper, needs nothing).
+//!
 //! Run as root: `cargo test -p agent-broker-tests --test policy -- --test-threads=1`.
 
 use std::{
