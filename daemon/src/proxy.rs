@@ -14,6 +14,8 @@
 pub mod accept;
 mod authorizer;
 mod body;
+#[cfg(test)]
+mod component_tests;
 mod exchange;
 mod http;
 mod record;

@@ -1,0 +1,35 @@
+//! Component tests of the proxy, without root or BPF: [`Proxy::serve`] is driven over loopback
+//! TCP with a made-up [`ConnectionOrigin`], a test [`Authorizer`] and a test [`EventSink`],
+//! against an in-process HTTPS upstream with a CA of its own, by an in-process rustls/hyper
+//! agent that trusts the broker CA.
+//!
+//! Secrets are random per test and never printed: assertions compare bytes, and failure
+//! messages show lengths and SHA-256 digests only.
+//!
+//! The crate paths this suite depends on are all imported here, so a move of the proxy or its
+//! neighbours means re-pointing these lines only.
+
+use agent_broker_protocol::{AuditEvent, EventKind, Side};
+
+use agent_broker_core::cgroup::{CgroupId, CgroupPath};
+
+use crate::{
+    audit::EventSink,
+    capture::ConnectionOrigin,
+    proxy::{
+        Authorizer, Completion, ConnectionVerdict, Denial, Grant, Proxy, RequestFacts,
+        scrub::PLACEHOLDER,
+        tls::{BrokerCa, LeafMinter},
+        upstream::Upstream,
+    },
+};
+
+mod harness;
+
+mod connections;
+mod denials;
+mod encodings;
+mod hosts;
+mod injection;
+mod scrubbing;
+mod upgrades;

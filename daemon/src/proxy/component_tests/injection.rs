@@ -1,0 +1,150 @@
+//! Injection: the upstream receives the value the authorizer wrote, never the agent's own, and
+//! the exchange is recorded by secret name only. Runs on every agent/upstream protocol pair.
+
+use agent_broker_protocol::Decision;
+use bytes::Bytes;
+use http::{StatusCode, Version, header};
+use http_body_util::Full;
+
+use super::{
+    EventKind, Side,
+    harness::{
+        Agent, AgentProto, Broker, HOST, OTHER, Offer, RULE, SECRET_NAME, Setup, TestAuthorizer,
+        TestSecret, TestUpstream, answer, assert_origin, random_token, sha256_hex,
+    },
+};
+
+const REQUEST_BODY: &[u8] = b"{\"model\":\"test\",\"input\":\"hello\"}";
+
+async fn injected(proto: AgentProto, offer: Offer) {
+    let secret = TestSecret::generate();
+    let setup = Setup::start(
+        offer,
+        answer("hello from upstream"),
+        TestAuthorizer::injecting(&secret),
+    )
+    .await;
+    let mut agent = setup.agent(proto).await;
+    let own = format!("Bearer {}", random_token("agent-own-"));
+    let mut req = agent
+        .request("POST", HOST, "/v1/responses")
+        .header(header::AUTHORIZATION, own.as_str())
+        .header("x-agent", "kept")
+        // Credentials for a proxy are hop-by-hop: never forwarded.
+        .header(header::PROXY_AUTHORIZATION, "Basic cHJveHk6cGFzcw==");
+    if proto == AgentProto::H1 {
+        // Headers named in Connection are hop-by-hop too (HTTP/2 has no Connection header).
+        req = req
+            .header(header::CONNECTION, "keep-alive, x-hop")
+            .header("x-hop", "1");
+    }
+    let req = req
+        .body(Full::new(Bytes::from_static(REQUEST_BODY)))
+        .expect("request");
+    let got = agent.fetch(req).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body, b"hello from upstream");
+
+    let want_version = match offer {
+        Offer::H2 => Version::HTTP_2,
+        Offer::H1 | Offer::Plain => Version::HTTP_11,
+    };
+    setup.upstream.single(|seen| {
+        assert_eq!(
+            seen.version, want_version,
+            "the upstream protocol ALPN chose"
+        );
+        assert_eq!(seen.method, http::Method::POST);
+        assert_eq!(seen.target, "/v1/responses");
+        // Exactly the injected value: the agent's own is gone.
+        assert_eq!(
+            seen.header_digests("authorization"),
+            [sha256_hex(secret.bearer().as_bytes())],
+            "the upstream sees the injected Authorization only"
+        );
+        assert!(
+            !seen
+                .header_digests("authorization")
+                .contains(&sha256_hex(own.as_bytes()))
+        );
+        assert_eq!(seen.header("x-agent"), ["kept"]);
+        assert!(seen.header("proxy-authorization").is_empty());
+        assert!(seen.header("x-hop").is_empty());
+        assert!(seen.header("connection").is_empty());
+        assert_eq!(
+            seen.header("host").len(),
+            usize::from(want_version == Version::HTTP_11)
+        );
+    });
+
+    let event = setup.broker.events.single().await;
+    assert_eq!(event.kind, Some(EventKind::Request));
+    assert_eq!(event.decision, Some(Decision::Allow));
+    assert_eq!(event.rule.as_deref(), Some(RULE));
+    assert_eq!(event.secrets, [SECRET_NAME], "the secret by name");
+    assert_eq!(event.status, Some(200));
+    assert_eq!(event.bytes_in, REQUEST_BODY.len() as u64);
+    assert_eq!(event.bytes_out, b"hello from upstream".len() as u64);
+    assert_origin(&event, setup.upstream.addr);
+    setup.broker.events.assert_no_secret(&secret);
+
+    let done = setup.broker.authorizer.completions(1).await;
+    assert_eq!(done[0].bytes_in, REQUEST_BODY.len() as u64);
+    assert_eq!(done[0].bytes_out, b"hello from upstream".len() as u64);
+    assert_eq!(done[0].body, b"hello from upstream", "the captured body");
+}
+
+#[tokio::test]
+async fn injection_h1_agent_to_h1_upstream() {
+    injected(AgentProto::H1, Offer::H1).await;
+}
+
+#[tokio::test]
+async fn injection_h1_agent_to_h2_upstream() {
+    injected(AgentProto::H1, Offer::H2).await;
+}
+
+#[tokio::test]
+async fn injection_h2_agent_to_h1_upstream() {
+    injected(AgentProto::H2, Offer::H1).await;
+}
+
+#[tokio::test]
+async fn injection_h2_agent_to_h2_upstream() {
+    injected(AgentProto::H2, Offer::H2).await;
+}
+
+/// The secret goes only to an upstream whose certificate verifies for the agreed host: here
+/// the upstream's certificate does not name it, so the handshake fails and nothing is sent.
+#[tokio::test]
+async fn a_secret_never_goes_to_an_upstream_whose_certificate_does_not_verify() {
+    let secret = TestSecret::generate();
+    let upstream = TestUpstream::start(Offer::H2, answer("never")).await;
+    let broker = Broker::start(
+        TestAuthorizer::injecting(&secret),
+        &upstream.ca_pem,
+        upstream.addr,
+    )
+    .await;
+    // The broker mints a leaf for any SNI; the upstream's leaf covers HOST only.
+    let mut agent = Agent::tls(&broker, OTHER, AgentProto::H1).await;
+    let req = agent
+        .request("GET", OTHER, "/")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let got = agent.fetch(req).await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    let json = got.json();
+    assert_eq!(json["error"], "upstream failed");
+    let reason = json["reason"].as_str().expect("reason");
+    assert!(reason.contains("TLS handshake failed"), "{reason}");
+    assert_eq!(upstream.count(), 0, "no request reached the upstream");
+
+    let event = broker.events.single().await;
+    assert_eq!(event.kind, Some(EventKind::Request));
+    assert_eq!(event.decision, Some(Decision::Allow));
+    assert_eq!(event.side, Some(Side::Upstream));
+    assert_eq!(event.status, Some(502));
+    assert_eq!(event.secrets, [SECRET_NAME]);
+    broker.events.assert_no_secret(&secret);
+}
