@@ -44,40 +44,69 @@ pub enum ConfigError {
 /// The longest spin window accepted: beyond a millisecond spinning only burns CPU.
 pub const MAX_SPIN_US: u64 = 1_000;
 
-/// The settings a config file may hold; every field optional, unknown fields refused.
-#[derive(Debug, Default, Deserialize)]
+/// brokerd's settings, declared once: each is a command-line flag (`--spin-us`) and a key of
+/// the TOML config file (`spin_us = 0`), with the same meaning; the doc comment is the flag's
+/// help. Every field is optional; [`Config::layer`] puts flags over the file over defaults.
+#[derive(Debug, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// Directory for the vault, the CA and the audit log.
+pub struct Settings {
+    /// State directory (vault, CA, audit log) [default: /var/lib/agent-broker].
+    #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Directory for the control socket.
+    /// Run directory holding the control socket control.sock [default: /run/agent-broker].
+    #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
-    /// Directory of policy files.
+    /// Policy directory [default: /etc/agent-broker/policies].
+    #[arg(long, value_name = "DIR")]
     pub policy_dir: Option<PathBuf>,
-    /// bpffs directory for pinned maps and links.
+    /// bpffs directory for pinned maps and links; bpffs is mounted at /sys/fs/bpf when needed
+    /// [default: /sys/fs/bpf/agent-broker].
+    #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
-    /// Loopback addresses to accept redirected connections on.
-    pub listen: Option<Vec<SocketAddr>>,
-    /// Extra PEM files of CAs trusted for upstream servers, beside the system roots.
-    pub upstream_ca: Option<Vec<PathBuf>>,
+    /// Loopback address for redirected connections; repeat for IPv4 and IPv6. All share one
+    /// port; port 0 picks a free one [default: 127.0.0.1:15001 and [::1]:15001].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(default)]
+    pub listen: Vec<SocketAddr>,
+    /// PEM file of a CA to trust for upstream servers, beside the system roots (repeatable).
+    #[arg(long, value_name = "FILE")]
+    #[serde(default)]
+    pub upstream_ca: Vec<PathBuf>,
     /// Read the vault master key from the systemd credential `agent-broker-master-key`
-    /// instead of `<state_dir>/master.key`.
-    pub master_key_credential: Option<bool>,
-    /// Remove audit records older than this many days.
+    /// ($CREDENTIALS_DIRECTORY) instead of <state-dir>/master.key.
+    #[arg(long)]
+    #[serde(default)]
+    pub master_key_credential: bool,
+    /// Remove audit records older than DAYS [default: keep all].
+    #[arg(long, value_name = "DAYS")]
     pub audit_max_age_days: Option<u64>,
-    /// Keep at most this many audit records.
+    /// Keep at most N audit records, removing the oldest [default: keep all].
+    #[arg(long, value_name = "N")]
     pub audit_max_records: Option<u64>,
-    /// UDP port of the DNS listener agents' DNS is redirected to (0 picks one).
+    /// UDP port of the DNS listener, on the listen addresses: agents' DNS (to any resolver on
+    /// port 53) is redirected there and answered only for names their policy allows; port 0
+    /// picks a free one [default: 15053].
+    #[arg(long, value_name = "PORT")]
     pub dns_port: Option<u16>,
-    /// Resolvers brokerd forwards allowed DNS queries to (default: /etc/resolv.conf).
-    pub dns_upstream: Option<Vec<SocketAddr>>,
-    /// Refuse to start unless the optional BPF LSM programs load.
-    pub require_lsm: Option<bool>,
-    /// How long a proxy thread keeps polling after a request before it sleeps, in µs (0: never).
+    /// Resolver to forward allowed DNS queries to (repeatable) [default: the nameservers of
+    /// /etc/resolv.conf].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(default)]
+    pub dns_upstream: Vec<SocketAddr>,
+    /// Refuse to start unless the optional BPF LSM programs load (they add a socket-family and
+    /// ptrace check in the kernel; many kernels do not allow them, and every protection brokerd
+    /// promises holds without them).
+    #[arg(long)]
+    #[serde(default)]
+    pub require_lsm: bool,
+    /// After each request a proxy thread keeps polling its sockets for this long (µs) before
+    /// it sleeps, so the upstream's answer and the agent's next request do not wait for a
+    /// wake-up; 0 turns it off, at most 1000 [default: 100].
+    #[arg(long, value_name = "MICROSECONDS")]
     pub spin_us: Option<u64>,
 }
 
-impl FileConfig {
+impl Settings {
     /// Reads and parses a TOML config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -89,24 +118,6 @@ impl FileConfig {
             message: e.to_string(),
         })
     }
-}
-
-/// Settings given on the command line; each overrides the file.
-#[derive(Debug, Default)]
-pub struct CliConfig {
-    pub state_dir: Option<PathBuf>,
-    pub run_dir: Option<PathBuf>,
-    pub policy_dir: Option<PathBuf>,
-    pub pin_dir: Option<PathBuf>,
-    pub listen: Vec<SocketAddr>,
-    pub upstream_ca: Vec<PathBuf>,
-    pub master_key_credential: bool,
-    pub audit_max_age_days: Option<u64>,
-    pub audit_max_records: Option<u64>,
-    pub dns_port: Option<u16>,
-    pub dns_upstream: Vec<SocketAddr>,
-    pub require_lsm: bool,
-    pub spin_us: Option<u64>,
 }
 
 /// Validated configuration.
@@ -137,7 +148,9 @@ pub struct Config {
 
 impl Config {
     /// Layers CLI over file over defaults and validates the result.
-    pub fn layer(cli: CliConfig, file: FileConfig) -> Result<Self, ConfigError> {
+    /// A list given on the command line replaces the file's, except `upstream_ca`, which adds
+    /// to it; a flag switched on on either side is on.
+    pub fn layer(cli: Settings, file: Settings) -> Result<Self, ConfigError> {
         let dir = |name, cli: Option<PathBuf>, file: Option<PathBuf>, default: &str| {
             let p = cli.or(file).unwrap_or_else(|| PathBuf::from(default));
             if p.is_absolute() {
@@ -148,8 +161,8 @@ impl Config {
         };
         let listen = if !cli.listen.is_empty() {
             cli.listen
-        } else if let Some(l) = file.listen {
-            l
+        } else if !file.listen.is_empty() {
+            file.listen
         } else {
             DEFAULT_LISTEN
                 .iter()
@@ -174,26 +187,24 @@ impl Config {
             listen,
             upstream_ca: file
                 .upstream_ca
-                .unwrap_or_default()
                 .into_iter()
                 .chain(cli.upstream_ca)
                 .collect(),
-            master_key_credential: cli.master_key_credential
-                || file.master_key_credential.unwrap_or(false),
+            master_key_credential: cli.master_key_credential || file.master_key_credential,
             audit_retention: crate::audit::Retention {
                 max_age: cli
                     .audit_max_age_days
                     .or(file.audit_max_age_days)
-                    .map(|d| std::time::Duration::from_secs(d.saturating_mul(86_400))),
+                    .map(|days| std::time::Duration::from_secs(days.saturating_mul(24 * 60 * 60))),
                 max_records: cli.audit_max_records.or(file.audit_max_records),
             },
             dns_port: cli.dns_port.or(file.dns_port).unwrap_or(DEFAULT_DNS_PORT),
             dns_upstream: if cli.dns_upstream.is_empty() {
-                file.dns_upstream.unwrap_or_default()
+                file.dns_upstream
             } else {
                 cli.dns_upstream
             },
-            require_lsm: cli.require_lsm || file.require_lsm.unwrap_or(false),
+            require_lsm: cli.require_lsm || file.require_lsm,
             spin: match cli.spin_us.or(file.spin_us) {
                 None => crate::proxy::spin::DEFAULT_WINDOW,
                 Some(got) if got > MAX_SPIN_US => {
@@ -207,6 +218,9 @@ impl Config {
         };
         if config.audit_retention.max_records == Some(0) {
             return Err(ConfigError::Audit("audit_max_records must be at least 1"));
+        }
+        if config.audit_retention.max_age == Some(std::time::Duration::ZERO) {
+            return Err(ConfigError::Audit("audit_max_age_days must be at least 1"));
         }
         config.validate_listen()?;
         Ok(config)
@@ -257,7 +271,7 @@ mod tests {
 
     #[test]
     fn defaults_are_embedded() {
-        let c = Config::layer(CliConfig::default(), FileConfig::default()).expect("defaults");
+        let c = Config::layer(Settings::default(), Settings::default()).expect("defaults");
         assert_eq!(c.run_dir, PathBuf::from(DEFAULT_RUN_DIR));
         assert_eq!(c.listen.len(), 2);
         assert!(
@@ -269,9 +283,9 @@ mod tests {
 
     #[test]
     fn cli_overrides_file_overrides_defaults() {
-        let file: FileConfig =
+        let file: Settings =
             toml::from_str("run_dir = \"/from/file\"\nstate_dir = \"/state\"").expect("toml");
-        let cli = CliConfig {
+        let cli = Settings {
             run_dir: Some("/from/cli".into()),
             ..Default::default()
         };
@@ -283,7 +297,7 @@ mod tests {
 
     #[test]
     fn unknown_file_fields_are_refused() {
-        assert!(toml::from_str::<FileConfig>("listne = []").is_err());
+        assert!(toml::from_str::<Settings>("listne = []").is_err());
     }
 
     #[test]
@@ -295,44 +309,74 @@ mod tests {
             vec!["[::1]:15001"],
             vec!["127.0.0.1:1", "127.0.0.2:1"],
         ] {
-            let cli = CliConfig {
+            let cli = Settings {
                 listen: listen.iter().map(|s| s.parse().expect("addr")).collect(),
                 ..Default::default()
             };
-            let err = Config::layer(cli, FileConfig::default()).expect_err("refused");
+            let err = Config::layer(cli, Settings::default()).expect_err("refused");
             assert!(err.to_string().contains("invalid listen address"), "{err}");
         }
     }
 
     #[test]
+    fn zero_audit_retention_is_refused_before_anything_opens() {
+        for toml_text in ["audit_max_age_days = 0", "audit_max_records = 0"] {
+            let file: Settings = toml::from_str(toml_text).expect("toml");
+            let err = Config::layer(Settings::default(), file).expect_err("refused");
+            assert!(err.to_string().contains("at least 1"), "{toml_text}: {err}");
+        }
+    }
+
+    #[test]
+    fn flags_and_file_keys_are_one_declaration() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let cli = Cli::try_parse_from(["brokerd", "--spin-us", "7", "--listen", "127.0.0.1:0"])
+            .expect("flags")
+            .settings;
+        let file: Settings =
+            toml::from_str("spin_us = 9\nlisten = [\"127.0.0.1:0\"]\nrequire_lsm = true")
+                .expect("toml");
+        assert_eq!((cli.spin_us, file.spin_us), (Some(7), Some(9)));
+        assert_eq!(cli.listen, file.listen);
+        let c = Config::layer(cli, file).expect("layer");
+        assert_eq!(c.spin, std::time::Duration::from_micros(7));
+        assert!(c.require_lsm, "a switch on either side is on");
+    }
+
+    #[test]
     fn relative_dirs_are_refused() {
-        let cli = CliConfig {
+        let cli = Settings {
             run_dir: Some("run".into()),
             ..Default::default()
         };
-        let err = Config::layer(cli, FileConfig::default()).expect_err("refused");
+        let err = Config::layer(cli, Settings::default()).expect_err("refused");
         assert!(err.to_string().contains("--run-dir"), "{err}");
     }
 
     #[test]
     fn the_spin_window_is_layered_and_bounded() {
-        let default = Config::layer(CliConfig::default(), FileConfig::default()).expect("layer");
+        let default = Config::layer(Settings::default(), Settings::default()).expect("layer");
         assert_eq!(default.spin, crate::proxy::spin::DEFAULT_WINDOW);
-        let file: FileConfig = toml::from_str("spin_us = 0").expect("toml");
-        let off = Config::layer(CliConfig::default(), file).expect("layer");
+        let file: Settings = toml::from_str("spin_us = 0").expect("toml");
+        let off = Config::layer(Settings::default(), file).expect("layer");
         assert!(off.spin.is_zero());
-        let cli = CliConfig {
+        let cli = Settings {
             spin_us: Some(250),
             ..Default::default()
         };
-        let file: FileConfig = toml::from_str("spin_us = 0").expect("toml");
+        let file: Settings = toml::from_str("spin_us = 0").expect("toml");
         let c = Config::layer(cli, file).expect("layer");
         assert_eq!(c.spin, std::time::Duration::from_micros(250));
-        let cli = CliConfig {
+        let cli = Settings {
             spin_us: Some(MAX_SPIN_US + 1),
             ..Default::default()
         };
-        let err = Config::layer(cli, FileConfig::default()).expect_err("refused");
+        let err = Config::layer(cli, Settings::default()).expect_err("refused");
         assert!(
             err.to_string().contains("spin_us must be at most 1000"),
             "{err}"
