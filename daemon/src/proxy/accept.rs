@@ -155,12 +155,12 @@ pub async fn run_worker(mut rx: mpsc::UnboundedReceiver<Accepted>, shared: Arc<S
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            handle(stream, peer, &shared).await;
+            serve_connection(stream, peer, &shared).await;
         });
     }
 }
 
-async fn handle(agent: TcpStream, peer: SocketAddr, shared: &Shared) {
+async fn serve_connection(agent: TcpStream, peer: SocketAddr, shared: &Shared) {
     let (resolver, recent, listeners) = (&shared.resolver, &shared.recent, &shared.listeners);
     let time_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -202,7 +202,15 @@ impl hyper::body::Body for Scrubbed {
                         }
                         // All of it held back (it may be the start of a secret): read on.
                     }
-                    Err(trailers) => {
+                    Err(frame) => {
+                        // Trailers are headers too: an upstream may echo a secret in them.
+                        let trailers = match frame.into_trailers() {
+                            Ok(mut trailers) => {
+                                scrub_headers(&mut trailers, active.needles());
+                                Frame::trailers(trailers)
+                            }
+                            Err(other) => other,
+                        };
                         // Flush what is held back before the trailers.
                         let rest = this.finish_scrubbing();
                         if rest.is_empty() {

@@ -193,7 +193,6 @@ impl Scrubber {
     }
 
     /// The needles this scrubber replaces.
-    #[cfg(test)]
     pub fn needles(&self) -> &Needles {
         &self.needles
     }

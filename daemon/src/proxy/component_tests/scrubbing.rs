@@ -292,3 +292,34 @@ async fn h2_trailers_follow_the_scrubbed_body() {
         Some(b"0".as_slice())
     );
 }
+
+/// Invariant 1 covers trailers too: an h2 upstream that echoes the injected header in a
+/// trailer has it scrubbed there, like in the response head.
+#[tokio::test]
+async fn a_secret_echoed_in_h2_trailers_never_reaches_the_agent() {
+    let secret = TestSecret::generate();
+    let bearer = secret.bearer().to_string();
+    let upstream = handler(move |_req| {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-echo", HeaderValue::from_str(&bearer).expect("value"));
+        async move { streamed(vec![Step::Data(b"body".to_vec()), Step::Trailers(trailers)]) }
+    });
+    let setup = Setup::start(Offer::H2, upstream, TestAuthorizer::injecting(&secret)).await;
+    let mut agent = setup.agent(AgentProto::H2).await;
+    let req = agent
+        .request("GET", HOST, "/")
+        .header(header::TE, "trailers")
+        .body(empty())
+        .expect("request");
+    let got = agent.fetch(req).await;
+    assert_eq!(got.body, b"body");
+    let trailers = got.trailers.expect("the trailers arrive");
+    let echo = trailers.get("x-echo").expect("the echoed trailer arrives");
+    assert_no_secret(echo.as_bytes(), &secret, "a trailer");
+    assert!(
+        echo.as_bytes()
+            .windows(PLACEHOLDER.len())
+            .any(|w| w == PLACEHOLDER),
+        "the secret is replaced by the placeholder"
+    );
+}
