@@ -43,6 +43,34 @@ pub use answered::AnsweredNames;
 use crate::{audit::EventSink, capture::ConnectionOrigin};
 use agent_broker_core::policy::Policy;
 
+/// Why one upstream resolver gave no usable answer.
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out")]
+    TimedOut,
+    #[error("query too long")]
+    QueryTooLong,
+    #[error("answer with another id")]
+    OtherId,
+    #[error("unreadable answer: {0}")]
+    Unreadable(hickory_proto::serialize::binary::DecodeError),
+    #[error("the answer is not for the question asked")]
+    OtherQuestion,
+}
+
+/// Why a query could not be forwarded; the reason goes into the DNS audit record.
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("no upstream resolver configured")]
+    NoUpstream,
+    #[error("more than {MAX_IN_FLIGHT} queries in flight")]
+    Busy,
+    #[error("{}", .0.iter().map(|(upstream, e)| format!("{upstream}: {e}")).collect::<Vec<_>>().join("; "))]
+    Failed(Vec<(SocketAddr, ExchangeError)>),
+}
+
 /// How long one upstream resolver gets to answer.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Upper bound on queries being forwarded at once; more get SERVFAIL.
@@ -179,7 +207,8 @@ impl DnsServer {
                     self.remember(origin, &question, &reply);
                     reply
                 }
-                Err(reason) => {
+                Err(e) => {
+                    let reason = e.to_string();
                     warn!(name = %question.name, %reason, "DNS query failed upstream");
                     event.reason = Some(reason);
                     reply_with(&question, ResponseCode::ServFail)
@@ -204,13 +233,13 @@ impl DnsServer {
         query: &[u8],
         question: &Question,
         transport: Transport,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, ForwardError> {
         if self.upstreams.is_empty() {
-            return Err("no upstream resolver configured".into());
+            return Err(ForwardError::NoUpstream);
         }
         if self.in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(format!("more than {MAX_IN_FLIGHT} queries in flight"));
+            return Err(ForwardError::Busy);
         }
         let result = self.forward_inner(query, question, transport).await;
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -222,7 +251,7 @@ impl DnsServer {
         query: &[u8],
         question: &Question,
         transport: Transport,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, ForwardError> {
         let mut errors = Vec::new();
         for upstream in &self.upstreams {
             let id: u16 = rand_id();
@@ -242,10 +271,10 @@ impl DnsServer {
                     reply[..2].copy_from_slice(&question.id.to_be_bytes());
                     return Ok(reply);
                 }
-                Err(e) => errors.push(format!("{upstream}: {e}")),
+                Err(e) => errors.push((*upstream, e)),
             }
         }
-        Err(errors.join("; "))
+        Err(ForwardError::Failed(errors))
     }
 
     fn remember(&self, origin: &ConnectionOrigin, question: &Question, reply: &[u8]) {
@@ -422,8 +451,8 @@ fn is_truncated(reply: &[u8]) -> bool {
 }
 
 /// The upstream's reply if it answers `question` (same name and type); otherwise an error.
-fn same_question(reply: Vec<u8>, question: &Question) -> Result<Vec<u8>, String> {
-    let message = Message::from_vec(&reply).map_err(|e| format!("unreadable answer: {e}"))?;
+fn same_question(reply: Vec<u8>, question: &Question) -> Result<Vec<u8>, ExchangeError> {
+    let message = Message::from_vec(&reply).map_err(ExchangeError::Unreadable)?;
     let matches = message.queries.len() == 1 && {
         let q = &message.queries[0];
         let name = q.name().to_ascii();
@@ -431,7 +460,7 @@ fn same_question(reply: Vec<u8>, question: &Question) -> Result<Vec<u8>, String>
         name == question.name && q.query_type() == question.qtype
     };
     if message.metadata.message_type != MessageType::Response || !matches {
-        return Err("the answer is not for the question asked".into());
+        return Err(ExchangeError::OtherQuestion);
     }
     Ok(reply)
 }
@@ -459,22 +488,25 @@ fn truncate_for_udp(reply: Vec<u8>, query: &[u8]) -> Vec<u8> {
     }
 }
 
-async fn udp_exchange(upstream: SocketAddr, query: &[u8], id: u16) -> Result<Vec<u8>, String> {
+async fn udp_exchange(
+    upstream: SocketAddr,
+    query: &[u8],
+    id: u16,
+) -> Result<Vec<u8>, ExchangeError> {
     let bind: SocketAddr = if upstream.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
         ([0u16; 8], 0).into()
     };
-    let socket = UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
-    socket.connect(upstream).await.map_err(|e| e.to_string())?;
-    socket.send(query).await.map_err(|e| e.to_string())?;
+    let socket = UdpSocket::bind(bind).await?;
+    socket.connect(upstream).await?;
+    socket.send(query).await?;
     let mut buf = vec![0u8; MAX_MESSAGE];
     let deadline = tokio::time::Instant::now() + UPSTREAM_TIMEOUT;
     loop {
         let len = tokio::time::timeout_at(deadline, socket.recv(&mut buf))
             .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| ExchangeError::TimedOut)??;
         // Ignore anything that is not the answer to this query (spoofing, stale replies).
         if len >= 12 && u16::from_be_bytes([buf[0], buf[1]]) == id {
             buf.truncate(len);
@@ -483,33 +515,29 @@ async fn udp_exchange(upstream: SocketAddr, query: &[u8], id: u16) -> Result<Vec
     }
 }
 
-async fn tcp_exchange(upstream: SocketAddr, query: &[u8], id: u16) -> Result<Vec<u8>, String> {
+async fn tcp_exchange(
+    upstream: SocketAddr,
+    query: &[u8],
+    id: u16,
+) -> Result<Vec<u8>, ExchangeError> {
     let exchange = async {
-        let mut stream = TcpStream::connect(upstream)
-            .await
-            .map_err(|e| e.to_string())?;
-        let len = u16::try_from(query.len()).map_err(|_| "query too long".to_string())?;
+        let mut stream = TcpStream::connect(upstream).await?;
+        let len = u16::try_from(query.len()).map_err(|_| ExchangeError::QueryTooLong)?;
         let mut framed = len.to_be_bytes().to_vec();
         framed.extend_from_slice(query);
-        stream.write_all(&framed).await.map_err(|e| e.to_string())?;
+        stream.write_all(&framed).await?;
         let mut len = [0u8; 2];
-        stream
-            .read_exact(&mut len)
-            .await
-            .map_err(|e| e.to_string())?;
+        stream.read_exact(&mut len).await?;
         let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        stream
-            .read_exact(&mut reply)
-            .await
-            .map_err(|e| e.to_string())?;
+        stream.read_exact(&mut reply).await?;
         if reply.len() < 12 || u16::from_be_bytes([reply[0], reply[1]]) != id {
-            return Err("answer with another id".to_string());
+            return Err(ExchangeError::OtherId);
         }
         Ok(reply)
     };
     tokio::time::timeout(UPSTREAM_TIMEOUT, exchange)
         .await
-        .map_err(|_| "timed out".to_string())?
+        .map_err(|_| ExchangeError::TimedOut)?
 }
 
 fn rand_id() -> u16 {

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use agent_broker_core::policy::Policy;
+use agent_broker_core::policy::{Policy, PolicyError};
 
 /// How often the directory is checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -124,7 +124,7 @@ impl PolicyStore {
 
     /// Loads the directory now. On success the new policy is active; on failure the previous
     /// one stays and the error is returned (and kept for status).
-    pub fn reload(&self) -> Result<usize, String> {
+    pub fn reload(&self) -> Result<usize, PolicyError> {
         let fp = fingerprint(&self.dir);
         if let Ok(mut f) = self.fingerprint.lock() {
             *f = fp;
@@ -151,7 +151,7 @@ impl PolicyStore {
                     s.error = Some(message.clone());
                 }
                 self.report(Err(&message));
-                Err(message)
+                Err(e)
             }
         }
     }
@@ -178,7 +178,7 @@ impl PolicyStore {
     }
 }
 
-fn load(dir: &Path) -> Result<Policy, agent_broker_core::policy::PolicyError> {
+fn load(dir: &Path) -> Result<Policy, PolicyError> {
     if !dir.exists() {
         return Ok(Policy::empty());
     }
@@ -226,7 +226,7 @@ mod tests {
             "cgroup = \"agents/a\"\n[[allow]]\nhots = 1\n",
         )
         .expect("write");
-        let err = store.reload().expect_err("bad file");
+        let err = error_chain(&store.reload().expect_err("bad file"));
         assert!(err.contains("a.toml") && err.contains(":3"), "{err}");
         assert!(
             Arc::ptr_eq(&before, &store.current()),
@@ -235,7 +235,7 @@ mod tests {
         assert_eq!(store.state().error.as_deref(), Some(err.as_str()));
 
         std::fs::write(dir.path().join("a.toml"), GOOD).expect("write");
-        assert_eq!(store.reload(), Ok(1));
+        assert_eq!(store.reload().ok(), Some(1));
         assert!(store.state().error.is_none());
     }
 

@@ -54,9 +54,7 @@ pub async fn attach(state: &ControlState, cgroup: String, create: bool) -> Respo
         Ok((cgroup, already)) => {
             if !already {
                 let kind = EventKind::Attach;
-                state
-                    .events
-                    .record(operator_event(kind, Some(name), Ok(())));
+                state.events.record(operator_event(kind, name));
             }
             Response::Attached { cgroup, already }
         }
@@ -75,7 +73,7 @@ pub async fn detach(state: &ControlState, cgroup: String) -> Response {
             let kind = EventKind::Detach;
             state
                 .events
-                .record(operator_event(kind, Some(cgroup.to_string()), Ok(())));
+                .record(operator_event(kind, cgroup.to_string()));
             Response::Detached {
                 cgroup: cgroup.to_string(),
             }
@@ -98,25 +96,17 @@ fn policy_status(store: &PolicyStore) -> PolicyStatus {
     }
 }
 
-/// An operator action, as an audit event.
-fn operator_event(
-    kind: EventKind,
-    cgroup: Option<String>,
-    outcome: Result<(), String>,
-) -> AuditEvent {
-    let (decision, reason) = match outcome {
-        Ok(()) => (Decision::Allow, None),
-        Err(reason) => (Decision::Deny, Some(reason)),
-    };
+/// An operator action that was carried out (attach, detach), as an audit event. A refused one
+/// is answered with its error and changes nothing, so it is not recorded.
+fn operator_event(kind: EventKind, cgroup: String) -> AuditEvent {
     AuditEvent {
         time_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
         kind: Some(kind),
-        cgroup,
-        decision: Some(decision),
-        reason,
+        cgroup: Some(cgroup),
+        decision: Some(Decision::Allow),
         side: Some(Side::Broker),
         ..Default::default()
     }

@@ -3,7 +3,7 @@
 
 use std::time::SystemTime;
 
-use agent_broker_core::{cgroup::CgroupPath, policy::Policy};
+use agent_broker_core::{cgroup::CgroupPath, fmt::error_chain, policy::Policy};
 use agent_broker_protocol::{ErrorKind, Response};
 
 use super::{ControlState, reply::error};
@@ -13,7 +13,7 @@ pub async fn reload(state: &ControlState) -> Response {
     let store = state.policy.clone();
     match tokio::task::spawn_blocking(move || store.reload()).await {
         Ok(Ok(files)) => Response::PolicyReloaded { files },
-        Ok(Err(message)) => error(ErrorKind::BadRequest, message),
+        Ok(Err(e)) => error(ErrorKind::BadRequest, error_chain(&e)),
         Err(e) => error(ErrorKind::Internal, format!("reload task failed: {e}")),
     }
 }

@@ -96,17 +96,12 @@ impl Proxy {
     ) -> Exchange {
         let bytes_in = Arc::new(AtomicU64::new(0));
         if let Err(reason) = check_request_shape(&parts) {
-            return Exchange::refused(&conn.origin, String::new(), Denial::forbidden(reason), None);
+            return Exchange::refused(&conn.origin, String::new(), Denial::from(reason), None);
         }
         let host = match request_host(&parts, conn) {
             Ok(h) => h,
             Err(reason) => {
-                return Exchange::refused(
-                    &conn.origin,
-                    String::new(),
-                    Denial::forbidden(reason),
-                    None,
-                );
+                return Exchange::refused(&conn.origin, String::new(), Denial::from(reason), None);
             }
         };
         let port = conn.origin.original_dst.port();
@@ -134,7 +129,7 @@ impl Proxy {
             !grant.needles.is_empty(),
             upgrade,
         ) {
-            return Exchange::refused(&conn.origin, host, Denial::forbidden(reason), Some(grant));
+            return Exchange::refused(&conn.origin, host, Denial::from(reason), Some(grant));
         }
         let Some(inner) = body.take() else {
             let denial = Denial::forbidden("the request body was already consumed");

@@ -4,15 +4,48 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri, header, request::Parts};
 
-use super::serve::Conn;
+use super::{Denial, serve::Conn};
+
+/// Why a request is refused before anyone decides about it. The message is for the agent.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Refusal {
+    #[error("the Host header is not valid text")]
+    HostNotText,
+    #[error("the request names two hosts: :authority {authority} and Host {host}")]
+    TwoHosts { authority: String, host: String },
+    #[error("the request names no host (no Host header)")]
+    NoHost,
+    #[error("the request names an empty host")]
+    EmptyHost,
+    #[error("the request is for host {host} but {what} is {expected}; they must agree")]
+    HostMismatch {
+        host: String,
+        what: &'static str,
+        expected: String,
+    },
+    #[error("CONNECT tunnels are not brokered; make the request directly")]
+    Connect,
+    #[error("TRACE is not allowed through the broker")]
+    Trace,
+    #[error("only WebSocket upgrades are brokered")]
+    Upgrade,
+    #[error("cannot build the upstream URI: {0}")]
+    UpstreamUri(http::Error),
+}
+
+impl From<Refusal> for Denial {
+    fn from(refusal: Refusal) -> Self {
+        Denial::forbidden(refusal.to_string())
+    }
+}
 
 /// The host a request is for, after checking that SNI, Host and :authority agree.
-pub(super) fn request_host(parts: &Parts, conn: &Conn) -> Result<String, String> {
+pub(super) fn request_host(parts: &Parts, conn: &Conn) -> Result<String, Refusal> {
     let authority = parts.uri.authority().map(|a| a.host().to_ascii_lowercase());
     let host_header = match parts.headers.get(header::HOST) {
         Some(v) => Some(
             v.to_str()
-                .map_err(|_| "the Host header is not valid text".to_string())?
+                .map_err(|_| Refusal::HostNotText)?
                 .to_ascii_lowercase(),
         ),
         None => None,
@@ -20,20 +53,21 @@ pub(super) fn request_host(parts: &Parts, conn: &Conn) -> Result<String, String>
     let host_header = host_header.map(|h| strip_port(&h).to_string());
     let host = match (&authority, &host_header) {
         (Some(a), Some(h)) if a != h => {
-            return Err(format!(
-                "the request names two hosts: :authority {a} and Host {h}"
-            ));
+            return Err(Refusal::TwoHosts {
+                authority: a.clone(),
+                host: h.clone(),
+            });
         }
         (Some(a), _) => a.clone(),
         (None, Some(h)) => h.clone(),
-        (None, None) => return Err("the request names no host (no Host header)".into()),
+        (None, None) => return Err(Refusal::NoHost),
     };
     let host = host
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
     if host.is_empty() {
-        return Err("the request names an empty host".into());
+        return Err(Refusal::EmptyHost);
     }
     if conn.tls {
         let expected = match &conn.sni {
@@ -46,9 +80,11 @@ pub(super) fn request_host(parts: &Parts, conn: &Conn) -> Result<String, String>
             } else {
                 "the IP address the agent connected to (no SNI was sent)"
             };
-            return Err(format!(
-                "the request is for host {host} but {what} is {expected}; they must agree"
-            ));
+            return Err(Refusal::HostMismatch {
+                host,
+                what,
+                expected,
+            });
         }
     }
     Ok(host)
@@ -57,19 +93,19 @@ pub(super) fn request_host(parts: &Parts, conn: &Conn) -> Result<String, String>
 /// Refuses request forms that would tunnel past per-request decisions or reflect headers: a
 /// CONNECT tunnel, TRACE (echoes the request, credentials included), and upgrades to anything
 /// but WebSocket (`h2c` would switch protocols under the proxy).
-pub(super) fn check_request_shape(parts: &Parts) -> Result<(), String> {
+pub(super) fn check_request_shape(parts: &Parts) -> Result<(), Refusal> {
     if parts.method == http::Method::CONNECT {
-        return Err("CONNECT tunnels are not brokered; make the request directly".into());
+        return Err(Refusal::Connect);
     }
     if parts.method == http::Method::TRACE {
-        return Err("TRACE is not allowed through the broker".into());
+        return Err(Refusal::Trace);
     }
     if let Some(upgrade) = parts.headers.get(header::UPGRADE) {
         let websocket = upgrade
             .to_str()
             .is_ok_and(|u| u.trim().eq_ignore_ascii_case("websocket"));
         if !websocket {
-            return Err("only WebSocket upgrades are brokered".into());
+            return Err(Refusal::Upgrade);
         }
     }
     Ok(())
@@ -164,7 +200,7 @@ pub(super) fn prepare_upstream(
     tls: bool,
     injected: bool,
     upgrade: bool,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     let scheme = if tls { "https" } else { "http" };
     let default_port = if tls { 443 } else { 80 };
     let host_for_uri = if host.contains(':') {
@@ -187,7 +223,7 @@ pub(super) fn prepare_upstream(
         .authority(authority.as_str())
         .path_and_query(path_and_query)
         .build()
-        .map_err(|e| format!("cannot build the upstream URI: {e}"))?;
+        .map_err(Refusal::UpstreamUri)?;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if upgrade {
         parts
