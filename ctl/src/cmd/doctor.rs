@@ -4,13 +4,43 @@
 //! (`status`: the hooks it attached, the LSM layer, its hardening, processes in tagged cgroups
 //! that lack the launcher's protections). Nothing is changed.
 
-use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
 
 use agent_broker_protocol::{Request, Response, StatusReport};
 use serde::Serialize;
 
 use agent_broker_core::cgroup::CgroupRoot;
 use agent_broker_protocol::client::Client;
+
+/// Check this host for what agent-broker needs: kernel and hooks, BTF, cgroup v2, bpffs,
+/// Landlock, brokerd's tagged cgroups and pinned links, processes in them that lack the
+/// launcher's protections (real root, capabilities...), the BPF LSM layer, brokerd's
+/// hardening, the broker CA in the system store, master key and state dir permissions, and
+/// relevant sysctls. Prints what is missing and how to fix it; exits 1 if anything failed.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// One JSON object per check.
+    #[arg(long)]
+    json: bool,
+    /// brokerd's state directory (for the key file and directory checks).
+    #[arg(long, value_name = "DIR", default_value = agent_broker_protocol::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+}
+
+/// Runs and prints every check; exits 1 if one failed.
+pub fn run(run_dir: &Path, args: Args) {
+    let checks = run_checks(&DoctorOptions {
+        run_dir,
+        state_dir: &args.state_dir,
+    });
+    if !print(&checks, args.json) {
+        std::process::exit(1);
+    }
+}
 
 /// How a check came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

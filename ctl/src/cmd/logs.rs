@@ -1,0 +1,177 @@
+//! `brokerctl logs`: print (and follow) the audit log, filtered by cgroup, denials and age, as
+//! a table or JSON lines; `logs verify` checks its hash chain. Records name secrets, never hold
+//! their values.
+
+use std::{
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use agent_broker_core::cgroup::CgroupPath;
+use agent_broker_protocol::{AuditEvent, LogFilter, Request, Response, client::Client};
+use anyhow::bail;
+
+use crate::control::{call, refused, unexpected};
+
+/// The audit log: every brokered call, denial, TLS failure, handle misuse, attach, detach
+/// and policy reload. Secrets appear by name only.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Keep printing new records as they are written.
+    #[arg(long, short)]
+    follow: bool,
+    /// Only records of this cgroup and the cgroups below it.
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<String>,
+    /// Only denials and failures.
+    #[arg(long)]
+    denied: bool,
+    /// Only records since TIME: RFC 3339 (2026-11-23T10:00:00Z) or an age (15m, 2h, 1d).
+    #[arg(long, value_name = "TIME", value_parser = parse_since)]
+    since: Option<u64>,
+    /// At most the newest N stored records (0: all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// One JSON object per line, for shipping to other systems.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Check the hash chain; names the first record that was edited, removed or reordered.
+    Verify,
+}
+
+/// `--since`: an RFC 3339 time or an age, as Unix milliseconds (clap value parser).
+fn parse_since(s: &str) -> Result<u64, String> {
+    let now = SystemTime::now();
+    let at = match humantime::parse_rfc3339_weak(s) {
+        Ok(t) => t,
+        Err(_) => {
+            let age = humantime::parse_duration(s)
+                .map_err(|_| format!("invalid time {s:?}: give RFC 3339 or an age like 15m"))?;
+            now.checked_sub(age).ok_or("that age reaches before 1970")?
+        }
+    };
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|_| "times before 1970 are not supported".into())
+}
+
+pub fn run(run_dir: &Path, args: Args) -> anyhow::Result<()> {
+    if let Some(Command::Verify) = args.command {
+        return verify(run_dir);
+    }
+    let cgroup = match &args.cgroup {
+        Some(c) => Some(CgroupPath::parse(c)?.to_string()),
+        None => None,
+    };
+    let request = Request::Logs {
+        filter: LogFilter {
+            cgroup,
+            denied_only: args.denied,
+            since_ms: args.since,
+            limit: args.limit,
+        },
+        follow: args.follow,
+    };
+    // Not `control::call`: the answer is a stream of records, ended by EndOfLog unless
+    // following.
+    let mut client = Client::connect(run_dir)?;
+    let mut response = client.call(&request)?;
+    if !args.json {
+        println!(
+            "{:<8} {:<12} {:<22} {:>7} {:<12} {:<6} {:<24} {:<24} {:>6} {:<12} DETAIL",
+            "SEQ", "TIME", "AGENT", "PID", "COMM", "METHOD", "HOST", "PATH", "STATUS", "SECRETS"
+        );
+    }
+    loop {
+        match response {
+            Response::Event { event } if args.json => {
+                println!("{}", serde_json::to_string(&event)?)
+            }
+            Response::Event { event } => print_event(&event),
+            Response::EndOfLog if !args.follow => return Ok(()),
+            Response::EndOfLog => {}
+            Response::Error { kind, message } => return Err(refused(kind, &message)),
+            other => return Err(unexpected(other)),
+        }
+        response = client.next_streamed()?;
+    }
+}
+
+/// `logs verify`.
+fn verify(run_dir: &Path) -> anyhow::Result<()> {
+    match call(run_dir, &Request::LogsVerify)? {
+        Response::Verified { report } => match report.first_bad {
+            None => {
+                println!("audit log intact: {} record(s) verified", report.records);
+                Ok(())
+            }
+            Some(bad) => bail!(
+                "audit log tampered: record {} {} ({} record(s) checked)",
+                bad.seq,
+                bad.problem,
+                report.records
+            ),
+        },
+        other => Err(unexpected(other)),
+    }
+}
+
+/// One record as a table row.
+fn print_event(e: &AuditEvent) {
+    let time =
+        humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(e.time_ms)).to_string();
+    let time = time.get(11..23).unwrap_or(&time).to_string();
+    let kind = e.kind.map(|k| k.to_string()).unwrap_or_default();
+    let detail = match (&e.decision, &e.reason) {
+        (Some(d), Some(r)) => format!("{kind} {d}: {r}"),
+        (Some(d), None) => format!("{kind} {d} {}", e.rule.as_deref().unwrap_or("")),
+        (None, Some(r)) => format!("{kind}: {r}"),
+        (None, None) => kind,
+    };
+    println!(
+        "{:<8} {:<12} {:<22} {:>7} {:<12} {:<6} {:<24} {:<24} {:>6} {:<12} {}",
+        e.seq,
+        time,
+        e.cgroup.as_deref().unwrap_or("-"),
+        e.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        e.comm.as_deref().unwrap_or("-"),
+        e.method.as_deref().unwrap_or("-"),
+        e.host.as_deref().unwrap_or("-"),
+        e.path.as_deref().unwrap_or("-"),
+        e.status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "-".into()),
+        if e.secrets.is_empty() {
+            "-".to_string()
+        } else {
+            e.secrets.join(",")
+        },
+        detail
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_a_time_or_an_age() {
+        assert_eq!(parse_since("1970-01-01T00:00:01Z"), Ok(1000));
+        assert_eq!(parse_since("2026-11-23T10:00:00Z"), Ok(1_795_428_000_000));
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_millis() as u64;
+        let ago = parse_since("15m").expect("an age");
+        assert!(ago <= now_ms - 15 * 60 * 1000 && ago > now_ms - 16 * 60 * 1000);
+        assert!(parse_since("yesterdayish").is_err());
+        assert!(parse_since("99999999999d").is_err());
+    }
+}

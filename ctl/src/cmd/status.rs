@@ -1,0 +1,96 @@
+//! `brokerctl status`: whether brokerd is up, what it listens on, what the kernel side counted,
+//! the policy it runs, and the tagged cgroups.
+
+use std::path::Path;
+
+use agent_broker_protocol::{Request, Response, StatusReport};
+
+use crate::control::{call, unexpected};
+use crate::print::{date, json_pretty};
+
+/// Whether brokerd is up, its listeners, and the tagged cgroups with their process counts.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(run_dir: &Path, args: Args) -> anyhow::Result<()> {
+    match call(run_dir, &Request::Status)? {
+        Response::Status(status) if args.json => json_pretty(&status),
+        Response::Status(status) => {
+            print_status(&status);
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+fn print_status(s: &StatusReport) {
+    println!("brokerd {} is up (pid {})", s.version, s.pid);
+    let listeners: Vec<String> = s.listeners.iter().map(ToString::to_string).collect();
+    println!("listening on   {}", listeners.join(", "));
+    println!("cgroup2 mount  {}", s.cgroup_root);
+    println!("pin dir        {}", s.pin_dir);
+    if !s.dns_listeners.is_empty() {
+        let dns: Vec<String> = s.dns_listeners.iter().map(ToString::to_string).collect();
+        println!("dns (udp)      {}", dns.join(", "));
+    }
+    if !s.hooks.is_empty() {
+        println!("hooks          {}", s.hooks.join(" "));
+    }
+    if !s.lsm.is_empty() {
+        println!("bpf lsm        {}", s.lsm);
+    }
+    if !s.hardening.is_empty() {
+        println!("brokerd        {}", s.hardening);
+    }
+    for p in &s.unprotected {
+        println!(
+            "unprotected    pid {} ({}) in {}: {}",
+            p.pid,
+            p.comm,
+            p.cgroup,
+            p.missing.join("; ")
+        );
+    }
+    println!(
+        "kernel         {} redirected, {} refused, {} not re-keyed",
+        s.counters.redirected, s.counters.refused, s.counters.rekey_failed
+    );
+    let c = &s.counters;
+    println!(
+        "               {} DNS redirected, {} UDP refused, {} sockets refused, {} binds refused",
+        c.dns_redirected, c.udp_refused, c.socket_refused, c.bind_refused
+    );
+    println!(
+        "               {} egress and {} ingress packets dropped, {} from other netns refused",
+        c.egress_dropped, c.ingress_dropped, c.netns_refused
+    );
+    println!(
+        "policy         {} ({} file(s), loaded {})",
+        s.policy.dir,
+        s.policy.files,
+        date(s.policy.loaded_unix)
+    );
+    if let Some(e) = &s.policy.error {
+        println!(
+            "policy error   the newest files did not load, the previous policy is active: {e}"
+        );
+    }
+    if s.cgroups.is_empty() {
+        println!("no tagged cgroups");
+        return;
+    }
+    println!(
+        "{:<40} {:>10} {:>10} {:>6}",
+        "TAGGED CGROUP", "ID", "PROCESSES", "LINKS"
+    );
+    for c in &s.cgroups {
+        println!(
+            "{:<40} {:>10} {:>10} {:>6}",
+            c.path, c.id, c.processes, c.links
+        );
+    }
+}
