@@ -48,29 +48,37 @@ pub enum Identity {
     UserNs { host_uid: u32, host_gid: u32 },
 }
 
+/// Why a `--user` value is refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{0:?} is not a numeric uid")]
+    Uid(String),
+    #[error("{0:?} is not a numeric gid")]
+    Gid(String),
+    #[error(
+        "the agent may not run as root (uid or gid 0): it could leave its cgroup; use --userns \
+         for root inside a user namespace"
+    )]
+    Root,
+}
+
 impl Identity {
     /// Parses `--user UID[:GID]` (the gid defaults to the uid). Root is refused: an agent that
     /// is real root can leave its cgroup and detach the programs.
-    pub fn parse_user(s: &str) -> Result<Self, String> {
+    pub fn parse_user(s: &str) -> Result<Self, IdentityError> {
         let (uid, gid) = match s.split_once(':') {
             Some((u, g)) => (u, Some(g)),
             None => (s, None),
         };
         let uid: u32 = uid
             .parse()
-            .map_err(|_| format!("{uid:?} is not a numeric uid"))?;
+            .map_err(|_| IdentityError::Uid(uid.to_string()))?;
         let gid: u32 = match gid {
-            Some(g) => g
-                .parse()
-                .map_err(|_| format!("{g:?} is not a numeric gid"))?,
+            Some(g) => g.parse().map_err(|_| IdentityError::Gid(g.to_string()))?,
             None => uid,
         };
         if uid == 0 || gid == 0 {
-            return Err(
-                "the agent may not run as root (uid or gid 0): it could leave its cgroup; use \
-                 --userns for root inside a user namespace"
-                    .into(),
-            );
+            return Err(IdentityError::Root);
         }
         Ok(Self::User { uid, gid })
     }

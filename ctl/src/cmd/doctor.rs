@@ -204,7 +204,7 @@ pub fn run_checks(opts: &DoctorOptions<'_>) -> Vec<Check> {
         Err(e) => checks.push(check(
             "brokerd",
             Level::Fail,
-            format!("not reachable: {e}"),
+            format!("not reachable: {e:#}"),
             "start brokerd (cargo xtask run, or the brokerd binary as root)",
         )),
     }
@@ -310,11 +310,10 @@ pub fn run_checks(opts: &DoctorOptions<'_>) -> Vec<Check> {
     checks
 }
 
-fn status(run_dir: &Path) -> Result<StatusReport, String> {
-    let mut client = Client::connect(run_dir).map_err(|e| e.to_string())?;
-    match client.call(&Request::Status).map_err(|e| e.to_string())? {
+fn status(run_dir: &Path) -> anyhow::Result<StatusReport> {
+    match crate::control::call(run_dir, &Request::Status)? {
         Response::Status(s) => Ok(s),
-        other => Err(format!("unexpected answer {other:?}")),
+        other => Err(crate::control::unexpected(other)),
     }
 }
 

@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long)]
     create: bool,
     /// Run as this unprivileged uid (and gid; default: the same number). 0 is refused.
-    #[arg(long, value_name = "UID[:GID]", value_parser = parse_identity, conflicts_with = "userns")]
+    #[arg(long, value_name = "UID[:GID]", value_parser = launcher::Identity::parse_user, conflicts_with = "userns")]
     user: Option<launcher::Identity>,
     /// Run as root inside a new user namespace whose root maps to --userns-uid on the host
     /// (the default when --user is not given).
@@ -53,11 +53,6 @@ pub struct Args {
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "CMD")]
     command: Vec<OsString>,
-}
-
-/// `--user UID[:GID]` (clap value parser).
-fn parse_identity(s: &str) -> Result<launcher::Identity, String> {
-    launcher::Identity::parse_user(s)
 }
 
 /// Never returns on success: brokerctl exits with the command's status.
