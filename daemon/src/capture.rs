@@ -118,6 +118,33 @@ pub enum CaptureError {
     LsmRequired(String),
 }
 
+/// Why one program could not be loaded, attached or pinned.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("missing from the eBPF object")]
+    Missing,
+    #[error("unexpected program type")]
+    UnexpectedType,
+    #[error("a cgroup_skb program without ingress/egress in its section name")]
+    NoDirection,
+    #[error("`bpf` is not in /sys/kernel/security/lsm (or securityfs is not mounted)")]
+    LsmNotListed,
+    #[error("kernel BTF")]
+    Btf(#[source] aya::BtfError),
+    #[error(transparent)]
+    Program(#[from] aya::programs::ProgramError),
+    #[error(transparent)]
+    Link(#[from] aya::programs::links::LinkError),
+    #[error("pin {}", .path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error(transparent)]
+    Dir(Box<CaptureError>),
+}
+
 /// Where the programs keep their state and where they redirect to.
 #[derive(Clone, Debug)]
 pub struct CaptureConfig {
@@ -464,9 +491,9 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         })?;
     }
 
-    let unix = UnixPrograms::load().map_err(|message| CaptureError::Program {
+    let unix = UnixPrograms::load().map_err(|e| CaptureError::Program {
         name: "connect_unix/sendmsg_unix",
-        message,
+        message: e.to_string(),
     })?;
 
     write_config(&mut ebpf, &config)?;
@@ -484,8 +511,9 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         Ok(()) => "active: lsm/socket_create refuses AF_PACKET, AF_VSOCK, AF_XDP, AF_SMC, AF_KEY \
                    and AF_ALG in tagged cgroups"
             .to_string(),
-        Err(reason) if config.require_lsm => return Err(CaptureError::LsmRequired(reason)),
-        Err(reason) => {
+        Err(e) if config.require_lsm => return Err(CaptureError::LsmRequired(error_chain(&e))),
+        Err(e) => {
+            let reason = error_chain(&e);
             info!(%reason, "optional BPF LSM layer not loaded; the cgroup hooks and the launcher's seccomp filter do not need it");
             format!("not loaded: {reason}")
         }
@@ -760,8 +788,8 @@ impl CaptureOwner {
         for (name, pin_name) in PROGRAMS {
             match self.attach_one(name, &cgroup_fd, &pin_dir.join(pin_name)) {
                 Ok(link) => links.push(link),
-                Err(message) => {
-                    failure = Some(format!("{name}: {message}"));
+                Err(e) => {
+                    failure = Some(format!("{name}: {}", error_chain(&e)));
                     break;
                 }
             }
@@ -769,7 +797,7 @@ impl CaptureOwner {
         if failure.is_none() {
             match self.unix.attach_and_pin(&cgroup_fd, &pin_dir) {
                 Ok(unix) => links.extend(unix),
-                Err(message) => failure = Some(message),
+                Err(e) => failure = Some(e.to_string()),
             }
         }
         if let Some(message) = failure {
@@ -796,46 +824,36 @@ impl CaptureOwner {
         name: &str,
         cgroup: &fs::File,
         pin: &Path,
-    ) -> Result<PinnedLink, String> {
-        let program = self
-            .ebpf
-            .program_mut(name)
-            .ok_or("missing from the eBPF object")?;
+    ) -> Result<PinnedLink, HookError> {
+        let program = self.ebpf.program_mut(name).ok_or(HookError::Missing)?;
         let fd_link: FdLink = match program {
             aya::programs::Program::CgroupSockAddr(p) => {
                 let p: &mut CgroupSockAddr = p;
-                let id = p.attach(cgroup, LINK_MODE).map_err(|e| error_chain(&e))?;
-                let link = p.take_link(id).map_err(|e| error_chain(&e))?;
-                FdLink::try_from(link).map_err(|e| error_chain(&e))?
+                let id = p.attach(cgroup, LINK_MODE)?;
+                FdLink::try_from(p.take_link(id)?)?
             }
             aya::programs::Program::SockOps(p) => {
                 let p: &mut SockOps = p;
-                let id = p.attach(cgroup, LINK_MODE).map_err(|e| error_chain(&e))?;
-                let link = p.take_link(id).map_err(|e| error_chain(&e))?;
-                FdLink::try_from(link).map_err(|e| error_chain(&e))?
+                let id = p.attach(cgroup, LINK_MODE)?;
+                FdLink::try_from(p.take_link(id)?)?
             }
             aya::programs::Program::CgroupSock(p) => {
                 let p: &mut CgroupSock = p;
-                let id = p.attach(cgroup, LINK_MODE).map_err(|e| error_chain(&e))?;
-                let link = p.take_link(id).map_err(|e| error_chain(&e))?;
-                FdLink::try_from(link).map_err(|e| error_chain(&e))?
+                let id = p.attach(cgroup, LINK_MODE)?;
+                FdLink::try_from(p.take_link(id)?)?
             }
             aya::programs::Program::CgroupSkb(p) => {
                 let p: &mut CgroupSkb = p;
-                let attach_type = p
-                    .expected_attach_type()
-                    .ok_or("a cgroup_skb program without ingress/egress in its section name")?;
-                let id = p
-                    .attach(cgroup, attach_type, LINK_MODE)
-                    .map_err(|e| error_chain(&e))?;
-                let link = p.take_link(id).map_err(|e| error_chain(&e))?;
-                FdLink::try_from(link).map_err(|e| error_chain(&e))?
+                let attach_type = p.expected_attach_type().ok_or(HookError::NoDirection)?;
+                let id = p.attach(cgroup, attach_type, LINK_MODE)?;
+                FdLink::try_from(p.take_link(id)?)?
             }
-            _ => return Err("unexpected program type".into()),
+            _ => return Err(HookError::UnexpectedType),
         };
-        fd_link
-            .pin(pin)
-            .map_err(|e| format!("pin {}: {}", pin.display(), error_chain(&e)))
+        fd_link.pin(pin).map_err(|source| HookError::Pin {
+            path: pin.to_path_buf(),
+            source,
+        })
     }
 
     fn detach(&mut self, cgroup: &CgroupPath) -> Result<(), CaptureError> {
@@ -915,7 +933,7 @@ impl CaptureOwner {
 
 /// Loads and attaches the optional LSM program, pinned at `<pin_dir>/lsm/socket_create` so it
 /// outlives brokerd like the cgroup links. A pin left by an earlier brokerd is replaced.
-fn load_lsm(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), String> {
+fn load_lsm(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), HookError> {
     let lsm_list = Path::new("/sys/kernel/security/lsm");
     if !lsm_list.exists() {
         // securityfs lists the active LSMs; mount it where the host has not.
@@ -931,33 +949,27 @@ fn load_lsm(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), String> {
     }
     let listed = fs::read_to_string(lsm_list).unwrap_or_default();
     if !listed.split(',').any(|l| l.trim() == "bpf") {
-        return Err(
-            "`bpf` is not in /sys/kernel/security/lsm (or securityfs is not mounted)".into(),
-        );
+        return Err(HookError::LsmNotListed);
     }
-    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+    let btf = aya::Btf::from_sys_fs().map_err(HookError::Btf)?;
     let program: &mut aya::programs::Lsm = ebpf
         .program_mut(common::programs::LSM_SOCKET_CREATE)
-        .ok_or("missing from the eBPF object")?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-    program
-        .load("socket_create", &btf)
-        .map_err(|e| error_chain(&e))?;
+        .ok_or(HookError::Missing)?
+        .try_into()?;
+    program.load("socket_create", &btf)?;
     let dir = pin_dir.join("lsm");
-    make_private_dir(&dir).map_err(|e| e.to_string())?;
+    make_private_dir(&dir).map_err(|e| HookError::Dir(Box::new(e)))?;
     let pin = dir.join("socket_create");
     if pin.exists()
         && let Ok(old) = PinnedLink::from_pin(&pin)
     {
         let _ = old.unpin();
     }
-    let id = program.attach().map_err(|e| error_chain(&e))?;
-    let link = program.take_link(id).map_err(|e| error_chain(&e))?;
-    let link: FdLink = link.into();
+    let id = program.attach()?;
+    let link: FdLink = program.take_link(id)?.into();
     link.pin(&pin)
         .map(drop)
-        .map_err(|e| format!("pin {}: {}", pin.display(), error_chain(&e)))
+        .map_err(|source| HookError::Pin { path: pin, source })
 }
 
 /// The cookie of the network namespace brokerd runs in (`SO_NETNS_COOKIE`, Linux 5.14+).

@@ -18,7 +18,7 @@ use std::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use aya::programs::links::PinnedLink;
@@ -131,10 +131,41 @@ fn owned(fd: libc::c_long) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
 }
 
+/// Why an AF_UNIX hook could not be loaded, attached or pinned.
+#[derive(Debug, thiserror::Error)]
+pub enum UnixHookError {
+    #[error(
+        "cgroup/{hook}: cannot load ({source}); the AF_UNIX cgroup hooks need Linux 6.7 or later"
+    )]
+    Load {
+        hook: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cgroup/{hook}: link_create: {source}")]
+    Link {
+        hook: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cgroup/{hook}: pin path {} contains NUL", .pin.display())]
+    PinPath { hook: &'static str, pin: PathBuf },
+    #[error("cgroup/{hook}: pin {}: {source}", .pin.display())]
+    Pin {
+        hook: &'static str,
+        pin: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cgroup/{hook}: reopen {}: {source}", .pin.display())]
+    Reopen {
+        hook: &'static str,
+        pin: PathBuf,
+        source: aya::programs::links::LinkError,
+    },
+}
+
 impl UnixPrograms {
     /// Loads both programs. Fails on kernels without the AF_UNIX cgroup hooks (before 6.7),
     /// naming the hook.
-    pub fn load() -> Result<Self, String> {
+    pub fn load() -> Result<Self, UnixHookError> {
         let license = c"GPL";
         let mut fds = Vec::new();
         for hook in UNIX_HOOKS {
@@ -151,12 +182,9 @@ impl UnixPrograms {
                 expected_attach_type: hook.attach_type,
                 ..Default::default()
             };
-            let fd = bpf(BPF_PROG_LOAD, &mut attr).map_err(|e| {
-                format!(
-                    "cgroup/{}: cannot load ({e}); the AF_UNIX cgroup hooks need Linux 6.7 or \
-                     later",
-                    hook.name
-                )
+            let fd = bpf(BPF_PROG_LOAD, &mut attr).map_err(|source| UnixHookError::Load {
+                hook: hook.name,
+                source,
             })?;
             fds.push((hook, owned(fd)));
         }
@@ -164,7 +192,11 @@ impl UnixPrograms {
     }
 
     /// Attaches both programs to `cgroup` as links and pins each at `<dir>/<pin_name>`.
-    pub fn attach_and_pin(&self, cgroup: &fs::File, dir: &Path) -> Result<Vec<PinnedLink>, String> {
+    pub fn attach_and_pin(
+        &self,
+        cgroup: &fs::File,
+        dir: &Path,
+    ) -> Result<Vec<PinnedLink>, UnixHookError> {
         let mut pinned = Vec::new();
         for (hook, prog) in &self.fds {
             let result = (|| {
@@ -174,28 +206,43 @@ impl UnixPrograms {
                     attach_type: hook.attach_type,
                     ..Default::default()
                 };
-                let link = owned(
-                    bpf(BPF_LINK_CREATE, &mut attr).map_err(|e| format!("link_create: {e}"))?,
-                );
+                let link = owned(bpf(BPF_LINK_CREATE, &mut attr).map_err(|source| {
+                    UnixHookError::Link {
+                        hook: hook.name,
+                        source,
+                    }
+                })?);
                 let pin = dir.join(hook.pin_name);
-                let path = CString::new(pin.as_os_str().as_bytes())
-                    .map_err(|_| format!("pin path {} contains NUL", pin.display()))?;
+                let path = CString::new(pin.as_os_str().as_bytes()).map_err(|_| {
+                    UnixHookError::PinPath {
+                        hook: hook.name,
+                        pin: pin.clone(),
+                    }
+                })?;
                 let mut attr = ObjPinAttr {
                     pathname: path.as_ptr() as u64,
                     bpf_fd: link.as_raw_fd() as u32,
                     ..Default::default()
                 };
-                bpf(BPF_OBJ_PIN, &mut attr).map_err(|e| format!("pin {}: {e}", pin.display()))?;
+                bpf(BPF_OBJ_PIN, &mut attr).map_err(|source| UnixHookError::Pin {
+                    hook: hook.name,
+                    pin: pin.clone(),
+                    source,
+                })?;
                 // The pin holds the link now; `link` closing is fine.
-                PinnedLink::from_pin(&pin).map_err(|e| format!("reopen {}: {e}", pin.display()))
+                PinnedLink::from_pin(&pin).map_err(|source| UnixHookError::Reopen {
+                    hook: hook.name,
+                    pin,
+                    source,
+                })
             })();
             match result {
                 Ok(link) => pinned.push(link),
-                Err(message) => {
+                Err(e) => {
                     for link in pinned {
                         let _ = link.unpin();
                     }
-                    return Err(format!("cgroup/{}: {message}", hook.name));
+                    return Err(e);
                 }
             }
         }
