@@ -53,7 +53,9 @@
 //! repairs and verifies every page checksum there, and the tables must say this is an
 //! agent-broker audit log), so a corrupt or foreign file is refused with an error naming it and
 //! not one byte of it changed. Only then is it opened for writing (repairing after a crash).
-//! `<state_dir>/audit.lock` is held while it is open, so two brokers never share one log.
+//! `<state_dir>/audit.lock` is held while it is open, so two brokers never share one log. The
+//! file's life (lock, creation, check, open) is `crate::store`'s; this module says what a new
+//! log holds and what makes a file an audit log.
 //!
 //! redb is synchronous, and so is this API: from async code call [`AuditHandle::query`],
 //! [`AuditHandle::verify`] and [`AuditHandle::flush_and_stop`] through
@@ -64,7 +66,6 @@
 //! record, or block a request on the disk.
 
 mod chain;
-mod overlay;
 mod ports;
 mod priority;
 mod tables;
@@ -75,10 +76,8 @@ mod writer;
 pub use ports::{AuditAccess, EventSink, matches};
 
 use agent_broker_core::fmt::error_chain;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileExt as _, OpenOptionsExt};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,8 +85,10 @@ use std::time::Duration;
 use agent_broker_protocol::{AuditEvent, LogFilter, VerifyReport};
 use nix::fcntl::Flock;
 use redb::{
-    Builder, Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable, TableError,
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableError, WriteTransaction,
 };
+
+use crate::store::{self, Locked, Opened, StoreError, StoreName};
 
 use tables::{
     FLOOR_KEY, FORMAT, FORMAT_KEY, HEAD_KEY, KIND, KIND_KEY, Link, META, RECORDS, StoredRecord,
@@ -97,15 +98,15 @@ pub use writer::{AuditHandle, WriterConfig};
 
 /// File name of the audit log inside the state directory.
 pub const AUDIT_FILE: &str = "audit.redb";
-/// Held (flock) while the log is open.
-const LOCK_FILE: &str = "audit.lock";
-/// A new log is built under this name and linked into place only once it is complete.
-const NEW_FILE: &str = "audit.redb.new";
-/// redb's page cache for the log. Reads are mostly sequential scans; the default (1 GiB) is
-/// far more than an audit log needs.
-const CACHE_SIZE: usize = 64 * 1024 * 1024;
-/// The first bytes of every redb file.
-const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+/// What messages call the log and its file.
+const NAME: StoreName = StoreName::same("audit log");
+/// The log as a redb store file (`audit.lock` is held while it is open).
+static STORE: store::Spec = store::Spec {
+    name: NAME,
+    file: AUDIT_FILE,
+    // Reads are mostly sequential scans; redb's default (1 GiB) is far more than a log needs.
+    cache_size: 64 * 1024 * 1024,
+};
 
 /// How long records are kept. Both limits apply when both are set; `None` keeps everything.
 /// The writer thread applies it at most once per [`WriterConfig::retention_interval`], removing
@@ -134,48 +135,9 @@ impl Retention {
 /// Everything the audit log can refuse. Messages name the file.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("cannot create state directory {path}")]
-    StateDir {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot lock {path}")]
-    Lock {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("audit log {path} is in use by another process (is brokerd already running?)")]
-    InUse { path: PathBuf },
-    #[error("cannot read audit log {path}")]
-    FileRead {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot create audit log {path}")]
-    Create {
-        path: PathBuf,
-        #[source]
-        source: Box<redb::Error>,
-    },
-    #[error("audit log {path} is corrupt or not an agent-broker audit log: {detail}")]
-    Corrupt {
-        path: PathBuf,
-        detail: String,
-        #[source]
-        source: Option<Box<redb::Error>>,
-    },
-    #[error("audit log {path} has format {format}; this broker reads format {FORMAT}")]
-    UnsupportedFormat { path: PathBuf, format: u64 },
-    #[error("audit log {path}: {action} failed")]
-    Storage {
-        path: PathBuf,
-        action: &'static str,
-        #[source]
-        source: Box<redb::Error>,
-    },
+    /// Locking, creating, checking or opening the file, or reading or writing it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(
         "audit log {path}: record {seq} already exists past the chain head; refusing to overwrite it (was the file changed while brokerd ran?)"
     )]
@@ -251,40 +213,17 @@ impl AuditLog {
                 reason: "max_age must be more than zero",
             });
         }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(state_dir)
-            .map_err(|source| AuditError::StateDir {
-                path: state_dir.to_path_buf(),
-                source,
-            })?;
-        let path = state_dir.join(AUDIT_FILE);
-        let lock = lock_state_dir(state_dir, &path)?;
-        match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.file_type().is_file() => {}
-            Ok(_) => {
-                return Err(AuditError::Corrupt {
-                    path,
-                    detail: "it is not a regular file".into(),
-                    source: None,
-                });
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => create_log(&path)?,
-            Err(source) => return Err(AuditError::FileRead { path, source }),
+        let locked = Locked::take(&STORE, state_dir)?;
+        if !locked.exists()? {
+            locked.create(init_log)?;
         }
-        check_copy(&path)?;
-        let db = Builder::new()
-            .set_cache_size(CACHE_SIZE)
-            .open(&path)
-            .map_err(|e| match e {
-                DatabaseError::DatabaseAlreadyOpen => AuditError::InUse { path: path.clone() },
-                e => AuditError::Storage {
-                    path: path.clone(),
-                    action: "opening the audit log",
-                    source: Box::new(e.into()),
-                },
-            })?;
+        let checked = locked.path().to_path_buf();
+        let Opened { db, path, lock } = locked.open(|db| -> Result<(), AuditError> {
+            let txn = db
+                .begin_read()
+                .map_err(storage_error(&checked, "starting a read transaction"))?;
+            chain_state(&txn, &checked).map(drop)
+        })?;
         let store = Store {
             db,
             path,
@@ -428,21 +367,13 @@ fn storage_error<E: Into<redb::Error>>(
     path: &Path,
     action: &'static str,
 ) -> impl FnOnce(E) -> AuditError {
-    let path = path.to_path_buf();
-    move |e| AuditError::Storage {
-        path,
-        action,
-        source: Box::new(e.into()),
-    }
+    let storage = StoreError::storage(NAME, path, action);
+    move |e| storage(e).into()
 }
 
 /// Reads and checks the meta table: this is an audit log of our format with a sane chain state.
 fn chain_state(txn: &ReadTransaction, path: &Path) -> Result<ChainState, AuditError> {
-    let corrupt = |detail: &str| AuditError::Corrupt {
-        path: path.to_path_buf(),
-        detail: detail.to_string(),
-        source: None,
-    };
+    let corrupt = |detail: &str| AuditError::from(StoreError::corrupt(NAME, path, detail));
     let storage = |action| storage_error::<redb::Error>(path, action);
     let meta = match txn.open_table(META) {
         Ok(t) => t,
@@ -462,16 +393,7 @@ fn chain_state(txn: &ReadTransaction, path: &Path) -> Result<ChainState, AuditEr
     if get(KIND_KEY)?.as_deref() != Some(KIND) {
         return Err(corrupt("its meta table does not name it an audit log"));
     }
-    let format = get(FORMAT_KEY)?
-        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| corrupt("its format record is missing or malformed"))?;
-    if format != FORMAT {
-        return Err(AuditError::UnsupportedFormat {
-            path: path.to_path_buf(),
-            format,
-        });
-    }
+    store::check_format(NAME, path, get(FORMAT_KEY)?.as_deref(), FORMAT)?;
     let head = get(HEAD_KEY)?
         .and_then(|b| Link::decode(&b))
         .ok_or_else(|| corrupt("its chain head is missing or malformed"))?;
@@ -491,141 +413,23 @@ fn chain_state(txn: &ReadTransaction, path: &Path) -> Result<ChainState, AuditEr
     Ok(ChainState { head, floor })
 }
 
-/// Takes the store's lock file in `state_dir` exclusively, without waiting.
-fn lock_state_dir(state_dir: &Path, log: &Path) -> Result<Flock<File>, AuditError> {
-    let lock_path = state_dir.join(LOCK_FILE);
-    crate::lock_exclusive(&lock_path).map_err(|failure| match failure {
-        crate::LockFailure::Held => AuditError::InUse {
-            path: log.to_path_buf(),
-        },
-        crate::LockFailure::Io(source) => AuditError::Lock {
-            path: lock_path,
-            source,
-        },
-    })
-}
-
-/// Builds an empty log under a temporary name and links it into place only when complete.
-fn create_log(path: &Path) -> Result<(), AuditError> {
-    let tmp = path.with_file_name(NEW_FILE);
-    let create_err = |source: redb::Error| AuditError::Create {
-        path: path.to_path_buf(),
-        source: Box::new(source),
-    };
-    let io_err = |source: io::Error| create_err(redb::StorageError::Io(source).into());
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(e)),
+/// What a new log holds: the meta records of an empty chain, and no records.
+fn init_log(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    let mut meta = txn.open_table(META)?;
+    let origin = Link::ORIGIN.encode();
+    for (key, value) in [
+        (KIND_KEY, KIND),
+        (FORMAT_KEY, FORMAT.to_be_bytes().as_slice()),
+        (HEAD_KEY, origin.as_slice()),
+        (FLOOR_KEY, origin.as_slice()),
+    ] {
+        meta.insert(key, value)?;
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err)?;
-    let backend = redb::backends::FileBackend::new(file).map_err(|e| create_err(e.into()))?;
-    let db = Builder::new()
-        .create_with_backend(backend)
-        .map_err(|e| create_err(e.into()))?;
-    let txn = db.begin_write().map_err(|e| create_err(e.into()))?;
-    {
-        let mut meta = txn.open_table(META).map_err(|e| create_err(e.into()))?;
-        let origin = Link::ORIGIN.encode();
-        for (key, value) in [
-            (KIND_KEY, KIND),
-            (FORMAT_KEY, FORMAT.to_be_bytes().as_slice()),
-            (HEAD_KEY, origin.as_slice()),
-            (FLOOR_KEY, origin.as_slice()),
-        ] {
-            meta.insert(key, value).map_err(|e| create_err(e.into()))?;
-        }
-        txn.open_table(RECORDS).map_err(|e| create_err(e.into()))?;
-    }
-    txn.commit().map_err(|e| create_err(e.into()))?;
-    db.close().map_err(|e| create_err(e.into()))?;
-    // A hard link, unlike rename, never replaces an existing log.
-    std::fs::hard_link(&tmp, path).map_err(io_err)?;
-    std::fs::remove_file(&tmp).map_err(io_err)?;
-    sync_parent(path).map_err(io_err)?;
-    tracing::info!(path = %path.display(), "created audit log");
+    txn.open_table(RECORDS)?;
     Ok(())
 }
 
-fn sync_parent(path: &Path) -> io::Result<()> {
-    match path.parent() {
-        Some(dir) => File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
-}
-
-/// Checks the log on a copy-on-write view of the file: it is a redb file, redb can open it
-/// (repairing an unclean shutdown in memory only), every page passes its checksum, and its
-/// tables say it is an audit log of our format. Nothing is written to the file.
-fn check_copy(path: &Path) -> Result<(), AuditError> {
-    let corrupt = |detail: &str, source: Option<Box<redb::Error>>| AuditError::Corrupt {
-        path: path.to_path_buf(),
-        detail: detail.to_string(),
-        source,
-    };
-    let file = File::open(path).map_err(|source| AuditError::FileRead {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut magic = [0u8; REDB_MAGIC.len()];
-    match file.read_exact_at(&mut magic, 0) {
-        Ok(()) if magic == REDB_MAGIC => {}
-        Ok(()) => return Err(corrupt("it is not a redb database", None)),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            return Err(corrupt("it is too short to be a redb database", None));
-        }
-        Err(source) => {
-            return Err(AuditError::FileRead {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    }
-    let view = overlay::Overlay::new(file).map_err(|source| AuditError::FileRead {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    // redb may panic on a file altered outside it; that must be a refusal, not a crash. The
-    // database is private to this closure, so nothing observes state a panic interrupted.
-    let checked = catch_unwind(AssertUnwindSafe(|| {
-        let mut db = Builder::new()
-            .set_cache_size(CACHE_SIZE)
-            .create_with_backend(view)
-            .map_err(|e| {
-                corrupt(
-                    "it cannot be opened as a redb database",
-                    Some(Box::new(e.into())),
-                )
-            })?;
-        match db.check_integrity() {
-            Ok(true) => {}
-            Ok(false) => return Err(corrupt("some pages fail their checksums", None)),
-            Err(e) => {
-                return Err(corrupt(
-                    "the integrity check failed",
-                    Some(Box::new(e.into())),
-                ));
-            }
-        }
-        let txn = db
-            .begin_read()
-            .map_err(|e| corrupt("it cannot be read", Some(Box::new(e.into()))))?;
-        chain_state(&txn, path).map(drop)
-    }));
-    match checked {
-        Ok(Err(AuditError::Storage { source, .. })) => {
-            Err(corrupt("reading its tables failed", Some(source)))
-        }
-        Ok(result) => result,
-        Err(_) => Err(corrupt("the storage engine failed while reading it", None)),
-    }
-}
+store::wraps_store_error!(AuditError);
 
 /// The proxy (and the control socket, for attach/detach/reload) report straight into the log.
 impl EventSink for AuditHandle {

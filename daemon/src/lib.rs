@@ -7,8 +7,9 @@
 //! and HTTP, and asks `broker` (the policy decision, handle swaps, credential injection,
 //! limits) about each request; `proxy` forwards it over verified TLS and streams back the
 //! scrubbed response; `audit` records it. Beside the path: `dns` answers agents' queries,
-//! `vault` keeps secrets, `policy_store` keeps the live policy, `control` serves the operator's
-//! socket, `harden` hardens brokerd itself. [`config`] layers flags over a file over defaults;
+//! `vault` keeps secrets (`audit` and `vault` are redb files whose lock, creation, check and
+//! open `store` writes once), `policy_store` keeps the live policy, `control` serves the
+//! operator's socket, `harden` hardens brokerd itself. [`config`] layers flags over a file over defaults;
 //! [`daemon`] wires them together.
 //!
 //! Never: let a tagged cgroup's connection through unrecorded, send a secret anywhere but the
@@ -25,42 +26,9 @@ mod dns;
 mod harden;
 mod policy_store;
 mod proxy;
+mod store;
 mod vault;
 
 /// The audit log, for the audit-cost microbenchmark (`daemon/benches/audit.rs`) only.
 #[cfg(feature = "bench")]
 pub use audit::AuditLog;
-
-/// Why an exclusive lock file could not be taken.
-#[derive(Debug)]
-pub(crate) enum LockFailure {
-    /// Another process holds it.
-    Held,
-    /// The lock file could not be opened or locked.
-    Io(std::io::Error),
-}
-
-/// Takes `path` (created 0600 if missing) as an exclusive `flock`, without waiting. Held for
-/// as long as the returned value lives, so two processes never open the same store.
-pub(crate) fn lock_exclusive(
-    path: &std::path::Path,
-) -> Result<nix::fcntl::Flock<std::fs::File>, LockFailure> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(LockFailure::Io)?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
-        |(_, errno)| {
-            if errno == nix::errno::Errno::EWOULDBLOCK {
-                LockFailure::Held
-            } else {
-                LockFailure::Io(errno.into())
-            }
-        },
-    )
-}

@@ -8,8 +8,12 @@
 //! credential ([`KeySource::SystemdCredential`]).
 //!
 //! Opening never damages an existing vault: the master key, the file's integrity and a sealed
-//! key-check record are all verified on an in-memory copy before the file itself is opened for
-//! writing, so a wrong key or a corrupt file is refused with the file byte-for-byte unchanged.
+//! key-check record are all verified on a copy-on-write view of the file (only the pages redb
+//! writes are held in memory) before the file itself is opened for writing, so a wrong key or a
+//! corrupt file is refused with the file byte-for-byte unchanged. A symlink or anything else
+//! but a regular file is refused, never followed. The file's life (lock, creation, check,
+//! open) is `crate::store`'s; this module says what a new vault holds and what makes a file a
+//! vault opened with the right key.
 //!
 //! redb is synchronous and so is this API: from async code call it through
 //! `tokio::task::spawn_blocking` (share the vault as `Arc<Vault>`; it is `Send + Sync`), and never
@@ -25,20 +29,18 @@ mod tables;
 #[cfg(test)]
 mod tests;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::Flock;
-use redb::backends::{FileBackend, InMemoryBackend};
 use redb::{
-    Builder, Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable,
-    StorageBackend, TableError, WriteTransaction,
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableError, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::store::{self, Locked, Opened, StoreError, StoreName};
 
 use agent_broker_core::{
     cgroup::CgroupPath,
@@ -60,10 +62,20 @@ pub const KEY_FILE: &str = "master.key";
 pub const SYSTEMD_CREDENTIAL_NAME: &str = "agent-broker-master-key";
 /// The variable systemd sets to the directory of a service's credentials.
 pub const CREDENTIALS_DIRECTORY_ENV: &str = "CREDENTIALS_DIRECTORY";
-/// Held (flock) for as long as a [`Vault`] is open, so two processes never open one vault.
-const LOCK_FILE: &str = "vault.lock";
-/// A new vault is built under this name and linked into place only once it is complete.
-const NEW_VAULT_FILE: &str = "vault.redb.new";
+/// What messages call the vault and its file.
+const NAME: StoreName = StoreName {
+    store: "vault",
+    file: "vault file",
+};
+/// The vault as a redb store file. `vault.lock` is held for as long as a [`Vault`] is open, so
+/// two processes never open one vault.
+static STORE: store::Spec = store::Spec {
+    name: NAME,
+    file: VAULT_FILE,
+    // Point reads of small records: a vault's hot pages fit many times over, and the check on
+    // open, which reads every page, stays bounded too.
+    cache_size: 16 * 1024 * 1024,
+};
 /// Longest accepted internal blob name.
 const MAX_BLOB_NAME_LEN: usize = 128;
 
@@ -100,32 +112,9 @@ pub struct SecretMeta {
 /// Everything the vault can refuse. Messages name the file or secret, never a value.
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
-    #[error("cannot create state directory {path}")]
-    StateDir {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot lock {path}")]
-    Lock {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("vault {path} is in use by another process (is brokerd already running?)")]
-    InUse { path: PathBuf },
-    #[error("cannot read vault file {path}")]
-    VaultFileRead {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot create vault {path}")]
-    Create {
-        path: PathBuf,
-        #[source]
-        source: Box<redb::Error>,
-    },
+    /// Locking, creating, checking or opening the file, or reading or writing it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(
         "vault {vault} exists but its master key file {key} is missing; refusing to create a new key for an existing vault (restore the key file)"
     )]
@@ -179,22 +168,6 @@ pub enum VaultError {
     },
     #[error("wrong master key for vault {path}")]
     WrongKey { path: PathBuf },
-    #[error("vault file {path} is corrupt or not an agent-broker vault: {detail}")]
-    Corrupt {
-        path: PathBuf,
-        detail: String,
-        #[source]
-        source: Option<Box<redb::Error>>,
-    },
-    #[error("vault {path} has format {format}; this broker reads format {FORMAT}")]
-    UnsupportedFormat { path: PathBuf, format: u64 },
-    #[error("vault {path}: {action} failed")]
-    Storage {
-        path: PathBuf,
-        action: &'static str,
-        #[source]
-        source: Box<redb::Error>,
-    },
     #[error("vault {path}: malformed record: {what}")]
     Malformed { path: PathBuf, what: String },
     #[error(
@@ -260,43 +233,29 @@ impl Vault {
     ///
     /// Refuses, without writing to the vault: a key file others can read or that is not 32
     /// bytes, an existing vault whose key file is missing, a wrong key, a corrupt or foreign
-    /// file, and a vault another process has open.
+    /// file, a symlink or anything else that is not a regular file, and a vault another process
+    /// has open.
     pub fn open(state_dir: &Path, key: KeySource) -> Result<Vault, VaultError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(state_dir)
-            .map_err(|source| VaultError::StateDir {
-                path: state_dir.to_path_buf(),
-                source,
-            })?;
-        let path = state_dir.join(VAULT_FILE);
-        let lock = lock_state_dir(state_dir, &path)?;
-        let vault_exists = match std::fs::symlink_metadata(&path) {
-            Ok(_) => true,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-            Err(source) => return Err(VaultError::VaultFileRead { path, source }),
-        };
+        let locked = Locked::take(&STORE, state_dir)?;
+        let vault_exists = locked.exists()?;
         let master = match &key {
-            KeySource::File(key_path) => key::load_or_create_file(key_path, &path, vault_exists)?,
+            KeySource::File(key_path) => {
+                key::load_or_create_file(key_path, locked.path(), vault_exists)?
+            }
             KeySource::SystemdCredential { dir } => key::load_systemd_credential(dir.as_deref())?,
         };
         let cipher = Cipher::new(&master);
         drop(master);
 
         if !vault_exists {
-            create_vault(&path, &cipher)?;
+            // Sealed before the file exists, so a failure here leaves nothing behind.
+            let check = cipher
+                .seal(KEY_CHECK_AAD, KEY_CHECK_PLAINTEXT)
+                .map_err(|e| VaultError::seal(e, || "the key check record".into()))?;
+            locked.create(|txn| init_vault(txn, &check))?;
         }
-        verify_copy(&path, &cipher)?;
-
-        let db = Builder::new().open(&path).map_err(|e| match e {
-            DatabaseError::DatabaseAlreadyOpen => VaultError::InUse { path: path.clone() },
-            e => VaultError::Storage {
-                path: path.clone(),
-                action: "opening the vault",
-                source: Box::new(e.into()),
-            },
-        })?;
+        let checked = locked.path().to_path_buf();
+        let Opened { db, path, lock } = locked.open(|db| check_key(db, &cipher, &checked))?;
         let vault = Vault {
             db,
             cipher,
@@ -703,12 +662,8 @@ impl Vault {
     }
 
     fn storage<E: Into<redb::Error>>(&self, action: &'static str) -> impl FnOnce(E) -> VaultError {
-        let path = self.path.clone();
-        move |e| VaultError::Storage {
-            path,
-            action,
-            source: Box::new(e.into()),
-        }
+        let storage = StoreError::storage(NAME, &self.path, action);
+        move |e| storage(e).into()
     }
 
     fn malformed(&self, what: String) -> VaultError {
@@ -719,137 +674,28 @@ impl Vault {
     }
 }
 
-/// Takes the store's lock file in `state_dir` exclusively, without waiting.
-fn lock_state_dir(state_dir: &Path, vault: &Path) -> Result<Flock<File>, VaultError> {
-    let lock_path = state_dir.join(LOCK_FILE);
-    crate::lock_exclusive(&lock_path).map_err(|failure| match failure {
-        crate::LockFailure::Held => VaultError::InUse {
-            path: vault.to_path_buf(),
-        },
-        crate::LockFailure::Io(source) => VaultError::Lock {
-            path: lock_path,
-            source,
-        },
-    })
-}
-
-/// Builds a new vault under a temporary name (format and key-check records, all tables) and
-/// links it into place only when complete, so a crash never leaves a half-made vault behind.
-fn create_vault(path: &Path, cipher: &Cipher) -> Result<(), VaultError> {
-    let tmp = path.with_file_name(NEW_VAULT_FILE);
-    let create_err = |source: redb::Error| VaultError::Create {
-        path: path.to_path_buf(),
-        source: Box::new(source),
-    };
-    let io_err = |source: io::Error| create_err(redb::StorageError::Io(source).into());
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(e)),
+/// What a new vault holds: its format, the key-check record sealed with its key, and every
+/// table, empty.
+fn init_vault(txn: &WriteTransaction, check: &Sealed) -> Result<(), redb::Error> {
+    let mut meta = txn.open_table(META)?;
+    meta.insert(FORMAT_KEY, FORMAT.to_be_bytes().as_slice())?;
+    meta.insert(KEY_CHECK_KEY, check.encode().as_slice())?;
+    for table in [SECRETS, BLOBS, HANDLES] {
+        txn.open_table(table)?;
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err)?;
-    let backend = FileBackend::new(file).map_err(|e| create_err(e.into()))?;
-    let db = Builder::new()
-        .create_with_backend(backend)
-        .map_err(|e| create_err(e.into()))?;
-    let check = cipher
-        .seal(KEY_CHECK_AAD, KEY_CHECK_PLAINTEXT)
-        .map_err(|e| VaultError::seal(e, || "the key check record".into()))?;
-    let txn = db.begin_write().map_err(|e| create_err(e.into()))?;
-    {
-        let mut meta = txn.open_table(META).map_err(|e| create_err(e.into()))?;
-        meta.insert(FORMAT_KEY, FORMAT.to_be_bytes().as_slice())
-            .map_err(|e| create_err(e.into()))?;
-        meta.insert(KEY_CHECK_KEY, check.encode().as_slice())
-            .map_err(|e| create_err(e.into()))?;
-        for table in [SECRETS, BLOBS, HANDLES] {
-            txn.open_table(table).map_err(|e| create_err(e.into()))?;
-        }
-        txn.open_table(HANDLE_TOKENS)
-            .map_err(|e| create_err(e.into()))?;
-    }
-    txn.commit().map_err(|e| create_err(e.into()))?;
-    db.close().map_err(|e| create_err(e.into()))?;
-    // A hard link, unlike rename, never replaces an existing vault.
-    std::fs::hard_link(&tmp, path).map_err(io_err)?;
-    std::fs::remove_file(&tmp).map_err(io_err)?;
-    key::sync_parent(path).map_err(io_err)?;
-    tracing::info!(path = %path.display(), "created vault");
+    txn.open_table(HANDLE_TOKENS)?;
     Ok(())
 }
 
-/// Checks the vault file on an in-memory copy: redb can open it (repairing an unclean shutdown
-/// in memory only), every page passes its checksum, and the key opens the key-check record.
-/// Nothing is written to the file whatever the outcome.
-fn verify_copy(path: &Path, cipher: &Cipher) -> Result<(), VaultError> {
-    let bytes = std::fs::read(path).map_err(|source| VaultError::VaultFileRead {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let corrupt = |detail: &str, source: Option<Box<redb::Error>>| VaultError::Corrupt {
-        path: path.to_path_buf(),
-        detail: detail.to_string(),
-        source,
-    };
-    if bytes.is_empty() {
-        return Err(corrupt("the file is empty", None));
-    }
-    let backend = InMemoryBackend::new();
-    backend
-        .set_len(bytes.len() as u64)
-        .and_then(|()| backend.write(0, &bytes))
-        .map_err(|e| corrupt("cannot copy it into memory", Some(Box::new(e.into()))))?;
-    drop(bytes);
-    // redb may panic on a file altered outside it; that must be a refusal, not a crash. The
-    // database is private to this closure, so nothing observes state a panic interrupted.
-    let checked = catch_unwind(AssertUnwindSafe(|| {
-        let mut db = Builder::new().create_with_backend(backend).map_err(|e| {
-            corrupt(
-                "it cannot be opened as a redb database",
-                Some(Box::new(e.into())),
-            )
-        })?;
-        match db.check_integrity() {
-            Ok(true) => {}
-            Ok(false) => return Err(corrupt("some pages fail their checksums", None)),
-            Err(e) => {
-                return Err(corrupt(
-                    "the integrity check failed",
-                    Some(Box::new(e.into())),
-                ));
-            }
-        }
-        check_key(&db, cipher, path)
-    }));
-    match checked {
-        Ok(Err(VaultError::Storage { source, .. })) => {
-            Err(corrupt("reading the key check record failed", Some(source)))
-        }
-        Ok(result) => result,
-        Err(_) => Err(corrupt("the storage engine failed while reading it", None)),
-    }
-}
+store::wraps_store_error!(VaultError);
 
 /// The format record names a format this code reads, and the key opens the key-check record.
 fn check_key(db: &impl ReadableDatabase, cipher: &Cipher, path: &Path) -> Result<(), VaultError> {
     let storage = |action: &'static str| {
-        move |e: redb::Error| VaultError::Storage {
-            path: path.to_path_buf(),
-            action,
-            source: Box::new(e),
-        }
+        let storage = StoreError::storage(NAME, path, action);
+        move |e: redb::Error| VaultError::from(storage(e))
     };
-    let corrupt = |detail: &str| VaultError::Corrupt {
-        path: path.to_path_buf(),
-        detail: detail.to_string(),
-        source: None,
-    };
+    let corrupt = |detail: &str| VaultError::from(StoreError::corrupt(NAME, path, detail));
     let txn = db
         .begin_read()
         .map_err(|e| storage("starting a read transaction")(e.into()))?;
@@ -860,17 +706,8 @@ fn check_key(db: &impl ReadableDatabase, cipher: &Cipher, path: &Path) -> Result
     };
     let format = meta
         .get(FORMAT_KEY)
-        .map_err(|e| storage("reading the format record")(e.into()))?
-        .ok_or_else(|| corrupt("it has no format record"))?;
-    let format = <[u8; 8]>::try_from(format.value())
-        .map(u64::from_be_bytes)
-        .map_err(|_| corrupt("its format record is malformed"))?;
-    if format != FORMAT {
-        return Err(VaultError::UnsupportedFormat {
-            path: path.to_path_buf(),
-            format,
-        });
-    }
+        .map_err(|e| storage("reading the format record")(e.into()))?;
+    store::check_format(NAME, path, format.as_ref().map(|g| g.value()), FORMAT)?;
     let check = meta
         .get(KEY_CHECK_KEY)
         .map_err(|e| storage("reading the key check record")(e.into()))?

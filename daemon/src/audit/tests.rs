@@ -672,7 +672,10 @@ fn a_corrupt_or_foreign_file_is_refused_unchanged() {
         std::fs::write(&path, &bytes).expect("write");
         let err = AuditLog::open(state.path(), Retention::KEEP_ALL).expect_err(what);
         let shown = error_chain(&err);
-        assert!(matches!(err, AuditError::Corrupt { .. }), "{what}: {shown}");
+        assert!(
+            matches!(err, AuditError::Store(StoreError::Corrupt { .. })),
+            "{what}: {shown}"
+        );
         assert!(
             shown.contains(&path.display().to_string()),
             "{what}: {shown}"
@@ -728,7 +731,10 @@ fn a_second_open_is_refused_while_the_log_is_open() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (handle, thread) = open(dir.path()).writer_with(fast()).expect("writer");
     let err = AuditLog::open(dir.path(), Retention::KEEP_ALL).expect_err("in use");
-    assert!(matches!(err, AuditError::InUse { .. }), "{err}");
+    assert!(
+        matches!(err, AuditError::Store(StoreError::InUse { .. })),
+        "{err}"
+    );
     handle.flush_and_stop().expect("stop");
     drop(handle);
     thread.join().expect("join").expect("writer");

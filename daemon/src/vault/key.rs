@@ -131,7 +131,7 @@ fn create_key_file(path: &Path) -> Result<MasterKey, VaultError> {
     let written = file
         .write_all(key.bytes())
         .and_then(|()| file.sync_all())
-        .and_then(|()| sync_parent(path));
+        .and_then(|()| crate::store::sync_parent(path));
     if let Err(source) = written {
         // A short key file would be refused on the next start; do not leave one behind.
         drop(file);
@@ -164,15 +164,6 @@ pub(super) fn load_systemd_credential(dir: Option<&Path>) -> Result<MasterKey, V
         }
     })?;
     read_key(&mut file, &path)
-}
-
-/// fsyncs the directory holding `path`, so a just-created or renamed entry survives a crash.
-pub(super) fn sync_parent(path: &Path) -> io::Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)?.sync_all()
 }
 
 #[cfg(test)]

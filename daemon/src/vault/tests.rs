@@ -177,7 +177,7 @@ fn key_file_is_created_0600_with_32_bytes() {
             & 0o777,
         0o700
     );
-    assert!(!state.join(NEW_VAULT_FILE).exists());
+    assert!(!state.join("vault.redb.new").exists());
     let vault = open_default(&state).expect("reopen");
     assert!(is(
         &vault
@@ -281,7 +281,7 @@ fn corrupt_vault_file_is_refused_and_unchanged() {
         fs::write(&path, &bytes).expect("write garbage");
         let e = open_default(dir.path()).expect_err(what);
         assert!(
-            matches!(e, VaultError::Corrupt { .. }),
+            matches!(e, VaultError::Store(StoreError::Corrupt { .. })),
             "{what}: {}",
             error_chain(&e)
         );
@@ -322,7 +322,7 @@ fn single_byte_damage_anywhere_is_refused_or_harmless() {
                     "offset {offset}: changed"
                 );
                 match e {
-                    VaultError::Corrupt { .. } => "corrupt".to_string(),
+                    VaultError::Store(StoreError::Corrupt { .. }) => "corrupt".to_string(),
                     VaultError::WrongKey { .. } => "wrong key".to_string(),
                     e => panic!("offset {offset}: unexpected {}", error_chain(&e)),
                 }
@@ -422,11 +422,39 @@ fn systemd_credential_source() {
 }
 
 #[test]
+fn a_symlinked_vault_is_refused_not_followed() {
+    let real = tempfile::tempdir().expect("tempdir");
+    make_vault(real.path());
+    let before = vault_bytes(real.path());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = fs::read(real.path().join(KEY_FILE)).expect("key");
+    write_key(&dir.path().join(KEY_FILE), &key, 0o600);
+    std::os::unix::fs::symlink(real.path().join(VAULT_FILE), dir.path().join(VAULT_FILE))
+        .expect("symlink");
+    let e = open_default(dir.path()).expect_err("symlinked vault");
+    assert!(
+        matches!(e, VaultError::Store(StoreError::NotARegularFile { .. })),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "vault file {} is not a regular file (a symlink is not followed)",
+            dir.path().join(VAULT_FILE).display()
+        )
+    );
+    assert!(vault_bytes(real.path()) == before, "the target changed");
+}
+
+#[test]
 fn a_vault_opens_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let vault = open_default(dir.path()).expect("open");
     let e = open_default(dir.path()).expect_err("second open");
-    assert!(matches!(e, VaultError::InUse { .. }), "{e}");
+    assert!(
+        matches!(e, VaultError::Store(StoreError::InUse { .. })),
+        "{e}"
+    );
     drop(vault);
     open_default(dir.path()).expect("open after close");
 }
@@ -444,7 +472,7 @@ fn vault_copied_while_open_recovers_and_still_checks_the_key() {
     assert!(
         matches!(
             redb::ReadOnlyDatabase::open(copy.path().join(VAULT_FILE)),
-            Err(DatabaseError::RepairAborted)
+            Err(redb::DatabaseError::RepairAborted)
         ),
         "the copy should need recovery"
     );

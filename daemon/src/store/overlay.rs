@@ -1,8 +1,9 @@
 //! A copy-on-write view of a file for redb: reads come from the file, writes stay in memory.
 //!
-//! Opening the audit log is checked first on this view (redb's crash repair and integrity check
-//! both write), so a corrupt or foreign file is refused with not one byte of it changed, and
-//! without reading a large log into memory: only the pages redb writes are held.
+//! An existing store is checked on this view before it is opened for writing (redb's crash
+//! repair and integrity check both write), so a corrupt or foreign file is refused with not one
+//! byte of it changed, and without reading a large file into memory: only the pages redb writes
+//! are held.
 
 use std::collections::HashMap;
 use std::fs::File;
