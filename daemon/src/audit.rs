@@ -75,7 +75,6 @@ mod writer;
 
 pub use ports::{AuditAccess, EventSink, matches};
 
-use agent_broker_core::fmt::error_chain;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -444,11 +443,11 @@ impl AuditAccess for AuditHandle {
         AuditHandle::subscribe(self)
     }
 
-    fn query(&self, filter: &LogFilter) -> Result<Vec<AuditEvent>, String> {
-        AuditHandle::query(self, filter).map_err(|e| error_chain(&e))
+    fn query(&self, filter: &LogFilter) -> Result<Vec<AuditEvent>, AuditError> {
+        AuditHandle::query(self, filter)
     }
 
-    fn verify(&self) -> Result<VerifyReport, String> {
-        AuditHandle::verify(self).map_err(|e| error_chain(&e))
+    fn verify(&self) -> Result<VerifyReport, AuditError> {
+        AuditHandle::verify(self)
     }
 }

@@ -764,17 +764,30 @@ impl From<&HandleRecord> for HandleRow {
     }
 }
 
+/// Which field of a stored handle does not parse.
+#[derive(Debug, thiserror::Error)]
+enum BadHandleRow {
+    #[error("token_sha256 is not 64 lowercase hex digits")]
+    TokenHash,
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] agent_broker_core::cgroup::CgroupError),
+    #[error("secret: {0}")]
+    Secret(#[from] SecretError),
+    #[error("host: {0}")]
+    Host(#[source] agent_broker_core::handle::HandleError),
+    #[error("id: {0}")]
+    Id(#[source] agent_broker_core::handle::HandleError),
+}
+
 impl HandleRow {
     /// The typed record; says which field does not parse.
-    fn into_record(self) -> Result<HandleRecord, String> {
-        let token_hash = TokenHash::from_hex(&self.token_sha256)
-            .ok_or("token_sha256 is not 64 lowercase hex digits")?;
-        let cgroup = CgroupPath::parse(&self.cgroup).map_err(|e| format!("cgroup: {e}"))?;
-        let secret = SecretName::new(self.secret).map_err(|e| format!("secret: {e}"))?;
-        let binding =
-            HandleBinding::new(cgroup, secret, &self.host).map_err(|e| format!("host: {e}"))?;
+    fn into_record(self) -> Result<HandleRecord, BadHandleRow> {
+        let token_hash = TokenHash::from_hex(&self.token_sha256).ok_or(BadHandleRow::TokenHash)?;
+        let cgroup = CgroupPath::parse(&self.cgroup)?;
+        let secret = SecretName::new(self.secret)?;
+        let binding = HandleBinding::new(cgroup, secret, &self.host).map_err(BadHandleRow::Host)?;
         Ok(HandleRecord {
-            id: HandleId::parse(&self.id).map_err(|e| format!("id: {e}"))?,
+            id: HandleId::parse(&self.id).map_err(BadHandleRow::Id)?,
             token_hash,
             binding,
             created: UNIX_EPOCH + Duration::from_secs(self.created_unix),

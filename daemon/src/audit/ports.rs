@@ -3,6 +3,8 @@
 //! serves history, verification and live events from ([`AuditAccess`]).
 
 use agent_broker_protocol::{AuditEvent, LogFilter, VerifyReport};
+
+use super::AuditError;
 use tokio::sync::broadcast;
 
 /// Where each exchange, denial, failed handshake, DNS answer and operator action is reported.
@@ -16,9 +18,9 @@ pub trait AuditAccess: Send + Sync + 'static {
     /// Live events, after they are stored.
     fn subscribe(&self) -> broadcast::Receiver<AuditEvent>;
     /// Stored records matching `filter`, oldest first.
-    fn query(&self, filter: &LogFilter) -> Result<Vec<AuditEvent>, String>;
+    fn query(&self, filter: &LogFilter) -> Result<Vec<AuditEvent>, AuditError>;
     /// Checks the hash chain.
-    fn verify(&self) -> Result<VerifyReport, String>;
+    fn verify(&self) -> Result<VerifyReport, AuditError>;
 }
 
 /// Whether an event passes a filter (cgroup subtree, denials only, since). `limit` is the

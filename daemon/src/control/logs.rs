@@ -3,6 +3,7 @@
 
 use std::io;
 
+use agent_broker_core::fmt::error_chain;
 use agent_broker_protocol::{ErrorKind, LogFilter, Response};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tracing::warn;
@@ -36,9 +37,9 @@ pub async fn stream_logs(
                 write.write_all(&encode(&Response::Event { event })).await?;
             }
         }
-        Ok(Err(message)) => {
+        Ok(Err(e)) => {
             write
-                .write_all(&encode(&error(ErrorKind::Internal, message)))
+                .write_all(&encode(&error(ErrorKind::Internal, error_chain(&e))))
                 .await?;
             return Ok(());
         }
@@ -85,7 +86,7 @@ pub async fn verify(state: &ControlState) -> Response {
     let audit = state.audit.clone();
     match tokio::task::spawn_blocking(move || audit.verify()).await {
         Ok(Ok(report)) => Response::Verified { report },
-        Ok(Err(message)) => error(ErrorKind::Internal, message),
+        Ok(Err(e)) => error(ErrorKind::Internal, error_chain(&e)),
         Err(e) => error(ErrorKind::Internal, format!("verify task failed: {e}")),
     }
 }
