@@ -105,7 +105,7 @@ impl Authorizer for PolicyAuthorizer {
             ..Grant::default()
         };
         handles::swap(self, facts, parts, &allowed, &mut grant)?;
-        inject::write(self, facts, parts, &allowed, &mut grant)?;
+        inject::write(self, facts.host, (parts, &allowed), &mut grant)?;
         limits::charge(&self.limiter, allowed, &mut grant)?;
         Ok(grant)
     }

@@ -47,6 +47,7 @@ use agent_broker_core::{
     handle::{HandleBinding, HandleId, HandleRecord, TokenHash},
     secret::{SecretError, SecretName, SecretValue},
 };
+use agent_broker_protocol::HandleInfo;
 use seal::{Cipher, SealError};
 use tables::{
     BLOBS, FORMAT, FORMAT_KEY, HANDLE_TOKENS, HANDLES, KEY_CHECK_AAD, KEY_CHECK_KEY,
@@ -735,32 +736,34 @@ fn unix_now() -> u64 {
     unix_secs(SystemTime::now())
 }
 
-/// A handle as stored: JSON with the token hash in hex.
+/// A handle as stored: what `brokerctl handle list` shows of it, and the token's hash in hex
+/// (JSON, the fields side by side).
 #[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct HandleRow {
-    id: String,
     token_sha256: String,
-    cgroup: String,
-    secret: String,
-    host: String,
-    expires_unix: u64,
-    created_unix: u64,
-    revoked: bool,
+    #[serde(flatten)]
+    info: HandleInfo,
 }
 
 impl From<&HandleRecord> for HandleRow {
     fn from(h: &HandleRecord) -> Self {
         Self {
-            id: h.id.as_str().to_string(),
             token_sha256: h.token_hash.to_hex(),
-            cgroup: h.binding.cgroup.as_str().to_string(),
-            secret: h.binding.secret.as_str().to_string(),
-            host: h.binding.host.to_string(),
-            expires_unix: unix_secs(h.expires),
-            created_unix: unix_secs(h.created),
-            revoked: h.revoked,
+            info: handle_info(h),
         }
+    }
+}
+
+/// A handle as operators see it: the record without the token's hash.
+pub fn handle_info(h: &HandleRecord) -> HandleInfo {
+    HandleInfo {
+        id: h.id.as_str().to_string(),
+        cgroup: h.binding.cgroup.as_str().to_string(),
+        secret: h.binding.secret.as_str().to_string(),
+        host: h.binding.host.to_string(),
+        created_unix: unix_secs(h.created),
+        expires_unix: unix_secs(h.expires),
+        revoked: h.revoked,
     }
 }
 
@@ -783,16 +786,17 @@ impl HandleRow {
     /// The typed record; says which field does not parse.
     fn into_record(self) -> Result<HandleRecord, BadHandleRow> {
         let token_hash = TokenHash::from_hex(&self.token_sha256).ok_or(BadHandleRow::TokenHash)?;
-        let cgroup = CgroupPath::parse(&self.cgroup)?;
-        let secret = SecretName::new(self.secret)?;
-        let binding = HandleBinding::new(cgroup, secret, &self.host).map_err(BadHandleRow::Host)?;
+        let info = self.info;
+        let cgroup = CgroupPath::parse(&info.cgroup)?;
+        let secret = SecretName::new(info.secret)?;
+        let binding = HandleBinding::new(cgroup, secret, &info.host).map_err(BadHandleRow::Host)?;
         Ok(HandleRecord {
-            id: HandleId::parse(&self.id).map_err(BadHandleRow::Id)?,
+            id: HandleId::parse(&info.id).map_err(BadHandleRow::Id)?,
             token_hash,
             binding,
-            created: UNIX_EPOCH + Duration::from_secs(self.created_unix),
-            expires: UNIX_EPOCH + Duration::from_secs(self.expires_unix),
-            revoked: self.revoked,
+            created: UNIX_EPOCH + Duration::from_secs(info.created_unix),
+            expires: UNIX_EPOCH + Duration::from_secs(info.expires_unix),
+            revoked: info.revoked,
         })
     }
 }

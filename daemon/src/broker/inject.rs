@@ -4,15 +4,14 @@
 use http::{HeaderName, HeaderValue, request::Parts};
 
 use super::{PolicyAuthorizer, request::Allowed};
-use crate::proxy::{Denial, Grant, RequestFacts};
+use crate::proxy::{Denial, Grant};
 
-/// Writes what the rule injects; the values go into the grant's needles, to be scrubbed from
-/// the response.
+/// Writes what the rule injects into the request for `host`; the values go into the grant's
+/// needles, to be scrubbed from the response.
 pub(super) fn write(
     broker: &PolicyAuthorizer,
-    facts: &RequestFacts<'_>,
-    parts: &mut Parts,
-    allowed: &Allowed<'_>,
+    host: &str,
+    (parts, allowed): (&mut Parts, &Allowed<'_>),
     grant: &mut Grant,
 ) -> Result<(), Denial> {
     if allowed.inject.is_empty() {
@@ -23,7 +22,7 @@ pub(super) fn write(
         return Err(deny(format!(
             "{} is reached over plain HTTP and the rule injects credentials; use https (or set \
              plain_http = true in the rule if this host has no TLS)",
-            facts.host
+            host
         )));
     }
     let rendered = allowed

@@ -1,36 +1,22 @@
 //! Handles: `handle mint`, `handle list` and `handle revoke`. The vault stores the typed
-//! [`HandleRecord`]; a token is in the mint reply once and nowhere else.
+//! `HandleRecord`; a token is in the mint reply once and nowhere else.
 
 use agent_broker_core::fmt::error_chain;
 use std::{
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
-use agent_broker_protocol::{ErrorKind, HandleInfo, Response};
+use agent_broker_protocol::{ErrorKind, Response};
 use tracing::info;
 
 use super::reply::{blocking, error};
-use crate::vault::Vault;
+use crate::vault::{Vault, handle_info as info};
 use agent_broker_core::{
     cgroup::CgroupPath,
-    handle::{self, HandleBinding, HandleRecord},
+    handle::{self, HandleBinding},
     secret::SecretName,
 };
-
-/// A handle as `brokerctl handle list` shows it (never the token or its hash).
-fn info(r: &HandleRecord) -> HandleInfo {
-    let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    HandleInfo {
-        id: r.id.as_str().to_string(),
-        cgroup: r.binding.cgroup.as_str().to_string(),
-        secret: r.binding.secret.as_str().to_string(),
-        host: r.binding.host.to_string(),
-        created_unix: unix(r.created),
-        expires_unix: unix(r.expires),
-        revoked: r.revoked,
-    }
-}
 
 /// Mints a handle and stores its record. The token is in the reply once and nowhere else.
 pub async fn mint(

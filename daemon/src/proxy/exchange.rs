@@ -155,23 +155,8 @@ impl Proxy {
                     error_chain(&e)
                 );
                 warn!(cgroup = %conn.origin.cgroup, %reason, "upstream failure");
-                let response = json_response(
-                    StatusCode::BAD_GATEWAY,
-                    &error_body("upstream failed", &reason, None, &conn.origin),
-                );
-                let failure = Failure {
-                    kind: EventKind::Request,
-                    reason,
-                    rule: Some(grant.rule.clone()),
-                    side: Side::Upstream,
-                };
-                return Exchange {
-                    response,
-                    host,
-                    grant: Some(grant),
-                    failure: Some(failure),
-                    bytes_in,
-                };
+                let body = error_body("upstream failed", &reason, None, &conn.origin);
+                return Exchange::upstream_failed(body, reason, host, grant, bytes_in);
             }
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -198,19 +183,7 @@ impl Proxy {
                 Some(&grant.rule),
                 &conn.origin,
             );
-            let failure = Failure {
-                kind: EventKind::Request,
-                reason,
-                rule: Some(grant.rule.clone()),
-                side: Side::Upstream,
-            };
-            return Exchange {
-                response: json_response(StatusCode::BAD_GATEWAY, &body),
-                host,
-                grant: Some(grant),
-                failure: Some(failure),
-                bytes_in,
-            };
+            return Exchange::upstream_failed(body, reason, host, grant, bytes_in);
         }
         let body = if grant.needles.is_empty() {
             resp_body.boxed_unsync()
@@ -249,6 +222,30 @@ pub(super) struct Failure {
 }
 
 impl Exchange {
+    /// An allowed request whose upstream failed (or answered what cannot be passed on): a 502
+    /// with `body`, recorded as the upstream's failure.
+    fn upstream_failed(
+        body: serde_json::Value,
+        reason: String,
+        host: String,
+        grant: Grant,
+        bytes_in: Arc<AtomicU64>,
+    ) -> Self {
+        let failure = Failure {
+            kind: EventKind::Request,
+            reason,
+            rule: Some(grant.rule.clone()),
+            side: Side::Upstream,
+        };
+        Self {
+            response: json_response(StatusCode::BAD_GATEWAY, &body),
+            host,
+            grant: Some(grant),
+            failure: Some(failure),
+            bytes_in,
+        }
+    }
+
     fn refused(
         origin: &ConnectionOrigin,
         host: String,
