@@ -41,6 +41,10 @@ pub fn test() -> Result<()> {
         "clippy",
         cargo("clippy --workspace --all-targets -- -D warnings")?,
     );
+    if let Err(err) = check_walls() {
+        eprintln!("error: dependency walls: {err:#}");
+        problems.push("dependency walls failed".to_owned());
+    }
 
     // --no-fail-fast: one failing test binary must not hide the results of the others.
     let unit = run_tests(
@@ -119,6 +123,58 @@ fn cargo(args: &str) -> Result<Command> {
     let mut cargo = cmd::workspace_cargo()?;
     cargo.args(args.split_whitespace());
     Ok(cargo)
+}
+
+/// Which crates each package must never link (ARCHITECTURE.md's layout): the pure core builds
+/// anywhere, the console and brokerctl talk to brokerd only through the protocol, and brokerd
+/// carries none of the CLI's sandboxing or the console's UI.
+const WALLS: &[(&str, &[&str])] = &[
+    (
+        "agent-broker-core",
+        &["aya", "redb", "rustls", "tokio", "hyper"],
+    ),
+    (
+        "agent-broker-protocol",
+        &["aya", "redb", "rustls", "tokio", "hyper"],
+    ),
+    (
+        "agent-broker-console",
+        &["aya", "redb", "rustls", "tokio", "hyper"],
+    ),
+    ("agent-broker-ctl", &["aya", "redb", "rustls", "hyper"]),
+    ("agent-broker", &["ratatui", "landlock", "seccompiler"]),
+];
+
+/// Checks [`WALLS`] against `cargo tree`: a forbidden crate anywhere in a package's normal
+/// dependencies is an error naming the package and the crate.
+fn check_walls() -> Result<()> {
+    let mut breaches = Vec::new();
+    for (package, forbidden) in WALLS {
+        let mut tree = cargo(&format!(
+            "tree --package {package} --edges normal --prefix none --format {{p}}"
+        ))?;
+        let output = tree.output()?;
+        if !output.status.success() {
+            bail!(
+                "`cargo tree --package {package}` failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let listed = String::from_utf8_lossy(&output.stdout);
+        for name in *forbidden {
+            if listed
+                .lines()
+                .any(|line| line.split_whitespace().next() == Some(name))
+            {
+                breaches.push(format!("{package} links {name}"));
+            }
+        }
+    }
+    if breaches.is_empty() {
+        println!("dependency walls: hold ({} packages)", WALLS.len());
+        return Ok(());
+    }
+    bail!("{}", breaches.join("; "))
 }
 
 /// The eBPF programs' cargo with `args` (whitespace-separated).
