@@ -30,7 +30,9 @@ pub mod upstream;
 
 use std::{sync::Arc, time::Duration};
 
-pub use authorizer::{Authorizer, Completion, ConnectionVerdict, Denial, Grant, RequestFacts};
+pub use authorizer::{
+    Authorizer, Completion, ConnectionVerdict, Denial, DenialReason, Grant, RequestFacts,
+};
 
 use crate::audit::EventSink;
 use tls::LeafMinter;

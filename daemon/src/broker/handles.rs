@@ -40,15 +40,12 @@ pub(super) fn swap(
         },
         |name| broker.secret(name),
     )
-    .map_err(|d| Denial {
-        handle_misuse: true,
-        ..allowed.deny(d.to_string())
-    })?;
+    .map_err(|misuse| allowed.deny(misuse.into()))?;
     let Some(swapped) = swapped else {
         return Ok(());
     };
     if !allowed.may_write_secrets {
-        return Err(allowed.deny(format!(
+        return Err(allowed.cannot(format!(
             "the request carries a handle but goes to {} over plain HTTP; use https (the rule \
              does not allow secrets over plain HTTP)",
             facts.host
@@ -59,7 +56,7 @@ pub(super) fn swap(
         .extend(swapped.used.iter().map(|u| u.secret.as_str().to_string()));
     grant.needles.extend(swapped.secret_values.iter().cloned());
     swapped.apply(parts).map_err(|e| {
-        allowed.deny(format!(
+        allowed.cannot(format!(
             "cannot rewrite the request with the handle's secret: {e}"
         ))
     })

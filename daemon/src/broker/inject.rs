@@ -17,7 +17,7 @@ pub(super) fn write(
     if allowed.inject.is_empty() {
         return Ok(());
     }
-    let deny = |reason: String| allowed.deny(reason);
+    let deny = |reason: String| allowed.cannot(reason);
     if !allowed.may_write_secrets {
         return Err(deny(format!(
             "{} is reached over plain HTTP and the rule injects credentials; use https (or set \

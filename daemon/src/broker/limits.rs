@@ -8,7 +8,7 @@ use agent_broker_core::policy::{Limiter, usage_tokens};
 use http::StatusCode;
 
 use super::request::Allowed;
-use crate::proxy::{Denial, Grant};
+use crate::proxy::{Denial, DenialReason, Grant};
 
 /// How much of a limited response is kept to read an LLM API's `usage` from.
 const USAGE_CAPTURE: usize = 256 * 1024;
@@ -27,7 +27,7 @@ pub(super) fn charge(
         return Err(Denial {
             status: StatusCode::TOO_MANY_REQUESTS,
             retry_after: Some(limited.retry_after),
-            ..allowed.deny(limited.reason)
+            ..allowed.deny(DenialReason::Limit(limited.reason))
         });
     }
     let limiter = limiter.clone();

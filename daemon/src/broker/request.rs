@@ -5,7 +5,7 @@ use std::time::SystemTime;
 use agent_broker_core::policy::{Injection, LimitKey, Policy, RequestDecision, RequestInfo};
 use http::{StatusCode, request::Parts};
 
-use crate::proxy::{Denial, RequestFacts};
+use crate::proxy::{Denial, DenialReason, RequestFacts};
 
 /// A request the policy allowed, and what the later steps need of the rule that allowed it.
 pub(super) struct Allowed<'p> {
@@ -22,14 +22,18 @@ pub(super) struct Allowed<'p> {
 
 impl Allowed<'_> {
     /// A 403 naming the rule that allowed the destination, for a later step's refusal.
-    pub fn deny(&self, reason: String) -> Denial {
+    pub fn deny(&self, reason: DenialReason) -> Denial {
         Denial {
             status: StatusCode::FORBIDDEN,
             reason,
             rule: Some(self.rule.clone()),
             retry_after: None,
-            handle_misuse: false,
         }
+    }
+
+    /// A 403: the rule that allowed the destination cannot be carried out for this request.
+    pub fn cannot(&self, reason: String) -> Denial {
+        self.deny(DenialReason::Rule(reason))
     }
 }
 
@@ -65,7 +69,7 @@ pub(super) fn decide<'p>(
         RequestDecision::Deny { reason, rule, .. } => {
             return Err(Denial {
                 rule: rule.map(ToString::to_string),
-                ..Denial::forbidden(reason)
+                ..Denial::forbidden(DenialReason::Policy(reason))
             });
         }
     };
@@ -76,7 +80,7 @@ pub(super) fn decide<'p>(
         && !allowed.may_write_secrets
         && !host_is_address(facts.host, facts.origin.original_dst.ip())
     {
-        return Err(allowed.deny(format!(
+        return Err(allowed.cannot(format!(
             "plain HTTP to {} cannot be verified (nothing proves that {} is that host); use \
              https, or allow the address itself",
             facts.host,

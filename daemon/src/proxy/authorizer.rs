@@ -3,9 +3,12 @@
 
 use std::time::Duration;
 
+use agent_broker_core::handle::HandleDenial;
+use agent_broker_protocol::EventKind;
 use http::{StatusCode, request::Parts};
 use zeroize::Zeroizing;
 
+use super::http::Refusal;
 use crate::capture::ConnectionOrigin;
 
 /// Facts about one request that authorization depends on.
@@ -50,28 +53,68 @@ pub struct Completion {
     pub body: Vec<u8>,
 }
 
-/// Why a request was refused.
+/// A refused request: the status and reason the agent gets, and the rule for the record.
 #[derive(Debug)]
 pub struct Denial {
     pub status: StatusCode,
-    pub reason: String,
+    pub reason: DenialReason,
     pub rule: Option<String>,
     /// For 429: when to try again.
     pub retry_after: Option<Duration>,
-    /// A handle was misused (unknown, expired, revoked, wrong cgroup or host).
-    pub handle_misuse: bool,
 }
 
 impl Denial {
-    pub fn forbidden(reason: impl Into<String>) -> Self {
+    /// A 403 for `reason`, naming no rule.
+    pub fn forbidden(reason: DenialReason) -> Self {
         Self {
             status: StatusCode::FORBIDDEN,
-            reason: reason.into(),
+            reason,
             rule: None,
             retry_after: None,
-            handle_misuse: false,
         }
     }
+
+    /// What the audit log calls it: a handle's misuse is recorded as such.
+    pub fn event_kind(&self) -> EventKind {
+        match self.reason {
+            DenialReason::Handle(_) => EventKind::HandleMisuse,
+            _ => EventKind::Denial,
+        }
+    }
+}
+
+impl From<Refusal> for DenialReason {
+    fn from(refusal: Refusal) -> Self {
+        Self::Request(Box::new(refusal))
+    }
+}
+
+impl From<HandleDenial> for DenialReason {
+    fn from(misuse: HandleDenial) -> Self {
+        Self::Handle(Box::new(misuse))
+    }
+}
+
+/// Why a request was refused, by who refused it. Each says what is wrong in words an agent
+/// can act on, and never holds a secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum DenialReason {
+    /// The request's own form: its hosts disagree, or it would tunnel past the broker.
+    #[error(transparent)]
+    Request(Box<Refusal>),
+    /// The policy: no rule allows this request (the policy's words).
+    #[error("{0}")]
+    Policy(String),
+    /// A rule allows the destination but cannot be carried out for this request (secrets
+    /// over plain HTTP, a value that is not a valid header).
+    #[error("{0}")]
+    Rule(String),
+    /// A `brk_` handle the request carries may not be used here.
+    #[error(transparent)]
+    Handle(Box<HandleDenial>),
+    /// A rate limit or budget of the rule is used up.
+    #[error("{0}")]
+    Limit(String),
 }
 
 /// What to do with a connection before any request is read.

@@ -18,7 +18,7 @@ use super::{
     Denial, Grant, Proxy, RequestFacts,
     body::{AgentBody, Counted, scrub_headers, scrubbed_body},
     http::{
-        check_request_shape, is_encoded, is_upgrade, prepare_upstream, request_host,
+        Refusal, check_request_shape, is_encoded, is_upgrade, prepare_upstream, request_host,
         strip_hop_by_hop,
     },
     record,
@@ -132,7 +132,7 @@ impl Proxy {
             return Exchange::refused(&conn.origin, host, Denial::from(reason), Some(grant));
         }
         let Some(inner) = body.take() else {
-            let denial = Denial::forbidden("the request body was already consumed");
+            let denial = Denial::forbidden(Refusal::BodyConsumed.into());
             return Exchange::refused(&conn.origin, host, denial, Some(grant));
         };
         let counted = Counted::new(inner, bytes_in.clone());
@@ -253,12 +253,8 @@ impl Exchange {
         grant: Option<Grant>,
     ) -> Self {
         let failure = Failure {
-            kind: if denial.handle_misuse {
-                EventKind::HandleMisuse
-            } else {
-                EventKind::Denial
-            },
-            reason: denial.reason.clone(),
+            kind: denial.event_kind(),
+            reason: denial.reason.to_string(),
             rule: denial.rule.clone(),
             side: Side::Agent,
         };

@@ -6,9 +6,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, Uri, header, request::Parts};
 
 use super::{Denial, serve::Conn};
 
-/// Why a request is refused before anyone decides about it. The message is for the agent.
+/// Why a request is refused for its form, before anyone decides about it. The message is for
+/// the agent.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum Refusal {
+pub enum Refusal {
     #[error("the Host header is not valid text")]
     HostNotText,
     #[error("the request names two hosts: :authority {authority} and Host {host}")]
@@ -31,11 +32,13 @@ pub(super) enum Refusal {
     Upgrade,
     #[error("cannot build the upstream URI: {0}")]
     UpstreamUri(http::Error),
+    #[error("the request body was already consumed")]
+    BodyConsumed,
 }
 
 impl From<Refusal> for Denial {
     fn from(refusal: Refusal) -> Self {
-        Denial::forbidden(refusal.to_string())
+        Denial::forbidden(refusal.into())
     }
 }
 

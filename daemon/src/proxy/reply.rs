@@ -31,7 +31,7 @@ pub(super) fn deny(origin: &ConnectionOrigin, denial: Denial) -> Response<AgentB
         denial.status,
         &error_body(
             "denied by agent-broker",
-            &denial.reason,
+            &denial.reason.to_string(),
             denial.rule.as_deref(),
             origin,
         ),

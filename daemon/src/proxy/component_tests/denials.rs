@@ -1,7 +1,10 @@
 //! A request the authorizer denies gets the denial as JSON, is recorded, and never reaches the
 //! upstream.
 
+use agent_broker_core::handle::{HandleDenial, HandleId};
 use agent_broker_protocol::Decision;
+
+use crate::proxy::DenialReason;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,7 +23,9 @@ use super::{
 async fn a_denied_request_gets_the_reason_as_json_and_is_recorded() {
     let authorizer = TestAuthorizer::deny(|| Denial {
         rule: Some(RULE.into()),
-        ..Denial::forbidden("no rule allows POST /v1/files for agents/component-test")
+        ..Denial::forbidden(DenialReason::Policy(
+            "no rule allows POST /v1/files for agents/component-test".into(),
+        ))
     });
     let setup = Setup::start(Offer::H1, answer("never"), authorizer).await;
     let mut agent = setup.agent(AgentProto::H1).await;
@@ -75,7 +80,9 @@ async fn a_rate_limited_request_gets_429_with_retry_after_rounded_up_over_h2() {
         status: StatusCode::TOO_MANY_REQUESTS,
         retry_after: Some(Duration::from_millis(1500)),
         rule: Some(RULE.into()),
-        ..Denial::forbidden("rate limit of 1 request per minute reached")
+        ..Denial::forbidden(DenialReason::Limit(
+            "rate limit of 1 request per minute reached".into(),
+        ))
     });
     let setup = Setup::start(Offer::H2, answer("never"), authorizer).await;
     let mut agent = setup.agent(AgentProto::H2).await;
@@ -102,9 +109,13 @@ async fn a_rate_limited_request_gets_429_with_retry_after_rounded_up_over_h2() {
 
 #[tokio::test]
 async fn a_handle_misuse_is_recorded_as_such() {
-    let authorizer = TestAuthorizer::deny(|| Denial {
-        handle_misuse: true,
-        ..Denial::forbidden("the handle is bound to another cgroup")
+    let authorizer = TestAuthorizer::deny(|| {
+        Denial::forbidden(
+            HandleDenial::Revoked {
+                id: HandleId::parse("h_0123abcd").expect("id"),
+            }
+            .into(),
+        )
     });
     let setup = Setup::start(Offer::H1, answer("never"), authorizer).await;
     let mut agent = setup.agent(AgentProto::H1).await;
@@ -113,7 +124,7 @@ async fn a_handle_misuse_is_recorded_as_such() {
         .body(empty())
         .expect("request");
     let got = agent.fetch(req).await;
-    assert_denial(&got, StatusCode::FORBIDDEN, "bound to another cgroup");
+    assert_denial(&got, StatusCode::FORBIDDEN, "handle h_0123abcd was revoked");
 
     let event = setup.broker.events.single().await;
     assert_eq!(event.kind, Some(EventKind::HandleMisuse));
@@ -127,7 +138,9 @@ async fn a_handle_misuse_is_recorded_as_such() {
 async fn after_a_denial_the_connection_serves_the_next_request() {
     let authorizer = TestAuthorizer::new(|_, parts| {
         if parts.uri.path() == "/denied" {
-            Err(Denial::forbidden("this path is denied"))
+            Err(Denial::forbidden(DenialReason::Policy(
+                "this path is denied".into(),
+            )))
         } else {
             Ok(grant())
         }
