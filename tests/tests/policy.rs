@@ -20,7 +20,6 @@
 
 use std::{
     fs,
-    net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     process::Command,
     thread,
@@ -32,19 +31,12 @@ use agent_broker_tests::{
     Broker, Canary, SHORT, TestCa, TestCgroup, TestUpstream, UpstreamOptions, UpstreamRequest, bin,
     clients::{self, Call, ClientRun, HttpReport, Proto, Trust},
     poll_until, redact, require_privileges, run_with_timeout,
+    world::{API, OTHER, SECRET_NAME, api_ip},
 };
-
-const SECRET_NAME: &str = "ABTEST_KEY";
-const API: &str = "api.example.test";
-const OTHER: &str = "other.example.test";
 
 /// How long a policy edit may take to apply (issue 4: within a second), with room for one
 /// client run in flight.
 const RELOAD_WITHIN: Duration = Duration::from_millis(1500);
-
-fn api_ip() -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))
-}
 
 /// The rule line that injects the secret: `Authorization: Bearer <ABTEST_KEY>`.
 fn inject() -> String {
