@@ -10,7 +10,7 @@
 //! record 1's `prev_hash` is 32 zero bytes (layout in `audit/tables.rs`). A small meta table
 //! keeps the chain head (last seq and hash) and the retention floor (seq and hash of the last
 //! record retention removed; 0 and zeros until then), both updated in the same transaction as
-//! the records. [`AuditLog::verify`] recomputes the chain from the floor and names the first
+//! the records. [`AuditHandle::verify`] recomputes the chain from the floor and names the first
 //! record that was edited, removed or reordered; records removed by retention are not
 //! tampering. What the chain cannot show: someone who can write the file may rewrite a whole
 //! suffix of the log together with the head, or raise the floor; comparing the head with a
@@ -246,7 +246,7 @@ impl AuditLog {
     /// The records matching `filter`, oldest first (see [`LogFilter`] and
     /// [`matches`]: `cgroup` is that cgroup or below it; `denied_only` is
     /// decision "deny" or a denial, TLS failure or handle misuse; `limit` keeps the newest). A record that does not decode is skipped here (with a
-    /// warning) and reported by [`AuditLog::verify`].
+    /// warning) and reported by [`AuditHandle::verify`].
     #[cfg(test)]
     pub fn query(&self, filter: &LogFilter) -> Result<Vec<AuditEvent>, AuditError> {
         self.store.query(filter)

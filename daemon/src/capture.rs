@@ -435,7 +435,7 @@ pub struct CaptureOwner {
 pub struct Capture {
     pub handle: CaptureHandle,
     pub resolver: Arc<OriginResolver>,
-    /// Reads `aya-log` records of the programs; drive it with [`drive_logger`].
+    /// Reads `aya-log` records of the programs; drive it with [`drive_logger_until`].
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// The optional BPF LSM layer: `active: ...` or why it is not loaded.
     pub lsm: String,

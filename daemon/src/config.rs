@@ -64,7 +64,7 @@ pub struct Settings {
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
     /// Loopback address for redirected connections; repeat for IPv4 and IPv6. All share one
-    /// port; port 0 picks a free one [default: 127.0.0.1:15001 and [::1]:15001].
+    /// port; port 0 picks a free one [default: 127.0.0.1:15001 and \[::1\]:15001].
     #[arg(long, value_name = "ADDR")]
     #[serde(default)]
     pub listen: Vec<SocketAddr>,
@@ -142,7 +142,7 @@ pub struct Config {
     pub dns_upstream: Vec<SocketAddr>,
     /// Refuse to start unless the BPF LSM programs load.
     pub require_lsm: bool,
-    /// How long a proxy thread busy-polls after a request before sleeping (see [`crate::spin`]).
+    /// How long a proxy thread busy-polls after a request before sleeping (see `proxy::spin`).
     pub spin: std::time::Duration,
 }
 

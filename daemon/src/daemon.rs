@@ -222,7 +222,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Starts one proxy thread per receiver (one per core), each with a single-threaded runtime
-/// serving the connections [`accept::Dispatch`] hands it, beside its spinner ([`crate::spin`]).
+/// serving the connections [`accept::Dispatch`] hands it, beside its spinner ([`crate::proxy::spin`]).
 fn spawn_proxy_workers(
     receivers: Vec<tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>>,
     shared: &Arc<accept::Shared>,

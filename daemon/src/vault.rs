@@ -80,7 +80,7 @@ static STORE: store::Spec = store::Spec {
 /// Longest accepted internal blob name.
 const MAX_BLOB_NAME_LEN: usize = 128;
 
-/// Where the master key comes from. It is exactly [`MASTER_KEY_LEN`] (32) raw bytes.
+/// Where the master key comes from. It is exactly `seal::MASTER_KEY_LEN` (32) raw bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeySource {
     /// A key file: must be a regular file owned by the broker's user with no group or other

@@ -162,12 +162,12 @@ impl AuditHandle {
         self.shared.dropped.load(Ordering::Relaxed)
     }
 
-    /// See [`super::AuditLog::query`]. Blocking.
+    /// See `AuditLog::query` (tests). Blocking.
     pub fn query(&self, filter: &LogFilter) -> Result<Vec<AuditEvent>, AuditError> {
         self.shared.store.query(filter)
     }
 
-    /// See [`super::AuditLog::verify`]. Blocking.
+    /// See `AuditLog::verify` (tests). Blocking.
     pub fn verify(&self) -> Result<VerifyReport, AuditError> {
         self.shared.store.verify()
     }

@@ -152,7 +152,7 @@ pub(super) fn scrubbed_body(body: PooledBody, scrubber: Scrubber) -> AgentBody {
     })
 }
 
-/// A response body with every injected secret replaced as it streams (see [`crate::scrub`]).
+/// A response body with every injected secret replaced as it streams (see [`super::scrub`]).
 pub(super) struct Scrubbed {
     inner: PooledBody,
     /// While data may still come; taken when the data ends (trailers, end or error), after
