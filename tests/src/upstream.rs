@@ -478,7 +478,7 @@ where
     let service = hyper::service::service_fn(move |req| {
         let info = info.clone();
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(req, &info, &state).await) }
+        async move { Ok::<_, Infallible>(respond(req, &info, &state).await) }
     });
     let _ = auto::Builder::new(TokioExecutor::new())
         .serve_connection_with_upgrades(io, service)
@@ -503,7 +503,11 @@ fn version_name(v: http::Version) -> String {
     format!("{v:?}")
 }
 
-async fn handle(mut req: Request<Incoming>, info: &ConnInfo, state: &Arc<State>) -> Response<Body> {
+async fn respond(
+    mut req: Request<Incoming>,
+    info: &ConnInfo,
+    state: &Arc<State>,
+) -> Response<Body> {
     let is_ws = req.uri().path() == "/ws";
     let upgrade = is_ws.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
