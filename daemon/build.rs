@@ -1,10 +1,11 @@
 //! Embeds the eBPF object built by `cargo xtask build` into brokerd.
 //!
 //! Without the object (a fresh clone, no nightly toolchain or bpf-linker) the build fails and
-//! says how to get it, unless `AGENT_BROKER_EBPF_SKIP` is set: then brokerd is built without
-//! its programs, so everything that needs no kernel path (unit and component tests, clippy)
-//! works on stable Rust alone, and such a brokerd refuses to start capture with an error that
-//! says why.
+//! says how to get it, unless `AGENT_BROKER_EBPF_SKIP` is set (the repository's
+//! `.cargo/config.toml` sets it for plain cargo): then brokerd is built without its programs, so
+//! everything that needs no kernel path (unit and component tests, clippy) works on stable Rust
+//! alone, and such a brokerd refuses to start capture with an error that says why. An object
+//! named explicitly with `AGENT_BROKER_EBPF_OBJ` (as xtask does) must exist.
 use std::path::PathBuf;
 
 fn main() {
