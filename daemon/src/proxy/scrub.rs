@@ -4,9 +4,12 @@
 //!
 //! [`Needles`] is the set of byte strings to replace, built once per request from the secret
 //! values injected into it. [`Scrubber`] applies it to a body streamed in chunks of any size:
-//! every occurrence is replaced by [`PLACEHOLDER`], including one split across chunks, and at
-//! most `max_len - 1` bytes are held back at any time, so streaming (SSE, chunked) keeps
-//! flowing. Matching is leftmost-longest, identical to a one-shot replacement of the whole body.
+//! every occurrence is replaced by [`PLACEHOLDER`], including one split across chunks. Only the
+//! bytes that could still become a match are held back: the longest tail of what arrived that
+//! is a proper prefix of some needle (at most `max_len - 1` bytes). A chunk that ends in a byte
+//! no needle continues with (an SSE event's `\n\n`, a JSON brace) goes out whole at once, so
+//! streams flow. Matching is leftmost-longest, identical to a one-shot replacement of the whole
+//! body.
 //!
 //! What is covered, per secret value `S`:
 //! - `S` itself, anywhere in headers or body (JSON strings hold plain ASCII unchanged);
@@ -135,8 +138,25 @@ impl std::fmt::Debug for Needles {
 }
 
 impl NeedleSet {
-    /// Replaces, leftmost-longest, every match that starts before `safe` (each is complete in
-    /// `buf` when `safe <= buf.len() - (max_len - 1)`), appending the result to `out` up to the
+    /// Where the undecided tail of `buf` starts: the longest suffix that is a proper prefix of
+    /// some needle (it may still grow into a match, or into a longer one); `buf.len()` when no
+    /// suffix is. Every position before it is decided: each needle there either matches whole
+    /// or cannot match, since a longer suffix than `max_len - 1` bytes is no proper prefix.
+    fn undecided_from(&self, buf: &[u8]) -> usize {
+        let earliest = buf.len().saturating_sub(self.max_len.saturating_sub(1));
+        (earliest..buf.len())
+            .find(|&start| {
+                let tail = &buf[start..];
+                self.needles
+                    .iter()
+                    .any(|n| n.len() > tail.len() && n.starts_with(tail))
+            })
+            .unwrap_or(buf.len())
+    }
+
+    /// Replaces, leftmost-longest, every match that starts before `safe` (each is complete and
+    /// decided in `buf` when `safe` is at most [`NeedleSet::undecided_from`]), appending the
+    /// result to `out` up to the
     /// resume position it returns, and whether anything was replaced. The caller keeps
     /// `buf[resume..]` for the next round; no match starts in between.
     fn scan(&self, buf: &[u8], safe: usize, out: &mut Vec<u8>) -> (usize, bool) {
@@ -211,17 +231,16 @@ impl Scrubber {
         if set.needles.is_empty() {
             return chunk.to_vec();
         }
-        let hold = set.max_len - 1;
         let mut out = Vec::with_capacity(self.held.len() + chunk.len());
         if self.held.is_empty() {
-            let safe = chunk.len().saturating_sub(hold);
+            let safe = set.undecided_from(chunk);
             let (resume, _) = set.scan(chunk, safe, &mut out);
             self.held.extend_from_slice(&chunk[resume..]);
         } else {
             let mut buf = std::mem::take(&mut self.held);
             reserve_zeroizing(&mut buf, chunk.len());
             buf.extend_from_slice(chunk);
-            let safe = buf.len().saturating_sub(hold);
+            let safe = set.undecided_from(&buf);
             let (resume, _) = set.scan(&buf, safe, &mut out);
             self.held.extend_from_slice(&buf[resume..]);
         }
@@ -409,6 +428,29 @@ mod tests {
     }
 
     #[test]
+    fn only_a_tail_that_may_still_match_is_held_back() {
+        let needles = Needles::exact(vec![z(b"sk-secret-value"), z(b"other")]);
+        let mut s = needles.scrubber();
+        // An SSE event ends in bytes no needle continues with: it goes out whole, at once.
+        let event = b"data: {\"token\":\"hi\"}\n\n";
+        assert_eq!(s.push(event), event);
+        assert_eq!(s.held_len(), 0);
+        // A tail that starts a needle waits; the rest of the chunk goes.
+        assert_eq!(s.push(b"data: sk-sec"), b"data: ");
+        assert_eq!(s.held_len(), 6);
+        // It turns out not to be the secret: released as soon as that is known.
+        assert_eq!(s.push(b"x\n\n"), b"sk-secx\n\n");
+        assert_eq!(s.held_len(), 0);
+        // A whole needle that a longer one continues waits for the next byte to decide.
+        let needles = Needles::exact(vec![z(b"abc"), z(b"abcdef")]);
+        let mut s = needles.scrubber();
+        assert_eq!(s.push(b"x abc"), b"x ");
+        assert_eq!(s.push(b"!"), [PLACEHOLDER, b"!"].concat());
+        assert_eq!(s.push(b"abcde"), b"");
+        assert_eq!(s.push(b"f."), [PLACEHOLDER, b"."].concat());
+    }
+
+    #[test]
     fn replaces_in_one_chunk_and_across_chunks() {
         let needles = Needles::exact(vec![z(b"sk-secret")]);
         let body = b"{\"auth\":\"Bearer sk-secret\",\"again\":\"sk-secret\"}";
@@ -424,15 +466,19 @@ mod tests {
     #[test]
     fn holds_back_only_a_possible_prefix() {
         let mut s = Needles::exact(vec![z(b"abcdef")]).scrubber();
-        // The needle is 6 bytes: the last 5 of each round could start one.
-        assert_eq!(s.push(b"hello world"), b"hello ");
-        assert_eq!(s.held_len(), 5);
-        assert_eq!(s.push(b"!"), b"w");
-        assert_eq!(s.finish(), b"orld!");
+        // No tail of these starts the needle: nothing waits.
+        assert_eq!(s.push(b"hello world"), b"hello world");
+        assert_eq!(s.held_len(), 0);
+        assert_eq!(s.push(b"!"), b"!");
+        assert_eq!(s.finish(), b"");
         let mut s = Needles::exact(vec![z(b"abcdef")]).scrubber();
-        assert_eq!(s.push(b"xxabc"), b"");
-        assert_eq!(s.push(b"def tail"), b"xx[redacted by agent-broker]");
-        assert_eq!(s.finish(), b" tail");
+        assert_eq!(s.push(b"xxabc"), b"xx");
+        assert_eq!(s.held_len(), 3);
+        assert_eq!(s.push(b"def tail"), b"[redacted by agent-broker] tail");
+        assert_eq!(s.finish(), b"");
+        let mut s = Needles::exact(vec![z(b"abcdef")]).scrubber();
+        assert_eq!(s.push(b"ab"), b"");
+        assert_eq!(s.finish(), b"ab");
     }
 
     #[test]

@@ -323,3 +323,38 @@ async fn a_secret_echoed_in_h2_trailers_never_reaches_the_agent() {
         "the secret is replaced by the placeholder"
     );
 }
+
+/// Only bytes that could still start a match are held back: with a secret injected, an SSE
+/// event reaches the agent whole while the upstream pauses before the next one.
+#[tokio::test]
+async fn a_short_streamed_event_flows_before_the_next_one() {
+    let secret = TestSecret::generate();
+    let gate = Arc::new(Notify::new());
+    let event = b"data: {\"delta\":\"hi\"}\n\n".to_vec();
+    let upstream = {
+        let gate = gate.clone();
+        let event = event.clone();
+        handler(move |_req| {
+            let steps = vec![
+                Step::Data(event.clone()),
+                Step::Gate(gate.clone()),
+                Step::Data(b"data: [DONE]\n\n".to_vec()),
+            ];
+            async move { streamed(steps) }
+        })
+    };
+    let setup = Setup::start(Offer::H1, upstream, TestAuthorizer::injecting(&secret)).await;
+    let mut agent = setup.agent(AgentProto::H1).await;
+    let req = agent
+        .request("GET", HOST, "/sse")
+        .body(empty())
+        .expect("request");
+    let mut body = agent.send(req).await.into_body();
+    let first = tokio::time::timeout(Duration::from_millis(500), body.frame()).await;
+    gate.notify_one();
+    let frame = first
+        .expect("the event arrives while the upstream waits")
+        .expect("a frame")
+        .expect("a frame");
+    assert_eq!(frame.data_ref().map(|d| d.as_ref()), Some(event.as_slice()));
+}
