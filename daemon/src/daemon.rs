@@ -21,7 +21,7 @@ use crate::{
     dns::{self, AnsweredNames, DnsServer},
     policy_store::PolicyStore,
     proxy::{
-        Proxy,
+        Deadlines, Proxy,
         accept::{self, RecentConnections},
         spin,
         tls::{BrokerCa, LeafMinter},
@@ -76,6 +76,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .with_answered_names(answered.clone()),
         ),
         events: event_log.clone(),
+        deadlines: Deadlines::default(),
     });
     let dns_upstreams = if config.dns_upstream.is_empty() {
         match dns::upstreams_from_resolv_conf(std::path::Path::new("/etc/resolv.conf")) {

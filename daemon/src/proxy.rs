@@ -41,10 +41,30 @@ use upstream::Upstream;
 /// Deadline for the first bytes of a connection and for the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the proxy waits on an upstream. Streams have no total deadline: an LLM's reply
+/// may take minutes, and a reasoning model pauses between tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadlines {
+    /// From sending the request to the response head (status and headers).
+    pub response_head: Duration,
+    /// Between two frames of a response body, and before the first.
+    pub body_idle: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self {
+            response_head: Duration::from_secs(10 * 60),
+            body_idle: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
 /// Everything the proxy needs, shared by all connections.
 pub struct Proxy {
     pub minter: LeafMinter,
     pub upstream: Upstream,
     pub authorizer: Arc<dyn Authorizer>,
     pub events: Arc<dyn EventSink>,
+    pub deadlines: Deadlines,
 }

@@ -1,16 +1,28 @@
 //! The bodies that stream through the proxy: the agent's request body (counted), and the
 //! response body the agent gets (counted, optionally captured for token budgets, scrubbed of
-//! injected secrets, and reported once when it ends). None is ever buffered whole.
+//! injected secrets, and reported once when it ends), watched for an upstream that stalls or
+//! dies mid-stream. None is ever buffered whole.
+//!
+//! A response the upstream cut is never presented as complete: the body ends with an error,
+//! so hyper closes an HTTP/1.1 connection without the terminal chunk and resets an HTTP/2
+//! stream, and the agent's client reports the error.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Frame, Incoming};
+
+use std::future::Future as _;
 
 use super::{
     scrub::{Needles, Scrubber},
@@ -19,7 +31,89 @@ use super::{
 
 /// The body of every response brokerd sends an agent: upstream's answer (scrubbed when a
 /// secret was injected) or brokerd's own JSON reply.
-pub type AgentBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type AgentBody = UnsyncBoxBody<Bytes, BodyError>;
+
+/// Why a response body ended before its end. The agent's stream is cut too.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the upstream's response stream was cut")]
+    Upstream(#[source] hyper::Error),
+    #[error(
+        "the upstream sent nothing for {}; the response stream was cut",
+        humantime::format_duration(*.0)
+    )]
+    Idle(Duration),
+}
+
+/// An upstream's response body, watched: each frame must come within `idle` of the previous
+/// one (a stream has no total deadline), and a stream that is cut or stalls is logged with the
+/// upstream's name and ends with an error.
+pub(super) struct Watched {
+    inner: PooledBody,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    host: String,
+    ended: bool,
+}
+
+impl Watched {
+    pub(super) fn new(inner: PooledBody, idle: Duration, host: String) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            host,
+            ended: false,
+        }
+    }
+}
+
+impl hyper::body::Body for Watched {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let next = tokio::time::Instant::now() + this.idle;
+                this.timer.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.ended = true;
+                tracing::warn!(host = %this.host, error = %e, "the upstream cut its response stream; the agent's stream is cut too");
+                Poll::Ready(Some(Err(BodyError::Upstream(e))))
+            }
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    this.ended = true;
+                    tracing::warn!(host = %this.host, idle_secs = this.idle.as_secs(), "the upstream's response stream stalled; the agent's stream is cut");
+                    Poll::Ready(Some(Err(BodyError::Idle(this.idle))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// A request body on its way upstream, counted.
 pub(super) struct Counted {
@@ -59,8 +153,9 @@ impl hyper::body::Body for Counted {
     }
 }
 
-/// Called once with the response bytes sent and the captured start of the body.
-pub(super) type Done = Box<dyn FnOnce(u64, Vec<u8>) + Send>;
+/// Called once with the response bytes sent, the captured start of the body, and why the
+/// body was cut short when it was (an upstream that died or stalled mid-stream).
+pub(super) type Done = Box<dyn FnOnce(u64, Vec<u8>, Option<String>) + Send>;
 
 /// A response body on its way to the agent: counted, optionally captured, and reported once
 /// when it ends or is dropped (the agent went away).
@@ -84,27 +179,27 @@ impl Observed {
         }
     }
 
-    fn finish(&mut self) {
+    fn finish(&mut self, cut: Option<String>) {
         if let Some(done) = self.done.take() {
-            done(self.bytes_out, std::mem::take(&mut self.capture));
+            done(self.bytes_out, std::mem::take(&mut self.capture), cut);
         }
     }
 }
 
 impl Drop for Observed {
     fn drop(&mut self) {
-        self.finish();
+        self.finish(None);
     }
 }
 
 impl hyper::body::Body for Observed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             std::task::Poll::Ready(Some(Ok(frame))) => {
@@ -117,7 +212,11 @@ impl hyper::body::Body for Observed {
                     }
                 }
             }
-            std::task::Poll::Ready(None) | std::task::Poll::Ready(Some(Err(_))) => self.finish(),
+            std::task::Poll::Ready(None) => self.finish(None),
+            std::task::Poll::Ready(Some(Err(e))) => {
+                let cut = agent_broker_core::fmt::error_chain(e);
+                self.finish(Some(cut));
+            }
             std::task::Poll::Pending => {}
         }
         polled
@@ -144,7 +243,7 @@ pub(super) fn scrub_headers(headers: &mut HeaderMap, needles: &Needles) {
     }
 }
 
-pub(super) fn scrubbed_body(body: PooledBody, scrubber: Scrubber) -> AgentBody {
+pub(super) fn scrubbed_body(body: Watched, scrubber: Scrubber) -> AgentBody {
     UnsyncBoxBody::new(Scrubbed {
         inner: body,
         scrubber: Some(scrubber),
@@ -154,7 +253,7 @@ pub(super) fn scrubbed_body(body: PooledBody, scrubber: Scrubber) -> AgentBody {
 
 /// A response body with every injected secret replaced as it streams (see [`super::scrub`]).
 pub(super) struct Scrubbed {
-    inner: PooledBody,
+    inner: Watched,
     /// While data may still come; taken when the data ends (trailers, end or error), after
     /// which anything left passes through.
     scrubber: Option<Scrubber>,
@@ -174,12 +273,12 @@ impl Scrubbed {
 
 impl hyper::body::Body for Scrubbed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         use std::task::Poll;
         let this = &mut *self;
         if let Some(frame) = this.pending.take() {

@@ -17,7 +17,7 @@ use crate::{
     audit::EventSink,
     capture::ConnectionOrigin,
     proxy::{
-        Authorizer, Completion, ConnectionVerdict, Denial, Grant, Proxy, RequestFacts,
+        Authorizer, Completion, ConnectionVerdict, Deadlines, Denial, Grant, Proxy, RequestFacts,
         scrub::PLACEHOLDER,
         tls::{BrokerCa, LeafMinter},
         upstream::Upstream,
@@ -32,4 +32,5 @@ mod encodings;
 mod hosts;
 mod injection;
 mod scrubbing;
+mod streams;
 mod upgrades;

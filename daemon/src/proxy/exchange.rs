@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use super::{
     Denial, Grant, Proxy, RequestFacts,
-    body::{AgentBody, Counted, scrub_headers, scrubbed_body},
+    body::{AgentBody, Counted, Watched, scrub_headers, scrubbed_body},
     http::{
         Refusal, check_request_shape, is_encoded, is_upgrade, prepare_upstream, request_host,
         strip_hop_by_hop,
@@ -142,13 +142,13 @@ impl Proxy {
         } else {
             Protocols::Any
         };
-        let mut response = match self
+        let sent = self
             .upstream
-            .request(conn.origin.original_dst, protocols, upstream_req)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
+            .request(conn.origin.original_dst, protocols, upstream_req);
+        let head = self.deadlines.response_head;
+        let mut response = match tokio::time::timeout(head, sent).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 let reason = format!(
                     "upstream {host} ({}) failed: {}",
                     conn.origin.original_dst,
@@ -156,7 +156,19 @@ impl Proxy {
                 );
                 warn!(cgroup = %conn.origin.cgroup, %reason, "upstream failure");
                 let body = error_body("upstream failed", &reason, None, &conn.origin);
-                return Exchange::upstream_failed(body, reason, host, grant, bytes_in);
+                let status = StatusCode::BAD_GATEWAY;
+                return Exchange::upstream_failed(status, body, reason, host, grant, bytes_in);
+            }
+            Err(_) => {
+                let reason = format!(
+                    "upstream {host} ({}) sent no response within {}s",
+                    conn.origin.original_dst,
+                    head.as_secs()
+                );
+                warn!(cgroup = %conn.origin.cgroup, %reason, "upstream timeout");
+                let body = error_body("upstream timed out", &reason, None, &conn.origin);
+                let status = StatusCode::GATEWAY_TIMEOUT;
+                return Exchange::upstream_failed(status, body, reason, host, grant, bytes_in);
             }
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -166,6 +178,7 @@ impl Proxy {
             tokio::spawn(splice_upgrade(agent_upgrade, upstream_upgrade));
         }
         let (mut resp_parts, resp_body) = response.into_parts();
+        let resp_body = Watched::new(resp_body, self.deadlines.body_idle, host.clone());
         strip_hop_by_hop(
             &mut resp_parts.headers,
             resp_parts.status == StatusCode::SWITCHING_PROTOCOLS,
@@ -183,7 +196,8 @@ impl Proxy {
                 Some(&grant.rule),
                 &conn.origin,
             );
-            return Exchange::upstream_failed(body, reason, host, grant, bytes_in);
+            let status = StatusCode::BAD_GATEWAY;
+            return Exchange::upstream_failed(status, body, reason, host, grant, bytes_in);
         }
         let body = if grant.needles.is_empty() {
             resp_body.boxed_unsync()
@@ -222,9 +236,10 @@ pub(super) struct Failure {
 }
 
 impl Exchange {
-    /// An allowed request whose upstream failed (or answered what cannot be passed on): a 502
-    /// with `body`, recorded as the upstream's failure.
+    /// An allowed request whose upstream failed, timed out or answered what cannot be passed
+    /// on: `status` (502, 504) with `body`, recorded as the upstream's failure.
     fn upstream_failed(
+        status: StatusCode,
         body: serde_json::Value,
         reason: String,
         host: String,
@@ -238,7 +253,7 @@ impl Exchange {
             side: Side::Upstream,
         };
         Self {
-            response: json_response(StatusCode::BAD_GATEWAY, &body),
+            response: json_response(status, &body),
             host,
             grant: Some(grant),
             failure: Some(failure),

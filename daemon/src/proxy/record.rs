@@ -65,7 +65,8 @@ pub(super) fn failed(event: &mut AuditEvent, failure: Failure, grant: Option<Gra
 }
 
 /// Records a forwarded request's event, and runs the grant's completion callback, once its
-/// response body has ended or been dropped, with the bytes that went each way.
+/// response body has ended or been dropped, with the bytes that went each way; a body the
+/// upstream cut short is recorded as the upstream's failure, with why.
 pub(super) fn when_done(
     response: Response<AgentBody>,
     mut event: AuditEvent,
@@ -79,7 +80,7 @@ pub(super) fn when_done(
     event.secrets = grant.secrets;
     let on_complete = grant.on_complete;
     let (parts, body) = response.into_parts();
-    let done = Box::new(move |bytes_out, body| {
+    let done = Box::new(move |bytes_out, body, cut: Option<String>| {
         let completion = Completion {
             bytes_in: bytes_in.load(Ordering::Relaxed),
             bytes_out,
@@ -87,6 +88,11 @@ pub(super) fn when_done(
         };
         event.bytes_in = completion.bytes_in;
         event.bytes_out = completion.bytes_out;
+        if let Some(cut) = cut {
+            // The agent got what came before, and a stream it can tell was cut.
+            event.reason = Some(cut);
+            event.side = Some(Side::Upstream);
+        }
         // Debug level: every brokered request is an audit record already (`brokerctl logs`),
         // and a log line per request costs a write(2).
         tracing::debug!(

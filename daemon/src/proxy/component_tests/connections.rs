@@ -15,7 +15,7 @@ use tokio::{
 };
 
 use super::{
-    BrokerCa, ConnectionVerdict, EventKind, Side,
+    BrokerCa, ConnectionVerdict, Deadlines, EventKind, Side,
     harness::{
         Agent, AgentProto, Broker, HOST, Offer, RULE, Setup, TestAuthorizer, answer, assert_origin,
         closed_port, echo_server, empty, throwaway_ca_pem, tls_connect, within,
@@ -53,7 +53,13 @@ async fn plain_http_is_forwarded_in_plain_with_the_host_header_as_host() {
 #[tokio::test]
 async fn a_connection_neither_tls_nor_http_is_closed_and_recorded() {
     let upstream = echo_server().await;
-    let broker = Broker::start(TestAuthorizer::allow(), &throwaway_ca_pem(), upstream).await;
+    let broker = Broker::start(
+        TestAuthorizer::allow(),
+        &throwaway_ca_pem(),
+        upstream,
+        Deadlines::default(),
+    )
+    .await;
     let mut tcp = TcpStream::connect(broker.addr).await.expect("connect");
     tcp.write_all(b"SSH-2.0-component-test\r\n")
         .await
@@ -101,7 +107,13 @@ async fn a_splice_verdict_passes_the_bytes_through_unread() {
             })),
         }
     });
-    let broker = Broker::start(authorizer, &throwaway_ca_pem(), upstream).await;
+    let broker = Broker::start(
+        authorizer,
+        &throwaway_ca_pem(),
+        upstream,
+        Deadlines::default(),
+    )
+    .await;
     let mut tcp = TcpStream::connect(broker.addr).await.expect("connect");
     // Not HTTP, and spliced before anything is read: a server-first protocol would work too.
     tcp.write_all(b"\x00\x01binary").await.expect("write");
@@ -136,7 +148,13 @@ async fn a_splice_verdict_passes_the_bytes_through_unread() {
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_502_from_the_upstream_side() {
     let nowhere = closed_port().await;
-    let broker = Broker::start(TestAuthorizer::allow(), &throwaway_ca_pem(), nowhere).await;
+    let broker = Broker::start(
+        TestAuthorizer::allow(),
+        &throwaway_ca_pem(),
+        nowhere,
+        Deadlines::default(),
+    )
+    .await;
     let mut agent = Agent::tls(&broker, HOST, AgentProto::H2).await;
     let req = agent
         .request("GET", HOST, "/")

@@ -39,8 +39,8 @@ use zeroize::Zeroizing;
 
 use super::{
     AuditEvent, Authorizer, BrokerCa, CgroupId, CgroupPath, Completion, ConnectionOrigin,
-    ConnectionVerdict, Denial, EventKind, EventSink, Grant, LeafMinter, Proxy, RequestFacts, Side,
-    Upstream,
+    ConnectionVerdict, Deadlines, Denial, EventKind, EventSink, Grant, LeafMinter, Proxy,
+    RequestFacts, Side, Upstream,
 };
 
 /// The host the agent asks for; the upstream's certificate is valid for it (and 127.0.0.1).
@@ -658,6 +658,7 @@ impl Broker {
         authorizer: TestAuthorizer,
         upstream_ca_pem: &str,
         original_dst: SocketAddr,
+        deadlines: Deadlines,
     ) -> Self {
         let state = tempfile::tempdir().expect("temp dir");
         let ca_file = state.path().join("upstream-ca.pem");
@@ -671,6 +672,7 @@ impl Broker {
             upstream: Upstream::new(&[ca_file]).expect("upstream client"),
             authorizer: authorizer.clone(),
             events: events.clone(),
+            deadlines,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind broker");
         let addr = listener.local_addr().expect("broker addr");
@@ -698,8 +700,18 @@ pub(super) struct Setup {
 
 impl Setup {
     pub(super) async fn start(offer: Offer, handler: Handler, authorizer: TestAuthorizer) -> Self {
+        Self::with_deadlines(offer, handler, authorizer, Deadlines::default()).await
+    }
+
+    /// [`Setup::start`] with a broker that waits on its upstream only this long.
+    pub(super) async fn with_deadlines(
+        offer: Offer,
+        handler: Handler,
+        authorizer: TestAuthorizer,
+        deadlines: Deadlines,
+    ) -> Self {
         let upstream = TestUpstream::start(offer, handler).await;
-        let broker = Broker::start(authorizer, &upstream.ca_pem, upstream.addr).await;
+        let broker = Broker::start(authorizer, &upstream.ca_pem, upstream.addr, deadlines).await;
         Self { upstream, broker }
     }
 

@@ -7,7 +7,7 @@ use http::{StatusCode, Version, header};
 use http_body_util::Full;
 
 use super::{
-    EventKind, Side,
+    Deadlines, EventKind, Side,
     harness::{
         Agent, AgentProto, Broker, HOST, OTHER, Offer, RULE, SECRET_NAME, Setup, TestAuthorizer,
         TestSecret, TestUpstream, answer, assert_origin, random_token, sha256_hex,
@@ -124,6 +124,7 @@ async fn a_secret_never_goes_to_an_upstream_whose_certificate_does_not_verify() 
         TestAuthorizer::injecting(&secret),
         &upstream.ca_pem,
         upstream.addr,
+        Deadlines::default(),
     )
     .await;
     // The broker mints a leaf for any SNI; the upstream's leaf covers HOST only.
