@@ -153,7 +153,8 @@ fn ttl_parsing() {
         ("15", "time unit needed"),
         ("15x", "unknown time unit"),
         ("-1m", "invalid ttl"),
-        ("0s", "longer than zero"),
+        ("0s", "at least 1s"),
+        ("500ms", "at least 1s"),
         ("400d", "longest ttl is 365d"),
     ] {
         let e = parse_ttl(input).expect_err(input).to_string();
