@@ -25,6 +25,7 @@ use crate::{
     inject::{SecretBytes, reserve_zeroizing},
     policy::{HostError, HostPattern},
     secret::SecretName,
+    time::format_rfc3339,
 };
 
 /// Every token starts with this.
@@ -73,7 +74,7 @@ pub enum HandleDenial {
         /// The prefix and first characters of the token.
         shown: String,
     },
-    #[error("handle {id} expired at {}", humantime::format_rfc3339_seconds(*.expired_at))]
+    #[error("handle {id} expired at {}", format_rfc3339(*.expired_at))]
     Expired {
         id: HandleId,
         expired_at: SystemTime,

@@ -1,4 +1,4 @@
-//! agent-broker's pure logic, shared by brokerd and brokerctl.
+//! agent-broker's pure logic, shared by brokerd, brokerctl and the console.
 //!
 //! [`policy`] decides what each agent cgroup may call and what is written into its requests;
 //! [`inject`] renders the credential templates a rule names; [`handle`] mints and recognizes the

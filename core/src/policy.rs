@@ -49,7 +49,6 @@ use std::{
 
 pub use bench::{BenchRequest, bench_policy};
 pub use cidr::{CidrError, IpNet};
-pub use clock::{format_rfc3339, parse_rfc3339};
 pub use decide::{ConnectionDecision, Decision, OwnedRequest, RequestDecision, RequestInfo};
 pub use dns::DnsNames;
 pub use explain::{EffectivePolicy, ExplainError, Explanation};

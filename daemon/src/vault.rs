@@ -30,7 +30,6 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::Flock;
 use redb::backends::{FileBackend, InMemoryBackend};
@@ -44,6 +43,7 @@ use agent_broker_core::{
     cgroup::CgroupPath,
     handle::{HandleBinding, HandleId, HandleRecord, TokenHash},
     secret::{SecretError, SecretName, SecretValue},
+    time::{from_unix_secs, now_unix_secs, unix_secs},
 };
 use seal::{Cipher, SealError};
 use tables::{
@@ -582,7 +582,7 @@ impl Vault {
                 name: name.clone(),
                 source,
             })?;
-        let now = unix_now();
+        let now = now_unix_secs();
         let txn = self.write_txn()?;
         let meta = {
             let mut table = txn
@@ -894,10 +894,6 @@ fn check_blob_name(name: &str) -> Result<(), VaultError> {
     Ok(())
 }
 
-fn unix_now() -> u64 {
-    unix_secs(SystemTime::now())
-}
-
 /// A handle as stored: JSON with the token hash in hex.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -940,14 +936,9 @@ impl HandleRow {
             id: HandleId::parse(&self.id).map_err(|e| format!("id: {e}"))?,
             token_hash,
             binding,
-            created: UNIX_EPOCH + Duration::from_secs(self.created_unix),
-            expires: UNIX_EPOCH + Duration::from_secs(self.expires_unix),
+            created: from_unix_secs(self.created_unix),
+            expires: from_unix_secs(self.expires_unix),
             revoked: self.revoked,
         })
     }
-}
-
-/// Unix seconds of `t` (0 before the epoch).
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

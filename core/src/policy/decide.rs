@@ -14,14 +14,13 @@ use http::{HeaderMap, Method};
 
 use super::{
     Policy, PolicyFile,
-    clock::format_rfc3339,
     glob::is_canonical,
     host::{HostPattern, normalize_host},
     injection::Injection,
     limits::LimitKey,
     rule::{Miss, Req, Rule, RuleRef, Tier},
 };
-use crate::{cgroup::CgroupPath, inject::InjectSpec, secret::SecretName};
+use crate::{cgroup::CgroupPath, inject::InjectSpec, secret::SecretName, time::format_rfc3339};
 
 /// One HTTP request, as the proxy sees it after SNI, `Host` and `:authority` agreed.
 #[derive(Clone, Copy, Debug)]

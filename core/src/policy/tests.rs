@@ -7,6 +7,7 @@ use std::{
 use http::{HeaderMap, HeaderValue, Method};
 
 use super::*;
+use crate::time::parse_rfc3339;
 
 mod chain;
 mod connection;

@@ -4,7 +4,7 @@
 use agent_broker_core::fmt::error_chain;
 use std::{
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use agent_broker_protocol::{ErrorKind, HandleInfo, Response};
@@ -16,18 +16,18 @@ use agent_broker_core::{
     cgroup::CgroupPath,
     handle::{self, HandleBinding, HandleRecord},
     secret::SecretName,
+    time::unix_secs,
 };
 
 /// A handle as `brokerctl handle list` shows it (never the token or its hash).
 fn info(r: &HandleRecord) -> HandleInfo {
-    let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     HandleInfo {
         id: r.id.as_str().to_string(),
         cgroup: r.binding.cgroup.as_str().to_string(),
         secret: r.binding.secret.as_str().to_string(),
         host: r.binding.host.to_string(),
-        created_unix: unix(r.created),
-        expires_unix: unix(r.expires),
+        created_unix: unix_secs(r.created),
+        expires_unix: unix_secs(r.expires),
         revoked: r.revoked,
     }
 }
