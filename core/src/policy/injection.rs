@@ -9,6 +9,7 @@ use zeroize::Zeroizing;
 
 use crate::{
     inject::{InjectError, InjectSpec, SecretBytes, Template, reserve_zeroizing},
+    percent::{self, HexCase, Plus},
     secret::SecretName,
 };
 
@@ -207,7 +208,8 @@ impl RenderedInjection {
         let mut out = Zeroizing::new(Vec::new());
         for pair in original.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-            let decoded = percent_decode(key);
+            // Form semantics, as servers read queries: `+` is a space.
+            let decoded = percent::decode(key.as_bytes(), Plus::Space);
             if self
                 .query
                 .iter()
@@ -221,10 +223,10 @@ impl RenderedInjection {
         }
         for (name, value) in &self.query {
             push_sep(&mut out);
-            percent_encode_into(name.as_bytes(), &mut out);
+            percent::encode_into(name.as_bytes(), &mut out, HexCase::Upper);
             reserve_zeroizing(&mut out, 1);
             out.push(b'=');
-            percent_encode_into(value, &mut out);
+            percent::encode_into(value, &mut out, HexCase::Upper);
         }
         // Only ASCII was written: original pairs come from a &str, the rest is encoded.
         let text = String::from_utf8(std::mem::take(&mut *out)).unwrap_or_default();
@@ -252,43 +254,6 @@ fn push_sep(out: &mut Zeroizing<Vec<u8>>) {
         reserve_zeroizing(out, 1);
         out.push(b'&');
     }
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn percent_encode_into(bytes: &[u8], out: &mut Zeroizing<Vec<u8>>) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    reserve_zeroizing(out, bytes.len() * 3);
-    for &b in bytes {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b);
-        } else {
-            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
-        }
-    }
-}
-
-fn percent_decode(s: &str) -> Vec<u8> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| char::from(b).to_digit(16);
-        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
-                out.push(((hex(h).unwrap_or(0) << 4) | hex(l).unwrap_or(0)) as u8);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// Validates a query parameter name for `inject.query`: RFC 3986 unreserved characters plus
