@@ -1,7 +1,6 @@
-//! The decisions: per request, per connection, per DNS name, and the minimal form's
-//! destination-only question. Every one walks the chain of files that govern the cgroup, closest
-//! first; the fast path allocates nothing unless a rule has limits, and reasons are only worked
-//! out for a denial.
+//! The decisions: per request, per connection and per DNS name. Every one walks the chain of
+//! files that govern the cgroup, closest first; the fast path allocates nothing unless a rule has
+//! limits, and reasons are only worked out for a denial.
 
 use std::{
     borrow::Cow,
@@ -20,7 +19,7 @@ use super::{
     limits::LimitKey,
     rule::{Miss, Req, Rule, RuleRef, Tier},
 };
-use crate::{cgroup::CgroupPath, inject::InjectSpec, secret::SecretName, time::format_rfc3339};
+use crate::{cgroup::CgroupPath, secret::SecretName, time::format_rfc3339};
 
 /// One HTTP request, as the proxy sees it after SNI, `Host` and `:authority` agreed.
 #[derive(Clone, Copy, Debug)]
@@ -118,33 +117,6 @@ pub enum ConnectionDecision<'a> {
         reason: String,
         file: Option<&'a Path>,
     },
-}
-
-/// The answer of [`Policy::decide`], the minimal form's destination-only question.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision<'a> {
-    Allow {
-        /// The rule that allowed it.
-        rule: &'a RuleRef,
-        /// Headers to set (empty: forward without injection). Basic auth and query injection
-        /// need [`Policy::decide_request`].
-        inject: &'a InjectSpec,
-        /// Whether injection and handle swaps may happen over plain HTTP (ARCHITECTURE
-        /// invariant 2: off unless the rule says so).
-        plain_http: bool,
-    },
-    Deny {
-        /// Plain enough for an LLM agent to act on; never names a secret value.
-        reason: String,
-        /// The file that was consulted, when one covers the cgroup (for `policy explain`).
-        policy_file: Option<&'a Path>,
-    },
-}
-
-impl Decision<'_> {
-    pub fn is_allow(&self) -> bool {
-        matches!(self, Self::Allow { .. })
-    }
 }
 
 /// A level's refusal.
@@ -479,25 +451,6 @@ impl PolicyFile {
             (h, t) => h.or(t).map(|(k, _)| k),
         }
     }
-
-    /// The destination-only pick of the minimal form: port and expiry, no request conditions.
-    fn select_destination(
-        &self,
-        host: &str,
-        ip: Option<IpAddr>,
-        port: u16,
-        now: SystemTime,
-        need: &[SecretName],
-    ) -> Option<usize> {
-        self.http
-            .find(Some(host), ip, |i| {
-                let r = &self.rules[i];
-                r.port == port
-                    && !r.is_expired(now)
-                    && need.iter().all(|s| r.secrets.binary_search(s).is_ok())
-            })
-            .map(|(i, _)| i)
-    }
 }
 
 impl Policy {
@@ -703,61 +656,5 @@ impl Policy {
             }
         }
         Ok(())
-    }
-
-    /// The minimal form's question: may `cgroup` reach `host:port` at all? Connection-level:
-    /// it looks at destinations, ports and expiry only, not at methods, paths or headers, and
-    /// knows no limits. Use [`Policy::decide_request`] per request. `host` is the SNI, the
-    /// request's host (without port), or the original destination IP when there is no name;
-    /// any case, with or without a trailing dot, IPv6 with or without brackets.
-    pub fn decide(&self, cgroup: &CgroupPath, host: &str, port: u16) -> Decision<'_> {
-        let now = SystemTime::now();
-        let Some(fi) = self.governing(cgroup.as_str()) else {
-            return Decision::Deny {
-                reason: no_file(cgroup),
-                policy_file: None,
-            };
-        };
-        let file = &self.files[fi];
-        let Some(normalized) = normalize_host(host) else {
-            return Decision::Deny {
-                reason: format!(
-                    "the destination host {host:?} is not a valid host name or address"
-                ),
-                policy_file: Some(&file.path),
-            };
-        };
-        let ip = normalized.parse::<IpAddr>().ok();
-        let Some(ri) = file.select_destination(&normalized, ip, port, now, &[]) else {
-            let shown = show_dest(&normalized, port);
-            let reason = file.unmatched_destination(cgroup, &normalized, ip, port, now, &shown);
-            return Decision::Deny {
-                reason,
-                policy_file: Some(&file.path),
-            };
-        };
-        let rule = &file.rules[ri];
-        let mut plain_http = rule.plain_http;
-        for &ai in &file.ancestors {
-            let level = &self.files[ai];
-            match level.select_destination(&normalized, ip, port, now, &rule.secrets) {
-                Some(i) => plain_http &= level.rules[i].plain_http,
-                None => {
-                    return Decision::Deny {
-                        reason: format!(
-                            "no rule allows {} for cgroup {cgroup}{}",
-                            show_dest(&normalized, port),
-                            by_level(level, false, cgroup)
-                        ),
-                        policy_file: Some(&level.path),
-                    };
-                }
-            }
-        }
-        Decision::Allow {
-            rule: &rule.rule_ref,
-            inject: &rule.inject.headers,
-            plain_http,
-        }
     }
 }
