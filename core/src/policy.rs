@@ -49,7 +49,7 @@ use std::{
 
 pub use bench::{BenchRequest, bench_policy};
 pub use cidr::{CidrError, IpNet};
-pub use decide::{ConnectionDecision, OwnedRequest, RequestDecision, RequestInfo};
+pub use decide::{ConnectionDecision, DnsDenial, OwnedRequest, RequestDecision, RequestInfo};
 pub use dns::DnsNames;
 pub use explain::{EffectivePolicy, ExplainError, Explanation};
 pub use file::{DEFAULT_PORT, PolicyFileError};

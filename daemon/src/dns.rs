@@ -163,7 +163,7 @@ impl DnsServer {
                 "DNS query refused"
             );
             event.decision = Some(Decision::Deny);
-            event.reason = Some(reason);
+            event.reason = Some(reason.to_string());
             event.status = Some(u16::from(ResponseCode::Refused));
             event.latency_us = Some(started.elapsed().as_micros() as u64);
             self.events.record(event);

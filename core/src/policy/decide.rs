@@ -119,6 +119,45 @@ pub enum ConnectionDecision<'a> {
     },
 }
 
+/// Why a cgroup may not resolve a name ([`Policy::dns_allowed`]). Plain enough for the agent
+/// to act on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DnsDenial {
+    #[error("no policy covers cgroup {cgroup}, so no name may be resolved")]
+    NoPolicy { cgroup: CgroupPath },
+    #[error("{name:?} is not a valid host name")]
+    InvalidName { name: String },
+    /// The cgroup's own file lists no name. `level`: the ancestor cgroup whose file refused,
+    /// `None` when the cgroup's own file did.
+    #[error("{cgroup} may not resolve any name{}", by_ancestor(.level.as_ref(), .cgroup))]
+    NoNames {
+        cgroup: CgroupPath,
+        level: Option<CgroupPath>,
+    },
+    /// `name` is not among the names the cgroup's own file lists (`allowed`), or an ancestor's
+    /// file (`level`) does not allow it.
+    #[error(
+        "{cgroup} may not resolve {name}{}; names it may resolve: {}",
+        by_ancestor(.level.as_ref(), .cgroup),
+        show_names(.allowed)
+    )]
+    NotListed {
+        cgroup: CgroupPath,
+        name: String,
+        level: Option<CgroupPath>,
+        allowed: Vec<HostPattern>,
+    },
+}
+
+/// The first eight names, then `...` when there are more.
+fn show_names(names: &[HostPattern]) -> String {
+    let mut shown: Vec<String> = names.iter().take(8).map(ToString::to_string).collect();
+    if names.len() > 8 {
+        shown.push("...".into());
+    }
+    shown.join(", ")
+}
+
 /// A level's refusal.
 #[derive(Debug)]
 pub(super) struct Refusal<'p> {
@@ -205,13 +244,14 @@ fn no_file(cgroup: &CgroupPath) -> String {
 /// ` (by the policy for agents, which also applies to agents/coder)` for a level above the
 /// closest, empty for the closest.
 fn by_level(level: &PolicyFile, closest: bool, cgroup: &CgroupPath) -> String {
-    if closest {
-        String::new()
-    } else {
-        format!(
-            " (by the policy for {}, which also applies to {cgroup})",
-            level.cgroup
-        )
+    by_ancestor((!closest).then_some(&level.cgroup), cgroup)
+}
+
+/// [`by_level`] from the refusing level's cgroup (`None` for the closest file).
+fn by_ancestor(level: Option<&CgroupPath>, cgroup: &CgroupPath) -> String {
+    match level {
+        None => String::new(),
+        Some(level) => format!(" (by the policy for {level}, which also applies to {cgroup})"),
     }
 }
 
@@ -614,16 +654,18 @@ impl Policy {
 
     /// Whether `cgroup` may resolve `name` (any case, trailing dot allowed): every governing
     /// file must allow it, by its `[dns] allow` list or, without one, by its `host` rules.
-    pub fn dns_allowed(&self, cgroup: &CgroupPath, name: &str) -> Result<(), String> {
+    pub fn dns_allowed(&self, cgroup: &CgroupPath, name: &str) -> Result<(), DnsDenial> {
         let Some(fi) = self.governing(cgroup.as_str()) else {
-            return Err(format!(
-                "no policy covers cgroup {cgroup}, so no name may be resolved"
-            ));
+            return Err(DnsDenial::NoPolicy {
+                cgroup: cgroup.clone(),
+            });
         };
         let valid = matches!(HostPattern::parse(name), Ok(HostPattern::Exact(ref h)) if h.parse::<IpAddr>().is_err());
         let normalized = normalize_host(name).filter(|_| valid);
         let Some(name) = normalized else {
-            return Err(format!("{name:?} is not a valid host name"));
+            return Err(DnsDenial::InvalidName {
+                name: name.to_string(),
+            });
         };
         let file = &self.files[fi];
         for (n, level) in std::iter::once(fi)
@@ -632,26 +674,19 @@ impl Policy {
             .enumerate()
         {
             if !level.dns.allows(&name) {
-                let by = by_level(level, n == 0, cgroup);
-                let allowed = &file.dns;
-                return Err(if allowed.patterns().is_empty() {
-                    format!("{cgroup} may not resolve any name{by}")
+                let cgroup = cgroup.clone();
+                let level = (n > 0).then(|| level.cgroup.clone());
+                // What the agent may resolve is what its own (closest) file lists.
+                let allowed = file.dns.patterns();
+                return Err(if allowed.is_empty() {
+                    DnsDenial::NoNames { cgroup, level }
                 } else {
-                    let shown: Vec<String> = allowed
-                        .patterns()
-                        .iter()
-                        .take(8)
-                        .map(ToString::to_string)
-                        .collect();
-                    format!(
-                        "{cgroup} may not resolve {name}{by}; names it may resolve: {}{}",
-                        shown.join(", "),
-                        if allowed.patterns().len() > 8 {
-                            ", ..."
-                        } else {
-                            ""
-                        }
-                    )
+                    DnsDenial::NotListed {
+                        cgroup,
+                        name: name.into_owned(),
+                        level,
+                        allowed: allowed.to_vec(),
+                    }
                 });
             }
         }

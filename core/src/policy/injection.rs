@@ -256,27 +256,43 @@ fn push_sep(out: &mut Zeroizing<Vec<u8>>) {
     }
 }
 
+/// Why a name cannot be an `inject.query` parameter name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryNameError {
+    #[error("the parameter name is empty")]
+    Empty,
+    #[error("the parameter name is longer than 64 characters")]
+    TooLong,
+    #[error(
+        "{} is not allowed in a parameter name (letters, digits and -._~[])",
+        show_char(*.0)
+    )]
+    Character(char),
+}
+
+/// `` `c` `` for a visible ASCII character, `U+XXXX` otherwise.
+fn show_char(c: char) -> String {
+    if c.is_ascii_graphic() {
+        format!("`{c}`")
+    } else {
+        format!("U+{:04X}", u32::from(c))
+    }
+}
+
 /// Validates a query parameter name for `inject.query`: RFC 3986 unreserved characters plus
 /// `[` and `]` (for `key[]` forms), 1 to 64 of them.
-pub(super) fn parse_query_name(raw: &str) -> Result<String, String> {
+pub(super) fn parse_query_name(raw: &str) -> Result<String, QueryNameError> {
     if raw.is_empty() {
-        return Err("the parameter name is empty".into());
+        return Err(QueryNameError::Empty);
     }
     if raw.len() > 64 {
-        return Err("the parameter name is longer than 64 characters".into());
+        return Err(QueryNameError::TooLong);
     }
     if let Some(c) = raw
         .chars()
         .find(|&c| !(c.is_ascii_alphanumeric() || "-._~[]".contains(c)))
     {
-        return Err(format!(
-            "{} is not allowed in a parameter name (letters, digits and -._~[])",
-            if c.is_ascii_graphic() {
-                format!("`{c}`")
-            } else {
-                format!("U+{:04X}", u32::from(c))
-            }
-        ));
+        return Err(QueryNameError::Character(c));
     }
     Ok(raw.to_string())
 }
@@ -390,9 +406,20 @@ mod tests {
     fn query_names() {
         assert_eq!(parse_query_name("api_key"), Ok("api_key".into()));
         assert_eq!(parse_query_name("ids[]"), Ok("ids[]".into()));
-        assert!(parse_query_name("").is_err());
-        assert!(parse_query_name("a b").is_err());
-        assert!(parse_query_name("a=b").is_err());
+        assert_eq!(parse_query_name(""), Err(QueryNameError::Empty));
+        assert_eq!(
+            parse_query_name(&"a".repeat(65)),
+            Err(QueryNameError::TooLong)
+        );
+        assert!(parse_query_name(&"a".repeat(64)).is_ok());
+        assert_eq!(
+            parse_query_name("a b").map_err(|e| e.to_string()),
+            Err("U+0020 is not allowed in a parameter name (letters, digits and -._~[])".into())
+        );
+        assert_eq!(
+            parse_query_name("a=b").map_err(|e| e.to_string()),
+            Err("`=` is not allowed in a parameter name (letters, digits and -._~[])".into())
+        );
         assert!(parse_query_name("a&b").is_err());
     }
 }

@@ -99,6 +99,11 @@ pub(super) fn ask(p: &Policy, cgroup: &str, r: &OwnedRequest) -> Result<String, 
     }
 }
 
+/// [`Policy::dns_allowed`], with the refusal as the agent reads it.
+pub(super) fn resolve(p: &Policy, cgroup: &CgroupPath, name: &str) -> Result<(), String> {
+    p.dns_allowed(cgroup, name).map_err(|e| e.to_string())
+}
+
 /// `GET /` to `host` on `port`: a request no method, path or header condition refuses, so its
 /// decision is about the destination alone. `host` is sent as given (any case, a trailing dot,
 /// IPv6 with or without brackets); the destination address is `host` when it is one.
