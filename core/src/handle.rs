@@ -23,8 +23,10 @@ use zeroize::Zeroizing;
 use crate::{
     cgroup::CgroupPath,
     inject::{SecretBytes, reserve_zeroizing},
+    percent::{self, HexCase, Plus},
     policy::{HostError, HostPattern},
     secret::SecretName,
+    time::format_rfc3339,
 };
 
 /// Every token starts with this.
@@ -73,7 +75,7 @@ pub enum HandleDenial {
         /// The prefix and first characters of the token.
         shown: String,
     },
-    #[error("handle {id} expired at {}", humantime::format_rfc3339_seconds(*.expired_at))]
+    #[error("handle {id} expired at {}", format_rfc3339(*.expired_at))]
     Expired {
         id: HandleId,
         expired_at: SystemTime,
@@ -534,7 +536,8 @@ where
     /// are kept exactly as they were.
     fn query(&mut self, query: &str) -> Result<Option<Zeroizing<String>>, HandleDenial> {
         let raw = query.as_bytes();
-        let (decoded, starts) = decode_query(raw);
+        // `+` stays `+`: tokens never hold one, and the bytes around them are copied as sent.
+        let (decoded, starts) = percent::decode_with_offsets(raw, Plus::Keep);
         let ranges: Vec<Range<usize>> = find_tokens(&decoded).collect();
         if ranges.is_empty() {
             return Ok(None);
@@ -545,8 +548,7 @@ where
             let secret = self.resolve(&decoded[r.clone()])?;
             out.extend_from_slice(&raw[last..starts[r.start]]);
             let value = &self.out.secret_values[secret];
-            reserve_zeroizing(&mut out, value.len() * 3);
-            percent_encode_into(value, &mut out);
+            percent::encode_into(value, &mut out, HexCase::Upper);
             last = starts[r.end];
         }
         out.extend_from_slice(&raw[last..]);
@@ -579,7 +581,7 @@ fn header_tokens(value: &[u8]) -> Vec<Vec<u8>> {
 
 /// The tokens a query string holds, after percent-decoding.
 fn query_tokens(query: &str) -> Vec<Vec<u8>> {
-    let (decoded, _) = decode_query(query.as_bytes());
+    let decoded = percent::decode(query.as_bytes(), Plus::Keep);
     find_tokens(&decoded).map(|r| decoded[r].to_vec()).collect()
 }
 
@@ -592,29 +594,6 @@ fn basic_credentials(value: &[u8]) -> Option<(&[u8], Zeroizing<Vec<u8>>)> {
     }
     let (scheme, encoded) = value.split_at(SCHEME.len());
     Some((scheme, decode_base64(encoded.trim_ascii())?))
-}
-
-/// Percent-decodes a query (`+` stays `+`; invalid escapes stay as they are). Returns the
-/// decoded bytes and, for each, where its text starts in `raw`, plus `raw.len()` at the end.
-fn decode_query(raw: &[u8]) -> (Vec<u8>, Vec<usize>) {
-    let mut decoded = Vec::with_capacity(raw.len());
-    let mut starts = Vec::with_capacity(raw.len() + 1);
-    let mut i = 0;
-    while i < raw.len() {
-        starts.push(i);
-        match (raw[i], raw.get(i + 1..i + 3).and_then(hex_pair)) {
-            (b'%', Some(b)) => {
-                decoded.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                decoded.push(b);
-                i += 1;
-            }
-        }
-    }
-    starts.push(raw.len());
-    (decoded, starts)
 }
 
 fn starts_with_ignore_case(value: &[u8], prefix: &[u8]) -> bool {
@@ -635,26 +614,6 @@ fn decode_base64(encoded: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
         }
     }
     None
-}
-
-fn hex_pair(pair: &[u8]) -> Option<u8> {
-    let digit = |b: u8| char::from(b).to_digit(16);
-    match pair {
-        [h, l] => Some((digit(*h)? * 16 + digit(*l)?) as u8),
-        _ => None,
-    }
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn percent_encode_into(bytes: &[u8], out: &mut Zeroizing<Vec<u8>>) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for &b in bytes {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b);
-        } else {
-            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
-        }
-    }
 }
 
 /// Swaps every handle token in a request's headers and query for its secret.

@@ -1,10 +1,10 @@
-//! agent-broker's pure logic, shared by brokerd and brokerctl.
+//! agent-broker's pure logic, shared by brokerd, brokerctl and the console.
 //!
 //! [`policy`] decides what each agent cgroup may call and what is written into its requests;
 //! [`inject`] renders the credential templates a rule names; [`handle`] mints and recognizes the
 //! `brk_` tokens an agent may hold in place of a key; [`secret`] holds secret names and values;
-//! [`cgroup`] names and finds cgroups. [`fmt`], [`fs`] and [`time`] hold the few helpers every side needs,
-//! written once.
+//! [`cgroup`] names and finds cgroups. [`fmt`], [`fs`], [`percent`] and [`time`] hold the few
+//! helpers every side needs, written once.
 //!
 //! This crate never links the eBPF loader, TLS, storage or an async runtime, so it builds and
 //! tests on stable Rust with no root. Never: log or display a secret value, or decide "allow"
@@ -15,6 +15,7 @@ pub mod fmt;
 pub mod fs;
 pub mod handle;
 pub mod inject;
+pub mod percent;
 pub mod policy;
 pub mod secret;
 pub mod time;

@@ -19,9 +19,9 @@
 //!   in file order whose method, path, header and expiry conditions hold.
 //!
 //! Questions answered: [`Policy::decide_request`] (per HTTP request), [`Policy::decide_connection`]
-//! (per accepted connection: intercept, pass through, or refuse), [`Policy::dns_allowed`],
-//! [`Policy::explain`] and [`Policy::effective`] for operators, and [`Policy::decide`] (the
-//! minimal form's destination-only question). Limits are counted by a [`Limiter`].
+//! (per accepted connection: intercept, pass through, or refuse), [`Policy::dns_allowed`], and
+//! [`Policy::explain`] and [`Policy::effective`] for operators. Limits are counted by a
+//! [`Limiter`].
 //!
 //! Never: allow when in doubt, or put a secret value in a decision or error.
 
@@ -49,8 +49,7 @@ use std::{
 
 pub use bench::{BenchRequest, bench_policy};
 pub use cidr::{CidrError, IpNet};
-pub use clock::{format_rfc3339, parse_rfc3339};
-pub use decide::{ConnectionDecision, Decision, OwnedRequest, RequestDecision, RequestInfo};
+pub use decide::{ConnectionDecision, DnsDenial, OwnedRequest, RequestDecision, RequestInfo};
 pub use dns::DnsNames;
 pub use explain::{EffectivePolicy, ExplainError, Explanation};
 pub use file::{DEFAULT_PORT, PolicyFileError};

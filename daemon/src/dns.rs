@@ -23,6 +23,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use agent_broker_core::time::now_unix_ms;
 use agent_broker_protocol::{AuditEvent, EventKind};
 use hickory_proto::{
     op::{Message, MessageType, OpCode, ResponseCode},
@@ -190,7 +191,7 @@ impl DnsServer {
                 "DNS query refused"
             );
             event.decision = Some(Decision::Deny);
-            event.reason = Some(reason);
+            event.reason = Some(reason.to_string());
             event.status = Some(u16::from(ResponseCode::Refused));
             event.latency_us = Some(started.elapsed().as_micros() as u64);
             self.events.record(event);
@@ -555,10 +556,7 @@ fn rand_id() -> u16 {
 
 fn dns_event(origin: &ConnectionOrigin, question: &Question) -> AuditEvent {
     AuditEvent {
-        time_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        time_ms: now_unix_ms(),
         kind: Some(EventKind::Dns),
         cgroup: Some(origin.cgroup.to_string()),
         pid: Some(origin.pid),

@@ -21,7 +21,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use agent_broker_core::policy::{Policy, PolicyError};
+use agent_broker_core::{
+    policy::{Policy, PolicyError},
+    time::now_unix_ms,
+};
 
 /// How often the directory is checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -90,10 +93,7 @@ impl PolicyStore {
             Err(e) => (Decision::Deny, format!("kept the previous policy: {e}")),
         };
         sink.record(agent_broker_protocol::AuditEvent {
-            time_ms: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            time_ms: now_unix_ms(),
             kind: Some(agent_broker_protocol::EventKind::PolicyReload),
             decision: Some(decision),
             reason: Some(reason),

@@ -32,7 +32,6 @@ mod tests;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::Flock;
 use redb::{
@@ -46,6 +45,7 @@ use agent_broker_core::{
     cgroup::CgroupPath,
     handle::{HandleBinding, HandleId, HandleRecord, TokenHash},
     secret::{SecretError, SecretName, SecretValue},
+    time::{from_unix_secs, now_unix_secs, unix_secs},
 };
 use agent_broker_protocol::HandleInfo;
 use seal::{Cipher, SealError};
@@ -542,7 +542,7 @@ impl Vault {
                 name: name.clone(),
                 source,
             })?;
-        let now = unix_now();
+        let now = now_unix_secs();
         let txn = self.write_txn()?;
         let meta = {
             let mut table = txn
@@ -732,10 +732,6 @@ fn check_blob_name(name: &str) -> Result<(), VaultError> {
     Ok(())
 }
 
-fn unix_now() -> u64 {
-    unix_secs(SystemTime::now())
-}
-
 /// A handle as stored: what `brokerctl handle list` shows of it, and the token's hash in hex
 /// (JSON, the fields side by side).
 #[derive(Serialize, Deserialize)]
@@ -794,14 +790,9 @@ impl HandleRow {
             id: HandleId::parse(&info.id).map_err(BadHandleRow::Id)?,
             token_hash,
             binding,
-            created: UNIX_EPOCH + Duration::from_secs(info.created_unix),
-            expires: UNIX_EPOCH + Duration::from_secs(info.expires_unix),
+            created: from_unix_secs(info.created_unix),
+            expires: from_unix_secs(info.expires_unix),
             revoked: info.revoked,
         })
     }
-}
-
-/// Unix seconds of `t` (0 before the epoch).
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -4,7 +4,7 @@
 use std::{
     io,
     sync::mpsc::{Receiver, TryRecvError},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use ratatui::{
@@ -40,13 +40,6 @@ impl Input for TerminalInput {
             Ok(None)
         }
     }
-}
-
-/// The wall clock, in Unix milliseconds.
-pub fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Takes what the reader has sent so far (bounded per call).

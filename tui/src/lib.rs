@@ -1,8 +1,9 @@
 //! agent-broker's live console (ratatui): brokered calls and denials as they happen.
 //!
 //! It talks to brokerd only through `agent-broker-protocol`, over `<run-dir>/control.sock`, and
-//! must never link aya, redb or rustls (nor the daemon crate). It shows audit events, which carry
-//! secret names but never secret values.
+//! must never link aya, redb or rustls (nor the daemon crate); from `agent-broker-core`, which
+//! links none of them, it takes the time formats. It shows audit events, which carry secret names
+//! but never secret values.
 //!
 //! The parts follow the usual ratatui split: [`app::App`] is the model (no I/O, no clock),
 //! [`ui::render`] draws it without changing it, [`event_loop::run_loop`] joins them and is
@@ -64,7 +65,7 @@ pub fn run(run_dir: &Path) -> Result<(), ConsoleError> {
         &mut app,
         &events,
         &mut event_loop::TerminalInput,
-        event_loop::unix_now_ms,
+        agent_broker_core::time::now_unix_ms,
     );
     let restored = ratatui::try_restore().map_err(ConsoleError::Restore);
     // The reader stops when its channel is gone; then joining it is quick.

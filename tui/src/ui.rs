@@ -3,6 +3,7 @@
 //! Layout, top to bottom: a status line, the table of calls, the per-agent summary beside the
 //! detail of the selected call, and a line of key hints. Times are shown in UTC.
 
+use agent_broker_core::time::{utc_hms, utc_timestamp};
 use agent_broker_protocol::{AuditEvent, EventKind};
 use ratatui::{
     Frame,
@@ -201,7 +202,7 @@ fn cell_text(col: Col, width: u16, entry: &Entry) -> String {
     let e = &entry.event;
     match col {
         Col::Mark => if entry.denied { DENIAL_MARKER } else { " " }.into(),
-        Col::Time => hms(e.time_ms),
+        Col::Time => utc_hms(e.time_ms),
         Col::Agent => ellipsize_left(agent_of(e), usize::from(width)),
         Col::Proc => match (e.pid, &e.comm) {
             (Some(pid), Some(comm)) => format!("{pid} {comm}"),
@@ -465,7 +466,7 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
         secrets,
         side,
     } = event;
-    let mut out: Vec<(&'static str, String)> = vec![("time", timestamp(*time_ms))];
+    let mut out: Vec<(&'static str, String)> = vec![("time", utc_timestamp(*time_ms))];
     let mut opt = |label: &'static str, value: Option<String>| {
         if let Some(value) = value {
             out.push((label, value));
@@ -562,42 +563,6 @@ fn centered(area: Rect, width: u16, height: u16) -> Rect {
     }
 }
 
-/// `HH:MM:SS` (UTC) of a Unix time in milliseconds.
-pub fn hms(time_ms: u64) -> String {
-    let secs = time_ms / 1000;
-    format!(
-        "{:02}:{:02}:{:02}",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60
-    )
-}
-
-/// `YYYY-MM-DD HH:MM:SS.mmm UTC` of a Unix time in milliseconds.
-pub fn timestamp(time_ms: u64) -> String {
-    let days = time_ms / 86_400_000;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {}.{:03} UTC",
-        hms(time_ms),
-        time_ms % 1000
-    )
-}
-
-/// Gregorian date of a day count since 1970-01-01 (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
-}
-
 /// A latency in microseconds, short: `850us`, `4.2ms`, `120ms`, `1.25s`.
 pub fn latency(us: u64) -> String {
     match us {
@@ -625,16 +590,6 @@ pub fn ellipsize_left(s: &str, width: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats_times_in_utc() {
-        // 2024-06-01T12:34:56.789Z
-        assert_eq!(timestamp(1_717_245_296_789), "2024-06-01 12:34:56.789 UTC");
-        assert_eq!(hms(1_717_245_296_789), "12:34:56");
-        assert_eq!(timestamp(0), "1970-01-01 00:00:00.000 UTC");
-        // 2000-02-29 (leap day).
-        assert_eq!(timestamp(951_782_400_000), "2000-02-29 00:00:00.000 UTC");
-    }
 
     #[test]
     fn formats_latency() {

@@ -1,7 +1,6 @@
-//! The decisions: per request, per connection, per DNS name, and the minimal form's
-//! destination-only question. Every one walks the chain of files that govern the cgroup, closest
-//! first; the fast path allocates nothing unless a rule has limits, and reasons are only worked
-//! out for a denial.
+//! The decisions: per request, per connection and per DNS name. Every one walks the chain of
+//! files that govern the cgroup, closest first; the fast path allocates nothing unless a rule has
+//! limits, and reasons are only worked out for a denial.
 
 use std::{
     borrow::Cow,
@@ -14,14 +13,13 @@ use http::{HeaderMap, Method};
 
 use super::{
     Policy, PolicyFile,
-    clock::format_rfc3339,
     glob::is_canonical,
     host::{HostPattern, normalize_host},
     injection::Injection,
     limits::LimitKey,
     rule::{Miss, Req, Rule, RuleRef, Tier},
 };
-use crate::{cgroup::CgroupPath, inject::InjectSpec, secret::SecretName};
+use crate::{cgroup::CgroupPath, secret::SecretName, time::format_rfc3339};
 
 /// One HTTP request, as the proxy sees it after SNI, `Host` and `:authority` agreed.
 #[derive(Clone, Copy, Debug)]
@@ -121,31 +119,43 @@ pub enum ConnectionDecision<'a> {
     },
 }
 
-/// The answer of [`Policy::decide`], the minimal form's destination-only question.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision<'a> {
-    Allow {
-        /// The rule that allowed it.
-        rule: &'a RuleRef,
-        /// Headers to set (empty: forward without injection). Basic auth and query injection
-        /// need [`Policy::decide_request`].
-        inject: &'a InjectSpec,
-        /// Whether injection and handle swaps may happen over plain HTTP (ARCHITECTURE
-        /// invariant 2: off unless the rule says so).
-        plain_http: bool,
+/// Why a cgroup may not resolve a name ([`Policy::dns_allowed`]). Plain enough for the agent
+/// to act on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DnsDenial {
+    #[error("no policy covers cgroup {cgroup}, so no name may be resolved")]
+    NoPolicy { cgroup: CgroupPath },
+    #[error("{name:?} is not a valid host name")]
+    InvalidName { name: String },
+    /// The cgroup's own file lists no name. `level`: the ancestor cgroup whose file refused,
+    /// `None` when the cgroup's own file did.
+    #[error("{cgroup} may not resolve any name{}", by_ancestor(.level.as_ref(), .cgroup))]
+    NoNames {
+        cgroup: CgroupPath,
+        level: Option<CgroupPath>,
     },
-    Deny {
-        /// Plain enough for an LLM agent to act on; never names a secret value.
-        reason: String,
-        /// The file that was consulted, when one covers the cgroup (for `policy explain`).
-        policy_file: Option<&'a Path>,
+    /// `name` is not among the names the cgroup's own file lists (`allowed`), or an ancestor's
+    /// file (`level`) does not allow it.
+    #[error(
+        "{cgroup} may not resolve {name}{}; names it may resolve: {}",
+        by_ancestor(.level.as_ref(), .cgroup),
+        show_names(.allowed)
+    )]
+    NotListed {
+        cgroup: CgroupPath,
+        name: String,
+        level: Option<CgroupPath>,
+        allowed: Vec<HostPattern>,
     },
 }
 
-impl Decision<'_> {
-    pub fn is_allow(&self) -> bool {
-        matches!(self, Self::Allow { .. })
+/// The first eight names, then `...` when there are more.
+fn show_names(names: &[HostPattern]) -> String {
+    let mut shown: Vec<String> = names.iter().take(8).map(ToString::to_string).collect();
+    if names.len() > 8 {
+        shown.push("...".into());
     }
+    shown.join(", ")
 }
 
 /// A level's refusal.
@@ -234,13 +244,14 @@ fn no_file(cgroup: &CgroupPath) -> String {
 /// ` (by the policy for agents, which also applies to agents/coder)` for a level above the
 /// closest, empty for the closest.
 fn by_level(level: &PolicyFile, closest: bool, cgroup: &CgroupPath) -> String {
-    if closest {
-        String::new()
-    } else {
-        format!(
-            " (by the policy for {}, which also applies to {cgroup})",
-            level.cgroup
-        )
+    by_ancestor((!closest).then_some(&level.cgroup), cgroup)
+}
+
+/// [`by_level`] from the refusing level's cgroup (`None` for the closest file).
+fn by_ancestor(level: Option<&CgroupPath>, cgroup: &CgroupPath) -> String {
+    match level {
+        None => String::new(),
+        Some(level) => format!(" (by the policy for {level}, which also applies to {cgroup})"),
     }
 }
 
@@ -480,25 +491,6 @@ impl PolicyFile {
             (h, t) => h.or(t).map(|(k, _)| k),
         }
     }
-
-    /// The destination-only pick of the minimal form: port and expiry, no request conditions.
-    fn select_destination(
-        &self,
-        host: &str,
-        ip: Option<IpAddr>,
-        port: u16,
-        now: SystemTime,
-        need: &[SecretName],
-    ) -> Option<usize> {
-        self.http
-            .find(Some(host), ip, |i| {
-                let r = &self.rules[i];
-                r.port == port
-                    && !r.is_expired(now)
-                    && need.iter().all(|s| r.secrets.binary_search(s).is_ok())
-            })
-            .map(|(i, _)| i)
-    }
 }
 
 impl Policy {
@@ -662,16 +654,18 @@ impl Policy {
 
     /// Whether `cgroup` may resolve `name` (any case, trailing dot allowed): every governing
     /// file must allow it, by its `[dns] allow` list or, without one, by its `host` rules.
-    pub fn dns_allowed(&self, cgroup: &CgroupPath, name: &str) -> Result<(), String> {
+    pub fn dns_allowed(&self, cgroup: &CgroupPath, name: &str) -> Result<(), DnsDenial> {
         let Some(fi) = self.governing(cgroup.as_str()) else {
-            return Err(format!(
-                "no policy covers cgroup {cgroup}, so no name may be resolved"
-            ));
+            return Err(DnsDenial::NoPolicy {
+                cgroup: cgroup.clone(),
+            });
         };
         let valid = matches!(HostPattern::parse(name), Ok(HostPattern::Exact(ref h)) if h.parse::<IpAddr>().is_err());
         let normalized = normalize_host(name).filter(|_| valid);
         let Some(name) = normalized else {
-            return Err(format!("{name:?} is not a valid host name"));
+            return Err(DnsDenial::InvalidName {
+                name: name.to_string(),
+            });
         };
         let file = &self.files[fi];
         for (n, level) in std::iter::once(fi)
@@ -680,85 +674,22 @@ impl Policy {
             .enumerate()
         {
             if !level.dns.allows(&name) {
-                let by = by_level(level, n == 0, cgroup);
-                let allowed = &file.dns;
-                return Err(if allowed.patterns().is_empty() {
-                    format!("{cgroup} may not resolve any name{by}")
+                let cgroup = cgroup.clone();
+                let level = (n > 0).then(|| level.cgroup.clone());
+                // What the agent may resolve is what its own (closest) file lists.
+                let allowed = file.dns.patterns();
+                return Err(if allowed.is_empty() {
+                    DnsDenial::NoNames { cgroup, level }
                 } else {
-                    let shown: Vec<String> = allowed
-                        .patterns()
-                        .iter()
-                        .take(8)
-                        .map(ToString::to_string)
-                        .collect();
-                    format!(
-                        "{cgroup} may not resolve {name}{by}; names it may resolve: {}{}",
-                        shown.join(", "),
-                        if allowed.patterns().len() > 8 {
-                            ", ..."
-                        } else {
-                            ""
-                        }
-                    )
+                    DnsDenial::NotListed {
+                        cgroup,
+                        name: name.into_owned(),
+                        level,
+                        allowed: allowed.to_vec(),
+                    }
                 });
             }
         }
         Ok(())
-    }
-
-    /// The minimal form's question: may `cgroup` reach `host:port` at all? Connection-level:
-    /// it looks at destinations, ports and expiry only, not at methods, paths or headers, and
-    /// knows no limits. Use [`Policy::decide_request`] per request. `host` is the SNI, the
-    /// request's host (without port), or the original destination IP when there is no name;
-    /// any case, with or without a trailing dot, IPv6 with or without brackets.
-    pub fn decide(&self, cgroup: &CgroupPath, host: &str, port: u16) -> Decision<'_> {
-        let now = SystemTime::now();
-        let Some(fi) = self.governing(cgroup.as_str()) else {
-            return Decision::Deny {
-                reason: no_file(cgroup),
-                policy_file: None,
-            };
-        };
-        let file = &self.files[fi];
-        let Some(normalized) = normalize_host(host) else {
-            return Decision::Deny {
-                reason: format!(
-                    "the destination host {host:?} is not a valid host name or address"
-                ),
-                policy_file: Some(&file.path),
-            };
-        };
-        let ip = normalized.parse::<IpAddr>().ok();
-        let Some(ri) = file.select_destination(&normalized, ip, port, now, &[]) else {
-            let shown = show_dest(&normalized, port);
-            let reason = file.unmatched_destination(cgroup, &normalized, ip, port, now, &shown);
-            return Decision::Deny {
-                reason,
-                policy_file: Some(&file.path),
-            };
-        };
-        let rule = &file.rules[ri];
-        let mut plain_http = rule.plain_http;
-        for &ai in &file.ancestors {
-            let level = &self.files[ai];
-            match level.select_destination(&normalized, ip, port, now, &rule.secrets) {
-                Some(i) => plain_http &= level.rules[i].plain_http,
-                None => {
-                    return Decision::Deny {
-                        reason: format!(
-                            "no rule allows {} for cgroup {cgroup}{}",
-                            show_dest(&normalized, port),
-                            by_level(level, false, cgroup)
-                        ),
-                        policy_file: Some(&level.path),
-                    };
-                }
-            }
-        }
-        Decision::Allow {
-            rule: &rule.rule_ref,
-            inject: &rule.inject.headers,
-            plain_http,
-        }
     }
 }

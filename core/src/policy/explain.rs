@@ -7,12 +7,11 @@ use http::Method;
 
 use super::{
     Policy, PolicyFile,
-    clock::format_rfc3339,
     dns::DnsNames,
     limits::{Budget, Rate},
     rule::{Req, Rule, RuleRef},
 };
-use crate::cgroup::CgroupPath;
+use crate::{cgroup::CgroupPath, time::format_rfc3339};
 
 /// A question `policy explain` cannot ask.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

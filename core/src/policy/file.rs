@@ -648,12 +648,9 @@ fn compile_rule(
 
     let not_after = raw.not_after.as_ref().and_then(|t| {
         spans.set("not_after", pos(&t.span()));
-        let parsed = match t.get_ref() {
-            toml::Value::String(s) => clock::parse_rfc3339(s),
-            toml::Value::Datetime(dt) => clock::from_datetime(dt),
-            _ => Err("not_after is a date and time, such as \"2026-12-31T00:00:00Z\"".into()),
-        };
-        parsed.map_err(|e| errs.at(t.span(), "not_after", e)).ok()
+        clock::not_after(t.get_ref())
+            .map_err(|e| errs.at(t.span(), "not_after", e))
+            .ok()
     });
 
     let rate = raw.rate.as_ref().and_then(|r| {

@@ -9,6 +9,7 @@ use zeroize::Zeroizing;
 
 use crate::{
     inject::{InjectError, InjectSpec, SecretBytes, Template, reserve_zeroizing},
+    percent::{self, HexCase, Plus},
     secret::SecretName,
 };
 
@@ -207,7 +208,8 @@ impl RenderedInjection {
         let mut out = Zeroizing::new(Vec::new());
         for pair in original.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-            let decoded = percent_decode(key);
+            // Form semantics, as servers read queries: `+` is a space.
+            let decoded = percent::decode(key.as_bytes(), Plus::Space);
             if self
                 .query
                 .iter()
@@ -221,10 +223,10 @@ impl RenderedInjection {
         }
         for (name, value) in &self.query {
             push_sep(&mut out);
-            percent_encode_into(name.as_bytes(), &mut out);
+            percent::encode_into(name.as_bytes(), &mut out, HexCase::Upper);
             reserve_zeroizing(&mut out, 1);
             out.push(b'=');
-            percent_encode_into(value, &mut out);
+            percent::encode_into(value, &mut out, HexCase::Upper);
         }
         // Only ASCII was written: original pairs come from a &str, the rest is encoded.
         let text = String::from_utf8(std::mem::take(&mut *out)).unwrap_or_default();
@@ -254,64 +256,43 @@ fn push_sep(out: &mut Zeroizing<Vec<u8>>) {
     }
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn percent_encode_into(bytes: &[u8], out: &mut Zeroizing<Vec<u8>>) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    reserve_zeroizing(out, bytes.len() * 3);
-    for &b in bytes {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b);
-        } else {
-            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
-        }
-    }
+/// Why a name cannot be an `inject.query` parameter name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryNameError {
+    #[error("the parameter name is empty")]
+    Empty,
+    #[error("the parameter name is longer than 64 characters")]
+    TooLong,
+    #[error(
+        "{} is not allowed in a parameter name (letters, digits and -._~[])",
+        show_char(*.0)
+    )]
+    Character(char),
 }
 
-fn percent_decode(s: &str) -> Vec<u8> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| char::from(b).to_digit(16);
-        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
-                out.push(((hex(h).unwrap_or(0) << 4) | hex(l).unwrap_or(0)) as u8);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
+/// `` `c` `` for a visible ASCII character, `U+XXXX` otherwise.
+fn show_char(c: char) -> String {
+    if c.is_ascii_graphic() {
+        format!("`{c}`")
+    } else {
+        format!("U+{:04X}", u32::from(c))
     }
-    out
 }
 
 /// Validates a query parameter name for `inject.query`: RFC 3986 unreserved characters plus
 /// `[` and `]` (for `key[]` forms), 1 to 64 of them.
-pub(super) fn parse_query_name(raw: &str) -> Result<String, String> {
+pub(super) fn parse_query_name(raw: &str) -> Result<String, QueryNameError> {
     if raw.is_empty() {
-        return Err("the parameter name is empty".into());
+        return Err(QueryNameError::Empty);
     }
     if raw.len() > 64 {
-        return Err("the parameter name is longer than 64 characters".into());
+        return Err(QueryNameError::TooLong);
     }
     if let Some(c) = raw
         .chars()
         .find(|&c| !(c.is_ascii_alphanumeric() || "-._~[]".contains(c)))
     {
-        return Err(format!(
-            "{} is not allowed in a parameter name (letters, digits and -._~[])",
-            if c.is_ascii_graphic() {
-                format!("`{c}`")
-            } else {
-                format!("U+{:04X}", u32::from(c))
-            }
-        ));
+        return Err(QueryNameError::Character(c));
     }
     Ok(raw.to_string())
 }
@@ -425,9 +406,20 @@ mod tests {
     fn query_names() {
         assert_eq!(parse_query_name("api_key"), Ok("api_key".into()));
         assert_eq!(parse_query_name("ids[]"), Ok("ids[]".into()));
-        assert!(parse_query_name("").is_err());
-        assert!(parse_query_name("a b").is_err());
-        assert!(parse_query_name("a=b").is_err());
+        assert_eq!(parse_query_name(""), Err(QueryNameError::Empty));
+        assert_eq!(
+            parse_query_name(&"a".repeat(65)),
+            Err(QueryNameError::TooLong)
+        );
+        assert!(parse_query_name(&"a".repeat(64)).is_ok());
+        assert_eq!(
+            parse_query_name("a b").map_err(|e| e.to_string()),
+            Err("U+0020 is not allowed in a parameter name (letters, digits and -._~[])".into())
+        );
+        assert_eq!(
+            parse_query_name("a=b").map_err(|e| e.to_string()),
+            Err("`=` is not allowed in a parameter name (letters, digits and -._~[])".into())
+        );
         assert!(parse_query_name("a&b").is_err());
     }
 }

@@ -20,12 +20,11 @@ use std::fmt;
 
 use super::{
     PolicyFile,
-    clock::format_rfc3339,
     file::{PolicyFileError, dns_error, rule_error},
     limits::Rate,
     rule::Rule,
 };
-use crate::secret::SecretName;
+use crate::{secret::SecretName, time::format_rfc3339};
 
 /// The first way a parent rule fails to cover a child rule, in checking order (later means the
 /// parent rule came closer).

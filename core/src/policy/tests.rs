@@ -7,6 +7,7 @@ use std::{
 use http::{HeaderMap, HeaderValue, Method};
 
 use super::*;
+use crate::time::parse_rfc3339;
 
 mod chain;
 mod connection;
@@ -98,17 +99,40 @@ pub(super) fn ask(p: &Policy, cgroup: &str, r: &OwnedRequest) -> Result<String, 
     }
 }
 
-fn allowed_rule(d: &Decision<'_>) -> usize {
+/// [`Policy::dns_allowed`], with the refusal as the agent reads it.
+pub(super) fn resolve(p: &Policy, cgroup: &CgroupPath, name: &str) -> Result<(), String> {
+    p.dns_allowed(cgroup, name).map_err(|e| e.to_string())
+}
+
+/// `GET /` to `host` on `port`: a request no method, path or header condition refuses, so its
+/// decision is about the destination alone. `host` is sent as given (any case, a trailing dot,
+/// IPv6 with or without brackets); the destination address is `host` when it is one.
+fn to(host: &str, port: u16) -> OwnedRequest {
+    let mut r = req("GET", "x.test/");
+    r.host = host.to_string();
+    r.port = port;
+    if let Some(ip) = normalize_host(host).and_then(|h| h.parse::<IpAddr>().ok()) {
+        r.dst_ip = ip;
+    }
+    r
+}
+
+/// The decision for `GET /` to `host:port` from `cgroup`.
+fn decide_to<'p>(p: &'p Policy, cgroup: &str, host: &str, port: u16) -> RequestDecision<'p> {
+    p.decide_request(&cg(cgroup), &to(host, port).info())
+}
+
+fn allowed_rule(d: &RequestDecision<'_>) -> usize {
     match d {
-        Decision::Allow { rule, .. } => rule.index,
-        Decision::Deny { reason, .. } => panic!("denied: {reason}"),
+        RequestDecision::Allow { rule, .. } => rule.index,
+        RequestDecision::Deny { reason, .. } => panic!("denied: {reason}"),
     }
 }
 
-fn denied(d: &Decision<'_>) -> String {
+fn denied(d: &RequestDecision<'_>) -> String {
     match d {
-        Decision::Deny { reason, .. } => reason.clone(),
-        Decision::Allow { rule, .. } => panic!("allowed by {rule}"),
+        RequestDecision::Deny { reason, .. } => reason.clone(),
+        RequestDecision::Allow { rule, .. } => panic!("allowed by {rule}"),
     }
 }
 
@@ -123,20 +147,22 @@ inject.headers = { authorization = "Bearer {secret:EXAMPLE_KEY}" }
 #[test]
 fn demo_form_allows_its_host_and_injects() {
     let p = policy(&[("demo.toml", DEMO)]);
-    let d = p.decide(&cg("agents/demo"), "api.example.test", 443);
-    let Decision::Allow {
+    let d = decide_to(&p, "agents/demo", "api.example.test", 443);
+    let RequestDecision::Allow {
         rule,
         inject,
         plain_http,
+        limit_keys,
     } = d
     else {
         panic!("denied: {d:?}")
     };
     assert_eq!(rule.to_string(), "demo.toml:4 allow[0]");
     assert!(!plain_http);
+    assert!(limit_keys.is_empty());
     assert_eq!(inject.header_names().collect::<Vec<_>>(), ["authorization"]);
     assert_eq!(
-        inject.headers()[0].1.as_str(),
+        inject.headers().headers()[0].1.as_str(),
         "Bearer {secret:EXAMPLE_KEY}"
     );
     let names: Vec<&str> = p
@@ -150,35 +176,25 @@ fn demo_form_allows_its_host_and_injects() {
 #[test]
 fn default_deny_with_reasons_an_agent_can_read() {
     let p = policy(&[("demo.toml", DEMO)]);
-    let demo = cg("agents/demo");
+    let demo = "agents/demo";
     assert_eq!(
-        denied(&p.decide(&demo, "api.foo.test", 443)),
+        denied(&decide_to(&p, demo, "api.foo.test", 443)),
         "no rule allows api.foo.test:443 for cgroup agents/demo"
     );
     assert_eq!(
-        denied(&p.decide(&demo, "api.example.test", 8443)),
+        denied(&decide_to(&p, demo, "api.example.test", 8443)),
         "no rule allows api.example.test:8443 for cgroup agents/demo \
          (allowed port for this host: 443)"
     );
-    let other = p.decide(&cg("agents/other"), "api.example.test", 443);
+    let other = decide_to(&p, "agents/other", "api.example.test", 443);
     assert!(denied(&other).starts_with("no policy covers cgroup agents/other"));
+    assert!(matches!(other, RequestDecision::Deny { file: None, .. }));
     assert!(matches!(
-        other,
-        Decision::Deny {
-            policy_file: None,
-            ..
-        }
+        decide_to(&p, demo, "x.test", 443),
+        RequestDecision::Deny { file: Some(f), .. } if f == Path::new("demo.toml")
     ));
-    assert!(matches!(
-        p.decide(&demo, "x.test", 443),
-        Decision::Deny { policy_file: Some(f), .. } if f == Path::new("demo.toml")
-    ));
-    assert!(denied(&p.decide(&demo, "", 443)).contains("not a valid host"));
-    assert!(
-        !Policy::empty()
-            .decide(&demo, "api.example.test", 443)
-            .is_allow()
-    );
+    assert!(denied(&decide_to(&p, demo, "", 443)).contains("not a valid host"));
+    assert!(!decide_to(&Policy::empty(), demo, "api.example.test", 443).is_allow());
 }
 
 #[test]
@@ -186,7 +202,7 @@ fn loopback_is_not_special() {
     let p = policy(&[("demo.toml", DEMO)]);
     for host in ["127.0.0.1", "localhost", "::1", "[::1]"] {
         assert!(
-            !p.decide(&cg("agents/demo"), host, 443).is_allow(),
+            !decide_to(&p, "agents/demo", host, 443).is_allow(),
             "{host}"
         );
     }
@@ -194,16 +210,11 @@ fn loopback_is_not_special() {
         "l.toml",
         "cgroup = \"agents/demo\"\n[[allow]]\nhost = \"127.0.0.2\"\nport = 8443\n[[allow]]\nhost = \"[::1]\"\n",
     )]);
-    assert_eq!(
-        allowed_rule(&p.decide(&cg("agents/demo"), "127.0.0.2", 8443)),
-        0
-    );
-    assert_eq!(allowed_rule(&p.decide(&cg("agents/demo"), "::1", 443)), 1);
-    assert_eq!(
-        allowed_rule(&p.decide(&cg("agents/demo"), "[0::1]", 443)),
-        1
-    );
-    assert!(!p.decide(&cg("agents/demo"), "127.0.0.3", 8443).is_allow());
+    let demo = "agents/demo";
+    assert_eq!(allowed_rule(&decide_to(&p, demo, "127.0.0.2", 8443)), 0);
+    assert_eq!(allowed_rule(&decide_to(&p, demo, "::1", 443)), 1);
+    assert_eq!(allowed_rule(&decide_to(&p, demo, "[0::1]", 443)), 1);
+    assert!(!decide_to(&p, demo, "127.0.0.3", 8443).is_allow());
 }
 
 #[test]
@@ -216,23 +227,20 @@ host = "api.example.test"
 "#;
     let p = policy(&[("demo.toml", DEMO), ("tool.toml", child)]);
     // Below agents/demo: the demo file applies.
-    let d = p.decide(&cg("agents/demo/x/y"), "api.example.test", 443);
+    let d = decide_to(&p, "agents/demo/x/y", "api.example.test", 443);
     assert_eq!(allowed_rule(&d), 0);
-    assert!(matches!(d, Decision::Allow { inject, .. } if !inject.is_empty()));
+    assert!(matches!(d, RequestDecision::Allow { inject, .. } if !inject.is_empty()));
     // agents/demo/tool and below: its own file is the closest (and says what is injected:
     // nothing), and the demo file must allow it too.
-    let tool = cg("agents/demo/tool/sub");
-    let d = p.decide(&tool, "api.example.test", 443);
-    assert!(matches!(d, Decision::Allow { rule, inject, .. }
+    let tool = "agents/demo/tool/sub";
+    let d = decide_to(&p, tool, "api.example.test", 443);
+    assert!(matches!(d, RequestDecision::Allow { rule, inject, .. }
         if rule.file.as_ref() == Path::new("tool.toml") && inject.is_empty()));
-    assert!(!p.decide(&tool, "tool.example.test", 443).is_allow());
+    assert!(!decide_to(&p, tool, "tool.example.test", 443).is_allow());
     // A sibling with a common name prefix is not below agents/demo.
-    assert!(
-        !p.decide(&cg("agents/demox"), "api.example.test", 443)
-            .is_allow()
-    );
+    assert!(!decide_to(&p, "agents/demox", "api.example.test", 443).is_allow());
     // Ancestors are not covered by a child's file.
-    assert!(!p.decide(&cg("agents"), "api.example.test", 443).is_allow());
+    assert!(!decide_to(&p, "agents", "api.example.test", 443).is_allow());
     assert_eq!(
         p.file_for(&cg("agents/demo/tool")).map(|f| f.path()),
         Some(Path::new("tool.toml"))
@@ -263,27 +271,31 @@ port = 80
 plain_http = true
 "#;
     let p = policy(&[("a.toml", text)]);
-    let a = cg("a");
-    assert_eq!(allowed_rule(&p.decide(&a, "api.example.test", 443)), 1);
-    assert_eq!(allowed_rule(&p.decide(&a, "Api.Example.Test.", 443)), 1);
-    assert_eq!(allowed_rule(&p.decide(&a, "other.example.test", 443)), 0);
-    assert_eq!(allowed_rule(&p.decide(&a, "x.b.example.test", 443)), 2);
-    assert_eq!(allowed_rule(&p.decide(&a, "x.y.b.example.test", 443)), 2);
+    let rule_for = |host, port| allowed_rule(&decide_to(&p, "a", host, port));
+    assert_eq!(rule_for("api.example.test", 443), 1);
+    assert_eq!(rule_for("Api.Example.Test.", 443), 1);
+    assert_eq!(rule_for("other.example.test", 443), 0);
+    assert_eq!(rule_for("x.b.example.test", 443), 2);
+    assert_eq!(rule_for("x.y.b.example.test", 443), 2);
     // b.example.test itself is one label below example.test.
-    assert_eq!(allowed_rule(&p.decide(&a, "b.example.test", 443)), 0);
+    assert_eq!(rule_for("b.example.test", 443), 0);
     // A longer suffix on another port falls back to the shorter one on this port.
-    assert_eq!(allowed_rule(&p.decide(&a, "x.b.example.test", 80)), 3);
+    assert_eq!(rule_for("x.b.example.test", 80), 3);
     assert!(matches!(
-        p.decide(&a, "x.example.test", 80),
-        Decision::Allow {
+        decide_to(&p, "a", "x.example.test", 80),
+        RequestDecision::Allow {
             plain_http: true,
             ..
         }
     ));
-    assert!(!p.decide(&a, "example.test", 443).is_allow());
-    assert!(!p.decide(&a, "notexample.test", 443).is_allow());
-    assert!(!p.decide(&a, "example.test.evil", 443).is_allow());
-    assert!(!p.decide(&a, "api.example.test", 8080).is_allow());
+    for (host, port) in [
+        ("example.test", 443),
+        ("notexample.test", 443),
+        ("example.test.evil", 443),
+        ("api.example.test", 8080),
+    ] {
+        assert!(!decide_to(&p, "a", host, port).is_allow(), "{host}:{port}");
+    }
 }
 
 #[test]
@@ -300,7 +312,7 @@ fn fields_have_defaults_and_refuse_unknowns() {
 
     // A file with no rules is valid and denies everything.
     let p = policy(&[("empty.toml", "cgroup = \"m\"\n")]);
-    assert!(!p.decide(&cg("m"), "h.test", 443).is_allow());
+    assert!(!decide_to(&p, "m", "h.test", 443).is_allow());
 
     let e = error(&[("u.toml", "cgroup = \"m\"\nverbose = true\n")]);
     assert_eq!((e.line, e.field.as_deref()), (2, Some("verbose")));
@@ -415,10 +427,7 @@ fn load_dir_reads_toml_files_only() {
     fs::write(dir.path().join("invalid/x.toml"), "broken = ").expect("write");
     let p = Policy::load_dir(dir.path()).expect("loads");
     assert_eq!(p.files().len(), 1);
-    assert!(
-        p.decide(&cg("agents/demo"), "api.example.test", 443)
-            .is_allow()
-    );
+    assert!(decide_to(&p, "agents/demo", "api.example.test", 443).is_allow());
 
     fs::write(dir.path().join("bad.toml"), b"cgroup = \"x\"\n\xff\n").expect("write");
     let e = Policy::load_dir(dir.path())
@@ -451,14 +460,8 @@ pub(super) fn shipped() -> PathBuf {
 fn shipped_policies_load() {
     let p = Policy::load_dir(&shipped()).unwrap_or_else(|e| panic!("{e}"));
     assert!(p.files().len() >= 2);
-    assert!(
-        p.decide(&cg("agents/demo"), "api.example.test", 443)
-            .is_allow()
-    );
-    assert!(
-        !p.decide(&cg("agents/demo"), "api.openai.com", 443)
-            .is_allow()
-    );
+    assert!(decide_to(&p, "agents/demo", "api.example.test", 443).is_allow());
+    assert!(!decide_to(&p, "agents/demo", "api.openai.com", 443).is_allow());
 }
 
 /// The `# expect: line N, field F` of a fixture (F is `(none)` for errors outside any field).

@@ -1,6 +1,7 @@
 use agent_broker_core::fmt::error_chain;
+use agent_broker_core::time::now_unix_ms;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use agent_broker_protocol::{AuditEvent, Decision, EventKind, LogFilter, Side};
 use redb::{Database, ReadableDatabase, ReadableTable};
@@ -13,13 +14,6 @@ fn fast() -> WriterConfig {
         commit_interval: Duration::from_millis(5),
         ..WriterConfig::default()
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64
 }
 
 fn event(
@@ -465,7 +459,7 @@ fn retention_prunes_oldest_and_the_chain_still_verifies() {
 #[test]
 fn retention_by_age_prunes_old_records() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let now = now_ms();
+    let now = now_unix_ms();
     let hour = 3_600_000;
     let mut events: Vec<_> = (0..4)
         .map(|i| {

@@ -1,11 +1,11 @@
 //! The writer thread: group commit, retention, live fan-out. See the module docs of `audit`.
 
-use agent_broker_core::fmt::error_chain;
+use agent_broker_core::{fmt::error_chain, time::now_unix_ms};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use agent_broker_protocol::{AuditEvent, LogFilter, Side, VerifyReport};
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
@@ -555,10 +555,7 @@ fn prune(txn: &WriteTransaction, store: &Store, tail: Link) -> Result<u64, Audit
         .max_records
         .map_or(0, |max| len.saturating_sub(max));
     let cutoff_ms = retention.max_age.map(|age| {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        now.saturating_sub(age).as_millis() as u64
+        now_unix_ms().saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX))
     });
     let mut floor = None;
     let mut pruned = 0u64;
@@ -605,9 +602,7 @@ fn prune(txn: &WriteTransaction, store: &Store, tail: Link) -> Result<u64, Audit
 /// The record that says events were lost (the queue was full).
 fn drop_notice(lost: u64, total: u64) -> AuditEvent {
     AuditEvent {
-        time_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        time_ms: now_unix_ms(),
         side: Some(Side::Broker),
         reason: Some(format!(
             "audit queue full: {lost} events were dropped ({total} since brokerd started)"

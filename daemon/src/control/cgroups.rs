@@ -1,8 +1,9 @@
 //! Tagging: `status`, `attach`, `detach` and `connections`, each operator action recorded.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use agent_broker_core::cgroup::CgroupPath;
+use agent_broker_core::{
+    cgroup::CgroupPath,
+    time::{now_unix_ms, unix_secs},
+};
 use agent_broker_protocol::{
     AuditEvent, Decision, ErrorKind, EventKind, PolicyStatus, Response, Side, StatusReport,
 };
@@ -87,11 +88,7 @@ fn policy_status(store: &PolicyStore) -> PolicyStatus {
     PolicyStatus {
         dir: store.dir().display().to_string(),
         files: s.files,
-        loaded_unix: s
-            .loaded
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        loaded_unix: s.loaded.map_or(0, unix_secs),
         error: s.error,
     }
 }
@@ -100,10 +97,7 @@ fn policy_status(store: &PolicyStore) -> PolicyStatus {
 /// is answered with its error and changes nothing, so it is not recorded.
 fn operator_event(kind: EventKind, cgroup: String) -> AuditEvent {
     AuditEvent {
-        time_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        time_ms: now_unix_ms(),
         kind: Some(kind),
         cgroup: Some(cgroup),
         decision: Some(Decision::Allow),

@@ -8,9 +8,10 @@ use std::{
     collections::VecDeque,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
+use agent_broker_core::time::now_unix_ms;
 use agent_broker_protocol::{ConnectionRecord, OriginRecord, Outcome};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -162,10 +163,7 @@ pub async fn run_worker(mut rx: mpsc::UnboundedReceiver<Accepted>, shared: Arc<S
 
 async fn serve_connection(agent: TcpStream, peer: SocketAddr, shared: &Shared) {
     let (resolver, recent, listeners) = (&shared.resolver, &shared.recent, &shared.listeners);
-    let time_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let time_ms = now_unix_ms();
     let origin = match resolver.resolve(peer) {
         Ok(o) => o,
         Err(e) => {

@@ -31,7 +31,10 @@ use std::sync::Arc;
 use data_encoding::{BASE64_NOPAD, BASE64URL_NOPAD, Encoding};
 use zeroize::Zeroizing;
 
-use agent_broker_core::inject::reserve_zeroizing;
+use agent_broker_core::{
+    inject::reserve_zeroizing,
+    percent::{self, HexCase},
+};
 
 /// What a secret value is replaced with.
 pub const PLACEHOLDER: &[u8] = b"[redacted by agent-broker]";
@@ -275,10 +278,11 @@ fn encoded_forms(secret: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
             forms.push(json_escaped(secret, escape_slash));
         }
     }
-    let unreserved = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
-    if !secret.iter().all(unreserved) {
-        for upper in [true, false] {
-            forms.push(percent_encoded(secret, upper));
+    if !secret.iter().all(|&b| percent::is_unreserved(b)) {
+        for case in [HexCase::Upper, HexCase::Lower] {
+            let mut encoded = Zeroizing::new(Vec::new());
+            percent::encode_into(secret, &mut encoded, case);
+            forms.push(encoded);
         }
     }
     if secret.len() >= MIN_ENCODED_LEN {
@@ -330,35 +334,13 @@ fn json_escaped(secret: &[u8], escape_slash: bool) -> Zeroizing<Vec<u8>> {
             b'\t' => out.extend_from_slice(b"\\t"),
             b if b < 0x20 => {
                 out.extend_from_slice(b"\\u00");
-                out.push(hex_digit(b >> 4, false));
-                out.push(hex_digit(b & 0xf, false));
+                out.push(HexCase::Lower.digit(b >> 4));
+                out.push(HexCase::Lower.digit(b & 0xf));
             }
             b => out.push(b),
         }
     }
     out
-}
-
-fn percent_encoded(secret: &[u8], upper: bool) -> Zeroizing<Vec<u8>> {
-    let mut out = Zeroizing::new(Vec::with_capacity(secret.len() * 3));
-    for &b in secret {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b);
-        } else {
-            out.push(b'%');
-            out.push(hex_digit(b >> 4, upper));
-            out.push(hex_digit(b & 0xf, upper));
-        }
-    }
-    out
-}
-
-fn hex_digit(v: u8, upper: bool) -> u8 {
-    match (v, upper) {
-        (0..=9, _) => b'0' + v,
-        (_, true) => b'A' + v - 10,
-        (_, false) => b'a' + v - 10,
-    }
 }
 
 #[cfg(test)]

@@ -564,8 +564,8 @@ fn handle(id: &str, token_byte: u8) -> HandleRecord {
             "api.example.test",
         )
         .expect("binding"),
-        expires: UNIX_EPOCH + Duration::from_secs(2_000_000_000),
-        created: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        expires: from_unix_secs(2_000_000_000),
+        created: from_unix_secs(1_700_000_000),
         revoked: false,
     }
 }

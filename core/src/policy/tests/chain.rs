@@ -415,12 +415,51 @@ tcp = true
     assert_eq!(p.dns_allowed(&coder, "API.example.test."), Ok(()));
     assert_eq!(p.dns_allowed(&cg("agents/other"), "x.example.test"), Ok(()));
     assert_eq!(
-        p.dns_allowed(&coder, "x.example.test"),
+        resolve(&p, &coder, "x.example.test"),
         Err(
             "agents/coder may not resolve x.example.test; names it may resolve: \
              api.example.test, git.example.test"
                 .into()
         )
+    );
+}
+
+#[test]
+fn a_name_the_parent_does_not_list_is_refused_by_the_parent() {
+    let parent = r#"
+cgroup = "agents"
+[dns]
+allow = ["pypi.org"]
+[[allow]]
+host = "*.example.test"
+"#;
+    let child_text = "cgroup = \"agents/coder\"\n[[allow]]\nhost = \"api.example.test\"\n";
+    let quiet = "cgroup = \"agents/quiet\"\n[dns]\nallow = []\n";
+    let p = policy(&[
+        ("agents.toml", parent),
+        ("coder.toml", child_text),
+        ("quiet.toml", quiet),
+    ]);
+    let refusal = p
+        .dns_allowed(&cg("agents/coder/x"), "api.example.test")
+        .expect_err("the parent lists no such name");
+    assert_eq!(
+        refusal,
+        DnsDenial::NotListed {
+            cgroup: cg("agents/coder/x"),
+            name: "api.example.test".into(),
+            level: Some(cg("agents")),
+            allowed: vec![HostPattern::Exact("api.example.test".into())],
+        }
+    );
+    assert_eq!(
+        refusal.to_string(),
+        "agents/coder/x may not resolve api.example.test (by the policy for agents, which also \
+         applies to agents/coder/x); names it may resolve: api.example.test"
+    );
+    assert_eq!(
+        resolve(&p, &cg("agents/quiet"), "pypi.org"),
+        Err("agents/quiet may not resolve any name".into())
     );
 }
 

@@ -161,23 +161,35 @@ fn dns_names_explicit_or_from_host_rules() {
     assert_eq!(p.dns_allowed(&d, "api.example.test"), Ok(()));
     assert_eq!(p.dns_allowed(&d, "files.pypi.org"), Ok(()));
     assert_eq!(
-        p.dns_allowed(&d, "evil.test"),
+        resolve(&p, &d, "evil.test"),
         Err(
             "d/sub may not resolve evil.test; names it may resolve: api.example.test, *.pypi.org"
                 .into()
         )
     );
     assert_eq!(
-        p.dns_allowed(&cg("e"), "api.example.test"),
+        resolve(&p, &cg("e"), "api.example.test"),
         Err("e may not resolve any name".into())
     );
     assert_eq!(
-        p.dns_allowed(&cg("zzz"), "api.example.test"),
+        resolve(&p, &cg("zzz"), "api.example.test"),
         Err("no policy covers cgroup zzz, so no name may be resolved".into())
+    );
+    // At most eight names are listed.
+    let many: Vec<String> = (0..10).map(|i| format!("\"n{i}.test\"")).collect();
+    let text = format!("cgroup = \"m\"\n[dns]\nallow = [{}]\n", many.join(", "));
+    let m = policy(&[("m.toml", &text)]);
+    assert_eq!(
+        resolve(&m, &cg("m"), "x.test"),
+        Err(
+            "m may not resolve x.test; names it may resolve: n0.test, n1.test, n2.test, \
+             n3.test, n4.test, n5.test, n6.test, n7.test, ..."
+                .into()
+        )
     );
     for bad in ["", "*.example.test", "a b.test", "192.0.2.1", "::1"] {
         assert!(
-            p.dns_allowed(&d, bad)
+            resolve(&p, &d, bad)
                 .expect_err(bad)
                 .contains("is not a valid host name"),
             "{bad}"

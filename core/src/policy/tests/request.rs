@@ -1,5 +1,7 @@
 //! `decide_request`: each rule kind, each denial reason, within one file.
 
+use std::net::SocketAddr;
+
 use super::*;
 
 const API: &str = r#"
@@ -355,15 +357,18 @@ inject.headers = { x-extra = "literal" }
             .map(|s| s.as_str()),
         Some("q=x&api_key=k&ids%5B%5D=1")
     );
-    // The minimal form's decision carries the headers only.
-    assert!(matches!(
-        p.decide(&cg("a"), "registry.example.test", 443),
-        Decision::Allow { inject, .. } if inject.header_names().collect::<Vec<_>>() == ["x-extra"]
-    ));
+    // The header part of the injection is the rule's headers alone; basic auth and the query
+    // are apart from it.
+    assert_eq!(
+        inject.headers().header_names().collect::<Vec<_>>(),
+        ["x-extra"]
+    );
 }
 
+/// A connection is decided by destination, port and expiry alone; methods and paths wait for
+/// the request.
 #[test]
-fn minimal_decide_ignores_request_conditions_but_not_expiry() {
+fn connections_ignore_request_conditions_but_not_expiry() {
     let p = policy(&[(
         "m.toml",
         r#"
@@ -377,8 +382,15 @@ host = "old.example.test"
 not_after = "2001-01-01T00:00:00Z"
 "#,
     )]);
-    assert!(p.decide(&cg("a"), "api.example.test", 443).is_allow());
-    let Decision::Deny { reason, .. } = p.decide(&cg("a"), "old.example.test", 443) else {
+    let connect = |name: &str| {
+        let dst = SocketAddr::from(([192, 0, 2, 1], 443));
+        p.decide_connection(&cg("a"), dst, Some(name), now())
+    };
+    assert!(matches!(
+        connect("api.example.test"),
+        ConnectionDecision::Http
+    ));
+    let ConnectionDecision::Deny { reason, .. } = connect("old.example.test") else {
         panic!("expired rule allowed")
     };
     assert!(
