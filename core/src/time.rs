@@ -123,6 +123,20 @@ pub fn format_rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of a Unix time in seconds: brokerctl's tables.
+pub fn utc_date_time(unix_secs: u64) -> String {
+    let c = Civil::of_ms(unix_secs.saturating_mul(1000));
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        c.year, c.month, c.day, c.hour, c.minute, c.second
+    )
+}
+
+/// `HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds: `brokerctl logs`' time column.
+pub fn utc_hms_millis(unix_ms: u64) -> String {
+    format!("{}.{:03}", utc_hms(unix_ms), unix_ms % 1000)
+}
+
 /// `HH:MM:SS` (UTC) of a Unix time in milliseconds: the console's time column.
 pub fn utc_hms(unix_ms: u64) -> String {
     let c = Civil::of_ms(unix_ms);
@@ -213,6 +227,15 @@ mod tests {
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn brokerctl_spells_dates_and_event_times_in_utc() {
+        assert_eq!(utc_date_time(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date_time(1_795_435_200), "2026-11-23 12:00:00");
+        assert_eq!(utc_hms_millis(1_795_435_200_042), "12:00:00.042");
+        // Far dates do not panic (humantime's formatter refused years past 9999).
+        assert!(utc_date_time(400_000_000_000).starts_with("14645-"));
     }
 
     #[test]

@@ -1,15 +1,9 @@
 //! Formatting shared by the subcommands' output: dates in tables, pretty JSON. Each table's
 //! layout lives with its subcommand.
 
-use std::time::{Duration, UNIX_EPOCH};
-
 /// A Unix time as `YYYY-MM-DD HH:MM:SS` UTC.
 pub fn date(unix_secs: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix_secs))
-        .to_string()
-        .replace('T', " ")
-        .trim_end_matches('Z')
-        .to_string()
+    agent_broker_core::time::utc_date_time(unix_secs)
 }
 
 /// Prints `value` as indented JSON on stdout (the `--json` of the list and status subcommands).

@@ -10,7 +10,6 @@
 //! (ECONNREFUSED) instead of letting connections go direct. A restarted brokerd reuses the pinned
 //! maps and adopts the pinned links instead of attaching twice.
 
-use agent_broker_core::fmt::error_chain;
 use std::{
     collections::{BTreeMap, HashMap},
     fs,
@@ -23,6 +22,7 @@ use std::{
 use agent_broker_common::{
     self as common, AF_INET, BrokerConfig, Counter, Origin, PeerKey, is_v4_mapped, v4_mapped,
 };
+use agent_broker_core::fmt::error_chain;
 use agent_broker_protocol::{Counters, TaggedCgroup};
 use aya::{
     Ebpf, EbpfLoader,

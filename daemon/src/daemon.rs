@@ -1,6 +1,5 @@
 //! brokerd's top level: validate config, load the kernel path, bind, serve, shut down.
 
-use agent_broker_core::fmt::error_chain;
 use std::{
     net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     sync::Arc,
@@ -29,7 +28,7 @@ use crate::{
     },
     vault::{KeySource, Vault},
 };
-use agent_broker_core::{cgroup::CgroupRoot, secret::SecretValue};
+use agent_broker_core::{cgroup::CgroupRoot, fmt::error_chain, secret::SecretValue};
 
 /// Vault blob names of the broker CA.
 const CA_KEY_BLOB: &str = "broker-ca-key";

@@ -12,7 +12,6 @@
 //! brokerd cannot read). Addresses in answers are remembered per agent cgroup
 //! ([`AnsweredNames`]) so a connection without a server name can be matched by name.
 
-use agent_broker_protocol::Decision;
 use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
@@ -24,7 +23,7 @@ use std::{
 };
 
 use agent_broker_core::time::now_unix_ms;
-use agent_broker_protocol::{AuditEvent, EventKind};
+use agent_broker_protocol::{AuditEvent, Decision, EventKind};
 use hickory_proto::{
     op::{Message, MessageType, OpCode, ResponseCode},
     rr::{DNSClass, RData, RecordType},

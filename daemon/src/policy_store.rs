@@ -9,8 +9,6 @@
 //! its `*.toml` files) every [`POLL_INTERVAL`], so an edit applies within a second without
 //! depending on inotify semantics of editors' rename-over writes.
 
-use agent_broker_core::fmt::error_chain;
-use agent_broker_protocol::Decision;
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -22,9 +20,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use agent_broker_core::{
+    fmt::error_chain,
     policy::{Policy, PolicyError},
     time::now_unix_ms,
 };
+use agent_broker_protocol::Decision;
 
 /// How often the directory is checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);

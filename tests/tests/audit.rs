@@ -11,9 +11,10 @@ use std::{
     io::Read as _,
     process::{Command, Stdio},
     thread,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
+use agent_broker_core::time::now_unix_ms;
 use agent_broker_protocol::{AuditEvent, EventKind};
 use agent_broker_tests::{
     Broker, TestCgroup, TestServer, agent::python, require_privileges, spawn_in_cgroup,
@@ -39,13 +40,6 @@ while True:
     print(int(time.time() * 1000), flush=True)
 "#;
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 #[test]
 fn sigkill_while_requests_flow_loses_at_most_the_last_group_commit_and_the_chain_verifies() {
     require_privileges();
@@ -65,7 +59,7 @@ fn sigkill_while_requests_flow_loses_at_most_the_last_group_commit_and_the_chain
         .stderr(Stdio::null());
     let mut child = spawn_in_cgroup(&agent, &mut cmd);
     thread::sleep(Duration::from_millis(1500));
-    let killed_at = now_ms();
+    let killed_at = now_unix_ms();
     broker.kill9();
     let mut out = String::new();
     if let Some(mut stdout) = child.stdout.take() {

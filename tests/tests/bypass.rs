@@ -21,7 +21,6 @@
 //!
 //! Run as root: `cargo test -p agent-broker-tests --test bypass -- --test-threads=1`.
 
-use agent_broker_protocol::Decision;
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, UdpSocket},
@@ -33,7 +32,7 @@ use std::{
     time::Duration,
 };
 
-use agent_broker_protocol::EventKind;
+use agent_broker_protocol::{Decision, EventKind};
 use agent_broker_tests::{
     Broker, Canary, TestCa, TestCgroup, TestUpstream, UpstreamOptions, clients::agent_copy,
     require_privileges, sha256_hex, wait_with_timeout,

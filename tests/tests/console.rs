@@ -8,9 +8,9 @@
 //!
 //! Run as root: `cargo test -p agent-broker-tests --test console -- --test-threads=1`.
 
-use agent_broker_protocol::Decision;
 use std::time::Duration;
 
+use agent_broker_protocol::Decision;
 use agent_broker_tests::{
     clients::{self, Call},
     redact,

@@ -23,9 +23,10 @@ use std::{
     path::PathBuf,
     process::Command,
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 
+use agent_broker_core::time::format_rfc3339;
 use agent_broker_protocol::PolicyStatus;
 use agent_broker_tests::{
     Broker, Canary, SHORT, TestCa, TestCgroup, TestUpstream, UpstreamOptions, UpstreamRequest, bin,
@@ -41,31 +42,6 @@ const RELOAD_WITHIN: Duration = Duration::from_millis(1500);
 /// The rule line that injects the secret: `Authorization: Bearer <ABTEST_KEY>`.
 fn inject() -> String {
     format!("inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n")
-}
-
-/// `t` as RFC 3339 in UTC, whole seconds (`2026-11-23T12:00:00Z`).
-fn rfc3339(t: SystemTime) -> String {
-    let secs = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    };
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// 1-based line of the first line of `text` containing `needle`.
@@ -473,8 +449,8 @@ fn rate_limit_answers_429_with_retry_after_and_recovers_after_it() {
 #[test]
 fn expired_grant_is_denied_saying_so_and_a_current_grant_works() {
     let now = SystemTime::now();
-    let past = rfc3339(now - Duration::from_secs(60));
-    let future = rfc3339(now + Duration::from_secs(3600));
+    let past = format_rfc3339(now - Duration::from_secs(60));
+    let future = format_rfc3339(now + Duration::from_secs(3600));
     let w = World::new(|cg, port| {
         vec![(
             "agent".into(),
@@ -864,17 +840,4 @@ fn explain_and_show_answer_with_the_rule_the_file_and_the_narrowed_rules() {
         "policy show for the agent itself shows its POST: {parent_shown}"
     );
     w.assert_no_secret_in_logs();
-}
-
-#[test]
-fn rfc3339_formats_utc_dates() {
-    assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-    assert_eq!(
-        rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_435_200)),
-        "2026-11-23T12:00:00Z"
-    );
-    assert_eq!(
-        rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-        "2000-02-29T00:00:00Z"
-    );
 }

@@ -4,7 +4,7 @@
 
 use std::{
     path::Path,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use agent_broker_core::cgroup::CgroupPath;
@@ -125,9 +125,7 @@ fn verify(run_dir: &Path) -> anyhow::Result<()> {
 
 /// One record as a table row.
 fn print_event(e: &AuditEvent) {
-    let time =
-        humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(e.time_ms)).to_string();
-    let time = time.get(11..23).unwrap_or(&time).to_string();
+    let time = agent_broker_core::time::utc_hms_millis(e.time_ms);
     let kind = e.kind.map(|k| k.to_string()).unwrap_or_default();
     let detail = match (&e.decision, &e.reason) {
         (Some(d), Some(r)) => format!("{kind} {d}: {r}"),

@@ -1,8 +1,7 @@
-use agent_broker_core::fmt::error_chain;
-use agent_broker_core::time::now_unix_ms;
 use std::path::Path;
 use std::time::Duration;
 
+use agent_broker_core::{fmt::error_chain, time::now_unix_ms};
 use agent_broker_protocol::{AuditEvent, Decision, EventKind, LogFilter, Side};
 use redb::{Database, ReadableDatabase, ReadableTable};
 

@@ -1,12 +1,12 @@
 //! The writer thread: group commit, retention, live fan-out. See the module docs of `audit`.
 
-use agent_broker_core::{fmt::error_chain, time::now_unix_ms};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use agent_broker_core::{fmt::error_chain, time::now_unix_ms};
 use agent_broker_protocol::{AuditEvent, LogFilter, Side, VerifyReport};
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::Deserialize;

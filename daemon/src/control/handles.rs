@@ -1,12 +1,12 @@
 //! Handles: `handle mint`, `handle list` and `handle revoke`. The vault stores the typed
 //! `HandleRecord`; a token is in the mint reply once and nowhere else.
 
-use agent_broker_core::fmt::error_chain;
 use std::{
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
+use agent_broker_core::fmt::error_chain;
 use agent_broker_protocol::{ErrorKind, Response};
 use tracing::info;
 

@@ -1,8 +1,9 @@
 //! Vault tests. They compare secret values with `assert!(a == b)`, never `assert_eq!`, so a
 //! failure never prints a value.
 
-use agent_broker_core::fmt::error_chain;
 use std::fs;
+
+use agent_broker_core::fmt::error_chain;
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;

@@ -1,10 +1,9 @@
 //! Fixed events, a fixed clock, and text snapshots for the console tests.
 
-use agent_broker_protocol::Decision;
 use std::{env, fs, path::PathBuf};
 
 use agent_broker_console::App;
-use agent_broker_protocol::{AuditEvent, EventKind, Side};
+use agent_broker_protocol::{AuditEvent, Decision, EventKind, Side};
 use ratatui::buffer::Buffer;
 
 /// 2024-06-01 12:00:00 UTC.

@@ -2,11 +2,12 @@
 //! neither TLS nor HTTP, an agent that rejects the broker CA, a splice verdict, and an upstream
 //! that cannot be reached.
 
-use agent_broker_protocol::Decision;
 use std::sync::{
     Arc,
     atomic::{AtomicU64, Ordering},
 };
+
+use agent_broker_protocol::Decision;
 
 use http::StatusCode;
 use tokio::{

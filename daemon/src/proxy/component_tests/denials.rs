@@ -1,11 +1,11 @@
 //! A request the authorizer denies gets the denial as JSON, is recorded, and never reaches the
 //! upstream.
 
-use agent_broker_core::handle::{HandleDenial, HandleId};
-use agent_broker_protocol::Decision;
-
 use crate::proxy::DenialReason;
 use std::time::Duration;
+
+use agent_broker_core::handle::{HandleDenial, HandleId};
+use agent_broker_protocol::Decision;
 
 use bytes::Bytes;
 use http::{StatusCode, header};

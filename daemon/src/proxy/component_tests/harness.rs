@@ -2,7 +2,6 @@
 //! sink, an HTTPS (or plain) upstream that records what reaches it, the broker serving
 //! connections with a made-up origin, and an agent client.
 
-use agent_broker_protocol::Decision;
 use std::{
     convert::Infallible,
     future::Future,
@@ -12,6 +11,8 @@ use std::{
     task::{Context, Poll},
     time::Duration,
 };
+
+use agent_broker_protocol::Decision;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
