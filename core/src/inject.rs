@@ -1,5 +1,7 @@
 //! Credential injection: header templates such as `Bearer {secret:EXAMPLE_KEY}` and their
-//! rendering into header values.
+//! rendering into header values, and what a policy rule writes into a request ([`Injection`]:
+//! headers, basic auth, query parameters). The broker writes the rendered result into the
+//! request; this module decides what it is.
 //!
 //! Templates come from policy files and name secrets; they never hold values. Rendering asks a
 //! caller-supplied lookup (the vault) for each named secret and returns the header value as
@@ -14,6 +16,11 @@ use std::{collections::BTreeSet, fmt};
 use zeroize::Zeroizing;
 
 use crate::secret::{SecretName, SecretValue};
+
+mod rule;
+
+pub(crate) use rule::parse_query_name;
+pub use rule::{BasicAuth, Injection, QueryNameError, RenderedInjection};
 
 /// Errors of this module. None carries a secret value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -195,7 +195,11 @@ impl Config {
                 max_age: cli
                     .audit_max_age_days
                     .or(file.audit_max_age_days)
-                    .map(|days| std::time::Duration::from_secs(days.saturating_mul(24 * 60 * 60))),
+                    .map(|days| {
+                        std::time::Duration::from_secs(
+                            days.saturating_mul(agent_broker_core::time::DAY_SECS),
+                        )
+                    }),
                 max_records: cli.audit_max_records.or(file.audit_max_records),
             },
             dns_port: cli.dns_port.or(file.dns_port).unwrap_or(DEFAULT_DNS_PORT),

@@ -15,11 +15,10 @@ use super::{
     Policy, PolicyFile,
     glob::is_canonical,
     host::{HostPattern, normalize_host},
-    injection::Injection,
     limits::LimitKey,
     rule::{Miss, Req, Rule, RuleRef, Tier},
 };
-use crate::{cgroup::CgroupPath, secret::SecretName, time::format_rfc3339};
+use crate::{cgroup::CgroupPath, inject::Injection, secret::SecretName, time::format_rfc3339};
 
 /// One HTTP request, as the proxy sees it after SNI, `Host` and `:authority` agreed.
 #[derive(Clone, Copy, Debug)]

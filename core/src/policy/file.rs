@@ -27,14 +27,13 @@ use super::{
     clock,
     dns::DnsNames,
     glob::PathPattern,
-    injection::{BasicAuth, Injection, parse_query_name},
     limits::{Budget, Rate, RatePeriod},
     method::MethodSet,
     rule::{Destination, Rule, RuleRef, Spans},
 };
 use crate::{
     cgroup::CgroupPath,
-    inject::{InjectSpec, Template, parse_header_name},
+    inject::{BasicAuth, InjectSpec, Injection, Template, parse_header_name, parse_query_name},
     secret::SecretName,
 };
 

@@ -11,11 +11,13 @@ use super::{
     cidr::IpNet,
     glob::PathPattern,
     host::{HostPattern, is_strictly_below},
-    injection::Injection,
     limits::{Budget, LimitKey, Rate},
     method::MethodSet,
 };
-use crate::{inject::InjectSpec, secret::SecretName};
+use crate::{
+    inject::{InjectSpec, Injection},
+    secret::SecretName,
+};
 
 /// Where a rule is written: for audit records, denials and `policy explain`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -2,7 +2,10 @@
 
 use std::time::SystemTime;
 
-use agent_broker_core::policy::{Injection, LimitKey, Policy, RequestDecision, RequestInfo};
+use agent_broker_core::{
+    inject::Injection,
+    policy::{LimitKey, Policy, RequestDecision, RequestInfo},
+};
 use http::{StatusCode, request::Parts};
 
 use crate::proxy::{Denial, DenialReason, RequestFacts};

@@ -7,8 +7,8 @@ use std::{collections::BTreeSet, fmt};
 use data_encoding::BASE64;
 use zeroize::Zeroizing;
 
+use super::{InjectError, InjectSpec, SecretBytes, Template, reserve_zeroizing};
 use crate::{
-    inject::{InjectError, InjectSpec, SecretBytes, Template, reserve_zeroizing},
     percent::{self, HexCase, Plus},
     secret::SecretName,
 };
@@ -16,8 +16,8 @@ use crate::{
 /// `inject.basic_auth`: sets `authorization: Basic base64(username:password)`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BasicAuth {
-    pub(super) username: Template,
-    pub(super) password: Template,
+    pub(crate) username: Template,
+    pub(crate) password: Template,
 }
 
 impl BasicAuth {
@@ -32,10 +32,10 @@ impl BasicAuth {
 /// Everything one rule injects.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Injection {
-    pub(super) headers: InjectSpec,
-    pub(super) basic_auth: Option<BasicAuth>,
+    pub(crate) headers: InjectSpec,
+    pub(crate) basic_auth: Option<BasicAuth>,
     /// Parameter name (as written, unencoded) and value template, sorted by name.
-    pub(super) query: Vec<(String, Template)>,
+    pub(crate) query: Vec<(String, Template)>,
 }
 
 /// The header basic auth sets.
@@ -281,7 +281,7 @@ fn show_char(c: char) -> String {
 
 /// Validates a query parameter name for `inject.query`: RFC 3986 unreserved characters plus
 /// `[` and `]` (for `key[]` forms), 1 to 64 of them.
-pub(super) fn parse_query_name(raw: &str) -> Result<String, QueryNameError> {
+pub(crate) fn parse_query_name(raw: &str) -> Result<String, QueryNameError> {
     if raw.is_empty() {
         return Err(QueryNameError::Empty);
     }
