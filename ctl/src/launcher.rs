@@ -94,12 +94,14 @@ pub const CA_BUNDLE_PATHS: [&str; 4] = [
 
 /// Environment variables pointed at the merged bundle, for runtimes that do not read the
 /// system bundle (Node) or that replace it when set.
-pub const CA_ENV: [&str; 5] = [
+pub const CA_ENV: [&str; 6] = [
     "SSL_CERT_FILE",
     "NODE_EXTRA_CA_CERTS",
     "REQUESTS_CA_BUNDLE",
     "CURL_CA_BUNDLE",
     "GIT_SSL_CAINFO",
+    // grpcio's default credentials read their own bundled roots otherwise.
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
 ];
 
 /// What to start and how.

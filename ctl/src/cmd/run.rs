@@ -15,7 +15,7 @@ use crate::{cmd, launcher};
 /// stdin, stdout and stderr open, and before executing it: a private mount namespace without
 /// cgroupfs and bpffs, with the system CA bundle plus the broker CA mounted read-only over the
 /// standard bundle paths (and SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, REQUESTS_CA_BUNDLE,
-/// CURL_CA_BUNDLE, GIT_SSL_CAINFO pointing at it); an unprivileged identity (--user, or root
+/// CURL_CA_BUNDLE, GIT_SSL_CAINFO, GRPC_DEFAULT_SSL_ROOTS_FILE_PATH pointing at it); an unprivileged identity (--user, or root
 /// inside a user namespace: --userns, the default); no capabilities and no_new_privs; a
 /// Landlock domain (read-only file system except the work directory, --allow-write
 /// directories and /tmp, /var/tmp, /dev/shm; no signals or abstract UNIX sockets outside it);

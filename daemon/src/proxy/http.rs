@@ -227,7 +227,19 @@ pub(super) fn prepare_upstream(
         .path_and_query(path_and_query)
         .build()
         .map_err(Refusal::UpstreamUri)?;
+    // HTTP/2 allows exactly one value of TE, `trailers` (RFC 9113 8.2.2), and gRPC servers
+    // reset streams without it: that value is forwarded.
+    let te_trailers = parts
+        .headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers"));
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    if te_trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if upgrade {
         parts
             .headers

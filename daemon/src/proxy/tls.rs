@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use data_encoding::HEXLOWER;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -22,6 +23,7 @@ use rustls::{
     ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
 };
+use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
 /// How many minted server configs are kept.
@@ -70,7 +72,13 @@ impl BrokerCa {
             KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(TlsError::KeyGen)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "agent-broker local CA");
+        // A subject of its own: with several broker CAs on a host over time (a reinstall, a
+        // new state dir, a second brokerd), a client must never build a chain to another one.
+        let key_id = Sha256::digest(key.public_key_raw());
+        dn.push(
+            DnType::CommonName,
+            format!("agent-broker local CA {}", HEXLOWER.encode(&key_id[..8])),
+        );
         dn.push(DnType::OrganizationName, "agent-broker");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -200,7 +208,9 @@ impl LeafMinter {
         Ok(config)
     }
 
-    fn mint(&self, name: &LeafName) -> Result<ServerConfig, TlsError> {
+    /// A leaf for `name`, signed by the CA, naming the CA's key (authority key identifier) so
+    /// clients pick the right CA even beside another with a similar name.
+    fn leaf(&self, name: &LeafName) -> Result<rcgen::Certificate, TlsError> {
         let san = match name {
             LeafName::Dns(d) => SanType::DnsName(
                 d.clone()
@@ -217,15 +227,20 @@ impl LeafMinter {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.is_ca = IsCa::ExplicitNoCa;
+        params.use_authority_key_identifier_extension = true;
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + LEAF_VALIDITY;
-        let leaf = params
+        params
             .signed_by(&self.leaf_key, &self.ca.issuer)
             .map_err(|source| TlsError::Cert {
                 what: format!("leaf {name}"),
                 source,
-            })?;
+            })
+    }
+
+    fn mint(&self, name: &LeafName) -> Result<ServerConfig, TlsError> {
+        let leaf = self.leaf(name)?;
         let chain = vec![leaf.der().clone(), self.ca.cert_der.clone()];
         let key = PrivateKeyDer::Pkcs8(self.leaf_key_der.clone_key());
         let mut config = ServerConfig::builder_with_provider(crypto_provider())
@@ -274,6 +289,39 @@ mod tests {
             .server_config(&LeafName::Ip("127.0.0.2".parse().expect("ip")))
             .expect("ip leaf");
         assert!(!Arc::ptr_eq(&a, &ip));
+    }
+
+    /// The value of the subject key identifier extension in `der`.
+    fn subject_key_id(der: &[u8]) -> Option<Vec<u8>> {
+        // OID 2.5.29.14, then OCTET STRING { OCTET STRING (20 bytes) }.
+        let marker = [0x06, 0x03, 0x55, 0x1d, 0x0e, 0x04, 0x16, 0x04, 0x14];
+        let at = der.windows(marker.len()).position(|w| w == marker)? + marker.len();
+        der.get(at..at + 20).map(<[u8]>::to_vec)
+    }
+
+    #[test]
+    fn each_ca_has_a_subject_of_its_own_and_leaves_name_its_key() {
+        let (a, _) = BrokerCa::generate().expect("generate");
+        let (b, _) = BrokerCa::generate().expect("generate");
+        let subject = |ca: &BrokerCa| {
+            let der = ca.cert_der().to_vec();
+            let prefix = b"agent-broker local CA ";
+            let at = der
+                .windows(prefix.len())
+                .position(|w| w == prefix)
+                .expect("the CA's name");
+            der[at..at + prefix.len() + 16].to_vec()
+        };
+        assert_ne!(subject(&a), subject(&b), "two CAs share a subject");
+        let key_id = subject_key_id(a.cert_der()).expect("the CA names its key");
+        let minter = LeafMinter::new(a).expect("minter");
+        let leaf = minter
+            .leaf(&LeafName::Dns("api.example.test".into()))
+            .expect("leaf");
+        let der = leaf.der().to_vec();
+        // OID 2.5.29.35: the authority key identifier, holding the CA's key id.
+        assert!(der.windows(5).any(|w| w == [0x06, 0x03, 0x55, 0x1d, 0x23]));
+        assert!(der.windows(20).any(|w| w == key_id.as_slice()));
     }
 
     #[test]

@@ -156,3 +156,29 @@ async fn a_stream_the_upstream_cuts_is_cut_for_the_agent() {
         event.reason
     );
 }
+
+/// gRPC over h2 needs `te: trailers` (the one TE value HTTP/2 allows); any other TE value is
+/// hop-by-hop and dropped.
+#[tokio::test]
+async fn te_trailers_reaches_the_upstream_and_nothing_else_of_te_does() {
+    for (sent, forwarded) in [("trailers", Some("trailers")), ("gzip", None)] {
+        let setup = Setup::start(
+            Offer::H2,
+            handler(|_req| async { streamed(vec![Step::Data(b"ok".to_vec())]) }),
+            TestAuthorizer::allow(),
+        )
+        .await;
+        let mut agent = setup.agent(AgentProto::H1).await;
+        let req = agent
+            .request("POST", HOST, "/grpc.Service/Call")
+            .header(http::header::TE, sent)
+            .body(empty())
+            .expect("request");
+        let got = agent.fetch(req).await;
+        assert_eq!(got.status, StatusCode::OK);
+        setup.upstream.single(|seen| {
+            let te = seen.header("te");
+            assert_eq!(te.first().map(String::as_str), forwarded, "TE {sent}");
+        });
+    }
+}
