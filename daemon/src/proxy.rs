@@ -5,8 +5,8 @@
 //! path without TLS, and a tcp rule splices the bytes unread ([`splice`]). Each request
 //! ([`exchange`]) is checked ([`http`]), authorized through the [`Authorizer`] seam (policy,
 //! injection, handles: [`crate::broker`]), and forwarded to the original destination over
-//! verified TLS ([`upstream`]); the response streams back ([`body`]), scrubbed of any secret
-//! value injected into the request ([`scrub`]), and every outcome is recorded ([`record`]) into
+//! verified TLS ([`upstream`]); the response streams back ([`body`]), decoded when it came
+//! compressed ([`decode`]) and scrubbed of any secret value injected into the request ([`scrub`]), and every outcome is recorded ([`record`]) into
 //! an [`EventSink`]. Denials are JSON ([`reply`]).
 //!
 //! This module does HTTP mechanics only; it never decides what is allowed.
@@ -16,6 +16,7 @@ mod authorizer;
 mod body;
 #[cfg(test)]
 mod component_tests;
+mod decode;
 mod exchange;
 mod http;
 mod record;

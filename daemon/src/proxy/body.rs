@@ -43,6 +43,15 @@ pub enum BodyError {
         humantime::format_duration(*.0)
     )]
     Idle(Duration),
+    #[error("the upstream's compressed response does not decode; the response stream was cut")]
+    Decode(#[source] std::io::Error),
+    #[error("the upstream's response decodes to more than {0} bytes; the response stream was cut")]
+    TooLarge(u64),
+    #[error(
+        "the upstream's response expands more than {0} times when decoded (a compression bomb); \
+         the response stream was cut"
+    )]
+    Bomb(u64),
 }
 
 /// An upstream's response body, watched: each frame must come within `idle` of the previous
@@ -243,7 +252,10 @@ pub(super) fn scrub_headers(headers: &mut HeaderMap, needles: &Needles) {
     }
 }
 
-pub(super) fn scrubbed_body(body: Watched, scrubber: Scrubber) -> AgentBody {
+pub(super) fn scrubbed_body<B>(body: B, scrubber: Scrubber) -> AgentBody
+where
+    B: hyper::body::Body<Data = Bytes, Error = BodyError> + Unpin + Send + 'static,
+{
     UnsyncBoxBody::new(Scrubbed {
         inner: body,
         scrubber: Some(scrubber),
@@ -252,8 +264,8 @@ pub(super) fn scrubbed_body(body: Watched, scrubber: Scrubber) -> AgentBody {
 }
 
 /// A response body with every injected secret replaced as it streams (see [`super::scrub`]).
-pub(super) struct Scrubbed {
-    inner: Watched,
+pub(super) struct Scrubbed<B> {
+    inner: B,
     /// While data may still come; taken when the data ends (trailers, end or error), after
     /// which anything left passes through.
     scrubber: Option<Scrubber>,
@@ -261,7 +273,7 @@ pub(super) struct Scrubbed {
     pending: Option<Frame<Bytes>>,
 }
 
-impl Scrubbed {
+impl<B> Scrubbed<B> {
     /// Ends scrubbing (the data is over) and returns the held-back tail, scrubbed.
     fn finish_scrubbing(&mut self) -> Vec<u8> {
         self.scrubber
@@ -271,7 +283,10 @@ impl Scrubbed {
     }
 }
 
-impl hyper::body::Body for Scrubbed {
+impl<B> hyper::body::Body for Scrubbed<B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = BodyError> + Unpin,
+{
     type Data = Bytes;
     type Error = BodyError;
 

@@ -16,10 +16,10 @@ use tracing::{info, warn};
 
 use super::{
     Denial, Grant, Proxy, RequestFacts,
-    body::{AgentBody, Counted, Watched, scrub_headers, scrubbed_body},
+    body::{AgentBody, BodyError, Counted, Watched, scrub_headers, scrubbed_body},
+    decode::{Coding, Decoded, Limits as DecodeLimits},
     http::{
-        Refusal, check_request_shape, is_encoded, is_upgrade, prepare_upstream, request_host,
-        strip_hop_by_hop,
+        Refusal, check_request_shape, is_upgrade, prepare_upstream, request_host, strip_hop_by_hop,
     },
     record,
     reply::{deny, error_body, json_response},
@@ -183,11 +183,17 @@ impl Proxy {
             &mut resp_parts.headers,
             resp_parts.status == StatusCode::SWITCHING_PROTOCOLS,
         );
-        if !grant.needles.is_empty() && is_encoded(&resp_parts.headers) {
-            // We asked for identity; a compressed body could carry the secret past the scrubber.
+        // We asked for identity, but CDNs compress anyway: a known coding is decoded so the
+        // scrubber reads the plain body; anything else could carry the secret past it.
+        let coding = if grant.needles.is_empty() {
+            Ok(None)
+        } else {
+            Coding::of(&resp_parts.headers)
+        };
+        if let Err(refusal) = &coding {
             let reason = format!(
-                "upstream {host} sent an encoded (compressed) response to a request carrying a \
-                 credential; it cannot be checked for the credential, so it is withheld"
+                "upstream {host} sent a response to a request carrying a credential that cannot \
+                 be checked for the credential: {refusal}; it is withheld"
             );
             warn!(cgroup = %conn.origin.cgroup, %reason, "response withheld");
             let body = error_body(
@@ -206,7 +212,31 @@ impl Proxy {
             scrub_headers(&mut resp_parts.headers, &needles);
             // The length changes when a value is replaced.
             resp_parts.headers.remove(header::CONTENT_LENGTH);
-            scrubbed_body(resp_body, needles.scrubber())
+            match coding {
+                Ok(Some(coding)) => {
+                    // Forwarded as identity: the coding removed is never re-advertised.
+                    resp_parts.headers.remove(header::CONTENT_ENCODING);
+                    let decoded = match Decoded::new(resp_body, coding, DecodeLimits::default()) {
+                        Ok(mut decoded) => decoded.prime().await.map(|()| decoded),
+                        Err(e) => Err(BodyError::Decode(e)),
+                    };
+                    match decoded {
+                        Ok(decoded) => scrubbed_body(decoded, needles.scrubber()),
+                        Err(e) => {
+                            let reason = format!(
+                                "cannot pass on the response of {host}: {}",
+                                error_chain(&e)
+                            );
+                            let body = error_body("upstream failed", &reason, None, &conn.origin);
+                            let status = StatusCode::BAD_GATEWAY;
+                            return Exchange::upstream_failed(
+                                status, body, reason, host, grant, bytes_in,
+                            );
+                        }
+                    }
+                }
+                _ => scrubbed_body(resp_body, needles.scrubber()),
+            }
         };
         Exchange {
             response: Response::from_parts(resp_parts, body),

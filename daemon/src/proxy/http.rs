@@ -261,40 +261,10 @@ pub(super) fn prepare_upstream(
     Ok(())
 }
 
-/// Whether a response body carries a content coding other than identity.
-pub(super) fn is_encoded(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONTENT_ENCODING).iter().any(|v| {
-        v.to_str()
-            .map(|s| {
-                s.split(',')
-                    .any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
-            })
-            .unwrap_or(true)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::Request;
-
-    #[test]
-    fn content_codings_other_than_identity_are_encoded() {
-        let mut h = HeaderMap::new();
-        assert!(!is_encoded(&h));
-        h.insert(
-            header::CONTENT_ENCODING,
-            HeaderValue::from_static("identity"),
-        );
-        assert!(!is_encoded(&h));
-        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        assert!(is_encoded(&h));
-        h.insert(
-            header::CONTENT_ENCODING,
-            HeaderValue::from_static("identity, br"),
-        );
-        assert!(is_encoded(&h));
-    }
 
     #[test]
     fn connect_trace_and_h2c_are_refused() {

@@ -19,9 +19,9 @@
 //!   alphabets, with or without padding, and also when it sits at any offset inside a longer
 //!   base64 text (e.g. a base64 echo of the whole `Authorization` header).
 //!
-//! Not covered: compressed bodies (the proxy must send `accept-encoding: identity` upstream
-//! whenever it injected, and should not scrub bodies whose `content-encoding` is not identity
-//! without decoding them), hex or other encodings, a secret split or transformed by the
+//! Not covered here: compressed bodies (the proxy asks for `identity` whenever it injected and
+//! decodes what comes compressed anyway before it gets here, see `proxy::decode`), hex or other
+//! encodings, a secret split or transformed by the
 //! upstream (a prefix, reversed, case-changed, HTML entities), and encryption inside the body.
 //!
 //! Pure and synchronous; no I/O.
