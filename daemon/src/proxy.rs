@@ -6,8 +6,9 @@
 //! ([`exchange`]) is checked ([`http`]), authorized through the [`Authorizer`] seam (policy,
 //! injection, handles: [`crate::broker`]), and forwarded to the original destination over
 //! verified TLS ([`upstream`]); the response streams back ([`body`]), decoded when it came
-//! compressed ([`decode`]) and scrubbed of any secret value injected into the request ([`scrub`]), and every outcome is recorded ([`record`]) into
-//! an [`EventSink`]. Denials are JSON ([`reply`]).
+//! compressed ([`decode`]) and scrubbed of any secret value injected into the request
+//! ([`scrub`]), and every outcome is recorded ([`record`]) into an [`EventSink`]. Denials are
+//! JSON ([`reply`]).
 //!
 //! This module does HTTP mechanics only; it never decides what is allowed.
 
