@@ -102,6 +102,7 @@ impl Authorizer for PolicyAuthorizer {
         let allowed = request::decide(&policy, facts, parts)?;
         let mut grant = Grant {
             rule: allowed.rule.clone(),
+            idle_timeout: allowed.idle_timeout,
             ..Grant::default()
         };
         handles::swap(self, facts, parts, &allowed, &mut grant)?;

@@ -6,7 +6,7 @@ use std::{
     borrow::Cow,
     net::{IpAddr, SocketAddr},
     path::Path,
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use http::{HeaderMap, Method};
@@ -79,6 +79,8 @@ pub enum RequestDecision<'a> {
         /// Whether credentials may be written over plain HTTP: every level's rule must say so
         /// (ARCHITECTURE invariant 2: off unless a rule says so).
         plain_http: bool,
+        /// How long the response may pause between frames, when the closest rule says.
+        idle_timeout: Option<Duration>,
         /// Limits to check with a [`super::Limiter`] before forwarding, one per level whose
         /// rule has any; record the exchange's bytes and tokens against them afterwards.
         limit_keys: Vec<LimitKey>,
@@ -554,6 +556,7 @@ impl Policy {
                 rule: &g.rule.rule_ref,
                 inject: &g.rule.inject,
                 plain_http: g.plain_http,
+                idle_timeout: g.rule.idle_timeout,
                 limit_keys,
             },
             Err(refusal) => RequestDecision::Deny {

@@ -12,6 +12,7 @@ use std::{
     ops::Range,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use http::HeaderName;
@@ -84,6 +85,8 @@ struct RawRule {
     plain_http: Option<Spanned<bool>>,
     /// The rule stops matching after this instant.
     not_after: Option<Spanned<toml::Value>>,
+    /// How long a response may pause between two frames (streams have no total deadline).
+    idle_timeout: Option<Spanned<String>>,
     /// Requests per second or minute, with a burst.
     rate: Option<Spanned<RawRate>>,
     /// Daily request, byte and token budgets.
@@ -652,6 +655,13 @@ fn compile_rule(
             .ok()
     });
 
+    let idle_timeout = raw.idle_timeout.as_ref().and_then(|t| {
+        spans.set("idle_timeout", pos(&t.span()));
+        parse_idle_timeout(t.get_ref())
+            .map_err(|e| errs.at(t.span(), "idle_timeout", e))
+            .ok()
+    });
+
     let rate = raw.rate.as_ref().and_then(|r| {
         spans.set("rate", pos(&r.span()));
         compile_rate(errs, r)
@@ -729,6 +739,7 @@ fn compile_rule(
         headers,
         plain_http,
         not_after,
+        idle_timeout,
         rate,
         budget,
         inject,
@@ -943,4 +954,17 @@ pub(super) fn dns_error(file: &PolicyFile, index: usize, message: String) -> Pol
         field: Some(format!("dns.allow[{index}]")),
         message,
     }
+}
+
+/// The longest `idle_timeout` a rule may set.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// `idle_timeout`: a duration such as `90s`, `10m` or `1h`, from 1s to 24h.
+fn parse_idle_timeout(raw: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(raw.trim())
+        .map_err(|e| format!("{raw:?} is not a duration ({e}); write e.g. 90s, 10m or 1h"))?;
+    if d < Duration::from_secs(1) || d > MAX_IDLE_TIMEOUT {
+        return Err(format!("{raw:?} is out of range: from 1s to 24h"));
+    }
+    Ok(d)
 }

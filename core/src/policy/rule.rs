@@ -2,7 +2,13 @@
 //! destination without scanning them.
 
 use std::{
-    borrow::Cow, collections::HashMap, fmt, net::IpAddr, path::Path, sync::Arc, time::SystemTime,
+    borrow::Cow,
+    collections::HashMap,
+    fmt,
+    net::IpAddr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
 };
 
 use http::{HeaderMap, HeaderName};
@@ -143,6 +149,8 @@ pub struct Rule {
     pub(super) headers: Vec<(HeaderName, String)>,
     pub(super) plain_http: bool,
     pub(super) not_after: Option<SystemTime>,
+    /// How long a response may pause between frames; `None`: brokerd's default.
+    pub(super) idle_timeout: Option<Duration>,
     pub(super) rate: Option<Rate>,
     pub(super) budget: Option<Budget>,
     pub(super) inject: Injection,
@@ -186,6 +194,9 @@ impl Rule {
     }
     pub fn not_after(&self) -> Option<SystemTime> {
         self.not_after
+    }
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.idle_timeout
     }
     pub fn rate(&self) -> Option<&Rate> {
         self.rate.as_ref()

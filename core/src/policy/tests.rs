@@ -153,6 +153,7 @@ fn demo_form_allows_its_host_and_injects() {
         inject,
         plain_http,
         limit_keys,
+        ..
     } = d
     else {
         panic!("denied: {d:?}")
@@ -550,4 +551,37 @@ fn shipped_invalid_fixtures_fail_with_file_line_and_field() {
     }
     assert!(count >= 20, "only {count} invalid fixtures");
     assert!(dirs >= 6, "only {dirs} multi-file fixtures");
+}
+
+#[test]
+fn the_closest_rule_may_set_how_long_a_response_pauses() {
+    let text = |idle: &str| {
+        format!(
+            "cgroup = \"agents/demo\"\n[[allow]]\nhost = \"api.example.test\"\nidle_timeout = \"{idle}\"\n"
+        )
+    };
+    let p = policy(&[("demo.toml", text("30m").as_str())]);
+    let d = decide_to(&p, "agents/demo", "api.example.test", 443);
+    assert!(
+        matches!(d, RequestDecision::Allow { idle_timeout, .. } if idle_timeout == Some(Duration::from_secs(1800))),
+        "{d:?}"
+    );
+    let p = policy(&[("demo.toml", DEMO)]);
+    let d = decide_to(&p, "agents/demo", "api.example.test", 443);
+    assert!(
+        matches!(
+            d,
+            RequestDecision::Allow {
+                idle_timeout: None,
+                ..
+            }
+        ),
+        "{d:?}"
+    );
+    for bad in ["0s", "2d", "soon"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("demo.toml"), text(bad)).expect("write");
+        let err = Policy::load_dir(dir.path()).expect_err(bad).to_string();
+        assert!(err.contains("idle_timeout"), "{bad}: {err}");
+    }
 }

@@ -21,6 +21,8 @@ pub(super) struct Allowed<'p> {
     /// Whether secrets may be written into this request: over TLS, or over plain HTTP when
     /// every level's rule says so (ARCHITECTURE invariant 2).
     pub may_write_secrets: bool,
+    /// How long the response may pause between frames, when the rule says.
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 impl Allowed<'_> {
@@ -62,12 +64,14 @@ pub(super) fn decide<'p>(
             rule,
             inject,
             plain_http,
+            idle_timeout,
             limit_keys,
         } => Allowed {
             rule: rule.to_string(),
             inject,
             limit_keys,
             may_write_secrets: facts.tls || plain_http,
+            idle_timeout,
         },
         RequestDecision::Deny { reason, rule, .. } => {
             return Err(Denial {

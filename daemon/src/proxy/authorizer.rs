@@ -37,6 +37,8 @@ pub struct Grant {
     pub capture_body: usize,
     /// Called once when the exchange is over (response body finished or dropped).
     pub on_complete: Option<OnComplete>,
+    /// How long the response may pause between frames, overriding the proxy's default.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// A callback run once when an exchange is over.

@@ -178,7 +178,8 @@ impl Proxy {
             tokio::spawn(splice_upgrade(agent_upgrade, upstream_upgrade));
         }
         let (mut resp_parts, resp_body) = response.into_parts();
-        let resp_body = Watched::new(resp_body, self.deadlines.body_idle, host.clone());
+        let idle = grant.idle_timeout.unwrap_or(self.deadlines.body_idle);
+        let resp_body = Watched::new(resp_body, idle, host.clone());
         strip_hop_by_hop(
             &mut resp_parts.headers,
             resp_parts.status == StatusCode::SWITCHING_PROTOCOLS,

@@ -297,6 +297,7 @@ port = 80
         inject,
         plain_http,
         limit_keys,
+        ..
     } = p.decide_request(&coder, &r.info())
     else {
         panic!("denied")

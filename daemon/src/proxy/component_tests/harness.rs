@@ -206,6 +206,7 @@ impl TestAuthorizer {
                 secrets: vec![SECRET_NAME.into()],
                 needles: vec![needle.clone()],
                 capture_body: 1 << 20,
+                idle_timeout: None,
                 on_complete: Some(Box::new(move |done: &Completion| {
                     recorded.lock().expect("completions").push(Completion {
                         bytes_in: done.bytes_in,

@@ -11,7 +11,7 @@ use http_body_util::BodyExt as _;
 use tokio::sync::Notify;
 
 use super::{
-    Deadlines, Side,
+    Deadlines, Grant, Side,
     harness::{
         AgentProto, HOST, Offer, Setup, Step, TestAuthorizer, TestBody, empty, handler, streamed,
         within,
@@ -181,4 +181,46 @@ async fn te_trailers_reaches_the_upstream_and_nothing_else_of_te_does() {
             assert_eq!(te.first().map(String::as_str), forwarded, "TE {sent}");
         });
     }
+}
+
+/// A rule's `idle_timeout` (in the grant) overrides the proxy's default for its responses.
+#[tokio::test]
+async fn the_grant_sets_how_long_a_stream_may_pause() {
+    let never = Arc::new(Notify::new());
+    let upstream = {
+        let never = never.clone();
+        handler(move |_req| {
+            let steps = vec![
+                Step::Data(b"data: one\n\n".to_vec()),
+                Step::Gate(never.clone()),
+            ];
+            async move { streamed(steps) }
+        })
+    };
+    let authorizer = TestAuthorizer::new(|_, _| {
+        Ok(Grant {
+            rule: "test rule".into(),
+            idle_timeout: Some(SHORT),
+            ..Grant::default()
+        })
+    });
+    // The proxy's own default is minutes: only the grant's deadline can cut this in time.
+    let setup = Setup::start(Offer::H2, upstream, authorizer).await;
+    let mut agent = setup.agent(AgentProto::H2).await;
+    let req = agent
+        .request("GET", HOST, "/sse")
+        .body(empty())
+        .expect("request");
+    let mut body = agent.send(req).await.into_body();
+    let cut = within("the cut", async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert!(matches!(cut, Some(Err(_))), "{cut:?}");
+    never.notify_waiters();
 }
