@@ -12,6 +12,7 @@ mod connection;
 mod handles;
 mod inject;
 mod limits;
+mod names;
 mod request;
 
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,8 @@ use crate::{
     proxy::{Authorizer, ConnectionVerdict, Denial, Grant, RequestFacts},
     vault::Vault,
 };
+
+pub use names::NameProof;
 
 /// Authorizes against a policy snapshot and the vault.
 pub struct PolicyAuthorizer {
@@ -103,6 +106,7 @@ impl Authorizer for PolicyAuthorizer {
         let mut grant = Grant {
             rule: allowed.rule.clone(),
             idle_timeout: allowed.idle_timeout,
+            bind_name: allowed.bind_name.clone(),
             ..Grant::default()
         };
         handles::swap(self, facts, parts, &allowed, &mut grant)?;

@@ -13,11 +13,11 @@ use tracing::info;
 
 use crate::{
     audit::AuditLog,
-    broker::PolicyAuthorizer,
+    broker::{NameProof, PolicyAuthorizer},
     capture::{self, CaptureConfig},
     config::Config,
     control::{self, ControlState},
-    dns::{self, AnsweredNames, DnsServer},
+    dns::{self, AnsweredNames, DnsServer, Resolver},
     policy_store::PolicyStore,
     proxy::{
         Deadlines, Proxy,
@@ -67,16 +67,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         AuditLog::open(&config.state_dir, config.audit_retention)?.writer()?;
     let event_log = Arc::new(audit.clone());
     let answered = Arc::new(AnsweredNames::default());
-    let proxy = Arc::new(Proxy {
-        minter,
-        upstream,
-        authorizer: Arc::new(
-            PolicyAuthorizer::new(policy.subscribe(), vault.clone())
-                .with_answered_names(answered.clone()),
-        ),
-        events: event_log.clone(),
-        deadlines: Deadlines::default(),
-    });
     let dns_upstreams = if config.dns_upstream.is_empty() {
         match dns::upstreams_from_resolv_conf(std::path::Path::new("/etc/resolv.conf")) {
             Ok(u) => u,
@@ -88,6 +78,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         config.dns_upstream.clone()
     };
+    // brokerd's own lookups (proving name-matched destinations) use the same resolvers.
+    let resolver = Arc::new(Resolver::new(dns_upstreams.clone(), "/etc/hosts".into()));
+    let proxy = Arc::new(Proxy {
+        minter,
+        upstream,
+        authorizer: Arc::new(
+            PolicyAuthorizer::new(policy.subscribe(), vault.clone())
+                .with_answered_names(answered.clone()),
+        ),
+        events: event_log.clone(),
+        names: Arc::new(NameProof::new(answered.clone(), resolver)),
+        deadlines: Deadlines::default(),
+    });
     info!(upstreams = ?dns_upstreams, "DNS for agents: allowed names are forwarded there");
     let dns = Arc::new(DnsServer::new(
         dns_upstreams,

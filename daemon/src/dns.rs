@@ -37,15 +37,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 mod answered;
+mod resolve;
 
 pub use answered::AnsweredNames;
+pub use resolve::Resolver;
+#[cfg(test)]
+pub(crate) use resolve::fake_resolver;
 
 use crate::{audit::EventSink, capture::ConnectionOrigin};
 use agent_broker_core::policy::Policy;
 
 /// Why one upstream resolver gave no usable answer.
 #[derive(Debug, thiserror::Error)]
-enum ExchangeError {
+pub enum ExchangeError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("timed out")]

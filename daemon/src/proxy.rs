@@ -33,7 +33,7 @@ pub mod upstream;
 use std::{sync::Arc, time::Duration};
 
 pub use authorizer::{
-    Authorizer, Completion, ConnectionVerdict, Denial, DenialReason, Grant, RequestFacts,
+    Authorizer, Completion, ConnectionVerdict, Denial, DenialReason, Grant, NameCheck, RequestFacts,
 };
 
 use crate::audit::EventSink;
@@ -68,5 +68,7 @@ pub struct Proxy {
     pub upstream: Upstream,
     pub authorizer: Arc<dyn Authorizer>,
     pub events: Arc<dyn EventSink>,
+    /// Proves name-matched destinations that no certificate proves.
+    pub names: Arc<dyn NameCheck>,
     pub deadlines: Deadlines,
 }

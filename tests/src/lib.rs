@@ -37,6 +37,7 @@ pub mod canary;
 pub mod cgroup;
 pub mod clients;
 pub mod netns;
+pub mod resolver;
 pub mod servers;
 pub mod upstream;
 pub mod world;

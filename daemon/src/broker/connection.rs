@@ -20,8 +20,19 @@ pub(super) fn decide(
         _ => None,
     };
     let name = sni.or(answered.as_deref());
-    match policy.decide_connection(&origin.cgroup, origin.original_dst, name, SystemTime::now()) {
+    let now = SystemTime::now();
+    match policy.decide_connection(&origin.cgroup, origin.original_dst, name, now) {
         ConnectionDecision::Tcp { rule, limit_keys } => {
+            // Matched by the SNI alone (not by the address, not by a name brokerd's DNS gave
+            // this agent for it): the address must be proven to be the name's before splicing.
+            let by_address = matches!(
+                policy.decide_connection(&origin.cgroup, origin.original_dst, None, now),
+                ConnectionDecision::Tcp { rule: r, .. } if r == rule
+            );
+            let bind_name = match (sni, by_address) {
+                (Some(sni), false) => Some(sni.to_string()),
+                _ => None,
+            };
             if let Err(limited) = broker.limiter.check(&limit_keys, Instant::now()) {
                 return ConnectionVerdict::Refuse(limited.reason);
             }
@@ -31,6 +42,7 @@ pub(super) fn decide(
                 on_done: Some(Box::new(move |bytes| {
                     limiter.record(&limit_keys, bytes, 0, Instant::now());
                 })),
+                bind_name,
             }
         }
         ConnectionDecision::Http => ConnectionVerdict::Intercept,

@@ -23,6 +23,9 @@ pub(super) struct Allowed<'p> {
     pub may_write_secrets: bool,
     /// How long the response may pause between frames, when the rule says.
     pub idle_timeout: Option<std::time::Duration>,
+    /// The `Host` a plain HTTP request was matched by: nothing but the agent's word ties it to
+    /// the address, which must be proven to be the name's.
+    pub bind_name: Option<String>,
 }
 
 impl Allowed<'_> {
@@ -72,6 +75,8 @@ pub(super) fn decide<'p>(
             limit_keys,
             may_write_secrets: facts.tls || plain_http,
             idle_timeout,
+            bind_name: (!facts.tls && !host_is_address(facts.host, facts.origin.original_dst.ip()))
+                .then(|| facts.host.to_string()),
         },
         RequestDecision::Deny { reason, rule, .. } => {
             return Err(Denial {

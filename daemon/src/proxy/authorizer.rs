@@ -1,7 +1,7 @@
 //! The seam between HTTP mechanics and decisions: what the proxy asks ([`Authorizer`]) and
 //! what it gets back. The proxy never decides; an authorizer never touches a socket.
 
-use std::time::Duration;
+use std::{future::Future, pin::Pin, time::Duration};
 
 use agent_broker_core::handle::HandleDenial;
 use agent_broker_protocol::EventKind;
@@ -39,6 +39,9 @@ pub struct Grant {
     pub on_complete: Option<OnComplete>,
     /// How long the response may pause between frames, overriding the proxy's default.
     pub idle_timeout: Option<Duration>,
+    /// The name the rule matched by, when no certificate will prove it (plain HTTP by `Host`):
+    /// the request is forwarded only once [`NameCheck`] proves the address is the name's.
+    pub bind_name: Option<String>,
 }
 
 /// A callback run once when an exchange is over.
@@ -128,6 +131,9 @@ pub enum ConnectionVerdict {
     Splice {
         rule: String,
         on_done: Option<Box<dyn FnOnce(u64) + Send>>,
+        /// The name the rule matched by, when nothing but the agent's word (its SNI) ties it
+        /// to the address dialed: the proxy splices only once [`NameCheck`] proves it.
+        bind_name: Option<String>,
     },
     /// Close it, for this reason.
     #[expect(
@@ -136,6 +142,18 @@ pub enum ConnectionVerdict {
                   still intercepted and each of its requests denied with the policy's reason"
     )]
     Refuse(String),
+}
+
+/// Proves that the address an agent dialed belongs to a name, where no certificate does (tcp
+/// passthrough matched by SNI, plain HTTP matched by `Host`): a name reaches only its own
+/// addresses (ARCHITECTURE invariant 2).
+pub trait NameCheck: Send + Sync + 'static {
+    /// `Ok` when `origin.original_dst` is an address of `name`; otherwise why not, naming both.
+    fn check<'a>(
+        &'a self,
+        origin: &'a ConnectionOrigin,
+        name: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 }
 
 /// Decides requests and rewrites them (injection, handle swaps).

@@ -17,7 +17,8 @@ use crate::{
     audit::EventSink,
     capture::ConnectionOrigin,
     proxy::{
-        Authorizer, Completion, ConnectionVerdict, Deadlines, Denial, Grant, Proxy, RequestFacts,
+        Authorizer, Completion, ConnectionVerdict, Deadlines, Denial, Grant, NameCheck, Proxy,
+        RequestFacts,
         scrub::PLACEHOLDER,
         tls::{BrokerCa, LeafMinter},
         upstream::Upstream,

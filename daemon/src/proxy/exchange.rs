@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use tracing::{info, warn};
 
 use super::{
-    Denial, Grant, Proxy, RequestFacts,
+    Denial, DenialReason, Grant, Proxy, RequestFacts,
     body::{AgentBody, BodyError, Counted, Watched, scrub_headers, scrubbed_body},
     decode::{Coding, Decoded, Limits as DecodeLimits},
     http::{
@@ -115,6 +115,15 @@ impl Proxy {
             Ok(g) => g,
             Err(denial) => return Exchange::refused(&conn.origin, host, denial, None),
         };
+        if let Some(name) = &grant.bind_name
+            && let Err(reason) = self.names.check(&conn.origin, name).await
+        {
+            let denial = Denial {
+                rule: Some(grant.rule.clone()),
+                ..Denial::forbidden(DenialReason::Rule(reason))
+            };
+            return Exchange::refused(&conn.origin, host, denial, Some(grant));
+        }
         let upgrade = is_upgrade(&parts.headers);
         let agent_upgrade = if upgrade {
             parts.extensions.remove::<hyper::upgrade::OnUpgrade>()

@@ -31,14 +31,38 @@ pub(super) struct Conn {
 }
 
 impl Proxy {
+    /// Splices a connection a tcp rule allows, once the name it matched by (if only the
+    /// agent's SNI ties it to the address) is proven to own the address; refused otherwise.
+    async fn splice_proven(
+        &self,
+        stream: TcpStream,
+        origin: ConnectionOrigin,
+        sni: Option<String>,
+        rule: String,
+        on_done: Option<Box<dyn FnOnce(u64) + Send>>,
+        bind_name: Option<String>,
+    ) {
+        if let Some(name) = bind_name
+            && let Err(reason) = self.names.check(&origin, &name).await
+        {
+            return self.refused_connection(&origin, sni.as_deref(), EventKind::Denial, &reason);
+        }
+        self.splice(stream, origin, sni, rule, on_done).await
+    }
+
     /// Serves one captured connection to completion.
     pub async fn serve(self: Arc<Self>, stream: TcpStream, origin: ConnectionOrigin) {
         let _ = stream.set_nodelay(true);
         // A tcp rule for the destination itself: splice at once (server-first protocols too).
-        if let ConnectionVerdict::Splice { rule, on_done } =
-            self.authorizer.connection(&origin, None)
+        if let ConnectionVerdict::Splice {
+            rule,
+            on_done,
+            bind_name,
+        } = self.authorizer.connection(&origin, None)
         {
-            return self.splice(stream, origin, None, rule, on_done).await;
+            return self
+                .splice_proven(stream, origin, None, rule, on_done, bind_name)
+                .await;
         }
         let mut first = [0u8; 8];
         let n = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
@@ -63,10 +87,15 @@ impl Proxy {
         match sniff(&first[..n]) {
             Sniffed::Tls => {
                 let sni = peek_sni(&stream).await;
-                if let ConnectionVerdict::Splice { rule, on_done } =
-                    self.authorizer.connection(&origin, sni.as_deref())
+                if let ConnectionVerdict::Splice {
+                    rule,
+                    on_done,
+                    bind_name,
+                } = self.authorizer.connection(&origin, sni.as_deref())
                 {
-                    return self.splice(stream, origin, sni, rule, on_done).await;
+                    return self
+                        .splice_proven(stream, origin, sni, rule, on_done, bind_name)
+                        .await;
                 }
                 self.serve_tls(stream, origin).await
             }

@@ -3,8 +3,8 @@
 //!
 //! The host name used for SNI and certificate verification comes from the request URI (which
 //! the proxy builds from the agreed SNI/Host), while the TCP connection always goes to the
-//! original destination address the agent dialed: brokerd never resolves names itself, so an
-//! agent cannot make it connect somewhere it did not. Verification uses the system roots plus
+//! original destination address the agent dialed: brokerd never resolves a name to pick where to
+//! connect, so an agent cannot make it connect somewhere it did not. Verification uses the system roots plus
 //! any `--upstream-ca` files; there is no way to turn it off.
 
 use std::{

@@ -16,7 +16,7 @@ use tokio::{
 };
 
 use super::{
-    BrokerCa, ConnectionVerdict, Deadlines, EventKind, Side,
+    BrokerCa, ConnectionVerdict, Deadlines, EventKind, Grant, Side,
     harness::{
         Agent, AgentProto, Broker, HOST, Offer, RULE, Setup, TestAuthorizer, answer, assert_origin,
         closed_port, echo_server, empty, throwaway_ca_pem, tls_connect, within,
@@ -106,6 +106,7 @@ async fn a_splice_verdict_passes_the_bytes_through_unread() {
             on_done: Some(Box::new(move |bytes| {
                 counted.store(bytes, Ordering::SeqCst);
             })),
+            bind_name: None,
         }
     });
     let broker = Broker::start(
@@ -170,4 +171,85 @@ async fn an_unreachable_upstream_is_a_502_from_the_upstream_side() {
     assert_eq!(event.decision, Some(Decision::Allow));
     assert_eq!(event.rule.as_deref(), Some(RULE));
     assert_eq!(event.status, Some(502));
+}
+
+/// A tcp rule matched by a name that only the agent's SNI ties to the address: spliced only
+/// when the address is proven to be the name's; otherwise refused, recorded, and the upstream
+/// gets nothing (issue 12.2: a name-matched rule must not reach any address).
+#[tokio::test]
+async fn a_splice_by_name_needs_the_address_to_be_the_names() {
+    for (name, proven) in [(HOST, true), ("pinned.example", false)] {
+        let upstream = echo_server().await;
+        let authorizer =
+            TestAuthorizer::allow().with_verdict(move |_sni| ConnectionVerdict::Splice {
+                rule: RULE.into(),
+                on_done: None,
+                bind_name: Some(name.to_string()),
+            });
+        let broker = Broker::start(
+            authorizer,
+            &throwaway_ca_pem(),
+            upstream,
+            Deadlines::default(),
+        )
+        .await;
+        let mut tcp = TcpStream::connect(broker.addr).await.expect("connect");
+        let _ = tcp.write_all(b"\x00\x01binary").await;
+        let _ = tcp.shutdown().await;
+        let mut got = Vec::new();
+        let _ = within("the end", tcp.read_to_end(&mut got)).await;
+        assert_eq!(broker.names.asked(), [name]);
+        let event = broker.events.single().await;
+        if proven {
+            assert_eq!(got, b"\x00\x01binary", "{name}: spliced");
+            assert_eq!(event.decision, Some(Decision::Allow));
+        } else {
+            assert!(got.is_empty(), "{name}: nothing may come back");
+            assert_eq!(event.kind, Some(EventKind::Denial));
+            assert_eq!(event.decision, Some(Decision::Deny));
+            let reason = event.reason.expect("reason");
+            assert!(
+                reason.contains(name) && reason.contains("127.0.0.1"),
+                "{reason}"
+            );
+        }
+    }
+}
+
+/// Plain HTTP matched by its `Host`: forwarded only when the address is proven to be that
+/// host's; otherwise a 403 naming both, and the upstream gets nothing.
+#[tokio::test]
+async fn plain_http_by_host_needs_the_address_to_be_the_hosts() {
+    for (host, proven) in [(HOST, true), ("elsewhere.example", false)] {
+        let setup = Setup::start(
+            Offer::Plain,
+            answer("plain"),
+            TestAuthorizer::new(move |facts, _| {
+                Ok(Grant {
+                    rule: RULE.into(),
+                    bind_name: Some(facts.host.to_string()),
+                    ..Grant::default()
+                })
+            }),
+        )
+        .await;
+        let mut agent = Agent::plain(&setup.broker).await;
+        let req = agent
+            .request("GET", host, "/x")
+            .body(empty())
+            .expect("request");
+        let got = agent.fetch(req).await;
+        assert_eq!(setup.broker.names.asked(), [host]);
+        if proven {
+            assert_eq!(got.status, StatusCode::OK, "{host}");
+            assert_eq!(setup.upstream.count(), 1);
+        } else {
+            assert_eq!(got.status, StatusCode::FORBIDDEN, "{host}");
+            let reason = got.json()["reason"].as_str().expect("reason").to_string();
+            assert!(reason.contains(host), "{reason}");
+            assert_eq!(setup.upstream.count(), 0, "the upstream must get nothing");
+            let event = setup.broker.events.single().await;
+            assert_eq!(event.decision, Some(Decision::Deny));
+        }
+    }
 }

@@ -40,8 +40,8 @@ use zeroize::Zeroizing;
 
 use super::{
     AuditEvent, Authorizer, BrokerCa, CgroupId, CgroupPath, Completion, ConnectionOrigin,
-    ConnectionVerdict, Deadlines, Denial, EventKind, EventSink, Grant, LeafMinter, Proxy,
-    RequestFacts, Side, Upstream,
+    ConnectionVerdict, Deadlines, Denial, EventKind, EventSink, Grant, LeafMinter, NameCheck,
+    Proxy, RequestFacts, Side, Upstream,
 };
 
 /// The host the agent asks for; the upstream's certificate is valid for it (and 127.0.0.1).
@@ -207,6 +207,7 @@ impl TestAuthorizer {
                 needles: vec![needle.clone()],
                 capture_body: 1 << 20,
                 idle_timeout: None,
+                bind_name: None,
                 on_complete: Some(Box::new(move |done: &Completion| {
                     recorded.lock().expect("completions").push(Completion {
                         bytes_in: done.bytes_in,
@@ -652,7 +653,56 @@ pub(super) struct Broker {
     pub(super) ca: CertificateDer<'static>,
     pub(super) authorizer: Arc<TestAuthorizer>,
     pub(super) events: Arc<TestEvents>,
+    pub(super) names: Arc<TestNames>,
     _state: tempfile::TempDir,
+}
+
+/// A [`NameCheck`] that proves exactly the names the test says own the upstream's address
+/// ([`HOST`] unless told otherwise), and counts what it was asked.
+#[derive(Debug)]
+pub(super) struct TestNames {
+    owners: Mutex<Vec<String>>,
+    asked: Mutex<Vec<String>>,
+}
+
+impl Default for TestNames {
+    fn default() -> Self {
+        Self {
+            owners: Mutex::new(vec![HOST.to_string()]),
+            asked: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl TestNames {
+    /// The names asked about so far.
+    pub(super) fn asked(&self) -> Vec<String> {
+        self.asked.lock().expect("asked").clone()
+    }
+}
+
+impl NameCheck for TestNames {
+    fn check<'a>(
+        &'a self,
+        origin: &'a ConnectionOrigin,
+        name: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        self.asked.lock().expect("asked").push(name.to_string());
+        let owned = self
+            .owners
+            .lock()
+            .expect("owners")
+            .iter()
+            .any(|o| o == name);
+        let addr = origin.original_dst.ip();
+        Box::pin(async move {
+            if owned {
+                Ok(())
+            } else {
+                Err(format!("nothing proves that {addr} is {name}"))
+            }
+        })
+    }
 }
 
 impl Broker {
@@ -669,11 +719,13 @@ impl Broker {
         let ca_der = ca.cert_der().clone();
         let authorizer = Arc::new(authorizer);
         let events = Arc::new(TestEvents::default());
+        let names = Arc::new(TestNames::default());
         let proxy = Arc::new(Proxy {
             minter: LeafMinter::new(ca).expect("leaf minter"),
             upstream: Upstream::new(&[ca_file]).expect("upstream client"),
             authorizer: authorizer.clone(),
             events: events.clone(),
+            names: names.clone(),
             deadlines,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind broker");
@@ -689,6 +741,7 @@ impl Broker {
             ca: ca_der,
             authorizer,
             events,
+            names,
             _state: state,
         }
     }
