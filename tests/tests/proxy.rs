@@ -705,3 +705,63 @@ fn a_name_matched_plain_http_rule_reaches_only_the_names_addresses() {
         outside.accepted()
     );
 }
+
+/// A name-matched tcp passthrough reaches only the name's own addresses: a ClientHello naming
+/// the allowed host, sent to another address, is refused and that address receives nothing;
+/// sent to the name's address (127.0.0.2, by brokerd's resolver), it is passed through.
+#[test]
+fn a_name_matched_tcp_rule_reaches_only_the_names_addresses() {
+    let outside = TestServer::http("127.0.0.3:0", "outside");
+    let inside = TestServer::http("127.0.0.2:0", "inside");
+    let (out_port, in_port) = (outside.addr().port(), inside.addr().port());
+    let w = World::with_policies(|cg, _api| {
+        vec![(
+            "agent".into(),
+            format!(
+                "cgroup = \"{}\"\n[[allow]]\nhost = \"{OTHER}\"\nport = {out_port}\ntcp = true\n\
+                 [[allow]]\nhost = \"{OTHER}\"\nport = {in_port}\ntcp = true\n",
+                cg.child("agent"),
+            ),
+        )]
+    });
+    let hello = |ip: &str, port: u16| {
+        // curl sends a ClientHello with SNI other.example.test to `ip`; what follows fails
+        // either way (the servers speak plain HTTP), the question is who receives it.
+        let argv: Vec<String> = vec![
+            "curl".into(),
+            "-sS".into(),
+            "-k".into(),
+            "--noproxy".into(),
+            "*".into(),
+            "--max-time".into(),
+            "10".into(),
+            "--resolve".into(),
+            format!("{OTHER}:{port}:{ip}"),
+            format!("https://{OTHER}:{port}/"),
+        ];
+        clients::run_in_cgroup(&w.broker, &w.agent, "curl (tls passthrough)", &[], &argv)
+    };
+    let run = hello("127.0.0.3", out_port);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        outside.accepted().is_empty(),
+        "an address the name does not have got the ClientHello: {}",
+        run.show()
+    );
+    assert!(
+        w.broker
+            .log()
+            .contains("nothing proves that 127.0.0.3 is other.example.test"),
+        "brokerd's log:\n{}",
+        w.broker.log()
+    );
+    let run = hello("127.0.0.2", in_port);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        inside.accepted().len(),
+        1,
+        "the name's own address was not reached: {}\nbrokerd's log:\n{}",
+        run.show(),
+        w.broker.log()
+    );
+}
