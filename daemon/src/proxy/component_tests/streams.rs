@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 use super::{
     Deadlines, Grant, Side,
     harness::{
-        AgentProto, HOST, Offer, Setup, Step, TestAuthorizer, TestBody, empty, handler, streamed,
-        within,
+        AgentProto, HOST, Handler, Offer, Setup, Step, TestAuthorizer, TestBody, empty, handler,
+        streamed, within,
     },
 };
 
@@ -56,21 +56,24 @@ async fn an_upstream_that_sends_no_response_head_in_time_gets_the_agent_a_504() 
     assert_eq!(event.decision, Some(Decision::Allow));
 }
 
+/// An upstream that sends one event, then nothing until `never` is notified.
+fn one_event_then_silence(never: &Arc<Notify>) -> Handler {
+    let never = never.clone();
+    handler(move |_req| {
+        let steps = vec![
+            Step::Data(b"data: one\n\n".to_vec()),
+            Step::Gate(never.clone()),
+        ];
+        async move { streamed(steps) }
+    })
+}
+
 /// A stream whose upstream pauses longer than the idle deadline: the agent gets what came
 /// before, then an error (h1: no terminal chunk; h2: a reset stream), and the record says the
 /// upstream stalled.
 async fn a_stalled_stream_is_cut(proto: AgentProto) {
     let never = Arc::new(Notify::new());
-    let upstream = {
-        let never = never.clone();
-        handler(move |_req| {
-            let steps = vec![
-                Step::Data(b"data: one\n\n".to_vec()),
-                Step::Gate(never.clone()),
-            ];
-            async move { streamed(steps) }
-        })
-    };
+    let upstream = one_event_then_silence(&never);
     let setup =
         Setup::with_deadlines(Offer::H2, upstream, TestAuthorizer::allow(), quick_idle()).await;
     let mut agent = setup.agent(proto).await;
@@ -187,16 +190,7 @@ async fn te_trailers_reaches_the_upstream_and_nothing_else_of_te_does() {
 #[tokio::test]
 async fn the_grant_sets_how_long_a_stream_may_pause() {
     let never = Arc::new(Notify::new());
-    let upstream = {
-        let never = never.clone();
-        handler(move |_req| {
-            let steps = vec![
-                Step::Data(b"data: one\n\n".to_vec()),
-                Step::Gate(never.clone()),
-            ];
-            async move { streamed(steps) }
-        })
-    };
+    let upstream = one_event_then_silence(&never);
     let authorizer = TestAuthorizer::new(|_, _| {
         Ok(Grant {
             rule: "test rule".into(),
