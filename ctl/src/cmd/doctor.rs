@@ -8,9 +8,10 @@ use std::{
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
-use agent_broker_protocol::{Request, Response, StatusReport};
+use agent_broker_protocol::{AuditEvent, EventKind, LogFilter, Request, Response, StatusReport};
 use serde::Serialize;
 
 use agent_broker_core::cgroup::CgroupRoot;
@@ -19,8 +20,9 @@ use agent_broker_protocol::client::Client;
 /// Check this host for what agent-broker needs: kernel and hooks, BTF, cgroup v2, bpffs,
 /// Landlock, brokerd's tagged cgroups and pinned links, processes in them that lack the
 /// launcher's protections (real root, capabilities...), the BPF LSM layer, brokerd's
-/// hardening, the broker CA in the system store, master key and state dir permissions, and
-/// relevant sysctls. Prints what is missing and how to fix it; exits 1 if anything failed.
+/// hardening, the broker CA in the system store, agents' clients that refused the broker CA in
+/// the last hour (per agent and program), master key and state dir permissions, and relevant
+/// sysctls. Prints what is missing and how to fix it; exits 1 if anything failed.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// One JSON object per check.
@@ -200,6 +202,15 @@ pub fn run_checks(opts: &DoctorOptions<'_>) -> Vec<Check> {
                 Some(Response::CaCert { .. }) => check("broker CA", Level::Warn, "not in the system trust store: agents started another way than `brokerctl run` (which mounts a bundle with it) will fail TLS", "brokerctl ca install"),
                 _ => check("broker CA", Level::Warn, "brokerd did not hand out its CA", ""),
             });
+            match recent_tls_failures(opts.run_dir) {
+                Ok(events) => checks.extend(handshake_checks(&events)),
+                Err(e) => checks.push(check(
+                    "TLS refusals",
+                    Level::Warn,
+                    format!("cannot read the audit log: {e:#}"),
+                    "",
+                )),
+            }
         }
         Err(e) => checks.push(check(
             "brokerd",
@@ -317,6 +328,72 @@ fn status(run_dir: &Path) -> anyhow::Result<StatusReport> {
     }
 }
 
+/// How far back `doctor` looks for agents whose TLS clients refused the broker CA.
+const TLS_REFUSALS_WINDOW: Duration = Duration::from_secs(3600);
+
+/// The failed TLS handshakes with agents brokerd recorded in the last hour.
+fn recent_tls_failures(run_dir: &Path) -> anyhow::Result<Vec<AuditEvent>> {
+    let since = agent_broker_core::time::now_unix_ms()
+        .saturating_sub(TLS_REFUSALS_WINDOW.as_millis() as u64);
+    let request = Request::Logs {
+        filter: LogFilter {
+            denied_only: true,
+            since_ms: Some(since),
+            ..LogFilter::default()
+        },
+        follow: false,
+    };
+    let mut client = Client::connect(run_dir)?;
+    let mut response = client.call(&request)?;
+    let mut events = Vec::new();
+    loop {
+        match response {
+            Response::Event { event } if event.kind == Some(EventKind::TlsFailure) => {
+                events.push(event)
+            }
+            Response::Event { .. } => {}
+            Response::EndOfLog => return Ok(events),
+            other => return Err(crate::control::unexpected(other)),
+        }
+        response = client.next_streamed()?;
+    }
+}
+
+/// One check per agent and program whose TLS client refused the broker CA: they hold their
+/// own roots (reqwest with webpki-roots, Bun, a JVM) and need to be told, or passed through.
+fn handshake_checks(events: &[AuditEvent]) -> Vec<Check> {
+    let mut by_client: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    for e in events {
+        let agent = e.cgroup.clone().unwrap_or_else(|| "?".into());
+        let comm = e.comm.clone().unwrap_or_else(|| "?".into());
+        *by_client.entry((agent, comm)).or_default() += 1;
+    }
+    if by_client.is_empty() {
+        return vec![check(
+            "TLS refusals",
+            Level::Ok,
+            "no agent's client refused the broker CA in the last hour",
+            "",
+        )];
+    }
+    by_client
+        .into_iter()
+        .map(|((agent, comm), n)| {
+            check(
+                "TLS refusals",
+                Level::Warn,
+                format!(
+                    "{agent}: {comm} failed {n} TLS handshake(s) with brokerd in the last hour \
+                     (it likely does not trust the broker CA)"
+                ),
+                "make the client trust the broker CA (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, a \
+                 JVM truststore; clients with bundled roots such as reqwest with webpki-roots or \
+                 Bun need their own setting), or pass its host through with a `tcp = true` rule",
+            )
+        })
+        .collect()
+}
+
 fn status_checks(s: &StatusReport, checks: &mut Vec<Check>) {
     checks.push(check(
         "brokerd",
@@ -429,6 +506,39 @@ pub fn print(checks: &[Check], json: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshake_refusals_are_named_per_agent_and_program() {
+        let tls = |cgroup: &str, comm: &str| AuditEvent {
+            kind: Some(EventKind::TlsFailure),
+            cgroup: Some(cgroup.into()),
+            comm: Some(comm.into()),
+            ..AuditEvent::default()
+        };
+        let ok = handshake_checks(&[]);
+        assert_eq!(ok.len(), 1);
+        assert_eq!(ok[0].level, Level::Ok);
+        let got = handshake_checks(&[
+            tls("agents/a", "bun"),
+            tls("agents/a", "bun"),
+            tls("agents/b", "java"),
+        ]);
+        assert_eq!(got.len(), 2);
+        assert!(
+            got.iter()
+                .all(|c| c.level == Level::Warn && !c.fix.is_empty())
+        );
+        assert!(
+            got[0].found.starts_with("agents/a: bun failed 2 TLS"),
+            "{}",
+            got[0].found
+        );
+        assert!(
+            got[1].found.starts_with("agents/b: java failed 1 TLS"),
+            "{}",
+            got[1].found
+        );
+    }
 
     #[test]
     fn kernel_versions_parse() {
