@@ -451,7 +451,7 @@ pub enum Trust {
 }
 
 impl Trust {
-    fn var(&self, name: &str) -> Vec<(&'static str, String)> {
+    pub fn var(&self, name: &str) -> Vec<(&'static str, String)> {
         match self {
             Trust::Env(p) => {
                 let p = p.to_string_lossy().into_owned();

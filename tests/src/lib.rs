@@ -38,6 +38,7 @@ pub mod cgroup;
 pub mod clients;
 pub mod netns;
 pub mod resolver;
+pub mod sdks;
 pub mod servers;
 pub mod upstream;
 pub mod world;

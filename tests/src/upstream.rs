@@ -71,6 +71,10 @@ pub const STREAM_CHUNK_LEN: usize = 256;
 /// `/stream`: pause between chunks.
 pub const STREAM_GAP: Duration = Duration::from_millis(300);
 
+/// How long the LLM-shaped endpoints pause between the first streamed event and the rest, like a
+/// model that reasons before it goes on.
+pub const LLM_PAUSE: Duration = Duration::from_millis(1500);
+
 /// A certificate authority of the test's own (ECDSA P-256), its certificate in a temp PEM file.
 pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
@@ -650,6 +654,9 @@ async fn respond(
             r
         }
         "/ws" => websocket(&parts, upgrade, state),
+        // The shapes of the OpenAI and Anthropic APIs, as their official SDKs read them; the
+        // reply says which credential arrived (hashes only).
+        "/v1/chat/completions" | "/v1/messages" => llm(parts.uri.path(), &body, &record),
         // An API shaped like the LLM APIs policies are written for (`/v1/models`,
         // `/v1/chat/completions`, ...): what `/hash` says, plus the method and path it saw.
         p if p.starts_with("/v1/") => json(
@@ -727,5 +734,117 @@ fn websocket(
     if let Ok(v) = header::HeaderValue::from_str(&accept) {
         h.insert("sec-websocket-accept", v);
     }
+    r
+}
+
+/// An LLM API answer: JSON, or with `"stream": true` server-sent events, the first at once and
+/// the rest after [`LLM_PAUSE`]. The text names the hashes of the credentials that arrived.
+fn llm(path: &str, body: &[u8], record: &UpstreamRequest) -> Response<Body> {
+    let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let stream = request["stream"].as_bool().unwrap_or(false);
+    let credential = format!(
+        "auth={} key={}",
+        record.header_hash("authorization").unwrap_or_default(),
+        record.header_hash("x-api-key").unwrap_or_default()
+    );
+    let openai = path == "/v1/chat/completions";
+    if !stream {
+        let answer = if openai {
+            serde_json::json!({
+                "id": "chatcmpl-abtest", "object": "chat.completion", "created": 0,
+                "model": "abtest", "choices": [{"index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": credential}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+            })
+        } else {
+            serde_json::json!({
+                "id": "msg_abtest", "type": "message", "role": "assistant", "model": "abtest",
+                "content": [{"type": "text", "text": credential}], "stop_reason": "end_turn",
+                "stop_sequence": null, "usage": {"input_tokens": 1, "output_tokens": 1}
+            })
+        };
+        return json(StatusCode::OK, &answer);
+    }
+    let (first, rest): (Vec<String>, Vec<String>) = if openai {
+        let chunk = |content: &str, finish: serde_json::Value| {
+            format!(
+                "data: {}\n\n",
+                serde_json::json!({
+                    "id": "chatcmpl-abtest", "object": "chat.completion.chunk", "created": 0,
+                    "model": "abtest", "choices": [{"index": 0, "delta": {"content": content},
+                    "finish_reason": finish}]
+                })
+            )
+        };
+        (
+            vec![chunk("first ", serde_json::Value::Null)],
+            vec![
+                chunk(&credential, serde_json::Value::Null),
+                chunk("", "stop".into()),
+                "data: [DONE]\n\n".to_string(),
+            ],
+        )
+    } else {
+        let event =
+            |name: &str, data: serde_json::Value| format!("event: {name}\ndata: {data}\n\n");
+        let delta = |text: &str| {
+            event(
+                "content_block_delta",
+                serde_json::json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": text}}),
+            )
+        };
+        (
+            vec![
+                event(
+                    "message_start",
+                    serde_json::json!({"type": "message_start", "message": {
+                    "id": "msg_abtest", "type": "message", "role": "assistant", "model": "abtest",
+                    "content": [], "stop_reason": null, "stop_sequence": null,
+                    "usage": {"input_tokens": 1, "output_tokens": 0}}}),
+                ),
+                event(
+                    "content_block_start",
+                    serde_json::json!({"type": "content_block_start",
+                    "index": 0, "content_block": {"type": "text", "text": ""}}),
+                ),
+                delta("first "),
+            ],
+            vec![
+                delta(&credential),
+                event(
+                    "content_block_stop",
+                    serde_json::json!({"type": "content_block_stop", "index": 0}),
+                ),
+                event(
+                    "message_delta",
+                    serde_json::json!({"type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                    "usage": {"output_tokens": 2}}),
+                ),
+                event("message_stop", serde_json::json!({"type": "message_stop"})),
+            ],
+        )
+    };
+    let first = Bytes::from(first.concat());
+    let rest = Bytes::from(rest.concat());
+    let stream = futures_util::stream::unfold(0u8, move |step| {
+        let (first, rest) = (first.clone(), rest.clone());
+        async move {
+            match step {
+                0 => Some((Ok::<_, Infallible>(Frame::data(first)), 1)),
+                1 => {
+                    tokio::time::sleep(LLM_PAUSE).await;
+                    Some((Ok(Frame::data(rest)), 2))
+                }
+                _ => None,
+            }
+        }
+    });
+    let mut r = Response::new(BoxBody::new(StreamBody::new(stream)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
     r
 }

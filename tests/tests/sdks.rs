@@ -1,0 +1,130 @@
+//! The clients agents run: the official OpenAI and Anthropic Python SDKs, each under
+//! `brokerctl run` holding only a placeholder, calling a local API shaped like theirs through
+//! the real kernel path. The credential is checked by hash upstream and is absent from
+//! everything the agent sees; a streamed reply's first event arrives while the API pauses.
+//!
+//! Needs root, cgroup v2 and BPF, and PyPI once per machine (the SDKs are installed into a
+//! virtualenv under /var/tmp, see `agent_broker_tests::sdks`). Run alone:
+//! `cargo test -p agent-broker-tests --test sdks -- --test-threads=1`.
+
+use agent_broker_tests::{
+    clients::{self, ClientRun},
+    sdks::sdk_python,
+    sha256_hex,
+    upstream::LLM_PAUSE,
+    world::{API, SECRET_NAME, World},
+};
+
+/// The agent: one plain call, then one streamed call, timing each event from the request.
+const AGENT_PY: &str = r#"
+import json, sys, time
+cfg = json.loads(sys.argv[1])
+out = {"event_s": [], "stream_text": ""}
+if cfg["sdk"] == "openai":
+    import openai
+    client = openai.OpenAI(base_url=f"https://{cfg['host']}:{cfg['port']}/v1", api_key=cfg["placeholder"], max_retries=0, timeout=30)
+    messages = [{"role": "user", "content": "hi"}]
+    out["plain"] = client.chat.completions.create(model="abtest", messages=messages).choices[0].message.content
+    t0 = time.monotonic()
+    for chunk in client.chat.completions.create(model="abtest", messages=messages, stream=True):
+        out["event_s"].append(time.monotonic() - t0)
+        if chunk.choices and chunk.choices[0].delta.content:
+            out["stream_text"] += chunk.choices[0].delta.content
+else:
+    import anthropic
+    client = anthropic.Anthropic(base_url=f"https://{cfg['host']}:{cfg['port']}", api_key=cfg["placeholder"], max_retries=0, timeout=30)
+    messages = [{"role": "user", "content": "hi"}]
+    out["plain"] = client.messages.create(model="abtest", max_tokens=16, messages=messages).content[0].text
+    t0 = time.monotonic()
+    with client.messages.stream(model="abtest", max_tokens=16, messages=messages) as stream:
+        for text in stream.text_stream:
+            out["event_s"].append(time.monotonic() - t0)
+            out["stream_text"] += text
+print(json.dumps(out))
+"#;
+
+/// Runs the SDK agent and returns what it printed.
+fn run_sdk(w: &World, sdk: &str) -> (ClientRun, serde_json::Value) {
+    let cfg = serde_json::json!({
+        "sdk": sdk,
+        "host": API,
+        "port": w.api.port(),
+        "placeholder": w.placeholder.expose(),
+    });
+    let argv = vec![
+        sdk_python().to_string_lossy().into_owned(),
+        "-c".into(),
+        AGENT_PY.into(),
+        cfg.to_string(),
+    ];
+    let run = clients::run_in_cgroup(&w.broker, &w.agent, sdk, &w.trust().var("python"), &argv);
+    let stdout = String::from_utf8_lossy(&run.output.stdout).into_owned();
+    let report = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{sdk}: no report ({e}): {}", run.show()));
+    (run, report)
+}
+
+/// What the API says arrived: `auth=<sha256> key=<sha256>` of the two credential headers.
+fn check(sdk: &str, run: &ClientRun, report: &serde_json::Value, want: &str) {
+    let plain = report["plain"].as_str().unwrap_or_default();
+    assert!(
+        plain.contains(want),
+        "{sdk}: the plain call's credential: {}",
+        run.show()
+    );
+    let streamed = report["stream_text"].as_str().unwrap_or_default();
+    assert!(
+        streamed.starts_with("first ") && streamed.contains(want),
+        "{sdk}: the streamed call: {}",
+        run.show()
+    );
+    let times: Vec<f64> = report["event_s"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+        .unwrap_or_default();
+    let pause = LLM_PAUSE.as_secs_f64();
+    let first = times.first().copied().unwrap_or(f64::MAX);
+    let last = times.last().copied().unwrap_or(0.0);
+    // The first event must not wait for the API's pause (issue 12.1).
+    assert!(
+        first < pause - 0.5,
+        "{sdk}: the first event arrived after {first:.3} s, the API paused {pause} s after it: {times:?}"
+    );
+    assert!(
+        last >= pause,
+        "{sdk}: the rest came before the pause ended: {times:?}"
+    );
+}
+
+#[test]
+fn the_openai_sdk_gets_its_key_injected_and_its_stream_as_it_comes() {
+    let w = World::new();
+    let (run, report) = run_sdk(&w, "openai");
+    let want = format!(
+        "auth={}",
+        sha256_hex(format!("Bearer {}", w.secret.expose()).as_bytes())
+    );
+    check("openai", &run, &report, &want);
+    run.assert_no_secret(&w.secret);
+    w.assert_no_secret_in_logs();
+}
+
+#[test]
+fn the_anthropic_sdk_gets_its_key_injected_and_its_stream_as_it_comes() {
+    let w = World::with_policies(|cg, api| {
+        vec![(
+            "agent".into(),
+            format!(
+                "cgroup = \"{}\"\n[[allow]]\nhost = \"{API}\"\nport = {}\n\
+                 inject.headers = {{ x-api-key = \"{{secret:{SECRET_NAME}}}\" }}\n",
+                cg.child("agent"),
+                api.port()
+            ),
+        )]
+    });
+    let (run, report) = run_sdk(&w, "anthropic");
+    let want = format!("key={}", sha256_hex(w.secret.expose().as_bytes()));
+    check("anthropic", &run, &report, &want);
+    run.assert_no_secret(&w.secret);
+    w.assert_no_secret_in_logs();
+}
