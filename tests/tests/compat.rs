@@ -1,11 +1,11 @@
-//! The clients agents run: the official OpenAI and Anthropic Python SDKs, each under
-//! `brokerctl run` holding only a placeholder, calling a local API shaped like theirs through
-//! the real kernel path. The credential is checked by hash upstream and is absent from
+//! The clients agents run: the official OpenAI and Anthropic Python SDKs and Node's `fetch`
+//! (undici), each under `brokerctl run` holding only a placeholder, calling a local API shaped
+//! like the LLM APIs through the real kernel path. The credential is checked by hash upstream and is absent from
 //! everything the agent sees; a streamed reply's first event arrives while the API pauses.
 //!
 //! Needs root, cgroup v2 and BPF, and PyPI once per machine (the SDKs are installed into a
 //! virtualenv under /var/tmp, see `agent_broker_tests::sdks`). Run alone:
-//! `cargo test -p agent-broker-tests --test sdks -- --test-threads=1`.
+//! `cargo test -p agent-broker-tests --test compat -- --test-threads=1`.
 
 use agent_broker_tests::{
     clients::{self, ClientRun},
@@ -125,6 +125,59 @@ fn the_anthropic_sdk_gets_its_key_injected_and_its_stream_as_it_comes() {
     let (run, report) = run_sdk(&w, "anthropic");
     let want = format!("key={}", sha256_hex(w.secret.expose().as_bytes()));
     check("anthropic", &run, &report, &want);
+    run.assert_no_secret(&w.secret);
+    w.assert_no_secret_in_logs();
+}
+
+/// Node's `fetch` (undici): the same streamed call, read as it comes.
+const FETCH_JS: &str = r#"
+const cfg = JSON.parse(process.argv[1]);
+(async () => {
+  const out = { event_s: [], stream_text: "" };
+  const url = `https://${cfg.host}:${cfg.port}/v1/chat/completions`;
+  const headers = { "content-type": "application/json", authorization: `Bearer ${cfg.placeholder}` };
+  const body = (stream) => JSON.stringify({ model: "abtest", messages: [{ role: "user", content: "hi" }], stream });
+  const plain = await (await fetch(url, { method: "POST", headers, body: body(false) })).json();
+  out.plain = plain.choices[0].message.content;
+  const t0 = performance.now();
+  const response = await fetch(url, { method: "POST", headers, body: body(true) });
+  const decoder = new TextDecoder();
+  for await (const chunk of response.body) {
+    out.event_s.push((performance.now() - t0) / 1000);
+    for (const line of decoder.decode(chunk, { stream: true }).split("\n")) {
+      if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+      const content = JSON.parse(line.slice(6)).choices[0].delta.content;
+      if (content) out.stream_text += content;
+    }
+  }
+  console.log(JSON.stringify(out));
+})().catch((e) => { console.log(JSON.stringify({ error: String(e && e.stack || e) })); });
+"#;
+
+#[test]
+fn node_fetch_gets_its_key_injected_and_its_stream_as_it_comes() {
+    let w = World::new();
+    let cfg = serde_json::json!({
+        "host": API,
+        "port": w.api.port(),
+        "placeholder": w.placeholder.expose(),
+    });
+    let argv = vec!["node".into(), "-e".into(), FETCH_JS.into(), cfg.to_string()];
+    let run = clients::run_in_cgroup(
+        &w.broker,
+        &w.agent,
+        "node fetch",
+        &w.trust().var("node"),
+        &argv,
+    );
+    let stdout = String::from_utf8_lossy(&run.output.stdout).into_owned();
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("node fetch: no report ({e}): {}", run.show()));
+    let want = format!(
+        "auth={}",
+        sha256_hex(format!("Bearer {}", w.secret.expose()).as_bytes())
+    );
+    check("node fetch", &run, &report, &want);
     run.assert_no_secret(&w.secret);
     w.assert_no_secret_in_logs();
 }
