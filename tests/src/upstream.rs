@@ -654,9 +654,11 @@ async fn respond(
             r
         }
         "/ws" => websocket(&parts, upgrade, state),
-        // The shapes of the OpenAI and Anthropic APIs, as their official SDKs read them; the
-        // reply says which credential arrived (hashes only).
-        "/v1/chat/completions" | "/v1/messages" => llm(parts.uri.path(), &body, &record),
+        // The shapes of the OpenAI and Anthropic APIs (POST), as their official SDKs read them;
+        // the reply says which credential arrived (hashes only).
+        "/v1/chat/completions" | "/v1/messages" if parts.method == http::Method::POST => {
+            llm(parts.uri.path(), &body, &record)
+        }
         // An API shaped like the LLM APIs policies are written for (`/v1/models`,
         // `/v1/chat/completions`, ...): what `/hash` says, plus the method and path it saw.
         p if p.starts_with("/v1/") => json(
