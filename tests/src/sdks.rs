@@ -1,4 +1,5 @@
-//! The official LLM SDKs agents run (OpenAI's and Anthropic's Python packages), installed once
+//! The official LLM SDKs agents run (OpenAI's and Anthropic's Python packages, and the
+//! `websockets` package), installed once
 //! per machine from PyPI into a virtualenv under /var/tmp: world-readable and outside /root,
 //! since agents under `brokerctl run` are other users. Pinned, so a run is repeatable.
 
@@ -9,7 +10,7 @@ use std::{
 };
 
 /// The packages installed, pinned.
-const PACKAGES: [&str; 2] = ["openai==3.57.0", "anthropic==2.16.0"];
+const PACKAGES: [&str; 3] = ["openai==3.57.0", "anthropic==2.16.0", "websockets==17.4"];
 
 /// The virtualenv's python, created on first use (a run that finds it ready reuses it).
 pub fn sdk_python() -> &'static Path {

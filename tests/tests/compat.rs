@@ -1,5 +1,5 @@
-//! The clients agents run: the official OpenAI and Anthropic Python SDKs and Node's `fetch`
-//! (undici), each under `brokerctl run` holding only a placeholder, calling a local API shaped
+//! The clients agents run: the official OpenAI and Anthropic Python SDKs, Node's `fetch`
+//! (undici) and Python's `websockets`, each under `brokerctl run` holding only a placeholder, calling a local API shaped
 //! like the LLM APIs through the real kernel path. The credential is checked by hash upstream and is absent from
 //! everything the agent sees; a streamed reply's first event arrives while the API pauses.
 //!
@@ -178,6 +178,74 @@ fn node_fetch_gets_its_key_injected_and_its_stream_as_it_comes() {
         sha256_hex(format!("Bearer {}", w.secret.expose()).as_bytes())
     );
     check("node fetch", &run, &report, &want);
+    run.assert_no_secret(&w.secret);
+    w.assert_no_secret_in_logs();
+}
+
+/// Python's `websockets`: a connection held for 30 s, a message each way every second.
+const WEBSOCKET_PY: &str = r#"
+import asyncio, json, sys, time
+import websockets
+cfg = json.loads(sys.argv[1])
+async def main():
+    out = {"echoed": 0, "seconds": 0.0}
+    headers = {"Authorization": "Bearer " + cfg["placeholder"]}
+    url = f"wss://{cfg['host']}:{cfg['port']}/ws"
+    t0 = time.monotonic()
+    async with websockets.connect(url, additional_headers=headers, open_timeout=20) as ws:
+        for i in range(cfg["messages"]):
+            await ws.send(f"message {i}")
+            if await asyncio.wait_for(ws.recv(), 10) == f"message {i}":
+                out["echoed"] += 1
+            await asyncio.sleep(1)
+    out["seconds"] = time.monotonic() - t0
+    print(json.dumps(out))
+asyncio.run(main())
+"#;
+
+#[test]
+fn python_websockets_hold_a_connection_for_30_seconds_both_ways() {
+    let w = World::new();
+    let messages = 30;
+    let cfg = serde_json::json!({
+        "host": API,
+        "port": w.api.port(),
+        "placeholder": w.placeholder.expose(),
+        "messages": messages,
+    });
+    let argv = vec![
+        sdk_python().to_string_lossy().into_owned(),
+        "-c".into(),
+        WEBSOCKET_PY.into(),
+        cfg.to_string(),
+    ];
+    let run = clients::run_in_cgroup(
+        &w.broker,
+        &w.agent,
+        "websockets",
+        &w.trust().var("python"),
+        &argv,
+    );
+    let stdout = String::from_utf8_lossy(&run.output.stdout).into_owned();
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("websockets: no report ({e}): {}", run.show()));
+    assert_eq!(report["echoed"], messages, "{}", run.show());
+    assert!(
+        report["seconds"].as_f64().unwrap_or(0.0) >= 29.0,
+        "{report}"
+    );
+    let upgrade = w
+        .api
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/ws")
+        .unwrap_or_else(|| panic!("the upgrade never reached the API: {}", run.show()));
+    let want = sha256_hex(format!("Bearer {}", w.secret.expose()).as_bytes());
+    assert_eq!(
+        upgrade.header_hash("authorization"),
+        Some(want.as_str()),
+        "the key was not injected"
+    );
     run.assert_no_secret(&w.secret);
     w.assert_no_secret_in_logs();
 }
