@@ -943,6 +943,18 @@ fn eventually(check: impl Fn() -> bool) -> bool {
     check()
 }
 
+/// Whether this process may move a thread out of `SCHED_IDLE`: root (brokerd always is), or a
+/// nonzero `RLIMIT_NICE`.
+fn may_leave_the_idle_class() -> bool {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed to it.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut limit) } == 0;
+    nix::unistd::geteuid().is_root() || (got && limit.rlim_cur > 0)
+}
+
 #[test]
 fn the_writer_idles_in_the_idle_class_and_is_raised_by_a_backlog() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -963,11 +975,18 @@ fn the_writer_idles_in_the_idle_class_and_is_raised_by_a_backlog() {
     for e in requests(super::priority::PROMOTE_QUEUED as u64 + 1) {
         handle.record(e);
     }
-    assert_eq!(
-        policy_of(tid),
-        libc::SCHED_BATCH,
-        "a backlog raises the writer"
-    );
+    if may_leave_the_idle_class() {
+        assert_eq!(
+            policy_of(tid),
+            libc::SCHED_BATCH,
+            "a backlog raises the writer"
+        );
+    } else {
+        // Run without privilege (plain `cargo test` as a user): the kernel lets no one leave
+        // SCHED_IDLE without CAP_SYS_NICE or RLIMIT_NICE, so the raise fails, and must fail
+        // quietly: the writer still commits everything below.
+        assert_eq!(policy_of(tid), libc::SCHED_IDLE);
+    }
     drop(release);
     // Once it has caught up it goes back to the idle class, and nothing was lost.
     let committed = handle.flush().expect("flush");
