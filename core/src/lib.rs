@@ -19,3 +19,6 @@ pub mod percent;
 pub mod policy;
 pub mod secret;
 pub mod time;
+
+#[cfg(test)]
+mod test_rng;

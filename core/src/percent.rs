@@ -114,6 +114,7 @@ fn hex_pair(pair: &[u8]) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Rng;
 
     fn encoded(bytes: &[u8], case: HexCase) -> String {
         let mut out = Zeroizing::new(Vec::new());
@@ -165,25 +166,6 @@ mod tests {
         let (decoded, starts) = decode_with_offsets(b"", Plus::Keep);
         assert!(decoded.is_empty());
         assert_eq!(starts, [0]);
-    }
-
-    /// splitmix64: enough to draw bytes; seeded, so a failure reproduces.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn bytes(&mut self, from: &[u8]) -> Vec<u8> {
-            let len = (self.next() % 40) as usize;
-            (0..len)
-                .map(|_| from[(self.next() % from.len() as u64) as usize])
-                .collect()
-        }
     }
 
     #[test]

@@ -60,7 +60,10 @@ pub enum BodyError {
 pub(super) struct Watched {
     inner: PooledBody,
     idle: Duration,
+    /// Armed for `idle` after the last frame at most; when it fires early (frames came since),
+    /// it is re-armed then, so a frame costs a clock read, not a timer update.
     timer: Pin<Box<tokio::time::Sleep>>,
+    last_frame: tokio::time::Instant,
     host: String,
     ended: bool,
 }
@@ -71,6 +74,7 @@ impl Watched {
             inner,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            last_frame: tokio::time::Instant::now(),
             host,
             ended: false,
         }
@@ -91,8 +95,7 @@ impl hyper::body::Body for Watched {
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let next = tokio::time::Instant::now() + this.idle;
-                this.timer.as_mut().reset(next);
+                this.last_frame = tokio::time::Instant::now();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -104,13 +107,20 @@ impl hyper::body::Body for Watched {
                 this.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    this.ended = true;
-                    tracing::warn!(host = %this.host, idle_secs = this.idle.as_secs(), "the upstream's response stream stalled; the agent's stream is cut");
-                    Poll::Ready(Some(Err(BodyError::Idle(this.idle))))
+            Poll::Pending => loop {
+                match this.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) if this.last_frame + this.idle > this.timer.deadline() => {
+                        // Frames came since it was armed: the stream is not idle yet.
+                        let next = this.last_frame + this.idle;
+                        this.timer.as_mut().reset(next);
+                    }
+                    Poll::Ready(()) => {
+                        this.ended = true;
+                        tracing::warn!(host = %this.host, idle_secs = this.idle.as_secs(), "the upstream's response stream stalled; the agent's stream is cut");
+                        return Poll::Ready(Some(Err(BodyError::Idle(this.idle))));
+                    }
+                    Poll::Pending => return Poll::Pending,
                 }
-                Poll::Pending => Poll::Pending,
             },
         }
     }
