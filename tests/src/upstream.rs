@@ -14,6 +14,9 @@
 //! - `/stream`: [`STREAM_CHUNKS`] chunks of [`STREAM_CHUNK_LEN`] bytes, [`STREAM_GAP`] apart
 //!   (chunked transfer over HTTP/1.1, DATA frames over h2);
 //! - `/ws`: a WebSocket echo (HTTP/1.1 upgrade);
+//! - `/bulk/down?bytes=N`: N pseudo-random bytes, streamed (the sha256 of each body sent in full
+//!   is kept, see [`TestUpstream::bulk_sent`]); `/bulk/up`: hashes the request body as it
+//!   arrives and answers its length and sha256;
 //! - `/v1/...` (but `/v1/whoami`): 200 with what `/hash` says plus the method and path, an API
 //!   shaped like the ones policies name paths of (`/v1/models`, `/v1/chat/completions`).
 //!
@@ -53,6 +56,7 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
 };
 use serde::Serialize;
+use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 use tokio_tungstenite::{
     WebSocketStream,
@@ -70,6 +74,9 @@ pub const STREAM_CHUNKS: usize = 5;
 pub const STREAM_CHUNK_LEN: usize = 256;
 /// `/stream`: pause between chunks.
 pub const STREAM_GAP: Duration = Duration::from_millis(300);
+
+/// `/bulk/down`: bytes per DATA frame / chunk.
+const BULK_CHUNK: usize = 64 * 1024;
 
 /// How long the LLM-shaped endpoints pause between the first streamed event and the rest, like a
 /// model that reasons before it goes on.
@@ -228,6 +235,8 @@ struct State {
     canaries: Mutex<Vec<(String, Canary)>>,
     /// WebSocket messages echoed.
     ws_messages: AtomicUsize,
+    /// `/bulk/down` bodies sent in full: (length, sha256 hex), in order.
+    bulk_sent: Mutex<Vec<(u64, String)>>,
     /// What `/v1/whoami` accepts.
     expect_authorization_sha256: Option<String>,
 }
@@ -378,6 +387,15 @@ impl TestUpstream {
     }
 
     /// WebSocket messages echoed.
+    /// The `/bulk/down` bodies sent in full so far: (length, sha256 hex of the bytes).
+    pub fn bulk_sent(&self) -> Vec<(u64, String)> {
+        self.state
+            .bulk_sent
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
+    }
+
     pub fn ws_messages(&self) -> usize {
         self.state.ws_messages.load(Ordering::Relaxed)
     }
@@ -515,7 +533,12 @@ async fn respond(
     let is_ws = req.uri().path() == "/ws";
     let upgrade = is_ws.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
+    // `/bulk/up` is hashed as it arrives, never held whole.
+    let mut upload = None;
     let body = if is_ws {
+        Bytes::new()
+    } else if parts.uri.path() == "/bulk/up" {
+        upload = Some(hash_upload(body).await);
         Bytes::new()
     } else {
         match body.collect().await {
@@ -572,7 +595,7 @@ async fn respond(
         authority: authority.clone(),
         header_sha256,
         query_sha256: query.as_deref().map(|q| sha256_hex(q.as_bytes())),
-        body_len: body.len(),
+        body_len: upload.as_ref().map_or(body.len(), |u| u.len),
         canary_hits: hits,
     };
     if let Ok(mut r) = state.requests.lock() {
@@ -654,6 +677,15 @@ async fn respond(
             r
         }
         "/ws" => websocket(&parts, upgrade, state),
+        "/bulk/up" => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "len": record.body_len,
+                "sha256": upload.map(|u| u.sha256),
+                "authorization_sha256": record.header_hash("authorization"),
+            }),
+        ),
+        "/bulk/down" => bulk_down(query.as_deref(), state),
         // The shapes of the OpenAI and Anthropic APIs (POST), as their official SDKs read them;
         // the reply says which credential arrived (hashes only).
         "/v1/chat/completions" | "/v1/messages" if parts.method == http::Method::POST => {
@@ -681,6 +713,78 @@ async fn respond(
             &serde_json::json!({"error": "no such endpoint", "path": parts.uri.path()}),
         ),
     }
+}
+
+/// What an upload hashed to.
+struct Upload {
+    len: usize,
+    sha256: String,
+}
+
+async fn hash_upload(mut body: Incoming) -> Upload {
+    let mut hasher = Sha256::new();
+    let mut len = 0;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            len += data.len();
+            hasher.update(&data);
+        }
+    }
+    Upload {
+        len,
+        sha256: data_encoding::HEXLOWER.encode(&hasher.finalize()),
+    }
+}
+
+/// `/bulk/down?bytes=N`: N pseudo-random bytes (a splitmix64 stream), generated and hashed as
+/// they are sent; a body sent in full is recorded in [`TestUpstream::bulk_sent`].
+fn bulk_down(query: Option<&str>, state: &Arc<State>) -> Response<Body> {
+    let total: u64 = query
+        .and_then(|q| q.strip_prefix("bytes="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    struct Gen {
+        left: u64,
+        x: u64,
+        hasher: Sha256,
+        state: Arc<State>,
+        total: u64,
+    }
+    let start = Gen {
+        left: total,
+        x: 0x9e37_79b9_7f4a_7c15,
+        hasher: Sha256::new(),
+        state: state.clone(),
+        total,
+    };
+    let stream = futures_util::stream::unfold(start, |mut g| async move {
+        if g.left == 0 {
+            let sha = data_encoding::HEXLOWER.encode(&g.hasher.finalize());
+            if let Ok(mut sent) = g.state.bulk_sent.lock() {
+                sent.push((g.total, sha));
+            }
+            return None;
+        }
+        let n = usize::try_from(g.left).map_or(BULK_CHUNK, |l| l.min(BULK_CHUNK));
+        let mut chunk = Vec::with_capacity(n + 8);
+        while chunk.len() < n {
+            g.x = g.x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = g.x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            chunk.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        }
+        chunk.truncate(n);
+        g.hasher.update(&chunk);
+        g.left -= n as u64;
+        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))), g))
+    });
+    let mut r = Response::new(BoxBody::new(StreamBody::new(stream)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    r
 }
 
 fn websocket(
