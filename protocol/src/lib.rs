@@ -211,6 +211,30 @@ impl AuditEvent {
     }
 }
 
+/// What an operator does about an agent's client that failed the TLS handshake with brokerd:
+/// shown by `brokerctl doctor`, `brokerctl logs --denied` and the console.
+pub const TLS_REFUSAL_FIX: &str = "make the client trust the broker CA (SSL_CERT_FILE, \
+     NODE_EXTRA_CA_CERTS, a JVM truststore; clients with bundled roots such as reqwest with \
+     webpki-roots or Bun need their own setting, see the README), or pass its host through with \
+     a `tcp = true` rule";
+
+/// Failed TLS handshakes counted per (agent, program): the clients that likely do not trust
+/// the broker CA. Agents and programs brokerd could not name count as `?`.
+pub fn tls_refusals_by_client<'a>(
+    events: impl IntoIterator<Item = &'a AuditEvent>,
+) -> std::collections::BTreeMap<(String, String), u64> {
+    let mut by_client = std::collections::BTreeMap::new();
+    for e in events {
+        if e.kind != Some(EventKind::TlsFailure) {
+            continue;
+        }
+        let agent = e.cgroup.clone().unwrap_or_else(|| "?".into());
+        let comm = e.comm.clone().unwrap_or_else(|| "?".into());
+        *by_client.entry((agent, comm)).or_default() += 1;
+    }
+    by_client
+}
+
 /// The one spelling of each variant, the same as on the wire (snake_case), for every output.
 macro_rules! wire_names {
     ($ty:ty { $($variant:ident => $name:literal),+ $(,)? }) => {
@@ -608,6 +632,30 @@ mod tests {
         assert!(!with(Some(EventKind::Request), Some(Decision::Allow)).is_denial());
         assert!(!with(Some(EventKind::PolicyReload), Some(Decision::Allow)).is_denial());
         assert!(!with(None, None).is_denial());
+    }
+
+    #[test]
+    fn tls_refusals_are_counted_per_agent_and_program() {
+        let event = |kind, cgroup: Option<&str>, comm: Option<&str>| AuditEvent {
+            kind: Some(kind),
+            cgroup: cgroup.map(Into::into),
+            comm: comm.map(Into::into),
+            ..AuditEvent::default()
+        };
+        let events = [
+            event(EventKind::TlsFailure, Some("agents/a"), Some("bun")),
+            event(EventKind::Denial, Some("agents/a"), Some("bun")),
+            event(EventKind::TlsFailure, Some("agents/a"), Some("bun")),
+            event(EventKind::TlsFailure, Some("agents/b"), None),
+        ];
+        let got: Vec<_> = tls_refusals_by_client(&events).into_iter().collect();
+        assert_eq!(
+            got,
+            [
+                (("agents/a".into(), "bun".into()), 2),
+                (("agents/b".into(), "?".into()), 1)
+            ]
+        );
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct AgentStats {
     pub calls: u64,
     /// Denials and failures.
     pub denials: u64,
+    /// Failed TLS handshakes with brokerd, by the program (comm) that failed them: clients that
+    /// likely do not trust the broker CA.
+    pub tls_refusals: BTreeMap<String, u64>,
     /// Calls per second of event time, for the last [`RATE_WINDOW_SECS`] seconds at most.
     buckets: VecDeque<(u64, u32)>,
     /// Event time of the newest event, for eviction of idle agents.
@@ -68,6 +71,10 @@ impl AgentStats {
         self.calls += 1;
         if denied {
             self.denials += 1;
+        }
+        if event.kind == Some(EventKind::TlsFailure) {
+            let comm = event.comm.clone().unwrap_or_else(|| "?".into());
+            *self.tls_refusals.entry(comm).or_default() += 1;
         }
         let sec = event.time_ms / 1000;
         if sec + RATE_WINDOW_SECS <= now_ms / 1000 {
@@ -641,6 +648,28 @@ mod tests {
         assert_eq!(app.agent_filter(), Some("agents/a"));
         let seqs: Vec<u64> = app.visible().iter().map(|e| e.event.seq).collect();
         assert_eq!(seqs, [1, 2]);
+    }
+
+    #[test]
+    fn handshake_refusals_are_counted_per_agent_and_program() {
+        let mut app = App::new("/run");
+        let tls = |seq, comm: &str| AuditEvent {
+            kind: Some(EventKind::TlsFailure),
+            comm: Some(comm.into()),
+            ..ev(seq, "agents/a", true)
+        };
+        app.ingest(tls(1, "bun"));
+        app.ingest(ev(2, "agents/a", true));
+        app.ingest(tls(3, "bun"));
+        app.ingest(tls(4, "java"));
+        let stats = &app.agents()["agents/a"];
+        assert_eq!(stats.denials, 4);
+        let got: Vec<_> = stats
+            .tls_refusals
+            .iter()
+            .map(|(c, n)| (c.as_str(), *n))
+            .collect();
+        assert_eq!(got, [("bun", 2), ("java", 1)]);
     }
 
     #[test]

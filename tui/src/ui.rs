@@ -348,6 +348,7 @@ fn render_agents(frame: &mut Frame, area: Rect, app: &App) {
         Constraint::Fill(1),
         Constraint::Length(5),
         Constraint::Length(4),
+        Constraint::Length(3),
         Constraint::Length(4),
     ];
     let name_width = Layout::horizontal(constraints)
@@ -369,17 +370,24 @@ fn render_agents(frame: &mut Frame, area: Rect, app: &App) {
             } else {
                 Style::new()
             });
+            let refused: u64 = stats.tls_refusals.values().sum();
+            let tls = Cell::from(refused.to_string()).style(if refused > 0 {
+                DENIED
+            } else {
+                Style::new()
+            });
             let style = if chosen { HEADER } else { Style::new() };
             Row::new(vec![
                 Cell::from(format!("{marker}{}", ellipsize_left(name, name_width))),
                 Cell::from(stats.calls.to_string()),
                 denials,
+                tls,
                 Cell::from(stats.calls_last_minute(now).to_string()),
             ])
             .style(style)
         });
     let table = Table::new(rows, constraints)
-        .header(Row::new(["  AGENT", "CALLS", "DENY", "/MIN"]).style(HEADER))
+        .header(Row::new(["  AGENT", "CALLS", "DENY", "TLS", "/MIN"]).style(HEADER))
         .column_spacing(1)
         .block(block);
     frame.render_widget(table, area);
@@ -395,7 +403,22 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
     let inner_width = usize::from(block.inner(area).width);
     let lines = match entry {
         None => vec![Line::styled("no event selected", LABEL)],
-        Some(entry) => pack_fields(&detail_fields(&entry.event), inner_width, entry.denied),
+        Some(entry) => {
+            let mut fields = detail_fields(&entry.event);
+            if entry.event.kind == Some(EventKind::TlsFailure)
+                && let Some(stats) = app.agents().get(agent_of(&entry.event))
+            {
+                // Which of this agent's programs failed handshakes, and what to do about it.
+                let by_comm: Vec<String> = stats
+                    .tls_refusals
+                    .iter()
+                    .map(|(comm, n)| format!("{comm} x{n}"))
+                    .collect();
+                fields.push(("agent's TLS refusals", by_comm.join(", ")));
+                fields.push(("fix", agent_broker_protocol::TLS_REFUSAL_FIX.into()));
+            }
+            pack_fields(&fields, inner_width, entry.denied)
+        }
     };
     frame.render_widget(
         Paragraph::new(lines)

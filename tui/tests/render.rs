@@ -61,6 +61,25 @@ fn snapshot_120x40_filtered_paused_disconnected() {
 }
 
 #[test]
+fn snapshot_120x40_tls_refusal_selected_names_the_program_and_the_fix() {
+    let mut app = app();
+    // From the newest (a connection denial), up to node's failed handshake.
+    let up = common::events()
+        .iter()
+        .rev()
+        .position(|e| e.kind == Some(agent_broker_protocol::EventKind::TlsFailure))
+        .expect("a TLS failure in the fixture");
+    press(&mut app, KeyCode::Up, up);
+    let (text, _) = frame(&mut app, 120, 40);
+    assert!(text.contains("agent's TLS refusals node x1"), "{text}");
+    assert!(
+        text.contains("make the client trust the broker CA"),
+        "{text}"
+    );
+    assert_snapshot("console_120x40_tls_refusal", &text);
+}
+
+#[test]
 fn snapshot_80x24_help() {
     let mut app = app();
     press(&mut app, KeyCode::Char('?'), 1);

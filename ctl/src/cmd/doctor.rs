@@ -362,12 +362,7 @@ fn recent_tls_failures(run_dir: &Path) -> anyhow::Result<Vec<AuditEvent>> {
 /// One check per agent and program whose TLS client refused the broker CA: they hold their
 /// own roots (reqwest with webpki-roots, Bun, a JVM) and need to be told, or passed through.
 fn handshake_checks(events: &[AuditEvent]) -> Vec<Check> {
-    let mut by_client: std::collections::BTreeMap<(String, String), usize> = Default::default();
-    for e in events {
-        let agent = e.cgroup.clone().unwrap_or_else(|| "?".into());
-        let comm = e.comm.clone().unwrap_or_else(|| "?".into());
-        *by_client.entry((agent, comm)).or_default() += 1;
-    }
+    let by_client = agent_broker_protocol::tls_refusals_by_client(events);
     if by_client.is_empty() {
         return vec![check(
             "TLS refusals",
@@ -386,9 +381,7 @@ fn handshake_checks(events: &[AuditEvent]) -> Vec<Check> {
                     "{agent}: {comm} failed {n} TLS handshake(s) with brokerd in the last hour \
                      (it likely does not trust the broker CA)"
                 ),
-                "make the client trust the broker CA (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, a \
-                 JVM truststore; clients with bundled roots such as reqwest with webpki-roots or \
-                 Bun need their own setting), or pass its host through with a `tcp = true` rule",
+                agent_broker_protocol::TLS_REFUSAL_FIX,
             )
         })
         .collect()

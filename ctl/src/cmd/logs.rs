@@ -8,7 +8,7 @@ use std::{
 };
 
 use agent_broker_core::cgroup::CgroupPath;
-use agent_broker_protocol::{AuditEvent, LogFilter, Request, Response, client::Client};
+use agent_broker_protocol::{AuditEvent, EventKind, LogFilter, Request, Response, client::Client};
 use anyhow::bail;
 
 use crate::control::{call, refused, unexpected};
@@ -89,13 +89,23 @@ pub fn run(run_dir: &Path, args: Args) -> anyhow::Result<()> {
             "SEQ", "TIME", "AGENT", "PID", "COMM", "METHOD", "HOST", "PATH", "STATUS", "SECRETS"
         );
     }
+    // Handshake refusals, summed up per agent and program under the table.
+    let mut tls_refusals = Vec::new();
     loop {
         match response {
             Response::Event { event } if args.json => {
                 println!("{}", serde_json::to_string(&event)?)
             }
-            Response::Event { event } => print_event(&event),
-            Response::EndOfLog if !args.follow => return Ok(()),
+            Response::Event { event } => {
+                print_event(&event);
+                if event.kind == Some(EventKind::TlsFailure) {
+                    tls_refusals.push(event);
+                }
+            }
+            Response::EndOfLog if !args.follow => {
+                print!("{}", tls_refusal_summary(&tls_refusals));
+                return Ok(());
+            }
             Response::EndOfLog => {}
             Response::Error { kind, message } => return Err(refused(kind, &message)),
             other => return Err(unexpected(other)),
@@ -121,6 +131,24 @@ fn verify(run_dir: &Path) -> anyhow::Result<()> {
         },
         other => Err(unexpected(other)),
     }
+}
+
+/// Under the table: which agents' programs failed the TLS handshake, how often, and the fix.
+/// Empty when none did.
+fn tls_refusal_summary(events: &[AuditEvent]) -> String {
+    let by_client = agent_broker_protocol::tls_refusals_by_client(events);
+    if by_client.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\nTLS handshakes refused by agents' clients:\n");
+    for ((agent, comm), n) in by_client {
+        out.push_str(&format!("  {agent}: {comm} x{n}\n"));
+    }
+    out.push_str(&format!(
+        "  they likely do not trust the broker CA; fix: {}\n",
+        agent_broker_protocol::TLS_REFUSAL_FIX
+    ));
+    out
 }
 
 /// One record as a table row.
@@ -158,6 +186,30 @@ fn print_event(e: &AuditEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshake_refusals_are_summed_up_per_agent_and_program_with_the_fix() {
+        assert_eq!(tls_refusal_summary(&[]), "");
+        let tls = |cgroup: &str, comm: &str| AuditEvent {
+            kind: Some(EventKind::TlsFailure),
+            cgroup: Some(cgroup.into()),
+            comm: Some(comm.into()),
+            ..AuditEvent::default()
+        };
+        let summary = tls_refusal_summary(&[
+            tls("agents/a", "bun"),
+            tls("agents/b", "java"),
+            tls("agents/a", "bun"),
+        ]);
+        assert!(
+            summary.contains("  agents/a: bun x2\n  agents/b: java x1\n"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains(agent_broker_protocol::TLS_REFUSAL_FIX),
+            "{summary}"
+        );
+    }
 
     #[test]
     fn since_takes_a_time_or_an_age() {
