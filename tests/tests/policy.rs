@@ -622,6 +622,37 @@ fn sub_agent_is_narrowed_by_its_parent_and_a_widening_child_file_is_rejected() {
     w.assert_no_secret_in_logs();
 }
 
+/// Issue 13.11: `..;` and `..%3b` segments, which Tomcat-style servers read as `..`, do not
+/// get out of `/v1/**`.
+#[test]
+fn path_parameters_on_dot_segments_do_not_escape_a_paths_rule() {
+    let w = World::new(|cg, port| {
+        vec![(
+            "agent".into(),
+            paths_policy(&cg.child("agent"), port, &["/v1/**"]),
+        )]
+    });
+    w.assert_allowed(
+        "GET /v1/models",
+        &w.agent,
+        &w.call("GET", API, "/v1/models"),
+    );
+    for path in [
+        "/v1/..;/admin",
+        "/v1/..%3b/admin",
+        "/v1/..;x=1/admin",
+        "/v1/;/admin",
+    ] {
+        let (reason, _) =
+            w.assert_refused(&format!("GET {path}"), &w.agent, &w.call("GET", API, path));
+        assert!(
+            reason.contains("path parameters"),
+            "GET {path}: the reason should say why: {reason}"
+        );
+    }
+    w.assert_no_secret_in_logs();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Hot reload
 

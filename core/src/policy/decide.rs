@@ -339,8 +339,8 @@ impl PolicyFile {
             ),
             Miss::PathNotCanonical => format!(
                 "{method} {target} is not allowed for {cgroup}{by}: the path has `.` or `..` \
-                 segments, empty segments, a backslash, or an encoded `/`, `\\` or `.`, and \
-                 the rules for {} only match normalized paths",
+                 segments (also with path parameters, `..;`), empty segments, a backslash, or an \
+                 encoded `/`, `\\` or `.`, and the rules for {} only match normalized paths",
                 req.host_or_raw()
             ),
             Miss::Path => format!(

@@ -8,7 +8,8 @@
 //!
 //! Because a glob looks at the path as sent, a request path that a server could read as another
 //! path is refused by rules with `paths` ([`is_canonical`]): dot segments, empty segments, a
-//! backslash, and percent-encoded `/`, `\` or `.`.
+//! backslash, percent-encoded `/`, `\` or `.`, and segments that are dot or empty once their
+//! path parameters are stripped (`..;x`, `..%3b`, `;x`), as Tomcat-style servers read them.
 
 use std::fmt;
 
@@ -264,8 +265,8 @@ fn has_encoded_separator(s: &str) -> bool {
 }
 
 /// Whether a request path reads the same to every server: starts with `/`, no `.`/`..` or
-/// empty segments, no backslash, no percent-encoded `/`, `\` or `.`. Rules with `paths` only
-/// match such paths.
+/// empty segments (also after stripping `;` or `%3b` path parameters), no backslash, no
+/// percent-encoded `/`, `\` or `.`. Rules with `paths` only match such paths.
 pub fn is_canonical(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else {
         return false;
@@ -279,8 +280,28 @@ pub fn is_canonical(path: &str) -> bool {
         if matches!(segment, "." | "..") || (segment.is_empty() && !last) {
             return false;
         }
+        // Servers that strip path parameters (Tomcat, Jetty, Spring) read `..;x` as `..` and
+        // `;x` as an empty segment, whether the `;` is literal or `%3b`.
+        let name = segment_name(segment);
+        if name.len() != segment.len() && matches!(name, "" | "." | "..") {
+            return false;
+        }
     }
     true
+}
+
+/// A segment without its path parameters: what precedes the first `;` or `%3b` (any case).
+fn segment_name(segment: &str) -> &str {
+    let bytes = segment.as_bytes();
+    let end = (0..bytes.len())
+        .find(|&i| {
+            bytes[i] == b';'
+                || (bytes[i] == b'%'
+                    && bytes.get(i + 1) == Some(&b'3')
+                    && bytes.get(i + 2).map(u8::to_ascii_lowercase) == Some(b'b'))
+        })
+        .unwrap_or(bytes.len());
+    &segment[..end]
 }
 
 #[cfg(test)]
@@ -370,7 +391,17 @@ mod tests {
 
     #[test]
     fn canonical_paths() {
-        for ok in ["/", "/v1", "/v1/", "/v1/a.b", "/v1/..a", "/a%20b"] {
+        for ok in [
+            "/",
+            "/v1",
+            "/v1/",
+            "/v1/a.b",
+            "/v1/..a",
+            "/a%20b",
+            "/v1/a;v=1/b",
+            "/v1/...;x",
+            "/v1/x%3Bb",
+        ] {
             assert!(is_canonical(ok), "{ok}");
         }
         for bad in [
@@ -387,6 +418,14 @@ mod tests {
             "/v1/%2E/x",
             "/v1%2fx",
             "/v1%5Cx",
+            "/v1/..;/admin",
+            "/v1/..;x=1/admin",
+            "/v1/.;/admin",
+            "/v1/..%3b/admin",
+            "/v1/..%3B/admin",
+            "/v1/;/admin",
+            "/v1/;x",
+            "/v1/%3bx/admin",
         ] {
             assert!(!is_canonical(bad), "{bad}");
         }
