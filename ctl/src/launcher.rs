@@ -17,7 +17,7 @@
 //!    directory, `--allow-write` directories and the usual scratch places, and abstract UNIX
 //!    sockets and signals cannot reach outside the sandbox (brokerd, the user's processes);
 //! 5. installs a seccomp filter returning EPERM for socket families the cgroup hooks cannot see
-//!    (AF_PACKET, AF_VSOCK, AF_XDP, AF_SMC, AF_KEY, AF_ALG), for `bpf`, `ptrace`,
+//!    (AF_PACKET, AF_VSOCK, AF_XDP, AF_SMC, AF_KEY, AF_ALG, and AF_NETLINK but NETLINK_ROUTE), for `bpf`, `ptrace`,
 //!    `process_vm_readv/writev`, `perf_event_open`, kernel keyrings, module and kexec calls,
 //!    `userfaultfd`, and for io_uring (whose socket operations would bypass the `socket` check);
 //! 6. closes every descriptor above stderr and executes the command.

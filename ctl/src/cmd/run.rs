@@ -19,7 +19,8 @@ use crate::{cmd, launcher};
 /// inside a user namespace: --userns, the default); no capabilities and no_new_privs; a
 /// Landlock domain (read-only file system except the work directory, --allow-write
 /// directories and /tmp, /var/tmp, /dev/shm; no signals or abstract UNIX sockets outside it);
-/// a seccomp filter refusing AF_PACKET, AF_VSOCK, AF_XDP, AF_SMC, AF_KEY and AF_ALG sockets,
+/// a seccomp filter refusing AF_PACKET, AF_VSOCK, AF_XDP, AF_SMC, AF_KEY and AF_ALG sockets
+/// and netlink other than NETLINK_ROUTE,
 /// bpf, ptrace, process_vm_readv/writev, perf_event_open, keyrings, modules, kexec,
 /// userfaultfd and io_uring. brokerctl waits for CMD, forwards SIGINT, SIGTERM, SIGHUP and
 /// SIGQUIT to it, and exits with its status (128 + signal if it was killed; 126 if it could

@@ -90,6 +90,29 @@ pub fn seccomp_filter() -> Result<BpfProgram, LaunchError> {
                 .map_err(err)?,
             );
         }
+        if syscall == libc::SYS_socket {
+            // Netlink other than NETLINK_ROUTE (which getaddrinfo uses): sock_diag would list
+            // every TCP socket of the host, audit and others reach further.
+            by_family.push(
+                SeccompRule::new(vec![
+                    SeccompCondition::new(
+                        0,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Eq,
+                        libc::AF_NETLINK as u64,
+                    )
+                    .map_err(err)?,
+                    SeccompCondition::new(
+                        2,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Ne,
+                        libc::NETLINK_ROUTE as u64,
+                    )
+                    .map_err(err)?,
+                ])
+                .map_err(err)?,
+            );
+        }
         rules.insert(syscall, by_family);
     }
     let arch = TargetArch::try_from(std::env::consts::ARCH)

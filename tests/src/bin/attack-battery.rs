@@ -821,6 +821,26 @@ fn main() {
         &["EPERM"],
         try_socket(libc::AF_XDP, libc::SOCK_RAW, 0),
     );
+    // Issue 13.13: sock_diag lists every TCP socket of the host; only NETLINK_ROUTE (for
+    // getaddrinfo) is left.
+    b.row(
+        "F13.13",
+        "AF_NETLINK NETLINK_SOCK_DIAG socket (the host's socket table)",
+        &["EPERM"],
+        try_socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_SOCK_DIAG),
+    );
+    b.row(
+        "F13.13",
+        "AF_NETLINK NETLINK_AUDIT socket",
+        &["EPERM"],
+        try_socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_AUDIT),
+    );
+    b.row(
+        "F13.13",
+        "AF_NETLINK NETLINK_ROUTE still works (getaddrinfo)",
+        &["created"],
+        try_socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE),
+    );
     b.row(
         "N21",
         "AF_SMC socket",
