@@ -158,6 +158,41 @@ pub fn merged_ca_bundle(broker_ca_pem: &str) -> Vec<u8> {
     bundle
 }
 
+/// Refuses to start an agent whose stdio (`fds`) includes an IPv4 or IPv6 socket. The kernel
+/// runs the cgroup hooks for the cgroup a socket was *created* in, so a socket made out here
+/// would be neither redirected nor filtered in the agent's hands: it could disconnect it and
+/// connect it anywhere (issue 13.9). AF_UNIX sockets, pipes, files and terminals are fine.
+fn refuse_inet_stdio(fds: &[libc::c_int]) -> Result<(), LaunchError> {
+    const NAMES: [&str; 3] = ["stdin", "stdout", "stderr"];
+    for &fd in fds {
+        let mut domain: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `domain`; a descriptor that is not
+        // a socket (or not open) fails with ENOTSOCK/EBADF and is left alone.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_DOMAIN,
+                (&mut domain as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r == 0 && matches!(domain, libc::AF_INET | libc::AF_INET6) {
+            let name = usize::try_from(fd)
+                .ok()
+                .and_then(|i| NAMES.get(i).copied())
+                .map_or_else(|| format!("descriptor {fd}"), str::to_string);
+            return Err(LaunchError::Invalid(format!(
+                "{name} is an IPv4/IPv6 socket made outside the agent's cgroup: the kernel hooks \
+                 never see it, so the agent could re-aim it anywhere; give the agent a pipe, a \
+                 file or a terminal instead (e.g. `| brokerctl run ...` or `< file`)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The agent's pid, for the signal forwarder.
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
@@ -213,6 +248,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
             LaunchError::Invalid("an argument of the command contains a NUL byte".into())
         })?);
     }
+    refuse_inet_stdio(&[0, 1, 2])?;
     let filter = confine::seccomp_filter()?;
     let plan = confine::Plan {
         identity: spec.identity,
@@ -403,6 +439,30 @@ mod tests {
                 PathBuf::from("/sys/fs/bpf"),
             ]
         );
+    }
+
+    #[test]
+    fn inet_sockets_as_stdio_are_refused_and_unix_sockets_pipes_and_files_are_not() {
+        use std::os::fd::AsRawFd as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let udp = std::net::UdpSocket::bind("[::1]:0").expect("bind v6");
+        for fd in [listener.as_raw_fd(), udp.as_raw_fd()] {
+            let err = refuse_inet_stdio(&[fd]).expect_err("an inet socket is refused");
+            assert!(
+                err.to_string().contains("made outside the agent's cgroup"),
+                "{err}"
+            );
+        }
+        let (unix, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let (r, w) = pipe().expect("pipe");
+        let file = tempfile::tempfile().expect("file");
+        refuse_inet_stdio(&[
+            unix.as_raw_fd(),
+            r.as_raw_fd(),
+            w.as_raw_fd(),
+            file.as_raw_fd(),
+        ])
+        .expect("AF_UNIX, pipes and files are fine");
     }
 
     #[test]

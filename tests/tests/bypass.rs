@@ -655,6 +655,31 @@ fn the_launcher_reports_exit_codes_refuses_root_and_starts_nothing_without_broke
     let out = broker.ctl_output(&["run", "--cgroup", &agent, "--", "/nonexistent/agent"]);
     assert_eq!(out.status.code(), Some(126), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent"));
+    // Issue 13.9: a TCP socket made out here is never handed to the agent as stdio (the
+    // kernel hooks see a socket's creation cgroup, so the agent could re-aim it anywhere).
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let socket =
+        std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let marker = broker.scratch_dir().join("started-with-a-socket");
+    let child = broker
+        .ctl()
+        .args(["run", "--cgroup", &agent, "--", "touch"])
+        .arg(&marker)
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(socket)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start brokerctl run");
+    let out = wait_with_timeout(child, Duration::from_secs(20), "brokerctl run < socket");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stdin is an IPv4/IPv6 socket"),
+        "{out:?}"
+    );
+    assert!(
+        !marker.exists(),
+        "the agent must not start with an inet socket as stdin"
+    );
     // brokerd down: the command is not started at all.
     broker.stop();
     let marker = broker.scratch_dir().join("started");
