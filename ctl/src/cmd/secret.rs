@@ -14,7 +14,8 @@ use anyhow::Context as _;
 use crate::control::{call, unexpected};
 use crate::print::{date, json_pretty};
 
-/// Store, list, rotate and remove secrets in brokerd's encrypted vault.
+/// Store, list, rotate and remove secrets in brokerd's encrypted vault, and print placeholders
+/// shaped like them.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Store a secret (a new version if NAME exists). The value is read from stdin when it is
