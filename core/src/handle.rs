@@ -1,15 +1,28 @@
-//! Handles: opaque `brk_...` strings an agent may hold in place of a real key.
+//! Handles: opaque strings an agent may hold in place of a real key.
 //!
 //! `brokerctl handle mint` binds a fresh random token to (cgroup subtree, secret, host, expiry)
-//! and prints it once; the broker stores only its SHA-256 ([`HandleRecord`]). The agent puts the
-//! token wherever a key goes: any header (`Bearer brk_...`, `x-api-key`), basic auth (inside the
-//! base64 `user:pass`), or a query parameter (also percent-encoded). [`swap_handles`] finds the
-//! tokens in a request, checks each against its record ([`check`]), and rewrites the request
-//! with the secret in the token's place; any failed check denies the whole request with a
-//! reason the agent can read. Bodies and paths are not searched.
+//! and prints it once; the broker stores only its SHA-256 ([`HandleRecord`]). A token is either
+//! *marked*, `brk_` + 52 base32 characters, or *shaped* ([`shape`]): the same prefix, length
+//! and alphabet as the secret it stands for (`ghp_` + 36 letters and digits for a `ghp_` key),
+//! with a fresh random body, for clients that refuse a token that does not look like theirs.
+//!
+//! The agent puts the token wherever a key goes: any header (`Bearer brk_...`, `x-api-key`),
+//! basic auth (inside the base64 `user:pass`), or a query parameter (also percent-encoded).
+//! [`swap_handles`] finds the tokens in a request, checks each against its record ([`check`]),
+//! and rewrites the request with the secret in the token's place; any failed check denies the
+//! whole request with a reason the agent can read. Bodies and paths are not searched.
+//!
+//! Finding marked tokens needs nothing but the marker, and an unknown `brk_` token denies the
+//! request (it is a mistyped or deleted handle). A shaped token has no marker: the caller
+//! passes the shapes of the shaped handles it has stored ([`SwapContext::shapes`]), every match
+//! of one is a candidate, and a candidate is a handle when its hash is a stored handle's (then
+//! it is checked, and denied or swapped, exactly like a `brk_` one). A candidate no handle has
+//! is not a handle (it may be a real token of the same kind) and is left as it is; so handle
+//! records are kept after they expire or are revoked, and a failed lookup denies the request
+//! rather than let a handle through unswapped.
 //!
 //! Pure: the caller supplies the time, the record lookup and the secret lookup. The only effect
-//! is drawing randomness in [`mint`].
+//! is drawing randomness in [`mint`], [`mint_shaped`] and [`placeholder`].
 
 use std::{
     borrow::Borrow, collections::HashMap, fmt, ops::Range, time::Duration, time::SystemTime,
@@ -29,7 +42,11 @@ use crate::{
     time::format_rfc3339,
 };
 
-/// Every token starts with this.
+pub mod shape;
+
+pub use shape::{Alphabet, MIN_RANDOM_BITS, ShapeError, TokenShape};
+
+/// Every marked token starts with this.
 pub const TOKEN_PREFIX: &str = "brk_";
 /// Random bytes in a token.
 const TOKEN_RANDOM_BYTES: usize = 32;
@@ -62,6 +79,11 @@ pub enum HandleError {
     #[error("cannot draw random bytes for a handle")]
     Random(#[source] getrandom::Error),
 }
+
+/// The store of handle records could not be read. A request that may carry a handle is then
+/// refused, never forwarded with the handle in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupFailed;
 
 /// Why a request carrying a handle was refused. Messages are for the agent: they say what is
 /// wrong without revealing the binding; the fields carry the details for the audit log.
@@ -98,6 +120,11 @@ pub enum HandleDenial {
     MissingSecret { id: HandleId, secret: SecretName },
     #[error("the secret behind handle {id} cannot be written where the handle is: {reason}")]
     Unencodable { id: HandleId, reason: &'static str },
+    #[error(
+        "the broker cannot read its handles now, and the request carries a token that may be \
+         one; try again later"
+    )]
+    Unavailable,
 }
 
 /// A handle's public id, `h_` + 8 hex digits: what `handle list` shows and `handle revoke`
@@ -131,14 +158,19 @@ impl fmt::Display for HandleId {
     }
 }
 
-/// SHA-256 of a token string: what the broker stores and looks tokens up by. Tokens carry 256
-/// random bits, so a plain hash cannot be reversed or guessed.
+/// SHA-256 of a token string: what the broker stores and looks tokens up by. Marked tokens
+/// carry 256 random bits and shaped ones at least [`MIN_RANDOM_BITS`], so a plain hash cannot be
+/// reversed or guessed.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TokenHash(pub [u8; 32]);
 
 impl TokenHash {
     pub fn of(token: &str) -> Self {
-        Self(Sha256::digest(token.as_bytes()).into())
+        Self::of_bytes(token.as_bytes())
+    }
+
+    fn of_bytes(token: &[u8]) -> Self {
+        Self(Sha256::digest(token).into())
     }
 
     /// Lowercase hex, for storage.
@@ -163,7 +195,7 @@ impl fmt::Debug for TokenHash {
 pub struct HandleToken(Zeroizing<String>);
 
 impl HandleToken {
-    /// The `brk_...` string, to print for the operator.
+    /// The token string (`brk_...`, or shaped), to print for the operator.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -210,6 +242,8 @@ pub struct HandleRecord {
     pub created: SystemTime,
     pub expires: SystemTime,
     pub revoked: bool,
+    /// The shape of a shaped handle's token; `None` for a marked (`brk_`) one.
+    pub shape: Option<TokenShape>,
 }
 
 /// Mints a handle: a fresh token (returned once) and the record to store. Storage should
@@ -220,30 +254,46 @@ pub fn mint(
     ttl: Duration,
     binding: HandleBinding,
 ) -> Result<(HandleToken, HandleRecord), HandleError> {
-    mint_with(now, ttl, binding, |buf| {
-        getrandom::fill(buf).map_err(HandleError::Random)
-    })
+    mint_with(now, ttl, binding, None, os_random)
+}
+
+/// Mints a shaped handle: like [`mint`], with a token of `shape` (the shape of the secret it
+/// stands for, [`TokenShape::of_secret`]): its prefix and a fresh random body.
+pub fn mint_shaped(
+    now: SystemTime,
+    ttl: Duration,
+    binding: HandleBinding,
+    shape: TokenShape,
+) -> Result<(HandleToken, HandleRecord), HandleError> {
+    mint_with(now, ttl, binding, Some(shape), os_random)
+}
+
+/// A placeholder of `shape`: a fresh random token that looks like the secret (same prefix,
+/// length and alphabet) and is bound to nothing, for an agent's environment where a policy rule
+/// injects the real secret anyway. Nothing of the secret is in it but the prefix.
+pub fn placeholder(shape: &TokenShape) -> Result<HandleToken, HandleError> {
+    shape::random_token(shape, os_random).map(HandleToken)
+}
+
+fn os_random(buf: &mut [u8]) -> Result<(), HandleError> {
+    getrandom::fill(buf).map_err(HandleError::Random)
 }
 
 fn mint_with(
     now: SystemTime,
     ttl: Duration,
     binding: HandleBinding,
+    shape: Option<TokenShape>,
     mut random: impl FnMut(&mut [u8]) -> Result<(), HandleError>,
 ) -> Result<(HandleToken, HandleRecord), HandleError> {
     if ttl < Duration::from_secs(1) || ttl > MAX_TTL {
         return Err(HandleError::TtlOutOfRange(ttl));
     }
     let expires = now.checked_add(ttl).ok_or(HandleError::ExpiryOutOfRange)?;
-    let mut bytes = Zeroizing::new([0u8; TOKEN_RANDOM_BYTES]);
-    random(&mut bytes[..])?;
-    let mut token = Zeroizing::new(String::with_capacity(TOKEN_PREFIX.len() + TOKEN_BODY_LEN));
-    token.push_str(TOKEN_PREFIX);
-    let mut body = Zeroizing::new(vec![0u8; BASE32_NOPAD.encode_len(TOKEN_RANDOM_BYTES)]);
-    BASE32_NOPAD.encode_mut(&bytes[..], &mut body);
-    for &b in body.iter() {
-        token.push(char::from(b.to_ascii_lowercase()));
-    }
+    let token = match &shape {
+        Some(shape) => shape::random_token(shape, &mut random)?,
+        None => marked_token(&mut random)?,
+    };
     let mut id = [0u8; ID_RANDOM_BYTES];
     random(&mut id)?;
     let record = HandleRecord {
@@ -253,8 +303,25 @@ fn mint_with(
         created: now,
         expires,
         revoked: false,
+        shape,
     };
     Ok((HandleToken(token), record))
+}
+
+/// `brk_` + 32 random bytes in lowercase unpadded base32.
+fn marked_token(
+    mut random: impl FnMut(&mut [u8]) -> Result<(), HandleError>,
+) -> Result<Zeroizing<String>, HandleError> {
+    let mut bytes = Zeroizing::new([0u8; TOKEN_RANDOM_BYTES]);
+    random(&mut bytes[..])?;
+    let mut token = Zeroizing::new(String::with_capacity(TOKEN_PREFIX.len() + TOKEN_BODY_LEN));
+    token.push_str(TOKEN_PREFIX);
+    let mut body = Zeroizing::new(vec![0u8; BASE32_NOPAD.encode_len(TOKEN_RANDOM_BYTES)]);
+    BASE32_NOPAD.encode_mut(&bytes[..], &mut body);
+    for &b in body.iter() {
+        token.push(char::from(b.to_ascii_lowercase()));
+    }
+    Ok(token)
 }
 
 /// Parses a TTL such as `30s`, `15m`, `1h`, `2d` or `1h30m`.
@@ -316,7 +383,7 @@ fn is_word_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
 
-/// Every well-formed token in `haystack`: `brk_` plus exactly 52 base32 characters, not
+/// Every well-formed marked token in `haystack`: `brk_` plus exactly 52 base32 characters, not
 /// preceded or followed by a letter, digit or `_`.
 pub fn find_tokens(haystack: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
     memchr::memmem::find_iter(haystack, TOKEN_PREFIX.as_bytes()).filter_map(move |start| {
@@ -338,6 +405,9 @@ pub struct SwapContext<'a> {
     /// The host the request goes to (as policy decided it).
     pub host: &'a str,
     pub now: SystemTime,
+    /// The shapes of the stored shaped handles (expired and revoked ones included), each once:
+    /// what shaped candidates are looked for.
+    pub shapes: &'a [TokenShape],
 }
 
 /// A handle a request used.
@@ -390,6 +460,26 @@ impl Swapped {
     }
 }
 
+/// What a candidate token is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// `brk_...`: a handle, or a mistyped or deleted one (denied).
+    Marked,
+    /// A match of a shaped handle's shape: a handle only when one is stored with its hash.
+    Shaped,
+}
+
+/// Every candidate token in `text`, `brk_` ones and matches of `shapes`, by start (the longest
+/// first where two start together). Candidates of different kinds may overlap.
+fn candidates(text: &[u8], shapes: &[TokenShape]) -> Vec<(Range<usize>, Kind)> {
+    let mut out: Vec<(Range<usize>, Kind)> = find_tokens(text).map(|r| (r, Kind::Marked)).collect();
+    for shape in shapes {
+        out.extend(shape.find_in(text).into_iter().map(|r| (r, Kind::Shaped)));
+    }
+    out.sort_by_key(|(r, _)| (r.start, std::cmp::Reverse(r.end)));
+    out
+}
+
 /// A token whose record passed [`check`].
 struct Admitted {
     id: HandleId,
@@ -398,57 +488,135 @@ struct Admitted {
     value: Option<usize>,
 }
 
-/// Checks every token first, then fetches secrets and rewrites, so a request that is denied
-/// never has any secret decrypted for it.
+/// What a candidate turned out to be.
+enum Seen {
+    /// A handle that passed its check.
+    Handle(Admitted),
+    /// A shaped candidate that no stored handle has.
+    NotAHandle,
+}
+
+/// Where a header value's handles are.
+enum HeaderPlan {
+    /// In the value as sent.
+    Raw(Vec<Range<usize>>),
+    /// Inside `Basic` credentials: the scheme text's length (with its space), the decoded
+    /// `user:pass`, and the handles in it.
+    Basic {
+        scheme_len: usize,
+        decoded: Zeroizing<Vec<u8>>,
+        handles: Vec<Range<usize>>,
+    },
+}
+
+/// Where a query's handles are: in its percent-decoded bytes, each decoded byte's offset in
+/// the query as sent (see [`percent::decode_with_offsets`]).
+struct QueryPlan {
+    decoded: Zeroizing<Vec<u8>>,
+    starts: Vec<usize>,
+    handles: Vec<Range<usize>>,
+}
+
+/// Checks every candidate first (planning where the handles are), then fetches secrets and
+/// rewrites, so a request that is denied never has any secret decrypted for it.
 struct Resolver<'c, R, S> {
     ctx: &'c SwapContext<'c>,
     records: R,
     secrets: S,
-    admitted: HashMap<String, Admitted>,
+    /// Every candidate looked up so far, by the hash of its text.
+    seen: HashMap<TokenHash, Seen>,
     out: Swapped,
 }
 
 impl<R, Rec, S, V> Resolver<'_, R, S>
 where
-    R: FnMut(&TokenHash) -> Option<Rec>,
+    R: FnMut(&TokenHash) -> Result<Option<Rec>, LookupFailed>,
     Rec: Borrow<HandleRecord>,
     S: FnMut(&SecretName) -> Option<V>,
     V: SecretBytes,
 {
-    /// Looks the token's record up and checks it.
-    fn admit(&mut self, token: &[u8]) -> Result<(), HandleDenial> {
-        // Tokens are ASCII by construction of `find_tokens`.
-        let token = String::from_utf8_lossy(token).into_owned();
-        if self.admitted.contains_key(&token) {
-            return Ok(());
+    /// Looks a candidate's record up and checks it: `Ok(true)` for a handle this request may
+    /// use, `Ok(false)` for a shaped candidate that is no handle, a denial otherwise.
+    fn admit(&mut self, token: &[u8], kind: Kind) -> Result<bool, HandleDenial> {
+        let hash = TokenHash::of_bytes(token);
+        match self.seen.get(&hash) {
+            Some(Seen::Handle(_)) => return Ok(true),
+            Some(Seen::NotAHandle) => return Ok(false),
+            None => {}
         }
-        let hash = TokenHash::of(&token);
-        let unknown = || HandleDenial::Unknown {
-            shown: token.chars().take(TOKEN_PREFIX.len() + 4).collect(),
+        let found = (self.records)(&hash).map_err(|LookupFailed| HandleDenial::Unavailable)?;
+        let Some(record) = found.filter(|r| r.borrow().token_hash == hash) else {
+            return match kind {
+                Kind::Marked => Err(HandleDenial::Unknown {
+                    // Marked tokens are ASCII: the marker and four characters.
+                    shown: String::from_utf8_lossy(&token[..TOKEN_PREFIX.len() + 4]).into_owned(),
+                }),
+                Kind::Shaped => {
+                    self.seen.insert(hash, Seen::NotAHandle);
+                    Ok(false)
+                }
+            };
         };
-        let record = (self.records)(&hash).ok_or_else(unknown)?;
         let record = record.borrow();
-        if record.token_hash != hash {
-            return Err(unknown());
-        }
         check(record, self.ctx.cgroup, self.ctx.host, self.ctx.now)?;
         let admitted = Admitted {
             id: record.id.clone(),
             secret: record.binding.secret.clone(),
             value: None,
         };
-        self.admitted.insert(token, admitted);
-        Ok(())
+        self.seen.insert(hash, Seen::Handle(admitted));
+        Ok(true)
+    }
+
+    /// The handles in `text`, in order and not overlapping, after checking every candidate
+    /// (the first denial wins).
+    fn handles_in(&mut self, text: &[u8]) -> Result<Vec<Range<usize>>, HandleDenial> {
+        let mut handles: Vec<Range<usize>> = Vec::new();
+        for (range, kind) in candidates(text, self.ctx.shapes) {
+            if self.admit(&text[range.clone()], kind)?
+                && handles.last().is_none_or(|last| last.end <= range.start)
+            {
+                handles.push(range);
+            }
+        }
+        Ok(handles)
+    }
+
+    /// Where a header value's handles are: inside `Basic` credentials when those hold any,
+    /// else in the raw value; `None` when it holds none.
+    fn plan_header(&mut self, value: &[u8]) -> Result<Option<HeaderPlan>, HandleDenial> {
+        if let Some((scheme, decoded)) = basic_credentials(value) {
+            let handles = self.handles_in(&decoded)?;
+            if !handles.is_empty() {
+                return Ok(Some(HeaderPlan::Basic {
+                    scheme_len: scheme.len(),
+                    decoded,
+                    handles,
+                }));
+            }
+        }
+        let handles = self.handles_in(value)?;
+        Ok((!handles.is_empty()).then_some(HeaderPlan::Raw(handles)))
+    }
+
+    /// Where the query's handles are, after percent-decoding; `None` when it holds none.
+    fn plan_query(&mut self, query: &str) -> Result<Option<QueryPlan>, HandleDenial> {
+        // `+` stays `+`: the bytes around the tokens are copied as sent.
+        let (decoded, starts) = percent::decode_with_offsets(query.as_bytes(), Plus::Keep);
+        let decoded = Zeroizing::new(decoded);
+        let handles = self.handles_in(&decoded)?;
+        Ok((!handles.is_empty()).then_some(QueryPlan {
+            decoded,
+            starts,
+            handles,
+        }))
     }
 
     /// The index of an admitted token's secret in `out.secret_values`, fetching it once.
     fn resolve(&mut self, token: &[u8]) -> Result<usize, HandleDenial> {
-        let token = String::from_utf8_lossy(token);
-        let Some(admitted) = self.admitted.get_mut(token.as_ref()) else {
-            // Every token was admitted in the first pass; refuse rather than trust that.
-            return Err(HandleDenial::Unknown {
-                shown: token.chars().take(TOKEN_PREFIX.len() + 4).collect(),
-            });
+        let Some(Seen::Handle(admitted)) = self.seen.get_mut(&TokenHash::of_bytes(token)) else {
+            // Every handle was admitted when it was planned; refuse rather than trust that.
+            return Err(HandleDenial::Unavailable);
         };
         if let Some(i) = admitted.value {
             return Ok(i);
@@ -483,15 +651,15 @@ where
             .map_or_else(|| HandleId(String::new()), |u| u.id.clone())
     }
 
-    /// `input` with each token range replaced by the raw secret; `None` without tokens.
-    fn replace(&mut self, input: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, HandleDenial> {
-        let ranges: Vec<Range<usize>> = find_tokens(input).collect();
-        if ranges.is_empty() {
-            return Ok(None);
-        }
+    /// `input` with each handle replaced by the raw secret.
+    fn replace(
+        &mut self,
+        input: &[u8],
+        handles: &[Range<usize>],
+    ) -> Result<Zeroizing<Vec<u8>>, HandleDenial> {
         let mut out = Zeroizing::new(Vec::with_capacity(input.len() + 64));
         let mut last = 0;
-        for r in ranges {
+        for r in handles {
             let i = self.resolve(&input[r.clone()])?;
             out.extend_from_slice(&input[last..r.start]);
             let secret = &self.out.secret_values[i];
@@ -500,28 +668,30 @@ where
             last = r.end;
         }
         out.extend_from_slice(&input[last..]);
-        Ok(Some(out))
+        Ok(out)
     }
 
-    /// A header value with its tokens swapped, or `None` when it has none.
-    fn header_value(&mut self, value: &HeaderValue) -> Result<Option<HeaderValue>, HandleDenial> {
-        let bytes = value.as_bytes();
-        let swapped = match basic_credentials(bytes) {
-            Some((scheme, decoded)) if find_tokens(&decoded).next().is_some() => {
-                let Some(swapped) = self.replace(&decoded)? else {
-                    return Ok(None);
-                };
-                let len = scheme.len() + BASE64.encode_len(swapped.len());
+    /// A header value with its handles swapped, as `plan` says.
+    fn header_value(
+        &mut self,
+        value: &[u8],
+        plan: HeaderPlan,
+    ) -> Result<HeaderValue, HandleDenial> {
+        let swapped = match plan {
+            HeaderPlan::Basic {
+                scheme_len,
+                decoded,
+                handles,
+            } => {
+                let swapped = self.replace(&decoded, &handles)?;
+                let len = scheme_len + BASE64.encode_len(swapped.len());
                 let mut out = Zeroizing::new(Vec::with_capacity(len));
-                out.extend_from_slice(scheme);
+                out.extend_from_slice(&value[..scheme_len]);
                 out.resize(len, 0);
-                BASE64.encode_mut(&swapped, &mut out[scheme.len()..]);
+                BASE64.encode_mut(&swapped, &mut out[scheme_len..]);
                 out
             }
-            _ => match self.replace(bytes)? {
-                Some(v) => v,
-                None => return Ok(None),
-            },
+            HeaderPlan::Raw(handles) => self.replace(value, &handles)?,
         };
         let mut value =
             HeaderValue::from_bytes(&swapped).map_err(|_| HandleDenial::Unencodable {
@@ -529,22 +699,21 @@ where
                 reason: "the secret holds bytes that cannot go into a header",
             })?;
         value.set_sensitive(true);
-        Ok(Some(value))
+        Ok(value)
     }
 
-    /// The query with tokens swapped, looking inside percent-encoding; bytes around the tokens
-    /// are kept exactly as they were.
-    fn query(&mut self, query: &str) -> Result<Option<Zeroizing<String>>, HandleDenial> {
+    /// The query with its handles swapped, as `plan` says; bytes around the handles are kept
+    /// exactly as they were sent.
+    fn query(&mut self, query: &str, plan: QueryPlan) -> Result<Zeroizing<String>, HandleDenial> {
         let raw = query.as_bytes();
-        // `+` stays `+`: tokens never hold one, and the bytes around them are copied as sent.
-        let (decoded, starts) = percent::decode_with_offsets(raw, Plus::Keep);
-        let ranges: Vec<Range<usize>> = find_tokens(&decoded).collect();
-        if ranges.is_empty() {
-            return Ok(None);
-        }
+        let QueryPlan {
+            decoded,
+            starts,
+            handles,
+        } = plan;
         let mut out = Zeroizing::new(Vec::with_capacity(raw.len() + 64));
         let mut last = 0;
-        for r in ranges {
+        for r in handles {
             let secret = self.resolve(&decoded[r.clone()])?;
             out.extend_from_slice(&raw[last..starts[r.start]]);
             let value = &self.out.secret_values[secret];
@@ -554,7 +723,7 @@ where
         out.extend_from_slice(&raw[last..]);
         let bytes = std::mem::take(&mut *out);
         match String::from_utf8(bytes) {
-            Ok(s) => Ok(Some(Zeroizing::new(s))),
+            Ok(s) => Ok(Zeroizing::new(s)),
             Err(e) => {
                 // Unreachable: the input was UTF-8 and only ASCII was spliced in.
                 drop(Zeroizing::new(e.into_bytes()));
@@ -565,24 +734,6 @@ where
             }
         }
     }
-}
-
-/// The tokens a header value holds: inside `Basic` credentials when those hold any, else in
-/// the raw value.
-fn header_tokens(value: &[u8]) -> Vec<Vec<u8>> {
-    if let Some((_, decoded)) = basic_credentials(value) {
-        let inside: Vec<Vec<u8>> = find_tokens(&decoded).map(|r| decoded[r].to_vec()).collect();
-        if !inside.is_empty() {
-            return inside;
-        }
-    }
-    find_tokens(value).map(|r| value[r].to_vec()).collect()
-}
-
-/// The tokens a query string holds, after percent-decoding.
-fn query_tokens(query: &str) -> Vec<Vec<u8>> {
-    let decoded = percent::decode(query.as_bytes(), Plus::Keep);
-    find_tokens(&decoded).map(|r| decoded[r].to_vec()).collect()
 }
 
 /// `Basic base64(user:pass)`: the scheme text as sent (with its space) and the decoded
@@ -616,12 +767,13 @@ fn decode_base64(encoded: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     None
 }
 
-/// Swaps every handle token in a request's headers and query for its secret.
+/// Swaps every handle in a request's headers and query for its secret.
 ///
-/// `records` looks a record up by token hash; `secrets` fetches a secret's value (called only
-/// after the record's [`check`] passed). Returns `Ok(None)` when the request holds no token, and
-/// the first denial when any token is unknown or fails its check: the request must then not be
-/// forwarded.
+/// `records` looks a record up by token hash (`Err` when the store cannot be read); `secrets`
+/// fetches a secret's value (called only after every handle's [`check`] passed). Returns
+/// `Ok(None)` when the request holds no handle, and the first denial when a `brk_` token is
+/// unknown, a handle fails its check, or a lookup fails: the request must then not be
+/// forwarded. Shaped candidates that are no handle's are left as they are.
 pub fn swap_handles<R, Rec, S, V>(
     headers: &HeaderMap,
     query: Option<&str>,
@@ -630,7 +782,7 @@ pub fn swap_handles<R, Rec, S, V>(
     secrets: S,
 ) -> Result<Option<Swapped>, HandleDenial>
 where
-    R: FnMut(&TokenHash) -> Option<Rec>,
+    R: FnMut(&TokenHash) -> Result<Option<Rec>, LookupFailed>,
     Rec: Borrow<HandleRecord>,
     S: FnMut(&SecretName) -> Option<V>,
     V: SecretBytes,
@@ -639,29 +791,33 @@ where
         ctx,
         records,
         secrets,
-        admitted: HashMap::new(),
+        seen: HashMap::new(),
         out: Swapped::default(),
     };
-    // First pass: every token must be known and pass its check before any secret is fetched.
-    for value in headers.values() {
-        for token in header_tokens(value.as_bytes()) {
-            resolver.admit(&token)?;
+    // First pass: every candidate is looked up, and every handle must pass its check, before
+    // any secret is fetched.
+    let mut header_plans = Vec::new();
+    for (index, value) in headers.values().enumerate() {
+        if let Some(plan) = resolver.plan_header(value.as_bytes())? {
+            header_plans.push((index, plan));
         }
     }
-    for token in query.map(query_tokens).unwrap_or_default() {
-        resolver.admit(&token)?;
-    }
-    if resolver.admitted.is_empty() {
+    let query_plan = match query {
+        Some(q) => resolver.plan_query(q)?,
+        None => None,
+    };
+    if header_plans.is_empty() && query_plan.is_none() {
         return Ok(None);
     }
-    let mut replacements = Vec::new();
+    let mut replacements = Vec::with_capacity(header_plans.len());
+    let mut plans = header_plans.into_iter().peekable();
     for (index, value) in headers.values().enumerate() {
-        if let Some(new) = resolver.header_value(value)? {
-            replacements.push((index, new));
+        if let Some((_, plan)) = plans.next_if(|(i, _)| *i == index) {
+            replacements.push((index, resolver.header_value(value.as_bytes(), plan)?));
         }
     }
-    if let Some(q) = query {
-        resolver.out.query = resolver.query(q)?;
+    if let (Some(q), Some(plan)) = (query, query_plan) {
+        resolver.out.query = Some(resolver.query(q, plan)?);
     }
     if !replacements.is_empty() {
         let mut rebuilt = HeaderMap::with_capacity(headers.len());

@@ -2,7 +2,7 @@
 //!
 //! [`policy`] decides what each agent cgroup may call and what is written into its requests;
 //! [`inject`] renders the credential templates a rule names; [`handle`] mints and recognizes the
-//! `brk_` tokens an agent may hold in place of a key; [`secret`] holds secret names and values;
+//! tokens an agent may hold in place of a key (`brk_...`, or shaped like the key); [`secret`] holds secret names and values;
 //! [`cgroup`] names and finds cgroups. [`fmt`], [`fs`], [`percent`] and [`time`] hold the few
 //! helpers every side needs, written once.
 //!

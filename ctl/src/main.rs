@@ -96,4 +96,37 @@ mod tests {
     fn the_command_line_is_well_formed() {
         super::Args::command().debug_assert();
     }
+
+    /// `--shaped` is off unless asked for; `secret placeholder` takes a name.
+    #[test]
+    fn shaped_handles_and_placeholders_parse() {
+        use super::{Args, Command, cmd};
+        use clap::Parser as _;
+        let mint = |extra: &[&str]| {
+            let mut argv = vec![
+                "brokerctl",
+                "handle",
+                "mint",
+                "--cgroup",
+                "a",
+                "--secret",
+                "K",
+                "--host",
+                "h.test",
+            ];
+            argv.extend_from_slice(extra);
+            match Args::try_parse_from(argv).map(|a| a.command) {
+                Ok(Command::Handle(cmd::handle::Command::Mint { shaped, .. })) => shaped,
+                other => panic!("handle mint parsed as {other:?}"),
+            }
+        };
+        assert!(!mint(&[]));
+        assert!(mint(&["--shaped"]));
+        assert!(matches!(
+            Args::try_parse_from(["brokerctl", "secret", "placeholder", "GH_TOKEN"])
+                .map(|a| a.command),
+            Ok(Command::Secret(cmd::secret::Command::Placeholder { name })) if name == "GH_TOKEN"
+        ));
+        assert!(Args::try_parse_from(["brokerctl", "secret", "placeholder"]).is_err());
+    }
 }

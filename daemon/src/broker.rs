@@ -1,7 +1,7 @@
 //! The broker's decisions: the [`Authorizer`] the proxy asks about every connection and request.
 //!
 //! A request goes through four steps, in this order, each in its own module: the policy
-//! decides ([`request`]); a `brk_` handle the agent holds is swapped for its secret
+//! decides ([`request`]); a handle the agent holds (`brk_...` or shaped) is swapped for its secret
 //! ([`handles`]); the rule's credentials are written into the request ([`inject`]); and the
 //! rule's rate limits and budgets are charged ([`limits`], last, so a request refused for
 //! another reason does not use one up). Connections are decided in [`connection`]. Secrets are

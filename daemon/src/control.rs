@@ -251,6 +251,7 @@ async fn dispatch(request: Request, state: &ControlState) -> Response {
         } => secrets::set(state, name, value, rotate).await,
         Request::SecretList => secrets::list(state).await,
         Request::SecretRemove { name } => secrets::remove(state, name).await,
+        Request::SecretPlaceholder { name } => secrets::placeholder(state, name).await,
         Request::CaCert => Response::CaCert {
             pem: state.ca_pem.clone(),
         },
@@ -259,7 +260,17 @@ async fn dispatch(request: Request, state: &ControlState) -> Response {
             secret,
             host,
             ttl_secs,
-        } => handles::mint(&state.vault, &cgroup, &secret, &host, ttl_secs).await,
+            shaped,
+        } => {
+            let request = handles::MintRequest {
+                cgroup: &cgroup,
+                secret: &secret,
+                host: &host,
+                ttl_secs,
+                shaped,
+            };
+            handles::mint(&state.vault, request).await
+        }
         Request::HandleList => handles::list(&state.vault).await,
         Request::HandleRevoke { id } => handles::revoke(&state.vault, id).await,
         Request::PolicyReload => policy::reload(state).await,

@@ -20,6 +20,9 @@
 //! across an `.await`. Every write is one redb write transaction, committed durably (redb's
 //! default `Durability::Immediate`) before the method returns.
 //!
+//! Handle records are stored as JSON, unsealed: what `handle list` shows, the token's SHA-256,
+//! and for a shaped handle its shape (the secret's prefix, length and alphabet, nothing more).
+//!
 //! Never: log, print or return a secret value in an error; store a handle token (only its
 //! SHA-256); create a new master key for a vault that already exists.
 
@@ -32,6 +35,7 @@ mod tests;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use nix::fcntl::Flock;
 use redb::{
@@ -43,7 +47,7 @@ use crate::store::{self, Locked, Opened, StoreError, StoreName};
 
 use agent_broker_core::{
     cgroup::CgroupPath,
-    handle::{HandleBinding, HandleId, HandleRecord, TokenHash},
+    handle::{HandleBinding, HandleId, HandleRecord, TokenHash, TokenShape},
     secret::{SecretError, SecretName, SecretValue},
     time::{from_unix_secs, now_unix_secs, unix_secs},
 };
@@ -210,6 +214,11 @@ pub struct Vault {
     db: Database,
     cipher: Cipher,
     path: PathBuf,
+    /// The shapes of the stored shaped handles, each once, sorted: what requests are searched
+    /// for (see `agent_broker_core::handle`). Read from the handles at open, grown by
+    /// [`Vault::put_handle`]; handles are never removed (revoked and expired ones stay, so
+    /// their tokens are still recognised and refused).
+    handle_shapes: RwLock<Arc<[TokenShape]>>,
     _lock: Flock<File>,
 }
 
@@ -261,10 +270,14 @@ impl Vault {
             db,
             cipher,
             path,
+            handle_shapes: RwLock::new(Arc::from([])),
             _lock: lock,
         };
         check_key(&vault.db, &vault.cipher, &vault.path)?;
         vault.ensure_tables()?;
+        // A handle row that does not parse refuses the open: its shape could not be searched
+        // for, and its token would reach an upstream unswapped.
+        vault.load_handle_shapes()?;
         Ok(vault)
     }
 
@@ -422,7 +435,43 @@ impl Vault {
                 .insert(handle.token_hash.0.as_slice(), handle.id.as_str())
                 .map_err(self.storage("writing a handle token"))?;
         }
-        self.commit(txn)
+        self.commit(txn)?;
+        if let Some(shape) = &handle.shape {
+            self.add_handle_shapes([shape.clone()]);
+        }
+        Ok(())
+    }
+
+    /// The shapes of the stored shaped handles, each once: what every request is searched for.
+    pub fn handle_shapes(&self) -> Arc<[TokenShape]> {
+        self.handle_shapes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn load_handle_shapes(&self) -> Result<(), VaultError> {
+        let shapes = self.list_handles()?.into_iter().filter_map(|h| h.shape);
+        *self
+            .handle_shapes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::from([]);
+        self.add_handle_shapes(shapes);
+        Ok(())
+    }
+
+    fn add_handle_shapes(&self, new: impl IntoIterator<Item = TokenShape>) {
+        let mut shapes = self
+            .handle_shapes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut all = shapes.to_vec();
+        all.extend(new);
+        all.sort();
+        all.dedup();
+        if all.len() != shapes.len() {
+            *shapes = Arc::from(all);
+        }
     }
 
     /// The handle whose token hashes to `token_sha256`, revoked or expired ones included (the
@@ -527,6 +576,7 @@ impl Vault {
                 .map_err(self.storage("removing a handle token"))?;
         }
         self.commit(txn)?;
+        self.load_handle_shapes()?;
         Ok(true)
     }
 
@@ -760,6 +810,7 @@ pub fn handle_info(h: &HandleRecord) -> HandleInfo {
         created_unix: unix_secs(h.created),
         expires_unix: unix_secs(h.expires),
         revoked: h.revoked,
+        shape: h.shape.as_ref().map(ToString::to_string),
     }
 }
 
@@ -776,6 +827,8 @@ enum BadHandleRow {
     Host(#[source] agent_broker_core::handle::HandleError),
     #[error("id: {0}")]
     Id(#[source] agent_broker_core::handle::HandleError),
+    #[error("shape: {0}")]
+    Shape(#[source] agent_broker_core::handle::ShapeError),
 }
 
 impl HandleRow {
@@ -793,6 +846,12 @@ impl HandleRow {
             created: from_unix_secs(info.created_unix),
             expires: from_unix_secs(info.expires_unix),
             revoked: info.revoked,
+            shape: info
+                .shape
+                .as_deref()
+                .map(TokenShape::parse)
+                .transpose()
+                .map_err(BadHandleRow::Shape)?,
         })
     }
 }

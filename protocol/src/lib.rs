@@ -62,6 +62,10 @@ pub enum Request {
     SecretList,
     /// Delete a secret.
     SecretRemove { name: String },
+    /// A random placeholder of the shape of secret `name` (its prefix, length and alphabet), to
+    /// put in an agent's environment where a policy rule injects the secret anyway. Bound to
+    /// nothing and stored nowhere; it holds nothing of the secret but the prefix.
+    SecretPlaceholder { name: String },
     /// The broker CA certificate (PEM).
     CaCert,
     /// Mint a handle: an opaque token the agent may use in place of the secret.
@@ -70,6 +74,10 @@ pub enum Request {
         secret: String,
         host: String,
         ttl_secs: u64,
+        /// A token of the secret's shape (its prefix, length and alphabet, with a random body)
+        /// instead of `brk_...`; refused when the secret has no usable shape.
+        #[serde(default)]
+        shaped: bool,
     },
     /// The handles (never their tokens).
     HandleList,
@@ -344,6 +352,10 @@ pub struct HandleInfo {
     pub created_unix: u64,
     pub expires_unix: u64,
     pub revoked: bool,
+    /// A shaped handle's token shape, written `PREFIX[CLASS]{N}` (e.g. `ghp_[0-9A-Za-z]{36}`);
+    /// absent for a `brk_` handle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<String>,
 }
 
 /// brokerd's answer to one [`Request`].
@@ -373,6 +385,12 @@ pub enum Response {
     },
     CaCert {
         pem: String,
+    },
+    /// A placeholder of a secret's shape (`shape`, written `PREFIX[CLASS]{N}`).
+    SecretPlaceholder {
+        name: String,
+        shape: String,
+        placeholder: String,
     },
     /// A new handle; `token` is shown once, here, and stored only as a hash.
     HandleMinted {
@@ -687,6 +705,31 @@ mod tests {
         let shown = format!("{req:?}");
         assert!(!shown.contains(value), "{shown}");
         assert!(shown.contains("redacted"));
+    }
+
+    #[test]
+    fn shaped_is_optional_and_brk_handles_show_no_shape() {
+        let req: Request = decode_line(
+            br#"{"request":"handle_mint","cgroup":"a","secret":"K","host":"h.test","ttl_secs":60}"#,
+        )
+        .expect("decode");
+        assert!(
+            matches!(req, Request::HandleMint { shaped: false, .. }),
+            "{req:?}"
+        );
+        let info = HandleInfo {
+            id: "h_0123abcd".into(),
+            cgroup: "a".into(),
+            secret: "K".into(),
+            host: "h.test".into(),
+            created_unix: 1,
+            expires_unix: 2,
+            revoked: false,
+            shape: None,
+        };
+        let json = serde_json::to_string(&info).expect("encode");
+        assert!(!json.contains("shape"), "{json}");
+        assert_eq!(serde_json::from_str::<HandleInfo>(&json).ok(), Some(info));
     }
 
     #[test]

@@ -42,6 +42,31 @@ impl Canary {
         Self::with_prefix("abtest-secret-")
     }
 
+    /// A fresh random value of `prefix` and `len` characters drawn uniformly from `alphabet`
+    /// (e.g. a `ghp_`-like key: `ghp_` and 36 letters and digits), for what a key's form
+    /// matters to. Made here, per test: nothing like it is written anywhere.
+    pub fn shaped(prefix: &str, alphabet: &[u8], len: usize) -> Self {
+        assert!(
+            !alphabet.is_empty() && alphabet.len() <= 256,
+            "an alphabet of 1 to 256 characters"
+        );
+        // Bytes at or above `limit` are drawn again, so every character is equally likely.
+        let limit = 256 - 256 % alphabet.len();
+        let mut value = prefix.to_string();
+        while value.len() < prefix.len() + len {
+            let mut raw = [0u8; 64];
+            getrandom::fill(&mut raw).unwrap_or_else(|e| panic!("getrandom failed: {e}"));
+            for b in raw {
+                if usize::from(b) < limit && value.len() < prefix.len() + len {
+                    value.push(char::from(alphabet[usize::from(b) % alphabet.len()]));
+                }
+            }
+        }
+        let canary = Self { value };
+        canary.register();
+        canary
+    }
+
     /// Registers a value that must be redacted from printed text (e.g. a handle token).
     pub fn adopt(value: &str) -> Self {
         let canary = Self {

@@ -4,6 +4,8 @@ use http::header::{AUTHORIZATION, HeaderName};
 
 use super::*;
 
+mod shaped;
+
 const SECRET: &[u8] = b"sk-real-secret-value+/=";
 
 fn cg(s: &str) -> CgroupPath {
@@ -41,6 +43,7 @@ fn minted(seed: u8, cgroup: &str, host: &str) -> (String, HandleRecord) {
         t(1000),
         Duration::from_secs(600),
         binding(cgroup, host),
+        None,
         counter(seed),
     )
     .expect("mint");
@@ -64,6 +67,7 @@ fn minted_tokens_have_the_documented_shape() {
     assert_eq!(record.created, t(1000));
     assert_eq!(record.expires, t(1000) + DEFAULT_TTL);
     assert!(!record.revoked);
+    assert_eq!(record.shape, None);
     assert_eq!(
         find_tokens(token.as_bytes())
             .map(|r| (r.start, r.end))
@@ -102,6 +106,7 @@ fn deterministic_mint() {
             SystemTime::UNIX_EPOCH,
             Duration::MAX,
             binding("a", "h.test"),
+            None,
             counter(0)
         )
         .is_err()
@@ -287,19 +292,34 @@ fn finds_tokens_only_with_clean_edges() {
 /// A store with one or more minted handles and a vault with their secret.
 struct Fixture {
     records: HashMap<TokenHash, HandleRecord>,
+    /// The shapes of the shaped records, each once, as brokerd passes them.
+    shapes: Vec<TokenShape>,
     vault: HashMap<SecretName, Vec<u8>>,
     secret_lookups: std::cell::Cell<usize>,
+    record_lookups: std::cell::Cell<usize>,
+    /// Every record lookup fails (the store cannot be read).
+    store_down: bool,
 }
 
 impl Fixture {
     fn new(records: &[&HandleRecord]) -> Self {
+        Self::with_secret(records, SECRET)
+    }
+
+    fn with_secret(records: &[&HandleRecord], secret: &[u8]) -> Self {
+        let mut shapes: Vec<TokenShape> = records.iter().filter_map(|r| r.shape.clone()).collect();
+        shapes.sort();
+        shapes.dedup();
         Self {
             records: records
                 .iter()
                 .map(|r| (r.token_hash, (*r).clone()))
                 .collect(),
-            vault: [(SecretName::new("API_KEY").expect("name"), SECRET.to_vec())].into(),
+            shapes,
+            vault: [(SecretName::new("API_KEY").expect("name"), secret.to_vec())].into(),
             secret_lookups: std::cell::Cell::new(0),
+            record_lookups: std::cell::Cell::new(0),
+            store_down: false,
         }
     }
 
@@ -315,12 +335,19 @@ impl Fixture {
             cgroup: &cgroup,
             host,
             now: t(1000),
+            shapes: &self.shapes,
         };
         swap_handles(
             headers,
             query,
             &ctx,
-            |h| self.records.get(h),
+            |h| {
+                self.record_lookups.set(self.record_lookups.get() + 1);
+                if self.store_down {
+                    return Err(LookupFailed);
+                }
+                Ok(self.records.get(h))
+            },
             |n| {
                 self.secret_lookups.set(self.secret_lookups.get() + 1);
                 self.vault.get(n).map(Vec::as_slice)

@@ -1,6 +1,7 @@
-//! `brokerctl handle`: mint, list and revoke handles, the opaque `brk_...` tokens an agent
-//! uses in place of a secret. A token is printed once, when it is minted; brokerd keeps only
-//! its hash, and listings show ids.
+//! `brokerctl handle`: mint, list and revoke handles, the opaque tokens an agent uses in place
+//! of a secret: `brk_...`, or with `--shaped` a token that looks like the secret (its prefix,
+//! length and alphabet, with a random body). A token is printed once, when it is minted;
+//! brokerd keeps only its hash, and listings show ids.
 
 use std::path::Path;
 
@@ -10,7 +11,8 @@ use agent_broker_protocol::{Request, Response};
 use crate::control::{call, unexpected};
 use crate::print::{date, json_pretty};
 
-/// Handles: opaque `brk_...` tokens an agent may use in place of a secret.
+/// Handles: opaque tokens (`brk_...`, or shaped like the secret) an agent may use in place of a
+/// secret.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Mint a handle for SECRET, usable only from the cgroup subtree PATH towards HOST until it
@@ -25,8 +27,15 @@ pub enum Command {
         /// Lifetime, e.g. 30s, 15m, 2h, 1d; at least 1s, at most 365d.
         #[arg(long, default_value = "15m", value_parser = agent_broker_core::handle::parse_ttl)]
         ttl: std::time::Duration,
+        /// Make the token look like the secret, for clients that check a token's form before
+        /// sending it (gh wants `ghp_...`): the secret's prefix (its leading lowercase labels
+        /// ending in `_` or `-`, such as `ghp_`, `github_pat_`, `sk-proj-`), length and alphabet,
+        /// with a random body of at least 128 bits. Refused when the secret is too short for
+        /// that or holds characters other than letters, digits, `_`, `-`, `+` and `/`.
+        #[arg(long)]
+        shaped: bool,
     },
-    /// The handles (never their tokens).
+    /// The handles (never their tokens); TOKEN is `brk_` or a shaped handle's shape.
     List {
         #[arg(long)]
         json: bool,
@@ -42,6 +51,7 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
             secret,
             host,
             ttl,
+            shaped,
         } => {
             let cgroup = CgroupPath::parse(&cgroup)?.to_string();
             let request = Request::HandleMint {
@@ -49,12 +59,18 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
                 secret,
                 host,
                 ttl_secs: ttl.as_secs(),
+                shaped,
             };
             match call(run_dir, &request)? {
                 Response::HandleMinted { token, handle } => {
                     // The description to stderr, the token alone to stdout, for `$(...)`.
+                    let shape = handle
+                        .shape
+                        .as_ref()
+                        .map(|s| format!(", shaped {s}"))
+                        .unwrap_or_default();
                     eprintln!(
-                        "handle {} for {} towards {} from {}, expires {}",
+                        "handle {} for {} towards {} from {}, expires {}{shape}",
                         handle.id,
                         handle.secret,
                         handle.host,
@@ -71,8 +87,8 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
             Response::Handles { handles } if json => json_pretty(&handles),
             Response::Handles { handles } => {
                 println!(
-                    "{:<12} {:<24} {:<20} {:<28} {:<20} STATE",
-                    "ID", "CGROUP", "SECRET", "HOST", "EXPIRES"
+                    "{:<12} {:<24} {:<20} {:<28} {:<20} {:<8} TOKEN",
+                    "ID", "CGROUP", "SECRET", "HOST", "EXPIRES", "STATE"
                 );
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -87,12 +103,13 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
                         "active"
                     };
                     println!(
-                        "{:<12} {:<24} {:<20} {:<28} {:<20} {state}",
+                        "{:<12} {:<24} {:<20} {:<28} {:<20} {state:<8} {}",
                         h.id,
                         h.cgroup,
                         h.secret,
                         h.host,
-                        date(h.expires_unix)
+                        date(h.expires_unix),
+                        h.shape.as_deref().unwrap_or("brk_")
                     );
                 }
                 Ok(())

@@ -1,8 +1,10 @@
-//! `brokerctl secret`: store, rotate, list and remove secrets in brokerd's vault.
+//! `brokerctl secret`: store, rotate, list and remove secrets in brokerd's vault, and make
+//! placeholders that look like them.
 //!
 //! A value is read from stdin or from a prompt that does not echo, never from the command line
 //! (where `ps` and shell history would see it), goes to brokerd as a `SecretInput`, and is never
-//! printed: brokerd answers with names, versions and dates only.
+//! printed: brokerd answers with names, versions and dates only, and for `placeholder` with a
+//! random string of the secret's shape.
 
 use std::path::Path;
 
@@ -12,7 +14,8 @@ use anyhow::Context as _;
 use crate::control::{call, unexpected};
 use crate::print::{date, json_pretty};
 
-/// Store, list, rotate and remove secrets in brokerd's encrypted vault.
+/// Store, list, rotate and remove secrets in brokerd's encrypted vault, and print placeholders
+/// shaped like them.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Store a secret (a new version if NAME exists). The value is read from stdin when it is
@@ -31,6 +34,12 @@ pub enum Command {
     },
     /// Delete a secret.
     Rm { name: String },
+    /// Print a random placeholder shaped like secret NAME (its prefix, such as `ghp_` or
+    /// `sk-proj-`, its length and its alphabet), for an agent's environment where a policy rule
+    /// injects the secret anyway, and the client checks what its key looks like. It is bound to
+    /// nothing, stored nowhere, and holds nothing of the secret but the prefix; a new one each
+    /// time. The shape goes to stderr, the placeholder alone to stdout.
+    Placeholder { name: String },
 }
 
 pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
@@ -57,6 +66,20 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
             }
             other => Err(unexpected(other)),
         },
+        Command::Placeholder { name } => {
+            match call(run_dir, &Request::SecretPlaceholder { name })? {
+                Response::SecretPlaceholder {
+                    name,
+                    shape,
+                    placeholder,
+                } => {
+                    eprintln!("placeholder for {name}, shaped {shape}");
+                    println!("{placeholder}");
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            }
+        }
         Command::Rm { name } => match call(run_dir, &Request::SecretRemove { name })? {
             Response::SecretRemoved { name } => {
                 println!("removed secret {name}");

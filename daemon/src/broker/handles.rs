@@ -1,11 +1,12 @@
-//! The second step: a `brk_` handle the agent put in a header or the query is swapped for the
-//! secret it stands for, when the handle is valid for this agent, host and time.
+//! The second step: a handle the agent put in a header or the query (a `brk_` token, or a
+//! shaped one that looks like the secret) is swapped for the secret it stands for, when the
+//! handle is valid for this agent, host and time.
 
 use std::time::SystemTime;
 
 use agent_broker_core::{
     fmt::error_chain,
-    handle::{self, SwapContext},
+    handle::{self, LookupFailed, SwapContext},
 };
 use http::request::Parts;
 use tracing::warn;
@@ -14,7 +15,9 @@ use super::{PolicyAuthorizer, request::Allowed};
 use crate::proxy::{Denial, Grant, RequestFacts};
 
 /// Swaps every handle in the request; misuse (unknown, expired, revoked, another agent's or
-/// another host's handle) is a denial marked as handle misuse.
+/// another host's handle) is a denial marked as handle misuse. The request is searched for
+/// `brk_` tokens and for the shapes of every shaped handle in the vault; a vault that cannot be
+/// read refuses a request with a candidate rather than forward it.
 pub(super) fn swap(
     broker: &PolicyAuthorizer,
     facts: &RequestFacts<'_>,
@@ -22,21 +25,22 @@ pub(super) fn swap(
     allowed: &Allowed<'_>,
     grant: &mut Grant,
 ) -> Result<(), Denial> {
+    let shapes = broker.vault.handle_shapes();
     let ctx = SwapContext {
         cgroup: &facts.origin.cgroup,
         host: facts.host,
         now: SystemTime::now(),
+        shapes: &shapes,
     };
     let swapped = handle::swap_handles(
         &parts.headers,
         parts.uri.query(),
         &ctx,
-        |hash| match broker.vault.handle_by_token_hash(hash) {
-            Ok(record) => record,
-            Err(e) => {
+        |hash| {
+            broker.vault.handle_by_token_hash(hash).map_err(|e| {
                 warn!(error = %error_chain(&e), "cannot read handle");
-                None
-            }
+                LookupFailed
+            })
         },
         |name| broker.secret(name),
     )

@@ -1,5 +1,6 @@
-//! Handles: `handle mint`, `handle list` and `handle revoke`. The vault stores the typed
-//! `HandleRecord`; a token is in the mint reply once and nowhere else.
+//! Handles: `handle mint` (`--shaped` too), `handle list` and `handle revoke`. The vault stores
+//! the typed `HandleRecord`; a token is in the mint reply once and nowhere else. A shaped
+//! handle's shape is derived here from the secret, which never leaves brokerd.
 
 use std::{
     sync::Arc,
@@ -10,7 +11,10 @@ use agent_broker_core::fmt::error_chain;
 use agent_broker_protocol::{ErrorKind, Response};
 use tracing::info;
 
-use super::reply::{blocking, error};
+use super::{
+    reply::{blocking, error},
+    secrets::{no_secret, shape_of},
+};
 use crate::vault::{Vault, handle_info as info};
 use agent_broker_core::{
     cgroup::CgroupPath,
@@ -18,14 +22,25 @@ use agent_broker_core::{
     secret::SecretName,
 };
 
+/// What `handle mint` asks for.
+pub struct MintRequest<'a> {
+    pub cgroup: &'a str,
+    pub secret: &'a str,
+    pub host: &'a str,
+    pub ttl_secs: u64,
+    /// A token of the secret's shape instead of `brk_...`.
+    pub shaped: bool,
+}
+
 /// Mints a handle and stores its record. The token is in the reply once and nowhere else.
-pub async fn mint(
-    vault: &Arc<Vault>,
-    cgroup: &str,
-    secret: &str,
-    host: &str,
-    ttl_secs: u64,
-) -> Response {
+pub async fn mint(vault: &Arc<Vault>, request: MintRequest<'_>) -> Response {
+    let MintRequest {
+        cgroup,
+        secret,
+        host,
+        ttl_secs,
+        shaped,
+    } = request;
     let binding = match (CgroupPath::parse(cgroup), SecretName::new(secret)) {
         (Ok(c), Ok(s)) => match HandleBinding::new(c, s, host) {
             Ok(b) => b,
@@ -34,15 +49,34 @@ pub async fn mint(
         (Err(e), _) => return error(ErrorKind::BadRequest, e.to_string()),
         (_, Err(e)) => return error(ErrorKind::BadRequest, e.to_string()),
     };
+    let shape = if shaped {
+        match shape_of(vault, &binding.secret).await {
+            Ok(Ok(shape)) => Some(shape),
+            Ok(Err(e)) => {
+                return error(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "secret {} cannot be copied into a shaped handle: {e}; without --shaped, \
+                         mint a brk_ handle",
+                        binding.secret.as_str()
+                    ),
+                );
+            }
+            Err(response) => return response,
+        }
+    } else {
+        None
+    };
     // Ids are 32 random bits: on the rare collision with a stored handle, mint again.
     let mut attempts = 0;
     let (token, stored, result) = loop {
         attempts += 1;
-        let (token, record) = match handle::mint(
-            SystemTime::now(),
-            Duration::from_secs(ttl_secs),
-            binding.clone(),
-        ) {
+        let (now, ttl) = (SystemTime::now(), Duration::from_secs(ttl_secs));
+        let minted = match &shape {
+            Some(shape) => handle::mint_shaped(now, ttl, binding.clone(), shape.clone()),
+            None => handle::mint(now, ttl, binding.clone()),
+        };
+        let (token, record) = match minted {
             Ok(m) => m,
             Err(e) => return error(ErrorKind::BadRequest, error_chain(&e)),
         };
@@ -67,19 +101,17 @@ pub async fn mint(
     };
     match result {
         Ok(Minted::Stored) => {
-            info!(handle = %stored.id.as_str(), cgroup = %stored.binding.cgroup, secret = %stored.binding.secret.as_str(), host = %stored.binding.host, "handle minted");
+            let shape = stored
+                .shape
+                .as_ref()
+                .map_or_else(|| "brk_".to_string(), ToString::to_string);
+            info!(handle = %stored.id.as_str(), cgroup = %stored.binding.cgroup, secret = %stored.binding.secret.as_str(), host = %stored.binding.host, %shape, "handle minted");
             Response::HandleMinted {
                 handle: info(&stored),
                 token: token.expose().to_string(),
             }
         }
-        Ok(Minted::NoSecret) => error(
-            ErrorKind::NotFound,
-            format!(
-                "no secret named {}; store it first with `brokerctl secret set`",
-                stored.binding.secret.as_str()
-            ),
-        ),
+        Ok(Minted::NoSecret) => no_secret(&stored.binding.secret),
         Ok(Minted::IdTaken) => error(
             ErrorKind::Internal,
             "could not find a free handle id".into(),

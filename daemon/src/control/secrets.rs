@@ -1,7 +1,14 @@
-//! The vault's secrets: `secret set`, `secret list` and `secret remove`. A value arrives once,
-//! in a set request, and is never sent back.
+//! The vault's secrets: `secret set`, `secret list`, `secret remove` and `secret placeholder`.
+//! A value arrives once, in a set request, and is never sent back; a placeholder holds nothing
+//! of it but its prefix (see `agent_broker_core::handle::shape`).
 
-use agent_broker_core::secret::{SecretName, SecretValue};
+use std::sync::Arc;
+
+use agent_broker_core::{
+    fmt::error_chain,
+    handle::{self, ShapeError, TokenShape},
+    secret::{SecretName, SecretValue},
+};
 use agent_broker_protocol::{ErrorKind, Response, SecretInfo, SecretInput};
 use tracing::info;
 
@@ -9,7 +16,7 @@ use super::{
     ControlState,
     reply::{blocking, error},
 };
-use crate::vault::SecretMeta;
+use crate::vault::{SecretMeta, Vault};
 
 /// Stores (or, with `rotate`, rotates) a secret.
 pub async fn set(state: &ControlState, name: String, value: SecretInput, rotate: bool) -> Response {
@@ -68,6 +75,65 @@ pub async fn remove(state: &ControlState, name: String) -> Response {
         Ok(false) => error(ErrorKind::NotFound, format!("no secret named {shown}")),
         Err(response) => response,
     }
+}
+
+/// A random placeholder of the secret's shape, bound to nothing and stored nowhere.
+pub async fn placeholder(state: &ControlState, name: String) -> Response {
+    let name = match SecretName::new(name) {
+        Ok(n) => n,
+        Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
+    };
+    let shape = match shape_of(&state.vault, &name).await {
+        Ok(Ok(shape)) => shape,
+        Ok(Err(e)) => {
+            return error(
+                ErrorKind::BadRequest,
+                format!(
+                    "secret {} has no shape a placeholder can copy: {e}",
+                    name.as_str()
+                ),
+            );
+        }
+        Err(response) => return response,
+    };
+    match handle::placeholder(&shape) {
+        Ok(token) => {
+            info!(secret = %name.as_str(), %shape, "placeholder made");
+            Response::SecretPlaceholder {
+                name: name.as_str().to_string(),
+                shape: shape.to_string(),
+                placeholder: token.expose().to_string(),
+            }
+        }
+        Err(e) => error(ErrorKind::Internal, error_chain(&e)),
+    }
+}
+
+/// The shape of secret `name` (its prefix, length and alphabet), or why it has none. The value
+/// is read and dropped inside the vault task; only the shape comes out.
+pub(super) async fn shape_of(
+    vault: &Arc<Vault>,
+    name: &SecretName,
+) -> Result<Result<TokenShape, ShapeError>, Response> {
+    let v = vault.clone();
+    let lookup = name.clone();
+    let shape = blocking(move || {
+        Ok(v.get(&lookup)?
+            .map(|value| TokenShape::of_secret(value.expose())))
+    })
+    .await?;
+    shape.ok_or_else(|| no_secret(name))
+}
+
+/// The reply for a secret that is not in the vault.
+pub(super) fn no_secret(name: &SecretName) -> Response {
+    error(
+        ErrorKind::NotFound,
+        format!(
+            "no secret named {}; store it first with `brokerctl secret set`",
+            name.as_str()
+        ),
+    )
 }
 
 fn secret_info(meta: SecretMeta) -> SecretInfo {

@@ -114,7 +114,7 @@ pub enum DenialReason {
     /// over plain HTTP, a value that is not a valid header).
     #[error("{0}")]
     Rule(String),
-    /// A `brk_` handle the request carries may not be used here.
+    /// A handle the request carries (`brk_...` or shaped) may not be used here.
     #[error(transparent)]
     Handle(Box<HandleDenial>),
     /// A rate limit or budget of the rule is used up.

@@ -568,7 +568,91 @@ fn handle(id: &str, token_byte: u8) -> HandleRecord {
         expires: from_unix_secs(2_000_000_000),
         created: from_unix_secs(1_700_000_000),
         revoked: false,
+        shape: None,
     }
+}
+
+fn shaped_handle(id: &str, token_byte: u8, shape: &str) -> HandleRecord {
+    HandleRecord {
+        shape: Some(TokenShape::parse(shape).expect("shape")),
+        ..handle(id, token_byte)
+    }
+}
+
+#[test]
+fn shaped_handles_keep_their_shape_and_the_vault_knows_every_shape() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vault = open_default(dir.path()).expect("open");
+    assert!(vault.handle_shapes().is_empty());
+    let gh = "ghp_[0-9A-Za-z]{36}";
+    let hex = "[0-9a-f]{40}";
+    vault.put_handle(&handle("h0", 1)).expect("put brk_");
+    assert!(vault.handle_shapes().is_empty());
+    let h1 = shaped_handle("h1", 2, gh);
+    vault.put_handle(&h1).expect("put");
+    vault.put_handle(&shaped_handle("h2", 3, gh)).expect("put");
+    vault.put_handle(&shaped_handle("h3", 4, hex)).expect("put");
+    let shapes =
+        |v: &Vault| -> Vec<String> { v.handle_shapes().iter().map(ToString::to_string).collect() };
+    assert_eq!(shapes(&vault), [hex, gh]);
+    assert_eq!(
+        vault
+            .handle_by_token_hash(&TokenHash([2; 32]))
+            .expect("lookup"),
+        Some(h1.clone())
+    );
+    assert_eq!(
+        vault
+            .list_handles()
+            .expect("list")
+            .iter()
+            .map(|h| handle_info(h).shape)
+            .collect::<Vec<_>>(),
+        [None, Some(gh.into()), Some(gh.into()), Some(hex.into())]
+    );
+    // Revoked handles keep their shape: their tokens are still recognised, and refused.
+    assert!(vault.revoke_handle(&hid("h3")).expect("revoke"));
+    assert_eq!(shapes(&vault), [hex, gh]);
+    drop(vault);
+    let vault = open_default(dir.path()).expect("reopen");
+    assert_eq!(shapes(&vault), [hex, gh]);
+    assert!(vault.remove_handle(&hid("h3")).expect("remove"));
+    assert_eq!(shapes(&vault), [gh]);
+}
+
+#[test]
+fn a_handle_row_with_a_bad_shape_refuses_the_open() {
+    let row = serde_json::to_string(&HandleRow::from(&shaped_handle(
+        "h",
+        7,
+        "ghp_[0-9A-Za-z]{36}",
+    )))
+    .expect("json");
+    assert!(row.contains(r#""shape":"ghp_[0-9A-Za-z]{36}""#), "{row}");
+    let bad = row.replace("{36}", "{3}");
+    let e = serde_json::from_str::<HandleRow>(&bad)
+        .expect("parse")
+        .into_record()
+        .expect_err("too short");
+    assert!(e.to_string().starts_with("shape: "), "{e}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vault = open_default(dir.path()).expect("open");
+    vault
+        .put_handle(&shaped_handle("h", 7, "ghp_[0-9A-Za-z]{36}"))
+        .expect("put");
+    let txn = vault.write_txn().expect("txn");
+    {
+        let mut handles = txn.open_table(HANDLES).expect("table");
+        handles
+            .insert(hid("h").as_str(), bad.as_bytes())
+            .expect("write");
+    }
+    vault.commit(txn).expect("commit");
+    drop(vault);
+    let e = open_default(dir.path()).expect_err("a handle row that does not parse");
+    assert!(matches!(e, VaultError::Malformed { .. }), "{e}");
+    assert!(error_chain(&e).contains("shape"), "{}", error_chain(&e));
 }
 
 #[test]
