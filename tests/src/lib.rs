@@ -21,6 +21,9 @@
 //! - [`Canary`]: random secrets that are never printed; [`redact`] hides them (in any common
 //!   encoding) from every text the harness prints.
 //! - [`TestHost`]: a non-loopback host in a network namespace of the test's own.
+//! - [`sdks`], [`grpc`]: pinned PyPI packages agents run (the LLM SDKs, `websockets`,
+//!   `grpcio`), each in a virtualenv under /var/tmp made by [`venv`]; [`grpc::GrpcServer`] is a
+//!   real gRPC server over TLS with a certificate from a [`TestCa`].
 //! - [`world`]: the world of the tests against the HTTPS test API (a cgroup, the API, a brokerd
 //!   trusting its CA, a secret in the vault), shared by several test files.
 //!
@@ -36,11 +39,13 @@ pub mod broker;
 pub mod canary;
 pub mod cgroup;
 pub mod clients;
+pub mod grpc;
 pub mod netns;
 pub mod resolver;
 pub mod sdks;
 pub mod servers;
 pub mod upstream;
+pub mod venv;
 pub mod world;
 
 use std::{

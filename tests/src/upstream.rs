@@ -130,6 +130,22 @@ impl TestCa {
 
     /// A server certificate chain and key for `names` (DNS names or IP literals).
     fn leaf(&self, names: &[String]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let (cert, key) = self.issue(names);
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (vec![cert.der().clone(), self.cert_der.clone()], key)
+    }
+
+    /// A server certificate chain (leaf, then this CA) and its private key for `names`, both as
+    /// PEM, for servers outside this process (such as the gRPC server in [`crate::grpc`]).
+    pub fn leaf_pem(&self, names: &[String]) -> (String, String) {
+        let (cert, key) = self.issue(names);
+        let ca = std::fs::read_to_string(&self.pem_path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", self.pem_path.display()));
+        (format!("{}{ca}", cert.pem()), key.serialize_pem())
+    }
+
+    /// A new key and a server certificate for `names` signed by this CA.
+    fn issue(&self, names: &[String]) -> (rcgen::Certificate, KeyPair) {
         let key = KeyPair::generate().unwrap_or_else(|e| panic!("leaf key: {e}"));
         let mut params = CertificateParams::new(names.to_vec())
             .unwrap_or_else(|e| panic!("leaf params for {names:?}: {e}"));
@@ -143,8 +159,7 @@ impl TestCa {
         let cert = params
             .signed_by(&key, &self.issuer)
             .unwrap_or_else(|e| panic!("leaf for {names:?}: {e}"));
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        (vec![cert.der().clone(), self.cert_der.clone()], key)
+        (cert, key)
     }
 }
 
