@@ -24,6 +24,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ca-certificates",
     "procps",
+    "python3-venv",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.
