@@ -20,6 +20,8 @@
 //!   scans.
 //! - [`Canary`]: random secrets that are never printed; [`redact`] hides them (in any common
 //!   encoding) from every text the harness prints.
+//! - [`git_server`]: an HTTPS git server (Debian's `git http-backend` as CGI) behind HTTP basic
+//!   auth, for `git clone` / `git push` agents.
 //! - [`TestHost`]: a non-loopback host in a network namespace of the test's own.
 //! - [`world`]: the world of the tests against the HTTPS test API (a cgroup, the API, a brokerd
 //!   trusting its CA, a secret in the vault), shared by several test files.
@@ -36,6 +38,7 @@ pub mod broker;
 pub mod canary;
 pub mod cgroup;
 pub mod clients;
+pub mod git_server;
 pub mod netns;
 pub mod resolver;
 pub mod sdks;

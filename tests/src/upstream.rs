@@ -122,7 +122,10 @@ impl TestCa {
     }
 
     /// A server certificate chain and key for `names` (DNS names or IP literals).
-    fn leaf(&self, names: &[String]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    pub(crate) fn leaf(
+        &self,
+        names: &[String],
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate().unwrap_or_else(|e| panic!("leaf key: {e}"));
         let mut params = CertificateParams::new(names.to_vec())
             .unwrap_or_else(|e| panic!("leaf params for {names:?}: {e}"));

@@ -24,6 +24,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ca-certificates",
     "procps",
+    // The compatibility tests' git client and server (`git http-backend`), and Go's net/http.
+    "git",
+    "golang-go",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.
