@@ -20,6 +20,8 @@
 //!   scans.
 //! - [`Canary`]: random secrets that are never printed; [`redact`] hides them (in any common
 //!   encoding) from every text the harness prints.
+//! - [`git_server`]: an HTTPS git server (Debian's `git http-backend` as CGI) behind HTTP basic
+//!   auth, for `git clone` / `git push` agents.
 //! - [`TestHost`]: a non-loopback host in a network namespace of the test's own.
 //! - [`sdks`], [`grpc`]: pinned PyPI packages agents run (the LLM SDKs, `websockets`,
 //!   `grpcio`), each in a virtualenv under /var/tmp made by [`venv`]; [`grpc::GrpcServer`] is a
@@ -39,6 +41,7 @@ pub mod broker;
 pub mod canary;
 pub mod cgroup;
 pub mod clients;
+pub mod git_server;
 pub mod grpc;
 pub mod netns;
 pub mod resolver;

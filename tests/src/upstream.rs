@@ -129,7 +129,10 @@ impl TestCa {
     }
 
     /// A server certificate chain and key for `names` (DNS names or IP literals).
-    fn leaf(&self, names: &[String]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    pub(crate) fn leaf(
+        &self,
+        names: &[String],
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let (cert, key) = self.issue(names);
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         (vec![cert.der().clone(), self.cert_der.clone()], key)

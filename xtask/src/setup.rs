@@ -25,6 +25,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ca-certificates",
     "procps",
     "python3-venv",
+    // The compatibility tests' git client and server (`git http-backend`), and Go's net/http.
+    "git",
+    "golang-go",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.
