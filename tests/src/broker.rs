@@ -173,6 +173,11 @@ impl Broker {
         for ca in &self.upstream_cas {
             cmd.arg("--upstream-ca").arg(ca);
         }
+        // A DNS port the kernel picks, unless the test chose one: runs side by side never
+        // collide on the default port.
+        if !self.extra_args.iter().any(|a| a == "--dns-port") {
+            cmd.args(["--dns-port", "0"]);
+        }
         cmd.args(&self.extra_args);
         cmd.env("RUST_LOG", "info")
             .stdin(Stdio::null())
