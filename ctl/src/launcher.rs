@@ -6,8 +6,13 @@
 //!
 //! 1. enters a private mount namespace and removes every cgroup, cgroup2 and bpf filesystem from
 //!    it (so it cannot move itself out of its cgroup or open the pinned links even if it found a
-//!    way to root), and bind-mounts a merged CA bundle (system roots + the broker CA) read-only
-//!    over the standard bundle paths;
+//!    way to root), and makes it trust the broker CA, all read-only ([`trust`]): a merged CA
+//!    bundle (system roots + the broker CA) over the standard bundle paths, the broker CA and
+//!    its OpenSSL hash link (`<hash>.0`) in `/etc/ssl/certs` (an overlay), and a JVM trust
+//!    store with the same certificates over every JVM `cacerts` found (the system ones,
+//!    `$JAVA_HOME`'s, the `java` on `PATH`, the JDKs under /usr/lib/jvm); only
+//!    `SSL_CERT_FILE`, `NODE_EXTRA_CA_CERTS` and `GRPC_DEFAULT_SSL_ROOTS_FILE_PATH` are set, so
+//!    a CA the agent names itself (`pip --cert`, `REQUESTS_CA_BUNDLE`) still counts;
 //! 2. takes its identity: a dedicated unprivileged uid (`--user`), or root inside a new user
 //!    namespace whose root maps to an unprivileged host uid (`--userns`). The mounts of step 1
 //!    were made before, by real root, so the namespace's root cannot undo them;
@@ -26,6 +31,9 @@
 //! exits with the agent's status (128 + signal when it was killed).
 
 mod confine;
+pub mod trust;
+
+pub use trust::TrustStores;
 
 use std::{
     ffi::{CString, OsString},
@@ -84,26 +92,6 @@ impl Identity {
     }
 }
 
-/// The standard CA bundle paths the merged bundle is mounted over (those that exist).
-pub const CA_BUNDLE_PATHS: [&str; 4] = [
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/cert.pem",
-    "/etc/ssl/ca-bundle.pem",
-];
-
-/// Environment variables pointed at the merged bundle, for runtimes that do not read the
-/// system bundle (Node) or that replace it when set.
-pub const CA_ENV: [&str; 6] = [
-    "SSL_CERT_FILE",
-    "NODE_EXTRA_CA_CERTS",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "GIT_SSL_CAINFO",
-    // grpcio's default credentials read their own bundled roots otherwise.
-    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
-];
-
 /// What to start and how.
 #[derive(Clone, Debug)]
 pub struct LaunchSpec {
@@ -117,8 +105,8 @@ pub struct LaunchSpec {
     pub workdir_given: bool,
     /// More directories the agent may write.
     pub allow_write: Vec<PathBuf>,
-    /// The merged CA bundle (PEM).
-    pub ca_bundle: Vec<u8>,
+    /// What the agent is made to trust (the broker CA among the system roots).
+    pub trust: TrustStores,
     pub program: OsString,
     pub args: Vec<OsString>,
 }
@@ -139,23 +127,6 @@ pub enum LaunchError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LaunchError {
     let what = what.into();
     move |source| LaunchError::Io { what, source }
-}
-
-/// The system CA bundle followed by the broker CA.
-pub fn merged_ca_bundle(broker_ca_pem: &str) -> Vec<u8> {
-    let mut bundle = CA_BUNDLE_PATHS
-        .iter()
-        .find_map(|p| fs::read(p).ok())
-        .unwrap_or_default();
-    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
-        bundle.push(b'\n');
-    }
-    bundle.extend_from_slice(b"# agent-broker CA (added by brokerctl run)\n");
-    bundle.extend_from_slice(broker_ca_pem.as_bytes());
-    if !bundle.ends_with(b"\n") {
-        bundle.push(b'\n');
-    }
-    bundle
 }
 
 /// Refuses to start an agent whose stdio (`fds`) includes an IPv4 or IPv6 socket. The kernel
@@ -255,7 +226,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
         workdir: spec.workdir.clone(),
         workdir_given: spec.workdir_given,
         allow_write: spec.allow_write.clone(),
-        ca_bundle: spec.ca_bundle.clone(),
+        trust: spec.trust.clone(),
     };
     let (ready_r, ready_w) = pipe()?; // child -> parent: user namespace created
     let (go_r, go_w) = pipe()?; // parent -> child: ids mapped
@@ -463,13 +434,5 @@ mod tests {
             file.as_raw_fd(),
         ])
         .expect("AF_UNIX, pipes and files are fine");
-    }
-
-    #[test]
-    fn merged_bundle_ends_with_the_broker_ca() {
-        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
-        let bundle = merged_ca_bundle(pem);
-        let text = String::from_utf8(bundle).expect("utf8");
-        assert!(text.ends_with(&format!("{pem}\n")));
     }
 }

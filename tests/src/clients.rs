@@ -421,7 +421,9 @@ impl Call {
         format!("{scheme}://{}:{}{}", self.host, self.port, self.path)
     }
 
-    fn json(&self) -> String {
+    /// The call as the python and node clients read it (host, connect address, port, path,
+    /// headers, h2, method, body).
+    pub fn json(&self) -> String {
         let headers: serde_json::Map<String, serde_json::Value> = self
             .headers
             .iter()
@@ -941,18 +943,24 @@ pub fn static_client_run(
 /// Where `brokerctl ca install` puts the broker CA.
 pub const SYSTEM_CA_PATH: &str = "/usr/local/share/ca-certificates/agent-broker.crt";
 
+/// The JVM trust store Debian's `ca-certificates-java` keeps in step with the system store.
+const JAVA_SYSTEM_STORE: &str = "/etc/ssl/certs/java/cacerts";
+
 /// Restores the system trust store on Drop after a test ran `brokerctl ca install`: puts back
-/// whatever was at [`SYSTEM_CA_PATH`] before (usually nothing) and runs
-/// `update-ca-certificates --fresh`.
+/// whatever was at [`SYSTEM_CA_PATH`] before (usually nothing), runs
+/// `update-ca-certificates --fresh`, and puts back the JVM trust store as it was: the Java hook
+/// adds the broker CA on install but a fresh run does not remove it again.
 pub struct SystemCaGuard {
     before: Option<Vec<u8>>,
+    java_before: Option<Vec<u8>>,
 }
 
 impl SystemCaGuard {
-    /// Remembers the current state of [`SYSTEM_CA_PATH`].
+    /// Remembers the current state of [`SYSTEM_CA_PATH`] and of the JVM trust store.
     pub fn new() -> Self {
         Self {
             before: fs::read(SYSTEM_CA_PATH).ok(),
+            java_before: fs::read(JAVA_SYSTEM_STORE).ok(),
         }
     }
 }
@@ -989,6 +997,11 @@ impl Drop for SystemCaGuard {
                 String::from_utf8_lossy(&out.stderr)
             ),
             Err(e) => eprintln!("warning: cannot run update-ca-certificates --fresh: {e}"),
+        }
+        if let Some(bytes) = &self.java_before
+            && let Err(e) = fs::write(JAVA_SYSTEM_STORE, bytes)
+        {
+            eprintln!("warning: cannot restore {JAVA_SYSTEM_STORE}: {e}");
         }
     }
 }

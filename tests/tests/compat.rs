@@ -4,11 +4,17 @@
 //! everything the agent sees; a streamed reply's first event arrives while the API pauses; 200 MB
 //! each way arrive whole through an injecting rule.
 //!
+//! And how `brokerctl run` makes them trust the broker without taking a client's own choice
+//! away: `pip --cert` reaches a passthrough index with a private CA (no `REQUESTS_CA_BUNDLE`
+//! overriding it), and a client reading /etc/ssl/certs as a CA directory finds the broker CA
+//! by its subject hash. (JVMs: `compat_jvm.rs`.)
+//!
 //! Needs root, cgroup v2 and BPF, and PyPI once per machine (the SDKs are installed into a
 //! virtualenv under /var/tmp, see `agent_broker_tests::sdks`). Run alone:
 //! `cargo test -p agent-broker-tests --test compat -- --test-threads=1`.
 
 use agent_broker_tests::{
+    TestCa,
     clients::{self, ClientRun},
     sdks::sdk_python,
     sha256_hex,
@@ -356,5 +362,141 @@ fn two_hundred_megabytes_each_way_arrive_whole_through_an_injecting_rule() {
         );
     }
     run.assert_no_secret(&w.secret);
+    w.assert_no_secret_in_logs();
+}
+
+/// pip, as an agent runs it: `pip download --cert <CA>` against an index reached by name. The
+/// name is mapped to the test address inside the process (pip resolves it itself); the rest
+/// is pip's own code.
+const PIP_PY: &str = r#"
+import json, runpy, socket, sys
+cfg = json.loads(sys.argv[1])
+lookup = socket.getaddrinfo
+def test_lookup(host, *args, **kwargs):
+    return lookup(cfg["ip"] if host == cfg["host"] else host, *args, **kwargs)
+socket.getaddrinfo = test_lookup
+sys.argv = ["pip"] + cfg["pip"]
+runpy.run_module("pip", run_name="__main__", alter_sys=True)
+"#;
+
+#[test]
+fn pip_cert_reaches_a_passthrough_index_with_a_private_ca() {
+    // The index has a CA of its own, which only the agent's `--cert` names; brokerd passes the
+    // connection through (`tcp = true`), so the agent verifies the index itself.
+    let ca = TestCa::new("abtest private index CA");
+    let ca_pem =
+        std::fs::read(ca.pem_path()).unwrap_or_else(|e| panic!("cannot read the private CA: {e}"));
+    let w = World::with_ca(ca, |cg, api| {
+        vec![(
+            "agent".into(),
+            format!(
+                "cgroup = \"{}\"\n[[allow]]\nhost = \"{API}\"\nport = {}\ntcp = true\n",
+                cg.child("agent"),
+                api.port()
+            ),
+        )]
+    });
+    let cert = w.broker.scratch_dir().join("private-index-ca.pem");
+    std::fs::write(&cert, &ca_pem)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", cert.display()));
+    let cfg = serde_json::json!({
+        "host": API,
+        "ip": TEST_API_IP.to_string(),
+        "pip": [
+            "download", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
+            "--retries", "0", "--timeout", "15", "--dest", "/tmp",
+            "--cert", cert.to_string_lossy(),
+            "--index-url", format!("https://{API}:{}/simple/", w.api.port()),
+            "abtest-package",
+        ],
+    });
+    let argv = vec![
+        sdk_python().to_string_lossy().into_owned(),
+        "-c".into(),
+        PIP_PY.into(),
+        cfg.to_string(),
+    ];
+    let asked_index = |w: &World| {
+        w.api
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/simple/abtest-package/")
+            .count()
+    };
+    let run = clients::run_in_cgroup(&w.broker, &w.agent, "pip --cert", &[], &argv);
+    let env = String::from_utf8_lossy(&run.env_dump).into_owned();
+    for var in ["REQUESTS_CA_BUNDLE=", "CURL_CA_BUNDLE="] {
+        assert!(
+            !env.split('\0').any(|e| e.starts_with(var)),
+            "brokerctl run set {var}, which replaces pip's --cert"
+        );
+    }
+    let output = run.show();
+    assert!(
+        !output.contains("CERTIFICATE_VERIFY_FAILED"),
+        "pip could not verify the index with its --cert: {output}"
+    );
+    assert_eq!(
+        asked_index(&w),
+        1,
+        "pip's request never reached the index: {output}\nbrokerd's log:\n{}",
+        w.broker.log()
+    );
+
+    // What the launcher used to set: REQUESTS_CA_BUNDLE wins over --cert, and the handshake
+    // fails (the merged bundle does not hold the private CA).
+    let overridden = clients::run_in_cgroup(
+        &w.broker,
+        &w.agent,
+        "pip --cert with REQUESTS_CA_BUNDLE",
+        &[(
+            "REQUESTS_CA_BUNDLE",
+            "/etc/ssl/certs/ca-certificates.crt".to_string(),
+        )],
+        &argv,
+    );
+    assert!(
+        overridden.show().contains("CERTIFICATE_VERIFY_FAILED"),
+        "REQUESTS_CA_BUNDLE should have replaced --cert: {}",
+        overridden.show()
+    );
+    assert_eq!(asked_index(&w), 1, "{}", overridden.show());
+    run.assert_no_secret(&w.secret);
+    w.assert_no_secret_in_logs();
+}
+
+/// Python's `ssl` with `capath=/etc/ssl/certs` only (no bundle file, no `SSL_CERT_FILE`): the CA
+/// is found by the hash of its subject, as OpenSSL looks issuers up in a CA directory.
+const CAPATH_PY: &str = r#"
+import http.client, json, socket, ssl, sys
+cfg = json.loads(sys.argv[1])
+out = {"status": 0, "headers": {}, "body": ""}
+try:
+    context = ssl.create_default_context(capath="/etc/ssl/certs")
+    sock = socket.create_connection((cfg["connect"], cfg["port"]), timeout=20)
+    conn = http.client.HTTPSConnection(cfg["host"], cfg["port"], context=context, timeout=20)
+    conn.sock = context.wrap_socket(sock, server_hostname=cfg["host"])
+    conn.request("GET", cfg["path"], headers=cfg["headers"])
+    response = conn.getresponse()
+    out["status"] = response.status
+    out["version"] = "HTTP/1.1" if response.version == 11 else str(response.version)
+    out["body"] = response.read().decode()
+except Exception as e:
+    out["error"] = repr(e)
+print(json.dumps(out))
+"#;
+
+#[test]
+fn a_ca_directory_client_finds_the_broker_ca_by_its_subject_hash() {
+    let w = World::new();
+    let argv = vec![
+        "/usr/bin/python3".to_string(),
+        "-c".into(),
+        CAPATH_PY.into(),
+        w.call("/hash").json(),
+    ];
+    let run = clients::run_in_cgroup(&w.broker, &w.agent, "python3 capath", &[], &argv);
+    let report = run.report();
+    w.assert_injected("python3 with capath=/etc/ssl/certs", &run, &report);
     w.assert_no_secret_in_logs();
 }

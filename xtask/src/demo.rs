@@ -171,7 +171,7 @@ impl Demo {
             let out = self
                 .brokerctl(&["run", "--cgroup", CGROUP, "--create", "--"])
                 // No --cacert: brokerctl run mounts the system roots plus the broker CA over
-                // the standard bundle paths (and sets CURL_CA_BUNDLE) for the agent.
+                // the standard bundle paths, where curl looks by default.
                 .args(["curl", "-s", "-w", "\n%{http_code}"])
                 .args(["--resolve", &format!("{host}:443:127.0.0.2")])
                 .args(["-H", "Authorization: Bearer placeholder"])

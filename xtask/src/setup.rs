@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: installs what the build and the tests need, doing nothing for what is
 //! already there.
 //!
-//! - Debian packages the end-to-end tests run (clients, `ip`, `ps`), through apt-get.
+//! - Debian packages the end-to-end tests run (clients, a JDK, `ip`, `ps`; `openssl`, which
+//!   `brokerctl run` asks for the broker CA's subject hash), through apt-get.
 //! - rustup components: rustfmt and clippy for the host toolchain, rust-src (for `-Z build-std`)
 //!   and rustfmt for nightly.
 //! - bpf-linker, built into `target/ebpf-tools` against the nightly toolchain's own libLLVM:
@@ -23,11 +24,15 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nodejs",
     "iproute2",
     "ca-certificates",
+    "openssl",
     "procps",
     "python3-venv",
     // The compatibility tests' git client and server (`git http-backend`), and Go's net/http.
     "git",
     "golang-go",
+    // java.net.http (tests/tests/compat_jvm.rs): Debian's default JDK runtime, under
+    // /usr/lib/jvm, world-readable; it runs a single source file without javac.
+    "default-jre-headless",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.

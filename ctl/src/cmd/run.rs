@@ -14,10 +14,11 @@ use crate::{cmd, launcher};
 /// reached), then starts CMD directly inside the cgroup (clone3 CLONE_INTO_CGROUP) with only
 /// stdin, stdout and stderr open, and before executing it: a private mount namespace without
 /// cgroupfs and bpffs, with the system CA bundle plus the broker CA mounted read-only over the
-/// standard bundle paths (and SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, REQUESTS_CA_BUNDLE,
-/// CURL_CA_BUNDLE, GIT_SSL_CAINFO, GRPC_DEFAULT_SSL_ROOTS_FILE_PATH pointing at it); an unprivileged identity (--user, or root
-/// inside a user namespace: --userns, the default); no capabilities and no_new_privs; a
-/// Landlock domain (read-only file system except the work directory, --allow-write
+/// standard bundle paths (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS and
+/// GRPC_DEFAULT_SSL_ROOTS_FILE_PATH point at it), the broker CA and its subject-hash link in
+/// /etc/ssl/certs, and a JVM trust store with the same certificates over the JVMs' cacerts;
+/// an unprivileged identity (--user, or root inside a user namespace: --userns, the default);
+/// no capabilities and no_new_privs; a Landlock domain (read-only file system except the work directory, --allow-write
 /// directories and /tmp, /var/tmp, /dev/shm; no signals or abstract UNIX sockets outside it);
 /// a seccomp filter refusing AF_PACKET, AF_VSOCK, AF_XDP, AF_SMC, AF_KEY and AF_ALG sockets
 /// and netlink other than NETLINK_ROUTE,
@@ -84,7 +85,7 @@ pub fn run(run_dir: &std::path::Path, args: Args) -> anyhow::Result<()> {
         workdir,
         workdir_given,
         allow_write: args.allow_write,
-        ca_bundle: launcher::merged_ca_bundle(&pem),
+        trust: launcher::TrustStores::prepare(&pem)?,
         program: program.clone(),
         args: rest.to_vec(),
     };

@@ -10,7 +10,7 @@ use std::{
     fs,
     io::{Read as _, Write as _},
     os::fd::{AsRawFd as _, OwnedFd},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use landlock::{
@@ -23,7 +23,10 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use super::{CA_BUNDLE_PATHS, CA_ENV, Identity, LaunchError, io, mounts_of_types};
+use super::{
+    Identity, LaunchError, io, mounts_of_types,
+    trust::{BROKER_CA_FILE, CA_BUNDLE_PATHS, CA_DIR, CA_ENV, TrustStores},
+};
 
 /// What the child applies.
 pub struct Plan {
@@ -32,7 +35,7 @@ pub struct Plan {
     /// Whether the work directory was asked for (`--workdir`) rather than inherited.
     pub workdir_given: bool,
     pub allow_write: Vec<PathBuf>,
-    pub ca_bundle: Vec<u8>,
+    pub trust: TrustStores,
 }
 
 /// Socket families refused by the seccomp filter: the cgroup hooks only see AF_INET, AF_INET6
@@ -227,7 +230,7 @@ pub fn child(
     )))
 }
 
-/// Step 1: private mount namespace without cgroupfs and bpffs, merged CA bundle in place.
+/// Step 1: private mount namespace without cgroupfs and bpffs, the broker CA trusted.
 fn private_mounts(plan: &Plan) -> Result<(), LaunchError> {
     // SAFETY: plain system call.
     check(
@@ -266,21 +269,72 @@ fn private_mounts(plan: &Plan) -> Result<(), LaunchError> {
             "cgroup or bpf file systems are still mounted at {still:?}"
         )));
     }
-    mount_ca_bundle(plan)
+    mount_trust(&plan.trust)
 }
 
-fn mount_ca_bundle(plan: &Plan) -> Result<(), LaunchError> {
+/// Writes `bytes` as a read-only file at `path`.
+fn write_read_only(path: &Path, bytes: &[u8]) -> Result<(), LaunchError> {
+    let what = || format!("writing {}", path.display());
+    let mut file = fs::File::create(path).map_err(io(what()))?;
+    file.write_all(bytes).map_err(io(what()))?;
+    // SAFETY: plain system call on our own descriptor.
+    check(
+        unsafe { libc::fchmod(file.as_raw_fd(), 0o444) },
+        &format!("chmod of {}", path.display()),
+    )
+}
+
+/// Bind-mounts `source` read-only over the file `target`.
+fn bind_read_only(source: &Path, target: &Path) -> Result<(), LaunchError> {
+    nix::mount::mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        io(format!(
+            "mounting {} over {}",
+            source.display(),
+            target.display()
+        ))(e.into())
+    })?;
+    nix::mount::mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| io(format!("making {} read-only", target.display()))(e.into()))
+}
+
+/// The broker CA and its hashed link as a layer over [`CA_DIR`]: `<hash>.<n>` with the first
+/// `n` the directory does not use yet.
+fn stage_ca_dir(layer: &Path, trust: &TrustStores, hash: &str) -> Result<(), LaunchError> {
+    fs::create_dir(layer).map_err(io(format!("creating {}", layer.display())))?;
+    write_read_only(&layer.join(BROKER_CA_FILE), &trust.broker_ca)?;
+    let link = (0..100)
+        .map(|n| format!("{hash}.{n}"))
+        .find(|name| fs::symlink_metadata(Path::new(CA_DIR).join(name)).is_err())
+        .ok_or_else(|| LaunchError::Invalid(format!("{CA_DIR} has no free {hash}.<n> name")))?;
+    std::os::unix::fs::symlink(BROKER_CA_FILE, layer.join(&link))
+        .map_err(io(format!("linking {link} to the broker CA")))
+}
+
+fn mount_trust(trust: &TrustStores) -> Result<(), LaunchError> {
     let targets: Vec<&str> = CA_BUNDLE_PATHS
         .iter()
         .copied()
-        .filter(|p| std::path::Path::new(p).is_file())
+        .filter(|p| Path::new(p).is_file())
         .collect();
-    // The bundle needs a file on a mount of this namespace to be bind-mounted from (a memfd's
-    // internal mount is refused). A small tmpfs over the cgroup directory serves as that, and
-    // also leaves nothing of cgroupfs to see there.
+    // The files need a mount of this namespace to be bind-mounted from (a memfd's internal
+    // mount is refused). A small tmpfs over the cgroup directory serves as that, and also
+    // leaves nothing of cgroupfs to see there.
     let staging = ["/sys/fs/cgroup", "/mnt"]
         .into_iter()
-        .find(|d| std::path::Path::new(d).is_dir())
+        .find(|d| Path::new(d).is_dir())
         .ok_or_else(|| LaunchError::Invalid("no directory to stage the CA bundle in".into()))?;
     nix::mount::mount(
         Some("tmpfs"),
@@ -290,17 +344,21 @@ fn mount_ca_bundle(plan: &Plan) -> Result<(), LaunchError> {
         Some("size=8m,mode=0755"),
     )
     .map_err(|e| io(format!("mounting a tmpfs on {staging}"))(e.into()))?;
-    let source = std::path::Path::new(staging).join("agent-broker-ca-bundle.pem");
-    {
-        let mut file = fs::File::create(&source).map_err(io("writing the CA bundle"))?;
-        file.write_all(&plan.ca_bundle)
-            .map_err(io("writing the CA bundle"))?;
-        // SAFETY: plain system call on our own descriptor.
-        check(
-            unsafe { libc::fchmod(file.as_raw_fd(), 0o444) },
-            "chmod of the CA bundle",
-        )?;
+    let staging = Path::new(staging);
+    let source = staging.join("agent-broker-ca-bundle.pem");
+    write_read_only(&source, &trust.bundle)?;
+    let jvm_store = staging.join("agent-broker-cacerts.jks");
+    if let Some(jvm) = &trust.jvm {
+        write_read_only(&jvm_store, &jvm.store)?;
     }
+    let ca_layer = staging.join("ca-dir");
+    let ca_dir_layer = match &trust.subject_hash {
+        Some(hash) if Path::new(CA_DIR).is_dir() => {
+            stage_ca_dir(&ca_layer, trust, hash)?;
+            true
+        }
+        _ => false,
+    };
     nix::mount::mount(
         None::<&str>,
         staging,
@@ -312,30 +370,39 @@ fn mount_ca_bundle(plan: &Plan) -> Result<(), LaunchError> {
             | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
-    .map_err(|e| io(format!("making {staging} read-only"))(e.into()))?;
+    .map_err(|e| io(format!("making {} read-only", staging.display()))(e.into()))?;
+    // First the directory (a read-only overlay: the staged layer above the real directory),
+    // then the files, some of which are inside it.
+    if ca_dir_layer {
+        let options = format!("lowerdir={}:{CA_DIR}", ca_layer.display());
+        if let Err(e) = nix::mount::mount(
+            Some("overlay"),
+            CA_DIR,
+            Some("overlay"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(options.as_str()),
+        ) {
+            // The bundle paths below still carry the broker CA; only capath lookups miss it.
+            let _ = writeln!(
+                std::io::stderr(),
+                "brokerctl run: cannot add the broker CA to {CA_DIR} (overlay: {e}); clients \
+                 that read it as a CA directory will not find it"
+            );
+        }
+    }
     for target in &targets {
-        nix::mount::mount(
-            Some(&source),
-            *target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| io(format!("mounting the CA bundle over {target}"))(e.into()))?;
-        nix::mount::mount(
-            None::<&str>,
-            *target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .map_err(|e| io(format!("making {target} read-only"))(e.into()))?;
+        bind_read_only(&source, Path::new(target))?;
+    }
+    if let Some(jvm) = &trust.jvm {
+        for target in &jvm.targets {
+            bind_read_only(&jvm_store, target)?;
+        }
     }
     // The variables name a standard path when there is one (what tools expect), else the
     // staged file itself (a host without a system bundle).
     let bundle = targets
         .first()
-        .map_or_else(|| source.clone(), std::path::PathBuf::from);
+        .map_or_else(|| source.clone(), PathBuf::from);
     for var in CA_ENV {
         // SAFETY: the child is single-threaded; nothing reads the environment concurrently.
         unsafe { std::env::set_var(var, &bundle) };
