@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: brokerd against the direct path and against the peers a user would pick
-//! instead (nginx, mitmproxy), side by side in one run on this machine (issue 7).
+//! instead (nginx, mitmproxy), side by side in one run on this machine (issues 7 and 12).
 //!
 //! It builds in release, installs what it needs (wrk, h2load, nginx, openssl, python3; mitmproxy
 //! from PyPI, whose column says "not installed" when that fails), starts a lab on loopback (see
@@ -12,8 +12,11 @@
 //! - **nginx**: a TLS-terminating reverse proxy that sets the header, upstream keep-alive;
 //! - **mitmproxy**: reverse mode with a header-setting addon.
 //!
+//! The SSE and bulk rows (issue 12) go to a streaming origin of the bench's own
+//! ([`stream_origin`]) through direct, brokerd and nginx (unbuffered) only.
+//!
 //! It prints one table (also written to `target/bench/latest.json`) with brokerd's ratios and the
-//! issue's targets, cleans up everything it started, and fails when a direct, brokerd or nginx
+//! issues' targets, cleans up everything it started, and fails when a direct, brokerd or nginx
 //! measurement failed or saw a non-2xx answer, after printing the table. It never connects
 //! anywhere but loopback.
 
@@ -26,6 +29,7 @@ mod pki;
 mod process;
 mod relay;
 mod report;
+mod stream_origin;
 mod tools;
 mod workloads;
 

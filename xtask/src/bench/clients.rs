@@ -1,7 +1,8 @@
-//! Two small Python clients for what wrk and h2load cannot do: time one new connection at a time
-//! to a first-seen or a cached host name (SNI), and hold many idle TLS connections open while the
-//! proxy's resident memory is read. Python's `ssl` is all they need, it is installed anyway (for
-//! mitmproxy), and its cost is the same in every column.
+//! Small Python clients for what wrk and h2load cannot do: time one new connection at a time to a
+//! first-seen or a cached host name (SNI), hold many idle TLS connections open while the proxy's
+//! resident memory is read, time each event of a server-sent event stream, and time 200 MB
+//! transfers each way. Python's `ssl` and `http.client` are all they need, Python is installed
+//! anyway (for mitmproxy), and its cost is the same in every column.
 
 use std::{
     fs,
@@ -89,6 +90,101 @@ print(f"ready {len(held)} {failures}", flush=True)
 sys.stdin.read()
 "#;
 
+/// Opens a new TLS connection per run, sends `GET /v1/events` and notes when each event (ended by
+/// a blank line) arrives, in seconds after the request was sent; the first run only warms the
+/// path up. Prints the runs that got 200 and every event, and how many did not.
+const SSE_PY: &str = r#"import http.client, json, ssl, sys, time
+host, port, runs, events, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.set_alpn_protocols(["http/1.1"])
+timed, failures = [], 0
+for run in range(runs + 1):
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
+    conn.connect()
+    started = time.perf_counter()
+    conn.request("GET", "/v1/events", headers={"Authorization": authorization, "Accept": "text/event-stream"})
+    response = conn.getresponse()
+    arrivals, pending = [], b""
+    if response.status == 200:
+        while chunk := response.read1(65536):
+            now = time.perf_counter() - started
+            pending += chunk
+            *complete, pending = pending.split(b"
+
+")
+            arrivals.extend([now] * len(complete))
+    conn.close()
+    if run == 0:
+        continue
+    if response.status == 200 and len(arrivals) == events and not pending:
+        timed.append(arrivals)
+    else:
+        failures += 1
+print(json.dumps({"runs": timed, "failures": failures}))
+"#;
+
+/// On one keep-alive connection: a 1 MB download to warm the path up, then `runs` downloads of
+/// `size` bytes (`GET /v1/download?bytes=N`) and `runs` uploads of `size` bytes
+/// (`POST /v1/upload`, sent from one 1 MiB block), each timed from sending the request to the end
+/// of the answer. A transfer fails unless it answers 200 with every byte (the upload's answer says
+/// how many arrived). Prints the seconds of each transfer that did not fail, and how many did.
+const BULK_PY: &str = r#"import http.client, json, os, ssl, sys, time
+host, port, size, runs, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.set_alpn_protocols(["http/1.1"])
+conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=60)
+buffer = memoryview(bytearray(1 << 20))
+block = os.urandom(1 << 20)
+
+def download(length):
+    started = time.perf_counter()
+    conn.request("GET", f"/v1/download?bytes={length}", headers={"Authorization": authorization})
+    response = conn.getresponse()
+    received = 0
+    while n := response.readinto(buffer):
+        received += n
+    return time.perf_counter() - started, response.status == 200 and received == length
+
+def pieces(length):
+    while length > 0:
+        piece = block[:min(length, len(block))]
+        length -= len(piece)
+        yield piece
+
+def upload(length):
+    started = time.perf_counter()
+    conn.request("POST", "/v1/upload", body=pieces(length), headers={"Authorization": authorization, "Content-Length": str(length), "Content-Type": "application/octet-stream"})
+    response = conn.getresponse()
+    answer = response.read()
+    seconds = time.perf_counter() - started
+    try:
+        whole = response.status == 200 and json.loads(answer)["bytes"] == length
+    except (ValueError, KeyError):
+        whole = False
+    return seconds, whole
+
+report = {"down": [], "up": [], "failures": 0}
+try:
+    if not download(1_000_000)[1]:
+        report["failures"] += 1
+    else:
+        for direction, transfer in [("down", download), ("up", upload)]:
+            for _ in range(runs):
+                seconds, whole = transfer(size)
+                if whole:
+                    report[direction].append(seconds)
+                else:
+                    report["failures"] += 1
+except (OSError, http.client.HTTPException) as e:
+    print(f"bulk.py: {e!r}", file=sys.stderr)
+    report["failures"] += 1
+print(json.dumps(report))
+"#;
+
 /// The SNI pattern for no SNI at all.
 pub const NO_SNI: &str = "-";
 
@@ -96,6 +192,8 @@ pub const NO_SNI: &str = "-";
 pub fn write_scripts(dir: &Path) -> Result<()> {
     fs::write(dir.join("connect.py"), CONNECT_PY)?;
     fs::write(dir.join("idle.py"), IDLE_PY)?;
+    fs::write(dir.join("sse.py"), SSE_PY)?;
+    fs::write(dir.join("bulk.py"), BULK_PY)?;
     Ok(())
 }
 
@@ -138,6 +236,116 @@ pub fn connect_times(
             failures,
         }),
         _ => bail!("connect.py's report lacks a field: {report}"),
+    }
+}
+
+/// When each event of each timed run of `sse.py` arrived, in seconds after its request was sent.
+#[derive(Debug)]
+pub struct EventTimes {
+    /// One list per run that answered 200 with every event, in order.
+    pub runs: Vec<Vec<f64>>,
+    /// Runs that did not.
+    pub failures: u64,
+}
+
+/// Runs `sse.py` from `dir`: a warm-up stream, then `runs` timed streams of `events` events.
+pub fn event_times(
+    python: &Path,
+    dir: &Path,
+    endpoint: &Endpoint,
+    runs: u32,
+    events: usize,
+) -> Result<EventTimes> {
+    let mut command = endpoint.launch.command(python);
+    command
+        .args(script(dir, "sse.py")?)
+        .arg(endpoint.addr.ip().to_string())
+        .arg(endpoint.addr.port().to_string())
+        .arg(runs.to_string())
+        .arg(events.to_string())
+        .arg(&endpoint.authorization);
+    let out = process::output_within(&mut command, Duration::from_secs(120))?;
+    if !out.status.success() {
+        bail!("sse.py failed ({}): {}", out.status, out.stderr_tail());
+    }
+    let report: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .with_context(|| format!("reading sse.py's report {:?}", out.stdout))?;
+    let runs = report
+        .get("runs")
+        .and_then(serde_json::Value::as_array)
+        .map(|runs| {
+            runs.iter()
+                .map(|run| {
+                    run.as_array()
+                        .map(|times| times.iter().filter_map(serde_json::Value::as_f64).collect())
+                })
+                .collect::<Option<Vec<Vec<f64>>>>()
+        });
+    match (
+        runs.flatten(),
+        report.get("failures").and_then(serde_json::Value::as_u64),
+    ) {
+        (Some(runs), Some(failures)) => Ok(EventTimes { runs, failures }),
+        _ => bail!("sse.py's report lacks a field: {report}"),
+    }
+}
+
+/// How long each transfer of `bulk.py` took, in seconds.
+#[derive(Debug)]
+pub struct Transfers {
+    /// Downloads that arrived whole.
+    pub down: Vec<f64>,
+    /// Uploads that arrived whole.
+    pub up: Vec<f64>,
+    /// Transfers that did not (the warm-up included).
+    pub failures: u64,
+}
+
+/// Runs `bulk.py` from `dir`: a 1 MB warm-up download, then `runs` downloads and `runs` uploads
+/// of `size` bytes.
+pub fn transfers(
+    python: &Path,
+    dir: &Path,
+    endpoint: &Endpoint,
+    size: u64,
+    runs: u32,
+) -> Result<Transfers> {
+    let mut command = endpoint.launch.command(python);
+    command
+        .args(script(dir, "bulk.py")?)
+        .arg(endpoint.addr.ip().to_string())
+        .arg(endpoint.addr.port().to_string())
+        .arg(size.to_string())
+        .arg(runs.to_string())
+        .arg(&endpoint.authorization);
+    let out = process::output_within(&mut command, Duration::from_secs(600))?;
+    if !out.status.success() {
+        bail!("bulk.py failed ({}): {}", out.status, out.stderr_tail());
+    }
+    let report: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .with_context(|| format!("reading bulk.py's report {:?}", out.stdout))?;
+    let seconds = |key: &str| {
+        report
+            .get(key)
+            .and_then(serde_json::Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .filter_map(serde_json::Value::as_f64)
+                    .collect::<Vec<f64>>()
+            })
+    };
+    match (
+        seconds("down"),
+        seconds("up"),
+        report.get("failures").and_then(serde_json::Value::as_u64),
+    ) {
+        (Some(down), Some(up), Some(failures)) => {
+            if failures > 0 && !out.stderr.trim().is_empty() {
+                eprintln!("bench: bulk.py: {}", out.stderr_tail());
+            }
+            Ok(Transfers { down, up, failures })
+        }
+        _ => bail!("bulk.py's report lacks a field: {report}"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Everything a bench run starts, on loopback only: the origin API (nginx on 127.0.0.2), the
-//! wide-area relay in front of it, brokerd with its policy, key and tagged agent cgroup, the nginx
-//! peer and mitmproxy (both on 127.0.0.1). Files live in the run directory (`target/bench/run`),
+//! wide-area relay in front of it, the streaming origin of the SSE and bulk rows (also on
+//! 127.0.0.2, see [`stream_origin`]), brokerd with its policy, key and tagged agent cgroup, the
+//! nginx peer and mitmproxy (both on 127.0.0.1). Files live in the run directory (`target/bench/run`),
 //! brokerd's pins in their own bpffs directory, brokerd listens on a port of its own choosing, so
 //! a brokerd started with the defaults (or by `cargo xtask demo`) is not disturbed.
 //! [`Lab::stop`] undoes all of it: it untags the cgroup, stops every process by pid, removes the
@@ -25,6 +26,7 @@ use super::{
     process::Services,
     relay::DelayRelay,
     report::Column,
+    stream_origin::StreamOrigin,
     tools::Tools,
 };
 use crate::cmd;
@@ -51,6 +53,9 @@ pub enum Route {
     Local,
     /// Through the relay that adds [`WIDE_AREA_ONE_WAY`] each way.
     WideArea,
+    /// To the streaming origin ([`stream_origin`]) instead of the nginx origin; mitmproxy has no
+    /// route there.
+    Streaming,
 }
 
 /// A peer proxy: its pid (the root of its process tree) and its listener for each route.
@@ -58,6 +63,7 @@ struct Peer {
     pid: u32,
     local: SocketAddr,
     wide_area: SocketAddr,
+    streaming: Option<SocketAddr>,
 }
 
 /// The running lab; see the module documentation.
@@ -74,6 +80,7 @@ pub struct Lab {
     /// The origin's http/1.1 listener for the proxies and the relay (see [`nginx`] for why).
     origin_http1: SocketAddr,
     wide_area: Option<SocketAddr>,
+    stream_origin: Option<StreamOrigin>,
     brokerd_pid: Option<u32>,
     nginx: Option<Peer>,
     mitmproxy: Result<Peer, String>,
@@ -95,6 +102,7 @@ impl Lab {
             origin: SocketAddr::new(ORIGIN_IP, origin),
             origin_http1: SocketAddr::new(ORIGIN_IP, origin_http1),
             wide_area: None,
+            stream_origin: None,
             brokerd_pid: None,
             nginx: None,
             mitmproxy: Err("not started".into()),
@@ -135,8 +143,15 @@ impl Lab {
         self.relay = Some(relay);
         self.wide_area = Some(wide_area);
 
-        self.start_brokerd(&pki.ca, &key_file, wide_area)?;
-        self.start_nginx_peer(tools, &pki, &authorization, wide_area)?;
+        let stream_origin = StreamOrigin::start(ORIGIN_IP, &pki.origin, &authorization)?;
+        let streaming = stream_origin.addr();
+        step(&format!(
+            "streaming origin on {streaming} (http/1.1: events, downloads, uploads)"
+        ));
+        self.stream_origin = Some(stream_origin);
+
+        self.start_brokerd(&pki.ca, &key_file, wide_area, streaming)?;
+        self.start_nginx_peer(tools, &pki, &authorization, wide_area, streaming)?;
         self.mitmproxy = self.start_mitmproxy(tools, &authorization_file, wide_area);
         if let Err(why) = &self.mitmproxy {
             eprintln!("bench: mitmproxy column unavailable: {why}");
@@ -149,12 +164,13 @@ impl Lab {
         upstream_ca: &Path,
         key_file: &Path,
         wide_area: SocketAddr,
+        streaming: SocketAddr,
     ) -> Result<()> {
         let policies = self.dir.join("policies");
         fs::create_dir_all(&policies)?;
         fs::write(
             policies.join("bench.toml"),
-            policy(self.origin_http1.port(), wide_area.port()),
+            policy(self.origin_http1.port(), wide_area.port(), streaming.port()),
         )?;
         step(&format!(
             "brokerd (pins in {PIN_DIR}, log in {})",
@@ -195,9 +211,13 @@ impl Lab {
         pki: &pki::Pki,
         authorization: &str,
         wide_area: SocketAddr,
+        streaming: SocketAddr,
     ) -> Result<()> {
-        let [local, far] = free_ports(PROXY_IP)?.map(|port| SocketAddr::new(PROXY_IP, port));
-        step(&format!("nginx peer on {local} and {far}"));
+        let [local, far, to_streaming] =
+            free_ports(PROXY_IP)?.map(|port| SocketAddr::new(PROXY_IP, port));
+        step(&format!(
+            "nginx peer on {local}, {far} and {to_streaming} (unbuffered, to the streaming origin)"
+        ));
         let common = nginx::Common {
             dir: &self.dir,
             name: "nginx-peer",
@@ -207,10 +227,17 @@ impl Lab {
             nginx::Route {
                 listen: local,
                 upstream: self.origin_http1,
+                streaming: false,
             },
             nginx::Route {
                 listen: far,
                 upstream: wide_area,
+                streaming: false,
+            },
+            nginx::Route {
+                listen: to_streaming,
+                upstream: streaming,
+                streaming: true,
             },
         ];
         let config = nginx::proxy_config(&common, &routes, &pki.ca, authorization);
@@ -220,10 +247,13 @@ impl Lab {
         )?;
         self.services.wait_listening("the nginx peer", local)?;
         self.services.wait_listening("the nginx peer", far)?;
+        self.services
+            .wait_listening("the nginx peer", to_streaming)?;
         self.nginx = Some(Peer {
             pid,
             local,
             wide_area: far,
+            streaming: Some(to_streaming),
         });
         Ok(())
     }
@@ -254,6 +284,7 @@ impl Lab {
                 pid,
                 local: SocketAddr::new(PROXY_IP, local),
                 wide_area: SocketAddr::new(PROXY_IP, far),
+                streaming: None,
             };
             self.services.wait_listening("mitmproxy", peer.local)?;
             self.services.wait_listening("mitmproxy", peer.wide_area)?;
@@ -266,8 +297,9 @@ impl Lab {
         })
     }
 
-    /// One request per path before anything is measured, so a broken path fails here with a
-    /// clear message rather than as a fast column of errors.
+    /// One request per path (a small download and upload to the streaming origin) before
+    /// anything is measured, so a broken path fails here with a clear message rather than as a
+    /// fast column of errors.
     fn check_paths(&mut self, tools: &Tools) -> Result<()> {
         let python = &tools.python3;
         let mut without_key = self.endpoint(Column::Direct, Route::Local)?;
@@ -288,6 +320,25 @@ impl Lab {
                         cmd::relative(&self.dir)
                     );
                 }
+            }
+        }
+        // The streaming origin: refused without the key, one small transfer each way through
+        // every path that has a route to it.
+        let mut without_key = self.endpoint(Column::Direct, Route::Streaming)?;
+        without_key.authorization = PLACEHOLDER.into();
+        if clients::transfers(python, &self.dir, &without_key, 1_000, 0)?.failures == 0 {
+            bail!("the streaming origin answered 200 to a request without the real key");
+        }
+        for column in [Column::Direct, Column::Brokerd, Column::Nginx] {
+            let endpoint = self.endpoint(column, Route::Streaming)?;
+            let answer = clients::transfers(python, &self.dir, &endpoint, 1_000, 1)?;
+            if answer.failures > 0 {
+                bail!(
+                    "the {} path to the streaming origin did not carry a download and an upload \
+                     whole; see the logs in {}",
+                    column.name(),
+                    cmd::relative(&self.dir)
+                );
             }
         }
         if self.mitmproxy.is_ok() {
@@ -314,11 +365,13 @@ impl Lab {
         let origin = |listener: SocketAddr| match route {
             Route::Local => Some(listener),
             Route::WideArea => self.wide_area,
+            Route::Streaming => self.stream_origin.as_ref().map(StreamOrigin::addr),
         };
         let peer = |peer: Option<&Peer>| {
-            peer.map(|p| match route {
-                Route::Local => p.local,
-                Route::WideArea => p.wide_area,
+            peer.and_then(|p| match route {
+                Route::Local => Some(p.local),
+                Route::WideArea => Some(p.wide_area),
+                Route::Streaming => p.streaming,
             })
         };
         let (addr, authorization, launch) = match column {
@@ -391,6 +444,7 @@ impl Lab {
         }
         self.services.stop_all();
         self.relay = None;
+        self.stream_origin = None;
         if Path::new(PIN_DIR).exists() {
             let _ = fs::remove_dir_all(PIN_DIR);
         }
@@ -428,9 +482,10 @@ pub fn remove_stale_pins() {
 }
 
 /// brokerd's policy for the bench cgroup: the origin by address (clients that dial an address
-/// send no SNI) on both routes, and any `*.bench.test` name on the origin's port for the
-/// first-seen host workload, each with the key injected.
-fn policy(origin_port: u16, wide_area_port: u16) -> String {
+/// send no SNI) on both routes, the streaming origin by address, and any `*.bench.test` name on
+/// the origin's port for the first-seen host workload, each with the key injected (so brokerd
+/// also scrubs the key from every answer).
+fn policy(origin_port: u16, wide_area_port: u16, streaming_port: u16) -> String {
     let rule = |host: &str, port: u16| {
         format!(
             "\n[[allow]]\nhost = \"{host}\"\nport = {port}\n\
@@ -438,9 +493,10 @@ fn policy(origin_port: u16, wide_area_port: u16) -> String {
         )
     };
     format!(
-        "# Written by cargo xtask bench.\ncgroup = \"{CGROUP}\"\n{}{}{}",
+        "# Written by cargo xtask bench.\ncgroup = \"{CGROUP}\"\n{}{}{}{}",
         rule("127.0.0.2", origin_port),
         rule("127.0.0.2", wide_area_port),
+        rule("127.0.0.2", streaming_port),
         rule("*.bench.test", origin_port),
     )
 }
@@ -479,17 +535,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_policy_allows_the_origin_on_both_routes_and_any_bench_name() {
-        let policy = policy(9443, 9444);
+    fn the_policy_allows_the_origins_on_every_route_and_any_bench_name() {
+        let policy = policy(9443, 9444, 9445);
         assert!(policy.contains("cgroup = \"agents/bench\""));
         assert!(policy.contains("host = \"127.0.0.2\"\nport = 9443\n"));
         assert!(policy.contains("host = \"127.0.0.2\"\nport = 9444\n"));
+        assert!(policy.contains("host = \"127.0.0.2\"\nport = 9445\n"));
         assert!(policy.contains("host = \"*.bench.test\"\nport = 9443\n"));
         assert_eq!(
             policy
                 .matches("authorization = \"Bearer {secret:BENCH_KEY}\"")
                 .count(),
-            3
+            4
         );
     }
 }

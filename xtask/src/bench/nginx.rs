@@ -71,11 +71,26 @@ pub fn origin_config(
 pub struct Route {
     pub listen: SocketAddr,
     pub upstream: SocketAddr,
+    /// Pass bodies through as they stream, both ways, instead of buffering them: for the SSE and
+    /// bulk rows (issue 12), which compare brokerd with nginx set up for streaming.
+    pub streaming: bool,
 }
+
+/// What a streaming route adds to its location: no response buffering (`proxy_buffering off`,
+/// as an SSE endpoint behind nginx needs), no request buffering (an upload is forwarded as it
+/// arrives, not spooled to a temp file first), no limit on the request body (the default is
+/// 1 MiB), and 64 KiB reads each way rather than one memory page.
+const STREAMING: &str = "
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_buffer_size 64k;
+            client_max_body_size 0;
+            client_body_buffer_size 64k;";
 
 /// The nginx peer's config: for each route a TLS listener that forwards to its upstream over
 /// verified TLS, writes `authorization` into every request, and keeps up to 64 idle upstream
-/// connections per worker. Its access log is on (buffered), as brokerd's audit log is.
+/// connections per worker; a streaming route also passes bodies through unbuffered
+/// ([`STREAMING`]). Its access log is on (buffered), as brokerd's audit log is.
 pub fn proxy_config(
     common: &Common,
     routes: &[Route],
@@ -110,7 +125,7 @@ pub fn proxy_config(
             proxy_ssl_name api.example.test;
             proxy_ssl_verify on;
             proxy_ssl_trusted_certificate {ca};
-            proxy_ssl_session_reuse on;
+            proxy_ssl_session_reuse on;{streaming}
         }}
     }}
 "#,
@@ -118,6 +133,7 @@ pub fn proxy_config(
             listen = route.listen,
             tls = tls_lines(common.cert),
             ca = upstream_ca.display(),
+            streaming = if route.streaming { STREAMING } else { "" },
         );
     }
     conf.push_str("}\n");
@@ -231,10 +247,12 @@ mod tests {
             Route {
                 listen: "127.0.0.1:1".parse().expect("addr"),
                 upstream: "127.0.0.2:2".parse().expect("addr"),
+                streaming: false,
             },
             Route {
                 listen: "127.0.0.1:3".parse().expect("addr"),
                 upstream: "127.0.0.2:4".parse().expect("addr"),
+                streaming: true,
             },
         ];
         let conf = proxy_config(&common(&cert), &routes, Path::new("/b/ca.pem"), "Bearer k1");
@@ -244,5 +262,12 @@ mod tests {
         assert!(conf.contains("proxy_ssl_trusted_certificate /b/ca.pem;"));
         assert!(conf.contains("access_log /b/peer-access.log combined"));
         assert_eq!(conf.matches('{').count(), conf.matches('}').count());
+        // Only the streaming route passes bodies through unbuffered.
+        assert_eq!(conf.matches("proxy_buffering off;").count(), 1);
+        assert_eq!(conf.matches("proxy_request_buffering off;").count(), 1);
+        let streaming_server = conf.split("server {").nth(2).unwrap_or_default();
+        assert!(streaming_server.contains("listen 127.0.0.1:3 ssl http2;"));
+        assert!(streaming_server.contains("proxy_buffering off;"));
+        assert!(streaming_server.contains("client_max_body_size 0;"));
     }
 }

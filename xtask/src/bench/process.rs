@@ -1,6 +1,6 @@
 //! Child processes: services started in their own process groups and stopped by pid, one-shot
-//! commands bounded by a deadline, and what `/proc` says about a process tree (CPU time and
-//! resident memory), which is how the bench charges each proxy for its work.
+//! commands bounded by a deadline, and what `/proc` says about a process tree (CPU time, resident
+//! memory and its peak), which is how the bench charges each proxy for its work.
 
 use std::{
     fs,
@@ -8,6 +8,10 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -206,13 +210,78 @@ pub fn tree_cpu_seconds(pid: u32) -> Result<f64> {
 
 /// Resident memory of `pid` and its descendants, in KiB.
 pub fn tree_rss_kib(pid: u32) -> Result<u64> {
+    tree_status_kib(pid, "VmRSS:")
+}
+
+/// The sum of a `/proc/<pid>/status` field (`VmRSS:`, `VmHWM:`) over `pid` and its descendants,
+/// in KiB.
+fn tree_status_kib(pid: u32, field: &str) -> Result<u64> {
     let mut total = 0;
     for pid in tree(pid) {
         let status = fs::read_to_string(format!("/proc/{pid}/status"))
             .with_context(|| format!("reading /proc/{pid}/status"))?;
-        total += vm_rss_kib(&status).with_context(|| format!("no VmRSS in /proc/{pid}/status"))?;
+        total += status_kib(&status, field)
+            .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
     }
     Ok(total)
+}
+
+/// How much the resident memory of a process tree rises above where it was when
+/// [`PeakRss::watch`] was called. The kernel's high-water mark of each process (`VmHWM`) is reset
+/// to its current RSS at the start (`/proc/<pid>/clear_refs`), and VmRSS is also sampled every
+/// 10 ms meanwhile, since the high-water mark is only updated when memory is unmapped; the peak is
+/// the larger of the two. Over a tree the high-water marks add up per process, which can only
+/// overstate the peak.
+pub struct PeakRss {
+    pid: u32,
+    baseline_kib: u64,
+    sampled_kib: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    sampler: thread::JoinHandle<()>,
+}
+
+impl PeakRss {
+    /// Starts watching `pid`'s tree.
+    pub fn watch(pid: u32) -> Result<Self> {
+        let baseline_kib = tree_rss_kib(pid)?;
+        for pid in tree(pid) {
+            // "5" resets the peak RSS (Linux 4.0). The sampler still sees the peak if it fails.
+            let _ = fs::write(format!("/proc/{pid}/clear_refs"), "5");
+        }
+        let sampled_kib = Arc::new(AtomicU64::new(baseline_kib));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = thread::Builder::new()
+            .name("bench-rss".into())
+            .spawn({
+                let sampled_kib = sampled_kib.clone();
+                let stop = stop.clone();
+                move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        if let Ok(kib) = tree_rss_kib(pid) {
+                            sampled_kib.fetch_max(kib, Ordering::SeqCst);
+                        }
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            })
+            .context("starting the RSS sampler")?;
+        Ok(Self {
+            pid,
+            baseline_kib,
+            sampled_kib,
+            stop,
+            sampler,
+        })
+    }
+
+    /// Stops watching; the growth of the peak over the baseline, in KiB.
+    pub fn growth_kib(self) -> Result<u64> {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.sampler.join();
+        let high_water = tree_status_kib(self.pid, "VmHWM:")?;
+        let peak = high_water.max(self.sampled_kib.load(Ordering::SeqCst));
+        Ok(peak.saturating_sub(self.baseline_kib))
+    }
 }
 
 /// `pid` and its descendants (nginx's workers are its master's children), from the `children`
@@ -254,11 +323,11 @@ fn cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// The `VmRSS:` value of a `/proc/<pid>/status` file, in KiB.
-fn vm_rss_kib(status: &str) -> Option<u64> {
+/// The value of a field such as `VmRSS:` of a `/proc/<pid>/status` file, in KiB.
+fn status_kib(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .find_map(|line| line.strip_prefix(field))?
         .split_whitespace()
         .next()?
         .parse()
@@ -277,9 +346,24 @@ mod tests {
     }
 
     #[test]
-    fn reads_vm_rss() {
-        let status = "Name:\tbrokerd\nVmPeak:\t  900 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
-        assert_eq!(vm_rss_kib(status), Some(12345));
-        assert_eq!(vm_rss_kib("Name:\tx\n"), None);
+    fn reads_vm_rss_and_hwm() {
+        let status = "Name:\tbrokerd\nVmPeak:\t  900 kB\nVmHWM:\t   20000 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
+        assert_eq!(status_kib(status, "VmRSS:"), Some(12345));
+        assert_eq!(status_kib(status, "VmHWM:"), Some(20000));
+        assert_eq!(status_kib("Name:\tx\n", "VmRSS:"), None);
+    }
+
+    #[test]
+    fn a_peak_watch_sees_memory_touched_and_freed_meanwhile() -> Result<()> {
+        let pid = std::process::id();
+        let watch = PeakRss::watch(pid)?;
+        // 64 MiB touched, then freed: the peak must show it although RSS is back down.
+        let touched = vec![1u8; 64 << 20];
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(touched.iter().map(|b| u64::from(*b)).sum::<u64>(), 64 << 20);
+        drop(touched);
+        let growth = watch.growth_kib()?;
+        assert!(growth >= 60 << 10, "{growth} KiB");
+        Ok(())
     }
 }

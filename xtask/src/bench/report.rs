@@ -1,5 +1,6 @@
 //! The bench's results: one row per workload, one cell per column (direct, brokerd, nginx,
-//! mitmproxy), brokerd's ratios to the others, and issue 7's targets with whether each is met.
+//! mitmproxy), brokerd's ratios to the others, and the targets of issues 7 and 12 with whether
+//! each is met.
 //! Rendered as a Markdown table (for the terminal and README.md) and as JSON.
 
 use std::fmt::Write as _;
@@ -106,7 +107,7 @@ pub enum Better {
     Lower,
 }
 
-/// A target from issue 7, judged on brokerd's cell.
+/// A target from issue 7 or 12, judged on brokerd's cell.
 #[derive(Clone, Copy, Debug)]
 pub enum Target {
     /// brokerd no worse than nginx. For a latency row against the same direct floor this is also
@@ -118,6 +119,11 @@ pub enum Target {
     TimesMitmproxy(f64),
     /// brokerd's value at most this, in the row's unit.
     AtMost(f64),
+    /// brokerd adds at most this to the direct path's value, in the row's unit (a latency).
+    AddsAtMost(f64),
+    /// brokerd at least this fraction of the direct path (a rate; for a latency, at most this
+    /// multiple of it).
+    TimesDirect(f64),
 }
 
 /// Whether a target is met.
@@ -199,6 +205,18 @@ impl Row {
                 .zip(value(Column::Mitmproxy))
                 .map(|(b, m)| m >= times * b),
             (Target::AtMost(limit), _) => brokerd.map(|b| b <= limit),
+            (Target::AddsAtMost(limit), Better::Lower) => brokerd
+                .zip(value(Column::Direct))
+                .map(|(b, d)| b - d <= limit),
+            (Target::AddsAtMost(limit), Better::Higher) => brokerd
+                .zip(value(Column::Direct))
+                .map(|(b, d)| d - b <= limit),
+            (Target::TimesDirect(times), Better::Higher) => brokerd
+                .zip(value(Column::Direct))
+                .map(|(b, d)| b >= times * d),
+            (Target::TimesDirect(times), Better::Lower) => brokerd
+                .zip(value(Column::Direct))
+                .map(|(b, d)| b <= times * d),
         };
         match holds {
             Some(true) => Verdict::Met,
@@ -220,6 +238,11 @@ impl Row {
             },
             Target::TimesMitmproxy(times) => format!("{times}x mitmproxy"),
             Target::AtMost(limit) => format!("≤ {}", format_value(limit, self.unit)),
+            Target::AddsAtMost(limit) => match self.better {
+                Better::Lower => format!("≤ direct + {}", format_value(limit, self.unit)),
+                Better::Higher => format!("≥ direct − {}", format_value(limit, self.unit)),
+            },
+            Target::TimesDirect(times) => format!("{at_least} {times}x direct"),
         }
     }
 }
@@ -399,14 +422,14 @@ impl Report {
 }
 
 /// A value in its unit's usual precision: whole numbers with thousands separators for rates and
-/// microseconds, two decimals for milliseconds, one for KiB.
+/// microseconds, two decimals for milliseconds, one for KiB and MiB.
 fn format_value(value: f64, unit: &str) -> String {
     if !value.is_finite() {
         return "–".into();
     }
     match unit {
         "ms" => format!("{value:.2}"),
-        "KiB" => format!("{value:.1}"),
+        "KiB" | "MiB" => format!("{value:.1}"),
         _ if value.abs() < 10.0 => format!("{value:.1}"),
         _ => {
             let whole = format!("{:.0}", value.abs());
@@ -457,6 +480,30 @@ mod tests {
     }
 
     #[test]
+    fn judges_targets_relative_to_the_direct_path() {
+        let mut lag = row(Better::Lower, [20.5, 21.2, 21.9, 40.0]);
+        lag.unit = "ms";
+        assert_eq!(lag.verdict(Target::AddsAtMost(1.0)), Verdict::Met);
+        assert_eq!(lag.verdict(Target::AddsAtMost(0.5)), Verdict::Missed);
+        assert_eq!(lag.target_text(Target::AddsAtMost(1.0)), "≤ direct + 1.00");
+
+        let throughput = row(Better::Higher, [500.0, 410.0, 450.0, 50.0]);
+        assert_eq!(throughput.verdict(Target::TimesDirect(0.8)), Verdict::Met);
+        assert_eq!(
+            throughput.verdict(Target::TimesDirect(0.9)),
+            Verdict::Missed
+        );
+        assert_eq!(
+            throughput.target_text(Target::TimesDirect(0.8)),
+            "≥ 0.8x direct"
+        );
+
+        let mut missing = throughput;
+        missing.set(Column::Direct, Cell::Failed("no".into()));
+        assert_eq!(missing.verdict(Target::TimesDirect(0.8)), Verdict::Unknown);
+    }
+
+    #[test]
     fn a_missing_cell_leaves_the_target_unknown_and_failures_miss_it() {
         let mut r = row(Better::Higher, [100.0, 60.0, 50.0, 2.0]);
         r.set(Column::Mitmproxy, Cell::NotInstalled("pip failed".into()));
@@ -481,6 +528,7 @@ mod tests {
         assert_eq!(format_value(4.25, "µs"), "4.2");
         assert_eq!(format_value(1.234, "ms"), "1.23");
         assert_eq!(format_value(41.26, "KiB"), "41.3");
+        assert_eq!(format_value(12.34, "MiB"), "12.3");
     }
 
     #[test]

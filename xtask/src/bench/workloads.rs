@@ -1,4 +1,4 @@
-//! The workloads of issue 7. Each sends the same requests through every column in turn, one
+//! The workloads of issues 7 and 12. Each sends the same requests through every column in turn, one
 //! column at a time on the same machine, and turns what the clients report into rows of the
 //! table. A column that is not running, or whose measurement fails, gets a cell saying so; only
 //! an interruption stops the run.
@@ -20,9 +20,11 @@ use super::{
     report::{
         Better::{Higher, Lower},
         Cell, Column, Row,
-        Target::{AtMost, BetterThanDirect, NoWorseThanNginx, TimesMitmproxy},
+        Target::{
+            AddsAtMost, AtMost, BetterThanDirect, NoWorseThanNginx, TimesDirect, TimesMitmproxy,
+        },
     },
-    stopping,
+    stopping, stream_origin,
     tools::Tools,
 };
 use crate::cmd;
@@ -35,6 +37,21 @@ const CONNECTIONS_TIMED: u32 = 200;
 const MITMPROXY_FACTOR: f64 = 20.0;
 /// The memory target per idle brokered connection, in KiB.
 const IDLE_KIB_TARGET: f64 = 64.0;
+/// Timed event streams per column in the SSE workload (after one that warms the path up).
+const SSE_RUNS: u32 = 5;
+/// The most brokerd may add to the time to the first event and to the p99 event lag, in ms.
+const SSE_ADDED_MS_TARGET: f64 = 1.0;
+/// The size of each transfer in the bulk workload: 200 MB.
+const BULK_BYTES: u64 = 200_000_000;
+/// Timed transfers per direction and column in the bulk workload.
+const BULK_RUNS: u32 = 3;
+/// The fraction of the direct path's throughput brokerd must reach on bulk transfers.
+const BULK_THROUGHPUT_TARGET: f64 = 0.8;
+/// The most brokerd's resident memory may grow during the bulk transfers, in MiB.
+const BULK_RSS_MIB_TARGET: f64 = 16.0;
+/// Columns with a route to the streaming origin: issue 12 compares brokerd with the direct path
+/// and with nginx there.
+const STREAMING_COLUMNS: [Column; 3] = [Column::Direct, Column::Brokerd, Column::Nginx];
 
 /// What the workloads need besides the lab.
 pub struct Settings<'a> {
@@ -50,12 +67,14 @@ pub struct Settings<'a> {
 }
 
 /// The workloads' keys, in the order they run, for `--only`.
-pub const WORKLOADS: [&str; 8] = [
+pub const WORKLOADS: [&str; 10] = [
     "keepalive1",
     "keepalive32",
     "newconn",
     "h2",
     "widearea",
+    "sse",
+    "bulk",
     "idle",
     "hostnames",
     "micro",
@@ -209,6 +228,12 @@ pub fn measure(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     ));
     }
 
+    if settings.wanted("sse") {
+        rows.extend(event_stream(lab, settings)?);
+    }
+    if settings.wanted("bulk") {
+        rows.extend(bulk(lab, settings)?);
+    }
     if settings.wanted("idle") {
         rows.extend(idle_memory(lab, settings)?);
     }
@@ -320,6 +345,192 @@ fn fill<T>(mut row: Row, results: &[(Column, Result<T, Cell>)], cell: impl Fn(&T
 
 fn measured(value: f64, failures: u64) -> Cell {
     Cell::Value { value, failures }
+}
+
+/// What one column's event streams came to.
+#[derive(Debug)]
+struct EventStreamSummary {
+    /// The median time from sending the request to the first event, in ms.
+    first_event_ms: f64,
+    /// The 99th percentile over every event of every run of how late it arrived: its arrival
+    /// after the request was sent less its place in the schedule (index x gap), in ms.
+    p99_lag_ms: f64,
+    /// Streams that did not answer 200 with every event.
+    failures: u64,
+}
+
+impl EventStreamSummary {
+    fn of(times: &clients::EventTimes, gap: Duration) -> Result<Self> {
+        let mut first: Vec<f64> = times
+            .runs
+            .iter()
+            .filter_map(|r| r.first().copied())
+            .collect();
+        let mut lags: Vec<f64> = times
+            .runs
+            .iter()
+            .flat_map(|run| {
+                run.iter()
+                    .enumerate()
+                    .map(|(index, arrived)| arrived - gap.as_secs_f64() * index as f64)
+            })
+            .collect();
+        if first.is_empty() {
+            bail!("no stream arrived whole ({} failed)", times.failures);
+        }
+        Ok(Self {
+            first_event_ms: percentile(&mut first, 50.0) * 1e3,
+            p99_lag_ms: percentile(&mut lags, 99.0) * 1e3,
+            failures: times.failures,
+        })
+    }
+}
+
+/// The `p`th percentile of `values` (nearest rank; `values` is sorted in place and not empty).
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
+    values
+        .get(rank.clamp(1, values.len()) - 1)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// Issue 12's SSE row: a stream of [`stream_origin::EVENTS`] events [`stream_origin::EVENT_GAP`]
+/// apart, timed per event, [`SSE_RUNS`] times per column, with the key injected (so brokerd
+/// scrubs the stream).
+fn event_stream(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
+    let what = format!(
+        "SSE, {} events {} ms apart",
+        stream_origin::EVENTS,
+        stream_origin::EVENT_GAP.as_millis()
+    );
+    let samples = each_column(
+        &what,
+        lab,
+        Route::Streaming,
+        &STREAMING_COLUMNS,
+        |_, endpoint| {
+            let times = clients::event_times(
+                &settings.tools.python3,
+                lab.dir(),
+                endpoint,
+                SSE_RUNS,
+                stream_origin::EVENTS,
+            )?;
+            EventStreamSummary::of(&times, stream_origin::EVENT_GAP)
+        },
+    )?;
+    let targets = [AddsAtMost(SSE_ADDED_MS_TARGET)];
+    let mut rows = vec![
+        fill(
+            Row::new(format!("{what}: time to first event"), "ms", Lower).with_targets(&targets),
+            &samples,
+            |s| measured(s.first_event_ms, s.failures),
+        ),
+        fill(
+            Row::new(format!("{what}: p99 event lag"), "ms", Lower).with_targets(&targets),
+            &samples,
+            |s| measured(s.p99_lag_ms, s.failures),
+        ),
+    ];
+    for row in &mut rows {
+        row.set(Column::Mitmproxy, not_streamed());
+    }
+    Ok(rows)
+}
+
+/// Issue 12's bulk row: [`BULK_BYTES`] down and up through each column, [`BULK_RUNS`] times each
+/// way, with the key injected (so brokerd scrubs the download), and how much the proxy's resident
+/// memory peaks above where it was before.
+fn bulk(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
+    let megabytes = BULK_BYTES as f64 / 1e6;
+    let what = format!("{megabytes:.0} MB transfers");
+    let samples = each_column(
+        &what,
+        lab,
+        Route::Streaming,
+        &STREAMING_COLUMNS,
+        |column, endpoint| {
+            let watch = lab
+                .proxy_pid(column)
+                .map(process::PeakRss::watch)
+                .transpose()?;
+            let transfers = clients::transfers(
+                &settings.tools.python3,
+                lab.dir(),
+                endpoint,
+                BULK_BYTES,
+                BULK_RUNS,
+            );
+            let growth_kib = watch.map(process::PeakRss::growth_kib).transpose()?;
+            let transfers = transfers?;
+            let rate = |seconds: &[f64]| {
+                let mut seconds = seconds.to_vec();
+                if seconds.is_empty() {
+                    f64::NAN
+                } else {
+                    megabytes / percentile(&mut seconds, 50.0)
+                }
+            };
+            Ok(BulkSummary {
+                down_mb_per_second: rate(&transfers.down),
+                up_mb_per_second: rate(&transfers.up),
+                failures: transfers.failures,
+                rss_growth_mib: growth_kib.map(|kib| kib as f64 / 1024.0),
+            })
+        },
+    )?;
+    let throughput = [TimesDirect(BULK_THROUGHPUT_TARGET)];
+    let mut rows = vec![
+        fill(
+            Row::new(format!("{megabytes:.0} MB download"), "MB/s", Higher)
+                .with_targets(&throughput),
+            &samples,
+            |s| measured(s.down_mb_per_second, s.failures),
+        ),
+        fill(
+            Row::new(format!("{megabytes:.0} MB upload"), "MB/s", Higher).with_targets(&throughput),
+            &samples,
+            |s| measured(s.up_mb_per_second, s.failures),
+        ),
+        fill(
+            Row::new(
+                format!("{megabytes:.0} MB down and up: proxy peak RSS growth"),
+                "MiB",
+                Lower,
+            )
+            .with_targets(&[AtMost(BULK_RSS_MIB_TARGET)]),
+            &samples,
+            |s| s.rss_growth_mib.map_or(Cell::NotApplicable, Cell::value),
+        ),
+    ];
+    for row in &mut rows {
+        row.set(Column::Mitmproxy, not_streamed());
+    }
+    Ok(rows)
+}
+
+/// What one column's bulk transfers came to.
+#[derive(Debug)]
+struct BulkSummary {
+    /// Median over the downloads.
+    down_mb_per_second: f64,
+    /// Median over the uploads.
+    up_mb_per_second: f64,
+    /// Transfers that did not arrive whole.
+    failures: u64,
+    /// The proxy's peak resident memory above where it was before (none on the direct path).
+    rss_growth_mib: Option<f64>,
+}
+
+/// The mitmproxy cell of the streaming rows.
+fn not_streamed() -> Cell {
+    Cell::NotMeasured(
+        "no route to the streaming origin: issue 12 compares brokerd with direct and nginx on \
+         the SSE and bulk rows"
+            .into(),
+    )
 }
 
 /// Resident memory per idle connection at 1,000 and 10,000 open connections.
@@ -557,6 +768,38 @@ mod tests {
         assert_eq!(bench_metric(report, "policy_decision_p99_us"), Some(1.25));
         assert_eq!(bench_metric(report, "audit_cpu_us_per_request"), None);
         assert_eq!(bench_metric(report, "other"), None);
+    }
+
+    #[test]
+    fn summarises_event_streams_by_schedule() -> Result<()> {
+        let gap = Duration::from_millis(20);
+        // Three runs of four events: each event arrives 2 ms after its scheduled time, but one.
+        let times = clients::EventTimes {
+            runs: vec![
+                vec![0.002, 0.022, 0.042, 0.062],
+                vec![0.003, 0.022, 0.042, 0.062],
+                vec![0.002, 0.022, 0.042, 0.070],
+            ],
+            failures: 1,
+        };
+        let summary = EventStreamSummary::of(&times, gap)?;
+        assert!((summary.first_event_ms - 2.0).abs() < 1e-9, "{summary:?}");
+        assert!((summary.p99_lag_ms - 10.0).abs() < 1e-9, "{summary:?}");
+        assert_eq!(summary.failures, 1);
+        let none = clients::EventTimes {
+            runs: Vec::new(),
+            failures: 5,
+        };
+        assert!(EventStreamSummary::of(&none, gap).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn takes_nearest_rank_percentiles() {
+        let mut values: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(percentile(&mut values, 99.0), 99.0);
+        assert_eq!(percentile(&mut values, 50.0), 50.0);
+        assert_eq!(percentile(&mut [7.0], 99.0), 7.0);
     }
 
     #[test]
