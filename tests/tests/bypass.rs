@@ -43,7 +43,7 @@ const SECRET_NAME: &str = "BATTERY_KEY";
 const API: &str = "api.example.test";
 const DENIED_NAME: &str = "exfil.example.test";
 /// Where the battery's plain-HTTP "service" is (down; the battery listens there itself, N64).
-const SQUAT_IP: [u8; 4] = [127, 0, 64, 1];
+const SQUAT_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 64, 1);
 /// The address the fake upstream resolver gives for every name.
 const ANSWER: [u8; 4] = [192, 0, 2, 10];
 

@@ -66,8 +66,7 @@ const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 static ORIGIN_BY_COOKIE: LruHashMap<u64, Origin> = LruHashMap::pinned(ORIGIN_MAP_CAPACITY, 0);
 
 #[map]
-static REDIRECT_BY_PEER: LruHashMap<PeerKey, Redirect> =
-    LruHashMap::pinned(ORIGIN_MAP_CAPACITY, 0);
+static REDIRECT_BY_PEER: LruHashMap<PeerKey, Redirect> = LruHashMap::pinned(ORIGIN_MAP_CAPACITY, 0);
 
 #[map]
 static CONFIG: Array<BrokerConfig> = Array::pinned(1, 0);

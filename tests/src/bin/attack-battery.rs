@@ -1249,16 +1249,14 @@ fn squat_plain_http(addr: SocketAddr) -> String {
                         let _ = s.set_nonblocking(false);
                         let _ = s.set_read_timeout(Some(TIMEOUT));
                         let mut buf = [0u8; 4096];
-                        while let Ok(n) = s.read(&mut buf) {
-                            if n == 0 {
-                                break;
-                            }
+                        if let Ok(n) = s.read(&mut buf)
+                            && n > 0
+                        {
                             received.fetch_add(n, Ordering::SeqCst);
                             // Answer like the service, so a request that got here completes.
                             let _ = s.write_all(
                                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
                             );
-                            break;
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
