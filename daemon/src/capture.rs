@@ -6,21 +6,26 @@
 //! The programs record a redirected connect at `BPF_SOCK_OPS_TCP_CONNECT_CB` under the agent
 //! socket's local address (the peer address brokerd sees when it accepts), together with that
 //! socket's cookie. An address is no identity: once the agent's socket is gone, or beside it
-//! with `SO_REUSEADDR`, any local process can bind it and dial brokerd, and a connect that never
-//! reaches brokerd's `accept` (brokerd down or restarting, a full backlog, a SYN the listener
-//! drops, such as one carrying a TCP-MD5 option) leaves its record behind. So brokerd hands out
-//! an origin only to a connection whose far end is the recorded socket itself: at accept it
-//! asks the kernel (sock_diag, [`sock_diag::far_end`]) which socket is at the other end of the
-//! accepted connection, by the connection's address pair, and compares that socket's cookie with
-//! the recorded one. Anything else is refused, and the record is left for its own socket.
+//! with `SO_REUSEADDR`, any local process can bind it and dial brokerd, and the record of a
+//! connect that never reaches brokerd's `accept` (brokerd down or restarting, a full backlog, a
+//! SYN the listener drops, such as one carrying a TCP-MD5 option) stays as long as the agent
+//! keeps that socket. So brokerd hands out an origin only to a connection whose far end is the
+//! recorded socket itself: at accept it asks the kernel (sock_diag, [`sock_diag::far_end`])
+//! which socket is at the other end of the accepted connection, by the connection's address
+//! pair, and compares that socket's cookie with the recorded one. Anything else is refused, and
+//! the record is left for its own socket.
 //!
 //! Why sock_diag: the accepted socket is brokerd's, not the agent's, and carries no trace of the
 //! socket that dialed; the kernel's connection table does, exactly (one socket per address pair
-//! in a network namespace), for any listener, with no program attached to brokerd's own cgroup
-//! and no BPF LSM or tracing program (which the hosts this must run on refuse). Records also die
-//! with their socket: sockops asks for the socket's state changes and deletes its records when it
-//! reaches `TCP_CLOSE`; at start brokerd deletes the records whose socket no longer exists
-//! ([`prune_stale_records`]); and the map is LRU.
+//! in a network namespace, the table packets are delivered by), for any listener, and it costs
+//! two system calls per accepted connection (about 16 us in a debug build). The alternatives are
+//! weaker: a sockops program on brokerd's side (`PASSIVE_ESTABLISHED_CB`) would have to be
+//! attached to brokerd's own cgroup or the root cgroup and could still only match the record by
+//! address; socket storage and sockmaps hold per-socket data but do not link the two ends of a
+//! connection; BPF LSM and tracing programs, which could, do not load on the hosts this must run
+//! on. Records also die with their socket: sockops asks for the socket's state changes and
+//! deletes its records when it reaches `TCP_CLOSE`; at start brokerd deletes the records whose
+//! socket no longer exists ([`prune_stale_records`]); and the map is LRU.
 //!
 //! The same lookup tells whose listener answered an upstream connection brokerd made
 //! ([`OriginResolver::listener_owner`]): the cgroup the kernel recorded for it.
