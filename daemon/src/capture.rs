@@ -1,6 +1,35 @@
 //! The kernel path: loads the eBPF programs, tags cgroups with pinned links, and resolves each
 //! redirected connection to the [`ConnectionOrigin`] the programs recorded.
 //!
+//! # Whose connection is it
+//!
+//! The programs record a redirected connect at `BPF_SOCK_OPS_TCP_CONNECT_CB` under the agent
+//! socket's local address (the peer address brokerd sees when it accepts), together with that
+//! socket's cookie. An address is no identity: once the agent's socket is gone, or beside it
+//! with `SO_REUSEADDR`, any local process can bind it and dial brokerd, and the record of a
+//! connect that never reaches brokerd's `accept` (brokerd down or restarting, a full backlog, a
+//! SYN the listener drops, such as one carrying a TCP-MD5 option) stays as long as the agent
+//! keeps that socket. So brokerd hands out an origin only to a connection whose far end is the
+//! recorded socket itself: at accept it asks the kernel (sock_diag, [`sock_diag::far_end`])
+//! which socket is at the other end of the accepted connection, by the connection's address
+//! pair, and compares that socket's cookie with the recorded one. Anything else is refused, and
+//! the record is left for its own socket.
+//!
+//! Why sock_diag: the accepted socket is brokerd's, not the agent's, and carries no trace of the
+//! socket that dialed; the kernel's connection table does, exactly (one socket per address pair
+//! in a network namespace, the table packets are delivered by), for any listener, and it costs
+//! two system calls per accepted connection (about 16 us in a debug build). The alternatives are
+//! weaker: a sockops program on brokerd's side (`PASSIVE_ESTABLISHED_CB`) would have to be
+//! attached to brokerd's own cgroup or the root cgroup and could still only match the record by
+//! address; socket storage and sockmaps hold per-socket data but do not link the two ends of a
+//! connection; BPF LSM and tracing programs, which could, do not load on the hosts this must run
+//! on. Records also die with their socket: sockops asks for the socket's state changes and
+//! deletes its records when it reaches `TCP_CLOSE`; at start brokerd deletes the records whose
+//! socket no longer exists ([`prune_stale_records`]); and the map is LRU.
+//!
+//! The same lookup tells whose listener answered an upstream connection brokerd made
+//! ([`OriginResolver::listener_owner`]): the cgroup the kernel recorded for it.
+//!
 //! This is the only module that uses aya. One thread ([`CaptureOwner`]) owns the loaded object and
 //! the links; everything else talks to it through [`CaptureHandle`] and gets a reply on a oneshot
 //! channel. The accept path only needs [`OriginResolver`], which holds its own map handle.
@@ -20,7 +49,8 @@ use std::{
 };
 
 use agent_broker_common::{
-    self as common, AF_INET, BrokerConfig, Counter, Origin, PeerKey, is_v4_mapped, v4_mapped,
+    self as common, AF_INET, BrokerConfig, Counter, Origin, PeerKey, Redirect, is_v4_mapped,
+    v4_mapped,
 };
 use agent_broker_core::fmt::error_chain;
 use agent_broker_protocol::{Counters, TaggedCgroup};
@@ -37,6 +67,7 @@ use tracing::{info, warn};
 
 use agent_broker_core::cgroup::{CgroupError, CgroupId, CgroupPath, CgroupRoot};
 
+pub mod sock_diag;
 mod unix_hooks;
 use unix_hooks::{UNIX_HOOKS, UnixPrograms};
 
@@ -197,15 +228,42 @@ pub enum ResolveError {
         "no redirect record for peer {0} (not a redirected connection, or the record was evicted)"
     )]
     NoRecord(SocketAddr),
+    #[error(
+        "peer {peer} is not the socket that was redirected from that address (a redirect record \
+         exists for the address, made by another socket): not a redirected connection"
+    )]
+    NotTheRedirectedSocket { peer: SocketAddr },
+    #[error(
+        "the socket at peer {0} is gone (sock_diag finds no socket at the far end of the \
+         connection): its origin cannot be proven"
+    )]
+    PeerGone(SocketAddr),
+    #[error("cannot identify the socket at peer {peer}: {message}")]
+    Diag { peer: SocketAddr, message: String },
     #[error("cgroup id {0} of the connecting process is in no tagged cgroup")]
     UnknownCgroup(CgroupId),
     #[error("redirect map lookup failed: {0}")]
     Map(String),
 }
 
+/// Who owns the socket at the far end of a connection brokerd made (see
+/// [`OriginResolver::listener_owner`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenerOwner {
+    /// A socket created in a tagged cgroup (or below one): an agent's.
+    Agent(CgroupPath),
+    /// A socket on this host created outside every tagged cgroup.
+    Other,
+    /// No socket on this host holds the far end (another host), or none a process can read
+    /// from any more (`TIME_WAIT`).
+    NotLocal,
+    /// The far end is still completing its handshake: ask again.
+    Unsettled,
+}
+
 /// Resolves accepted connections to their origin. Shared by all accept tasks.
 pub struct OriginResolver {
-    by_peer: Mutex<BpfHashMap<MapData, PeerKey, Origin>>,
+    by_peer: Mutex<BpfHashMap<MapData, PeerKey, Redirect>>,
     dns_by_peer: Mutex<BpfHashMap<MapData, PeerKey, Origin>>,
     root: CgroupRoot,
     tags: watch::Receiver<TagSet>,
@@ -213,11 +271,51 @@ pub struct OriginResolver {
 }
 
 impl OriginResolver {
-    /// Looks up and consumes the record for an accepted connection's peer address. One-shot: a
-    /// second lookup for the same peer finds nothing.
-    pub fn resolve(&self, peer: SocketAddr) -> Result<ConnectionOrigin, ResolveError> {
-        let origin = self.take_record(peer)?;
+    /// Looks up and consumes the record for an accepted connection, from `peer` to brokerd's
+    /// `local` address: only when the connection's far end is the very socket the record was
+    /// made for (see the module docs). One-shot: a second lookup for the same peer finds
+    /// nothing.
+    pub fn resolve(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<ConnectionOrigin, ResolveError> {
+        let origin = self.take_record(peer, || {
+            sock_diag::far_end(local, peer)
+                .map(|found| found.map(|s| s.cookie))
+                .map_err(|e| ResolveError::Diag {
+                    peer,
+                    message: e.to_string(),
+                })
+        })?;
         self.origin_of(origin)
+    }
+
+    /// Whose socket is at the far end of a TCP connection brokerd made from `local` to `peer`.
+    pub fn listener_owner(
+        &self,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> Result<ListenerOwner, String> {
+        let found = sock_diag::far_end(local, peer).map_err(|e| format!("sock_diag: {e}"))?;
+        Ok(match found {
+            None => ListenerOwner::NotLocal,
+            Some(s) => match s.cgroup_id {
+                Some(id) => match self.cgroup_path(CgroupId(id)) {
+                    Some(path) => ListenerOwner::Agent(path),
+                    None => ListenerOwner::Other,
+                },
+                None if s.state == sock_diag::TCP_SYN_RECV => ListenerOwner::Unsettled,
+                // Closed on that side: nobody reads what is sent.
+                None if s.state == sock_diag::TCP_TIME_WAIT => ListenerOwner::NotLocal,
+                None => {
+                    return Err(format!(
+                        "the kernel reported no cgroup for the socket at {peer} (TCP state {})",
+                        s.state
+                    ));
+                }
+            },
+        })
     }
 
     /// The origin of a DNS datagram that arrived at brokerd's DNS listener from `peer`. Not
@@ -238,24 +336,37 @@ impl OriginResolver {
         self.origin_of(origin)
     }
 
-    fn take_record(&self, peer: SocketAddr) -> Result<Origin, ResolveError> {
+    /// The record for `peer`, consumed, if `far_end_cookie` (the cookie of the socket at the far
+    /// end of the accepted connection) says the connection comes from the recorded socket.
+    fn take_record(
+        &self,
+        peer: SocketAddr,
+        far_end_cookie: impl FnOnce() -> Result<Option<u64>, ResolveError>,
+    ) -> Result<Origin, ResolveError> {
         let key = peer_key(peer);
-        let origin = {
-            let mut map = self
+        let read = || -> Result<Redirect, ResolveError> {
+            let map = self
                 .by_peer
                 .lock()
                 .map_err(|_| ResolveError::Map("resolver lock poisoned".into()))?;
-            let origin = match map.get(&key, 0) {
-                Ok(o) => o,
-                Err(aya::maps::MapError::KeyNotFound) => return Err(ResolveError::NoRecord(peer)),
-                Err(e) => return Err(ResolveError::Map(e.to_string())),
-            };
-            // A failed delete only leaves a stale record that the LRU evicts; the peer port
-            // cannot be reused while this connection is open.
-            let _ = map.remove(&key);
-            origin
+            match map.get(&key, 0) {
+                Ok(r) => Ok(r),
+                Err(aya::maps::MapError::KeyNotFound) => Err(ResolveError::NoRecord(peer)),
+                Err(e) => Err(ResolveError::Map(e.to_string())),
+            }
         };
-        Ok(origin)
+        let record = read()?;
+        check_far_end(peer, record.cookie, far_end_cookie()?)?;
+        let mut map = self
+            .by_peer
+            .lock()
+            .map_err(|_| ResolveError::Map("resolver lock poisoned".into()))?;
+        // Consume it only if it is still that socket's. A failed delete leaves a record that
+        // dies with its socket (sockops deletes it at TCP_CLOSE).
+        if map.get(&key, 0).is_ok_and(|r| r.cookie == record.cookie) {
+            let _ = map.remove(&key);
+        }
+        Ok(record.origin)
     }
 
     fn origin_of(&self, origin: Origin) -> Result<ConnectionOrigin, ResolveError> {
@@ -310,6 +421,48 @@ impl OriginResolver {
         }
         Some(found)
     }
+}
+
+/// Whether an accepted connection from `peer` comes from the socket a record was made for:
+/// `recorded` is the record's cookie, `far_end` the cookie of the socket at the other end of the
+/// accepted connection (None: there is none any more).
+pub fn check_far_end(
+    peer: SocketAddr,
+    recorded: u64,
+    far_end: Option<u64>,
+) -> Result<(), ResolveError> {
+    match far_end {
+        Some(cookie) if cookie == recorded => Ok(()),
+        Some(_) => Err(ResolveError::NotTheRedirectedSocket { peer }),
+        None => Err(ResolveError::PeerGone(peer)),
+    }
+}
+
+/// Deletes the redirect records whose socket no longer exists (a connect that never reached
+/// brokerd, whose socket closed while no program was there to see it). Returns how many went.
+///
+/// Records are listed before the sockets, so a record made meanwhile is not touched, and one is
+/// deleted only if it still holds the cookie listed.
+fn prune_stale_records(map: &mut BpfHashMap<MapData, PeerKey, Redirect>) -> Result<usize, String> {
+    let records: Vec<(PeerKey, u64)> = map
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, r)| (k, r.cookie))
+        .collect();
+    if records.is_empty() {
+        return Ok(0);
+    }
+    let live = sock_diag::tcp_cookies().map_err(|e| format!("sock_diag: {e}"))?;
+    let mut removed = 0;
+    for (key, cookie) in records {
+        if live.contains(&cookie) {
+            continue;
+        }
+        if map.get(&key, 0).is_ok_and(|r| r.cookie == cookie) && map.remove(&key).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// The map key for an accepted connection's peer address.
@@ -498,9 +651,21 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
 
     write_config(&mut ebpf, &config)?;
 
-    let by_peer = take_map(&mut ebpf, common::maps::ORIGIN_BY_PEER)?;
-    let by_peer: BpfHashMap<MapData, PeerKey, Origin> =
-        BpfHashMap::try_from(by_peer).map_err(|e| map_error(common::maps::ORIGIN_BY_PEER, e))?;
+    let by_peer = take_map(&mut ebpf, common::maps::REDIRECT_BY_PEER)?;
+    let mut by_peer: BpfHashMap<MapData, PeerKey, Redirect> =
+        BpfHashMap::try_from(by_peer).map_err(|e| map_error(common::maps::REDIRECT_BY_PEER, e))?;
+    // Records left by connects that never reached a brokerd (this one was not running) are
+    // deleted when their socket is gone; those of live sockets stay (a connection may be
+    // waiting in the new listener's backlog already).
+    match prune_stale_records(&mut by_peer) {
+        Ok(0) => {}
+        Ok(n) => info!(records = n, "deleted redirect records whose socket is gone"),
+        Err(e) => {
+            warn!(error = %e, "cannot check the redirect records for stale ones; they are refused at accept all the same")
+        }
+    }
+    // An earlier build's address-keyed records: nothing reads them any more.
+    let _ = fs::remove_file(maps_dir.join(common::maps::LEGACY_ORIGIN_BY_PEER));
     let dns_by_peer = take_map(&mut ebpf, common::maps::DNS_BY_PEER)?;
     let dns_by_peer: BpfHashMap<MapData, PeerKey, Origin> =
         BpfHashMap::try_from(dns_by_peer).map_err(|e| map_error(common::maps::DNS_BY_PEER, e))?;
@@ -1130,6 +1295,24 @@ mod tests {
             original_dst(&o),
             "[::1]:8443".parse::<SocketAddr>().expect("addr")
         );
+    }
+
+    #[test]
+    fn only_the_recorded_socket_gets_the_origin() {
+        let peer: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        assert_eq!(check_far_end(peer, 7, Some(7)), Ok(()));
+        // Another socket holding the agent socket's address: not the agent.
+        assert_eq!(
+            check_far_end(peer, 7, Some(8)),
+            Err(ResolveError::NotTheRedirectedSocket { peer })
+        );
+        // No socket at the far end any more: nothing proves who dialed.
+        assert_eq!(
+            check_far_end(peer, 7, None),
+            Err(ResolveError::PeerGone(peer))
+        );
+        let reason = ResolveError::NotTheRedirectedSocket { peer }.to_string();
+        assert!(reason.contains("127.0.0.1:40000"), "{reason}");
     }
 
     #[test]

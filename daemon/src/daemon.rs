@@ -80,23 +80,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     // brokerd's own lookups (proving name-matched destinations) use the same resolvers.
     let resolver = Arc::new(Resolver::new(dns_upstreams.clone(), "/etc/hosts".into()));
-    let proxy = Arc::new(Proxy {
-        minter,
-        upstream,
-        authorizer: Arc::new(
-            PolicyAuthorizer::new(policy.subscribe(), vault.clone())
-                .with_answered_names(answered.clone()),
-        ),
-        events: event_log.clone(),
-        names: Arc::new(NameProof::new(answered.clone(), resolver)),
-        deadlines: Deadlines::default(),
-    });
+    let names = Arc::new(NameProof::new(answered.clone(), resolver));
     info!(upstreams = ?dns_upstreams, "DNS for agents: allowed names are forwarded there");
     let dns = Arc::new(DnsServer::new(
         dns_upstreams,
         policy.subscribe(),
         event_log.clone(),
-        answered,
+        answered.clone(),
     ));
 
     // Bind first: the kernel side needs the final port, and a bind failure must not leave
@@ -127,6 +117,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         require_lsm: config.require_lsm,
     })
     .context("starting the kernel capture path")?;
+    // Credentials go over plain HTTP only to listeners that are not an agent's, which the
+    // capture layer tells (see proxy::upstream).
+    let proxy = Arc::new(Proxy {
+        minter,
+        upstream: upstream.with_listener_check(capture.resolver.clone()),
+        authorizer: Arc::new(
+            PolicyAuthorizer::new(policy.subscribe(), vault.clone()).with_answered_names(answered),
+        ),
+        events: event_log.clone(),
+        names,
+        deadlines: Deadlines::default(),
+    });
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

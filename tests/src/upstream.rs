@@ -185,6 +185,8 @@ pub struct UpstreamOptions {
     pub alpn: Alpn,
     /// Also listen for plain HTTP.
     pub plain: bool,
+    /// Port of the plain-HTTP listener; 0 lets the kernel choose.
+    pub plain_port: u16,
     /// Port of the TLS listener; 0 lets the kernel choose.
     pub port: u16,
     /// sha256 hex of the Authorization value `/v1/whoami` accepts (the demo's "real key").
@@ -200,6 +202,7 @@ impl UpstreamOptions {
             names: vec!["api.example.test".into(), "other.example.test".into()],
             alpn: Alpn::Both,
             plain: true,
+            plain_port: 0,
             port: 0,
             expect_authorization_sha256: None,
         }
@@ -304,7 +307,7 @@ impl TestUpstream {
             l
         };
         let tls_listener = bind("TLS", options.port);
-        let plain_listener = options.plain.then(|| bind("plain", 0));
+        let plain_listener = options.plain.then(|| bind("plain", options.plain_port));
         let tls_addr = tls_listener
             .local_addr()
             .unwrap_or_else(|e| panic!("local_addr: {e}"));

@@ -42,6 +42,8 @@ const SECRET_NAME: &str = "BATTERY_KEY";
 /// The test API's certificate names it (see `TestUpstream`).
 const API: &str = "api.example.test";
 const DENIED_NAME: &str = "exfil.example.test";
+/// Where the battery's plain-HTTP "service" is (down; the battery listens there itself, N64).
+const SQUAT_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 64, 1);
 /// The address the fake upstream resolver gives for every name.
 const ANSWER: [u8; 4] = [192, 0, 2, 10];
 
@@ -272,11 +274,19 @@ fn run_tier(tier: &str, identity: &[&str]) {
     let resolver = FakeResolver::start();
     let ca = TestCa::new("abtest battery CA");
     let api = TestUpstream::start(&ca, UpstreamOptions::api());
+    // N64: a plain-HTTP service that is down; the battery listens on its address itself.
+    let squat = std::net::TcpListener::bind((SQUAT_IP, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port for the squatted service");
     let policy = format!(
         "cgroup = \"{agent}\"\n\n[[allow]]\nhost = \"{API}\"\nport = {}\n\
          inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n\n\
+         [[allow]]\nhost = \"{}\"\nport = {}\nplain_http = true\n\
+         inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n\n\
          [dns]\nallow = [\"{API}\"]\n",
-        api.port()
+        api.port(),
+        squat.ip(),
+        squat.port()
     );
     let broker = Broker::builder()
         .upstream_ca(ca.pem_path())
@@ -320,6 +330,7 @@ fn run_tier(tier: &str, identity: &[&str]) {
         .args(["--allowed-host", API])
         .args(["--allowed-connect", &api.addr().to_string()])
         .args(["--placeholder", placeholder.expose()])
+        .args(["--squat", &squat.to_string()])
         .arg("--protected-path")
         .arg(state.join("master.key"))
         .arg("--protected-path")
@@ -404,7 +415,7 @@ fn run_tier(tier: &str, identity: &[&str]) {
         "N01", "N02", "N03", "N04", "N05", "N06", "N07", "N08", "N10", "N11", "N12", "N13", "N14",
         "N15", "N16", "N17", "N18", "N19", "N20", "N21", "N22", "N23", "N24", "N25", "N26", "N27",
         "N28", "N29", "N31", "N32", "N33", "N34", "N35", "N36", "N37", "N38", "N39", "N40", "N41",
-        "N42", "N51", "N52",
+        "N42", "N51", "N52", "N64",
     ] {
         assert!(
             rows.iter().any(|r| r.id == id),
@@ -445,7 +456,10 @@ fn run_tier(tier: &str, identity: &[&str]) {
                     && e.host.as_deref() == Some(DENIED_NAME)
                     && e.decision == Some(Decision::Deny)
             });
-            if has_http && has_dns {
+            let has_squat = found
+                .iter()
+                .any(|e| e.original_dst == Some(squat) && e.decision == Some(Decision::Deny));
+            if has_http && has_dns && has_squat {
                 break;
             }
             thread::sleep(Duration::from_millis(100));
@@ -463,6 +477,16 @@ fn run_tier(tier: &str, identity: &[&str]) {
             && e.host.as_deref() == Some(DENIED_NAME)
             && e.decision == Some(Decision::Deny)),
         "tier {tier}: no audited DNS denial for {DENIED_NAME}"
+    );
+    assert!(
+        audit.iter().any(|e| e.original_dst == Some(squat)
+            && e.decision == Some(Decision::Deny)
+            && e.cgroup.as_deref() == Some(agent.as_str())
+            && e.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("brokerd sends no credential to an agent's listener"))),
+        "tier {tier}: no audited denial for the call to the agent's own listener on {squat} \
+         (N64): {audit:#?}"
     );
     secret.assert_absent(broker.log().as_bytes(), "brokerd's log");
     let status = broker.status();

@@ -1,8 +1,10 @@
 //! Accepts redirected connections, resolves each to its origin, and hands it to the proxy.
 //!
 //! A connection whose origin cannot be resolved (no redirect record: a process dialing the
-//! broker port directly, or a record evicted under a flood) is refused and logged, so brokerd is
-//! never a credential oracle for processes outside the tagged cgroups.
+//! broker port directly, or a record evicted under a flood; or a record made by another socket
+//! than the one at the far end of the connection: a process that took over an agent socket's
+//! address) is refused, logged and audited (a denial naming no agent, with the reason), so
+//! brokerd is never a credential oracle for processes outside the tagged cgroups.
 
 use std::{
     collections::VecDeque,
@@ -12,7 +14,9 @@ use std::{
 };
 
 use agent_broker_core::time::now_unix_ms;
-use agent_broker_protocol::{ConnectionRecord, OriginRecord, Outcome};
+use agent_broker_protocol::{
+    AuditEvent, ConnectionRecord, Decision, EventKind, OriginRecord, Outcome, Side,
+};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::{
@@ -164,17 +168,27 @@ pub async fn run_worker(mut rx: mpsc::UnboundedReceiver<Accepted>, shared: Arc<S
 async fn serve_connection(agent: TcpStream, peer: SocketAddr, shared: &Shared) {
     let (resolver, recent, listeners) = (&shared.resolver, &shared.recent, &shared.listeners);
     let time_ms = now_unix_ms();
-    let origin = match resolver.resolve(peer) {
+    let resolved = match agent.local_addr() {
+        Ok(local) => resolver.resolve(peer, local),
+        Err(e) => Err(crate::capture::ResolveError::Diag {
+            peer,
+            message: format!("the accepted socket has no local address: {e}"),
+        }),
+    };
+    let origin = match resolved {
         Ok(o) => o,
         Err(e) => {
-            warn!(%peer, reason = %e, outcome = "refused", "connection with unresolved origin refused");
+            let reason = e.to_string();
+            warn!(%peer, %reason, outcome = "refused", "connection with unresolved origin refused");
+            shared
+                .proxy
+                .events
+                .record(unresolved_event(time_ms, &reason));
             recent.push(ConnectionRecord {
                 time_ms,
                 peer,
                 origin: None,
-                outcome: Outcome::Refused {
-                    reason: e.to_string(),
-                },
+                outcome: Outcome::Refused { reason },
             });
             return; // dropping `agent` closes it
         }
@@ -200,6 +214,19 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, shared: &Shared) {
         return;
     }
     shared.proxy.clone().serve(agent, origin).await;
+}
+
+/// The audit record of a connection refused because nothing shows it came from an agent: a
+/// denial of the connecting side that names no agent (none is proven), with why.
+fn unresolved_event(time_ms: u64, reason: &str) -> AuditEvent {
+    AuditEvent {
+        time_ms,
+        kind: Some(EventKind::Denial),
+        decision: Some(Decision::Deny),
+        reason: Some(format!("connection refused: {reason}")),
+        side: Some(Side::Agent),
+        ..AuditEvent::default()
+    }
 }
 
 fn log_connection(

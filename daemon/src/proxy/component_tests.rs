@@ -15,13 +15,13 @@ use agent_broker_core::cgroup::{CgroupId, CgroupPath};
 
 use crate::{
     audit::EventSink,
-    capture::ConnectionOrigin,
+    capture::{ConnectionOrigin, ListenerOwner},
     proxy::{
         Authorizer, Completion, ConnectionVerdict, Deadlines, Denial, Grant, NameCheck, Proxy,
         RequestFacts,
         scrub::PLACEHOLDER,
         tls::{BrokerCa, LeafMinter},
-        upstream::Upstream,
+        upstream::{ListenerCheck, Upstream},
     },
 };
 

@@ -151,12 +151,27 @@ impl Proxy {
         } else {
             Protocols::Any
         };
-        let sent = self
-            .upstream
-            .request(conn.origin.original_dst, protocols, upstream_req);
+        let credentialed = !grant.needles.is_empty();
+        let sent = self.upstream.request(
+            conn.origin.original_dst,
+            protocols,
+            credentialed,
+            upstream_req,
+        );
         let head = self.deadlines.response_head;
         let mut response = match tokio::time::timeout(head, sent).await {
             Ok(Ok(r)) => r,
+            Ok(Err(e)) if e.is_refusal() => {
+                // The credential would go to a listener that may be an agent's: refused, and
+                // the request never sent.
+                let reason = format!("{host}: {e}");
+                warn!(cgroup = %conn.origin.cgroup, %reason, "request refused");
+                let denial = Denial {
+                    rule: Some(grant.rule.clone()),
+                    ..Denial::forbidden(DenialReason::Rule(reason))
+                };
+                return Exchange::refused(&conn.origin, host, denial, Some(grant));
+            }
             Ok(Err(e)) => {
                 let reason = format!(
                     "upstream {host} ({}) failed: {}",

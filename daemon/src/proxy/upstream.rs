@@ -6,6 +6,13 @@
 //! original destination address the agent dialed: brokerd never resolves a name to pick where to
 //! connect, so an agent cannot make it connect somewhere it did not. Verification uses the system roots plus
 //! any `--upstream-ca` files; there is no way to turn it off.
+//!
+//! Plain HTTP proves nothing about the server, and an agent may listen on loopback: while a
+//! local service is down, an agent can take its address and port. So before a request carrying
+//! a credential goes out over plain HTTP, brokerd asks the kernel whose socket answered its
+//! connection ([`ListenerCheck`]) and refuses when it is an agent's (a socket created in a tagged
+//! cgroup): the credential never reaches an agent's listener. Such connections are pooled apart
+//! from the others, so a connection checked once is the only kind a credential rides on.
 
 use std::{
     cell::RefCell,
@@ -34,6 +41,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::warn;
 
+use crate::capture::ListenerOwner;
+
 /// Request bodies sent upstream.
 pub type UpstreamBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -47,6 +56,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_DESTINATIONS: usize = 4096;
 /// Bound on the idle HTTP/1.1 connections kept per destination.
 const MAX_IDLE_PER_DESTINATION: usize = 256;
+/// How long the far end of a plain connection may stay in its handshake (`SYN_RECV`) before
+/// brokerd gives up on learning whose it is (and refuses to send the credential).
+const OWNER_SETTLE: Duration = Duration::from_millis(500);
+
+/// Tells whose socket is at the far end of a connection brokerd made (brokerd: the capture
+/// layer's [`crate::capture::OriginResolver`], through the kernel's sock_diag).
+pub trait ListenerCheck: Send + Sync {
+    /// The owner of the socket at the far end of the TCP connection from `local` to `peer`.
+    fn owner(&self, local: SocketAddr, peer: SocketAddr) -> Result<ListenerOwner, String>;
+}
+
+impl ListenerCheck for crate::capture::OriginResolver {
+    fn owner(&self, local: SocketAddr, peer: SocketAddr) -> Result<ListenerOwner, String> {
+        self.listener_owner(local, peer)
+    }
+}
 
 /// Errors building the upstream TLS configuration.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +109,26 @@ pub enum RequestError {
     Handshake(#[source] hyper::Error),
     #[error("request failed")]
     Request(#[source] hyper::Error),
+    #[error(
+        "the listener at {peer} belongs to agent cgroup {cgroup} (an agent took the service's \
+         address while it was down?): brokerd sends no credential to an agent's listener"
+    )]
+    AgentListener { peer: SocketAddr, cgroup: String },
+    #[error(
+        "cannot tell whose listener answered at {peer} ({message}): no credential is sent over \
+         plain HTTP to a listener that may be an agent's"
+    )]
+    ListenerUnknown { peer: SocketAddr, message: String },
+}
+
+impl RequestError {
+    /// Whether brokerd refused to send the request (rather than the upstream failing it).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            RequestError::AgentListener { .. } | RequestError::ListenerUnknown { .. }
+        )
+    }
 }
 
 /// Which HTTP versions an upstream connection may negotiate.
@@ -109,6 +154,9 @@ pub struct Upstream {
     tls_any: TlsConnector,
     /// ALPN http/1.1 only.
     tls_http1: TlsConnector,
+    /// Whose listener answered a plain connection; without one, credentials are never sent over
+    /// plain HTTP.
+    listeners: Option<Arc<dyn ListenerCheck>>,
 }
 
 /// What a pooled connection is keyed by.
@@ -119,6 +167,9 @@ struct Key {
     /// `host[:port]` as in the request URI.
     authority: String,
     protocols: Protocols,
+    /// A plain connection whose listener was checked not to be an agent's, for requests that
+    /// carry a credential. (TLS connections are verified by certificate instead: always false.)
+    checked: bool,
 }
 
 /// One proxy thread's connections.
@@ -174,24 +225,36 @@ impl Upstream {
         Ok(Self {
             tls_any: config(&[b"h2", b"http/1.1"])?,
             tls_http1: config(&[b"http/1.1"])?,
+            listeners: None,
         })
     }
 
+    /// Checks with `check` whose listener answers before a credential goes out over plain HTTP.
+    pub fn with_listener_check(mut self, check: Arc<dyn ListenerCheck>) -> Self {
+        self.listeners = Some(check);
+        self
+    }
+
     /// Sends `req` (absolute URI: scheme, host for TLS verification, path) over a pooled or
-    /// new connection to `dst`, never to an address of the host name. Must run on a Tokio
-    /// runtime; the response body gives its connection back to this thread's pool when it ends.
+    /// new connection to `dst`, never to an address of the host name. `credentialed`: the
+    /// request carries a credential brokerd wrote into it (over plain HTTP it then goes only to
+    /// a listener that is not an agent's). Must run on a Tokio runtime; the response body gives
+    /// its connection back to this thread's pool when it ends.
     pub async fn request(
         &self,
         dst: SocketAddr,
         protocols: Protocols,
+        credentialed: bool,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, RequestError> {
         let authority = req.uri().authority().ok_or(RequestError::NoHost)?.clone();
+        let tls = req.uri().scheme() == Some(&http::uri::Scheme::HTTPS);
         let key = Key {
             dst,
-            tls: req.uri().scheme() == Some(&http::uri::Scheme::HTTPS),
+            tls,
             authority: authority.as_str().to_ascii_lowercase(),
             protocols,
+            checked: credentialed && !tls,
         };
         if let Some(mut h2) = POOL.with(|p| p.borrow().h2.get(&key).cloned()) {
             if h2.ready().await.is_ok() {
@@ -245,6 +308,9 @@ impl Upstream {
             .map_err(RequestError::Connect)?;
         tcp.set_nodelay(true).map_err(RequestError::Connect)?;
         if !key.tls {
+            if key.checked {
+                self.check_listener(&tcp).await?;
+            }
             return http1_connection(TokioIo::new(tcp)).await;
         }
         let name = host.trim_start_matches('[').trim_end_matches(']');
@@ -270,6 +336,38 @@ impl Upstream {
             return Ok(Connection::Http2(sender));
         }
         http1_connection(TokioIo::new(tls)).await
+    }
+}
+
+impl Upstream {
+    /// Refuses a plain connection whose far end is an agent's socket (or cannot be told).
+    async fn check_listener(&self, tcp: &TcpStream) -> Result<(), RequestError> {
+        let peer = tcp.peer_addr().map_err(RequestError::Connect)?;
+        let unknown = |message: String| RequestError::ListenerUnknown { peer, message };
+        let Some(check) = &self.listeners else {
+            return Err(unknown("brokerd has no listener check".into()));
+        };
+        let local = tcp.local_addr().map_err(RequestError::Connect)?;
+        let started = Instant::now();
+        loop {
+            match check.owner(local, peer).map_err(unknown)? {
+                ListenerOwner::Agent(cgroup) => {
+                    return Err(RequestError::AgentListener {
+                        peer,
+                        cgroup: cgroup.to_string(),
+                    });
+                }
+                ListenerOwner::Other | ListenerOwner::NotLocal => return Ok(()),
+                ListenerOwner::Unsettled if started.elapsed() < OWNER_SETTLE => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                ListenerOwner::Unsettled => {
+                    return Err(unknown(format!(
+                        "its socket was still in its handshake after {OWNER_SETTLE:?}"
+                    )));
+                }
+            }
+        }
     }
 }
 
@@ -518,7 +616,7 @@ mod tests {
 
     async fn fetch(upstream: &Upstream, server: &TestServer, host: &str, p: Protocols) -> usize {
         let response = upstream
-            .request(server.addr, p, get(host))
+            .request(server.addr, p, false, get(host))
             .await
             .expect("response");
         assert_eq!(response.status(), http::StatusCode::OK);
@@ -552,7 +650,7 @@ mod tests {
             assert_eq!(server.connections.load(Ordering::SeqCst), 2);
             // A body dropped before its end takes its connection with it.
             let response = upstream
-                .request(server.addr, h1, get("a.test"))
+                .request(server.addr, h1, false, get("a.test"))
                 .await
                 .expect("response");
             drop(response);
@@ -567,7 +665,7 @@ mod tests {
             let server = test_server(1024).await;
             let upstream = Upstream::new(&[server.ca_file.path().into()]).expect("upstream");
             let response = upstream
-                .request(server.addr, Protocols::Any, get("c.test"))
+                .request(server.addr, Protocols::Any, false, get("c.test"))
                 .await
                 .expect("response");
             assert_eq!(response.version(), Version::HTTP_2);
@@ -593,7 +691,7 @@ mod tests {
             let other = test_server(16).await;
             let upstream = Upstream::new(&[other.ca_file.path().into()]).expect("upstream");
             let err = upstream
-                .request(server.addr, Protocols::Any, get("a.test"))
+                .request(server.addr, Protocols::Any, false, get("a.test"))
                 .await
                 .err()
                 .expect("refused");

@@ -16,9 +16,14 @@ pub mod maps {
     /// `LruHashMap<u64 socket cookie, Origin>`: written by connect4/6, read by sockops and
     /// getpeername4/6.
     pub const ORIGIN_BY_COOKIE: &str = "ORIGIN_BY_COOKIE";
-    /// `LruHashMap<PeerKey, Origin>`: written by sockops when the redirected SYN is about to
-    /// leave, consumed (looked up, then deleted) by brokerd on accept.
-    pub const ORIGIN_BY_PEER: &str = "ORIGIN_BY_PEER";
+    /// `LruHashMap<PeerKey, Redirect>`: written by sockops when the redirected SYN is about to
+    /// leave, with the agent socket's cookie; consumed (looked up, then deleted) by brokerd on
+    /// accept when the accepted connection's far end is that very socket; deleted by sockops
+    /// when the socket closes.
+    pub const REDIRECT_BY_PEER: &str = "REDIRECT_BY_PEER";
+    /// The map earlier builds kept [`Origin`](super::Origin)s in, keyed by address alone.
+    /// brokerd removes its pin at start: nothing reads it any more.
+    pub const LEGACY_ORIGIN_BY_PEER: &str = "ORIGIN_BY_PEER";
     /// `Array<BrokerConfig>` with one entry: where to redirect to. Zero port means "no broker
     /// configured": connects fail with EPERM rather than going direct.
     pub const CONFIG: &str = "CONFIG";
@@ -102,8 +107,24 @@ pub struct Origin {
 }
 const _: () = assert!(core::mem::size_of::<Origin>() == 56);
 
-/// Key of [`maps::ORIGIN_BY_PEER`]: the agent socket's local address, which is the peer address
-/// brokerd sees on the accepted socket.
+/// A redirected connection's record in [`maps::REDIRECT_BY_PEER`]: its [`Origin`] and the
+/// identity of the agent socket that made it.
+///
+/// The key (the socket's local address) is only where to look; an address can be taken over by
+/// another socket once the agent's is gone (or beside it, with `SO_REUSEADDR`), so brokerd hands
+/// out the origin only to a connection whose far end is the socket with this cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    pub origin: Origin,
+    /// Socket cookie (`bpf_get_socket_cookie`, `SO_COOKIE`, sock_diag's `idiag_cookie`) of the
+    /// agent's socket. Cookies are never reused while the system runs.
+    pub cookie: u64,
+}
+const _: () = assert!(core::mem::size_of::<Redirect>() == 64);
+
+/// Key of [`maps::REDIRECT_BY_PEER`]: the agent socket's local address, which is the peer
+/// address brokerd sees on the accepted socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PeerKey {
@@ -180,6 +201,8 @@ pub const fn is_v4_mapped(ip6: &[u32; 4]) -> bool {
 mod user {
     // SAFETY: plain-old-data, #[repr(C)], no implicit padding (checked by the size asserts).
     unsafe impl aya::Pod for super::Origin {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Redirect {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PeerKey {}
     // SAFETY: as above.

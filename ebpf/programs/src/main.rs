@@ -6,7 +6,11 @@
 //!   is configured, the connect fails with EPERM: a connection is never let through unrecorded.
 //! - `sockops` re-keys the record by the agent socket's local address at
 //!   `BPF_SOCK_OPS_TCP_CONNECT_CB` (source port assigned, SYN not yet sent), so brokerd can find it
-//!   from the accepted socket's peer address without racing the handshake.
+//!   from the accepted socket's peer address without racing the handshake. The record carries the
+//!   socket's cookie: brokerd hands it out only to a connection whose far end is that socket (an
+//!   address alone can be reused by any process). sockops also asks for the socket's state
+//!   changes and deletes its records when it closes, so a connect that never reached brokerd
+//!   (brokerd down, backlog full, a SYN the listener dropped) leaves nothing behind.
 //! - `getpeername4`/`getpeername6` show the agent the address it asked for, not the broker's.
 //! - UDP: `connect4`/`connect6` and `sendmsg4`/`sendmsg6` send port 53 to brokerd's DNS listener
 //!   and refuse every other destination (QUIC included, so HTTP/3 clients fall back to TCP);
@@ -23,11 +27,14 @@
 
 use agent_broker_common::{
     AF_INET, AF_INET6, BrokerConfig, COUNTER_COUNT, Counter, DNS_PORT, MAX_CGROUP_DEPTH,
-    ORIGIN_MAP_CAPACITY, Origin, PeerKey, TAGGED_CAPACITY, is_v4_mapped, v4_mapped,
+    ORIGIN_MAP_CAPACITY, Origin, PeerKey, Redirect, TAGGED_CAPACITY, is_v4_mapped, v4_mapped,
 };
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, bpf_sock_addr,
+    },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::{
@@ -59,7 +66,7 @@ const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 static ORIGIN_BY_COOKIE: LruHashMap<u64, Origin> = LruHashMap::pinned(ORIGIN_MAP_CAPACITY, 0);
 
 #[map]
-static ORIGIN_BY_PEER: LruHashMap<PeerKey, Origin> = LruHashMap::pinned(ORIGIN_MAP_CAPACITY, 0);
+static REDIRECT_BY_PEER: LruHashMap<PeerKey, Redirect> = LruHashMap::pinned(ORIGIN_MAP_CAPACITY, 0);
 
 #[map]
 static CONFIG: Array<BrokerConfig> = Array::pinned(1, 0);
@@ -504,47 +511,85 @@ pub fn loopback_ingress(ctx: SkBuffContext) -> i32 {
     }
 }
 
+/// The local address of a sock_ops socket, in both forms: IPv4 (as v4-mapped IPv6) and IPv6.
+#[inline(always)]
+fn local_keys(ctx: &SockOpsContext) -> (PeerKey, PeerKey) {
+    // Read every field at its fixed offset first: the verifier rejects a context access through
+    // a pointer whose offset depends on a branch, which is what the optimiser makes of reading
+    // one field or the other.
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the valid bpf_sock_ops the kernel passed; volatile keeps each read a
+    // separate load at a constant offset.
+    let (local_ip4, local_ip6, local_port) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ops).local_ip4),
+            [
+                core::ptr::read_volatile(&(*ops).local_ip6[0]),
+                core::ptr::read_volatile(&(*ops).local_ip6[1]),
+                core::ptr::read_volatile(&(*ops).local_ip6[2]),
+                core::ptr::read_volatile(&(*ops).local_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*ops).local_port),
+        )
+    };
+    (
+        PeerKey {
+            addr: v4_mapped(local_ip4),
+            port: local_port,
+        },
+        PeerKey {
+            addr: local_ip6,
+            port: local_port,
+        },
+    )
+}
+
+/// Deletes the record under `key` if it is this socket's (another socket may have made a newer
+/// one for the same address).
+#[inline(always)]
+fn forget_redirect(key: &PeerKey, cookie: u64) {
+    // SAFETY: only the cookie is read, at once.
+    let ours = unsafe { REDIRECT_BY_PEER.get(key) }.is_some_and(|r| r.cookie == cookie);
+    if ours {
+        let _ = REDIRECT_BY_PEER.remove(key);
+    }
+}
+
 #[sock_ops]
 pub fn rekey_origin(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         // SAFETY: bpf_get_socket_cookie accepts a sock_ops context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // SAFETY: the value is copied out before any other map operation.
         if let Some(origin) = unsafe { ORIGIN_BY_COOKIE.get(&cookie) } {
             let origin = *origin;
-            // Read every field at its fixed offset first: the verifier rejects a context access
-            // through a pointer whose offset depends on a branch, which is what the optimiser
-            // makes of reading one field or the other.
-            let ops = ctx.ops;
-            // SAFETY: `ops` is the valid bpf_sock_ops the kernel passed; volatile keeps each
-            // read a separate load at a constant offset.
-            let (local_ip4, local_ip6, local_port) = unsafe {
-                (
-                    core::ptr::read_volatile(&(*ops).local_ip4),
-                    [
-                        core::ptr::read_volatile(&(*ops).local_ip6[0]),
-                        core::ptr::read_volatile(&(*ops).local_ip6[1]),
-                        core::ptr::read_volatile(&(*ops).local_ip6[2]),
-                        core::ptr::read_volatile(&(*ops).local_ip6[3]),
-                    ],
-                    core::ptr::read_volatile(&(*ops).local_port),
-                )
-            };
+            let (key4, key6) = local_keys(&ctx);
             // Which local address to key by follows from which listener the connect went to:
             // IPv4 and v4-mapped connections have their source in the IPv4 field.
-            let addr = if origin.via_v4 != 0 {
-                v4_mapped(local_ip4)
-            } else {
-                local_ip6
-            };
-            let key = PeerKey {
-                addr,
-                port: local_port,
-            };
-            if ORIGIN_BY_PEER.insert(&key, &origin, 0).is_err() {
+            let key = if origin.via_v4 != 0 { key4 } else { key6 };
+            let redirect = Redirect { origin, cookie };
+            if REDIRECT_BY_PEER.insert(&key, &redirect, 0).is_err() {
+                count(Counter::RekeyFailed);
+            }
+            // From now on the kernel reports this socket's state changes (below), so its
+            // records go when it closes, whether brokerd ever accepted the connection or not.
+            if ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).is_err() {
                 count(Counter::RekeyFailed);
             }
         }
+    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
+        // args: the old state, the new state. TCP_CLOSE is every socket's last state (a refused
+        // or timed-out connect, a reset, the end of a connection, TIME_WAIT taking over); the
+        // local address is still assigned when this runs.
+        // SAFETY: bpf_get_socket_cookie accepts a sock_ops context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let (key4, key6) = local_keys(&ctx);
+        forget_redirect(&key4, cookie);
+        forget_redirect(&key6, cookie);
+        // Cookies are never reused, so this only keeps the LRU map small; a socket that
+        // connects again after a failed connect records itself again in connect4/6.
+        let _ = ORIGIN_BY_COOKIE.remove(&cookie);
     }
     1
 }

@@ -41,6 +41,8 @@ struct Args {
     allowed_connect: Option<SocketAddr>,
     placeholder: Option<String>,
     protected: Vec<String>,
+    /// An address and port a `plain_http` rule injecting the key names, with nothing listening.
+    squat: Option<SocketAddr>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -77,6 +79,7 @@ fn parse_args() -> Result<Args, String> {
             "--allowed-connect" => a.allowed_connect = Some(addr(&value)?),
             "--placeholder" => a.placeholder = Some(value),
             "--protected-path" => a.protected.push(value),
+            "--squat" => a.squat = Some(addr(&value)?),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -1194,6 +1197,14 @@ fn main() {
             open_errno(path, false),
         );
     }
+    if let Some(squat) = args.squat {
+        b.row(
+            "N64",
+            format!("listen on {squat} (a plain_http rule injects the key there) and call it"),
+            &["403, dialed, 0 bytes"],
+            squat_plain_http(squat),
+        );
+    }
     b.row(
         "N52",
         format!("SNI-less TLS to {out_tcp}"),
@@ -1231,6 +1242,68 @@ fn main() {
         println!("{} rows, {} failed", b.rows.len(), failed);
     }
     std::process::exit(i32::from(failed > 0));
+}
+
+/// Listens on `addr` (the address of a plain-HTTP service that is down), then calls it through
+/// the redirect: brokerd would write the rule's key into the request. The outcome: brokerd's
+/// status, whether brokerd dialed the listener, and how many bytes reached it.
+fn squat_plain_http(addr: SocketAddr) -> String {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let listener = match std::net::TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => return format!("bind: {}", io_errno(&e)),
+    };
+    if let Err(e) = listener.set_nonblocking(true) {
+        return format!("nonblocking: {}", io_errno(&e));
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let dialed = Arc::new(AtomicUsize::new(0));
+    let received = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let (done, dialed, received) = (done.clone(), dialed.clone(), received.clone());
+        std::thread::spawn(move || {
+            loop {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        dialed.fetch_add(1, Ordering::SeqCst);
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(TIMEOUT));
+                        let mut buf = [0u8; 4096];
+                        if let Ok(n) = s.read(&mut buf)
+                            && n > 0
+                        {
+                            received.fetch_add(n, Ordering::SeqCst);
+                            // Answer like the service, so a request that got here completes.
+                            let _ = s.write_all(
+                                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                            );
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if done.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    let status = match TcpStream::connect_timeout(&addr, TIMEOUT) {
+        Ok(s) => http_answer(s, &addr.to_string(), "GET /squat HTTP/1.1"),
+        Err(e) => io_errno(&e),
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    done.store(true, Ordering::SeqCst);
+    let _ = server.join();
+    match dialed.load(Ordering::SeqCst) {
+        0 => format!("{status}, never dialed"),
+        _ => format!(
+            "{status}, dialed, {} bytes",
+            received.load(Ordering::SeqCst)
+        ),
+    }
 }
 
 fn json_escape(s: &str) -> String {

@@ -40,8 +40,8 @@ use zeroize::Zeroizing;
 
 use super::{
     AuditEvent, Authorizer, BrokerCa, CgroupId, CgroupPath, Completion, ConnectionOrigin,
-    ConnectionVerdict, Deadlines, Denial, EventKind, EventSink, Grant, LeafMinter, NameCheck,
-    Proxy, RequestFacts, Side, Upstream,
+    ConnectionVerdict, Deadlines, Denial, EventKind, EventSink, Grant, LeafMinter, ListenerCheck,
+    ListenerOwner, NameCheck, Proxy, RequestFacts, Side, Upstream,
 };
 
 /// The host the agent asks for; the upstream's certificate is valid for it (and 127.0.0.1).
@@ -654,7 +654,44 @@ pub(super) struct Broker {
     pub(super) authorizer: Arc<TestAuthorizer>,
     pub(super) events: Arc<TestEvents>,
     pub(super) names: Arc<TestNames>,
+    pub(super) listeners: Arc<TestListeners>,
     _state: tempfile::TempDir,
+}
+
+/// A [`ListenerCheck`] that says every listener is owned by what the test sets (not an agent's
+/// unless told otherwise), and records the connections it was asked about.
+#[derive(Debug)]
+pub(super) struct TestListeners {
+    owner: Mutex<ListenerOwner>,
+    asked: Mutex<Vec<(SocketAddr, SocketAddr)>>,
+}
+
+impl Default for TestListeners {
+    fn default() -> Self {
+        Self {
+            owner: Mutex::new(ListenerOwner::Other),
+            asked: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl TestListeners {
+    /// From now on, every listener belongs to `owner`.
+    pub(super) fn set(&self, owner: ListenerOwner) {
+        *self.owner.lock().expect("owner") = owner;
+    }
+
+    /// The (local, peer) pairs of the connections asked about so far.
+    pub(super) fn asked(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        self.asked.lock().expect("asked").clone()
+    }
+}
+
+impl ListenerCheck for TestListeners {
+    fn owner(&self, local: SocketAddr, peer: SocketAddr) -> Result<ListenerOwner, String> {
+        self.asked.lock().expect("asked").push((local, peer));
+        Ok(self.owner.lock().expect("owner").clone())
+    }
 }
 
 /// A [`NameCheck`] that proves exactly the names the test says own the upstream's address
@@ -720,9 +757,12 @@ impl Broker {
         let authorizer = Arc::new(authorizer);
         let events = Arc::new(TestEvents::default());
         let names = Arc::new(TestNames::default());
+        let listeners = Arc::new(TestListeners::default());
         let proxy = Arc::new(Proxy {
             minter: LeafMinter::new(ca).expect("leaf minter"),
-            upstream: Upstream::new(&[ca_file]).expect("upstream client"),
+            upstream: Upstream::new(&[ca_file])
+                .expect("upstream client")
+                .with_listener_check(listeners.clone()),
             authorizer: authorizer.clone(),
             events: events.clone(),
             names: names.clone(),
@@ -742,6 +782,7 @@ impl Broker {
             authorizer,
             events,
             names,
+            listeners,
             _state: state,
         }
     }

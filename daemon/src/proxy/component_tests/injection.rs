@@ -7,7 +7,7 @@ use http::{StatusCode, Version, header};
 use http_body_util::Full;
 
 use super::{
-    Deadlines, EventKind, Side,
+    CgroupPath, Deadlines, EventKind, ListenerOwner, Side,
     harness::{
         Agent, AgentProto, Broker, HOST, OTHER, Offer, RULE, SECRET_NAME, Setup, TestAuthorizer,
         TestSecret, TestUpstream, answer, assert_origin, random_token, sha256_hex,
@@ -148,4 +148,93 @@ async fn a_secret_never_goes_to_an_upstream_whose_certificate_does_not_verify() 
     assert_eq!(event.status, Some(502));
     assert_eq!(event.secrets, [SECRET_NAME]);
     broker.events.assert_no_secret(&secret);
+}
+
+/// Over plain HTTP nothing proves the server: a credential goes out only after brokerd learned
+/// that the listener that answered is not an agent's (an agent may listen on the address of a
+/// local service that is down). Checked once per connection, before the request is written.
+#[tokio::test]
+async fn a_credential_over_plain_http_goes_only_to_a_listener_that_is_not_an_agents() {
+    let secret = TestSecret::generate();
+    let setup = Setup::start(
+        Offer::Plain,
+        answer("plain service"),
+        TestAuthorizer::injecting(&secret),
+    )
+    .await;
+    let listeners = setup.broker.listeners.clone();
+
+    // An agent's listener: refused before anything is written to it.
+    listeners.set(ListenerOwner::Agent(
+        CgroupPath::parse("agents/squatter").expect("cgroup"),
+    ));
+    let mut agent = Agent::plain(&setup.broker).await;
+    let req = agent
+        .request("GET", HOST, "/v1/status")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let got = agent.fetch(req).await;
+    assert_eq!(got.status, StatusCode::FORBIDDEN);
+    let json = got.json();
+    let reason = json["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("agent cgroup agents/squatter") && reason.contains("no credential"),
+        "{reason}"
+    );
+    assert_eq!(setup.upstream.count(), 0, "no request reached the listener");
+    let asked = listeners.asked();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].1, setup.upstream.addr, "the connection's far end");
+    let event = setup.broker.events.single().await;
+    assert_eq!(event.kind, Some(EventKind::Denial));
+    assert_eq!(event.decision, Some(Decision::Deny));
+    assert_eq!(event.status, Some(403));
+    assert!(
+        event
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("agents/squatter")),
+        "{event:?}"
+    );
+    setup.broker.events.assert_no_secret(&secret);
+
+    // The service's own listener: the credential goes out.
+    listeners.set(ListenerOwner::Other);
+    let mut agent = Agent::plain(&setup.broker).await;
+    let req = agent
+        .request("GET", HOST, "/v1/status")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let got = agent.fetch(req).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body, b"plain service");
+    setup.upstream.single(|seen| {
+        assert_eq!(
+            seen.header_digests("authorization"),
+            [sha256_hex(secret.bearer().as_bytes())]
+        );
+    });
+    assert_eq!(
+        listeners.asked().len(),
+        2,
+        "checked again on a new connection"
+    );
+}
+
+/// Requests without a credential are not checked (an agent may call its own dev server through
+/// the broker), and never share a connection with credentialed ones.
+#[tokio::test]
+async fn plain_http_without_a_credential_is_not_checked() {
+    let setup = Setup::start(Offer::Plain, answer("plain"), TestAuthorizer::allow()).await;
+    setup.broker.listeners.set(ListenerOwner::Agent(
+        CgroupPath::parse("agents/dev-server").expect("cgroup"),
+    ));
+    let mut agent = Agent::plain(&setup.broker).await;
+    let req = agent
+        .request("GET", HOST, "/")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let got = agent.fetch(req).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(setup.broker.listeners.asked().is_empty());
 }
