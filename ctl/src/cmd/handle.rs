@@ -61,7 +61,7 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
                         handle.cgroup,
                         date(handle.expires_unix)
                     );
-                    println!("{token}");
+                    outln!("{token}");
                     Ok(())
                 }
                 other => Err(unexpected(other)),
@@ -70,9 +70,13 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
         Command::List { json } => match call(run_dir, &Request::HandleList)? {
             Response::Handles { handles } if json => json_pretty(&handles),
             Response::Handles { handles } => {
-                println!(
+                outln!(
                     "{:<12} {:<24} {:<20} {:<28} {:<20} STATE",
-                    "ID", "CGROUP", "SECRET", "HOST", "EXPIRES"
+                    "ID",
+                    "CGROUP",
+                    "SECRET",
+                    "HOST",
+                    "EXPIRES"
                 );
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -86,7 +90,7 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
                     } else {
                         "active"
                     };
-                    println!(
+                    outln!(
                         "{:<12} {:<24} {:<20} {:<28} {:<20} {state}",
                         h.id,
                         h.cgroup,
@@ -101,7 +105,7 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
         },
         Command::Revoke { id } => match call(run_dir, &Request::HandleRevoke { id })? {
             Response::HandleRevoked { id } => {
-                println!("revoked handle {id}");
+                outln!("revoked handle {id}");
                 Ok(())
             }
             other => Err(unexpected(other)),
