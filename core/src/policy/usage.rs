@@ -419,11 +419,8 @@ impl EventScan {
                 }
                 self.has_data |= self.in_data;
             }
-            Some(field) => {
-                if field.len() <= MAX_KEY {
-                    field.push(b);
-                }
-            }
+            Some(field) if field.len() <= MAX_KEY => field.push(b),
+            Some(_) => {}
         }
     }
 
