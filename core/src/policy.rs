@@ -38,6 +38,7 @@ mod limits;
 mod method;
 mod narrow;
 mod rule;
+mod usage;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -54,9 +55,10 @@ pub use explain::{EffectivePolicy, ExplainError, Explanation};
 pub use file::{DEFAULT_PORT, PolicyFileError};
 pub use glob::{GlobError, PathPattern};
 pub use host::{HostError, HostPattern, normalize_host};
-pub use limits::{Budget, LimitDenial, LimitKey, Limiter, Rate, RatePeriod, usage_tokens};
+pub use limits::{Budget, LimitDenial, LimitKey, Limiter, Rate, RatePeriod};
 pub use method::{MethodError, MethodSet};
 pub use rule::{Destination, Rule, RuleRef};
+pub use usage::{MAX_USAGE_OBJECT, UsageMeter, UsageReading};
 
 use crate::{cgroup::CgroupPath, secret::SecretName};
 use limits::{LimitId, LimitSpec};

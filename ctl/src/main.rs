@@ -10,10 +10,12 @@ use std::{path::PathBuf, process::ExitCode};
 use agent_broker_protocol::DEFAULT_RUN_DIR;
 use clap::{Parser, Subcommand};
 
+// First: its output macros are used everywhere below.
+#[macro_use]
+mod print;
 mod cmd;
 mod control;
 mod launcher;
-mod print;
 
 /// Operator CLI for brokerd: tag cgroups so their connections go through the broker, start
 /// agents inside them, and see what brokerd is doing.

@@ -32,6 +32,14 @@
 //! are pending; seq and hashes are assigned in commit order. Committed events then go to live
 //! subscribers ([`AuditHandle::subscribe`]); a slow subscriber lags, it never holds the writer.
 //!
+//! **Forwarded requests.** A request brokerd forwards upstream is recorded before it is written
+//! upstream (outcome `forwarded`) and again when it ends (completed, cancelled by the agent, or
+//! failed), both with one `request_id`. When the ending arrives before the forwarded record is
+//! committed, the writer commits only the ending, in the forwarded record's place: a request that
+//! takes less than the commit interval costs one record, and any request is in the log from the
+//! first commit after it was forwarded, however long it runs or however it ends. A `forwarded`
+//! record without a later record of its id was under way when brokerd was killed.
+//!
 //! **Crash window.** A SIGKILL (or power loss) loses the events recorded in the last
 //! `commit_interval` before it, plus those of a commit in flight: at the default, the last
 //! 50 ms plus one commit. A commit is a two-phase redb commit with its allocator state saved

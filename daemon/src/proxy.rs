@@ -33,7 +33,8 @@ pub mod upstream;
 use std::{sync::Arc, time::Duration};
 
 pub use authorizer::{
-    Authorizer, Completion, ConnectionVerdict, Denial, DenialReason, Grant, NameCheck, RequestFacts,
+    Authorizer, Charge, Completion, ConnectionVerdict, Denial, DenialReason, Grant, NameCheck,
+    RequestFacts,
 };
 
 use crate::audit::EventSink;

@@ -158,6 +158,29 @@ pub enum Decision {
     Deny,
 }
 
+/// How far a forwarded request got. Every request that leaves brokerd for an upstream (with
+/// whatever credential its rule injects) is recorded as `forwarded` before it is written
+/// upstream, and again when it ends, with the same `request_id`. The audit writer commits both
+/// as one record (the ending, in the forwarded record's place) when the request ends before
+/// its forwarded record is committed (within the writer's commit interval, 50 ms); a
+/// `forwarded` record with no later record of its id is a request that was under way when
+/// brokerd was killed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestOutcome {
+    /// On its way upstream; how it ends is a later record.
+    Forwarded,
+    /// The response was passed on to its end.
+    Completed,
+    /// The agent went away first: it closed its connection (HTTP/1.1), reset its stream
+    /// (HTTP/2) or stopped reading, before or while the response came. The upstream may still
+    /// have acted on the request.
+    Cancelled,
+    /// The upstream failed, timed out, cut its response or sent one that could not be passed
+    /// on; `reason` says which.
+    Failed,
+}
+
 /// Which side a failure came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -204,6 +227,22 @@ pub struct AuditEvent {
     pub secrets: Vec<String>,
     /// Which side failed, for failures.
     pub side: Option<Side>,
+    /// Links the records of one forwarded request: the `forwarded` record written before the
+    /// request left brokerd and the record of how it ended carry the same id (unique across
+    /// brokerd's runs). None for records that are not about a forwarded request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<u64>,
+    /// For a forwarded request: how far it got (see [`RequestOutcome`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<RequestOutcome>,
+    /// LLM tokens charged to the rule's `tokens_per_day` budget for this request (requests
+    /// under such a budget only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    /// Set when `tokens` is an estimate because the response's `usage` could not be read: why
+    /// not, and how the estimate was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_estimated: Option<String>,
 }
 
 impl AuditEvent {
@@ -277,6 +316,12 @@ wire_names!(EventKind {
     Dns => "dns",
 });
 wire_names!(Decision { Allow => "allow", Deny => "deny" });
+wire_names!(RequestOutcome {
+    Forwarded => "forwarded",
+    Completed => "completed",
+    Cancelled => "cancelled",
+    Failed => "failed",
+});
 wire_names!(Side { Agent => "agent", Upstream => "upstream", Broker => "broker" });
 wire_names!(ErrorKind {
     BadRequest => "bad_request",
@@ -629,10 +674,37 @@ mod tests {
         same_as_wire(Decision::ALL);
         same_as_wire(Side::ALL);
         same_as_wire(ErrorKind::ALL);
+        same_as_wire(RequestOutcome::ALL);
         assert_eq!(
             EventKind::ALL.len(),
             8,
             "a new kind needs its name in wire_names!"
+        );
+    }
+
+    #[test]
+    fn records_written_before_outcomes_existed_still_read_and_keep_their_bytes() {
+        // A request record as brokerd wrote it before request ids, outcomes and token charges.
+        let old = r#"{"seq":7,"time_ms":1,"kind":"request","cgroup":"agents/a","pid":1,"comm":"c","exe":null,"original_dst":"127.0.0.1:443","sni":null,"method":"GET","host":"h","path":"/","status":200,"bytes_in":0,"bytes_out":2,"latency_us":5,"decision":"allow","rule":"r","reason":null,"secrets":[],"side":null}"#;
+        let event: AuditEvent = serde_json::from_str(old).expect("an old record reads");
+        assert_eq!(event.request_id, None);
+        assert_eq!(event.outcome, None);
+        assert_eq!(event.tokens, None);
+        // Unset, the new fields are not written: such a record encodes as before.
+        assert_eq!(serde_json::to_string(&event).expect("encodes"), old);
+        let forwarded = AuditEvent {
+            request_id: Some(3),
+            outcome: Some(RequestOutcome::Forwarded),
+            ..event
+        };
+        let json = serde_json::to_string(&forwarded).expect("encodes");
+        assert!(
+            json.ends_with(r#""request_id":3,"outcome":"forwarded"}"#),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<AuditEvent>(&json).expect("reads"),
+            forwarded
         );
     }
 

@@ -279,6 +279,9 @@ struct ConnInfo {
     peer_owner: Option<u32>,
     sni: Option<String>,
     alpn: Option<String>,
+    /// `/attack/conn-auth`: a request with an Authorization header authenticated this
+    /// connection (as upstreams that authenticate connections, not requests, do).
+    authenticated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TestUpstream {
@@ -494,6 +497,7 @@ async fn accept_loop(
                         alpn: conn
                             .alpn_protocol()
                             .map(|p| String::from_utf8_lossy(p).into_owned()),
+                        authenticated: Arc::default(),
                     };
                     serve(TokioIo::new(stream), info, state).await;
                 }
@@ -504,6 +508,7 @@ async fn accept_loop(
                         peer_owner,
                         sni: None,
                         alpn: None,
+                        authenticated: Arc::default(),
                     };
                     serve(TokioIo::new(stream), info, state).await;
                 }
@@ -712,6 +717,7 @@ async fn respond(
         "/v1/chat/completions" | "/v1/messages" if parts.method == http::Method::POST => {
             llm(parts.uri.path(), &body, &record)
         }
+        p if p.starts_with("/attack/") => attack(p, query.as_deref(), &record, info).await,
         // An API shaped like the LLM APIs policies are written for (`/v1/models`,
         // `/v1/chat/completions`, ...): what `/hash` says, plus the method and path it saw.
         p if p.starts_with("/v1/") => json(
@@ -974,4 +980,102 @@ fn llm(path: &str, body: &[u8], record: &UpstreamRequest) -> Response<Body> {
         header::HeaderValue::from_static("text/event-stream"),
     );
     r
+}
+
+/// The endpoints of the issue-13 attack tests (`tests/tests/attack_audit.rs`):
+///
+/// - `/attack/slow?ms=N`: answers after N ms (a request the agent abandons, or brokerd is killed
+///   during);
+/// - `/attack/big-usage?tokens=T&pad=B`: an OpenAI-shaped JSON answer with B bytes of choices
+///   before its `usage` of T tokens (n > 1, logprobs);
+/// - `/attack/stream-cut?events=N`: an event stream of N chunks at once, then silence for 60 s
+///   before its usage event (a stream the agent cuts before its usage);
+/// - `/attack/conn-auth`: authenticates the connection when the request carries an
+///   Authorization header, and says whether the connection is authenticated.
+async fn attack(
+    path: &str,
+    query: Option<&str>,
+    record: &UpstreamRequest,
+    info: &ConnInfo,
+) -> Response<Body> {
+    let param = |name: &str| -> u64 {
+        query
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    match path {
+        "/attack/slow" => {
+            tokio::time::sleep(Duration::from_millis(param("ms"))).await;
+            json(StatusCode::OK, &serde_json::json!({"slow": true}))
+        }
+        "/attack/big-usage" => {
+            let pad = usize::try_from(param("pad")).unwrap_or(0);
+            let mut body = String::from(r#"{"id":"chatcmpl-abtest","choices":["#);
+            while body.len() < pad {
+                body.push_str(r#"{"index":0,"logprobs":{"content":[{"token":"a","logprob":-0.1}]},"message":{"content":"abtest padding"}},"#);
+            }
+            body.push_str(&format!(
+                r#"{{"index":0}}],"usage":{{"prompt_tokens":0,"completion_tokens":{t},"total_tokens":{t}}}}}"#,
+                t = param("tokens")
+            ));
+            let mut r = Response::new(BoxBody::new(Full::new(Bytes::from(body))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        "/attack/stream-cut" => {
+            let events = param("events");
+            let mut first = String::new();
+            for i in 0..events {
+                first.push_str(&format!(
+                    "data: {}\n\n",
+                    serde_json::json!({"object": "chat.completion.chunk", "choices": [{"index": 0,
+                        "delta": {"content": format!("token {i} of a long answer")}}]})
+                ));
+            }
+            let last = "data: {\"choices\":[],\"usage\":{\"total_tokens\":1}}\n\ndata: [DONE]\n\n";
+            let stream = futures_util::stream::unfold(0u8, move |step| {
+                let first = first.clone();
+                async move {
+                    let data = match step {
+                        0 => Bytes::from(first),
+                        1 => {
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                            Bytes::from_static(last.as_bytes())
+                        }
+                        _ => return None,
+                    };
+                    Some((Ok::<_, Infallible>(Frame::data(data)), step + 1))
+                }
+            });
+            let mut r = Response::new(BoxBody::new(StreamBody::new(stream)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/event-stream"),
+            );
+            r
+        }
+        "/attack/conn-auth" => {
+            use std::sync::atomic::Ordering::SeqCst;
+            if record.header_hash("authorization").is_some() {
+                info.authenticated.store(true, SeqCst);
+            }
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "authenticated": info.authenticated.load(SeqCst),
+                    "authorization_sha256": record.header_hash("authorization"),
+                }),
+            )
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "no such attack endpoint", "path": path}),
+        ),
+    }
 }

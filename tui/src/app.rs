@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use agent_broker_protocol::{AuditEvent, EventKind, StatusReport};
+use agent_broker_protocol::{AuditEvent, EventKind, RequestOutcome, StatusReport};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
 use crate::feed::FeedMsg;
@@ -22,12 +22,13 @@ pub const RATE_WINDOW_SECS: u64 = 60;
 /// How an event without a cgroup (a policy reload) is attributed.
 pub const BROKER_AGENT: &str = "(brokerd)";
 
-/// Whether an event counts as a call of its agent (not bookkeeping such as attach or reload).
+/// Whether an event counts as a call of its agent (not bookkeeping such as attach or reload,
+/// nor the `forwarded` record of a request whose end is another record).
 pub fn is_call(event: &AuditEvent) -> bool {
     !matches!(
         event.kind,
         Some(EventKind::Attach | EventKind::Detach | EventKind::PolicyReload)
-    )
+    ) && event.outcome != Some(RequestOutcome::Forwarded)
 }
 
 /// The agent an event is attributed to: its cgroup path.

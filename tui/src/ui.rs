@@ -4,7 +4,7 @@
 //! detail of the selected call, and a line of key hints. Times are shown in UTC.
 
 use agent_broker_core::time::{utc_hms, utc_timestamp};
-use agent_broker_protocol::{AuditEvent, EventKind};
+use agent_broker_protocol::{AuditEvent, EventKind, RequestOutcome};
 use ratatui::{
     Frame,
     layout::{Constraint, Layout, Rect},
@@ -218,7 +218,13 @@ fn cell_text(col: Col, width: u16, entry: &Entry) -> String {
             .or_else(|| e.original_dst.map(|a| a.to_string()))
             .unwrap_or_else(|| "-".into()),
         Col::Path => e.path.clone().unwrap_or_else(|| "-".into()),
-        Col::Status => e.status.map_or_else(|| "-".into(), |s| s.to_string()),
+        Col::Status => match (e.status, e.outcome) {
+            (Some(s), _) => s.to_string(),
+            // A request under way, or one the agent abandoned before the answer.
+            (None, Some(RequestOutcome::Forwarded)) => "fwd".into(),
+            (None, Some(RequestOutcome::Cancelled)) => "cancel".into(),
+            (None, _) => "-".into(),
+        },
         Col::Latency => e.latency_us.map_or_else(|| "-".into(), latency),
         Col::Info => {
             if entry.denied || e.kind == Some(EventKind::PolicyReload) {
@@ -488,6 +494,10 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
         reason,
         secrets,
         side,
+        request_id,
+        outcome,
+        tokens,
+        tokens_estimated,
     } = event;
     let mut out: Vec<(&'static str, String)> = vec![("time", utc_timestamp(*time_ms))];
     let mut opt = |label: &'static str, value: Option<String>| {
@@ -497,6 +507,8 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
     };
     opt("seq", (*seq != 0).then(|| seq.to_string()));
     opt("kind", kind.map(|k| k.as_str().into()));
+    opt("outcome", outcome.map(|o| o.as_str().into()));
+    opt("request", request_id.map(|id| id.to_string()));
     opt("decision", decision.map(|d| d.as_str().into()));
     opt("reason", reason.clone());
     opt("rule", rule.clone());
@@ -515,6 +527,8 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
     opt("dst", original_dst.map(|a| a.to_string()));
     opt("sni", sni.clone());
     opt("secrets", (!secrets.is_empty()).then(|| secrets.join(", ")));
+    opt("tokens", tokens.map(|t| t.to_string()));
+    opt("estimated", tokens_estimated.clone());
     out
 }
 

@@ -72,7 +72,7 @@ pub struct Budget {
     pub requests_per_day: Option<u64>,
     /// Request plus response body bytes.
     pub bytes_per_day: Option<u64>,
-    /// LLM tokens as the API reports them in `usage` (see [`usage_tokens`]).
+    /// LLM tokens as the API reports them in `usage` (see [`super::UsageMeter`]).
     pub tokens_per_day: Option<u64>,
 }
 
@@ -417,83 +417,6 @@ fn show_wait(d: Duration) -> String {
     }
 }
 
-/// Tokens used by an LLM API call, from the JSON `usage` object of its response: `total_tokens`
-/// if present, else `input_tokens + output_tokens` (Anthropic; cache read and creation input
-/// tokens added when reported), else `prompt_tokens + completion_tokens` (OpenAI). For an
-/// event stream (`data: {...}` lines) the usage of its events is combined: the last total, or
-/// the input of `message_start` plus the last `output_tokens`. `None` when the body reports no
-/// usage (or was cut short).
-pub fn usage_tokens(body: &[u8]) -> Option<u64> {
-    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) {
-        return usage_of(&value);
-    }
-    // Server-sent events.
-    let text = std::str::from_utf8(body).ok()?;
-    let mut total = None;
-    let mut input = None;
-    let mut output = None;
-    for line in text.lines() {
-        let Some(data) = line.strip_prefix("data:") else {
-            continue;
-        };
-        let Ok(event) = serde_json::from_str::<serde_json::Value>(data.trim()) else {
-            continue;
-        };
-        // Anthropic: message_start carries the input, message_delta the output so far.
-        if let Some(u) = event.pointer("/message/usage") {
-            input = Some(sum_input(u));
-            output = field(u, "output_tokens").or(output);
-        }
-        if let Some(u) = event.get("usage").filter(|u| u.is_object()) {
-            if let Some(t) = field(u, "total_tokens") {
-                total = Some(t);
-            } else if let (Some(p), Some(c)) =
-                (field(u, "prompt_tokens"), field(u, "completion_tokens"))
-            {
-                total = Some(p + c);
-            } else {
-                if u.get("input_tokens").is_some() {
-                    input = Some(sum_input(u));
-                }
-                output = field(u, "output_tokens").or(output);
-            }
-        }
-    }
-    total.or(match (input, output) {
-        (None, None) => None,
-        (i, o) => Some(i.unwrap_or(0) + o.unwrap_or(0)),
-    })
-}
-
-fn usage_of(value: &serde_json::Value) -> Option<u64> {
-    let u = value.get("usage")?;
-    if let Some(t) = field(u, "total_tokens") {
-        return Some(t);
-    }
-    if let (Some(_), Some(o)) = (field(u, "input_tokens"), field(u, "output_tokens")) {
-        return Some(sum_input(u) + o);
-    }
-    if let (Some(p), Some(c)) = (field(u, "prompt_tokens"), field(u, "completion_tokens")) {
-        return Some(p + c);
-    }
-    None
-}
-
-fn sum_input(u: &serde_json::Value) -> u64 {
-    [
-        "input_tokens",
-        "cache_creation_input_tokens",
-        "cache_read_input_tokens",
-    ]
-    .iter()
-    .filter_map(|k| field(u, k))
-    .sum()
-}
-
-fn field(u: &serde_json::Value, key: &str) -> Option<u64> {
-    u.get(key)?.as_u64()
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::UNIX_EPOCH;
@@ -690,46 +613,6 @@ mod tests {
             b(Some(1), None, Some(2)).to_string(),
             "{ requests_per_day = 1, tokens_per_day = 2 }"
         );
-    }
-
-    #[test]
-    fn usage_from_llm_responses() {
-        assert_eq!(
-            usage_tokens(br#"{"id":"x","usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}}"#),
-            Some(15)
-        );
-        assert_eq!(
-            usage_tokens(br#"{"usage":{"prompt_tokens":10,"completion_tokens":5}}"#),
-            Some(15)
-        );
-        assert_eq!(
-            usage_tokens(br#"{"usage":{"input_tokens":7,"output_tokens":3}}"#),
-            Some(10)
-        );
-        assert_eq!(
-            usage_tokens(
-                br#"{"usage":{"input_tokens":7,"cache_read_input_tokens":100,"cache_creation_input_tokens":2,"output_tokens":3}}"#
-            ),
-            Some(112)
-        );
-        assert_eq!(usage_tokens(br#"{"data":[]}"#), None);
-        assert_eq!(usage_tokens(br#"{"usage":{"foo":1}}"#), None);
-        assert_eq!(usage_tokens(br#"{"usage":{"total_tokens":"#), None);
-        assert_eq!(usage_tokens(b"not json"), None);
-        assert_eq!(usage_tokens(b""), None);
-
-        // OpenAI stream with include_usage: the last chunk has it.
-        let openai = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
-                       data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2,\"total_tokens\":6}}\n\n\
-                       data: [DONE]\n\n";
-        assert_eq!(usage_tokens(openai), Some(6));
-        // Anthropic stream: input in message_start, output in message_delta.
-        let anthropic = b"event: message_start\n\
-                          data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
-                          event: message_delta\n\
-                          data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n";
-        assert_eq!(usage_tokens(anthropic), Some(40));
-        assert_eq!(usage_tokens(b"data: {\"x\":1}\n\n"), None);
     }
 
     #[test]

@@ -31,11 +31,11 @@ pub fn attach(run_dir: &Path, args: AttachArgs) -> anyhow::Result<()> {
     let path = CgroupPath::parse(&args.cgroup)?;
     let (tagged, already) = tag(run_dir, &path, args.create)?;
     if already && tagged.path == path.to_string() {
-        println!("{} is already tagged", tagged.path);
+        outln!("{} is already tagged", tagged.path);
     } else if already {
-        println!("{path} is covered by tagged cgroup {}", tagged.path);
+        outln!("{path} is covered by tagged cgroup {}", tagged.path);
     } else {
-        println!("tagged {} (cgroup id {})", tagged.path, tagged.id);
+        outln!("tagged {} (cgroup id {})", tagged.path, tagged.id);
     }
     Ok(())
 }
@@ -47,7 +47,7 @@ pub fn detach(run_dir: &Path, args: DetachArgs) -> anyhow::Result<()> {
     };
     match call(run_dir, &request)? {
         Response::Detached { cgroup } => {
-            println!("untagged {cgroup}");
+            outln!("untagged {cgroup}");
             Ok(())
         }
         other => Err(unexpected(other)),

@@ -32,10 +32,10 @@ const SYSTEM_CA_PATH: &str = "/usr/local/share/ca-certificates/agent-broker.crt"
 pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
     let pem = pem(run_dir)?;
     match command {
-        Command::Export { out: None } => print!("{pem}"),
+        Command::Export { out: None } => out!("{pem}"),
         Command::Export { out: Some(path) } => {
             write_atomically(&path, pem.as_bytes())?;
-            println!("wrote the broker CA to {}", path.display());
+            outln!("wrote the broker CA to {}", path.display());
         }
         Command::Install => {
             let path = Path::new(SYSTEM_CA_PATH);
@@ -50,10 +50,10 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
             if !status.success() {
                 bail!("update-ca-certificates failed ({status})");
             }
-            println!(
+            outln!(
                 "installed the broker CA as {SYSTEM_CA_PATH} and updated the system trust store"
             );
-            println!(
+            outln!(
                 "Node.js: set NODE_EXTRA_CA_CERTS={SYSTEM_CA_PATH}; Python requests/httpx: set REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt"
             );
         }

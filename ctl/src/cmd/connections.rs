@@ -31,9 +31,13 @@ pub fn run(run_dir: &Path, args: Args) -> anyhow::Result<()> {
 }
 
 fn print_connections(records: &[ConnectionRecord]) {
-    println!(
+    outln!(
         "{:<14} {:<24} {:>8} {:<16} {:<28} OUTCOME",
-        "TIME(ms)", "CGROUP", "PID", "COMM", "ORIGINAL DST"
+        "TIME(ms)",
+        "CGROUP",
+        "PID",
+        "COMM",
+        "ORIGINAL DST"
     );
     for r in records {
         let outcome = match &r.outcome {
@@ -41,7 +45,7 @@ fn print_connections(records: &[ConnectionRecord]) {
             Outcome::Refused { reason } => format!("refused: {reason}"),
         };
         match &r.origin {
-            Some(o) => println!(
+            Some(o) => outln!(
                 "{:<14} {:<24} {:>8} {:<16} {:<28} {}",
                 r.time_ms,
                 o.cgroup,
@@ -50,7 +54,7 @@ fn print_connections(records: &[ConnectionRecord]) {
                 o.original_dst.to_string(),
                 outcome
             ),
-            None => println!(
+            None => outln!(
                 "{:<14} {:<24} {:>8} {:<16} {:<28} {}",
                 r.time_ms,
                 "?",

@@ -480,16 +480,16 @@ pub fn system_store_has(ca_pem: &str) -> bool {
 pub fn print(checks: &[Check], json: bool) -> bool {
     for c in checks {
         if json {
-            println!("{}", serde_json::to_string(c).unwrap_or_default());
+            outln!("{}", serde_json::to_string(c).unwrap_or_default());
         } else {
             let level = match c.level {
                 Level::Ok => "ok",
                 Level::Warn => "WARN",
                 Level::Fail => "FAIL",
             };
-            println!("{level:<5} {:<32} {}", c.name, c.found);
+            outln!("{level:<5} {:<32} {}", c.name, c.found);
             if !c.fix.is_empty() && c.level != Level::Ok {
-                println!("{:<38}fix: {}", "", c.fix);
+                outln!("{:<38}fix: {}", "", c.fix);
             }
         }
     }

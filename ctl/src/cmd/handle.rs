@@ -77,7 +77,7 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
                         handle.cgroup,
                         date(handle.expires_unix)
                     );
-                    println!("{token}");
+                    outln!("{token}");
                     Ok(())
                 }
                 other => Err(unexpected(other)),
@@ -86,9 +86,14 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
         Command::List { json } => match call(run_dir, &Request::HandleList)? {
             Response::Handles { handles } if json => json_pretty(&handles),
             Response::Handles { handles } => {
-                println!(
+                outln!(
                     "{:<12} {:<24} {:<20} {:<28} {:<20} {:<8} TOKEN",
-                    "ID", "CGROUP", "SECRET", "HOST", "EXPIRES", "STATE"
+                    "ID",
+                    "CGROUP",
+                    "SECRET",
+                    "HOST",
+                    "EXPIRES",
+                    "STATE"
                 );
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -102,7 +107,7 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
                     } else {
                         "active"
                     };
-                    println!(
+                    outln!(
                         "{:<12} {:<24} {:<20} {:<28} {:<20} {state:<8} {}",
                         h.id,
                         h.cgroup,
@@ -118,7 +123,7 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
         },
         Command::Revoke { id } => match call(run_dir, &Request::HandleRevoke { id })? {
             Response::HandleRevoked { id } => {
-                println!("revoked handle {id}");
+                outln!("revoked handle {id}");
                 Ok(())
             }
             other => Err(unexpected(other)),

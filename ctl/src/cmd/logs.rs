@@ -8,7 +8,9 @@ use std::{
 };
 
 use agent_broker_core::cgroup::CgroupPath;
-use agent_broker_protocol::{AuditEvent, EventKind, LogFilter, Request, Response, client::Client};
+use agent_broker_protocol::{
+    AuditEvent, EventKind, LogFilter, Request, RequestOutcome, Response, client::Client,
+};
 use anyhow::bail;
 
 use crate::control::{call, refused, unexpected};
@@ -84,9 +86,18 @@ pub fn run(run_dir: &Path, args: Args) -> anyhow::Result<()> {
     let mut client = Client::connect(run_dir)?;
     let mut response = client.call(&request)?;
     if !args.json {
-        println!(
+        outln!(
             "{:<8} {:<12} {:<22} {:>7} {:<12} {:<6} {:<24} {:<24} {:>6} {:<12} DETAIL",
-            "SEQ", "TIME", "AGENT", "PID", "COMM", "METHOD", "HOST", "PATH", "STATUS", "SECRETS"
+            "SEQ",
+            "TIME",
+            "AGENT",
+            "PID",
+            "COMM",
+            "METHOD",
+            "HOST",
+            "PATH",
+            "STATUS",
+            "SECRETS"
         );
     }
     // Handshake refusals, summed up per agent and program under the table.
@@ -94,7 +105,7 @@ pub fn run(run_dir: &Path, args: Args) -> anyhow::Result<()> {
     loop {
         match response {
             Response::Event { event } if args.json => {
-                println!("{}", serde_json::to_string(&event)?)
+                outln!("{}", serde_json::to_string(&event)?)
             }
             Response::Event { event } => {
                 print_event(&event);
@@ -103,7 +114,7 @@ pub fn run(run_dir: &Path, args: Args) -> anyhow::Result<()> {
                 }
             }
             Response::EndOfLog if !args.follow => {
-                print!("{}", tls_refusal_summary(&tls_refusals));
+                out!("{}", tls_refusal_summary(&tls_refusals));
                 return Ok(());
             }
             Response::EndOfLog => {}
@@ -119,7 +130,7 @@ fn verify(run_dir: &Path) -> anyhow::Result<()> {
     match call(run_dir, &Request::LogsVerify)? {
         Response::Verified { report } => match report.first_bad {
             None => {
-                println!("audit log intact: {} record(s) verified", report.records);
+                outln!("audit log intact: {} record(s) verified", report.records);
                 Ok(())
             }
             Some(bad) => bail!(
@@ -154,14 +165,7 @@ fn tls_refusal_summary(events: &[AuditEvent]) -> String {
 /// One record as a table row.
 fn print_event(e: &AuditEvent) {
     let time = agent_broker_core::time::utc_hms_millis(e.time_ms);
-    let kind = e.kind.map(|k| k.to_string()).unwrap_or_default();
-    let detail = match (&e.decision, &e.reason) {
-        (Some(d), Some(r)) => format!("{kind} {d}: {r}"),
-        (Some(d), None) => format!("{kind} {d} {}", e.rule.as_deref().unwrap_or("")),
-        (None, Some(r)) => format!("{kind}: {r}"),
-        (None, None) => kind,
-    };
-    println!(
+    outln!(
         "{:<8} {:<12} {:<22} {:>7} {:<12} {:<6} {:<24} {:<24} {:>6} {:<12} {}",
         e.seq,
         time,
@@ -179,8 +183,30 @@ fn print_event(e: &AuditEvent) {
         } else {
             e.secrets.join(",")
         },
-        detail
+        detail(e)
     );
+}
+
+/// The DETAIL column: kind (and, for a forwarded request, how far it got unless it completed),
+/// decision, reason or rule, and the LLM tokens charged.
+fn detail(e: &AuditEvent) -> String {
+    let mut kind = e.kind.map(|k| k.to_string()).unwrap_or_default();
+    if let Some(outcome) = e.outcome.filter(|o| *o != RequestOutcome::Completed) {
+        kind = format!("{kind} {outcome}");
+    }
+    let mut detail = match (&e.decision, &e.reason) {
+        (Some(d), Some(r)) => format!("{kind} {d}: {r}"),
+        (Some(d), None) => format!("{kind} {d} {}", e.rule.as_deref().unwrap_or("")),
+        (None, Some(r)) => format!("{kind}: {r}"),
+        (None, None) => kind,
+    };
+    if let Some(tokens) = e.tokens {
+        detail.push_str(&format!("; {tokens} tokens"));
+        if let Some(how) = &e.tokens_estimated {
+            detail.push_str(&format!(" estimated ({how})"));
+        }
+    }
+    detail
 }
 
 #[cfg(test)]
@@ -208,6 +234,45 @@ mod tests {
         assert!(
             summary.contains(agent_broker_protocol::TLS_REFUSAL_FIX),
             "{summary}"
+        );
+    }
+
+    #[test]
+    fn the_detail_says_how_far_a_request_got_and_what_it_was_charged() {
+        let request = AuditEvent {
+            kind: Some(EventKind::Request),
+            decision: Some(agent_broker_protocol::Decision::Allow),
+            rule: Some("a.toml allow[0]".into()),
+            ..AuditEvent::default()
+        };
+        assert_eq!(detail(&request), "request allow a.toml allow[0]");
+        let forwarded = AuditEvent {
+            outcome: Some(RequestOutcome::Forwarded),
+            ..request.clone()
+        };
+        assert_eq!(
+            detail(&forwarded),
+            "request forwarded allow a.toml allow[0]"
+        );
+        let completed = AuditEvent {
+            outcome: Some(RequestOutcome::Completed),
+            tokens: Some(42),
+            ..request.clone()
+        };
+        assert_eq!(
+            detail(&completed),
+            "request allow a.toml allow[0]; 42 tokens"
+        );
+        let cancelled = AuditEvent {
+            outcome: Some(RequestOutcome::Cancelled),
+            reason: Some("the agent went away".into()),
+            tokens: Some(9),
+            tokens_estimated: Some("cut".into()),
+            ..request
+        };
+        assert_eq!(
+            detail(&cancelled),
+            "request cancelled allow: the agent went away; 9 tokens estimated (cut)"
         );
     }
 

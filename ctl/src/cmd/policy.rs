@@ -44,7 +44,7 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
         Command::Check { policy_dir, files } => check(&policy_dir, &files),
         Command::Reload => match call(run_dir, &Request::PolicyReload)? {
             Response::PolicyReloaded { files } => {
-                println!("policy reloaded: {files} file(s)");
+                outln!("policy reloaded: {files} file(s)");
                 Ok(())
             }
             other => Err(unexpected(other)),
@@ -53,7 +53,7 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
             let cgroup = CgroupPath::parse(&cgroup)?.to_string();
             match call(run_dir, &Request::PolicyShow { cgroup })? {
                 Response::PolicyText { text } => {
-                    print!("{text}");
+                    out!("{text}");
                     Ok(())
                 }
                 other => Err(unexpected(other)),
@@ -72,7 +72,7 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
             };
             match call(run_dir, &request)? {
                 Response::PolicyExplained { text, .. } => {
-                    println!("{text}");
+                    outln!("{text}");
                     Ok(())
                 }
                 other => Err(unexpected(other)),
@@ -121,6 +121,6 @@ fn check(policy_dir: &Path, files: &[PathBuf]) -> anyhow::Result<()> {
     let count = set.len();
     Policy::from_files(set.into_values().collect())
         .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))?;
-    println!("policy ok: {count} file(s)");
+    outln!("policy ok: {count} file(s)");
     Ok(())
 }

@@ -49,12 +49,15 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
         Command::List { json } => match call(run_dir, &Request::SecretList)? {
             Response::Secrets { secrets } if json => json_pretty(&secrets),
             Response::Secrets { secrets } => {
-                println!(
+                outln!(
                     "{:<32} {:>8} {:<20} {:<20}",
-                    "NAME", "VERSION", "CREATED", "UPDATED"
+                    "NAME",
+                    "VERSION",
+                    "CREATED",
+                    "UPDATED"
                 );
                 for s in secrets {
-                    println!(
+                    outln!(
                         "{:<32} {:>8} {:<20} {:<20}",
                         s.name,
                         s.version,
@@ -82,7 +85,7 @@ pub fn run(run_dir: &Path, command: Command) -> anyhow::Result<()> {
         }
         Command::Rm { name } => match call(run_dir, &Request::SecretRemove { name })? {
             Response::SecretRemoved { name } => {
-                println!("removed secret {name}");
+                outln!("removed secret {name}");
                 Ok(())
             }
             other => Err(unexpected(other)),
@@ -112,7 +115,7 @@ fn store(run_dir: &Path, name: String, rotate: bool) -> anyhow::Result<()> {
     };
     match call(run_dir, &request)? {
         Response::SecretStored { secret } => {
-            println!("stored secret {} version {}", secret.name, secret.version);
+            outln!("stored secret {} version {}", secret.name, secret.version);
             Ok(())
         }
         other => Err(unexpected(other)),

@@ -28,26 +28,26 @@ pub fn run(run_dir: &Path, args: Args) -> anyhow::Result<()> {
 }
 
 fn print_status(s: &StatusReport) {
-    println!("brokerd {} is up (pid {})", s.version, s.pid);
+    outln!("brokerd {} is up (pid {})", s.version, s.pid);
     let listeners: Vec<String> = s.listeners.iter().map(ToString::to_string).collect();
-    println!("listening on   {}", listeners.join(", "));
-    println!("cgroup2 mount  {}", s.cgroup_root);
-    println!("pin dir        {}", s.pin_dir);
+    outln!("listening on   {}", listeners.join(", "));
+    outln!("cgroup2 mount  {}", s.cgroup_root);
+    outln!("pin dir        {}", s.pin_dir);
     if !s.dns_listeners.is_empty() {
         let dns: Vec<String> = s.dns_listeners.iter().map(ToString::to_string).collect();
-        println!("dns (udp)      {}", dns.join(", "));
+        outln!("dns (udp)      {}", dns.join(", "));
     }
     if !s.hooks.is_empty() {
-        println!("hooks          {}", s.hooks.join(" "));
+        outln!("hooks          {}", s.hooks.join(" "));
     }
     if !s.lsm.is_empty() {
-        println!("bpf lsm        {}", s.lsm);
+        outln!("bpf lsm        {}", s.lsm);
     }
     if !s.hardening.is_empty() {
-        println!("brokerd        {}", s.hardening);
+        outln!("brokerd        {}", s.hardening);
     }
     for p in &s.unprotected {
-        println!(
+        outln!(
             "unprotected    pid {} ({}) in {}: {}",
             p.pid,
             p.comm,
@@ -55,42 +55,53 @@ fn print_status(s: &StatusReport) {
             p.missing.join("; ")
         );
     }
-    println!(
+    outln!(
         "kernel         {} redirected, {} refused, {} not re-keyed",
-        s.counters.redirected, s.counters.refused, s.counters.rekey_failed
+        s.counters.redirected,
+        s.counters.refused,
+        s.counters.rekey_failed
     );
     let c = &s.counters;
-    println!(
+    outln!(
         "               {} DNS redirected, {} UDP refused, {} sockets refused, {} binds refused",
-        c.dns_redirected, c.udp_refused, c.socket_refused, c.bind_refused
+        c.dns_redirected,
+        c.udp_refused,
+        c.socket_refused,
+        c.bind_refused
     );
-    println!(
+    outln!(
         "               {} egress and {} ingress packets dropped, {} from other netns refused",
-        c.egress_dropped, c.ingress_dropped, c.netns_refused
+        c.egress_dropped,
+        c.ingress_dropped,
+        c.netns_refused
     );
-    println!(
+    outln!(
         "policy         {} ({} file(s), loaded {})",
         s.policy.dir,
         s.policy.files,
         date(s.policy.loaded_unix)
     );
     if let Some(e) = &s.policy.error {
-        println!(
-            "policy error   the newest files did not load, the previous policy is active: {e}"
-        );
+        outln!("policy error   the newest files did not load, the previous policy is active: {e}");
     }
     if s.cgroups.is_empty() {
-        println!("no tagged cgroups");
+        outln!("no tagged cgroups");
         return;
     }
-    println!(
+    outln!(
         "{:<40} {:>10} {:>10} {:>6}",
-        "TAGGED CGROUP", "ID", "PROCESSES", "LINKS"
+        "TAGGED CGROUP",
+        "ID",
+        "PROCESSES",
+        "LINKS"
     );
     for c in &s.cgroups {
-        println!(
+        outln!(
             "{:<40} {:>10} {:>10} {:>6}",
-            c.path, c.id, c.processes, c.links
+            c.path,
+            c.id,
+            c.processes,
+            c.links
         );
     }
 }

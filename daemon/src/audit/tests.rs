@@ -2,7 +2,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use agent_broker_core::{fmt::error_chain, time::now_unix_ms};
-use agent_broker_protocol::{AuditEvent, Decision, EventKind, LogFilter, Side};
+use agent_broker_protocol::{AuditEvent, Decision, EventKind, LogFilter, RequestOutcome, Side};
 use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::tables::{Link, META, RECORDS, StoredRecord, record_hash};
@@ -520,6 +520,53 @@ fn flush_and_stop_commits_everything_pending() {
     assert_eq!(log.last_seq().expect("last"), 3000);
     assert_eq!(log.query(&LogFilter::default()).expect("query").len(), 3000);
     assert_eq!(log.verify().expect("verify").first_bad, None);
+}
+
+#[test]
+fn a_request_that_ends_before_the_commit_is_one_record_and_one_under_way_is_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (handle, thread) = open(dir.path())
+        .writer_with(WriterConfig {
+            commit_interval: Duration::from_secs(600),
+            max_batch: 1_000_000,
+            ..WriterConfig::default()
+        })
+        .expect("writer");
+    let with = |id: u64, outcome: RequestOutcome, status: Option<u16>| AuditEvent {
+        request_id: Some(id),
+        outcome: Some(outcome),
+        status,
+        ..requests(1).remove(0)
+    };
+    // Request 1 ends before any commit: one record, how it ended, where it was forwarded.
+    handle.record(with(1, RequestOutcome::Forwarded, None));
+    handle.record(with(2, RequestOutcome::Forwarded, None));
+    handle.record(with(1, RequestOutcome::Cancelled, None));
+    assert_eq!(handle.flush().expect("flush"), 2);
+    // Request 2 was committed as forwarded; its end is a record of its own.
+    handle.record(with(2, RequestOutcome::Completed, Some(200)));
+    // An ending without a pending forwarded record (never merged with another id's).
+    handle.record(with(3, RequestOutcome::Completed, Some(200)));
+    assert_eq!(handle.flush_and_stop().expect("stop"), 4);
+    thread.join().expect("join").expect("writer");
+    drop(handle);
+    let stored = open(dir.path())
+        .query(&LogFilter::default())
+        .expect("query");
+    let seen: Vec<_> = stored
+        .iter()
+        .map(|e| (e.seq, e.request_id, e.outcome))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, Some(1), Some(RequestOutcome::Cancelled)),
+            (2, Some(2), Some(RequestOutcome::Forwarded)),
+            (3, Some(2), Some(RequestOutcome::Completed)),
+            (4, Some(3), Some(RequestOutcome::Completed)),
+        ]
+    );
+    assert_eq!(open(dir.path()).verify().expect("verify").first_bad, None);
 }
 
 #[test]

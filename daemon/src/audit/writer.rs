@@ -1,5 +1,6 @@
 //! The writer thread: group commit, retention, live fan-out. See the module docs of `audit`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -7,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use agent_broker_core::{fmt::error_chain, time::now_unix_ms};
-use agent_broker_protocol::{AuditEvent, LogFilter, Side, VerifyReport};
+use agent_broker_protocol::{AuditEvent, LogFilter, RequestOutcome, Side, VerifyReport};
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::Deserialize;
 use tokio::sync::broadcast;
@@ -222,6 +223,7 @@ pub(super) fn start(
         rx,
         tail,
         pending: Vec::new(),
+        forwarded: HashMap::new(),
         waiters: Vec::new(),
         stop: None,
         disconnected: false,
@@ -271,6 +273,9 @@ struct Writer {
     /// The last committed record.
     tail: Link,
     pending: Vec<AuditEvent>,
+    /// Where in `pending` the `forwarded` record of each request id is: the record of how the
+    /// request ended takes its place when it comes before the commit.
+    forwarded: HashMap<u64, usize>,
     waiters: Vec<Reply>,
     stop: Option<Reply>,
     /// Every handle is gone: commit what is pending and end.
@@ -328,6 +333,7 @@ impl Writer {
                     .saturating_sub(self.config.queue_capacity);
                 if excess > 0 {
                     self.pending.drain(..excess);
+                    self.forwarded.clear();
                     self.shared
                         .dropped
                         .fetch_add(excess as u64, Ordering::Relaxed);
@@ -377,7 +383,7 @@ impl Writer {
         match msg {
             Msg::Event(event) => {
                 self.shared.priority.took(1);
-                self.pending.push(*event);
+                self.pend(*event);
             }
             #[cfg(test)]
             Msg::Flush(reply) => self.waiters.push(reply),
@@ -391,6 +397,28 @@ impl Writer {
                 let _ = gate.recv();
             }
         }
+    }
+
+    /// Adds `event` to the batch. A request that ended before its `forwarded` record was
+    /// committed is one record: how it ended, in the forwarded record's place (so a request
+    /// is in the log from the commit after it was forwarded, and fast ones cost one record).
+    fn pend(&mut self, event: AuditEvent) {
+        match (event.request_id, event.outcome) {
+            (Some(id), Some(RequestOutcome::Forwarded)) => {
+                self.forwarded.insert(id, self.pending.len());
+            }
+            (Some(id), Some(_)) => {
+                if let Some(at) = self.forwarded.remove(&id)
+                    && let Some(slot) = self.pending.get_mut(at)
+                    && slot.request_id == Some(id)
+                {
+                    *slot = event;
+                    return;
+                }
+            }
+            _ => {}
+        }
+        self.pending.push(event);
     }
 
     fn drain_queued(&mut self) {
@@ -461,6 +489,7 @@ impl Writer {
         }
         self.tail = tail;
         self.shared.committed_seq.store(tail.seq, Ordering::Release);
+        self.forwarded.clear();
         for event in self.pending.drain(..) {
             // No subscriber is not an error.
             let _ = self.shared.live.send(event);

@@ -3,7 +3,7 @@
 
 use std::{future::Future, pin::Pin, time::Duration};
 
-use agent_broker_core::handle::HandleDenial;
+use agent_broker_core::{handle::HandleDenial, policy::UsageReading};
 use agent_broker_protocol::EventKind;
 use http::{StatusCode, request::Parts};
 use zeroize::Zeroizing;
@@ -32,10 +32,13 @@ pub struct Grant {
     pub secrets: Vec<String>,
     /// The secret values written into the request, to scrub from the response.
     pub needles: Vec<Zeroizing<Vec<u8>>>,
-    /// Keep up to this many bytes of the response body for [`Grant::on_complete`] (token
-    /// budgets read the JSON `usage` of LLM APIs); 0 keeps none.
-    pub capture_body: usize,
-    /// Called once when the exchange is over (response body finished or dropped).
+    /// Read the LLM `usage` the response reports as its body streams, for
+    /// [`Completion::usage`] (token budgets). The upstream is then asked for an uncompressed
+    /// response.
+    pub meter_usage: bool,
+    /// Called once when a forwarded exchange is over: the response body finished, was cut or
+    /// dropped, the agent went away before the response came, or the upstream failed. What it
+    /// returns is recorded with the exchange.
     pub on_complete: Option<OnComplete>,
     /// How long the response may pause between frames, overriding the proxy's default.
     pub idle_timeout: Option<Duration>,
@@ -44,18 +47,28 @@ pub struct Grant {
     pub bind_name: Option<String>,
 }
 
-/// A callback run once when an exchange is over.
-pub type OnComplete = Box<dyn FnOnce(&Completion) + Send>;
+/// A callback run once when an exchange is over; it says what it charged.
+pub type OnComplete = Box<dyn FnOnce(&Completion) -> Charge + Send>;
 
 /// What is known when a brokered exchange is over.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Completion {
-    /// Request body bytes the agent sent.
+    /// Request body bytes sent upstream.
     pub bytes_in: u64,
     /// Response body bytes sent to the agent.
     pub bytes_out: u64,
-    /// The start of the response body, up to [`Grant::capture_body`] bytes.
-    pub body: Vec<u8>,
+    /// What the response reported of its LLM usage, when [`Grant::meter_usage`] asked; an
+    /// exchange that ended before a response body is unreadable.
+    pub usage: Option<UsageReading>,
+}
+
+/// What [`Grant::on_complete`] charged to the rule's budgets, for the audit record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Charge {
+    /// LLM tokens charged to a `tokens_per_day` budget.
+    pub tokens: Option<u64>,
+    /// Set when `tokens` is an estimate: why the usage was not read, and how it was estimated.
+    pub estimated: Option<String>,
 }
 
 /// A refused request: the status and reason the agent gets, and the rule for the record.

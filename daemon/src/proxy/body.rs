@@ -1,6 +1,6 @@
 //! The bodies that stream through the proxy: the agent's request body (counted), and the
-//! response body the agent gets (counted, optionally captured for token budgets, scrubbed of
-//! injected secrets, and reported once when it ends), watched for an upstream that stalls or
+//! response body the agent gets (counted, optionally metered for the LLM usage it reports,
+//! scrubbed of injected secrets, and reported once when it ends), watched for an upstream that stalls or
 //! dies mid-stream. None is ever buffered whole.
 //!
 //! A response the upstream cut is never presented as complete: the body ends with an error,
@@ -17,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use agent_broker_core::policy::{UsageMeter, UsageReading};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -172,42 +173,77 @@ impl hyper::body::Body for Counted {
     }
 }
 
-/// Called once with the response bytes sent, the captured start of the body, and why the
-/// body was cut short when it was (an upstream that died or stalled mid-stream).
-pub(super) type Done = Box<dyn FnOnce(u64, Vec<u8>, Option<String>) + Send>;
+/// How a response body on its way to the agent ended.
+#[derive(Debug)]
+pub(super) enum End {
+    /// Passed on to its end.
+    Completed,
+    /// The upstream cut or stalled it: why. The agent got what came before, and a stream it
+    /// can tell was cut.
+    Cut(String),
+    /// Dropped before its end: the agent went away (closed its connection, reset its stream).
+    Dropped,
+}
 
-/// A response body on its way to the agent: counted, optionally captured, and reported once
-/// when it ends or is dropped (the agent went away).
+/// What is known when a response body is over.
+#[derive(Debug)]
+pub(super) struct Ended {
+    pub(super) end: End,
+    /// Body bytes sent to the agent.
+    pub(super) bytes_out: u64,
+    /// What the body reported of its LLM usage, when it was metered.
+    pub(super) usage: Option<UsageReading>,
+}
+
+/// Called once when a response body is over.
+pub(super) type Done = Box<dyn FnOnce(Ended) + Send>;
+
+/// A response body on its way to the agent: counted, optionally metered for the LLM usage it
+/// reports, and reported once when it ends, is cut, or is dropped (the agent went away).
 pub(super) struct Observed {
     inner: AgentBody,
     bytes_out: u64,
-    capture: Vec<u8>,
-    capture_limit: usize,
+    meter: Option<UsageMeter>,
+    /// A response that has no body (to HEAD, or 1xx, 204, 304): complete whenever it is
+    /// dropped.
+    bodyless: bool,
     done: Option<Done>,
 }
 
 impl Observed {
-    /// Observes `inner`, keeping up to `capture_limit` bytes of its start for `done`.
-    pub(super) fn new(inner: AgentBody, capture_limit: usize, done: Done) -> Self {
+    /// Observes `inner`, reading the LLM usage it reports when `meter` is set.
+    pub(super) fn new(inner: AgentBody, meter: bool, bodyless: bool, done: Done) -> Self {
         Self {
             inner,
             bytes_out: 0,
-            capture: Vec::new(),
-            capture_limit,
+            meter: meter.then(UsageMeter::new),
+            bodyless,
             done: Some(done),
         }
     }
 
-    fn finish(&mut self, cut: Option<String>) {
+    fn finish(&mut self, end: End) {
         if let Some(done) = self.done.take() {
-            done(self.bytes_out, std::mem::take(&mut self.capture), cut);
+            let whole = matches!(end, End::Completed);
+            done(Ended {
+                end,
+                bytes_out: self.bytes_out,
+                usage: self.meter.take().map(|m| m.finish(whole)),
+            });
         }
     }
 }
 
 impl Drop for Observed {
     fn drop(&mut self) {
-        self.finish(None);
+        // hyper stops polling a body that says it is at its end; only a body dropped before
+        // then was cut short by the agent.
+        let end = if self.bodyless || hyper::body::Body::is_end_stream(&self.inner) {
+            End::Completed
+        } else {
+            End::Dropped
+        };
+        self.finish(end);
     }
 }
 
@@ -223,18 +259,17 @@ impl hyper::body::Body for Observed {
         match &polled {
             std::task::Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    self.bytes_out += data.len() as u64;
-                    let room = self.capture_limit.saturating_sub(self.capture.len());
-                    if room > 0 {
-                        let take = room.min(data.len());
-                        self.capture.extend_from_slice(&data[..take]);
+                    let this = &mut *self;
+                    this.bytes_out += data.len() as u64;
+                    if let Some(meter) = &mut this.meter {
+                        meter.feed(data);
                     }
                 }
             }
-            std::task::Poll::Ready(None) => self.finish(None),
+            std::task::Poll::Ready(None) => self.finish(End::Completed),
             std::task::Poll::Ready(Some(Err(e))) => {
                 let cut = agent_broker_core::fmt::error_chain(e);
-                self.finish(Some(cut));
+                self.finish(End::Cut(cut));
             }
             std::task::Poll::Pending => {}
         }

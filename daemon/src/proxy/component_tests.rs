@@ -17,8 +17,8 @@ use crate::{
     audit::EventSink,
     capture::{ConnectionOrigin, ListenerOwner},
     proxy::{
-        Authorizer, Completion, ConnectionVerdict, Deadlines, Denial, Grant, NameCheck, Proxy,
-        RequestFacts,
+        Authorizer, Charge, Completion, ConnectionVerdict, Deadlines, Denial, Grant, NameCheck,
+        Proxy, RequestFacts,
         scrub::PLACEHOLDER,
         tls::{BrokerCa, LeafMinter},
         upstream::{ListenerCheck, Upstream},
@@ -27,6 +27,7 @@ use crate::{
 
 mod harness;
 
+mod aborts;
 mod connections;
 mod denials;
 mod encodings;

@@ -8,8 +8,8 @@ use std::{
 };
 
 use agent_broker_core::fmt::error_chain;
-use agent_broker_protocol::{EventKind, Side};
-use http::{Request, Response, StatusCode, header, request::Parts};
+use agent_broker_protocol::{AuditEvent, EventKind, Side};
+use http::{Method, Request, Response, StatusCode, header, request::Parts};
 use http_body_util::{BodyExt as _, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use tracing::{info, warn};
@@ -21,18 +21,19 @@ use super::{
     http::{
         Refusal, check_request_shape, is_upgrade, prepare_upstream, request_host, strip_hop_by_hop,
     },
-    record,
+    record::{self, InFlight},
     reply::{deny, error_body, json_response},
     scrub::Needles,
     serve::Conn,
     splice::splice_upgrade,
-    upstream::Protocols,
+    upstream::{Partition, Protocols},
 };
 use crate::capture::ConnectionOrigin;
 
 impl Proxy {
     /// Serves one request: forwards it (or refuses it) and records its outcome. A forwarded
-    /// request's audit record is completed when its response body ends.
+    /// request is recorded as such before it goes upstream, and again when it ends (see
+    /// [`InFlight`]).
     pub(super) async fn serve_request(
         &self,
         req: Request<Incoming>,
@@ -41,35 +42,47 @@ impl Proxy {
         super::spin::kick();
         let started = Instant::now();
         let mut event = record::request_event(&conn.origin, conn.sni.as_deref(), &req);
-        let exchange = self.forward(req, conn).await;
+        let head_request = req.method() == Method::HEAD;
+        let exchange = self.forward(req, conn, &event, started).await;
         super::spin::kick();
-        event.host = Some(exchange.host.clone()).filter(|h| !h.is_empty());
-        event.status = Some(exchange.response.status().as_u16());
-        event.latency_us = Some(started.elapsed().as_micros() as u64);
-        match (exchange.failure, exchange.grant) {
-            (Some(failure), grant) => {
-                info!(
-                    cgroup = %conn.origin.cgroup,
-                    pid = conn.origin.pid,
-                    comm = %conn.origin.comm,
-                    host = %exchange.host,
-                    method = event.method.as_deref().unwrap_or(""),
-                    path = event.path.as_deref().unwrap_or(""),
-                    status = exchange.response.status().as_u16(),
-                    reason = %failure.reason,
-                    "request refused"
-                );
-                record::failed(&mut event, failure, grant);
+        let status = exchange.response.status();
+        if let Some(failure) = &exchange.failure {
+            info!(
+                cgroup = %conn.origin.cgroup,
+                pid = conn.origin.pid,
+                comm = %conn.origin.comm,
+                host = %exchange.host,
+                method = event.method.as_deref().unwrap_or(""),
+                path = event.path.as_deref().unwrap_or(""),
+                status = status.as_u16(),
+                reason = %failure.reason,
+                "request refused"
+            );
+        }
+        match (exchange.failure, exchange.inflight) {
+            (Some(failure), Some(inflight)) if failure.side == Side::Upstream => {
+                inflight.fail(status, failure.reason);
+                exchange.response
+            }
+            (Some(failure), Some(inflight)) => {
+                inflight.refuse(status, failure);
+                exchange.response
+            }
+            (Some(failure), None) => {
+                event.host = Some(exchange.host).filter(|h| !h.is_empty());
+                event.status = Some(status.as_u16());
+                event.latency_us = Some(started.elapsed().as_micros() as u64);
+                record::failed(&mut event, failure, exchange.grant);
                 self.events.record(event);
                 exchange.response
             }
-            (None, Some(grant)) => record::when_done(
-                exchange.response,
-                event,
-                grant,
-                exchange.bytes_in,
-                self.events.clone(),
-            ),
+            (None, Some(inflight)) => {
+                let bodyless = head_request
+                    || status.is_informational()
+                    || status == StatusCode::NO_CONTENT
+                    || status == StatusCode::NOT_MODIFIED;
+                inflight.answered(exchange.response, bodyless)
+            }
             (None, None) => exchange.response,
         }
     }
@@ -77,22 +90,33 @@ impl Proxy {
     /// Authorizes and forwards one request. A refused request's body is read (up to a bound)
     /// before the refusal is sent: an HTTP/2 stream reset for an unread body makes some
     /// clients (curl) drop the 403 and its reason.
-    async fn forward(&self, req: Request<Incoming>, conn: &Conn) -> Exchange {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        conn: &Conn,
+        event: &AuditEvent,
+        started: Instant,
+    ) -> Exchange {
         let (parts, body) = req.into_parts();
         let mut body = Some(body);
-        let exchange = self.forward_parts(parts, &mut body, conn).await;
+        let exchange = self
+            .forward_parts(parts, &mut body, conn, event, started)
+            .await;
         if let Some(unread) = body {
             drain(unread).await;
         }
         exchange
     }
 
-    /// [`Proxy::forward`]; takes `body` only when the request goes upstream.
+    /// [`Proxy::forward`]; takes `body` only when the request goes upstream, and records it as
+    /// forwarded (from `event`, the request as it arrived) just before.
     async fn forward_parts(
         &self,
         mut parts: Parts,
         body: &mut Option<Incoming>,
         conn: &Conn,
+        event: &AuditEvent,
+        started: Instant,
     ) -> Exchange {
         let bytes_in = Arc::new(AtomicU64::new(0));
         if let Err(reason) = check_request_shape(&parts) {
@@ -111,7 +135,7 @@ impl Proxy {
             port,
             tls: conn.tls,
         };
-        let grant = match self.authorizer.authorize(&facts, &mut parts) {
+        let mut grant = match self.authorizer.authorize(&facts, &mut parts) {
             Ok(g) => g,
             Err(denial) => return Exchange::refused(&conn.origin, host, denial, None),
         };
@@ -144,6 +168,13 @@ impl Proxy {
             let denial = Denial::forbidden(Refusal::BodyConsumed.into());
             return Exchange::refused(&conn.origin, host, denial, Some(grant));
         };
+        if grant.meter_usage {
+            // The usage is read as the body streams: it must not come compressed.
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                http::HeaderValue::from_static("identity"),
+            );
+        }
         let counted = Counted::new(inner, bytes_in.clone());
         let upstream_req = Request::from_parts(parts, UnsyncBoxBody::new(counted));
         let protocols = if upgrade {
@@ -152,10 +183,22 @@ impl Proxy {
             Protocols::Any
         };
         let credentialed = !grant.needles.is_empty();
+        // Connections are pooled per agent and credential: one an upstream authenticated for a
+        // credential never carries another agent's requests, nor this agent's without it.
+        let partition = Partition::new(conn.origin.cgroup.as_str(), &grant.secrets);
+        let inflight = InFlight::start(
+            event,
+            &host,
+            &mut grant,
+            bytes_in,
+            self.events.clone(),
+            started,
+        );
         let sent = self.upstream.request(
             conn.origin.original_dst,
             protocols,
             credentialed,
+            partition,
             upstream_req,
         );
         let head = self.deadlines.response_head;
@@ -170,7 +213,7 @@ impl Proxy {
                     rule: Some(grant.rule.clone()),
                     ..Denial::forbidden(DenialReason::Rule(reason))
                 };
-                return Exchange::refused(&conn.origin, host, denial, Some(grant));
+                return Exchange::refused_in_flight(&conn.origin, host, denial, inflight);
             }
             Ok(Err(e)) => {
                 let reason = format!(
@@ -181,7 +224,7 @@ impl Proxy {
                 warn!(cgroup = %conn.origin.cgroup, %reason, "upstream failure");
                 let body = error_body("upstream failed", &reason, None, &conn.origin);
                 let status = StatusCode::BAD_GATEWAY;
-                return Exchange::upstream_failed(status, body, reason, host, grant, bytes_in);
+                return Exchange::upstream_failed(status, body, reason, host, inflight);
             }
             Err(_) => {
                 let reason = format!(
@@ -192,7 +235,7 @@ impl Proxy {
                 warn!(cgroup = %conn.origin.cgroup, %reason, "upstream timeout");
                 let body = error_body("upstream timed out", &reason, None, &conn.origin);
                 let status = StatusCode::GATEWAY_TIMEOUT;
-                return Exchange::upstream_failed(status, body, reason, host, grant, bytes_in);
+                return Exchange::upstream_failed(status, body, reason, host, inflight);
             }
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -228,7 +271,7 @@ impl Proxy {
                 &conn.origin,
             );
             let status = StatusCode::BAD_GATEWAY;
-            return Exchange::upstream_failed(status, body, reason, host, grant, bytes_in);
+            return Exchange::upstream_failed(status, body, reason, host, inflight);
         }
         let body = if grant.needles.is_empty() {
             resp_body.boxed_unsync()
@@ -254,9 +297,7 @@ impl Proxy {
                             );
                             let body = error_body("upstream failed", &reason, None, &conn.origin);
                             let status = StatusCode::BAD_GATEWAY;
-                            return Exchange::upstream_failed(
-                                status, body, reason, host, grant, bytes_in,
-                            );
+                            return Exchange::upstream_failed(status, body, reason, host, inflight);
                         }
                     }
                 }
@@ -266,9 +307,9 @@ impl Proxy {
         Exchange {
             response: Response::from_parts(resp_parts, body),
             host,
-            grant: Some(grant),
+            grant: None,
+            inflight: Some(inflight),
             failure: None,
-            bytes_in,
         }
     }
 }
@@ -277,10 +318,12 @@ impl Proxy {
 pub(super) struct Exchange {
     response: Response<AgentBody>,
     host: String,
+    /// The grant of a request refused after it was authorized (for the secrets it names).
     grant: Option<Grant>,
+    /// Set once the request went upstream: its record is completed from here.
+    inflight: Option<InFlight>,
     /// Set when the request was refused or failed.
     failure: Option<Failure>,
-    bytes_in: Arc<AtomicU64>,
 }
 
 pub(super) struct Failure {
@@ -291,28 +334,50 @@ pub(super) struct Failure {
 }
 
 impl Exchange {
-    /// An allowed request whose upstream failed, timed out or answered what cannot be passed
+    /// A forwarded request whose upstream failed, timed out or answered what cannot be passed
     /// on: `status` (502, 504) with `body`, recorded as the upstream's failure.
     fn upstream_failed(
         status: StatusCode,
         body: serde_json::Value,
         reason: String,
         host: String,
-        grant: Grant,
-        bytes_in: Arc<AtomicU64>,
+        inflight: InFlight,
     ) -> Self {
         let failure = Failure {
             kind: EventKind::Request,
             reason,
-            rule: Some(grant.rule.clone()),
+            rule: None,
             side: Side::Upstream,
         };
         Self {
             response: json_response(status, &body),
             host,
-            grant: Some(grant),
+            grant: None,
+            inflight: Some(inflight),
             failure: Some(failure),
-            bytes_in,
+        }
+    }
+
+    /// A request recorded as forwarded that brokerd then refused to write upstream (its
+    /// credential would have gone to an agent's listener): its record ends as a denial.
+    fn refused_in_flight(
+        origin: &ConnectionOrigin,
+        host: String,
+        denial: Denial,
+        inflight: InFlight,
+    ) -> Self {
+        let failure = Failure {
+            kind: denial.event_kind(),
+            reason: denial.reason.to_string(),
+            rule: denial.rule.clone(),
+            side: Side::Broker,
+        };
+        Self {
+            response: deny(origin, denial),
+            host,
+            grant: None,
+            inflight: Some(inflight),
+            failure: Some(failure),
         }
     }
 
@@ -332,8 +397,8 @@ impl Exchange {
             response: deny(origin, denial),
             host,
             grant,
+            inflight: None,
             failure: Some(failure),
-            bytes_in: Arc::new(AtomicU64::new(0)),
         }
     }
 }

@@ -1,20 +1,27 @@
 //! What the proxy records: the audit event of a connection or request, started when it
-//! arrives and completed when its outcome is known (for a forwarded request, when the response
-//! body ends or the agent goes away).
+//! arrives and completed when its outcome is known. A forwarded request is recorded twice, with
+//! one request id: as forwarded before it goes upstream, and how it ended (see [`InFlight`]).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
 };
 
-use agent_broker_core::time::now_unix_ms;
-use agent_broker_protocol::{AuditEvent, Decision, EventKind, Side};
-use http::{Request, Response};
+use agent_broker_core::{
+    policy::{UsageMeter, UsageReading},
+    time::now_unix_ms,
+};
+use agent_broker_protocol::{AuditEvent, Decision, EventKind, RequestOutcome, Side};
+use http::{Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 
 use super::{
     Completion, Grant,
-    body::{AgentBody, Observed},
+    authorizer::OnComplete,
+    body::{AgentBody, End, Ended, Observed},
     exchange::Failure,
 };
 use crate::{audit::EventSink, capture::ConnectionOrigin};
@@ -64,34 +71,195 @@ pub(super) fn failed(event: &mut AuditEvent, failure: Failure, grant: Option<Gra
     }
 }
 
-/// Records a forwarded request's event, and runs the grant's completion callback, once its
-/// response body has ended or been dropped, with the bytes that went each way; a body the
-/// upstream cut short is recorded as the upstream's failure, with why.
-pub(super) fn when_done(
-    response: Response<AgentBody>,
-    mut event: AuditEvent,
-    grant: Grant,
+/// A request on its way upstream, and the guard that records how it ends.
+///
+/// [`InFlight::start`] records the request as `forwarded` before it is written upstream, so a
+/// request that left brokerd with a credential is in the audit log within the writer's crash
+/// window whatever happens next. How it ends is recorded exactly once, with the same request
+/// id: by [`InFlight::fail`] (the upstream failed), when the response body ends, is cut or is
+/// dropped ([`InFlight::answered`]), or, when the guard itself is dropped first, as cancelled:
+/// hyper drops the exchange when the agent closes its connection (HTTP/1.1) or resets its
+/// stream (HTTP/2) before the response head. The grant's completion callback (budgets) runs
+/// then too, so a cancelled request is charged as well.
+pub(super) struct InFlight(Option<Pending>);
+
+struct Pending {
+    event: AuditEvent,
+    started: Instant,
     bytes_in: Arc<AtomicU64>,
+    meter_usage: bool,
+    on_complete: Option<OnComplete>,
     events: Arc<dyn EventSink>,
-) -> Response<AgentBody> {
-    event.kind = Some(EventKind::Request);
-    event.decision = Some(Decision::Allow);
-    event.rule = Some(grant.rule);
-    event.secrets = grant.secrets;
-    let on_complete = grant.on_complete;
-    let (parts, body) = response.into_parts();
-    let done = Box::new(move |bytes_out, body, cut: Option<String>| {
+}
+
+/// How a forwarded request ended, for its record.
+struct Ending {
+    outcome: RequestOutcome,
+    status: Option<u16>,
+    bytes_out: u64,
+    usage: Option<UsageReading>,
+    reason: Option<String>,
+}
+
+impl InFlight {
+    /// Records `event` (the request as it arrived, for `host`, allowed by `grant`) as
+    /// forwarded, and returns the guard that records how it ends. Takes the grant's completion
+    /// callback.
+    pub(super) fn start(
+        event: &AuditEvent,
+        host: &str,
+        grant: &mut Grant,
+        bytes_in: Arc<AtomicU64>,
+        events: Arc<dyn EventSink>,
+        started: Instant,
+    ) -> Self {
+        let event = AuditEvent {
+            kind: Some(EventKind::Request),
+            decision: Some(Decision::Allow),
+            host: Some(host.to_string()).filter(|h| !h.is_empty()),
+            rule: Some(grant.rule.clone()),
+            secrets: grant.secrets.clone(),
+            request_id: Some(next_request_id()),
+            ..event.clone()
+        };
+        events.record(AuditEvent {
+            outcome: Some(RequestOutcome::Forwarded),
+            ..event.clone()
+        });
+        Self(Some(Pending {
+            event,
+            started,
+            bytes_in,
+            meter_usage: grant.meter_usage,
+            on_complete: grant.on_complete.take(),
+            events,
+        }))
+    }
+
+    /// Records the upstream's failure: it could not be reached, sent no answer in time, or
+    /// answered what cannot be passed on; the agent got `status` with `reason`.
+    pub(super) fn fail(mut self, status: StatusCode, reason: String) {
+        if let Some(pending) = self.0.take() {
+            let usage = pending.meter_usage.then(|| UsageMeter::new().finish(false));
+            pending.end(Ending {
+                outcome: RequestOutcome::Failed,
+                status: Some(status.as_u16()),
+                bytes_out: 0,
+                usage,
+                reason: Some(reason),
+            });
+        }
+    }
+
+    /// Records that brokerd refused to write the request upstream after all (the failure's
+    /// kind, reason and rule; the agent got `status`): nothing left brokerd.
+    pub(super) fn refuse(mut self, status: StatusCode, failure: super::exchange::Failure) {
+        if let Some(mut pending) = self.0.take() {
+            pending.event.kind = Some(failure.kind);
+            pending.event.decision = Some(Decision::Deny);
+            if failure.rule.is_some() {
+                pending.event.rule = failure.rule;
+            }
+            // Nothing was sent: there is nothing to charge.
+            pending.on_complete = None;
+            pending.meter_usage = false;
+            pending.end(Ending {
+                outcome: RequestOutcome::Failed,
+                status: Some(status.as_u16()),
+                bytes_out: 0,
+                usage: None,
+                reason: Some(failure.reason),
+            });
+        }
+    }
+
+    /// Hands the record to `response`'s body: it is completed when the body ends, is cut or is
+    /// dropped. `bodyless`: the response has no body (to HEAD, or 1xx, 204, 304).
+    pub(super) fn answered(
+        mut self,
+        response: Response<AgentBody>,
+        bodyless: bool,
+    ) -> Response<AgentBody> {
+        let Some(mut pending) = self.0.take() else {
+            return response;
+        };
+        let status = response.status().as_u16();
+        pending.event.latency_us = Some(pending.started.elapsed().as_micros() as u64);
+        let meter = pending.meter_usage;
+        let (parts, body) = response.into_parts();
+        let done = Box::new(move |ended: Ended| {
+            let (outcome, reason) = match ended.end {
+                End::Completed => (RequestOutcome::Completed, None),
+                End::Cut(why) => (RequestOutcome::Failed, Some(why)),
+                End::Dropped => (
+                    RequestOutcome::Cancelled,
+                    Some(
+                        "the agent went away before the response ended (closed its connection \
+                         or reset its stream)"
+                            .to_string(),
+                    ),
+                ),
+            };
+            pending.end(Ending {
+                outcome,
+                status: Some(status),
+                bytes_out: ended.bytes_out,
+                usage: ended.usage,
+                reason,
+            });
+        });
+        let observed = Observed::new(body, meter, bodyless, done);
+        Response::from_parts(parts, UnsyncBoxBody::new(observed))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(pending) = self.0.take() {
+            let usage = pending.meter_usage.then(|| UsageMeter::new().finish(false));
+            pending.end(Ending {
+                outcome: RequestOutcome::Cancelled,
+                status: None,
+                bytes_out: 0,
+                usage,
+                reason: Some(
+                    "the agent went away before the upstream answered (closed its connection or \
+                     reset its stream); the upstream may still have acted on the request"
+                        .into(),
+                ),
+            });
+        }
+    }
+}
+
+impl Pending {
+    /// Runs the completion callback and records how the request ended.
+    fn end(self, ending: Ending) {
+        let mut event = self.event;
         let completion = Completion {
-            bytes_in: bytes_in.load(Ordering::Relaxed),
-            bytes_out,
-            body,
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: ending.bytes_out,
+            usage: ending.usage,
         };
         event.bytes_in = completion.bytes_in;
         event.bytes_out = completion.bytes_out;
-        if let Some(cut) = cut {
-            // The agent got what came before, and a stream it can tell was cut.
-            event.reason = Some(cut);
+        event.status = ending.status;
+        event.latency_us = event
+            .latency_us
+            .or_else(|| Some(self.started.elapsed().as_micros() as u64));
+        event.outcome = Some(ending.outcome);
+        if event.decision == Some(Decision::Deny) {
+            event.side = Some(Side::Broker);
+        } else if ending.outcome == RequestOutcome::Failed {
             event.side = Some(Side::Upstream);
+        } else if ending.outcome == RequestOutcome::Cancelled {
+            event.side = Some(Side::Agent);
+        }
+        event.reason = ending.reason;
+        if let Some(f) = self.on_complete {
+            let charge = f(&completion);
+            event.tokens = charge.tokens;
+            event.tokens_estimated = charge.estimated;
         }
         // Debug level: every brokered request is an audit record already (`brokerctl logs`),
         // and a log line per request costs a write(2).
@@ -103,6 +271,7 @@ pub(super) fn when_done(
             method = event.method.as_deref().unwrap_or(""),
             path = event.path.as_deref().unwrap_or(""),
             status = event.status.unwrap_or(0),
+            outcome = %ending.outcome,
             rule = event.rule.as_deref().unwrap_or(""),
             secrets = %event.secrets.join(","),
             latency_us = event.latency_us.unwrap_or(0),
@@ -110,11 +279,21 @@ pub(super) fn when_done(
             bytes_out = event.bytes_out,
             "request"
         );
-        if let Some(f) = on_complete {
-            f(&completion);
-        }
-        events.record(event);
-    });
-    let observed = Observed::new(body, grant.capture_body, done);
-    Response::from_parts(parts, UnsyncBoxBody::new(observed))
+        self.events.record(event);
+    }
+}
+
+/// A new request id: random at start (so ids do not repeat across brokerd's runs) and counted
+/// up from there, below 2^53 so every JSON reader keeps it exact.
+fn next_request_id() -> u64 {
+    static NEXT: OnceLock<AtomicU64> = OnceLock::new();
+    NEXT.get_or_init(|| {
+        let mut seed = [0u8; 8];
+        let start = match getrandom::fill(&mut seed) {
+            Ok(()) => u64::from_le_bytes(seed) >> 12,
+            Err(_) => now_unix_ms() << 10,
+        };
+        AtomicU64::new(start & ((1 << 53) - 1))
+    })
+    .fetch_add(1, Ordering::Relaxed)
 }

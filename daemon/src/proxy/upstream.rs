@@ -159,6 +159,35 @@ pub struct Upstream {
     listeners: Option<Arc<dyn ListenerCheck>>,
 }
 
+/// Whose requests a pooled connection may carry: one agent's, with one set of credentials
+/// written into them by brokerd.
+///
+/// Some upstreams authenticate a connection rather than each request (NTLM, Negotiate, some
+/// proxies and gateways): a connection that carried a credential may serve later requests on it
+/// as that credential's. Pooling per agent (cgroup) and per credential set keeps such a
+/// connection from serving another agent, or this agent's requests that carry no credential or
+/// another one (a rule that injects nothing, or the agent's own header). Across agents that
+/// costs reuse only: each agent has its own connections.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Partition {
+    /// The agent's cgroup.
+    agent: String,
+    /// The names of the secrets written into the request, sorted.
+    credentials: Vec<String>,
+}
+
+impl Partition {
+    pub fn new(agent: &str, credentials: &[String]) -> Self {
+        let mut credentials = credentials.to_vec();
+        credentials.sort_unstable();
+        credentials.dedup();
+        Self {
+            agent: agent.to_string(),
+            credentials,
+        }
+    }
+}
+
 /// What a pooled connection is keyed by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
@@ -170,6 +199,7 @@ struct Key {
     /// A plain connection whose listener was checked not to be an agent's, for requests that
     /// carry a credential. (TLS connections are verified by certificate instead: always false.)
     checked: bool,
+    partition: Partition,
 }
 
 /// One proxy thread's connections.
@@ -245,6 +275,7 @@ impl Upstream {
         dst: SocketAddr,
         protocols: Protocols,
         credentialed: bool,
+        partition: Partition,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, RequestError> {
         let authority = req.uri().authority().ok_or(RequestError::NoHost)?.clone();
@@ -255,6 +286,7 @@ impl Upstream {
             authority: authority.as_str().to_ascii_lowercase(),
             protocols,
             checked: credentialed && !tls,
+            partition,
         };
         if let Some(mut h2) = POOL.with(|p| p.borrow().h2.get(&key).cloned()) {
             if h2.ready().await.is_ok() {
@@ -614,9 +646,13 @@ mod tests {
             .expect("request")
     }
 
+    fn agent() -> Partition {
+        Partition::new("agents/a", &[])
+    }
+
     async fn fetch(upstream: &Upstream, server: &TestServer, host: &str, p: Protocols) -> usize {
         let response = upstream
-            .request(server.addr, p, false, get(host))
+            .request(server.addr, p, false, agent(), get(host))
             .await
             .expect("response");
         assert_eq!(response.status(), http::StatusCode::OK);
@@ -650,7 +686,7 @@ mod tests {
             assert_eq!(server.connections.load(Ordering::SeqCst), 2);
             // A body dropped before its end takes its connection with it.
             let response = upstream
-                .request(server.addr, h1, false, get("a.test"))
+                .request(server.addr, h1, false, agent(), get("a.test"))
                 .await
                 .expect("response");
             drop(response);
@@ -665,7 +701,7 @@ mod tests {
             let server = test_server(1024).await;
             let upstream = Upstream::new(&[server.ca_file.path().into()]).expect("upstream");
             let response = upstream
-                .request(server.addr, Protocols::Any, false, get("c.test"))
+                .request(server.addr, Protocols::Any, false, agent(), get("c.test"))
                 .await
                 .expect("response");
             assert_eq!(response.version(), Version::HTTP_2);
@@ -684,6 +720,38 @@ mod tests {
     }
 
     #[test]
+    fn connections_are_never_shared_across_agents_or_credentials() {
+        runtime().block_on(async {
+            for protocols in [Protocols::Http1Only, Protocols::Any] {
+                let server = test_server(16).await;
+                let upstream = Upstream::new(&[server.ca_file.path().into()]).expect("upstream");
+                let key = ["KEY".to_string()];
+                let partitions = [
+                    Partition::new("agents/a", &key),
+                    Partition::new("agents/a", &key),
+                    Partition::new("agents/b", &key),
+                    Partition::new("agents/a", &[]),
+                    Partition::new("agents/b", &[]),
+                ];
+                for partition in partitions {
+                    let response = upstream
+                        .request(server.addr, protocols, false, partition, get("a.test"))
+                        .await
+                        .expect("response");
+                    response.into_body().collect().await.expect("body");
+                }
+                // The second request of agents/a with KEY reused the first one's connection;
+                // every other partition has its own.
+                assert_eq!(
+                    server.connections.load(Ordering::SeqCst),
+                    4,
+                    "{protocols:?}"
+                );
+            }
+        });
+    }
+
+    #[test]
     fn a_certificate_for_another_name_or_ca_is_refused() {
         runtime().block_on(async {
             let server = test_server(16).await;
@@ -691,7 +759,7 @@ mod tests {
             let other = test_server(16).await;
             let upstream = Upstream::new(&[other.ca_file.path().into()]).expect("upstream");
             let err = upstream
-                .request(server.addr, Protocols::Any, false, get("a.test"))
+                .request(server.addr, Protocols::Any, false, agent(), get("a.test"))
                 .await
                 .err()
                 .expect("refused");

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use agent_broker_protocol::Decision;
+use agent_broker_protocol::{Decision, RequestOutcome};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
@@ -39,7 +39,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
 use zeroize::Zeroizing;
 
 use super::{
-    AuditEvent, Authorizer, BrokerCa, CgroupId, CgroupPath, Completion, ConnectionOrigin,
+    AuditEvent, Authorizer, BrokerCa, CgroupId, CgroupPath, Charge, Completion, ConnectionOrigin,
     ConnectionVerdict, Deadlines, Denial, EventKind, EventSink, Grant, LeafMinter, ListenerCheck,
     ListenerOwner, NameCheck, Proxy, RequestFacts, Side, Upstream,
 };
@@ -50,6 +50,8 @@ pub(super) const HOST: &str = "api.example.test";
 pub(super) const OTHER: &str = "other.example.test";
 /// The cgroup of the made-up origin.
 pub(super) const AGENT_CGROUP: &str = "agents/component-test";
+/// The cgroup of a second agent, whose connections come in at [`Broker::other_agent`].
+pub(super) const OTHER_AGENT_CGROUP: &str = "agents/component-test-other";
 /// The rule the test authorizer names in its grants.
 pub(super) const RULE: &str = "policies/component-test.toml allow[0]";
 /// The name of the injected secret.
@@ -190,7 +192,7 @@ impl TestAuthorizer {
 
     /// Allows every request and sets `Authorization: Bearer <secret>`, replacing whatever the
     /// agent sent there (as the policy authorizer does), and asks for the secret to be scrubbed.
-    /// The grant captures the response body for [`Grant::on_complete`].
+    /// The grant meters the response's LLM usage for [`Grant::on_complete`].
     pub(super) fn injecting(secret: &TestSecret) -> Self {
         let value = secret.bearer();
         let needle = Zeroizing::new(secret.expose().as_bytes().to_vec());
@@ -205,15 +207,12 @@ impl TestAuthorizer {
                 rule: RULE.into(),
                 secrets: vec![SECRET_NAME.into()],
                 needles: vec![needle.clone()],
-                capture_body: 1 << 20,
+                meter_usage: true,
                 idle_timeout: None,
                 bind_name: None,
                 on_complete: Some(Box::new(move |done: &Completion| {
-                    recorded.lock().expect("completions").push(Completion {
-                        bytes_in: done.bytes_in,
-                        bytes_out: done.bytes_out,
-                        body: done.body.clone(),
-                    });
+                    recorded.lock().expect("completions").push(done.clone());
+                    Charge::default()
                 })),
             })
         });
@@ -246,14 +245,7 @@ impl TestAuthorizer {
                 {
                     let done = self.completions.lock().expect("completions");
                     if done.len() >= n {
-                        return done
-                            .iter()
-                            .map(|c| Completion {
-                                bytes_in: c.bytes_in,
-                                bytes_out: c.bytes_out,
-                                body: c.body.clone(),
-                            })
-                            .collect();
+                        return done.clone();
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -298,15 +290,29 @@ impl Authorizer for TestAuthorizer {
 
 // --- Events --------------------------------------------------------------------------------
 
-/// An [`EventSink`] that keeps every event.
+/// An [`EventSink`] that keeps every event, as the audit writer commits them when a request
+/// ends before its forwarded record is committed: the record of how a request ended takes the
+/// place of its `forwarded` record. Every event as it came is kept too ([`TestEvents::raw`]).
 #[derive(Default)]
 pub(super) struct TestEvents {
     events: Mutex<Vec<AuditEvent>>,
+    raw: Mutex<Vec<AuditEvent>>,
 }
 
 impl EventSink for TestEvents {
     fn record(&self, event: AuditEvent) {
-        self.events.lock().expect("events").push(event);
+        self.raw.lock().expect("raw events").push(event.clone());
+        let mut events = self.events.lock().expect("events");
+        if let (Some(id), Some(outcome)) = (event.request_id, event.outcome)
+            && outcome != RequestOutcome::Forwarded
+            && let Some(forwarded) = events
+                .iter_mut()
+                .find(|e| e.request_id == Some(id) && e.outcome == Some(RequestOutcome::Forwarded))
+        {
+            *forwarded = event;
+            return;
+        }
+        events.push(event);
     }
 }
 
@@ -337,9 +343,15 @@ impl TestEvents {
         events.remove(0)
     }
 
+    /// Every event recorded, in order, as it came (a forwarded request's `forwarded` record
+    /// and the record of how it ended apart).
+    pub(super) fn raw(&self) -> Vec<AuditEvent> {
+        self.raw.lock().expect("raw events").clone()
+    }
+
     /// Asserts no recorded event holds the secret (in any field).
     pub(super) fn assert_no_secret(&self, secret: &TestSecret) {
-        for event in self.events.lock().expect("events").iter() {
+        for event in self.raw.lock().expect("raw events").iter() {
             let json = serde_json::to_vec(event).expect("event as JSON");
             assert_no_secret(&json, secret, "an audit event");
         }
@@ -507,6 +519,15 @@ pub(super) struct TestUpstream {
 
 impl TestUpstream {
     pub(super) async fn start(offer: Offer, handler: Handler) -> Self {
+        Self::per_connection(offer, move || handler.clone()).await
+    }
+
+    /// An upstream that answers each connection's requests with a handler of its own, made by
+    /// `handler_of_connection` when the connection is accepted (for state per connection).
+    pub(super) async fn per_connection(
+        offer: Offer,
+        handler_of_connection: impl Fn() -> Handler + Send + Sync + 'static,
+    ) -> Self {
         let (config, ca_pem) = upstream_tls(offer);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -522,7 +543,7 @@ impl TestUpstream {
                 };
                 let service = {
                     let recorded = recorded.clone();
-                    let handler = handler.clone();
+                    let handler = handler_of_connection();
                     hyper::service::service_fn(move |req: Request<Incoming>| {
                         recorded.lock().expect("seen").push(Seen::of(&req));
                         let answer = handler(req);
@@ -655,6 +676,8 @@ pub(super) struct Broker {
     pub(super) events: Arc<TestEvents>,
     pub(super) names: Arc<TestNames>,
     pub(super) listeners: Arc<TestListeners>,
+    /// Connections here come from a second agent ([`OTHER_AGENT_CGROUP`]).
+    pub(super) other_agent: SocketAddr,
     _state: tempfile::TempDir,
 }
 
@@ -768,21 +791,31 @@ impl Broker {
             names: names.clone(),
             deadlines,
         });
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind broker");
-        let addr = listener.local_addr().expect("broker addr");
         let origin = test_origin(original_dst);
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(proxy.clone().serve(stream, origin.clone()));
-            }
-        });
+        let other = ConnectionOrigin {
+            cgroup: CgroupPath::parse(OTHER_AGENT_CGROUP).expect("cgroup path"),
+            cgroup_id: CgroupId(4343),
+            ..origin.clone()
+        };
+        let mut addrs = Vec::new();
+        for origin in [origin, other] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind broker");
+            addrs.push(listener.local_addr().expect("broker addr"));
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    tokio::spawn(proxy.clone().serve(stream, origin.clone()));
+                }
+            });
+        }
         Self {
-            addr,
+            addr: addrs[0],
             ca: ca_der,
             authorizer,
             events,
             names,
             listeners,
+            other_agent: addrs[1],
             _state: state,
         }
     }
@@ -866,13 +899,24 @@ pub(super) async fn tls_connect(
 impl Agent {
     /// Connects over TLS for `server_name`, negotiating `proto` by ALPN.
     pub(super) async fn tls(broker: &Broker, server_name: &str, proto: AgentProto) -> Self {
+        Self::tls_at(broker, broker.addr, server_name, proto).await
+    }
+
+    /// [`Agent::tls`] to the broker's listener at `addr` ([`Broker::other_agent`] for the
+    /// second agent).
+    pub(super) async fn tls_at(
+        broker: &Broker,
+        addr: SocketAddr,
+        server_name: &str,
+        proto: AgentProto,
+    ) -> Self {
         let alpn: &[u8] = match proto {
             AgentProto::H1 => b"http/1.1",
             AgentProto::H2 => b"h2",
         };
         let tls = within(
             "agent TLS handshake",
-            tls_connect(broker.addr, &broker.ca, server_name, &[alpn]),
+            tls_connect(addr, &broker.ca, server_name, &[alpn]),
         )
         .await
         .expect("agent TLS handshake");

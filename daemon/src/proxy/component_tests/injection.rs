@@ -1,6 +1,7 @@
 //! Injection: the upstream receives the value the authorizer wrote, never the agent's own, and
 //! the exchange is recorded by secret name only. Runs on every agent/upstream protocol pair.
 
+use agent_broker_core::policy::UsageReading;
 use agent_broker_protocol::Decision;
 use bytes::Bytes;
 use http::{StatusCode, Version, header};
@@ -91,7 +92,16 @@ async fn injected(proto: AgentProto, offer: Offer) {
     let done = setup.broker.authorizer.completions(1).await;
     assert_eq!(done[0].bytes_in, REQUEST_BODY.len() as u64);
     assert_eq!(done[0].bytes_out, b"hello from upstream".len() as u64);
-    assert_eq!(done[0].body, b"hello from upstream", "the captured body");
+    // Whole, and not JSON: metered, its usage is unreadable (a token budget charges an
+    // estimate).
+    assert!(
+        matches!(
+            done[0].usage,
+            Some(UsageReading::Unreadable { partial: None, .. })
+        ),
+        "{:?}",
+        done[0].usage
+    );
 }
 
 #[tokio::test]

@@ -113,7 +113,11 @@ async fn echo_split(proto: AgentProto, offer: Offer) {
     assert_eq!(event.bytes_out, want.len() as u64);
     setup.broker.events.assert_no_secret(&secret);
     let done = setup.broker.authorizer.completions(1).await;
-    assert_same_bytes(&done[0].body, &want, "the body the grant captured");
+    assert_eq!(
+        done[0].bytes_out,
+        want.len() as u64,
+        "the bytes the grant was told of"
+    );
 }
 
 #[tokio::test]
