@@ -32,6 +32,7 @@ mod tests;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::Flock;
 use redb::{
@@ -210,6 +211,8 @@ pub struct Vault {
     db: Database,
     cipher: Cipher,
     path: PathBuf,
+    /// Bumped whenever a secret is stored, rotated or removed (see [`Vault::generation`]).
+    generation: AtomicU64,
     _lock: Flock<File>,
 }
 
@@ -261,11 +264,18 @@ impl Vault {
             db,
             cipher,
             path,
+            generation: AtomicU64::new(0),
             _lock: lock,
         };
         check_key(&vault.db, &vault.cipher, &vault.path)?;
         vault.ensure_tables()?;
         Ok(vault)
+    }
+
+    /// Changes whenever a secret value may have changed (stored, rotated or removed through
+    /// this vault), so what is derived from the values (the scrubbing automata) can be cached.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Stores `value` as the secret `name`: version 1 if new, else the next version.
@@ -324,7 +334,9 @@ impl Vault {
 
     /// Deletes `name`; `false` if there was no such secret.
     pub fn remove(&self, name: &SecretName) -> Result<bool, VaultError> {
-        self.remove_from(SECRETS, name.as_str(), "removing a secret")
+        let removed = self.remove_from(SECRETS, name.as_str(), "removing a secret");
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        removed
     }
 
     /// Seals an internal blob (such as the broker CA private key) under `name`, replacing any
@@ -586,6 +598,7 @@ impl Vault {
             }
         };
         self.commit(txn)?;
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(meta)
     }
 

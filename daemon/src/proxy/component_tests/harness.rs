@@ -78,6 +78,17 @@ impl TestSecret {
         Self(Zeroizing::new(data_encoding::BASE64.encode(&*raw)))
     }
 
+    /// A random credential that is also a valid header name, in mixed case: `sk-` and 24
+    /// random bytes in URL-safe base64.
+    pub(super) fn token() -> Self {
+        let mut raw = Zeroizing::new([0u8; 24]);
+        getrandom::fill(&mut *raw).expect("random bytes");
+        Self(Zeroizing::new(format!(
+            "sk-{}",
+            data_encoding::BASE64URL_NOPAD.encode(&*raw)
+        )))
+    }
+
     pub(super) fn expose(&self) -> &str {
         &self.0
     }
@@ -215,6 +226,7 @@ impl TestAuthorizer {
                         body: done.body.clone(),
                     });
                 })),
+                ..Grant::default()
             })
         });
         authorizer.completions = completions;
