@@ -115,6 +115,16 @@ try:
     out["headers"] = {l.partition(":")[0].strip().lower(): l.partition(":")[2].strip() for l in head[1:]}
     buf = bytearray(rest)
     if out["status"] != 101:
+        # The rest of the answer: until the server pauses (the connection stays open).
+        s.settimeout(2)
+        try:
+            while True:
+                c = s.recv(65536)
+                if not c:
+                    break
+                buf += c
+        except socket.timeout:
+            pass
         out["body"] = bytes(buf).decode("latin-1")
         raise SystemExit
     def need(n):
