@@ -1217,7 +1217,9 @@ mod tests {
         let secrets: Vec<Zeroizing<Vec<u8>>> = (0..4)
             .map(|i| z(format!("sk-live-{i}-4f9a2b7c1d8e3f6a0b5c9d2e7f1a4b8c").as_bytes()))
             .collect();
+        let built = std::time::Instant::now();
         let set = Needles::new(secrets).expect("needles");
+        println!("built {} needles in {:?}", set.len(), built.elapsed());
         let body: Vec<u8> = (0..1 << 20)
             .map(|i: u32| b"abcdefghijklmnopqrstuvwxyz {}\",:0123456789\n"[(i % 43) as usize])
             .collect();
