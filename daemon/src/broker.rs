@@ -58,7 +58,8 @@ pub struct PolicyAuthorizer {
     scrub_sets: Mutex<ScrubSets>,
 }
 
-/// The scrubbing sets of one policy and vault generation, by the cgroup of the governing file.
+/// The scrubbing sets of one policy and vault generation, by the cgroup of the governing file
+/// (and, for a request carrying a handle's secret that no rule names, by the secrets' names).
 #[derive(Default)]
 struct ScrubSets {
     /// Held, so its address cannot be reused by a later policy while it is compared.
@@ -110,6 +111,46 @@ impl PolicyAuthorizer {
                 None
             }
         }
+    }
+
+    /// The scrubbing set of `cgroup`'s policy file plus the secrets `grant` carries that it
+    /// lacks (a handle's), cached like the policy's own set, by the secrets' names.
+    fn scrub_set_with(
+        &self,
+        policy: &Arc<Policy>,
+        cgroup: &CgroupPath,
+        grant: &Grant,
+    ) -> Result<Needles, NeedlesError> {
+        let file = policy.file_for(cgroup).map_or("", |f| f.cgroup().as_str());
+        let mut names = grant.secrets.clone();
+        names.sort_unstable();
+        // NUL separates: it is in no cgroup path or secret name.
+        let key = format!("{file}\0{}", names.join("\0"));
+        let vault = self.vault.generation();
+        let current = |sets: &ScrubSets| {
+            sets.vault == vault && sets.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, policy))
+        };
+        {
+            let sets = self
+                .scrub_sets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if current(&sets)
+                && let Some(set) = sets.by_file.get(&key)
+                && set.covers(&grant.needles)
+            {
+                return Ok(set.clone());
+            }
+        }
+        let set = grant.scrub.with_extra(&grant.needles)?;
+        let mut sets = self
+            .scrub_sets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current(&sets) {
+            sets.by_file.insert(key, set.clone());
+        }
+        Ok(set)
     }
 
     /// Every secret value the policy chain governing `cgroup` can inject (each value, and the
@@ -194,6 +235,12 @@ impl Authorizer for PolicyAuthorizer {
         };
         handles::swap(self, facts, parts, &allowed, &mut grant)?;
         inject::write(self, facts.host, (parts, &allowed), &mut grant)?;
+        if !grant.scrub.covers(&grant.needles) {
+            // A handle's secret that no rule names: its set is cached too.
+            grant.scrub = self
+                .scrub_set_with(&policy, &facts.origin.cgroup, &grant)
+                .map_err(|e| allowed.cannot(error_chain(&e)))?;
+        }
         limits::charge(&self.limiter, allowed, &mut grant)?;
         Ok(grant)
     }

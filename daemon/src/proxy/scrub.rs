@@ -175,12 +175,17 @@ impl Needles {
         })
     }
 
+    /// Whether every value of `extra` is one of the secrets these needles were made from.
+    pub fn covers(&self, extra: &[Zeroizing<Vec<u8>>]) -> bool {
+        extra
+            .iter()
+            .all(|s| s.is_empty() || self.inner.secrets.iter().any(|k| **k == **s))
+    }
+
     /// These needles and those of `extra` secret values: `self` again (no new automaton) when
-    /// every extra value is one of the secrets `self` was made from.
+    /// it [covers](Needles::covers) them.
     pub fn with_extra(&self, extra: &[Zeroizing<Vec<u8>>]) -> Result<Self, NeedlesError> {
-        let known =
-            |s: &Zeroizing<Vec<u8>>| s.is_empty() || self.inner.secrets.iter().any(|k| **k == **s);
-        if extra.iter().all(known) {
+        if self.covers(extra) {
             return Ok(self.clone());
         }
         let mut secrets = self.inner.secrets.clone();
