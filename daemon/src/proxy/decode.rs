@@ -1,7 +1,8 @@
 //! Compressed upstream responses, decoded as they stream so the scrubber can read them.
 //!
-//! When brokerd injected a secret it asks upstream for `identity`, but CDNs compress anyway.
-//! Such a response is decoded here (gzip, deflate, br, zstd), scrubbed, and forwarded as
+//! When a response must be scrubbed (the agent's policy has secrets) brokerd asks upstream for
+//! `identity`, but CDNs compress anyway, as a content coding or as a transfer coding other than
+//! `chunked`. Such a response is decoded here (gzip, deflate, br, zstd), scrubbed, and forwarded as
 //! identity: the caller drops `Content-Encoding` and `Content-Length` and never re-advertises
 //! the coding it removed. Decoding is bounded: a body that decodes to more than
 //! [`Limits::max_decoded`] bytes, or expands more than [`Limits::max_ratio`] times past the first
