@@ -6,7 +6,9 @@
 //! rule's rate limits and budgets are charged ([`limits`], last, so a request refused for
 //! another reason does not use one up). Connections are decided in [`connection`]. Secrets are
 //! looked up in the vault only after the policy allowed the destination, and are written only
-//! into the slots the rule names (or where the agent put a valid handle).
+//! into the slots the rule names (or where the agent put a valid handle). Every grant carries
+//! the scrubbing set of the agent's policy: every secret value its rules can inject, prebuilt
+//! once per policy, vault generation and governing file.
 
 mod connection;
 mod handles;
@@ -15,9 +17,13 @@ mod limits;
 mod names;
 mod request;
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use agent_broker_core::{
+    cgroup::CgroupPath,
     fmt::error_chain,
     policy::{Limiter, Policy},
     secret::{SecretName, SecretValue},
@@ -25,11 +31,12 @@ use agent_broker_core::{
 use http::request::Parts;
 use tokio::sync::watch;
 use tracing::warn;
+use zeroize::Zeroizing;
 
 use crate::{
     capture::ConnectionOrigin,
     dns::AnsweredNames,
-    proxy::{Authorizer, ConnectionVerdict, Denial, Grant, RequestFacts},
+    proxy::{Authorizer, ConnectionVerdict, Denial, Grant, Needles, NeedlesError, RequestFacts},
     vault::Vault,
 };
 
@@ -47,6 +54,18 @@ pub struct PolicyAuthorizer {
     limiter_policy: Mutex<usize>,
     /// Names brokerd's DNS gave agents, for connections that carry no server name.
     answered: Option<Arc<AnsweredNames>>,
+    /// Every secret each policy file's agents can have injected, prebuilt for scrubbing.
+    scrub_sets: Mutex<ScrubSets>,
+}
+
+/// The scrubbing sets of one policy and vault generation, by the cgroup of the governing file
+/// (and, for a request carrying a handle's secret that no rule names, by the secrets' names).
+#[derive(Default)]
+struct ScrubSets {
+    /// Held, so its address cannot be reused by a later policy while it is compared.
+    policy: Option<Arc<Policy>>,
+    vault: u64,
+    by_file: HashMap<String, Needles>,
 }
 
 impl PolicyAuthorizer {
@@ -57,6 +76,7 @@ impl PolicyAuthorizer {
             limiter: Arc::new(Limiter::new()),
             limiter_policy: Mutex::new(0),
             answered: None,
+            scrub_sets: Mutex::default(),
         }
     }
 
@@ -92,6 +112,106 @@ impl PolicyAuthorizer {
             }
         }
     }
+
+    /// The scrubbing set of `cgroup`'s policy file plus the secrets `grant` carries that it
+    /// lacks (a handle's), cached like the policy's own set, by the secrets' names.
+    fn scrub_set_with(
+        &self,
+        policy: &Arc<Policy>,
+        cgroup: &CgroupPath,
+        grant: &Grant,
+    ) -> Result<Needles, NeedlesError> {
+        let file = policy.file_for(cgroup).map_or("", |f| f.cgroup().as_str());
+        let mut names = grant.secrets.clone();
+        names.sort_unstable();
+        // NUL separates: it is in no cgroup path or secret name.
+        let key = format!("{file}\0{}", names.join("\0"));
+        let vault = self.vault.generation();
+        let current = |sets: &ScrubSets| {
+            sets.vault == vault && sets.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, policy))
+        };
+        {
+            let sets = self
+                .scrub_sets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if current(&sets)
+                && let Some(set) = sets.by_file.get(&key)
+                && set.covers(&grant.needles)
+            {
+                return Ok(set.clone());
+            }
+        }
+        let set = grant.scrub.with_extra(&grant.needles)?;
+        let mut sets = self
+            .scrub_sets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current(&sets) {
+            sets.by_file.insert(key, set.clone());
+        }
+        Ok(set)
+    }
+
+    /// Every secret value the policy chain governing `cgroup` can inject (each value, and the
+    /// `user:pass` of basic auth), as one prebuilt set: built once per policy, vault generation
+    /// and governing file, then shared by every response to those agents.
+    fn scrub_set(
+        &self,
+        policy: &Arc<Policy>,
+        cgroup: &CgroupPath,
+    ) -> Result<Needles, NeedlesError> {
+        let Some(file) = policy.file_for(cgroup) else {
+            return Ok(Needles::default());
+        };
+        let vault = self.vault.generation();
+        let current = |sets: &ScrubSets| {
+            sets.vault == vault && sets.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, policy))
+        };
+        let key = file.cgroup().as_str();
+        {
+            let mut sets = self
+                .scrub_sets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !current(&sets) {
+                *sets = ScrubSets {
+                    policy: Some(policy.clone()),
+                    vault,
+                    by_file: HashMap::new(),
+                };
+            }
+            if let Some(set) = sets.by_file.get(key) {
+                return Ok(set.clone());
+            }
+        }
+        let mut values: Vec<Zeroizing<Vec<u8>>> = Vec::new();
+        for rule in policy.chain(cgroup).into_iter().flat_map(|f| f.rules()) {
+            let injection = rule.injection();
+            if injection.is_empty() {
+                continue;
+            }
+            for name in injection.secret_names() {
+                if let Some(value) = self.secret(name) {
+                    values.push(Zeroizing::new(value.expose().to_vec()));
+                }
+            }
+            // Basic auth's `user:pass` (seen base64-encoded); fails only on a missing secret.
+            if let Ok(rendered) = injection.render(|name| self.secret(name)) {
+                values.extend(rendered.extra_needles);
+            }
+        }
+        let set = Needles::new(values)?;
+        let mut sets = self
+            .scrub_sets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Another request may have moved the cache on meanwhile: store only for the same state.
+        if current(&sets) {
+            sets.by_file.insert(key.to_string(), set.clone());
+        }
+        Ok(set)
+    }
 }
 
 impl Authorizer for PolicyAuthorizer {
@@ -103,14 +223,24 @@ impl Authorizer for PolicyAuthorizer {
     fn authorize(&self, facts: &RequestFacts<'_>, parts: &mut Parts) -> Result<Grant, Denial> {
         let policy = self.current_policy();
         let allowed = request::decide(&policy, facts, parts)?;
+        let scrub = self
+            .scrub_set(&policy, &facts.origin.cgroup)
+            .map_err(|e| allowed.cannot(error_chain(&e)))?;
         let mut grant = Grant {
             rule: allowed.rule.clone(),
             idle_timeout: allowed.idle_timeout,
             bind_name: allowed.bind_name.clone(),
+            scrub,
             ..Grant::default()
         };
         handles::swap(self, facts, parts, &allowed, &mut grant)?;
         inject::write(self, facts.host, (parts, &allowed), &mut grant)?;
+        if !grant.scrub.covers(&grant.needles) {
+            // A handle's secret that no rule names: its set is cached too.
+            grant.scrub = self
+                .scrub_set_with(&policy, &facts.origin.cgroup, &grant)
+                .map_err(|e| allowed.cannot(error_chain(&e)))?;
+        }
         limits::charge(&self.limiter, allowed, &mut grant)?;
         Ok(grant)
     }

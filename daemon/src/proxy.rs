@@ -6,9 +6,10 @@
 //! ([`exchange`]) is checked ([`http`]), authorized through the [`Authorizer`] seam (policy,
 //! injection, handles: [`crate::broker`]), and forwarded to the original destination over
 //! verified TLS ([`upstream`]); the response streams back ([`body`]), decoded when it came
-//! compressed ([`decode`]) and scrubbed of any secret value injected into the request
+//! compressed ([`decode`]) and scrubbed of every secret value the agent's policy can inject
 //! ([`scrub`]), and every outcome is recorded ([`record`]) into an [`EventSink`]. Denials are
-//! JSON ([`reply`]).
+//! JSON ([`reply`]). An upgraded (WebSocket) connection is relayed frame by frame, the
+//! upstream's frames scrubbed, its bytes counted and charged ([`tunnel`]).
 //!
 //! This module does HTTP mechanics only; it never decides what is allowed.
 
@@ -28,14 +29,16 @@ mod sniff;
 pub mod spin;
 mod splice;
 pub mod tls;
+mod tunnel;
 pub mod upstream;
 
 use std::{sync::Arc, time::Duration};
 
 pub use authorizer::{
-    Authorizer, Charge, Completion, ConnectionVerdict, Denial, DenialReason, Grant, NameCheck,
-    RequestFacts,
+    Authorizer, Charge, Completion, ConnectionVerdict, Denial, DenialReason, Grant, Meter,
+    NameCheck, RequestFacts,
 };
+pub use scrub::{Needles, NeedlesError};
 
 use crate::audit::EventSink;
 use tls::LeafMinter;

@@ -35,6 +35,7 @@ mod tests;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use nix::fcntl::Flock;
@@ -219,6 +220,8 @@ pub struct Vault {
     /// [`Vault::put_handle`]; handles are never removed (revoked and expired ones stay, so
     /// their tokens are still recognised and refused).
     handle_shapes: RwLock<Arc<[TokenShape]>>,
+    /// Bumped whenever a secret is stored, rotated or removed (see [`Vault::generation`]).
+    generation: AtomicU64,
     _lock: Flock<File>,
 }
 
@@ -271,6 +274,7 @@ impl Vault {
             cipher,
             path,
             handle_shapes: RwLock::new(Arc::from([])),
+            generation: AtomicU64::new(0),
             _lock: lock,
         };
         check_key(&vault.db, &vault.cipher, &vault.path)?;
@@ -279,6 +283,12 @@ impl Vault {
         // for, and its token would reach an upstream unswapped.
         vault.load_handle_shapes()?;
         Ok(vault)
+    }
+
+    /// Changes whenever a secret value may have changed (stored, rotated or removed through
+    /// this vault), so what is derived from the values (the scrubbing automata) can be cached.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Stores `value` as the secret `name`: version 1 if new, else the next version.
@@ -337,7 +347,9 @@ impl Vault {
 
     /// Deletes `name`; `false` if there was no such secret.
     pub fn remove(&self, name: &SecretName) -> Result<bool, VaultError> {
-        self.remove_from(SECRETS, name.as_str(), "removing a secret")
+        let removed = self.remove_from(SECRETS, name.as_str(), "removing a secret");
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        removed
     }
 
     /// Seals an internal blob (such as the broker CA private key) under `name`, replacing any
@@ -636,6 +648,7 @@ impl Vault {
             }
         };
         self.commit(txn)?;
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(meta)
     }
 

@@ -18,7 +18,11 @@
 //!   is kept, see [`TestUpstream::bulk_sent`]); `/bulk/up`: hashes the request body as it
 //!   arrives and answers its length and sha256;
 //! - `/v1/...` (but `/v1/whoami`): 200 with what `/hash` says plus the method and path, an API
-//!   shaped like the ones policies name paths of (`/v1/models`, `/v1/chat/completions`).
+//!   shaped like the ones policies name paths of (`/v1/models`, `/v1/chat/completions`);
+//! - `/reflect/...`: an API that hands back the credential it received (the token after
+//!   `Bearer `) every way an attack run found around brokerd's scrubber (see [`reflect`]), and
+//!   `/ws/reflect`, `/ws/deflate`: WebSocket endpoints that send it in fragmented frames, or
+//!   accept `permessage-deflate` unasked.
 //!
 //! Every request is recorded as an [`UpstreamRequest`]: hashes and lengths, never values. A test
 //! can register canaries ([`TestUpstream::watch_for`]); a request in which one occurs (in any
@@ -260,6 +264,8 @@ struct State {
     bulk_sent: Mutex<Vec<(u64, String)>>,
     /// What `/v1/whoami` accepts.
     expect_authorization_sha256: Option<String>,
+    /// The credential `/reflect/store` kept for `/reflect/load`.
+    stored: Mutex<Option<String>>,
 }
 
 /// An HTTPS (and optionally plain HTTP) test API on a loopback address; stopped on Drop.
@@ -556,7 +562,7 @@ async fn respond(
     info: &ConnInfo,
     state: &Arc<State>,
 ) -> Response<Body> {
-    let is_ws = req.uri().path() == "/ws";
+    let is_ws = matches!(req.uri().path(), "/ws" | "/ws/reflect" | "/ws/deflate");
     let upgrade = is_ws.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     // `/bulk/up` is hashed as it arrives, never held whole.
@@ -703,6 +709,8 @@ async fn respond(
             r
         }
         "/ws" => websocket(&parts, upgrade, state),
+        "/ws/reflect" | "/ws/deflate" => reflect_websocket(&parts, upgrade),
+        p if p.starts_with("/reflect/") => reflect(&parts, state),
         "/bulk/up" => json(
             StatusCode::OK,
             &serde_json::json!({
@@ -1078,4 +1086,226 @@ async fn attack(
             &serde_json::json!({"error": "no such attack endpoint", "path": path}),
         ),
     }
+}
+
+/// The credential of a request: the token after `Bearer ` in its Authorization header.
+fn credential(parts: &http::request::Parts) -> String {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).to_string())
+        .unwrap_or_default()
+}
+
+/// `/reflect/...`: hands the credential back where a careless or hostile API might.
+///
+/// - `trailer`: a gRPC-style answer whose `grpc-message` trailer quotes it;
+/// - `reason`: 401 with a reason phrase quoting it (HTTP/1.1 only);
+/// - `header-name`: a response header named `x-echo-<credential>`;
+/// - `te-gzip`: `Transfer-Encoding: gzip, chunked`, the body gzip-compressed (HTTP/1.1 only);
+/// - `encodings`: JSON with it in hex, both cases, and JSON-escaped character by character
+///   (`\u`, both cases), then MIME base64 of a header block holding it, wrapped at 76 (CRLF)
+///   and at 64 (LF);
+/// - `store`: keeps it; `load`: hands back what `store` kept, in the body and a header.
+fn reflect(parts: &http::request::Parts, state: &Arc<State>) -> Response<Body> {
+    let key = credential(parts);
+    match parts.uri.path() {
+        "/reflect/trailer" => {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", header::HeaderValue::from_static("16"));
+            if let Ok(v) = header::HeaderValue::from_str(&format!("invalid API key {key}")) {
+                trailers.insert("grpc-message", v);
+            }
+            let frames = vec![
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
+                Ok(Frame::trailers(trailers)),
+            ];
+            let mut r = Response::new(BoxBody::new(StreamBody::new(futures_util::stream::iter(
+                frames,
+            ))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/grpc"),
+            );
+            r
+        }
+        "/reflect/reason" => {
+            let mut r = json(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({"error": "unauthorized"}),
+            );
+            if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(format!("Bad key {key}")) {
+                r.extensions_mut().insert(reason);
+            }
+            r
+        }
+        "/reflect/header-name" => {
+            let mut r = json(StatusCode::OK, &serde_json::json!({"ok": true}));
+            if let Ok(name) = header::HeaderName::from_bytes(format!("x-echo-{key}").as_bytes()) {
+                r.headers_mut()
+                    .insert(name, header::HeaderValue::from_static("1"));
+            }
+            r
+        }
+        "/reflect/te-gzip" => {
+            use std::io::Write as _;
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            let _ = gz.write_all(format!("key: {key}\n").as_bytes());
+            let body = gz.finish().unwrap_or_default();
+            let mut r = Response::new(full(body));
+            r.headers_mut().insert(
+                header::TRANSFER_ENCODING,
+                header::HeaderValue::from_static("gzip, chunked"),
+            );
+            r
+        }
+        "/reflect/encodings" => {
+            let bytes = key.as_bytes();
+            let escaped = |upper: bool| -> String {
+                bytes
+                    .iter()
+                    .map(|b| {
+                        if upper {
+                            format!("\\u{b:04X}")
+                        } else {
+                            format!("\\u{b:04x}")
+                        }
+                    })
+                    .collect()
+            };
+            let block = format!("Authorization: Bearer {key}\r\nX-Request: 1\r\n\r\n");
+            let mime = |width: usize, newline: &str| -> String {
+                let flat = data_encoding::BASE64.encode(block.as_bytes());
+                flat.as_bytes()
+                    .chunks(width)
+                    .map(|l| String::from_utf8_lossy(l).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(newline)
+            };
+            // Built as text: serde would escape the backslashes of the `\u` forms again.
+            let body = format!(
+                "{{\"hex\":\"{}\",\"HEX\":\"{}\",\"json_u\":\"{}\",\"JSON_U\":\"{}\"}}",
+                data_encoding::HEXLOWER.encode(bytes),
+                data_encoding::HEXUPPER.encode(bytes),
+                escaped(false),
+                escaped(true),
+            );
+            // The MIME texts as they arrive in a mail or PEM body: raw line breaks.
+            let raw = format!("\n{}\n{}\n", mime(76, "\r\n"), mime(64, "\n"));
+            let mut r = Response::new(full(format!("{body}{raw}")));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain"),
+            );
+            r
+        }
+        "/reflect/store" => {
+            if let Ok(mut stored) = state.stored.lock() {
+                *stored = Some(key);
+            }
+            json(StatusCode::OK, &serde_json::json!({"stored": true}))
+        }
+        "/reflect/load" => {
+            let stored = state
+                .stored
+                .lock()
+                .ok()
+                .and_then(|s| s.clone())
+                .unwrap_or_default();
+            let mut r = json(StatusCode::OK, &serde_json::json!({"stored": stored}));
+            if let Ok(v) = header::HeaderValue::from_str(&stored) {
+                r.headers_mut().insert("x-stored", v);
+            }
+            r
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "no such endpoint", "path": parts.uri.path()}),
+        ),
+    }
+}
+
+/// A WebSocket server frame, masked when `mask` is given (servers must not; brokerd unmasks).
+fn ws_frame(opcode: u8, fin: bool, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+    let masked = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(masked | n as u8),
+        n if n < 65_536 => {
+            out.push(masked | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(masked | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(mask) => {
+            out.extend_from_slice(&mask);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+/// `/ws/reflect`: once upgraded, sends `you sent: <credential> ok` as one text message in three
+/// fragments cut inside the credential (the middle one masked, a ping between them), then waits
+/// for the client to close. `/ws/deflate`: answers the upgrade accepting `permessage-deflate`,
+/// whether offered or not.
+fn reflect_websocket(
+    parts: &http::request::Parts,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<Body> {
+    let (Some(key), Some(upgrade)) = (parts.headers.get("sec-websocket-key"), upgrade) else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": "not a websocket upgrade"}),
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let text = format!("you sent: {} ok", credential(parts)).into_bytes();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut io = TokioIo::new(upgraded);
+        let cut = (15).min(text.len());
+        let cut2 = (cut + 20).min(text.len());
+        let mut out = ws_frame(0x1, false, None, &text[..cut]);
+        out.extend(ws_frame(0x0, false, Some([7, 1, 9, 3]), &text[cut..cut2]));
+        out.extend(ws_frame(0x9, true, None, b"ping"));
+        out.extend(ws_frame(0x0, true, None, &text[cut2..]));
+        if io.write_all(&out).await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("Upgrade"),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    if parts.uri.path() == "/ws/deflate" {
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            header::HeaderValue::from_static("permessage-deflate"),
+        );
+    }
+    r
 }

@@ -310,6 +310,49 @@ impl Limiter {
         }
     }
 
+    /// Adds bytes passing through a long-lived stream (an upgraded connection) to every key's
+    /// daily budget now, and refuses once a bytes budget is exceeded by them, so the caller can
+    /// cut the stream. The bytes are counted either way.
+    pub fn charge_bytes(
+        &self,
+        keys: &[LimitKey],
+        bytes: u64,
+        now: Instant,
+    ) -> Result<(), LimitDenial> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let wall = self.wall(now);
+        let day = utc_day(wall);
+        let mut counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut over = None;
+        for key in keys {
+            let spec = &key.0;
+            let c = counters
+                .entry(spec.id.clone())
+                .or_insert_with(|| fresh(spec, now, day));
+            refresh(c, spec, now, day);
+            c.bytes = c.bytes.saturating_add(bytes);
+            if let Some(limit) = spec.budget.and_then(|b| b.bytes_per_day)
+                && c.bytes > limit
+                && over.is_none()
+            {
+                let wait = until_next_utc_midnight(wall);
+                over = Some(LimitDenial {
+                    retry_after: wait,
+                    reason: format!(
+                        "daily budget used up: {} may use {limit} bytes per day with {}; it \
+                         resets at 00:00 UTC, retry after {}",
+                        spec.id.cgroup,
+                        spec.label,
+                        show_wait(wait)
+                    ),
+                });
+            }
+        }
+        over.map_or(Ok(()), Err)
+    }
+
     /// Drops the counters of rules `policy` no longer has; the others carry on (with the new
     /// limits, if they changed).
     pub fn retain_for(&self, policy: &super::Policy) {
@@ -568,6 +611,28 @@ mod tests {
         assert!(d.reason.contains("1000 bytes per day"), "{}", d.reason);
         l.check(&k, t0 + Duration::from_secs(14 * 3600))
             .expect("next day");
+    }
+
+    #[test]
+    fn bytes_charged_as_they_pass_refuse_once_over_the_budget() {
+        let (l, t0) = limiter();
+        let budget = Budget {
+            bytes_per_day: Some(1000),
+            ..Budget::default()
+        };
+        let k = [key("a", "r", None, Some(budget))];
+        l.check(&k, t0).expect("the upgrade");
+        l.charge_bytes(&k, 600, t0).expect("under");
+        l.charge_bytes(&k, 400, t0).expect("exactly the budget");
+        let d = l.charge_bytes(&k, 1, t0).expect_err("over");
+        assert!(d.reason.contains("1000 bytes per day"), "{}", d.reason);
+        assert_eq!(d.retry_after, Duration::from_secs(14 * 3600));
+        // Counted: the next request is refused too.
+        assert!(l.check(&k, t0).is_err());
+        // A key without a bytes budget never refuses.
+        let free = [key("a", "free", None, None)];
+        l.charge_bytes(&free, u64::MAX, t0).expect("no budget");
+        l.charge_bytes(&[], 5, t0).expect("no keys");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The last step: the rule's rate limits and budgets. Checked last, so a request refused for
 //! another reason does not use one up; charged when the exchange is over (the response ended,
-//! was cut, the agent went away or the upstream failed), with its bytes and the LLM tokens.
+//! was cut, the agent went away or the upstream failed), with its bytes and the LLM tokens, or
+//! for an upgraded (WebSocket) connection as its bytes pass (the proxy cuts it once a bytes
+//! budget is used up).
 //!
 //! Tokens are what the response reports in its `usage`, read as the body streams
 //! ([`UsageMeter`](agent_broker_core::policy::UsageMeter)), whatever its size. When it cannot be
@@ -10,9 +12,15 @@
 //! this is at least what passed through brokerd), or what the response reported before it was
 //! cut if that is more. The audit record says the charge was estimated, and why.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
 
-use agent_broker_core::policy::{Limiter, UsageReading};
+use agent_broker_core::policy::{LimitKey, Limiter, UsageReading};
 use http::StatusCode;
 
 use super::request::Allowed;
@@ -35,19 +43,32 @@ pub(super) fn charge(
             ..allowed.deny(DenialReason::Limit(limited.reason))
         });
     }
-    let limiter = limiter.clone();
-    let limit_keys = allowed.limit_keys;
+    let limit_keys: Arc<[LimitKey]> = allowed.limit_keys.into();
     let counts_tokens = limit_keys.iter().any(|k| k.counts_tokens());
     grant.meter_usage = counts_tokens;
+    // Bytes an upgraded connection charged as they passed: not charged again at the end.
+    let metered = Arc::new(AtomicU64::new(0));
+    grant.meter = Some(Arc::new({
+        let (limiter, limit_keys, metered) = (limiter.clone(), limit_keys.clone(), metered.clone());
+        move |bytes| {
+            metered.fetch_add(bytes, Ordering::Relaxed);
+            limiter
+                .charge_bytes(&limit_keys, bytes, Instant::now())
+                .map_err(|limited| limited.reason)
+        }
+    }));
+    let limiter = limiter.clone();
     grant.on_complete = Some(Box::new(move |done| {
         let charge = if counts_tokens {
             tokens(done)
         } else {
             Charge::default()
         };
+        let bytes =
+            (done.bytes_in + done.bytes_out).saturating_sub(metered.load(Ordering::Relaxed));
         limiter.record(
             &limit_keys,
-            done.bytes_in + done.bytes_out,
+            bytes,
             charge.tokens.unwrap_or(0),
             Instant::now(),
         );

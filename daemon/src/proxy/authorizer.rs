@@ -1,14 +1,14 @@
 //! The seam between HTTP mechanics and decisions: what the proxy asks ([`Authorizer`]) and
 //! what it gets back. The proxy never decides; an authorizer never touches a socket.
 
-use std::{future::Future, pin::Pin, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use agent_broker_core::{handle::HandleDenial, policy::UsageReading};
 use agent_broker_protocol::EventKind;
 use http::{StatusCode, request::Parts};
 use zeroize::Zeroizing;
 
-use super::http::Refusal;
+use super::{http::Refusal, scrub::Needles};
 use crate::capture::ConnectionOrigin;
 
 /// Facts about one request that authorization depends on.
@@ -30,8 +30,18 @@ pub struct Grant {
     pub rule: String,
     /// Names of the secrets written into the request (never values).
     pub secrets: Vec<String>,
-    /// The secret values written into the request, to scrub from the response.
+    /// The secret values written into the request (injection, handle swaps), to scrub from the
+    /// response.
     pub needles: Vec<Zeroizing<Vec<u8>>>,
+    /// Every secret value the agent's policy can inject, prebuilt (the broker caches one set per
+    /// policy and vault generation): every response to the agent is scrubbed of these as well,
+    /// on rules that inject nothing too, so a value that one request had an upstream store is
+    /// scrubbed when a later request reads it back.
+    pub scrub: Needles,
+    /// Charges the bytes of an upgraded (WebSocket) connection to the rule's budgets as they
+    /// pass; `Err` (why) once a budget is used up, and the proxy cuts the connection. Bytes
+    /// charged here are not charged again by [`Grant::on_complete`].
+    pub meter: Option<Meter>,
     /// Read the LLM `usage` the response reports as its body streams, for
     /// [`Completion::usage`] (token budgets). The upstream is then asked for an uncompressed
     /// response.
@@ -49,6 +59,9 @@ pub struct Grant {
 
 /// A callback run once when an exchange is over; it says what it charged.
 pub type OnComplete = Box<dyn FnOnce(&Completion) -> Charge + Send>;
+
+/// Charges bytes passing through an upgraded connection; see [`Grant::meter`].
+pub type Meter = Arc<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
 
 /// What is known when a brokered exchange is over.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! The bodies that stream through the proxy: the agent's request body (counted), and the
 //! response body the agent gets (counted, optionally metered for the LLM usage it reports,
-//! scrubbed of injected secrets, and reported once when it ends), watched for an upstream that stalls or
+//! scrubbed of the secrets of the agent's policy, and reported once when it ends), watched for an upstream that stalls or
 //! dies mid-stream. None is ever buffered whole.
 //!
 //! A response the upstream cut is never presented as complete: the body ends with an error,
@@ -19,7 +19,7 @@ use std::{
 
 use agent_broker_core::policy::{UsageMeter, UsageReading};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Frame, Incoming};
 
@@ -285,9 +285,26 @@ impl hyper::body::Body for Observed {
     }
 }
 
-pub(super) fn scrub_headers(headers: &mut HeaderMap, needles: &Needles) {
+/// Scrubs a response head's or trailers' headers: every needle in a value is replaced, and a
+/// header whose name holds a needle (in any case: names arrive lowercased) is dropped with its
+/// value. Returns how many needles it replaced or dropped.
+pub(super) fn scrub_headers(headers: &mut HeaderMap, needles: &Needles) -> u64 {
+    if needles.is_empty() {
+        return 0;
+    }
+    let mut redactions = 0;
+    let named: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| needles.in_header_name(name.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for name in named {
+        headers.remove(&name);
+        redactions += 1;
+    }
     for value in headers.values_mut() {
         if let Some(clean) = needles.scrub_header_value(value.as_bytes()) {
+            redactions += 1;
             match HeaderValue::from_bytes(&clean) {
                 Ok(v) => *value = v,
                 // Never let a header that held a secret through unscrubbed.
@@ -295,20 +312,23 @@ pub(super) fn scrub_headers(headers: &mut HeaderMap, needles: &Needles) {
             }
         }
     }
+    redactions
 }
 
-pub(super) fn scrubbed_body<B>(body: B, scrubber: Scrubber) -> AgentBody
+/// `body`, scrubbed by `scrubber` (trailers too), each replacement counted into `redactions`.
+pub(super) fn scrubbed_body<B>(body: B, scrubber: Scrubber, redactions: Arc<AtomicU64>) -> AgentBody
 where
     B: hyper::body::Body<Data = Bytes, Error = BodyError> + Unpin + Send + 'static,
 {
     UnsyncBoxBody::new(Scrubbed {
         inner: body,
-        scrubber: Some(scrubber),
+        scrubber: Some(scrubber.counting(redactions.clone())),
         pending: None,
+        redactions,
     })
 }
 
-/// A response body with every injected secret replaced as it streams (see [`super::scrub`]).
+/// A response body with every secret value replaced as it streams (see [`super::scrub`]).
 pub(super) struct Scrubbed<B> {
     inner: B,
     /// While data may still come; taken when the data ends (trailers, end or error), after
@@ -316,6 +336,8 @@ pub(super) struct Scrubbed<B> {
     scrubber: Option<Scrubber>,
     /// Trailers waiting for the held-back tail to go first.
     pending: Option<Frame<Bytes>>,
+    /// Replacements made, body and trailers.
+    redactions: Arc<AtomicU64>,
 }
 
 impl<B> Scrubbed<B> {
@@ -365,7 +387,8 @@ where
                         // Trailers are headers too: an upstream may echo a secret in them.
                         let trailers = match frame.into_trailers() {
                             Ok(mut trailers) => {
-                                scrub_headers(&mut trailers, active.needles());
+                                let replaced = scrub_headers(&mut trailers, active.needles());
+                                this.redactions.fetch_add(replaced, Ordering::Relaxed);
                                 Frame::trailers(trailers)
                             }
                             Err(other) => other,

@@ -33,6 +33,7 @@ mod denials;
 mod encodings;
 mod hosts;
 mod injection;
+mod leaks;
 mod scrubbing;
 mod streams;
 mod upgrades;

@@ -1,7 +1,8 @@
 //! Compressed upstream responses, decoded as they stream so the scrubber can read them.
 //!
-//! When brokerd injected a secret it asks upstream for `identity`, but CDNs compress anyway.
-//! Such a response is decoded here (gzip, deflate, br, zstd), scrubbed, and forwarded as
+//! When a response must be scrubbed (the agent's policy has secrets) brokerd asks upstream for
+//! `identity`, but CDNs compress anyway, as a content coding or as a transfer coding other than
+//! `chunked`. Such a response is decoded here (gzip, deflate, br, zstd), scrubbed, and forwarded as
 //! identity: the caller drops `Content-Encoding` and `Content-Length` and never re-advertises
 //! the coding it removed. Decoding is bounded: a body that decodes to more than
 //! [`Limits::max_decoded`] bytes, or expands more than [`Limits::max_ratio`] times past the first
@@ -39,19 +40,30 @@ pub enum CodingRefusal {
 }
 
 impl Coding {
-    /// The one content coding of a response, `None` for identity.
+    /// The one content coding of a response, `None` for identity. A transfer coding other
+    /// than `chunked` (`Transfer-Encoding: gzip, chunked`) leaves the body as compressed as a
+    /// content coding does once `chunked` is undone, so it counts as one: read this before the
+    /// hop-by-hop headers are removed.
     pub fn of(headers: &HeaderMap) -> Result<Option<Self>, CodingRefusal> {
-        let codings: Vec<String> = headers
-            .get_all(header::CONTENT_ENCODING)
-            .iter()
-            .flat_map(|v| {
-                String::from_utf8_lossy(v.as_bytes())
-                    .split(',')
-                    .map(|c| c.trim().to_ascii_lowercase())
-                    .collect::<Vec<_>>()
-            })
-            .filter(|c| !c.is_empty() && c != "identity")
-            .collect();
+        let listed = |name: header::HeaderName| {
+            headers
+                .get_all(name)
+                .iter()
+                .flat_map(|v| {
+                    String::from_utf8_lossy(v.as_bytes())
+                        .split(',')
+                        .map(|c| c.trim().to_ascii_lowercase())
+                        .collect::<Vec<_>>()
+                })
+                .filter(|c| !c.is_empty() && c != "identity")
+                .collect::<Vec<_>>()
+        };
+        let mut codings = listed(header::CONTENT_ENCODING);
+        codings.extend(
+            listed(header::TRANSFER_ENCODING)
+                .into_iter()
+                .filter(|c| c != "chunked"),
+        );
         match codings.as_slice() {
             [] => Ok(None),
             [one] => match one.as_str() {
@@ -340,6 +352,29 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn a_transfer_coding_other_than_chunked_counts_as_a_coding() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::TRANSFER_ENCODING,
+            "gzip, chunked".parse().expect("v"),
+        );
+        assert_eq!(Coding::of(&h), Ok(Some(Coding::Gzip)));
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().expect("v"));
+        assert_eq!(Coding::of(&h), Ok(None));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            "compress, chunked".parse().expect("v"),
+        );
+        assert!(matches!(Coding::of(&h), Err(CodingRefusal::Unknown(_))));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            "gzip, chunked".parse().expect("v"),
+        );
+        h.insert(header::CONTENT_ENCODING, "br".parse().expect("v"));
+        assert!(matches!(Coding::of(&h), Err(CodingRefusal::Stacked(_))));
     }
 
     #[test]

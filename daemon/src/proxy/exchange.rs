@@ -3,7 +3,10 @@
 //! its audit record.
 
 use std::{
-    sync::{Arc, atomic::AtomicU64},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -11,7 +14,7 @@ use agent_broker_core::fmt::error_chain;
 use agent_broker_protocol::{AuditEvent, EventKind, Side};
 use http::{Method, Request, Response, StatusCode, header, request::Parts};
 use http_body_util::{BodyExt as _, combinators::UnsyncBoxBody};
-use hyper::body::Incoming;
+use hyper::{body::Incoming, ext::ReasonPhrase};
 use tracing::{info, warn};
 
 use super::{
@@ -19,13 +22,14 @@ use super::{
     body::{AgentBody, BodyError, Counted, Watched, scrub_headers, scrubbed_body},
     decode::{Coding, Decoded, Limits as DecodeLimits},
     http::{
-        Refusal, check_request_shape, is_upgrade, prepare_upstream, request_host, strip_hop_by_hop,
+        Refusal, check_request_shape, prepare_upstream, request_host, strip_hop_by_hop,
+        strip_request_hop_by_hop,
     },
     record::{self, InFlight},
     reply::{deny, error_body, json_response},
     scrub::Needles,
     serve::Conn,
-    splice::splice_upgrade,
+    tunnel::Tunnel,
     upstream::{Partition, Protocols},
 };
 use crate::capture::ConnectionOrigin;
@@ -76,13 +80,19 @@ impl Proxy {
                 self.events.record(event);
                 exchange.response
             }
-            (None, Some(inflight)) => {
-                let bodyless = head_request
-                    || status.is_informational()
-                    || status == StatusCode::NO_CONTENT
-                    || status == StatusCode::NOT_MODIFIED;
-                inflight.answered(exchange.response, bodyless)
-            }
+            (None, Some(inflight)) => match exchange.tunnel {
+                Some(tunnel) => {
+                    tokio::spawn(inflight.after_tunnel(tunnel));
+                    exchange.response
+                }
+                None => {
+                    let bodyless = head_request
+                        || status.is_informational()
+                        || status == StatusCode::NO_CONTENT
+                        || status == StatusCode::NOT_MODIFIED;
+                    inflight.answered(exchange.response, bodyless)
+                }
+            },
             (None, None) => exchange.response,
         }
     }
@@ -128,6 +138,9 @@ impl Proxy {
                 return Exchange::refused(&conn.origin, String::new(), Denial::from(reason), None);
             }
         };
+        // Before the policy sees the request, so nothing it checked or the authorizer wrote is
+        // removed after the decision.
+        let hop = strip_request_hop_by_hop(&mut parts);
         let port = conn.origin.original_dst.port();
         let facts = RequestFacts {
             origin: &conn.origin,
@@ -148,20 +161,24 @@ impl Proxy {
             };
             return Exchange::refused(&conn.origin, host, denial, Some(grant));
         }
-        let upgrade = is_upgrade(&parts.headers);
-        let agent_upgrade = if upgrade {
+        // Every secret of the agent's policy, and any other this request carries (a handle's).
+        let needles = match grant.scrub.with_extra(&grant.needles) {
+            Ok(n) => n,
+            Err(e) => {
+                let denial = Denial {
+                    rule: Some(grant.rule.clone()),
+                    ..Denial::forbidden(DenialReason::Rule(error_chain(&e)))
+                };
+                return Exchange::refused(&conn.origin, host, denial, Some(grant));
+            }
+        };
+        let scrubbing = !needles.is_empty();
+        let agent_upgrade = if hop.upgrade {
             parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
         } else {
             None
         };
-        if let Err(reason) = prepare_upstream(
-            &mut parts,
-            &host,
-            port,
-            conn.tls,
-            !grant.needles.is_empty(),
-            upgrade,
-        ) {
+        if let Err(reason) = prepare_upstream(&mut parts, (&host, port), conn.tls, scrubbing, hop) {
             return Exchange::refused(&conn.origin, host, Denial::from(reason), Some(grant));
         }
         let Some(inner) = body.take() else {
@@ -177,7 +194,7 @@ impl Proxy {
         }
         let counted = Counted::new(inner, bytes_in.clone());
         let upstream_req = Request::from_parts(parts, UnsyncBoxBody::new(counted));
-        let protocols = if upgrade {
+        let protocols = if hop.upgrade {
             Protocols::Http1Only
         } else {
             Protocols::Any
@@ -238,30 +255,29 @@ impl Proxy {
                 return Exchange::upstream_failed(status, body, reason, host, inflight);
             }
         };
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(agent_upgrade) = agent_upgrade
-        {
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(splice_upgrade(agent_upgrade, upstream_upgrade));
-        }
-        let (mut resp_parts, resp_body) = response.into_parts();
-        let idle = grant.idle_timeout.unwrap_or(self.deadlines.body_idle);
-        let resp_body = Watched::new(resp_body, idle, host.clone());
-        strip_hop_by_hop(
-            &mut resp_parts.headers,
-            resp_parts.status == StatusCode::SWITCHING_PROTOCOLS,
-        );
-        // We asked for identity, but CDNs compress anyway: a known coding is decoded so the
-        // scrubber reads the plain body; anything else could carry the secret past it.
-        let coding = if grant.needles.is_empty() {
-            Ok(None)
-        } else {
-            Coding::of(&resp_parts.headers)
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let upstream_upgrade = match agent_upgrade {
+            Some(agent) if switching => Some((agent, hyper::upgrade::on(&mut response))),
+            _ => None,
         };
-        if let Err(refusal) = &coding {
+        let (mut resp_parts, resp_body) = response.into_parts();
+        // We asked for identity, but CDNs compress anyway: a known coding is decoded so the
+        // scrubber reads the plain body; anything else could carry the secret past it. Read
+        // before the hop-by-hop headers go: `Transfer-Encoding: gzip, chunked` is a coding too.
+        let coding = if scrubbing {
+            Coding::of(&resp_parts.headers)
+        } else {
+            Ok(None)
+        };
+        let withheld = match (&coding, &upstream_upgrade) {
+            (Err(refusal), _) => Some(refusal.to_string()),
+            (Ok(_), Some(_)) if scrubbing => upgrade_refusal(&resp_parts.headers),
+            _ => None,
+        };
+        if let Some(refusal) = withheld {
             let reason = format!(
-                "upstream {host} sent a response to a request carrying a credential that cannot \
-                 be checked for the credential: {refusal}; it is withheld"
+                "upstream {host} sent a response that cannot be checked for the credentials \
+                 of the agent's policy: {refusal}; it is withheld"
             );
             warn!(cgroup = %conn.origin.cgroup, %reason, "response withheld");
             let body = error_body(
@@ -273,11 +289,23 @@ impl Proxy {
             let status = StatusCode::BAD_GATEWAY;
             return Exchange::upstream_failed(status, body, reason, host, inflight);
         }
-        let body = if grant.needles.is_empty() {
+        strip_hop_by_hop(&mut resp_parts.headers, switching);
+        let redactions = inflight.redactions();
+        let tunnel = upstream_upgrade.map(|(agent, upstream)| Tunnel {
+            agent,
+            upstream,
+            needles: scrubbing.then(|| needles.clone()),
+            meter: grant.meter.take(),
+            redactions: redactions.clone(),
+        });
+        let idle = grant.idle_timeout.unwrap_or(self.deadlines.body_idle);
+        let resp_body = Watched::new(resp_body, idle, host.clone());
+        let body = if !scrubbing {
             resp_body.boxed_unsync()
         } else {
-            let needles = Needles::new(grant.needles.clone());
-            scrub_headers(&mut resp_parts.headers, &needles);
+            let replaced = scrub_headers(&mut resp_parts.headers, &needles)
+                + scrub_reason_phrase(&mut resp_parts.extensions, &needles);
+            redactions.fetch_add(replaced, Ordering::Relaxed);
             // The length changes when a value is replaced.
             resp_parts.headers.remove(header::CONTENT_LENGTH);
             match coding {
@@ -289,7 +317,9 @@ impl Proxy {
                         Err(e) => Err(BodyError::Decode(e)),
                     };
                     match decoded {
-                        Ok(decoded) => scrubbed_body(decoded, needles.scrubber()),
+                        Ok(decoded) => {
+                            scrubbed_body(decoded, needles.scrubber(), redactions.clone())
+                        }
                         Err(e) => {
                             let reason = format!(
                                 "cannot pass on the response of {host}: {}",
@@ -301,7 +331,7 @@ impl Proxy {
                         }
                     }
                 }
-                _ => scrubbed_body(resp_body, needles.scrubber()),
+                _ => scrubbed_body(resp_body, needles.scrubber(), redactions.clone()),
             }
         };
         Exchange {
@@ -310,8 +340,54 @@ impl Proxy {
             grant: None,
             inflight: Some(inflight),
             failure: None,
+            tunnel,
         }
     }
+}
+
+/// Why a WebSocket upgrade answered with 101 cannot be relayed with its frames scrubbed: the
+/// upstream switched to another protocol, or accepted an extension (`permessage-deflate`
+/// compresses frames) that brokerd never offered. `None` when it can.
+fn upgrade_refusal(headers: &http::HeaderMap) -> Option<String> {
+    let websocket = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    if !websocket {
+        return Some(
+            "it switched to a protocol other than WebSocket, whose bytes brokerd cannot scrub"
+                .into(),
+        );
+    }
+    let extensions: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect();
+    (!extensions.is_empty()).then(|| {
+        format!(
+            "it accepted the WebSocket extension {:?}, which brokerd did not offer \
+             (permessage-deflate would compress the frames brokerd scrubs)",
+            extensions.join(", ")
+        )
+    })
+}
+
+/// Replaces needles in an HTTP/1.1 reason phrase (forwarded to HTTP/1.1 agents); one that no
+/// longer is a valid reason phrase is dropped (the agent gets the status's canonical one).
+fn scrub_reason_phrase(extensions: &mut http::Extensions, needles: &Needles) -> u64 {
+    let Some(reason) = extensions.get::<ReasonPhrase>() else {
+        return 0;
+    };
+    let Some(clean) = needles.scrub(reason.as_bytes()) else {
+        return 0;
+    };
+    extensions.remove::<ReasonPhrase>();
+    if let Ok(clean) = ReasonPhrase::try_from(clean) {
+        extensions.insert(clean);
+    }
+    1
 }
 
 /// One request's result, for [`Proxy::serve_request`].
@@ -324,6 +400,8 @@ pub(super) struct Exchange {
     inflight: Option<InFlight>,
     /// Set when the request was refused or failed.
     failure: Option<Failure>,
+    /// An upgraded connection to relay once both sides switched protocols.
+    tunnel: Option<Tunnel>,
 }
 
 pub(super) struct Failure {
@@ -355,6 +433,7 @@ impl Exchange {
             grant: None,
             inflight: Some(inflight),
             failure: Some(failure),
+            tunnel: None,
         }
     }
 
@@ -378,6 +457,7 @@ impl Exchange {
             grant: None,
             inflight: Some(inflight),
             failure: Some(failure),
+            tunnel: None,
         }
     }
 
@@ -399,6 +479,7 @@ impl Exchange {
             grant,
             inflight: None,
             failure: Some(failure),
+            tunnel: None,
         }
     }
 }

@@ -194,15 +194,44 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Turns the agent's request into the upstream request: absolute URI for the pool, Host set,
-/// hop-by-hop headers removed.
+/// What the agent's hop-by-hop headers said, once they are removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Hop {
+    /// A WebSocket upgrade: `Upgrade` and `Connection` stay.
+    pub(super) upgrade: bool,
+    /// `TE: trailers`, which HTTP/2 allows and gRPC servers need: forwarded.
+    pub(super) te_trailers: bool,
+}
+
+/// Removes the agent's hop-by-hop headers, those its `Connection` header names included, before
+/// the policy sees the request: a rule's required headers are checked on what goes upstream,
+/// and what injection writes later is never removed (a header named in `Connection` is the
+/// agent's, not the rule's).
+pub(super) fn strip_request_hop_by_hop(parts: &mut Parts) -> Hop {
+    let upgrade = is_upgrade(&parts.headers);
+    // HTTP/2 allows exactly one value of TE, `trailers` (RFC 9113 8.2.2), and gRPC servers
+    // reset streams without it: that value is forwarded.
+    let te_trailers = parts
+        .headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers"));
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    Hop {
+        upgrade,
+        te_trailers,
+    }
+}
+
+/// Turns the agent's request into the upstream request: absolute URI for the pool, Host set;
+/// the hop-by-hop headers are gone already ([`strip_request_hop_by_hop`]), and nothing the
+/// authorizer wrote is removed.
 pub(super) fn prepare_upstream(
     parts: &mut Parts,
-    host: &str,
-    port: u16,
+    (host, port): (&str, u16),
     tls: bool,
-    injected: bool,
-    upgrade: bool,
+    scrubbed: bool,
+    hop: Hop,
 ) -> Result<(), Refusal> {
     let scheme = if tls { "https" } else { "http" };
     let default_port = if tls { 443 } else { 80 };
@@ -227,30 +256,27 @@ pub(super) fn prepare_upstream(
         .path_and_query(path_and_query)
         .build()
         .map_err(Refusal::UpstreamUri)?;
-    // HTTP/2 allows exactly one value of TE, `trailers` (RFC 9113 8.2.2), and gRPC servers
-    // reset streams without it: that value is forwarded.
-    let te_trailers = parts
-        .headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers"));
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    if te_trailers {
+    if hop.te_trailers {
         parts
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    if upgrade {
+    if hop.upgrade {
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if scrubbed {
+            // A compressed (permessage-deflate) or otherwise transformed frame could carry a
+            // secret past the frame scrubber: no extension is offered upstream.
+            parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+        }
     }
     // The host travels in the URI's authority: the pooled client writes it as `Host` on an
     // HTTP/1.1 connection and as `:authority` on HTTP/2, where a `Host` header as well would be
     // a duplicate that servers such as nginx refuse.
     parts.headers.remove(header::HOST);
-    if injected {
-        // A compressed echo of an injected secret could not be scrubbed.
+    if scrubbed {
+        // A compressed echo of a secret could not be scrubbed.
         parts.headers.insert(
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
@@ -305,6 +331,39 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert!(!h.contains_key("x-hop"));
         assert!(h.contains_key(header::UPGRADE) && h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn the_request_loses_its_hop_by_hop_headers_before_anyone_decides() {
+        let mut parts = Request::get("/")
+            .header(header::CONNECTION, "x-required, x-api-key, upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header("x-required", "yes")
+            .header("x-api-key", "agent's")
+            .header(header::TE, "trailers")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        let hop = strip_request_hop_by_hop(&mut parts);
+        assert_eq!(
+            hop,
+            Hop {
+                upgrade: true,
+                te_trailers: true
+            }
+        );
+        assert!(!parts.headers.contains_key("x-required"));
+        assert!(!parts.headers.contains_key("x-api-key"));
+        assert!(!parts.headers.contains_key(header::TE));
+        // Written after the decision (injection): kept.
+        parts
+            .headers
+            .insert("x-api-key", HeaderValue::from_static("injected"));
+        prepare_upstream(&mut parts, ("h.test", 443), true, true, hop).expect("prepared");
+        assert_eq!(parts.headers["x-api-key"], "injected");
+        assert_eq!(parts.headers[header::CONNECTION], "upgrade");
+        assert_eq!(parts.headers[header::TE], "trailers");
     }
 
     #[test]

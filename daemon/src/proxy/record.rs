@@ -1,6 +1,8 @@
 //! What the proxy records: the audit event of a connection or request, started when it
 //! arrives and completed when its outcome is known. A forwarded request is recorded twice, with
-//! one request id: as forwarded before it goes upstream, and how it ended (see [`InFlight`]).
+//! one request id: as forwarded before it goes upstream, and how it ended (see [`InFlight`]):
+//! when the response body ends or the agent goes away, or for an upgraded connection when it
+//! ends. A response that quoted a secret value says so in its record's reason.
 
 use std::{
     sync::{
@@ -23,6 +25,7 @@ use super::{
     authorizer::OnComplete,
     body::{AgentBody, End, Ended, Observed},
     exchange::Failure,
+    tunnel::Tunnel,
 };
 use crate::{audit::EventSink, capture::ConnectionOrigin};
 
@@ -90,6 +93,8 @@ struct Pending {
     meter_usage: bool,
     on_complete: Option<OnComplete>,
     events: Arc<dyn EventSink>,
+    /// Secret values replaced in what the agent got.
+    redactions: Arc<AtomicU64>,
 }
 
 /// How a forwarded request ended, for its record.
@@ -99,6 +104,8 @@ struct Ending {
     bytes_out: u64,
     usage: Option<UsageReading>,
     reason: Option<String>,
+    /// Which side cut an upgraded connection, when one did.
+    side: Option<Side>,
 }
 
 impl InFlight {
@@ -133,7 +140,35 @@ impl InFlight {
             meter_usage: grant.meter_usage,
             on_complete: grant.on_complete.take(),
             events,
+            redactions: Arc::default(),
         }))
+    }
+
+    /// Counts the secret values the scrubber replaces into `redactions`, for the record.
+    pub(super) fn redactions(&self) -> Arc<AtomicU64> {
+        self.0
+            .as_ref()
+            .map_or_else(Arc::default, |p| p.redactions.clone())
+    }
+
+    /// Relays an upgraded connection and records how it ended, with the bytes both ways.
+    pub(super) async fn after_tunnel(mut self, tunnel: Tunnel) {
+        let end = tunnel.run().await;
+        if let Some(pending) = self.0.take() {
+            pending.bytes_in.fetch_add(end.bytes_in, Ordering::Relaxed);
+            let (outcome, reason, side) = match end.cut {
+                Some((why, side)) => (RequestOutcome::Failed, Some(why), Some(side)),
+                None => (RequestOutcome::Completed, None, None),
+            };
+            pending.end(Ending {
+                outcome,
+                status: Some(101),
+                bytes_out: end.bytes_out,
+                usage: None,
+                reason,
+                side,
+            });
+        }
     }
 
     /// Records the upstream's failure: it could not be reached, sent no answer in time, or
@@ -147,6 +182,7 @@ impl InFlight {
                 bytes_out: 0,
                 usage,
                 reason: Some(reason),
+                side: None,
             });
         }
     }
@@ -169,6 +205,7 @@ impl InFlight {
                 bytes_out: 0,
                 usage: None,
                 reason: Some(failure.reason),
+                side: None,
             });
         }
     }
@@ -206,6 +243,7 @@ impl InFlight {
                 bytes_out: ended.bytes_out,
                 usage: ended.usage,
                 reason,
+                side: None,
             });
         });
         let observed = Observed::new(body, meter, bodyless, done);
@@ -227,6 +265,7 @@ impl Drop for InFlight {
                      reset its stream); the upstream may still have acted on the request"
                         .into(),
                 ),
+                side: None,
             });
         }
     }
@@ -255,7 +294,21 @@ impl Pending {
         } else if ending.outcome == RequestOutcome::Cancelled {
             event.side = Some(Side::Agent);
         }
-        event.reason = ending.reason;
+        if let Some(side) = ending.side {
+            event.side = Some(side);
+        }
+        let redactions = self.redactions.load(Ordering::Relaxed);
+        let scrubbed = (redactions > 0).then(|| {
+            format!(
+                "the response quoted a secret value of the agent's policy {redactions} time{}; \
+                 brokerd replaced it before it reached the agent",
+                if redactions == 1 { "" } else { "s" }
+            )
+        });
+        event.reason = match (ending.reason, scrubbed) {
+            (Some(reason), Some(scrubbed)) => Some(format!("{reason}; {scrubbed}")),
+            (reason, scrubbed) => reason.or(scrubbed),
+        };
         if let Some(f) = self.on_complete {
             let charge = f(&completion);
             event.tokens = charge.tokens;

@@ -1,35 +1,52 @@
-//! Response scrubbing: replacing injected secret values in what an upstream sends back, so an API
-//! that echoes the request (a debug endpoint, an error message quoting the header) cannot hand
-//! the agent the credential (ARCHITECTURE invariant 1).
+//! Response scrubbing: replacing secret values in what an upstream sends back, so an API that
+//! echoes the request (a debug endpoint, an error message quoting the header) or stored it for a
+//! later request cannot hand the agent the credential (ARCHITECTURE invariant 1).
 //!
-//! [`Needles`] is the set of byte strings to replace, built once per request from the secret
-//! values injected into it. [`Scrubber`] applies it to a body streamed in chunks of any size:
-//! every occurrence is replaced by [`PLACEHOLDER`], including one split across chunks. Only the
-//! bytes that could still become a match are held back: the longest tail of what arrived that
-//! is a proper prefix of some needle (at most `max_len - 1` bytes). A chunk that ends in a byte
-//! no needle continues with (an SSE event's `\n\n`, a JSON brace) goes out whole at once, so
-//! streams flow. Matching is leftmost-longest, identical to a one-shot replacement of the whole
-//! body.
+//! [`Needles`] is the set of byte strings to replace, built from secret values: the values and
+//! their encodings, in one precomputed multi-pattern automaton (Aho-Corasick, leftmost-longest),
+//! so a response is scanned once whatever the number of secrets and forms. The broker builds one
+//! per agent policy and vault generation and caches it. [`Scrubber`] applies it to a body
+//! streamed in chunks of any size: every occurrence is replaced by [`PLACEHOLDER`], including one
+//! split across chunks. Only the bytes that could still become a match are held back: the
+//! longest tail of what arrived that is a proper prefix of some needle (at most `max_len - 1`
+//! bytes). A chunk that ends in a byte no needle continues with (an SSE event's `\n\n`, a JSON
+//! brace) goes out whole at once, so streams flow. Matching is leftmost-longest, identical to a
+//! one-shot replacement of the whole body.
 //!
 //! What is covered, per secret value `S`:
-//! - `S` itself, anywhere in headers or body (JSON strings hold plain ASCII unchanged);
-//! - `S` JSON-escaped, when that differs (`"` `\` control characters, and `/` as `\/`);
+//! - `S` itself, anywhere in header values, the reason phrase, the body and trailers, and in
+//!   header names regardless of ASCII case (a header whose name holds a needle is dropped);
+//! - `S` JSON-escaped, when that differs: the minimal escaping (`"` `\` control characters,
+//!   with and without `/` as `\/`), with `<` `>` `&` as `\u003c`-style escapes (Go), with
+//!   non-ASCII escaped (Python's `ensure_ascii`), and every character as `\uXXXX` (lower- and
+//!   uppercase hex);
 //! - `S` percent-encoded, when that differs (upper- and lowercase hex);
-//! - for `S` of at least [`MIN_ENCODED_LEN`] bytes, `S` in base64, standard and URL-safe
-//!   alphabets, with or without padding, and also when it sits at any offset inside a longer
-//!   base64 text (e.g. a base64 echo of the whole `Authorization` header).
+//! - `S` HTML-escaped, when it holds `&` `<` `>` `"` or `'` (the escapes of Python's
+//!   `html.escape`, Go's `html.EscapeString`, PHP's `htmlspecialchars` and `&`/`<`/`>` only);
+//! - for `S` of at least [`MIN_ENCODED_LEN`] bytes: `S` in hex (lower- and uppercase); `S` in
+//!   base64, standard and URL-safe alphabets, with or without padding, also when it sits at any
+//!   offset inside a longer base64 text (e.g. a base64 echo of the whole `Authorization`
+//!   header); and that standard base64 text wrapped in MIME lines of 76 or 64 characters with
+//!   CRLF or LF line ends, wherever the breaks fall.
 //!
-//! Not covered here: compressed bodies (the proxy asks for `identity` whenever it injected and
-//! decodes what comes compressed anyway before it gets here, see `proxy::decode`), hex or other
-//! encodings, a secret split or transformed by the
-//! upstream (a prefix, reversed, case-changed, HTML entities), and encryption inside the body.
+//! Not covered here: compressed bodies (the proxy asks for `identity` and decodes what comes
+//! compressed anyway before it gets here, see `proxy::decode`), other encodings (hex with
+//! separators or mixed case, base32, HTML numeric entities for ordinary characters such as
+//! `&#115;`, other line widths), a secret split or transformed by the upstream (a prefix, split
+//! across two responses or WebSocket messages, reversed, case-changed in a body), and encryption
+//! inside the body. The automaton's tables hold the needles and are not zeroized when dropped
+//! (brokerd's memory is locked and not dumpable).
 //!
 //! Pure and synchronous; no I/O.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc, OnceLock,
+    atomic::{AtomicU64, Ordering},
+};
 
-use data_encoding::{BASE64_NOPAD, BASE64URL_NOPAD, Encoding};
-use zeroize::Zeroizing;
+use aho_corasick::{AhoCorasick, AhoCorasickKind, Input, MatchKind};
+use data_encoding::{BASE64_NOPAD, BASE64URL_NOPAD, Encoding, HEXLOWER, HEXUPPER};
+use zeroize::{Zeroize as _, Zeroizing};
 
 use agent_broker_core::{
     inject::reserve_zeroizing,
@@ -39,9 +56,21 @@ use agent_broker_core::{
 /// What a secret value is replaced with.
 pub const PLACEHOLDER: &[u8] = b"[redacted by agent-broker]";
 
-/// Secrets shorter than this are not also searched for in base64: the encoded core of a very
-/// short value is short enough to match unrelated base64 text.
+/// Secrets shorter than this are not also searched for in base64 or hex: the encoded core of a
+/// very short value is short enough to match unrelated text.
 pub const MIN_ENCODED_LEN: usize = 8;
+
+/// The line widths of MIME (76) and PEM (64) base64.
+const MIME_WIDTHS: [usize; 2] = [76, 64];
+
+/// Why a set of needles could not be built (only absurdly many or long secrets fail).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the response scrubber for {needles} needles: {source}")]
+pub struct NeedlesError {
+    needles: usize,
+    #[source]
+    source: aho_corasick::BuildError,
+}
 
 /// The byte strings to replace. Cheap to clone (shared).
 #[derive(Clone, Default)]
@@ -51,41 +80,117 @@ pub struct Needles {
 
 #[derive(Default)]
 struct NeedleSet {
-    /// Non-empty, distinct.
+    /// The secret values the needles were made from, distinct (for [`Needles::with_extra`]).
+    secrets: Vec<Zeroizing<Vec<u8>>>,
+    /// Non-empty, distinct, sorted (for the prefix lookup of [`NeedleSet::undecided_from`]).
     needles: Vec<Zeroizing<Vec<u8>>>,
+    /// Whether some needle starts with the byte.
+    first: FirstBytes,
     max_len: usize,
+    /// The shortest needle.
+    min_len: usize,
+    /// Leftmost-longest over the needles without a line break; `None` when there are none.
+    /// Few patterns per secret: the automaton's prefilter (SIMD for up to 64) finds them at
+    /// close to memchr speed.
+    automaton: Option<AhoCorasick>,
+    /// Leftmost-longest over the line-wrapped (MIME) forms, hundreds per secret: searched only
+    /// in text that holds a line break.
+    wrapped: Option<AhoCorasick>,
+    /// The unwrapped needles, ignoring ASCII case, for header names; built when first needed.
+    names: OnceLock<Option<AhoCorasick>>,
+}
+
+/// A 256-bit set of bytes.
+#[derive(Default)]
+struct FirstBytes([u64; 4]);
+
+impl FirstBytes {
+    fn insert(&mut self, b: u8) {
+        self.0[usize::from(b >> 6)] |= 1 << (b & 63);
+    }
+
+    fn contains(&self, b: u8) -> bool {
+        self.0[usize::from(b >> 6)] & (1 << (b & 63)) != 0
+    }
 }
 
 impl Needles {
     /// The needles for a set of secret values: each value and its encodings (see the module
     /// documentation for which).
-    pub fn new(secrets: Vec<Zeroizing<Vec<u8>>>) -> Self {
-        let mut all = Vec::with_capacity(secrets.len() * 10);
+    pub fn new(secrets: Vec<Zeroizing<Vec<u8>>>) -> Result<Self, NeedlesError> {
+        let mut distinct: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(secrets.len());
         for secret in secrets {
-            if secret.is_empty() {
-                continue;
+            if !secret.is_empty() && !distinct.iter().any(|d| **d == *secret) {
+                distinct.push(secret);
             }
-            all.extend(encoded_forms(&secret));
-            all.push(secret);
         }
-        Self::exact(all)
+        let mut all = Vec::with_capacity(distinct.len() * 16);
+        for secret in &distinct {
+            all.extend(encoded_forms(secret));
+            all.push(secret.clone());
+        }
+        Self::build(distinct, all)
     }
 
     /// Exactly these byte strings, no encodings added (empty ones are dropped).
-    pub fn exact(needles: Vec<Zeroizing<Vec<u8>>>) -> Self {
-        let mut unique: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(needles.len());
-        for n in needles {
-            if !n.is_empty() && !unique.iter().any(|u| **u == *n) {
-                unique.push(n);
-            }
+    #[cfg(test)]
+    pub fn exact(needles: Vec<Zeroizing<Vec<u8>>>) -> Result<Self, NeedlesError> {
+        Self::build(needles.clone(), needles)
+    }
+
+    fn build(
+        secrets: Vec<Zeroizing<Vec<u8>>>,
+        needles: Vec<Zeroizing<Vec<u8>>>,
+    ) -> Result<Self, NeedlesError> {
+        let mut needles: Vec<Zeroizing<Vec<u8>>> =
+            needles.into_iter().filter(|n| !n.is_empty()).collect();
+        needles.sort_unstable_by(|a, b| a.as_slice().cmp(b.as_slice()));
+        needles.dedup_by(|a, b| **a == **b);
+        let max_len = needles.iter().map(|n| n.len()).max().unwrap_or(0);
+        let min_len = needles.iter().map(|n| n.len()).min().unwrap_or(0);
+        let mut first = FirstBytes::default();
+        for n in &needles {
+            first.insert(n[0]);
         }
-        let max_len = unique.iter().map(|n| n.len()).max().unwrap_or(0);
-        Self {
+        type Refs<'a> = Vec<&'a Zeroizing<Vec<u8>>>;
+        let (wrapped, plain): (Refs<'_>, Refs<'_>) =
+            needles.iter().partition(|n| n.contains(&b'\n'));
+        let wrapped = (!wrapped.is_empty())
+            .then(|| automaton(&wrapped, false, true))
+            .transpose()?;
+        let automaton = (!plain.is_empty())
+            .then(|| automaton(&plain, false, false))
+            .transpose()?;
+        Ok(Self {
             inner: Arc::new(NeedleSet {
-                needles: unique,
+                secrets,
+                needles,
+                first,
                 max_len,
+                min_len,
+                automaton,
+                wrapped,
+                names: OnceLock::new(),
             }),
+        })
+    }
+
+    /// Whether every value of `extra` is one of the secrets these needles were made from.
+    pub fn covers(&self, extra: &[Zeroizing<Vec<u8>>]) -> bool {
+        extra
+            .iter()
+            .all(|s| s.is_empty() || self.inner.secrets.iter().any(|k| **k == **s))
+    }
+
+    /// These needles and those of `extra` secret values: `self` again (no new automaton) when
+    /// it [covers](Needles::covers) them.
+    pub fn with_extra(&self, extra: &[Zeroizing<Vec<u8>>]) -> Result<Self, NeedlesError> {
+        if self.covers(extra) {
+            return Ok(self.clone());
         }
+        let mut secrets = self.inner.secrets.clone();
+        secrets.extend(extra.iter().cloned());
+        Self::new(secrets)
     }
 
     /// Whether there is nothing to replace.
@@ -111,7 +216,7 @@ impl Needles {
         let mut out = Vec::new();
         let (rest, replaced) = self.inner.scan(haystack, haystack.len(), &mut out);
         debug_assert_eq!(rest, haystack.len());
-        replaced.then_some(out)
+        (replaced > 0).then_some(out)
     }
 
     /// A response header value with every needle replaced, or `None` when it holds none. The
@@ -120,13 +225,62 @@ impl Needles {
         self.scrub(value)
     }
 
+    /// Whether a header name holds a needle, in any ASCII case (names arrive lowercased).
+    pub fn in_header_name(&self, name: &[u8]) -> bool {
+        let Some(automaton) = self.inner.names.get_or_init(|| {
+            // Names hold no line break. Built from needles that built case-sensitively
+            // already: cannot fail for size.
+            let plain: Vec<&Zeroizing<Vec<u8>>> = self
+                .inner
+                .needles
+                .iter()
+                .filter(|n| !n.contains(&b'\n'))
+                .collect();
+            (!plain.is_empty())
+                .then(|| automaton(&plain, true, false).ok())
+                .flatten()
+        }) else {
+            // No automaton: no needles, or (never seen) one that could not be built, in which
+            // case a plain search decides.
+            return self.inner.needles.iter().any(|n| {
+                name.len() >= n.len()
+                    && name
+                        .windows(n.len())
+                        .any(|w| w.eq_ignore_ascii_case(n.as_slice()))
+            });
+        };
+        automaton.is_match(name)
+    }
+
     /// A streaming scrubber over these needles.
     pub fn scrubber(&self) -> Scrubber {
         Scrubber {
             needles: self.clone(),
             held: Zeroizing::new(Vec::new()),
+            redactions: None,
         }
     }
+}
+
+/// A leftmost-longest automaton (a contiguous NFA: compact, and as fast as a DFA here) over
+/// `needles`, optionally ignoring ASCII case. A prefilter pays only for the line-wrapped forms
+/// (every one holds a line break, a rare byte); base64 and hex cores start with the letters and
+/// digits of ordinary text, where a prefilter's false candidates made a scan ten times slower.
+fn automaton(
+    needles: &[&Zeroizing<Vec<u8>>],
+    ignore_case: bool,
+    prefilter: bool,
+) -> Result<AhoCorasick, NeedlesError> {
+    AhoCorasick::builder()
+        .match_kind(MatchKind::LeftmostLongest)
+        .ascii_case_insensitive(ignore_case)
+        .kind(Some(AhoCorasickKind::ContiguousNFA))
+        .prefilter(prefilter)
+        .build(needles.iter().map(|n| n.as_slice()))
+        .map_err(|source| NeedlesError {
+            needles: needles.len(),
+            source,
+        })
 }
 
 impl std::fmt::Debug for Needles {
@@ -150,46 +304,54 @@ impl NeedleSet {
         (earliest..buf.len())
             .find(|&start| {
                 let tail = &buf[start..];
-                self.needles
-                    .iter()
-                    .any(|n| n.len() > tail.len() && n.starts_with(tail))
+                // The needles are sorted: the first one greater than the tail starts with it
+                // when any longer needle does.
+                self.first.contains(tail[0]) && {
+                    let i = self.needles.partition_point(|n| n.as_slice() <= tail);
+                    self.needles.get(i).is_some_and(|n| n.starts_with(tail))
+                }
             })
             .unwrap_or(buf.len())
     }
 
     /// Replaces, leftmost-longest, every match that starts before `safe` (each is complete and
     /// decided in `buf` when `safe` is at most [`NeedleSet::undecided_from`]), appending the
-    /// result to `out` up to the
-    /// resume position it returns, and whether anything was replaced. The caller keeps
-    /// `buf[resume..]` for the next round; no match starts in between.
-    fn scan(&self, buf: &[u8], safe: usize, out: &mut Vec<u8>) -> (usize, bool) {
-        let find = |needle: &[u8], from: usize| {
-            buf.get(from..)
-                // Most header values and many chunks are shorter than a secret.
-                .filter(|rest| rest.len() >= needle.len())
-                .and_then(|rest| memchr::memmem::find(rest, needle))
-                .map(|p| p + from)
-        };
-        let mut next: Vec<Option<usize>> = self.needles.iter().map(|n| find(n, 0)).collect();
+    /// result to `out` up to the resume position it returns, and how many it replaced. The
+    /// caller keeps `buf[resume..]` for the next round; no match starts in between.
+    fn scan(&self, buf: &[u8], safe: usize, out: &mut Vec<u8>) -> (usize, u64) {
         let mut cursor = 0;
-        let mut replaced = false;
-        loop {
-            // Leftmost start, then longest needle.
-            let best = next
-                .iter()
-                .zip(&self.needles)
-                .filter_map(|(pos, n)| pos.map(|p| (p, n.len())))
-                .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            let Some((start, len)) = best.filter(|&(start, _)| start < safe) else {
-                break;
+        let mut replaced = 0;
+        // Most header values and many chunks are shorter than any needle.
+        if buf.len() >= self.min_len {
+            let find = |automaton: &Option<AhoCorasick>, from: usize| {
+                automaton
+                    .as_ref()
+                    .and_then(|a| a.find(Input::new(buf).range(from..)))
             };
-            out.extend_from_slice(&buf[cursor..start]);
-            out.extend_from_slice(PLACEHOLDER);
-            replaced = true;
-            cursor = start + len;
-            for (pos, needle) in next.iter_mut().zip(&self.needles) {
-                if pos.is_some_and(|p| p < cursor) {
-                    *pos = find(needle, cursor);
+            let wrapped = if memchr::memchr(b'\n', buf).is_some() {
+                &self.wrapped
+            } else {
+                &None
+            };
+            let mut next = [find(&self.automaton, 0), find(wrapped, 0)];
+            loop {
+                // Leftmost start, then longest: the two automata's needles are disjoint.
+                let best = next
+                    .iter()
+                    .flatten()
+                    .min_by(|a, b| a.start().cmp(&b.start()).then(b.len().cmp(&a.len())))
+                    .copied();
+                let Some(m) = best.filter(|m| m.start() < safe) else {
+                    break;
+                };
+                out.extend_from_slice(&buf[cursor..m.start()]);
+                out.extend_from_slice(PLACEHOLDER);
+                replaced += 1;
+                cursor = m.end();
+                for (found, automaton) in next.iter_mut().zip([&self.automaton, wrapped]) {
+                    if found.is_some_and(|f| f.start() < cursor) {
+                        *found = find(automaton, cursor);
+                    }
                 }
             }
         }
@@ -201,18 +363,26 @@ impl NeedleSet {
     }
 }
 
-/// Scrubs one response body delivered in chunks.
+/// Scrubs one response body (or one WebSocket message) delivered in chunks.
 pub struct Scrubber {
     needles: Needles,
     /// The tail that could still be the start of a match. May hold part of a secret.
     held: Zeroizing<Vec<u8>>,
+    /// Where replacements are counted, if anywhere.
+    redactions: Option<Arc<AtomicU64>>,
 }
 
 impl Scrubber {
     /// A scrubber for these secret values (their encodings are added, see [`Needles::new`]).
     #[cfg(test)]
     pub fn new(secrets: Vec<Zeroizing<Vec<u8>>>) -> Self {
-        Needles::new(secrets).scrubber()
+        Needles::new(secrets).expect("needles").scrubber()
+    }
+
+    /// Counts every replacement into `counter` as well.
+    pub fn counting(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.redactions = Some(counter);
+        self
     }
 
     /// The needles this scrubber replaces.
@@ -227,36 +397,70 @@ impl Scrubber {
         self.needles.scrub_header_value(value)
     }
 
+    /// Counts one replacement made outside the stream (a WebSocket control frame).
+    pub fn count_redaction(&self) {
+        self.count(1);
+    }
+
+    fn count(&self, replaced: u64) {
+        if replaced > 0
+            && let Some(counter) = &self.redactions
+        {
+            counter.fetch_add(replaced, Ordering::Relaxed);
+        }
+    }
+
     /// Feeds the next chunk; returns every byte that can no longer be part of a match (possibly
     /// none, when the whole chunk might still start one).
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.held.len() + chunk.len());
+        self.push_into(chunk, &mut out);
+        out
+    }
+
+    /// [`Scrubber::push`], appending to `out`.
+    pub fn push_into(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         let set = &self.needles.inner;
         if set.needles.is_empty() {
-            return chunk.to_vec();
+            out.extend_from_slice(chunk);
+            return;
         }
-        let mut out = Vec::with_capacity(self.held.len() + chunk.len());
-        if self.held.is_empty() {
+        let replaced = if self.held.is_empty() {
             let safe = set.undecided_from(chunk);
-            let (resume, _) = set.scan(chunk, safe, &mut out);
+            let (resume, replaced) = set.scan(chunk, safe, out);
             self.held.extend_from_slice(&chunk[resume..]);
+            replaced
         } else {
-            let mut buf = std::mem::take(&mut self.held);
-            reserve_zeroizing(&mut buf, chunk.len());
+            // The chunk itself is the upstream's buffer, not zeroized either: only the held
+            // tail (a possible start of a secret, kept across chunks) is.
+            let seam = self.held.len();
+            let mut buf = Vec::with_capacity(seam + chunk.len());
+            buf.extend_from_slice(&self.held);
             buf.extend_from_slice(chunk);
+            self.held.zeroize();
             let safe = set.undecided_from(&buf);
-            let (resume, _) = set.scan(&buf, safe, &mut out);
+            let (resume, replaced) = set.scan(&buf, safe, out);
             self.held.extend_from_slice(&buf[resume..]);
-        }
-        out
+            // Clear what this copy took of the held tail.
+            buf[..seam].zeroize();
+            replaced
+        };
+        self.count(replaced);
     }
 
     /// Ends the body: returns the held-back tail, scrubbed.
     pub fn finish(mut self) -> Vec<u8> {
-        let held = std::mem::take(&mut self.held);
-        let set = &self.needles.inner;
-        let mut out = Vec::with_capacity(held.len());
-        set.scan(&held, held.len(), &mut out);
+        let mut out = Vec::with_capacity(self.held.len());
+        self.finish_into(&mut out);
         out
+    }
+
+    /// Ends the current stretch (a WebSocket message): appends the held-back tail, scrubbed, to
+    /// `out`, and starts afresh.
+    pub fn finish_into(&mut self, out: &mut Vec<u8>) {
+        let held = std::mem::take(&mut self.held);
+        let (_, replaced) = self.needles.inner.scan(&held, held.len(), out);
+        self.count(replaced);
     }
 
     /// Bytes currently held back (at most `max_len - 1`).
@@ -270,14 +474,9 @@ impl Scrubber {
 /// itself.
 fn encoded_forms(secret: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
     let mut forms = Vec::new();
-    // Built once per request: skip the encodings that would equal the value itself (the usual
-    // case for API keys, which are plain ASCII letters, digits and `-_`).
-    let json_special = |b: &u8| *b < 0x20 || matches!(b, b'"' | b'\\' | b'/');
-    if secret.iter().any(json_special) {
-        for escape_slash in [false, true] {
-            forms.push(json_escaped(secret, escape_slash));
-        }
-    }
+    // Built once per policy and vault generation: skip the encodings that would equal the value
+    // itself (the usual case for API keys, which are plain ASCII letters, digits and `-_`).
+    forms.extend(json_forms(secret));
     if !secret.iter().all(|&b| percent::is_unreserved(b)) {
         for case in [HexCase::Upper, HexCase::Lower] {
             let mut encoded = Zeroizing::new(Vec::new());
@@ -285,19 +484,30 @@ fn encoded_forms(secret: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
             forms.push(encoded);
         }
     }
+    forms.extend(html_forms(secret));
     if secret.len() >= MIN_ENCODED_LEN {
+        for hex in [&HEXLOWER, &HEXUPPER] {
+            let mut encoded = Zeroizing::new(vec![0u8; hex.encode_len(secret.len())]);
+            hex.encode_mut(secret, &mut encoded);
+            forms.push(encoded);
+        }
         // Two zero bytes, then the secret: the input for offset k starts 2 - k bytes in.
         let mut padded = Zeroizing::new(Vec::new());
         reserve_zeroizing(&mut padded, secret.len() + 2);
         padded.extend_from_slice(&[0, 0]);
         padded.extend_from_slice(secret);
-        for encoding in [&BASE64_NOPAD, &BASE64URL_NOPAD] {
+        // MIME wraps the standard alphabet only.
+        for (encoding, mime) in [(&BASE64_NOPAD, true), (&BASE64URL_NOPAD, false)] {
             for offset in 0..3 {
-                forms.push(base64_core(encoding, &padded[2 - offset..], offset));
+                let core = base64_core(encoding, &padded[2 - offset..], offset);
+                if mime {
+                    forms.extend(mime_wrapped(&core));
+                }
+                forms.push(core);
             }
         }
     }
-    forms.retain(|f| **f != *secret);
+    forms.retain(|f| !f.is_empty() && **f != *secret);
     forms
 }
 
@@ -322,7 +532,148 @@ fn base64_core(encoding: &Encoding, input: &[u8], offset: usize) -> Zeroizing<Ve
     encoded
 }
 
-fn json_escaped(secret: &[u8], escape_slash: bool) -> Zeroizing<Vec<u8>> {
+/// `core` as it appears in base64 text wrapped in lines of each MIME width, with CRLF or LF line
+/// ends: one form per position of the first line break inside it (later breaks follow a width
+/// apart). A core with no break inside is `core` itself.
+fn mime_wrapped(core: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
+    let mut forms = Vec::new();
+    for width in MIME_WIDTHS {
+        for newline in [&b"\r\n"[..], b"\n"] {
+            for first_break in 1..=width.min(core.len().saturating_sub(1)) {
+                let mut form = Zeroizing::new(Vec::new());
+                reserve_zeroizing(
+                    &mut form,
+                    core.len() + newline.len() * (core.len() / width + 1),
+                );
+                let mut at = 0;
+                let mut next = first_break;
+                while next < core.len() {
+                    form.extend_from_slice(&core[at..next]);
+                    form.extend_from_slice(newline);
+                    at = next;
+                    next += width;
+                }
+                form.extend_from_slice(&core[at..]);
+                forms.push(form);
+            }
+        }
+    }
+    forms
+}
+
+/// How a JSON encoder escapes a string.
+#[derive(Clone, Copy)]
+struct JsonStyle {
+    /// `/` as `\/`.
+    slash: bool,
+    /// `<` `>` `&` (and U+2028, U+2029) as `\u003c`-style escapes, as Go does.
+    html: bool,
+    /// Every non-ASCII character as `\uXXXX` (Python's `ensure_ascii`).
+    non_ascii: bool,
+    /// Every character as `\uXXXX`.
+    all: bool,
+    upper: bool,
+}
+
+/// The JSON-escaped forms of `secret` that differ from it. Non-UTF-8 secrets (JSON cannot hold
+/// them as they are) get the minimal forms only.
+fn json_forms(secret: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
+    let minimal = JsonStyle {
+        slash: false,
+        html: false,
+        non_ascii: false,
+        all: false,
+        upper: false,
+    };
+    let mut styles = vec![
+        minimal,
+        JsonStyle {
+            slash: true,
+            ..minimal
+        },
+    ];
+    if secret.iter().any(|b| matches!(b, b'<' | b'>' | b'&')) {
+        styles.push(JsonStyle {
+            html: true,
+            ..minimal
+        });
+    }
+    if !secret.is_ascii() {
+        styles.push(JsonStyle {
+            non_ascii: true,
+            ..minimal
+        });
+    }
+    for upper in [false, true] {
+        styles.push(JsonStyle {
+            all: true,
+            upper,
+            ..minimal
+        });
+    }
+    let text = std::str::from_utf8(secret).ok();
+    let mut forms: Vec<Zeroizing<Vec<u8>>> = Vec::new();
+    for style in styles {
+        let form = match text {
+            Some(text) => json_escaped(text, style),
+            None if !style.all && !style.non_ascii => json_escaped_bytes(secret, style.slash),
+            None => continue,
+        };
+        if *form != *secret && !forms.iter().any(|f| **f == *form) {
+            forms.push(form);
+        }
+    }
+    forms
+}
+
+fn push_u_escape(out: &mut Zeroizing<Vec<u8>>, unit: u16, upper: bool) {
+    let case = if upper {
+        HexCase::Upper
+    } else {
+        HexCase::Lower
+    };
+    reserve_zeroizing(out, 6);
+    out.extend_from_slice(b"\\u");
+    for shift in [12, 8, 4, 0] {
+        out.push(case.digit(((unit >> shift) & 0xf) as u8));
+    }
+}
+
+fn json_escaped(text: &str, style: JsonStyle) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(
+        text.len() * if style.all { 6 } else { 2 },
+    ));
+    let mut units = [0u16; 2];
+    for c in text.chars() {
+        let escape_u = style.all
+            || (style.non_ascii && !c.is_ascii())
+            || (style.html && matches!(c, '<' | '>' | '&' | '\u{2028}' | '\u{2029}'));
+        if escape_u {
+            for unit in c.encode_utf16(&mut units) {
+                push_u_escape(&mut out, *unit, style.upper);
+            }
+            continue;
+        }
+        reserve_zeroizing(&mut out, 6);
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '/' if style.slash => out.extend_from_slice(b"\\/"),
+            '\u{8}' => out.extend_from_slice(b"\\b"),
+            '\u{c}' => out.extend_from_slice(b"\\f"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            c if (c as u32) < 0x20 => push_u_escape(&mut out, c as u16, false),
+            c => {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// The minimal JSON escaping of bytes that are not UTF-8 (the other bytes pass as they are).
+fn json_escaped_bytes(secret: &[u8], escape_slash: bool) -> Zeroizing<Vec<u8>> {
     let mut out = Zeroizing::new(Vec::with_capacity(secret.len() * 2));
     for &b in secret {
         match b {
@@ -332,20 +683,57 @@ fn json_escaped(secret: &[u8], escape_slash: bool) -> Zeroizing<Vec<u8>> {
             0x08 => out.extend_from_slice(b"\\b"),
             0x0c => out.extend_from_slice(b"\\f"),
             b'\t' => out.extend_from_slice(b"\\t"),
-            b if b < 0x20 => {
-                out.extend_from_slice(b"\\u00");
-                out.push(HexCase::Lower.digit(b >> 4));
-                out.push(HexCase::Lower.digit(b & 0xf));
-            }
+            b if b < 0x20 => push_u_escape(&mut out, u16::from(b), false),
             b => out.push(b),
         }
     }
     out
 }
 
+/// The HTML-escaped forms of `secret`, when it holds a character HTML escapes.
+fn html_forms(secret: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
+    if !secret
+        .iter()
+        .any(|b| matches!(b, b'&' | b'<' | b'>' | b'"' | b'\''))
+    {
+        return Vec::new();
+    }
+    // (double quote, single quote) escapes; `&` `<` `>` are the same everywhere.
+    type Quotes = (Option<&'static [u8]>, Option<&'static [u8]>);
+    let styles: [Quotes; 4] = [
+        (Some(b"&quot;"), Some(b"&#x27;")), // Python html.escape
+        (Some(b"&#34;"), Some(b"&#39;")),   // Go html.EscapeString
+        (Some(b"&quot;"), Some(b"&#039;")), // PHP htmlspecialchars(ENT_QUOTES)
+        (None, None),                       // `&` `<` `>` only
+    ];
+    let mut forms: Vec<Zeroizing<Vec<u8>>> = Vec::new();
+    for (double, single) in styles {
+        let mut out = Zeroizing::new(Vec::with_capacity(secret.len() * 2));
+        for &b in secret {
+            reserve_zeroizing(&mut out, 6);
+            match b {
+                b'&' => out.extend_from_slice(b"&amp;"),
+                b'<' => out.extend_from_slice(b"&lt;"),
+                b'>' => out.extend_from_slice(b"&gt;"),
+                b'"' | b'\'' => match if b == b'"' { double } else { single } {
+                    Some(escape) => out.extend_from_slice(escape),
+                    None => out.push(b),
+                },
+                b => out.push(b),
+            }
+        }
+        if *out != *secret && !forms.iter().any(|f| **f == *out) {
+            forms.push(out);
+        }
+    }
+    forms
+}
+
 #[cfg(test)]
 mod tests {
     use data_encoding::{BASE64, BASE64URL};
+
+    use std::sync::atomic::AtomicU64;
 
     use super::*;
 
@@ -411,7 +799,7 @@ mod tests {
 
     #[test]
     fn only_a_tail_that_may_still_match_is_held_back() {
-        let needles = Needles::exact(vec![z(b"sk-secret-value"), z(b"other")]);
+        let needles = Needles::exact(vec![z(b"sk-secret-value"), z(b"other")]).expect("needles");
         let mut s = needles.scrubber();
         // An SSE event ends in bytes no needle continues with: it goes out whole, at once.
         let event = b"data: {\"token\":\"hi\"}\n\n";
@@ -424,7 +812,7 @@ mod tests {
         assert_eq!(s.push(b"x\n\n"), b"sk-secx\n\n");
         assert_eq!(s.held_len(), 0);
         // A whole needle that a longer one continues waits for the next byte to decide.
-        let needles = Needles::exact(vec![z(b"abc"), z(b"abcdef")]);
+        let needles = Needles::exact(vec![z(b"abc"), z(b"abcdef")]).expect("needles");
         let mut s = needles.scrubber();
         assert_eq!(s.push(b"x abc"), b"x ");
         assert_eq!(s.push(b"!"), [PLACEHOLDER, b"!"].concat());
@@ -434,7 +822,7 @@ mod tests {
 
     #[test]
     fn replaces_in_one_chunk_and_across_chunks() {
-        let needles = Needles::exact(vec![z(b"sk-secret")]);
+        let needles = Needles::exact(vec![z(b"sk-secret")]).expect("needles");
         let body = b"{\"auth\":\"Bearer sk-secret\",\"again\":\"sk-secret\"}";
         let want = b"{\"auth\":\"Bearer [redacted by agent-broker]\",\"again\":\"[redacted by agent-broker]\"}";
         assert_eq!(needles.scrub(body).as_deref(), Some(&want[..]));
@@ -447,18 +835,24 @@ mod tests {
 
     #[test]
     fn holds_back_only_a_possible_prefix() {
-        let mut s = Needles::exact(vec![z(b"abcdef")]).scrubber();
+        let mut s = Needles::exact(vec![z(b"abcdef")])
+            .expect("needles")
+            .scrubber();
         // No tail of these starts the needle: nothing waits.
         assert_eq!(s.push(b"hello world"), b"hello world");
         assert_eq!(s.held_len(), 0);
         assert_eq!(s.push(b"!"), b"!");
         assert_eq!(s.finish(), b"");
-        let mut s = Needles::exact(vec![z(b"abcdef")]).scrubber();
+        let mut s = Needles::exact(vec![z(b"abcdef")])
+            .expect("needles")
+            .scrubber();
         assert_eq!(s.push(b"xxabc"), b"xx");
         assert_eq!(s.held_len(), 3);
         assert_eq!(s.push(b"def tail"), b"[redacted by agent-broker] tail");
         assert_eq!(s.finish(), b"");
-        let mut s = Needles::exact(vec![z(b"abcdef")]).scrubber();
+        let mut s = Needles::exact(vec![z(b"abcdef")])
+            .expect("needles")
+            .scrubber();
         assert_eq!(s.push(b"ab"), b"");
         assert_eq!(s.finish(), b"ab");
     }
@@ -474,7 +868,8 @@ mod tests {
 
     #[test]
     fn overlapping_and_prefix_needles_are_leftmost_longest() {
-        let needles = Needles::exact(vec![z(b"abc"), z(b"abcde"), z(b"cdx"), z(b"e")]);
+        let needles =
+            Needles::exact(vec![z(b"abc"), z(b"abcde"), z(b"cdx"), z(b"e")]).expect("needles");
         let raw: Vec<Vec<u8>> = vec![
             b"abc".to_vec(),
             b"abcde".to_vec(),
@@ -520,7 +915,7 @@ mod tests {
                 .collect();
             cuts.sort_unstable();
 
-            let set = Needles::exact(needles.iter().map(|n| z(n)).collect());
+            let set = Needles::exact(needles.iter().map(|n| z(n)).collect()).expect("needles");
             let want = naive(&haystack, &needles);
             let one_shot = set.scrub(&haystack).unwrap_or_else(|| haystack.clone());
             let streamed = stream(&set, &haystack, &cuts);
@@ -546,7 +941,7 @@ mod tests {
                 body.extend_from_slice(secret);
             }
         }
-        let set = Needles::new(vec![z(secret)]);
+        let set = Needles::new(vec![z(secret)]).expect("needles");
         for _ in 0..200 {
             let mut cuts: Vec<usize> = (0..rng.below(40))
                 .map(|_| rng.below(body.len() + 1))
@@ -564,7 +959,7 @@ mod tests {
     #[test]
     fn base64_forms_are_scrubbed_at_any_alignment() {
         let secret = b"sk-test-0123456789?>?>~~"; // `?>` and `~~` produce `+` and `/` in base64
-        let set = Needles::new(vec![z(secret)]);
+        let set = Needles::new(vec![z(secret)]).expect("needles");
         for encoding in [&BASE64, &BASE64URL, &BASE64_NOPAD, &BASE64URL_NOPAD] {
             for prefix in ["", "a", "ab", "Authorization: Bearer "] {
                 for suffix in ["", "x", "xy", "\r\n"] {
@@ -585,8 +980,10 @@ mod tests {
 
     #[test]
     fn short_secrets_skip_base64_but_keep_raw() {
-        let set = Needles::new(vec![z(b"short")]);
-        assert_eq!(set.len(), 1);
+        let set = Needles::new(vec![z(b"short")]).expect("needles");
+        // The value and its JSON form with every character escaped (lower and upper hex).
+        assert_eq!(set.len(), 3);
+        assert_eq!(set.scrub(HEXLOWER.encode(b"short").as_bytes()), None);
         assert_eq!(
             set.scrub(b"a short b").as_deref(),
             Some(&b"a [redacted by agent-broker] b"[..])
@@ -597,7 +994,7 @@ mod tests {
     #[test]
     fn json_and_percent_forms() {
         let secret = br#"pa"ss/wo\rd+1"#;
-        let set = Needles::new(vec![z(secret)]);
+        let set = Needles::new(vec![z(secret)]).expect("needles");
         for form in [
             &br#"pa\"ss/wo\\rd+1"#[..],
             br#"pa\"ss\/wo\\rd+1"#,
@@ -610,8 +1007,9 @@ mod tests {
             let out = set.scrub(&body).expect("found");
             assert_eq!(out, b"{\"echo\":\"[redacted by agent-broker]\"}");
         }
-        // Plain ASCII secrets have no distinct JSON or percent form.
-        assert_eq!(Needles::new(vec![z(b"abc")]).len(), 1);
+        // Plain ASCII secrets have no distinct minimal JSON or percent form: only the
+        // everything-escaped JSON form (`\u0061\u0062\u0063`, the same in both cases).
+        assert_eq!(Needles::new(vec![z(b"abc")]).expect("needles").len(), 2);
     }
 
     #[test]
@@ -635,5 +1033,213 @@ mod tests {
         let full = BASE64_NOPAD.encode(b"\0abcdef");
         assert!(full.contains(std::str::from_utf8(&core).expect("ascii")));
         assert_eq!(core.len(), (8 * 7) / 6 - 2);
+    }
+
+    /// Every needle of a set, for the reference implementation.
+    fn all_needles(set: &Needles) -> Vec<Vec<u8>> {
+        set.inner.needles.iter().map(|n| n.to_vec()).collect()
+    }
+
+    #[test]
+    fn hex_and_fully_escaped_json_forms() {
+        let secret = b"sk-live-0123456789abcdef";
+        let set = Needles::new(vec![z(secret)]).expect("needles");
+        let upper_u: String = secret.iter().map(|b| format!("\\u{b:04X}")).collect();
+        let lower_u: String = secret.iter().map(|b| format!("\\u{b:04x}")).collect();
+        for form in [
+            HEXLOWER.encode(secret),
+            HEXUPPER.encode(secret),
+            upper_u,
+            lower_u,
+        ] {
+            let body = format!("{{\"echo\":\"xx{form}yy\"}}");
+            let out = set.scrub(body.as_bytes()).expect("found");
+            assert_eq!(out, b"{\"echo\":\"xx[redacted by agent-broker]yy\"}");
+        }
+        // Non-ASCII: `ensure_ascii` escapes only those characters (a surrogate pair here).
+        let secret = "key-\u{e9}t\u{e9}-\u{1f511}-0123".as_bytes();
+        let set = Needles::new(vec![z(secret)]).expect("needles");
+        let ensure_ascii = serde_json_ascii(std::str::from_utf8(secret).expect("utf-8"));
+        assert!(ensure_ascii.contains("\\ud83d\\udd11"), "{ensure_ascii}");
+        assert!(set.scrub(ensure_ascii.as_bytes()).is_some());
+        // Go escapes `<` `>` `&` for HTML safety.
+        let set = Needles::new(vec![z(b"a<b>&c-0123456")]).expect("needles");
+        assert!(set.scrub(b"a\\u003cb\\u003e\\u0026c-0123456").is_some());
+    }
+
+    /// JSON with every non-ASCII character escaped, as Python's `json.dumps` writes it.
+    fn serde_json_ascii(text: &str) -> String {
+        let mut out = String::new();
+        let mut units = [0u16; 2];
+        for c in text.chars() {
+            if c.is_ascii() {
+                out.push(c);
+            } else {
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn html_escaped_forms() {
+        let secret = br#"p&ss<w>"rd'9"#;
+        let set = Needles::new(vec![z(secret)]).expect("needles");
+        for form in [
+            &b"p&amp;ss&lt;w&gt;&quot;rd&#x27;9"[..],
+            b"p&amp;ss&lt;w&gt;&#34;rd&#39;9",
+            b"p&amp;ss&lt;w&gt;&quot;rd&#039;9",
+            b"p&amp;ss&lt;w&gt;\"rd'9",
+        ] {
+            let mut body = b"<td>".to_vec();
+            body.extend_from_slice(form);
+            body.extend_from_slice(b"</td>");
+            assert_eq!(
+                set.scrub(&body).expect("found"),
+                b"<td>[redacted by agent-broker]</td>"
+            );
+        }
+    }
+
+    /// A MIME-wrapped base64 text (`width` characters a line, `newline` line ends) of `plain`.
+    fn mime(plain: &[u8], width: usize, newline: &str) -> String {
+        let flat = BASE64.encode(plain);
+        flat.as_bytes()
+            .chunks(width)
+            .map(|l| std::str::from_utf8(l).expect("ascii"))
+            .collect::<Vec<_>>()
+            .join(newline)
+    }
+
+    #[test]
+    fn mime_wrapped_base64_is_scrubbed_wherever_the_lines_break() {
+        // Long enough that its base64 spans more than one 64-character line.
+        let secret = b"sk-ant-api03-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ+/=?~";
+        let set = Needles::new(vec![z(secret)]).expect("needles");
+        for width in [76, 64] {
+            for newline in ["\r\n", "\n"] {
+                // Every alignment of the secret against the lines and the 3-byte groups.
+                for prefix_len in 0..(width + 3) {
+                    let mut plain = b"Authorization: Bearer ".to_vec();
+                    plain.extend(std::iter::repeat_n(b'x', prefix_len));
+                    plain.extend_from_slice(secret);
+                    plain.extend_from_slice(b"\r\n\r\n");
+                    let text = mime(&plain, width, newline);
+                    let out = set
+                        .scrub(text.as_bytes())
+                        .unwrap_or_else(|| panic!("width {width} prefix {prefix_len}: not found"));
+                    // Whatever is left decodes to no copy of the secret.
+                    let flat: Vec<u8> = out
+                        .iter()
+                        .copied()
+                        .filter(|b| !b"\r\n".contains(b))
+                        .collect();
+                    let exact = BASE64_NOPAD.encode(secret);
+                    assert!(!contains(&flat, &exact.as_bytes()[1..exact.len() - 2]));
+                    assert!(contains(&out, PLACEHOLDER));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn header_names_match_in_any_case() {
+        let set = Needles::new(vec![z(b"sk-Live-0123456789")]).expect("needles");
+        assert!(set.in_header_name(b"x-key-sk-live-0123456789"));
+        assert!(set.in_header_name(b"sk-live-0123456789"));
+        assert!(!set.in_header_name(b"content-type"));
+        assert!(!Needles::default().in_header_name(b"anything"));
+    }
+
+    #[test]
+    fn extra_secrets_reuse_the_set_when_known() {
+        let set = Needles::new(vec![z(b"first-secret-1"), z(b"second-secret-2")]).expect("set");
+        let same = set.with_extra(&[z(b"second-secret-2")]).expect("same");
+        assert!(Arc::ptr_eq(&set.inner, &same.inner), "no new automaton");
+        let more = set.with_extra(&[z(b"third-secret-33")]).expect("more");
+        assert!(more.scrub(b"a third-secret-33 b").is_some());
+        assert!(more.scrub(b"a first-secret-1 b").is_some());
+        assert!(set.scrub(b"a third-secret-33 b").is_none());
+    }
+
+    #[test]
+    fn replacements_are_counted() {
+        let counter = Arc::new(AtomicU64::new(0));
+        let set = Needles::exact(vec![z(b"abcdef")]).expect("needles");
+        let mut s = set.scrubber().counting(counter.clone());
+        s.push(b"xx abcdef yy abc");
+        s.push(b"def zz abc");
+        s.finish();
+        assert_eq!(counter.load(Ordering::Relaxed), 2);
+    }
+
+    /// Property, with the real encodings: for random secrets (some with characters that JSON,
+    /// percent and HTML escape), bodies with encoded forms planted in random filler, and random
+    /// splits, the streamed output equals the one-shot output and the reference over every
+    /// needle the set holds, and no needle survives.
+    #[test]
+    fn random_encoded_echoes_match_one_shot_replacement() {
+        let mut rng = Rng(0x51ed_270b_9a3c_44e1);
+        let secret_alphabet: &[u8] =
+            b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_+/=\"<&'";
+        let filler_alphabet: &[u8] = b"abc0123 {}:\",\r\n\\/%&;#xu";
+        for round in 0..300 {
+            let secret: Vec<u8> = (0..8 + rng.below(40))
+                .map(|_| secret_alphabet[rng.below(secret_alphabet.len())])
+                .collect();
+            let set = Needles::new(vec![z(&secret)]).expect("needles");
+            let needles = all_needles(&set);
+            let mut haystack = Vec::new();
+            let len = rng.below(600);
+            while haystack.len() < len {
+                if rng.below(40) == 0 {
+                    haystack.extend_from_slice(&needles[rng.below(needles.len())]);
+                } else {
+                    haystack.push(filler_alphabet[rng.below(filler_alphabet.len())]);
+                }
+            }
+            let mut cuts: Vec<usize> = (0..rng.below(16))
+                .map(|_| rng.below(haystack.len() + 1))
+                .collect();
+            cuts.sort_unstable();
+            let want = naive(&haystack, &needles);
+            let one_shot = set.scrub(&haystack).unwrap_or_else(|| haystack.clone());
+            assert_eq!(one_shot, want, "round {round}: one-shot differs");
+            let streamed = stream(&set, &haystack, &cuts);
+            assert_eq!(streamed, want, "round {round}: cuts {cuts:?}");
+            assert!(
+                !contains(&streamed, &secret),
+                "round {round}: the secret survived"
+            );
+        }
+    }
+
+    /// Not a benchmark that can fail: prints how fast a realistic set scans, for the README.
+    #[test]
+    fn scanning_cost_with_every_form() {
+        let secrets: Vec<Zeroizing<Vec<u8>>> = (0..4)
+            .map(|i| z(format!("sk-live-{i}-4f9a2b7c1d8e3f6a0b5c9d2e7f1a4b8c").as_bytes()))
+            .collect();
+        let built = std::time::Instant::now();
+        let set = Needles::new(secrets).expect("needles");
+        println!("built {} needles in {:?}", set.len(), built.elapsed());
+        let body: Vec<u8> = (0..1 << 20)
+            .map(|i: u32| b"abcdefghijklmnopqrstuvwxyz {}\",:0123456789\n"[(i % 43) as usize])
+            .collect();
+        let started = std::time::Instant::now();
+        let mut s = set.scrubber();
+        for chunk in body.chunks(16 * 1024) {
+            s.push(chunk);
+        }
+        s.finish();
+        let elapsed = started.elapsed();
+        println!(
+            "{} needles, 1 MiB in 16 KiB chunks: {:?} ({:.0} MiB/s)",
+            set.len(),
+            elapsed,
+            1.0 / elapsed.as_secs_f64()
+        );
     }
 }

@@ -1,10 +1,9 @@
-//! Byte splicing: a connection a tcp rule passes through unread, and an upgraded (WebSocket)
-//! connection once both sides switched protocols.
+//! Byte splicing: a connection a tcp rule passes through unread (an upgraded WebSocket
+//! connection is relayed by [`super::tunnel`]).
 
 use std::time::Instant;
 
 use agent_broker_protocol::{AuditEvent, Decision, EventKind, Side};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
@@ -64,20 +63,4 @@ impl Proxy {
         event.side = Some(Side::Upstream);
         self.events.record(event);
     }
-}
-
-pub(super) async fn splice_upgrade(
-    agent: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-) {
-    let (agent, upstream) = match tokio::try_join!(agent, upstream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            info!(error = %e, "upgrade failed");
-            return;
-        }
-    };
-    let mut agent = TokioIo::new(agent);
-    let mut upstream = TokioIo::new(upstream);
-    let _ = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await;
 }

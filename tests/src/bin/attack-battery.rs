@@ -456,6 +456,44 @@ fn tls_get(
     }
 }
 
+/// TLS to `connect` for `server`, one HTTP/1.1 request with `Connection: close`: the whole
+/// answer as it arrived, or why there is none.
+fn tls_fetch(
+    path: &str,
+    connect: SocketAddr,
+    server: rustls::pki_types::ServerName<'static>,
+    roots: rustls::RootCertStore,
+    host: &str,
+    headers: &str,
+) -> Result<Vec<u8>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls config: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), server).map_err(|e| format!("tls: {e}"))?;
+    let sock = TcpStream::connect_timeout(&connect, TIMEOUT).map_err(|e| io_errno(&e))?;
+    let _ = sock.set_read_timeout(Some(TIMEOUT));
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n");
+    tls.write_all(req.as_bytes())
+        .map_err(|e| classify_tls_error(&e))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tls.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            // A peer that closes without close_notify still sent its answer.
+            Err(e) if buf.is_empty() => return Err(classify_tls_error(&e)),
+            Err(_) => break,
+        }
+    }
+    Ok(buf)
+}
+
 fn classify_tls_error(e: &std::io::Error) -> String {
     let text = e.to_string();
     if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
@@ -560,12 +598,12 @@ fn main() {
             .clone()
             .unwrap_or_else(|| "placeholder".into());
         let name = rustls::pki_types::ServerName::try_from(host.clone()).map(|n| n.to_owned());
-        let outcome = match name {
+        let outcome = match name.as_ref() {
             Ok(name) => tls_get(
                 "/hash",
                 connect,
-                name,
-                roots,
+                name.clone(),
+                roots.clone(),
                 host,
                 &format!("Authorization: Bearer {placeholder}\r\n"),
             ),
@@ -595,6 +633,67 @@ fn main() {
             &["certificate rejected"],
             outcome,
         );
+        // N53-N55 (issue 13): the API hands the key back; brokerd's placeholder must stand in
+        // for it. The raw answers go to stderr, which the test scans for the canary.
+        if let Ok(name) = name {
+            let fetch = |path: &str| {
+                let got = tls_fetch(
+                    path,
+                    connect,
+                    name.clone(),
+                    roots.clone(),
+                    host,
+                    &format!("Authorization: Bearer {placeholder}\r\n"),
+                );
+                if let Ok(raw) = &got {
+                    eprintln!("{path}: {}", String::from_utf8_lossy(raw));
+                }
+                got
+            };
+            let placeholders = |raw: &[u8]| {
+                String::from_utf8_lossy(raw)
+                    .matches("[redacted by agent-broker]")
+                    .count()
+            };
+            let outcome = match fetch("/reflect/encodings") {
+                Ok(raw) => format!("{} placeholders", placeholders(&raw)),
+                Err(e) => e,
+            };
+            b.row(
+                "N53",
+                "the API quotes the key in hex, \\u JSON and MIME base64 (both cases, 76/64 columns)",
+                &["6 placeholders"],
+                outcome,
+            );
+            let outcome = match fetch("/reflect/header-name") {
+                Ok(raw) => {
+                    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+                    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+                    if head.contains("\r\nx-echo-") {
+                        "a header named after the key".to_string()
+                    } else {
+                        "no such header".to_string()
+                    }
+                }
+                Err(e) => e,
+            };
+            b.row(
+                "N54",
+                "the API names a response header after the key",
+                &["no such header"],
+                outcome,
+            );
+            let outcome = match fetch("/reflect/store").and_then(|_| fetch("/reflect/load")) {
+                Ok(raw) => format!("{} placeholders", placeholders(&raw)),
+                Err(e) => e,
+            };
+            b.row(
+                "N55",
+                "the API hands back the key an earlier request had it store",
+                &["2 placeholders"],
+                outcome,
+            );
+        }
     }
 
     b.row(

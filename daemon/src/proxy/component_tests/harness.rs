@@ -80,6 +80,17 @@ impl TestSecret {
         Self(Zeroizing::new(data_encoding::BASE64.encode(&*raw)))
     }
 
+    /// A random credential that is also a valid header name, in mixed case: `sk-` and 24
+    /// random bytes in URL-safe base64.
+    pub(super) fn token() -> Self {
+        let mut raw = Zeroizing::new([0u8; 24]);
+        getrandom::fill(&mut *raw).expect("random bytes");
+        Self(Zeroizing::new(format!(
+            "sk-{}",
+            data_encoding::BASE64URL_NOPAD.encode(&*raw)
+        )))
+    }
+
     pub(super) fn expose(&self) -> &str {
         &self.0
     }
@@ -214,6 +225,7 @@ impl TestAuthorizer {
                     recorded.lock().expect("completions").push(done.clone());
                     Charge::default()
                 })),
+                ..Grant::default()
             })
         });
         authorizer.completions = completions;
@@ -331,6 +343,28 @@ impl TestEvents {
             }
         })
         .await
+    }
+
+    /// The one event recorded once its exchange ended (a forwarded request's record is
+    /// completed when the response body or the upgraded connection ends); fails if there are
+    /// more.
+    pub(super) async fn single_ended(&self) -> AuditEvent {
+        within("waiting for the exchange's record to be completed", async {
+            loop {
+                {
+                    let events = self.events.lock().expect("events");
+                    if events
+                        .first()
+                        .is_some_and(|e| e.outcome != Some(RequestOutcome::Forwarded))
+                    {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        self.single().await
     }
 
     /// The one event recorded, after a short wait; fails if there are more.

@@ -92,10 +92,17 @@ async fn a_websocket_upgrade_is_forwarded_over_http1_and_spliced() {
             ["dGhlIHNhbXBsZSBub25jZQ=="]
         );
     });
-    let event = setup.broker.events.single().await;
+    // The record is written when the upgraded connection ends, with its bytes.
+    drop(io);
+    let event = setup.broker.events.single_ended().await;
     assert_eq!(event.kind, Some(EventKind::Request));
     assert_eq!(event.decision, Some(Decision::Allow));
     assert_eq!(event.status, Some(101));
+    assert_eq!(
+        (event.bytes_in, event.bytes_out),
+        (4, 13),
+        "counted both ways"
+    );
 }
 
 /// A refused request form: 403 with `reason`, recorded, and neither authorized nor forwarded.
