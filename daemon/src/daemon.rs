@@ -18,7 +18,6 @@ use crate::{
     config::Config,
     control::{self, ControlState},
     dns::{self, AnsweredNames, DnsServer, Resolver},
-    shares::{self, RefusalAudit, ShareBook},
     policy_store::PolicyStore,
     proxy::{
         Deadlines, Proxy,
@@ -27,6 +26,7 @@ use crate::{
         tls::{BrokerCa, LeafMinter},
         upstream::Upstream,
     },
+    shares::{self, RefusalAudit, ShareBook},
     vault::{KeySource, Vault},
 };
 use agent_broker_core::{cgroup::CgroupRoot, fmt::error_chain, secret::SecretValue};

@@ -188,9 +188,14 @@ impl DnsServer {
             Err(Some(reply)) => return Some(reply),
             Err(None) => return None,
         };
-        if self.shares.dns_query(origin).is_err() {
+        if let Err(refused) = self.shares.dns_query(origin) {
             // Over the agent's queries per second: refused without a look at the name, and
-            // audited in aggregate by the share book.
+            // audited in aggregate.
+            let mut event = dns_event(origin, &question);
+            event.status = Some(u16::from(ResponseCode::Refused));
+            self.shares
+                .refusals()
+                .refused_dns_rate(origin, &refused, event);
             return Some(reply_with(&question, ResponseCode::Refused));
         }
         let policy = self.policy.borrow().clone();

@@ -47,7 +47,6 @@ use upstream::Upstream;
 /// Deadline for the first bytes of a connection and for the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-
 /// How long the proxy waits on an upstream. Streams have no total deadline: an LLM's reply
 /// may take minutes, and a reasoning model pauses between tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

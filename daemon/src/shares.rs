@@ -116,7 +116,6 @@ pub struct Held {
     global: Option<Arc<AtomicUsize>>,
 }
 
-
 impl Drop for Held {
     fn drop(&mut self) {
         if let Some(counter) = self.agent.counter(self.kind) {
@@ -243,7 +242,8 @@ impl ShareBook {
         })
     }
 
-    /// One DNS query of the agent's this second. Refused: audited (aggregated).
+    /// One DNS query of the agent's this second. Refused: the caller audits it with
+    /// [`RefusalAudit::refused_dns_rate`].
     pub fn dns_query(&self, origin: &ConnectionOrigin) -> Result<(), Refused> {
         let agent = self.agent(origin);
         let rate = agent.limit(ShareKind::DnsQueriesPerSecond);
@@ -255,12 +255,10 @@ impl ShareBook {
         if ok {
             return Ok(());
         }
-        let refused = Refused {
+        Err(Refused {
             kind: Some(ShareKind::DnsQueriesPerSecond),
             reason: over_share(&agent, ShareKind::DnsQueriesPerSecond),
-        };
-        self.refusals.refused_dns_rate(origin, &refused);
-        Err(refused)
+        })
     }
 
     /// What each agent holds now, for `brokerctl status` and the console.
@@ -468,13 +466,19 @@ impl RefusalAudit {
         self.record((Some(origin.cgroup_id), key), event);
     }
 
-    fn refused_dns_rate(&self, origin: &ConnectionOrigin, refused: &Refused) {
+    /// A DNS query refused for the agent's queries-per-second share (`event` names the query).
+    pub fn refused_dns_rate(
+        &self,
+        origin: &ConnectionOrigin,
+        refused: &Refused,
+        event: AuditEvent,
+    ) {
         self.count(origin.cgroup_id);
         let event = AuditEvent {
             kind: Some(EventKind::Dns),
             decision: Some(Decision::Deny),
             reason: Some(refused.reason.clone()),
-            ..origin_event(origin)
+            ..event
         };
         self.record(
             (

@@ -433,7 +433,11 @@ impl Locked {
             })?;
             let size = file.metadata().map(|m| m.len()).unwrap_or(0);
             let full_check = self.spec.full_check_below.is_none_or(|cap| size < cap);
-            match if full_check { db.check_integrity() } else { Ok(true) } {
+            match if full_check {
+                db.check_integrity()
+            } else {
+                Ok(true)
+            } {
                 Ok(true) => {}
                 Ok(false) => {
                     return Err(corrupt("some pages fail their checksums".into(), None).into());

@@ -110,8 +110,9 @@ fn attacker_policies(w_cg: &agent_broker_tests::cgroup::TestCgroup, port: u16) -
     )
 }
 
+/// Both agents' cgroups exist below the test's cgroup, which is tagged.
 fn world() -> World {
-    World::with_policies(|cg, api| {
+    let w = World::with_policies(|cg, api| {
         vec![
             (
                 "agent".into(),
@@ -123,13 +124,23 @@ fn world() -> World {
             ),
             ("attacker".into(), attacker_policies(cg, api.port())),
         ]
-    })
+    });
+    w.cg.create_child("agent");
+    w.cg.create_child("attacker");
+    w.broker.attach(w.cg.path());
+    w
 }
 
 /// The victim's call still gets its key injected.
 fn assert_victim_served(w: &World, what: &str) {
     let (run, report) = clients::curl(&w.broker, &w.agent, &w.trust(), &w.call("/hash"));
-    assert_eq!(report.status, 200, "{what}: {}\n{}", report.show(), run.show());
+    assert_eq!(
+        report.status,
+        200,
+        "{what}: {}\n{}",
+        report.show(),
+        run.show()
+    );
     assert_eq!(
         report.json()["authorization_sha256"].as_str(),
         Some(w.injected_hash().as_str()),
@@ -231,7 +242,11 @@ fn an_agent_holding_connections_past_its_share_stops_neither_the_others_nor_stat
     );
     drop(child.stdin.take());
     let out = wait_with_timeout(child, Duration::from_secs(20), "the attacker");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Given back when closed.
     let back = poll_until(Duration::from_secs(10), || {
         let s = w.broker.status();
@@ -241,7 +256,10 @@ fn an_agent_holding_connections_past_its_share_stops_neither_the_others_nor_stat
             .is_none_or(|s| s.connections == 0)
             .then_some(())
     });
-    assert!(back.is_some(), "the attacker's connections are still counted");
+    assert!(
+        back.is_some(),
+        "the attacker's connections are still counted"
+    );
 }
 
 #[test]
@@ -284,14 +302,22 @@ fn a_dns_flood_is_refused_past_its_share_and_audited_as_a_few_records() {
     let dns = records(
         &w,
         &attacker,
-        |r| r.kind == Some(EventKind::Dns) && r.decision != Some(agent_broker_protocol::Decision::Allow),
+        |r| {
+            r.kind == Some(EventKind::Dns)
+                && r.decision != Some(agent_broker_protocol::Decision::Allow)
+        },
         |found| {
+            // The kernel drops what overflows brokerd's socket buffer (a burst of thousands of
+            // datagrams), so not every query is seen; far more than the share must be.
             let counted: u64 = found.iter().map(|r| r.count.unwrap_or(1)).sum();
-            // UDP may drop some of the flood on a loaded machine; most must be counted.
-            counted >= u64::from(sent) / 2
+            (200..=u64::from(sent)).contains(&counted) && found.iter().any(|r| r.count.is_some())
         },
     );
-    assert!(dns.len() <= 12, "{} records for a {sent}-query flood", dns.len());
+    assert!(
+        dns.len() <= 12,
+        "{} records for a {sent}-query flood",
+        dns.len()
+    );
     assert!(
         dns.iter().any(|r| r
             .reason

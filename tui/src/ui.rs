@@ -530,7 +530,10 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
     opt("secrets", (!secrets.is_empty()).then(|| secrets.join(", ")));
     opt("tokens", tokens.map(|t| t.to_string()));
     opt("estimated", tokens_estimated.clone());
-    opt("count", count.map(|n| format!("{n} like events refused in a burst")));
+    opt(
+        "count",
+        count.map(|n| format!("{n} like events refused in a burst")),
+    );
     out
 }
 

@@ -176,7 +176,11 @@ mod tests {
     fn the_smallest_value_of_the_levels_wins_field_by_field() {
         use ShareKind::*;
         let child = spec(&[(Connections, 50), (RequestsInFlight, 9000)]);
-        let parent = spec(&[(Connections, 80), (RequestsInFlight, 10), (DnsQueriesPerSecond, 5)]);
+        let parent = spec(&[
+            (Connections, 80),
+            (RequestsInFlight, 10),
+            (DnsQueriesPerSecond, 5),
+        ]);
         let s = SharesSpec::combine([&child, &parent]);
         assert_eq!(s.get(Connections), 50);
         assert_eq!(s.get(RequestsInFlight), 10);

@@ -1048,4 +1048,3 @@ fn the_writer_idles_in_the_idle_class_and_is_raised_by_a_backlog() {
     drop(handle);
     thread.join().expect("join").expect("writer");
 }
-

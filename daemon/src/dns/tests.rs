@@ -13,8 +13,8 @@ use hickory_proto::{
 use tokio::net::TcpListener;
 
 use super::*;
-use agent_broker_core::cgroup::{CgroupId, CgroupPath};
 use crate::shares::{RefusalAudit, ShareBook};
+use agent_broker_core::cgroup::{CgroupId, CgroupPath};
 
 const POLICY: &str = r#"
 cgroup = "agents/a"
@@ -246,9 +246,16 @@ async fn names_the_policy_does_not_allow_are_refused_and_nothing_is_forwarded() 
     assert_eq!(events[0].host.as_deref(), Some("other.example.test"));
     assert_eq!(events[0].count, None);
     assert_eq!(events[1].count, Some(2));
-    assert_eq!(events[1].host.as_deref(), Some("pkg.example.test"), "the newest");
+    assert_eq!(
+        events[1].host.as_deref(),
+        Some("pkg.example.test"),
+        "the newest"
+    );
     assert!(
-        events[1].reason.as_deref().is_some_and(|r| r.contains("2 more")),
+        events[1]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("2 more")),
         "{:?}",
         events[1].reason
     );
@@ -312,7 +319,11 @@ async fn an_agent_over_its_dns_share_is_refused_unread_and_others_are_not() {
     }
     // A burst of 5, then about 5 a second: the loop takes far less than a second.
     assert!((14..=15).contains(&refused), "{refused} refused");
-    assert_eq!(upstream.queries(), 20 - refused, "refused queries are not forwarded");
+    assert_eq!(
+        upstream.queries(),
+        20 - refused,
+        "refused queries are not forwarded"
+    );
     // Another agent has its own share.
     let other = ConnectionOrigin {
         cgroup: CgroupPath::parse("agents/a/other").expect("cgroup"),
@@ -321,7 +332,11 @@ async fn an_agent_over_its_dns_share_is_refused_unread_and_others_are_not() {
     };
     let reply = w
         .server
-        .answer(&other, &query(99, "api.example.test", RecordType::A), Transport::Udp)
+        .answer(
+            &other,
+            &query(99, "api.example.test", RecordType::A),
+            Transport::Udp,
+        )
         .await
         .expect("reply");
     assert_eq!(parse(&reply).metadata.response_code, ResponseCode::NoError);

@@ -150,7 +150,12 @@ impl Proxy {
     /// Serves one captured connection to completion; `admitted` is its place in the agent's
     /// share of connections. Until the connection reaches HTTP it also holds one of the
     /// agent's pending handshakes.
-    pub async fn serve(self: Arc<Self>, stream: TcpStream, origin: ConnectionOrigin, admitted: Held) {
+    pub async fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        origin: ConnectionOrigin,
+        admitted: Held,
+    ) {
         let _ = stream.set_nodelay(true);
         let handshake = match self.shares.handshake(&admitted) {
             Ok(h) => h,
@@ -375,9 +380,13 @@ impl Proxy {
             activity: conn.activity.clone(),
             epoch,
         };
-        self.serve_request(req, conn)
-            .await
-            .map(|body| Guarded { body, _guard: guard }.boxed_unsync())
+        self.serve_request(req, conn).await.map(|body| {
+            Guarded {
+                body,
+                _guard: guard,
+            }
+            .boxed_unsync()
+        })
     }
 
     /// Records a connection that never got to HTTP (TLS failure, unknown protocol).

@@ -19,7 +19,10 @@ impl Events {
     }
 }
 
-fn book(shares: &str, max_open: usize) -> (Arc<ShareBook>, Arc<Events>, watch::Sender<Arc<Policy>>) {
+fn book(
+    shares: &str,
+    max_open: usize,
+) -> (Arc<ShareBook>, Arc<Events>, watch::Sender<Arc<Policy>>) {
     let policy = Policy::from_files(vec![(
         PathBuf::from("a.toml"),
         format!("cgroup = \"agents\"\n[shares]\n{shares}\n"),
@@ -48,11 +51,17 @@ fn connections_are_held_until_dropped_and_each_agent_has_its_own() {
     let (book, events, _p) = book("connections = 3", 1000);
     let a = agent("agents/a", 1);
     let b = agent("agents/b", 2);
-    let held: Vec<Held> = (0..3).map(|_| book.admit(&a).expect("within share")).collect();
+    let held: Vec<Held> = (0..3)
+        .map(|_| book.admit(&a).expect("within share"))
+        .collect();
     let refused = book.admit(&a).err().expect("over the share");
     assert_eq!(refused.kind, Some(ShareKind::Connections));
     assert!(refused.reason.contains("agents/a"), "{}", refused.reason);
-    assert!(refused.reason.contains("shares.connections"), "{}", refused.reason);
+    assert!(
+        refused.reason.contains("shares.connections"),
+        "{}",
+        refused.reason
+    );
     assert!(book.admit(&b).is_ok(), "another agent is not affected");
     drop(held);
     assert!(book.admit(&a).is_ok(), "given back when closed");
@@ -67,11 +76,18 @@ fn connections_are_held_until_dropped_and_each_agent_has_its_own() {
 fn brokerds_own_limit_holds_across_agents() {
     let (book, _events, _p) = book("", 4);
     let held: Vec<Held> = (0..4)
-        .map(|i| book.admit(&agent(&format!("agents/n{i}"), i)).expect("admit"))
+        .map(|i| {
+            book.admit(&agent(&format!("agents/n{i}"), i))
+                .expect("admit")
+        })
         .collect();
     let refused = book.admit(&agent("agents/late", 99)).err().expect("full");
     assert_eq!(refused.kind, None);
-    assert!(refused.reason.contains("file descriptor"), "{}", refused.reason);
+    assert!(
+        refused.reason.contains("file descriptor"),
+        "{}",
+        refused.reason
+    );
     assert_eq!(book.open_connections(), (4, 4));
     drop(held);
     assert_eq!(book.open_connections().0, 0);
@@ -149,7 +165,12 @@ fn a_burst_of_refusals_is_its_first_record_and_a_count() {
     let all = events.all();
     assert_eq!(all.len(), 2);
     assert_eq!(all[1].count, Some(999));
-    assert!(all[1].reason.as_deref().is_some_and(|r| r.contains("999 more")));
+    assert!(
+        all[1]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("999 more"))
+    );
     assert_eq!(audit.refused_total(CgroupId(1)), 1000);
     // A new window starts a new burst.
     audit.refused_connection(&a, &refused);
@@ -167,7 +188,10 @@ fn bursts_are_kept_apart_by_agent_and_kind() {
     };
     audit.refused_connection(&agent("agents/a", 1), &over(ShareKind::Connections));
     audit.refused_connection(&agent("agents/b", 2), &over(ShareKind::Connections));
-    audit.refused_connection(&agent("agents/a", 1), &over(ShareKind::NewConnectionsPerSecond));
+    audit.refused_connection(
+        &agent("agents/a", 1),
+        &over(ShareKind::NewConnectionsPerSecond),
+    );
     assert_eq!(events.all().len(), 3, "each is the first of its own burst");
 }
 

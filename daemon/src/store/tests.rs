@@ -423,5 +423,8 @@ fn files_above_the_cap_skip_the_whole_file_check_so_opening_does_not_read_every_
         .open(|db| read_mark(db, &path).map(drop))
         .map(drop)
         .map_err(|e| error_chain(&e));
-    assert!(capped.is_ok(), "above the cap only the caller's check runs: {capped:?}");
+    assert!(
+        capped.is_ok(),
+        "above the cap only the caller's check runs: {capped:?}"
+    );
 }

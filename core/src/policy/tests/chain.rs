@@ -515,8 +515,16 @@ fn shares_are_the_smallest_of_the_levels_and_default_elsewhere() {
     let p = policy(&[("agents.toml", &parent), ("coder.toml", coder)]);
     let cg = |s: &str| CgroupPath::parse(s).expect("cgroup");
     let coder = p.shares(&cg("agents/coder/run-1"));
-    assert_eq!(coder.get(ShareKind::Connections), 100, "the parent's is smaller");
-    assert_eq!(coder.get(ShareKind::RequestsInFlight), 5, "the child's is smaller");
+    assert_eq!(
+        coder.get(ShareKind::Connections),
+        100,
+        "the parent's is smaller"
+    );
+    assert_eq!(
+        coder.get(ShareKind::RequestsInFlight),
+        5,
+        "the child's is smaller"
+    );
     assert_eq!(coder.get(ShareKind::DnsQueriesPerSecond), 7);
     assert_eq!(
         coder.get(ShareKind::PendingHandshakes),

@@ -54,11 +54,17 @@ async fn all_given_back(broker: &Broker) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{} connections still held", broker.shares.open_connections().0);
+    panic!(
+        "{} connections still held",
+        broker.shares.open_connections().0
+    );
 }
 
 async fn ok_call(agent: &mut Agent) -> StatusCode {
-    let req = agent.request("GET", HOST, "/").body(empty()).expect("request");
+    let req = agent
+        .request("GET", HOST, "/")
+        .body(empty())
+        .expect("request");
     agent.fetch(req).await.status
 }
 
@@ -110,7 +116,11 @@ async fn a_flood_of_refused_connections_is_audited_as_a_few_records() {
         .into_iter()
         .filter(|e| e.kind == Some(EventKind::Denial))
         .collect();
-    assert!(denials.len() <= 12, "{} records for 300 refusals", denials.len());
+    assert!(
+        denials.len() <= 12,
+        "{} records for 300 refusals",
+        denials.len()
+    );
     let counted: u64 = denials.iter().map(|e| e.count.unwrap_or(1)).sum();
     assert_eq!(counted, 300, "every refusal is counted");
 }
@@ -151,10 +161,16 @@ async fn requests_in_flight_over_the_share_get_a_429_and_the_share_comes_back() 
     let (_upstream, broker) = broker(slow, "requests_in_flight = 1", Deadlines::default()).await;
     let mut agent = Agent::tls(&broker, HOST, AgentProto::H2).await;
     let mut second = Agent::tls(&broker, HOST, AgentProto::H2).await;
-    let req = agent.request("GET", HOST, "/slow").body(empty()).expect("req");
+    let req = agent
+        .request("GET", HOST, "/slow")
+        .body(empty())
+        .expect("req");
     let slow_call = tokio::spawn(async move { agent.fetch(req).await.status });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let req = second.request("GET", HOST, "/fast").body(empty()).expect("req");
+    let req = second
+        .request("GET", HOST, "/fast")
+        .body(empty())
+        .expect("req");
     let refused = second.fetch(req).await;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(refused.header("retry-after"), Some("1"));
@@ -166,7 +182,10 @@ async fn requests_in_flight_over_the_share_get_a_429_and_the_share_comes_back() 
     release.notify_one();
     assert_eq!(slow_call.await.expect("slow call"), StatusCode::OK);
     // The response ended: its place is free again.
-    let req = second.request("GET", HOST, "/fast").body(empty()).expect("req");
+    let req = second
+        .request("GET", HOST, "/fast")
+        .body(empty())
+        .expect("req");
     assert_eq!(second.fetch(req).await.status, StatusCode::OK);
 }
 
@@ -179,7 +198,9 @@ async fn a_half_sent_request_head_is_not_held_past_its_deadline() {
     let (upstream, broker) = broker(answer("ok"), "", deadlines).await;
     // Plain HTTP: a request head that never ends.
     let mut tcp = TcpStream::connect(broker.addr).await.expect("connect");
-    tcp.write_all(b"GET / HTTP/1.1\r\nHost: ").await.expect("write");
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: ")
+        .await
+        .expect("write");
     assert!(
         closed_within(&mut tcp, Duration::from_secs(5)).await,
         "a half-sent head must be closed"
