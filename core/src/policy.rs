@@ -38,6 +38,7 @@ mod limits;
 mod method;
 mod narrow;
 mod rule;
+mod shares;
 mod usage;
 
 use std::{
@@ -58,6 +59,7 @@ pub use host::{HostError, HostPattern, normalize_host};
 pub use limits::{Budget, LimitDenial, LimitKey, Limiter, Rate, RatePeriod};
 pub use method::{MethodError, MethodSet};
 pub use rule::{Destination, Rule, RuleRef};
+pub use shares::{ShareKind, Shares, SharesSpec};
 pub use usage::{MAX_USAGE_OBJECT, UsageMeter, UsageReading};
 
 use crate::{cgroup::CgroupPath, secret::SecretName};
@@ -115,6 +117,8 @@ pub struct PolicyFile {
     ancestors: Vec<usize>,
     /// For each rule, the rule of the nearest ancestor file that covers it.
     covering: Vec<Option<usize>>,
+    /// What the file's `[shares]` sets.
+    shares: SharesSpec,
 }
 
 impl PolicyFile {
@@ -124,6 +128,7 @@ impl PolicyFile {
         mut rules: Vec<Rule>,
         dns: DnsNames,
         dns_entries: Vec<(HostPattern, (usize, usize))>,
+        shares: SharesSpec,
     ) -> Self {
         let mut http = Matcher::default();
         let mut tcp = Matcher::default();
@@ -159,6 +164,7 @@ impl PolicyFile {
             dns_entries,
             ancestors: Vec::new(),
             covering: vec![None; count],
+            shares,
         }
     }
 
@@ -339,6 +345,20 @@ impl Policy {
             .chain(self.files[i].ancestors.iter().copied())
             .map(|i| &self.files[i])
             .collect()
+    }
+
+    /// The shares of brokerd each agent in `cgroup` gets: field by field the smallest value a
+    /// governing file's `[shares]` sets, the default where none sets one (no file governs:
+    /// the defaults, though such an agent is denied everything else).
+    pub fn shares(&self, cgroup: &CgroupPath) -> Shares {
+        let Some(i) = self.governing(cgroup.as_str()) else {
+            return Shares::DEFAULT;
+        };
+        SharesSpec::combine(
+            std::iter::once(i)
+                .chain(self.files[i].ancestors.iter().copied())
+                .map(|i| &self.files[i].shares),
+        )
     }
 
     /// Every secret any rule injects (to warn about names missing from the vault at load).

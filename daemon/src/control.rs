@@ -81,6 +81,8 @@ pub struct ControlState {
     pub audit: Arc<dyn AuditAccess>,
     /// Where attach, detach and policy reloads are recorded.
     pub events: Arc<dyn EventSink>,
+    /// Each agent's shares of brokerd, as counted.
+    pub shares: Arc<crate::shares::ShareBook>,
 }
 
 /// Binds the control socket, refusing to steal it from a running brokerd.

@@ -26,6 +26,7 @@ use crate::{
         tls::{BrokerCa, LeafMinter},
         upstream::Upstream,
     },
+    shares::{self, RefusalAudit, ShareBook},
     vault::{KeySource, Vault},
 };
 use agent_broker_core::{cgroup::CgroupRoot, fmt::error_chain, secret::SecretValue};
@@ -66,6 +67,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (audit, audit_writer) =
         AuditLog::open(&config.state_dir, config.audit_retention)?.writer()?;
     let event_log = Arc::new(audit.clone());
+    let nofile = shares::raise_fd_limit();
+    let max_open = shares::max_connections(nofile);
+    info!(
+        nofile,
+        max_connections = max_open,
+        "file descriptor limit; brokerd serves at most this many connections at once"
+    );
+    let refusals = Arc::new(RefusalAudit::new(event_log.clone()));
+    let share_book = Arc::new(ShareBook::new(policy.subscribe(), refusals, max_open));
     let answered = Arc::new(AnsweredNames::default());
     let dns_upstreams = if config.dns_upstream.is_empty() {
         match dns::upstreams_from_resolv_conf(std::path::Path::new("/etc/resolv.conf")) {
@@ -87,6 +97,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         policy.subscribe(),
         event_log.clone(),
         answered.clone(),
+        share_book.clone(),
     ));
 
     // Bind first: the kernel side needs the final port, and a bind failure must not leave
@@ -128,10 +139,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         events: event_log.clone(),
         names,
         deadlines: Deadlines::default(),
+        shares: share_book.clone(),
     });
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    tracker.spawn(share_book.clone().run(cancel.clone()));
     if let Some(logger) = capture.logger {
         tracker.spawn(capture::drive_logger_until(logger, cancel.clone()));
     }
@@ -182,6 +195,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         policy: policy.clone(),
         audit: event_log.clone(),
         events: event_log.clone(),
+        shares: share_book,
     });
     policy.report_to(event_log.clone());
     tracker.spawn(policy.watch(cancel.clone()));

@@ -5,7 +5,10 @@
 //! resolver that forwarded everything would be a tunnel out of the sandbox (data encoded in
 //! query names), so brokerd answers only names the agent's policy allows (`[dns]`, or the names
 //! of its `host` rules), forwarding those to the host's resolvers, and answers REFUSED for the
-//! rest without sending anything anywhere. Every query is audited.
+//! rest without sending anything anywhere. Each agent gets a number of queries per second (its
+//! `[shares]`); more are answered REFUSED unread. Every allowed query is audited; refused ones
+//! are too, but a flood of them as its first query and then one record a second with their
+//! number, so it cannot grow the log by megabytes a second.
 //!
 //! HTTPS and SVCB queries get an empty answer: their records advertise HTTP/3 and ECH, which
 //! would only make clients try QUIC (refused in the kernel) or encrypted ClientHellos (which
@@ -44,7 +47,7 @@ pub use resolve::Resolver;
 #[cfg(test)]
 pub(crate) use resolve::fake_resolver;
 
-use crate::{audit::EventSink, capture::ConnectionOrigin};
+use crate::{audit::EventSink, capture::ConnectionOrigin, shares::ShareBook};
 use agent_broker_core::policy::Policy;
 
 /// Why one upstream resolver gave no usable answer.
@@ -141,6 +144,8 @@ pub struct DnsServer {
     policy: watch::Receiver<Arc<Policy>>,
     events: Arc<dyn EventSink>,
     answered: Arc<AnsweredNames>,
+    /// Each agent's DNS queries per second, and the aggregated audit of refusals.
+    shares: Arc<ShareBook>,
     in_flight: AtomicUsize,
 }
 
@@ -157,12 +162,14 @@ impl DnsServer {
         policy: watch::Receiver<Arc<Policy>>,
         events: Arc<dyn EventSink>,
         answered: Arc<AnsweredNames>,
+        shares: Arc<ShareBook>,
     ) -> Self {
         Self {
             upstreams,
             policy,
             events,
             answered,
+            shares,
             in_flight: AtomicUsize::new(0),
         }
     }
@@ -181,6 +188,16 @@ impl DnsServer {
             Err(Some(reply)) => return Some(reply),
             Err(None) => return None,
         };
+        if let Err(refused) = self.shares.dns_query(origin) {
+            // Over the agent's queries per second: refused without a look at the name, and
+            // audited in aggregate.
+            let mut event = dns_event(origin, &question);
+            event.status = Some(u16::from(ResponseCode::Refused));
+            self.shares
+                .refusals()
+                .refused_dns_rate(origin, &refused, event);
+            return Some(reply_with(&question, ResponseCode::Refused));
+        }
         let policy = self.policy.borrow().clone();
         let mut event = dns_event(origin, &question);
         if let Err(reason) = policy.dns_allowed(&origin.cgroup, &question.name) {
@@ -197,7 +214,8 @@ impl DnsServer {
             event.reason = Some(reason.to_string());
             event.status = Some(u16::from(ResponseCode::Refused));
             event.latency_us = Some(started.elapsed().as_micros() as u64);
-            self.events.record(event);
+            // A flood of refused names is recorded as its first query and a count a second.
+            self.shares.refusals().refused_dns_name(origin, event);
             return Some(reply_with(&question, ResponseCode::Refused));
         }
         event.decision = Some(Decision::Allow);

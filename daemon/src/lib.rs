@@ -26,6 +26,7 @@ mod dns;
 mod harden;
 mod policy_store;
 mod proxy;
+mod shares;
 mod store;
 mod vault;
 

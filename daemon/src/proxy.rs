@@ -55,6 +55,14 @@ pub struct Deadlines {
     pub response_head: Duration,
     /// Between two frames of a response body, and before the first.
     pub body_idle: Duration,
+    /// For the agent's request head: the first request of a connection must arrive this long
+    /// after the connection reached HTTP, and an HTTP/1.1 request head within this long of the
+    /// connection becoming ready for it (so a keep-alive connection waits this long for its
+    /// next request). A half-sent request is never held longer.
+    pub request_head: Duration,
+    /// How long a connection with no request in flight stays open (HTTP/2; HTTP/1.1 is bound
+    /// by `request_head` first).
+    pub connection_idle: Duration,
 }
 
 impl Default for Deadlines {
@@ -62,6 +70,8 @@ impl Default for Deadlines {
         Self {
             response_head: Duration::from_secs(10 * 60),
             body_idle: Duration::from_secs(10 * 60),
+            request_head: Duration::from_secs(30),
+            connection_idle: Duration::from_secs(120),
         }
     }
 }
@@ -75,4 +85,6 @@ pub struct Proxy {
     /// Proves name-matched destinations that no certificate proves.
     pub names: Arc<dyn NameCheck>,
     pub deadlines: Deadlines,
+    /// Each agent's shares of brokerd: connections, handshakes, requests in flight.
+    pub shares: Arc<crate::shares::ShareBook>,
 }

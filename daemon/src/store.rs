@@ -53,6 +53,12 @@ pub struct Spec {
     pub file: &'static str,
     /// redb's page cache, in bytes, for the check and for the open store.
     pub cache_size: usize,
+    /// Files at least this large skip redb's whole-file integrity check on open (it reads every
+    /// page, so a start would take longer the larger the file); `None` checks every file. A
+    /// file that skips it is still refused if it is not redb, needs a repair that fails, or
+    /// fails the caller's check, and its pages are checked by whoever reads them all (`brokerctl
+    /// logs verify` for the audit log).
+    pub full_check_below: Option<u64>,
 }
 
 /// What messages call a store, such as "vault" and, for its file, "vault file".
@@ -425,7 +431,13 @@ impl Locked {
                     Some(Box::new(e.into())),
                 )
             })?;
-            match db.check_integrity() {
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let full_check = self.spec.full_check_below.is_none_or(|cap| size < cap);
+            match if full_check {
+                db.check_integrity()
+            } else {
+                Ok(true)
+            } {
                 Ok(true) => {}
                 Ok(false) => {
                     return Err(corrupt("some pages fail their checksums".into(), None).into());

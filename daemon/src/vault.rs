@@ -81,6 +81,7 @@ static STORE: store::Spec = store::Spec {
     // Point reads of small records: a vault's hot pages fit many times over, and the check on
     // open, which reads every page, stays bounded too.
     cache_size: 16 * 1024 * 1024,
+    full_check_below: None,
 };
 /// Longest accepted internal blob name.
 const MAX_BLOB_NAME_LEN: usize = 128;

@@ -243,6 +243,11 @@ pub struct AuditEvent {
     /// not, and how the estimate was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_estimated: Option<String>,
+    /// Set on a record that stands for several like events brokerd refused in a burst (a
+    /// flood of connections or DNS queries is audited as its first event, then one such
+    /// record per second): how many events it stands for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 impl AuditEvent {
@@ -527,6 +532,33 @@ pub struct StatusReport {
     /// `brokerctl run`), at most 64.
     #[serde(default)]
     pub unprotected: Vec<ProcessProtections>,
+    /// What each agent seen in the last minute holds of its shares of brokerd.
+    #[serde(default)]
+    pub shares: Vec<AgentShareUse>,
+    /// Connections brokerd serves now, all agents together.
+    #[serde(default)]
+    pub open_connections: u64,
+    /// The most connections brokerd serves at once (from its file descriptor limit).
+    #[serde(default)]
+    pub max_connections: u64,
+}
+
+/// One agent's use of its shares of brokerd (`[shares]` in the policy).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentShareUse {
+    /// The agent's cgroup.
+    pub cgroup: String,
+    pub connections: u32,
+    pub connections_limit: u32,
+    /// Connections not yet at HTTP.
+    pub handshakes: u32,
+    pub handshakes_limit: u32,
+    /// HTTP requests in flight.
+    pub requests: u32,
+    pub requests_limit: u32,
+    /// Connections, requests and DNS queries refused for a share since brokerd started.
+    pub refused: u64,
 }
 
 /// A process in a tagged cgroup and the launcher protections it lacks.

@@ -42,6 +42,8 @@ const SECRET_NAME: &str = "BATTERY_KEY";
 /// The test API's certificate names it (see `TestUpstream`).
 const API: &str = "api.example.test";
 const DENIED_NAME: &str = "exfil.example.test";
+/// The agent's share of connections to brokerd (N65 holds four times as many).
+const BATTERY_CONNECTION_SHARE: usize = 16;
 /// Where the battery's plain-HTTP "service" is (down; the battery listens there itself, N64).
 const SQUAT_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 64, 1);
 /// The address the fake upstream resolver gives for every name.
@@ -283,7 +285,8 @@ fn run_tier(tier: &str, identity: &[&str]) {
          inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n\n\
          [[allow]]\nhost = \"{}\"\nport = {}\nplain_http = true\n\
          inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n\n\
-         [dns]\nallow = [\"{API}\"]\n",
+         [dns]\nallow = [\"{API}\"]\n\n\
+         [shares]\nconnections = {BATTERY_CONNECTION_SHARE}\n",
         api.port(),
         squat.ip(),
         squat.port()
@@ -331,6 +334,7 @@ fn run_tier(tier: &str, identity: &[&str]) {
         .args(["--allowed-connect", &api.addr().to_string()])
         .args(["--placeholder", placeholder.expose()])
         .args(["--squat", &squat.to_string()])
+        .args(["--connection-share", &BATTERY_CONNECTION_SHARE.to_string()])
         .arg("--protected-path")
         .arg(state.join("master.key"))
         .arg("--protected-path")
@@ -415,7 +419,7 @@ fn run_tier(tier: &str, identity: &[&str]) {
         "N01", "N02", "N03", "N04", "N05", "N06", "N07", "N08", "N10", "N11", "N12", "N13", "N14",
         "N15", "N16", "N17", "N18", "N19", "N20", "N21", "N22", "N23", "N24", "N25", "N26", "N27",
         "N28", "N29", "N31", "N32", "N33", "N34", "N35", "N36", "N37", "N38", "N39", "N40", "N41",
-        "N42", "N51", "N52", "N53", "N54", "N55", "N64",
+        "N42", "N51", "N52", "N53", "N54", "N55", "N64", "N65",
     ] {
         assert!(
             rows.iter().any(|r| r.id == id),

@@ -69,9 +69,12 @@ impl AgentStats {
         if !is_call(event) {
             return;
         }
-        self.calls += 1;
+        // A record of a burst brokerd summed up (a flood of refused connections or queries)
+        // counts as every event it stands for.
+        let weight = event.count.unwrap_or(1).max(1);
+        self.calls += weight;
         if denied {
-            self.denials += 1;
+            self.denials += weight;
         }
         if event.kind == Some(EventKind::TlsFailure) {
             let comm = event.comm.clone().unwrap_or_else(|| "?".into());
@@ -84,8 +87,12 @@ impl AgentStats {
         // Buckets stay sorted by second; an event older than the newest goes into its own.
         let at = self.buckets.partition_point(|(s, _)| *s < sec);
         match self.buckets.get_mut(at) {
-            Some((s, n)) if *s == sec => *n = n.saturating_add(1),
-            _ => self.buckets.insert(at, (sec, 1)),
+            Some((s, n)) if *s == sec => {
+                *n = n.saturating_add(u32::try_from(weight).unwrap_or(u32::MAX))
+            }
+            _ => self
+                .buckets
+                .insert(at, (sec, u32::try_from(weight).unwrap_or(u32::MAX))),
         }
         self.prune(now_ms);
     }

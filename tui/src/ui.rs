@@ -498,6 +498,7 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
         outcome,
         tokens,
         tokens_estimated,
+        count,
     } = event;
     let mut out: Vec<(&'static str, String)> = vec![("time", utc_timestamp(*time_ms))];
     let mut opt = |label: &'static str, value: Option<String>| {
@@ -529,6 +530,10 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
     opt("secrets", (!secrets.is_empty()).then(|| secrets.join(", ")));
     opt("tokens", tokens.map(|t| t.to_string()));
     opt("estimated", tokens_estimated.clone());
+    opt(
+        "count",
+        count.map(|n| format!("{n} like events refused in a burst")),
+    );
     out
 }
 

@@ -54,6 +54,9 @@ fn status() -> StatusReport {
         lsm: String::new(),
         hardening: String::new(),
         unprotected: Vec::new(),
+        shares: Vec::new(),
+        open_connections: 0,
+        max_connections: 0,
     }
 }
 

@@ -416,3 +416,25 @@ fn event_loop_runs_on_a_test_backend() -> Result<(), ConsoleError> {
     assert!(matches!(app.connection(), Connection::Disconnected { .. }));
     Ok(())
 }
+
+#[test]
+fn a_summed_burst_of_refusals_counts_as_every_event_it_stands_for() {
+    let mut app = App::new(RUN_DIR);
+    app.apply(agent_broker_console::FeedMsg::Connected(None));
+    app.tick(NOW);
+    let refusal = |seq, count| AuditEvent {
+        seq,
+        time_ms: NOW - 1000,
+        kind: Some(EventKind::Denial),
+        decision: Some(agent_broker_protocol::Decision::Deny),
+        cgroup: Some("agents/flood".into()),
+        reason: Some("connection refused: agent agents/flood is at its share".into()),
+        count,
+        ..AuditEvent::default()
+    };
+    app.ingest(refusal(1, None));
+    app.ingest(refusal(2, Some(40)));
+    let stats = &app.agents()["agents/flood"];
+    assert_eq!(stats.denials, 41);
+    assert_eq!(stats.calls, 41);
+}

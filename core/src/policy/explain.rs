@@ -304,6 +304,7 @@ impl Policy {
                 .iter()
                 .map(|f| (f.cgroup.clone(), f.dns.clone()))
                 .collect(),
+            shares: self.shares(cgroup),
             rules,
         }
     }
@@ -327,6 +328,8 @@ pub struct EffectivePolicy {
     pub files: Vec<(PathBuf, CgroupPath)>,
     /// Each level's DNS names, closest first; a name must be allowed by all.
     pub dns: Vec<(CgroupPath, DnsNames)>,
+    /// Each agent's share of brokerd (`[shares]`, narrowed across the levels).
+    pub shares: super::Shares,
     pub rules: Vec<EffectiveRule>,
 }
 
@@ -400,6 +403,13 @@ impl fmt::Display for EffectivePolicy {
                     "# and each name must also be allowed for {cgroup}: [{dns}]"
                 )?;
             }
+        }
+        writeln!(
+            f,
+            "\n[shares]  # each agent's own; the smallest value of the levels, else the default"
+        )?;
+        for kind in super::ShareKind::ALL {
+            writeln!(f, "{} = {}", kind.field(), self.shares.get(kind))?;
         }
         if self.rules.is_empty() {
             writeln!(f, "\n# no rules: every request is denied")?;

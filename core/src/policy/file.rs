@@ -31,6 +31,7 @@ use super::{
     limits::{Budget, Rate, RatePeriod},
     method::MethodSet,
     rule::{Destination, Rule, RuleRef, Spans},
+    shares::{ShareKind, SharesSpec},
 };
 use crate::{
     cgroup::CgroupPath,
@@ -53,6 +54,23 @@ struct RawFile {
     /// Allow rules; none means everything is denied.
     #[serde(default)]
     allow: Vec<Spanned<RawRule>>,
+    /// Each agent's share of brokerd (see [`super::shares`]).
+    shares: Option<Spanned<RawShares>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShares {
+    /// Connections open at once.
+    connections: Option<Spanned<i64>>,
+    /// New connections per second.
+    new_connections_per_second: Option<Spanned<i64>>,
+    /// Connections not yet at HTTP (first bytes, TLS handshake).
+    pending_handshakes: Option<Spanned<i64>>,
+    /// HTTP requests in flight.
+    requests_in_flight: Option<Spanned<i64>>,
+    /// DNS queries per second.
+    dns_queries_per_second: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -423,10 +441,45 @@ pub(super) fn compile(path: &Path, text: &str) -> Result<PolicyFile, Vec<PolicyF
         ),
     };
 
-    match cgroup {
-        Some(cgroup) if errors.is_empty() => {
-            Ok(PolicyFile::new(file, cgroup, rules, dns, dns_entries))
+    let mut shares = SharesSpec::default();
+    if let Some(raw) = raw.shares {
+        let raw = raw.into_inner();
+        let fields = [
+            (ShareKind::Connections, raw.connections),
+            (
+                ShareKind::NewConnectionsPerSecond,
+                raw.new_connections_per_second,
+            ),
+            (ShareKind::PendingHandshakes, raw.pending_handshakes),
+            (ShareKind::RequestsInFlight, raw.requests_in_flight),
+            (ShareKind::DnsQueriesPerSecond, raw.dns_queries_per_second),
+        ];
+        for (kind, value) in fields {
+            let Some(value) = value else { continue };
+            match u32::try_from(*value.get_ref()) {
+                Ok(v) if v >= 1 => shares.set(kind, v),
+                _ => errors.push(loc.error(
+                    Some(value.span()),
+                    Some(format!("shares.{}", kind.field())),
+                    format!(
+                        "{} must be a whole number from 1 to {} (0 would lock the agent out)",
+                        value.get_ref(),
+                        u32::MAX
+                    ),
+                )),
+            }
         }
+    }
+
+    match cgroup {
+        Some(cgroup) if errors.is_empty() => Ok(PolicyFile::new(
+            file,
+            cgroup,
+            rules,
+            dns,
+            dns_entries,
+            shares,
+        )),
         _ => Err(errors),
     }
 }

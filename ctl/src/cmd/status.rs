@@ -84,6 +84,33 @@ fn print_status(s: &StatusReport) {
     if let Some(e) = &s.policy.error {
         outln!("policy error   the newest files did not load, the previous policy is active: {e}");
     }
+    if s.max_connections > 0 {
+        outln!(
+            "connections    {} open, at most {} at once (from brokerd's file descriptor limit)",
+            s.open_connections,
+            s.max_connections
+        );
+    }
+    if !s.shares.is_empty() {
+        outln!(
+            "{:<40} {:>13} {:>13} {:>13} {:>8}",
+            "AGENT SHARES (now/limit)",
+            "CONNECTIONS",
+            "HANDSHAKES",
+            "REQUESTS",
+            "REFUSED"
+        );
+        for a in &s.shares {
+            outln!(
+                "{:<40} {:>13} {:>13} {:>13} {:>8}",
+                a.cgroup,
+                format!("{}/{}", a.connections, a.connections_limit),
+                format!("{}/{}", a.handshakes, a.handshakes_limit),
+                format!("{}/{}", a.requests, a.requests_limit),
+                a.refused
+            );
+        }
+    }
     if s.cgroups.is_empty() {
         outln!("no tagged cgroups");
         return;

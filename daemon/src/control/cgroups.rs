@@ -39,6 +39,9 @@ pub async fn status(state: &ControlState) -> Response {
             hooks: crate::capture::hook_names(),
             lsm: state.lsm.clone(),
             hardening: state.hardening.clone(),
+            shares: state.shares.usage(),
+            open_connections: state.shares.open_connections().0 as u64,
+            max_connections: state.shares.open_connections().1 as u64,
         }),
         Err(e) => capture_error(e),
     }

@@ -13,6 +13,7 @@ use hickory_proto::{
 use tokio::net::TcpListener;
 
 use super::*;
+use crate::shares::{RefusalAudit, ShareBook};
 use agent_broker_core::cgroup::{CgroupId, CgroupPath};
 
 const POLICY: &str = r#"
@@ -126,16 +127,23 @@ struct World {
 }
 
 fn world(upstreams: Vec<SocketAddr>) -> World {
+    world_with(POLICY, upstreams)
+}
+
+fn world_with(policy: &str, upstreams: Vec<SocketAddr>) -> World {
     let policy =
-        Policy::from_files(vec![(PathBuf::from("a.toml"), POLICY.to_string())]).expect("policy");
+        Policy::from_files(vec![(PathBuf::from("a.toml"), policy.to_string())]).expect("policy");
     let (tx, rx) = watch::channel(Arc::new(policy));
     let events = Arc::new(Events::default());
     let answered = Arc::new(AnsweredNames::default());
+    let refusals = Arc::new(RefusalAudit::new(events.clone()));
+    let shares = Arc::new(ShareBook::new(rx.clone(), refusals, 1000));
     let server = Arc::new(DnsServer::new(
         upstreams,
         rx,
         events.clone(),
         answered.clone(),
+        shares,
     ));
     World {
         server,
@@ -224,12 +232,32 @@ async fn names_the_policy_does_not_allow_are_refused_and_nothing_is_forwarded() 
         0,
         "a refused name must not leave brokerd"
     );
+    // The first refusal is recorded at once, the two after it (within a second) as one
+    // record with their number.
+    assert_eq!(w.events.all().len(), 1);
+    w.server.shares.refusals().flush(true);
     let events = w.events.all();
-    assert_eq!(events.len(), 3);
+    assert_eq!(events.len(), 2, "{events:#?}");
     assert!(
         events
             .iter()
             .all(|e| e.decision == Some(Decision::Deny) && e.reason.is_some())
+    );
+    assert_eq!(events[0].host.as_deref(), Some("other.example.test"));
+    assert_eq!(events[0].count, None);
+    assert_eq!(events[1].count, Some(2));
+    assert_eq!(
+        events[1].host.as_deref(),
+        Some("pkg.example.test"),
+        "the newest"
+    );
+    assert!(
+        events[1]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("2 more")),
+        "{:?}",
+        events[1].reason
     );
     // A wildcard allows names below its suffix.
     let reply = w
@@ -242,6 +270,93 @@ async fn names_the_policy_does_not_allow_are_refused_and_nothing_is_forwarded() 
         .await
         .expect("reply");
     assert_eq!(parse(&reply).metadata.response_code, ResponseCode::NoError);
+}
+
+#[tokio::test]
+async fn a_flood_of_refused_names_is_audited_as_a_few_records() {
+    let upstream = FakeResolver::start().await;
+    let w = world(vec![upstream.addr]);
+    for i in 0..5000u16 {
+        let name = format!("x{i}.tunnel.test");
+        let reply = w
+            .server
+            .answer(&w.origin, &query(i, &name, RecordType::A), Transport::Udp)
+            .await
+            .expect("reply");
+        assert_eq!(parse(&reply).metadata.response_code, ResponseCode::Refused);
+    }
+    w.server.shares.refusals().flush(true);
+    let events = w.events.all();
+    // 5000 queries in well under the default rate's burst window would be 5000 records; the
+    // rate share refuses most unread and both kinds are summed per second.
+    assert!(events.len() <= 8, "{} records: {events:#?}", events.len());
+    let counted: u64 = events.iter().map(|e| e.count.unwrap_or(1)).sum();
+    assert_eq!(counted, 5000, "every query is accounted for: {events:#?}");
+    assert_eq!(upstream.queries(), 0);
+}
+
+#[tokio::test]
+async fn an_agent_over_its_dns_share_is_refused_unread_and_others_are_not() {
+    let upstream = FakeResolver::start().await;
+    let policy = format!("{POLICY}\n[shares]\ndns_queries_per_second = 5\n");
+    let w = world_with(&policy, vec![upstream.addr]);
+    let mut refused = 0;
+    for i in 0..20u16 {
+        let reply = w
+            .server
+            .answer(
+                &w.origin,
+                &query(i, "api.example.test", RecordType::A),
+                Transport::Udp,
+            )
+            .await
+            .expect("reply");
+        match parse(&reply).metadata.response_code {
+            ResponseCode::NoError => {}
+            ResponseCode::Refused => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // A burst of 5, then about 5 a second: the loop takes far less than a second.
+    assert!((14..=15).contains(&refused), "{refused} refused");
+    assert_eq!(
+        upstream.queries(),
+        20 - refused,
+        "refused queries are not forwarded"
+    );
+    // Another agent has its own share.
+    let other = ConnectionOrigin {
+        cgroup: CgroupPath::parse("agents/a/other").expect("cgroup"),
+        cgroup_id: CgroupId(8),
+        ..w.origin.clone()
+    };
+    let reply = w
+        .server
+        .answer(
+            &other,
+            &query(99, "api.example.test", RecordType::A),
+            Transport::Udp,
+        )
+        .await
+        .expect("reply");
+    assert_eq!(parse(&reply).metadata.response_code, ResponseCode::NoError);
+    w.server.shares.refusals().flush(true);
+    let denials: Vec<_> = w
+        .events
+        .all()
+        .into_iter()
+        .filter(|e| e.decision == Some(Decision::Deny))
+        .collect();
+    assert!(!denials.is_empty() && denials.len() <= 2, "{denials:#?}");
+    assert!(
+        denials[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("shares.dns_queries_per_second")),
+        "{denials:#?}"
+    );
+    let counted: u64 = denials.iter().map(|e| e.count.unwrap_or(1)).sum();
+    assert_eq!(counted, refused as u64);
 }
 
 #[tokio::test]

@@ -4,7 +4,8 @@
 //! broker port directly, or a record evicted under a flood; or a record made by another socket
 //! than the one at the far end of the connection: a process that took over an agent socket's
 //! address) is refused, logged and audited (a denial naming no agent, with the reason), so
-//! brokerd is never a credential oracle for processes outside the tagged cgroups.
+//! brokerd is never a credential oracle for processes outside the tagged cgroups. A resolved
+//! connection is admitted within its agent's shares ([`crate::shares`]) or closed.
 
 use std::{
     collections::VecDeque,
@@ -180,10 +181,12 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, shared: &Shared) {
         Err(e) => {
             let reason = e.to_string();
             warn!(%peer, %reason, outcome = "refused", "connection with unresolved origin refused");
+            // A flood of them is recorded as its first and a count a second.
             shared
                 .proxy
-                .events
-                .record(unresolved_event(time_ms, &reason));
+                .shares
+                .refusals()
+                .refused_unresolved(unresolved_event(time_ms, &reason));
             recent.push(ConnectionRecord {
                 time_ms,
                 peer,
@@ -206,14 +209,32 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, shared: &Shared) {
         ));
         return;
     }
+    // The agent's share of connections (audited, in aggregate, when refused).
+    let admitted = match shared.proxy.shares.admit(&origin) {
+        Ok(held) => held,
+        Err(refused) => {
+            // Not logged one by one: a flood would flood the log (the audit sums it up).
+            tracing::debug!(cgroup = %origin.cgroup, %peer, reason = %refused.reason, "connection refused");
+            recent.push(record(
+                time_ms,
+                peer,
+                &origin,
+                Outcome::Refused {
+                    reason: refused.reason,
+                },
+            ));
+            return;
+        }
+    };
     log_connection(&origin, peer, "brokered", None);
     recent.push(record(time_ms, peer, &origin, Outcome::Brokered));
     if origin.original_dst.port() == agent_broker_common::DNS_PORT {
         // DNS over TCP: answered by brokerd like the UDP queries, never passed on.
         shared.dns.serve_tcp(agent, origin).await;
+        drop(admitted);
         return;
     }
-    shared.proxy.clone().serve(agent, origin).await;
+    shared.proxy.clone().serve(agent, origin, admitted).await;
 }
 
 /// The audit record of a connection refused because nothing shows it came from an agent: a

@@ -35,5 +35,11 @@ mod hosts;
 mod injection;
 mod leaks;
 mod scrubbing;
+mod shares;
 mod streams;
 mod upgrades;
+
+/// The agent cgroup of the harness's first agent.
+fn harness_agent_cgroup() -> &'static str {
+    harness::AGENT_CGROUP
+}

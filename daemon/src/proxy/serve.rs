@@ -2,12 +2,20 @@
 //! terminated with a leaf minted for its SNI (or the original IP), plain HTTP is served as is,
 //! and anything else is refused and recorded.
 
-use std::sync::Arc;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use agent_broker_core::fmt::error_chain;
 use agent_broker_protocol::{Decision, EventKind, Side};
+use http::StatusCode;
+use http_body_util::BodyExt as _;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::net::TcpStream;
@@ -15,12 +23,65 @@ use tokio_rustls::LazyConfigAcceptor;
 use tracing::info;
 
 use super::{
-    ConnectionVerdict, HANDSHAKE_TIMEOUT, Proxy,
-    record::connection_event,
+    ConnectionVerdict, Deadlines, Denial, DenialReason, HANDSHAKE_TIMEOUT, Proxy,
+    body::AgentBody,
+    record::{self, connection_event},
+    reply,
     sniff::{Sniffed, peek_sni, sniff},
     tls::LeafName,
 };
-use crate::capture::ConnectionOrigin;
+use crate::{capture::ConnectionOrigin, shares::Held};
+
+/// Resolves when the connection has had no request in flight for its deadline:
+/// `request_head` before its first request, `connection_idle` after.
+async fn idle(activity: &Activity, epoch: Instant, deadlines: Deadlines) {
+    loop {
+        let limit = if activity.seen.load(Ordering::Relaxed) {
+            deadlines.connection_idle
+        } else {
+            deadlines.request_head
+        };
+        let last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
+        let since = epoch.elapsed().saturating_sub(last);
+        if activity.in_flight.load(Ordering::Relaxed) == 0 && since >= limit {
+            return;
+        }
+        // Check again when the deadline would fall if nothing happens meanwhile (while
+        // requests are in flight, a deadline apart).
+        let wait = match limit.saturating_sub(since) {
+            Duration::ZERO => limit,
+            left => left,
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// A response body that gives back its request's place in the share when it ends or is
+/// dropped.
+struct Guarded {
+    body: AgentBody,
+    _guard: RequestGuard,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = super::body::BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 /// The per-connection context handed to every request.
 pub(super) struct Conn {
@@ -28,6 +89,42 @@ pub(super) struct Conn {
     /// SNI, lowercase, when the agent spoke TLS and sent one.
     pub(super) sni: Option<String>,
     pub(super) tls: bool,
+    /// The connection's place in its agent's share, held while it is open.
+    pub(super) admitted: Held,
+    /// Requests of this connection in flight, and when the last one started or ended.
+    pub(super) activity: Arc<Activity>,
+}
+
+/// What a connection's idle deadline watches.
+#[derive(Default)]
+pub(super) struct Activity {
+    in_flight: AtomicUsize,
+    /// Milliseconds since `epoch` of the last request start or end.
+    last_ms: AtomicU64,
+    /// Whether a request has started.
+    seen: AtomicBool,
+}
+
+impl Activity {
+    fn touch(&self, epoch: Instant) {
+        let ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// A request in flight: its place in the agent's share and in its connection's activity,
+/// given back when the response ends (the guard travels with the response body).
+pub(super) struct RequestGuard {
+    _held: Held,
+    activity: Arc<Activity>,
+    epoch: Instant,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.activity.touch(self.epoch);
+        self.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Proxy {
@@ -50,9 +147,23 @@ impl Proxy {
         self.splice(stream, origin, sni, rule, on_done).await
     }
 
-    /// Serves one captured connection to completion.
-    pub async fn serve(self: Arc<Self>, stream: TcpStream, origin: ConnectionOrigin) {
+    /// Serves one captured connection to completion; `admitted` is its place in the agent's
+    /// share of connections. Until the connection reaches HTTP it also holds one of the
+    /// agent's pending handshakes.
+    pub async fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        origin: ConnectionOrigin,
+        admitted: Held,
+    ) {
         let _ = stream.set_nodelay(true);
+        let handshake = match self.shares.handshake(&admitted) {
+            Ok(h) => h,
+            Err(refused) => {
+                self.shares.refusals().refused_connection(&origin, &refused);
+                return;
+            }
+        };
         // A tcp rule for the destination itself: splice at once (server-first protocols too).
         if let ConnectionVerdict::Splice {
             rule,
@@ -60,6 +171,7 @@ impl Proxy {
             bind_name,
         } = self.authorizer.connection(&origin, None)
         {
+            drop(handshake);
             return self
                 .splice_proven(stream, origin, None, rule, on_done, bind_name)
                 .await;
@@ -93,17 +205,21 @@ impl Proxy {
                     bind_name,
                 } = self.authorizer.connection(&origin, sni.as_deref())
                 {
+                    drop(handshake);
                     return self
                         .splice_proven(stream, origin, sni, rule, on_done, bind_name)
                         .await;
                 }
-                self.serve_tls(stream, origin).await
+                self.serve_tls(stream, origin, admitted, handshake).await
             }
             Sniffed::Http => {
+                drop(handshake);
                 let conn = Arc::new(Conn {
                     origin,
                     sni: None,
                     tls: false,
+                    admitted,
+                    activity: Arc::default(),
                 });
                 self.serve_http(TokioIo::new(stream), conn).await;
             }
@@ -116,7 +232,13 @@ impl Proxy {
         }
     }
 
-    async fn serve_tls(self: Arc<Self>, stream: TcpStream, origin: ConnectionOrigin) {
+    async fn serve_tls(
+        self: Arc<Self>,
+        stream: TcpStream,
+        origin: ConnectionOrigin,
+        admitted: Held,
+        handshake: Held,
+    ) {
         let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
         let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
             Ok(Ok(s)) => s,
@@ -174,10 +296,13 @@ impl Proxy {
                 );
             }
         };
+        drop(handshake);
         let conn = Arc::new(Conn {
             origin,
             sni,
             tls: true,
+            admitted,
+            activity: Arc::default(),
         });
         self.serve_http(TokioIo::new(tls), conn).await;
     }
@@ -188,16 +313,80 @@ impl Proxy {
     {
         let proxy = self.clone();
         let service_conn = conn.clone();
+        let epoch = Instant::now();
         let service = hyper::service::service_fn(move |req| {
             let proxy = proxy.clone();
             let conn = service_conn.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.serve_request(req, &conn).await) }
+            async move {
+                Ok::<_, std::convert::Infallible>(proxy.serve_within_share(req, &conn, epoch).await)
+            }
         });
-        let builder = auto::Builder::new(TokioExecutor::new());
-        if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.deadlines.request_head);
+        let served = builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(served);
+        let result = tokio::select! {
+            r = &mut served => r,
+            () = idle(&conn.activity, epoch, self.deadlines) => {
+                // Nothing in flight for too long (or no first request in time): let hyper
+                // close it cleanly (HTTP/2 GOAWAY), then stop waiting.
+                served.as_mut().graceful_shutdown();
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, &mut served).await {
+                    Ok(r) => r,
+                    Err(_) => Ok(()),
+                }
+            }
+        };
+        if let Err(e) = result {
             // Malformed HTTP from the agent ends up here: the connection closes.
             info!(cgroup = %conn.origin.cgroup, pid = conn.origin.pid, error = %e, "agent connection ended with an error");
         }
+    }
+
+    /// Serves a request within the agent's share of requests in flight; over it, a 429.
+    async fn serve_within_share(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+        conn: &Conn,
+        epoch: Instant,
+    ) -> hyper::Response<AgentBody> {
+        let held = match self.shares.request(&conn.admitted) {
+            Ok(held) => held,
+            Err(refused) => {
+                let mut event = record::request_event(&conn.origin, conn.sni.as_deref(), &req);
+                event.status = Some(StatusCode::TOO_MANY_REQUESTS.as_u16());
+                event.reason = Some(refused.reason.clone());
+                event.side = Some(Side::Agent);
+                self.shares.refusals().refused_request(&conn.origin, event);
+                return reply::deny(
+                    &conn.origin,
+                    Denial {
+                        status: StatusCode::TOO_MANY_REQUESTS,
+                        reason: DenialReason::Limit(refused.reason),
+                        rule: None,
+                        retry_after: Some(Duration::from_secs(1)),
+                    },
+                );
+            }
+        };
+        conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        conn.activity.seen.store(true, Ordering::Relaxed);
+        conn.activity.touch(epoch);
+        let guard = RequestGuard {
+            _held: held,
+            activity: conn.activity.clone(),
+            epoch,
+        };
+        self.serve_request(req, conn).await.map(|body| {
+            Guarded {
+                body,
+                _guard: guard,
+            }
+            .boxed_unsync()
+        })
     }
 
     /// Records a connection that never got to HTTP (TLS failure, unknown protocol).

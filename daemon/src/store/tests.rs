@@ -15,6 +15,7 @@ static SPEC: Spec = Spec {
     name: NAME,
     file: "test.redb",
     cache_size: 1024 * 1024,
+    full_check_below: None,
 };
 
 const MARKS: TableDefinition<&str, &str> = TableDefinition::new("marks");
@@ -371,4 +372,59 @@ fn the_format_record_is_one_big_endian_number() {
         assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
         assert!(e.to_string().ends_with(detail), "{e}");
     }
+}
+
+/// A store holding a mark and `n` filler records, whose bytes are found by their text.
+fn store_with_filler(dir: &Path, spec: &'static Spec, n: usize) {
+    let locked = Locked::take(spec, dir).expect("lock");
+    locked
+        .create(|txn| {
+            txn.open_table(MARKS)?.insert("mark", "big")?;
+            let mut t = txn.open_table(TableDefinition::<u64, &str>::new("filler"))?;
+            for i in 0..n as u64 {
+                t.insert(i, "FILLER-RECORD-0123456789-abcdefghijklmnopqrstuvwxyz")?;
+            }
+            Ok(())
+        })
+        .expect("create");
+}
+
+static CAPPED: Spec = Spec {
+    name: NAME,
+    file: "test.redb",
+    cache_size: 1024 * 1024,
+    full_check_below: Some(64 * 1024),
+};
+
+#[test]
+fn files_above_the_cap_skip_the_whole_file_check_so_opening_does_not_read_every_page() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    store_with_filler(dir.path(), &SPEC, 20_000);
+    let path = dir.path().join(SPEC.file);
+    let mut bytes = std::fs::read(&path).expect("read");
+    assert!(bytes.len() as u64 > 64 * 1024);
+    // A damaged data page: only a check that reads every page finds it.
+    let marker = b"FILLER-RECORD-0123456789";
+    let at = bytes
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("filler bytes");
+    bytes[at + 3] ^= 0x20;
+    std::fs::write(&path, &bytes).expect("write");
+
+    let checked = Locked::take(&SPEC, dir.path())
+        .expect("lock")
+        .open(|db| read_mark(db, &path).map(drop));
+    let e = checked.err().expect("the whole-file check refuses it");
+    assert!(error_chain(&e).contains("integrity"), "{}", error_chain(&e));
+
+    let capped = Locked::take(&CAPPED, dir.path())
+        .expect("lock")
+        .open(|db| read_mark(db, &path).map(drop))
+        .map(drop)
+        .map_err(|e| error_chain(&e));
+    assert!(
+        capped.is_ok(),
+        "above the cap only the caller's check runs: {capped:?}"
+    );
 }

@@ -43,6 +43,8 @@ struct Args {
     protected: Vec<String>,
     /// An address and port a `plain_http` rule injecting the key names, with nothing listening.
     squat: Option<SocketAddr>,
+    /// The agent's `[shares] connections` in the battery's policy.
+    connection_share: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -80,6 +82,13 @@ fn parse_args() -> Result<Args, String> {
             "--placeholder" => a.placeholder = Some(value),
             "--protected-path" => a.protected.push(value),
             "--squat" => a.squat = Some(addr(&value)?),
+            "--connection-share" => {
+                a.connection_share = Some(
+                    value
+                        .parse()
+                        .map_err(|e| format!("--connection-share: {e}"))?,
+                )
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -1304,6 +1313,17 @@ fn main() {
             squat_plain_http(squat),
         );
     }
+    if let (Some(share), Some(connect)) = (args.connection_share, args.allowed_connect) {
+        b.row(
+            "N65",
+            format!(
+                "hold {} connections to {connect} (its share of brokerd is {share})",
+                4 * share
+            ),
+            &["only the share held, the rest closed"],
+            hold_connections(connect, 4 * share, share),
+        );
+    }
     b.row(
         "N52",
         format!("SNI-less TLS to {out_tcp}"),
@@ -1344,6 +1364,35 @@ fn main() {
 }
 
 /// Listens on `addr` (the address of a plain-HTTP service that is down), then calls it through
+/// Opens `n` connections to `addr` (redirected to brokerd) and holds them without a byte; a
+/// moment later counts how many brokerd still holds open. The agent's share is `share`.
+fn hold_connections(addr: SocketAddr, n: usize, share: usize) -> String {
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..n {
+        match std::net::TcpStream::connect_timeout(&addr, TIMEOUT) {
+            Ok(s) => held.push(s),
+            Err(_) => refused += 1,
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut open = 0;
+    for s in &held {
+        let _ = s.set_nonblocking(true);
+        let mut b = [0u8; 1];
+        match s.peek(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open += 1,
+            _ => {}
+        }
+    }
+    let closed = held.len() - open + refused;
+    if open > 0 && open <= share && closed >= n - share {
+        "only the share held, the rest closed".into()
+    } else {
+        format!("{open} held, {closed} closed")
+    }
+}
+
 /// the redirect: brokerd would write the rule's key into the request. The outcome: brokerd's
 /// status, whether brokerd dialed the listener, and how many bytes reached it.
 fn squat_plain_http(addr: SocketAddr) -> String {

@@ -492,8 +492,13 @@ fn policy(origin_port: u16, wide_area_port: u16, streaming_port: u16) -> String 
              inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n"
         )
     };
+    // The bench measures speed, not fairness: the agent's shares are far above what any
+    // workload uses (the new-connection workloads open hundreds a second).
+    let shares = "\n[shares]\nconnections = 100000\nnew_connections_per_second = 100000\n\
+                  pending_handshakes = 100000\nrequests_in_flight = 100000\n\
+                  dns_queries_per_second = 100000\n";
     format!(
-        "# Written by cargo xtask bench.\ncgroup = \"{CGROUP}\"\n{}{}{}{}",
+        "# Written by cargo xtask bench.\ncgroup = \"{CGROUP}\"\n{shares}{}{}{}{}",
         rule("127.0.0.2", origin_port),
         rule("127.0.0.2", wide_area_port),
         rule("127.0.0.2", streaming_port),

@@ -507,3 +507,38 @@ fn a_level_that_does_not_hand_out_the_secrets_says_so() {
          used there (K)"
     );
 }
+
+#[test]
+fn shares_are_the_smallest_of_the_levels_and_default_elsewhere() {
+    let parent = format!("{PARENT}\n[shares]\nconnections = 100\nrequests_in_flight = 20\n");
+    let coder = "cgroup = \"agents/coder\"\n[shares]\nconnections = 300\nrequests_in_flight = 5\ndns_queries_per_second = 7\n";
+    let p = policy(&[("agents.toml", &parent), ("coder.toml", coder)]);
+    let cg = |s: &str| CgroupPath::parse(s).expect("cgroup");
+    let coder = p.shares(&cg("agents/coder/run-1"));
+    assert_eq!(
+        coder.get(ShareKind::Connections),
+        100,
+        "the parent's is smaller"
+    );
+    assert_eq!(
+        coder.get(ShareKind::RequestsInFlight),
+        5,
+        "the child's is smaller"
+    );
+    assert_eq!(coder.get(ShareKind::DnsQueriesPerSecond), 7);
+    assert_eq!(
+        coder.get(ShareKind::PendingHandshakes),
+        Shares::DEFAULT.get(ShareKind::PendingHandshakes)
+    );
+    let other = p.shares(&cg("agents/other"));
+    assert_eq!(other.get(ShareKind::Connections), 100);
+    assert_eq!(
+        other.get(ShareKind::DnsQueriesPerSecond),
+        Shares::DEFAULT.get(ShareKind::DnsQueriesPerSecond)
+    );
+    assert_eq!(p.shares(&cg("elsewhere")), Shares::DEFAULT);
+    let shown = p.effective(&cg("agents/coder")).to_string();
+    assert!(shown.contains("[shares]"), "{shown}");
+    assert!(shown.contains("connections = 100"), "{shown}");
+    assert!(shown.contains("requests_in_flight = 5"), "{shown}");
+}

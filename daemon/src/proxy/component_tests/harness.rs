@@ -6,11 +6,14 @@ use std::{
     convert::Infallible,
     future::Future,
     net::SocketAddr,
+    path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
+
+use agent_broker_core::policy::Policy;
 
 use agent_broker_protocol::{Decision, RequestOutcome};
 
@@ -33,7 +36,7 @@ use rustls::{
 use sha2::{Digest as _, Sha256};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Notify, mpsc},
+    sync::{Notify, mpsc, watch},
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
 use zeroize::Zeroizing;
@@ -43,6 +46,7 @@ use super::{
     ConnectionVerdict, Deadlines, Denial, EventKind, EventSink, Grant, LeafMinter, ListenerCheck,
     ListenerOwner, NameCheck, Proxy, RequestFacts, Side, Upstream,
 };
+use crate::shares::{RefusalAudit, ShareBook};
 
 /// The host the agent asks for; the upstream's certificate is valid for it (and 127.0.0.1).
 pub(super) const HOST: &str = "api.example.test";
@@ -712,6 +716,9 @@ pub(super) struct Broker {
     pub(super) listeners: Arc<TestListeners>,
     /// Connections here come from a second agent ([`OTHER_AGENT_CGROUP`]).
     pub(super) other_agent: SocketAddr,
+    /// Each agent's shares, as counted.
+    pub(super) shares: Arc<ShareBook>,
+    _policy: watch::Sender<Arc<Policy>>,
     _state: tempfile::TempDir,
 }
 
@@ -806,6 +813,17 @@ impl Broker {
         original_dst: SocketAddr,
         deadlines: Deadlines,
     ) -> Self {
+        Self::start_with_shares(authorizer, upstream_ca_pem, original_dst, deadlines, "").await
+    }
+
+    /// [`Broker::start`], with `shares` (the body of a `[shares]` table) for both agents.
+    pub(super) async fn start_with_shares(
+        authorizer: TestAuthorizer,
+        upstream_ca_pem: &str,
+        original_dst: SocketAddr,
+        deadlines: Deadlines,
+        shares: &str,
+    ) -> Self {
         let state = tempfile::tempdir().expect("temp dir");
         let ca_file = state.path().join("upstream-ca.pem");
         std::fs::write(&ca_file, upstream_ca_pem).expect("write upstream CA");
@@ -815,6 +833,14 @@ impl Broker {
         let events = Arc::new(TestEvents::default());
         let names = Arc::new(TestNames::default());
         let listeners = Arc::new(TestListeners::default());
+        let policy = Policy::from_files(vec![(
+            PathBuf::from("shares.toml"),
+            format!("cgroup = \"agents\"\n[shares]\n{shares}\n"),
+        )])
+        .expect("shares policy");
+        let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+        let refusals = Arc::new(RefusalAudit::new(events.clone()));
+        let share_book = Arc::new(ShareBook::new(policy_rx, refusals, 100_000));
         let proxy = Arc::new(Proxy {
             minter: LeafMinter::new(ca).expect("leaf minter"),
             upstream: Upstream::new(&[ca_file])
@@ -824,6 +850,7 @@ impl Broker {
             events: events.clone(),
             names: names.clone(),
             deadlines,
+            shares: share_book.clone(),
         });
         let origin = test_origin(original_dst);
         let other = ConnectionOrigin {
@@ -838,7 +865,10 @@ impl Broker {
             let proxy = proxy.clone();
             tokio::spawn(async move {
                 while let Ok((stream, _)) = listener.accept().await {
-                    tokio::spawn(proxy.clone().serve(stream, origin.clone()));
+                    // Over the agent's share of connections: closed, as brokerd's accept does.
+                    if let Ok(admitted) = proxy.shares.admit(&origin) {
+                        tokio::spawn(proxy.clone().serve(stream, origin.clone(), admitted));
+                    }
                 }
             });
         }
@@ -850,6 +880,8 @@ impl Broker {
             names,
             listeners,
             other_agent: addrs[1],
+            shares: share_book,
+            _policy: policy_tx,
             _state: state,
         }
     }
