@@ -6,11 +6,12 @@
 //!    tagged cgroup that holds one (its pid, descriptor, protocol, addresses and the cgroup the
 //!    socket was made in), and do not name a process whose sockets were all made inside.
 //! 13. cgroup/sock_create does not run for AF_NETLINK sockets (the kernel runs it for AF_INET
-//!    and AF_INET6 only), so only the launcher's seccomp filter (or the BPF LSM layer, where the
-//!    kernel allows it) keeps an agent from reading the host's socket table through sock_diag;
-//!    `doctor` warns about every process in a tagged cgroup without that filter.
+//!     and AF_INET6 only), so only the launcher's seccomp filter (or the BPF LSM layer, where the
+//!     kernel allows it) keeps an agent from reading the host's socket table through sock_diag;
+//!     `doctor` warns about every process in a tagged cgroup without that filter.
 //!
-//! Needs root, cgroup v2, BPF and python3. Every destination is on loopback.
+//! Needs root, cgroup v2, BPF, python3 and ip (iproute2). Every destination is on loopback or
+//! in a network namespace the test made.
 //!
 //! Run as root: `cargo test -p agent-broker-tests --test attack_sockets -- --test-threads=1`.
 
