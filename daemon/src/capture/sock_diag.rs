@@ -7,6 +7,10 @@
 //! And an upstream one brokerd made over plain HTTP: is the listener that answered an agent's
 //! (by the cgroup the kernel recorded when the socket was made)?
 //!
+//! And `status`: which sockets held by processes in tagged cgroups were made outside them
+//! ([`inet_sockets`], matched by inode against /proc/<pid>/fd; see the control module
+//! `outside_sockets`).
+//!
 //! The lookup is exact: the kernel finds the socket by the connection's address pair in the
 //! network namespace brokerd runs in (where its loopback listeners are), the same table the
 //! kernel delivers packets by. Each thread keeps one netlink socket; the kernel answers a query
