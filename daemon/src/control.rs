@@ -9,6 +9,7 @@
 mod cgroups;
 mod handles;
 mod logs;
+mod outside_sockets;
 mod policy;
 mod protections;
 mod reply;

@@ -532,6 +532,14 @@ pub struct StatusReport {
     /// `brokerctl run`), at most 64.
     #[serde(default)]
     pub unprotected: Vec<ProcessProtections>,
+    /// Inet sockets made outside every tagged cgroup and held by a process inside one (no
+    /// hook of the tag runs for them), at most 64.
+    #[serde(default)]
+    pub outside_sockets: Vec<OutsideSocket>,
+    /// What the scan for [`Self::outside_sockets`] left out (a limit it stopped at, a network
+    /// namespace it could not read), when it left something out.
+    #[serde(default)]
+    pub outside_sockets_note: Option<String>,
     /// What each agent seen in the last minute holds of its shares of brokerd.
     #[serde(default)]
     pub shares: Vec<AgentShareUse>,
@@ -541,6 +549,36 @@ pub struct StatusReport {
     /// The most connections brokerd serves at once (from its file descriptor limit).
     #[serde(default)]
     pub max_connections: u64,
+}
+
+/// An inet socket held by a process in a tagged cgroup but made outside every tagged cgroup.
+///
+/// The kernel runs cgroup hooks for the cgroup a socket was made in, so none of the tag's
+/// programs see this one: its connections are not redirected, its packets not filtered, and it
+/// can be disconnected and aimed anywhere. Only ending the process (and starting it again
+/// inside the cgroup, e.g. with `brokerctl run`) takes it away.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutsideSocket {
+    /// The cgroup the process is in (a tagged one or one below it).
+    pub cgroup: String,
+    pub pid: u32,
+    pub comm: String,
+    /// The descriptor number in the process.
+    pub fd: u32,
+    /// The kernel's name for the socket's protocol (`TCP`, `TCPv6`, `UDP`, `UDPv6`, `RAW`...).
+    pub protocol: String,
+    /// The socket's state as sock_diag reports it (`ESTABLISHED`, `LISTEN`, `CLOSE`...), or
+    /// `unlisted` for a socket sock_diag does not list (neither bound nor connected yet, or a
+    /// kind it does not dump).
+    pub state: String,
+    /// The socket's own address, when it has one.
+    pub local: Option<SocketAddr>,
+    /// Its peer, when it is connected.
+    pub remote: Option<SocketAddr>,
+    /// The cgroup the socket was made in (`/` for the root cgroup, `id N` for one no longer in
+    /// the hierarchy); `None` when the kernel could not say (an unlisted socket).
+    pub socket_cgroup: Option<String>,
 }
 
 /// One agent's use of its shares of brokerd (`[shares]` in the policy).

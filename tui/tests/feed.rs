@@ -54,6 +54,8 @@ fn status() -> StatusReport {
         lsm: String::new(),
         hardening: String::new(),
         unprotected: Vec::new(),
+        outside_sockets: Vec::new(),
+        outside_sockets_note: None,
         shares: Vec::new(),
         open_connections: 0,
         max_connections: 0,

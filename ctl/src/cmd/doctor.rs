@@ -2,7 +2,7 @@
 //!
 //! Each check reads the host (kernel version, BTF, mounts, sysctls, files) or asks brokerd
 //! (`status`: the hooks it attached, the LSM layer, its hardening, processes in tagged cgroups
-//! that lack the launcher's protections). Nothing is changed.
+//! that lack the launcher's protections or hold sockets made outside them). Nothing is changed.
 
 use std::{
     fs,
@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use agent_broker_protocol::{AuditEvent, EventKind, LogFilter, Request, Response, StatusReport};
+use agent_broker_protocol::{
+    AuditEvent, EventKind, LogFilter, OutsideSocket, Request, Response, StatusReport,
+};
 use serde::Serialize;
 
 use agent_broker_core::cgroup::CgroupRoot;
@@ -19,7 +21,8 @@ use agent_broker_protocol::client::Client;
 
 /// Check this host for what agent-broker needs: kernel and hooks, BTF, cgroup v2, bpffs,
 /// Landlock, brokerd's tagged cgroups and pinned links, processes in them that lack the
-/// launcher's protections (real root, capabilities...), the BPF LSM layer, brokerd's
+/// launcher's protections (real root, capabilities...) or hold inet sockets made outside every
+/// tagged cgroup (no hook sees those), netlink, the BPF LSM layer, brokerd's
 /// hardening, the broker CA in the system store, agents' clients that refused the broker CA in
 /// the last hour (per agent and program), master key and state dir permissions, and relevant
 /// sysctls. Prints what is missing and how to fix it; exits 1 if anything failed.
@@ -435,6 +438,8 @@ fn status_checks(s: &StatusReport, checks: &mut Vec<Check>) {
             "start agents with `brokerctl run` (unprivileged uid or user namespace, no capabilities, seccomp)",
         ));
     }
+    outside_socket_checks(s, checks);
+    checks.push(netlink_check(s));
     checks.push(if s.lsm.starts_with("active") {
         check("bpf lsm", Level::Ok, s.lsm.clone(), "")
     } else {
@@ -458,6 +463,111 @@ fn status_checks(s: &StatusReport, checks: &mut Vec<Check>) {
             "see brokerd's log for the step that failed"
         },
     ));
+}
+
+/// One check per process in a tagged cgroup that holds inet sockets made outside every tagged
+/// cgroup: failed when the kernel names the outside cgroup a socket was made in, a warning when
+/// it cannot say (a socket neither bound nor connected yet).
+pub fn outside_socket_checks(s: &StatusReport, checks: &mut Vec<Check>) {
+    let mut pids: Vec<u32> = s.outside_sockets.iter().map(|o| o.pid).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    for pid in pids {
+        let held: Vec<&OutsideSocket> = s.outside_sockets.iter().filter(|o| o.pid == pid).collect();
+        let Some(first) = held.first() else {
+            continue;
+        };
+        let known = held.iter().any(|o| o.socket_cgroup.is_some());
+        let sockets: Vec<String> = held.iter().map(|o| describe_outside_socket(o)).collect();
+        checks.push(check(
+            "socket made outside",
+            if known { Level::Fail } else { Level::Warn },
+            format!(
+                "pid {} ({}) in {} holds {} inet socket(s) made outside every tagged cgroup, \
+                 which no hook redirects or filters: {}",
+                pid,
+                first.comm,
+                first.cgroup,
+                held.len(),
+                sockets.join("; ")
+            ),
+            OUTSIDE_SOCKET_FIX,
+        ));
+    }
+    if let Some(note) = &s.outside_sockets_note {
+        checks.push(check(
+            "socket made outside",
+            Level::Warn,
+            format!("the scan of tagged cgroups for sockets made outside was partial: {note}"),
+            "",
+        ));
+    }
+}
+
+/// How to get rid of a socket made outside: nothing short of ending the process that holds it.
+pub const OUTSIDE_SOCKET_FIX: &str = "end the process and start it again inside the cgroup \
+     (`brokerctl run --cgroup PATH -- CMD`); a socket keeps the cgroup it was made in, so \
+     moving a running process into a tagged cgroup never brings its sockets under the hooks";
+
+/// One socket, as `status` and `doctor` print it: `fd 3 TCP ESTABLISHED 127.0.0.1:5000 ->
+/// 127.0.0.1:8000, made in system.slice`.
+pub fn describe_outside_socket(o: &OutsideSocket) -> String {
+    let mut text = format!("fd {} {} {}", o.fd, o.protocol, o.state);
+    match (o.local, o.remote) {
+        (Some(l), Some(r)) => text.push_str(&format!(" {l} -> {r}")),
+        (Some(l), None) => text.push_str(&format!(" {l}")),
+        (None, Some(r)) => text.push_str(&format!(" -> {r}")),
+        (None, None) => {}
+    }
+    match &o.socket_cgroup {
+        Some(cg) => text.push_str(&format!(", made in {cg}")),
+        None => text.push_str(", made where the kernel cannot say (neither bound nor connected)"),
+    }
+    text
+}
+
+/// AF_NETLINK (issue 13.13): the cgroup hooks cannot refuse it, so only the launcher's seccomp
+/// filter (and the BPF LSM layer, where the kernel allows it) keeps agents from reading the
+/// host's socket table through sock_diag. A warning naming every process in a tagged cgroup
+/// without a seccomp filter.
+pub fn netlink_check(s: &StatusReport) -> Check {
+    let open: Vec<String> = s
+        .unprotected
+        .iter()
+        .filter(|p| p.missing.iter().any(|m| m.contains("no seccomp filter")))
+        .map(|p| format!("pid {} ({}) in {}", p.pid, p.comm, p.cgroup))
+        .collect();
+    let lsm = s.lsm.starts_with("active");
+    let why = "cgroup/sock_create cannot refuse netlink sockets (the kernel runs it for AF_INET \
+               and AF_INET6 sockets only)";
+    if open.is_empty() || lsm {
+        check(
+            "netlink",
+            Level::Ok,
+            format!(
+                "{why}; {}",
+                if lsm {
+                    "the BPF LSM layer refuses netlink families but NETLINK_ROUTE in tagged cgroups"
+                } else {
+                    "every process in a tagged cgroup has a seccomp filter (brokerctl run's \
+                     refuses netlink families but NETLINK_ROUTE)"
+                }
+            ),
+            "",
+        )
+    } else {
+        check(
+            "netlink",
+            Level::Warn,
+            format!(
+                "{why}, and without a seccomp filter these can read the host's whole socket \
+                 table through netlink sock_diag: {}",
+                open.join(", ")
+            ),
+            "start agents with `brokerctl run` (its seccomp filter refuses netlink families but \
+             NETLINK_ROUTE)",
+        )
+    }
 }
 
 /// Whether the system trust store holds `ca_pem` (for `doctor`'s CA check).
@@ -531,6 +641,127 @@ mod tests {
             "{}",
             got[1].found
         );
+    }
+
+    fn report() -> StatusReport {
+        StatusReport {
+            version: "0".into(),
+            pid: 1,
+            listeners: Vec::new(),
+            cgroup_root: "/sys/fs/cgroup".into(),
+            pin_dir: "/sys/fs/bpf/agent-broker".into(),
+            cgroups: Vec::new(),
+            counters: agent_broker_protocol::Counters::default(),
+            policy: agent_broker_protocol::PolicyStatus {
+                dir: "/etc/agent-broker/policies".into(),
+                files: 0,
+                loaded_unix: 0,
+                error: None,
+            },
+            dns_listeners: Vec::new(),
+            hooks: Vec::new(),
+            lsm: "not loaded: EPERM".into(),
+            hardening: String::new(),
+            unprotected: Vec::new(),
+            outside_sockets: Vec::new(),
+            outside_sockets_note: None,
+        }
+    }
+
+    fn outside(pid: u32, fd: u32, made_in: Option<&str>) -> OutsideSocket {
+        OutsideSocket {
+            cgroup: "agents/a".into(),
+            pid,
+            comm: "python3".into(),
+            fd,
+            protocol: "TCP".into(),
+            state: if made_in.is_some() {
+                "ESTABLISHED"
+            } else {
+                "unlisted"
+            }
+            .into(),
+            local: made_in.map(|_| "127.0.0.1:40000".parse().expect("addr")),
+            remote: made_in.map(|_| "127.0.0.1:8000".parse().expect("addr")),
+            socket_cgroup: made_in.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn sockets_made_outside_fail_doctor_once_per_process() {
+        let mut s = report();
+        let mut checks = Vec::new();
+        outside_socket_checks(&s, &mut checks);
+        assert!(checks.is_empty(), "{checks:?}");
+        s.outside_sockets = vec![
+            outside(10, 3, Some("/")),
+            outside(10, 4, Some("system.slice/ssh.service")),
+            outside(11, 5, None),
+        ];
+        s.outside_sockets_note = Some("stopped after 65536 descriptors (at pid 12)".into());
+        outside_socket_checks(&s, &mut checks);
+        assert_eq!(checks.len(), 3, "{checks:#?}");
+        assert_eq!(checks[0].level, Level::Fail);
+        assert!(
+            checks[0]
+                .found
+                .starts_with("pid 10 (python3) in agents/a holds 2 inet socket(s)"),
+            "{}",
+            checks[0].found
+        );
+        assert!(
+            checks[0]
+                .found
+                .contains("fd 3 TCP ESTABLISHED 127.0.0.1:40000 -> 127.0.0.1:8000, made in /"),
+            "{}",
+            checks[0].found
+        );
+        assert!(checks[0].found.contains("made in system.slice/ssh.service"));
+        assert!(checks[0].fix.contains("brokerctl run"));
+        // Where the kernel cannot say where it was made: a warning, not a failure.
+        assert_eq!(checks[1].level, Level::Warn);
+        assert!(
+            checks[1]
+                .found
+                .contains("fd 5 TCP unlisted, made where the kernel cannot say"),
+            "{}",
+            checks[1].found
+        );
+        assert_eq!(checks[2].level, Level::Warn);
+        assert!(checks[2].found.contains("partial"), "{}", checks[2].found);
+    }
+
+    #[test]
+    fn netlink_warns_about_processes_without_seccomp_unless_the_lsm_refuses_it() {
+        let mut s = report();
+        let quiet = netlink_check(&s);
+        assert_eq!(quiet.level, Level::Ok);
+        assert!(quiet.found.contains("AF_INET and AF_INET6 sockets only"));
+        s.unprotected = vec![
+            agent_broker_protocol::ProcessProtections {
+                cgroup: "agents/a".into(),
+                pid: 7,
+                comm: "sh".into(),
+                missing: vec!["no seccomp filter (AF_VSOCK, ...)".into()],
+            },
+            agent_broker_protocol::ProcessProtections {
+                cgroup: "agents/a".into(),
+                pid: 8,
+                comm: "curl".into(),
+                missing: vec!["shares the host's mount namespace".into()],
+            },
+        ];
+        let warned = netlink_check(&s);
+        assert_eq!(warned.level, Level::Warn);
+        assert!(
+            warned.found.contains("pid 7 (sh) in agents/a"),
+            "{}",
+            warned.found
+        );
+        assert!(!warned.found.contains("pid 8"), "{}", warned.found);
+        assert!(warned.fix.contains("brokerctl run"));
+        s.lsm = "active: socket_create".into();
+        assert_eq!(netlink_check(&s).level, Level::Ok);
     }
 
     #[test]

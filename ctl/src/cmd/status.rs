@@ -1,5 +1,6 @@
 //! `brokerctl status`: whether brokerd is up, what it listens on, what the kernel side counted,
-//! the policy it runs, and the tagged cgroups.
+//! the policy it runs, the tagged cgroups, and a warning naming every process in them that
+//! holds an inet socket made outside them.
 
 use std::path::Path;
 
@@ -54,6 +55,25 @@ fn print_status(s: &StatusReport) {
             p.cgroup,
             p.missing.join("; ")
         );
+    }
+    if !s.outside_sockets.is_empty() {
+        outln!(
+            "WARNING        processes in tagged cgroups hold inet sockets made outside them; no \
+             hook redirects or filters those:"
+        );
+        for o in &s.outside_sockets {
+            outln!(
+                "  pid {} ({}) in {}: {}",
+                o.pid,
+                o.comm,
+                o.cgroup,
+                super::doctor::describe_outside_socket(o)
+            );
+        }
+        outln!("  fix: {}", super::doctor::OUTSIDE_SOCKET_FIX);
+    }
+    if let Some(note) = &s.outside_sockets_note {
+        outln!("socket scan    partial: {note}");
     }
     outln!(
         "kernel         {} redirected, {} refused, {} not re-keyed",

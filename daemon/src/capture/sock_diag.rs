@@ -7,6 +7,10 @@
 //! And an upstream one brokerd made over plain HTTP: is the listener that answered an agent's
 //! (by the cgroup the kernel recorded when the socket was made)?
 //!
+//! And `status`: which sockets held by processes in tagged cgroups were made outside them
+//! ([`inet_sockets`], matched by inode against /proc/<pid>/fd; see the control module
+//! `outside_sockets`).
+//!
 //! The lookup is exact: the kernel finds the socket by the connection's address pair in the
 //! network namespace brokerd runs in (where its loopback listeners are), the same table the
 //! kernel delivers packets by. Each thread keeps one netlink socket; the kernel answers a query
@@ -26,7 +30,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_sock_diag::{
     SockDiagMessage,
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
     inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
@@ -58,7 +62,20 @@ pub struct DiagSocket {
     pub local: SocketAddr,
     /// Its peer (`idiag_dst`); unspecified for a listener.
     pub remote: SocketAddr,
+    /// The socket's inode (`socket:[inode]` in /proc/<pid>/fd).
+    pub inode: u32,
 }
+
+/// The transport of a socket in a dump.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+/// `TCPF_BOUND_INACTIVE` (Linux 6.6+): also dump TCP sockets that are bound but neither
+/// listening nor connected. Older kernels ignore the bit.
+const TCP_BOUND_INACTIVE: u32 = 1 << 13;
 
 thread_local! {
     static SOCKET: RefCell<Option<Diag>> = const { RefCell::new(None) };
@@ -101,6 +118,24 @@ pub fn tcp_cookies() -> io::Result<HashSet<u64>> {
     Ok(cookies)
 }
 
+/// Every TCP and UDP socket (both families, any state, bound-only TCP sockets included where
+/// the kernel lists them) in the network namespace `netns` names (a `/proc/<pid>/ns/net`
+/// file), or in brokerd's own with `None`. Sockets neither bound nor connected are in no table
+/// the kernel dumps.
+pub fn inet_sockets(netns: Option<&std::path::Path>) -> io::Result<Vec<(Transport, DiagSocket)>> {
+    let mut diag = match netns {
+        None => Diag::open()?,
+        Some(ns) => Diag::open_in(ns)?,
+    };
+    let mut out = Vec::new();
+    for (transport, protocol) in [(Transport::Tcp, IPPROTO_TCP), (Transport::Udp, IPPROTO_UDP)] {
+        for family in [AF_INET, AF_INET6] {
+            diag.dump_protocol(family, protocol, |s| out.push((transport, s)))?;
+        }
+    }
+    Ok(out)
+}
+
 /// One netlink socket talking sock_diag.
 struct Diag {
     socket: Socket,
@@ -137,6 +172,22 @@ impl Diag {
         })
     }
 
+    /// A sock_diag socket in the network namespace `netns` names: made on a thread of its own
+    /// that enters the namespace (a socket stays in the namespace it was made in), so no thread
+    /// of brokerd's changes namespace.
+    fn open_in(netns: &std::path::Path) -> io::Result<Self> {
+        let ns = std::fs::File::open(netns)?;
+        std::thread::Builder::new()
+            .name("sock-diag-netns".into())
+            .spawn(move || {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)?;
+                Self::open()
+            })?
+            .join()
+            .map_err(|_| io::Error::other("the sock_diag netns thread panicked"))?
+    }
+
     /// The socket whose own address is `local` and whose peer is `remote` (or, failing that, the
     /// listener the kernel would pick for `local`).
     fn exact(&mut self, local: SocketAddr, remote: SocketAddr) -> io::Result<Option<DiagSocket>> {
@@ -165,11 +216,21 @@ impl Diag {
 
     /// Every TCP socket of `family`.
     fn dump(&mut self, family: u8, each: impl FnMut(DiagSocket)) -> io::Result<()> {
+        self.dump_protocol(family, IPPROTO_TCP, each)
+    }
+
+    /// Every socket of `family` and `protocol` (TCP or UDP).
+    fn dump_protocol(
+        &mut self,
+        family: u8,
+        protocol: u8,
+        each: impl FnMut(DiagSocket),
+    ) -> io::Result<()> {
         let request = InetRequest {
             family,
-            protocol: IPPROTO_TCP,
+            protocol,
             extensions: ExtensionFlags::empty(),
-            states: StateFlags::all(),
+            states: StateFlags::from_bits_retain(StateFlags::all().bits() | TCP_BOUND_INACTIVE),
             socket_id: if family == AF_INET {
                 SocketId::new_v4()
             } else {
@@ -279,6 +340,7 @@ fn diag_socket(r: &InetResponse) -> DiagSocket {
         cgroup_id,
         local: canonical(SocketAddr::new(id.source_address, id.source_port)),
         remote: canonical(SocketAddr::new(id.destination_address, id.destination_port)),
+        inode: r.header.inode,
     }
 }
 

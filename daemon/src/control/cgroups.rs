@@ -15,34 +15,50 @@ use super::{
 use crate::policy_store::PolicyStore;
 
 /// Daemon state: listeners, tagged cgroups (with processes that lack the launcher's
-/// protections), counters, policy, hooks and hardening.
+/// protections, and sockets made outside them that processes inside hold), counters, policy,
+/// hooks and hardening.
 pub async fn status(state: &ControlState) -> Response {
     match state.capture.status().await {
-        Ok((cgroups, counters)) => Response::Status(StatusReport {
-            unprotected: cgroups
-                .iter()
-                .flat_map(|c| {
-                    let dir = state.root.mount().join(&c.path);
-                    super::protections::unprotected_in(&dir, &c.path, 64)
-                })
-                .take(64)
-                .collect(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            pid: std::process::id(),
-            listeners: state.listeners.clone(),
-            cgroup_root: state.root.mount().display().to_string(),
-            pin_dir: state.pin_dir.display().to_string(),
-            cgroups,
-            counters,
-            policy: policy_status(&state.policy),
-            dns_listeners: state.dns_listeners.clone(),
-            hooks: crate::capture::hook_names(),
-            lsm: state.lsm.clone(),
-            hardening: state.hardening.clone(),
-            shares: state.shares.usage(),
-            open_connections: state.shares.open_connections().0 as u64,
-            max_connections: state.shares.open_connections().1 as u64,
-        }),
+        Ok((cgroups, counters)) => {
+            let mount = state.root.mount().to_path_buf();
+            let tags: Vec<String> = cgroups.iter().map(|c| c.path.clone()).collect();
+            // /proc and sock_diag reads, off the async threads.
+            let outside = tokio::task::spawn_blocking(move || {
+                super::outside_sockets::scan(&mount, &tags, super::outside_sockets::LIMITS)
+            })
+            .await
+            .unwrap_or_else(|e| super::outside_sockets::Scan {
+                found: Vec::new(),
+                note: Some(format!("the scan failed: {e}")),
+            });
+            Response::Status(StatusReport {
+                unprotected: cgroups
+                    .iter()
+                    .flat_map(|c| {
+                        let dir = state.root.mount().join(&c.path);
+                        super::protections::unprotected_in(&dir, &c.path, 64)
+                    })
+                    .take(64)
+                    .collect(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+                listeners: state.listeners.clone(),
+                cgroup_root: state.root.mount().display().to_string(),
+                pin_dir: state.pin_dir.display().to_string(),
+                cgroups,
+                counters,
+                policy: policy_status(&state.policy),
+                dns_listeners: state.dns_listeners.clone(),
+                hooks: crate::capture::hook_names(),
+                lsm: state.lsm.clone(),
+                hardening: state.hardening.clone(),
+                outside_sockets: outside.found,
+                outside_sockets_note: outside.note,
+                shares: state.shares.usage(),
+                open_connections: state.shares.open_connections().0 as u64,
+                max_connections: state.shares.open_connections().1 as u64,
+            })
+        }
         Err(e) => capture_error(e),
     }
 }

@@ -115,7 +115,9 @@ impl Protections {
         }
         if self.seccomp == 0 {
             m.push(
-                "no seccomp filter (AF_VSOCK, AF_PACKET, ptrace, bpf are not refused)".to_string(),
+                "no seccomp filter (AF_VSOCK, AF_PACKET, netlink sock_diag, ptrace, bpf are not \
+                 refused)"
+                    .to_string(),
             );
         }
         m

@@ -320,7 +320,9 @@ pub fn udp_recvmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Only TCP and UDP sockets in AF_INET/AF_INET6 may be created. (The kernel runs this hook for
-/// those two families only; other families are the launcher's seccomp filter's job.)
+/// those two families only: `inet_create` and `inet6_create` are its only callers, so it never
+/// sees AF_NETLINK, AF_PACKET, AF_VSOCK... Those are the launcher's seccomp filter's job, and
+/// the optional LSM layer's.)
 #[cgroup_sock(sock_create)]
 pub fn only_tcp_udp(ctx: SockContext) -> i32 {
     // SAFETY: plain loads from the kernel-provided bpf_sock.
@@ -629,6 +631,10 @@ pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
 /// Socket families no agent needs and the cgroup hooks cannot see: AF_KEY, AF_PACKET, AF_ALG,
 /// AF_SMC, AF_XDP and AF_VSOCK (which reaches the hypervisor without any privilege).
 const DENIED_FAMILIES: [i32; 6] = [15, 17, 38, 43, 44, 40];
+/// AF_NETLINK: only NETLINK_ROUTE (protocol 0, which getaddrinfo and getifaddrs use) is
+/// allowed; NETLINK_SOCK_DIAG would list the host's sockets.
+const AF_NETLINK: i32 = 16;
+const NETLINK_ROUTE: i32 = 0;
 const EPERM: i32 = 1;
 
 /// Whether the current task is in a tagged cgroup or below one.
@@ -651,16 +657,19 @@ fn current_task_tagged() -> bool {
 }
 
 /// Optional BPF LSM layer (loaded only where the kernel allows BPF LSM programs): refuses the
-/// families of [`DENIED_FAMILIES`] to tagged cgroups, beside the launcher's seccomp filter, so it
-/// also covers agents started without `brokerctl run`.
+/// families of [`DENIED_FAMILIES`] and netlink but NETLINK_ROUTE to tagged cgroups, beside the
+/// launcher's seccomp filter, so it also covers agents started without `brokerctl run`.
 #[lsm(hook = "socket_create")]
 pub fn lsm_socket_families(ctx: LsmContext) -> i32 {
     // socket_create(int family, int type, int protocol, int kern), then the previous verdict.
-    let (family, kern, previous): (i32, i32, i32) = (ctx.arg(0), ctx.arg(3), ctx.arg(4));
+    let (family, protocol, kern, previous): (i32, i32, i32, i32) =
+        (ctx.arg(0), ctx.arg(2), ctx.arg(3), ctx.arg(4));
     if previous != 0 {
         return previous;
     }
-    if kern != 0 || !DENIED_FAMILIES.contains(&family) {
+    let denied = DENIED_FAMILIES.contains(&family)
+        || (family == AF_NETLINK && protocol != NETLINK_ROUTE);
+    if kern != 0 || !denied {
         return 0;
     }
     if current_task_tagged() { -EPERM } else { 0 }
