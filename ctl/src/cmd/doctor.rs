@@ -665,6 +665,9 @@ mod tests {
             unprotected: Vec::new(),
             outside_sockets: Vec::new(),
             outside_sockets_note: None,
+            shares: Vec::new(),
+            open_connections: 0,
+            max_connections: 0,
         }
     }
 
