@@ -15,7 +15,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use tracing::info;
 
 use super::{
-    ConnectionVerdict, HANDSHAKE_TIMEOUT, Proxy,
+    BindReason, ConnectionVerdict, HANDSHAKE_TIMEOUT, Proxy,
     record::connection_event,
     sniff::{Sniffed, peek_sni, sniff},
     tls::LeafName,
@@ -43,7 +43,10 @@ impl Proxy {
         bind_name: Option<String>,
     ) {
         if let Some(name) = bind_name
-            && let Err(reason) = self.names.check(&origin, &name).await
+            && let Err(reason) = self
+                .names
+                .check(&origin, &name, BindReason::MatchedByName)
+                .await
         {
             return self.refused_connection(&origin, sni.as_deref(), EventKind::Denial, &reason);
         }
