@@ -43,6 +43,9 @@ struct Args {
     protected: Vec<String>,
     /// An address and port a `plain_http` rule injecting the key names, with nothing listening.
     squat: Option<SocketAddr>,
+    /// Another server with a valid certificate for the allowed host, at an address the host
+    /// does not resolve to, which a rule injecting the key allows by name.
+    decoy: Option<SocketAddr>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -80,6 +83,7 @@ fn parse_args() -> Result<Args, String> {
             "--placeholder" => a.placeholder = Some(value),
             "--protected-path" => a.protected.push(value),
             "--squat" => a.squat = Some(addr(&value)?),
+            "--decoy" => a.decoy = Some(addr(&value)?),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -693,6 +697,26 @@ fn main() {
                 &["2 placeholders"],
                 outcome,
             );
+            // N69 (issue 13.18): the same name at another server that holds a valid
+            // certificate for it (a wildcard, a shared one). The test checks that it got
+            // nothing.
+            if let Some(decoy) = args.decoy {
+                b.row(
+                    "N69",
+                    format!(
+                        "call {host} at {decoy}, another server with a valid certificate for it"
+                    ),
+                    &["HTTP 403"],
+                    tls_get(
+                        "/hash",
+                        decoy,
+                        name.clone(),
+                        roots.clone(),
+                        host,
+                        &format!("Authorization: Bearer {placeholder}\r\n"),
+                    ),
+                );
+            }
         }
     }
 
