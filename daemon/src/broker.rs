@@ -241,6 +241,11 @@ impl Authorizer for PolicyAuthorizer {
                 .scrub_set_with(&policy, &facts.origin.cgroup, &grant)
                 .map_err(|e| allowed.cannot(error_chain(&e)))?;
         }
+        // A credential goes only to the name's own addresses, whatever certificate another
+        // address holds for the name (issue 13.18). Requests that carry none are not bound.
+        if !grant.secrets.is_empty() && grant.bind_name.is_none() {
+            grant.bind_name = allowed.credential_name.clone();
+        }
         limits::charge(&self.limiter, allowed, &mut grant)?;
         Ok(grant)
     }

@@ -35,8 +35,8 @@ pub mod upstream;
 use std::{sync::Arc, time::Duration};
 
 pub use authorizer::{
-    Authorizer, Charge, Completion, ConnectionVerdict, Denial, DenialReason, Grant, Meter,
-    NameCheck, RequestFacts,
+    Authorizer, BindReason, Charge, Completion, ConnectionVerdict, Denial, DenialReason, Grant,
+    Meter, NameBinding, NameCheck, RequestFacts,
 };
 pub use scrub::{Needles, NeedlesError};
 

@@ -3,6 +3,7 @@
 use std::{
     fs::{self, OpenOptions},
     io::{BufRead as _, BufReader, Write as _},
+    net::IpAddr,
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -18,7 +19,10 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{SHORT, bin, poll_until, read_text, run_with_timeout, spawn_in_cgroup, unique_name};
+use crate::{
+    SHORT, bin, poll_until, read_text, resolver::TestResolver, run_with_timeout, spawn_in_cgroup,
+    unique_name,
+};
 
 /// How long brokerd may take to load its programs and answer `status`.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -27,7 +31,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// /sys/fs/bpf, and listeners on `127.0.0.1` and `[::1]` at a port the kernel picks.
 ///
 /// Its stderr (the tracing log) goes to `brokerd.log` in the temp dir, across restarts; every
-/// failure message from this harness includes it. Drop kills brokerd by pid and removes the pin
+/// failure message from this harness includes it. Unless the test passes `--dns-upstream`
+/// itself, brokerd asks a [`TestResolver`] of its own, which knows the names the test gives
+/// ([`BrokerBuilder::name`], [`Broker::add_name`]) and nothing else: brokerd never queries the
+/// host's resolver, and proves a name's addresses (for credentials and name-matched rules) only
+/// where the test says the name is. Drop kills brokerd by pid and removes the pin
 /// dir, which unpins (and so detaches) every link it made, then the temp dirs.
 pub struct Broker {
     child: Option<Child>,
@@ -38,6 +46,8 @@ pub struct Broker {
     /// `--upstream-ca` files.
     upstream_cas: Vec<PathBuf>,
     extra_args: Vec<String>,
+    /// The resolver brokerd asks, unless the test named its own.
+    resolver: Option<TestResolver>,
     starts: u32,
     /// Byte length of brokerd.log when the current (or last) start began.
     log_start: u64,
@@ -55,6 +65,7 @@ pub struct BrokerBuilder {
     policies: Vec<(String, String)>,
     upstream_cas: Vec<PathBuf>,
     extra_args: Vec<String>,
+    names: Vec<(String, IpAddr)>,
 }
 
 impl BrokerBuilder {
@@ -74,6 +85,12 @@ impl BrokerBuilder {
     pub fn policy(mut self, name: &str, toml: &str) -> Self {
         self.policies
             .push((format!("{name}.toml"), toml.to_string()));
+        self
+    }
+
+    /// A name brokerd's resolver answers with `ip` (see [`Broker`]).
+    pub fn name(mut self, name: &str, ip: impl Into<IpAddr>) -> Self {
+        self.names.push((name.to_string(), ip.into()));
         self
     }
 
@@ -111,13 +128,29 @@ impl BrokerBuilder {
             fs::write(&path, toml)
                 .unwrap_or_else(|e| panic!("cannot write policy {}: {e}", path.display()));
         }
+        let mut extra_args = self.extra_args;
+        let resolver = if extra_args.iter().any(|a| a == "--dns-upstream") {
+            assert!(
+                self.names.is_empty(),
+                "names for the harness's resolver, but the test chose its own --dns-upstream"
+            );
+            None
+        } else {
+            let resolver = TestResolver::start(&[] as &[(&str, IpAddr)]);
+            for (name, ip) in &self.names {
+                resolver.add(name, *ip);
+            }
+            extra_args.extend(["--dns-upstream".to_string(), resolver.addr().to_string()]);
+            Some(resolver)
+        };
         Broker {
             child: None,
             dir,
             pin_dir: PathBuf::from("/sys/fs/bpf").join(unique_name()),
             cgroup: self.cgroup,
             upstream_cas: self.upstream_cas,
-            extra_args: self.extra_args,
+            extra_args,
+            resolver,
             starts: 0,
             log_start: 0,
             transcript: Mutex::new(Vec::new()),
@@ -225,6 +258,15 @@ impl Broker {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Makes brokerd's resolver answer `name` with `ip` too (see [`TestResolver::add`]).
+    /// Panics when the test gave brokerd a resolver of its own.
+    pub fn add_name(&self, name: &str, ip: impl Into<IpAddr>) {
+        self.resolver
+            .as_ref()
+            .unwrap_or_else(|| panic!("brokerd asks the test's own resolver, not the harness's"))
+            .add(name, ip.into());
     }
 
     /// Every audit record, as `brokerctl logs --json` prints them.

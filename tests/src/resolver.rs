@@ -1,50 +1,77 @@
-//! A DNS resolver on loopback for the tests: answers A questions for the names it was given and
-//! NXDOMAIN for any other, so no test ever sends a query to the host's resolver. brokerd is
-//! pointed at it with `--dns-upstream`.
+//! A DNS resolver on loopback for the tests: answers A and AAAA questions for the names it was
+//! given and NXDOMAIN for any other, so no test ever sends a query to the host's resolver.
+//! brokerd is pointed at it with `--dns-upstream` (every [`crate::Broker`] the harness starts
+//! is, unless the test names a resolver of its own), so brokerd's lookups prove exactly the
+//! names the test gave the addresses of its servers.
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, SocketAddr, UdpSocket},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread,
     time::Duration,
 };
 
+/// The names a resolver answers, lowercase, without the final dot.
+type Names = Arc<Mutex<HashMap<String, Vec<IpAddr>>>>;
+
 /// A running test resolver; stops when dropped.
 pub struct TestResolver {
     addr: SocketAddr,
+    names: Names,
     stop: Arc<AtomicBool>,
 }
 
 impl TestResolver {
-    /// Answers each name (lowercase, without the final dot) with its address.
-    pub fn start(names: &[(&str, Ipv4Addr)]) -> Self {
-        let names: HashMap<String, Ipv4Addr> = names
-            .iter()
-            .map(|(n, a)| (n.to_ascii_lowercase(), *a))
-            .collect();
+    /// Answers each name (any case, without the final dot) with its address.
+    pub fn start(names: &[(&str, impl Into<IpAddr> + Copy)]) -> Self {
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind the test resolver");
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("read timeout");
         let addr = socket.local_addr().expect("its address");
         let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
+        let resolver = Self {
+            addr,
+            names: Names::default(),
+            stop: stop.clone(),
+        };
+        for (name, ip) in names {
+            resolver.add(name, (*ip).into());
+        }
+        let names = resolver.names.clone();
         thread::spawn(move || {
             let mut buf = [0u8; 512];
-            while !stopped.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let Ok((n, peer)) = socket.recv_from(&mut buf) else {
                     continue;
                 };
-                if let Some(reply) = answer(&buf[..n], &names) {
+                let reply = {
+                    let names = names.lock().unwrap_or_else(|e| e.into_inner());
+                    answer(&buf[..n], &names)
+                };
+                if let Some(reply) = reply {
                     let _ = socket.send_to(&reply, peer);
                 }
             }
         });
-        Self { addr, stop }
+        resolver
+    }
+
+    /// Answers `name` with `ip` as well, from now on (a name may have several addresses).
+    /// brokerd remembers what it looked up for a few seconds at least, so add a name before
+    /// brokerd is asked about it.
+    pub fn add(&self, name: &str, ip: IpAddr) {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let addrs = names
+            .entry(name.trim_end_matches('.').to_ascii_lowercase())
+            .or_default();
+        if !addrs.contains(&ip) {
+            addrs.push(ip);
+        }
     }
 
     /// Where brokerd should send its queries.
@@ -60,7 +87,7 @@ impl Drop for TestResolver {
 }
 
 /// The answer to one query, or `None` for one that is not worth an answer.
-fn answer(query: &[u8], names: &HashMap<String, Ipv4Addr>) -> Option<Vec<u8>> {
+fn answer(query: &[u8], names: &HashMap<String, Vec<IpAddr>>) -> Option<Vec<u8>> {
     if query.len() < 12 || u16::from_be_bytes([query[4], query[5]]) != 1 {
         return None;
     }
@@ -80,18 +107,32 @@ fn answer(query: &[u8], names: &HashMap<String, Ipv4Addr>) -> Option<Vec<u8>> {
     let question_end = at + 4;
     let question = query.get(12..question_end)?;
     let found = names.get(&labels.join("."));
-    let mut reply = Vec::with_capacity(question_end + 16);
+    // A (1) gets the IPv4 addresses, AAAA (28) the IPv6 ones; other types none.
+    let records: Vec<Vec<u8>> = found
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| match (ip, qtype) {
+            (IpAddr::V4(v4), 1) => Some(v4.octets().to_vec()),
+            (IpAddr::V6(v6), 28) => Some(v6.octets().to_vec()),
+            _ => None,
+        })
+        .collect();
+    let mut reply = Vec::with_capacity(question_end + 28 * records.len());
     reply.extend_from_slice(&query[..2]); // id
     let rcode: u8 = if found.is_some() { 0 } else { 3 }; // NXDOMAIN
     reply.extend_from_slice(&[0x81, 0x80 | rcode]); // response, RD, RA
     reply.extend_from_slice(&[0, 1]); // one question
-    let answers: u16 = u16::from(found.is_some() && qtype == 1);
+    let answers = u16::try_from(records.len()).ok()?;
     reply.extend_from_slice(&answers.to_be_bytes());
     reply.extend_from_slice(&[0, 0, 0, 0]);
     reply.extend_from_slice(question);
-    if let (Some(addr), 1) = (found, answers) {
-        reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
-        reply.extend_from_slice(&addr.octets());
+    for data in records {
+        // A pointer to the question's name, the type, class IN, TTL 60, the address.
+        reply.extend_from_slice(&[0xc0, 0x0c]);
+        reply.extend_from_slice(&qtype.to_be_bytes());
+        reply.extend_from_slice(&[0, 1, 0, 0, 0, 60]);
+        reply.extend_from_slice(&u16::try_from(data.len()).ok()?.to_be_bytes());
+        reply.extend_from_slice(&data);
     }
     Some(reply)
 }
@@ -100,24 +141,41 @@ fn answer(query: &[u8], names: &HashMap<String, Ipv4Addr>) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn answers_known_names_and_nxdomain_for_others() {
-        let names = HashMap::from([("api.example.test".to_string(), Ipv4Addr::new(127, 0, 0, 2))]);
-        // id 0x1234, RD, one question: api.example.test A IN.
+    fn query(labels: &[&str], qtype: u16) -> Vec<u8> {
+        // id 0x1234, RD, one question.
         let mut q = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
-        for label in ["api", "example", "test"] {
+        for label in labels {
             q.push(label.len() as u8);
             q.extend_from_slice(label.as_bytes());
         }
-        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&[0, 1]);
+        q
+    }
+
+    #[test]
+    fn answers_known_names_and_nxdomain_for_others() {
+        let names = HashMap::from([(
+            "api.example.test".to_string(),
+            vec![
+                "127.0.0.2".parse().expect("ip"),
+                "127.0.0.4".parse().expect("ip"),
+                "::1".parse().expect("ip"),
+            ],
+        )]);
+        let q = query(&["api", "example", "test"], 1);
         let r = answer(&q, &names).expect("answer");
         assert_eq!(&r[..2], [0x12, 0x34]);
         assert_eq!(r[3] & 0x0f, 0, "NOERROR");
-        assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1, "one answer");
-        assert_eq!(&r[r.len() - 4..], [127, 0, 0, 2]);
-        let mut other = q.clone();
-        other[13..16].copy_from_slice(b"xyz");
-        let r = answer(&other, &names).expect("answer");
+        assert_eq!(u16::from_be_bytes([r[6], r[7]]), 2, "two A answers");
+        assert_eq!(&r[r.len() - 4..], [127, 0, 0, 4]);
+        let r = answer(&query(&["API", "example", "test"], 28), &names).expect("answer");
+        assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1, "one AAAA answer");
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert_eq!(&r[r.len() - 16..], one);
+        let r = answer(&query(&["xyz", "example", "test"], 1), &names).expect("answer");
         assert_eq!(r[3] & 0x0f, 3, "NXDOMAIN");
         assert_eq!(u16::from_be_bytes([r[6], r[7]]), 0);
     }

@@ -24,7 +24,6 @@ use crate::{
     Broker, Canary, TestCa, TestCgroup, TestUpstream, UpstreamOptions, UpstreamRequest,
     clients::{Call, ClientRun, HttpReport, Trust},
     require_privileges,
-    resolver::TestResolver,
 };
 
 /// The name of the test's secret in brokerd's vault.
@@ -59,9 +58,10 @@ pub fn rule(host: &str, port: u16, inject: bool) -> String {
 ///
 /// Fields drop in order: brokerd first, the cgroup last.
 pub struct World {
+    /// Its resolver (the harness's, see [`Broker`]) gives [`API`] and [`OTHER`] the API's
+    /// address; a test that starts servers for other names adds them with
+    /// [`Broker::add_name`].
     pub broker: Broker,
-    /// The only resolver brokerd asks (see [`TestResolver`]).
-    _resolver: TestResolver,
     pub api: TestUpstream,
     /// Kept alive: its PEM file is brokerd's `--upstream-ca`.
     _ca: TestCa,
@@ -106,13 +106,12 @@ impl World {
         require_privileges();
         let cg = TestCgroup::new();
         let api = TestUpstream::start(&ca, UpstreamOptions::api());
-        // brokerd's own lookups (name-matched plain HTTP and passthrough) and its DNS for the
-        // agent go to a resolver of the test's own, never the host's.
-        let resolver = TestResolver::start(&[(API, TEST_API_IP), (OTHER, TEST_API_IP)]);
+        // brokerd's own lookups (credentials to a name, name-matched plain HTTP and
+        // passthrough) and its DNS for the agent go to the harness's resolver, never the host's.
         let mut builder = Broker::builder()
             .upstream_ca(ca.pem_path())
-            .arg("--dns-upstream")
-            .arg(&resolver.addr().to_string());
+            .name(API, TEST_API_IP)
+            .name(OTHER, TEST_API_IP);
         for (name, toml) in policies(&cg, &api) {
             builder = builder.policy(&name, &toml);
         }
@@ -126,7 +125,6 @@ impl World {
         let agent = cg.child("agent");
         Self {
             broker,
-            _resolver: resolver,
             api,
             _ca: ca,
             broker_ca,

@@ -1,5 +1,5 @@
-//! Issue 13, items 1 and 10: attacks on whom brokerd takes a connection for, and on whom it
-//! hands a credential to (THREAT-MODEL.md 7.2 N57 and N64).
+//! Issue 13, items 1, 10 and 18: attacks on whom brokerd takes a connection for, and on whom it
+//! hands a credential to (THREAT-MODEL.md 7.2 N57, N64 and N69).
 //!
 //! - N57: a redirect record is made under the agent socket's local address when its SYN is about
 //!   to leave. A connect that never reaches brokerd's `accept` (brokerd down or restarting, a
@@ -13,6 +13,9 @@
 //!   with `SO_REUSEADDR` and dials the restarted brokerd's new port).
 //! - N64: an agent listens on the address and port a `plain_http` rule names while the service
 //!   is down; another agent calls the service through brokerd with the rule injecting the key.
+//! - N69: another server holds a valid certificate for the rule's host (a wildcard or shared
+//!   one); the agent dials it and names the host. The key goes only to addresses the host
+//!   resolves to, unless every level's rule says `any_address = true`.
 //!
 //! Each test: the attack fails (the outside process gets no TLS session, the squatter receives
 //! no byte), the real agent's calls still succeed with the key injected, and the audit log has
@@ -31,9 +34,10 @@ use std::{
 
 use agent_broker_protocol::{AuditEvent, Decision, EventKind, Outcome};
 use agent_broker_tests::{
-    TestUpstream, UpstreamOptions,
+    TestCa, TestUpstream, UpstreamOptions,
     agent::agent_python,
-    clients, poll_until, redact, spawn_in_cgroup, wait_with_timeout,
+    clients::{self, Call},
+    poll_until, redact, spawn_in_cgroup, wait_with_timeout,
     world::{API, SECRET_NAME, World, rule},
 };
 
@@ -599,4 +603,122 @@ fn an_agent_listening_on_a_plain_http_services_address_receives_no_credential() 
 
     // The victim's HTTPS calls are unaffected.
     victim_call_succeeds(&w, "the agent's HTTPS call");
+}
+
+/// N69 (issue 13.18): another server holds a certificate valid for the rule's host (a wildcard
+/// or a shared one; here the CA brokerd trusts upstream issued it for api.example.test) at an
+/// address the name does not resolve to (brokerd's resolver gives api.example.test 127.0.0.2
+/// only). An agent that dials that server and names the host gets a 403 naming both, the
+/// server receives nothing, and the audit log says why. The agent's own calls to the API still
+/// get the key. A rule with `any_address = true` lets the certificate alone decide: then the key
+/// goes there.
+#[test]
+fn a_credential_goes_only_to_an_address_its_host_resolves_to() {
+    let ca = TestCa::new("abtest upstream CA");
+    let decoy_ip = Ipv4Addr::new(127, 0, 0, 5);
+    let decoy_options = UpstreamOptions {
+        ip: IpAddr::V4(decoy_ip),
+        plain: false,
+        ..UpstreamOptions::api()
+    };
+    // Two servers there with valid certificates for the API's name: one under the plain rule,
+    // one under a rule that opts out.
+    let decoy = TestUpstream::start(&ca, decoy_options.clone());
+    let opted = TestUpstream::start(&ca, decoy_options);
+    let (decoy_port, opted_port) = (decoy.port(), opted.port());
+    let w = World::with_ca(ca, |cg, api| {
+        vec![(
+            "agent".into(),
+            format!(
+                "cgroup = \"{}\"\n{}{}{}any_address = true\n",
+                cg.child("agent"),
+                rule(API, api.port(), true),
+                rule(API, decoy_port, true),
+                rule(API, opted_port, true),
+            ),
+        )]
+    });
+    for server in [&decoy, &opted] {
+        server.watch_for("secret", &w.secret);
+        server.watch_for("placeholder", &w.placeholder);
+    }
+    w.cg.create_child("agent");
+    w.broker.attach(&w.agent);
+    let bearer = format!("Bearer {}", w.placeholder.expose());
+
+    // The attack: the decoy's address, the API's name.
+    let call =
+        Call::new(API, IpAddr::V4(decoy_ip), decoy_port, "/hash").header("authorization", &bearer);
+    let (run, report) = clients::curl(&w.broker, &w.agent, &w.trust(), &call);
+    run.assert_no_secret(&w.secret);
+    let reason = report.assert_denied(&w.agent, "the call to the decoy");
+    let dialed = SocketAddr::from((decoy_ip, decoy_port));
+    for part in [
+        "a credential for api.example.test",
+        "nothing proves that 127.0.0.5 is api.example.test",
+        "api.example.test resolves to 127.0.0.2",
+        "any_address = true",
+    ] {
+        assert!(
+            reason.contains(part),
+            "{part:?} missing from the refusal: {reason}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        (decoy.connections(), decoy.requests().len()),
+        (0, 0),
+        "the decoy was reached: {:#?}",
+        decoy.requests()
+    );
+    let denial = poll_until(Duration::from_secs(5), || {
+        w.broker.audit_records().into_iter().find(|e| {
+            e.decision == Some(Decision::Deny)
+                && e.original_dst == Some(dialed)
+                && e.reason.as_deref().is_some_and(|r| {
+                    r.contains("nothing proves that 127.0.0.5 is api.example.test")
+                })
+        })
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no audited denial for the call to the decoy: {:#?}",
+            w.broker.audit_records()
+        )
+    });
+    assert_eq!(
+        denial.cgroup.as_deref(),
+        Some(w.agent.as_str()),
+        "{denial:?}"
+    );
+    assert_eq!(denial.status, Some(403), "{denial:?}");
+    assert_eq!(denial.host.as_deref(), Some(API), "{denial:?}");
+
+    // The victim's own call: the name's address, the key injected.
+    victim_call_succeeds(&w, "the agent's call to the API");
+
+    // A rule that opts out: the certificate alone decides, and the key goes to that server.
+    let call =
+        Call::new(API, IpAddr::V4(decoy_ip), opted_port, "/hash").header("authorization", &bearer);
+    let (run, report) = clients::curl(&w.broker, &w.agent, &w.trust(), &call);
+    run.assert_no_secret(&w.secret);
+    assert_eq!(
+        report.status,
+        200,
+        "with any_address = true: {}\nbrokerd's log:\n{}",
+        report.show(),
+        w.broker.log()
+    );
+    let record = opted
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/hash")
+        .unwrap_or_else(|| panic!("the opted-out server has no record of the call"));
+    assert_eq!(
+        record.header_hash("authorization"),
+        Some(w.injected_hash().as_str()),
+        "{record:?}"
+    );
+    assert_eq!(record.peer_owner, Some(w.broker.pid()), "{record:?}");
+    w.assert_no_secret_in_logs();
 }

@@ -46,8 +46,11 @@ const DENIED_NAME: &str = "exfil.example.test";
 const BATTERY_CONNECTION_SHARE: usize = 16;
 /// Where the battery's plain-HTTP "service" is (down; the battery listens there itself, N64).
 const SQUAT_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 64, 1);
-/// The address the fake upstream resolver gives for every name.
+/// The address the fake upstream resolver gives for every name but the API's.
 const ANSWER: [u8; 4] = [192, 0, 2, 10];
+/// Where the battery's decoy listens: a server with a valid certificate for the API's name at
+/// an address the name does not resolve to (N69).
+const DECOY_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 69, 1);
 
 /// Loopback services outside the broker that must never hear from the agent.
 struct Outside {
@@ -137,14 +140,15 @@ impl Outside {
     }
 }
 
-/// A DNS resolver on loopback (UDP and TCP) answering every A query with [`ANSWER`]: the
-/// "host's resolver" brokerd forwards allowed names to. Counts the queries it got.
+/// A DNS resolver on loopback (UDP and TCP) answering every A query with [`ANSWER`], and the
+/// API's name with the API's address (so brokerd's own lookup proves it): the "host's
+/// resolver" brokerd forwards allowed names to and asks itself. Counts the queries it got.
 struct FakeResolver {
     addr: SocketAddr,
     names: Arc<Mutex<Vec<String>>>,
 }
 
-fn dns_answer(query: &[u8]) -> Option<(Vec<u8>, String)> {
+fn dns_answer(query: &[u8], api: [u8; 4]) -> Option<(Vec<u8>, String)> {
     if query.len() < 17 {
         return None;
     }
@@ -159,15 +163,27 @@ fn dns_answer(query: &[u8]) -> Option<(Vec<u8>, String)> {
     let mut reply = query.get(..question_end)?.to_vec();
     reply[2] = 0x81;
     reply[3] = 0x80;
-    reply[6..8].copy_from_slice(&1u16.to_be_bytes());
+    reply[6..8].fill(0);
     reply[8..12].fill(0);
+    let name = labels.join(".");
+    let qtype = u16::from_be_bytes([query[i + 1], query[i + 2]]);
+    if qtype != 1 {
+        // No AAAA (or other) records: an empty answer.
+        return Some((reply, name));
+    }
+    reply[6..8].copy_from_slice(&1u16.to_be_bytes());
     reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
-    reply.extend_from_slice(&ANSWER);
-    Some((reply, labels.join(".")))
+    reply.extend_from_slice(if name.eq_ignore_ascii_case(API) {
+        &api
+    } else {
+        &ANSWER
+    });
+    Some((reply, name))
 }
 
 impl FakeResolver {
-    fn start() -> Self {
+    fn start(api: std::net::Ipv4Addr) -> Self {
+        let api = api.octets();
         for _ in 0..20 {
             let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
             let addr = udp.local_addr().expect("addr");
@@ -179,7 +195,7 @@ impl FakeResolver {
             thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while let Ok((len, from)) = udp.recv_from(&mut buf) {
-                    if let Some((reply, name)) = dns_answer(&buf[..len]) {
+                    if let Some((reply, name)) = dns_answer(&buf[..len], api) {
                         n.lock().expect("names").push(name);
                         let _ = udp.send_to(&reply, from);
                     }
@@ -196,7 +212,7 @@ impl FakeResolver {
                     if s.read_exact(&mut q).is_err() {
                         continue;
                     }
-                    if let Some((reply, name)) = dns_answer(&q) {
+                    if let Some((reply, name)) = dns_answer(&q, api) {
                         n.lock().expect("names").push(name);
                         let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
                         framed.extend_from_slice(&reply);
@@ -273,9 +289,21 @@ fn run_tier(tier: &str, identity: &[&str]) {
     let cg = TestCgroup::new();
     let agent = cg.child("agent");
     let outside = Outside::start();
-    let resolver = FakeResolver::start();
     let ca = TestCa::new("abtest battery CA");
     let api = TestUpstream::start(&ca, UpstreamOptions::api());
+    let std::net::IpAddr::V4(api_ip) = api.addr().ip() else {
+        panic!("the test API listens on IPv4")
+    };
+    let resolver = FakeResolver::start(api_ip);
+    // N69: a server with a valid certificate for the API's name, elsewhere.
+    let decoy = TestUpstream::start(
+        &ca,
+        UpstreamOptions {
+            ip: DECOY_IP.into(),
+            plain: false,
+            ..UpstreamOptions::api()
+        },
+    );
     // N64: a plain-HTTP service that is down; the battery listens on its address itself.
     let squat = std::net::TcpListener::bind((SQUAT_IP, 0))
         .and_then(|l| l.local_addr())
@@ -283,11 +311,14 @@ fn run_tier(tier: &str, identity: &[&str]) {
     let policy = format!(
         "cgroup = \"{agent}\"\n\n[[allow]]\nhost = \"{API}\"\nport = {}\n\
          inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n\n\
+         [[allow]]\nhost = \"{API}\"\nport = {}\n\
+         inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n\n\
          [[allow]]\nhost = \"{}\"\nport = {}\nplain_http = true\n\
          inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n\n\
          [dns]\nallow = [\"{API}\"]\n\n\
          [shares]\nconnections = {BATTERY_CONNECTION_SHARE}\n",
         api.port(),
+        decoy.port(),
         squat.ip(),
         squat.port()
     );
@@ -304,6 +335,7 @@ fn run_tier(tier: &str, identity: &[&str]) {
     let placeholder = Canary::with_prefix("abtest-placeholder-");
     api.watch_for("secret", &secret);
     api.watch_for("placeholder", &placeholder);
+    decoy.watch_for("secret", &secret);
 
     let status = broker.status();
     let tcp_port = status.listeners[0].port();
@@ -335,6 +367,7 @@ fn run_tier(tier: &str, identity: &[&str]) {
         .args(["--placeholder", placeholder.expose()])
         .args(["--squat", &squat.to_string()])
         .args(["--connection-share", &BATTERY_CONNECTION_SHARE.to_string()])
+        .args(["--decoy", &decoy.addr().to_string()])
         .arg("--protected-path")
         .arg(state.join("master.key"))
         .arg("--protected-path")
@@ -419,7 +452,7 @@ fn run_tier(tier: &str, identity: &[&str]) {
         "N01", "N02", "N03", "N04", "N05", "N06", "N07", "N08", "N10", "N11", "N12", "N13", "N14",
         "N15", "N16", "N17", "N18", "N19", "N20", "N21", "N22", "N23", "N24", "N25", "N26", "N27",
         "N28", "N29", "N31", "N32", "N33", "N34", "N35", "N36", "N37", "N38", "N39", "N40", "N41",
-        "N42", "N51", "N52", "N53", "N54", "N55", "N64", "N65",
+        "N42", "N51", "N52", "N53", "N54", "N55", "N64", "N65", "N69",
     ] {
         assert!(
             rows.iter().any(|r| r.id == id),
@@ -433,6 +466,11 @@ fn run_tier(tier: &str, identity: &[&str]) {
     assert!(
         arrivals.is_empty(),
         "tier {tier}: something reached the outside services directly: {arrivals:?}"
+    );
+    assert_eq!(
+        (decoy.connections(), decoy.requests().len()),
+        (0, 0),
+        "tier {tier}: the decoy with a valid certificate for {API} was reached (N69)"
     );
     let names = resolver.names.lock().expect("names").clone();
     assert!(
@@ -463,7 +501,10 @@ fn run_tier(tier: &str, identity: &[&str]) {
             let has_squat = found
                 .iter()
                 .any(|e| e.original_dst == Some(squat) && e.decision == Some(Decision::Deny));
-            if has_http && has_dns && has_squat {
+            let has_decoy = found.iter().any(|e| {
+                e.original_dst == Some(decoy.addr()) && e.decision == Some(Decision::Deny)
+            });
+            if has_http && has_dns && has_squat && has_decoy {
                 break;
             }
             thread::sleep(Duration::from_millis(100));
@@ -491,6 +532,16 @@ fn run_tier(tier: &str, identity: &[&str]) {
                 .is_some_and(|r| r.contains("brokerd sends no credential to an agent's listener"))),
         "tier {tier}: no audited denial for the call to the agent's own listener on {squat} \
          (N64): {audit:#?}"
+    );
+    assert!(
+        audit.iter().any(|e| e.original_dst == Some(decoy.addr())
+            && e.decision == Some(Decision::Deny)
+            && e.cgroup.as_deref() == Some(agent.as_str())
+            && e.reason.as_deref().is_some_and(|r| {
+                r.contains(&format!("nothing proves that {DECOY_IP} is {API}"))
+            })),
+        "tier {tier}: no audited denial for the call to the decoy at {} (N69): {audit:#?}",
+        decoy.addr()
     );
     secret.assert_absent(broker.log().as_bytes(), "brokerd's log");
     let status = broker.status();

@@ -143,6 +143,8 @@ fn git_clone_and_push_get_basic_auth_injected_and_never_see_it() {
             ),
         )]
     });
+    // The git server shares the API's address; brokerd's resolver says so.
+    w.broker.add_name(GIT_HOST, TEST_API_IP);
     w.broker.secret_set(GIT_SECRET, secret.expose().as_bytes());
     let before = server.requests().len();
 

@@ -75,7 +75,10 @@ impl World {
         let ca = TestCa::new("abtest upstream CA");
         let cg = TestCgroup::new();
         let api = TestUpstream::start(&ca, UpstreamOptions::api());
-        let mut builder = Broker::builder().upstream_ca(ca.pem_path());
+        let mut builder = Broker::builder()
+            .upstream_ca(ca.pem_path())
+            .name(API, api_ip())
+            .name(OTHER, api_ip());
         for (name, toml) in policies(&cg, api.port()) {
             builder = builder.policy(&name, &toml);
         }

@@ -309,8 +309,9 @@ fn sni_and_host_or_authority_mismatch_is_denied() {
 #[test]
 fn upstream_with_a_certificate_brokerd_does_not_trust_gets_no_secret() {
     // An "attacker" on 127.0.0.3 with a certificate for api.example.test from a CA brokerd does
-    // not trust. The policy allows api.example.test on its port: only TLS verification stands
-    // between the secret and it.
+    // not trust. The policy allows api.example.test on its port, with `any_address = true` so
+    // that brokerd does not refuse the address first: only TLS verification stands between the
+    // secret and it.
     let evil_ca = TestCa::new("abtest attacker CA");
     let evil = TestUpstream::start(
         &evil_ca,
@@ -327,7 +328,7 @@ fn upstream_with_a_certificate_brokerd_does_not_trust_gets_no_secret() {
                 "cgroup = \"{}\"\n{}{}",
                 cg.child("agent"),
                 rule(API, api.port(), true),
-                rule(API, evil.port(), true)
+                rule(API, evil.port(), true) + "any_address = true\n"
             ),
         )]
     });

@@ -8,6 +8,7 @@
 use std::{
     fs,
     io::Read as _,
+    net::Ipv4Addr,
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -20,7 +21,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     build::{self, Profile},
-    cmd, paths, running_as_root,
+    cmd, names, paths, running_as_root,
 };
 
 /// The demo's agent cgroup (the shipped policies/demo.toml governs it).
@@ -117,8 +118,15 @@ impl Demo {
         step(&format!(
             "4. start brokerd on port {BROKER_PORT} (log: target/demo/brokerd.log)"
         ));
+        // brokerd's resolver: the demo's names are the test API's, and the host's resolver is
+        // never asked (a credential goes only to an address its name resolves to).
+        let resolver = names::serve(
+            &["api.example.test", "other.example.test"],
+            Ipv4Addr::new(127, 0, 0, 2),
+        )?;
         let mut brokerd = Command::new(self.bin.join("brokerd"));
         brokerd
+            .args(["--dns-upstream", &resolver.to_string()])
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .arg("--run-dir")

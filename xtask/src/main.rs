@@ -13,6 +13,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod names;
 mod paths;
 mod run;
 mod setup;

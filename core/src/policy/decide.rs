@@ -79,6 +79,9 @@ pub enum RequestDecision<'a> {
         /// Whether credentials may be written over plain HTTP: every level's rule must say so
         /// (ARCHITECTURE invariant 2: off unless a rule says so).
         plain_http: bool,
+        /// Whether credentials may go to any address whose certificate proves the name: every
+        /// level's rule must say so. Otherwise the address dialed must be one of the name's.
+        any_address: bool,
         /// How long the response may pause between frames, when the closest rule says.
         idle_timeout: Option<Duration>,
         /// Limits to check with a [`super::Limiter`] before forwarding, one per level whose
@@ -174,6 +177,7 @@ pub(super) struct Refusal<'p> {
 pub(super) struct Granted<'p> {
     pub(super) rule: &'p Rule,
     pub(super) plain_http: bool,
+    pub(super) any_address: bool,
 }
 
 /// How a level would handle a connection.
@@ -517,6 +521,7 @@ impl Policy {
         let rule = &file.rules[ri];
         each_level(file, rule);
         let mut plain_http = rule.plain_http;
+        let mut any_address = rule.any_address;
         for &ai in &file.ancestors {
             let level = &self.files[ai];
             let Some(i) = level.select(req, &rule.secrets) else {
@@ -524,9 +529,14 @@ impl Policy {
             };
             let r = &level.rules[i];
             plain_http &= r.plain_http;
+            any_address &= r.any_address;
             each_level(level, r);
         }
-        Ok(Granted { rule, plain_http })
+        Ok(Granted {
+            rule,
+            plain_http,
+            any_address,
+        })
     }
 
     /// Decides one HTTP request from `cgroup`: every file governing it must allow it; the
@@ -556,6 +566,7 @@ impl Policy {
                 rule: &g.rule.rule_ref,
                 inject: &g.rule.inject,
                 plain_http: g.plain_http,
+                any_address: g.any_address,
                 idle_timeout: g.rule.idle_timeout,
                 limit_keys,
             },

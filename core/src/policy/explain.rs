@@ -48,6 +48,9 @@ pub struct Explanation {
     pub limits: Vec<String>,
     /// For an allow, whether credentials may be written over plain HTTP.
     pub plain_http: bool,
+    /// For an allow, whether credentials may go to any address whose certificate is valid for
+    /// the host (every level's rule says `any_address = true`), not only to the host's own.
+    pub any_address: bool,
     /// What the question could not show (headers, addresses).
     pub notes: Vec<String>,
 }
@@ -78,6 +81,13 @@ impl fmt::Display for Explanation {
                 writeln!(
                     f,
                     "  plain_http: credentials may be written over plain HTTP"
+                )?;
+            }
+            if self.any_address {
+                writeln!(
+                    f,
+                    "  any_address: credentials may go to any address whose certificate is \
+                     valid for the host, not only to those the host resolves to"
                 )?;
             }
             for limit in &self.limits {
@@ -224,6 +234,7 @@ impl Policy {
             injects: Vec::new(),
             limits: Vec::new(),
             plain_http: false,
+            any_address: false,
             notes,
         };
         Ok(match decided {
@@ -236,6 +247,7 @@ impl Policy {
                     injects: g.rule.inject.slots(),
                     limits,
                     plain_http: g.plain_http,
+                    any_address: g.any_address,
                     ..base
                 };
                 if !target.tls && !g.plain_http && !g.rule.inject.is_empty() {
@@ -244,6 +256,20 @@ impl Policy {
                          plain_http on every level's rule)"
                             .to_string(),
                     );
+                }
+                if ip.is_none() && !g.rule.inject.is_empty() && (!target.tls || !g.any_address) {
+                    let host = &target.host;
+                    let lifted = if target.tls {
+                        "; any_address = true on every level's rule would let any address \
+                         whose certificate is valid for it have them"
+                    } else {
+                        ""
+                    };
+                    e.notes.push(format!(
+                        "the credentials go only to an address {host} resolves to (brokerd's \
+                         DNS answer to the agent, or brokerd's own lookup); a call to another \
+                         address is refused{lifted}"
+                    ));
                 }
                 e
             }
@@ -267,6 +293,7 @@ impl Policy {
                 let mut within = Vec::new();
                 let mut not_after = rule.not_after;
                 let mut plain_http = rule.plain_http;
+                let mut any_address = rule.any_address;
                 let mut limits = Vec::new();
                 limits.extend(limit_of(rule, closest));
                 // Follow the covering rule up the chain.
@@ -282,6 +309,7 @@ impl Policy {
                         (a, b) => a.or(b),
                     };
                     plain_http &= p.plain_http;
+                    any_address &= p.any_address;
                     limits.extend(limit_of(p, level));
                     current = (*level, pi);
                 }
@@ -290,6 +318,7 @@ impl Policy {
                     within,
                     not_after,
                     plain_http,
+                    any_address,
                     limits,
                 });
             }
@@ -343,6 +372,9 @@ pub struct EffectiveRule {
     pub not_after: Option<SystemTime>,
     /// Whether every level's rule allows credentials over plain HTTP.
     pub plain_http: bool,
+    /// Whether every level's rule lets credentials go to any address whose certificate is valid
+    /// for the host.
+    pub any_address: bool,
     /// Every level's limits, closest first.
     pub limits: Vec<EffectiveLimit>,
 }
@@ -456,6 +488,11 @@ impl fmt::Display for EffectivePolicy {
                 writeln!(f, "plain_http = true")?;
             } else if r.plain_http {
                 writeln!(f, "# plain_http = true here, but not on every level above")?;
+            }
+            if e.any_address {
+                writeln!(f, "any_address = true")?;
+            } else if r.any_address {
+                writeln!(f, "# any_address = true here, but not on every level above")?;
             }
             if let Some(t) = e.not_after {
                 let note = if e.not_after == r.not_after {

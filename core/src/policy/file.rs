@@ -101,6 +101,8 @@ struct RawRule {
     headers: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
     /// Allow writing credentials over plain HTTP.
     plain_http: Option<Spanned<bool>>,
+    /// Let credentials go to any address that proves the name, not only the name's own.
+    any_address: Option<Spanned<bool>>,
     /// The rule stops matching after this instant.
     not_after: Option<Spanned<toml::Value>>,
     /// How long a response may pause between two frames (streams have no total deadline).
@@ -578,7 +580,7 @@ fn compile_rule(
     });
     if tcp {
         // Passthrough is spliced unread: nothing about requests can apply.
-        let not_for_tcp: [(&str, Option<Range<usize>>); 5] = [
+        let not_for_tcp: [(&str, Option<Range<usize>>); 6] = [
             ("methods", raw.methods.as_ref().map(Spanned::span)),
             ("paths", raw.paths.as_ref().map(Spanned::span)),
             ("headers", raw.headers.as_ref().map(Spanned::span)),
@@ -586,6 +588,13 @@ fn compile_rule(
             (
                 "plain_http",
                 raw.plain_http
+                    .as_ref()
+                    .filter(|p| *p.get_ref())
+                    .map(Spanned::span),
+            ),
+            (
+                "any_address",
+                raw.any_address
                     .as_ref()
                     .filter(|p| *p.get_ref())
                     .map(Spanned::span),
@@ -700,6 +709,10 @@ fn compile_rule(
         spans.set("plain_http", pos(&p.span()));
         *p.get_ref()
     });
+    let any_address = raw.any_address.as_ref().is_some_and(|p| {
+        spans.set("any_address", pos(&p.span()));
+        *p.get_ref()
+    });
 
     let not_after = raw.not_after.as_ref().and_then(|t| {
         spans.set("not_after", pos(&t.span()));
@@ -791,6 +804,7 @@ fn compile_rule(
         paths,
         headers,
         plain_http,
+        any_address,
         not_after,
         idle_timeout,
         rate,

@@ -37,6 +37,7 @@ enum Gap {
     Paths(Option<String>),
     Headers(String, String),
     PlainHttp,
+    AnyAddress,
     NotAfter,
     Rate(Rate, Rate),
     Budget(&'static str, u64, u64),
@@ -52,7 +53,7 @@ impl Gap {
             Self::Methods => 3,
             Self::Paths(_) => 4,
             Self::Headers(..) => 5,
-            Self::PlainHttp => 6,
+            Self::PlainHttp | Self::AnyAddress => 6,
             Self::NotAfter => 7,
             Self::Rate(..) => 8,
             Self::Budget(..) => 9,
@@ -89,6 +90,9 @@ fn gap(p: &Rule, c: &Rule) -> Option<Gap> {
     }
     if c.plain_http && !p.plain_http {
         return Some(Gap::PlainHttp);
+    }
+    if c.any_address && !p.any_address {
+        return Some(Gap::AnyAddress);
     }
     if let (Some(pn), Some(cn)) = (p.not_after, c.not_after)
         && cn > pn
@@ -280,6 +284,13 @@ fn widening(c: &Rule, parent: &PolicyFile, best: Option<(usize, Gap)>) -> Policy
             format!(
                 "plain_http = true goes beyond {pr}, which does not allow credentials over plain \
                  HTTP"
+            ),
+        ),
+        Gap::AnyAddress => (
+            "any_address",
+            format!(
+                "any_address = true goes beyond {pr}, which sends credentials only to the \
+                 addresses its names resolve to"
             ),
         ),
         Gap::NotAfter => (

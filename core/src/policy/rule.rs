@@ -148,6 +148,9 @@ pub struct Rule {
     /// Required request headers: lowercase name and exact value, sorted by name.
     pub(super) headers: Vec<(HeaderName, String)>,
     pub(super) plain_http: bool,
+    /// Credentials may go to any address whose certificate proves the name, not only to the
+    /// addresses the name resolves to.
+    pub(super) any_address: bool,
     pub(super) not_after: Option<SystemTime>,
     /// How long a response may pause between frames; `None`: brokerd's default.
     pub(super) idle_timeout: Option<Duration>,
@@ -191,6 +194,11 @@ impl Rule {
     /// Whether injection (and handle swaps) may happen over plain HTTP for this rule.
     pub fn plain_http(&self) -> bool {
         self.plain_http
+    }
+    /// Whether credentials may go to any address that proves the name by its certificate (not
+    /// only to the addresses the name resolves to).
+    pub fn any_address(&self) -> bool {
+        self.any_address
     }
     pub fn not_after(&self) -> Option<SystemTime> {
         self.not_after

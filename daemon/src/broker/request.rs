@@ -8,7 +8,7 @@ use agent_broker_core::{
 };
 use http::{StatusCode, request::Parts};
 
-use crate::proxy::{Denial, DenialReason, RequestFacts};
+use crate::proxy::{Denial, DenialReason, NameBinding, RequestFacts};
 
 /// A request the policy allowed, and what the later steps need of the rule that allowed it.
 pub(super) struct Allowed<'p> {
@@ -25,7 +25,11 @@ pub(super) struct Allowed<'p> {
     pub idle_timeout: Option<std::time::Duration>,
     /// The `Host` a plain HTTP request was matched by: nothing but the agent's word ties it to
     /// the address, which must be proven to be the name's.
-    pub bind_name: Option<String>,
+    pub bind_name: Option<NameBinding>,
+    /// The name an HTTPS request was matched by, if a credential written into it must go only
+    /// to the name's own addresses (unless every level's rule says `any_address = true`): a
+    /// certificate valid for the name (a wildcard, a shared one) may be served elsewhere too.
+    pub credential_name: Option<NameBinding>,
 }
 
 impl Allowed<'_> {
@@ -62,11 +66,14 @@ pub(super) fn decide<'p>(
         tls: facts.tls,
         now: SystemTime::now(),
     };
+    // A host that is the literal address dialed needs no proof.
+    let by_name = !host_is_address(facts.host, facts.origin.original_dst.ip());
     let allowed = match policy.decide_request(&facts.origin.cgroup, &request) {
         RequestDecision::Allow {
             rule,
             inject,
             plain_http,
+            any_address,
             idle_timeout,
             limit_keys,
         } => Allowed {
@@ -75,8 +82,9 @@ pub(super) fn decide<'p>(
             limit_keys,
             may_write_secrets: facts.tls || plain_http,
             idle_timeout,
-            bind_name: (!facts.tls && !host_is_address(facts.host, facts.origin.original_dst.ip()))
-                .then(|| facts.host.to_string()),
+            bind_name: (!facts.tls && by_name).then(|| NameBinding::matched_by_name(facts.host)),
+            credential_name: (facts.tls && by_name && !any_address)
+                .then(|| NameBinding::credential(facts.host)),
         },
         RequestDecision::Deny { reason, rule, .. } => {
             return Err(Denial {
@@ -88,10 +96,7 @@ pub(super) fn decide<'p>(
     // Over plain HTTP nothing proves who answers at the original address: a Host header naming
     // an allowed host could front any IP. Only an IP rule for that very address, or a rule that
     // opts in with plain_http, may pass plain HTTP.
-    if !facts.tls
-        && !allowed.may_write_secrets
-        && !host_is_address(facts.host, facts.origin.original_dst.ip())
-    {
+    if !facts.tls && !allowed.may_write_secrets && by_name {
         return Err(allowed.cannot(format!(
             "plain HTTP to {} cannot be verified (nothing proves that {} is that host); use \
              https, or allow the address itself",
@@ -112,7 +117,121 @@ fn host_is_address(host: &str, ip: std::net::IpAddr) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::host_is_address;
+    use std::path::PathBuf;
+
+    use agent_broker_core::cgroup::{CgroupId, CgroupPath};
+
+    use super::*;
+    use crate::{capture::ConnectionOrigin, proxy::BindReason};
+
+    fn origin(cgroup: &str, dst: &str) -> ConnectionOrigin {
+        ConnectionOrigin {
+            cgroup: CgroupPath::parse(cgroup).expect("cgroup"),
+            cgroup_id: CgroupId(1),
+            pid: 1,
+            tid: 1,
+            comm: "test".into(),
+            exe: None,
+            original_dst: dst.parse().expect("addr"),
+        }
+    }
+
+    /// The name a request to `host` over `tls` from `cgroup` (dialed at `dst`) must be proven
+    /// to own the address by, and why; or the denial's reason.
+    fn binding(
+        policy: &Policy,
+        cgroup: &str,
+        dst: &str,
+        host: &str,
+        tls: bool,
+    ) -> Result<(Option<NameBinding>, Option<NameBinding>), String> {
+        let origin = origin(cgroup, dst);
+        let facts = RequestFacts {
+            origin: &origin,
+            host,
+            port: origin.original_dst.port(),
+            tls,
+        };
+        let (parts, ()) = http::Request::get("/v1/x")
+            .body(())
+            .expect("request")
+            .into_parts();
+        decide(policy, &facts, &parts)
+            .map(|a| (a.bind_name, a.credential_name))
+            .map_err(|d| d.reason.to_string())
+    }
+
+    const PARENT: &str = r#"
+cgroup = "agents"
+[[allow]]
+host = "api.example.test"
+inject.headers = { authorization = "Bearer {secret:K}" }
+[[allow]]
+host = "cdn.example.test"
+any_address = true
+inject.headers = { authorization = "Bearer {secret:K}" }
+[[allow]]
+host = "127.0.0.2"
+inject.headers = { authorization = "Bearer {secret:K}" }
+[[allow]]
+host = "plain.example.test"
+port = 8080
+plain_http = true
+any_address = true
+"#;
+
+    const CHILD: &str = r#"
+cgroup = "agents/coder"
+[[allow]]
+host = "cdn.example.test"
+inject.headers = { authorization = "Bearer {secret:K}" }
+[[allow]]
+host = "api.example.test"
+inject.headers = { authorization = "Bearer {secret:K}" }
+"#;
+
+    #[test]
+    fn credentials_over_tls_are_bound_to_the_names_addresses_unless_every_level_opts_out() {
+        let policy = Policy::from_files(vec![
+            (PathBuf::from("agents.toml"), PARENT.to_string()),
+            (PathBuf::from("coder.toml"), CHILD.to_string()),
+        ])
+        .expect("policy");
+        let bound = |cgroup, host: &str| {
+            binding(&policy, cgroup, "127.0.0.9:443", host, true).expect("allowed")
+        };
+        // A name: bound, because a credential would go there.
+        assert_eq!(
+            bound("agents/a", "api.example.test"),
+            (None, Some(NameBinding::credential("api.example.test")))
+        );
+        // any_address = true on the only level: the certificate alone decides.
+        assert_eq!(bound("agents/a", "cdn.example.test"), (None, None));
+        // The child did not say it: its parent's any_address does not carry down.
+        assert_eq!(
+            bound("agents/coder/x", "cdn.example.test"),
+            (None, Some(NameBinding::credential("cdn.example.test")))
+        );
+        // The address itself, dialed at that address: nothing to prove.
+        assert_eq!(
+            binding(&policy, "agents/a", "127.0.0.2:443", "127.0.0.2", true).expect("allowed"),
+            (None, None)
+        );
+        // Plain HTTP by Host stays bound by name, any_address or not.
+        let (plain, credential) = binding(
+            &policy,
+            "agents/a",
+            "127.0.0.9:8080",
+            "plain.example.test",
+            false,
+        )
+        .expect("allowed");
+        assert_eq!(
+            plain.map(|b| (b.name, b.why)),
+            Some(("plain.example.test".to_string(), BindReason::MatchedByName))
+        );
+        assert_eq!(credential, None);
+    }
 
     #[test]
     fn only_the_literal_address_counts() {

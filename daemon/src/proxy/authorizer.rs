@@ -52,9 +52,47 @@ pub struct Grant {
     pub on_complete: Option<OnComplete>,
     /// How long the response may pause between frames, overriding the proxy's default.
     pub idle_timeout: Option<Duration>,
-    /// The name the rule matched by, when no certificate will prove it (plain HTTP by `Host`):
-    /// the request is forwarded only once [`NameCheck`] proves the address is the name's.
-    pub bind_name: Option<String>,
+    /// The name the request must be proven to reach: the request is forwarded only once
+    /// [`NameCheck`] proves the address dialed is the name's. Set when no certificate will prove
+    /// the name (plain HTTP by `Host`), and when a credential was written into the request (a
+    /// certificate valid for the name may also be served at another address).
+    pub bind_name: Option<NameBinding>,
+}
+
+/// A name the address an agent dialed must be proven to belong to, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameBinding {
+    pub name: String,
+    pub why: BindReason,
+}
+
+/// Why an address must be proven to be a name's before brokerd sends anything there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindReason {
+    /// Nothing but the agent's word ties the name to the address: a tcp passthrough matched by
+    /// SNI, a plain HTTP request matched by `Host` (issue 12.2).
+    MatchedByName,
+    /// brokerd writes a credential into the request. The upstream's certificate proves the
+    /// name, but a certificate valid for the name (a wildcard, a shared one) may be served at
+    /// other addresses too, and the credential must not go there (issue 13.18). A rule lifts
+    /// this with `any_address = true` on every level.
+    Credential,
+}
+
+impl NameBinding {
+    pub fn matched_by_name(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            why: BindReason::MatchedByName,
+        }
+    }
+
+    pub fn credential(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            why: BindReason::Credential,
+        }
+    }
 }
 
 /// A callback run once when an exchange is over; it says what it charged.
@@ -171,14 +209,17 @@ pub enum ConnectionVerdict {
 }
 
 /// Proves that the address an agent dialed belongs to a name, where no certificate does (tcp
-/// passthrough matched by SNI, plain HTTP matched by `Host`): a name reaches only its own
-/// addresses (ARCHITECTURE invariant 2).
+/// passthrough matched by SNI, plain HTTP matched by `Host`), or where a certificate is not
+/// enough (a credential goes out): a name reaches only its own addresses (ARCHITECTURE
+/// invariant 2).
 pub trait NameCheck: Send + Sync + 'static {
-    /// `Ok` when `origin.original_dst` is an address of `name`; otherwise why not, naming both.
+    /// `Ok` when `origin.original_dst` is an address of `name`; otherwise why not, naming both
+    /// (`why` says what the refusal should explain).
     fn check<'a>(
         &'a self,
         origin: &'a ConnectionOrigin,
         name: &'a str,
+        why: BindReason,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 }
 

@@ -17,8 +17,8 @@ use crate::{
     audit::EventSink,
     capture::{ConnectionOrigin, ListenerOwner},
     proxy::{
-        Authorizer, Charge, Completion, ConnectionVerdict, Deadlines, Denial, Grant, NameCheck,
-        Proxy, RequestFacts,
+        Authorizer, BindReason, Charge, Completion, ConnectionVerdict, Deadlines, Denial, Grant,
+        NameBinding, NameCheck, Proxy, RequestFacts,
         scrub::PLACEHOLDER,
         tls::{BrokerCa, LeafMinter},
         upstream::{ListenerCheck, Upstream},

@@ -152,8 +152,8 @@ impl Proxy {
             Ok(g) => g,
             Err(denial) => return Exchange::refused(&conn.origin, host, denial, None),
         };
-        if let Some(name) = &grant.bind_name
-            && let Err(reason) = self.names.check(&conn.origin, name).await
+        if let Some(bind) = &grant.bind_name
+            && let Err(reason) = self.names.check(&conn.origin, &bind.name, bind.why).await
         {
             let denial = Denial {
                 rule: Some(grant.rule.clone()),

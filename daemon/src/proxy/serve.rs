@@ -23,7 +23,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use tracing::info;
 
 use super::{
-    ConnectionVerdict, Deadlines, Denial, DenialReason, HANDSHAKE_TIMEOUT, Proxy,
+    BindReason, ConnectionVerdict, Deadlines, Denial, DenialReason, HANDSHAKE_TIMEOUT, Proxy,
     body::AgentBody,
     record::{self, connection_event},
     reply,
@@ -140,7 +140,10 @@ impl Proxy {
         bind_name: Option<String>,
     ) {
         if let Some(name) = bind_name
-            && let Err(reason) = self.names.check(&origin, &name).await
+            && let Err(reason) = self
+                .names
+                .check(&origin, &name, BindReason::MatchedByName)
+                .await
         {
             return self.refused_connection(&origin, sni.as_deref(), EventKind::Denial, &reason);
         }

@@ -45,6 +45,9 @@ struct Args {
     squat: Option<SocketAddr>,
     /// The agent's `[shares] connections` in the battery's policy.
     connection_share: Option<usize>,
+    /// Another server with a valid certificate for the allowed host, at an address the host
+    /// does not resolve to, which a rule injecting the key allows by name.
+    decoy: Option<SocketAddr>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -89,6 +92,7 @@ fn parse_args() -> Result<Args, String> {
                         .map_err(|e| format!("--connection-share: {e}"))?,
                 )
             }
+            "--decoy" => a.decoy = Some(addr(&value)?),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -702,6 +706,26 @@ fn main() {
                 &["2 placeholders"],
                 outcome,
             );
+            // N69 (issue 13.18): the same name at another server that holds a valid
+            // certificate for it (a wildcard, a shared one). The test checks that it got
+            // nothing.
+            if let Some(decoy) = args.decoy {
+                b.row(
+                    "N69",
+                    format!(
+                        "call {host} at {decoy}, another server with a valid certificate for it"
+                    ),
+                    &["HTTP 403"],
+                    tls_get(
+                        "/hash",
+                        decoy,
+                        name.clone(),
+                        roots.clone(),
+                        host,
+                        &format!("Authorization: Bearer {placeholder}\r\n"),
+                    ),
+                );
+            }
         }
     }
 

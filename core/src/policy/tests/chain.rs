@@ -542,3 +542,107 @@ fn shares_are_the_smallest_of_the_levels_and_default_elsewhere() {
     assert!(shown.contains("connections = 100"), "{shown}");
     assert!(shown.contains("requests_in_flight = 5"), "{shown}");
 }
+
+const ANY_ADDRESS_PARENT: &str = r#"
+cgroup = "agents"
+[[allow]]
+host = "api.example.test"
+inject.headers = { authorization = "Bearer {secret:K}" }
+[[allow]]
+host = "*.cdn.example.test"
+any_address = true
+inject.headers = { authorization = "Bearer {secret:K}" }
+"#;
+
+/// `any_address = true` lets a credential go to any address whose certificate is valid for the
+/// host (issue 13.18); it holds only where every level's rule says it, and a child may not
+/// set it where its parent does not.
+#[test]
+fn any_address_holds_only_where_every_level_says_it() {
+    let child_text = "cgroup = \"agents/coder\"\n[[allow]]\nhost = \"a.cdn.example.test\"\n\
+                      any_address = true\ninject.headers = { authorization = \"Bearer \
+                      {secret:K}\" }\n[[allow]]\nhost = \"b.cdn.example.test\"\n\
+                      inject.headers = { authorization = \"Bearer {secret:K}\" }\n";
+    let p = policy(&[
+        ("agents.toml", ANY_ADDRESS_PARENT),
+        ("coder.toml", child_text),
+    ]);
+    let any_address = |cgroup: &str, target: &str| match p
+        .decide_request(&cg(cgroup), &req("GET", target).info())
+    {
+        RequestDecision::Allow { any_address, .. } => any_address,
+        RequestDecision::Deny { reason, .. } => panic!("{cgroup} {target}: {reason}"),
+    };
+    assert!(
+        !any_address("agents", "api.example.test/x"),
+        "off by default"
+    );
+    assert!(any_address("agents", "a.cdn.example.test/x"));
+    assert!(any_address("agents/coder", "a.cdn.example.test/x"));
+    // The child's rule leaves it out: the parent's does not carry down.
+    assert!(!any_address("agents/coder", "b.cdn.example.test/x"));
+
+    // A child may not set it where its parent does not.
+    let widening = error(&[
+        ("agents.toml", ANY_ADDRESS_PARENT),
+        (
+            "coder.toml",
+            "cgroup = \"agents/coder\"\n[[allow]]\nhost = \"api.example.test\"\n\
+             any_address = true\n",
+        ),
+    ]);
+    let shown = widening.to_string();
+    assert_eq!(widening.path, Path::new("coder.toml"), "{shown}");
+    assert_eq!(
+        widening.field.as_deref(),
+        Some("allow[0].any_address"),
+        "{shown}"
+    );
+    assert_eq!(widening.line, 4, "{shown}");
+    assert!(
+        shown.contains(
+            "any_address = true goes beyond agents.toml:4 allow[0] (cgroup agents), which sends \
+             credentials only to the addresses its names resolve to"
+        ),
+        "{shown}"
+    );
+    assert!(
+        shown.ends_with("a child policy can only narrow its parent's"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn any_address_is_a_bool_and_not_for_tcp_rules() {
+    for (text, field, line) in [
+        (
+            "cgroup = \"a\"\n[[allow]]\nhost = \"x.test\"\nany_address = \"yes\"\n",
+            "allow[0].any_address",
+            4,
+        ),
+        (
+            "cgroup = \"a\"\n[[allow]]\nhost = \"x.test\"\nport = 22\ntcp = true\n\
+             any_address = true\n",
+            "allow[0].any_address",
+            6,
+        ),
+    ] {
+        let e = error(&[("a.toml", text)]);
+        assert_eq!(
+            (e.field.as_deref(), e.line),
+            (Some(field), line),
+            "{text}: {e}"
+        );
+    }
+    // Spelled out as false, it is the default.
+    let p = policy(&[(
+        "a.toml",
+        "cgroup = \"a\"\n[[allow]]\nhost = \"x.test\"\nany_address = false\n",
+    )]);
+    let RequestDecision::Allow { any_address, .. } =
+        p.decide_request(&cg("a"), &req("GET", "x.test/").info())
+    else {
+        panic!("denied")
+    };
+    assert!(!any_address);
+}

@@ -280,3 +280,80 @@ fn a_thousand_rules_across_a_hundred_agents_decide_correctly() {
         );
     }
 }
+
+/// `explain` and `effective` say where a credential may go: only to the host's own addresses,
+/// unless every level's rule says `any_address = true` (issue 13.18).
+#[test]
+fn explain_and_effective_show_any_address() {
+    let parent = "cgroup = \"a\"\n[[allow]]\nhost = \"api.example.test\"\n\
+                  inject.headers = { authorization = \"Bearer {secret:K}\" }\n\
+                  [[allow]]\nhost = \"cdn.example.test\"\nany_address = true\n\
+                  inject.headers = { authorization = \"Bearer {secret:K}\" }\n\
+                  [[allow]]\nhost = \"127.0.0.2\"\n\
+                  inject.headers = { authorization = \"Bearer {secret:K}\" }\n";
+    let child = "cgroup = \"a/b\"\n[[allow]]\nhost = \"cdn.example.test\"\n\
+                 inject.headers = { authorization = \"Bearer {secret:K}\" }\n";
+    let p = policy(&[("a.toml", parent), ("b.toml", child)]);
+    let explain = |cgroup: &str, url: &str| {
+        p.explain(&cg(cgroup), "GET", url, now())
+            .unwrap_or_else(|e| panic!("{url}: {e}"))
+    };
+    let bound_note = |e: &Explanation| {
+        e.notes
+            .iter()
+            .find(|n| n.contains("the credentials go only to an address"))
+            .cloned()
+    };
+
+    // Bound by default: the note says so and how to lift it.
+    let e = explain("a", "https://api.example.test/v1");
+    assert!(e.allowed && !e.any_address, "{e}");
+    let note = bound_note(&e).unwrap_or_else(|| panic!("no note: {e}"));
+    assert!(
+        note.contains("api.example.test resolves to") && note.contains("any_address = true"),
+        "{note}"
+    );
+    assert!(!e.to_string().contains("  any_address:"), "{e}");
+
+    // Lifted on the only level.
+    let e = explain("a", "https://cdn.example.test/v1");
+    assert!(e.allowed && e.any_address, "{e}");
+    assert_eq!(bound_note(&e), None, "{e}");
+    assert!(
+        e.to_string().contains(
+            "  any_address: credentials may go to any address whose certificate is valid for \
+             the host, not only to those the host resolves to\n"
+        ),
+        "{e}"
+    );
+
+    // Not lifted below a level that leaves it out.
+    let e = explain("a/b", "https://cdn.example.test/v1");
+    assert!(e.allowed && !e.any_address, "{e}");
+    assert!(bound_note(&e).is_some(), "{e}");
+
+    // An address is only itself: nothing to resolve, no note.
+    let e = explain("a", "https://127.0.0.2/v1");
+    assert!(e.allowed, "{e}");
+    assert_eq!(bound_note(&e), None, "{e}");
+
+    // `policy show`: set on every level, or only here.
+    let shown = p.effective(&cg("a")).to_string();
+    assert!(
+        shown.contains("host = \"cdn.example.test\"\nport = 443\nany_address = true\n"),
+        "{shown}"
+    );
+    assert_eq!(shown.matches("any_address").count(), 1, "{shown}");
+    let child_with = "cgroup = \"a/b\"\n[[allow]]\nhost = \"cdn.example.test\"\n\
+                      any_address = true\n";
+    let shown = policy(&[("a.toml", parent), ("b.toml", child_with)])
+        .effective(&cg("a/b"))
+        .to_string();
+    assert!(shown.contains("\nany_address = true\n"), "{shown}");
+    let lone = "cgroup = \"a\"\n[[allow]]\nhost = \"cdn.example.test\"\n";
+    let below = "cgroup = \"a/b\"\n[[allow]]\nhost = \"cdn.example.test\"\n";
+    let shown = policy(&[("a.toml", lone), ("b.toml", below)])
+        .effective(&cg("a/b"))
+        .to_string();
+    assert!(!shown.contains("any_address"), "{shown}");
+}

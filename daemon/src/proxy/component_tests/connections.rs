@@ -16,7 +16,7 @@ use tokio::{
 };
 
 use super::{
-    BrokerCa, ConnectionVerdict, Deadlines, EventKind, Grant, Side,
+    BrokerCa, ConnectionVerdict, Deadlines, EventKind, Grant, NameBinding, Side,
     harness::{
         Agent, AgentProto, Broker, HOST, Offer, RULE, Setup, TestAuthorizer, answer, assert_origin,
         closed_port, echo_server, empty, throwaway_ca_pem, tls_connect, within,
@@ -227,7 +227,7 @@ async fn plain_http_by_host_needs_the_address_to_be_the_hosts() {
             TestAuthorizer::new(move |facts, _| {
                 Ok(Grant {
                     rule: RULE.into(),
-                    bind_name: Some(facts.host.to_string()),
+                    bind_name: Some(NameBinding::matched_by_name(facts.host)),
                     ..Grant::default()
                 })
             }),

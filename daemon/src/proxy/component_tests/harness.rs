@@ -42,9 +42,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
 use zeroize::Zeroizing;
 
 use super::{
-    AuditEvent, Authorizer, BrokerCa, CgroupId, CgroupPath, Charge, Completion, ConnectionOrigin,
-    ConnectionVerdict, Deadlines, Denial, EventKind, EventSink, Grant, LeafMinter, ListenerCheck,
-    ListenerOwner, NameCheck, Proxy, RequestFacts, Side, Upstream,
+    AuditEvent, Authorizer, BindReason, BrokerCa, CgroupId, CgroupPath, Charge, Completion,
+    ConnectionOrigin, ConnectionVerdict, Deadlines, Denial, EventKind, EventSink, Grant,
+    LeafMinter, ListenerCheck, ListenerOwner, NameCheck, Proxy, RequestFacts, Side, Upstream,
 };
 use crate::shares::{RefusalAudit, ShareBook};
 
@@ -763,7 +763,7 @@ impl ListenerCheck for TestListeners {
 #[derive(Debug)]
 pub(super) struct TestNames {
     owners: Mutex<Vec<String>>,
-    asked: Mutex<Vec<String>>,
+    asked: Mutex<Vec<(String, BindReason)>>,
 }
 
 impl Default for TestNames {
@@ -776,8 +776,18 @@ impl Default for TestNames {
 }
 
 impl TestNames {
+    /// From now on, only `names` own the upstream's address.
+    pub(super) fn set_owners(&self, names: &[&str]) {
+        *self.owners.lock().expect("owners") = names.iter().map(|n| n.to_string()).collect();
+    }
+
     /// The names asked about so far.
     pub(super) fn asked(&self) -> Vec<String> {
+        self.asked_why().into_iter().map(|(name, _)| name).collect()
+    }
+
+    /// The names asked about so far, each with why it had to be proven.
+    pub(super) fn asked_why(&self) -> Vec<(String, BindReason)> {
         self.asked.lock().expect("asked").clone()
     }
 }
@@ -787,8 +797,12 @@ impl NameCheck for TestNames {
         &'a self,
         origin: &'a ConnectionOrigin,
         name: &'a str,
+        why: BindReason,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
-        self.asked.lock().expect("asked").push(name.to_string());
+        self.asked
+            .lock()
+            .expect("asked")
+            .push((name.to_string(), why));
         let owned = self
             .owners
             .lock()

@@ -8,7 +8,7 @@ use http::{StatusCode, Version, header};
 use http_body_util::Full;
 
 use super::{
-    CgroupPath, Deadlines, EventKind, ListenerOwner, Side,
+    BindReason, CgroupPath, Deadlines, EventKind, Grant, ListenerOwner, NameBinding, Side,
     harness::{
         Agent, AgentProto, Broker, HOST, OTHER, Offer, RULE, SECRET_NAME, Setup, TestAuthorizer,
         TestSecret, TestUpstream, answer, assert_origin, random_token, sha256_hex,
@@ -158,6 +158,70 @@ async fn a_secret_never_goes_to_an_upstream_whose_certificate_does_not_verify() 
     assert_eq!(event.status, Some(502));
     assert_eq!(event.secrets, [SECRET_NAME]);
     broker.events.assert_no_secret(&secret);
+}
+
+/// A credential goes only to an address proven to be the name's, even over verified TLS: a
+/// certificate valid for the name (a wildcard, a shared one) may be served at another address
+/// too (issue 13.18). Unproven: a 403 naming both, and the upstream, whose certificate is valid
+/// for the name, receives nothing. Proven: the key goes out.
+#[tokio::test]
+async fn a_credential_goes_only_to_an_address_proven_to_be_the_names() {
+    let secret = TestSecret::generate();
+    let value = secret.bearer();
+    let authorizer = TestAuthorizer::new(move |facts, parts| {
+        let mut v = http::HeaderValue::from_str(&value).expect("header value");
+        v.set_sensitive(true);
+        parts.headers.insert(header::AUTHORIZATION, v);
+        Ok(Grant {
+            rule: RULE.into(),
+            secrets: vec![SECRET_NAME.into()],
+            bind_name: Some(NameBinding::credential(facts.host)),
+            ..Grant::default()
+        })
+    });
+    let setup = Setup::start(Offer::H1, answer("keyed"), authorizer).await;
+    setup.broker.names.set_owners(&[]);
+    let mut agent = setup.agent(AgentProto::H1).await;
+    let req = agent
+        .request("GET", HOST, "/v1/models")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let got = agent.fetch(req).await;
+    assert_eq!(got.status, StatusCode::FORBIDDEN);
+    let reason = got.json()["reason"].as_str().expect("reason").to_string();
+    assert!(
+        reason.contains(HOST) && reason.contains("127.0.0.1"),
+        "{reason}"
+    );
+    assert_eq!(setup.upstream.count(), 0, "the upstream must get nothing");
+    assert_eq!(
+        setup.broker.names.asked_why(),
+        [(HOST.to_string(), BindReason::Credential)]
+    );
+    let event = setup.broker.events.single().await;
+    assert_eq!(event.decision, Some(Decision::Deny));
+    assert_eq!(event.rule.as_deref(), Some(RULE));
+    assert!(
+        event.reason.as_deref().is_some_and(|r| r.contains(HOST)),
+        "{event:?}"
+    );
+    setup.broker.events.assert_no_secret(&secret);
+
+    // Proven: forwarded with the key.
+    setup.broker.names.set_owners(&[HOST]);
+    let mut agent = setup.agent(AgentProto::H1).await;
+    let req = agent
+        .request("GET", HOST, "/v1/models")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let got = agent.fetch(req).await;
+    assert_eq!(got.status, StatusCode::OK);
+    setup.upstream.single(|seen| {
+        assert_eq!(
+            seen.header_digests("authorization"),
+            [sha256_hex(secret.bearer().as_bytes())]
+        );
+    });
 }
 
 /// Over plain HTTP nothing proves the server: a credential goes out only after brokerd learned
