@@ -667,8 +667,8 @@ pub fn lsm_socket_families(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    let denied = DENIED_FAMILIES.contains(&family)
-        || (family == AF_NETLINK && protocol != NETLINK_ROUTE);
+    let denied =
+        DENIED_FAMILIES.contains(&family) || (family == AF_NETLINK && protocol != NETLINK_ROUTE);
     if kern != 0 || !denied {
         return 0;
     }
