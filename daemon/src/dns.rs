@@ -201,21 +201,23 @@ impl DnsServer {
         let policy = self.policy.borrow().clone();
         let mut event = dns_event(origin, &question);
         if let Err(reason) = policy.dns_allowed(&origin.cgroup, &question.name) {
-            info!(
-                cgroup = %origin.cgroup,
-                pid = origin.pid,
-                comm = %origin.comm,
-                name = %question.name,
-                qtype = %question.qtype,
-                %reason,
-                "DNS query refused"
-            );
             event.decision = Some(Decision::Deny);
             event.reason = Some(reason.to_string());
             event.status = Some(u16::from(ResponseCode::Refused));
             event.latency_us = Some(started.elapsed().as_micros() as u64);
-            // A flood of refused names is recorded as its first query and a count a second.
-            self.shares.refusals().refused_dns_name(origin, event);
+            // A flood of refused names is recorded (and logged) as its first query and a count
+            // a second.
+            if self.shares.refusals().refused_dns_name(origin, event) {
+                info!(
+                    cgroup = %origin.cgroup,
+                    pid = origin.pid,
+                    comm = %origin.comm,
+                    name = %question.name,
+                    qtype = %question.qtype,
+                    %reason,
+                    "DNS query refused (more within a second are audited as a count)"
+                );
+            }
             return Some(reply_with(&question, ResponseCode::Refused));
         }
         event.decision = Some(Decision::Allow);

@@ -505,14 +505,16 @@ impl RefusalAudit {
         );
     }
 
-    /// A DNS query the policy refused: like ones of the same agent are summed.
-    pub fn refused_dns_name(&self, origin: &ConnectionOrigin, event: AuditEvent) {
-        self.record((Some(origin.cgroup_id), "dns:refused"), event);
+    /// A DNS query the policy refused: like ones of the same agent are summed. Whether it was
+    /// recorded at once (the caller logs only those).
+    pub fn refused_dns_name(&self, origin: &ConnectionOrigin, event: AuditEvent) -> bool {
+        self.record((Some(origin.cgroup_id), "dns:refused"), event)
     }
 
-    /// A connection no agent is proven for.
-    pub fn refused_unresolved(&self, event: AuditEvent) {
-        self.record((None, "connection:unresolved"), event);
+    /// A connection no agent is proven for. Whether it was recorded at once (the first of a
+    /// burst): the caller logs only those, so a flood does not flood brokerd's log either.
+    pub fn refused_unresolved(&self, event: AuditEvent) -> bool {
+        self.record((None, "connection:unresolved"), event)
     }
 
     fn count(&self, id: CgroupId) {
@@ -521,11 +523,13 @@ impl RefusalAudit {
         }
     }
 
-    fn record(&self, key: BurstKey, event: AuditEvent) {
+    /// Records `event` now if it starts a burst (returns true), else sums it into the burst.
+    fn record(&self, key: BurstKey, event: AuditEvent) -> bool {
         let now = Instant::now();
         let first = {
             let Ok(mut bursts) = self.bursts.lock() else {
-                return self.events.record(event);
+                self.events.record(event);
+                return true;
             };
             match bursts.get_mut(&key) {
                 Some(burst) if now.saturating_duration_since(burst.started) < REFUSAL_WINDOW => {
@@ -555,12 +559,14 @@ impl RefusalAudit {
                 }
             }
         };
-        if let Some((summary, event)) = first {
-            if let Some(s) = summary {
-                self.events.record(s);
-            }
-            self.events.record(event);
+        let Some((summary, event)) = first else {
+            return false;
+        };
+        if let Some(s) = summary {
+            self.events.record(s);
         }
+        self.events.record(event);
+        true
     }
 
     /// Writes the summaries of bursts whose window is over (all of them when `all`).

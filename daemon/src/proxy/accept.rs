@@ -180,13 +180,18 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, shared: &Shared) {
         Ok(o) => o,
         Err(e) => {
             let reason = e.to_string();
-            warn!(%peer, %reason, outcome = "refused", "connection with unresolved origin refused");
-            // A flood of them is recorded as its first and a count a second.
-            shared
+            // A flood of them is audited as its first and a count a second, and logged as
+            // its first.
+            let first = shared
                 .proxy
                 .shares
                 .refusals()
                 .refused_unresolved(unresolved_event(time_ms, &reason));
+            if first {
+                warn!(%peer, %reason, outcome = "refused", "connection with unresolved origin refused (more within a second are audited as a count)");
+            } else {
+                tracing::debug!(%peer, %reason, "connection with unresolved origin refused");
+            }
             recent.push(ConnectionRecord {
                 time_ms,
                 peer,
