@@ -111,9 +111,7 @@ for run in range(runs + 1):
         while chunk := response.read1(65536):
             now = time.perf_counter() - started
             pending += chunk
-            *complete, pending = pending.split(b"
-
-")
+            *complete, pending = pending.split(b"\n\n")
             arrivals.extend([now] * len(complete))
     conn.close()
     if run == 0:

@@ -355,6 +355,9 @@ struct EventStreamSummary {
     /// The 99th percentile over every event of every run of how late it arrived: its arrival
     /// after the request was sent less its place in the schedule (index x gap), in ms.
     p99_lag_ms: f64,
+    /// The median of the same: the typical event's lag, which tells a p99 that noise pushed up
+    /// from a path that delays every event.
+    p50_lag_ms: f64,
     /// Streams that did not answer 200 with every event.
     failures: u64,
 }
@@ -381,6 +384,7 @@ impl EventStreamSummary {
         Ok(Self {
             first_event_ms: percentile(&mut first, 50.0) * 1e3,
             p99_lag_ms: percentile(&mut lags, 99.0) * 1e3,
+            p50_lag_ms: percentile(&mut lags, 50.0) * 1e3,
             failures: times.failures,
         })
     }
@@ -433,6 +437,11 @@ fn event_stream(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
             &samples,
             |s| measured(s.p99_lag_ms, s.failures),
         ),
+        fill(
+            Row::new(format!("{what}: median event lag"), "ms", Lower),
+            &samples,
+            |s| measured(s.p50_lag_ms, s.failures),
+        ),
     ];
     for row in &mut rows {
         row.set(Column::Mitmproxy, not_streamed());
@@ -452,10 +461,9 @@ fn bulk(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
         Route::Streaming,
         &STREAMING_COLUMNS,
         |column, endpoint| {
-            let watch = lab
-                .proxy_pid(column)
-                .map(process::PeakRss::watch)
-                .transpose()?;
+            let pid = lab.proxy_pid(column);
+            let cpu_before = pid.map(process::tree_cpu_seconds).transpose()?;
+            let watch = pid.map(process::PeakRss::watch).transpose()?;
             let transfers = clients::transfers(
                 &settings.tools.python3,
                 lab.dir(),
@@ -464,7 +472,10 @@ fn bulk(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
                 BULK_RUNS,
             );
             let growth_kib = watch.map(process::PeakRss::growth_kib).transpose()?;
+            let cpu_after = pid.map(process::tree_cpu_seconds).transpose()?;
             let transfers = transfers?;
+            // Every transfer each way, and the 1 MB warm-up.
+            let moved_mb = 2.0 * f64::from(BULK_RUNS) * megabytes + 1.0;
             let rate = |seconds: &[f64]| {
                 let mut seconds = seconds.to_vec();
                 if seconds.is_empty() {
@@ -478,6 +489,9 @@ fn bulk(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
                 up_mb_per_second: rate(&transfers.up),
                 failures: transfers.failures,
                 rss_growth_mib: growth_kib.map(|kib| kib as f64 / 1024.0),
+                cpu_us_per_mb: cpu_before
+                    .zip(cpu_after)
+                    .map(|(before, after)| (after - before) * 1e6 / moved_mb),
             })
         },
     )?;
@@ -504,6 +518,15 @@ fn bulk(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
             &samples,
             |s| s.rss_growth_mib.map_or(Cell::NotApplicable, Cell::value),
         ),
+        fill(
+            Row::new(
+                format!("{megabytes:.0} MB down and up: proxy CPU per MB"),
+                "µs",
+                Lower,
+            ),
+            &samples,
+            |s| s.cpu_us_per_mb.map_or(Cell::NotApplicable, Cell::value),
+        ),
     ];
     for row in &mut rows {
         row.set(Column::Mitmproxy, not_streamed());
@@ -522,6 +545,8 @@ struct BulkSummary {
     failures: u64,
     /// The proxy's peak resident memory above where it was before (none on the direct path).
     rss_growth_mib: Option<f64>,
+    /// The proxy's CPU time per MB moved (none on the direct path).
+    cpu_us_per_mb: Option<f64>,
 }
 
 /// The mitmproxy cell of the streaming rows.
@@ -785,6 +810,7 @@ mod tests {
         let summary = EventStreamSummary::of(&times, gap)?;
         assert!((summary.first_event_ms - 2.0).abs() < 1e-9, "{summary:?}");
         assert!((summary.p99_lag_ms - 10.0).abs() < 1e-9, "{summary:?}");
+        assert!((summary.p50_lag_ms - 2.0).abs() < 1e-9, "{summary:?}");
         assert_eq!(summary.failures, 1);
         let none = clients::EventTimes {
             runs: Vec::new(),
