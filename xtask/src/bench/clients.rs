@@ -91,16 +91,16 @@ sys.stdin.read()
 "#;
 
 /// Opens a new TLS connection per run, sends `GET /v1/events` and notes when each event (ended by
-/// a blank line) arrives, in seconds after the request was sent; the first run only warms the
-/// path up. Prints the runs that got 200 and every event, and how many did not.
+/// a blank line) arrives, in seconds after the request was sent; the first `warmup` runs only
+/// warm the path up. Prints the runs that got 200 and every event, and how many did not.
 const SSE_PY: &str = r#"import http.client, json, ssl, sys, time
-host, port, runs, events, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+host, port, warmup, runs, events, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
 ctx.set_alpn_protocols(["http/1.1"])
 timed, failures = [], 0
-for run in range(runs + 1):
+for run in range(warmup + runs):
     conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
     conn.connect()
     started = time.perf_counter()
@@ -111,12 +111,10 @@ for run in range(runs + 1):
         while chunk := response.read1(65536):
             now = time.perf_counter() - started
             pending += chunk
-            *complete, pending = pending.split(b"
-
-")
+            *complete, pending = pending.split(b"\n\n")
             arrivals.extend([now] * len(complete))
     conn.close()
-    if run == 0:
+    if run < warmup:
         continue
     if response.status == 200 and len(arrivals) == events and not pending:
         timed.append(arrivals)
@@ -240,7 +238,6 @@ pub fn connect_times(
 }
 
 /// When each event of each timed run of `sse.py` arrived, in seconds after its request was sent.
-#[derive(Debug)]
 pub struct EventTimes {
     /// One list per run that answered 200 with every event, in order.
     pub runs: Vec<Vec<f64>>,
@@ -248,12 +245,32 @@ pub struct EventTimes {
     pub failures: u64,
 }
 
-/// Runs `sse.py` from `dir`: a warm-up stream, then `runs` timed streams of `events` events.
+impl std::fmt::Debug for EventTimes {
+    /// A summary: every arrival time would fill the bench's progress output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let first_ms: Vec<String> = self
+            .runs
+            .iter()
+            .filter_map(|run| run.first())
+            .map(|s| format!("{:.2}", s * 1e3))
+            .collect();
+        write!(
+            f,
+            "EventTimes {{ runs: {}, first_event_ms: [{}], failures: {} }}",
+            self.runs.len(),
+            first_ms.join(", "),
+            self.failures
+        )
+    }
+}
+
+/// Runs `sse.py` from `dir`: one stream of `events` events timed, after one that warms the path
+/// up when `warm_up`.
 pub fn event_times(
     python: &Path,
     dir: &Path,
     endpoint: &Endpoint,
-    runs: u32,
+    warm_up: bool,
     events: usize,
 ) -> Result<EventTimes> {
     let mut command = endpoint.launch.command(python);
@@ -261,7 +278,8 @@ pub fn event_times(
         .args(script(dir, "sse.py")?)
         .arg(endpoint.addr.ip().to_string())
         .arg(endpoint.addr.port().to_string())
-        .arg(runs.to_string())
+        .arg(u8::from(warm_up).to_string())
+        .arg("1")
         .arg(events.to_string())
         .arg(&endpoint.authorization);
     let out = process::output_within(&mut command, Duration::from_secs(120))?;

@@ -355,6 +355,9 @@ struct EventStreamSummary {
     /// The 99th percentile over every event of every run of how late it arrived: its arrival
     /// after the request was sent less its place in the schedule (index x gap), in ms.
     p99_lag_ms: f64,
+    /// The median of the same: the typical event's lag, which tells a p99 that noise pushed up
+    /// from a path that delays every event.
+    p50_lag_ms: f64,
     /// Streams that did not answer 200 with every event.
     failures: u64,
 }
@@ -381,6 +384,7 @@ impl EventStreamSummary {
         Ok(Self {
             first_event_ms: percentile(&mut first, 50.0) * 1e3,
             p99_lag_ms: percentile(&mut lags, 99.0) * 1e3,
+            p50_lag_ms: percentile(&mut lags, 50.0) * 1e3,
             failures: times.failures,
         })
     }
@@ -397,30 +401,44 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
 }
 
 /// Issue 12's SSE row: a stream of [`stream_origin::EVENTS`] events [`stream_origin::EVENT_GAP`]
-/// apart, timed per event, [`SSE_RUNS`] times per column, with the key injected (so brokerd
-/// scrubs the stream).
+/// apart, timed per event, [`SSE_RUNS`] rounds of one stream per column (after one that warms each
+/// path up), with the key injected (so brokerd scrubs the stream).
 fn event_stream(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     let what = format!(
         "SSE, {} events {} ms apart",
         stream_origin::EVENTS,
         stream_origin::EVENT_GAP.as_millis()
     );
-    let samples = each_column(
+    let rounds = in_rounds(
         &what,
         lab,
         Route::Streaming,
         &STREAMING_COLUMNS,
-        |_, endpoint| {
-            let times = clients::event_times(
+        SSE_RUNS,
+        |round, _, endpoint| {
+            clients::event_times(
                 &settings.tools.python3,
                 lab.dir(),
                 endpoint,
-                SSE_RUNS,
+                round == 0,
                 stream_origin::EVENTS,
-            )?;
-            EventStreamSummary::of(&times, stream_origin::EVENT_GAP)
+            )
         },
     )?;
+    let samples: PerColumn<EventStreamSummary> = rounds
+        .into_iter()
+        .map(|(column, outcome)| {
+            let summary = outcome.and_then(|rounds| {
+                let merged = clients::EventTimes {
+                    failures: rounds.iter().map(|r| r.failures).sum(),
+                    runs: rounds.into_iter().flat_map(|r| r.runs).collect(),
+                };
+                EventStreamSummary::of(&merged, stream_origin::EVENT_GAP)
+                    .map_err(|e| Cell::Failed(format!("{e:#}")))
+            });
+            (column, summary)
+        })
+        .collect();
     let targets = [AddsAtMost(SSE_ADDED_MS_TARGET)];
     let mut rows = vec![
         fill(
@@ -433,6 +451,11 @@ fn event_stream(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
             &samples,
             |s| measured(s.p99_lag_ms, s.failures),
         ),
+        fill(
+            Row::new(format!("{what}: median event lag"), "ms", Lower),
+            &samples,
+            |s| measured(s.p50_lag_ms, s.failures),
+        ),
     ];
     for row in &mut rows {
         row.set(Column::Mitmproxy, not_streamed());
@@ -440,47 +463,82 @@ fn event_stream(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Issue 12's bulk row: [`BULK_BYTES`] down and up through each column, [`BULK_RUNS`] times each
-/// way, with the key injected (so brokerd scrubs the download), and how much the proxy's resident
-/// memory peaks above where it was before.
+/// One round of the bulk workload through one column.
+#[derive(Debug)]
+struct BulkRound {
+    transfers: clients::Transfers,
+    /// The proxy's CPU time meanwhile, in seconds (none on the direct path).
+    proxy_cpu_seconds: Option<f64>,
+}
+
+/// Issue 12's bulk row: [`BULK_BYTES`] down and up through each column, [`BULK_RUNS`] rounds of
+/// one download and one upload per column, with the key injected (so brokerd scrubs the
+/// download); how much each proxy's resident memory peaks, over all rounds, above where it was
+/// before the first; and the proxy's CPU time per MB moved.
 fn bulk(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     let megabytes = BULK_BYTES as f64 / 1e6;
     let what = format!("{megabytes:.0} MB transfers");
-    let samples = each_column(
+    let watches = STREAMING_COLUMNS
+        .iter()
+        .filter_map(|column| lab.proxy_pid(*column).map(|pid| (*column, pid)))
+        .map(|(column, pid)| Ok((column, process::PeakRss::watch(pid)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let rounds = in_rounds(
         &what,
         lab,
         Route::Streaming,
         &STREAMING_COLUMNS,
-        |column, endpoint| {
-            let watch = lab
-                .proxy_pid(column)
-                .map(process::PeakRss::watch)
-                .transpose()?;
-            let transfers = clients::transfers(
-                &settings.tools.python3,
-                lab.dir(),
-                endpoint,
-                BULK_BYTES,
-                BULK_RUNS,
-            );
-            let growth_kib = watch.map(process::PeakRss::growth_kib).transpose()?;
-            let transfers = transfers?;
-            let rate = |seconds: &[f64]| {
-                let mut seconds = seconds.to_vec();
-                if seconds.is_empty() {
-                    f64::NAN
-                } else {
-                    megabytes / percentile(&mut seconds, 50.0)
-                }
-            };
-            Ok(BulkSummary {
-                down_mb_per_second: rate(&transfers.down),
-                up_mb_per_second: rate(&transfers.up),
-                failures: transfers.failures,
-                rss_growth_mib: growth_kib.map(|kib| kib as f64 / 1024.0),
+        BULK_RUNS,
+        |_, column, endpoint| {
+            let pid = lab.proxy_pid(column);
+            let cpu_before = pid.map(process::tree_cpu_seconds).transpose()?;
+            let transfers =
+                clients::transfers(&settings.tools.python3, lab.dir(), endpoint, BULK_BYTES, 1)?;
+            let cpu_after = pid.map(process::tree_cpu_seconds).transpose()?;
+            Ok(BulkRound {
+                transfers,
+                proxy_cpu_seconds: cpu_before.zip(cpu_after).map(|(b, a)| a - b),
             })
         },
-    )?;
+    );
+    let mut growth = Vec::new();
+    for (column, watch) in watches {
+        growth.push((column, watch.growth_kib()?));
+    }
+    let samples: PerColumn<BulkSummary> = rounds?
+        .into_iter()
+        .map(|(column, outcome)| {
+            let summary = outcome.map(|rounds| {
+                let seconds = |pick: fn(&clients::Transfers) -> &Vec<f64>| {
+                    rounds
+                        .iter()
+                        .flat_map(|r| pick(&r.transfers).iter().copied())
+                        .collect::<Vec<f64>>()
+                };
+                let rate = |mut seconds: Vec<f64>| {
+                    if seconds.is_empty() {
+                        f64::NAN
+                    } else {
+                        megabytes / percentile(&mut seconds, 50.0)
+                    }
+                };
+                // Each round moves a download and an upload, and the 1 MB warm-up.
+                let moved_mb = rounds.len() as f64 * (2.0 * megabytes + 1.0);
+                let cpu_seconds: Option<f64> = rounds.iter().map(|r| r.proxy_cpu_seconds).sum();
+                BulkSummary {
+                    down_mb_per_second: rate(seconds(|t| &t.down)),
+                    up_mb_per_second: rate(seconds(|t| &t.up)),
+                    failures: rounds.iter().map(|r| r.transfers.failures).sum(),
+                    rss_growth_mib: growth
+                        .iter()
+                        .find(|(c, _)| *c == column)
+                        .map(|(_, kib)| *kib as f64 / 1024.0),
+                    cpu_us_per_mb: cpu_seconds.map(|s| s * 1e6 / moved_mb),
+                }
+            });
+            (column, summary)
+        })
+        .collect();
     let throughput = [TimesDirect(BULK_THROUGHPUT_TARGET)];
     let mut rows = vec![
         fill(
@@ -504,11 +562,63 @@ fn bulk(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
             &samples,
             |s| s.rss_growth_mib.map_or(Cell::NotApplicable, Cell::value),
         ),
+        fill(
+            Row::new(
+                format!("{megabytes:.0} MB down and up: proxy CPU per MB"),
+                "µs",
+                Lower,
+            ),
+            &samples,
+            |s| s.cpu_us_per_mb.map_or(Cell::NotApplicable, Cell::value),
+        ),
     ];
     for row in &mut rows {
         row.set(Column::Mitmproxy, not_streamed());
     }
     Ok(rows)
+}
+
+/// One result per column: the value, or the cell saying why there is none.
+type PerColumn<T> = Vec<(Column, Result<T, Cell>)>;
+
+/// Runs `measure` in `rounds` rounds through each of `columns`, the columns taking turns within
+/// a round, so a burst of other work on the machine weighs on every column alike rather than on
+/// whichever was being measured. A column whose measurement fails sits out the later rounds and
+/// keeps the failure.
+fn in_rounds<T: std::fmt::Debug>(
+    what: &str,
+    lab: &Lab,
+    route: Route,
+    columns: &[Column],
+    rounds: u32,
+    mut measure: impl FnMut(u32, Column, &Endpoint) -> Result<T>,
+) -> Result<PerColumn<Vec<T>>> {
+    let mut results: PerColumn<Vec<T>> = columns.iter().map(|c| (*c, Ok(Vec::new()))).collect();
+    for round in 0..rounds {
+        let going: Vec<Column> = results
+            .iter()
+            .filter(|(_, outcome)| outcome.is_ok())
+            .map(|(column, _)| *column)
+            .collect();
+        let label = format!("{what} (round {} of {rounds})", round + 1);
+        let measured = each_column(&label, lab, route, &going, |column, endpoint| {
+            measure(round, column, endpoint)
+        })?;
+        for (column, outcome) in measured {
+            let Some((_, slot)) = results.iter_mut().find(|(c, _)| *c == column) else {
+                continue;
+            };
+            match outcome {
+                Ok(value) => {
+                    if let Ok(values) = slot {
+                        values.push(value);
+                    }
+                }
+                Err(cell) => *slot = Err(cell),
+            }
+        }
+    }
+    Ok(results)
 }
 
 /// What one column's bulk transfers came to.
@@ -522,6 +632,8 @@ struct BulkSummary {
     failures: u64,
     /// The proxy's peak resident memory above where it was before (none on the direct path).
     rss_growth_mib: Option<f64>,
+    /// The proxy's CPU time per MB moved (none on the direct path).
+    cpu_us_per_mb: Option<f64>,
 }
 
 /// The mitmproxy cell of the streaming rows.
@@ -785,6 +897,7 @@ mod tests {
         let summary = EventStreamSummary::of(&times, gap)?;
         assert!((summary.first_event_ms - 2.0).abs() < 1e-9, "{summary:?}");
         assert!((summary.p99_lag_ms - 10.0).abs() < 1e-9, "{summary:?}");
+        assert!((summary.p50_lag_ms - 2.0).abs() < 1e-9, "{summary:?}");
         assert_eq!(summary.failures, 1);
         let none = clients::EventTimes {
             runs: Vec::new(),
