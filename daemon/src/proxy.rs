@@ -21,7 +21,6 @@ mod component_tests;
 mod decode;
 mod exchange;
 mod http;
-mod read_ahead;
 mod record;
 mod reply;
 mod scrub;

@@ -16,7 +16,6 @@ use tracing::info;
 
 use super::{
     ConnectionVerdict, HANDSHAKE_TIMEOUT, Proxy,
-    read_ahead::{Greedy, ReadAhead},
     record::connection_event,
     sniff::{Sniffed, peek_sni, sniff},
     tls::LeafName,
@@ -118,9 +117,7 @@ impl Proxy {
     }
 
     async fn serve_tls(self: Arc<Self>, stream: TcpStream, origin: ConnectionOrigin) {
-        // rustls reads the socket 4 KiB at a time: give it reads from memory (see read_ahead).
-        let acceptor =
-            LazyConfigAcceptor::new(rustls::server::Acceptor::default(), ReadAhead::new(stream));
+        let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
         let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -182,7 +179,7 @@ impl Proxy {
             sni,
             tls: true,
         });
-        self.serve_http(TokioIo::new(Greedy::new(tls)), conn).await;
+        self.serve_http(TokioIo::new(tls), conn).await;
     }
 
     async fn serve_http<I>(self: Arc<Self>, io: I, conn: Arc<Conn>)

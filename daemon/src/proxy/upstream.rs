@@ -41,7 +41,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::warn;
 
-use super::read_ahead::{Greedy, ReadAhead};
 use crate::capture::ListenerOwner;
 
 /// Request bodies sent upstream.
@@ -355,15 +354,11 @@ impl Upstream {
             Protocols::Any => &self.tls_any,
             Protocols::Http1Only => &self.tls_http1,
         };
-        // rustls reads the socket 4 KiB at a time: give it reads from memory (see read_ahead).
-        let tcp = ReadAhead::new(tcp);
         let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(server_name, tcp))
             .await
             .map_err(|_| RequestError::ConnectTimeout(CONNECT_TIMEOUT))?
             .map_err(RequestError::Tls)?;
-        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let tls = Greedy::new(tls);
-        if h2 {
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
             let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
                 .await
                 .map_err(RequestError::Handshake)?;
