@@ -128,8 +128,8 @@ print(json.dumps({"runs": timed, "failures": failures}))
 /// (`POST /v1/upload`, sent from one 1 MiB block), each timed from sending the request to the end
 /// of the answer. A transfer fails unless it answers 200 with every byte (the upload's answer says
 /// how many arrived). Prints the seconds of each transfer that did not fail, and how many did.
-const BULK_PY: &str = r#"import http.client, json, os, ssl, sys, time
-host, port, size, runs, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+const BULK_PY: &str = r#"import http.client, json, os, resource, ssl, sys, time
+host, port, size, direction, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
@@ -137,6 +137,10 @@ ctx.set_alpn_protocols(["http/1.1"])
 conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=60)
 buffer = memoryview(bytearray(1 << 20))
 block = os.urandom(1 << 20)
+
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 def download(length):
     started = time.perf_counter()
@@ -165,18 +169,16 @@ def upload(length):
         whole = False
     return seconds, whole
 
-report = {"down": [], "up": [], "failures": 0}
+report = {"seconds": None, "cpu_seconds": None, "failures": 0}
 try:
-    if not download(1_000_000)[1]:
-        report["failures"] += 1
+    conn.connect()
+    started_cpu = cpu()
+    seconds, whole = (download if direction == "down" else upload)(size)
+    report["cpu_seconds"] = cpu() - started_cpu
+    if whole:
+        report["seconds"] = seconds
     else:
-        for direction, transfer in [("down", download), ("up", upload)]:
-            for _ in range(runs):
-                seconds, whole = transfer(size)
-                if whole:
-                    report[direction].append(seconds)
-                else:
-                    report["failures"] += 1
+        report["failures"] += 1
 except (OSError, http.client.HTTPException) as e:
     print(f"bulk.py: {e!r}", file=sys.stderr)
     report["failures"] += 1
@@ -308,33 +310,43 @@ pub fn event_times(
     }
 }
 
-/// How long each transfer of `bulk.py` took, in seconds.
+/// Which way a bulk transfer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Down,
+    Up,
+}
+
+/// What one run of `bulk.py` measured.
 #[derive(Debug)]
-pub struct Transfers {
-    /// Downloads that arrived whole.
-    pub down: Vec<f64>,
-    /// Uploads that arrived whole.
-    pub up: Vec<f64>,
-    /// Transfers that did not (the warm-up included).
+pub struct Transfer {
+    /// Request sent to answer read, when the transfer arrived whole.
+    pub seconds: Option<f64>,
+    /// The client's own CPU time (user + system) over the transfer, when it ran.
+    pub client_cpu_seconds: Option<f64>,
+    /// Transfers that did not arrive whole.
     pub failures: u64,
 }
 
-/// Runs `bulk.py` from `dir`: a 1 MB warm-up download, then `runs` downloads and `runs` uploads
-/// of `size` bytes.
-pub fn transfers(
+/// Runs `bulk.py` from `dir`: one transfer of `size` bytes `direction` on a new keep-alive
+/// connection (its handshake before the clock starts).
+pub fn transfer(
     python: &Path,
     dir: &Path,
     endpoint: &Endpoint,
     size: u64,
-    runs: u32,
-) -> Result<Transfers> {
+    direction: Direction,
+) -> Result<Transfer> {
     let mut command = endpoint.launch.command(python);
     command
         .args(script(dir, "bulk.py")?)
         .arg(endpoint.addr.ip().to_string())
         .arg(endpoint.addr.port().to_string())
         .arg(size.to_string())
-        .arg(runs.to_string())
+        .arg(match direction {
+            Direction::Down => "down",
+            Direction::Up => "up",
+        })
         .arg(&endpoint.authorization);
     let out = process::output_within(&mut command, Duration::from_secs(600))?;
     if !out.status.success() {
@@ -342,29 +354,19 @@ pub fn transfers(
     }
     let report: serde_json::Value = serde_json::from_str(out.stdout.trim())
         .with_context(|| format!("reading bulk.py's report {:?}", out.stdout))?;
-    let seconds = |key: &str| {
-        report
-            .get(key)
-            .and_then(serde_json::Value::as_array)
-            .map(|list| {
-                list.iter()
-                    .filter_map(serde_json::Value::as_f64)
-                    .collect::<Vec<f64>>()
-            })
+    let Some(failures) = report.get("failures").and_then(serde_json::Value::as_u64) else {
+        bail!("bulk.py's report lacks its failures: {:?}", out.stdout);
     };
-    match (
-        seconds("down"),
-        seconds("up"),
-        report.get("failures").and_then(serde_json::Value::as_u64),
-    ) {
-        (Some(down), Some(up), Some(failures)) => {
-            if failures > 0 && !out.stderr.trim().is_empty() {
-                eprintln!("bench: bulk.py: {}", out.stderr_tail());
-            }
-            Ok(Transfers { down, up, failures })
-        }
-        _ => bail!("bulk.py's report lacks a field: {report}"),
+    if failures > 0 && !out.stderr.trim().is_empty() {
+        eprintln!("bench: bulk.py: {}", out.stderr_tail());
     }
+    Ok(Transfer {
+        seconds: report.get("seconds").and_then(serde_json::Value::as_f64),
+        client_cpu_seconds: report
+            .get("cpu_seconds")
+            .and_then(serde_json::Value::as_f64),
+        failures,
+    })
 }
 
 /// `-c <source of dir/name>`: the script is passed inline, since the sandboxed agent (an

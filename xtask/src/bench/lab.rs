@@ -81,6 +81,8 @@ pub struct Lab {
     wide_area: Option<SocketAddr>,
     /// The streaming origin's listener, once it listens.
     streaming: Option<SocketAddr>,
+    /// The streaming origin's process.
+    streaming_pid: Option<u32>,
     brokerd_pid: Option<u32>,
     nginx: Option<Peer>,
     mitmproxy: Result<Peer, String>,
@@ -103,6 +105,7 @@ impl Lab {
             origin_http1: SocketAddr::new(ORIGIN_IP, origin_http1),
             wide_area: None,
             streaming: None,
+            streaming_pid: None,
             brokerd_pid: None,
             nginx: None,
             mitmproxy: Err("not started".into()),
@@ -159,7 +162,7 @@ impl Lab {
             .arg(&pki.origin.key)
             .arg("--authorization-file")
             .arg(&authorization_file);
-        self.services.start("stream-origin", origin)?;
+        self.streaming_pid = Some(self.services.start("stream-origin", origin)?);
         self.services
             .wait_listening("the streaming origin", streaming)?;
         self.streaming = Some(streaming);
@@ -340,13 +343,18 @@ impl Lab {
         // every path that has a route to it.
         let mut without_key = self.endpoint(Column::Direct, Route::Streaming)?;
         without_key.authorization = PLACEHOLDER.into();
-        if clients::transfers(python, &self.dir, &without_key, 1_000, 0)?.failures == 0 {
+        let down = clients::Direction::Down;
+        if clients::transfer(python, &self.dir, &without_key, 1_000, down)?.failures == 0 {
             bail!("the streaming origin answered 200 to a request without the real key");
         }
         for column in [Column::Direct, Column::Brokerd, Column::Nginx] {
             let endpoint = self.endpoint(column, Route::Streaming)?;
-            let answer = clients::transfers(python, &self.dir, &endpoint, 1_000, 1)?;
-            if answer.failures > 0 {
+            let mut failures = 0;
+            for direction in [clients::Direction::Down, clients::Direction::Up] {
+                failures +=
+                    clients::transfer(python, &self.dir, &endpoint, 1_000, direction)?.failures;
+            }
+            if failures > 0 {
                 bail!(
                     "the {} path to the streaming origin did not carry a download and an upload \
                      whole; see the logs in {}",
@@ -430,6 +438,11 @@ impl Lab {
             Column::Nginx => self.nginx.as_ref().map(|p| p.pid),
             Column::Mitmproxy => self.mitmproxy.as_ref().ok().map(|p| p.pid),
         }
+    }
+
+    /// The streaming origin's process, once started.
+    pub fn streaming_origin_pid(&self) -> Option<u32> {
+        self.streaming_pid
     }
 
     /// Why the mitmproxy column is empty, if it is.

@@ -463,18 +463,30 @@ fn event_stream(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// One round of the bulk workload through one column.
+/// One transfer of the bulk workload through one column, with the CPU time each process spent
+/// on it.
 #[derive(Debug)]
-struct BulkRound {
-    transfers: clients::Transfers,
+struct BulkTransfer {
+    transfer: clients::Transfer,
     /// The proxy's CPU time meanwhile, in seconds (none on the direct path).
     proxy_cpu_seconds: Option<f64>,
+    /// The streaming origin's.
+    origin_cpu_seconds: Option<f64>,
 }
 
-/// Issue 12's bulk row: [`BULK_BYTES`] down and up through each column, [`BULK_RUNS`] rounds of
-/// one download and one upload per column, with the key injected (so brokerd scrubs the
-/// download); how much each proxy's resident memory peaks, over all rounds, above where it was
-/// before the first; and the proxy's CPU time per MB moved.
+/// One round of the bulk workload through one column: a download, then an upload.
+#[derive(Debug)]
+struct BulkRound {
+    down: BulkTransfer,
+    up: BulkTransfer,
+}
+
+/// Issue 12's bulk rows: [`BULK_BYTES`] down and up through each column, [`BULK_RUNS`] rounds
+/// of one download and one upload per column (each on a connection of its own), with the key
+/// injected (so brokerd scrubs the download); how much each proxy's resident memory peaks, over
+/// all rounds, above where it was before the first; the CPU time per MB of each process on the
+/// path (client, proxy, origin); and the throughput those CPU times allow on this machine's
+/// cores, the ceiling that tells a slow path from a busy machine.
 fn bulk(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     let megabytes = BULK_BYTES as f64 / 1e6;
     let what = format!("{megabytes:.0} MB transfers");
@@ -483,6 +495,7 @@ fn bulk(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
         .filter_map(|column| lab.proxy_pid(*column).map(|pid| (*column, pid)))
         .map(|(column, pid)| Ok((column, process::PeakRss::watch(pid)?)))
         .collect::<Result<Vec<_>>>()?;
+    let origin = lab.streaming_origin_pid();
     let rounds = in_rounds(
         &what,
         lab,
@@ -490,14 +503,30 @@ fn bulk(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
         &STREAMING_COLUMNS,
         BULK_RUNS,
         |_, column, endpoint| {
-            let pid = lab.proxy_pid(column);
-            let cpu_before = pid.map(process::tree_cpu_seconds).transpose()?;
-            let transfers =
-                clients::transfers(&settings.tools.python3, lab.dir(), endpoint, BULK_BYTES, 1)?;
-            let cpu_after = pid.map(process::tree_cpu_seconds).transpose()?;
+            let proxy = lab.proxy_pid(column);
+            let one = |direction: clients::Direction| -> Result<BulkTransfer> {
+                let proxy_before = proxy.map(process::tree_cpu_seconds).transpose()?;
+                let origin_before = origin.map(process::tree_cpu_seconds).transpose()?;
+                let transfer = clients::transfer(
+                    &settings.tools.python3,
+                    lab.dir(),
+                    endpoint,
+                    BULK_BYTES,
+                    direction,
+                )?;
+                let proxy_after = proxy.map(process::tree_cpu_seconds).transpose()?;
+                let origin_after = origin.map(process::tree_cpu_seconds).transpose()?;
+                let spent =
+                    |before: Option<f64>, after: Option<f64>| before.zip(after).map(|(b, a)| a - b);
+                Ok(BulkTransfer {
+                    transfer,
+                    proxy_cpu_seconds: spent(proxy_before, proxy_after),
+                    origin_cpu_seconds: spent(origin_before, origin_after),
+                })
+            };
             Ok(BulkRound {
-                transfers,
-                proxy_cpu_seconds: cpu_before.zip(cpu_after).map(|(b, a)| a - b),
+                down: one(clients::Direction::Down)?,
+                up: one(clients::Direction::Up)?,
             })
         },
     );
@@ -505,77 +534,167 @@ fn bulk(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     for (column, watch) in watches {
         growth.push((column, watch.growth_kib()?));
     }
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let samples: PerColumn<BulkSummary> = rounds?
         .into_iter()
         .map(|(column, outcome)| {
             let summary = outcome.map(|rounds| {
-                let seconds = |pick: fn(&clients::Transfers) -> &Vec<f64>| {
-                    rounds
-                        .iter()
-                        .flat_map(|r| pick(&r.transfers).iter().copied())
-                        .collect::<Vec<f64>>()
+                let of = |pick: fn(&BulkRound) -> &BulkTransfer| {
+                    BulkDirection::of(rounds.iter().map(pick), megabytes, cores)
                 };
-                let rate = |mut seconds: Vec<f64>| {
-                    if seconds.is_empty() {
-                        f64::NAN
-                    } else {
-                        megabytes / percentile(&mut seconds, 50.0)
-                    }
-                };
-                // Each round moves a download and an upload, and the 1 MB warm-up.
-                let moved_mb = rounds.len() as f64 * (2.0 * megabytes + 1.0);
-                let cpu_seconds: Option<f64> = rounds.iter().map(|r| r.proxy_cpu_seconds).sum();
                 BulkSummary {
-                    down_mb_per_second: rate(seconds(|t| &t.down)),
-                    up_mb_per_second: rate(seconds(|t| &t.up)),
-                    failures: rounds.iter().map(|r| r.transfers.failures).sum(),
+                    down: of(|r| &r.down),
+                    up: of(|r| &r.up),
                     rss_growth_mib: growth
                         .iter()
                         .find(|(c, _)| *c == column)
                         .map(|(_, kib)| *kib as f64 / 1024.0),
-                    cpu_us_per_mb: cpu_seconds.map(|s| s * 1e6 / moved_mb),
                 }
             });
             (column, summary)
         })
         .collect();
     let throughput = [TimesDirect(BULK_THROUGHPUT_TARGET)];
-    let mut rows = vec![
-        fill(
-            Row::new(format!("{megabytes:.0} MB download"), "MB/s", Higher)
-                .with_targets(&throughput),
-            &samples,
-            |s| measured(s.down_mb_per_second, s.failures),
+    let mut rows = Vec::new();
+    for (way, pick) in [
+        (
+            "download",
+            BulkSummary::down as fn(&BulkSummary) -> &BulkDirection,
         ),
-        fill(
-            Row::new(format!("{megabytes:.0} MB upload"), "MB/s", Higher).with_targets(&throughput),
+        ("upload", BulkSummary::up),
+    ] {
+        rows.push(fill(
+            Row::new(format!("{megabytes:.0} MB {way}"), "MB/s", Higher).with_targets(&throughput),
             &samples,
-            |s| measured(s.up_mb_per_second, s.failures),
+            |s| measured(pick(s).mb_per_second, pick(s).failures),
+        ));
+    }
+    rows.push(fill(
+        Row::new(
+            format!("{megabytes:.0} MB down and up: proxy peak RSS growth"),
+            "MiB",
+            Lower,
+        )
+        .with_targets(&[AtMost(BULK_RSS_MIB_TARGET)]),
+        &samples,
+        |s| s.rss_growth_mib.map_or(Cell::NotApplicable, Cell::value),
+    ));
+    for (way, pick) in [
+        (
+            "download",
+            BulkSummary::down as fn(&BulkSummary) -> &BulkDirection,
         ),
-        fill(
+        ("upload", BulkSummary::up),
+    ] {
+        for (process, cpu) in [
+            (
+                "proxy",
+                (|d| d.proxy_us_per_mb) as fn(&BulkDirection) -> Option<f64>,
+            ),
+            ("origin", |d| d.origin_us_per_mb),
+            ("client", |d| d.client_us_per_mb),
+        ] {
+            rows.push(fill(
+                Row::new(
+                    format!("{megabytes:.0} MB {way}: {process} CPU per MB"),
+                    "µs",
+                    Lower,
+                ),
+                &samples,
+                |s| cpu(pick(s)).map_or(Cell::NotApplicable, Cell::value),
+            ));
+        }
+        rows.push(fill(
             Row::new(
-                format!("{megabytes:.0} MB down and up: proxy peak RSS growth"),
-                "MiB",
-                Lower,
-            )
-            .with_targets(&[AtMost(BULK_RSS_MIB_TARGET)]),
-            &samples,
-            |s| s.rss_growth_mib.map_or(Cell::NotApplicable, Cell::value),
-        ),
-        fill(
-            Row::new(
-                format!("{megabytes:.0} MB down and up: proxy CPU per MB"),
-                "µs",
-                Lower,
+                format!("{megabytes:.0} MB {way}: what that CPU allows on {cores} cores"),
+                "MB/s",
+                Higher,
             ),
             &samples,
-            |s| s.cpu_us_per_mb.map_or(Cell::NotApplicable, Cell::value),
-        ),
-    ];
+            |s| {
+                pick(s)
+                    .ceiling_mb_per_second
+                    .map_or(Cell::NotApplicable, Cell::value)
+            },
+        ));
+    }
     for row in &mut rows {
         row.set(Column::Mitmproxy, not_streamed());
     }
     Ok(rows)
+}
+
+/// What one column's transfers one way came to.
+#[derive(Debug)]
+struct BulkDirection {
+    /// From the median time.
+    mb_per_second: f64,
+    /// Transfers that did not arrive whole.
+    failures: u64,
+    /// CPU time per MB moved of each process on the path (none for a proxy on the direct path).
+    client_us_per_mb: Option<f64>,
+    proxy_us_per_mb: Option<f64>,
+    origin_us_per_mb: Option<f64>,
+    /// The most MB/s those CPU times allow on `cores` cores, each process using one at most (the
+    /// client, the proxy's connection and the origin's are each on one thread):
+    /// `min(1 / max(cpu), cores / sum(cpu))`. The kernel's loopback work is in the processes'
+    /// system time.
+    ceiling_mb_per_second: Option<f64>,
+}
+
+impl BulkDirection {
+    fn of<'a>(
+        transfers: impl Iterator<Item = &'a BulkTransfer>,
+        megabytes: f64,
+        cores: usize,
+    ) -> Self {
+        let transfers: Vec<&BulkTransfer> = transfers.collect();
+        let mut seconds: Vec<f64> = transfers
+            .iter()
+            .filter_map(|t| t.transfer.seconds)
+            .collect();
+        let mb_per_second = if seconds.is_empty() {
+            f64::NAN
+        } else {
+            megabytes / percentile(&mut seconds, 50.0)
+        };
+        // Over the transfers that arrived whole and were measured.
+        let per_mb = |cpu: fn(&BulkTransfer) -> Option<f64>| {
+            let measured: Vec<f64> = transfers
+                .iter()
+                .filter(|t| t.transfer.seconds.is_some())
+                .filter_map(|t| cpu(t))
+                .collect();
+            (!measured.is_empty())
+                .then(|| measured.iter().sum::<f64>() * 1e6 / (megabytes * measured.len() as f64))
+        };
+        let client_us_per_mb = per_mb(|t| t.transfer.client_cpu_seconds);
+        let proxy_us_per_mb = per_mb(|t| t.proxy_cpu_seconds);
+        let origin_us_per_mb = per_mb(|t| t.origin_cpu_seconds);
+        let on_path: Vec<f64> = [client_us_per_mb, proxy_us_per_mb, origin_us_per_mb]
+            .into_iter()
+            .flatten()
+            .collect();
+        let ceiling_mb_per_second = (client_us_per_mb.is_some() && origin_us_per_mb.is_some())
+            .then(|| cpu_bound_mb_per_second(&on_path, cores));
+        Self {
+            mb_per_second,
+            failures: transfers.iter().map(|t| t.transfer.failures).sum(),
+            client_us_per_mb,
+            proxy_us_per_mb,
+            origin_us_per_mb,
+            ceiling_mb_per_second,
+        }
+    }
+}
+
+/// The most MB/s a pipeline of single-threaded processes can move on `cores` cores, given each
+/// one's CPU µs per MB: no faster than its busiest process, nor than the cores can serve them
+/// all.
+fn cpu_bound_mb_per_second(us_per_mb: &[f64], cores: usize) -> f64 {
+    let busiest = us_per_mb.iter().copied().fold(0.0, f64::max);
+    let total: f64 = us_per_mb.iter().sum();
+    (1e6 / busiest).min(cores as f64 * 1e6 / total)
 }
 
 /// One result per column: the value, or the cell saying why there is none.
@@ -624,16 +743,20 @@ fn in_rounds<T: std::fmt::Debug>(
 /// What one column's bulk transfers came to.
 #[derive(Debug)]
 struct BulkSummary {
-    /// Median over the downloads.
-    down_mb_per_second: f64,
-    /// Median over the uploads.
-    up_mb_per_second: f64,
-    /// Transfers that did not arrive whole.
-    failures: u64,
+    down: BulkDirection,
+    up: BulkDirection,
     /// The proxy's peak resident memory above where it was before (none on the direct path).
     rss_growth_mib: Option<f64>,
-    /// The proxy's CPU time per MB moved (none on the direct path).
-    cpu_us_per_mb: Option<f64>,
+}
+
+impl BulkSummary {
+    fn down(&self) -> &BulkDirection {
+        &self.down
+    }
+
+    fn up(&self) -> &BulkDirection {
+        &self.up
+    }
 }
 
 /// The mitmproxy cell of the streaming rows.
@@ -905,6 +1028,16 @@ mod tests {
         };
         assert!(EventStreamSummary::of(&none, gap).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn the_cpu_bound_is_the_busiest_process_or_the_cores() {
+        // 1,000 µs per MB at most: 1,000 MB/s, unless the cores run out first.
+        let bound = cpu_bound_mb_per_second(&[1_000.0, 500.0], 2);
+        assert!((bound - 1_000.0).abs() < 1e-9, "{bound}");
+        // Three processes of 1,000 µs per MB on two cores: 3,000 µs of CPU per MB, 2 s a second.
+        let bound = cpu_bound_mb_per_second(&[1_000.0, 1_000.0, 1_000.0], 2);
+        assert!((bound - 2e6 / 3_000.0).abs() < 1e-9, "{bound}");
     }
 
     #[test]
