@@ -123,11 +123,11 @@ for run in range(warmup + runs):
 print(json.dumps({"runs": timed, "failures": failures}))
 "#;
 
-/// On one keep-alive connection: a 1 MB download to warm the path up, then `runs` downloads of
-/// `size` bytes (`GET /v1/download?bytes=N`) and `runs` uploads of `size` bytes
-/// (`POST /v1/upload`, sent from one 1 MiB block), each timed from sending the request to the end
-/// of the answer. A transfer fails unless it answers 200 with every byte (the upload's answer says
-/// how many arrived). Prints the seconds of each transfer that did not fail, and how many did.
+/// On a new connection (its handshake before the clock starts): one download of `size` bytes
+/// (`GET /v1/download?bytes=N`) or one upload (`POST /v1/upload`, sent from one 1 MiB block),
+/// timed from sending the request to the end of the answer, and the client's own CPU time
+/// meanwhile. A transfer fails unless it answers 200 with every byte (the upload's answer says
+/// how many arrived). Prints the seconds (none when it failed), the CPU seconds, and the failures.
 const BULK_PY: &str = r#"import http.client, json, os, resource, ssl, sys, time
 host, port, size, direction, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
