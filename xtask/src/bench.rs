@@ -13,7 +13,8 @@
 //! - **mitmproxy**: reverse mode with a header-setting addon.
 //!
 //! The SSE and bulk rows (issue 12) go to a streaming origin of the bench's own
-//! ([`stream_origin`]) through direct, brokerd and nginx (unbuffered) only.
+//! ([`stream_origin`], run as `xtask bench-origin` from the release build) through direct,
+//! brokerd and nginx (unbuffered) only.
 //!
 //! It prints one table (also written to `target/bench/latest.json`) with brokerd's ratios and the
 //! issues' targets, cleans up everything it started, and fails when a direct, brokerd or nginx
@@ -71,6 +72,29 @@ pub struct Options {
 }
 
 pub use workloads::WORKLOADS;
+
+/// `cargo xtask bench-origin` (hidden): runs the streaming origin ([`stream_origin`]) until the
+/// process is stopped. The bench starts it from the release build, so the direct path's floor is
+/// not an unoptimised server.
+pub fn serve_origin(
+    listen: std::net::SocketAddr,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    authorization_file: &std::path::Path,
+) -> Result<()> {
+    let authorization = fs::read_to_string(authorization_file)
+        .with_context(|| format!("reading {}", authorization_file.display()))?;
+    let origin = stream_origin::StreamOrigin::start(
+        listen,
+        &pki::CertFiles { cert, key },
+        authorization.trim(),
+    )?;
+    eprintln!("bench-origin: listening on {}", origin.addr());
+    loop {
+        // SIGTERM (the bench stopping its services) ends the process.
+        std::thread::park();
+    }
+}
 
 /// Runs the bench; see the module documentation.
 pub fn bench(options: &Options) -> Result<()> {

@@ -75,6 +75,23 @@ enum Command {
         #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::WORKLOADS))]
         only: Vec<String>,
     },
+    /// The bench's streaming origin, which `bench` starts from the release build; runs until
+    /// it is stopped.
+    #[command(hide = true)]
+    BenchOrigin {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The server certificate (PEM).
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        /// Its private key (PEM).
+        #[arg(long)]
+        key: std::path::PathBuf,
+        /// A file holding the whole Authorization value requests must carry.
+        #[arg(long)]
+        authorization_file: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -94,6 +111,12 @@ fn main() -> ExitCode {
             profile,
             only,
         }),
+        Command::BenchOrigin {
+            listen,
+            cert,
+            key,
+            authorization_file,
+        } => bench::serve_origin(listen, cert, key, &authorization_file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@
 //! stream, and the agent's client reports the error.
 
 use std::{
+    collections::VecDeque,
     pin::Pin,
     sync::{
         Arc,
@@ -323,7 +324,7 @@ where
     UnsyncBoxBody::new(Scrubbed {
         inner: body,
         scrubber: Some(scrubber.counting(redactions.clone())),
-        pending: None,
+        pending: VecDeque::new(),
         redactions,
     })
 }
@@ -334,8 +335,9 @@ pub(super) struct Scrubbed<B> {
     /// While data may still come; taken when the data ends (trailers, end or error), after
     /// which anything left passes through.
     scrubber: Option<Scrubber>,
-    /// Trailers waiting for the held-back tail to go first.
-    pending: Option<Frame<Bytes>>,
+    /// Frames ready to go before the next is read: the second piece of a chunk the scrubber
+    /// passed in two, trailers waiting for the held-back tail to go first.
+    pending: VecDeque<Frame<Bytes>>,
     /// Replacements made, body and trailers.
     redactions: Arc<AtomicU64>,
 }
@@ -363,7 +365,7 @@ where
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         use std::task::Poll;
         let this = &mut *self;
-        if let Some(frame) = this.pending.take() {
+        if let Some(frame) = this.pending.pop_front() {
             return Poll::Ready(Some(Ok(frame)));
         }
         loop {
@@ -377,11 +379,17 @@ where
             match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        let out = active.push(&data);
-                        if !out.is_empty() {
-                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                        let [first, second] = active.push_bytes(data);
+                        match (first.is_empty(), second.is_empty()) {
+                            // All of it held back (it may be the start of a secret): read on.
+                            (true, true) => {}
+                            (false, true) => return Poll::Ready(Some(Ok(Frame::data(first)))),
+                            (true, false) => return Poll::Ready(Some(Ok(Frame::data(second)))),
+                            (false, false) => {
+                                this.pending.push_back(Frame::data(second));
+                                return Poll::Ready(Some(Ok(Frame::data(first))));
+                            }
                         }
-                        // All of it held back (it may be the start of a secret): read on.
                     }
                     Err(frame) => {
                         // Trailers are headers too: an upstream may echo a secret in them.
@@ -398,7 +406,7 @@ where
                         if rest.is_empty() {
                             return Poll::Ready(Some(Ok(trailers)));
                         }
-                        this.pending = Some(trailers);
+                        this.pending.push_back(trailers);
                         return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
                     }
                 },
@@ -418,6 +426,6 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pending.is_none() && self.scrubber.is_none() && self.inner.is_end_stream()
+        self.pending.is_empty() && self.scrubber.is_none() && self.inner.is_end_stream()
     }
 }

@@ -91,16 +91,16 @@ sys.stdin.read()
 "#;
 
 /// Opens a new TLS connection per run, sends `GET /v1/events` and notes when each event (ended by
-/// a blank line) arrives, in seconds after the request was sent; the first run only warms the
-/// path up. Prints the runs that got 200 and every event, and how many did not.
+/// a blank line) arrives, in seconds after the request was sent; the first `warmup` runs only
+/// warm the path up. Prints the runs that got 200 and every event, and how many did not.
 const SSE_PY: &str = r#"import http.client, json, ssl, sys, time
-host, port, runs, events, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+host, port, warmup, runs, events, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
 ctx.set_alpn_protocols(["http/1.1"])
 timed, failures = [], 0
-for run in range(runs + 1):
+for run in range(warmup + runs):
     conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
     conn.connect()
     started = time.perf_counter()
@@ -111,12 +111,10 @@ for run in range(runs + 1):
         while chunk := response.read1(65536):
             now = time.perf_counter() - started
             pending += chunk
-            *complete, pending = pending.split(b"
-
-")
+            *complete, pending = pending.split(b"\n\n")
             arrivals.extend([now] * len(complete))
     conn.close()
-    if run == 0:
+    if run < warmup:
         continue
     if response.status == 200 and len(arrivals) == events and not pending:
         timed.append(arrivals)
@@ -125,13 +123,13 @@ for run in range(runs + 1):
 print(json.dumps({"runs": timed, "failures": failures}))
 "#;
 
-/// On one keep-alive connection: a 1 MB download to warm the path up, then `runs` downloads of
-/// `size` bytes (`GET /v1/download?bytes=N`) and `runs` uploads of `size` bytes
-/// (`POST /v1/upload`, sent from one 1 MiB block), each timed from sending the request to the end
-/// of the answer. A transfer fails unless it answers 200 with every byte (the upload's answer says
-/// how many arrived). Prints the seconds of each transfer that did not fail, and how many did.
-const BULK_PY: &str = r#"import http.client, json, os, ssl, sys, time
-host, port, size, runs, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+/// On a new connection (its handshake before the clock starts): one download of `size` bytes
+/// (`GET /v1/download?bytes=N`) or one upload (`POST /v1/upload`, sent from one 1 MiB block),
+/// timed from sending the request to the end of the answer, and the client's own CPU time
+/// meanwhile. A transfer fails unless it answers 200 with every byte (the upload's answer says
+/// how many arrived). Prints the seconds (none when it failed), the CPU seconds, and the failures.
+const BULK_PY: &str = r#"import http.client, json, os, resource, ssl, sys, time
+host, port, size, direction, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
@@ -139,6 +137,10 @@ ctx.set_alpn_protocols(["http/1.1"])
 conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=60)
 buffer = memoryview(bytearray(1 << 20))
 block = os.urandom(1 << 20)
+
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 def download(length):
     started = time.perf_counter()
@@ -167,18 +169,16 @@ def upload(length):
         whole = False
     return seconds, whole
 
-report = {"down": [], "up": [], "failures": 0}
+report = {"seconds": None, "cpu_seconds": None, "failures": 0}
 try:
-    if not download(1_000_000)[1]:
-        report["failures"] += 1
+    conn.connect()
+    started_cpu = cpu()
+    seconds, whole = (download if direction == "down" else upload)(size)
+    report["cpu_seconds"] = cpu() - started_cpu
+    if whole:
+        report["seconds"] = seconds
     else:
-        for direction, transfer in [("down", download), ("up", upload)]:
-            for _ in range(runs):
-                seconds, whole = transfer(size)
-                if whole:
-                    report[direction].append(seconds)
-                else:
-                    report["failures"] += 1
+        report["failures"] += 1
 except (OSError, http.client.HTTPException) as e:
     print(f"bulk.py: {e!r}", file=sys.stderr)
     report["failures"] += 1
@@ -240,7 +240,6 @@ pub fn connect_times(
 }
 
 /// When each event of each timed run of `sse.py` arrived, in seconds after its request was sent.
-#[derive(Debug)]
 pub struct EventTimes {
     /// One list per run that answered 200 with every event, in order.
     pub runs: Vec<Vec<f64>>,
@@ -248,12 +247,32 @@ pub struct EventTimes {
     pub failures: u64,
 }
 
-/// Runs `sse.py` from `dir`: a warm-up stream, then `runs` timed streams of `events` events.
+impl std::fmt::Debug for EventTimes {
+    /// A summary: every arrival time would fill the bench's progress output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let first_ms: Vec<String> = self
+            .runs
+            .iter()
+            .filter_map(|run| run.first())
+            .map(|s| format!("{:.2}", s * 1e3))
+            .collect();
+        write!(
+            f,
+            "EventTimes {{ runs: {}, first_event_ms: [{}], failures: {} }}",
+            self.runs.len(),
+            first_ms.join(", "),
+            self.failures
+        )
+    }
+}
+
+/// Runs `sse.py` from `dir`: one stream of `events` events timed, after one that warms the path
+/// up when `warm_up`.
 pub fn event_times(
     python: &Path,
     dir: &Path,
     endpoint: &Endpoint,
-    runs: u32,
+    warm_up: bool,
     events: usize,
 ) -> Result<EventTimes> {
     let mut command = endpoint.launch.command(python);
@@ -261,7 +280,8 @@ pub fn event_times(
         .args(script(dir, "sse.py")?)
         .arg(endpoint.addr.ip().to_string())
         .arg(endpoint.addr.port().to_string())
-        .arg(runs.to_string())
+        .arg(u8::from(warm_up).to_string())
+        .arg("1")
         .arg(events.to_string())
         .arg(&endpoint.authorization);
     let out = process::output_within(&mut command, Duration::from_secs(120))?;
@@ -290,33 +310,43 @@ pub fn event_times(
     }
 }
 
-/// How long each transfer of `bulk.py` took, in seconds.
+/// Which way a bulk transfer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Down,
+    Up,
+}
+
+/// What one run of `bulk.py` measured.
 #[derive(Debug)]
-pub struct Transfers {
-    /// Downloads that arrived whole.
-    pub down: Vec<f64>,
-    /// Uploads that arrived whole.
-    pub up: Vec<f64>,
-    /// Transfers that did not (the warm-up included).
+pub struct Transfer {
+    /// Request sent to answer read, when the transfer arrived whole.
+    pub seconds: Option<f64>,
+    /// The client's own CPU time (user + system) over the transfer, when it ran.
+    pub client_cpu_seconds: Option<f64>,
+    /// Transfers that did not arrive whole.
     pub failures: u64,
 }
 
-/// Runs `bulk.py` from `dir`: a 1 MB warm-up download, then `runs` downloads and `runs` uploads
-/// of `size` bytes.
-pub fn transfers(
+/// Runs `bulk.py` from `dir`: one transfer of `size` bytes `direction` on a new keep-alive
+/// connection (its handshake before the clock starts).
+pub fn transfer(
     python: &Path,
     dir: &Path,
     endpoint: &Endpoint,
     size: u64,
-    runs: u32,
-) -> Result<Transfers> {
+    direction: Direction,
+) -> Result<Transfer> {
     let mut command = endpoint.launch.command(python);
     command
         .args(script(dir, "bulk.py")?)
         .arg(endpoint.addr.ip().to_string())
         .arg(endpoint.addr.port().to_string())
         .arg(size.to_string())
-        .arg(runs.to_string())
+        .arg(match direction {
+            Direction::Down => "down",
+            Direction::Up => "up",
+        })
         .arg(&endpoint.authorization);
     let out = process::output_within(&mut command, Duration::from_secs(600))?;
     if !out.status.success() {
@@ -324,29 +354,19 @@ pub fn transfers(
     }
     let report: serde_json::Value = serde_json::from_str(out.stdout.trim())
         .with_context(|| format!("reading bulk.py's report {:?}", out.stdout))?;
-    let seconds = |key: &str| {
-        report
-            .get(key)
-            .and_then(serde_json::Value::as_array)
-            .map(|list| {
-                list.iter()
-                    .filter_map(serde_json::Value::as_f64)
-                    .collect::<Vec<f64>>()
-            })
+    let Some(failures) = report.get("failures").and_then(serde_json::Value::as_u64) else {
+        bail!("bulk.py's report lacks its failures: {:?}", out.stdout);
     };
-    match (
-        seconds("down"),
-        seconds("up"),
-        report.get("failures").and_then(serde_json::Value::as_u64),
-    ) {
-        (Some(down), Some(up), Some(failures)) => {
-            if failures > 0 && !out.stderr.trim().is_empty() {
-                eprintln!("bench: bulk.py: {}", out.stderr_tail());
-            }
-            Ok(Transfers { down, up, failures })
-        }
-        _ => bail!("bulk.py's report lacks a field: {report}"),
+    if failures > 0 && !out.stderr.trim().is_empty() {
+        eprintln!("bench: bulk.py: {}", out.stderr_tail());
     }
+    Ok(Transfer {
+        seconds: report.get("seconds").and_then(serde_json::Value::as_f64),
+        client_cpu_seconds: report
+            .get("cpu_seconds")
+            .and_then(serde_json::Value::as_f64),
+        failures,
+    })
 }
 
 /// `-c <source of dir/name>`: the script is passed inline, since the sandboxed agent (an

@@ -1,6 +1,6 @@
 //! Everything a bench run starts, on loopback only: the origin API (nginx on 127.0.0.2), the
 //! wide-area relay in front of it, the streaming origin of the SSE and bulk rows (also on
-//! 127.0.0.2, see [`stream_origin`]), brokerd with its policy, key and tagged agent cgroup, the
+//! 127.0.0.2, see [`super::stream_origin`]), brokerd with its policy, key and tagged agent cgroup, the
 //! nginx peer and mitmproxy (both on 127.0.0.1). Files live in the run directory (`target/bench/run`),
 //! brokerd's pins in their own bpffs directory, brokerd listens on a port of its own choosing, so
 //! a brokerd started with the defaults (or by `cargo xtask demo`) is not disturbed.
@@ -26,7 +26,6 @@ use super::{
     process::Services,
     relay::DelayRelay,
     report::Column,
-    stream_origin::StreamOrigin,
     tools::Tools,
 };
 use crate::cmd;
@@ -53,8 +52,8 @@ pub enum Route {
     Local,
     /// Through the relay that adds [`WIDE_AREA_ONE_WAY`] each way.
     WideArea,
-    /// To the streaming origin ([`stream_origin`]) instead of the nginx origin; mitmproxy has no
-    /// route there.
+    /// To the streaming origin ([`super::stream_origin`]) instead of the nginx origin; mitmproxy
+    /// has no route there.
     Streaming,
 }
 
@@ -80,7 +79,10 @@ pub struct Lab {
     /// The origin's http/1.1 listener for the proxies and the relay (see [`nginx`] for why).
     origin_http1: SocketAddr,
     wide_area: Option<SocketAddr>,
-    stream_origin: Option<StreamOrigin>,
+    /// The streaming origin's listener, once it listens.
+    streaming: Option<SocketAddr>,
+    /// The streaming origin's process.
+    streaming_pid: Option<u32>,
     brokerd_pid: Option<u32>,
     nginx: Option<Peer>,
     mitmproxy: Result<Peer, String>,
@@ -102,7 +104,8 @@ impl Lab {
             origin: SocketAddr::new(ORIGIN_IP, origin),
             origin_http1: SocketAddr::new(ORIGIN_IP, origin_http1),
             wide_area: None,
-            stream_origin: None,
+            streaming: None,
+            streaming_pid: None,
             brokerd_pid: None,
             nginx: None,
             mitmproxy: Err("not started".into()),
@@ -143,12 +146,26 @@ impl Lab {
         self.relay = Some(relay);
         self.wide_area = Some(wide_area);
 
-        let stream_origin = StreamOrigin::start(ORIGIN_IP, &pki.origin, &authorization)?;
-        let streaming = stream_origin.addr();
+        let [port] = free_ports(ORIGIN_IP)?;
+        let streaming = SocketAddr::new(ORIGIN_IP, port);
         step(&format!(
             "streaming origin on {streaming} (http/1.1: events, downloads, uploads)"
         ));
-        self.stream_origin = Some(stream_origin);
+        let mut origin = Command::new(self.bin.join("xtask"));
+        origin
+            .arg("bench-origin")
+            .arg("--listen")
+            .arg(streaming.to_string())
+            .arg("--cert")
+            .arg(&pki.origin.cert)
+            .arg("--key")
+            .arg(&pki.origin.key)
+            .arg("--authorization-file")
+            .arg(&authorization_file);
+        self.streaming_pid = Some(self.services.start("stream-origin", origin)?);
+        self.services
+            .wait_listening("the streaming origin", streaming)?;
+        self.streaming = Some(streaming);
 
         self.start_brokerd(&pki.ca, &key_file, wide_area, streaming)?;
         self.start_nginx_peer(tools, &pki, &authorization, wide_area, streaming)?;
@@ -326,13 +343,18 @@ impl Lab {
         // every path that has a route to it.
         let mut without_key = self.endpoint(Column::Direct, Route::Streaming)?;
         without_key.authorization = PLACEHOLDER.into();
-        if clients::transfers(python, &self.dir, &without_key, 1_000, 0)?.failures == 0 {
+        let down = clients::Direction::Down;
+        if clients::transfer(python, &self.dir, &without_key, 1_000, down)?.failures == 0 {
             bail!("the streaming origin answered 200 to a request without the real key");
         }
         for column in [Column::Direct, Column::Brokerd, Column::Nginx] {
             let endpoint = self.endpoint(column, Route::Streaming)?;
-            let answer = clients::transfers(python, &self.dir, &endpoint, 1_000, 1)?;
-            if answer.failures > 0 {
+            let mut failures = 0;
+            for direction in [clients::Direction::Down, clients::Direction::Up] {
+                failures +=
+                    clients::transfer(python, &self.dir, &endpoint, 1_000, direction)?.failures;
+            }
+            if failures > 0 {
                 bail!(
                     "the {} path to the streaming origin did not carry a download and an upload \
                      whole; see the logs in {}",
@@ -365,7 +387,7 @@ impl Lab {
         let origin = |listener: SocketAddr| match route {
             Route::Local => Some(listener),
             Route::WideArea => self.wide_area,
-            Route::Streaming => self.stream_origin.as_ref().map(StreamOrigin::addr),
+            Route::Streaming => self.streaming,
         };
         let peer = |peer: Option<&Peer>| {
             peer.and_then(|p| match route {
@@ -418,6 +440,11 @@ impl Lab {
         }
     }
 
+    /// The streaming origin's process, once started.
+    pub fn streaming_origin_pid(&self) -> Option<u32> {
+        self.streaming_pid
+    }
+
     /// Why the mitmproxy column is empty, if it is.
     pub fn mitmproxy_missing(&self) -> Option<&str> {
         self.mitmproxy.as_ref().err().map(String::as_str)
@@ -444,7 +471,6 @@ impl Lab {
         }
         self.services.stop_all();
         self.relay = None;
-        self.stream_origin = None;
         if Path::new(PIN_DIR).exists() {
             let _ = fs::remove_dir_all(PIN_DIR);
         }

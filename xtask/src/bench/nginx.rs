@@ -79,11 +79,13 @@ pub struct Route {
 /// What a streaming route adds to its location: no response buffering (`proxy_buffering off`,
 /// as an SSE endpoint behind nginx needs), no request buffering (an upload is forwarded as it
 /// arrives, not spooled to a temp file first), no limit on the request body (the default is
-/// 1 MiB), and 64 KiB reads each way rather than one memory page.
+/// 1 MiB), and 64 KiB reads each way rather than one memory page (`proxy_buffers` only so that
+/// nginx accepts the larger `proxy_buffer_size`; unbuffered, it reads into the latter).
 const STREAMING: &str = "
             proxy_buffering off;
             proxy_request_buffering off;
             proxy_buffer_size 64k;
+            proxy_buffers 8 64k;
             client_max_body_size 0;
             client_body_buffer_size 64k;";
 

@@ -1,5 +1,6 @@
-//! The streaming origin of the SSE and bulk rows (issue 12): a small HTTPS server inside xtask
-//! (tokio, hyper, rustls) on the origin's address, http/1.1 over TLS like the nginx origin, with
+//! The streaming origin of the SSE and bulk rows (issue 12): a small HTTPS server in xtask (tokio,
+//! hyper, rustls), which the bench runs as a process of its own from the release build
+//! (`xtask bench-origin`), on the origin's address, http/1.1 over TLS like the nginx origin, with
 //! the same certificate. nginx cannot pace a stream or count an upload, so these rows need an
 //! origin of their own. Every path answers 401 without `Authorization: <the real key>`:
 //!
@@ -14,7 +15,7 @@
 
 use std::{
     convert::Infallible,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context as TaskContext, Poll},
@@ -61,12 +62,12 @@ struct Shared {
 }
 
 impl StreamOrigin {
-    /// Listens on a free port of `ip` with `cert`, accepting requests that carry
+    /// Listens on `listen` (port 0: a free one) with `cert`, accepting requests that carry
     /// `authorization`.
-    pub fn start(ip: IpAddr, cert: &CertFiles, authorization: &str) -> Result<Self> {
+    pub fn start(listen: SocketAddr, cert: &CertFiles, authorization: &str) -> Result<Self> {
         let config = Arc::new(tls_config(cert)?);
-        let listener = std::net::TcpListener::bind((ip, 0))
-            .with_context(|| format!("binding the streaming origin on {ip}"))?;
+        let listener = std::net::TcpListener::bind(listen)
+            .with_context(|| format!("binding the streaming origin on {listen}"))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -423,7 +424,7 @@ mod tests {
     fn paces_events_streams_downloads_counts_uploads_and_wants_the_key() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let (cert, ca) = certificates(dir.path())?;
-        let origin = StreamOrigin::start("127.0.0.1".parse()?, &cert, "Bearer k")?;
+        let origin = StreamOrigin::start("127.0.0.1:0".parse()?, &cert, "Bearer k")?;
         let addr = origin.addr();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

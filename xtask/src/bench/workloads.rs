@@ -355,6 +355,9 @@ struct EventStreamSummary {
     /// The 99th percentile over every event of every run of how late it arrived: its arrival
     /// after the request was sent less its place in the schedule (index x gap), in ms.
     p99_lag_ms: f64,
+    /// The median of the same: the typical event's lag, which tells a p99 that noise pushed up
+    /// from a path that delays every event.
+    p50_lag_ms: f64,
     /// Streams that did not answer 200 with every event.
     failures: u64,
 }
@@ -381,6 +384,7 @@ impl EventStreamSummary {
         Ok(Self {
             first_event_ms: percentile(&mut first, 50.0) * 1e3,
             p99_lag_ms: percentile(&mut lags, 99.0) * 1e3,
+            p50_lag_ms: percentile(&mut lags, 50.0) * 1e3,
             failures: times.failures,
         })
     }
@@ -397,30 +401,44 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
 }
 
 /// Issue 12's SSE row: a stream of [`stream_origin::EVENTS`] events [`stream_origin::EVENT_GAP`]
-/// apart, timed per event, [`SSE_RUNS`] times per column, with the key injected (so brokerd
-/// scrubs the stream).
+/// apart, timed per event, [`SSE_RUNS`] rounds of one stream per column (after one that warms each
+/// path up), with the key injected (so brokerd scrubs the stream).
 fn event_stream(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     let what = format!(
         "SSE, {} events {} ms apart",
         stream_origin::EVENTS,
         stream_origin::EVENT_GAP.as_millis()
     );
-    let samples = each_column(
+    let rounds = in_rounds(
         &what,
         lab,
         Route::Streaming,
         &STREAMING_COLUMNS,
-        |_, endpoint| {
-            let times = clients::event_times(
+        SSE_RUNS,
+        |round, _, endpoint| {
+            clients::event_times(
                 &settings.tools.python3,
                 lab.dir(),
                 endpoint,
-                SSE_RUNS,
+                round == 0,
                 stream_origin::EVENTS,
-            )?;
-            EventStreamSummary::of(&times, stream_origin::EVENT_GAP)
+            )
         },
     )?;
+    let samples: PerColumn<EventStreamSummary> = rounds
+        .into_iter()
+        .map(|(column, outcome)| {
+            let summary = outcome.and_then(|rounds| {
+                let merged = clients::EventTimes {
+                    failures: rounds.iter().map(|r| r.failures).sum(),
+                    runs: rounds.into_iter().flat_map(|r| r.runs).collect(),
+                };
+                EventStreamSummary::of(&merged, stream_origin::EVENT_GAP)
+                    .map_err(|e| Cell::Failed(format!("{e:#}")))
+            });
+            (column, summary)
+        })
+        .collect();
     let targets = [AddsAtMost(SSE_ADDED_MS_TARGET)];
     let mut rows = vec![
         fill(
@@ -433,6 +451,11 @@ fn event_stream(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
             &samples,
             |s| measured(s.p99_lag_ms, s.failures),
         ),
+        fill(
+            Row::new(format!("{what}: median event lag"), "ms", Lower),
+            &samples,
+            |s| measured(s.p50_lag_ms, s.failures),
+        ),
     ];
     for row in &mut rows {
         row.set(Column::Mitmproxy, not_streamed());
@@ -440,88 +463,300 @@ fn event_stream(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Issue 12's bulk row: [`BULK_BYTES`] down and up through each column, [`BULK_RUNS`] times each
-/// way, with the key injected (so brokerd scrubs the download), and how much the proxy's resident
-/// memory peaks above where it was before.
+/// One transfer of the bulk workload through one column, with the CPU time each process spent
+/// on it.
+#[derive(Debug)]
+struct BulkTransfer {
+    transfer: clients::Transfer,
+    /// The proxy's CPU time meanwhile, in seconds (none on the direct path).
+    proxy_cpu_seconds: Option<f64>,
+    /// The streaming origin's.
+    origin_cpu_seconds: Option<f64>,
+}
+
+/// One round of the bulk workload through one column: a download, then an upload.
+#[derive(Debug)]
+struct BulkRound {
+    down: BulkTransfer,
+    up: BulkTransfer,
+}
+
+/// Issue 12's bulk rows: [`BULK_BYTES`] down and up through each column, [`BULK_RUNS`] rounds
+/// of one download and one upload per column (each on a connection of its own), with the key
+/// injected (so brokerd scrubs the download); how much each proxy's resident memory peaks, over
+/// all rounds, above where it was before the first; the CPU time per MB of each process on the
+/// path (client, proxy, origin); and the throughput those CPU times allow on this machine's
+/// cores, the ceiling that tells a slow path from a busy machine.
 fn bulk(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     let megabytes = BULK_BYTES as f64 / 1e6;
     let what = format!("{megabytes:.0} MB transfers");
-    let samples = each_column(
+    let watches = STREAMING_COLUMNS
+        .iter()
+        .filter_map(|column| lab.proxy_pid(*column).map(|pid| (*column, pid)))
+        .map(|(column, pid)| Ok((column, process::PeakRss::watch(pid)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let origin = lab.streaming_origin_pid();
+    let rounds = in_rounds(
         &what,
         lab,
         Route::Streaming,
         &STREAMING_COLUMNS,
-        |column, endpoint| {
-            let watch = lab
-                .proxy_pid(column)
-                .map(process::PeakRss::watch)
-                .transpose()?;
-            let transfers = clients::transfers(
-                &settings.tools.python3,
-                lab.dir(),
-                endpoint,
-                BULK_BYTES,
-                BULK_RUNS,
-            );
-            let growth_kib = watch.map(process::PeakRss::growth_kib).transpose()?;
-            let transfers = transfers?;
-            let rate = |seconds: &[f64]| {
-                let mut seconds = seconds.to_vec();
-                if seconds.is_empty() {
-                    f64::NAN
-                } else {
-                    megabytes / percentile(&mut seconds, 50.0)
-                }
+        BULK_RUNS,
+        |_, column, endpoint| {
+            let proxy = lab.proxy_pid(column);
+            let one = |direction: clients::Direction| -> Result<BulkTransfer> {
+                let proxy_before = proxy.map(process::tree_cpu_seconds).transpose()?;
+                let origin_before = origin.map(process::tree_cpu_seconds).transpose()?;
+                let transfer = clients::transfer(
+                    &settings.tools.python3,
+                    lab.dir(),
+                    endpoint,
+                    BULK_BYTES,
+                    direction,
+                )?;
+                let proxy_after = proxy.map(process::tree_cpu_seconds).transpose()?;
+                let origin_after = origin.map(process::tree_cpu_seconds).transpose()?;
+                let spent =
+                    |before: Option<f64>, after: Option<f64>| before.zip(after).map(|(b, a)| a - b);
+                Ok(BulkTransfer {
+                    transfer,
+                    proxy_cpu_seconds: spent(proxy_before, proxy_after),
+                    origin_cpu_seconds: spent(origin_before, origin_after),
+                })
             };
-            Ok(BulkSummary {
-                down_mb_per_second: rate(&transfers.down),
-                up_mb_per_second: rate(&transfers.up),
-                failures: transfers.failures,
-                rss_growth_mib: growth_kib.map(|kib| kib as f64 / 1024.0),
+            Ok(BulkRound {
+                down: one(clients::Direction::Down)?,
+                up: one(clients::Direction::Up)?,
             })
         },
-    )?;
+    );
+    let mut growth = Vec::new();
+    for (column, watch) in watches {
+        growth.push((column, watch.growth_kib()?));
+    }
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let samples: PerColumn<BulkSummary> = rounds?
+        .into_iter()
+        .map(|(column, outcome)| {
+            let summary = outcome.map(|rounds| {
+                let of = |pick: fn(&BulkRound) -> &BulkTransfer| {
+                    BulkDirection::of(rounds.iter().map(pick), megabytes, cores)
+                };
+                BulkSummary {
+                    down: of(|r| &r.down),
+                    up: of(|r| &r.up),
+                    rss_growth_mib: growth
+                        .iter()
+                        .find(|(c, _)| *c == column)
+                        .map(|(_, kib)| *kib as f64 / 1024.0),
+                }
+            });
+            (column, summary)
+        })
+        .collect();
     let throughput = [TimesDirect(BULK_THROUGHPUT_TARGET)];
-    let mut rows = vec![
-        fill(
-            Row::new(format!("{megabytes:.0} MB download"), "MB/s", Higher)
-                .with_targets(&throughput),
-            &samples,
-            |s| measured(s.down_mb_per_second, s.failures),
+    let mut rows = Vec::new();
+    for (way, pick) in [
+        (
+            "download",
+            BulkSummary::down as fn(&BulkSummary) -> &BulkDirection,
         ),
-        fill(
-            Row::new(format!("{megabytes:.0} MB upload"), "MB/s", Higher).with_targets(&throughput),
+        ("upload", BulkSummary::up),
+    ] {
+        rows.push(fill(
+            Row::new(format!("{megabytes:.0} MB {way}"), "MB/s", Higher).with_targets(&throughput),
             &samples,
-            |s| measured(s.up_mb_per_second, s.failures),
+            |s| measured(pick(s).mb_per_second, pick(s).failures),
+        ));
+    }
+    rows.push(fill(
+        Row::new(
+            format!("{megabytes:.0} MB down and up: proxy peak RSS growth"),
+            "MiB",
+            Lower,
+        )
+        .with_targets(&[AtMost(BULK_RSS_MIB_TARGET)]),
+        &samples,
+        |s| s.rss_growth_mib.map_or(Cell::NotApplicable, Cell::value),
+    ));
+    for (way, pick) in [
+        (
+            "download",
+            BulkSummary::down as fn(&BulkSummary) -> &BulkDirection,
         ),
-        fill(
+        ("upload", BulkSummary::up),
+    ] {
+        for (process, cpu) in [
+            (
+                "proxy",
+                (|d| d.proxy_us_per_mb) as fn(&BulkDirection) -> Option<f64>,
+            ),
+            ("origin", |d| d.origin_us_per_mb),
+            ("client", |d| d.client_us_per_mb),
+        ] {
+            rows.push(fill(
+                Row::new(
+                    format!("{megabytes:.0} MB {way}: {process} CPU per MB"),
+                    "µs",
+                    Lower,
+                ),
+                &samples,
+                |s| cpu(pick(s)).map_or(Cell::NotApplicable, Cell::value),
+            ));
+        }
+        rows.push(fill(
             Row::new(
-                format!("{megabytes:.0} MB down and up: proxy peak RSS growth"),
-                "MiB",
-                Lower,
-            )
-            .with_targets(&[AtMost(BULK_RSS_MIB_TARGET)]),
+                format!("{megabytes:.0} MB {way}: what that CPU allows on {cores} cores"),
+                "MB/s",
+                Higher,
+            ),
             &samples,
-            |s| s.rss_growth_mib.map_or(Cell::NotApplicable, Cell::value),
-        ),
-    ];
+            |s| {
+                pick(s)
+                    .ceiling_mb_per_second
+                    .map_or(Cell::NotApplicable, Cell::value)
+            },
+        ));
+    }
     for row in &mut rows {
         row.set(Column::Mitmproxy, not_streamed());
     }
     Ok(rows)
+}
+
+/// What one column's transfers one way came to.
+#[derive(Debug)]
+struct BulkDirection {
+    /// From the median time.
+    mb_per_second: f64,
+    /// Transfers that did not arrive whole.
+    failures: u64,
+    /// CPU time per MB moved of each process on the path (none for a proxy on the direct path).
+    client_us_per_mb: Option<f64>,
+    proxy_us_per_mb: Option<f64>,
+    origin_us_per_mb: Option<f64>,
+    /// The most MB/s those CPU times allow on `cores` cores, each process using one at most (the
+    /// client, the proxy's connection and the origin's are each on one thread):
+    /// `min(1 / max(cpu), cores / sum(cpu))`. The kernel's loopback work is in the processes'
+    /// system time.
+    ceiling_mb_per_second: Option<f64>,
+}
+
+impl BulkDirection {
+    fn of<'a>(
+        transfers: impl Iterator<Item = &'a BulkTransfer>,
+        megabytes: f64,
+        cores: usize,
+    ) -> Self {
+        let transfers: Vec<&BulkTransfer> = transfers.collect();
+        let mut seconds: Vec<f64> = transfers
+            .iter()
+            .filter_map(|t| t.transfer.seconds)
+            .collect();
+        let mb_per_second = if seconds.is_empty() {
+            f64::NAN
+        } else {
+            megabytes / percentile(&mut seconds, 50.0)
+        };
+        // Over the transfers that arrived whole and were measured.
+        let per_mb = |cpu: fn(&BulkTransfer) -> Option<f64>| {
+            let measured: Vec<f64> = transfers
+                .iter()
+                .filter(|t| t.transfer.seconds.is_some())
+                .filter_map(|t| cpu(t))
+                .collect();
+            (!measured.is_empty())
+                .then(|| measured.iter().sum::<f64>() * 1e6 / (megabytes * measured.len() as f64))
+        };
+        let client_us_per_mb = per_mb(|t| t.transfer.client_cpu_seconds);
+        let proxy_us_per_mb = per_mb(|t| t.proxy_cpu_seconds);
+        let origin_us_per_mb = per_mb(|t| t.origin_cpu_seconds);
+        let on_path: Vec<f64> = [client_us_per_mb, proxy_us_per_mb, origin_us_per_mb]
+            .into_iter()
+            .flatten()
+            .collect();
+        let ceiling_mb_per_second = (client_us_per_mb.is_some() && origin_us_per_mb.is_some())
+            .then(|| cpu_bound_mb_per_second(&on_path, cores));
+        Self {
+            mb_per_second,
+            failures: transfers.iter().map(|t| t.transfer.failures).sum(),
+            client_us_per_mb,
+            proxy_us_per_mb,
+            origin_us_per_mb,
+            ceiling_mb_per_second,
+        }
+    }
+}
+
+/// The most MB/s a pipeline of single-threaded processes can move on `cores` cores, given each
+/// one's CPU µs per MB: no faster than its busiest process, nor than the cores can serve them
+/// all.
+fn cpu_bound_mb_per_second(us_per_mb: &[f64], cores: usize) -> f64 {
+    let busiest = us_per_mb.iter().copied().fold(0.0, f64::max);
+    let total: f64 = us_per_mb.iter().sum();
+    (1e6 / busiest).min(cores as f64 * 1e6 / total)
+}
+
+/// One result per column: the value, or the cell saying why there is none.
+type PerColumn<T> = Vec<(Column, Result<T, Cell>)>;
+
+/// Runs `measure` in `rounds` rounds through each of `columns`, the columns taking turns within
+/// a round, so a burst of other work on the machine weighs on every column alike rather than on
+/// whichever was being measured. A column whose measurement fails sits out the later rounds and
+/// keeps the failure.
+fn in_rounds<T: std::fmt::Debug>(
+    what: &str,
+    lab: &Lab,
+    route: Route,
+    columns: &[Column],
+    rounds: u32,
+    mut measure: impl FnMut(u32, Column, &Endpoint) -> Result<T>,
+) -> Result<PerColumn<Vec<T>>> {
+    let mut results: PerColumn<Vec<T>> = columns.iter().map(|c| (*c, Ok(Vec::new()))).collect();
+    for round in 0..rounds {
+        let going: Vec<Column> = results
+            .iter()
+            .filter(|(_, outcome)| outcome.is_ok())
+            .map(|(column, _)| *column)
+            .collect();
+        let label = format!("{what} (round {} of {rounds})", round + 1);
+        let measured = each_column(&label, lab, route, &going, |column, endpoint| {
+            measure(round, column, endpoint)
+        })?;
+        for (column, outcome) in measured {
+            let Some((_, slot)) = results.iter_mut().find(|(c, _)| *c == column) else {
+                continue;
+            };
+            match outcome {
+                Ok(value) => {
+                    if let Ok(values) = slot {
+                        values.push(value);
+                    }
+                }
+                Err(cell) => *slot = Err(cell),
+            }
+        }
+    }
+    Ok(results)
 }
 
 /// What one column's bulk transfers came to.
 #[derive(Debug)]
 struct BulkSummary {
-    /// Median over the downloads.
-    down_mb_per_second: f64,
-    /// Median over the uploads.
-    up_mb_per_second: f64,
-    /// Transfers that did not arrive whole.
-    failures: u64,
+    down: BulkDirection,
+    up: BulkDirection,
     /// The proxy's peak resident memory above where it was before (none on the direct path).
     rss_growth_mib: Option<f64>,
+}
+
+impl BulkSummary {
+    fn down(&self) -> &BulkDirection {
+        &self.down
+    }
+
+    fn up(&self) -> &BulkDirection {
+        &self.up
+    }
 }
 
 /// The mitmproxy cell of the streaming rows.
@@ -785,6 +1020,7 @@ mod tests {
         let summary = EventStreamSummary::of(&times, gap)?;
         assert!((summary.first_event_ms - 2.0).abs() < 1e-9, "{summary:?}");
         assert!((summary.p99_lag_ms - 10.0).abs() < 1e-9, "{summary:?}");
+        assert!((summary.p50_lag_ms - 2.0).abs() < 1e-9, "{summary:?}");
         assert_eq!(summary.failures, 1);
         let none = clients::EventTimes {
             runs: Vec::new(),
@@ -792,6 +1028,16 @@ mod tests {
         };
         assert!(EventStreamSummary::of(&none, gap).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn the_cpu_bound_is_the_busiest_process_or_the_cores() {
+        // 1,000 µs per MB at most: 1,000 MB/s, unless the cores run out first.
+        let bound = cpu_bound_mb_per_second(&[1_000.0, 500.0], 2);
+        assert!((bound - 1_000.0).abs() < 1e-9, "{bound}");
+        // Three processes of 1,000 µs per MB on two cores: 3,000 µs of CPU per MB, 2 s a second.
+        let bound = cpu_bound_mb_per_second(&[1_000.0, 1_000.0, 1_000.0], 2);
+        assert!((bound - 2e6 / 3_000.0).abs() < 1e-9, "{bound}");
     }
 
     #[test]
