@@ -154,9 +154,33 @@ fn copy_and_capture(pipe: impl Read) -> std::io::Result<String> {
     Ok(captured)
 }
 
+/// Values [`echo`] never shows (a bench's generated key passed to a client): see [`hide`].
+static HIDDEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Makes [`echo`] show `value` as `<hidden>` wherever it appears in a command line, so a secret
+/// handed to a program as an argument or variable is never printed.
+pub fn hide(value: &str) {
+    if value.is_empty() {
+        return;
+    }
+    if let Ok(mut hidden) = HIDDEN.lock() {
+        hidden.push(value.to_owned());
+    }
+}
+
+/// `line` with every hidden value replaced.
+fn masked(mut line: String) -> String {
+    if let Ok(hidden) = HIDDEN.lock() {
+        for value in hidden.iter() {
+            line = line.replace(value.as_str(), "<hidden>");
+        }
+    }
+    line
+}
+
 /// Prints `cmd` as a shell line (directory, variables it sets, program and arguments) and returns
 /// it for error messages. `PATH` is left out: it is always the inherited one with
-/// `target/ebpf-tools/bin` in front.
+/// `target/ebpf-tools/bin` in front. Values given to [`hide`] show as `<hidden>`.
 pub fn echo(cmd: &Command) -> String {
     let mut words = Vec::new();
     if let Some(dir) = cmd.get_current_dir().filter(|dir| *dir != paths::root()) {
@@ -170,7 +194,7 @@ pub fn echo(cmd: &Command) -> String {
     }
     words.push(quote(cmd.get_program()));
     words.extend(cmd.get_args().map(quote));
-    let shown = words.join(" ");
+    let shown = masked(words.join(" "));
     eprintln!("+ {shown}");
     shown
 }
@@ -244,5 +268,22 @@ mod tests {
         assert_eq!(quote(OsStr::new("a b")), "'a b'");
         assert_eq!(quote(OsStr::new("it's")), r"'it'\''s'");
         assert_eq!(quote(OsStr::new("a\u{1f}b\t'c\\")), r"$'a\x1fb\t\'c\\'");
+    }
+}
+
+#[cfg(test)]
+mod echo_tests {
+    use super::*;
+
+    #[test]
+    fn hidden_values_never_show_in_an_echoed_command() {
+        let value = "0123abcd-echo-test-value";
+        hide(value);
+        let mut cmd = Command::new("python3");
+        cmd.arg(format!("Bearer {value}")).env("KEY", value);
+        let shown = echo(&cmd);
+        assert!(!shown.contains(value), "{shown}");
+        assert!(shown.contains("'Bearer <hidden>'"), "{shown}");
+        assert!(shown.contains("KEY=<hidden>"), "{shown}");
     }
 }

@@ -95,12 +95,15 @@ impl Lab {
         let mut random = [0u8; 16];
         fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
         let [origin, origin_http1] = free_ports(ORIGIN_IP)?;
+        let key: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        // The direct column's clients get the key itself: never echo it.
+        crate::cmd::hide(&key);
         Ok(Self {
             dir: dir.to_owned(),
             bin: bin.to_owned(),
             services: Services::new(dir),
             relay: None,
-            key: random.iter().map(|b| format!("{b:02x}")).collect(),
+            key,
             origin: SocketAddr::new(ORIGIN_IP, origin),
             origin_http1: SocketAddr::new(ORIGIN_IP, origin_http1),
             wide_area: None,
