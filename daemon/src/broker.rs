@@ -246,7 +246,7 @@ impl Authorizer for PolicyAuthorizer {
         if !grant.secrets.is_empty() && grant.bind_name.is_none() {
             grant.bind_name = allowed.credential_name.clone();
         }
-        limits::charge(&self.limiter, allowed, &mut grant)?;
+        limits::charge_when_admitted(&self.limiter, allowed, &mut grant);
         Ok(grant)
     }
 }

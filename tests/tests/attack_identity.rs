@@ -630,7 +630,7 @@ fn a_credential_goes_only_to_an_address_its_host_resolves_to() {
         vec![(
             "agent".into(),
             format!(
-                "cgroup = \"{}\"\n{}{}{}any_address = true\n",
+                "cgroup = \"{}\"\n{}{}budget = {{ requests_per_day = 1 }}\n{}any_address = true\n",
                 cg.child("agent"),
                 rule(API, api.port(), true),
                 rule(API, decoy_port, true),
@@ -646,12 +646,21 @@ fn a_credential_goes_only_to_an_address_its_host_resolves_to() {
     w.broker.attach(&w.agent);
     let bearer = format!("Bearer {}", w.placeholder.expose());
 
-    // The attack: the decoy's address, the API's name.
+    // The attack: the decoy's address, the API's name. Twice: the decoy's rule allows one
+    // request a day, and a request the name check refuses must not use it up (the second is
+    // refused for the address again, not for the budget).
     let call =
         Call::new(API, IpAddr::V4(decoy_ip), decoy_port, "/hash").header("authorization", &bearer);
-    let (run, report) = clients::curl(&w.broker, &w.agent, &w.trust(), &call);
-    run.assert_no_secret(&w.secret);
-    let reason = report.assert_denied(&w.agent, "the call to the decoy");
+    let mut reason = String::new();
+    for attempt in ["the call to the decoy", "the second call to the decoy"] {
+        let (run, report) = clients::curl(&w.broker, &w.agent, &w.trust(), &call);
+        run.assert_no_secret(&w.secret);
+        reason = report.assert_denied(&w.agent, attempt);
+        assert!(
+            reason.contains("nothing proves that"),
+            "{attempt}: refused for something else: {reason}"
+        );
+    }
     let dialed = SocketAddr::from((decoy_ip, decoy_port));
     for part in [
         "a credential for api.example.test",

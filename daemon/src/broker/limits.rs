@@ -26,24 +26,42 @@ use http::StatusCode;
 use super::request::Allowed;
 use crate::proxy::{Charge, Completion, Denial, DenialReason, Grant};
 
-/// Refuses (429, with when to try again) a request over a limit; otherwise arranges for the
-/// exchange to be charged when it completes.
-pub(super) fn charge(
+/// Arranges for the rule's limits to be checked once everything else has allowed the request
+/// (see [`Grant::admit`]): then a request over a limit is refused (429, with when to try
+/// again), and otherwise the exchange is charged when it completes.
+pub(super) fn charge_when_admitted(
     limiter: &Arc<Limiter>,
     allowed: Allowed<'_>,
     grant: &mut Grant,
-) -> Result<(), Denial> {
+) {
     if allowed.limit_keys.is_empty() {
-        return Ok(());
+        return;
     }
-    if let Err(limited) = limiter.check(&allowed.limit_keys, Instant::now()) {
+    let limiter = limiter.clone();
+    let refusal = allowed.deny(DenialReason::Limit(String::new()));
+    let limit_keys = allowed.limit_keys;
+    grant.admit = Some(Box::new(move |grant: &mut Grant| {
+        charge(&limiter, limit_keys, refusal, grant)
+    }));
+}
+
+/// Refuses (429, with when to try again) a request over a limit; otherwise arranges for the
+/// exchange to be charged when it completes. `refusal` is the denial to fill in.
+fn charge(
+    limiter: &Arc<Limiter>,
+    limit_keys: Vec<LimitKey>,
+    refusal: Denial,
+    grant: &mut Grant,
+) -> Result<(), Denial> {
+    if let Err(limited) = limiter.check(&limit_keys, Instant::now()) {
         return Err(Denial {
             status: StatusCode::TOO_MANY_REQUESTS,
             retry_after: Some(limited.retry_after),
-            ..allowed.deny(DenialReason::Limit(limited.reason))
+            reason: DenialReason::Limit(limited.reason),
+            ..refusal
         });
     }
-    let limit_keys: Arc<[LimitKey]> = allowed.limit_keys.into();
+    let limit_keys: Arc<[LimitKey]> = limit_keys.into();
     let counts_tokens = limit_keys.iter().any(|k| k.counts_tokens());
     grant.meter_usage = counts_tokens;
     // Bytes an upgraded connection charged as they passed: not charged again at the end.

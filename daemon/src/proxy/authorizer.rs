@@ -57,7 +57,14 @@ pub struct Grant {
     /// the name (plain HTTP by `Host`), and when a credential was written into the request (a
     /// certificate valid for the name may also be served at another address).
     pub bind_name: Option<NameBinding>,
+    /// The rule's rate limits and budgets, checked (and the exchange arranged to be charged)
+    /// only once everything else allows the request, the name proof included, so a request
+    /// refused for another reason uses none of them up. `Err`: the 429 to answer.
+    pub admit: Option<Admit>,
 }
+
+/// See [`Grant::admit`].
+pub type Admit = Box<dyn FnOnce(&mut Grant) -> Result<(), Denial> + Send>;
 
 /// A name the address an agent dialed must be proven to belong to, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -161,6 +161,12 @@ impl Proxy {
             };
             return Exchange::refused(&conn.origin, host, denial, Some(grant));
         }
+        // Last: the rule's limits, so a request refused above used none of them up.
+        if let Some(admit) = grant.admit.take()
+            && let Err(denial) = admit(&mut grant)
+        {
+            return Exchange::refused(&conn.origin, host, denial, Some(grant));
+        }
         // Every secret of the agent's policy, and any other this request carries (a handle's).
         let needles = match grant.scrub.with_extra(&grant.needles) {
             Ok(n) => n,
