@@ -54,9 +54,14 @@ fn calls_denials_and_handle_misuse_are_audited_and_shown_in_the_console_without_
     let (records, raw) = loop {
         let (records, raw) = audit_records(&w, &[]);
         let stored = |kind| records.iter().any(|r| r.kind == Some(kind));
-        let all = stored(EventKind::Request)
-            && stored(EventKind::Denial)
-            && stored(EventKind::HandleMisuse);
+        // The call's record of how it ended (its `forwarded` record, written before it went
+        // upstream, has no status yet).
+        let completed = records.iter().any(|r| {
+            r.kind == Some(EventKind::Request)
+                && r.path.as_deref() == Some("/echo")
+                && r.status.is_some()
+        });
+        let all = completed && stored(EventKind::Denial) && stored(EventKind::HandleMisuse);
         if all || std::time::Instant::now() > deadline {
             break (records, raw);
         }
@@ -66,7 +71,11 @@ fn calls_denials_and_handle_misuse_are_audited_and_shown_in_the_console_without_
         .assert_absent(raw.as_bytes(), "brokerctl logs --json");
     let call = records
         .iter()
-        .find(|r| r.kind == Some(EventKind::Request) && r.path.as_deref() == Some("/echo"))
+        .find(|r| {
+            r.kind == Some(EventKind::Request)
+                && r.path.as_deref() == Some("/echo")
+                && r.status.is_some()
+        })
         .unwrap_or_else(|| panic!("no request record for /echo in {}", redact(&raw)));
     assert_eq!(call.cgroup.as_deref(), Some(w.agent.as_str()));
     assert_eq!(call.status, Some(200));
