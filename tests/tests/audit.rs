@@ -82,7 +82,12 @@ fn sigkill_while_requests_flow_loses_at_most_the_last_group_commit_and_the_chain
     let stored: Vec<AuditEvent> = broker
         .audit_records()
         .into_iter()
-        .filter(|r| r.kind == Some(EventKind::Request) && r.cgroup.as_deref() == Some(&agent))
+        // Records of how requests ended (each also has a `forwarded` record without a status).
+        .filter(|r| {
+            r.kind == Some(EventKind::Request)
+                && r.cgroup.as_deref() == Some(&agent)
+                && r.status.is_some()
+        })
         .collect();
     let must_survive = completed
         .iter()
