@@ -49,8 +49,8 @@ use std::{
 };
 
 use agent_broker_common::{
-    self as common, AF_INET, BrokerConfig, Counter, Origin, PeerKey, Redirect, is_v4_mapped,
-    v4_mapped,
+    self as common, AF_INET, BrokerConfig, Counter, NetnsListener, Origin, PeerKey, Redirect,
+    is_v4_mapped, v4_mapped,
 };
 use agent_broker_core::fmt::error_chain;
 use agent_broker_protocol::{Counters, TaggedCgroup};
@@ -263,6 +263,9 @@ pub enum ListenerOwner {
 
 /// Resolves accepted connections to their origin. Shared by all accept tasks.
 pub struct OriginResolver {
+    /// Cookie of brokerd's own network namespace, the one its listeners accept in: the records
+    /// of its connections are keyed by it.
+    netns_cookie: u64,
     by_peer: Mutex<BpfHashMap<MapData, PeerKey, Redirect>>,
     dns_by_peer: Mutex<BpfHashMap<MapData, PeerKey, Origin>>,
     root: CgroupRoot,
@@ -327,7 +330,7 @@ impl OriginResolver {
                 .dns_by_peer
                 .lock()
                 .map_err(|_| ResolveError::Map("resolver lock poisoned".into()))?;
-            match map.get(&peer_key(peer), 0) {
+            match map.get(&peer_key(self.netns_cookie, peer), 0) {
                 Ok(o) => o,
                 Err(aya::maps::MapError::KeyNotFound) => return Err(ResolveError::NoRecord(peer)),
                 Err(e) => return Err(ResolveError::Map(e.to_string())),
@@ -343,7 +346,7 @@ impl OriginResolver {
         peer: SocketAddr,
         far_end_cookie: impl FnOnce() -> Result<Option<u64>, ResolveError>,
     ) -> Result<Origin, ResolveError> {
-        let key = peer_key(peer);
+        let key = peer_key(self.netns_cookie, peer);
         let read = || -> Result<Redirect, ResolveError> {
             let map = self
                 .by_peer
@@ -438,15 +441,24 @@ pub fn check_far_end(
     }
 }
 
-/// Deletes the redirect records whose socket no longer exists (a connect that never reached
-/// brokerd, whose socket closed while no program was there to see it). Returns how many went.
+/// Deletes the redirect records of brokerd's own network namespace (`netns_cookie`) whose
+/// socket no longer exists (a connect that never reached brokerd, whose socket closed while no
+/// program was there to see it). Returns how many went.
+///
+/// Only that namespace's sockets are listed (sock_diag answers for the namespace its socket was
+/// made in), so records of any other namespace are left alone: their sockets cannot be seen
+/// from here, and absent from this list is no proof they are gone.
 ///
 /// Records are listed before the sockets, so a record made meanwhile is not touched, and one is
 /// deleted only if it still holds the cookie listed.
-fn prune_stale_records(map: &mut BpfHashMap<MapData, PeerKey, Redirect>) -> Result<usize, String> {
+fn prune_stale_records(
+    map: &mut BpfHashMap<MapData, PeerKey, Redirect>,
+    netns_cookie: u64,
+) -> Result<usize, String> {
     let records: Vec<(PeerKey, u64)> = map
         .iter()
         .filter_map(Result::ok)
+        .filter(|(k, _)| k.netns_cookie == netns_cookie)
         .map(|(k, r)| (k, r.cookie))
         .collect();
     if records.is_empty() {
@@ -465,15 +477,18 @@ fn prune_stale_records(map: &mut BpfHashMap<MapData, PeerKey, Redirect>) -> Resu
     Ok(removed)
 }
 
-/// The map key for an accepted connection's peer address.
-pub fn peer_key(peer: SocketAddr) -> PeerKey {
+/// The map key for a connection accepted (or a datagram received) in the network namespace
+/// with cookie `netns_cookie`, from `peer`.
+pub fn peer_key(netns_cookie: u64, peer: SocketAddr) -> PeerKey {
     let octets = match peer {
         SocketAddr::V4(a) => a.ip().to_ipv6_mapped().octets(),
         SocketAddr::V6(a) => a.ip().octets(),
     };
     PeerKey {
+        netns_cookie,
         addr: words(octets),
         port: u32::from(peer.port()),
+        _pad: 0,
     }
 }
 
@@ -649,7 +664,14 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         message: e.to_string(),
     })?;
 
-    write_config(&mut ebpf, &config)?;
+    // Pins of maps whose layout changed: aya would reuse one of the same name as is, so the
+    // current maps have new names, and the old ones are read by nothing loaded from now on.
+    for legacy in common::maps::LEGACY {
+        let _ = fs::remove_file(maps_dir.join(legacy));
+    }
+
+    let netns_cookie = own_netns_cookie().map_err(|e| map_error(common::maps::CONFIG, e))?;
+    write_config(&mut ebpf, &config, netns_cookie)?;
 
     let by_peer = take_map(&mut ebpf, common::maps::REDIRECT_BY_PEER)?;
     let mut by_peer: BpfHashMap<MapData, PeerKey, Redirect> =
@@ -657,15 +679,13 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
     // Records left by connects that never reached a brokerd (this one was not running) are
     // deleted when their socket is gone; those of live sockets stay (a connection may be
     // waiting in the new listener's backlog already).
-    match prune_stale_records(&mut by_peer) {
+    match prune_stale_records(&mut by_peer, netns_cookie) {
         Ok(0) => {}
         Ok(n) => info!(records = n, "deleted redirect records whose socket is gone"),
         Err(e) => {
             warn!(error = %e, "cannot check the redirect records for stale ones; they are refused at accept all the same")
         }
     }
-    // An earlier build's address-keyed records: nothing reads them any more.
-    let _ = fs::remove_file(maps_dir.join(common::maps::LEGACY_ORIGIN_BY_PEER));
     let dns_by_peer = take_map(&mut ebpf, common::maps::DNS_BY_PEER)?;
     let dns_by_peer: BpfHashMap<MapData, PeerKey, Origin> =
         BpfHashMap::try_from(dns_by_peer).map_err(|e| map_error(common::maps::DNS_BY_PEER, e))?;
@@ -701,6 +721,7 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
     owner.adopt_pinned_links();
 
     let resolver = Arc::new(OriginResolver {
+        netns_cookie,
         by_peer: Mutex::new(by_peer),
         dns_by_peer: Mutex::new(dns_by_peer),
         root: config.root,
@@ -773,9 +794,15 @@ fn map_error(name: &'static str, e: impl std::fmt::Display) -> CaptureError {
     }
 }
 
-/// Publishes the listener addresses to the (pinned, shared) config map. Programs attached by an
-/// earlier brokerd read the same map, so they follow a changed port too.
-fn write_config(ebpf: &mut Ebpf, config: &CaptureConfig) -> Result<(), CaptureError> {
+/// Publishes the listener addresses to the (pinned, shared) config map, and as the entry of
+/// brokerd's own network namespace (`netns_cookie`) in the namespace map, so connects made there
+/// are redirected to them. Programs attached by an earlier brokerd read the same maps, so they
+/// follow a changed port too.
+fn write_config(
+    ebpf: &mut Ebpf,
+    config: &CaptureConfig,
+    netns_cookie: u64,
+) -> Result<(), CaptureError> {
     let name = common::maps::CONFIG;
     let map = ebpf.map_mut(name).ok_or(CaptureError::Map {
         name,
@@ -794,9 +821,27 @@ fn write_config(ebpf: &mut Ebpf, config: &CaptureConfig) -> Result<(), CaptureEr
         v6_addr,
         port: v4.port(),
         dns_port: config.dns_port,
-        netns_cookie: own_netns_cookie().map_err(|e| map_error(name, e))?,
+        netns_cookie,
     };
-    array.set(0, value, 0).map_err(|e| map_error(name, e))
+    array.set(0, value, 0).map_err(|e| map_error(name, e))?;
+
+    let name = common::maps::NETNS_LISTENERS;
+    let map = ebpf.map_mut(name).ok_or(CaptureError::Map {
+        name,
+        message: "missing from the eBPF object".into(),
+    })?;
+    let mut listeners: BpfHashMap<&mut MapData, u64, NetnsListener> =
+        BpfHashMap::try_from(map).map_err(|e| map_error(name, e))?;
+    let own = NetnsListener {
+        v4_addr: value.v4_addr,
+        v6_addr: value.v6_addr,
+        port: value.port,
+        dns_port: value.dns_port,
+        tag_cgroup_id: 0,
+    };
+    listeners
+        .insert(netns_cookie, own, 0)
+        .map_err(|e| map_error(name, e))
 }
 
 impl CaptureOwner {
@@ -1261,11 +1306,18 @@ mod tests {
 
     #[test]
     fn peer_keys_use_the_v4_mapped_form() {
-        let v4 = peer_key("127.0.0.1:4242".parse().expect("addr"));
-        let mapped = peer_key("[::ffff:127.0.0.1]:4242".parse().expect("addr"));
+        let v4 = peer_key(3, "127.0.0.1:4242".parse().expect("addr"));
+        let mapped = peer_key(3, "[::ffff:127.0.0.1]:4242".parse().expect("addr"));
         assert_eq!(v4, mapped);
         assert_eq!(v4.port, 4242);
         assert_eq!(v4.addr, v4_mapped(u32::from_ne_bytes([127, 0, 0, 1])));
+        assert_eq!((v4.netns_cookie, v4._pad), (3, 0));
+    }
+
+    #[test]
+    fn equal_addresses_in_two_namespaces_are_two_keys() {
+        let peer: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        assert_ne!(peer_key(3, peer), peer_key(4798, peer));
     }
 
     #[test]
@@ -1279,6 +1331,7 @@ mod tests {
             via_v4: 1,
             cgroup_id: 1,
             comm: [0; 16],
+            netns_cookie: 3,
         };
         assert_eq!(
             original_dst(&o),

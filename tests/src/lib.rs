@@ -65,7 +65,7 @@ pub use agent::{AgentReport, AgentRun, Mode};
 pub use broker::{Broker, BrokerBuilder};
 pub use canary::{Canary, redact, sha256_hex};
 pub use cgroup::{HOOKS, TestCgroup, attached_programs, cgroup_of, cgroup2_mount, spawn_in_cgroup};
-pub use netns::TestHost;
+pub use netns::{TestHost, TestNetns};
 pub use servers::{Accepted, TestServer, tcp_socket_owner};
 pub use upstream::{Alpn, TestCa, TestUpstream, UpstreamOptions, UpstreamRequest};
 

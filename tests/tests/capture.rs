@@ -25,7 +25,7 @@ use std::{
 
 use agent_broker_protocol::{ConnectionRecord, Outcome, Request, Response};
 use agent_broker_tests::{
-    AgentRun, Broker, HOOKS, Mode, SHORT, TestCgroup, TestHost, TestServer, agent,
+    AgentRun, Broker, HOOKS, Mode, SHORT, TestCgroup, TestHost, TestNetns, TestServer, agent,
     attached_programs, canon, cgroup_of, redact, require_privileges, spawn_in_cgroup,
     wait_with_timeout,
     world::{API, World},
@@ -203,6 +203,137 @@ fn ipv4_ipv6_and_v4_mapped_connects_are_captured_and_relayed() {
         broker.status().counters.redirected >= 3,
         "kernel counter of redirected connects: {:?}",
         broker.status().counters
+    );
+}
+
+/// Run inside a network namespace of its own: listens on loopback there (so a connect that went
+/// direct would succeed), then tries TCP over IPv4 and IPv6 to those listeners and a DNS
+/// datagram, and prints `pid`, `netns` (its namespace's cookie) and the outcome of each as JSON.
+const IN_NETNS_PY: &str = r#"
+import errno, json, os, socket
+SO_NETNS_COOKIE = 71
+out = {"pid": os.getpid()}
+probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+out["netns"] = int.from_bytes(probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+def outcome(fn):
+    try:
+        fn()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+listeners = {}
+for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    l = socket.socket(fam, socket.SOCK_STREAM)
+    l.bind((host, 0))
+    l.listen(4)
+    listeners[fam] = (host, l.getsockname()[1], l)
+def tcp(fam):
+    host, port, _ = listeners[fam]
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect((host, port))
+out["tcp4"] = outcome(lambda: tcp(socket.AF_INET))
+out["tcp6"] = outcome(lambda: tcp(socket.AF_INET6))
+def dns():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(b"\0" * 12, ("127.0.0.1", 53))
+out["dns"] = outcome(dns)
+print(json.dumps(out), flush=True)
+"#;
+
+/// Issue 14, step 1 (the kernel maps keyed by network namespace): brokerd serves only its own
+/// namespace's entry, so two agents of the tagged cgroup, each in a network namespace of its
+/// own (`lo` up, as a `--network none` container has it), are refused in the kernel and counted,
+/// concurrently, while the same cgroup's agent in brokerd's namespace is brokered before and
+/// after.
+#[test]
+fn agents_in_namespaces_without_a_listener_are_refused_while_the_host_agent_is_brokered() {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let echo = TestServer::echo("127.0.0.1:0");
+    let broker = broker_allowing(cg.path(), &[&echo]);
+    let agent_cg = cg.path().to_string();
+    broker.attach(&agent_cg);
+
+    let before = echo.accepted().len();
+    let run = agent::connect(&agent_cg, Mode::Connect, echo.addr());
+    assert_brokered(
+        "host namespace, before",
+        &broker,
+        &echo,
+        before,
+        &run,
+        &agent_cg,
+        echo.addr(),
+    );
+    let counted_before = broker.status().counters.netns_refused;
+
+    let namespaces = [TestNetns::new(), TestNetns::new()];
+    let clients: Vec<_> = namespaces
+        .iter()
+        .map(|ns| {
+            let mut cmd = ns.command(agent_broker_tests::agent::python());
+            cmd.args(["-c", IN_NETNS_PY])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            (ns.name().to_string(), spawn_in_cgroup(&agent_cg, &mut cmd))
+        })
+        .collect();
+    let mut cookies = Vec::new();
+    for (ns, child) in clients {
+        let out = wait_with_timeout(child, SHORT, &format!("client in netns {ns}"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "client in netns {ns} failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("client in netns {ns} printed {stdout:?}: {e}"));
+        for what in ["tcp4", "tcp6", "dns"] {
+            assert_eq!(
+                report[what].as_str(),
+                Some("EPERM"),
+                "netns {ns}, {what}: a namespace without a brokerd listener must be refused in \
+                 the kernel (EPERM), neither connected there nor sent to brokerd: {report}"
+            );
+        }
+        let pid = report["pid"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("pid in {report}"));
+        let traced: Vec<_> = broker
+            .connections()
+            .into_iter()
+            .filter(|c| c.origin.as_ref().is_some_and(|o| u64::from(o.pid) == pid))
+            .collect();
+        assert!(
+            traced.is_empty(),
+            "netns {ns}: brokerd has records of a refused client: {traced:?}"
+        );
+        cookies.push(report["netns"].as_u64().unwrap_or(0));
+    }
+    assert!(
+        cookies[0] != 0 && cookies[1] != 0 && cookies[0] != cookies[1],
+        "the two clients should report two different namespace cookies: {cookies:?}"
+    );
+    let counters = broker.status().counters;
+    assert!(
+        counters.netns_refused >= counted_before + 6,
+        "three refusals per namespace should be counted as netns refused (before: \
+         {counted_before}): {counters:?}"
+    );
+
+    let before = echo.accepted().len();
+    let run = agent::connect(&agent_cg, Mode::Connect, echo.addr());
+    assert_brokered(
+        "host namespace, after",
+        &broker,
+        &echo,
+        before,
+        &run,
+        &agent_cg,
+        echo.addr(),
     );
 }
 
