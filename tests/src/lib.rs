@@ -37,6 +37,7 @@
 //! `<workspace>/target/static/x86_64-unknown-linux-gnu/debug/agent-client`.
 
 pub mod agent;
+pub mod bpf;
 pub mod broker;
 pub mod canary;
 pub mod cgroup;

@@ -337,6 +337,95 @@ fn agents_in_namespaces_without_a_listener_are_refused_while_the_host_agent_is_b
     );
 }
 
+/// Issue 14, step 1: the maps whose layout changed have new names, so a pin an earlier build left
+/// under an old name (which aya would reuse as is, whatever its key and value sizes) is removed
+/// at start instead of being read with the new layout; and brokerd's own network namespace is
+/// the one entry of the namespace map, pointing at its listeners.
+#[test]
+fn old_layout_pins_are_removed_and_the_own_namespace_is_the_only_listener_entry() {
+    use agent_broker_tests::bpf::{
+        MAP_TYPE_LRU_HASH, create_pinned_map, own_netns_cookie, pinned_map_entries,
+    };
+    require_privileges();
+    let cg = TestCgroup::new();
+    let echo = TestServer::echo("127.0.0.1:0");
+    let mut broker = Broker::builder()
+        .policy("capture", &allow_servers(cg.path(), &[&echo]))
+        .prepare();
+    let maps = broker.pin_dir().join("maps");
+    std::fs::create_dir_all(&maps).unwrap_or_else(|e| panic!("cannot create {maps:?}: {e}"));
+    // The layouts of the build before: 20-byte address keys, 56-byte origins, 64-byte records.
+    let legacy = [
+        ("ORIGIN_BY_PEER", 20, 56),
+        ("ORIGIN_BY_COOKIE", 8, 56),
+        ("REDIRECT_BY_PEER", 20, 64),
+        ("DNS_BY_PEER", 20, 56),
+    ];
+    for (name, key, value) in legacy {
+        create_pinned_map(&maps.join(name), MAP_TYPE_LRU_HASH, key, value, 16)
+            .unwrap_or_else(|e| panic!("cannot pin a stand-in for the old {name}: {e}"));
+    }
+    broker
+        .try_start()
+        .unwrap_or_else(|e| panic!("brokerd did not start over old pins: {e}"));
+    for (name, _, _) in legacy {
+        assert!(
+            !maps.join(name).exists(),
+            "brokerd left the old-layout pin {name} in place"
+        );
+    }
+    for name in [
+        "ORIGIN_BY_COOKIE2",
+        "REDIRECT_BY_NSPEER",
+        "DNS_BY_NSPEER",
+        "NETNS_LISTENERS",
+    ] {
+        assert!(maps.join(name).exists(), "no pin for {name} in {maps:?}");
+    }
+
+    let own = own_netns_cookie().expect("SO_NETNS_COOKIE");
+    let entries = pinned_map_entries(&maps.join("NETNS_LISTENERS"), 8, 32)
+        .unwrap_or_else(|e| panic!("cannot read NETNS_LISTENERS: {e}"));
+    assert_eq!(
+        entries.len(),
+        1,
+        "brokerd serves only its own namespace: {entries:?}"
+    );
+    let (key, value) = &entries[0];
+    let u16_at = |o: usize| u16::from_ne_bytes([value[o], value[o + 1]]);
+    assert_eq!(
+        u64::from_ne_bytes(key[..8].try_into().expect("8 bytes")),
+        own,
+        "the entry is for brokerd's (and the test's) network namespace"
+    );
+    assert_eq!(&value[0..4], &[127, 0, 0, 1], "IPv4 listener address");
+    let mut v6 = [0u8; 16];
+    v6[15] = 1;
+    assert_eq!(&value[4..20], &v6, "IPv6 listener address (::1)");
+    assert_ne!(u16_at(20), 0, "listener port");
+    assert_ne!(u16_at(22), 0, "DNS port");
+    assert_eq!(
+        &value[24..32],
+        &[0; 8],
+        "no tag for brokerd's own namespace"
+    );
+
+    // The renamed maps are the ones the programs use: the agent is brokered.
+    let agent_cg = cg.path().to_string();
+    broker.attach(&agent_cg);
+    let before = echo.accepted().len();
+    let run = agent::connect(&agent_cg, Mode::Connect, echo.addr());
+    assert_brokered(
+        "after start over old pins",
+        &broker,
+        &echo,
+        before,
+        &run,
+        &agent_cg,
+        echo.addr(),
+    );
+}
+
 #[test]
 fn child_process_second_thread_and_nested_cgroup_are_captured() {
     require_privileges();
