@@ -4,8 +4,8 @@
 //! # Whose connection is it
 //!
 //! The programs record a redirected connect at `BPF_SOCK_OPS_TCP_CONNECT_CB` under the agent
-//! socket's local address (the peer address brokerd sees when it accepts), together with that
-//! socket's cookie. An address is no identity: once the agent's socket is gone, or beside it
+//! socket's network namespace and local address (the peer address brokerd sees when it accepts
+//! in that namespace), together with that socket's cookie. An address is no identity: once the agent's socket is gone, or beside it
 //! with `SO_REUSEADDR`, any local process can bind it and dial brokerd, and the record of a
 //! connect that never reaches brokerd's `accept` (brokerd down or restarting, a full backlog, a
 //! SYN the listener drops, such as one carrying a TCP-MD5 option) stays as long as the agent
@@ -26,6 +26,12 @@
 //! on. Records also die with their socket: sockops asks for the socket's state changes and
 //! deletes its records when it reaches `TCP_CLOSE`; at start brokerd deletes the records whose
 //! socket no longer exists ([`prune_stale_records`]); and the map is LRU.
+//!
+//! Which network namespaces are served is the pinned `NETNS_LISTENERS` map (netns cookie to
+//! listener addresses): brokerd inserts its own namespace's entry at start, and the programs
+//! refuse (EPERM, counted as netns refused) a connect or send from a namespace with no entry.
+//! For now brokerd's own is the only one, so its accept-side lookups use its own namespace's
+//! cookie.
 //!
 //! The same lookup tells whose listener answered an upstream connection brokerd made
 //! ([`OriginResolver::listener_owner`]): the cgroup the kernel recorded for it.
