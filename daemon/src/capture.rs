@@ -73,6 +73,7 @@ use tracing::{info, warn};
 
 use agent_broker_core::cgroup::{CgroupError, CgroupId, CgroupPath, CgroupRoot};
 
+mod link_update;
 pub mod sock_diag;
 mod unix_hooks;
 use unix_hooks::{UNIX_HOOKS, UnixPrograms};
@@ -1101,6 +1102,32 @@ impl CaptureOwner {
 
     /// Takes over the links an earlier brokerd pinned. A pin whose cgroup is gone (or was
     /// replaced by a new cgroup of the same name) is removed: the kernel already detached it.
+    /// Makes the adopted link pinned at `pin` run this build's `program` (see [`link_update`]).
+    /// A link that cannot be switched keeps its program: it still never lets a connection go
+    /// direct (an earlier build's programs redirect or refuse), but its connections may be
+    /// refused at accept until the cgroup is detached and attached again, which the warning says.
+    fn run_current_program(&self, cgroup: &CgroupPath, program: &str, pin: &Path) {
+        let swapped = self
+            .ebpf
+            .program(program)
+            .ok_or_else(|| "missing from the eBPF object".to_string())
+            .and_then(|p| {
+                let id = p.info().map_err(|e| e.to_string())?.id();
+                let fd = p.fd().map_err(|e| e.to_string())?;
+                link_update::run_program(pin, std::os::fd::AsFd::as_fd(fd), id)
+                    .map_err(|e| e.to_string())
+            });
+        match swapped {
+            Ok(false) => {}
+            Ok(true) => {
+                info!(cgroup = %cgroup, program, "adopted link now runs this build's program")
+            }
+            Err(error) => {
+                warn!(cgroup = %cgroup, program, %error, "cannot switch an adopted link to this build's program; detach and attach the cgroup again")
+            }
+        }
+    }
+
     fn adopt_pinned_links(&mut self) {
         let Ok(entries) = fs::read_dir(&self.links_dir) else {
             return;
@@ -1119,14 +1146,21 @@ impl CaptureOwner {
                 continue;
             }
             let mut links = Vec::new();
-            let pin_names = PROGRAMS
+            let pins = PROGRAMS
                 .iter()
-                .map(|(_, pin)| *pin)
-                .chain(UNIX_HOOKS.iter().map(|h| h.pin_name));
-            for pin_name in pin_names {
+                .map(|(program, pin)| (Some(*program), *pin))
+                .chain(UNIX_HOOKS.iter().map(|h| (None, h.pin_name)));
+            for (program, pin_name) in pins {
                 let pin = dir.join(pin_name);
                 match PinnedLink::from_pin(&pin) {
-                    Ok(link) => links.push(link),
+                    Ok(link) => {
+                        // The AF_UNIX hooks are `r0 = 0` in every build; the others may be an
+                        // earlier build's, reading maps of an earlier layout.
+                        if let Some(program) = program {
+                            self.run_current_program(&cgroup, program, &pin);
+                        }
+                        links.push(link);
+                    }
                     Err(e) => warn!(pin = %pin.display(), error = %e, "cannot adopt pinned link"),
                 }
             }

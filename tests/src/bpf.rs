@@ -1,6 +1,7 @@
-//! A few raw `bpf()` calls, for tests that look at brokerd's pinned maps from outside: create and
-//! pin a map (to stand in for a pin an earlier build left), open a pinned map, list its entries.
-//! The tests crate does not link aya; these are the kernel's own commands, nothing more.
+//! A few raw `bpf()` calls, for tests that look at brokerd's pinned maps and links from outside:
+//! create and pin a map or a cgroup connect4 link (to stand in for pins an earlier build left),
+//! list a pinned map's entries, read which program a pinned link runs. The tests crate does not
+//! link aya; these are the kernel's own commands, nothing more.
 
 use std::{
     ffi::CString,
@@ -17,6 +18,11 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 /// `BPF_MAP_TYPE_HASH`.
 pub const MAP_TYPE_HASH: u32 = 1;
 /// `BPF_MAP_TYPE_LRU_HASH`.
@@ -122,6 +128,59 @@ pub fn pinned_map_entries(
         entries.push((next.clone(), value));
         key = Some(next);
     }
+}
+
+/// Attaches a `cgroup/connect4` program that allows every connect unchanged (`r0 = 1; exit`) to
+/// the cgroup directory `cgroup` as a link, and pins the link at `pin`. Returns the program's id.
+pub fn pin_allow_all_connect4_link(cgroup: &Path, pin: &Path) -> io::Result<u32> {
+    // r0 = 1 (BPF_ALU64 | BPF_MOV | BPF_K), then exit (BPF_JMP | BPF_EXIT).
+    let insns: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = c"GPL";
+    let mut attr = Attr::new();
+    attr.u32_at(0, BPF_PROG_TYPE_CGROUP_SOCK_ADDR)
+        .u32_at(4, 2)
+        .u64_at(8, insns.as_ptr() as u64)
+        .u64_at(16, license.as_ptr() as u64)
+        .u32_at(68, BPF_CGROUP_INET4_CONNECT);
+    let prog = fd_of(bpf(BPF_PROG_LOAD, &mut attr)?)?;
+    let dir = std::fs::File::open(cgroup)?;
+    let mut attr = Attr::new();
+    attr.u32_at(0, prog.as_raw_fd() as u32)
+        .u32_at(4, dir.as_raw_fd() as u32)
+        .u32_at(8, BPF_CGROUP_INET4_CONNECT);
+    let link = fd_of(bpf(BPF_LINK_CREATE, &mut attr)?)?;
+    let name = c_path(pin)?;
+    let mut attr = Attr::new();
+    attr.u64_at(0, name.as_ptr() as u64)
+        .u32_at(8, link.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr)?;
+    info_u32(&prog, 4)
+}
+
+/// The id of the program the link pinned at `pin` runs.
+pub fn pinned_link_program_id(pin: &Path) -> io::Result<u32> {
+    let name = c_path(pin)?;
+    let mut attr = Attr::new();
+    attr.u64_at(0, name.as_ptr() as u64);
+    let link = fd_of(bpf(BPF_OBJ_GET, &mut attr)?)?;
+    // struct bpf_link_info: type, id, prog_id.
+    info_u32(&link, 8)
+}
+
+/// The u32 at `offset` of the object's `bpf_*_info`.
+fn info_u32(fd: &OwnedFd, offset: usize) -> io::Result<u32> {
+    let mut info = [0u8; 64];
+    let mut attr = Attr::new();
+    attr.u32_at(0, fd.as_raw_fd() as u32)
+        .u32_at(4, info.len() as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(u32::from_ne_bytes([
+        info[offset],
+        info[offset + 1],
+        info[offset + 2],
+        info[offset + 3],
+    ]))
 }
 
 /// The cookie of the network namespace the calling thread is in (`SO_NETNS_COOKIE`).

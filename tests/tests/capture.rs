@@ -426,6 +426,74 @@ fn old_layout_pins_are_removed_and_the_own_namespace_is_the_only_listener_entry(
     );
 }
 
+/// Pinned links outlive brokerd; after an upgrade they would keep running the earlier build's
+/// programs, which read maps of the earlier layout. A link pinned for a tagged cgroup with a
+/// program that is not this build's (here one that allows every connect, standing in for an
+/// earlier build's connect4) is switched in place, atomically, to this build's program when
+/// brokerd adopts it: from then on the cgroup's connects are redirected, never direct.
+#[test]
+fn adopted_links_are_switched_to_this_builds_programs() {
+    use agent_broker_tests::{
+        bpf::{pin_allow_all_connect4_link, pinned_link_program_id},
+        cgroup::cgroup_dir,
+    };
+    use std::os::unix::fs::MetadataExt as _;
+    require_privileges();
+    let cg = TestCgroup::new();
+    let echo = TestServer::echo("127.0.0.1:0");
+    let mut broker = Broker::builder()
+        .policy("capture", &allow_servers(cg.path(), &[&echo]))
+        .prepare();
+    let agent_cg = cg.path().to_string();
+    let dir = cgroup_dir(&agent_cg);
+    let id = std::fs::metadata(&dir).expect("cgroup dir").ino();
+    let links = broker
+        .pin_dir()
+        .join("links")
+        .join(format!("{agent_cg}@{id}"));
+    std::fs::create_dir_all(&links).unwrap_or_else(|e| panic!("cannot create {links:?}: {e}"));
+    let pin = links.join("connect4");
+    let old = pin_allow_all_connect4_link(&dir, &pin)
+        .unwrap_or_else(|e| panic!("cannot pin a stand-in connect4 link: {e}"));
+
+    // The stand-in lets the connect through: the oracle sees a direct connection.
+    let before = echo.accepted().len();
+    let run = agent::connect(&agent_cg, Mode::Connect, echo.addr());
+    run.assert_round_trip("before brokerd");
+    let accepted = echo.accepted();
+    let new = &accepted[before.min(accepted.len())..];
+    assert!(
+        new.len() == 1 && canon(new[0].peer) == canon(run.local()),
+        "before brokerd, the stand-in program should let the connect go direct: {new:?}"
+    );
+
+    broker
+        .try_start()
+        .unwrap_or_else(|e| panic!("brokerd did not start: {e}"));
+    let now = pinned_link_program_id(&pin).expect("link info");
+    assert_ne!(
+        now,
+        old,
+        "the adopted link still runs the stand-in program\n{}",
+        broker.log()
+    );
+    // Only connect4 was pinned, so nothing re-keys the record and brokerd refuses the
+    // connection at accept; what matters is that it no longer goes direct.
+    let before = echo.accepted().len();
+    let _ = agent::connect(&agent_cg, Mode::Connect, echo.addr());
+    thread::sleep(Duration::from_millis(200));
+    let accepted = echo.accepted();
+    assert!(
+        accepted[before.min(accepted.len())..].is_empty(),
+        "after the switch the connect still reached the server directly: {accepted:?}"
+    );
+    assert!(
+        broker.status().counters.redirected >= 1,
+        "the switched connect4 should have redirected the connect: {:?}",
+        broker.status().counters
+    );
+}
+
 #[test]
 fn child_process_second_thread_and_nested_cgroup_are_captured() {
     require_privileges();
