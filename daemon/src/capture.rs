@@ -4,8 +4,8 @@
 //! # Whose connection is it
 //!
 //! The programs record a redirected connect at `BPF_SOCK_OPS_TCP_CONNECT_CB` under the agent
-//! socket's local address (the peer address brokerd sees when it accepts), together with that
-//! socket's cookie. An address is no identity: once the agent's socket is gone, or beside it
+//! socket's network namespace and local address (the peer address brokerd sees when it accepts
+//! in that namespace), together with that socket's cookie. An address is no identity: once the agent's socket is gone, or beside it
 //! with `SO_REUSEADDR`, any local process can bind it and dial brokerd, and the record of a
 //! connect that never reaches brokerd's `accept` (brokerd down or restarting, a full backlog, a
 //! SYN the listener drops, such as one carrying a TCP-MD5 option) stays as long as the agent
@@ -26,6 +26,12 @@
 //! on. Records also die with their socket: sockops asks for the socket's state changes and
 //! deletes its records when it reaches `TCP_CLOSE`; at start brokerd deletes the records whose
 //! socket no longer exists ([`prune_stale_records`]); and the map is LRU.
+//!
+//! Which network namespaces are served is the pinned `NETNS_LISTENERS` map (netns cookie to
+//! listener addresses): brokerd inserts its own namespace's entry at start, and the programs
+//! refuse (EPERM, counted as netns refused) a connect or send from a namespace with no entry.
+//! For now brokerd's own is the only one, so its accept-side lookups use its own namespace's
+//! cookie.
 //!
 //! The same lookup tells whose listener answered an upstream connection brokerd made
 //! ([`OriginResolver::listener_owner`]): the cgroup the kernel recorded for it.
@@ -49,8 +55,8 @@ use std::{
 };
 
 use agent_broker_common::{
-    self as common, AF_INET, BrokerConfig, Counter, Origin, PeerKey, Redirect, is_v4_mapped,
-    v4_mapped,
+    self as common, AF_INET, BrokerConfig, Counter, NetnsListener, Origin, PeerKey, Redirect,
+    is_v4_mapped, v4_mapped,
 };
 use agent_broker_core::fmt::error_chain;
 use agent_broker_protocol::{Counters, TaggedCgroup};
@@ -67,6 +73,7 @@ use tracing::{info, warn};
 
 use agent_broker_core::cgroup::{CgroupError, CgroupId, CgroupPath, CgroupRoot};
 
+mod link_update;
 pub mod sock_diag;
 mod unix_hooks;
 use unix_hooks::{UNIX_HOOKS, UnixPrograms};
@@ -263,6 +270,9 @@ pub enum ListenerOwner {
 
 /// Resolves accepted connections to their origin. Shared by all accept tasks.
 pub struct OriginResolver {
+    /// Cookie of brokerd's own network namespace, the one its listeners accept in: the records
+    /// of its connections are keyed by it.
+    netns_cookie: u64,
     by_peer: Mutex<BpfHashMap<MapData, PeerKey, Redirect>>,
     dns_by_peer: Mutex<BpfHashMap<MapData, PeerKey, Origin>>,
     root: CgroupRoot,
@@ -327,7 +337,7 @@ impl OriginResolver {
                 .dns_by_peer
                 .lock()
                 .map_err(|_| ResolveError::Map("resolver lock poisoned".into()))?;
-            match map.get(&peer_key(peer), 0) {
+            match map.get(&peer_key(self.netns_cookie, peer), 0) {
                 Ok(o) => o,
                 Err(aya::maps::MapError::KeyNotFound) => return Err(ResolveError::NoRecord(peer)),
                 Err(e) => return Err(ResolveError::Map(e.to_string())),
@@ -343,7 +353,7 @@ impl OriginResolver {
         peer: SocketAddr,
         far_end_cookie: impl FnOnce() -> Result<Option<u64>, ResolveError>,
     ) -> Result<Origin, ResolveError> {
-        let key = peer_key(peer);
+        let key = peer_key(self.netns_cookie, peer);
         let read = || -> Result<Redirect, ResolveError> {
             let map = self
                 .by_peer
@@ -438,15 +448,24 @@ pub fn check_far_end(
     }
 }
 
-/// Deletes the redirect records whose socket no longer exists (a connect that never reached
-/// brokerd, whose socket closed while no program was there to see it). Returns how many went.
+/// Deletes the redirect records of brokerd's own network namespace (`netns_cookie`) whose
+/// socket no longer exists (a connect that never reached brokerd, whose socket closed while no
+/// program was there to see it). Returns how many went.
+///
+/// Only that namespace's sockets are listed (sock_diag answers for the namespace its socket was
+/// made in), so records of any other namespace are left alone: their sockets cannot be seen
+/// from here, and absent from this list is no proof they are gone.
 ///
 /// Records are listed before the sockets, so a record made meanwhile is not touched, and one is
 /// deleted only if it still holds the cookie listed.
-fn prune_stale_records(map: &mut BpfHashMap<MapData, PeerKey, Redirect>) -> Result<usize, String> {
+fn prune_stale_records(
+    map: &mut BpfHashMap<MapData, PeerKey, Redirect>,
+    netns_cookie: u64,
+) -> Result<usize, String> {
     let records: Vec<(PeerKey, u64)> = map
         .iter()
         .filter_map(Result::ok)
+        .filter(|(k, _)| k.netns_cookie == netns_cookie)
         .map(|(k, r)| (k, r.cookie))
         .collect();
     if records.is_empty() {
@@ -465,15 +484,18 @@ fn prune_stale_records(map: &mut BpfHashMap<MapData, PeerKey, Redirect>) -> Resu
     Ok(removed)
 }
 
-/// The map key for an accepted connection's peer address.
-pub fn peer_key(peer: SocketAddr) -> PeerKey {
+/// The map key for a connection accepted (or a datagram received) in the network namespace
+/// with cookie `netns_cookie`, from `peer`.
+pub fn peer_key(netns_cookie: u64, peer: SocketAddr) -> PeerKey {
     let octets = match peer {
         SocketAddr::V4(a) => a.ip().to_ipv6_mapped().octets(),
         SocketAddr::V6(a) => a.ip().octets(),
     };
     PeerKey {
+        netns_cookie,
         addr: words(octets),
         port: u32::from(peer.port()),
+        _pad: 0,
     }
 }
 
@@ -649,7 +671,14 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         message: e.to_string(),
     })?;
 
-    write_config(&mut ebpf, &config)?;
+    // Pins of maps whose layout changed: aya would reuse one of the same name as is, so the
+    // current maps have new names, and the old ones are read by nothing loaded from now on.
+    for legacy in common::maps::LEGACY {
+        let _ = fs::remove_file(maps_dir.join(legacy));
+    }
+
+    let netns_cookie = own_netns_cookie().map_err(|e| map_error(common::maps::CONFIG, e))?;
+    write_config(&mut ebpf, &config, netns_cookie)?;
 
     let by_peer = take_map(&mut ebpf, common::maps::REDIRECT_BY_PEER)?;
     let mut by_peer: BpfHashMap<MapData, PeerKey, Redirect> =
@@ -657,15 +686,13 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
     // Records left by connects that never reached a brokerd (this one was not running) are
     // deleted when their socket is gone; those of live sockets stay (a connection may be
     // waiting in the new listener's backlog already).
-    match prune_stale_records(&mut by_peer) {
+    match prune_stale_records(&mut by_peer, netns_cookie) {
         Ok(0) => {}
         Ok(n) => info!(records = n, "deleted redirect records whose socket is gone"),
         Err(e) => {
             warn!(error = %e, "cannot check the redirect records for stale ones; they are refused at accept all the same")
         }
     }
-    // An earlier build's address-keyed records: nothing reads them any more.
-    let _ = fs::remove_file(maps_dir.join(common::maps::LEGACY_ORIGIN_BY_PEER));
     let dns_by_peer = take_map(&mut ebpf, common::maps::DNS_BY_PEER)?;
     let dns_by_peer: BpfHashMap<MapData, PeerKey, Origin> =
         BpfHashMap::try_from(dns_by_peer).map_err(|e| map_error(common::maps::DNS_BY_PEER, e))?;
@@ -701,6 +728,7 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
     owner.adopt_pinned_links();
 
     let resolver = Arc::new(OriginResolver {
+        netns_cookie,
         by_peer: Mutex::new(by_peer),
         dns_by_peer: Mutex::new(dns_by_peer),
         root: config.root,
@@ -773,9 +801,15 @@ fn map_error(name: &'static str, e: impl std::fmt::Display) -> CaptureError {
     }
 }
 
-/// Publishes the listener addresses to the (pinned, shared) config map. Programs attached by an
-/// earlier brokerd read the same map, so they follow a changed port too.
-fn write_config(ebpf: &mut Ebpf, config: &CaptureConfig) -> Result<(), CaptureError> {
+/// Publishes the listener addresses to the (pinned, shared) config map, and as the entry of
+/// brokerd's own network namespace (`netns_cookie`) in the namespace map, so connects made there
+/// are redirected to them. Programs attached by an earlier brokerd read the same maps, so they
+/// follow a changed port too.
+fn write_config(
+    ebpf: &mut Ebpf,
+    config: &CaptureConfig,
+    netns_cookie: u64,
+) -> Result<(), CaptureError> {
     let name = common::maps::CONFIG;
     let map = ebpf.map_mut(name).ok_or(CaptureError::Map {
         name,
@@ -794,9 +828,27 @@ fn write_config(ebpf: &mut Ebpf, config: &CaptureConfig) -> Result<(), CaptureEr
         v6_addr,
         port: v4.port(),
         dns_port: config.dns_port,
-        netns_cookie: own_netns_cookie().map_err(|e| map_error(name, e))?,
+        netns_cookie,
     };
-    array.set(0, value, 0).map_err(|e| map_error(name, e))
+    array.set(0, value, 0).map_err(|e| map_error(name, e))?;
+
+    let name = common::maps::NETNS_LISTENERS;
+    let map = ebpf.map_mut(name).ok_or(CaptureError::Map {
+        name,
+        message: "missing from the eBPF object".into(),
+    })?;
+    let mut listeners: BpfHashMap<&mut MapData, u64, NetnsListener> =
+        BpfHashMap::try_from(map).map_err(|e| map_error(name, e))?;
+    let own = NetnsListener {
+        v4_addr: value.v4_addr,
+        v6_addr: value.v6_addr,
+        port: value.port,
+        dns_port: value.dns_port,
+        tag_cgroup_id: 0,
+    };
+    listeners
+        .insert(netns_cookie, own, 0)
+        .map_err(|e| map_error(name, e))
 }
 
 impl CaptureOwner {
@@ -1050,6 +1102,32 @@ impl CaptureOwner {
 
     /// Takes over the links an earlier brokerd pinned. A pin whose cgroup is gone (or was
     /// replaced by a new cgroup of the same name) is removed: the kernel already detached it.
+    /// Makes the adopted link pinned at `pin` run this build's `program` (see [`link_update`]).
+    /// A link that cannot be switched keeps its program: it still never lets a connection go
+    /// direct (an earlier build's programs redirect or refuse), but its connections may be
+    /// refused at accept until the cgroup is detached and attached again, which the warning says.
+    fn run_current_program(&self, cgroup: &CgroupPath, program: &str, pin: &Path) {
+        let swapped = self
+            .ebpf
+            .program(program)
+            .ok_or_else(|| "missing from the eBPF object".to_string())
+            .and_then(|p| {
+                let id = p.info().map_err(|e| e.to_string())?.id();
+                let fd = p.fd().map_err(|e| e.to_string())?;
+                link_update::run_program(pin, std::os::fd::AsFd::as_fd(fd), id)
+                    .map_err(|e| e.to_string())
+            });
+        match swapped {
+            Ok(false) => {}
+            Ok(true) => {
+                info!(cgroup = %cgroup, program, "adopted link now runs this build's program")
+            }
+            Err(error) => {
+                warn!(cgroup = %cgroup, program, %error, "cannot switch an adopted link to this build's program; detach and attach the cgroup again")
+            }
+        }
+    }
+
     fn adopt_pinned_links(&mut self) {
         let Ok(entries) = fs::read_dir(&self.links_dir) else {
             return;
@@ -1068,14 +1146,21 @@ impl CaptureOwner {
                 continue;
             }
             let mut links = Vec::new();
-            let pin_names = PROGRAMS
+            let pins = PROGRAMS
                 .iter()
-                .map(|(_, pin)| *pin)
-                .chain(UNIX_HOOKS.iter().map(|h| h.pin_name));
-            for pin_name in pin_names {
+                .map(|(program, pin)| (Some(*program), *pin))
+                .chain(UNIX_HOOKS.iter().map(|h| (None, h.pin_name)));
+            for (program, pin_name) in pins {
                 let pin = dir.join(pin_name);
                 match PinnedLink::from_pin(&pin) {
-                    Ok(link) => links.push(link),
+                    Ok(link) => {
+                        // The AF_UNIX hooks are `r0 = 0` in every build; the others may be an
+                        // earlier build's, reading maps of an earlier layout.
+                        if let Some(program) = program {
+                            self.run_current_program(&cgroup, program, &pin);
+                        }
+                        links.push(link);
+                    }
                     Err(e) => warn!(pin = %pin.display(), error = %e, "cannot adopt pinned link"),
                 }
             }
@@ -1261,11 +1346,18 @@ mod tests {
 
     #[test]
     fn peer_keys_use_the_v4_mapped_form() {
-        let v4 = peer_key("127.0.0.1:4242".parse().expect("addr"));
-        let mapped = peer_key("[::ffff:127.0.0.1]:4242".parse().expect("addr"));
+        let v4 = peer_key(3, "127.0.0.1:4242".parse().expect("addr"));
+        let mapped = peer_key(3, "[::ffff:127.0.0.1]:4242".parse().expect("addr"));
         assert_eq!(v4, mapped);
         assert_eq!(v4.port, 4242);
         assert_eq!(v4.addr, v4_mapped(u32::from_ne_bytes([127, 0, 0, 1])));
+        assert_eq!((v4.netns_cookie, v4._pad), (3, 0));
+    }
+
+    #[test]
+    fn equal_addresses_in_two_namespaces_are_two_keys() {
+        let peer: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        assert_ne!(peer_key(3, peer), peer_key(4798, peer));
     }
 
     #[test]
@@ -1279,6 +1371,7 @@ mod tests {
             via_v4: 1,
             cgroup_id: 1,
             comm: [0; 16],
+            netns_cookie: 3,
         };
         assert_eq!(
             original_dst(&o),

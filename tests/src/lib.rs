@@ -37,6 +37,7 @@
 //! `<workspace>/target/static/x86_64-unknown-linux-gnu/debug/agent-client`.
 
 pub mod agent;
+pub mod bpf;
 pub mod broker;
 pub mod canary;
 pub mod cgroup;
@@ -65,7 +66,7 @@ pub use agent::{AgentReport, AgentRun, Mode};
 pub use broker::{Broker, BrokerBuilder};
 pub use canary::{Canary, redact, sha256_hex};
 pub use cgroup::{HOOKS, TestCgroup, attached_programs, cgroup_of, cgroup2_mount, spawn_in_cgroup};
-pub use netns::TestHost;
+pub use netns::{TestHost, TestNetns};
 pub use servers::{Accepted, TestServer, tcp_socket_owner};
 pub use upstream::{Alpn, TestCa, TestUpstream, UpstreamOptions, UpstreamRequest};
 

@@ -1,6 +1,11 @@
-//! A non-loopback test host: a network namespace of the test's own, joined to the root namespace
-//! by a veth pair with private 10.x addresses, running a python listener that prints every
-//! connection it accepts. Drop kills the listener by pid and deletes the namespace and the veth.
+//! Network namespaces of the tests' own.
+//!
+//! [`TestHost`]: a non-loopback test host, a network namespace joined to the root namespace by a
+//! veth pair with private 10.x addresses, running a python listener that prints every connection
+//! it accepts. Drop kills the listener by pid and deletes the namespace and the veth.
+//!
+//! [`TestNetns`]: a bare namespace with only `lo`, up, as a container with `--network none` has.
+//! Drop deletes it.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -146,6 +151,50 @@ impl Drop for TestHost {
             .status();
         let _ = Command::new("ip")
             .args(["link", "del", &self.veth])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A network namespace with only `lo` (up), named `abtest-<pid>-<n>`. Drop deletes it; the
+/// caller stops what it started in it first.
+pub struct TestNetns {
+    name: String,
+}
+
+impl TestNetns {
+    pub fn new() -> Self {
+        let ns = Self {
+            name: unique_name(),
+        };
+        ip(&["netns", "add", &ns.name]);
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The name `ip netns` knows it by.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command that runs `program` inside the namespace (`ip netns exec`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+}
+
+impl Default for TestNetns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
             .stderr(Stdio::null())
             .status();
     }

@@ -25,7 +25,7 @@ use std::{
 
 use agent_broker_protocol::{ConnectionRecord, Outcome, Request, Response};
 use agent_broker_tests::{
-    AgentRun, Broker, HOOKS, Mode, SHORT, TestCgroup, TestHost, TestServer, agent,
+    AgentRun, Broker, HOOKS, Mode, SHORT, TestCgroup, TestHost, TestNetns, TestServer, agent,
     attached_programs, canon, cgroup_of, redact, require_privileges, spawn_in_cgroup,
     wait_with_timeout,
     world::{API, World},
@@ -202,6 +202,294 @@ fn ipv4_ipv6_and_v4_mapped_connects_are_captured_and_relayed() {
     assert!(
         broker.status().counters.redirected >= 3,
         "kernel counter of redirected connects: {:?}",
+        broker.status().counters
+    );
+}
+
+/// Run inside a network namespace of its own: listens on loopback there (so a connect that went
+/// direct would succeed), then tries TCP over IPv4 and IPv6 to those listeners and a DNS
+/// datagram, and prints `pid`, `netns` (its namespace's cookie) and the outcome of each as JSON.
+const IN_NETNS_PY: &str = r#"
+import errno, json, os, socket
+SO_NETNS_COOKIE = 71
+out = {"pid": os.getpid()}
+probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+out["netns"] = int.from_bytes(probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+def outcome(fn):
+    try:
+        fn()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+listeners = {}
+for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    l = socket.socket(fam, socket.SOCK_STREAM)
+    l.bind((host, 0))
+    l.listen(4)
+    listeners[fam] = (host, l.getsockname()[1], l)
+def tcp(fam):
+    host, port, _ = listeners[fam]
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect((host, port))
+out["tcp4"] = outcome(lambda: tcp(socket.AF_INET))
+out["tcp6"] = outcome(lambda: tcp(socket.AF_INET6))
+def dns():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(b"\0" * 12, ("127.0.0.1", 53))
+out["dns"] = outcome(dns)
+print(json.dumps(out), flush=True)
+"#;
+
+/// Issue 14, step 1 (the kernel maps keyed by network namespace): brokerd serves only its own
+/// namespace's entry, so two agents of the tagged cgroup, each in a network namespace of its
+/// own (`lo` up, as a `--network none` container has it), are refused in the kernel and counted,
+/// concurrently, while the same cgroup's agent in brokerd's namespace is brokered before and
+/// after.
+#[test]
+fn agents_in_namespaces_without_a_listener_are_refused_while_the_host_agent_is_brokered() {
+    require_privileges();
+    let cg = TestCgroup::new();
+    let echo = TestServer::echo("127.0.0.1:0");
+    let broker = broker_allowing(cg.path(), &[&echo]);
+    let agent_cg = cg.path().to_string();
+    broker.attach(&agent_cg);
+
+    let before = echo.accepted().len();
+    let run = agent::connect(&agent_cg, Mode::Connect, echo.addr());
+    assert_brokered(
+        "host namespace, before",
+        &broker,
+        &echo,
+        before,
+        &run,
+        &agent_cg,
+        echo.addr(),
+    );
+    let counted_before = broker.status().counters.netns_refused;
+
+    let namespaces = [TestNetns::new(), TestNetns::new()];
+    let clients: Vec<_> = namespaces
+        .iter()
+        .map(|ns| {
+            let mut cmd = ns.command(agent_broker_tests::agent::python());
+            cmd.args(["-c", IN_NETNS_PY])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            (ns.name().to_string(), spawn_in_cgroup(&agent_cg, &mut cmd))
+        })
+        .collect();
+    let mut cookies = Vec::new();
+    for (ns, child) in clients {
+        let out = wait_with_timeout(child, SHORT, &format!("client in netns {ns}"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "client in netns {ns} failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("client in netns {ns} printed {stdout:?}: {e}"));
+        for what in ["tcp4", "tcp6", "dns"] {
+            assert_eq!(
+                report[what].as_str(),
+                Some("EPERM"),
+                "netns {ns}, {what}: a namespace without a brokerd listener must be refused in \
+                 the kernel (EPERM), neither connected there nor sent to brokerd: {report}"
+            );
+        }
+        let pid = report["pid"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("pid in {report}"));
+        let traced: Vec<_> = broker
+            .connections()
+            .into_iter()
+            .filter(|c| c.origin.as_ref().is_some_and(|o| u64::from(o.pid) == pid))
+            .collect();
+        assert!(
+            traced.is_empty(),
+            "netns {ns}: brokerd has records of a refused client: {traced:?}"
+        );
+        cookies.push(report["netns"].as_u64().unwrap_or(0));
+    }
+    assert!(
+        cookies[0] != 0 && cookies[1] != 0 && cookies[0] != cookies[1],
+        "the two clients should report two different namespace cookies: {cookies:?}"
+    );
+    let counters = broker.status().counters;
+    assert!(
+        counters.netns_refused >= counted_before + 6,
+        "three refusals per namespace should be counted as netns refused (before: \
+         {counted_before}): {counters:?}"
+    );
+
+    let before = echo.accepted().len();
+    let run = agent::connect(&agent_cg, Mode::Connect, echo.addr());
+    assert_brokered(
+        "host namespace, after",
+        &broker,
+        &echo,
+        before,
+        &run,
+        &agent_cg,
+        echo.addr(),
+    );
+}
+
+/// Issue 14, step 1: the maps whose layout changed have new names, so a pin an earlier build left
+/// under an old name (which aya would reuse as is, whatever its key and value sizes) is removed
+/// at start instead of being read with the new layout; and brokerd's own network namespace is
+/// the one entry of the namespace map, pointing at its listeners.
+#[test]
+fn old_layout_pins_are_removed_and_the_own_namespace_is_the_only_listener_entry() {
+    use agent_broker_tests::bpf::{
+        MAP_TYPE_LRU_HASH, create_pinned_map, own_netns_cookie, pinned_map_entries,
+    };
+    require_privileges();
+    let cg = TestCgroup::new();
+    let echo = TestServer::echo("127.0.0.1:0");
+    let mut broker = Broker::builder()
+        .policy("capture", &allow_servers(cg.path(), &[&echo]))
+        .prepare();
+    let maps = broker.pin_dir().join("maps");
+    std::fs::create_dir_all(&maps).unwrap_or_else(|e| panic!("cannot create {maps:?}: {e}"));
+    // The layouts of the build before: 20-byte address keys, 56-byte origins, 64-byte records.
+    let legacy = [
+        ("ORIGIN_BY_PEER", 20, 56),
+        ("ORIGIN_BY_COOKIE", 8, 56),
+        ("REDIRECT_BY_PEER", 20, 64),
+        ("DNS_BY_PEER", 20, 56),
+    ];
+    for (name, key, value) in legacy {
+        create_pinned_map(&maps.join(name), MAP_TYPE_LRU_HASH, key, value, 16)
+            .unwrap_or_else(|e| panic!("cannot pin a stand-in for the old {name}: {e}"));
+    }
+    broker
+        .try_start()
+        .unwrap_or_else(|e| panic!("brokerd did not start over old pins: {e}"));
+    for (name, _, _) in legacy {
+        assert!(
+            !maps.join(name).exists(),
+            "brokerd left the old-layout pin {name} in place"
+        );
+    }
+    for name in [
+        "ORIGIN_BY_COOKIE2",
+        "REDIRECT_BY_NSPEER",
+        "DNS_BY_NSPEER",
+        "NETNS_LISTENERS",
+    ] {
+        assert!(maps.join(name).exists(), "no pin for {name} in {maps:?}");
+    }
+
+    let own = own_netns_cookie().expect("SO_NETNS_COOKIE");
+    let entries = pinned_map_entries(&maps.join("NETNS_LISTENERS"), 8, 32)
+        .unwrap_or_else(|e| panic!("cannot read NETNS_LISTENERS: {e}"));
+    assert_eq!(
+        entries.len(),
+        1,
+        "brokerd serves only its own namespace: {entries:?}"
+    );
+    let (key, value) = &entries[0];
+    let u16_at = |o: usize| u16::from_ne_bytes([value[o], value[o + 1]]);
+    assert_eq!(
+        u64::from_ne_bytes(key[..8].try_into().expect("8 bytes")),
+        own,
+        "the entry is for brokerd's (and the test's) network namespace"
+    );
+    assert_eq!(&value[0..4], &[127, 0, 0, 1], "IPv4 listener address");
+    let mut v6 = [0u8; 16];
+    v6[15] = 1;
+    assert_eq!(&value[4..20], &v6, "IPv6 listener address (::1)");
+    assert_ne!(u16_at(20), 0, "listener port");
+    assert_ne!(u16_at(22), 0, "DNS port");
+    assert_eq!(
+        &value[24..32],
+        &[0; 8],
+        "no tag for brokerd's own namespace"
+    );
+
+    // The renamed maps are the ones the programs use: the agent is brokered.
+    let agent_cg = cg.path().to_string();
+    broker.attach(&agent_cg);
+    let before = echo.accepted().len();
+    let run = agent::connect(&agent_cg, Mode::Connect, echo.addr());
+    assert_brokered(
+        "after start over old pins",
+        &broker,
+        &echo,
+        before,
+        &run,
+        &agent_cg,
+        echo.addr(),
+    );
+}
+
+/// Pinned links outlive brokerd; after an upgrade they would keep running the earlier build's
+/// programs, which read maps of the earlier layout. A link pinned for a tagged cgroup with a
+/// program that is not this build's (here one that allows every connect, standing in for an
+/// earlier build's connect4) is switched in place, atomically, to this build's program when
+/// brokerd adopts it: from then on the cgroup's connects are redirected, never direct.
+#[test]
+fn adopted_links_are_switched_to_this_builds_programs() {
+    use agent_broker_tests::{
+        bpf::{pin_allow_all_connect4_link, pinned_link_program_id},
+        cgroup::cgroup_dir,
+    };
+    use std::os::unix::fs::MetadataExt as _;
+    require_privileges();
+    let cg = TestCgroup::new();
+    let echo = TestServer::echo("127.0.0.1:0");
+    let mut broker = Broker::builder()
+        .policy("capture", &allow_servers(cg.path(), &[&echo]))
+        .prepare();
+    let agent_cg = cg.path().to_string();
+    let dir = cgroup_dir(&agent_cg);
+    let id = std::fs::metadata(&dir).expect("cgroup dir").ino();
+    let links = broker
+        .pin_dir()
+        .join("links")
+        .join(format!("{agent_cg}@{id}"));
+    std::fs::create_dir_all(&links).unwrap_or_else(|e| panic!("cannot create {links:?}: {e}"));
+    let pin = links.join("connect4");
+    let old = pin_allow_all_connect4_link(&dir, &pin)
+        .unwrap_or_else(|e| panic!("cannot pin a stand-in connect4 link: {e}"));
+
+    // The stand-in lets the connect through: the oracle sees a direct connection.
+    let before = echo.accepted().len();
+    let run = agent::connect(&agent_cg, Mode::Connect, echo.addr());
+    run.assert_round_trip("before brokerd");
+    let accepted = echo.accepted();
+    let new = &accepted[before.min(accepted.len())..];
+    assert!(
+        new.len() == 1 && canon(new[0].peer) == canon(run.local()),
+        "before brokerd, the stand-in program should let the connect go direct: {new:?}"
+    );
+
+    broker
+        .try_start()
+        .unwrap_or_else(|e| panic!("brokerd did not start: {e}"));
+    let now = pinned_link_program_id(&pin).expect("link info");
+    assert_ne!(
+        now,
+        old,
+        "the adopted link still runs the stand-in program\n{}",
+        broker.log()
+    );
+    // Only connect4 was pinned, so nothing re-keys the record and brokerd refuses the
+    // connection at accept; what matters is that it no longer goes direct.
+    let before = echo.accepted().len();
+    let _ = agent::connect(&agent_cg, Mode::Connect, echo.addr());
+    thread::sleep(Duration::from_millis(200));
+    let accepted = echo.accepted();
+    assert!(
+        accepted[before.min(accepted.len())..].is_empty(),
+        "after the switch the connect still reached the server directly: {accepted:?}"
+    );
+    assert!(
+        broker.status().counters.redirected >= 1,
+        "the switched connect4 should have redirected the connect: {:?}",
         broker.status().counters
     );
 }

@@ -107,7 +107,7 @@ struct ObjPinAttr {
 }
 
 /// Runs the `bpf()` command `cmd` with `attr`; a new fd on success.
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+pub(super) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a #[repr(C)] prefix of `union bpf_attr` for `cmd`, valid for its size;
     // the kernel reads at most that many bytes (and requires the rest to be zero, which the
     // Default-initialised padding fields are).
@@ -126,7 +126,7 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     }
 }
 
-fn owned(fd: libc::c_long) -> OwnedFd {
+pub(super) fn owned(fd: libc::c_long) -> OwnedFd {
     // SAFETY: `fd` was just returned by bpf() and is owned by nobody else.
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
 }

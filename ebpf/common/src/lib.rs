@@ -13,29 +13,44 @@ pub const AF_INET6: u16 = 10;
 
 /// Map names, as declared by the eBPF object and looked up by brokerd.
 pub mod maps {
-    /// `LruHashMap<u64 socket cookie, Origin>`: written by connect4/6, read by sockops and
-    /// getpeername4/6.
-    pub const ORIGIN_BY_COOKIE: &str = "ORIGIN_BY_COOKIE";
+    /// `LruHashMap<u64 socket cookie, Origin>`: written by connect4/6 and sendmsg4/6, read by
+    /// sockops, cgroup_skb egress, recvmsg4/6 and getpeername4/6.
+    ///
+    /// Maps whose key or value layout changed get a new name: aya reuses a pinned map of the
+    /// same name without checking its key or value size, so an old pin would be read with the
+    /// new layout. brokerd removes the old pins ([`LEGACY`]) at start.
+    pub const ORIGIN_BY_COOKIE: &str = "ORIGIN_BY_COOKIE2";
     /// `LruHashMap<PeerKey, Redirect>`: written by sockops when the redirected SYN is about to
     /// leave, with the agent socket's cookie; consumed (looked up, then deleted) by brokerd on
     /// accept when the accepted connection's far end is that very socket; deleted by sockops
-    /// when the socket closes.
-    pub const REDIRECT_BY_PEER: &str = "REDIRECT_BY_PEER";
-    /// The map earlier builds kept [`Origin`](super::Origin)s in, keyed by address alone.
-    /// brokerd removes its pin at start: nothing reads it any more.
-    pub const LEGACY_ORIGIN_BY_PEER: &str = "ORIGIN_BY_PEER";
-    /// `Array<BrokerConfig>` with one entry: where to redirect to. Zero port means "no broker
+    /// when the socket closes. Keyed by network namespace and address: equal loopback addresses
+    /// in two namespaces are different sockets.
+    pub const REDIRECT_BY_PEER: &str = "REDIRECT_BY_NSPEER";
+    /// `Array<BrokerConfig>` with one entry: brokerd's ports. Zero port means "no broker
     /// configured": connects fail with EPERM rather than going direct.
     pub const CONFIG: &str = "CONFIG";
     /// `PerCpuArray<u64>` of [`super::Counter`] values, for `brokerctl status`.
     pub const COUNTERS: &str = "COUNTERS";
     /// `LruHashMap<PeerKey, Origin>`: who sent the DNS datagrams arriving at brokerd's DNS
-    /// listener from a given source address (written by cgroup_skb/egress, read by brokerd for
-    /// every datagram; not consumed, since one socket may send many queries).
-    pub const DNS_BY_PEER: &str = "DNS_BY_PEER";
+    /// listener from a given source address in a given network namespace (written by
+    /// cgroup_skb/egress, read by brokerd for every datagram; not consumed, since one socket may
+    /// send many queries).
+    pub const DNS_BY_PEER: &str = "DNS_BY_NSPEER";
+    /// `HashMap<u64 netns cookie, NetnsListener>`: the network namespaces brokerd listens in,
+    /// and where its listeners are there. Written by brokerd (its own namespace at start),
+    /// read by connect4/6 and sendmsg4/6. A namespace with no entry is refused.
+    pub const NETNS_LISTENERS: &str = "NETNS_LISTENERS";
     /// `HashMap<u64 cgroup id, u8>`: the tagged cgroups, for the optional LSM program (which is
     /// global, so it must find out itself whether the current task is in a tagged subtree).
     pub const TAGGED_IDS: &str = "TAGGED_IDS";
+    /// Pins of maps earlier builds used, under names whose layout has changed since (or that
+    /// nothing reads any more). brokerd removes them at start.
+    pub const LEGACY: [&str; 4] = [
+        "ORIGIN_BY_PEER",
+        "ORIGIN_BY_COOKIE",
+        "REDIRECT_BY_PEER",
+        "DNS_BY_PEER",
+    ];
 }
 
 /// Program names (the Rust function names in the eBPF crate).
@@ -77,6 +92,9 @@ pub const TAGGED_CAPACITY: u32 = 4096;
 /// How many cgroup levels the LSM program walks up looking for a tagged ancestor.
 pub const MAX_CGROUP_DEPTH: i32 = 16;
 
+/// Capacity of [`maps::NETNS_LISTENERS`].
+pub const NETNS_CAPACITY: u32 = TAGGED_CAPACITY;
+
 /// Capacity of the origin maps. LRU, so a flood evicts the oldest unconsumed records; an evicted
 /// record makes brokerd refuse that connection (fail closed), never pass it through.
 pub const ORIGIN_MAP_CAPACITY: u32 = 65_536;
@@ -104,8 +122,11 @@ pub struct Origin {
     pub cgroup_id: u64,
     /// `comm` of the calling thread, NUL padded.
     pub comm: [u8; 16],
+    /// Cookie of the network namespace the connect or send was made in
+    /// (`bpf_get_netns_cookie`, `SO_NETNS_COOKIE`).
+    pub netns_cookie: u64,
 }
-const _: () = assert!(core::mem::size_of::<Origin>() == 56);
+const _: () = assert!(core::mem::size_of::<Origin>() == 64);
 
 /// A redirected connection's record in [`maps::REDIRECT_BY_PEER`]: its [`Origin`] and the
 /// identity of the agent socket that made it.
@@ -121,21 +142,46 @@ pub struct Redirect {
     /// agent's socket. Cookies are never reused while the system runs.
     pub cookie: u64,
 }
-const _: () = assert!(core::mem::size_of::<Redirect>() == 64);
+const _: () = assert!(core::mem::size_of::<Redirect>() == 72);
 
-/// Key of [`maps::REDIRECT_BY_PEER`]: the agent socket's local address, which is the peer
-/// address brokerd sees on the accepted socket.
+/// Key of [`maps::REDIRECT_BY_PEER`] and [`maps::DNS_BY_PEER`]: the agent socket's network
+/// namespace and local address, which is the peer address brokerd sees on the socket that
+/// accepted (or received) in that namespace. Every field, `_pad` included, must be written: the
+/// kernel hashes all 32 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PeerKey {
+    /// Cookie of the agent socket's network namespace.
+    pub netns_cookie: u64,
     /// Network byte order; IPv4 as v4-mapped IPv6.
     pub addr: [u32; 4],
     /// Host byte order.
     pub port: u32,
+    /// Always zero.
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<PeerKey>() == 20);
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 32);
 
-/// Where connect4/connect6 send a tagged cgroup's connections.
+/// Value of [`maps::NETNS_LISTENERS`]: where brokerd listens in one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NetnsListener {
+    /// IPv4 listener address, network byte order.
+    pub v4_addr: u32,
+    /// IPv6 listener address, network byte order (v4-mapped when there is no IPv6 listener).
+    pub v6_addr: [u32; 4],
+    /// TCP listener port, host byte order.
+    pub port: u16,
+    /// DNS listener port (UDP, on the same addresses), host byte order. Zero: DNS is refused.
+    pub dns_port: u16,
+    /// The tagged cgroup this namespace's listeners were opened for; zero for brokerd's own
+    /// namespace.
+    pub tag_cgroup_id: u64,
+}
+const _: () = assert!(core::mem::size_of::<NetnsListener>() == 32);
+
+/// Whether a broker is configured, and brokerd's ports (which bind4/6 refuse to tagged
+/// cgroups). Where a connection is sent is [`maps::NETNS_LISTENERS`]' entry for its namespace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BrokerConfig {
@@ -147,8 +193,10 @@ pub struct BrokerConfig {
     pub port: u16,
     /// DNS listener port (UDP, on the same addresses), host byte order. Zero: DNS is refused.
     pub dns_port: u16,
-    /// Cookie of the network namespace brokerd listens in. Connects and sends made from any
-    /// other namespace are refused: there the rewritten loopback address would not be brokerd.
+    /// Cookie of brokerd's own network namespace. The current programs do not read it (which
+    /// namespaces are served is [`maps::NETNS_LISTENERS`]); programs of earlier builds, still
+    /// attached through adopted pinned links after an upgrade, refuse every other namespace by
+    /// it, so brokerd keeps writing it.
     pub netns_cookie: u64,
 }
 const _: () = assert!(core::mem::size_of::<BrokerConfig>() == 32);
@@ -175,7 +223,8 @@ pub enum Counter {
     EgressDropped = 7,
     /// Packets dropped by the ingress filter (source not loopback).
     IngressDropped = 8,
-    /// Connects and sends refused because they came from another network namespace.
+    /// Connects and sends refused because they came from a network namespace brokerd has no
+    /// listener in (no [`maps::NETNS_LISTENERS`] entry).
     NetnsRefused = 9,
 }
 /// Number of entries in [`maps::COUNTERS`].
@@ -207,4 +256,6 @@ mod user {
     unsafe impl aya::Pod for super::PeerKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BrokerConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetnsListener {}
 }

@@ -27,7 +27,8 @@
 
 use agent_broker_common::{
     AF_INET, AF_INET6, BrokerConfig, COUNTER_COUNT, Counter, DNS_PORT, MAX_CGROUP_DEPTH,
-    ORIGIN_MAP_CAPACITY, Origin, PeerKey, Redirect, TAGGED_CAPACITY, is_v4_mapped, v4_mapped,
+    NETNS_CAPACITY, NetnsListener, ORIGIN_MAP_CAPACITY, Origin, PeerKey, Redirect, TAGGED_CAPACITY,
+    is_v4_mapped, v4_mapped,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -62,11 +63,16 @@ const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// ::1 in network byte order.
 const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
-#[map]
+// Map names follow `agent_broker_common::maps`: a map whose layout changed has a new name.
+
+#[map(name = "ORIGIN_BY_COOKIE2")]
 static ORIGIN_BY_COOKIE: LruHashMap<u64, Origin> = LruHashMap::pinned(ORIGIN_MAP_CAPACITY, 0);
 
-#[map]
+#[map(name = "REDIRECT_BY_NSPEER")]
 static REDIRECT_BY_PEER: LruHashMap<PeerKey, Redirect> = LruHashMap::pinned(ORIGIN_MAP_CAPACITY, 0);
+
+#[map]
+static NETNS_LISTENERS: HashMap<u64, NetnsListener> = HashMap::pinned(NETNS_CAPACITY, 0);
 
 #[map]
 static CONFIG: Array<BrokerConfig> = Array::pinned(1, 0);
@@ -77,7 +83,7 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
 #[map]
 static TAGGED_IDS: HashMap<u64, u8> = HashMap::pinned(TAGGED_CAPACITY, 0);
 
-#[map]
+#[map(name = "DNS_BY_NSPEER")]
 static DNS_BY_PEER: LruHashMap<PeerKey, Origin> = LruHashMap::pinned(ORIGIN_MAP_CAPACITY, 0);
 
 #[inline(always)]
@@ -137,6 +143,7 @@ fn record(
     dst_port_be: u32,
     family: u16,
     via_v4: bool,
+    netns_cookie: u64,
 ) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
     let origin = Origin {
@@ -149,6 +156,7 @@ fn record(
         // SAFETY: no arguments; allowed in cgroup sock_addr programs.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        netns_cookie,
     };
     // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -159,44 +167,53 @@ fn record(
     true
 }
 
-/// Whether the hook runs in the network namespace brokerd listens in. Elsewhere (an agent that
-/// made its own namespace) the broker's loopback address would be the agent's own: refuse.
+/// brokerd's listeners in the network namespace `ctx` runs in, and that namespace's cookie.
+/// None where brokerd has no listener (an agent that made its own namespace, one brokerd never
+/// opened): there the broker's loopback address would be the agent's own, so the caller refuses.
 #[inline(always)]
-fn in_broker_netns(ctx: &SockAddrContext, cfg: &BrokerConfig) -> bool {
+fn netns_listener(ctx: &SockAddrContext) -> Option<(NetnsListener, u64)> {
     // SAFETY: bpf_get_netns_cookie accepts a sock_addr context.
-    cfg.netns_cookie == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.netns_cookie
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out immediately.
+    let listener = unsafe { NETNS_LISTENERS.get(&netns) }.copied()?;
+    Some((listener, netns))
 }
 
-/// What to do with a connect or an unconnected send from a tagged cgroup.
+/// What to do with a connect or an unconnected send from a tagged cgroup, and in which network
+/// namespace's listeners.
 enum Verdict {
     /// TCP: to brokerd's listener.
-    Broker(BrokerConfig),
+    Broker(NetnsListener, u64),
     /// UDP to port 53: to brokerd's DNS listener.
-    Dns(BrokerConfig),
+    Dns(NetnsListener, u64),
 }
 
 /// Decides a connect (TCP or UDP) or an unconnected UDP send; `None` means refuse (EPERM).
 /// Counts the refusals.
 #[inline(always)]
 fn verdict(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_port_be: u32) -> Option<Verdict> {
-    let Some(cfg) = config() else {
+    if config().is_none() {
         count(Counter::Refused);
         return None;
-    };
-    if !in_broker_netns(ctx, &cfg) {
+    }
+    let Some((listener, netns)) = netns_listener(ctx) else {
         count(Counter::NetnsRefused);
+        return None;
+    };
+    if listener.port == 0 {
+        count(Counter::Refused);
         return None;
     }
     let (ty, protocol) = (sa.type_, sa.protocol);
     if ty == SOCK_STREAM && protocol == IPPROTO_TCP {
-        return Some(Verdict::Broker(cfg));
+        return Some(Verdict::Broker(listener, netns));
     }
     if ty == SOCK_DGRAM
         && protocol == IPPROTO_UDP
         && u16::from_be(dst_port_be as u16) == DNS_PORT
-        && cfg.dns_port != 0
+        && listener.dns_port != 0
     {
-        return Some(Verdict::Dns(cfg));
+        return Some(Verdict::Dns(listener, netns));
     }
     count(Counter::UdpRefused);
     None
@@ -210,15 +227,15 @@ fn redirect4(ctx: &SockAddrContext) -> i32 {
     let Some(v) = verdict(ctx, sa, dst_port) else {
         return REFUSE;
     };
-    if !record(ctx, v4_mapped(sa.user_ip4), dst_port, AF_INET, true) {
+    let (to, netns, port, counter) = match v {
+        Verdict::Broker(l, netns) => (l, netns, l.port, Counter::Redirected),
+        Verdict::Dns(l, netns) => (l, netns, l.dns_port, Counter::DnsRedirected),
+    };
+    if !record(ctx, v4_mapped(sa.user_ip4), dst_port, AF_INET, true, netns) {
         count(Counter::Refused);
         return REFUSE;
     }
-    let (cfg, port, counter) = match v {
-        Verdict::Broker(cfg) => (cfg, cfg.port, Counter::Redirected),
-        Verdict::Dns(cfg) => (cfg, cfg.dns_port, Counter::DnsRedirected),
-    };
-    sa.user_ip4 = cfg.v4_addr;
+    sa.user_ip4 = to.v4_addr;
     sa.user_port = u32::from(port.to_be());
     count(counter);
     ALLOW
@@ -236,20 +253,20 @@ fn redirect6(ctx: &SockAddrContext) -> i32 {
     // A v4-mapped destination is an IPv4 connection on the wire: send it to the IPv4 listener
     // through its mapped form, so the socket stays a valid AF_INET6 socket.
     let mapped = is_v4_mapped(&dst);
-    if !record(ctx, dst, dst_port, AF_INET6, mapped) {
+    let (to, netns, port, counter) = match v {
+        Verdict::Broker(l, netns) => (l, netns, l.port, Counter::Redirected),
+        Verdict::Dns(l, netns) => (l, netns, l.dns_port, Counter::DnsRedirected),
+    };
+    if !record(ctx, dst, dst_port, AF_INET6, mapped, netns) {
         count(Counter::Refused);
         return REFUSE;
     }
-    let (cfg, port, counter) = match v {
-        Verdict::Broker(cfg) => (cfg, cfg.port, Counter::Redirected),
-        Verdict::Dns(cfg) => (cfg, cfg.dns_port, Counter::DnsRedirected),
-    };
     write_user_ip6(
         sa,
         if mapped {
-            v4_mapped(cfg.v4_addr)
+            v4_mapped(to.v4_addr)
         } else {
-            cfg.v6_addr
+            to.v6_addr
         },
     );
     sa.user_port = u32::from(port.to_be());
@@ -490,8 +507,10 @@ pub fn loopback_egress(ctx: SkBuffContext) -> i32 {
             // SAFETY: copied out immediately.
             if let Some(origin) = unsafe { ORIGIN_BY_COOKIE.get(&cookie) }.copied() {
                 let key = PeerKey {
+                    netns_cookie: origin.netns_cookie,
                     addr: packet.src,
                     port: u32::from(packet.udp_src),
+                    _pad: 0,
                 };
                 let _ = DNS_BY_PEER.insert(&key, &origin, 0);
             }
@@ -513,9 +532,10 @@ pub fn loopback_ingress(ctx: SkBuffContext) -> i32 {
     }
 }
 
-/// The local address of a sock_ops socket, in both forms: IPv4 (as v4-mapped IPv6) and IPv6.
+/// The local address of a sock_ops socket in the network namespace with cookie `netns_cookie`,
+/// in both forms: IPv4 (as v4-mapped IPv6) and IPv6.
 #[inline(always)]
-fn local_keys(ctx: &SockOpsContext) -> (PeerKey, PeerKey) {
+fn local_keys(ctx: &SockOpsContext, netns_cookie: u64) -> (PeerKey, PeerKey) {
     // Read every field at its fixed offset first: the verifier rejects a context access through
     // a pointer whose offset depends on a branch, which is what the optimiser makes of reading
     // one field or the other.
@@ -536,12 +556,16 @@ fn local_keys(ctx: &SockOpsContext) -> (PeerKey, PeerKey) {
     };
     (
         PeerKey {
+            netns_cookie,
             addr: v4_mapped(local_ip4),
             port: local_port,
+            _pad: 0,
         },
         PeerKey {
+            netns_cookie,
             addr: local_ip6,
             port: local_port,
+            _pad: 0,
         },
     )
 }
@@ -566,7 +590,8 @@ pub fn rekey_origin(ctx: SockOpsContext) -> u32 {
         // SAFETY: the value is copied out before any other map operation.
         if let Some(origin) = unsafe { ORIGIN_BY_COOKIE.get(&cookie) } {
             let origin = *origin;
-            let (key4, key6) = local_keys(&ctx);
+            // The namespace connect4/6 recorded: the socket's own, where its local address is.
+            let (key4, key6) = local_keys(&ctx, origin.netns_cookie);
             // Which local address to key by follows from which listener the connect went to:
             // IPv4 and v4-mapped connections have their source in the IPv4 field.
             let key = if origin.via_v4 != 0 { key4 } else { key6 };
@@ -586,7 +611,11 @@ pub fn rekey_origin(ctx: SockOpsContext) -> u32 {
         // local address is still assigned when this runs.
         // SAFETY: bpf_get_socket_cookie accepts a sock_ops context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let (key4, key6) = local_keys(&ctx);
+        // The socket's namespace from the helper, not from its origin record: that covers a
+        // record the LRU map evicted too.
+        // SAFETY: bpf_get_netns_cookie accepts a sock_ops context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        let (key4, key6) = local_keys(&ctx, netns);
         forget_redirect(&key4, cookie);
         forget_redirect(&key6, cookie);
         // Cookies are never reused, so this only keeps the LRU map small; a socket that
