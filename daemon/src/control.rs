@@ -84,6 +84,8 @@ pub struct ControlState {
     pub events: Arc<dyn EventSink>,
     /// Each agent's shares of brokerd, as counted.
     pub shares: Arc<crate::shares::ShareBook>,
+    /// Workload network namespaces served (containers).
+    pub workloads: Arc<crate::workloads::Workloads>,
 }
 
 /// Binds the control socket, refusing to steal it from a running brokerd.
@@ -243,6 +245,7 @@ async fn dispatch(request: Request, state: &ControlState) -> Response {
     match request {
         Request::Status => cgroups::status(state).await,
         Request::Attach { cgroup, create } => cgroups::attach(state, cgroup, create).await,
+        Request::AttachPid { pid } => cgroups::attach_pid(state, pid).await,
         Request::Detach { cgroup } => cgroups::detach(state, cgroup).await,
         Request::Connections { limit } => Response::Connections {
             connections: state.recent.latest(limit),

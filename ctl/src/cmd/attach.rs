@@ -9,13 +9,27 @@ use agent_broker_protocol::{Request, Response, TaggedCgroup};
 use crate::control::{call, unexpected};
 
 /// Tag a cgroup: every TCP connection made inside it (and below it) goes to brokerd.
+///
+/// With --pid, tag the cgroup of a running process instead; when that process has a network
+/// namespace of its own (a container's), brokerd also opens its proxy and DNS listeners inside
+/// that namespace, on loopback with its own ports, so the workload is brokered there. Those
+/// listeners are released when the process's cgroup has no process left (or is removed), or on
+/// detach, and re-opened when brokerd restarts while the workload still runs.
 #[derive(Debug, clap::Args)]
 pub struct AttachArgs {
     /// cgroup path relative to the cgroup2 mount.
-    #[arg(long, value_name = "PATH")]
-    cgroup: String,
-    /// Create the cgroup if it does not exist.
-    #[arg(long)]
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "pid",
+        conflicts_with = "pid"
+    )]
+    cgroup: Option<String>,
+    /// Tag the cgroup (and serve the network namespace) of this running process (a host pid).
+    #[arg(long, value_name = "PID")]
+    pid: Option<u32>,
+    /// Create the cgroup if it does not exist (with --cgroup).
+    #[arg(long, requires = "cgroup")]
     create: bool,
 }
 
@@ -28,7 +42,13 @@ pub struct DetachArgs {
 }
 
 pub fn attach(run_dir: &Path, args: AttachArgs) -> anyhow::Result<()> {
-    let path = CgroupPath::parse(&args.cgroup)?;
+    if let Some(pid) = args.pid {
+        return attach_pid(run_dir, pid);
+    }
+    let Some(cgroup) = args.cgroup else {
+        anyhow::bail!("give --cgroup PATH or --pid PID");
+    };
+    let path = CgroupPath::parse(&cgroup)?;
     let (tagged, already) = tag(run_dir, &path, args.create)?;
     if already && tagged.path == path.to_string() {
         outln!("{} is already tagged", tagged.path);
@@ -38,6 +58,42 @@ pub fn attach(run_dir: &Path, args: AttachArgs) -> anyhow::Result<()> {
         outln!("tagged {} (cgroup id {})", tagged.path, tagged.id);
     }
     Ok(())
+}
+
+/// `attach --pid`: tags the process's cgroup and serves its network namespace.
+pub fn attach_pid(run_dir: &Path, pid: u32) -> anyhow::Result<()> {
+    match call(run_dir, &Request::AttachPid { pid })? {
+        Response::AttachedPid {
+            cgroup,
+            already,
+            workload,
+        } => {
+            if already {
+                outln!("{} is already tagged", cgroup.path);
+            } else {
+                outln!("tagged {} (cgroup id {})", cgroup.path, cgroup.id);
+            }
+            match workload {
+                Some(w) => {
+                    let listeners: Vec<String> = w
+                        .listeners
+                        .iter()
+                        .chain(&w.dns_listeners)
+                        .map(|a| a.to_string())
+                        .collect();
+                    outln!(
+                        "serving network namespace {} of process {pid} (cgroup {}): {}",
+                        w.netns_cookie,
+                        w.cgroup,
+                        listeners.join(" ")
+                    );
+                }
+                None => outln!("process {pid} is in brokerd's own network namespace"),
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
 }
 
 pub fn detach(run_dir: &Path, args: DetachArgs) -> anyhow::Result<()> {

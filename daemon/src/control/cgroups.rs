@@ -57,6 +57,7 @@ pub async fn status(state: &ControlState) -> Response {
                 shares: state.shares.usage(),
                 open_connections: state.shares.open_connections().0 as u64,
                 max_connections: state.shares.open_connections().1 as u64,
+                workloads: state.workloads.status(),
             })
         }
         Err(e) => capture_error(e),
@@ -82,6 +83,77 @@ pub async fn attach(state: &ControlState, cgroup: String, create: bool) -> Respo
     }
 }
 
+/// Tags the cgroup of the process `pid` and, when the process has a network namespace of its
+/// own, opens brokerd's listeners there. A pidfd taken first pins the process: its cgroup is
+/// read, then the pidfd is checked live (so the pid was not reused in between), and the
+/// namespace is entered through the pidfd. A failure to open the namespace undoes a tag this
+/// request made, and leaves no namespace entry (its connects stay refused).
+pub async fn attach_pid(state: &ControlState, pid: u32) -> Response {
+    use crate::capture::netns;
+    let pidfd = match netns::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => return error(ErrorKind::NotFound, e.to_string()),
+    };
+    let cgroup = match state.root.cgroup_of(pid) {
+        Ok(Some(c)) if !c.is_root() => c,
+        Ok(_) => {
+            return error(
+                ErrorKind::BadRequest,
+                format!(
+                    "process {pid} is in the root cgroup or outside the cgroup2 hierarchy at {};                      it needs a cgroup of its own to be tagged",
+                    state.root.mount().display()
+                ),
+            );
+        }
+        Err(e) => return error(ErrorKind::NotFound, format!("process {pid}: {e}")),
+    };
+    if !netns::pidfd_alive(&pidfd) {
+        return error(ErrorKind::NotFound, format!("process {pid} has exited"));
+    }
+    let (tagged, already) = match state.capture.attach(cgroup.clone(), false).await {
+        Ok(t) => t,
+        Err(e) => return capture_error(e),
+    };
+    let tag = match CgroupPath::parse(&tagged.path) {
+        Ok(t) => t,
+        Err(e) => return error(ErrorKind::Internal, e.to_string()),
+    };
+    let opened = state
+        .workloads
+        .open(
+            pidfd,
+            pid,
+            cgroup.clone(),
+            (tag.clone(), agent_broker_core::cgroup::CgroupId(tagged.id)),
+        )
+        .await;
+    match opened {
+        Ok(workload) => {
+            if !already {
+                state
+                    .events
+                    .record(operator_event(EventKind::Attach, tagged.path.clone()));
+            }
+            Response::AttachedPid {
+                cgroup: tagged,
+                already,
+                workload,
+            }
+        }
+        Err(e) => {
+            if !already {
+                let _ = state.capture.detach(tag).await;
+            }
+            error(
+                ErrorKind::Internal,
+                format!(
+                    "cannot open brokerd's listeners in the network namespace of process {pid}: {e}"
+                ),
+            )
+        }
+    }
+}
+
 /// Untags a cgroup.
 pub async fn detach(state: &ControlState, cgroup: String) -> Response {
     let cgroup = match CgroupPath::parse(&cgroup) {
@@ -90,6 +162,9 @@ pub async fn detach(state: &ControlState, cgroup: String) -> Response {
     };
     match state.capture.detach(cgroup.clone()).await {
         Ok(()) => {
+            state
+                .workloads
+                .release_under(&cgroup, "its tag was detached");
             let kind = EventKind::Detach;
             state
                 .events
