@@ -19,7 +19,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::Duration,
 };
 
@@ -505,4 +505,37 @@ fn workload_namespace_fails_closed_while_brokerd_is_down_and_is_reopened_at_rest
     assert_eq!(reopened.pid, w.pid());
     let report = w.client(s.https(None));
     s.assert_injected("after the restart", &report, &cg);
+}
+
+/// A namespace whose `lo` is down could not reach listeners there: the attach fails with that
+/// reason, the tag it made is undone, and the namespace gets no entry (its connects stay
+/// refused in the kernel).
+#[test]
+fn attach_pid_refuses_a_namespace_whose_loopback_is_down() {
+    let s = Setup::new();
+    let cg = s.cg.path().to_string();
+    let w = Workload::start(&cg);
+    let down = std::process::Command::new("ip")
+        .args(["-n", w.ns.name(), "link", "set", "lo", "down"])
+        .status()
+        .expect("ip link set lo down");
+    assert!(down.success());
+    let cookies_before = s.served_cookies();
+    let out = s
+        .broker
+        .ctl_output(&["attach", "--pid", &w.pid().to_string()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "attach must fail: {stderr}");
+    assert!(
+        stderr.contains("loopback interface `lo` is down"),
+        "the error must say why: {stderr}"
+    );
+    assert_eq!(s.served_cookies(), cookies_before, "no entry may be left");
+    let status = s.broker.status();
+    assert!(status.workloads.is_empty(), "{:?}", status.workloads);
+    assert!(
+        status.cgroups.iter().all(|c| c.path != cg),
+        "the tag the failed attach made must be undone: {:?}",
+        status.cgroups
+    );
 }

@@ -394,37 +394,4 @@ mod tests {
         assert_eq!(populated("populated 0\nfrozen 0\n"), Some(false));
         assert_eq!(populated("frozen 0\n"), None);
     }
-
-    /// Needs root: opens the sockets in a fresh network namespace (an unshared thread's) and
-    /// checks the cookie, the loopback check, and that the calling thread stayed where it was.
-    #[test]
-    #[ignore = "needs root (run with --ignored as root)"]
-    fn opens_in_another_namespace() {
-        let host = socket_netns_cookie(&UdpSocket::bind("127.0.0.1:0").expect("bind"))
-            .expect("host cookie");
-        // A thread that unshares a namespace and parks; its /proc/self/task/TID/ns/net names it.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let t = std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
-            let tid = nix::unistd::gettid();
-            tx.send(tid.as_raw()).expect("send");
-            let _ = done_rx.recv();
-        });
-        let tid = rx.recv().expect("tid");
-        let path = format!("/proc/self/task/{tid}/ns/net");
-        let ns: OwnedFd = std::fs::File::open(&path).expect("ns").into();
-        let id = netns_id(Path::new(&path)).expect("NS_GET_ID");
-        // lo is down in a fresh namespace: refused, clearly.
-        let err = open_in(ns, host, vec![a("127.0.0.1:0")], 0)
-            .err()
-            .expect("lo down must fail");
-        assert!(matches!(err, NetnsError::LoopbackDown), "{err}");
-        assert_ne!(id, host);
-        let still =
-            socket_netns_cookie(&UdpSocket::bind("127.0.0.1:0").expect("bind")).expect("cookie");
-        assert_eq!(still, host, "the calling thread changed namespace");
-        let _ = done_tx.send(());
-        t.join().expect("join");
-    }
 }
