@@ -539,3 +539,41 @@ fn attach_pid_refuses_a_namespace_whose_loopback_is_down() {
         status.cgroups
     );
 }
+
+/// `attach --pid` of a process in brokerd's own namespace only tags its cgroup (nothing to
+/// open); a pid that names no process is refused and tags nothing.
+#[test]
+fn attach_pid_in_brokerds_namespace_only_tags_and_a_missing_pid_is_refused() {
+    let s = Setup::new();
+    let cg = s.cg.path().to_string();
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("1000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut keeper = spawn_in_cgroup(&cg, &mut cmd);
+    let pid = keeper.id();
+    let out = s.broker.ctl_ok(&["attach", "--pid", &pid.to_string()]);
+    assert!(
+        out.contains(&format!("tagged {cg}")) && out.contains("brokerd's own network namespace"),
+        "{out}"
+    );
+    let status = s.broker.status();
+    assert!(
+        status.cgroups.iter().any(|c| c.path == cg),
+        "{:?}",
+        status.cgroups
+    );
+    assert!(status.workloads.is_empty(), "{:?}", status.workloads);
+    let _ = kill(
+        Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)),
+        Signal::SIGKILL,
+    );
+    let _ = keeper.wait();
+
+    // A pid beyond pid_max names no process.
+    let out = s.broker.ctl_output(&["attach", "--pid", "2147483647"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("2147483647"), "{stderr}");
+}
