@@ -152,6 +152,18 @@ impl Workloads {
             .root
             .id(&cgroup)
             .map_err(|e| format!("cgroup {cgroup}: {e}"))?;
+        // A namespace served already (the same workload attached again) is answered with its
+        // state: its ports are taken there by brokerd's own listeners.
+        if let Ok(cookie) = netns::netns_id(Path::new(&format!("/proc/{pid}/ns/net")))
+            && netns::pidfd_alive(&pidfd)
+            && let Some(w) = self
+                .served
+                .lock()
+                .map_err(|_| "workloads lock poisoned")?
+                .get(&cookie)
+        {
+            return Ok(Some(w.status.clone()));
+        }
         let opened = self.open_sockets(pidfd).await?;
         let Some(opened) = opened else {
             return Ok(None);
@@ -184,6 +196,45 @@ impl Workloads {
             ),
         );
         Ok(Some(status))
+    }
+
+    /// Opens listeners in every network namespace other than brokerd's that a process of
+    /// `cgroup` (or below) is in, one process per namespace (`attach --cgroup` of a cgroup whose
+    /// processes already run in a namespace of their own). Each one's outcome, by pid.
+    pub async fn open_members(
+        self: &Arc<Self>,
+        cgroup: &CgroupPath,
+        tag: (CgroupPath, CgroupId),
+    ) -> Vec<(u32, Result<WorkloadStatus, String>)> {
+        let host = self.netns_map.host_cookie();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for pid in netns::member_pids(&self.root, cgroup) {
+            let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+            let Ok(cookie) = netns::netns_id(&ns) else {
+                continue;
+            };
+            if cookie == host || !seen.insert(cookie) {
+                continue;
+            }
+            let Ok(pidfd) = netns::pidfd_open(pid) else {
+                seen.remove(&cookie);
+                continue;
+            };
+            // Its cgroup and namespace read after the pidfd pins it, then checked live.
+            let own = self.root.cgroup_of(pid).ok().flatten();
+            let same = netns::netns_id(&ns).ok() == Some(cookie) && netns::pidfd_alive(&pidfd);
+            let Some(own) = own.filter(|c| same && !c.is_root()) else {
+                seen.remove(&cookie);
+                continue;
+            };
+            let opened = self.open(pidfd, pid, own, tag.clone()).await;
+            out.push((
+                pid,
+                opened.and_then(|w| w.ok_or_else(|| "in brokerd's namespace".into())),
+            ));
+        }
+        out
     }
 
     async fn open_sockets(&self, pidfd: OwnedFd) -> Result<Option<Opened>, String> {

@@ -351,6 +351,16 @@ fn workload_namespace_is_brokered_and_released() {
             .any(|a| a.ip() == IpAddr::from([127, 0, 0, 1])),
         "{workload:?}"
     );
+    let again = s.broker.ctl_ok(&["attach", "--pid", &w.pid().to_string()]);
+    assert!(
+        again.contains("already tagged")
+            && again.contains(&format!(
+                "serving network namespace {}",
+                workload.netns_cookie
+            )),
+        "a second attach of the same workload is answered with its state: {again}"
+    );
+    assert_eq!(s.broker.status().workloads.len(), 1);
     let own = agent_broker_tests::bpf::own_netns_cookie().expect("own cookie");
     assert_ne!(workload.netns_cookie, own);
     assert!(s.served_cookies().contains(&workload.netns_cookie));
@@ -455,6 +465,46 @@ fn equal_source_ports_in_two_namespaces_are_attributed_apart() {
     assert_eq!(rb["local"].as_u64(), Some(u64::from(port)), "{rb}");
     s.assert_injected("namespace a", &ra, &a);
     s.assert_injected("namespace b", &rb, &b);
+
+    // Detaching a's tag releases a's namespace only.
+    s.broker.detach(&a);
+    let status = s.broker.status();
+    assert_eq!(
+        status
+            .workloads
+            .iter()
+            .map(|w| w.cgroup.as_str())
+            .collect::<Vec<_>>(),
+        [b.as_str()],
+        "{:?}",
+        status.workloads
+    );
+    let served = s.served_cookies();
+    assert!(!served.contains(&na.netns_cookie) && served.contains(&nb.netns_cookie));
+}
+
+/// `attach --cgroup` of a cgroup whose process already runs in a namespace of its own opens
+/// listeners there too.
+#[test]
+fn attach_cgroup_serves_the_namespaces_of_its_processes() {
+    let s = Setup::new();
+    let cg = s.cg.path().to_string();
+    let w = Workload::start(&cg);
+    s.broker.attach(&cg);
+    let status = s.broker.status();
+    let workload = status
+        .workloads
+        .iter()
+        .find(|x| x.pid == w.pid())
+        .unwrap_or_else(|| {
+            panic!(
+                "no workload for the cgroup's process: {:?}",
+                status.workloads
+            )
+        });
+    assert_eq!(workload.cgroup, cg);
+    let report = w.client(s.https(None));
+    s.assert_injected("after attach --cgroup", &report, &cg);
 }
 
 /// kill -9 of brokerd: calls from the workload namespace are refused (the namespace's entry
@@ -505,6 +555,18 @@ fn workload_namespace_fails_closed_while_brokerd_is_down_and_is_reopened_at_rest
     assert_eq!(reopened.pid, w.pid());
     let report = w.client(s.https(None));
     s.assert_injected("after the restart", &report, &cg);
+
+    // Gone while brokerd is down: not re-opened, and its entry is deleted at start.
+    s.broker.kill9();
+    let mut w = w;
+    w.kill();
+    s.broker.restart();
+    let status = s.broker.status();
+    assert!(status.workloads.is_empty(), "{:?}", status.workloads);
+    assert!(
+        !s.served_cookies().contains(&workload.netns_cookie),
+        "an entry no live workload claims must be deleted at start"
+    );
 }
 
 /// A namespace whose `lo` is down could not reach listeners there: the attach fails with that

@@ -14,7 +14,9 @@ use crate::control::{call, unexpected};
 /// namespace of its own (a container's), brokerd also opens its proxy and DNS listeners inside
 /// that namespace, on loopback with its own ports, so the workload is brokered there. Those
 /// listeners are released when the process's cgroup has no process left (or is removed), or on
-/// detach, and re-opened when brokerd restarts while the workload still runs.
+/// detach, and re-opened when brokerd restarts while the workload still runs. With --cgroup,
+/// processes of the cgroup that already run in a network namespace of their own get listeners
+/// there too.
 #[derive(Debug, clap::Args)]
 pub struct AttachArgs {
     /// cgroup path relative to the cgroup2 mount.

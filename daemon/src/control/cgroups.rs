@@ -71,13 +71,27 @@ pub async fn attach(state: &ControlState, cgroup: String, create: bool) -> Respo
         Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
     };
     let name = cgroup.to_string();
-    match state.capture.attach(cgroup, create).await {
-        Ok((cgroup, already)) => {
+    match state.capture.attach(cgroup.clone(), create).await {
+        Ok((tagged, already)) => {
             if !already {
                 let kind = EventKind::Attach;
                 state.events.record(operator_event(kind, name));
             }
-            Response::Attached { cgroup, already }
+            // Processes of the cgroup that already run in a network namespace of their own (a
+            // container's) get listeners there too; `status` lists them, and a namespace that
+            // cannot be served stays refused (logged and audited by the workloads module).
+            if let Ok(tag) = CgroupPath::parse(&tagged.path) {
+                let id = agent_broker_core::cgroup::CgroupId(tagged.id);
+                for (pid, opened) in state.workloads.open_members(&cgroup, (tag, id)).await {
+                    if let Err(e) = opened {
+                        tracing::warn!(cgroup = %cgroup, pid, error = %e, "cannot open brokerd's listeners in the network namespace of a process of the attached cgroup; its connections stay refused");
+                    }
+                }
+            }
+            Response::Attached {
+                cgroup: tagged,
+                already,
+            }
         }
         Err(e) => capture_error(e),
     }
