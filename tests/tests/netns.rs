@@ -86,6 +86,21 @@ try:
         out["rcode"] = data[3] & 0x0F
         out["from"] = "%s:%d" % src
         out["answer_hex"] = data[len(q):].hex()
+    elif cfg["mode"] == "dnstcp":
+        q = struct.pack(">HHHHHH", 0x4243, 0x0100, 1, 0, 0, 0)
+        for label in cfg["name"].split("."):
+            q += bytes([len(label)]) + label.encode()
+        q += b"\0" + struct.pack(">HH", 1, 1)
+        s = socket.create_connection(("127.0.0.53", 53), timeout=5)
+        s.sendall(struct.pack(">H", len(q)) + q)
+        data = b""
+        while len(data) < 2 or len(data) < 2 + struct.unpack(">H", data[:2])[0]:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        out["rcode"] = data[5] & 0x0F if len(data) > 5 else None
+        out["answer_hex"] = data[2 + len(q):].hex()
     elif cfg["mode"] == "tcp":
         s = dial()
         s.sendall(b"hello\n")
@@ -378,6 +393,12 @@ fn workload_namespace_is_brokered_and_released() {
     assert_eq!(allowed["rcode"].as_u64(), Some(0), "{allowed}");
     assert!(answer_has(&allowed, s.root_ip), "{allowed}");
     assert_eq!(allowed["from"].as_str(), Some("127.0.0.1:53"), "{allowed}");
+    // DNS over TCP to a loopback resolver (127.0.0.53) is answered by brokerd too, not refused
+    // as a loopback destination (which would close it unanswered). The harness's resolver
+    // speaks UDP only, so the answer checked is brokerd's own REFUSED for a name no rule allows.
+    let over_tcp =
+        w.client(serde_json::json!({"mode": "dnstcp", "name": "not-allowed.example.test"}));
+    assert_eq!(over_tcp["rcode"].as_u64(), Some(5), "{over_tcp}");
     let refused = w.client(serde_json::json!({"mode": "dns", "name": "not-allowed.example.test"}));
     assert_eq!(
         refused["rcode"].as_u64(),

@@ -224,9 +224,14 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, ns: &NetnsCtx, sha
         ));
         return;
     }
-    if ns.is_workload() && netns::loopback_in_workload(origin.original_dst) {
+    if ns.is_workload()
+        && netns::loopback_in_workload(origin.original_dst)
+        && origin.original_dst.port() != agent_broker_common::DNS_PORT
+    {
         // From a workload's namespace, loopback is its own: brokerd would dial its own
-        // (the host's) instead, another service. Refused, and audited.
+        // (the host's) instead, another service. Refused, and audited. DNS over TCP to a
+        // loopback resolver (127.0.0.53 in many resolv.conf files) is answered by brokerd
+        // itself below, never dialled, so it is not refused.
         let reason = netns::LOOPBACK_REFUSED;
         log_connection(&origin, peer, "refused", Some(reason));
         shared.proxy.events.record(AuditEvent {
