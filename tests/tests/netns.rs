@@ -176,6 +176,25 @@ impl Workload {
         })
     }
 
+    /// Tries to bind 127.0.0.1:`port` inside the namespace from a process in the test's own
+    /// (untagged) cgroup: `ok` or the errno's name.
+    fn bind_outside_cgroup(&self, port: u16) -> String {
+        let out = self
+            .ns
+            .command(python())
+            .args([
+                "-c",
+                "import errno, socket, sys\n\
+                 s = socket.socket()\n\
+                 try:\n    s.bind(('127.0.0.1', int(sys.argv[1]))); print('ok')\n\
+                 except OSError as e:\n    print(errno.errorcode.get(e.errno, e.errno))",
+            ])
+            .arg(port.to_string())
+            .output()
+            .expect("python in the namespace");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.keeper.take() {
             if let Ok(pid) = i32::try_from(child.id()) {
@@ -442,6 +461,11 @@ fn workload_namespace_is_brokered_and_released() {
     });
     assert!(audited.is_some(), "the refusal must be audited");
 
+    // brokerd's listener holds its port inside the namespace (a process outside the tagged
+    // cgroup cannot bind it there) until the namespace is released.
+    let port = workload.listeners[0].port();
+    assert_eq!(w.bind_outside_cgroup(port), "EADDRINUSE");
+
     // Removing the workload (its last process exits) releases the namespace.
     w.kill();
     let released = poll_until(Duration::from_secs(10), || {
@@ -455,6 +479,13 @@ fn workload_namespace_is_brokered_and_released() {
     assert!(
         !s.served_cookies().contains(&workload.netns_cookie),
         "the released namespace's NETNS_LISTENERS entry must be gone"
+    );
+    let freed = poll_until(SHORT, || {
+        (w.bind_outside_cgroup(port) == "ok").then_some(())
+    });
+    assert!(
+        freed.is_some(),
+        "brokerd's listener in the released namespace must be closed"
     );
     let audited = poll_until(SHORT, || {
         s.broker.audit_records().into_iter().find(|e| {
