@@ -584,15 +584,7 @@ impl NetnsMap {
     /// ones to `::1` when `v6` (a listener there) or else to the IPv4 listener's v4-mapped
     /// address.
     pub fn insert(&self, cookie: u64, v6: bool, tag: CgroupId) -> Result<(), String> {
-        let value = NetnsListener {
-            v6_addr: if v6 {
-                self.host.v6_addr
-            } else {
-                v4_mapped(self.host.v4_addr)
-            },
-            tag_cgroup_id: tag.0,
-            ..self.host
-        };
+        let value = workload_listener(&self.host, v6, tag);
         self.map
             .lock()
             .map_err(|_| "NETNS_LISTENERS lock poisoned".to_string())?
@@ -626,6 +618,23 @@ impl NetnsMap {
     /// brokerd's own namespace's cookie.
     pub fn host_cookie(&self) -> u64 {
         self.host_cookie
+    }
+}
+
+/// The `NETNS_LISTENERS` value of a workload namespace served for the tag `tag`: brokerd's own
+/// addresses and ports (its listeners there mirror them), with IPv6 connects sent to the IPv4
+/// listener's v4-mapped address when no IPv6 listener could be opened there (`v6` false).
+fn workload_listener(host: &NetnsListener, v6: bool, tag: CgroupId) -> NetnsListener {
+    NetnsListener {
+        v4_addr: host.v4_addr,
+        v6_addr: if v6 {
+            host.v6_addr
+        } else {
+            v4_mapped(host.v4_addr)
+        },
+        port: host.port,
+        dns_port: host.dns_port,
+        tag_cgroup_id: tag.0,
     }
 }
 
@@ -1452,6 +1461,31 @@ mod tests {
         assert_eq!(v4.port, 4242);
         assert_eq!(v4.addr, v4_mapped(u32::from_ne_bytes([127, 0, 0, 1])));
         assert_eq!((v4.netns_cookie, v4._pad), (3, 0));
+    }
+
+    #[test]
+    fn workload_entries_mirror_brokerds_ports_and_fall_back_to_v4_mapped() {
+        let host = NetnsListener {
+            v4_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            v6_addr: words(Ipv6Addr::LOCALHOST.octets()),
+            port: 15001,
+            dns_port: 15053,
+            tag_cgroup_id: 0,
+        };
+        let with_v6 = workload_listener(&host, true, CgroupId(77));
+        assert_eq!(
+            (
+                with_v6.v4_addr,
+                with_v6.v6_addr,
+                with_v6.port,
+                with_v6.dns_port
+            ),
+            (host.v4_addr, host.v6_addr, 15001, 15053)
+        );
+        assert_eq!(with_v6.tag_cgroup_id, 77);
+        let without = workload_listener(&host, false, CgroupId(77));
+        assert_eq!(without.v6_addr, v4_mapped(host.v4_addr));
+        assert_eq!((without.port, without.dns_port), (15001, 15053));
     }
 
     #[test]

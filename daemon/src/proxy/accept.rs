@@ -213,7 +213,7 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, ns: &NetnsCtx, sha
     };
     if is_broker_itself(origin.original_dst, listeners) {
         let reason = "the agent dialed brokerd's own listener";
-        log_connection(&origin, peer, "refused", Some(reason));
+        log_connection(&origin, ns, peer, "refused", Some(reason));
         recent.push(record(
             time_ms,
             peer,
@@ -233,7 +233,7 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, ns: &NetnsCtx, sha
         // loopback resolver (127.0.0.53 in many resolv.conf files) is answered by brokerd
         // itself below, never dialled, so it is not refused.
         let reason = netns::LOOPBACK_REFUSED;
-        log_connection(&origin, peer, "refused", Some(reason));
+        log_connection(&origin, ns, peer, "refused", Some(reason));
         shared.proxy.events.record(AuditEvent {
             time_ms,
             kind: Some(EventKind::Denial),
@@ -274,7 +274,7 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, ns: &NetnsCtx, sha
             return;
         }
     };
-    log_connection(&origin, peer, "brokered", None);
+    log_connection(&origin, ns, peer, "brokered", None);
     recent.push(record(time_ms, peer, &origin, Outcome::Brokered));
     if origin.original_dst.port() == agent_broker_common::DNS_PORT {
         // DNS over TCP: answered by brokerd like the UDP queries, never passed on.
@@ -300,12 +300,14 @@ fn unresolved_event(time_ms: u64, reason: &str) -> AuditEvent {
 
 fn log_connection(
     origin: &ConnectionOrigin,
+    ns: &NetnsCtx,
     peer: SocketAddr,
     outcome: &str,
     reason: Option<&str>,
 ) {
     info!(
         cgroup = %origin.cgroup,
+        netns = ns.cookie,
         pid = origin.pid,
         tid = origin.tid,
         comm = %origin.comm,
