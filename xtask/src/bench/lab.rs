@@ -44,6 +44,15 @@ pub const WIDE_AREA_ONE_WAY: Duration = Duration::from_millis(20);
 const PLACEHOLDER: &str = "Bearer placeholder";
 /// The name the key has in brokerd's vault.
 const SECRET_NAME: &str = "BENCH_KEY";
+/// The container agent's cgroup (issue 14): its processes run in [`CONTAINER_NETNS`], a network
+/// namespace with only `lo`, as `podman run --network none` makes, tagged with `attach --pid`.
+const CONTAINER_CGROUP: &str = "agents/bench-ct";
+const CONTAINER_NETNS: &str = "abbench-ct";
+/// A dummy interface in brokerd's namespace holding [`CONTAINER_ORIGIN_IP`]: from a container a
+/// loopback address is the container's own, so both agents of the container row call the origin
+/// through a relay on this address (nothing leaves the machine).
+const CONTAINER_LINK: &str = "abbench0";
+pub const CONTAINER_ORIGIN_IP: Ipv4Addr = Ipv4Addr::new(10, 253, 0, 1);
 
 /// Which way a request reaches the origin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +95,10 @@ pub struct Lab {
     brokerd_pid: Option<u32>,
     nginx: Option<Peer>,
     mitmproxy: Result<Peer, String>,
+    /// The zero-delay relay on [`CONTAINER_ORIGIN_IP`] to the origin, or why it is missing.
+    container_relay: Result<DelayRelay, String>,
+    /// Whether the container agent's namespace is tagged and served, or why not.
+    container: Result<(), String>,
 }
 
 impl Lab {
@@ -112,6 +125,8 @@ impl Lab {
             brokerd_pid: None,
             nginx: None,
             mitmproxy: Err("not started".into()),
+            container_relay: Err("not started".into()),
+            container: Err("not started".into()),
         })
     }
 
@@ -170,7 +185,12 @@ impl Lab {
             .wait_listening("the streaming origin", streaming)?;
         self.streaming = Some(streaming);
 
+        self.container_relay = self.start_container_relay();
         self.start_brokerd(&pki.ca, &key_file, wide_area, streaming)?;
+        self.container = self.start_container_agent();
+        if let Err(why) = &self.container {
+            eprintln!("bench: container agent unavailable: {why}");
+        }
         self.start_nginx_peer(tools, &pki, &authorization, wide_area, streaming)?;
         self.mitmproxy = self.start_mitmproxy(tools, &authorization_file, wide_area);
         if let Err(why) = &self.mitmproxy {
@@ -188,10 +208,19 @@ impl Lab {
     ) -> Result<()> {
         let policies = self.dir.join("policies");
         fs::create_dir_all(&policies)?;
-        fs::write(
-            policies.join("bench.toml"),
-            policy(self.origin_http1.port(), wide_area.port(), streaming.port()),
-        )?;
+        let container_port = self.container_relay.as_ref().ok().map(|r| r.addr().port());
+        for (file, cgroup) in [("bench.toml", CGROUP), ("bench-ct.toml", CONTAINER_CGROUP)] {
+            fs::write(
+                policies.join(file),
+                policy(
+                    cgroup,
+                    self.origin_http1.port(),
+                    wide_area.port(),
+                    streaming.port(),
+                    container_port,
+                ),
+            )?;
+        }
         step(&format!(
             "brokerd (pins in {PIN_DIR}, log in {})",
             cmd::relative(&self.dir.join("brokerd.log"))
@@ -465,15 +494,28 @@ impl Lab {
         ));
         if self.brokerd_pid.is_some() {
             // Not bounded by the interrupt flag: cleanup runs after Ctrl-C too.
-            let _ = self
-                .brokerctl()
-                .args(["detach", "--cgroup", CGROUP])
+            for cgroup in [CGROUP, CONTAINER_CGROUP] {
+                let _ = self
+                    .brokerctl()
+                    .args(["detach", "--cgroup", cgroup])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        self.services.stop_all();
+        self.relay = None;
+        self.container_relay = Err("stopped".into());
+        for args in [
+            &["netns", "del", CONTAINER_NETNS][..],
+            &["link", "del", CONTAINER_LINK][..],
+        ] {
+            let _ = Command::new("ip")
+                .args(args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
         }
-        self.services.stop_all();
-        self.relay = None;
         if Path::new(PIN_DIR).exists() {
             let _ = fs::remove_dir_all(PIN_DIR);
         }
@@ -481,8 +523,103 @@ impl Lab {
             // Only empty cgroups can be removed, and every client has exited by now. `agents`
             // stays when something else uses it.
             let _ = fs::remove_dir(mount.join(CGROUP));
+            let _ = fs::remove_dir(mount.join(CONTAINER_CGROUP));
             let _ = fs::remove_dir(mount.join("agents"));
         }
+    }
+
+    /// The dummy interface with [`CONTAINER_ORIGIN_IP`] and a zero-delay relay there to the
+    /// origin.
+    fn start_container_relay(&mut self) -> Result<DelayRelay, String> {
+        let ip = |args: &[&str]| -> Result<(), String> {
+            cmd::run(Command::new("ip").args(args).stdout(Stdio::null()))
+                .map_err(|e| format!("{e:#}"))
+        };
+        let _ = Command::new("ip")
+            .args(["link", "del", CONTAINER_LINK])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["link", "add", CONTAINER_LINK, "type", "dummy"])?;
+        ip(&["addr", "add", &format!("{CONTAINER_ORIGIN_IP}/32"), "dev", CONTAINER_LINK])?;
+        ip(&["link", "set", CONTAINER_LINK, "up"])?;
+        let relay = DelayRelay::start(
+            IpAddr::V4(CONTAINER_ORIGIN_IP),
+            self.origin_http1,
+            Duration::ZERO,
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        step(&format!("container row: relay on {} to the origin", relay.addr()));
+        Ok(relay)
+    }
+
+    /// The container agent: a namespace with only `lo`, a process of the agent cgroup in it,
+    /// and `brokerctl attach --pid` of that process, so brokerd serves the namespace.
+    fn start_container_agent(&mut self) -> Result<(), String> {
+        self.container_relay.as_ref().map_err(Clone::clone)?;
+        let run = |command: &mut Command| cmd::run(command).map_err(|e| format!("{e:#}"));
+        let _ = Command::new("ip")
+            .args(["netns", "del", CONTAINER_NETNS])
+            .stderr(Stdio::null())
+            .status();
+        run(Command::new("ip").args(["netns", "add", CONTAINER_NETNS]))?;
+        run(Command::new("ip").args(["-n", CONTAINER_NETNS, "link", "set", "lo", "up"]))?;
+        let mut holder = Launch::InNetns {
+            netns: CONTAINER_NETNS.into(),
+            brokerctl: self.bin.join("brokerctl"),
+            run_dir: self.brokerd_run_dir(),
+            cgroup: CONTAINER_CGROUP.into(),
+        }
+        .command(Path::new("/bin/sleep"));
+        holder.arg("86400");
+        let pid = self
+            .services
+            .start("container-agent", holder)
+            .map_err(|e| format!("{e:#}"))?;
+        // `ip netns exec` and `brokerctl run` each execute the next program in place, so the pid
+        // is sleep's once it is in the cgroup.
+        self.services
+            .wait_until("the container agent to join its cgroup", || {
+                fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                    .is_ok_and(|c| c.lines().any(|l| l.ends_with(CONTAINER_CGROUP)))
+            })
+            .map_err(|e| format!("{e:#}"))?;
+        run(self
+            .brokerctl()
+            .args(["attach", "--pid", &pid.to_string()])
+            .stdout(Stdio::null()))?;
+        step(&format!(
+            "container row: agent pid {pid} in netns {CONTAINER_NETNS}, cgroup {CONTAINER_CGROUP}"
+        ));
+        Ok(())
+    }
+
+    /// The container row's two agents, the same agent on the host and in a container, each
+    /// calling the origin through the relay on [`CONTAINER_ORIGIN_IP`]; an error says why the
+    /// row cannot run.
+    pub fn container_endpoints(&self) -> Result<[Endpoint; 2]> {
+        self.container.as_ref().map_err(|why| anyhow::anyhow!("{why}"))?;
+        let relay = self
+            .container_relay
+            .as_ref()
+            .map_err(|why| anyhow::anyhow!("{why}"))?;
+        let endpoint = |launch| Endpoint {
+            addr: relay.addr(),
+            authorization: PLACEHOLDER.to_owned(),
+            launch,
+        };
+        Ok([
+            endpoint(Launch::InAgentCgroup {
+                brokerctl: self.bin.join("brokerctl"),
+                run_dir: self.brokerd_run_dir(),
+                cgroup: CGROUP.to_owned(),
+            }),
+            endpoint(Launch::InNetns {
+                netns: CONTAINER_NETNS.into(),
+                brokerctl: self.bin.join("brokerctl"),
+                run_dir: self.brokerd_run_dir(),
+                cgroup: CONTAINER_CGROUP.to_owned(),
+            }),
+        ])
     }
 
     fn brokerd_run_dir(&self) -> PathBuf {
@@ -517,7 +654,13 @@ pub fn remove_stale_pins() {
 /// the origin's address and send the name): their rule says `any_address = true`, so the
 /// origin's certificate alone proves them, and brokerd looks nothing up (it would ask the
 /// host's resolver, and the row measures leaf minting, not DNS).
-fn policy(origin_port: u16, wide_area_port: u16, streaming_port: u16) -> String {
+fn policy(
+    cgroup: &str,
+    origin_port: u16,
+    wide_area_port: u16,
+    streaming_port: u16,
+    container_port: Option<u16>,
+) -> String {
     let rule = |host: &str, port: u16| {
         format!(
             "\n[[allow]]\nhost = \"{host}\"\nport = {port}\n\
@@ -530,10 +673,14 @@ fn policy(origin_port: u16, wide_area_port: u16, streaming_port: u16) -> String 
                   pending_handshakes = 100000\nrequests_in_flight = 100000\n\
                   dns_queries_per_second = 100000\n";
     format!(
-        "# Written by cargo xtask bench.\ncgroup = \"{CGROUP}\"\n{shares}{}{}{}{}any_address = true\n",
+        "# Written by cargo xtask bench.\ncgroup = \"{cgroup}\"\n{shares}{}{}{}{}{}any_address = true\n",
         rule("127.0.0.2", origin_port),
         rule("127.0.0.2", wide_area_port),
         rule("127.0.0.2", streaming_port),
+        container_port.map_or(String::new(), |port| rule(
+            &CONTAINER_ORIGIN_IP.to_string(),
+            port
+        )),
         rule("*.bench.test", origin_port),
     )
 }
@@ -573,8 +720,9 @@ mod tests {
 
     #[test]
     fn the_policy_allows_the_origins_on_every_route_and_any_bench_name() {
-        let policy = policy(9443, 9444, 9445);
+        let policy = policy(CGROUP, 9443, 9444, 9445, Some(9446));
         assert!(policy.contains("cgroup = \"agents/bench\""));
+        assert!(policy.contains("host = \"10.253.0.1\"\nport = 9446\n"));
         assert!(policy.contains("host = \"127.0.0.2\"\nport = 9443\n"));
         assert!(policy.contains("host = \"127.0.0.2\"\nport = 9444\n"));
         assert!(policy.contains("host = \"127.0.0.2\"\nport = 9445\n"));
@@ -586,7 +734,10 @@ mod tests {
             policy
                 .matches("authorization = \"Bearer {secret:BENCH_KEY}\"")
                 .count(),
-            4
+            5
         );
+        let container = super::policy(CONTAINER_CGROUP, 9443, 9444, 9445, None);
+        assert!(container.contains("cgroup = \"agents/bench-ct\""));
+        assert!(!container.contains("10.253.0.1"));
     }
 }

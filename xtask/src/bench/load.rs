@@ -15,11 +15,18 @@ use anyhow::{Context as _, Result, bail};
 use super::process;
 
 /// How a client program is started: as it is, or inside the tagged agent cgroup through
-/// `brokerctl run`, which moves itself into the cgroup and executes the program.
+/// `brokerctl run`, which moves itself into the cgroup and executes the program, or the same
+/// inside a network namespace of its own (`ip netns exec`), as an agent in a container.
 #[derive(Clone)]
 pub enum Launch {
     Outside,
     InAgentCgroup {
+        brokerctl: PathBuf,
+        run_dir: PathBuf,
+        cgroup: String,
+    },
+    InNetns {
+        netns: String,
         brokerctl: PathBuf,
         run_dir: PathBuf,
         cgroup: String,
@@ -38,6 +45,22 @@ impl Launch {
             } => {
                 let mut command = Command::new(brokerctl);
                 command
+                    .arg("--run-dir")
+                    .arg(run_dir)
+                    .args(["run", "--cgroup", cgroup, "--create", "--"])
+                    .arg(program);
+                command
+            }
+            Self::InNetns {
+                netns,
+                brokerctl,
+                run_dir,
+                cgroup,
+            } => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", netns])
+                    .arg(brokerctl)
                     .arg("--run-dir")
                     .arg(run_dir)
                     .args(["run", "--cgroup", cgroup, "--create", "--"])

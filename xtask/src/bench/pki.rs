@@ -54,7 +54,7 @@ pub fn create(openssl: &Path, dir: &Path) -> Result<Pki> {
         dir,
         &ca,
         "origin",
-        "DNS:api.example.test,DNS:*.bench.test,IP:127.0.0.2",
+        "DNS:api.example.test,DNS:*.bench.test,IP:127.0.0.2,IP:10.253.0.1",
     )?;
     let proxy = leaf(
         openssl,

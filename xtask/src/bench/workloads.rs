@@ -66,8 +66,14 @@ pub struct Settings<'a> {
     pub only: Vec<String>,
 }
 
+/// The most an agent in a container may add to the keep-alive p50 of the same agent on the host.
+const CONTAINER_P50_TARGET: f64 = 1.10;
+/// Alternating rounds (host, container) in the container workload; each agent's p50 is the
+/// median of its rounds.
+const CONTAINER_ROUNDS: usize = 3;
+
 /// The workloads' keys, in the order they run, for `--only`.
-pub const WORKLOADS: [&str; 10] = [
+pub const WORKLOADS: [&str; 11] = [
     "keepalive1",
     "keepalive32",
     "newconn",
@@ -78,6 +84,7 @@ pub const WORKLOADS: [&str; 10] = [
     "idle",
     "hostnames",
     "micro",
+    "container",
 ];
 
 impl Settings<'_> {
@@ -243,7 +250,75 @@ pub fn measure(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     if settings.wanted("micro") {
         rows.extend(microbenchmarks());
     }
+    if settings.wanted("container") {
+        rows.push(container_row(lab, settings)?);
+    }
     Ok(rows)
+}
+
+/// Issue 14's row: the keep-alive p50 of an agent in a container (a network namespace of its
+/// own with only `lo`, served by brokerd's listeners there) against the same agent on the host,
+/// both brokered, calling the origin through the same relay. The direct column holds the host
+/// agent's p50 and the brokerd column the container agent's, so the target reads "at most 1.1x
+/// direct".
+fn container_row(lab: &Lab, settings: &Settings) -> Result<Row> {
+    let mut row = Row::new(
+        "keep-alive, 1 connection: p50, agent in a container (direct column: the host agent)",
+        "µs",
+        Lower,
+    )
+    .with_targets(&[TimesDirect(CONTAINER_P50_TARGET)]);
+    let [host, container] = match lab.container_endpoints() {
+        Ok(endpoints) => endpoints,
+        Err(e) => {
+            row.set(Column::Brokerd, Cell::Failed(format!("{e:#}")));
+            return Ok(row);
+        }
+    };
+    let run = WrkRun {
+        connections: 1,
+        duration: settings.duration,
+        new_connection_per_request: false,
+    };
+    let mut p50s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut failures = [0u64; 2];
+    for round in 1..=CONTAINER_ROUNDS {
+        for (i, (name, endpoint)) in [("host agent", &host), ("container agent", &container)]
+            .into_iter()
+            .enumerate()
+        {
+            if stopping() {
+                bail!("interrupted");
+            }
+            eprintln!("bench: container row, round {round}: {name} ...");
+            match load::wrk(&settings.tools.wrk, endpoint, &run) {
+                Ok(wrk) => {
+                    eprintln!("bench: container row, round {round}: {name}: {wrk:?}");
+                    p50s[i].push(wrk.p50_us);
+                    failures[i] += wrk.failures;
+                }
+                Err(e) => {
+                    let column = [Column::Direct, Column::Brokerd][i];
+                    row.set(column, Cell::Failed(format!("{name}: {e:#}")));
+                    return Ok(row);
+                }
+            }
+        }
+    }
+    for (i, column) in [Column::Direct, Column::Brokerd].into_iter().enumerate() {
+        row.set(column, measured(median(&mut p50s[i]), failures[i]));
+    }
+    Ok(row)
+}
+
+/// The median of `values` (NaN for none).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 /// One wrk run, and the CPU time the proxy spent on it.
