@@ -4,7 +4,8 @@
 //!   a loopback service, not the HTTPS API. Today the kernel refuses every connect of another
 //!   network namespace (EPERM); once brokerd opens listeners in the container's namespace, the
 //!   container's calls go to brokerd, which refuses what no policy allows. Either way nothing
-//!   arrives, and this test holds both before and after.
+//!   arrives, and this test holds both before and after. The same for a labelled `podman kube
+//!   play` pod tagged by its pod cgroup.
 //! - The brokered case: the container calls the HTTPS API through brokerd with an injected key,
 //!   gets 403 for an unallowed host and REFUSED for an unallowed DNS name. It needs brokerd's
 //!   listeners in workload namespaces (`attach --pid`, the netns-step2 branch) and is ignored
@@ -148,6 +149,57 @@ fn assert_tagged(broker: &Broker, cgroup: &str) {
     );
 }
 
+/// The tagged workload in cgroup `cgroup` reached nothing: every call of `report` failed (or was
+/// brokerd's refusal), neither the host's loopback service nor the API saw anything, and the
+/// tag was in force: the kernel refused the connects of the other namespace (today), or brokerd
+/// received them and refused them (once it serves listeners there).
+fn assert_reached_nothing(
+    what: &str,
+    world: &World,
+    service: &TestServer,
+    report: &Report,
+    cgroup: &str,
+    counted_before: u64,
+) {
+    for call in ["service", "api", "other"] {
+        let outcome = report.get(call);
+        assert!(
+            !outcome.starts_with("ok ") || outcome.starts_with("ok 403"),
+            "{what}, {call}: must be refused, got {outcome}: {}",
+            report.raw
+        );
+    }
+    let dns = report.get("dns");
+    assert!(
+        !dns.starts_with("ok ") || dns == "ok rcode 5",
+        "{what}, DNS for a name no policy allows: refused or REFUSED, got {dns}"
+    );
+    assert!(
+        service.accepted().is_empty(),
+        "{what}: the host's loopback service must see nothing: {:?}",
+        service.accepted()
+    );
+    assert!(
+        world.api.requests().is_empty(),
+        "{what}: the HTTPS API must receive nothing: {:#?}",
+        world.api.requests()
+    );
+    let counters = world.broker.status().counters;
+    let seen_by_brokerd = world.broker.connections().into_iter().any(|c| {
+        c.origin.as_ref().is_some_and(|o| {
+            let from = o.cgroup.trim_start_matches('/');
+            from == cgroup || from.starts_with(&format!("{cgroup}/"))
+        })
+    });
+    assert!(
+        counters.netns_refused > counted_before || seen_by_brokerd,
+        "{what}: its connects were neither refused in the kernel (netns refused \
+         {counted_before} -> {}) nor seen by brokerd: {}",
+        counters.netns_refused,
+        report.raw
+    );
+}
+
 /// A container with its own network namespace, tagged by name, reaches neither a loopback
 /// service of the host nor the HTTPS API, and its DNS gets no answer from anywhere but brokerd.
 /// No policy names the container, so this holds today (the kernel refuses another namespace)
@@ -217,44 +269,50 @@ fn container_tagged_by_name_reaches_nothing_on_the_host() {
         "untagged container: {}\ntagged container: {}",
         before.raw, after.raw
     );
-    for what in ["service", "api", "other"] {
-        let outcome = after.get(what);
-        assert!(
-            !outcome.starts_with("ok ") || outcome.starts_with("ok 403"),
-            "tagged container, {what}: must be refused, got {outcome}: {}",
-            after.raw
-        );
-    }
-    let dns = after.get("dns");
-    assert!(
-        !dns.starts_with("ok ") || dns == "ok rcode 5",
-        "tagged container, DNS for a name no policy allows: refused or REFUSED, got {dns}"
-    );
-    assert!(
-        service.accepted().is_empty(),
-        "the host's loopback service must see nothing from the container: {:?}",
-        service.accepted()
-    );
-    assert!(
-        world.api.requests().is_empty(),
-        "the HTTPS API must receive nothing from the container: {:#?}",
-        world.api.requests()
-    );
-    // The tag was in force: the kernel refused the connects of the other namespace (today),
-    // or brokerd received them and refused them (once it serves listeners there).
-    let counters = world.broker.status().counters;
-    let seen_by_brokerd = world.broker.connections().into_iter().any(|c| {
-        c.origin
-            .as_ref()
-            .is_some_and(|o| o.cgroup.trim_start_matches('/') == ct.cgroup)
-    });
-    assert!(
-        counters.netns_refused > counted_before || seen_by_brokerd,
-        "the container's connects were neither refused in the kernel (netns refused {} -> {}) \
-         nor seen by brokerd: {}",
+    assert_reached_nothing(
+        "tagged container",
+        &world,
+        &service,
+        &after,
+        &ct.cgroup,
         counted_before,
-        counters.netns_refused,
-        after.raw
+    );
+    world.assert_no_secret_in_logs();
+}
+
+/// A `podman kube play` pod labelled `agent-broker.io/agent=...`, tagged by its pod cgroup
+/// (which holds its containers and the infra container that owns its network namespace), reaches
+/// nothing on the host either; no policy names it. The label alone tags nothing yet (brokerd's
+/// pod source is to come).
+#[test]
+fn labelled_pod_tagged_by_its_cgroup_reaches_nothing_on_the_host() {
+    require_privileges();
+    let podman = Podman::new();
+    let pod = podman.kube_play(&[(AGENT_LABEL, "pod-agent")], &["sleep", "600"]);
+    let service = TestServer::echo("127.0.0.1:0");
+    let world = World::new();
+    std::fs::copy(&world.broker_ca, podman.share_dir().join("broker-ca.pem"))
+        .unwrap_or_else(|e| panic!("cannot copy the broker CA for the pod: {e}"));
+    let counted_before = world.broker.status().counters.netns_refused;
+    world.broker.attach(&pod.cgroup);
+    assert_tagged(&world.broker, &pod.cgroup);
+    let report = run_client(
+        &mut pod.exec(&[]),
+        "tagged pod",
+        service.addr().port(),
+        world.api.port(),
+        world.placeholder.expose(),
+        "/ct/broker-ca.pem",
+        "denied.example.test",
+    );
+    eprintln!("tagged pod: {}", report.raw);
+    assert_reached_nothing(
+        "tagged pod",
+        &world,
+        &service,
+        &report,
+        &pod.cgroup,
+        counted_before,
     );
     world.assert_no_secret_in_logs();
 }
