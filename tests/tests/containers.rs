@@ -15,27 +15,32 @@
 //! - The container harness itself: a container's and a pod's cgroup, network namespace (only
 //!   `lo`) and labels, and that Drop removes them.
 
-use std::{path::Path, process::Output};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+    process::Output,
+};
 
 use agent_broker_tests::{
-    Broker, SHORT, TestServer, attached_programs,
+    Broker, Canary, SHORT, TestCa, TestHost, TestServer, TestUpstream, UpstreamOptions,
+    attached_programs,
     cgroup::cgroup_dir,
     container::{AGENT_LABEL, Podman, netns_of},
     require_privileges, run_with_timeout,
     world::{API, OTHER, SECRET_NAME, World, rule},
 };
 
-/// Run inside a container: `python3 -c CLIENT_PY <service port> <api port> <placeholder>
-/// <ca file|-> <dns name>`. Tries, each on its own, and prints one JSON object with the outcome
+/// Run inside a container: `python3 -c CLIENT_PY <service port> <api ip> <api port>
+/// <placeholder> <ca file|-> <dns name>`. Tries, each on its own, and prints one JSON object with the outcome
 /// of each (`ok ...` or the errno name / exception):
 /// - `service`: TCP to 127.0.0.1:<service port>, sends `GET /container` and reads the answer;
-/// - `api`: HTTPS to 127.0.0.2:<api port> as api.example.test, `GET /hash` with the
+/// - `api`: HTTPS to <api ip>:<api port> as api.example.test, `GET /hash` with the
 ///   placeholder as bearer token; `other`: the same as other.example.test;
 /// - `dns`: an A query for <dns name> to 127.0.0.1:53 (loopback, never the host's resolver),
 ///   reporting the response code.
 const CLIENT_PY: &str = r#"
 import errno, json, os, socket, ssl, struct, sys
-service_port, api_port, placeholder, cafile, dns_name = sys.argv[1:6]
+service_port, api_ip, api_port, placeholder, cafile, dns_name = sys.argv[1:7]
 out = {"pid": os.getpid()}
 def outcome(fn):
     try:
@@ -53,7 +58,7 @@ def service():
     return "ok " + data.decode("latin-1") if data else "closed"
 def https(host):
     ctx = ssl.create_default_context(cafile=None if cafile == "-" else cafile)
-    raw = socket.create_connection(("127.0.0.2", int(api_port)), timeout=5)
+    raw = socket.create_connection((api_ip, int(api_port)), timeout=5)
     s = ctx.wrap_socket(raw, server_hostname=host)
     s.sendall(("GET /hash HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\n"
                "Connection: close\r\n\r\n" % (host, placeholder)).encode())
@@ -116,18 +121,19 @@ fn run_client(
     podman_exec: &mut std::process::Command,
     what: &str,
     service_port: u16,
-    api_port: u16,
+    api: SocketAddr,
     placeholder: &str,
     cafile: &str,
     dns_name: &str,
 ) -> Report {
     let service_port = service_port.to_string();
-    let api_port = api_port.to_string();
+    let (api_ip, api_port) = (api.ip().to_string(), api.port().to_string());
     podman_exec.args([
         "python3",
         "-c",
         CLIENT_PY,
         &service_port,
+        &api_ip,
         &api_port,
         placeholder,
         cafile,
@@ -228,7 +234,7 @@ fn container_tagged_by_name_reaches_nothing_on_the_host() {
         &mut ct.exec(&[]),
         "untagged",
         service.addr().port(),
-        world.api.port(),
+        world.api.addr(),
         &placeholder,
         ca_in_container,
         "denied.example.test",
@@ -260,7 +266,7 @@ fn container_tagged_by_name_reaches_nothing_on_the_host() {
         &mut ct.exec(&[]),
         "tagged",
         service.addr().port(),
-        world.api.port(),
+        world.api.addr(),
         &placeholder,
         ca_in_container,
         "denied.example.test",
@@ -300,7 +306,7 @@ fn labelled_pod_tagged_by_its_cgroup_reaches_nothing_on_the_host() {
         &mut pod.exec(&[]),
         "tagged pod",
         service.addr().port(),
-        world.api.port(),
+        world.api.addr(),
         world.placeholder.expose(),
         "/ct/broker-ca.pem",
         "denied.example.test",
@@ -320,62 +326,94 @@ fn labelled_pod_tagged_by_its_cgroup_reaches_nothing_on_the_host() {
 /// Issue 14's brokered container: tagged by name, it calls the HTTPS API through brokerd (which
 /// injects the key in place of the placeholder), gets brokerd's 403 for a host no rule allows and
 /// REFUSED for a DNS name no rule allows, and still reaches no loopback service of the host.
+///
+/// The API listens on an address of brokerd's namespace that is not loopback (the root end of a
+/// [`TestHost`] veth pair, as in tests/tests/netns.rs): from a container, a loopback address
+/// names the container's own loopback, and brokerd refuses it. The container itself has no
+/// route anywhere (`--network none`): only brokerd can carry its call.
 #[test]
 #[ignore = "needs netns listeners (netns-step2 branch)"]
 fn container_tagged_by_name_is_brokered_with_an_injected_key() {
     require_privileges();
     let podman = Podman::new();
     let ct = podman.run(&["sleep", "600"]);
-    let cgroup = ct.cgroup.clone();
     let service = TestServer::echo("127.0.0.1:0");
-    let world = World::with_policies(|_, api| {
-        vec![(
-            "container".into(),
-            format!("cgroup = \"{cgroup}\"\n{}", rule(API, api.port(), true)),
-        )]
-    });
-    std::fs::copy(&world.broker_ca, podman.share_dir().join("broker-ca.pem"))
+    let host = TestHost::start();
+    let root_ip = match host.addr().ip() {
+        IpAddr::V4(ip) => {
+            let [a, b, c, _] = ip.octets();
+            Ipv4Addr::new(a, b, c, 1)
+        }
+        IpAddr::V6(ip) => panic!("TestHost has an IPv6 address {ip}"),
+    };
+    let ca = TestCa::new("abtest containers upstream CA");
+    let mut options = UpstreamOptions::api();
+    options.ip = IpAddr::V4(root_ip);
+    options.plain = false;
+    let api = TestUpstream::start(&ca, options);
+    let broker = Broker::builder()
+        .upstream_ca(ca.pem_path())
+        .name(API, root_ip)
+        .name(OTHER, root_ip)
+        .policy(
+            "container",
+            &format!(
+                "cgroup = \"{}\"\n{}",
+                ct.cgroup,
+                rule(API, api.port(), true)
+            ),
+        )
+        .start();
+    let secret = Canary::new();
+    broker.secret_set(SECRET_NAME, secret.expose().as_bytes());
+    let placeholder = Canary::with_prefix("abtest-placeholder-");
+    api.watch_for("secret", &secret);
+    api.watch_for("placeholder", &placeholder);
+    std::fs::copy(broker.export_ca(), podman.share_dir().join("broker-ca.pem"))
         .unwrap_or_else(|e| panic!("cannot copy the broker CA for the container: {e}"));
-    world.broker.ctl_ok(&["attach", "--container", &ct.name]);
-    assert_tagged(&world.broker, &ct.cgroup);
+
+    broker.ctl_ok(&["attach", "--container", &ct.name]);
+    assert_tagged(&broker, &ct.cgroup);
 
     let report = run_client(
         &mut ct.exec(&[]),
         "brokered",
         service.addr().port(),
-        world.api.port(),
-        world.placeholder.expose(),
+        api.addr(),
+        placeholder.expose(),
         "/ct/broker-ca.pem",
         "denied.example.test",
     );
-    let api = report.get("api");
+    let api_call = report.get("api");
     assert!(
-        api.starts_with("ok 200 "),
+        api_call.starts_with("ok 200 "),
         "allowed call through brokerd: {}\nbrokerd's log:\n{}",
         report.raw,
-        world.broker.log()
+        broker.log()
     );
     let body: serde_json::Value =
-        serde_json::from_str(api.trim_start_matches("ok 200 ")).unwrap_or_default();
+        serde_json::from_str(api_call.trim_start_matches("ok 200 ")).unwrap_or_default();
     assert_eq!(
         body["authorization_sha256"].as_str(),
-        Some(world.injected_hash().as_str()),
+        Some(secret.sha256_with_prefix("Bearer ").as_str()),
         "the API must receive `Bearer <{SECRET_NAME}>`, injected by brokerd: {}",
         report.raw
     );
-    world
-        .secret
-        .assert_absent(report.raw.as_bytes(), "the container's output");
-    let record = world
-        .api
+    secret.assert_absent(report.raw.as_bytes(), "the container's output");
+    let record = api
         .requests()
         .into_iter()
         .find(|r| r.path == "/hash")
         .unwrap_or_else(|| panic!("the API has no record of the call"));
     assert_eq!(
         record.peer_owner,
-        Some(world.broker.pid()),
+        Some(broker.pid()),
         "the API's peer must be brokerd's socket: {record:?}"
+    );
+    assert_eq!(
+        record.canary_hits,
+        vec!["secret in header authorization (raw)".to_string()],
+        "the secret reaches the API in Authorization only, the placeholder not at all"
     );
     let other = report.get("other");
     assert!(
@@ -387,18 +425,25 @@ fn container_tagged_by_name_is_brokered_with_an_injected_key() {
         "ok rcode 5",
         "a DNS name no rule allows gets REFUSED from brokerd"
     );
+    let service_call = report.get("service");
+    assert!(
+        !service_call.starts_with("ok "),
+        "a loopback service of the host is out of the container's reach: {service_call}"
+    );
     assert!(
         service.accepted().is_empty(),
         "the host's loopback service must see nothing from the container: {:?}",
         service.accepted()
     );
-    let conn = world.broker.wait_connection("container call", |c| {
-        c.origin
-            .as_ref()
-            .is_some_and(|o| o.cgroup.trim_start_matches('/') == ct.cgroup)
+    let conn = broker.wait_connection("container call", |c| {
+        c.origin.as_ref().is_some_and(|o| {
+            o.cgroup.trim_start_matches('/') == ct.cgroup
+                && o.original_dst == SocketAddr::new(IpAddr::V4(root_ip), api.port())
+        })
     });
     assert!(conn.origin.is_some(), "{conn:?}");
-    world.assert_no_secret_in_logs();
+    secret.assert_absent(&broker.log_bytes(), "brokerd's log");
+    secret.assert_absent(&broker.transcript(), "brokerctl's output");
 }
 
 fn stderr_of(out: &Output) -> String {
