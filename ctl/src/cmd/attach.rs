@@ -55,13 +55,15 @@ pub fn attach(run_dir: &Path, args: AttachArgs) -> anyhow::Result<()> {
 }
 
 /// `attach --container`: tags the cgroup of the container's init process.
-// Issue 14: once `attach --pid` is on main, this sends its request (the pid) instead, so brokerd
-// also opens listeners in the container's network namespace.
+// Issue 14: once `attach --pid` is on main, this becomes `attach_pid(run_dir, pid)`, so brokerd
+// also opens listeners in the container's network namespace (branch try-merge-netns has it).
 fn attach_container(run_dir: &Path, runtime: Option<Runtime>, name: &str) -> anyhow::Result<()> {
     let pid = container_pid(runtime, name)?;
     let path = container::pid_cgroup(pid, name)?;
     let (tagged, already) = tag(run_dir, &path, false)?;
-    if already {
+    if already && tagged.path == path.to_string() {
+        outln!("{path} is already tagged (container {name}, pid {pid})");
+    } else if already {
         outln!(
             "container {name} (pid {pid}, cgroup {path}) is covered by tagged cgroup {}",
             tagged.path
