@@ -242,7 +242,11 @@ fn check_peer(stream: &UnixStream, state: &ControlState) -> Option<Response> {
 async fn dispatch(request: Request, state: &ControlState) -> Response {
     match request {
         Request::Status => cgroups::status(state).await,
-        Request::Attach { cgroup, create } => cgroups::attach(state, cgroup, create).await,
+        Request::Attach {
+            cgroup,
+            create,
+            name,
+        } => cgroups::attach(state, cgroup, create, name).await,
         Request::Detach { cgroup } => cgroups::detach(state, cgroup).await,
         Request::Connections { limit } => Response::Connections {
             connections: state.recent.latest(limit),

@@ -63,18 +63,33 @@ pub async fn status(state: &ControlState) -> Response {
     }
 }
 
-/// Tags a cgroup (creating it with `create`).
-pub async fn attach(state: &ControlState, cgroup: String, create: bool) -> Response {
+/// Tags a cgroup (creating it with `create`), under the agent `name` when one is given.
+pub async fn attach(
+    state: &ControlState,
+    cgroup: String,
+    create: bool,
+    name: Option<String>,
+) -> Response {
     let cgroup = match CgroupPath::parse(&cgroup) {
         Ok(c) => c,
         Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
     };
-    let name = cgroup.to_string();
-    match state.capture.attach(cgroup, create).await {
+    let name = match name.as_deref().map(CgroupPath::parse).transpose() {
+        Ok(n) => n,
+        Err(e) => {
+            return error(
+                ErrorKind::BadRequest,
+                format!("agent name (--as): {e}"),
+            );
+        }
+    };
+    match state.capture.attach(cgroup, create, name).await {
         Ok((cgroup, already)) => {
             if !already {
                 let kind = EventKind::Attach;
-                state.events.record(operator_event(kind, name));
+                let mut event = operator_event(kind, cgroup.name.as_ref().unwrap_or(&cgroup.path));
+                event.cgroup_path = cgroup.name.as_ref().map(|_| cgroup.path.clone());
+                state.events.record(event);
             }
             Response::Attached { cgroup, already }
         }
@@ -88,12 +103,22 @@ pub async fn detach(state: &ControlState, cgroup: String) -> Response {
         Ok(c) => c,
         Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
     };
+    // The agent it ran as, for the record.
+    let agent = state
+        .resolver
+        .tags()
+        .iter()
+        .find(|t| t.path == cgroup)
+        .map(|t| t.name.clone());
     match state.capture.detach(cgroup.clone()).await {
         Ok(()) => {
             let kind = EventKind::Detach;
-            state
-                .events
-                .record(operator_event(kind, cgroup.to_string()));
+            let mut event = operator_event(kind, &cgroup.to_string());
+            if let Some(agent) = agent.filter(|a| *a != cgroup) {
+                event.cgroup = Some(agent.to_string());
+                event.cgroup_path = Some(cgroup.to_string());
+            }
+            state.events.record(event);
             Response::Detached {
                 cgroup: cgroup.to_string(),
             }
@@ -114,11 +139,11 @@ fn policy_status(store: &PolicyStore) -> PolicyStatus {
 
 /// An operator action that was carried out (attach, detach), as an audit event. A refused one
 /// is answered with its error and changes nothing, so it is not recorded.
-fn operator_event(kind: EventKind, cgroup: String) -> AuditEvent {
+fn operator_event(kind: EventKind, cgroup: &str) -> AuditEvent {
     AuditEvent {
         time_ms: now_unix_ms(),
         kind: Some(kind),
-        cgroup: Some(cgroup),
+        cgroup: Some(cgroup.to_string()),
         decision: Some(Decision::Allow),
         side: Some(Side::Broker),
         ..Default::default()
