@@ -118,6 +118,17 @@ fn completed_record(w: &World, what: &str, run: &ClientRun) -> AuditEvent {
     })
 }
 
+/// The first audit record of `kind` (waiting for its group commit).
+fn record_of_kind(w: &World, kind: EventKind) -> AuditEvent {
+    poll_until(Duration::from_secs(5), || {
+        w.broker
+            .audit_records()
+            .into_iter()
+            .find(|e| e.kind == Some(kind))
+    })
+    .unwrap_or_else(|| panic!("no {kind} record\nbrokerd's log:\n{}", w.broker.log()))
+}
+
 /// The status entry of the tagged cgroup `path`, if it is tagged.
 fn tagged(w: &World, path: &str) -> Option<agent_broker_protocol::TaggedCgroup> {
     w.broker.status().cgroups.into_iter().find(|c| c.path == path)
@@ -193,12 +204,7 @@ fn a_named_cgroup_is_brokered_under_its_name_its_sub_agent_narrowed_across_a_res
     );
 
     // The attach record names the agent and keeps the cgroup.
-    let attach = w
-        .broker
-        .audit_records()
-        .into_iter()
-        .find(|e| e.kind == Some(EventKind::Attach))
-        .unwrap_or_else(|| panic!("no attach record\nbrokerd's log:\n{}", w.broker.log()));
+    let attach = record_of_kind(&w, EventKind::Attach);
     assert_eq!(attach.cgroup.as_deref(), Some(NAME), "{attach:?}");
     assert_eq!(attach.cgroup_path.as_deref(), Some(runtime.as_str()));
 
@@ -227,12 +233,7 @@ fn a_named_cgroup_is_brokered_under_its_name_its_sub_agent_narrowed_across_a_res
     // Detach removes the tag and its name; the cgroup may then take another name.
     w.broker.ctl_ok(&["detach", "--cgroup", &runtime]);
     assert!(tagged(&w, &runtime).is_none());
-    let detach = w
-        .broker
-        .audit_records()
-        .into_iter()
-        .find(|e| e.kind == Some(EventKind::Detach))
-        .unwrap_or_else(|| panic!("no detach record"));
+    let detach = record_of_kind(&w, EventKind::Detach);
     assert_eq!(detach.cgroup.as_deref(), Some(NAME), "{detach:?}");
     assert_eq!(detach.cgroup_path.as_deref(), Some(runtime.as_str()));
     let links = w.broker.pin_dir().join("links");
