@@ -18,14 +18,41 @@
 //!
 //! Run as root: `cargo test -p agent-broker-tests --test agent_names -- --test-threads=1`.
 
-use std::{fs, time::Duration};
+use std::{
+    fs,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use agent_broker_protocol::{AuditEvent, EventKind, Request, RequestOutcome, Response};
 use agent_broker_tests::{
+    agent::agent_python,
     clients::{self, Call, ClientRun, HttpReport},
-    poll_until, redact,
+    poll_until, redact, spawn_in_cgroup, wait_with_timeout,
     world::{API, SECRET_NAME, World, rule},
 };
+
+/// Sends one DNS query (type A) for each name in argv to 127.0.0.53:53 (brokerd answers it:
+/// the redirect takes every DNS datagram of a tagged cgroup to brokerd's DNS listener) and
+/// prints the response codes, one per line.
+const DNS_PY: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+for i, name in enumerate(sys.argv[1:]):
+    q = struct.pack(">HHHHHH", 100 + i, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    s.sendto(q + b"\x00" + struct.pack(">HH", 1, 1), ("127.0.0.53", 53))
+    while True:
+        r = s.recv(4096)
+        if struct.unpack(">H", r[:2])[0] == 100 + i:
+            print(r[3] & 0x0f, flush=True)
+            break
+"#;
+
+/// A name no policy allows.
+const UNALLOWED: &str = "exfil.example.test";
 
 const NAME: &str = "agents/named";
 const SUB_NAME: &str = "agents/named/sub";
@@ -134,8 +161,48 @@ fn tagged(w: &World, path: &str) -> Option<agent_broker_protocol::TaggedCgroup> 
     w.broker.status().cgroups.into_iter().find(|c| c.path == path)
 }
 
+/// DNS from `cgroup`: the API's name resolves (NOERROR), an unallowed one is REFUSED, and
+/// both queries are recorded under `agent` with the real cgroup path.
+fn assert_dns_as(w: &World, cgroup: &str, agent: &str, when: &str) {
+    let mut cmd = Command::new(agent_python());
+    cmd.args(["-c", DNS_PY, API, UNALLOWED])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = spawn_in_cgroup(cgroup, &mut cmd);
+    let pid = child.id();
+    let out = wait_with_timeout(child, Duration::from_secs(30), "the DNS client");
+    let codes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        codes,
+        ["0", "5"],
+        "{when}: DNS from {cgroup} ({agent}): NOERROR for {API}, REFUSED for {UNALLOWED}; \
+         stderr: {}\nbrokerd's log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.broker.log()
+    );
+    for host in [API, UNALLOWED] {
+        let record = poll_until(Duration::from_secs(5), || {
+            w.broker.audit_records().into_iter().find(|e| {
+                e.kind == Some(EventKind::Dns) && e.pid == Some(pid) && e.host.as_deref() == Some(host)
+            })
+        })
+        .unwrap_or_else(|| panic!("{when}: no DNS record of {host} from pid {pid}"));
+        assert_eq!(record.cgroup.as_deref(), Some(agent), "{when}: {record:?}");
+        assert_eq!(
+            record.cgroup_path.as_deref(),
+            Some(cgroup),
+            "{when}: {record:?}"
+        );
+    }
+}
+
 /// Everything a named agent's calls must show, before and after a restart.
 fn assert_named_agent_works(w: &World, runtime: &str, sub: &str, when: &str) {
+    assert_dns_as(w, runtime, NAME, when);
+    assert_dns_as(w, sub, SUB_NAME, when);
     // The name's policy injects the key.
     let what = format!("GET from the named cgroup ({when})");
     let run = assert_injected_from(w, &what, runtime, &w.call("/v1/models"));
