@@ -113,7 +113,10 @@ impl fmt::Display for NameError {
                     "is below the name of"
                 };
                 if other_cgroup == other_name {
-                    write!(f, "agent name {wanted} {relation} tagged cgroup {other_cgroup}")?;
+                    write!(
+                        f,
+                        "agent name {wanted} {relation} tagged cgroup {other_cgroup}"
+                    )?;
                 } else {
                     write!(
                         f,
@@ -256,7 +259,10 @@ mod tests {
             agent_of(tags, &p("pods/a-123/worker")),
             Some((p("agents/a/worker"), &a))
         );
-        assert_eq!(agent_of(tags, &p("agents/b/x")), Some((p("agents/b/x"), &b)));
+        assert_eq!(
+            agent_of(tags, &p("agents/b/x")),
+            Some((p("agents/b/x"), &b))
+        );
         // The path `agents/a` is no tag's cgroup: it has no agent, whatever the names say.
         assert_eq!(agent_of(tags, &p("agents/a")), None);
     }
@@ -268,7 +274,12 @@ mod tests {
         assert_eq!(check(tags, &c, &n), Ok(()));
         let err = check(tags, &c, &p("agents/bar")).expect_err("renamed");
         let text = err.to_string();
-        for needed in ["libpod_parent/libpod-77", "agents/foo", "agents/bar", "detach"] {
+        for needed in [
+            "libpod_parent/libpod-77",
+            "agents/foo",
+            "agents/bar",
+            "detach",
+        ] {
             assert!(text.contains(needed), "{needed}: {text}");
         }
         // Asked without a name: the path is not the name it runs under.
@@ -284,7 +295,9 @@ mod tests {
         let tags = [tag(&c, &n)];
         assert_eq!(check(tags, &p("pods/x/sub"), &p("agents/foo/sub")), Ok(()));
         let err = check(tags, &p("pods/x/sub"), &p("agents/other")).expect_err("covered");
-        assert!(matches!(err, NameError::Covered { ref derived, .. } if *derived == p("agents/foo/sub")));
+        assert!(
+            matches!(err, NameError::Covered { ref derived, .. } if *derived == p("agents/foo/sub"))
+        );
         assert!(err.to_string().contains("agents/foo/sub"), "{err}");
     }
 
@@ -302,7 +315,10 @@ mod tests {
             ("agents/plain/x", "is below the name of"),
         ] {
             let err = check(tags, &new, &p(wanted)).expect_err(wanted);
-            assert!(matches!(err, NameError::Overlaps { .. }), "{wanted}: {err:?}");
+            assert!(
+                matches!(err, NameError::Overlaps { .. }),
+                "{wanted}: {err:?}"
+            );
             let text = err.to_string();
             assert!(text.contains(relation), "{wanted}: {text}");
             assert!(text.contains(wanted), "{wanted}: {text}");
@@ -313,7 +329,10 @@ mod tests {
         }
         // A plain tag whose path is a name's parent overlaps too.
         let err = check(tags, &p("agents"), &p("agents")).expect_err("parent of a name");
-        assert!(err.to_string().contains("pods/x (agent agents/foo)"), "{err}");
+        assert!(
+            err.to_string().contains("pods/x (agent agents/foo)"),
+            "{err}"
+        );
     }
 
     #[test]

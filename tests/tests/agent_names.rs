@@ -158,7 +158,11 @@ fn record_of_kind(w: &World, kind: EventKind) -> AuditEvent {
 
 /// The status entry of the tagged cgroup `path`, if it is tagged.
 fn tagged(w: &World, path: &str) -> Option<agent_broker_protocol::TaggedCgroup> {
-    w.broker.status().cgroups.into_iter().find(|c| c.path == path)
+    w.broker
+        .status()
+        .cgroups
+        .into_iter()
+        .find(|c| c.path == path)
 }
 
 /// DNS from `cgroup`: the API's name resolves (NOERROR), an unallowed one is REFUSED, and
@@ -186,7 +190,9 @@ fn assert_dns_as(w: &World, cgroup: &str, agent: &str, when: &str) {
     for host in [API, UNALLOWED] {
         let record = poll_until(Duration::from_secs(5), || {
             w.broker.audit_records().into_iter().find(|e| {
-                e.kind == Some(EventKind::Dns) && e.pid == Some(pid) && e.host.as_deref() == Some(host)
+                e.kind == Some(EventKind::Dns)
+                    && e.pid == Some(pid)
+                    && e.host.as_deref() == Some(host)
             })
         })
         .unwrap_or_else(|| panic!("{when}: no DNS record of {host} from pid {pid}"));
@@ -239,16 +245,28 @@ fn assert_named_agent_works(w: &World, runtime: &str, sub: &str, when: &str) {
     let what = format!("GET /v1/models from the sub-cgroup ({when})");
     let run = assert_injected_from(w, &what, sub, &w.call("/v1/models"));
     let record = completed_record(w, &what, &run);
-    assert_eq!(record.cgroup.as_deref(), Some(SUB_NAME), "{what}: {record:?}");
-    assert_eq!(record.cgroup_path.as_deref(), Some(sub), "{what}: {record:?}");
+    assert_eq!(
+        record.cgroup.as_deref(),
+        Some(SUB_NAME),
+        "{what}: {record:?}"
+    );
+    assert_eq!(
+        record.cgroup_path.as_deref(),
+        Some(sub),
+        "{what}: {record:?}"
+    );
     let what = format!("GET outside the sub-agent's paths ({when})");
     let (run, report) = curl(w, sub, &w.call("/v1/files"));
     report.assert_denied(SUB_NAME, &what);
     run.assert_no_secret(&w.secret);
 
     // status shows the name and the cgroup.
-    let t = tagged(w, runtime)
-        .unwrap_or_else(|| panic!("{when}: {runtime} is not in status: {:?}", w.broker.status()));
+    let t = tagged(w, runtime).unwrap_or_else(|| {
+        panic!(
+            "{when}: {runtime} is not in status: {:?}",
+            w.broker.status()
+        )
+    });
     assert_eq!(t.name.as_deref(), Some(NAME), "{when}: {t:?}");
     let text = w.broker.ctl_ok(&["status"]);
     assert!(
@@ -284,9 +302,9 @@ fn a_named_cgroup_is_brokered_under_its_name_its_sub_agent_narrowed_across_a_res
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
         assert!(
-            records
-                .iter()
-                .any(|e| e.cgroup.as_deref() == Some(SUB_NAME) && e.kind == Some(EventKind::Request)),
+            records.iter().any(
+                |e| e.cgroup.as_deref() == Some(SUB_NAME) && e.kind == Some(EventKind::Request)
+            ),
             "logs --cgroup {filter} shows the sub-agent's requests: {}",
             redact(&out)
         );
@@ -322,7 +340,8 @@ fn another_name_for_a_tagged_cgroup_nesting_names_and_invalid_names_are_refused(
     let w = world();
     let a = w.cg.create_child("libpod-a");
     let b = w.cg.create_child("libpod-b");
-    w.broker.ctl_ok(&["attach", "--cgroup", &a, "--as", "agents/one"]);
+    w.broker
+        .ctl_ok(&["attach", "--cgroup", &a, "--as", "agents/one"]);
     let refused = |args: &[&str], needles: &[&str]| {
         let out = w.broker.ctl_output(args);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -344,7 +363,9 @@ fn another_name_for_a_tagged_cgroup_nesting_names_and_invalid_names_are_refused(
         &[&a, "agents/one", "agents/two"],
     );
     // The same name again is fine.
-    let out = w.broker.ctl_ok(&["attach", "--cgroup", &a, "--as", "agents/one"]);
+    let out = w
+        .broker
+        .ctl_ok(&["attach", "--cgroup", &a, "--as", "agents/one"]);
     assert!(out.contains("already tagged"), "{out}");
     // Names may not nest with another tag's: equal, below, above.
     for wanted in ["agents/one", "agents/one/x", "agents"] {

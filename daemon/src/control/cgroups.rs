@@ -77,10 +77,7 @@ pub async fn attach(
     let name = match name.as_deref().map(CgroupPath::parse).transpose() {
         Ok(n) => n,
         Err(e) => {
-            return error(
-                ErrorKind::BadRequest,
-                format!("agent name (--as): {e}"),
-            );
+            return error(ErrorKind::BadRequest, format!("agent name (--as): {e}"));
         }
     };
     match state.capture.attach(cgroup, create, name).await {
