@@ -315,6 +315,13 @@ fn a_named_cgroup_is_brokered_under_its_name_its_sub_agent_narrowed_across_a_res
     w.broker.restart();
     assert_named_agent_works(&w, &runtime, &sub, "after a restart");
 
+    // Detach takes the cgroup path; given the name, it says which path that is.
+    let out = w.broker.ctl_output(&["detach", "--cgroup", NAME]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(&runtime),
+        "detach by the agent name must fail naming the cgroup: {stderr}"
+    );
     // Detach removes the tag and its name; the cgroup may then take another name.
     w.broker.ctl_ok(&["detach", "--cgroup", &runtime]);
     assert!(tagged(&w, &runtime).is_none());

@@ -34,7 +34,8 @@ pub struct AttachArgs {
     name: Option<String>,
 }
 
-/// Untag a cgroup: its connections are no longer redirected.
+/// Untag a cgroup: its connections are no longer redirected, and the agent name it ran under
+/// (`attach --as`) is given up.
 #[derive(Debug, clap::Args)]
 pub struct DetachArgs {
     /// cgroup path relative to the cgroup2 mount.

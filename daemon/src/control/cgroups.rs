@@ -100,13 +100,25 @@ pub async fn detach(state: &ControlState, cgroup: String) -> Response {
         Ok(c) => c,
         Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
     };
+    let tags = state.resolver.tags();
     // The agent it ran as, for the record.
-    let agent = state
-        .resolver
-        .tags()
+    let agent = tags
         .iter()
         .find(|t| t.path == cgroup)
         .map(|t| t.name.clone());
+    // Detach takes the cgroup path; say which one when given a tag's agent name instead.
+    if agent.is_none()
+        && let Some(t) = tags.iter().find(|t| t.name == cgroup && t.path != cgroup)
+    {
+        return error(
+            ErrorKind::NotFound,
+            format!(
+                "{cgroup} is the agent name of tagged cgroup {}; detach takes the cgroup path: \
+                 brokerctl detach --cgroup {}",
+                t.path, t.path
+            ),
+        );
+    }
     match state.capture.detach(cgroup.clone()).await {
         Ok(()) => {
             let kind = EventKind::Detach;
