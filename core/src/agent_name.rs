@@ -9,8 +9,9 @@
 //! cgroup path stays in the audit record beside the name. Without a name, a tag's name is its
 //! path (the behaviour before names existed).
 //!
-//! Names live in one space with the paths of unnamed tags, and like tags they never nest: a
-//! tag's name may not equal, contain or lie below another tag's name. Otherwise one workload's
+//! Names live in one space with the paths of tags, and like tags they never nest: a tag's name
+//! may not equal, contain or lie below another tag's name or cgroup path, nor its cgroup path
+//! another tag's name (a tag without a name is named by its path). Otherwise one workload's
 //! policy file would silently narrow an unrelated one, a handle minted for one would be good for
 //! the other, and `logs --cgroup` would mix them, with nothing in the kernel relating the two.
 //!
@@ -70,9 +71,14 @@ pub enum NameError {
         derived: CgroupPath,
         wanted: CgroupPath,
     },
-    /// The name equals, contains or lies below the name of another tag.
+    /// The new tag's name (or its cgroup path) equals, contains or lies below the name (or
+    /// the cgroup path) of another tag.
     Overlaps {
-        wanted: CgroupPath,
+        /// What of the new tag overlaps: `agent name` or `cgroup`.
+        ours_is: &'static str,
+        ours: CgroupPath,
+        /// What of the other tag it overlaps: its name or its cgroup path.
+        theirs: CgroupPath,
         other_cgroup: CgroupPath,
         other_name: CgroupPath,
     },
@@ -101,32 +107,35 @@ impl fmt::Display for NameError {
                  {wanted}; a cgroup below a tag takes its name from the tag"
             ),
             Self::Overlaps {
-                wanted,
+                ours_is,
+                ours,
+                theirs,
                 other_cgroup,
                 other_name,
             } => {
-                let relation = if wanted == other_name {
-                    "is the name of"
-                } else if wanted.is_ancestor_or_self_of(other_name) {
-                    "contains the name of"
+                let relation = if ours == theirs {
+                    "is"
+                } else if ours.is_ancestor_or_self_of(theirs) {
+                    "contains"
                 } else {
-                    "is below the name of"
+                    "is below"
                 };
-                if other_cgroup == other_name {
-                    write!(
-                        f,
-                        "agent name {wanted} {relation} tagged cgroup {other_cgroup}"
-                    )?;
+                let what = if theirs == other_name {
+                    "name"
                 } else {
-                    write!(
-                        f,
-                        "agent name {wanted} {relation} tagged cgroup {other_cgroup} (agent \
-                         {other_name})"
-                    )?;
+                    "cgroup path"
+                };
+                write!(
+                    f,
+                    "{ours_is} {ours} {relation} the {what} of tagged cgroup {other_cgroup}"
+                )?;
+                if other_cgroup != other_name {
+                    write!(f, " (agent {other_name})")?;
                 }
                 f.write_str(
-                    "; names of tags may not nest, or one agent's policy and handles would \
-                     apply to another; choose a name beside it or detach it first",
+                    "; the names and paths of tags may not nest, or one agent's policy, handles \
+                     and logs would mix with another's; choose a name beside it or detach it \
+                     first",
                 )
             }
         }
@@ -136,8 +145,10 @@ impl fmt::Display for NameError {
 impl std::error::Error for NameError {}
 
 /// Checks that `cgroup` may be tagged under `wanted` (its own path when the operator gave no
-/// name) given the current `tags`: Ok when it is new and overlaps no other tag's name, or when
-/// it is tagged (or covered) already under that very name.
+/// name) given the current `tags`: Ok when it is tagged (or covered) already under that very
+/// name, or when it is new and neither its name nor its path nests with another tag's name,
+/// nor its name with another tag's path (so an operator's `agents/a` means one agent, whether
+/// read as a name or as a path, in `policy show`, `handle mint` and `logs --cgroup`).
 pub fn check<'a>(
     tags: impl IntoIterator<Item = NamedTag<'a>> + Clone,
     cgroup: &CgroupPath,
@@ -162,10 +173,21 @@ pub fn check<'a>(
             }
         });
     }
+    let nest =
+        |a: &CgroupPath, b: &CgroupPath| a.is_ancestor_or_self_of(b) || b.is_ancestor_or_self_of(a);
     for t in tags {
-        if t.name.is_ancestor_or_self_of(wanted) || wanted.is_ancestor_or_self_of(t.name) {
+        // The name against the other's name and its path, and the cgroup's path against the
+        // other's name (path against path is the tags' own nesting rule, checked by the caller).
+        let pairs = [
+            ("agent name", wanted, t.name),
+            ("agent name", wanted, t.cgroup),
+            ("cgroup", cgroup, t.name),
+        ];
+        if let Some((ours_is, ours, theirs)) = pairs.into_iter().find(|(_, o, t)| nest(o, t)) {
             return Err(NameError::Overlaps {
-                wanted: wanted.clone(),
+                ours_is,
+                ours: ours.clone(),
+                theirs: theirs.clone(),
                 other_cgroup: t.cgroup.clone(),
                 other_name: t.name.clone(),
             });
@@ -331,6 +353,20 @@ mod tests {
         let err = check(tags, &p("agents"), &p("agents")).expect_err("parent of a name");
         assert!(
             err.to_string().contains("pods/x (agent agents/foo)"),
+            "{err}"
+        );
+        // A name may not nest with another tag's real path either, nor a new cgroup's path
+        // with another tag's name.
+        let err = check(tags, &new, &p("pods/x/sub")).expect_err("below a path");
+        assert!(
+            err.to_string()
+                .contains("agent name pods/x/sub is below the cgroup path of tagged cgroup pods/x (agent agents/foo)"),
+            "{err}"
+        );
+        let err = check(tags, &p("agents/foo/real"), &p("other/name")).expect_err("path");
+        assert!(
+            err.to_string()
+                .contains("cgroup agents/foo/real is below the name of tagged cgroup pods/x"),
             "{err}"
         );
     }

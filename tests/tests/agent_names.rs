@@ -294,6 +294,19 @@ fn a_named_cgroup_is_brokered_under_its_name_its_sub_agent_narrowed_across_a_res
     assert_eq!(attach.cgroup_path.as_deref(), Some(runtime.as_str()));
 
     assert_named_agent_works(&w, &runtime, &sub, "first start");
+    // policy explain answers for the name, also when given the runtime's path.
+    let url = format!("https://{API}:{}/v1/models", w.api.port());
+    let by_name = w
+        .broker
+        .ctl_ok(&["policy", "explain", "--cgroup", SUB_NAME, "POST", &url]);
+    let by_path = w
+        .broker
+        .ctl_output(&["policy", "explain", "--cgroup", &sub, "POST", &url]);
+    assert_eq!(
+        String::from_utf8_lossy(&by_path.stdout),
+        by_name,
+        "explain by the sub-cgroup's path is explain by its name"
+    );
     // logs --cgroup finds the agent's records by its name and by its cgroup path.
     for filter in [NAME, runtime.as_str()] {
         let out = w.broker.ctl_ok(&["logs", "--json", "--cgroup", filter]);
@@ -381,6 +394,11 @@ fn another_name_for_a_tagged_cgroup_nesting_names_and_invalid_names_are_refused(
             &[wanted, &a, "agents/one"],
         );
     }
+    // Nor with another tag's cgroup path.
+    refused(
+        &["attach", "--cgroup", &b, "--as", &format!("{a}/x")],
+        &[&a, "agents/one", "cgroup path"],
+    );
     assert!(tagged(&w, &b).is_none(), "a refused attach tags nothing");
     // A cgroup below a named tag takes its name from it.
     let a_sub = format!("{a}/sub");

@@ -18,8 +18,9 @@ use crate::control::{call, unexpected};
 /// cgroup at that path (a policy file for `NAME/x` narrows the sub-agent `x`); audit records
 /// keep the real cgroup path beside it. The name stays with the tag across brokerd restarts and
 /// goes on detach. A tagged cgroup cannot be attached again under another name (detach it
-/// first), and names do not nest: NAME may not equal, contain or lie below the name (or, for a
-/// tag without one, the path) of another tagged cgroup.
+/// first), and names do not nest: NAME may not equal, contain or lie below the name or the path
+/// of another tagged cgroup (a tag without a name is named by its path), nor PATH another tag's
+/// name.
 #[derive(Debug, clap::Args)]
 pub struct AttachArgs {
     /// cgroup path relative to the cgroup2 mount.

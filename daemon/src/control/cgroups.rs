@@ -1,6 +1,7 @@
 //! Tagging: `status`, `attach`, `detach` and `connections`, each operator action recorded.
 
 use agent_broker_core::{
+    agent_name,
     cgroup::CgroupPath,
     time::{now_unix_ms, unix_secs},
 };
@@ -133,6 +134,26 @@ pub async fn detach(state: &ControlState, cgroup: String) -> Response {
             }
         }
         Err(e) => capture_error(e),
+    }
+}
+
+/// The agent an operator means by `raw`: the name a named tag runs under when `raw` is the
+/// real path of that tag's cgroup (or of one below it), so `policy show/explain` and `handle
+/// mint` given the runtime's path answer for (and bind to) the agent its connections are
+/// attributed to. Anything else (an agent name, an unnamed tag's path, an invalid path, which
+/// the request itself then refuses) is returned as it is.
+pub fn agent_of(state: &ControlState, raw: String) -> String {
+    let Ok(path) = CgroupPath::parse(&raw) else {
+        return raw;
+    };
+    let tags = state.resolver.tags();
+    let named = tags.iter().map(|t| agent_name::NamedTag {
+        cgroup: &t.path,
+        name: &t.name,
+    });
+    match agent_name::agent_of(named, &path) {
+        Some((name, _)) => name.to_string(),
+        None => raw,
     }
 }
 
