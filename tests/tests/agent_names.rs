@@ -414,6 +414,44 @@ fn another_name_for_a_tagged_cgroup_nesting_names_and_invalid_names_are_refused(
         &["attach", "--cgroup", &a_sub, "--as", "agents/other"],
         &["agents/one/sub", "agents/other"],
     );
+    // `brokerctl run --as`: a new cgroup is tagged under the name and CMD runs there; another
+    // name for a tagged cgroup starts nothing.
+    let run_cg = w.cg.child("run-agent");
+    let out = w.broker.ctl_output(&[
+        "run",
+        "--cgroup",
+        &run_cg,
+        "--create",
+        "--as",
+        "agents/run",
+        "--",
+        "sh",
+        "-c",
+        "exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "run --as: {out:?}");
+    assert_eq!(
+        tagged(&w, &run_cg).and_then(|t| t.name).as_deref(),
+        Some("agents/run")
+    );
+    let out = w.broker.ctl_output(&[
+        "run",
+        "--cgroup",
+        &a,
+        "--as",
+        "agents/else",
+        "--",
+        "sh",
+        "-c",
+        "exit 7",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() != Some(7)
+            && stderr.contains("agents/one")
+            && stderr.contains("agents/else"),
+        "run under another name must start nothing and name both: {out:?}"
+    );
     // Invalid names, refused by brokerctl and by brokerd itself.
     for bad in ["", "/", "agents/../x", ".."] {
         refused(&["attach", "--cgroup", &b, "--as", bad], &["--as"]);
