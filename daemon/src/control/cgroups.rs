@@ -1,6 +1,7 @@
 //! Tagging: `status`, `attach`, `detach` and `connections`, each operator action recorded.
 
 use agent_broker_core::{
+    agent_name,
     cgroup::CgroupPath,
     time::{now_unix_ms, unix_secs},
 };
@@ -63,18 +64,30 @@ pub async fn status(state: &ControlState) -> Response {
     }
 }
 
-/// Tags a cgroup (creating it with `create`).
-pub async fn attach(state: &ControlState, cgroup: String, create: bool) -> Response {
+/// Tags a cgroup (creating it with `create`), under the agent `name` when one is given.
+pub async fn attach(
+    state: &ControlState,
+    cgroup: String,
+    create: bool,
+    name: Option<String>,
+) -> Response {
     let cgroup = match CgroupPath::parse(&cgroup) {
         Ok(c) => c,
         Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
     };
-    let name = cgroup.to_string();
-    match state.capture.attach(cgroup, create).await {
+    let name = match name.as_deref().map(CgroupPath::parse).transpose() {
+        Ok(n) => n,
+        Err(e) => {
+            return error(ErrorKind::BadRequest, format!("agent name (--as): {e}"));
+        }
+    };
+    match state.capture.attach(cgroup, create, name).await {
         Ok((cgroup, already)) => {
             if !already {
                 let kind = EventKind::Attach;
-                state.events.record(operator_event(kind, name));
+                let mut event = operator_event(kind, cgroup.name.as_ref().unwrap_or(&cgroup.path));
+                event.cgroup_path = cgroup.name.as_ref().map(|_| cgroup.path.clone());
+                state.events.record(event);
             }
             Response::Attached { cgroup, already }
         }
@@ -88,17 +101,59 @@ pub async fn detach(state: &ControlState, cgroup: String) -> Response {
         Ok(c) => c,
         Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
     };
+    let tags = state.resolver.tags();
+    // The agent it ran as, for the record.
+    let agent = tags
+        .iter()
+        .find(|t| t.path == cgroup)
+        .map(|t| t.name.clone());
+    // Detach takes the cgroup path; say which one when given a tag's agent name instead.
+    if agent.is_none()
+        && let Some(t) = tags.iter().find(|t| t.name == cgroup && t.path != cgroup)
+    {
+        return error(
+            ErrorKind::NotFound,
+            format!(
+                "{cgroup} is the agent name of tagged cgroup {}; detach takes the cgroup path: \
+                 brokerctl detach --cgroup {}",
+                t.path, t.path
+            ),
+        );
+    }
     match state.capture.detach(cgroup.clone()).await {
         Ok(()) => {
             let kind = EventKind::Detach;
-            state
-                .events
-                .record(operator_event(kind, cgroup.to_string()));
+            let mut event = operator_event(kind, &cgroup.to_string());
+            if let Some(agent) = agent.filter(|a| *a != cgroup) {
+                event.cgroup = Some(agent.to_string());
+                event.cgroup_path = Some(cgroup.to_string());
+            }
+            state.events.record(event);
             Response::Detached {
                 cgroup: cgroup.to_string(),
             }
         }
         Err(e) => capture_error(e),
+    }
+}
+
+/// The agent an operator means by `raw`: the name a named tag runs under when `raw` is the
+/// real path of that tag's cgroup (or of one below it), so `policy show/explain` and `handle
+/// mint` given the runtime's path answer for (and bind to) the agent its connections are
+/// attributed to. Anything else (an agent name, an unnamed tag's path, an invalid path, which
+/// the request itself then refuses) is returned as it is.
+pub fn agent_of(state: &ControlState, raw: String) -> String {
+    let Ok(path) = CgroupPath::parse(&raw) else {
+        return raw;
+    };
+    let tags = state.resolver.tags();
+    let named = tags.iter().map(|t| agent_name::NamedTag {
+        cgroup: &t.path,
+        name: &t.name,
+    });
+    match agent_name::agent_of(named, &path) {
+        Some((name, _)) => name.to_string(),
+        None => raw,
     }
 }
 
@@ -114,11 +169,11 @@ fn policy_status(store: &PolicyStore) -> PolicyStatus {
 
 /// An operator action that was carried out (attach, detach), as an audit event. A refused one
 /// is answered with its error and changes nothing, so it is not recorded.
-fn operator_event(kind: EventKind, cgroup: String) -> AuditEvent {
+fn operator_event(kind: EventKind, cgroup: &str) -> AuditEvent {
     AuditEvent {
         time_ms: now_unix_ms(),
         kind: Some(kind),
-        cgroup: Some(cgroup),
+        cgroup: Some(cgroup.to_string()),
         decision: Some(Decision::Allow),
         side: Some(Side::Broker),
         ..Default::default()
