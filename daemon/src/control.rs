@@ -84,6 +84,8 @@ pub struct ControlState {
     pub events: Arc<dyn EventSink>,
     /// Each agent's shares of brokerd, as counted.
     pub shares: Arc<crate::shares::ShareBook>,
+    /// Workload network namespaces served (containers).
+    pub workloads: Arc<crate::workloads::Workloads>,
 }
 
 /// Binds the control socket, refusing to steal it from a running brokerd.
@@ -247,6 +249,7 @@ async fn dispatch(request: Request, state: &ControlState) -> Response {
             create,
             name,
         } => cgroups::attach(state, cgroup, create, name).await,
+        Request::AttachPid { pid, name } => cgroups::attach_pid(state, pid, name).await,
         Request::Detach { cgroup } => cgroups::detach(state, cgroup).await,
         Request::Connections { limit } => Response::Connections {
             connections: state.recent.latest(limit),

@@ -46,6 +46,15 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
+    /// Tag the cgroup of a running process (its cgroup2 path), and, when the process has a
+    /// network namespace of its own (a container's), open brokerd's listeners there.
+    AttachPid {
+        /// The process, as a pid of brokerd's pid namespace (the host's).
+        pid: u32,
+        /// The agent name its cgroup runs under, as for [`Request::Attach`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
     /// Untag a cgroup: detach and unpin its programs.
     Detach {
         /// Path relative to the cgroup2 mount.
@@ -428,6 +437,15 @@ pub enum Response {
         /// True when the cgroup was already tagged and nothing was attached again.
         already: bool,
     },
+    /// The answer to [`Request::AttachPid`].
+    AttachedPid {
+        cgroup: TaggedCgroup,
+        /// True when the cgroup was already tagged and nothing was attached again.
+        already: bool,
+        /// The process's network namespace, when it is not brokerd's own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workload: Option<WorkloadStatus>,
+    },
     Detached {
         cgroup: String,
     },
@@ -559,6 +577,9 @@ pub struct StatusReport {
     /// The most connections brokerd serves at once (from its file descriptor limit).
     #[serde(default)]
     pub max_connections: u64,
+    /// Workload network namespaces brokerd serves listeners in.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadStatus>,
 }
 
 /// An inet socket held by a process in a tagged cgroup but made outside every tagged cgroup.
@@ -649,6 +670,28 @@ pub struct TaggedCgroup {
     pub processes: u64,
     /// Number of programs attached through pinned links (5 when fully tagged).
     pub links: u32,
+}
+
+/// A workload's network namespace in which brokerd serves listeners of its own (a container's).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadStatus {
+    /// The network namespace's cookie (`NS_GET_ID` of `/proc/<pid>/ns/net`).
+    pub netns_cookie: u64,
+    /// The cgroup of the process it was attached by (relative to the cgroup2 mount).
+    pub cgroup: String,
+    /// The tagged cgroup that covers it.
+    pub tag: String,
+    /// The process brokerd entered the namespace through (at attach, or at brokerd's start).
+    pub pid: u32,
+    /// brokerd's TCP listeners inside the namespace.
+    pub listeners: Vec<SocketAddr>,
+    /// brokerd's UDP DNS listeners inside the namespace.
+    pub dns_listeners: Vec<SocketAddr>,
+    /// `serving`, or why not.
+    pub state: String,
+    /// When the listeners were opened (by this brokerd), Unix milliseconds.
+    pub opened_ms: u64,
 }
 
 /// Kernel-side counters, summed over CPUs.
@@ -916,6 +959,33 @@ mod tests {
         let json = serde_json::to_string(&info).expect("encode");
         assert!(!json.contains("shape"), "{json}");
         assert_eq!(serde_json::from_str::<HandleInfo>(&json).ok(), Some(info));
+    }
+
+    #[test]
+    fn attach_by_pid_is_its_own_request_and_old_attaches_still_parse() {
+        let req: Request = decode_line(br#"{"request":"attach_pid","pid":4242}"#).expect("decode");
+        assert_eq!(
+            req,
+            Request::AttachPid {
+                pid: 4242,
+                name: None
+            }
+        );
+        assert!(decode_line::<Request>(br#"{"request":"attach","cgroup":"a","pid":1}"#).is_err());
+        let reply = Response::AttachedPid {
+            cgroup: TaggedCgroup {
+                path: "a".into(),
+                id: 1,
+                processes: 1,
+                links: 16,
+                name: None,
+            },
+            already: false,
+            workload: None,
+        };
+        let line = encode_line(&reply).expect("encode");
+        assert!(!String::from_utf8_lossy(&line).contains("workload"));
+        assert_eq!(decode_line::<Response>(&line).expect("decode"), reply);
     }
 
     #[test]

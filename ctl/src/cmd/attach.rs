@@ -21,13 +21,29 @@ use crate::control::{call, unexpected};
 /// first), and names do not nest: NAME may not equal, contain or lie below the name or the path
 /// of another tagged cgroup (a tag without a name is named by its path), nor PATH another tag's
 /// name.
+///
+/// With --pid, tag the cgroup of a running process instead; when that process has a network
+/// namespace of its own (a container's), brokerd also opens its proxy and DNS listeners inside
+/// that namespace, on loopback with its own ports, so the workload is brokered there. Those
+/// listeners are released when the process's cgroup has no process left (or is removed), or on
+/// detach, and re-opened when brokerd restarts while the workload still runs. With --cgroup,
+/// processes of the cgroup that already run in a network namespace of their own get listeners
+/// there too.
 #[derive(Debug, clap::Args)]
 pub struct AttachArgs {
     /// cgroup path relative to the cgroup2 mount.
-    #[arg(long, value_name = "PATH")]
-    cgroup: String,
-    /// Create the cgroup if it does not exist.
-    #[arg(long)]
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "pid",
+        conflicts_with = "pid"
+    )]
+    cgroup: Option<String>,
+    /// Tag the cgroup (and serve the network namespace) of this running process (a host pid).
+    #[arg(long, value_name = "PID")]
+    pid: Option<u32>,
+    /// Create the cgroup if it does not exist (with --cgroup).
+    #[arg(long, requires = "cgroup")]
     create: bool,
     /// The agent name the cgroup runs under, a cgroup-style path such as `agents/foo`
     /// [default: the cgroup path].
@@ -45,13 +61,16 @@ pub struct DetachArgs {
 }
 
 pub fn attach(run_dir: &Path, args: AttachArgs) -> anyhow::Result<()> {
-    let path = CgroupPath::parse(&args.cgroup)?;
     let name = parse_name(args.name.as_deref())?;
-    let (tagged, already) = tag(run_dir, &path, args.create, name.as_ref())?;
-    let agent = match &tagged.name {
-        Some(name) => format!(" as agent {name}"),
-        None => String::new(),
+    if let Some(pid) = args.pid {
+        return attach_pid(run_dir, pid, name.as_ref());
+    }
+    let Some(cgroup) = args.cgroup else {
+        anyhow::bail!("give --cgroup PATH or --pid PID");
     };
+    let path = CgroupPath::parse(&cgroup)?;
+    let (tagged, already) = tag(run_dir, &path, args.create, name.as_ref())?;
+    let agent = agent_suffix(&tagged);
     if already && tagged.path == path.to_string() {
         outln!("{} is already tagged{agent}", tagged.path);
     } else if already {
@@ -66,6 +85,55 @@ pub fn attach(run_dir: &Path, args: AttachArgs) -> anyhow::Result<()> {
 pub fn parse_name(raw: Option<&str>) -> anyhow::Result<Option<CgroupPath>> {
     raw.map(|n| CgroupPath::parse(n).map_err(|e| anyhow::anyhow!("--as: {e}")))
         .transpose()
+}
+
+/// " as agent NAME" for a tag with a name of its own.
+fn agent_suffix(tagged: &TaggedCgroup) -> String {
+    match &tagged.name {
+        Some(name) => format!(" as agent {name}"),
+        None => String::new(),
+    }
+}
+
+/// `attach --pid`: tags the process's cgroup and serves its network namespace.
+pub fn attach_pid(run_dir: &Path, pid: u32, name: Option<&CgroupPath>) -> anyhow::Result<()> {
+    let request = Request::AttachPid {
+        pid,
+        name: name.map(ToString::to_string),
+    };
+    match call(run_dir, &request)? {
+        Response::AttachedPid {
+            cgroup,
+            already,
+            workload,
+        } => {
+            let agent = agent_suffix(&cgroup);
+            if already {
+                outln!("{} is already tagged{agent}", cgroup.path);
+            } else {
+                outln!("tagged {}{agent} (cgroup id {})", cgroup.path, cgroup.id);
+            }
+            match workload {
+                Some(w) => {
+                    let listeners: Vec<String> = w
+                        .listeners
+                        .iter()
+                        .chain(&w.dns_listeners)
+                        .map(|a| a.to_string())
+                        .collect();
+                    outln!(
+                        "serving network namespace {} of process {pid} (cgroup {}): {}",
+                        w.netns_cookie,
+                        w.cgroup,
+                        listeners.join(" ")
+                    );
+                }
+                None => outln!("process {pid} is in brokerd's own network namespace"),
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
 }
 
 pub fn detach(run_dir: &Path, args: DetachArgs) -> anyhow::Result<()> {

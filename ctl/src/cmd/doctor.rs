@@ -673,6 +673,7 @@ mod tests {
             shares: Vec::new(),
             open_connections: 0,
             max_connections: 0,
+            workloads: Vec::new(),
         }
     }
 

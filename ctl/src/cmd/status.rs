@@ -131,6 +131,33 @@ fn print_status(s: &StatusReport) {
             );
         }
     }
+    if !s.workloads.is_empty() {
+        outln!(
+            "{:<20} {:<30} {:<30} {:>8}  {:<10} LISTENERS",
+            "WORKLOAD NETNS",
+            "CGROUP",
+            "TAG",
+            "PID",
+            "STATE"
+        );
+        for w in &s.workloads {
+            let listeners: Vec<String> = w
+                .listeners
+                .iter()
+                .chain(&w.dns_listeners)
+                .map(|a| a.to_string())
+                .collect();
+            outln!(
+                "{:<20} {:<30} {:<30} {:>8}  {:<10} {}",
+                w.netns_cookie,
+                w.cgroup,
+                w.tag,
+                w.pid,
+                w.state,
+                listeners.join(" ")
+            );
+        }
+    }
     if s.cgroups.is_empty() {
         outln!("no tagged cgroups");
         return;

@@ -58,6 +58,7 @@ pub async fn status(state: &ControlState) -> Response {
                 shares: state.shares.usage(),
                 open_connections: state.shares.open_connections().0 as u64,
                 max_connections: state.shares.open_connections().1 as u64,
+                workloads: state.workloads.status(),
             })
         }
         Err(e) => capture_error(e),
@@ -75,23 +76,129 @@ pub async fn attach(
         Ok(c) => c,
         Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
     };
-    let name = match name.as_deref().map(CgroupPath::parse).transpose() {
+    let name = match parse_name(name) {
         Ok(n) => n,
-        Err(e) => {
-            return error(ErrorKind::BadRequest, format!("agent name (--as): {e}"));
-        }
+        Err(response) => return *response,
     };
-    match state.capture.attach(cgroup, create, name).await {
-        Ok((cgroup, already)) => {
+    match state.capture.attach(cgroup.clone(), create, name).await {
+        Ok((tagged, already)) => {
             if !already {
-                let kind = EventKind::Attach;
-                let mut event = operator_event(kind, cgroup.name.as_ref().unwrap_or(&cgroup.path));
-                event.cgroup_path = cgroup.name.as_ref().map(|_| cgroup.path.clone());
-                state.events.record(event);
+                state.events.record(attach_event(&tagged));
             }
-            Response::Attached { cgroup, already }
+            // Processes of the cgroup that already run in a network namespace of their own (a
+            // container's) get listeners there too; `status` lists them, and a namespace that
+            // cannot be served stays refused (logged and audited by the workloads module).
+            if let Ok(tag) = CgroupPath::parse(&tagged.path) {
+                let id = agent_broker_core::cgroup::CgroupId(tagged.id);
+                for (pid, opened) in state.workloads.open_members(&cgroup, (tag, id)).await {
+                    if let Err(e) = opened {
+                        tracing::warn!(cgroup = %cgroup, pid, error = %e, "cannot open brokerd's listeners in the network namespace of a process of the attached cgroup; its connections stay refused");
+                    }
+                }
+            }
+            Response::Attached {
+                cgroup: tagged,
+                already,
+            }
         }
         Err(e) => capture_error(e),
+    }
+}
+
+/// The agent name given with `--as`, validated; an error response names what is wrong.
+fn parse_name(name: Option<String>) -> Result<Option<CgroupPath>, Box<Response>> {
+    name.as_deref()
+        .map(CgroupPath::parse)
+        .transpose()
+        .map_err(|e| {
+            Box::new(error(
+                ErrorKind::BadRequest,
+                format!("agent name (--as): {e}"),
+            ))
+        })
+}
+
+/// The audit record of a tag made: its agent name, and its real path when that differs.
+fn attach_event(tagged: &agent_broker_protocol::TaggedCgroup) -> AuditEvent {
+    let mut event = operator_event(
+        EventKind::Attach,
+        tagged.name.as_ref().unwrap_or(&tagged.path),
+    );
+    event.cgroup_path = tagged.name.as_ref().map(|_| tagged.path.clone());
+    event
+}
+
+/// Tags the cgroup of the process `pid` and, when the process has a network namespace of its
+/// own, opens brokerd's listeners there. A pidfd taken first pins the process: its cgroup is
+/// read, then the pidfd is checked live (so the pid was not reused in between), and the
+/// namespace is entered through the pidfd. A failure to open the namespace undoes a tag this
+/// request made, and leaves no namespace entry (its connects stay refused).
+pub async fn attach_pid(state: &ControlState, pid: u32, name: Option<String>) -> Response {
+    use crate::capture::netns;
+    let name = match parse_name(name) {
+        Ok(n) => n,
+        Err(response) => return *response,
+    };
+    let pidfd = match netns::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => return error(ErrorKind::NotFound, e.to_string()),
+    };
+    let cgroup = match state.root.cgroup_of(pid) {
+        Ok(Some(c)) if !c.is_root() => c,
+        Ok(_) => {
+            return error(
+                ErrorKind::BadRequest,
+                format!(
+                    "process {pid} is in the root cgroup or outside the cgroup2 hierarchy at {}; \
+                     it needs a cgroup of its own to be tagged",
+                    state.root.mount().display()
+                ),
+            );
+        }
+        Err(e) => return error(ErrorKind::NotFound, format!("process {pid}: {e}")),
+    };
+    if !netns::pidfd_alive(&pidfd) {
+        return error(ErrorKind::NotFound, format!("process {pid} has exited"));
+    }
+    let (tagged, already) = match state.capture.attach(cgroup.clone(), false, name).await {
+        Ok(t) => t,
+        Err(e) => return capture_error(e),
+    };
+    let tag = match CgroupPath::parse(&tagged.path) {
+        Ok(t) => t,
+        Err(e) => return error(ErrorKind::Internal, e.to_string()),
+    };
+    let opened = state
+        .workloads
+        .open(
+            pidfd,
+            pid,
+            cgroup.clone(),
+            (tag.clone(), agent_broker_core::cgroup::CgroupId(tagged.id)),
+        )
+        .await;
+    match opened {
+        Ok(workload) => {
+            if !already {
+                state.events.record(attach_event(&tagged));
+            }
+            Response::AttachedPid {
+                cgroup: tagged,
+                already,
+                workload,
+            }
+        }
+        Err(e) => {
+            if !already {
+                let _ = state.capture.detach(tag).await;
+            }
+            error(
+                ErrorKind::Internal,
+                format!(
+                    "cannot open brokerd's listeners in the network namespace of process {pid}: {e}"
+                ),
+            )
+        }
     }
 }
 
@@ -122,6 +229,9 @@ pub async fn detach(state: &ControlState, cgroup: String) -> Response {
     }
     match state.capture.detach(cgroup.clone()).await {
         Ok(()) => {
+            state
+                .workloads
+                .release_under(&cgroup, "its tag was detached");
             let kind = EventKind::Detach;
             let mut event = operator_event(kind, &cgroup.to_string());
             if let Some(agent) = agent.filter(|a| *a != cgroup) {
