@@ -6,10 +6,9 @@
 //!   container's calls go to brokerd, which refuses what no policy allows. Either way nothing
 //!   arrives, and this test holds both before and after. The same for a labelled `podman kube
 //!   play` pod tagged by its pod cgroup.
-//! - The brokered case: the container calls the HTTPS API through brokerd with an injected key,
-//!   gets 403 for an unallowed host and REFUSED for an unallowed DNS name. It needs brokerd's
-//!   listeners in workload namespaces (`attach --pid`, the netns-step2 branch) and is ignored
-//!   until they land.
+//! - The brokered case: the container, attached by name under a stable agent name (`--as`),
+//!   calls the HTTPS API through brokerd (listeners in its own network namespace) with an
+//!   injected key, gets 403 for an unallowed host and REFUSED for an unallowed DNS name.
 //! - `brokerctl attach --container` says clearly why it cannot tag: no such container, a
 //!   stopped one, a runtime that is not installed.
 //! - The container harness itself: a container's and a pod's cgroup, network namespace (only
@@ -82,6 +81,9 @@ out["other"] = outcome(lambda: https("other.example.test"))
 out["dns"] = outcome(dns)
 print(json.dumps(out), flush=True)
 "#;
+
+/// The agent name the brokered container runs under (`attach --as`).
+const AGENT_NAME: &str = "agents/container";
 
 /// What [`CLIENT_PY`] printed.
 struct Report {
@@ -327,7 +329,6 @@ fn labelled_pod_tagged_by_its_cgroup_reaches_nothing_on_the_host() {
 /// names the container's own loopback, and brokerd refuses it. The container itself has no
 /// route anywhere (`--network none`): only brokerd can carry its call.
 #[test]
-#[ignore = "needs netns listeners (netns-step2 branch)"]
 fn container_tagged_by_name_is_brokered_with_an_injected_key() {
     require_privileges();
     let podman = Podman::new();
@@ -352,11 +353,7 @@ fn container_tagged_by_name_is_brokered_with_an_injected_key() {
         .name(OTHER, root_ip)
         .policy(
             "container",
-            &format!(
-                "cgroup = \"{}\"\n{}",
-                ct.cgroup,
-                rule(API, api.port(), true)
-            ),
+            &format!("cgroup = \"{AGENT_NAME}\"\n{}", rule(API, api.port(), true)),
         )
         .start();
     let secret = Canary::new();
@@ -367,7 +364,12 @@ fn container_tagged_by_name_is_brokered_with_an_injected_key() {
     std::fs::copy(broker.export_ca(), podman.share_dir().join("broker-ca.pem"))
         .unwrap_or_else(|e| panic!("cannot copy the broker CA for the container: {e}"));
 
-    broker.ctl_ok(&["attach", "--container", &ct.name]);
+    // Under a stable agent name: the policy names the agent, not the runtime's cgroup path.
+    let out = broker.ctl_ok(&["attach", "--container", &ct.name, "--as", AGENT_NAME]);
+    assert!(
+        out.contains("serving network namespace"),
+        "attach --container should open brokerd's listeners in the container's namespace: {out}"
+    );
     assert_tagged(&broker, &ct.cgroup);
 
     let report = run_client(
@@ -432,7 +434,7 @@ fn container_tagged_by_name_is_brokered_with_an_injected_key() {
     );
     let conn = broker.wait_connection("container call", |c| {
         c.origin.as_ref().is_some_and(|o| {
-            o.cgroup.trim_start_matches('/') == ct.cgroup
+            [ct.cgroup.as_str(), AGENT_NAME].contains(&o.cgroup.trim_start_matches('/'))
                 && o.original_dst == SocketAddr::new(IpAddr::V4(root_ip), api.port())
         })
     });
