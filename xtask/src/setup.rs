@@ -35,9 +35,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // /usr/lib/jvm, world-readable; it runs a single source file without javac.
     "default-jre-headless",
     // Real containers and pods (tests/src/container.rs, tests/tests/containers.rs): podman with
-    // runc, since Debian 12's crun refuses hybrid cgroup hierarchies.
+    // runc, since Debian 12's crun refuses hybrid cgroup hierarchies; catatonit is the init
+    // podman builds its pod infra image from when no registry is reachable (`kube play` fails
+    // without it: "finding pause binary: exec: \"catatonit\": executable file not found").
     "podman",
     "runc",
+    "catatonit",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.
