@@ -72,9 +72,13 @@ use aya::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use agent_broker_core::cgroup::{CgroupError, CgroupId, CgroupPath, CgroupRoot};
+use agent_broker_core::{
+    agent_name::{self, NameError, NamedTag},
+    cgroup::{CgroupError, CgroupId, CgroupPath, CgroupRoot},
+};
 
 mod link_update;
+mod names;
 pub mod netns;
 pub mod sock_diag;
 mod unix_hooks;
@@ -141,6 +145,10 @@ pub enum CaptureError {
     Map { name: &'static str, message: String },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("cannot record the agent name of cgroup {path}: {message}")]
+    NameEntry { path: CgroupPath, message: String },
     #[error("cgroup {path} {reason}")]
     Forbidden { path: CgroupPath, reason: String },
     #[error("cgroup {0} is not tagged")]
@@ -208,6 +216,17 @@ pub struct CaptureConfig {
 pub struct Tag {
     pub path: CgroupPath,
     pub id: CgroupId,
+    /// The agent name it runs under (`attach --as`); its path when it was given none.
+    pub name: CgroupPath,
+}
+
+impl Tag {
+    fn named(&self) -> NamedTag<'_> {
+        NamedTag {
+            cgroup: &self.path,
+            name: &self.name,
+        }
+    }
 }
 
 /// The set of tagged cgroups, replaced whole on every change.
@@ -216,8 +235,12 @@ pub type TagSet = Arc<Vec<Tag>>;
 /// Who opened a redirected connection and where it was going.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectionOrigin {
-    /// The tagged cgroup (or a cgroup below one) the connecting thread was in.
+    /// The agent: the tagged cgroup (or a cgroup below one) the connecting thread was in, as
+    /// named by its tag ([`agent_name`]: `NAME/x` for the cgroup `x` below a tag attached
+    /// `--as NAME`). Policy, handles, shares and audit records know agents by this.
     pub cgroup: CgroupPath,
+    /// The real cgroup path, when it differs from `cgroup` (a named tag).
+    pub cgroup_path: Option<CgroupPath>,
     pub cgroup_id: CgroupId,
     /// Process id (thread group id).
     pub pid: u32,
@@ -312,7 +335,7 @@ impl OriginResolver {
             None => ListenerOwner::NotLocal,
             Some(s) => match s.cgroup_id {
                 Some(id) => match self.cgroup_path(CgroupId(id)) {
-                    Some(path) => ListenerOwner::Agent(path),
+                    Some(path) => ListenerOwner::Agent(self.agent_of(path).0),
                     None => ListenerOwner::Other,
                 },
                 None if s.state == sock_diag::TCP_SYN_RECV => ListenerOwner::Unsettled,
@@ -386,9 +409,10 @@ impl OriginResolver {
 
     fn origin_of(&self, origin: Origin) -> Result<ConnectionOrigin, ResolveError> {
         let cgroup_id = CgroupId(origin.cgroup_id);
-        let cgroup = self
+        let path = self
             .cgroup_path(cgroup_id)
             .ok_or(ResolveError::UnknownCgroup(cgroup_id))?;
+        let (cgroup, cgroup_path) = self.agent_of(path);
         let comm_len = origin
             .comm
             .iter()
@@ -396,6 +420,7 @@ impl OriginResolver {
             .unwrap_or(origin.comm.len());
         Ok(ConnectionOrigin {
             cgroup,
+            cgroup_path,
             cgroup_id,
             pid: origin.tgid,
             tid: origin.pid,
@@ -406,6 +431,17 @@ impl OriginResolver {
                 .map(|p| p.display().to_string()),
             original_dst: original_dst(&origin),
         })
+    }
+
+    /// The agent a cgroup's connections are attributed to (the name of the tag covering it,
+    /// rebased), and its real path when that differs. A cgroup no tag covers any more (detached
+    /// since) keeps its path.
+    fn agent_of(&self, path: CgroupPath) -> (CgroupPath, Option<CgroupPath>) {
+        let tags = self.tags();
+        match agent_name::agent_of(tags.iter().map(Tag::named), &path) {
+            Some((name, _)) if name != path => (name, Some(path)),
+            _ => (path, None),
+        }
     }
 
     /// Deletes every redirect and DNS record of the network namespace `netns_cookie` (a
@@ -643,6 +679,7 @@ enum Command {
     Attach {
         cgroup: CgroupPath,
         create: bool,
+        name: Option<CgroupPath>,
         reply: oneshot::Sender<Result<(TaggedCgroup, bool), CaptureError>>,
     },
     Detach {
@@ -661,16 +698,19 @@ pub struct CaptureHandle {
 }
 
 impl CaptureHandle {
-    /// Tags a cgroup. Returns its state and whether it was already tagged.
+    /// Tags a cgroup, under the agent `name` when one is given (see [`agent_name`]). Returns
+    /// its state and whether it was already tagged.
     pub async fn attach(
         &self,
         cgroup: CgroupPath,
         create: bool,
+        name: Option<CgroupPath>,
     ) -> Result<(TaggedCgroup, bool), CaptureError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Attach {
             cgroup,
             create,
+            name,
             reply,
         })
         .await?;
@@ -699,6 +739,8 @@ impl CaptureHandle {
 /// A tagged cgroup's pinned links.
 struct Tagged {
     id: CgroupId,
+    /// The agent name it runs under, when it was given one (`attach --as`).
+    name: Option<CgroupPath>,
     /// Directory holding this cgroup's link pins.
     pin_dir: PathBuf,
     links: Vec<PinnedLink>,
@@ -983,9 +1025,10 @@ impl CaptureOwner {
                 Command::Attach {
                     cgroup,
                     create,
+                    name,
                     reply,
                 } => {
-                    let _ = reply.send(self.attach(cgroup, create));
+                    let _ = reply.send(self.attach(cgroup, create, name));
                 }
                 Command::Detach { cgroup, reply } => {
                     let _ = reply.send(self.detach(&cgroup));
@@ -1020,6 +1063,7 @@ impl CaptureOwner {
             .map(|(path, t)| Tag {
                 path: path.clone(),
                 id: t.id,
+                name: t.name.clone().unwrap_or_else(|| path.clone()),
             })
             .collect();
         self.tags_tx.send_replace(Arc::new(tags));
@@ -1028,6 +1072,7 @@ impl CaptureOwner {
     fn report(&self, path: &CgroupPath, t: &Tagged) -> TaggedCgroup {
         TaggedCgroup {
             path: path.to_string(),
+            name: t.name.as_ref().map(ToString::to_string),
             id: t.id.0,
             processes: self.root.process_count(path),
             links: t.links.len() as u32,
@@ -1059,10 +1104,19 @@ impl CaptureOwner {
         }
     }
 
+    /// The tags with the names they run under.
+    fn named_tags(&self) -> impl Iterator<Item = NamedTag<'_>> + Clone {
+        self.tagged.iter().map(|(path, t)| NamedTag {
+            cgroup: path,
+            name: t.name.as_ref().unwrap_or(path),
+        })
+    }
+
     fn attach(
         &mut self,
         cgroup: CgroupPath,
         create: bool,
+        name: Option<CgroupPath>,
     ) -> Result<(TaggedCgroup, bool), CaptureError> {
         // brokerd must never redirect itself: refuse its own cgroup and every ancestor.
         if let Some(own) = self.root.cgroup_of(std::process::id())?
@@ -1077,6 +1131,11 @@ impl CaptureOwner {
                     ),
                 });
             }
+        }
+        // A name must be the one the cgroup runs under already, if it is tagged or covered, and
+        // overlap no other tag's name if it is new.
+        if let Some(wanted) = &name {
+            agent_name::check(self.named_tags(), &cgroup, wanted)?;
         }
         if let Some(t) = self.tagged.get(&cgroup) {
             return Ok((self.report(&cgroup, t), true));
@@ -1110,6 +1169,22 @@ impl CaptureOwner {
                 ),
             });
         }
+        // Without a name the path is the name, and it may not overlap a named tag's either.
+        if name.is_none() {
+            agent_name::check(self.named_tags(), &cgroup, &cgroup)?;
+        }
+        let name = name.filter(|n| *n != cgroup);
+        if let Some(n) = &name
+            && agent_name::encode(n).len() > names::MAX_ENCODED
+        {
+            return Err(CaptureError::NameEntry {
+                path: cgroup,
+                message: format!(
+                    "agent name {n} is too long (at most {} bytes once encoded)",
+                    names::MAX_ENCODED
+                ),
+            });
+        }
         if !self.root.exists(&cgroup) {
             if !create {
                 return Err(CgroupError::Missing(cgroup).into());
@@ -1124,6 +1199,17 @@ impl CaptureOwner {
         })?;
         let pin_dir = self.links_dir.join(link_dir_name(&cgroup, id));
         make_private_dir(&pin_dir)?;
+        // The name goes in before the first link, so no link of this tag is ever pinned
+        // without it (see `names`).
+        if let Some(n) = &name
+            && let Err(e) = names::write(&pin_dir, n)
+        {
+            remove_pins(&pin_dir);
+            return Err(CaptureError::NameEntry {
+                path: cgroup,
+                message: e.to_string(),
+            });
+        }
 
         let mut links = Vec::with_capacity(LINKS_PER_CGROUP);
         let mut failure = None;
@@ -1147,14 +1233,27 @@ impl CaptureOwner {
             for link in links {
                 let _ = link.unpin();
             }
+            let _ = names::remove(&pin_dir);
             let _ = fs::remove_dir(&pin_dir);
             return Err(CaptureError::Attach {
                 path: cgroup,
                 message,
             });
         }
-        info!(cgroup = %cgroup, id = id.0, "tagged: connections from this cgroup now go to brokerd");
-        let tagged = Tagged { id, pin_dir, links };
+        match &name {
+            Some(name) => {
+                info!(cgroup = %cgroup, id = id.0, agent = %name, "tagged: connections from this cgroup now go to brokerd, as this agent")
+            }
+            None => {
+                info!(cgroup = %cgroup, id = id.0, "tagged: connections from this cgroup now go to brokerd")
+            }
+        }
+        let tagged = Tagged {
+            id,
+            name,
+            pin_dir,
+            links,
+        };
         let report = self.report(&cgroup, &tagged);
         self.tagged.insert(cgroup, tagged);
         self.publish();
@@ -1209,6 +1308,9 @@ impl CaptureOwner {
             if let Err(e) = link.unpin() {
                 failures.push(e.to_string());
             }
+        }
+        if let Err(e) = names::remove(&tagged.pin_dir) {
+            failures.push(format!("agent name in {}: {e}", tagged.pin_dir.display()));
         }
         if let Err(e) = fs::remove_dir(&tagged.pin_dir) {
             failures.push(format!("{}: {e}", tagged.pin_dir.display()));
@@ -1270,6 +1372,15 @@ impl CaptureOwner {
                 remove_pins(&dir);
                 continue;
             }
+            // A tag whose name cannot be read is not adopted: its links stay pinned, so its
+            // connections are refused (unknown origin) rather than judged under its path.
+            let name = match names::read(&dir) {
+                Ok(name) => name,
+                Err(e) => {
+                    warn!(cgroup = %cgroup, dir = %dir.display(), error = %e, "cannot read the agent name of a tagged cgroup; its connections are refused until its pin directory is removed and it is attached again");
+                    continue;
+                }
+            };
             let mut links = Vec::new();
             let pins = PROGRAMS
                 .iter()
@@ -1292,11 +1403,17 @@ impl CaptureOwner {
             if links.len() != LINKS_PER_CGROUP {
                 warn!(cgroup = %cgroup, links = links.len(), "adopted an incompletely tagged cgroup; detach and attach it again");
             }
-            info!(cgroup = %cgroup, links = links.len(), "adopted pinned links");
+            match &name {
+                Some(name) => {
+                    info!(cgroup = %cgroup, agent = %name, links = links.len(), "adopted pinned links")
+                }
+                None => info!(cgroup = %cgroup, links = links.len(), "adopted pinned links"),
+            }
             self.tagged.insert(
                 cgroup,
                 Tagged {
                     id,
+                    name,
                     pin_dir: dir,
                     links,
                 },
@@ -1356,6 +1473,7 @@ fn own_netns_cookie() -> std::io::Result<u64> {
 }
 
 fn remove_pins(dir: &Path) {
+    let _ = names::remove(dir);
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {
             let _ = fs::remove_file(e.path());

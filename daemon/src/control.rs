@@ -244,8 +244,12 @@ fn check_peer(stream: &UnixStream, state: &ControlState) -> Option<Response> {
 async fn dispatch(request: Request, state: &ControlState) -> Response {
     match request {
         Request::Status => cgroups::status(state).await,
-        Request::Attach { cgroup, create } => cgroups::attach(state, cgroup, create).await,
-        Request::AttachPid { pid } => cgroups::attach_pid(state, pid).await,
+        Request::Attach {
+            cgroup,
+            create,
+            name,
+        } => cgroups::attach(state, cgroup, create, name).await,
+        Request::AttachPid { pid, name } => cgroups::attach_pid(state, pid, name).await,
         Request::Detach { cgroup } => cgroups::detach(state, cgroup).await,
         Request::Connections { limit } => Response::Connections {
             connections: state.recent.latest(limit),
@@ -268,6 +272,7 @@ async fn dispatch(request: Request, state: &ControlState) -> Response {
             ttl_secs,
             shaped,
         } => {
+            let cgroup = cgroups::agent_of(state, cgroup);
             let request = handles::MintRequest {
                 cgroup: &cgroup,
                 secret: &secret,
@@ -280,12 +285,18 @@ async fn dispatch(request: Request, state: &ControlState) -> Response {
         Request::HandleList => handles::list(&state.vault).await,
         Request::HandleRevoke { id } => handles::revoke(&state.vault, id).await,
         Request::PolicyReload => policy::reload(state).await,
-        Request::PolicyShow { cgroup } => policy::show(&state.policy.current(), &cgroup),
+        Request::PolicyShow { cgroup } => {
+            let cgroup = cgroups::agent_of(state, cgroup);
+            policy::show(&state.policy.current(), &cgroup)
+        }
         Request::PolicyExplain {
             cgroup,
             method,
             url,
-        } => policy::explain(&state.policy.current(), &cgroup, &method, &url),
+        } => {
+            let cgroup = cgroups::agent_of(state, cgroup);
+            policy::explain(&state.policy.current(), &cgroup, &method, &url)
+        }
         Request::LogsVerify => logs::verify(state).await,
         // Streams are served by `logs::stream_logs`, before dispatch.
         Request::Logs { .. } | Request::Subscribe => error(

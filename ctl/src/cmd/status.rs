@@ -163,19 +163,21 @@ fn print_status(s: &StatusReport) {
         return;
     }
     outln!(
-        "{:<40} {:>10} {:>10} {:>6}",
-        "TAGGED CGROUP",
+        "{:<40} {:>10} {:>10} {:>6}  {}",
+        "AGENT",
         "ID",
         "PROCESSES",
-        "LINKS"
+        "LINKS",
+        "TAGGED CGROUP"
     );
     for c in &s.cgroups {
         outln!(
-            "{:<40} {:>10} {:>10} {:>6}",
-            c.path,
+            "{:<40} {:>10} {:>10} {:>6}  {}",
+            c.name.as_deref().unwrap_or(&c.path),
             c.id,
             c.processes,
-            c.links
+            c.links,
+            c.path
         );
     }
 }
