@@ -436,7 +436,7 @@ impl OriginResolver {
     /// The agent a cgroup's connections are attributed to (the name of the tag covering it,
     /// rebased), and its real path when that differs. A cgroup no tag covers any more (detached
     /// since) keeps its path.
-    fn agent_of(&self, path: CgroupPath) -> (CgroupPath, Option<CgroupPath>) {
+    pub fn agent_of(&self, path: CgroupPath) -> (CgroupPath, Option<CgroupPath>) {
         let tags = self.tags();
         match agent_name::agent_of(tags.iter().map(Tag::named), &path) {
             Some((name, _)) if name != path => (name, Some(path)),
