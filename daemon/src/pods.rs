@@ -15,6 +15,7 @@
 //! own (`--network none`) reaches nothing, and one with a network is not yet covered. The README
 //! says so.
 
+pub mod kube_paths;
 pub mod podman;
 
 use std::{collections::BTreeMap, future::Future, time::Duration};
