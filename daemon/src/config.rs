@@ -37,7 +37,9 @@ pub enum ConfigError {
     Audit(&'static str),
     #[error("{0} must be an absolute path, got {1}")]
     RelativeDir(&'static str, PathBuf),
-    #[error("invalid pod source {0:?}: expected `podman` or `podman:/path/to/podman.sock`")]
+    #[error(
+        "invalid pod source {0:?}: expected `kube`, `podman` or `podman:/path/to/podman.sock`"
+    )]
     PodSource(String),
     #[error("spin_us must be at most {max} (microseconds), got {got}")]
     Spin { got: u64, max: u64 },
@@ -107,8 +109,10 @@ pub struct Settings {
     #[arg(long, value_name = "MICROSECONDS")]
     pub spin_us: Option<u64>,
     /// Tag the pods a container engine runs with the label `agent-broker.io/agent=<name>`, under
-    /// the policy name `agents/<name>`, and untag them when they go. `podman` uses the system
-    /// service's socket (/run/podman/podman.sock), `podman:PATH` another socket [default: none].
+    /// the policy name `agents/<name>`, and untag them when they go. `kube` watches this node's
+    /// pods through the Kubernetes API (in-cluster config or KUBECONFIG; the node from
+    /// $NODE_NAME); `podman` uses podman's system service socket (/run/podman/podman.sock),
+    /// `podman:PATH` another socket [default: none].
     #[arg(long, value_name = "SOURCE")]
     pub pod_source: Option<String>,
 }
@@ -158,6 +162,8 @@ pub struct Config {
 /// A container engine brokerd lists labelled pods from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PodSourceConfig {
+    /// The Kubernetes API (in-cluster config or KUBECONFIG).
+    Kube,
     /// podman's REST API on this unix socket.
     Podman(PathBuf),
 }
@@ -166,6 +172,7 @@ impl PodSourceConfig {
     fn parse(raw: &str) -> Result<Self, ConfigError> {
         let bad = || ConfigError::PodSource(raw.to_owned());
         match raw.split_once(':') {
+            None if raw == "kube" => Ok(Self::Kube),
             None if raw == "podman" => Ok(Self::Podman(
                 crate::pods::podman::DEFAULT_SOCKET.into(),
             )),
@@ -436,6 +443,7 @@ mod tests {
             parse("podman").unwrap(),
             Some(PodSourceConfig::Podman("/run/podman/podman.sock".into()))
         );
+        assert_eq!(parse("kube").unwrap(), Some(PodSourceConfig::Kube));
         assert_eq!(
             parse("podman:/tmp/p.sock").unwrap(),
             Some(PodSourceConfig::Podman("/tmp/p.sock".into()))

@@ -2,9 +2,9 @@
 //! `agent-broker.io/agent=<name>`, under the policy name `agents/<name>`, and untags them when
 //! they go.
 //!
-//! A [`PodSource`] lists the pods of this node that carry the label ([`podman`]: the podman REST
-//! API on its unix socket, the same engine `podman kube play` runs Kubernetes Pod manifests
-//! with). The [`Reconciler`] compares each list with what it tagged before and asks a [`Tagger`]
+//! A [`PodSource`] lists the pods of this node that carry the label ([`kube`]: the Kubernetes
+//! API through kube-rs; [`podman`]: the podman REST API on its unix socket, the engine that
+//! `podman kube play` runs Kubernetes Pod manifests with). The [`Reconciler`] compares each list with what it tagged before and asks a [`Tagger`]
 //! to tag new pods (the pod-level cgroup, which covers every container of the pod and its infra
 //! container, and the pod's network namespace through the infra container's pid) and to untag
 //! pods that are gone or stopped. A source wakes the loop when its engine reports an event and
@@ -15,10 +15,11 @@
 //! own (`--network none`) reaches nothing, and one with a network is not yet covered. The README
 //! says so.
 
+pub mod kube;
 pub mod kube_paths;
 pub mod podman;
 
-use std::{collections::BTreeMap, future::Future, time::Duration};
+use std::{collections::BTreeMap, future::Future, path::Path, time::Duration};
 
 use agent_broker_core::cgroup::CgroupPath;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +79,32 @@ pub fn policy_name(agent: &str) -> Result<CgroupPath, String> {
         ));
     }
     CgroupPath::parse(&format!("{POLICY_PARENT}/{agent}")).map_err(|e| e.to_string())
+}
+
+/// The first process found in a cgroup or below it (breadth first, a few levels): a process in
+/// the pod's network namespace.
+pub fn first_pid(mount: &Path, cgroup: &str) -> Option<u32> {
+    let mut level = vec![mount.join(cgroup)];
+    for _ in 0..4 {
+        let mut next = Vec::new();
+        for dir in level {
+            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs"))
+                && let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok())
+            {
+                return Some(pid);
+            }
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                next.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        level = next;
+    }
+    None
 }
 
 /// Lists labelled pods and says when to list again.
