@@ -3,13 +3,15 @@
 //! [`policy`] decides what each agent cgroup may call and what is written into its requests;
 //! [`inject`] renders the credential templates a rule names; [`handle`] mints and recognizes the
 //! tokens an agent may hold in place of a key (`brk_...`, or shaped like the key); [`secret`] holds secret names and values;
-//! [`cgroup`] names and finds cgroups. [`fmt`], [`fs`], [`percent`] and [`time`] hold the few
+//! [`cgroup`] names and finds cgroups; [`agent_name`] maps a tagged cgroup to the stable name its
+//! policies are written for. [`fmt`], [`fs`], [`percent`] and [`time`] hold the few
 //! helpers every side needs, written once.
 //!
 //! This crate never links the eBPF loader, TLS, storage or an async runtime, so it builds and
 //! tests on stable Rust with no root. Never: log or display a secret value, or decide "allow"
 //! when in doubt.
 
+pub mod agent_name;
 pub mod cgroup;
 pub mod fmt;
 pub mod fs;

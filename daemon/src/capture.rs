@@ -30,8 +30,9 @@
 //! Which network namespaces are served is the pinned `NETNS_LISTENERS` map (netns cookie to
 //! listener addresses): brokerd inserts its own namespace's entry at start, and the programs
 //! refuse (EPERM, counted as netns refused) a connect or send from a namespace with no entry.
-//! For now brokerd's own is the only one, so its accept-side lookups use its own namespace's
-//! cookie.
+//! A workload with a namespace of its own gets an entry once brokerd has opened and serves its
+//! listeners there ([`netns`]); an accept-side lookup is keyed by the cookie of the namespace
+//! whose listener accepted, and asks sock_diag through a socket made in that namespace.
 //!
 //! The same lookup tells whose listener answered an upstream connection brokerd made
 //! ([`OriginResolver::listener_owner`]): the cgroup the kernel recorded for it.
@@ -71,9 +72,14 @@ use aya::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use agent_broker_core::cgroup::{CgroupError, CgroupId, CgroupPath, CgroupRoot};
+use agent_broker_core::{
+    agent_name::{self, NameError, NamedTag},
+    cgroup::{CgroupError, CgroupId, CgroupPath, CgroupRoot},
+};
 
 mod link_update;
+mod names;
+pub mod netns;
 pub mod sock_diag;
 mod unix_hooks;
 use unix_hooks::{UNIX_HOOKS, UnixPrograms};
@@ -139,6 +145,10 @@ pub enum CaptureError {
     Map { name: &'static str, message: String },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("cannot record the agent name of cgroup {path}: {message}")]
+    NameEntry { path: CgroupPath, message: String },
     #[error("cgroup {path} {reason}")]
     Forbidden { path: CgroupPath, reason: String },
     #[error("cgroup {0} is not tagged")]
@@ -206,6 +216,17 @@ pub struct CaptureConfig {
 pub struct Tag {
     pub path: CgroupPath,
     pub id: CgroupId,
+    /// The agent name it runs under (`attach --as`); its path when it was given none.
+    pub name: CgroupPath,
+}
+
+impl Tag {
+    fn named(&self) -> NamedTag<'_> {
+        NamedTag {
+            cgroup: &self.path,
+            name: &self.name,
+        }
+    }
 }
 
 /// The set of tagged cgroups, replaced whole on every change.
@@ -214,8 +235,12 @@ pub type TagSet = Arc<Vec<Tag>>;
 /// Who opened a redirected connection and where it was going.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectionOrigin {
-    /// The tagged cgroup (or a cgroup below one) the connecting thread was in.
+    /// The agent: the tagged cgroup (or a cgroup below one) the connecting thread was in, as
+    /// named by its tag ([`agent_name`]: `NAME/x` for the cgroup `x` below a tag attached
+    /// `--as NAME`). Policy, handles, shares and audit records know agents by this.
     pub cgroup: CgroupPath,
+    /// The real cgroup path, when it differs from `cgroup` (a named tag).
+    pub cgroup_path: Option<CgroupPath>,
     pub cgroup_id: CgroupId,
     /// Process id (thread group id).
     pub pid: u32,
@@ -270,9 +295,6 @@ pub enum ListenerOwner {
 
 /// Resolves accepted connections to their origin. Shared by all accept tasks.
 pub struct OriginResolver {
-    /// Cookie of brokerd's own network namespace, the one its listeners accept in: the records
-    /// of its connections are keyed by it.
-    netns_cookie: u64,
     by_peer: Mutex<BpfHashMap<MapData, PeerKey, Redirect>>,
     dns_by_peer: Mutex<BpfHashMap<MapData, PeerKey, Origin>>,
     root: CgroupRoot,
@@ -287,11 +309,12 @@ impl OriginResolver {
     /// nothing.
     pub fn resolve(
         &self,
+        ns: &netns::NetnsCtx,
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Result<ConnectionOrigin, ResolveError> {
-        let origin = self.take_record(peer, || {
-            sock_diag::far_end(local, peer)
+        let origin = self.take_record(ns.cookie, peer, || {
+            ns.far_end(local, peer)
                 .map(|found| found.map(|s| s.cookie))
                 .map_err(|e| ResolveError::Diag {
                     peer,
@@ -312,7 +335,7 @@ impl OriginResolver {
             None => ListenerOwner::NotLocal,
             Some(s) => match s.cgroup_id {
                 Some(id) => match self.cgroup_path(CgroupId(id)) {
-                    Some(path) => ListenerOwner::Agent(path),
+                    Some(path) => ListenerOwner::Agent(self.agent_of(path).0),
                     None => ListenerOwner::Other,
                 },
                 None if s.state == sock_diag::TCP_SYN_RECV => ListenerOwner::Unsettled,
@@ -331,13 +354,17 @@ impl OriginResolver {
     /// The origin of a DNS datagram that arrived at brokerd's DNS listener from `peer`. Not
     /// consumed: one agent socket may send many queries. A datagram without a record (a local
     /// process sending to the DNS port directly) has no origin and gets no answer.
-    pub fn resolve_dns(&self, peer: SocketAddr) -> Result<ConnectionOrigin, ResolveError> {
+    pub fn resolve_dns(
+        &self,
+        netns_cookie: u64,
+        peer: SocketAddr,
+    ) -> Result<ConnectionOrigin, ResolveError> {
         let origin = {
             let map = self
                 .dns_by_peer
                 .lock()
                 .map_err(|_| ResolveError::Map("resolver lock poisoned".into()))?;
-            match map.get(&peer_key(self.netns_cookie, peer), 0) {
+            match map.get(&peer_key(netns_cookie, peer), 0) {
                 Ok(o) => o,
                 Err(aya::maps::MapError::KeyNotFound) => return Err(ResolveError::NoRecord(peer)),
                 Err(e) => return Err(ResolveError::Map(e.to_string())),
@@ -350,10 +377,11 @@ impl OriginResolver {
     /// end of the accepted connection) says the connection comes from the recorded socket.
     fn take_record(
         &self,
+        netns_cookie: u64,
         peer: SocketAddr,
         far_end_cookie: impl FnOnce() -> Result<Option<u64>, ResolveError>,
     ) -> Result<Origin, ResolveError> {
-        let key = peer_key(self.netns_cookie, peer);
+        let key = peer_key(netns_cookie, peer);
         let read = || -> Result<Redirect, ResolveError> {
             let map = self
                 .by_peer
@@ -381,9 +409,10 @@ impl OriginResolver {
 
     fn origin_of(&self, origin: Origin) -> Result<ConnectionOrigin, ResolveError> {
         let cgroup_id = CgroupId(origin.cgroup_id);
-        let cgroup = self
+        let path = self
             .cgroup_path(cgroup_id)
             .ok_or(ResolveError::UnknownCgroup(cgroup_id))?;
+        let (cgroup, cgroup_path) = self.agent_of(path);
         let comm_len = origin
             .comm
             .iter()
@@ -391,6 +420,7 @@ impl OriginResolver {
             .unwrap_or(origin.comm.len());
         Ok(ConnectionOrigin {
             cgroup,
+            cgroup_path,
             cgroup_id,
             pid: origin.tgid,
             tid: origin.pid,
@@ -400,6 +430,52 @@ impl OriginResolver {
                 .ok()
                 .map(|p| p.display().to_string()),
             original_dst: original_dst(&origin),
+        })
+    }
+
+    /// The agent a cgroup's connections are attributed to (the name of the tag covering it,
+    /// rebased), and its real path when that differs. A cgroup no tag covers any more (detached
+    /// since) keeps its path.
+    fn agent_of(&self, path: CgroupPath) -> (CgroupPath, Option<CgroupPath>) {
+        let tags = self.tags();
+        match agent_name::agent_of(tags.iter().map(Tag::named), &path) {
+            Some((name, _)) if name != path => (name, Some(path)),
+            _ => (path, None),
+        }
+    }
+
+    /// Deletes every redirect and DNS record of the network namespace `netns_cookie` (a
+    /// workload's that is no longer served). Returns how many went.
+    pub fn forget_netns(&self, netns_cookie: u64) -> usize {
+        let mut removed = 0;
+        if let Ok(mut map) = self.by_peer.lock() {
+            let keys: Vec<PeerKey> = map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.netns_cookie == netns_cookie)
+                .collect();
+            removed += keys.iter().filter(|k| map.remove(k).is_ok()).count();
+        }
+        if let Ok(mut map) = self.dns_by_peer.lock() {
+            let keys: Vec<PeerKey> = map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.netns_cookie == netns_cookie)
+                .collect();
+            removed += keys.iter().filter(|k| map.remove(k).is_ok()).count();
+        }
+        removed
+    }
+
+    /// Deletes the redirect records of the namespace `ns` whose socket is gone (see
+    /// [`prune_stale_records`]), through a sock_diag socket of that namespace.
+    pub fn prune_netns(&self, ns: &netns::NetnsCtx) -> Result<usize, String> {
+        let mut map = self
+            .by_peer
+            .lock()
+            .map_err(|_| "resolver lock poisoned".to_string())?;
+        prune_stale_records(&mut map, ns.cookie, || {
+            ns.tcp_cookies().map_err(|e| format!("sock_diag: {e}"))
         })
     }
 
@@ -448,19 +524,22 @@ pub fn check_far_end(
     }
 }
 
-/// Deletes the redirect records of brokerd's own network namespace (`netns_cookie`) whose
-/// socket no longer exists (a connect that never reached brokerd, whose socket closed while no
-/// program was there to see it). Returns how many went.
+/// Deletes the redirect records of the network namespace `netns_cookie` whose socket no longer
+/// exists (a connect that never reached brokerd, whose socket closed while no program was there
+/// to see it), given `live_cookies`, the cookies of every TCP socket of that namespace (listed
+/// through a sock_diag socket made there). Returns how many went.
 ///
-/// Only that namespace's sockets are listed (sock_diag answers for the namespace its socket was
-/// made in), so records of any other namespace are left alone: their sockets cannot be seen
-/// from here, and absent from this list is no proof they are gone.
+/// Only that namespace's records are touched (sock_diag answers for the namespace its socket
+/// was made in), so records of any other namespace are left alone: their sockets cannot be seen
+/// from there, and absent from that list is no proof they are gone. brokerd prunes its own at
+/// start, and each workload's once its listeners are open again ([`OriginResolver::prune_netns`]).
 ///
 /// Records are listed before the sockets, so a record made meanwhile is not touched, and one is
 /// deleted only if it still holds the cookie listed.
 fn prune_stale_records(
     map: &mut BpfHashMap<MapData, PeerKey, Redirect>,
     netns_cookie: u64,
+    live_cookies: impl FnOnce() -> Result<std::collections::HashSet<u64>, String>,
 ) -> Result<usize, String> {
     let records: Vec<(PeerKey, u64)> = map
         .iter()
@@ -471,7 +550,7 @@ fn prune_stale_records(
     if records.is_empty() {
         return Ok(0);
     }
-    let live = sock_diag::tcp_cookies().map_err(|e| format!("sock_diag: {e}"))?;
+    let live = live_cookies()?;
     let mut removed = 0;
     for (key, cookie) in records {
         if live.contains(&cookie) {
@@ -527,11 +606,80 @@ fn original_dst(origin: &Origin) -> SocketAddr {
     }
 }
 
+/// The pinned `NETNS_LISTENERS` map: which network namespaces are served, and where their
+/// connects are redirected. brokerd's own entry is written at start; workloads' entries are
+/// inserted once their listeners are open and served, and deleted first when they are released.
+pub struct NetnsMap {
+    map: Mutex<BpfHashMap<MapData, u64, NetnsListener>>,
+    host: NetnsListener,
+    host_cookie: u64,
+}
+
+impl NetnsMap {
+    /// Serves the namespace `cookie`: its connects go to brokerd's ports on its loopback, IPv6
+    /// ones to `::1` when `v6` (a listener there) or else to the IPv4 listener's v4-mapped
+    /// address.
+    pub fn insert(&self, cookie: u64, v6: bool, tag: CgroupId) -> Result<(), String> {
+        let value = workload_listener(&self.host, v6, tag);
+        self.map
+            .lock()
+            .map_err(|_| "NETNS_LISTENERS lock poisoned".to_string())?
+            .insert(cookie, value, 0)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Stops serving the namespace `cookie`: its connects are refused (EPERM) from now on.
+    pub fn remove(&self, cookie: u64) -> Result<(), String> {
+        if cookie == self.host_cookie {
+            return Err("refusing to delete brokerd's own namespace's entry".into());
+        }
+        let mut map = self
+            .map
+            .lock()
+            .map_err(|_| "NETNS_LISTENERS lock poisoned".to_string())?;
+        if map.get(&cookie, 0).is_err() {
+            return Ok(());
+        }
+        map.remove(&cookie).map_err(|e| e.to_string())
+    }
+
+    /// Every served namespace's cookie, brokerd's own included.
+    pub fn cookies(&self) -> Vec<u64> {
+        self.map
+            .lock()
+            .map(|m| m.keys().filter_map(Result::ok).collect())
+            .unwrap_or_default()
+    }
+
+    /// brokerd's own namespace's cookie.
+    pub fn host_cookie(&self) -> u64 {
+        self.host_cookie
+    }
+}
+
+/// The `NETNS_LISTENERS` value of a workload namespace served for the tag `tag`: brokerd's own
+/// addresses and ports (its listeners there mirror them), with IPv6 connects sent to the IPv4
+/// listener's v4-mapped address when no IPv6 listener could be opened there (`v6` false).
+fn workload_listener(host: &NetnsListener, v6: bool, tag: CgroupId) -> NetnsListener {
+    NetnsListener {
+        v4_addr: host.v4_addr,
+        v6_addr: if v6 {
+            host.v6_addr
+        } else {
+            v4_mapped(host.v4_addr)
+        },
+        port: host.port,
+        dns_port: host.dns_port,
+        tag_cgroup_id: tag.0,
+    }
+}
+
 /// A request to the owner thread.
 enum Command {
     Attach {
         cgroup: CgroupPath,
         create: bool,
+        name: Option<CgroupPath>,
         reply: oneshot::Sender<Result<(TaggedCgroup, bool), CaptureError>>,
     },
     Detach {
@@ -550,16 +698,19 @@ pub struct CaptureHandle {
 }
 
 impl CaptureHandle {
-    /// Tags a cgroup. Returns its state and whether it was already tagged.
+    /// Tags a cgroup, under the agent `name` when one is given (see [`agent_name`]). Returns
+    /// its state and whether it was already tagged.
     pub async fn attach(
         &self,
         cgroup: CgroupPath,
         create: bool,
+        name: Option<CgroupPath>,
     ) -> Result<(TaggedCgroup, bool), CaptureError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Attach {
             cgroup,
             create,
+            name,
             reply,
         })
         .await?;
@@ -588,6 +739,8 @@ impl CaptureHandle {
 /// A tagged cgroup's pinned links.
 struct Tagged {
     id: CgroupId,
+    /// The agent name it runs under, when it was given one (`attach --as`).
+    name: Option<CgroupPath>,
     /// Directory holding this cgroup's link pins.
     pin_dir: PathBuf,
     links: Vec<PinnedLink>,
@@ -614,6 +767,8 @@ pub struct Capture {
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// The optional BPF LSM layer: `active: ...` or why it is not loaded.
     pub lsm: String,
+    /// The served network namespaces (see [`netns`]).
+    pub netns_map: Arc<NetnsMap>,
     /// The owner thread; it ends when every [`CaptureHandle`] is dropped.
     _owner: std::thread::JoinHandle<()>,
 }
@@ -678,7 +833,16 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
     }
 
     let netns_cookie = own_netns_cookie().map_err(|e| map_error(common::maps::CONFIG, e))?;
-    write_config(&mut ebpf, &config, netns_cookie)?;
+    let host_listener = write_config(&mut ebpf, &config, netns_cookie)?;
+    let netns_map = take_map(&mut ebpf, common::maps::NETNS_LISTENERS)?;
+    let netns_map = Arc::new(NetnsMap {
+        map: Mutex::new(
+            BpfHashMap::try_from(netns_map)
+                .map_err(|e| map_error(common::maps::NETNS_LISTENERS, e))?,
+        ),
+        host: host_listener,
+        host_cookie: netns_cookie,
+    });
 
     let by_peer = take_map(&mut ebpf, common::maps::REDIRECT_BY_PEER)?;
     let mut by_peer: BpfHashMap<MapData, PeerKey, Redirect> =
@@ -686,7 +850,9 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
     // Records left by connects that never reached a brokerd (this one was not running) are
     // deleted when their socket is gone; those of live sockets stay (a connection may be
     // waiting in the new listener's backlog already).
-    match prune_stale_records(&mut by_peer, netns_cookie) {
+    match prune_stale_records(&mut by_peer, netns_cookie, || {
+        sock_diag::tcp_cookies().map_err(|e| format!("sock_diag: {e}"))
+    }) {
         Ok(0) => {}
         Ok(n) => info!(records = n, "deleted redirect records whose socket is gone"),
         Err(e) => {
@@ -728,7 +894,6 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
     owner.adopt_pinned_links();
 
     let resolver = Arc::new(OriginResolver {
-        netns_cookie,
         by_peer: Mutex::new(by_peer),
         dns_by_peer: Mutex::new(dns_by_peer),
         root: config.root,
@@ -748,6 +913,7 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         resolver,
         logger,
         lsm,
+        netns_map,
         _owner: owner,
     })
 }
@@ -809,7 +975,7 @@ fn write_config(
     ebpf: &mut Ebpf,
     config: &CaptureConfig,
     netns_cookie: u64,
-) -> Result<(), CaptureError> {
+) -> Result<NetnsListener, CaptureError> {
     let name = common::maps::CONFIG;
     let map = ebpf.map_mut(name).ok_or(CaptureError::Map {
         name,
@@ -848,7 +1014,8 @@ fn write_config(
     };
     listeners
         .insert(netns_cookie, own, 0)
-        .map_err(|e| map_error(name, e))
+        .map_err(|e| map_error(name, e))?;
+    Ok(own)
 }
 
 impl CaptureOwner {
@@ -858,9 +1025,10 @@ impl CaptureOwner {
                 Command::Attach {
                     cgroup,
                     create,
+                    name,
                     reply,
                 } => {
-                    let _ = reply.send(self.attach(cgroup, create));
+                    let _ = reply.send(self.attach(cgroup, create, name));
                 }
                 Command::Detach { cgroup, reply } => {
                     let _ = reply.send(self.detach(&cgroup));
@@ -895,6 +1063,7 @@ impl CaptureOwner {
             .map(|(path, t)| Tag {
                 path: path.clone(),
                 id: t.id,
+                name: t.name.clone().unwrap_or_else(|| path.clone()),
             })
             .collect();
         self.tags_tx.send_replace(Arc::new(tags));
@@ -903,6 +1072,7 @@ impl CaptureOwner {
     fn report(&self, path: &CgroupPath, t: &Tagged) -> TaggedCgroup {
         TaggedCgroup {
             path: path.to_string(),
+            name: t.name.as_ref().map(ToString::to_string),
             id: t.id.0,
             processes: self.root.process_count(path),
             links: t.links.len() as u32,
@@ -934,10 +1104,19 @@ impl CaptureOwner {
         }
     }
 
+    /// The tags with the names they run under.
+    fn named_tags(&self) -> impl Iterator<Item = NamedTag<'_>> + Clone {
+        self.tagged.iter().map(|(path, t)| NamedTag {
+            cgroup: path,
+            name: t.name.as_ref().unwrap_or(path),
+        })
+    }
+
     fn attach(
         &mut self,
         cgroup: CgroupPath,
         create: bool,
+        name: Option<CgroupPath>,
     ) -> Result<(TaggedCgroup, bool), CaptureError> {
         // brokerd must never redirect itself: refuse its own cgroup and every ancestor.
         if let Some(own) = self.root.cgroup_of(std::process::id())?
@@ -952,6 +1131,11 @@ impl CaptureOwner {
                     ),
                 });
             }
+        }
+        // A name must be the one the cgroup runs under already, if it is tagged or covered, and
+        // overlap no other tag's name if it is new.
+        if let Some(wanted) = &name {
+            agent_name::check(self.named_tags(), &cgroup, wanted)?;
         }
         if let Some(t) = self.tagged.get(&cgroup) {
             return Ok((self.report(&cgroup, t), true));
@@ -985,6 +1169,22 @@ impl CaptureOwner {
                 ),
             });
         }
+        // Without a name the path is the name, and it may not overlap a named tag's either.
+        if name.is_none() {
+            agent_name::check(self.named_tags(), &cgroup, &cgroup)?;
+        }
+        let name = name.filter(|n| *n != cgroup);
+        if let Some(n) = &name
+            && agent_name::encode(n).len() > names::MAX_ENCODED
+        {
+            return Err(CaptureError::NameEntry {
+                path: cgroup,
+                message: format!(
+                    "agent name {n} is too long (at most {} bytes once encoded)",
+                    names::MAX_ENCODED
+                ),
+            });
+        }
         if !self.root.exists(&cgroup) {
             if !create {
                 return Err(CgroupError::Missing(cgroup).into());
@@ -999,6 +1199,17 @@ impl CaptureOwner {
         })?;
         let pin_dir = self.links_dir.join(link_dir_name(&cgroup, id));
         make_private_dir(&pin_dir)?;
+        // The name goes in before the first link, so no link of this tag is ever pinned
+        // without it (see `names`).
+        if let Some(n) = &name
+            && let Err(e) = names::write(&pin_dir, n)
+        {
+            remove_pins(&pin_dir);
+            return Err(CaptureError::NameEntry {
+                path: cgroup,
+                message: e.to_string(),
+            });
+        }
 
         let mut links = Vec::with_capacity(LINKS_PER_CGROUP);
         let mut failure = None;
@@ -1022,14 +1233,27 @@ impl CaptureOwner {
             for link in links {
                 let _ = link.unpin();
             }
+            let _ = names::remove(&pin_dir);
             let _ = fs::remove_dir(&pin_dir);
             return Err(CaptureError::Attach {
                 path: cgroup,
                 message,
             });
         }
-        info!(cgroup = %cgroup, id = id.0, "tagged: connections from this cgroup now go to brokerd");
-        let tagged = Tagged { id, pin_dir, links };
+        match &name {
+            Some(name) => {
+                info!(cgroup = %cgroup, id = id.0, agent = %name, "tagged: connections from this cgroup now go to brokerd, as this agent")
+            }
+            None => {
+                info!(cgroup = %cgroup, id = id.0, "tagged: connections from this cgroup now go to brokerd")
+            }
+        }
+        let tagged = Tagged {
+            id,
+            name,
+            pin_dir,
+            links,
+        };
         let report = self.report(&cgroup, &tagged);
         self.tagged.insert(cgroup, tagged);
         self.publish();
@@ -1084,6 +1308,9 @@ impl CaptureOwner {
             if let Err(e) = link.unpin() {
                 failures.push(e.to_string());
             }
+        }
+        if let Err(e) = names::remove(&tagged.pin_dir) {
+            failures.push(format!("agent name in {}: {e}", tagged.pin_dir.display()));
         }
         if let Err(e) = fs::remove_dir(&tagged.pin_dir) {
             failures.push(format!("{}: {e}", tagged.pin_dir.display()));
@@ -1145,6 +1372,15 @@ impl CaptureOwner {
                 remove_pins(&dir);
                 continue;
             }
+            // A tag whose name cannot be read is not adopted: its links stay pinned, so its
+            // connections are refused (unknown origin) rather than judged under its path.
+            let name = match names::read(&dir) {
+                Ok(name) => name,
+                Err(e) => {
+                    warn!(cgroup = %cgroup, dir = %dir.display(), error = %e, "cannot read the agent name of a tagged cgroup; its connections are refused until its pin directory is removed and it is attached again");
+                    continue;
+                }
+            };
             let mut links = Vec::new();
             let pins = PROGRAMS
                 .iter()
@@ -1167,11 +1403,17 @@ impl CaptureOwner {
             if links.len() != LINKS_PER_CGROUP {
                 warn!(cgroup = %cgroup, links = links.len(), "adopted an incompletely tagged cgroup; detach and attach it again");
             }
-            info!(cgroup = %cgroup, links = links.len(), "adopted pinned links");
+            match &name {
+                Some(name) => {
+                    info!(cgroup = %cgroup, agent = %name, links = links.len(), "adopted pinned links")
+                }
+                None => info!(cgroup = %cgroup, links = links.len(), "adopted pinned links"),
+            }
             self.tagged.insert(
                 cgroup,
                 Tagged {
                     id,
+                    name,
                     pin_dir: dir,
                     links,
                 },
@@ -1225,28 +1467,13 @@ fn load_lsm(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), HookError> {
 /// The cookie of the network namespace brokerd runs in (`SO_NETNS_COOKIE`, Linux 5.14+).
 fn own_netns_cookie() -> std::io::Result<u64> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a valid u64.
-    let r = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            &mut cookie as *mut u64 as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::other(format!(
-            "SO_NETNS_COOKIE: {} (needs Linux 5.14 or later)",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(cookie)
+    netns::socket_netns_cookie(&socket).map_err(|e| {
+        std::io::Error::other(format!("SO_NETNS_COOKIE: {e} (needs Linux 5.14 or later)"))
+    })
 }
 
 fn remove_pins(dir: &Path) {
+    let _ = names::remove(dir);
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {
             let _ = fs::remove_file(e.path());
@@ -1352,6 +1579,31 @@ mod tests {
         assert_eq!(v4.port, 4242);
         assert_eq!(v4.addr, v4_mapped(u32::from_ne_bytes([127, 0, 0, 1])));
         assert_eq!((v4.netns_cookie, v4._pad), (3, 0));
+    }
+
+    #[test]
+    fn workload_entries_mirror_brokerds_ports_and_fall_back_to_v4_mapped() {
+        let host = NetnsListener {
+            v4_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            v6_addr: words(Ipv6Addr::LOCALHOST.octets()),
+            port: 15001,
+            dns_port: 15053,
+            tag_cgroup_id: 0,
+        };
+        let with_v6 = workload_listener(&host, true, CgroupId(77));
+        assert_eq!(
+            (
+                with_v6.v4_addr,
+                with_v6.v6_addr,
+                with_v6.port,
+                with_v6.dns_port
+            ),
+            (host.v4_addr, host.v6_addr, 15001, 15053)
+        );
+        assert_eq!(with_v6.tag_cgroup_id, 77);
+        let without = workload_listener(&host, false, CgroupId(77));
+        assert_eq!(without.v6_addr, v4_mapped(host.v4_addr));
+        assert_eq!((without.port, without.dns_port), (15001, 15053));
     }
 
     #[test]

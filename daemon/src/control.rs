@@ -84,6 +84,8 @@ pub struct ControlState {
     pub events: Arc<dyn EventSink>,
     /// Each agent's shares of brokerd, as counted.
     pub shares: Arc<crate::shares::ShareBook>,
+    /// Workload network namespaces served (containers).
+    pub workloads: Arc<crate::workloads::Workloads>,
 }
 
 /// Binds the control socket, refusing to steal it from a running brokerd.
@@ -242,7 +244,12 @@ fn check_peer(stream: &UnixStream, state: &ControlState) -> Option<Response> {
 async fn dispatch(request: Request, state: &ControlState) -> Response {
     match request {
         Request::Status => cgroups::status(state).await,
-        Request::Attach { cgroup, create } => cgroups::attach(state, cgroup, create).await,
+        Request::Attach {
+            cgroup,
+            create,
+            name,
+        } => cgroups::attach(state, cgroup, create, name).await,
+        Request::AttachPid { pid, name } => cgroups::attach_pid(state, pid, name).await,
         Request::Detach { cgroup } => cgroups::detach(state, cgroup).await,
         Request::Connections { limit } => Response::Connections {
             connections: state.recent.latest(limit),
@@ -265,6 +272,7 @@ async fn dispatch(request: Request, state: &ControlState) -> Response {
             ttl_secs,
             shaped,
         } => {
+            let cgroup = cgroups::agent_of(state, cgroup);
             let request = handles::MintRequest {
                 cgroup: &cgroup,
                 secret: &secret,
@@ -277,12 +285,18 @@ async fn dispatch(request: Request, state: &ControlState) -> Response {
         Request::HandleList => handles::list(&state.vault).await,
         Request::HandleRevoke { id } => handles::revoke(&state.vault, id).await,
         Request::PolicyReload => policy::reload(state).await,
-        Request::PolicyShow { cgroup } => policy::show(&state.policy.current(), &cgroup),
+        Request::PolicyShow { cgroup } => {
+            let cgroup = cgroups::agent_of(state, cgroup);
+            policy::show(&state.policy.current(), &cgroup)
+        }
         Request::PolicyExplain {
             cgroup,
             method,
             url,
-        } => policy::explain(&state.policy.current(), &cgroup, &method, &url),
+        } => {
+            let cgroup = cgroups::agent_of(state, cgroup);
+            policy::explain(&state.policy.current(), &cgroup, &method, &url)
+        }
         Request::LogsVerify => logs::verify(state).await,
         // Streams are served by `logs::stream_logs`, before dispatch.
         Request::Logs { .. } | Request::Subscribe => error(

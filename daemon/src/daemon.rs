@@ -28,6 +28,7 @@ use crate::{
     },
     shares::{self, RefusalAudit, ShareBook},
     vault::{KeySource, Vault},
+    workloads::{Workloads, WorkloadsConfig},
 };
 use agent_broker_core::{cgroup::CgroupRoot, fmt::error_chain, secret::SecretValue};
 
@@ -163,20 +164,44 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.spin,
     )?;
     let dispatch = Arc::new(dispatch);
+    let host_netns = Arc::new(capture::netns::NetnsCtx::host(
+        capture.netns_map.host_cookie(),
+    ));
     for listener in listeners {
-        tracker.spawn(accept::serve(listener, dispatch.clone(), cancel.clone()));
+        tracker.spawn(accept::serve(
+            listener,
+            dispatch.clone(),
+            host_netns.clone(),
+            cancel.clone(),
+        ));
     }
-    // The accept loops hold the only handles now: when they stop, the proxy threads do too.
+    // Workload namespaces' listeners are served by accept loops that share the dispatcher.
+    let workloads = Workloads::new(WorkloadsConfig {
+        netns_map: capture.netns_map.clone(),
+        resolver: capture.resolver.clone(),
+        dispatch: Arc::downgrade(&dispatch),
+        dns: dns.clone(),
+        events: event_log.clone(),
+        root: root.clone(),
+        listen: addrs.clone(),
+        dns_port,
+        state_dir: config.state_dir.clone(),
+        cancel: cancel.clone(),
+    });
+    workloads.restore(capture.resolver.tags()).await;
+    // The accept loops hold the only strong handles now: when they stop, the proxy threads do
+    // too.
     drop(dispatch);
     let dns_listeners: Vec<SocketAddr> = dns_sockets
         .iter()
         .map(|s| s.local_addr())
         .collect::<Result<_, _>>()?;
+    let host_cookie = capture.netns_map.host_cookie();
     for socket in dns_sockets {
         let resolver = capture.resolver.clone();
         tracker.spawn(dns.clone().serve_udp(
             socket,
-            Arc::new(move |peer| resolver.resolve_dns(peer).ok()),
+            Arc::new(move |peer| resolver.resolve_dns(host_cookie, peer).ok()),
             cancel.clone(),
         ));
     }
@@ -196,6 +221,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         audit: event_log.clone(),
         events: event_log.clone(),
         shares: share_book,
+        workloads,
     });
     policy.report_to(event_log.clone());
     tracker.spawn(policy.watch(cancel.clone()));
@@ -243,7 +269,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Starts one proxy thread per receiver (one per core), each with a single-threaded runtime
 /// serving the connections [`accept::Dispatch`] hands it, beside its spinner ([`crate::proxy::spin`]).
 fn spawn_proxy_workers(
-    receivers: Vec<tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>>,
+    receivers: Vec<tokio::sync::mpsc::UnboundedReceiver<accept::Accepted>>,
     shared: &Arc<accept::Shared>,
     spin_window: std::time::Duration,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {

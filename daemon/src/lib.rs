@@ -30,6 +30,7 @@ mod proxy;
 mod shares;
 mod store;
 mod vault;
+mod workloads;
 
 /// The audit log, for the audit-cost microbenchmark (`daemon/benches/audit.rs`) only.
 #[cfg(feature = "bench")]

@@ -40,6 +40,20 @@ pub enum Request {
         /// Create the cgroup directory when it does not exist.
         #[serde(default)]
         create: bool,
+        /// The agent name the cgroup runs under (`--as`, e.g. `agents/foo`): policy files,
+        /// audit records, the console and `status` use it instead of the cgroup path, and a
+        /// cgroup `x` below the tagged one runs as `NAME/x`. None: the name is the path.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Tag the cgroup of a running process (its cgroup2 path), and, when the process has a
+    /// network namespace of its own (a container's), open brokerd's listeners there.
+    AttachPid {
+        /// The process, as a pid of brokerd's pid namespace (the host's).
+        pid: u32,
+        /// The agent name its cgroup runs under, as for [`Request::Attach`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
     },
     /// Untag a cgroup: detach and unpin its programs.
     Detach {
@@ -113,7 +127,7 @@ pub enum Request {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogFilter {
-    /// Only records of this cgroup or below it.
+    /// Only records of this agent or below it: its name (`attach --as`) or its cgroup path.
     #[serde(default)]
     pub cgroup: Option<String>,
     /// Only denials (and failures).
@@ -200,6 +214,7 @@ pub struct AuditEvent {
     /// Unix time in milliseconds.
     pub time_ms: u64,
     pub kind: Option<EventKind>,
+    /// The agent: the cgroup path, or the name its tag runs under (`attach --as`).
     pub cgroup: Option<String>,
     pub pid: Option<u32>,
     pub comm: Option<String>,
@@ -248,6 +263,10 @@ pub struct AuditEvent {
     /// record per second): how many events it stands for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// The real cgroup path (relative to the cgroup2 mount), set only when the agent in
+    /// `cgroup` is a name given at attach (`--as`) that differs from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_path: Option<String>,
 }
 
 impl AuditEvent {
@@ -418,6 +437,15 @@ pub enum Response {
         /// True when the cgroup was already tagged and nothing was attached again.
         already: bool,
     },
+    /// The answer to [`Request::AttachPid`].
+    AttachedPid {
+        cgroup: TaggedCgroup,
+        /// True when the cgroup was already tagged and nothing was attached again.
+        already: bool,
+        /// The process's network namespace, when it is not brokerd's own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workload: Option<WorkloadStatus>,
+    },
     Detached {
         cgroup: String,
     },
@@ -549,6 +577,9 @@ pub struct StatusReport {
     /// The most connections brokerd serves at once (from its file descriptor limit).
     #[serde(default)]
     pub max_connections: u64,
+    /// Workload network namespaces brokerd serves listeners in.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadStatus>,
 }
 
 /// An inet socket held by a process in a tagged cgroup but made outside every tagged cgroup.
@@ -630,12 +661,37 @@ pub struct PolicyStatus {
 pub struct TaggedCgroup {
     /// Path relative to the cgroup2 mount.
     pub path: String,
+    /// The agent name it runs under (`attach --as`), when that is not `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// cgroup id (inode of the cgroup directory).
     pub id: u64,
     /// Processes in the cgroup and every cgroup below it.
     pub processes: u64,
     /// Number of programs attached through pinned links (5 when fully tagged).
     pub links: u32,
+}
+
+/// A workload's network namespace in which brokerd serves listeners of its own (a container's).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadStatus {
+    /// The network namespace's cookie (`NS_GET_ID` of `/proc/<pid>/ns/net`).
+    pub netns_cookie: u64,
+    /// The cgroup of the process it was attached by (relative to the cgroup2 mount).
+    pub cgroup: String,
+    /// The tagged cgroup that covers it.
+    pub tag: String,
+    /// The process brokerd entered the namespace through (at attach, or at brokerd's start).
+    pub pid: u32,
+    /// brokerd's TCP listeners inside the namespace.
+    pub listeners: Vec<SocketAddr>,
+    /// brokerd's UDP DNS listeners inside the namespace.
+    pub dns_listeners: Vec<SocketAddr>,
+    /// `serving`, or why not.
+    pub state: String,
+    /// When the listeners were opened (by this brokerd), Unix milliseconds.
+    pub opened_ms: u64,
 }
 
 /// Kernel-side counters, summed over CPUs.
@@ -760,6 +816,7 @@ mod tests {
         assert_eq!(event.request_id, None);
         assert_eq!(event.outcome, None);
         assert_eq!(event.tokens, None);
+        assert_eq!(event.cgroup_path, None);
         // Unset, the new fields are not written: such a record encodes as before.
         assert_eq!(serde_json::to_string(&event).expect("encodes"), old);
         let forwarded = AuditEvent {
@@ -776,6 +833,26 @@ mod tests {
             serde_json::from_str::<AuditEvent>(&json).expect("reads"),
             forwarded
         );
+    }
+
+    #[test]
+    fn a_named_agents_record_carries_its_cgroup_path_and_reads_back() {
+        let event = AuditEvent {
+            seq: 1,
+            cgroup: Some("agents/foo/tool".into()),
+            cgroup_path: Some("libpod_parent/libpod-0a1b/tool".into()),
+            ..AuditEvent::default()
+        };
+        let json = serde_json::to_string(&event).expect("encodes");
+        assert!(
+            json.ends_with(r#""cgroup_path":"libpod_parent/libpod-0a1b/tool"}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<AuditEvent>(&json).ok(), Some(event));
+        let tagged: TaggedCgroup =
+            serde_json::from_str(r#"{"path":"a","id":1,"processes":0,"links":16}"#)
+                .expect("a status from before names reads");
+        assert_eq!(tagged.name, None);
     }
 
     #[test]
@@ -823,10 +900,20 @@ mod tests {
         let req = Request::Attach {
             cgroup: "agents/demo".into(),
             create: true,
+            name: None,
         };
         let line = encode_line(&req).expect("encode");
         assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
         assert_eq!(decode_line::<Request>(&line).expect("decode"), req);
+        // Without a name the line is what it was before names existed.
+        assert!(!String::from_utf8_lossy(&line).contains("name"));
+        let named = Request::Attach {
+            cgroup: "libpod_parent/libpod-0a1b".into(),
+            create: false,
+            name: Some("agents/foo".into()),
+        };
+        let line = encode_line(&named).expect("encode");
+        assert_eq!(decode_line::<Request>(&line).expect("decode"), named);
     }
 
     #[test]
@@ -875,13 +962,41 @@ mod tests {
     }
 
     #[test]
+    fn attach_by_pid_is_its_own_request_and_old_attaches_still_parse() {
+        let req: Request = decode_line(br#"{"request":"attach_pid","pid":4242}"#).expect("decode");
+        assert_eq!(
+            req,
+            Request::AttachPid {
+                pid: 4242,
+                name: None
+            }
+        );
+        assert!(decode_line::<Request>(br#"{"request":"attach","cgroup":"a","pid":1}"#).is_err());
+        let reply = Response::AttachedPid {
+            cgroup: TaggedCgroup {
+                path: "a".into(),
+                id: 1,
+                processes: 1,
+                links: 16,
+                name: None,
+            },
+            already: false,
+            workload: None,
+        };
+        let line = encode_line(&reply).expect("encode");
+        assert!(!String::from_utf8_lossy(&line).contains("workload"));
+        assert_eq!(decode_line::<Response>(&line).expect("decode"), reply);
+    }
+
+    #[test]
     fn create_defaults_to_false() {
         let req: Request = decode_line(br#"{"request":"attach","cgroup":"a"}"#).expect("decode");
         assert_eq!(
             req,
             Request::Attach {
                 cgroup: "a".into(),
-                create: false
+                create: false,
+                name: None,
             }
         );
     }

@@ -23,6 +23,8 @@
 //! - [`git_server`]: an HTTPS git server (Debian's `git http-backend` as CGI) behind HTTP basic
 //!   auth, for `git clone` / `git push` agents.
 //! - [`TestHost`]: a non-loopback host in a network namespace of the test's own.
+//! - [`container`]: real Podman containers and `podman kube play` pods (`--network none`),
+//!   removed by name on Drop.
 //! - [`sdks`], [`grpc`]: pinned PyPI packages agents run (the LLM SDKs, `websockets`,
 //!   `grpcio`), each in a virtualenv under /var/tmp made by [`venv`]; [`grpc::GrpcServer`] is a
 //!   real gRPC server over TLS with a certificate from a [`TestCa`].
@@ -42,6 +44,7 @@ pub mod broker;
 pub mod canary;
 pub mod cgroup;
 pub mod clients;
+pub mod container;
 pub mod git_server;
 pub mod grpc;
 pub mod netns;

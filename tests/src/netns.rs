@@ -119,6 +119,14 @@ impl TestHost {
         host
     }
 
+    /// The root namespace's end of the veth pair (10.x.y.1): an address of brokerd's own
+    /// namespace that is not loopback, for servers a workload namespace's agent reaches through
+    /// brokerd (loopback destinations from a workload namespace are refused).
+    pub fn root_ip(&self) -> Ipv4Addr {
+        let [a, b, c, _] = self.host_ip.octets();
+        Ipv4Addr::new(a, b, c, 1)
+    }
+
     /// The listener's address (non-loopback, reachable from the root namespace).
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((self.host_ip, self.port))

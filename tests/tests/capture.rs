@@ -713,6 +713,7 @@ fn refusals_root_dotdot_own_cgroup_and_control_from_tagged_cgroup() {
             let answer = broker.request(&Request::Attach {
                 cgroup: path.to_string(),
                 create,
+                name: None,
             });
             assert!(
                 matches!(answer, Response::Error { .. }),

@@ -249,10 +249,11 @@ impl App {
             policy_error: status.policy.error.clone(),
         });
         for cgroup in &status.cgroups {
-            if !self.agents.contains_key(&cgroup.path) {
+            // Events name an agent by the name its tag runs under.
+            let agent = cgroup.name.as_ref().unwrap_or(&cgroup.path);
+            if !self.agents.contains_key(agent) {
                 self.make_room_for_agent();
-                self.agents
-                    .insert(cgroup.path.clone(), AgentStats::default());
+                self.agents.insert(agent.clone(), AgentStats::default());
             }
         }
     }

@@ -499,6 +499,7 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
         tokens,
         tokens_estimated,
         count,
+        cgroup_path,
     } = event;
     let mut out: Vec<(&'static str, String)> = vec![("time", utc_timestamp(*time_ms))];
     let mut opt = |label: &'static str, value: Option<String>| {
@@ -515,6 +516,7 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
     opt("rule", rule.clone());
     opt("side", side.map(|s| s.as_str().into()));
     opt("agent", cgroup.clone());
+    opt("cgroup", cgroup_path.clone());
     opt("pid", pid.map(|p| p.to_string()));
     opt("comm", comm.clone());
     opt("exe", exe.clone());

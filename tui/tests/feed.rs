@@ -59,6 +59,7 @@ fn status() -> StatusReport {
         shares: Vec::new(),
         open_connections: 0,
         max_connections: 0,
+        workloads: Vec::new(),
     }
 }
 

@@ -345,6 +345,28 @@ fn the_model_holds_events_exactly_as_sent() {
     }
 }
 
+/// A named agent's record (`attach --as`) shows the name as the agent and its real cgroup.
+#[test]
+fn a_named_agents_detail_shows_the_name_and_the_cgroup() {
+    let event = AuditEvent {
+        cgroup: Some("agents/named/sub".into()),
+        cgroup_path: Some("libpod_parent/libpod-0a1b/sub".into()),
+        ..events()[2].clone()
+    };
+    let fields = ui::detail_fields(&event);
+    let value = |label: &str| {
+        fields
+            .iter()
+            .find(|(l, _)| *l == label)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(value("agent"), Some("agents/named/sub"));
+    assert_eq!(value("cgroup"), Some("libpod_parent/libpod-0a1b/sub"));
+    // A record of an unnamed tag has no cgroup line: the agent is the path.
+    let plain = ui::detail_fields(&events()[2]);
+    assert!(plain.iter().all(|(l, _)| *l != "cgroup"), "{plain:?}");
+}
+
 #[test]
 fn a_line_smuggling_a_secret_value_is_refused_and_never_drawn() {
     let secret = "sk-live-THIS-MUST-NEVER-SHOW";

@@ -2,7 +2,8 @@
 //! already there.
 //!
 //! - Debian packages the end-to-end tests run (clients, a JDK, `ip`, `ps`; `openssl`, which
-//!   `brokerctl run` asks for the broker CA's subject hash), through apt-get.
+//!   `brokerctl run` asks for the broker CA's subject hash; podman and runc for containers),
+//!   through apt-get.
 //! - rustup components: rustfmt and clippy for the host toolchain, rust-src (for `-Z build-std`)
 //!   and rustfmt for nightly.
 //! - bpf-linker, built into `target/ebpf-tools` against the nightly toolchain's own libLLVM:
@@ -33,6 +34,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // java.net.http (tests/tests/compat_jvm.rs): Debian's default JDK runtime, under
     // /usr/lib/jvm, world-readable; it runs a single source file without javac.
     "default-jre-headless",
+    // Real containers and pods (tests/src/container.rs, tests/tests/containers.rs): podman with
+    // runc, since Debian 12's crun refuses hybrid cgroup hierarchies; catatonit is the init
+    // podman builds its pod infra image from when no registry is reachable (`kube play` fails
+    // without it: "finding pause binary: exec: \"catatonit\": executable file not found").
+    "podman",
+    "runc",
+    "catatonit",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.

@@ -408,12 +408,17 @@ fn status_checks(s: &StatusReport, checks: &mut Vec<Check>) {
     ));
     for c in &s.cgroups {
         let complete = c.links as usize == s.hooks.len();
+        // A named tag is attached again under its name.
+        let (agent, as_name) = match &c.name {
+            Some(name) => (format!(" (agent {name})"), format!(" --as {name}")),
+            None => (String::new(), String::new()),
+        };
         checks.push(if complete {
             check(
                 "tagged cgroup",
                 Level::Ok,
                 format!(
-                    "{}: {} pinned links, {} processes",
+                    "{}{agent}: {} pinned links, {} processes",
                     c.path, c.links, c.processes
                 ),
                 "",
@@ -422,9 +427,9 @@ fn status_checks(s: &StatusReport, checks: &mut Vec<Check>) {
             check(
                 "tagged cgroup",
                 Level::Fail,
-                format!("{}: {} of {} links", c.path, c.links, s.hooks.len()),
+                format!("{}{agent}: {} of {} links", c.path, c.links, s.hooks.len()),
                 format!(
-                    "brokerctl detach --cgroup {0}; brokerctl attach --cgroup {0}",
+                    "brokerctl detach --cgroup {0}; brokerctl attach --cgroup {0}{as_name}",
                     c.path
                 ),
             )
@@ -668,6 +673,7 @@ mod tests {
             shares: Vec::new(),
             open_connections: 0,
             max_connections: 0,
+            workloads: Vec::new(),
         }
     }
 

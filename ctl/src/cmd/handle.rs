@@ -18,6 +18,7 @@ pub enum Command {
     /// Mint a handle for SECRET, usable only from the cgroup subtree PATH towards HOST until it
     /// expires. Prints the token once; brokerd keeps only its hash.
     Mint {
+        /// The agent: a cgroup path, or the name a tag runs under (`attach --as`).
         #[arg(long, value_name = "PATH")]
         cgroup: String,
         #[arg(long, value_name = "NAME")]

@@ -25,7 +25,8 @@ pub struct Args {
     /// Keep printing new records as they are written.
     #[arg(long, short)]
     follow: bool,
-    /// Only records of this cgroup and the cgroups below it.
+    /// Only records of this agent and those below it: a cgroup path, or an agent name given
+    /// with `attach --as`.
     #[arg(long, value_name = "PATH")]
     cgroup: Option<String>,
     /// Only denials and failures.
@@ -200,6 +201,9 @@ fn detail(e: &AuditEvent) -> String {
         (None, Some(r)) => format!("{kind}: {r}"),
         (None, None) => kind,
     };
+    if let Some(path) = &e.cgroup_path {
+        detail.push_str(&format!("; cgroup {path}"));
+    }
     if let Some(tokens) = e.tokens {
         detail.push_str(&format!("; {tokens} tokens"));
         if let Some(how) = &e.tokens_estimated {

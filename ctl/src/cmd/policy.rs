@@ -25,11 +25,13 @@ pub enum Command {
     Reload,
     /// The effective policy of a cgroup.
     Show {
+        /// The agent: a cgroup path, or the name a tag runs under (`attach --as`).
         #[arg(long, value_name = "PATH")]
         cgroup: String,
     },
     /// Would METHOD URL from the cgroup be allowed? Prints the rule and file that decide.
     Explain {
+        /// The agent: a cgroup path, or the name a tag runs under (`attach --as`).
         #[arg(long, value_name = "PATH")]
         cgroup: String,
         /// HTTP method, e.g. GET.

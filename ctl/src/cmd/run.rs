@@ -34,6 +34,10 @@ pub struct Args {
     /// Create the cgroup if it does not exist.
     #[arg(long)]
     create: bool,
+    /// Tag the cgroup under this agent name (see `brokerctl attach --as`); a cgroup tagged
+    /// already must run under this name already.
+    #[arg(long = "as", value_name = "NAME")]
+    name: Option<String>,
     /// Run as this unprivileged uid (and gid; default: the same number). 0 is refused.
     #[arg(long, value_name = "UID[:GID]", value_parser = launcher::Identity::parse_user, conflicts_with = "userns")]
     user: Option<launcher::Identity>,
@@ -66,7 +70,8 @@ pub fn run(run_dir: &std::path::Path, args: Args) -> anyhow::Result<()> {
         );
     }
     let path = CgroupPath::parse(&args.cgroup)?;
-    cmd::attach::tag(run_dir, &path, args.create)?;
+    let name = cmd::attach::parse_name(args.name.as_deref())?;
+    cmd::attach::tag(run_dir, &path, args.create, name.as_ref())?;
     let pem = cmd::ca::pem(run_dir)?;
     let root = CgroupRoot::discover()?;
     let (program, rest) = args.command.split_first().context("no command given")?;

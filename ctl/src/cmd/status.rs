@@ -131,24 +131,53 @@ fn print_status(s: &StatusReport) {
             );
         }
     }
+    if !s.workloads.is_empty() {
+        outln!(
+            "{:<20} {:<30} {:<30} {:>8}  {:<10} LISTENERS",
+            "WORKLOAD NETNS",
+            "CGROUP",
+            "TAG",
+            "PID",
+            "STATE"
+        );
+        for w in &s.workloads {
+            let listeners: Vec<String> = w
+                .listeners
+                .iter()
+                .chain(&w.dns_listeners)
+                .map(|a| a.to_string())
+                .collect();
+            outln!(
+                "{:<20} {:<30} {:<30} {:>8}  {:<10} {}",
+                w.netns_cookie,
+                w.cgroup,
+                w.tag,
+                w.pid,
+                w.state,
+                listeners.join(" ")
+            );
+        }
+    }
     if s.cgroups.is_empty() {
         outln!("no tagged cgroups");
         return;
     }
     outln!(
-        "{:<40} {:>10} {:>10} {:>6}",
-        "TAGGED CGROUP",
+        "{:<40} {:>10} {:>10} {:>6}  {}",
+        "AGENT",
         "ID",
         "PROCESSES",
-        "LINKS"
+        "LINKS",
+        "TAGGED CGROUP"
     );
     for c in &s.cgroups {
         outln!(
-            "{:<40} {:>10} {:>10} {:>6}",
-            c.path,
+            "{:<40} {:>10} {:>10} {:>6}  {}",
+            c.name.as_deref().unwrap_or(&c.path),
             c.id,
             c.processes,
-            c.links
+            c.links,
+            c.path
         );
     }
 }

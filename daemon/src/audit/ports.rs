@@ -23,16 +23,18 @@ pub trait AuditAccess: Send + Sync + 'static {
     fn verify(&self) -> Result<VerifyReport, AuditError>;
 }
 
-/// Whether an event passes a filter (cgroup subtree, denials only, since). `limit` is the
-/// store's business.
+/// Whether an event passes a filter (subtree of the agent or of the real cgroup path, denials
+/// only, since). `limit` is the store's business.
 pub fn matches(filter: &LogFilter, event: &AuditEvent) -> bool {
     if let Some(cgroup) = filter.cgroup.as_deref() {
         let cgroup = cgroup.trim_matches('/');
-        let in_subtree = event.cgroup.as_deref().is_some_and(|c| {
+        let below = |c: &str| {
             c == cgroup
                 || c.strip_prefix(cgroup)
                     .is_some_and(|rest| rest.starts_with('/'))
-        });
+        };
+        let in_subtree = event.cgroup.as_deref().is_some_and(below)
+            || event.cgroup_path.as_deref().is_some_and(below);
         if !in_subtree {
             return false;
         }
@@ -69,6 +71,19 @@ mod tests {
         assert!(matches(&f, &event("agents/a", Decision::Allow)));
         assert!(matches(&f, &event("agents/a/sub", Decision::Allow)));
         assert!(!matches(&f, &event("agents/ab", Decision::Allow)));
+        // A named agent's records match its name and its real cgroup path.
+        let named = AuditEvent {
+            cgroup_path: Some("pods/p-1/tool".into()),
+            ..event("agents/named/tool", Decision::Allow)
+        };
+        for subtree in ["agents/named", "pods/p-1", "pods/p-1/tool"] {
+            let f = LogFilter {
+                cgroup: Some(subtree.into()),
+                ..LogFilter::default()
+            };
+            assert!(matches(&f, &named), "{subtree}");
+        }
+        assert!(!matches(&f, &named));
         let d = LogFilter {
             denied_only: true,
             ..LogFilter::default()

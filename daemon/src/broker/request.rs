@@ -132,6 +132,7 @@ mod tests {
             tid: 1,
             comm: "test".into(),
             exe: None,
+            cgroup_path: None,
             original_dst: dst.parse().expect("addr"),
         }
     }

@@ -93,22 +93,31 @@ pub fn far_end(near: SocketAddr, far: SocketAddr) -> io::Result<Option<DiagSocke
         let Some(diag) = slot.as_mut() else {
             return Err(io::Error::other("sock_diag socket missing"));
         };
-        let found = diag.exact(far, near);
+        let found = far_end_with(diag, near, far);
         if found.is_err() {
             // A socket left in an unknown state is not reused.
             *slot = None;
         }
-        let found = found?;
-        // Without an exact match the kernel answers with the listener that would take a new
-        // connection to `far` (a wildcard listener matches any address): that is not the far
-        // end of this connection.
-        Ok(found.filter(|s| s.state != TCP_LISTEN && s.local == far && s.remote == near))
+        found
     })
 }
 
-/// The cookies of every TCP socket (any state, both families) in this network namespace.
-pub fn tcp_cookies() -> io::Result<HashSet<u64>> {
-    let mut diag = Diag::open()?;
+/// [`far_end`] through `diag`, which answers for the network namespace it was made in (a
+/// workload's: see [`Diag::open_in_fd`]).
+pub fn far_end_with(
+    diag: &mut Diag,
+    near: SocketAddr,
+    far: SocketAddr,
+) -> io::Result<Option<DiagSocket>> {
+    let found = diag.exact(far, near)?;
+    // Without an exact match the kernel answers with the listener that would take a new
+    // connection to `far` (a wildcard listener matches any address): that is not the far
+    // end of this connection.
+    Ok(found.filter(|s| s.state != TCP_LISTEN && s.local == far && s.remote == near))
+}
+
+/// The cookies of every TCP socket in the network namespace `diag` was made in.
+pub fn tcp_cookies_with(diag: &mut Diag) -> io::Result<HashSet<u64>> {
     let mut cookies = HashSet::new();
     for family in [AF_INET, AF_INET6] {
         diag.dump(family, |s| {
@@ -116,6 +125,11 @@ pub fn tcp_cookies() -> io::Result<HashSet<u64>> {
         })?;
     }
     Ok(cookies)
+}
+
+/// The cookies of every TCP socket (any state, both families) in this network namespace.
+pub fn tcp_cookies() -> io::Result<HashSet<u64>> {
+    tcp_cookies_with(&mut Diag::open()?)
 }
 
 /// Every TCP and UDP socket (both families, any state, bound-only TCP sockets included where
@@ -136,15 +150,16 @@ pub fn inet_sockets(netns: Option<&std::path::Path>) -> io::Result<Vec<(Transpor
     Ok(out)
 }
 
-/// One netlink socket talking sock_diag.
-struct Diag {
+/// One netlink socket talking sock_diag, answering for the network namespace it was made in.
+pub struct Diag {
     socket: Socket,
     sequence: u32,
     buf: Vec<u8>,
 }
 
 impl Diag {
-    fn open() -> io::Result<Self> {
+    /// A sock_diag socket in the calling thread's network namespace.
+    pub fn open() -> io::Result<Self> {
         let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
         socket.bind_auto()?;
         socket.connect(&NetlinkAddr::new(0, 0))?;

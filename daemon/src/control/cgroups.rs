@@ -1,6 +1,7 @@
 //! Tagging: `status`, `attach`, `detach` and `connections`, each operator action recorded.
 
 use agent_broker_core::{
+    agent_name,
     cgroup::CgroupPath,
     time::{now_unix_ms, unix_secs},
 };
@@ -57,28 +58,147 @@ pub async fn status(state: &ControlState) -> Response {
                 shares: state.shares.usage(),
                 open_connections: state.shares.open_connections().0 as u64,
                 max_connections: state.shares.open_connections().1 as u64,
+                workloads: state.workloads.status(),
             })
         }
         Err(e) => capture_error(e),
     }
 }
 
-/// Tags a cgroup (creating it with `create`).
-pub async fn attach(state: &ControlState, cgroup: String, create: bool) -> Response {
+/// Tags a cgroup (creating it with `create`), under the agent `name` when one is given.
+pub async fn attach(
+    state: &ControlState,
+    cgroup: String,
+    create: bool,
+    name: Option<String>,
+) -> Response {
     let cgroup = match CgroupPath::parse(&cgroup) {
         Ok(c) => c,
         Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
     };
-    let name = cgroup.to_string();
-    match state.capture.attach(cgroup, create).await {
-        Ok((cgroup, already)) => {
+    let name = match parse_name(name) {
+        Ok(n) => n,
+        Err(response) => return *response,
+    };
+    match state.capture.attach(cgroup.clone(), create, name).await {
+        Ok((tagged, already)) => {
             if !already {
-                let kind = EventKind::Attach;
-                state.events.record(operator_event(kind, name));
+                state.events.record(attach_event(&tagged));
             }
-            Response::Attached { cgroup, already }
+            // Processes of the cgroup that already run in a network namespace of their own (a
+            // container's) get listeners there too; `status` lists them, and a namespace that
+            // cannot be served stays refused (logged and audited by the workloads module).
+            if let Ok(tag) = CgroupPath::parse(&tagged.path) {
+                let id = agent_broker_core::cgroup::CgroupId(tagged.id);
+                for (pid, opened) in state.workloads.open_members(&cgroup, (tag, id)).await {
+                    if let Err(e) = opened {
+                        tracing::warn!(cgroup = %cgroup, pid, error = %e, "cannot open brokerd's listeners in the network namespace of a process of the attached cgroup; its connections stay refused");
+                    }
+                }
+            }
+            Response::Attached {
+                cgroup: tagged,
+                already,
+            }
         }
         Err(e) => capture_error(e),
+    }
+}
+
+/// The agent name given with `--as`, validated; an error response names what is wrong.
+fn parse_name(name: Option<String>) -> Result<Option<CgroupPath>, Box<Response>> {
+    name.as_deref()
+        .map(CgroupPath::parse)
+        .transpose()
+        .map_err(|e| {
+            Box::new(error(
+                ErrorKind::BadRequest,
+                format!("agent name (--as): {e}"),
+            ))
+        })
+}
+
+/// The audit record of a tag made: its agent name, and its real path when that differs.
+fn attach_event(tagged: &agent_broker_protocol::TaggedCgroup) -> AuditEvent {
+    let mut event = operator_event(
+        EventKind::Attach,
+        tagged.name.as_ref().unwrap_or(&tagged.path),
+    );
+    event.cgroup_path = tagged.name.as_ref().map(|_| tagged.path.clone());
+    event
+}
+
+/// Tags the cgroup of the process `pid` and, when the process has a network namespace of its
+/// own, opens brokerd's listeners there. A pidfd taken first pins the process: its cgroup is
+/// read, then the pidfd is checked live (so the pid was not reused in between), and the
+/// namespace is entered through the pidfd. A failure to open the namespace undoes a tag this
+/// request made, and leaves no namespace entry (its connects stay refused).
+pub async fn attach_pid(state: &ControlState, pid: u32, name: Option<String>) -> Response {
+    use crate::capture::netns;
+    let name = match parse_name(name) {
+        Ok(n) => n,
+        Err(response) => return *response,
+    };
+    let pidfd = match netns::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => return error(ErrorKind::NotFound, e.to_string()),
+    };
+    let cgroup = match state.root.cgroup_of(pid) {
+        Ok(Some(c)) if !c.is_root() => c,
+        Ok(_) => {
+            return error(
+                ErrorKind::BadRequest,
+                format!(
+                    "process {pid} is in the root cgroup or outside the cgroup2 hierarchy at {}; \
+                     it needs a cgroup of its own to be tagged",
+                    state.root.mount().display()
+                ),
+            );
+        }
+        Err(e) => return error(ErrorKind::NotFound, format!("process {pid}: {e}")),
+    };
+    if !netns::pidfd_alive(&pidfd) {
+        return error(ErrorKind::NotFound, format!("process {pid} has exited"));
+    }
+    let (tagged, already) = match state.capture.attach(cgroup.clone(), false, name).await {
+        Ok(t) => t,
+        Err(e) => return capture_error(e),
+    };
+    let tag = match CgroupPath::parse(&tagged.path) {
+        Ok(t) => t,
+        Err(e) => return error(ErrorKind::Internal, e.to_string()),
+    };
+    let opened = state
+        .workloads
+        .open(
+            pidfd,
+            pid,
+            cgroup.clone(),
+            (tag.clone(), agent_broker_core::cgroup::CgroupId(tagged.id)),
+        )
+        .await;
+    match opened {
+        Ok(workload) => {
+            if !already {
+                state.events.record(attach_event(&tagged));
+            }
+            Response::AttachedPid {
+                cgroup: tagged,
+                already,
+                workload,
+            }
+        }
+        Err(e) => {
+            if !already {
+                let _ = state.capture.detach(tag).await;
+            }
+            error(
+                ErrorKind::Internal,
+                format!(
+                    "cannot open brokerd's listeners in the network namespace of process {pid}: {e}"
+                ),
+            )
+        }
     }
 }
 
@@ -88,17 +208,62 @@ pub async fn detach(state: &ControlState, cgroup: String) -> Response {
         Ok(c) => c,
         Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
     };
+    let tags = state.resolver.tags();
+    // The agent it ran as, for the record.
+    let agent = tags
+        .iter()
+        .find(|t| t.path == cgroup)
+        .map(|t| t.name.clone());
+    // Detach takes the cgroup path; say which one when given a tag's agent name instead.
+    if agent.is_none()
+        && let Some(t) = tags.iter().find(|t| t.name == cgroup && t.path != cgroup)
+    {
+        return error(
+            ErrorKind::NotFound,
+            format!(
+                "{cgroup} is the agent name of tagged cgroup {}; detach takes the cgroup path: \
+                 brokerctl detach --cgroup {}",
+                t.path, t.path
+            ),
+        );
+    }
     match state.capture.detach(cgroup.clone()).await {
         Ok(()) => {
-            let kind = EventKind::Detach;
             state
-                .events
-                .record(operator_event(kind, cgroup.to_string()));
+                .workloads
+                .release_under(&cgroup, "its tag was detached");
+            let kind = EventKind::Detach;
+            let mut event = operator_event(kind, &cgroup.to_string());
+            if let Some(agent) = agent.filter(|a| *a != cgroup) {
+                event.cgroup = Some(agent.to_string());
+                event.cgroup_path = Some(cgroup.to_string());
+            }
+            state.events.record(event);
             Response::Detached {
                 cgroup: cgroup.to_string(),
             }
         }
         Err(e) => capture_error(e),
+    }
+}
+
+/// The agent an operator means by `raw`: the name a named tag runs under when `raw` is the
+/// real path of that tag's cgroup (or of one below it), so `policy show/explain` and `handle
+/// mint` given the runtime's path answer for (and bind to) the agent its connections are
+/// attributed to. Anything else (an agent name, an unnamed tag's path, an invalid path, which
+/// the request itself then refuses) is returned as it is.
+pub fn agent_of(state: &ControlState, raw: String) -> String {
+    let Ok(path) = CgroupPath::parse(&raw) else {
+        return raw;
+    };
+    let tags = state.resolver.tags();
+    let named = tags.iter().map(|t| agent_name::NamedTag {
+        cgroup: &t.path,
+        name: &t.name,
+    });
+    match agent_name::agent_of(named, &path) {
+        Some((name, _)) => name.to_string(),
+        None => raw,
     }
 }
 
@@ -114,11 +279,11 @@ fn policy_status(store: &PolicyStore) -> PolicyStatus {
 
 /// An operator action that was carried out (attach, detach), as an audit event. A refused one
 /// is answered with its error and changes nothing, so it is not recorded.
-fn operator_event(kind: EventKind, cgroup: String) -> AuditEvent {
+fn operator_event(kind: EventKind, cgroup: &str) -> AuditEvent {
     AuditEvent {
         time_ms: now_unix_ms(),
         kind: Some(kind),
-        cgroup: Some(cgroup),
+        cgroup: Some(cgroup.to_string()),
         decision: Some(Decision::Allow),
         side: Some(Side::Broker),
         ..Default::default()

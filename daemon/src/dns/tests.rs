@@ -156,6 +156,7 @@ fn world_with(policy: &str, upstreams: Vec<SocketAddr>) -> World {
             tid: 4242,
             comm: "agent".into(),
             exe: None,
+            cgroup_path: None,
             original_dst: "8.8.8.8:53".parse().expect("addr"),
         },
         _policy: tx,

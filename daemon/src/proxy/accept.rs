@@ -28,7 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    capture::{ConnectionOrigin, OriginResolver},
+    capture::{
+        ConnectionOrigin, OriginResolver,
+        netns::{self, NetnsCtx},
+    },
     proxy::Proxy,
 };
 
@@ -84,8 +87,9 @@ pub struct Shared {
     pub dns: Arc<crate::dns::DnsServer>,
 }
 
-/// An accepted connection on its way to a proxy thread.
-type Accepted = (std::net::TcpStream, SocketAddr);
+/// An accepted connection on its way to a proxy thread, with the network namespace whose
+/// listener accepted it.
+pub type Accepted = (std::net::TcpStream, SocketAddr, Arc<NetnsCtx>);
 
 /// Hands accepted connections to the proxy threads in turn. A connection and everything it
 /// causes (its requests, its upstream connections) then stay on that thread's single-threaded
@@ -122,8 +126,14 @@ impl Dispatch {
     }
 }
 
-/// Accepts on `listener` until `cancel` fires and hands each connection to a proxy thread.
-pub async fn serve(listener: TcpListener, dispatch: Arc<Dispatch>, cancel: CancellationToken) {
+/// Accepts on `listener`, a listener in the network namespace `ns`, until `cancel` fires and
+/// hands each connection to a proxy thread.
+pub async fn serve(
+    listener: TcpListener,
+    dispatch: Arc<Dispatch>,
+    ns: Arc<NetnsCtx>,
+    cancel: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -139,7 +149,7 @@ pub async fn serve(listener: TcpListener, dispatch: Arc<Dispatch>, cancel: Cance
             }
         };
         match stream.into_std() {
-            Ok(stream) => dispatch.send((stream, peer)),
+            Ok(stream) => dispatch.send((stream, peer, ns.clone())),
             Err(e) => {
                 warn!(%peer, error = %e, "cannot hand an accepted connection to a proxy thread")
             }
@@ -150,7 +160,7 @@ pub async fn serve(listener: TcpListener, dispatch: Arc<Dispatch>, cancel: Cance
 /// A proxy thread's loop: serves each connection handed to it on a task of its own runtime,
 /// until the dispatcher is gone.
 pub async fn run_worker(mut rx: mpsc::UnboundedReceiver<Accepted>, shared: Arc<Shared>) {
-    while let Some((stream, peer)) = rx.recv().await {
+    while let Some((stream, peer, ns)) = rx.recv().await {
         super::spin::kick();
         let stream = match TcpStream::from_std(stream) {
             Ok(s) => s,
@@ -161,16 +171,16 @@ pub async fn run_worker(mut rx: mpsc::UnboundedReceiver<Accepted>, shared: Arc<S
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            serve_connection(stream, peer, &shared).await;
+            serve_connection(stream, peer, &ns, &shared).await;
         });
     }
 }
 
-async fn serve_connection(agent: TcpStream, peer: SocketAddr, shared: &Shared) {
+async fn serve_connection(agent: TcpStream, peer: SocketAddr, ns: &NetnsCtx, shared: &Shared) {
     let (resolver, recent, listeners) = (&shared.resolver, &shared.recent, &shared.listeners);
     let time_ms = now_unix_ms();
     let resolved = match agent.local_addr() {
-        Ok(local) => resolver.resolve(peer, local),
+        Ok(local) => resolver.resolve(ns, peer, local),
         Err(e) => Err(crate::capture::ResolveError::Diag {
             peer,
             message: format!("the accepted socket has no local address: {e}"),
@@ -203,7 +213,40 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, shared: &Shared) {
     };
     if is_broker_itself(origin.original_dst, listeners) {
         let reason = "the agent dialed brokerd's own listener";
-        log_connection(&origin, peer, "refused", Some(reason));
+        log_connection(&origin, ns, peer, "refused", Some(reason));
+        recent.push(record(
+            time_ms,
+            peer,
+            &origin,
+            Outcome::Refused {
+                reason: reason.into(),
+            },
+        ));
+        return;
+    }
+    if ns.is_workload()
+        && netns::loopback_in_workload(origin.original_dst)
+        && origin.original_dst.port() != agent_broker_common::DNS_PORT
+    {
+        // From a workload's namespace, loopback is its own: brokerd would dial its own
+        // (the host's) instead, another service. Refused, and audited. DNS over TCP to a
+        // loopback resolver (127.0.0.53 in many resolv.conf files) is answered by brokerd
+        // itself below, never dialled, so it is not refused.
+        let reason = netns::LOOPBACK_REFUSED;
+        log_connection(&origin, ns, peer, "refused", Some(reason));
+        shared.proxy.events.record(AuditEvent {
+            time_ms,
+            kind: Some(EventKind::Denial),
+            decision: Some(Decision::Deny),
+            cgroup: Some(origin.cgroup.to_string()),
+            pid: Some(origin.pid),
+            comm: Some(origin.comm.clone()),
+            exe: origin.exe.clone(),
+            original_dst: Some(origin.original_dst),
+            reason: Some(format!("{reason} (network namespace {})", ns.cookie)),
+            side: Some(Side::Agent),
+            ..AuditEvent::default()
+        });
         recent.push(record(
             time_ms,
             peer,
@@ -231,7 +274,7 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, shared: &Shared) {
             return;
         }
     };
-    log_connection(&origin, peer, "brokered", None);
+    log_connection(&origin, ns, peer, "brokered", None);
     recent.push(record(time_ms, peer, &origin, Outcome::Brokered));
     if origin.original_dst.port() == agent_broker_common::DNS_PORT {
         // DNS over TCP: answered by brokerd like the UDP queries, never passed on.
@@ -257,12 +300,14 @@ fn unresolved_event(time_ms: u64, reason: &str) -> AuditEvent {
 
 fn log_connection(
     origin: &ConnectionOrigin,
+    ns: &NetnsCtx,
     peer: SocketAddr,
     outcome: &str,
     reason: Option<&str>,
 ) {
     info!(
         cgroup = %origin.cgroup,
+        netns = ns.cookie,
         pid = origin.pid,
         tid = origin.tid,
         comm = %origin.comm,

@@ -42,6 +42,7 @@ fn agent(name: &str, id: u64) -> ConnectionOrigin {
         tid: 100,
         comm: "agent".into(),
         exe: None,
+        cgroup_path: None,
         original_dst: "127.0.0.1:443".parse().expect("addr"),
     }
 }

@@ -701,6 +701,7 @@ pub(super) fn test_origin(original_dst: SocketAddr) -> ConnectionOrigin {
         tid: TEST_PID + 1,
         comm: TEST_COMM.into(),
         exe: None,
+        cgroup_path: None,
         original_dst,
     }
 }
