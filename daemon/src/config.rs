@@ -37,9 +37,7 @@ pub enum ConfigError {
     Audit(&'static str),
     #[error("{0} must be an absolute path, got {1}")]
     RelativeDir(&'static str, PathBuf),
-    #[error(
-        "invalid pod source {0:?}: expected `kube`, `podman` or `podman:/path/to/podman.sock`"
-    )]
+    #[error("invalid pod source {0:?}: expected `kube`, `podman` or `podman:/path/to/podman.sock`")]
     PodSource(String),
     #[error("spin_us must be at most {max} (microseconds), got {got}")]
     Spin { got: u64, max: u64 },
@@ -173,9 +171,7 @@ impl PodSourceConfig {
         let bad = || ConfigError::PodSource(raw.to_owned());
         match raw.split_once(':') {
             None if raw == "kube" => Ok(Self::Kube),
-            None if raw == "podman" => Ok(Self::Podman(
-                crate::pods::podman::DEFAULT_SOCKET.into(),
-            )),
+            None if raw == "podman" => Ok(Self::Podman(crate::pods::podman::DEFAULT_SOCKET.into())),
             Some(("podman", path)) if Path::new(path).is_absolute() => {
                 Ok(Self::Podman(path.into()))
             }

@@ -194,13 +194,20 @@ pub async fn run<S: PodSource, T: Tagger>(mut source: S, tagger: T, cancel: Canc
                 }
                 let changes = reconciler.apply(pods, &tagger).await;
                 for uid in &changes.tagged {
-                    info!(source = source.name(), pod = %uid, "pod tagged");
+                    let pod = reconciler.tagged().find(|p| p.uid == *uid);
+                    info!(
+                        source = source.name(),
+                        pod = pod.map(Pod::display_name).unwrap_or_default(),
+                        %uid,
+                        agent = pod.map(|p| p.agent.as_str()).unwrap_or_default(),
+                        "pod tagged"
+                    );
                 }
                 for uid in &changes.untagged {
-                    info!(source = source.name(), pod = %uid, "pod untagged");
+                    info!(source = source.name(), %uid, "pod untagged");
                 }
                 for (uid, why) in &changes.failed {
-                    warn!(source = source.name(), pod = %uid, %why, "pod not (un)tagged; trying again");
+                    warn!(source = source.name(), %uid, %why, "pod not (un)tagged; trying again");
                 }
             }
             Err(e) => {
@@ -243,14 +250,20 @@ mod tests {
 
     impl Tagger for Recorder {
         async fn tag(&self, pod: &Pod) -> Result<(), String> {
-            self.calls.lock().unwrap().push(format!("tag {} {}", pod.uid, pod.pid));
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("tag {} {}", pod.uid, pod.pid));
             if self.refuse.lock().unwrap().contains(&pod.uid) {
                 return Err("refused".into());
             }
             Ok(())
         }
         async fn untag(&self, pod: &Pod) -> Result<(), String> {
-            self.calls.lock().unwrap().push(format!("untag {} {}", pod.uid, pod.pid));
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("untag {} {}", pod.uid, pod.pid));
             Ok(())
         }
     }
@@ -265,11 +278,15 @@ mod tests {
     async fn tags_new_pods_once_and_untags_gone_ones() {
         let tagger = Recorder::default();
         let mut r = Reconciler::default();
-        let c = r.apply(vec![pod("a", "x", 1), pod("b", "y", 2)], &tagger).await;
+        let c = r
+            .apply(vec![pod("a", "x", 1), pod("b", "y", 2)], &tagger)
+            .await;
         assert_eq!(c.tagged, ["a", "b"]);
         assert_eq!(tagger.take(), ["tag a 1", "tag b 2"]);
         // The same list again changes nothing.
-        let c = r.apply(vec![pod("a", "x", 1), pod("b", "y", 2)], &tagger).await;
+        let c = r
+            .apply(vec![pod("a", "x", 1), pod("b", "y", 2)], &tagger)
+            .await;
         assert_eq!(c, Changes::default());
         assert!(tagger.take().is_empty());
         // b is gone.

@@ -48,9 +48,9 @@ impl Kube {
     /// Connects with the inferred configuration and starts watching. `node` narrows the watch
     /// to one node's pods.
     pub async fn start(mount: PathBuf, node: Option<String>) -> anyhow::Result<Self> {
-        let client = Client::try_default()
-            .await
-            .context("no Kubernetes API configuration (in-cluster service account or KUBECONFIG)")?;
+        let client = Client::try_default().await.context(
+            "no Kubernetes API configuration (in-cluster service account or KUBECONFIG)",
+        )?;
         let api: Api<KubePod> = Api::all(client);
         let mut config = watcher::Config::default().labels(AGENT_LABEL);
         if let Some(node) = &node {
@@ -154,7 +154,10 @@ impl PodSource for Kube {
     async fn list(&mut self) -> anyhow::Result<Vec<Pod>> {
         let (pods, error) = {
             let w = self.pods.lock().unwrap_or_else(|e| e.into_inner());
-            (w.pods.values().cloned().collect::<Vec<_>>(), w.error.clone())
+            (
+                w.pods.values().cloned().collect::<Vec<_>>(),
+                w.error.clone(),
+            )
         };
         if let Some(error) = error
             && pods.is_empty()
@@ -208,23 +211,45 @@ mod tests {
         assert_eq!((got.pid, got.agent.as_str()), (4242, "coder"));
         assert_eq!(got.display_name(), "team-a/coder-0");
 
-        assert_eq!(pod_of(root.path(), &kube_pod(uid, "Pending", Some("coder"))), None);
+        assert_eq!(
+            pod_of(root.path(), &kube_pod(uid, "Pending", Some("coder"))),
+            None
+        );
         assert_eq!(pod_of(root.path(), &kube_pod(uid, "Running", None)), None);
         // Another node's pod: no cgroup here.
         let other = "11111111-2222-3333-4444-555555555555";
-        assert_eq!(pod_of(root.path(), &kube_pod(other, "Running", Some("coder"))), None);
+        assert_eq!(
+            pod_of(root.path(), &kube_pod(other, "Running", Some("coder"))),
+            None
+        );
     }
 
     #[test]
     fn a_relist_replaces_the_pods_and_deletes_remove_them() {
         let mut w = Watched::default();
-        apply(&mut w, watcher::Event::Apply(kube_pod("a", "Running", Some("x"))));
-        apply(&mut w, watcher::Event::Apply(kube_pod("b", "Running", Some("x"))));
-        apply(&mut w, watcher::Event::Delete(kube_pod("a", "Running", Some("x"))));
+        apply(
+            &mut w,
+            watcher::Event::Apply(kube_pod("a", "Running", Some("x"))),
+        );
+        apply(
+            &mut w,
+            watcher::Event::Apply(kube_pod("b", "Running", Some("x"))),
+        );
+        apply(
+            &mut w,
+            watcher::Event::Delete(kube_pod("a", "Running", Some("x"))),
+        );
         assert_eq!(w.pods.keys().collect::<Vec<_>>(), ["b"]);
         apply(&mut w, watcher::Event::Init);
-        apply(&mut w, watcher::Event::InitApply(kube_pod("c", "Running", Some("x"))));
-        assert_eq!(w.pods.keys().collect::<Vec<_>>(), ["b"], "swapped only when done");
+        apply(
+            &mut w,
+            watcher::Event::InitApply(kube_pod("c", "Running", Some("x"))),
+        );
+        assert_eq!(
+            w.pods.keys().collect::<Vec<_>>(),
+            ["b"],
+            "swapped only when done"
+        );
         apply(&mut w, watcher::Event::InitDone);
         assert_eq!(w.pods.keys().collect::<Vec<_>>(), ["c"]);
     }

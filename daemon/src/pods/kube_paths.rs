@@ -11,10 +11,10 @@
 //! | cgroupfs | Burstable, BestEffort | `kubepods/<qos>/pod<uid>` |
 //!
 //! (`<uid_>` is the UID with `-` written as `_`.) Rather than guess the driver, the search walks
-//! the cgroup2 tree below every directory named like `*kubepods*` it finds within a few levels of the root,
-//! as Tetragon and Cilium do, and matches the pod directory by its UID. Container cgroups below it
-//! are `cri-containerd-<id>.scope`, `crio-<id>.scope`, `docker-<id>.scope` (systemd) or `<id>`
-//! (cgroupfs); [`container_id`] reads the id back.
+//! the cgroup2 tree below every directory named like `*kubepods*` within a few levels of the
+//! root, as Tetragon and Cilium do, and matches the pod directory by its UID. The tag covers the
+//! pod's container cgroups below it (`cri-containerd-<id>.scope`, `crio-<id>.scope`,
+//! `docker-<id>.scope`, or `<id>` with cgroupfs) whatever their names.
 
 use std::path::Path;
 
@@ -58,22 +58,6 @@ fn is_pod_dir(name: &str, uid: &str) -> bool {
     let cgroupfs = format!("pod{uid}");
     let systemd = format!("-pod{}.slice", uid.replace('-', "_"));
     name == cgroupfs || name.ends_with(&systemd)
-}
-
-/// The container id in a container cgroup's directory name, for the runtimes and drivers the
-/// kubelet and podman use.
-pub fn container_id(name: &str) -> Option<&str> {
-    for prefix in ["cri-containerd-", "crio-", "docker-", "libpod-"] {
-        if let Some(rest) = name.strip_prefix(prefix) {
-            let id = rest.strip_suffix(".scope").unwrap_or(rest);
-            return is_hex_id(id).then_some(id);
-        }
-    }
-    is_hex_id(name).then_some(name)
-}
-
-fn is_hex_id(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Calls `found(relative path, dir name)` for each directory below `dir` up to `depth` levels,
@@ -150,21 +134,5 @@ mod tests {
         // The UID must be the whole name, not a prefix of it.
         let short = &UID[..8];
         assert_eq!(find_pod_cgroup(root.path(), short), None);
-    }
-
-    #[test]
-    fn reads_container_ids_of_every_runtime() {
-        let id = "a".repeat(64);
-        for name in [
-            format!("cri-containerd-{id}.scope"),
-            format!("crio-{id}.scope"),
-            format!("docker-{id}.scope"),
-            format!("libpod-{id}"),
-            id.clone(),
-        ] {
-            assert_eq!(container_id(&name), Some(id.as_str()), "{name}");
-        }
-        assert_eq!(container_id("init.scope"), None);
-        assert_eq!(container_id("crio-conmon-xyz.scope"), None);
     }
 }

@@ -141,7 +141,9 @@ struct ContainerState {
 /// infra process (a pod without an infra container has no network namespace of its own).
 fn pod_of(listed: &ListedPod, pod: &InspectedPod, infra: &InspectedContainer) -> Option<Pod> {
     let agent = listed.labels.get(AGENT_LABEL)?;
-    if !listed.status.eq_ignore_ascii_case("running") && !listed.status.eq_ignore_ascii_case("degraded") {
+    if !listed.status.eq_ignore_ascii_case("running")
+        && !listed.status.eq_ignore_ascii_case("degraded")
+    {
         return None;
     }
     if !infra.state.running || infra.state.pid == 0 {
