@@ -2,7 +2,8 @@
 //! `agent-broker.io/agent=<name>` is tagged by brokerd itself (`--pod-source podman:SOCKET`,
 //! podman's REST API) under the agent name `agents/<name>`, brokered in its own network
 //! namespace with the key its policy injects, named in the audit records (pod name and id), and
-//! untagged when the pod is removed. A pod without the label is never tagged.
+//! untagged when the pod is removed. A pod without the label is never tagged. The same for the
+//! kube source, against a mock of the Kubernetes API server.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -11,8 +12,11 @@ use std::{
 
 use agent_broker_protocol::{AuditEvent, EventKind};
 use agent_broker_tests::{
-    Broker, Canary, SHORT, TestCa, TestHost, TestUpstream, UpstreamOptions,
+    Broker, Canary, SHORT, TestCa, TestCgroup, TestHost, TestUpstream, UpstreamOptions,
+    cgroup::spawn_in_cgroup,
     container::{AGENT_LABEL, Podman},
+    kube_api::{FakeKubeApi, pod as kube_pod},
+    netns::TestNetns,
     require_privileges, run_with_timeout, unique_name,
     world::{API, SECRET_NAME, rule},
 };
@@ -52,6 +56,16 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "{what} within {NOTICE:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The first audit record that `matches`, waiting for the group commit that stores it.
+fn record_of(broker: &Broker, what: &str, matches: impl Fn(&AuditEvent) -> bool) -> AuditEvent {
+    let mut found = None;
+    wait_for(&format!("{what} should be in the audit log"), || {
+        found = broker.audit_records().into_iter().find(|r| matches(r));
+        found.is_some()
+    });
+    found.unwrap_or_default()
 }
 
 fn tag_of(broker: &Broker, cgroup: &str) -> Option<Option<String>> {
@@ -103,7 +117,7 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
     std::fs::copy(broker.export_ca(), podman.share_dir().join("broker-ca.pem"))
         .unwrap_or_else(|e| panic!("cannot copy the broker CA for the pod: {e}"));
 
-    let unlabelled = podman.kube_play(&[("app", "abtest-unlabelled")], &["sleep", "600"]);
+    let unlabelled = podman.kube_play(&[("tier", "abtest-unlabelled")], &["sleep", "600"]);
     let pod = podman.kube_play(&[(AGENT_LABEL, &label)], &["sleep", "600"]);
     wait_for(
         &format!(
@@ -133,7 +147,7 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
     );
 
     let out = run_with_timeout(
-        pod.exec(&[
+        &mut pod.exec(&[
             "python3",
             "-c",
             POD_CLIENT_PY,
@@ -173,14 +187,21 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
         "a name the pod's policy does not allow is REFUSED by brokerd's DNS in the pod: {printed}"
     );
 
-    let records = broker.audit_records();
-    let of_pod = |r: &&AuditEvent| r.pod.as_ref().is_some_and(|p| p.uid == pod.id);
-    let request = records
-        .iter()
-        .filter(of_pod)
-        .find(|r| r.kind == Some(EventKind::Request) && r.status == Some(200))
-        .unwrap_or_else(|| panic!("no request record names the pod {}: {records:?}", pod.id));
-    assert_eq!(request.cgroup.as_deref(), Some(agent.as_str()));
+    let of_pod = |r: &AuditEvent| r.pod.as_ref().is_some_and(|p| p.uid == pod.id);
+    let request = record_of(&broker, "a request record naming the pod", |r| {
+        of_pod(r) && r.kind == Some(EventKind::Request) && r.status == Some(200)
+    });
+    // The agent container's cgroup is below the pod's: a sub-agent of agents/<label>, governed
+    // by its policy.
+    let agent_container = pod
+        .agent()
+        .cgroup
+        .trim_start_matches(&format!("{}/", pod.cgroup))
+        .to_string();
+    assert_eq!(
+        request.cgroup.as_deref(),
+        Some(format!("{agent}/{agent_container}").as_str())
+    );
     assert_eq!(
         request.pod.as_ref().map(|p| p.name.as_str()),
         Some(pod.name.as_str())
@@ -192,13 +213,9 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
             .is_some_and(|p| p.starts_with(&pod.cgroup)),
         "the record keeps the real cgroup path: {request:?}"
     );
-    assert!(
-        records
-            .iter()
-            .filter(of_pod)
-            .any(|r| r.kind == Some(EventKind::Attach)),
-        "the pod source's attach is audited with the pod: {records:?}"
-    );
+    record_of(&broker, "the pod source's attach, with the pod", |r| {
+        of_pod(r) && r.kind == Some(EventKind::Attach)
+    });
 
     // Removing the pod untags it.
     let cgroup = pod.cgroup.clone();
@@ -208,13 +225,102 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
         &format!("brokerd's pod source should untag removed pod {id}"),
         || tag_of(&broker, &cgroup).is_none(),
     );
-    let records = broker.audit_records();
-    assert!(
-        records
-            .iter()
-            .any(|r| r.kind == Some(EventKind::Detach)
-                && r.pod.as_ref().is_some_and(|p| p.uid == id)),
-        "the untag is audited with the pod: {records:?}"
-    );
+    record_of(&broker, "the untag, with the pod", |r| {
+        r.kind == Some(EventKind::Detach) && r.pod.as_ref().is_some_and(|p| p.uid == id)
+    });
     drop(unlabelled);
+}
+
+/// The kube source, against a mock of the API server (there is none here; see
+/// `agent_broker_tests::kube_api`) and a pod laid out as the kubelet lays it out with the
+/// cgroupfs driver (`kubepods/besteffort/pod<uid>/<container id>`, below the test's cgroup), with
+/// a process in a network namespace of its own: brokerd finds the pod's cgroup from its UID, tags
+/// it under `agents/<label>`, serves its namespace, audits it with the pod's namespace, name and
+/// UID, and untags it when the API server no longer lists it. Pods of another node and pods
+/// without the label are not tagged.
+#[test]
+fn a_labelled_kubernetes_pod_of_this_node_is_tagged_by_the_kube_source_and_released() {
+    require_privileges();
+    let mut api = FakeKubeApi::start();
+    let cg = TestCgroup::new();
+    let n = std::process::id();
+    let uid = format!("{n:08x}-0000-4000-8000-00000000000a");
+    let unlabelled_uid = format!("{n:08x}-0000-4000-8000-00000000000b");
+    let pod_cgroup = cg.create_child(&format!("kubepods/besteffort/pod{uid}"));
+    let container = cg.create_child(&format!("kubepods/besteffort/pod{uid}/{}", "c".repeat(64)));
+    let unlabelled_cgroup = cg.create_child(&format!("kubepods/besteffort/pod{unlabelled_uid}"));
+    let netns = TestNetns::new();
+    let mut sleeper = spawn_in_cgroup(&container, netns.command("sleep").arg("600"));
+    let label = unique_name();
+    let agent = format!("agents/{label}");
+
+    let broker = Broker::builder()
+        .arg("--pod-source")
+        .arg("kube")
+        .env("KUBECONFIG", &api.kubeconfig().display().to_string())
+        .env("NODE_NAME", "abtest-node")
+        .policy("pod", &format!("cgroup = \"{agent}\"\n"))
+        .start();
+    let labels = serde_json::json!({ AGENT_LABEL: label });
+    api.set_pods(&[
+        kube_pod("team-a", "coder-0", &uid, "abtest-node", labels.clone()),
+        // Same label, another node: its watch never shows it here.
+        kube_pod(
+            "team-a",
+            "coder-1",
+            "11111111-2222-4333-8444-555555555555",
+            "other-node",
+            labels,
+        ),
+        kube_pod(
+            "team-a",
+            "web-0",
+            &unlabelled_uid,
+            "abtest-node",
+            serde_json::json!({}),
+        ),
+    ]);
+    wait_for(
+        &format!("brokerd's kube source should tag pod {uid} ({pod_cgroup})"),
+        || tag_of(&broker, &pod_cgroup).is_some(),
+    );
+    assert_eq!(tag_of(&broker, &pod_cgroup), Some(Some(agent.clone())));
+    assert_eq!(tag_of(&broker, &unlabelled_cgroup), None);
+    let status = broker.status();
+    assert_eq!(
+        status.cgroups.len(),
+        1,
+        "only the labelled pod of this node is tagged: {:?}",
+        status.cgroups
+    );
+    assert!(
+        status
+            .workloads
+            .iter()
+            .any(|w| w.cgroup == container && w.pid == sleeper.id()),
+        "brokerd serves the pod's network namespace through its process: {:?}",
+        status.workloads
+    );
+    let attach = record_of(&broker, "the kube source's attach", |r| {
+        r.kind == Some(EventKind::Attach)
+    });
+    let pod = attach.pod.as_ref().unwrap_or_else(|| panic!("{attach:?}"));
+    assert_eq!(
+        (pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str()),
+        ("team-a", "coder-0", uid.as_str())
+    );
+    assert_eq!(attach.cgroup.as_deref(), Some(agent.as_str()));
+    assert_eq!(attach.cgroup_path.as_deref(), Some(pod_cgroup.as_str()));
+
+    // The pod is deleted: the source untags it.
+    api.set_pods(&[]);
+    wait_for(
+        &format!("brokerd's kube source should untag deleted pod {uid}"),
+        || tag_of(&broker, &pod_cgroup).is_none(),
+    );
+    record_of(&broker, "the untag, with the pod", |r| {
+        r.kind == Some(EventKind::Detach) && r.pod.as_ref().is_some_and(|p| p.uid == uid)
+    });
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
 }
