@@ -436,19 +436,23 @@ mod tests {
             Config::layer(cli, Settings::default()).map(|c| c.pod_source)
         };
         assert_eq!(
-            parse("podman").unwrap(),
+            parse("podman").expect("a valid pod source"),
             Some(PodSourceConfig::Podman("/run/podman/podman.sock".into()))
         );
-        assert_eq!(parse("kube").unwrap(), Some(PodSourceConfig::Kube));
         assert_eq!(
-            parse("podman:/tmp/p.sock").unwrap(),
+            parse("kube").expect("a valid pod source"),
+            Some(PodSourceConfig::Kube)
+        );
+        assert_eq!(
+            parse("podman:/tmp/p.sock").expect("a valid pod source"),
             Some(PodSourceConfig::Podman("/tmp/p.sock".into()))
         );
         for bad in ["docker", "podman:relative.sock", "podman:", "kube:x"] {
-            let e = parse(bad).unwrap_err().to_string();
+            let e = parse(bad).expect_err("refused").to_string();
             assert!(e.contains(bad) && e.contains("podman"), "{e}");
         }
-        let none = Config::layer(Settings::default(), Settings::default()).unwrap();
+        let none = Config::layer(Settings::default(), Settings::default())
+            .expect("the defaults are valid");
         assert_eq!(none.pod_source, None);
     }
 }

@@ -252,9 +252,9 @@ mod tests {
         async fn tag(&self, pod: &Pod) -> Result<(), String> {
             self.calls
                 .lock()
-                .unwrap()
+                .expect("not poisoned")
                 .push(format!("tag {} {}", pod.uid, pod.pid));
-            if self.refuse.lock().unwrap().contains(&pod.uid) {
+            if self.refuse.lock().expect("not poisoned").contains(&pod.uid) {
                 return Err("refused".into());
             }
             Ok(())
@@ -262,7 +262,7 @@ mod tests {
         async fn untag(&self, pod: &Pod) -> Result<(), String> {
             self.calls
                 .lock()
-                .unwrap()
+                .expect("not poisoned")
                 .push(format!("untag {} {}", pod.uid, pod.pid));
             Ok(())
         }
@@ -270,7 +270,7 @@ mod tests {
 
     impl Recorder {
         fn take(&self) -> Vec<String> {
-            std::mem::take(&mut *self.calls.lock().unwrap())
+            std::mem::take(&mut *self.calls.lock().expect("not poisoned"))
         }
     }
 
@@ -310,22 +310,30 @@ mod tests {
     #[tokio::test]
     async fn a_refused_tag_is_tried_again_on_the_next_list() {
         let tagger = Recorder::default();
-        tagger.refuse.lock().unwrap().push("a".into());
+        tagger.refuse.lock().expect("not poisoned").push("a".into());
         let mut r = Reconciler::default();
         let c = r.apply(vec![pod("a", "x", 1)], &tagger).await;
         assert_eq!(c.failed, [("a".to_string(), "refused".to_string())]);
         assert_eq!(r.tagged().count(), 0);
-        tagger.refuse.lock().unwrap().clear();
+        tagger.refuse.lock().expect("not poisoned").clear();
         let c = r.apply(vec![pod("a", "x", 1)], &tagger).await;
         assert_eq!(c.tagged, ["a"]);
     }
 
     #[test]
     fn label_values_become_one_segment_below_agents() {
-        assert_eq!(policy_name("coder").unwrap().as_str(), "agents/coder");
-        assert_eq!(policy_name("a.b_c-1").unwrap().as_str(), "agents/a.b_c-1");
+        assert_eq!(
+            policy_name("coder").expect("a valid label value").as_str(),
+            "agents/coder"
+        );
+        assert_eq!(
+            policy_name("a.b_c-1")
+                .expect("a valid label value")
+                .as_str(),
+            "agents/a.b_c-1"
+        );
         for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(64), "ü"] {
-            let e = policy_name(bad).unwrap_err();
+            let e = policy_name(bad).expect_err("refused");
             assert!(e.contains(AGENT_LABEL), "{e}");
         }
     }

@@ -193,20 +193,20 @@ mod tests {
             "spec": { "containers": [] },
             "status": { "phase": phase },
         }))
-        .unwrap()
+        .expect("the fixture is a Pod")
     }
 
     #[test]
     fn a_running_labelled_pod_of_this_node_becomes_a_pod_with_its_cgroup_and_a_pid() {
         let uid = "3f2c1a9e-8b7d-4c6e-9a1b-2d3e4f5a6b7c";
-        let root = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().expect("a temp dir");
         let pod_dir = root.path().join(format!("kubepods/besteffort/pod{uid}"));
         let ctr = pod_dir.join("a".repeat(64));
-        std::fs::create_dir_all(&ctr).unwrap();
-        std::fs::write(pod_dir.join("cgroup.procs"), "").unwrap();
-        std::fs::write(ctr.join("cgroup.procs"), "4242\n4243\n").unwrap();
+        std::fs::create_dir_all(&ctr).expect("a test cgroup tree");
+        std::fs::write(pod_dir.join("cgroup.procs"), "").expect("a test cgroup.procs");
+        std::fs::write(ctr.join("cgroup.procs"), "4242\n4243\n").expect("a test cgroup.procs");
 
-        let got = pod_of(root.path(), &kube_pod(uid, "Running", Some("coder"))).unwrap();
+        let got = pod_of(root.path(), &kube_pod(uid, "Running", Some("coder"))).expect("listed");
         assert_eq!(got.cgroup, format!("kubepods/besteffort/pod{uid}"));
         assert_eq!((got.pid, got.agent.as_str()), (4242, "coder"));
         assert_eq!(got.display_name(), "team-a/coder-0");

@@ -98,9 +98,9 @@ mod tests {
     const UID: &str = "3f2c1a9e-8b7d-4c6e-9a1b-2d3e4f5a6b7c";
 
     fn tree(dirs: &[&str]) -> tempfile::TempDir {
-        let root = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().expect("a temp dir");
         for d in dirs {
-            std::fs::create_dir_all(root.path().join(d)).unwrap();
+            std::fs::create_dir_all(root.path().join(d)).expect("a test cgroup tree");
         }
         root
     }

@@ -250,20 +250,21 @@ mod tests {
                 "Name":"coder","Namespace":"","Networks":[],"Status":"Running",
                 "Labels":{"agent-broker.io/agent":"coder","app":"x"}}]"#,
         )
-        .unwrap();
+        .expect("the fixture parses");
         let pod: InspectedPod = serde_json::from_str(
             r#"{"Id":"70b1","CgroupPath":"/libpod_parent/70b1","InfraContainerID":"c4fc","State":"Running"}"#,
         )
-        .unwrap();
+        .expect("the fixture parses");
         let infra: InspectedContainer =
             serde_json::from_str(r#"{"State":{"Pid":20437,"Running":true,"Status":"running"}}"#)
-                .unwrap();
-        let got = pod_of(&listed[0], &pod, &infra).unwrap();
+                .expect("the fixture parses");
+        let got = pod_of(&listed[0], &pod, &infra).expect("the fixture parses");
         assert_eq!(got.cgroup, "libpod_parent/70b1");
         assert_eq!((got.pid, got.agent.as_str()), (20437, "coder"));
 
         let stopped: InspectedContainer =
-            serde_json::from_str(r#"{"State":{"Pid":0,"Running":false}}"#).unwrap();
+            serde_json::from_str(r#"{"State":{"Pid":0,"Running":false}}"#)
+                .expect("the fixture parses");
         assert_eq!(pod_of(&listed[0], &pod, &stopped), None);
         let mut exited = listed;
         exited[0].status = "Exited".into();
