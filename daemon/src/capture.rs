@@ -241,6 +241,8 @@ pub struct ConnectionOrigin {
     pub cgroup: CgroupPath,
     /// The real cgroup path, when it differs from `cgroup` (a named tag).
     pub cgroup_path: Option<CgroupPath>,
+    /// The pod, for a cgroup a pod source tagged ([`OriginResolver::set_pod`]).
+    pub pod: Option<agent_broker_protocol::PodRef>,
     pub cgroup_id: CgroupId,
     /// Process id (thread group id).
     pub pid: u32,
@@ -300,6 +302,8 @@ pub struct OriginResolver {
     root: CgroupRoot,
     tags: watch::Receiver<TagSet>,
     paths: Mutex<HashMap<CgroupId, CgroupPath>>,
+    /// Pods by their tagged pod cgroup, as the pod source registered them.
+    pods: Mutex<std::collections::BTreeMap<CgroupPath, agent_broker_protocol::PodRef>>,
 }
 
 impl OriginResolver {
@@ -412,6 +416,7 @@ impl OriginResolver {
         let path = self
             .cgroup_path(cgroup_id)
             .ok_or(ResolveError::UnknownCgroup(cgroup_id))?;
+        let pod = self.pod_of(&path);
         let (cgroup, cgroup_path) = self.agent_of(path);
         let comm_len = origin
             .comm
@@ -421,6 +426,7 @@ impl OriginResolver {
         Ok(ConnectionOrigin {
             cgroup,
             cgroup_path,
+            pod,
             cgroup_id,
             pid: origin.tgid,
             tid: origin.pid,
@@ -433,10 +439,29 @@ impl OriginResolver {
         })
     }
 
+    /// Registers (or with `None` forgets) the pod whose pod-level cgroup is `tag`: connections
+    /// from it and below it carry the pod in their records.
+    pub fn set_pod(&self, tag: CgroupPath, pod: Option<agent_broker_protocol::PodRef>) {
+        if let Ok(mut pods) = self.pods.lock() {
+            match pod {
+                Some(pod) => pods.insert(tag, pod),
+                None => pods.remove(&tag),
+            };
+        }
+    }
+
+    /// The pod whose cgroup is `path` or an ancestor of it.
+    pub fn pod_of(&self, path: &CgroupPath) -> Option<agent_broker_protocol::PodRef> {
+        let pods = self.pods.lock().ok()?;
+        pods.iter()
+            .find(|(tag, _)| tag.is_ancestor_or_self_of(path))
+            .map(|(_, pod)| pod.clone())
+    }
+
     /// The agent a cgroup's connections are attributed to (the name of the tag covering it,
     /// rebased), and its real path when that differs. A cgroup no tag covers any more (detached
     /// since) keeps its path.
-    fn agent_of(&self, path: CgroupPath) -> (CgroupPath, Option<CgroupPath>) {
+    pub fn agent_of(&self, path: CgroupPath) -> (CgroupPath, Option<CgroupPath>) {
         let tags = self.tags();
         match agent_name::agent_of(tags.iter().map(Tag::named), &path) {
             Some((name, _)) if name != path => (name, Some(path)),
@@ -899,6 +924,7 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         root: config.root,
         tags: tags_rx,
         paths: Mutex::new(HashMap::new()),
+        pods: Mutex::new(std::collections::BTreeMap::new()),
     });
     let (tx, rx) = mpsc::channel(64);
     let owner = std::thread::Builder::new()

@@ -37,6 +37,8 @@ pub enum ConfigError {
     Audit(&'static str),
     #[error("{0} must be an absolute path, got {1}")]
     RelativeDir(&'static str, PathBuf),
+    #[error("invalid pod source {0:?}: expected `kube`, `podman` or `podman:/path/to/podman.sock`")]
+    PodSource(String),
     #[error("spin_us must be at most {max} (microseconds), got {got}")]
     Spin { got: u64, max: u64 },
 }
@@ -104,6 +106,13 @@ pub struct Settings {
     /// wake-up; 0 turns it off, at most 1000 [default: 100].
     #[arg(long, value_name = "MICROSECONDS")]
     pub spin_us: Option<u64>,
+    /// Tag the pods a container engine runs with the label `agent-broker.io/agent=<name>`, under
+    /// the policy name `agents/<name>`, and untag them when they go. `kube` watches this node's
+    /// pods through the Kubernetes API (in-cluster config or KUBECONFIG; the node from
+    /// $NODE_NAME); `podman` uses podman's system service socket (/run/podman/podman.sock),
+    /// `podman:PATH` another socket [default: none].
+    #[arg(long, value_name = "SOURCE")]
+    pub pod_source: Option<String>,
 }
 
 impl Settings {
@@ -144,6 +153,31 @@ pub struct Config {
     pub require_lsm: bool,
     /// How long a proxy thread busy-polls after a request before sleeping (see `proxy::spin`).
     pub spin: std::time::Duration,
+    /// Where labelled pods are listed from, if anywhere.
+    pub pod_source: Option<PodSourceConfig>,
+}
+
+/// A container engine brokerd lists labelled pods from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodSourceConfig {
+    /// The Kubernetes API (in-cluster config or KUBECONFIG).
+    Kube,
+    /// podman's REST API on this unix socket.
+    Podman(PathBuf),
+}
+
+impl PodSourceConfig {
+    fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::PodSource(raw.to_owned());
+        match raw.split_once(':') {
+            None if raw == "kube" => Ok(Self::Kube),
+            None if raw == "podman" => Ok(Self::Podman(crate::pods::podman::DEFAULT_SOCKET.into())),
+            Some(("podman", path)) if Path::new(path).is_absolute() => {
+                Ok(Self::Podman(path.into()))
+            }
+            _ => Err(bad()),
+        }
+    }
 }
 
 impl Config {
@@ -219,6 +253,11 @@ impl Config {
                 }
                 Some(us) => std::time::Duration::from_micros(us),
             },
+            pod_source: cli
+                .pod_source
+                .or(file.pod_source)
+                .map(|raw| PodSourceConfig::parse(&raw))
+                .transpose()?,
         };
         if config.audit_retention.max_records == Some(0) {
             return Err(ConfigError::Audit("audit_max_records must be at least 1"));
@@ -385,5 +424,35 @@ mod tests {
             err.to_string().contains("spin_us must be at most 1000"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn pod_sources_parse_or_name_what_is_wrong() {
+        let parse = |raw: &str| {
+            let cli = Settings {
+                pod_source: Some(raw.into()),
+                ..Default::default()
+            };
+            Config::layer(cli, Settings::default()).map(|c| c.pod_source)
+        };
+        assert_eq!(
+            parse("podman").expect("a valid pod source"),
+            Some(PodSourceConfig::Podman("/run/podman/podman.sock".into()))
+        );
+        assert_eq!(
+            parse("kube").expect("a valid pod source"),
+            Some(PodSourceConfig::Kube)
+        );
+        assert_eq!(
+            parse("podman:/tmp/p.sock").expect("a valid pod source"),
+            Some(PodSourceConfig::Podman("/tmp/p.sock".into()))
+        );
+        for bad in ["docker", "podman:relative.sock", "podman:", "kube:x"] {
+            let e = parse(bad).expect_err("refused").to_string();
+            assert!(e.contains(bad) && e.contains("podman"), "{e}");
+        }
+        let none = Config::layer(Settings::default(), Settings::default())
+            .expect("the defaults are valid");
+        assert_eq!(none.pod_source, None);
     }
 }

@@ -10,6 +10,8 @@ mod cgroups;
 mod handles;
 mod logs;
 mod outside_sockets;
+mod pods;
+pub use pods::ControlTagger;
 mod policy;
 mod protections;
 mod reply;

@@ -15,9 +15,10 @@ use crate::{
     audit::AuditLog,
     broker::{NameProof, PolicyAuthorizer},
     capture::{self, CaptureConfig},
-    config::Config,
+    config::{Config, PodSourceConfig},
     control::{self, ControlState},
     dns::{self, AnsweredNames, DnsServer, Resolver},
+    pods,
     policy_store::PolicyStore,
     proxy::{
         Deadlines, Proxy,
@@ -225,6 +226,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     policy.report_to(event_log.clone());
     tracker.spawn(policy.watch(cancel.clone()));
+    if let Some(source) = &config.pod_source {
+        let tagger = control::ControlTagger::new(state.clone());
+        match source {
+            PodSourceConfig::Podman(socket) => {
+                info!(socket = %socket.display(), "pod source: podman");
+                tracker.spawn(pods::run(
+                    pods::podman::Podman::new(socket),
+                    tagger,
+                    cancel.clone(),
+                ));
+            }
+            PodSourceConfig::Kube => {
+                let node = std::env::var(pods::kube::NODE_NAME_ENV).ok();
+                info!(
+                    node = node.as_deref().unwrap_or("(all nodes)"),
+                    "pod source: kube"
+                );
+                let kube = pods::kube::Kube::start(state.root.mount().to_path_buf(), node).await?;
+                tracker.spawn(pods::run(kube, tagger, cancel.clone()));
+            }
+        }
+    }
     tracker.spawn(control::serve(control_listener, state, cancel.clone()));
     tracker.close();
     info!(

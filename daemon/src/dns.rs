@@ -583,6 +583,7 @@ fn dns_event(origin: &ConnectionOrigin, question: &Question) -> AuditEvent {
         kind: Some(EventKind::Dns),
         cgroup: Some(origin.cgroup.to_string()),
         cgroup_path: origin.cgroup_path.as_ref().map(ToString::to_string),
+        pod: origin.pod.clone(),
         pid: Some(origin.pid),
         comm: Some(origin.comm.clone()),
         exe: origin.exe.clone(),

@@ -24,6 +24,7 @@ mod control;
 pub mod daemon;
 mod dns;
 mod harden;
+mod pods;
 mod policy_store;
 mod proxy;
 mod shares;

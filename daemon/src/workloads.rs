@@ -78,9 +78,21 @@ struct StateFile {
 
 struct Served {
     record: WorkloadRecord,
+    /// Whom its audit records name, resolved when it was served: the release may come after
+    /// its tag (and so the tag's `--as` name) is gone.
+    agent: AgentOf,
     ctx: Arc<NetnsCtx>,
     status: WorkloadStatus,
     cancel: CancellationToken,
+}
+
+/// Whom a workload's audit records name: the agent its tag runs under (`attach --as`,
+/// rebased to the workload's cgroup), and the real cgroup path when that differs, as in the
+/// records of its connections.
+#[derive(Clone, Debug)]
+struct AgentOf {
+    agent: String,
+    cgroup_path: Option<String>,
 }
 
 /// The served workload namespaces.
@@ -189,7 +201,7 @@ impl Workloads {
         self.persist();
         self.record_event(
             EventKind::Attach,
-            &status.cgroup,
+            &self.agent_of(&status.cgroup),
             format!(
                 "listeners opened in network namespace {} (process {pid})",
                 status.netns_cookie
@@ -313,6 +325,7 @@ impl Workloads {
             served.insert(
                 cookie,
                 Served {
+                    agent: self.agent_of(&record.cgroup),
                     record,
                     ctx: ctx.clone(),
                     status: status.clone(),
@@ -338,7 +351,7 @@ impl Workloads {
         info!(netns = cookie, cgroup = %served.record.cgroup, records, why, "released a workload's network namespace");
         self.record_event(
             EventKind::Detach,
-            &served.record.cgroup,
+            &served.agent,
             format!("listeners in network namespace {cookie} released: {why}"),
         );
     }
@@ -414,7 +427,7 @@ impl Workloads {
                     info!(netns = cookie, cgroup = %record.cgroup, pid = status.pid, "re-opened a workload's network namespace");
                     self.record_event(
                         EventKind::Attach,
-                        &record.cgroup,
+                        &self.agent_of(&record.cgroup),
                         format!(
                             "listeners re-opened in network namespace {cookie} at start (process {})",
                             status.pid
@@ -425,7 +438,7 @@ impl Workloads {
                     info!(netns = cookie, cgroup = %record.cgroup, %why, "not re-opening a workload's network namespace");
                     self.record_event(
                         EventKind::Detach,
-                        &record.cgroup,
+                        &self.agent_of(&record.cgroup),
                         format!(
                             "listeners in network namespace {cookie} not re-opened at start: {why}"
                         ),
@@ -549,11 +562,29 @@ impl Workloads {
         }
     }
 
-    fn record_event(&self, kind: EventKind, cgroup: &str, reason: String) {
+    /// The agent the workload in `cgroup` is attributed to now (see [`AgentOf`]).
+    fn agent_of(&self, cgroup: &str) -> AgentOf {
+        match CgroupPath::parse(cgroup) {
+            Ok(path) => {
+                let (agent, cgroup_path) = self.resolver.agent_of(path);
+                AgentOf {
+                    agent: agent.to_string(),
+                    cgroup_path: cgroup_path.map(|p| p.to_string()),
+                }
+            }
+            Err(_) => AgentOf {
+                agent: cgroup.to_string(),
+                cgroup_path: None,
+            },
+        }
+    }
+
+    fn record_event(&self, kind: EventKind, agent: &AgentOf, reason: String) {
         self.events.record(AuditEvent {
             time_ms: now_unix_ms(),
             kind: Some(kind),
-            cgroup: Some(cgroup.to_string()),
+            cgroup: Some(agent.agent.clone()),
+            cgroup_path: agent.cgroup_path.clone(),
             decision: Some(Decision::Allow),
             side: Some(Side::Broker),
             reason: Some(reason),

@@ -346,6 +346,17 @@ fn the_daemonset_runs_brokerd_with_host_pids_cgroup2_bpffs_and_least_capabilitie
         .unwrap_or_else(|e| panic!("brokerd refuses the DaemonSet's arguments {args:?}: {e}"));
     let s = parsed.settings;
     assert!(s.master_key_credential, "--master-key-credential");
+    // The pod source watches this node's labelled pods: kube, with the node from the downward
+    // API.
+    assert_eq!(s.pod_source.as_deref(), Some("kube"), "--pod-source=kube");
+    let node_name = seq_at(c, &["env"])
+        .iter()
+        .find(|e| str_at(e, &["name"]) == Some("NODE_NAME"))
+        .unwrap_or_else(|| panic!("the brokerd container sets NODE_NAME for the pod source"));
+    assert_eq!(
+        str_at(node_name, &["valueFrom", "fieldRef", "fieldPath"]),
+        Some("spec.nodeName")
+    );
     assert_eq!(s.policy_dir.as_deref(), Some(Path::new(&policy_dir)));
     let pin_dir = s.pin_dir.unwrap_or_default();
     assert!(

@@ -8,7 +8,7 @@
 //! brokerd in [`Request::SecretSet`], wrapped in [`SecretInput`] (redacted `Debug`, zeroized on
 //! drop); no response ever carries one.
 
-use std::net::SocketAddr;
+use std::{fmt, net::SocketAddr};
 
 pub mod client;
 
@@ -267,6 +267,29 @@ pub struct AuditEvent {
     /// `cgroup` is a name given at attach (`--as`) that differs from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_path: Option<String>,
+    /// The pod the agent runs in, for agents a pod source tagged (`brokerd --pod-source`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// A pod as its engine names it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    /// The Kubernetes namespace; empty for podman pods.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    pub name: String,
+    /// Kubernetes: `metadata.uid`; podman: the pod id.
+    pub uid: String,
+}
+
+impl fmt::Display for PodRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.namespace.is_empty() {
+            write!(f, "{}/", self.namespace)?;
+        }
+        write!(f, "{} (uid {})", self.name, self.uid)
+    }
 }
 
 impl AuditEvent {

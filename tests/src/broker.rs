@@ -46,6 +46,8 @@ pub struct Broker {
     /// `--upstream-ca` files.
     upstream_cas: Vec<PathBuf>,
     extra_args: Vec<String>,
+    /// Extra environment variables for brokerd (e.g. `KUBECONFIG`).
+    envs: Vec<(String, String)>,
     /// The resolver brokerd asks, unless the test named its own.
     resolver: Option<TestResolver>,
     starts: u32,
@@ -65,6 +67,7 @@ pub struct BrokerBuilder {
     policies: Vec<(String, String)>,
     upstream_cas: Vec<PathBuf>,
     extra_args: Vec<String>,
+    envs: Vec<(String, String)>,
     names: Vec<(String, IpAddr)>,
 }
 
@@ -72,6 +75,12 @@ impl BrokerBuilder {
     /// An extra brokerd argument (e.g. `--dns-upstream`, `--require-lsm`).
     pub fn arg(mut self, arg: &str) -> Self {
         self.extra_args.push(arg.to_string());
+        self
+    }
+
+    /// An environment variable for brokerd (e.g. `KUBECONFIG` for the kube pod source).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -150,6 +159,7 @@ impl BrokerBuilder {
             cgroup: self.cgroup,
             upstream_cas: self.upstream_cas,
             extra_args,
+            envs: self.envs,
             resolver,
             starts: 0,
             log_start: 0,
@@ -212,6 +222,7 @@ impl Broker {
             cmd.args(["--dns-port", "0"]);
         }
         cmd.args(&self.extra_args);
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
         cmd.env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -240,6 +240,33 @@ impl Podman {
         self.env.podman_ok(args)
     }
 
+    /// podman's REST API (`podman system service`) on a unix socket in the state dir, for
+    /// brokerd's pod source; stopped by pid on Drop.
+    pub fn api_service(&self) -> ApiService {
+        let socket = self.env.state.as_path().join("podman.sock");
+        let child = self
+            .env
+            .podman()
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start podman system service: {e}"));
+        let service = ApiService { socket, child };
+        let deadline = std::time::Instant::now() + PODMAN_TIMEOUT;
+        while std::os::unix::net::UnixStream::connect(&service.socket).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "podman system service did not listen on {} within {PODMAN_TIMEOUT:?}",
+                service.socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        service
+    }
+
     /// `podman run -d --network none` of `cmd` with the host's rootfs read-only.
     pub fn run(&self, cmd: &[&str]) -> Container {
         let rootfs = self.rootfs();
@@ -627,5 +654,19 @@ impl Drop for Pod {
             remove_leftover_cgroup(&agent.cgroup);
         }
         remove_leftover_cgroup(&self.cgroup);
+    }
+}
+
+/// A running `podman system service`, from [`Podman::api_service`].
+pub struct ApiService {
+    pub socket: PathBuf,
+    child: std::process::Child,
+}
+
+impl Drop for ApiService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_file(&self.socket);
     }
 }

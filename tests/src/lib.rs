@@ -47,6 +47,7 @@ pub mod clients;
 pub mod container;
 pub mod git_server;
 pub mod grpc;
+pub mod kube_api;
 pub mod netns;
 pub mod resolver;
 pub mod sdks;

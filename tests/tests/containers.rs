@@ -9,6 +9,14 @@
 //! - The brokered case: the container, attached by name under a stable agent name (`--as`),
 //!   calls the HTTPS API through brokerd (listeners in its own network namespace) with an
 //!   injected key, gets 403 for an unallowed host and REFUSED for an unallowed DNS name.
+//! - kill -9 of brokerd while a brokered container calls in a loop: refused (ECONNREFUSED),
+//!   never direct; restarted with the same state and pin dirs, brokerd serves the container's
+//!   namespace again with no new attach (the same loop gets the key injected again).
+//! - Two containers under two agent names whose clients bind the same loopback source port:
+//!   each call is attributed to its own agent and container cgroup, and decided by its own
+//!   policy (its own key; 403 where only the other agent is allowed).
+//! - `podman rm -f` of an attached container releases its namespace: gone from `status`, its
+//!   `NETNS_LISTENERS` entry deleted, the release audited under the agent's name.
 //! - `brokerctl attach --container` says clearly why it cannot tag: no such container, a
 //!   stopped one, a runtime that is not installed.
 //! - The container harness itself: a container's and a pod's cgroup, network namespace (only
@@ -20,12 +28,14 @@ use std::{
     process::Output,
 };
 
+use agent_broker_protocol::{AuditEvent, Decision, RequestOutcome, StatusReport, WorkloadStatus};
 use agent_broker_tests::{
     Broker, Canary, SHORT, TestCa, TestHost, TestServer, TestUpstream, UpstreamOptions,
     attached_programs,
+    bpf::pinned_map_entries,
     cgroup::cgroup_dir,
-    container::{AGENT_LABEL, Podman, netns_of},
-    require_privileges, run_with_timeout,
+    container::{AGENT_LABEL, Container, Podman, netns_of},
+    poll_until, require_privileges, run_with_timeout,
     world::{API, OTHER, SECRET_NAME, World, rule},
 };
 
@@ -656,5 +666,668 @@ fn harness_kube_pod_is_labelled_and_its_pod_cgroup_found() {
             )
             .exists(),
         "the pod's name=systemd cgroup was left behind"
+    );
+}
+
+/// Run inside a container by the kill -9, collision and removal tests: `python3 -c CALL_PY
+/// <json>`. `mode` `https`: one GET /hash from the API as `host`, dialling `ip:port` from local
+/// port `bind` if given (its own loopback, 127.0.0.1), trusting the broker CA at `ca`, with the
+/// placeholder as bearer token; prints one JSON line (`status`, `auth_sha256`, the local port,
+/// or `error`: the errno's name or the exception). `mode` `loop`: every 200 ms, that call and a
+/// TCP connect to the host loopback service port `service` (127.0.0.1, the container's own
+/// loopback), each outcome appended as one JSON line (with the call's start time `t`, Unix
+/// seconds) to the file `log`, until the file `stop` exists. Only hashes leave the container.
+const CALL_PY: &str = r#"
+import errno, http.client, json, os, socket, ssl, sys, time
+cfg = json.loads(sys.argv[1])
+def name_of(e):
+    if isinstance(e, OSError) and e.errno:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    return type(e).__name__ + ": " + str(e)
+def call_api():
+    out = {}
+    try:
+        ctx = ssl.create_default_context(cafile=cfg["ca"])
+        def dial():
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.settimeout(5)
+            if cfg.get("bind"):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", cfg["bind"]))
+            s.connect((cfg["ip"], cfg["port"]))
+            out["local"] = s.getsockname()[1]
+            return s
+        class Conn(http.client.HTTPSConnection):
+            def connect(self):
+                self.sock = ctx.wrap_socket(dial(), server_hostname=cfg["host"])
+        c = Conn(cfg["host"], cfg["port"], context=ctx, timeout=5)
+        c.request("GET", "/hash", headers={"Authorization": "Bearer " + cfg["placeholder"]})
+        r = c.getresponse()
+        out["status"] = r.status
+        body = r.read().decode(errors="replace")
+        c.close()
+        try:
+            out["auth_sha256"] = json.loads(body).get("authorization_sha256")
+        except ValueError:
+            out["auth_sha256"] = None
+    except Exception as e:
+        out["error"] = name_of(e)
+    return out
+def call_service():
+    try:
+        s = socket.create_connection(("127.0.0.1", cfg["service"]), timeout=3)
+        s.sendall(b"GET /container HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = s.recv(4096)
+        return "ok" if data else "closed"
+    except Exception as e:
+        return name_of(e)
+if cfg["mode"] == "loop":
+    with open(cfg["log"], "a") as log:
+        while not os.path.exists(cfg["stop"]):
+            t = time.time()
+            line = {"t": t, "api": call_api(), "service": call_service()}
+            log.write(json.dumps(line) + "\n")
+            log.flush()
+            time.sleep(0.2)
+else:
+    print(json.dumps(call_api()), flush=True)
+"#;
+
+/// The second secret's name (the collision test's second agent gets it injected).
+const SECRET_B: &str = "ABTEST_KEY_B";
+
+/// A brokered-container world: the HTTPS API on the root end of a [`TestHost`] veth (see
+/// [`container_tagged_by_name_is_brokered_with_an_injected_key`]), a brokerd trusting its CA
+/// whose policies name agents (`attach --as`), two secrets in the vault, and the broker CA in
+/// the share dir every container mounts at `/ct`.
+struct CtWorld {
+    broker: Broker,
+    api: TestUpstream,
+    _ca: TestCa,
+    secret: Canary,
+    secret_b: Canary,
+    placeholder: Canary,
+    root_ip: Ipv4Addr,
+    /// Keeps the veth (and so `root_ip`) alive.
+    _host: TestHost,
+    podman: Podman,
+}
+
+impl CtWorld {
+    /// `policies` gets the API's port and returns (file name, TOML) pairs.
+    fn new(policies: impl FnOnce(u16) -> Vec<(String, String)>) -> Self {
+        require_privileges();
+        let podman = Podman::new();
+        let host = TestHost::start();
+        let root_ip = host.root_ip();
+        let ca = TestCa::new("abtest containers upstream CA");
+        let mut options = UpstreamOptions::api();
+        options.ip = IpAddr::V4(root_ip);
+        options.plain = false;
+        let api = TestUpstream::start(&ca, options);
+        let mut builder = Broker::builder()
+            .upstream_ca(ca.pem_path())
+            .name(API, root_ip)
+            .name(OTHER, root_ip);
+        for (name, toml) in policies(api.port()) {
+            builder = builder.policy(&name, &toml);
+        }
+        let broker = builder.start();
+        let secret = Canary::new();
+        let secret_b = Canary::new();
+        broker.secret_set(SECRET_NAME, secret.expose().as_bytes());
+        broker.secret_set(SECRET_B, secret_b.expose().as_bytes());
+        let placeholder = Canary::with_prefix("abtest-placeholder-");
+        api.watch_for("secret", &secret);
+        api.watch_for("secret-b", &secret_b);
+        api.watch_for("placeholder", &placeholder);
+        std::fs::copy(broker.export_ca(), podman.share_dir().join("broker-ca.pem"))
+            .unwrap_or_else(|e| panic!("cannot copy the broker CA for the containers: {e}"));
+        Self {
+            broker,
+            api,
+            _ca: ca,
+            secret,
+            secret_b,
+            placeholder,
+            root_ip,
+            _host: host,
+            podman,
+        }
+    }
+
+    /// `brokerctl attach --container NAME --as AGENT`; returns the workload brokerd serves.
+    fn attach(&self, ct: &Container, agent: &str) -> WorkloadStatus {
+        let out = self
+            .broker
+            .ctl_ok(&["attach", "--container", &ct.name, "--as", agent]);
+        assert!(
+            out.contains("serving network namespace"),
+            "attach --container {} should open listeners in its namespace: {out}",
+            ct.name
+        );
+        assert_tagged(&self.broker, &ct.cgroup);
+        self.broker
+            .status()
+            .workloads
+            .into_iter()
+            .find(|w| w.cgroup == ct.cgroup)
+            .unwrap_or_else(|| panic!("status lists no workload for {}: {out}", ct.cgroup))
+    }
+
+    /// The [`CALL_PY`] configuration of an HTTPS call to `host` (which brokerd resolves to the
+    /// API), from local port `bind` if given.
+    fn call(&self, host: &str, bind: Option<u16>) -> serde_json::Value {
+        let mut cfg = serde_json::json!({
+            "mode": "https",
+            "host": host,
+            "ip": self.root_ip.to_string(),
+            "port": self.api.port(),
+            "ca": "/ct/broker-ca.pem",
+            "placeholder": self.placeholder.expose(),
+        });
+        if let Some(port) = bind {
+            cfg["bind"] = port.into();
+        }
+        cfg
+    }
+
+    /// Runs [`CALL_PY`] once in container `ct` and returns its report.
+    fn run(&self, ct: &Container, cfg: &serde_json::Value) -> serde_json::Value {
+        let out = run_with_timeout(
+            &mut ct.exec(&["python3", "-c", CALL_PY, &cfg.to_string()]),
+            SHORT * 3,
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "the client in {} failed ({}): {stdout}\n{}",
+            ct.name,
+            out.status,
+            stderr_of(&out)
+        );
+        self.assert_no_secret(stdout.as_bytes(), "the container's output");
+        serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("the client in {} printed {stdout:?}: {e}", ct.name))
+    }
+
+    fn assert_no_secret(&self, bytes: &[u8], what: &str) {
+        self.secret.assert_absent(bytes, what);
+        self.secret_b.assert_absent(bytes, what);
+    }
+
+    /// A 200 whose API side received `Bearer <secret>` (by hash).
+    fn assert_injected(&self, what: &str, report: &serde_json::Value, secret: &Canary) {
+        assert_eq!(
+            report["status"].as_u64(),
+            Some(200),
+            "{what}: {report}\nbrokerd's log:\n{}",
+            self.broker.log()
+        );
+        assert_eq!(
+            report["auth_sha256"].as_str(),
+            Some(secret.sha256_with_prefix("Bearer ").as_str()),
+            "{what}: the API did not receive the expected `Bearer <secret>`: {report}"
+        );
+    }
+
+    /// The cookies in the pinned `NETNS_LISTENERS` map.
+    fn served_cookies(&self) -> Vec<u64> {
+        let path = self.broker.pin_dir().join("maps").join("NETNS_LISTENERS");
+        pinned_map_entries(&path, 8, 32)
+            .unwrap_or_else(|e| panic!("cannot read NETNS_LISTENERS: {e}"))
+            .into_iter()
+            .map(|(k, _)| u64::from_ne_bytes(k[..8].try_into().unwrap_or([0; 8])))
+            .collect()
+    }
+
+    /// brokerd's audit records of requests to `host` made by agent `agent`.
+    fn requests_of(&self, agent: &str, host: &str) -> Vec<AuditEvent> {
+        self.broker
+            .audit_records()
+            .into_iter()
+            .filter(|e| {
+                e.cgroup.as_deref() == Some(agent)
+                    && e.status.is_some()
+                    && e.outcome != Some(RequestOutcome::Forwarded)
+                    && e.host.as_deref().is_some_and(|h| h.starts_with(host))
+            })
+            .collect()
+    }
+}
+
+fn unix_now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A [`CALL_PY`] loop running in a container (through `podman exec`), logging to the share
+/// dir. Drop stops it (the stop file, then SIGKILL of the `podman exec` by pid).
+struct CallLoop {
+    child: Option<std::process::Child>,
+    log: std::path::PathBuf,
+    stop: std::path::PathBuf,
+}
+
+impl CallLoop {
+    fn start(world: &CtWorld, ct: &Container, service_port: u16) -> Self {
+        let share = world.podman.share_dir();
+        let tag = &ct.name;
+        let mut cfg = world.call(API, None);
+        cfg["mode"] = "loop".into();
+        cfg["service"] = service_port.into();
+        cfg["log"] = format!("/ct/{tag}.loop.jsonl").into();
+        cfg["stop"] = format!("/ct/{tag}.loop.stop").into();
+        let child = ct
+            .exec(&["python3", "-c", CALL_PY, &cfg.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the call loop in {tag}: {e}"));
+        Self {
+            child: Some(child),
+            log: share.join(format!("{tag}.loop.jsonl")),
+            stop: share.join(format!("{tag}.loop.stop")),
+        }
+    }
+
+    /// The lines logged so far.
+    fn lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits up to `timeout` until at least `n` calls started after `since` (Unix seconds)
+    /// were logged; returns those.
+    fn wait_calls_after(
+        &self,
+        since: f64,
+        n: usize,
+        timeout: std::time::Duration,
+    ) -> Vec<serde_json::Value> {
+        let after = || -> Vec<serde_json::Value> {
+            self.lines()
+                .into_iter()
+                .filter(|l| l["t"].as_f64().is_some_and(|t| t > since))
+                .collect()
+        };
+        poll_until(timeout, || {
+            let found = after();
+            (found.len() >= n).then_some(found)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the call loop logged fewer than {n} calls after {since}: {:?}",
+                self.lines()
+            )
+        })
+    }
+
+    fn stop(&mut self) {
+        let _ = std::fs::write(&self.stop, b"");
+        if let Some(mut child) = self.child.take() {
+            let exited = poll_until(SHORT, || child.try_wait().ok().flatten());
+            if exited.is_none() {
+                if let Ok(pid) = i32::try_from(child.id()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for CallLoop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// kill -9 of brokerd while a brokered container calls the API in a loop: from then on its
+/// calls are refused (ECONNREFUSED: the namespace's pinned entry still redirects to brokerd's
+/// port there, where nothing listens), and neither the API nor a loopback service of the host
+/// sees anything. brokerd restarted with the same state and pin dirs serves the container's
+/// namespace again with no new attach: the same running loop gets the key injected again,
+/// attributed to the agent name.
+#[test]
+fn container_fails_closed_while_brokerd_is_down_and_is_brokered_again_after_restart() {
+    const AGENT: &str = "agents/ct-restart";
+    let mut w = CtWorld::new(|port| {
+        vec![(
+            "ct-restart".into(),
+            format!("cgroup = \"{AGENT}\"\n{}", rule(API, port, true)),
+        )]
+    });
+    let ct = w.podman.run(&["sleep", "600"]);
+    let service = TestServer::echo("127.0.0.1:0");
+    let workload = w.attach(&ct, AGENT);
+    let mut calls = CallLoop::start(&w, &ct, service.addr().port());
+
+    let before = calls.wait_calls_after(0.0, 2, SHORT * 2);
+    for line in &before {
+        w.assert_injected("a call before the kill", &line["api"], &w.secret);
+    }
+
+    w.broker.kill9();
+    let killed_at = unix_now_secs();
+    let handshakes = w.api.handshakes();
+    let requests = w.api.requests().len();
+    let down = calls.wait_calls_after(killed_at, 3, SHORT * 2);
+    for line in &down {
+        assert_eq!(
+            line["api"]["error"].as_str(),
+            Some("ECONNREFUSED"),
+            "with brokerd down the container's call must be refused: {line}"
+        );
+        assert_eq!(
+            line["service"].as_str(),
+            Some("ECONNREFUSED"),
+            "with brokerd down a loopback connect must be refused: {line}"
+        );
+    }
+    assert_eq!(
+        (w.api.handshakes(), w.api.requests().len()),
+        (handshakes, requests),
+        "nothing may reach the API while brokerd is down"
+    );
+    assert!(
+        service.accepted().is_empty(),
+        "the host's loopback service must see nothing from the container: {:?}",
+        service.accepted()
+    );
+    assert!(
+        w.served_cookies().contains(&workload.netns_cookie),
+        "the pinned entry keeps redirecting while brokerd is down"
+    );
+
+    w.broker.restart();
+    let reopened = poll_until(SHORT, || {
+        w.broker
+            .status()
+            .workloads
+            .into_iter()
+            .find(|x| x.netns_cookie == workload.netns_cookie)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the restarted brokerd does not serve the container's namespace again:\n{}",
+            w.broker.log()
+        )
+    });
+    let reopened_at = unix_now_secs();
+    assert_eq!(reopened.cgroup, ct.cgroup, "{reopened:?}");
+    assert_eq!(reopened.pid, ct.pid, "{reopened:?}");
+    assert_eq!(reopened.state, "serving", "{reopened:?}");
+
+    // The loop that ran all along is brokered again.
+    let after = calls.wait_calls_after(reopened_at, 2, SHORT * 2);
+    for line in &after {
+        w.assert_injected("a loop call after the restart", &line["api"], &w.secret);
+    }
+    calls.stop();
+    w.assert_no_secret(
+        &std::fs::read(&calls.log).unwrap_or_default(),
+        "the call loop's log",
+    );
+
+    // A new process in the container too, and the API's peer is the new brokerd.
+    let report = w.run(&ct, &w.call(API, None));
+    w.assert_injected("a new call after the restart", &report, &w.secret);
+    let record = w
+        .api
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.path == "/hash")
+        .unwrap_or_else(|| panic!("the API has no record of the call"));
+    assert_eq!(
+        record.peer_owner,
+        Some(w.broker.pid()),
+        "the API's peer must be the restarted brokerd's socket: {record:?}"
+    );
+    assert_eq!(
+        record.canary_hits,
+        vec!["secret in header authorization (raw)".to_string()],
+        "the secret reaches the API in Authorization only: {record:?}"
+    );
+    let since_ms = (reopened_at * 1000.0) as u64;
+    let audited = poll_until(SHORT, || {
+        let found: Vec<_> = w
+            .requests_of(AGENT, API)
+            .into_iter()
+            .filter(|e| e.time_ms >= since_ms && e.status == Some(200))
+            .collect();
+        (!found.is_empty()).then_some(found)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no audit record of {AGENT}'s calls after the restart: {:#?}",
+            w.broker.audit_records()
+        )
+    });
+    for e in &audited {
+        assert_eq!(e.cgroup_path.as_deref(), Some(ct.cgroup.as_str()), "{e:?}");
+        assert_eq!(e.secrets, vec![SECRET_NAME.to_string()], "{e:?}");
+    }
+    let cookie = workload.netns_cookie.to_string();
+    let reopened_record = w
+        .broker
+        .audit_records()
+        .into_iter()
+        .find(|e| {
+            e.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("re-opened") && r.contains(&cookie))
+        })
+        .unwrap_or_else(|| panic!("the re-opening at start must be audited"));
+    assert_eq!(
+        (
+            reopened_record.cgroup.as_deref(),
+            reopened_record.cgroup_path.as_deref()
+        ),
+        (Some(AGENT), Some(ct.cgroup.as_str())),
+        "the re-opening names the agent and keeps the container's cgroup: {reopened_record:?}"
+    );
+    w.assert_no_secret(&w.broker.log_bytes(), "brokerd's log");
+    w.assert_no_secret(&w.broker.transcript(), "brokerctl's output");
+}
+
+/// Two containers attached under two agent names, whose clients bind the same loopback source
+/// port (each on its own loopback) and call at the same time: brokerd attributes each call to
+/// its own agent (audit records name the agent and that container's cgroup) and applies that
+/// agent's policy: each gets its own key injected for the same host, and a host only ct-a's
+/// policy allows is denied (403) to ct-b.
+#[test]
+fn containers_with_colliding_loopback_ports_are_attributed_apart() {
+    const A: &str = "agents/ct-a";
+    const B: &str = "agents/ct-b";
+    let w = CtWorld::new(|port| {
+        vec![
+            (
+                "ct-a".into(),
+                format!(
+                    "cgroup = \"{A}\"\n{}{}",
+                    rule(API, port, true),
+                    rule(OTHER, port, true)
+                ),
+            ),
+            (
+                "ct-b".into(),
+                format!(
+                    "cgroup = \"{B}\"\n\n[[allow]]\nhost = \"{API}\"\nport = {port}\n\
+                     inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_B}}}\" }}\n"
+                ),
+            ),
+        ]
+    });
+    let a = w.podman.run(&["sleep", "600"]);
+    let b = w.podman.run(&["sleep", "600"]);
+    let (wa, wb) = (w.attach(&a, A), w.attach(&b, B));
+    assert_ne!(wa.netns_cookie, wb.netns_cookie);
+    assert_ne!(a.netns, b.netns);
+
+    let port = 40_000 + (std::process::id() % 10_000) as u16;
+    let both = |host: &str, bind: u16| {
+        std::thread::scope(|scope| {
+            let ha = scope.spawn(|| w.run(&a, &w.call(host, Some(bind))));
+            let hb = scope.spawn(|| w.run(&b, &w.call(host, Some(bind))));
+            (ha.join().expect("client a"), hb.join().expect("client b"))
+        })
+    };
+
+    let (ra, rb) = both(API, port);
+    assert_eq!(ra["local"].as_u64(), Some(u64::from(port)), "{ra}");
+    assert_eq!(rb["local"].as_u64(), Some(u64::from(port)), "{rb}");
+    w.assert_injected("ct-a's call", &ra, &w.secret);
+    w.assert_injected("ct-b's call", &rb, &w.secret_b);
+
+    // brokerd saw two connections from the same loopback address and port, one per container.
+    let api_dst = SocketAddr::new(IpAddr::V4(w.root_ip), w.api.port());
+    let from_port: Vec<_> = w
+        .broker
+        .connections()
+        .into_iter()
+        .filter(|c| c.peer.port() == port)
+        .filter_map(|c| c.origin)
+        .filter(|o| o.original_dst == api_dst)
+        .collect();
+    let mut cgroups: Vec<&str> = from_port
+        .iter()
+        .map(|o| o.cgroup.trim_start_matches('/'))
+        .collect();
+    cgroups.sort_unstable();
+    let mut expected = [a.cgroup.as_str(), b.cgroup.as_str()];
+    expected.sort_unstable();
+    let mut named = [A, B];
+    named.sort_unstable();
+    assert!(
+        cgroups == expected || cgroups == named,
+        "one connection from port {port} per container, each from its own cgroup: {from_port:?}"
+    );
+
+    let (oa, ob) = both(OTHER, port + 1);
+    w.assert_injected("ct-a's call to a host its policy allows", &oa, &w.secret);
+    assert_eq!(
+        ob["status"].as_u64(),
+        Some(403),
+        "ct-b's policy allows no {OTHER}: brokerd answers 403: {ob}"
+    );
+
+    for (agent, ct, secret_name) in [(A, &a, SECRET_NAME), (B, &b, SECRET_B)] {
+        let records = w.requests_of(agent, API);
+        assert_eq!(records.len(), 1, "{agent}: {records:#?}");
+        let e = &records[0];
+        assert_eq!(e.status, Some(200), "{e:?}");
+        assert_eq!(e.cgroup_path.as_deref(), Some(ct.cgroup.as_str()), "{e:?}");
+        assert_eq!(e.secrets, vec![secret_name.to_string()], "{e:?}");
+    }
+    let other_a = w.requests_of(A, OTHER);
+    assert_eq!(
+        other_a.iter().map(|e| e.status).collect::<Vec<_>>(),
+        [Some(200)],
+        "{other_a:#?}"
+    );
+    let other_b = w.requests_of(B, OTHER);
+    assert_eq!(other_b.len(), 1, "{other_b:#?}");
+    assert_eq!(other_b[0].status, Some(403), "{:?}", other_b[0]);
+    assert_eq!(
+        other_b[0].decision,
+        Some(Decision::Deny),
+        "{:?}",
+        other_b[0]
+    );
+    assert_eq!(
+        other_b[0].cgroup_path.as_deref(),
+        Some(b.cgroup.as_str()),
+        "{:?}",
+        other_b[0]
+    );
+    let hits: Vec<_> = w
+        .api
+        .requests()
+        .into_iter()
+        .map(|r| r.canary_hits)
+        .collect();
+    assert_eq!(
+        hits.iter()
+            .filter(|h| h.as_slice() == ["secret-b in header authorization (raw)"])
+            .count(),
+        1,
+        "secret B reaches the API once, in ct-b's Authorization only: {hits:?}"
+    );
+    w.assert_no_secret(&w.broker.log_bytes(), "brokerd's log");
+    w.assert_no_secret(&w.broker.transcript(), "brokerctl's output");
+}
+
+/// `podman rm -f` of an attached container releases brokerd's listeners in its namespace:
+/// `status --json` no longer lists the workload, its `NETNS_LISTENERS` entry is gone, and the
+/// release is audited under the agent's name with the container's cgroup.
+#[test]
+fn removing_a_container_releases_its_namespace() {
+    const AGENT: &str = "agents/ct-gone";
+    let w = CtWorld::new(|port| {
+        vec![(
+            "ct-gone".into(),
+            format!("cgroup = \"{AGENT}\"\n{}", rule(API, port, true)),
+        )]
+    });
+    let ct = w.podman.run(&["sleep", "600"]);
+    let workload = w.attach(&ct, AGENT);
+    assert!(w.served_cookies().contains(&workload.netns_cookie));
+    let report = w.run(&ct, &w.call(API, None));
+    w.assert_injected("before the removal", &report, &w.secret);
+
+    w.podman.ok(&["rm", "-f", "-t", "0", &ct.name]);
+    assert!(!ct.exists(), "podman rm -f left {}", ct.name);
+    let released = poll_until(SHORT, || {
+        let status: StatusReport =
+            serde_json::from_str(&w.broker.ctl_ok(&["status", "--json"])).ok()?;
+        status
+            .workloads
+            .iter()
+            .all(|x| x.netns_cookie != workload.netns_cookie)
+            .then_some(())
+    });
+    assert!(
+        released.is_some(),
+        "status --json still lists the removed container's workload: {:?}\nbrokerd's log:\n{}",
+        w.broker.status().workloads,
+        w.broker.log()
+    );
+    assert!(
+        !w.served_cookies().contains(&workload.netns_cookie),
+        "the released namespace's NETNS_LISTENERS entry must be gone"
+    );
+    let cookie = workload.netns_cookie.to_string();
+    let audited = poll_until(SHORT, || {
+        w.broker.audit_records().into_iter().find(|e| {
+            e.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("released") && r.contains(&cookie))
+        })
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the release must be audited: {:#?}",
+            w.broker.audit_records()
+        )
+    });
+    assert_eq!(
+        audited.cgroup.as_deref(),
+        Some(AGENT),
+        "the release names the agent: {audited:?}"
+    );
+    assert_eq!(
+        audited.cgroup_path.as_deref(),
+        Some(ct.cgroup.as_str()),
+        "the release keeps the container's cgroup: {audited:?}"
     );
 }

@@ -500,6 +500,7 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
         tokens_estimated,
         count,
         cgroup_path,
+        pod,
     } = event;
     let mut out: Vec<(&'static str, String)> = vec![("time", utc_timestamp(*time_ms))];
     let mut opt = |label: &'static str, value: Option<String>| {
@@ -517,6 +518,7 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
     opt("side", side.map(|s| s.as_str().into()));
     opt("agent", cgroup.clone());
     opt("cgroup", cgroup_path.clone());
+    opt("pod", pod.as_ref().map(ToString::to_string));
     opt("pid", pid.map(|p| p.to_string()));
     opt("comm", comm.clone());
     opt("exe", exe.clone());

@@ -133,6 +133,7 @@ mod tests {
             comm: "test".into(),
             exe: None,
             cgroup_path: None,
+            pod: None,
             original_dst: dst.parse().expect("addr"),
         }
     }

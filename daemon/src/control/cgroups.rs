@@ -83,7 +83,7 @@ pub async fn attach(
     match state.capture.attach(cgroup.clone(), create, name).await {
         Ok((tagged, already)) => {
             if !already {
-                state.events.record(attach_event(&tagged));
+                state.events.record(attach_event(state, &tagged));
             }
             // Processes of the cgroup that already run in a network namespace of their own (a
             // container's) get listeners there too; `status` lists them, and a namespace that
@@ -118,13 +118,17 @@ fn parse_name(name: Option<String>) -> Result<Option<CgroupPath>, Box<Response>>
         })
 }
 
-/// The audit record of a tag made: its agent name, and its real path when that differs.
-fn attach_event(tagged: &agent_broker_protocol::TaggedCgroup) -> AuditEvent {
+/// The audit record of a tag made: its agent name, its real path when that differs, and its
+/// pod when a pod source tagged it.
+fn attach_event(state: &ControlState, tagged: &agent_broker_protocol::TaggedCgroup) -> AuditEvent {
     let mut event = operator_event(
         EventKind::Attach,
         tagged.name.as_ref().unwrap_or(&tagged.path),
     );
     event.cgroup_path = tagged.name.as_ref().map(|_| tagged.path.clone());
+    event.pod = CgroupPath::parse(&tagged.path)
+        .ok()
+        .and_then(|p| state.resolver.pod_of(&p));
     event
 }
 
@@ -180,7 +184,7 @@ pub async fn attach_pid(state: &ControlState, pid: u32, name: Option<String>) ->
     match opened {
         Ok(workload) => {
             if !already {
-                state.events.record(attach_event(&tagged));
+                state.events.record(attach_event(state, &tagged));
             }
             Response::AttachedPid {
                 cgroup: tagged,
@@ -234,6 +238,7 @@ pub async fn detach(state: &ControlState, cgroup: String) -> Response {
                 .release_under(&cgroup, "its tag was detached");
             let kind = EventKind::Detach;
             let mut event = operator_event(kind, &cgroup.to_string());
+            event.pod = state.resolver.pod_of(&cgroup);
             if let Some(agent) = agent.filter(|a| *a != cgroup) {
                 event.cgroup = Some(agent.to_string());
                 event.cgroup_path = Some(cgroup.to_string());

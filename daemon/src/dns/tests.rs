@@ -157,6 +157,7 @@ fn world_with(policy: &str, upstreams: Vec<SocketAddr>) -> World {
             comm: "agent".into(),
             exe: None,
             cgroup_path: None,
+            pod: None,
             original_dst: "8.8.8.8:53".parse().expect("addr"),
         },
         _policy: tx,

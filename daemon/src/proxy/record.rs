@@ -35,6 +35,7 @@ pub(super) fn connection_event(origin: &ConnectionOrigin, sni: Option<&str>) -> 
         time_ms: now_unix_ms(),
         cgroup: Some(origin.cgroup.to_string()),
         cgroup_path: origin.cgroup_path.as_ref().map(ToString::to_string),
+        pod: origin.pod.clone(),
         pid: Some(origin.pid),
         comm: Some(origin.comm.clone()),
         exe: origin.exe.clone(),

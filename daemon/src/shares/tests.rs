@@ -43,6 +43,7 @@ fn agent(name: &str, id: u64) -> ConnectionOrigin {
         comm: "agent".into(),
         exe: None,
         cgroup_path: None,
+        pod: None,
         original_dst: "127.0.0.1:443".parse().expect("addr"),
     }
 }

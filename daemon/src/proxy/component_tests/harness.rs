@@ -702,6 +702,7 @@ pub(super) fn test_origin(original_dst: SocketAddr) -> ConnectionOrigin {
         comm: TEST_COMM.into(),
         exe: None,
         cgroup_path: None,
+        pod: None,
         original_dst,
     }
 }

@@ -1,0 +1,340 @@
+//! Pod sources: brokerd tags the pods a container engine runs with the label
+//! `agent-broker.io/agent=<name>`, under the policy name `agents/<name>`, and untags them when
+//! they go.
+//!
+//! A [`PodSource`] lists the pods of this node that carry the label ([`kube`]: the Kubernetes
+//! API through kube-rs; [`podman`]: the podman REST API on its unix socket, the engine that
+//! `podman kube play` runs Kubernetes Pod manifests with). The [`Reconciler`] compares each list with what it tagged before and asks a [`Tagger`]
+//! to tag new pods (the pod-level cgroup, which covers every container of the pod and its infra
+//! container, and the pod's network namespace through the infra container's pid) and to untag
+//! pods that are gone or stopped. A source wakes the loop when its engine reports an event and
+//! at least every [`RESYNC`], so a lost event costs at most that long.
+//!
+//! The window: a pod is tagged when the source first lists it running, which can be after its
+//! first process started. Until then its traffic is not brokered: a pod with no network of its
+//! own (`--network none`) reaches nothing, and one with a network is not yet covered. The README
+//! says so.
+
+pub mod kube;
+pub mod kube_paths;
+pub mod podman;
+
+use std::{collections::BTreeMap, future::Future, path::Path, time::Duration};
+
+use agent_broker_core::cgroup::CgroupPath;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The label that marks a pod as an agent; its value names the agent.
+pub const AGENT_LABEL: &str = "agent-broker.io/agent";
+/// Where the policy names of labelled pods live: `agents/<label value>`.
+pub const POLICY_PARENT: &str = "agents";
+/// The longest a source waits for an event before it lists again.
+pub const RESYNC: Duration = Duration::from_secs(2);
+
+/// A running pod that carries [`AGENT_LABEL`], as a source lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    /// The engine's unique id of the pod (Kubernetes: `metadata.uid`; podman: the pod id).
+    pub uid: String,
+    /// The Kubernetes namespace; empty for podman pods.
+    pub namespace: String,
+    pub name: String,
+    /// The label's value.
+    pub agent: String,
+    /// The pod-level cgroup, relative to the cgroup2 mount.
+    pub cgroup: String,
+    /// A process in the pod's network namespace (the infra container's).
+    pub pid: u32,
+}
+
+impl Pod {
+    /// The policy name the pod runs under: `agents/<label value>`.
+    pub fn policy_name(&self) -> Result<CgroupPath, String> {
+        policy_name(&self.agent)
+    }
+
+    /// `namespace/name`, or the name alone for a pod with no namespace.
+    pub fn display_name(&self) -> String {
+        if self.namespace.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// The policy name of a label value: one path segment below [`POLICY_PARENT`].
+pub fn policy_name(agent: &str) -> Result<CgroupPath, String> {
+    let ok = !agent.is_empty()
+        && agent.len() <= 63
+        && agent
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !matches!(agent, "." | "..");
+    if !ok {
+        return Err(format!(
+            "label {AGENT_LABEL}={agent:?} is not a valid agent name (1 to 63 of a-z, A-Z, \
+             0-9, '-', '_', '.')"
+        ));
+    }
+    CgroupPath::parse(&format!("{POLICY_PARENT}/{agent}")).map_err(|e| e.to_string())
+}
+
+/// The first process found in a cgroup or below it (breadth first, a few levels): a process in
+/// the pod's network namespace.
+pub fn first_pid(mount: &Path, cgroup: &str) -> Option<u32> {
+    let mut level = vec![mount.join(cgroup)];
+    for _ in 0..4 {
+        let mut next = Vec::new();
+        for dir in level {
+            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs"))
+                && let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok())
+            {
+                return Some(pid);
+            }
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                next.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        level = next;
+    }
+    None
+}
+
+/// Lists labelled pods and says when to list again.
+pub trait PodSource: Send {
+    /// The running pods of this node that carry [`AGENT_LABEL`].
+    fn list(&mut self) -> impl Future<Output = anyhow::Result<Vec<Pod>>> + Send;
+    /// Returns when the pods may have changed: an engine event, or [`RESYNC`] passed.
+    fn changed(&mut self) -> impl Future<Output = ()> + Send;
+    /// The source's name for logs (`podman`).
+    fn name(&self) -> &'static str;
+}
+
+/// Tags and untags pods: the same path as `brokerctl attach --pid ... --as ...`.
+pub trait Tagger: Send + Sync {
+    fn tag(&self, pod: &Pod) -> impl Future<Output = Result<(), String>> + Send;
+    fn untag(&self, pod: &Pod) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// What one reconciliation did, for logs and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub tagged: Vec<String>,
+    pub untagged: Vec<String>,
+    /// `(pod uid, why)` for every pod that could not be tagged or untagged; tried again on the
+    /// next list.
+    pub failed: Vec<(String, String)>,
+}
+
+/// The pods tagged so far, by uid.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    tagged: BTreeMap<String, Pod>,
+}
+
+impl Reconciler {
+    /// Tags the listed pods not tagged yet, untags the tagged ones no longer listed, and
+    /// re-tags a pod whose cgroup, pid or label changed (its infra container was restarted).
+    pub async fn apply<T: Tagger>(&mut self, pods: Vec<Pod>, tagger: &T) -> Changes {
+        let mut changes = Changes::default();
+        let listed: BTreeMap<String, Pod> = pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
+        let gone: Vec<Pod> = self
+            .tagged
+            .values()
+            .filter(|old| listed.get(&old.uid) != Some(old))
+            .cloned()
+            .collect();
+        for old in gone {
+            match tagger.untag(&old).await {
+                Ok(()) => {
+                    self.tagged.remove(&old.uid);
+                    changes.untagged.push(old.uid.clone());
+                }
+                Err(why) => changes.failed.push((old.uid.clone(), why)),
+            }
+        }
+        for (uid, pod) in listed {
+            if self.tagged.contains_key(&uid) {
+                continue;
+            }
+            match tagger.tag(&pod).await {
+                Ok(()) => {
+                    changes.tagged.push(uid.clone());
+                    self.tagged.insert(uid, pod);
+                }
+                Err(why) => changes.failed.push((uid, why)),
+            }
+        }
+        changes
+    }
+
+    /// The pods tagged now.
+    pub fn tagged(&self) -> impl Iterator<Item = &Pod> {
+        self.tagged.values()
+    }
+}
+
+/// Lists, reconciles and waits, until `cancel`. Tags stay when brokerd stops: they are pinned,
+/// and the next brokerd lists the pods again and finds them tagged.
+pub async fn run<S: PodSource, T: Tagger>(mut source: S, tagger: T, cancel: CancellationToken) {
+    let mut reconciler = Reconciler::default();
+    let mut last_error: Option<String> = None;
+    loop {
+        match source.list().await {
+            Ok(pods) => {
+                if last_error.take().is_some() {
+                    info!(source = source.name(), "pod source reachable again");
+                }
+                let changes = reconciler.apply(pods, &tagger).await;
+                for uid in &changes.tagged {
+                    let pod = reconciler.tagged().find(|p| p.uid == *uid);
+                    info!(
+                        source = source.name(),
+                        pod = pod.map(Pod::display_name).unwrap_or_default(),
+                        %uid,
+                        agent = pod.map(|p| p.agent.as_str()).unwrap_or_default(),
+                        "pod tagged"
+                    );
+                }
+                for uid in &changes.untagged {
+                    info!(source = source.name(), %uid, "pod untagged");
+                }
+                for (uid, why) in &changes.failed {
+                    warn!(source = source.name(), %uid, %why, "pod not (un)tagged; trying again");
+                }
+            }
+            Err(e) => {
+                let why = agent_broker_core::fmt::error_chain(&*e);
+                if last_error.as_deref() != Some(&why) {
+                    warn!(source = source.name(), error = %why, "cannot list pods");
+                }
+                last_error = Some(why);
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = source.changed() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    fn pod(uid: &str, agent: &str, pid: u32) -> Pod {
+        Pod {
+            uid: uid.into(),
+            namespace: String::new(),
+            name: format!("pod-{uid}"),
+            agent: agent.into(),
+            cgroup: format!("libpod_parent/{uid}"),
+            pid,
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<String>>,
+        refuse: Mutex<Vec<String>>,
+    }
+
+    impl Tagger for Recorder {
+        async fn tag(&self, pod: &Pod) -> Result<(), String> {
+            self.calls
+                .lock()
+                .expect("not poisoned")
+                .push(format!("tag {} {}", pod.uid, pod.pid));
+            if self.refuse.lock().expect("not poisoned").contains(&pod.uid) {
+                return Err("refused".into());
+            }
+            Ok(())
+        }
+        async fn untag(&self, pod: &Pod) -> Result<(), String> {
+            self.calls
+                .lock()
+                .expect("not poisoned")
+                .push(format!("untag {} {}", pod.uid, pod.pid));
+            Ok(())
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.calls.lock().expect("not poisoned"))
+        }
+    }
+
+    #[tokio::test]
+    async fn tags_new_pods_once_and_untags_gone_ones() {
+        let tagger = Recorder::default();
+        let mut r = Reconciler::default();
+        let c = r
+            .apply(vec![pod("a", "x", 1), pod("b", "y", 2)], &tagger)
+            .await;
+        assert_eq!(c.tagged, ["a", "b"]);
+        assert_eq!(tagger.take(), ["tag a 1", "tag b 2"]);
+        // The same list again changes nothing.
+        let c = r
+            .apply(vec![pod("a", "x", 1), pod("b", "y", 2)], &tagger)
+            .await;
+        assert_eq!(c, Changes::default());
+        assert!(tagger.take().is_empty());
+        // b is gone.
+        let c = r.apply(vec![pod("a", "x", 1)], &tagger).await;
+        assert_eq!(c.untagged, ["b"]);
+        assert_eq!(tagger.take(), ["untag b 2"]);
+        assert_eq!(r.tagged().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_pod_whose_infra_changed_is_untagged_then_tagged_again() {
+        let tagger = Recorder::default();
+        let mut r = Reconciler::default();
+        r.apply(vec![pod("a", "x", 1)], &tagger).await;
+        tagger.take();
+        let c = r.apply(vec![pod("a", "x", 7)], &tagger).await;
+        assert_eq!((c.untagged.len(), c.tagged.len()), (1, 1));
+        assert_eq!(tagger.take(), ["untag a 1", "tag a 7"]);
+    }
+
+    #[tokio::test]
+    async fn a_refused_tag_is_tried_again_on_the_next_list() {
+        let tagger = Recorder::default();
+        tagger.refuse.lock().expect("not poisoned").push("a".into());
+        let mut r = Reconciler::default();
+        let c = r.apply(vec![pod("a", "x", 1)], &tagger).await;
+        assert_eq!(c.failed, [("a".to_string(), "refused".to_string())]);
+        assert_eq!(r.tagged().count(), 0);
+        tagger.refuse.lock().expect("not poisoned").clear();
+        let c = r.apply(vec![pod("a", "x", 1)], &tagger).await;
+        assert_eq!(c.tagged, ["a"]);
+    }
+
+    #[test]
+    fn label_values_become_one_segment_below_agents() {
+        assert_eq!(
+            policy_name("coder").expect("a valid label value").as_str(),
+            "agents/coder"
+        );
+        assert_eq!(
+            policy_name("a.b_c-1")
+                .expect("a valid label value")
+                .as_str(),
+            "agents/a.b_c-1"
+        );
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(64), "ü"] {
+            let e = policy_name(bad).expect_err("refused");
+            assert!(e.contains(AGENT_LABEL), "{e}");
+        }
+    }
+}
