@@ -48,10 +48,14 @@ const SECRET_NAME: &str = "BENCH_KEY";
 /// namespace with only `lo`, as `podman run --network none` makes, tagged with `attach --pid`.
 const CONTAINER_CGROUP: &str = "agents/bench-ct";
 const CONTAINER_NETNS: &str = "abbench-ct";
-/// A dummy interface in brokerd's namespace holding [`CONTAINER_ORIGIN_IP`]: from a container a
-/// loopback address is the container's own, so both agents of the container row call the origin
-/// through a relay on this address (nothing leaves the machine).
+/// The root end of a veth pair in brokerd's namespace holding [`CONTAINER_ORIGIN_IP`] (the other
+/// end is in [`CONTAINER_PEER_NETNS`], with no address): from a container a loopback address is
+/// the container's own, so both agents of the container row call the origin through a relay on
+/// this address. Nothing leaves the machine. (A dummy interface would do, but this kernel has
+/// no dummy driver.)
 const CONTAINER_LINK: &str = "abbench0";
+const CONTAINER_PEER_LINK: &str = "abbench1";
+const CONTAINER_PEER_NETNS: &str = "abbench-peer";
 pub const CONTAINER_ORIGIN_IP: Ipv4Addr = Ipv4Addr::new(10, 253, 0, 1);
 
 /// Which way a request reaches the origin.
@@ -509,6 +513,7 @@ impl Lab {
         for args in [
             &["netns", "del", CONTAINER_NETNS][..],
             &["link", "del", CONTAINER_LINK][..],
+            &["netns", "del", CONTAINER_PEER_NETNS][..],
         ] {
             let _ = Command::new("ip")
                 .args(args)
@@ -528,19 +533,51 @@ impl Lab {
         }
     }
 
-    /// The dummy interface with [`CONTAINER_ORIGIN_IP`] and a zero-delay relay there to the
-    /// origin.
+    /// The veth end with [`CONTAINER_ORIGIN_IP`] and a zero-delay relay there to the origin.
     fn start_container_relay(&mut self) -> Result<DelayRelay, String> {
         let ip = |args: &[&str]| -> Result<(), String> {
             cmd::run(Command::new("ip").args(args).stdout(Stdio::null()))
                 .map_err(|e| format!("{e:#}"))
         };
-        let _ = Command::new("ip")
-            .args(["link", "del", CONTAINER_LINK])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["link", "add", CONTAINER_LINK, "type", "dummy"])?;
-        ip(&["addr", "add", &format!("{CONTAINER_ORIGIN_IP}/32"), "dev", CONTAINER_LINK])?;
+        for args in [
+            &["link", "del", CONTAINER_LINK][..],
+            &["netns", "del", CONTAINER_PEER_NETNS][..],
+        ] {
+            let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
+        }
+        ip(&["netns", "add", CONTAINER_PEER_NETNS])?;
+        ip(&[
+            "link",
+            "add",
+            CONTAINER_LINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            CONTAINER_PEER_LINK,
+        ])?;
+        ip(&[
+            "link",
+            "set",
+            CONTAINER_PEER_LINK,
+            "netns",
+            CONTAINER_PEER_NETNS,
+        ])?;
+        ip(&[
+            "-n",
+            CONTAINER_PEER_NETNS,
+            "link",
+            "set",
+            CONTAINER_PEER_LINK,
+            "up",
+        ])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{CONTAINER_ORIGIN_IP}/30"),
+            "dev",
+            CONTAINER_LINK,
+        ])?;
         ip(&["link", "set", CONTAINER_LINK, "up"])?;
         let relay = DelayRelay::start(
             IpAddr::V4(CONTAINER_ORIGIN_IP),
@@ -548,7 +585,10 @@ impl Lab {
             Duration::ZERO,
         )
         .map_err(|e| format!("{e:#}"))?;
-        step(&format!("container row: relay on {} to the origin", relay.addr()));
+        step(&format!(
+            "container row: relay on {} to the origin",
+            relay.addr()
+        ));
         Ok(relay)
     }
 
@@ -571,16 +611,19 @@ impl Lab {
         }
         .command(Path::new("/bin/sleep"));
         holder.arg("86400");
-        let pid = self
-            .services
+        self.services
             .start("container-agent", holder)
             .map_err(|e| format!("{e:#}"))?;
-        // `ip netns exec` and `brokerctl run` each execute the next program in place, so the pid
-        // is sleep's once it is in the cgroup.
+        // The launcher may fork (its sandbox), so take whichever process of the agent's cgroup
+        // appears first: every one of them runs in the namespace.
+        let dir = cgroup2_mount()
+            .ok_or("no cgroup2 mount")?
+            .join(CONTAINER_CGROUP);
+        let mut pid = 0;
         self.services
-            .wait_until("the container agent to join its cgroup", || {
-                fs::read_to_string(format!("/proc/{pid}/cgroup"))
-                    .is_ok_and(|c| c.lines().any(|l| l.ends_with(CONTAINER_CGROUP)))
+            .wait_until("a process of the container agent in its cgroup", || {
+                pid = first_pid_below(&dir).unwrap_or(0);
+                pid != 0
             })
             .map_err(|e| format!("{e:#}"))?;
         run(self
@@ -597,7 +640,9 @@ impl Lab {
     /// calling the origin through the relay on [`CONTAINER_ORIGIN_IP`]; an error says why the
     /// row cannot run.
     pub fn container_endpoints(&self) -> Result<[Endpoint; 2]> {
-        self.container.as_ref().map_err(|why| anyhow::anyhow!("{why}"))?;
+        self.container
+            .as_ref()
+            .map_err(|why| anyhow::anyhow!("{why}"))?;
         let relay = self
             .container_relay
             .as_ref()
@@ -698,6 +743,19 @@ fn free_ports<const N: usize>(ip: IpAddr) -> Result<[u16; N]> {
         *port = listener.local_addr()?.port();
     }
     Ok(ports)
+}
+
+/// The first process in the cgroup `dir` or a cgroup below it.
+fn first_pid_below(dir: &Path) -> Option<u32> {
+    let procs = fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
+        return Some(pid);
+    }
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|e| first_pid_below(&e.path()))
 }
 
 /// The cgroup2 mount point, from /proc/self/mountinfo.

@@ -16,7 +16,7 @@ use super::process;
 
 /// How a client program is started: as it is, or inside the tagged agent cgroup through
 /// `brokerctl run`, which moves itself into the cgroup and executes the program, or the same
-/// inside a network namespace of its own (`ip netns exec`), as an agent in a container.
+/// inside a network namespace of its own (`nsenter --net`), as an agent in a container.
 #[derive(Clone)]
 pub enum Launch {
     Outside,
@@ -57,9 +57,12 @@ impl Launch {
                 run_dir,
                 cgroup,
             } => {
-                let mut command = Command::new("ip");
+                // nsenter, not `ip netns exec`: that also remounts /sys for the namespace, which
+                // hides the cgroup2 mount brokerctl looks for.
+                let mut command = Command::new("nsenter");
                 command
-                    .args(["netns", "exec", netns])
+                    .arg(format!("--net=/run/netns/{netns}"))
+                    .arg("--")
                     .arg(brokerctl)
                     .arg("--run-dir")
                     .arg(run_dir)
