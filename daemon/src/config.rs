@@ -106,8 +106,9 @@ pub struct Settings {
     /// wake-up; 0 turns it off, at most 1000 [default: 100].
     #[arg(long, value_name = "MICROSECONDS")]
     pub spin_us: Option<u64>,
-    /// Tag the pods a container engine runs with the label `agent-broker.io/agent=<name>`, under
-    /// the policy name `agents/<name>`, and untag them when they go. `kube` watches this node's
+    /// Tag the pods a container engine runs with the label `agent-broker.io/agent=<name>`, as
+    /// sub-agents `<pod name>` of the agent `agents/<namespace>/<name>` (`agents/<name>` for
+    /// podman pods), and untag them when they go. `kube` watches this node's
     /// pods through the Kubernetes API (in-cluster config or KUBECONFIG; the node from
     /// $NODE_NAME); `podman` uses podman's system service socket (/run/podman/podman.sock),
     /// `podman:PATH` another socket [default: none].

@@ -1,6 +1,7 @@
 //! Pod sources: brokerd tags the pods a container engine runs with the label
-//! `agent-broker.io/agent=<name>`, under the policy name `agents/<name>`, and untags them when
-//! they go.
+//! `agent-broker.io/agent=<name>` and untags them when they go. The agent is
+//! `agents/<namespace>/<name>` (Kubernetes) or `agents/<name>` (podman, which has no
+//! namespaces); each pod's tag runs as `<agent>/<pod name>`, a sub-agent its policy governs.
 //!
 //! A [`PodSource`] lists the pods of this node that carry the label ([`kube`]: the Kubernetes
 //! API through kube-rs; [`podman`]: the podman REST API on its unix socket, the engine that
@@ -49,9 +50,26 @@ pub struct Pod {
 }
 
 impl Pod {
-    /// The policy name the pod runs under: `agents/<label value>`.
+    /// The agent whose policy governs the pod: `agents/<namespace>/<label value>` for a
+    /// Kubernetes pod (the namespace is part of it, so a pod author cannot claim another
+    /// namespace's agent by its label), `agents/<label value>` for a podman pod.
     pub fn policy_name(&self) -> Result<CgroupPath, String> {
-        policy_name(&self.agent)
+        let agent = policy_name(&self.agent)?;
+        if self.namespace.is_empty() {
+            return Ok(agent);
+        }
+        let namespace = segment("namespace", &self.namespace)?;
+        CgroupPath::parse(&format!("{POLICY_PARENT}/{namespace}/{}", self.agent))
+            .map_err(|e| e.to_string())
+    }
+
+    /// The name the pod's tag runs under: its agent's name plus the pod's own name, so that
+    /// replicas of one agent are sibling sub-agents (each a tag of its own, each governed by
+    /// the agent's policy files) rather than two tags claiming one name.
+    pub fn tag_name(&self) -> Result<CgroupPath, String> {
+        let agent = self.policy_name()?;
+        let name = segment("pod name", &self.name)?;
+        CgroupPath::parse(&format!("{agent}/{name}")).map_err(|e| e.to_string())
     }
 
     /// `namespace/name`, or the name alone for a pod with no namespace.
@@ -61,6 +79,21 @@ impl Pod {
         } else {
             format!("{}/{}", self.namespace, self.name)
         }
+    }
+}
+
+/// A namespace or pod name as one path segment (Kubernetes allows `a-z 0-9 - .` in both).
+fn segment<'a>(what: &str, value: &'a str) -> Result<&'a str, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !matches!(value, "." | "..");
+    if ok {
+        Ok(value)
+    } else {
+        Err(format!("{what} {value:?} is not usable in an agent name"))
     }
 }
 
@@ -140,15 +173,16 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// Tags the listed pods not tagged yet, untags the tagged ones no longer listed, and
-    /// re-tags a pod whose cgroup, pid or label changed (its infra container was restarted).
+    /// Tags the listed pods not tagged yet, untags the tagged ones no longer listed (or listed
+    /// under another cgroup or label), and serves a pod's namespace again through its new
+    /// process when only that changed (a container restarted), without untagging it.
     pub async fn apply<T: Tagger>(&mut self, pods: Vec<Pod>, tagger: &T) -> Changes {
         let mut changes = Changes::default();
         let listed: BTreeMap<String, Pod> = pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
         let gone: Vec<Pod> = self
             .tagged
             .values()
-            .filter(|old| listed.get(&old.uid) != Some(old))
+            .filter(|old| !listed.get(&old.uid).is_some_and(|new| same_tag(old, new)))
             .cloned()
             .collect();
         for old in gone {
@@ -161,7 +195,7 @@ impl Reconciler {
             }
         }
         for (uid, pod) in listed {
-            if self.tagged.contains_key(&uid) {
+            if self.tagged.get(&uid) == Some(&pod) {
                 continue;
             }
             match tagger.tag(&pod).await {
@@ -179,6 +213,13 @@ impl Reconciler {
     pub fn tagged(&self) -> impl Iterator<Item = &Pod> {
         self.tagged.values()
     }
+}
+
+/// Whether two listings of a pod need the same tag (only the process it is served through may
+/// differ).
+fn same_tag(old: &Pod, new: &Pod) -> bool {
+    (&old.uid, &old.namespace, &old.name, &old.agent, &old.cgroup)
+        == (&new.uid, &new.namespace, &new.name, &new.agent, &new.cgroup)
 }
 
 /// Lists, reconciles and waits, until `cancel`. Tags stay when brokerd stops: they are pinned,
@@ -297,14 +338,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_pod_whose_infra_changed_is_untagged_then_tagged_again() {
+    async fn a_pod_served_through_a_new_process_is_tagged_again_without_an_untag() {
         let tagger = Recorder::default();
         let mut r = Reconciler::default();
         r.apply(vec![pod("a", "x", 1)], &tagger).await;
         tagger.take();
+        // Its infra (or first) process changed: no window in which the pod is untagged.
         let c = r.apply(vec![pod("a", "x", 7)], &tagger).await;
+        assert_eq!((c.untagged.len(), c.tagged.len()), (0, 1));
+        assert_eq!(tagger.take(), ["tag a 7"]);
+        // Its label changed: untagged, then tagged under the new name.
+        let c = r.apply(vec![pod("a", "y", 7)], &tagger).await;
         assert_eq!((c.untagged.len(), c.tagged.len()), (1, 1));
-        assert_eq!(tagger.take(), ["untag a 1", "tag a 7"]);
+        assert_eq!(tagger.take(), ["untag a 7", "tag a 7"]);
+    }
+
+    #[test]
+    fn kubernetes_pods_are_named_by_namespace_label_and_pod() {
+        let mut p = pod("u", "coder", 1);
+        assert_eq!(p.policy_name().expect("valid").as_str(), "agents/coder");
+        assert_eq!(p.tag_name().expect("valid").as_str(), "agents/coder/pod-u");
+        p.namespace = "team-a".into();
+        assert_eq!(
+            p.policy_name().expect("valid").as_str(),
+            "agents/team-a/coder"
+        );
+        assert_eq!(
+            p.tag_name().expect("valid").as_str(),
+            "agents/team-a/coder/pod-u"
+        );
+        p.name = "a/b".into();
+        assert!(p.tag_name().expect_err("refused").contains("pod name"));
     }
 
     #[tokio::test]

@@ -376,36 +376,68 @@ impl Workloads {
         }
     }
 
-    /// Releases the workload when its cgroup has no process left or is removed. Watched with
+    /// Releases the workload when its cgroup has no process left or is removed, unless another
+    /// process of its tag still runs in the namespace (a pod whose other containers live on):
+    /// then the watch moves to that process's cgroup ([`Self::hand_over`]). Watched with
     /// inotify on `cgroup.events`, and checked every [`RECHECK`] in case an event is missed.
-    async fn watch(self: Arc<Self>, cookie: u64, dir: PathBuf, cancel: CancellationToken) {
-        let events = dir.join("cgroup.events");
-        let inotify = Inotify::watch(&events)
-            .map_err(|e| warn!(path = %events.display(), error = %e, "no inotify watch on a workload's cgroup; checking it every 2 s"))
-            .ok();
+    async fn watch(self: Arc<Self>, cookie: u64, mut dir: PathBuf, cancel: CancellationToken) {
         loop {
-            match std::fs::read_to_string(&events) {
-                Err(_) => {
-                    self.release(cookie, "its cgroup was removed");
-                    return;
-                }
-                Ok(text) if netns::populated(&text) == Some(false) => {
-                    self.release(cookie, "no process is left in its cgroup");
-                    return;
-                }
-                Ok(_) => {}
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(RECHECK) => {}
-                () = async {
-                    match &inotify {
-                        Some(i) => i.changed().await,
-                        None => std::future::pending().await,
+            let events = dir.join("cgroup.events");
+            let inotify = Inotify::watch(&events)
+                .map_err(|e| warn!(path = %events.display(), error = %e, "no inotify watch on a workload's cgroup; checking it every 2 s"))
+                .ok();
+            let why = loop {
+                match std::fs::read_to_string(&events) {
+                    Err(_) => break "its cgroup was removed",
+                    Ok(text) if netns::populated(&text) == Some(false) => {
+                        break "no process is left in its cgroup";
                     }
-                } => {}
+                    Ok(_) => {}
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(RECHECK) => {}
+                    () = async {
+                        match &inotify {
+                            Some(i) => i.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
+                }
+            };
+            match self.hand_over(cookie) {
+                Some(next) => dir = next,
+                None => {
+                    self.release(cookie, why);
+                    return;
+                }
             }
         }
+    }
+
+    /// When the process a namespace was served through is gone: another live process of the
+    /// same tag in the same namespace, which the workload is then recorded (and watched)
+    /// through. Returns its cgroup's directory; `None` when there is none.
+    fn hand_over(&self, cookie: u64) -> Option<PathBuf> {
+        let tag = {
+            let served = self.served.lock().ok()?;
+            CgroupPath::parse(&served.get(&cookie)?.record.tag).ok()?
+        };
+        let (pid, _pidfd) = self.member_in(&tag, cookie)?;
+        let cgroup = self.root.cgroup_of(pid).ok()??;
+        let id = self.root.id(&cgroup).ok()?;
+        {
+            let mut served = self.served.lock().ok()?;
+            let workload = served.get_mut(&cookie)?;
+            workload.record.pid = pid;
+            workload.record.cgroup = cgroup.to_string();
+            workload.record.cgroup_id = id.0;
+            workload.status.pid = pid;
+            workload.status.cgroup = cgroup.to_string();
+        }
+        self.persist();
+        info!(netns = cookie, pid, cgroup = %cgroup, "the process a workload namespace was served through is gone; another process of its tag still runs there, so it stays served through that one");
+        Some(self.root.dir(&cgroup))
     }
 
     /// At start: re-opens the listeners of every recorded namespace that still has a live
@@ -545,18 +577,23 @@ impl Workloads {
     }
 
     fn persist(&self) {
-        let workloads: Vec<WorkloadRecord> = self
+        // The snapshot and its write under one lock: releases on several threads at once must
+        // neither interleave their writes of the shared temporary file nor let an older
+        // snapshot land last.
+        let served = self
             .served
             .lock()
-            .map(|s| s.values().map(|w| w.record.clone()).collect())
-            .unwrap_or_default();
-        let state = StateFile { workloads };
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = StateFile {
+            workloads: served.values().map(|w| w.record.clone()).collect(),
+        };
         let written = serde_json::to_vec_pretty(&state)
             .map_err(|e| e.to_string())
             .and_then(|bytes| {
                 agent_broker_core::fs::write_file_atomically(&self.state_file, &bytes)
                     .map_err(|e| e.to_string())
             });
+        drop(served);
         if let Err(e) = written {
             warn!(file = %self.state_file.display(), error = %e, "cannot write the workload records; a restarted brokerd will not re-open these namespaces");
         }

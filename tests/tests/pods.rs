@@ -1,6 +1,7 @@
 //! Issue 14: brokerd's pod source. A `podman kube play` pod labelled
 //! `agent-broker.io/agent=<name>` is tagged by brokerd itself (`--pod-source podman:SOCKET`,
-//! podman's REST API) under the agent name `agents/<name>`, brokered in its own network
+//! podman's REST API) as `agents/<name>/<pod name>`, a sub-agent governed by the policy of
+//! `agents/<name>`, brokered in its own network
 //! namespace with the key its policy injects, named in the audit records (pod name and id), and
 //! untagged when the pod is removed. A pod without the label is never tagged. The same for the
 //! kube source, against a mock of the Kubernetes API server.
@@ -126,10 +127,11 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
         ),
         || tag_of(&broker, &pod.cgroup).is_some(),
     );
+    let tag_name = format!("{agent}/{}", pod.name);
     assert_eq!(
         tag_of(&broker, &pod.cgroup),
-        Some(Some(agent.clone())),
-        "the pod's cgroup runs under agents/<label>"
+        Some(Some(tag_name.clone())),
+        "the pod's cgroup runs as agents/<label>/<pod name>"
     );
     let status = broker.status();
     assert!(
@@ -191,8 +193,8 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
     let request = record_of(&broker, "a request record naming the pod", |r| {
         of_pod(r) && r.kind == Some(EventKind::Request) && r.status == Some(200)
     });
-    // The agent container's cgroup is below the pod's: a sub-agent of agents/<label>, governed
-    // by its policy.
+    // The agent container's cgroup is below the pod's: a sub-agent of the pod's tag, governed by
+    // the policy of agents/<label>.
     let agent_container = pod
         .agent()
         .cgroup
@@ -200,7 +202,7 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
         .to_string();
     assert_eq!(
         request.cgroup.as_deref(),
-        Some(format!("{agent}/{agent_container}").as_str())
+        Some(format!("{tag_name}/{agent_container}").as_str())
     );
     assert_eq!(
         request.pod.as_ref().map(|p| p.name.as_str()),
@@ -251,8 +253,25 @@ fn a_labelled_kubernetes_pod_of_this_node_is_tagged_by_the_kube_source_and_relea
     let unlabelled_cgroup = cg.create_child(&format!("kubepods/besteffort/pod{unlabelled_uid}"));
     let netns = TestNetns::new();
     let mut sleeper = spawn_in_cgroup(&container, netns.command("sleep").arg("600"));
+    // A second container of the same pod, in the same namespace.
+    let sidecar_container =
+        cg.create_child(&format!("kubepods/besteffort/pod{uid}/{}", "e".repeat(64)));
+    let mut sidecar = spawn_in_cgroup(&sidecar_container, netns.command("sleep").arg("600"));
     let label = unique_name();
-    let agent = format!("agents/{label}");
+    // The namespace is part of the agent: a pod in another namespace with the same label is
+    // another agent.
+    let agent = format!("agents/team-a/{label}");
+    let replica_uid = format!("{n:08x}-0000-4000-8000-00000000000c");
+    let replica_cgroup = cg.create_child(&format!("kubepods/besteffort/pod{replica_uid}"));
+    let replica_container = cg.create_child(&format!(
+        "kubepods/besteffort/pod{replica_uid}/{}",
+        "d".repeat(64)
+    ));
+    let replica_netns = TestNetns::new();
+    let mut replica = spawn_in_cgroup(
+        &replica_container,
+        replica_netns.command("sleep").arg("600"),
+    );
 
     let broker = Broker::builder()
         .arg("--pod-source")
@@ -264,6 +283,14 @@ fn a_labelled_kubernetes_pod_of_this_node_is_tagged_by_the_kube_source_and_relea
     let labels = serde_json::json!({ AGENT_LABEL: label });
     api.set_pods(&[
         kube_pod("team-a", "coder-0", &uid, "abtest-node", labels.clone()),
+        // A replica of the same agent: a sibling tag, not a second claim on one name.
+        kube_pod(
+            "team-a",
+            "coder-2",
+            &replica_uid,
+            "abtest-node",
+            labels.clone(),
+        ),
         // Same label, another node: its watch never shows it here.
         kube_pod(
             "team-a",
@@ -284,32 +311,66 @@ fn a_labelled_kubernetes_pod_of_this_node_is_tagged_by_the_kube_source_and_relea
         &format!("brokerd's kube source should tag pod {uid} ({pod_cgroup})"),
         || tag_of(&broker, &pod_cgroup).is_some(),
     );
-    assert_eq!(tag_of(&broker, &pod_cgroup), Some(Some(agent.clone())));
+    let tag_name = format!("{agent}/coder-0");
+    assert_eq!(tag_of(&broker, &pod_cgroup), Some(Some(tag_name.clone())));
+    wait_for("the replica should be tagged too", || {
+        tag_of(&broker, &replica_cgroup).is_some()
+    });
+    assert_eq!(
+        tag_of(&broker, &replica_cgroup),
+        Some(Some(format!("{agent}/coder-2")))
+    );
     assert_eq!(tag_of(&broker, &unlabelled_cgroup), None);
     let status = broker.status();
     assert_eq!(
         status.cgroups.len(),
-        1,
-        "only the labelled pod of this node is tagged: {:?}",
+        2,
+        "only the labelled pods of this node are tagged: {:?}",
         status.cgroups
     );
+    let served_through = status
+        .workloads
+        .iter()
+        .find(|w| w.tag == pod_cgroup)
+        .map(|w| w.pid)
+        .unwrap_or_else(|| {
+            panic!(
+                "brokerd serves the pod's network namespace: {:?}",
+                status.workloads
+            )
+        });
     assert!(
-        status
-            .workloads
-            .iter()
-            .any(|w| w.cgroup == container && w.pid == sleeper.id()),
-        "brokerd serves the pod's network namespace through its process: {:?}",
-        status.workloads
+        [sleeper.id(), sidecar.id()].contains(&served_through),
+        "through one of the pod's processes"
+    );
+    // The container it is served through exits: the pod's other container still runs in the
+    // namespace, so it stays served (through that one), not released.
+    let (gone, stays) = if served_through == sleeper.id() {
+        (&mut sleeper, sidecar.id())
+    } else {
+        (&mut sidecar, sleeper.id())
+    };
+    let _ = gone.kill();
+    let _ = gone.wait();
+    wait_for(
+        "the namespace should stay served through the pod's other container",
+        || {
+            broker
+                .status()
+                .workloads
+                .iter()
+                .any(|w| w.tag == pod_cgroup && w.pid == stays)
+        },
     );
     let attach = record_of(&broker, "the kube source's attach", |r| {
-        r.kind == Some(EventKind::Attach)
+        r.kind == Some(EventKind::Attach) && r.pod.as_ref().is_some_and(|p| p.uid == uid)
     });
     let pod = attach.pod.as_ref().unwrap_or_else(|| panic!("{attach:?}"));
     assert_eq!(
         (pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str()),
         ("team-a", "coder-0", uid.as_str())
     );
-    assert_eq!(attach.cgroup.as_deref(), Some(agent.as_str()));
+    assert_eq!(attach.cgroup.as_deref(), Some(tag_name.as_str()));
     assert_eq!(attach.cgroup_path.as_deref(), Some(pod_cgroup.as_str()));
 
     // The pod is deleted: the source untags it.
@@ -321,6 +382,11 @@ fn a_labelled_kubernetes_pod_of_this_node_is_tagged_by_the_kube_source_and_relea
     record_of(&broker, "the untag, with the pod", |r| {
         r.kind == Some(EventKind::Detach) && r.pod.as_ref().is_some_and(|p| p.uid == uid)
     });
-    let _ = sleeper.kill();
-    let _ = sleeper.wait();
+    wait_for("the replica should be untagged too", || {
+        tag_of(&broker, &replica_cgroup).is_none()
+    });
+    for child in [&mut sleeper, &mut sidecar, &mut replica] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

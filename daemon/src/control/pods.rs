@@ -38,7 +38,7 @@ fn refused(what: &str, response: Response) -> String {
 
 impl Tagger for ControlTagger {
     async fn tag(&self, pod: &Pod) -> Result<(), String> {
-        let name = pod.policy_name()?;
+        let name = pod.tag_name()?;
         let cgroup = CgroupPath::parse(&pod.cgroup).map_err(|e| e.to_string())?;
         let state = &self.state;
         state.resolver.set_pod(cgroup.clone(), Some(pod_ref(pod)));

@@ -44,6 +44,18 @@ impl Podman {
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.get_json_if_found(path)
+            .await?
+            .with_context(|| format!("podman answered {path} with 404 Not Found"))
+    }
+
+    /// `None` only for a 404 (the pod or container is gone); any other failure is an error,
+    /// so that a busy or failing podman fails the whole list instead of leaving pods out of it
+    /// (which would untag them).
+    async fn get_json_if_found<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> anyhow::Result<Option<T>> {
         let body = tokio::time::timeout(CALL_TIMEOUT, async {
             let response = request(&self.socket, path).await?;
             let status = response.status();
@@ -53,17 +65,23 @@ impl Podman {
                 .await
                 .with_context(|| format!("reading podman's answer to {path}"))?
                 .to_bytes();
+            if status == hyper::StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
             if !status.is_success() {
                 bail!(
                     "podman answered {path} with {status}: {}",
                     String::from_utf8_lossy(&body[..body.len().min(300)]).trim()
                 );
             }
-            Ok(body)
+            Ok(Some(body))
         })
         .await
         .with_context(|| format!("podman did not answer {path} within {CALL_TIMEOUT:?}"))??;
-        serde_json::from_slice(&body).with_context(|| format!("podman's answer to {path}"))
+        body.map(|body| {
+            serde_json::from_slice(&body).with_context(|| format!("podman's answer to {path}"))
+        })
+        .transpose()
     }
 }
 
@@ -173,10 +191,11 @@ impl PodSource for Podman {
             if !entry.labels.contains_key(AGENT_LABEL) {
                 continue;
             }
-            // A pod that goes away between the list and its inspection is simply not listed.
-            let Ok(pod) = self
-                .get_json::<InspectedPod>(&format!("{API}/pods/{}/json", entry.id))
-                .await
+            // A pod that goes away between the list and its inspection (404) is not listed;
+            // any other failure fails the list, and the tags stay as they are.
+            let Some(pod) = self
+                .get_json_if_found::<InspectedPod>(&format!("{API}/pods/{}/json", entry.id))
+                .await?
             else {
                 continue;
             };
@@ -184,12 +203,12 @@ impl PodSource for Podman {
                 tracing::warn!(pod = %entry.name, "labelled pod has no infra container (no network namespace of its own): not tagged");
                 continue;
             }
-            let Ok(infra) = self
-                .get_json::<InspectedContainer>(&format!(
+            let Some(infra) = self
+                .get_json_if_found::<InspectedContainer>(&format!(
                     "{API}/containers/{}/json",
                     pod.infra_container_id
                 ))
-                .await
+                .await?
             else {
                 continue;
             };
