@@ -387,6 +387,11 @@ impl Workloads {
                 .map_err(|e| warn!(path = %events.display(), error = %e, "no inotify watch on a workload's cgroup; checking it every 2 s"))
                 .ok();
             let why = loop {
+                // By id, not only by path: a runtime may re-create a cgroup of the same name
+                // (a restarted container) between two checks.
+                if !self.same_cgroup(cookie) {
+                    break "its cgroup was removed";
+                }
                 match std::fs::read_to_string(&events) {
                     Err(_) => break "its cgroup was removed",
                     Ok(text) if netns::populated(&text) == Some(false) => {
@@ -413,6 +418,21 @@ impl Workloads {
                 }
             }
         }
+    }
+
+    /// Whether the cgroup the workload `cookie` is recorded through still has the recorded id
+    /// (true when the workload is no longer served: nothing to watch).
+    fn same_cgroup(&self, cookie: u64) -> bool {
+        let Some((cgroup, id)) = self.served.lock().ok().and_then(|s| {
+            s.get(&cookie)
+                .map(|w| (w.record.cgroup.clone(), w.record.cgroup_id))
+        }) else {
+            return true;
+        };
+        CgroupPath::parse(&cgroup)
+            .ok()
+            .and_then(|path| self.root.id(&path).ok())
+            .is_some_and(|now| now.0 == id)
     }
 
     /// When the process a namespace was served through is gone: another live process of the

@@ -1221,6 +1221,14 @@ fn containers_with_colliding_loopback_ports_are_attributed_apart() {
         "ct-b's policy allows no {OTHER}: brokerd answers 403: {ob}"
     );
 
+    // The four calls' records, once the group commit that stores the last one is done.
+    poll_until(SHORT, || {
+        [(A, API), (B, API), (A, OTHER), (B, OTHER)]
+            .iter()
+            .all(|(agent, host)| !w.requests_of(agent, host).is_empty())
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the four calls' audit records did not all arrive"));
     for (agent, ct, secret_name) in [(A, &a, SECRET_NAME), (B, &b, SECRET_B)] {
         let records = w.requests_of(agent, API);
         assert_eq!(records.len(), 1, "{agent}: {records:#?}");

@@ -138,6 +138,18 @@ fn attach_event(state: &ControlState, tagged: &agent_broker_protocol::TaggedCgro
 /// namespace is entered through the pidfd. A failure to open the namespace undoes a tag this
 /// request made, and leaves no namespace entry (its connects stay refused).
 pub async fn attach_pid(state: &ControlState, pid: u32, name: Option<String>) -> Response {
+    attach_pid_within(state, pid, name, None).await
+}
+
+/// [`attach_pid`], refusing a process that is not in `within` or below it (checked once the
+/// pidfd pins the process): a pod source's pid was looked up before, and must not tag another
+/// cgroup if it was reused since.
+pub async fn attach_pid_within(
+    state: &ControlState,
+    pid: u32,
+    name: Option<String>,
+    within: Option<&CgroupPath>,
+) -> Response {
     use crate::capture::netns;
     let name = match parse_name(name) {
         Ok(n) => n,
@@ -163,6 +175,14 @@ pub async fn attach_pid(state: &ControlState, pid: u32, name: Option<String>) ->
     };
     if !netns::pidfd_alive(&pidfd) {
         return error(ErrorKind::NotFound, format!("process {pid} has exited"));
+    }
+    if let Some(within) = within
+        && !within.is_ancestor_or_self_of(&cgroup)
+    {
+        return error(
+            ErrorKind::BadRequest,
+            format!("process {pid} is in cgroup {cgroup}, not in {within} or below it"),
+        );
     }
     let (tagged, already) = match state.capture.attach(cgroup.clone(), false, name).await {
         Ok(t) => t,

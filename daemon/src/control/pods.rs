@@ -53,7 +53,7 @@ impl Tagger for ControlTagger {
         }
         // The pod's network namespace, through its infra process (the tag covers its cgroup,
         // so this only opens, or finds, the namespace's listeners).
-        match cgroups::attach_pid(state, pod.pid, None).await {
+        match cgroups::attach_pid_within(state, pod.pid, None, Some(&cgroup)).await {
             Response::AttachedPid { .. } => Ok(()),
             other => Err(refused(
                 &format!("serving the network namespace of pid {}", pod.pid),
