@@ -20,7 +20,7 @@ pub mod kube;
 pub mod kube_paths;
 pub mod podman;
 
-use std::{collections::BTreeMap, future::Future, path::Path, time::Duration};
+use std::{collections::BTreeMap, future::Future, time::Duration};
 
 use agent_broker_core::cgroup::CgroupPath;
 use tokio_util::sync::CancellationToken;
@@ -112,32 +112,6 @@ pub fn policy_name(agent: &str) -> Result<CgroupPath, String> {
         ));
     }
     CgroupPath::parse(&format!("{POLICY_PARENT}/{agent}")).map_err(|e| e.to_string())
-}
-
-/// The first process found in a cgroup or below it (breadth first, a few levels): a process in
-/// the pod's network namespace.
-pub fn first_pid(mount: &Path, cgroup: &str) -> Option<u32> {
-    let mut level = vec![mount.join(cgroup)];
-    for _ in 0..4 {
-        let mut next = Vec::new();
-        for dir in level {
-            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs"))
-                && let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok())
-            {
-                return Some(pid);
-            }
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                next.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-        }
-        level = next;
-    }
-    None
 }
 
 /// Lists labelled pods and says when to list again.

@@ -406,6 +406,29 @@ impl TestUpstream {
             .unwrap_or_default()
     }
 
+    /// The latest request for `path`, which must have come from the socket of process
+    /// `broker_pid` (brokerd's) with the canary watched as "secret" in its Authorization header
+    /// and nowhere else: a key brokerd injected. `what` names the call in failures.
+    pub fn assert_injected_by(&self, what: &str, path: &str, broker_pid: u32) -> UpstreamRequest {
+        let record = self
+            .requests()
+            .into_iter()
+            .rev()
+            .find(|r| r.path == path)
+            .unwrap_or_else(|| panic!("{what}: the API has no record of a request for {path}"));
+        assert_eq!(
+            record.peer_owner,
+            Some(broker_pid),
+            "{what}: the API's peer socket must be brokerd's: {record:?}"
+        );
+        assert_eq!(
+            record.canary_hits,
+            vec!["secret in header authorization (raw)".to_string()],
+            "{what}: the secret must reach the API in Authorization only: {record:?}"
+        );
+        record
+    }
+
     /// TCP connections accepted on either listener.
     pub fn connections(&self) -> usize {
         self.state.accepted.load(Ordering::Relaxed)

@@ -326,23 +326,8 @@ impl Setup {
             SocketAddr::new(IpAddr::V4(self.root_ip), self.api.port()),
             "{what}: {conn:?}"
         );
-        let record = self
-            .api
-            .requests()
-            .into_iter()
-            .rev()
-            .find(|r| r.path == "/hash")
-            .unwrap_or_else(|| panic!("{what}: the API has no record of the call"));
-        assert_eq!(
-            record.peer_owner,
-            Some(self.broker.pid()),
-            "{what}: the API's peer socket should be brokerd's: {record:?}"
-        );
-        assert_eq!(
-            record.canary_hits,
-            vec!["secret in header authorization (raw)".to_string()],
-            "{what}: the secret must reach the API in Authorization only: {record:?}"
-        );
+        self.api
+            .assert_injected_by(what, "/hash", self.broker.pid());
     }
 
     /// The cookies in the pinned `NETNS_LISTENERS` map.

@@ -7,7 +7,7 @@
 //! kube source, against a mock of the Kubernetes API server.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -88,13 +88,7 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
     let agent = format!("agents/{label}");
 
     let host = TestHost::start();
-    let root_ip = match host.addr().ip() {
-        IpAddr::V4(ip) => {
-            let [a, b, c, _] = ip.octets();
-            Ipv4Addr::new(a, b, c, 1)
-        }
-        IpAddr::V6(ip) => panic!("TestHost has an IPv6 address {ip}"),
-    };
+    let root_ip = host.root_ip();
     let ca = TestCa::new("abtest pods upstream CA");
     let mut options = UpstreamOptions::api();
     options.ip = IpAddr::V4(root_ip);

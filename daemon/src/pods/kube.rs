@@ -23,7 +23,10 @@ use kube::{
 };
 use tokio::sync::Notify;
 
-use super::{AGENT_LABEL, Pod, PodSource, RESYNC, first_pid, kube_paths};
+use agent_broker_core::cgroup::{CgroupPath, CgroupRoot};
+
+use super::{AGENT_LABEL, Pod, PodSource, RESYNC, kube_paths};
+use crate::capture::netns::member_pids;
 
 /// The environment variable the DaemonSet sets from `spec.nodeName`.
 pub const NODE_NAME_ENV: &str = "NODE_NAME";
@@ -139,7 +142,8 @@ fn pod_of(mount: &Path, pod: &KubePod) -> Option<Pod> {
         tracing::debug!(pod = uid, "hostNetwork pod: tagged in the node's namespace");
     }
     let cgroup = kube_paths::find_pod_cgroup(mount, uid)?;
-    let pid = first_pid(mount, &cgroup)?;
+    let path = CgroupPath::parse(&cgroup).ok()?;
+    let pid = *member_pids(&CgroupRoot::at(mount), &path).first()?;
     Some(Pod {
         uid: uid.to_owned(),
         namespace: pod.metadata.namespace.clone().unwrap_or_default(),
