@@ -275,6 +275,17 @@ impl CgroupPath {
         }
     }
 
+    /// The parent cgroup; `None` for the root. A top-level cgroup's parent is the root.
+    pub fn parent(&self) -> Option<Self> {
+        if self.0.is_empty() {
+            return None;
+        }
+        Some(match self.0.rsplit_once('/') {
+            Some((parent, _)) => Self(parent.to_string()),
+            None => Self(String::new()),
+        })
+    }
+
     /// Whether `self` is `other` or one of its ancestors (the root is everyone's ancestor).
     pub fn is_ancestor_or_self_of(&self, other: &CgroupPath) -> bool {
         self.0.is_empty()

@@ -53,6 +53,7 @@ enum Command {
     Doctor(cmd::doctor::Args),
     Logs(cmd::logs::Args),
     Connections(cmd::connections::Args),
+    OciHook(cmd::oci_hook::Args),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +86,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Logs(a) => cmd::logs::run(run_dir, a),
         Command::Connections(a) => cmd::connections::run(run_dir, a),
+        Command::OciHook(a) => cmd::oci_hook::run(run_dir, a),
     }
 }
 

@@ -252,6 +252,7 @@ async fn dispatch(request: Request, state: &ControlState) -> Response {
             name,
         } => cgroups::attach(state, cgroup, create, name).await,
         Request::AttachPid { pid, name } => cgroups::attach_pid(state, pid, name).await,
+        Request::AttachOci { pid, pod } => pods::attach_oci(state, pid, pod).await,
         Request::Detach { cgroup } => cgroups::detach(state, cgroup).await,
         Request::Connections { limit } => Response::Connections {
             connections: state.recent.latest(limit),

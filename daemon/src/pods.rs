@@ -13,8 +13,10 @@
 //!
 //! The window: a pod is tagged when the source first lists it running, which can be after its
 //! first process started. Until then its traffic is not brokered: a pod with no network of its
-//! own (`--network none`) reaches nothing, and one with a network is not yet covered. The README
-//! says so.
+//! own (`--network none`) reaches nothing, and one with a network is not yet covered. The OCI
+//! hook (`brokerctl oci-hook`, [`crate::control`]'s `AttachOci`) closes it: the runtime tags
+//! the pod through it before the pod's first process runs, under the name a source gives it,
+//! and a source takes over a tag the hook made below the same agent as it is.
 
 pub mod kube;
 pub mod kube_paths;

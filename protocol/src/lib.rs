@@ -55,6 +55,16 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
+    /// Tag the pod of a container that is being created, before its first process runs: what
+    /// the OCI hook (`brokerctl oci-hook`, at the runtime's createRuntime stage) asks for a
+    /// container whose annotations name an agent. brokerd tags the pod-level cgroup (the
+    /// parent of the container's) as a pod source would, and opens its listeners in the
+    /// container's network namespace, before the hook returns.
+    AttachOci {
+        /// The container's init process, as the runtime's state names it (a host pid).
+        pid: u32,
+        pod: OciPod,
+    },
     /// Untag a cgroup: detach and unpin its programs.
     Detach {
         /// Path relative to the cgroup2 mount.
@@ -270,6 +280,29 @@ pub struct AuditEvent {
     /// The pod the agent runs in, for agents a pod source tagged (`brokerd --pod-source`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
+}
+
+/// A container's pod as the OCI hook reads it from the runtime's annotations.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OciPod {
+    /// The value of `agent-broker.io/agent`.
+    pub agent: String,
+    /// The Kubernetes namespace; empty for podman pods.
+    #[serde(default)]
+    pub namespace: String,
+    /// The pod's name: Kubernetes' (from the CRI annotations), or for a podman pod the hostname
+    /// podman gives it (the pod's name, unless its manifest sets another). A container outside
+    /// any pod is a pod of one, named by its id's first 12 characters.
+    pub name: String,
+    /// Kubernetes: the pod's `metadata.uid`. Empty for podman: brokerd takes the pod id from
+    /// the pod's cgroup.
+    #[serde(default)]
+    pub uid: String,
+    /// The container's id.
+    pub container: String,
+    /// Whether the container belongs to a pod, whose cgroup is the parent of its own.
+    pub in_pod: bool,
 }
 
 /// A pod as its engine names it.

@@ -197,6 +197,44 @@ pub struct Podman {
 impl Podman {
     /// Panics, saying what to install, unless podman and runc are there.
     pub fn new() -> Self {
+        Self::with_conf(CONTAINERS_CONF)
+    }
+
+    /// A harness whose podman runs the OCI hook `brokerctl oci-hook` (from `brokerctl`, asking
+    /// the brokerd of `run_dir`) as the shipped `deploy/oci-hooks/agent-broker.json` says:
+    /// its `when` and `stages` as they are, only the binary's path and the run dir changed.
+    pub fn with_oci_hook(brokerctl: &Path, run_dir: &Path) -> Self {
+        let shipped =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/oci-hooks/agent-broker.json");
+        let text = fs::read_to_string(&shipped)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", shipped.display()));
+        let mut hook: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", shipped.display()));
+        hook["hook"]["path"] = brokerctl.display().to_string().into();
+        hook["hook"]["args"] = serde_json::json!([
+            "brokerctl",
+            "--run-dir",
+            run_dir.display().to_string(),
+            "oci-hook"
+        ]);
+        let podman = Self::with_conf(CONTAINERS_CONF);
+        let dir = podman.env.state.as_path().join("hooks.d");
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("cannot make {}: {e}", dir.display()));
+        fs::write(dir.join("agent-broker.json"), hook.to_string())
+            .unwrap_or_else(|e| panic!("cannot write the hook: {e}"));
+        let conf = CONTAINERS_CONF.replace(
+            "[engine]\n",
+            &format!(
+                "[engine]\nhooks_dir = [{}]\n",
+                serde_json::to_string(&dir.display().to_string()).unwrap_or_default()
+            ),
+        );
+        fs::write(podman.env.conf(), conf)
+            .unwrap_or_else(|e| panic!("cannot write containers.conf: {e}"));
+        podman
+    }
+
+    fn with_conf(conf: &str) -> Self {
         for program in ["podman", "runc"] {
             let found = Command::new(program)
                 .arg("--version")
@@ -213,7 +251,7 @@ impl Podman {
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot make the podman state dir: {e}"))
             .keep();
-        fs::write(state.join("containers.conf"), CONTAINERS_CONF)
+        fs::write(state.join("containers.conf"), conf)
             .unwrap_or_else(|e| panic!("cannot write containers.conf: {e}"));
         fs::create_dir(state.join("share"))
             .unwrap_or_else(|e| panic!("cannot make the share dir: {e}"));
@@ -269,6 +307,11 @@ impl Podman {
 
     /// `podman run -d --network none` of `cmd` with the host's rootfs read-only.
     pub fn run(&self, cmd: &[&str]) -> Container {
+        self.run_annotated(&[], cmd)
+    }
+
+    /// [`Podman::run`] with OCI annotations (`--annotation KEY=VALUE`).
+    pub fn run_annotated(&self, annotations: &[(&str, &str)], cmd: &[&str]) -> Container {
         let rootfs = self.rootfs();
         let name = unique_name();
         let share = format!("{}:/ct:rw", self.share_dir().display());
@@ -285,9 +328,13 @@ impl Podman {
             "/tmp:rw,notmpcopyup",
             "-v",
             &share,
-            "--rootfs",
-            &rootfs,
         ];
+        let annotations: Vec<String> = annotations
+            .iter()
+            .map(|(k, v)| format!("--annotation={k}={v}"))
+            .collect();
+        args.extend(annotations.iter().map(String::as_str));
+        args.extend_from_slice(&["--rootfs", &rootfs]);
         args.extend_from_slice(cmd);
         // Built before podman runs, so Drop removes whatever podman managed to create.
         let mut container = Container {
@@ -309,14 +356,26 @@ impl Podman {
     /// `podman kube play --network none` of a Pod named like the test, labelled `labels`, whose
     /// one container (`<pod>-agent`) runs `cmd`.
     pub fn kube_play(&self, labels: &[(&str, &str)], cmd: &[&str]) -> Pod {
+        let spec = PodSpec {
+            labels,
+            cmd,
+            ..PodSpec::default()
+        };
+        match self.try_kube_play(&spec) {
+            (pod, Ok(())) => pod,
+            (_, Err(e)) => panic!("{e}"),
+        }
+    }
+
+    /// `podman kube play --network none` of `spec`: the pod (removed on Drop, whatever
+    /// happened) and whether it started; on failure, podman's error, and the pod's fields are
+    /// what could be read.
+    pub fn try_kube_play(&self, spec: &PodSpec) -> (Pod, Result<(), String>) {
         self.import_image();
         let name = unique_name();
         let manifest = self.env.state.as_path().join(format!("{name}.yaml"));
-        fs::write(
-            &manifest,
-            pod_manifest(&name, labels, cmd, &self.share_dir()),
-        )
-        .unwrap_or_else(|e| panic!("cannot write {}: {e}", manifest.display()));
+        fs::write(&manifest, pod_manifest(&name, spec, &self.share_dir()))
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", manifest.display()));
         let mut pod = Pod {
             env: Arc::clone(&self.env),
             name: name.clone(),
@@ -326,13 +385,27 @@ impl Podman {
             infra_pid: 0,
             agent: None,
         };
-        self.ok(&[
+        let played = self.env.podman_output(&[
             "kube",
             "play",
             "--network",
             "none",
             &manifest.display().to_string(),
         ]);
+        // podman reports a container that failed to start on stderr, and may still exit 0.
+        let stderr = String::from_utf8_lossy(&played.stderr).to_string();
+        if !played.status.success() || stderr.contains("Error") {
+            if let Ok(id) = self.inspect(&["pod", "inspect", "-f", "{{.ID}}", &name]) {
+                pod.id = id;
+            }
+            if let Ok(cgroup) = self.inspect(&["pod", "inspect", "-f", "{{.CgroupPath}}", &name]) {
+                pod.cgroup = cgroup.trim_start_matches('/').to_string();
+            }
+            return (
+                pod,
+                Err(format!("podman kube play {name} failed: {stderr}")),
+            );
+        }
         pod.id = self.ok(&["pod", "inspect", "-f", "{{.ID}}", &name]);
         pod.cgroup = self
             .ok(&["pod", "inspect", "-f", "{{.CgroupPath}}", &name])
@@ -349,7 +422,17 @@ impl Podman {
             cgroup: cgroup_of(pid),
             netns: netns_of(pid),
         });
-        pod
+        (pod, Ok(()))
+    }
+
+    /// podman's stdout for `args`, or its stderr when it fails.
+    fn inspect(&self, args: &[&str]) -> Result<String, String> {
+        let out = self.env.podman_output(args);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
     }
 
     /// The non-recursive, private bind of `/` that run mode uses as rootfs (no /proc, /sys,
@@ -447,24 +530,47 @@ impl Default for Podman {
     }
 }
 
-/// A Pod manifest as `podman kube play` reads it: `cmd` in one container named `agent`, the
-/// host's `/usr` read-only and `share` read-write at `/ct`.
-fn pod_manifest(name: &str, labels: &[(&str, &str)], cmd: &[&str], share: &Path) -> String {
+/// What [`Podman::try_kube_play`] runs: one container (`agent`) with `cmd`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PodSpec<'a> {
+    pub labels: &'a [(&'a str, &'a str)],
+    /// The pod's annotations, which podman passes to its containers' OCI annotations (where
+    /// the OCI hook reads them).
+    pub annotations: &'a [(&'a str, &'a str)],
+    /// `spec.hostname`; podman's default is the pod's name.
+    pub hostname: Option<&'a str>,
+    pub cmd: &'a [&'a str],
+}
+
+/// A Pod manifest as `podman kube play` reads it: the spec's command in one container named
+/// `agent`, the host's `/usr` read-only and `share` read-write at `/ct`.
+fn pod_manifest(name: &str, spec: &PodSpec<'_>, share: &Path) -> String {
     // JSON strings are YAML strings: quoting through serde_json escapes whatever a test passes.
     let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut labels_yaml = format!("    app: {}\n", q(name));
-    for (k, v) in labels {
+    for (k, v) in spec.labels {
         labels_yaml.push_str(&format!("    {}: {}\n", q(k), q(v)));
     }
-    let command = serde_json::to_string(cmd).unwrap_or_default();
+    let mut annotations_yaml = String::new();
+    if !spec.annotations.is_empty() {
+        annotations_yaml.push_str("  annotations:\n");
+        for (k, v) in spec.annotations {
+            annotations_yaml.push_str(&format!("    {}: {}\n", q(k), q(v)));
+        }
+    }
+    let hostname = spec
+        .hostname
+        .map(|h| format!("  hostname: {}\n", q(h)))
+        .unwrap_or_default();
+    let command = serde_json::to_string(spec.cmd).unwrap_or_default();
     format!(
         "apiVersion: v1
 kind: Pod
 metadata:
   name: {name}
   labels:
-{labels_yaml}spec:
-  restartPolicy: Never
+{labels_yaml}{annotations_yaml}spec:
+{hostname}  restartPolicy: Never
   containers:
   - name: agent
     image: {IMAGE}

@@ -53,6 +53,12 @@ pub fn find_pod_cgroup(mount: &Path, uid: &str) -> Option<String> {
     None
 }
 
+/// Whether a directory name is the pod cgroup of `uid`, for either driver (the OCI hook checks
+/// that a container's parent cgroup is its pod's).
+pub fn names_pod(name: &str, uid: &str) -> bool {
+    !uid.is_empty() && !uid.contains('/') && is_pod_dir(name, uid)
+}
+
 /// Whether a directory name is the pod cgroup of `uid`, for either driver.
 fn is_pod_dir(name: &str, uid: &str) -> bool {
     let cgroupfs = format!("pod{uid}");
