@@ -234,6 +234,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 tracker.spawn(pods::run(
                     pods::podman::Podman::new(socket),
                     tagger,
+                    pods::Memory::new(&config.state_dir, "podman"),
                     cancel.clone(),
                 ));
             }
@@ -244,7 +245,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     "pod source: kube"
                 );
                 let kube = pods::kube::Kube::start(state.root.mount().to_path_buf(), node).await?;
-                tracker.spawn(pods::run(kube, tagger, cancel.clone()));
+                tracker.spawn(pods::run(
+                    kube,
+                    tagger,
+                    pods::Memory::new(&config.state_dir, "kube"),
+                    cancel.clone(),
+                ));
             }
         }
     }

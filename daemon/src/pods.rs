@@ -22,7 +22,12 @@ pub mod kube;
 pub mod kube_paths;
 pub mod podman;
 
-use std::{collections::BTreeMap, future::Future, time::Duration};
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use agent_broker_core::cgroup::CgroupPath;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +41,7 @@ pub const POLICY_PARENT: &str = "agents";
 pub const RESYNC: Duration = Duration::from_secs(2);
 
 /// A running pod that carries [`AGENT_LABEL`], as a source lists it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pod {
     /// The engine's unique id of the pod (Kubernetes: `metadata.uid`; podman: the pod id).
     pub uid: String,
@@ -149,6 +154,22 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
+    /// A reconciler that knows `pods` as tagged: what a source tagged before brokerd restarted
+    /// ([`Memory`]). Those still listed are tagged again (a no-op but for the process their
+    /// namespace is served through, unknown here: pid 0); those no longer listed (removed, or
+    /// their label taken away while brokerd was down) are untagged on the first list.
+    pub fn seeded(pods: Vec<Pod>) -> Self {
+        Self {
+            tagged: pods
+                .into_iter()
+                .map(|mut p| {
+                    p.pid = 0;
+                    (p.uid.clone(), p)
+                })
+                .collect(),
+        }
+    }
+
     /// Tags the listed pods not tagged yet, untags the tagged ones no longer listed (or listed
     /// under another cgroup or label), and serves a pod's namespace again through its new
     /// process when only that changed (a container restarted), without untagging it.
@@ -198,10 +219,69 @@ fn same_tag(old: &Pod, new: &Pod) -> bool {
         == (&new.uid, &new.namespace, &new.name, &new.agent, &new.cgroup)
 }
 
+/// The pods a source has tagged, kept in `<state-dir>/pods-<source>.json` so that the next
+/// brokerd knows them: a pod whose label was taken away (or that went) while brokerd was down
+/// is then untagged on the first list, not left tagged for good.
+pub struct Memory {
+    path: PathBuf,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MemoryFile {
+    pods: Vec<Pod>,
+}
+
+impl Memory {
+    pub fn new(state_dir: &Path, source: &str) -> Self {
+        Self {
+            path: state_dir.join(format!("pods-{source}.json")),
+        }
+    }
+
+    /// The pods tagged before; none (with a warning) when the file cannot be read.
+    pub fn load(&self) -> Vec<Pod> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => match serde_json::from_slice::<MemoryFile>(&bytes) {
+                Ok(file) => file.pods,
+                Err(e) => {
+                    warn!(file = %self.path.display(), error = %e, "the pods a source tagged before cannot be read; pods whose label was removed while brokerd was down stay tagged until detached");
+                    Vec::new()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                warn!(file = %self.path.display(), error = %e, "the pods a source tagged before cannot be read");
+                Vec::new()
+            }
+        }
+    }
+
+    fn save(&self, reconciler: &Reconciler) {
+        let file = MemoryFile {
+            pods: reconciler.tagged().cloned().collect(),
+        };
+        let written = serde_json::to_vec_pretty(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                agent_broker_core::fs::write_file_atomically(&self.path, &bytes)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = written {
+            warn!(file = %self.path.display(), error = %e, "cannot record the pods a source tagged; a restarted brokerd will not untag those whose label is removed while it is down");
+        }
+    }
+}
+
 /// Lists, reconciles and waits, until `cancel`. Tags stay when brokerd stops: they are pinned,
-/// and the next brokerd lists the pods again and finds them tagged.
-pub async fn run<S: PodSource, T: Tagger>(mut source: S, tagger: T, cancel: CancellationToken) {
-    let mut reconciler = Reconciler::default();
+/// and the next brokerd lists the pods again and finds them tagged; `memory` tells it which
+/// pods it tagged, so that it untags those no longer listed.
+pub async fn run<S: PodSource, T: Tagger>(
+    mut source: S,
+    tagger: T,
+    memory: Memory,
+    cancel: CancellationToken,
+) {
+    let mut reconciler = Reconciler::seeded(memory.load());
     let mut last_error: Option<String> = None;
     loop {
         match source.list().await {
@@ -210,6 +290,9 @@ pub async fn run<S: PodSource, T: Tagger>(mut source: S, tagger: T, cancel: Canc
                     info!(source = source.name(), "pod source reachable again");
                 }
                 let changes = reconciler.apply(pods, &tagger).await;
+                if !changes.tagged.is_empty() || !changes.untagged.is_empty() {
+                    memory.save(&reconciler);
+                }
                 for uid in &changes.tagged {
                     let pod = reconciler.tagged().find(|p| p.uid == *uid);
                     info!(
@@ -358,6 +441,37 @@ mod tests {
         tagger.refuse.lock().expect("not poisoned").clear();
         let c = r.apply(vec![pod("a", "x", 1)], &tagger).await;
         assert_eq!(c.tagged, ["a"]);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_source_untags_the_pods_it_tagged_that_are_no_longer_listed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let memory = Memory::new(dir.path(), "podman");
+        let tagger = Recorder::default();
+        let mut before = Reconciler::default();
+        before
+            .apply(vec![pod("a", "x", 1), pod("b", "x", 2)], &tagger)
+            .await;
+        memory.save(&before);
+        tagger.take();
+
+        // The next brokerd: "b" lost its label while brokerd was down.
+        let mut after = Reconciler::seeded(memory.load());
+        let c = after.apply(vec![pod("a", "x", 7)], &tagger).await;
+        assert_eq!(c.untagged, ["b"]);
+        assert_eq!(tagger.take(), ["untag b 0", "tag a 7"]);
+        assert_eq!(
+            after.tagged().map(|p| p.uid.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
+    }
+
+    #[test]
+    fn an_unreadable_memory_is_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("pods-kube.json"), b"{not json").expect("write");
+        assert!(Memory::new(dir.path(), "kube").load().is_empty());
+        assert!(Memory::new(dir.path(), "podman").load().is_empty());
     }
 
     #[test]

@@ -267,7 +267,7 @@ fn a_labelled_kubernetes_pod_of_this_node_is_tagged_by_the_kube_source_and_relea
         replica_netns.command("sleep").arg("600"),
     );
 
-    let broker = Broker::builder()
+    let mut broker = Broker::builder()
         .arg("--pod-source")
         .arg("kube")
         .env("KUBECONFIG", &api.kubeconfig().display().to_string())
@@ -275,6 +275,7 @@ fn a_labelled_kubernetes_pod_of_this_node_is_tagged_by_the_kube_source_and_relea
         .policy("pod", &format!("cgroup = \"{agent}\"\n"))
         .start();
     let labels = serde_json::json!({ AGENT_LABEL: label });
+    let labels_again = labels.clone();
     api.set_pods(&[
         kube_pod("team-a", "coder-0", &uid, "abtest-node", labels.clone()),
         // A replica of the same agent: a sibling tag, not a second claim on one name.
@@ -367,6 +368,32 @@ fn a_labelled_kubernetes_pod_of_this_node_is_tagged_by_the_kube_source_and_relea
     assert_eq!(attach.cgroup.as_deref(), Some(tag_name.as_str()));
     assert_eq!(attach.cgroup_path.as_deref(), Some(pod_cgroup.as_str()));
 
+    // brokerd is killed, and while it is down the replica loses its label: the next brokerd
+    // remembers the pods its source tagged, so it untags the replica and keeps coder-0.
+    broker.kill9();
+    api.set_pods(&[
+        kube_pod(
+            "team-a",
+            "coder-0",
+            &uid,
+            "abtest-node",
+            labels_again.clone(),
+        ),
+        kube_pod(
+            "team-a",
+            "coder-2",
+            &replica_uid,
+            "abtest-node",
+            serde_json::json!({}),
+        ),
+    ]);
+    broker.restart();
+    wait_for(
+        "the restarted brokerd should untag the replica whose label was removed while it was down",
+        || tag_of(&broker, &replica_cgroup).is_none(),
+    );
+    assert_eq!(tag_of(&broker, &pod_cgroup), Some(Some(tag_name.clone())));
+
     // The pod is deleted: the source untags it.
     api.set_pods(&[]);
     wait_for(
@@ -375,9 +402,6 @@ fn a_labelled_kubernetes_pod_of_this_node_is_tagged_by_the_kube_source_and_relea
     );
     record_of(&broker, "the untag, with the pod", |r| {
         r.kind == Some(EventKind::Detach) && r.pod.as_ref().is_some_and(|p| p.uid == uid)
-    });
-    wait_for("the replica should be untagged too", || {
-        tag_of(&broker, &replica_cgroup).is_none()
     });
     for child in [&mut sleeper, &mut sidecar, &mut replica] {
         let _ = child.kill();
