@@ -24,7 +24,7 @@ use std::{
     sync::Arc,
 };
 
-use agent_broker_core::cgroup::CgroupRoot;
+use agent_broker_core::cgroup::{CgroupPath, CgroupRoot};
 use agent_broker_protocol::{
     self as protocol, ErrorKind, LogFilter, MAX_REQUEST_LINE, Request, Response,
 };
@@ -251,7 +251,13 @@ async fn dispatch(request: Request, state: &ControlState) -> Response {
             create,
             name,
         } => cgroups::attach(state, cgroup, create, name).await,
-        Request::AttachPid { pid, name } => cgroups::attach_pid(state, pid, name).await,
+        Request::AttachPid { pid, name, within } => {
+            let within = match within.as_deref().map(CgroupPath::parse).transpose() {
+                Ok(w) => w,
+                Err(e) => return error(ErrorKind::BadRequest, format!("within: {e}")),
+            };
+            cgroups::attach_pid_within(state, pid, name, within.as_ref()).await
+        }
         Request::AttachOci { pid, pod } => pods::attach_oci(state, pid, pod).await,
         Request::Detach { cgroup } => cgroups::detach(state, cgroup).await,
         Request::Connections { limit } => Response::Connections {

@@ -54,6 +54,11 @@ pub enum Request {
         /// The agent name its cgroup runs under, as for [`Request::Attach`].
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
+        /// Refuse unless the process is in this cgroup or below it, checked once brokerd has
+        /// pinned the process: `attach --container` names the cgroup it read for the
+        /// container's pid, so a pid reused since is not tagged instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        within: Option<String>,
     },
     /// Tag the pod of a container that is being created, before its first process runs: what
     /// the OCI hook (`brokerctl oci-hook`, at the runtime's createRuntime stage) asks for a
@@ -1024,7 +1029,8 @@ mod tests {
             req,
             Request::AttachPid {
                 pid: 4242,
-                name: None
+                name: None,
+                within: None
             }
         );
         assert!(decode_line::<Request>(br#"{"request":"attach","cgroup":"a","pid":1}"#).is_err());

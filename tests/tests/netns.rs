@@ -23,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use agent_broker_protocol::{Outcome, WorkloadStatus};
+use agent_broker_protocol::{Outcome, Request, Response, WorkloadStatus};
 use agent_broker_tests::{
     Broker, Canary, SHORT, TestCa, TestCgroup, TestHost, TestNetns, TestServer, TestUpstream,
     UpstreamOptions,
@@ -652,6 +652,20 @@ fn attach_pid_in_brokerds_namespace_only_tags_and_a_missing_pid_is_refused() {
         .stderr(Stdio::null());
     let mut keeper = spawn_in_cgroup(&cg, &mut cmd);
     let pid = keeper.id();
+    // `attach --container` names the cgroup it read for the pid: brokerd refuses a process
+    // found elsewhere (a pid reused since), and tags nothing.
+    let elsewhere = format!("{cg}-elsewhere");
+    let refused = s.broker.request(&Request::AttachPid {
+        pid,
+        name: None,
+        within: Some(elsewhere.clone()),
+    });
+    assert!(
+        matches!(&refused, Response::Error { message, .. }
+            if message.contains(&format!("not in {elsewhere}"))),
+        "{refused:?}"
+    );
+    assert!(s.broker.status().cgroups.iter().all(|c| c.path != cg));
     let out = s.broker.ctl_ok(&["attach", "--pid", &pid.to_string()]);
     assert!(
         out.contains(&format!("tagged {cg}")) && out.contains("brokerd's own network namespace"),

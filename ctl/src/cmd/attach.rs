@@ -106,7 +106,7 @@ fn attach_container(
     let pid = container_pid(runtime, container)?;
     let path = container::pid_cgroup(pid, container)?;
     outln!("container {container}: process {pid}, cgroup {path}");
-    attach_pid(run_dir, pid, name)
+    attach_pid_within(run_dir, pid, name, Some(&path))
 }
 
 /// Validates an agent name given with `--as` (a cgroup-style path such as `agents/foo`).
@@ -125,9 +125,20 @@ fn agent_suffix(tagged: &TaggedCgroup) -> String {
 
 /// `attach --pid`: tags the process's cgroup and serves its network namespace.
 pub fn attach_pid(run_dir: &Path, pid: u32, name: Option<&CgroupPath>) -> anyhow::Result<()> {
+    attach_pid_within(run_dir, pid, name, None)
+}
+
+/// [`attach_pid`], refused by brokerd unless the process is in `within` or below it.
+fn attach_pid_within(
+    run_dir: &Path,
+    pid: u32,
+    name: Option<&CgroupPath>,
+    within: Option<&CgroupPath>,
+) -> anyhow::Result<()> {
     let request = Request::AttachPid {
         pid,
         name: name.map(ToString::to_string),
+        within: within.map(ToString::to_string),
     };
     match call(run_dir, &request)? {
         Response::AttachedPid {

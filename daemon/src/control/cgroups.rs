@@ -137,13 +137,10 @@ fn attach_event(state: &ControlState, tagged: &agent_broker_protocol::TaggedCgro
 /// read, then the pidfd is checked live (so the pid was not reused in between), and the
 /// namespace is entered through the pidfd. A failure to open the namespace undoes a tag this
 /// request made, and leaves no namespace entry (its connects stay refused).
-pub async fn attach_pid(state: &ControlState, pid: u32, name: Option<String>) -> Response {
-    attach_pid_within(state, pid, name, None).await
-}
-
-/// [`attach_pid`], refusing a process that is not in `within` or below it (checked once the
-/// pidfd pins the process): a pod source's pid was looked up before, and must not tag another
-/// cgroup if it was reused since.
+///
+/// With `within`, refuses a process that is not in that cgroup or below it (checked once the
+/// pidfd pins the process): a pod source's or `attach --container`'s pid was looked up before,
+/// and must not tag another cgroup if it was reused since.
 pub async fn attach_pid_within(
     state: &ControlState,
     pid: u32,
