@@ -13,6 +13,7 @@
 
 pub mod agent_name;
 pub mod cgroup;
+pub mod credential;
 pub mod fmt;
 pub mod fs;
 pub mod handle;

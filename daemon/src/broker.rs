@@ -24,6 +24,7 @@ use std::{
 
 use agent_broker_core::{
     cgroup::CgroupPath,
+    credential,
     fmt::error_chain,
     policy::{Limiter, Policy},
     secret::{SecretName, SecretValue},
@@ -35,6 +36,7 @@ use zeroize::Zeroizing;
 
 use crate::{
     capture::ConnectionOrigin,
+    credentials::{Credentials, Lookup},
     dns::AnsweredNames,
     proxy::{Authorizer, ConnectionVerdict, Denial, Grant, Needles, NeedlesError, RequestFacts},
     vault::Vault,
@@ -56,6 +58,9 @@ pub struct PolicyAuthorizer {
     answered: Option<Arc<AnsweredNames>>,
     /// Every secret each policy file's agents can have injected, prebuilt for scrubbing.
     scrub_sets: Mutex<ScrubSets>,
+    /// Credentials whose values brokerd fetches (OAuth, exec, file); none in tests that use
+    /// static secrets only.
+    credentials: Option<Arc<Credentials>>,
 }
 
 /// The scrubbing sets of one policy and vault generation, by the cgroup of the governing file
@@ -64,7 +69,8 @@ pub struct PolicyAuthorizer {
 struct ScrubSets {
     /// Held, so its address cannot be reused by a later policy while it is compared.
     policy: Option<Arc<Policy>>,
-    vault: u64,
+    /// The vault's generation and the credentials' (a fetched token changes the set).
+    vault: (u64, u64),
     by_file: HashMap<String, Needles>,
 }
 
@@ -77,7 +83,22 @@ impl PolicyAuthorizer {
             limiter_policy: Mutex::new(0),
             answered: None,
             scrub_sets: Mutex::default(),
+            credentials: None,
         }
+    }
+
+    /// Injects the values of credentials that are not static (see [`crate::credentials`]).
+    pub fn with_credentials(mut self, credentials: Arc<Credentials>) -> Self {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    /// The generations a scrubbing set is built for.
+    fn generations(&self) -> (u64, u64) {
+        (
+            self.vault.generation(),
+            self.credentials.as_ref().map_or(0, |c| c.generation()),
+        )
     }
 
     /// Lets connections without a server name be matched by the name brokerd's DNS gave the
@@ -104,7 +125,17 @@ impl PolicyAuthorizer {
     /// A secret's value from the vault; a vault that cannot be read is logged and the secret
     /// treated as missing (the request is then refused by the step that needed it).
     fn secret(&self, name: &SecretName) -> Option<SecretValue> {
+        if let Some(credentials) = &self.credentials {
+            match credentials.lookup(name) {
+                Lookup::Ready(value) => return Some(value),
+                Lookup::NotReady(_) => return None,
+                Lookup::Static => {}
+            }
+        }
         match self.vault.get(name) {
+            // A credential spec is never a value to inject (one the credentials have not
+            // loaded yet is missing until they do).
+            Ok(Some(v)) if credential::is_spec(&v) => None,
             Ok(v) => v,
             Err(e) => {
                 warn!(secret = %name.as_str(), error = %error_chain(&e), "cannot read secret");
@@ -126,7 +157,7 @@ impl PolicyAuthorizer {
         names.sort_unstable();
         // NUL separates: it is in no cgroup path or secret name.
         let key = format!("{file}\0{}", names.join("\0"));
-        let vault = self.vault.generation();
+        let vault = self.generations();
         let current = |sets: &ScrubSets| {
             sets.vault == vault && sets.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, policy))
         };
@@ -164,7 +195,7 @@ impl PolicyAuthorizer {
         let Some(file) = policy.file_for(cgroup) else {
             return Ok(Needles::default());
         };
-        let vault = self.vault.generation();
+        let vault = self.generations();
         let current = |sets: &ScrubSets| {
             sets.vault == vault && sets.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, policy))
         };
@@ -195,6 +226,15 @@ impl PolicyAuthorizer {
                 if let Some(value) = self.secret(name) {
                     values.push(Zeroizing::new(value.expose().to_vec()));
                 }
+                // A credential's earlier values and its refresh token too.
+                if let Some(credentials) = &self.credentials {
+                    values.extend(
+                        credentials
+                            .needles(name)
+                            .iter()
+                            .map(|v| Zeroizing::new(v.expose().to_vec())),
+                    );
+                }
             }
             // Basic auth's `user:pass` (seen base64-encoded); fails only on a missing secret.
             if let Ok(rendered) = injection.render(|name| self.secret(name)) {
@@ -218,6 +258,36 @@ impl Authorizer for PolicyAuthorizer {
     fn connection(&self, origin: &ConnectionOrigin, sni: Option<&str>) -> ConnectionVerdict {
         let policy = self.current_policy();
         connection::decide(self, &policy, origin, sni)
+    }
+
+    fn prepare(
+        &self,
+        facts: &RequestFacts<'_>,
+        parts: &Parts,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>> {
+        let credentials = self.credentials.as_ref().filter(|c| c.any())?;
+        let policy = self.current_policy();
+        // The decision again, read-only: authorize makes it for real (and reports a refusal).
+        let allowed = request::decide(&policy, facts, parts).ok()?;
+        let names: Vec<&SecretName> = allowed.inject.secret_names().into_iter().collect();
+        let pending = credentials.pending(&names);
+        if pending.is_empty() {
+            return None;
+        }
+        let credentials = credentials.clone();
+        Some(Box::pin(async move { credentials.ensure(&pending).await }))
+    }
+
+    fn rejected(&self, grant: &Grant) {
+        let Some(credentials) = self.credentials.clone() else {
+            return;
+        };
+        let names: Vec<SecretName> = grant
+            .secrets
+            .iter()
+            .filter_map(|s| SecretName::new(s.as_str()).ok())
+            .collect();
+        tokio::spawn(async move { credentials.rejected(&names).await });
     }
 
     fn authorize(&self, facts: &RequestFacts<'_>, parts: &mut Parts) -> Result<Grant, Denial> {

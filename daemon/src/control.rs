@@ -88,6 +88,8 @@ pub struct ControlState {
     pub shares: Arc<crate::shares::ShareBook>,
     /// Workload network namespaces served (containers).
     pub workloads: Arc<crate::workloads::Workloads>,
+    /// Credentials that are not static values (OAuth, exec, file).
+    pub credentials: Arc<crate::credentials::Credentials>,
 }
 
 /// Binds the control socket, refusing to steal it from a running brokerd.
@@ -267,7 +269,8 @@ async fn dispatch(request: Request, state: &ControlState) -> Response {
             name,
             value,
             rotate,
-        } => secrets::set(state, name, value, rotate).await,
+            spec,
+        } => secrets::set(state, name, value, rotate, spec).await,
         Request::SecretList => secrets::list(state).await,
         Request::SecretRemove { name } => secrets::remove(state, name).await,
         Request::SecretPlaceholder { name } => secrets::placeholder(state, name).await,

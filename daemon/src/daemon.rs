@@ -17,6 +17,7 @@ use crate::{
     capture::{self, CaptureConfig},
     config::{Config, PodSourceConfig},
     control::{self, ControlState},
+    credentials::{Credentials, oauth::UpstreamTokenClient},
     dns::{self, AnsweredNames, DnsServer, Resolver},
     pods,
     policy_store::PolicyStore,
@@ -92,6 +93,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     // brokerd's own lookups (proving name-matched destinations) use the same resolvers.
     let resolver = Arc::new(Resolver::new(dns_upstreams.clone(), "/etc/hosts".into()));
+    // Credentials that are not static: their token requests go out through a connector of
+    // their own, with the same trust roots, to the addresses the same resolver gives.
+    let credentials = Arc::new(Credentials::new(
+        vault.clone(),
+        Arc::new(UpstreamTokenClient::new(
+            Upstream::new(&config.upstream_ca)?,
+            resolver.clone(),
+        )),
+        event_log.clone(),
+    ));
+    {
+        let credentials = credentials.clone();
+        tokio::task::spawn_blocking(move || credentials.reload())
+            .await
+            .context("loading the credentials")?;
+    }
     let names = Arc::new(NameProof::new(answered.clone(), resolver));
     info!(upstreams = ?dns_upstreams, "DNS for agents: allowed names are forwarded there");
     let dns = Arc::new(DnsServer::new(
@@ -136,7 +153,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         minter,
         upstream: upstream.with_listener_check(capture.resolver.clone()),
         authorizer: Arc::new(
-            PolicyAuthorizer::new(policy.subscribe(), vault.clone()).with_answered_names(answered),
+            PolicyAuthorizer::new(policy.subscribe(), vault.clone())
+                .with_answered_names(answered)
+                .with_credentials(credentials.clone()),
         ),
         events: event_log.clone(),
         names,
@@ -147,6 +166,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(share_book.clone().run(cancel.clone()));
+    tracker.spawn(credentials.clone().run(cancel.clone()));
     if let Some(logger) = capture.logger {
         tracker.spawn(capture::drive_logger_until(logger, cancel.clone()));
     }
@@ -223,6 +243,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         events: event_log.clone(),
         shares: share_book,
         workloads,
+        credentials,
     });
     policy.report_to(event_log.clone());
     tracker.spawn(policy.watch(cancel.clone()));

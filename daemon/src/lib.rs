@@ -21,6 +21,7 @@ mod broker;
 mod capture;
 pub mod config;
 mod control;
+mod credentials;
 pub mod daemon;
 mod dns;
 mod harden;

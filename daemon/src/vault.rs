@@ -395,7 +395,6 @@ impl Vault {
     }
 
     /// Deletes the blob `name`; `false` if there was none.
-    #[cfg(test)]
     pub fn remove_blob(&self, name: &str) -> Result<bool, VaultError> {
         self.remove_from(BLOBS, name, "removing a blob")
     }

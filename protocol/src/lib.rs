@@ -86,6 +86,10 @@ pub enum Request {
         value: SecretInput,
         #[serde(default)]
         rotate: bool,
+        /// `value` is a credential spec (JSON, `agent_broker_core::credential::CredentialSpec`:
+        /// an OAuth grant, an exec or file source) rather than a static value.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        spec: bool,
     },
     /// Names, versions and dates of the stored secrets (never values).
     SecretList,
@@ -177,6 +181,10 @@ pub enum EventKind {
     /// A DNS query from an agent: `host` is the name, `method` the record type, `status` the
     /// DNS response code, `decision` allow or deny.
     Dns,
+    /// A credential's value was fetched (an OAuth token, a command's output, a file), or could
+    /// not be: `secrets` names it, `host` is its token endpoint, `decision` allow (fetched) or
+    /// deny (failed), `reason` what happened. Never a value.
+    Credential,
 }
 
 /// What was decided about a request, connection, query or operator action.
@@ -399,6 +407,7 @@ wire_names!(EventKind {
     Detach => "detach",
     PolicyReload => "policy_reload",
     Dns => "dns",
+    Credential => "credential",
 });
 wire_names!(Decision { Allow => "allow", Deny => "deny" });
 wire_names!(RequestOutcome {
@@ -469,6 +478,24 @@ pub struct SecretInfo {
     pub version: u64,
     pub created_unix: u64,
     pub updated_unix: u64,
+    /// `static`, `oauth`, `oauth-client`, `exec` or `file`.
+    #[serde(default = "static_kind")]
+    pub kind: String,
+    /// Where a credential that is not static comes from (token endpoint and client, command,
+    /// file); no secret material.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// `valid`, `refreshing`, `expired`, `not fetched yet`, `failed: <why>`; none for static.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_until_unix: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_unix: Option<u64>,
+}
+
+fn static_kind() -> String {
+    "static".into()
 }
 
 /// A handle, without its token.

@@ -253,6 +253,7 @@ fn kind_tag(kind: Option<EventKind>) -> &'static str {
         Some(EventKind::Detach) => "DETACH",
         Some(EventKind::PolicyReload) => "RELOAD",
         Some(EventKind::Dns) => "DNS",
+        Some(EventKind::Credential) => "CRED",
     }
 }
 

@@ -163,6 +163,11 @@ impl Alphabet {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ShapeError {
     #[error(
+        "the secret is a credential whose value brokerd fetches (OAuth, exec, file); it has no \
+         fixed shape to copy"
+    )]
+    NotStatic,
+    #[error(
         "the secret holds characters after its prefix{} that no token alphabet has (only \
          letters, digits and one of `_`, `-`, both, or `+` and `/` can be copied)",
         shown_prefix(.prefix)

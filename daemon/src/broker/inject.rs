@@ -4,6 +4,7 @@
 use http::{HeaderName, HeaderValue, request::Parts};
 
 use super::{PolicyAuthorizer, request::Allowed};
+use crate::credentials::Lookup;
 use crate::proxy::{Denial, Grant};
 
 /// Writes what the rule injects into the request for `host`; the values go into the grant's
@@ -24,6 +25,19 @@ pub(super) fn write(
              plain_http = true in the rule if this host has no TLS)",
             host
         )));
+    }
+    // A credential whose value brokerd could not fetch: 503, naming why (the agent may try
+    // again; the failure is audited once by the credentials).
+    if let Some(credentials) = &broker.credentials {
+        for name in allowed.inject.secret_names() {
+            if let Lookup::NotReady(why) = credentials.lookup(name) {
+                return Err(Denial {
+                    status: http::StatusCode::SERVICE_UNAVAILABLE,
+                    retry_after: Some(crate::credentials::RETRY_AFTER),
+                    ..allowed.cannot(why)
+                });
+            }
+        }
     }
     let rendered = allowed
         .inject

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use agent_broker_core::{
+    credential::{self, CredentialSpec},
     fmt::error_chain,
     handle::{self, ShapeError, TokenShape},
     secret::{SecretName, SecretValue},
@@ -18,42 +19,64 @@ use super::{
 };
 use crate::vault::{SecretMeta, Vault};
 
-/// Stores (or, with `rotate`, rotates) a secret.
-pub async fn set(state: &ControlState, name: String, value: SecretInput, rotate: bool) -> Response {
+/// Stores (or, with `rotate`, rotates) a secret: a static value, or with `spec` a credential
+/// spec (JSON of `CredentialSpec`), validated and sealed like any value. The credentials take
+/// the change at once; requests already under way finish with the value they started with.
+pub async fn set(
+    state: &ControlState,
+    name: String,
+    value: SecretInput,
+    rotate: bool,
+    spec: bool,
+) -> Response {
     let name = match SecretName::new(name) {
         Ok(n) => n,
         Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
     };
-    let value = match SecretValue::from_string(value.expose().to_string()) {
-        Ok(v) => v,
-        Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
+    let value = if spec {
+        let parsed = serde_json::from_str::<CredentialSpec>(value.expose())
+            .map_err(|e| format!("the credential spec is not valid: {e}"))
+            .and_then(|s| s.to_value().map_err(|e| e.to_string()));
+        match parsed {
+            Ok(v) => v,
+            // serde's message names the field and position, never the value of a string.
+            Err(e) => return error(ErrorKind::BadRequest, e),
+        }
+    } else {
+        match SecretValue::from_string(value.expose().to_string()) {
+            Ok(v) => v,
+            Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
+        }
     };
     let vault = state.vault.clone();
+    let credentials = state.credentials.clone();
     let stored = blocking(move || {
-        if rotate {
+        let meta = if rotate {
             vault.rotate(&name, value)
         } else {
             vault.set(&name, value)
-        }
+        }?;
+        credentials.reload();
+        Ok(meta)
     })
     .await;
     match stored {
         Ok(meta) => {
             info!(secret = %meta.name.as_str(), version = meta.version, "secret stored");
             Response::SecretStored {
-                secret: secret_info(meta),
+                secret: secret_info(state, meta),
             }
         }
         Err(response) => response,
     }
 }
 
-/// Every secret's name and versions, never a value.
+/// Every secret's name, versions and kind, and each credential's state; never a value.
 pub async fn list(state: &ControlState) -> Response {
     let vault = state.vault.clone();
     match blocking(move || vault.list()).await {
         Ok(list) => Response::Secrets {
-            secrets: list.into_iter().map(secret_info).collect(),
+            secrets: list.into_iter().map(|m| secret_info(state, m)).collect(),
         },
         Err(response) => response,
     }
@@ -67,7 +90,14 @@ pub async fn remove(state: &ControlState, name: String) -> Response {
     };
     let vault = state.vault.clone();
     let shown = name.as_str().to_string();
-    match blocking(move || vault.remove(&name)).await {
+    let credentials = state.credentials.clone();
+    match blocking(move || {
+        let removed = vault.remove(&name)?;
+        credentials.reload();
+        Ok(removed)
+    })
+    .await
+    {
         Ok(true) => {
             info!(secret = %shown, "secret removed");
             Response::SecretRemoved { name: shown }
@@ -118,8 +148,13 @@ pub(super) async fn shape_of(
     let v = vault.clone();
     let lookup = name.clone();
     let shape = blocking(move || {
-        Ok(v.get(&lookup)?
-            .map(|value| TokenShape::of_secret(value.expose())))
+        Ok(v.get(&lookup)?.map(|value| {
+            if credential::is_spec(&value) {
+                Err(ShapeError::NotStatic)
+            } else {
+                TokenShape::of_secret(value.expose())
+            }
+        }))
     })
     .await?;
     shape.ok_or_else(|| no_secret(name))
@@ -136,11 +171,17 @@ pub(super) fn no_secret(name: &SecretName) -> Response {
     )
 }
 
-fn secret_info(meta: SecretMeta) -> SecretInfo {
+fn secret_info(state: &ControlState, meta: SecretMeta) -> SecretInfo {
+    let status = state.credentials.status(&meta.name);
     SecretInfo {
         name: meta.name.as_str().to_string(),
         version: meta.version,
         created_unix: meta.created_unix,
         updated_unix: meta.updated_unix,
+        kind: status.as_ref().map_or("static", |s| s.kind).to_string(),
+        source: status.as_ref().map(|s| s.source.clone()),
+        state: status.as_ref().map(|s| s.state.clone()),
+        valid_until_unix: status.as_ref().and_then(|s| s.valid_until_unix),
+        last_used_unix: status.as_ref().and_then(|s| s.last_used_unix),
     }
 }

@@ -238,4 +238,19 @@ pub trait Authorizer: Send + Sync + 'static {
 
     /// Authorizes one request; on success the parts carry the injected credentials.
     fn authorize(&self, facts: &RequestFacts<'_>, parts: &mut Parts) -> Result<Grant, Denial>;
+
+    /// Work to await before [`Authorizer::authorize`]: fetching the values of credentials the
+    /// request will need that have none yet, or whose value is about to expire (an OAuth
+    /// token on first use). `None`: nothing to wait for.
+    fn prepare(
+        &self,
+        _facts: &RequestFacts<'_>,
+        _parts: &Parts,
+    ) -> Option<Pin<Box<dyn Future<Output = ()> + Send + 'static>>> {
+        None
+    }
+
+    /// The upstream answered 401 to a request `grant` authorized: credentials it carried may
+    /// be stale (an access token revoked before its time).
+    fn rejected(&self, _grant: &Grant) {}
 }

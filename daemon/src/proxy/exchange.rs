@@ -148,6 +148,9 @@ impl Proxy {
             port,
             tls: conn.tls,
         };
+        if let Some(ready) = self.authorizer.prepare(&facts, &parts) {
+            ready.await;
+        }
         let mut grant = match self.authorizer.authorize(&facts, &mut parts) {
             Ok(g) => g,
             Err(denial) => return Exchange::refused(&conn.origin, host, denial, None),
@@ -261,6 +264,9 @@ impl Proxy {
                 return Exchange::upstream_failed(status, body, reason, host, inflight);
             }
         };
+        if response.status() == StatusCode::UNAUTHORIZED && !grant.secrets.is_empty() {
+            self.authorizer.rejected(&grant);
+        }
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let upstream_upgrade = match agent_upgrade {
             Some(agent) if switching => Some((agent, hyper::upgrade::on(&mut response))),
