@@ -10,7 +10,8 @@
 //!   - `refresh_token`: issues an access token and rotates the refresh token. Each refresh token
 //!     is single use: presenting one already used (a replay) or revoked is `400 invalid_grant`.
 //!     [`OAuthOptions::rotate_refresh_tokens`] off keeps refresh tokens valid and answers
-//!     without a new one;
+//!     without a new one; [`OAuthOptions::revoke_family_on_replay`] makes a replay revoke every
+//!     token descended from the same first one;
 //!   - `client_credentials`: a confidential client's own access token, no refresh token;
 //!   - `urn:ietf:params:oauth:grant-type:jwt-bearer` (RFC 7523, Google's service-account flow):
 //!     an RS256 JWT whose `iss` is a service account made by [`TestOAuth::service_account`],
@@ -109,6 +110,10 @@ pub struct OAuthOptions {
     /// Refresh tokens are single use and each refresh answers a new one. Off: a refresh token
     /// stays valid until revoked and refresh answers carry none.
     pub rotate_refresh_tokens: bool,
+    /// A replayed (already used) refresh token also revokes every token rotated from the same
+    /// first one, and the access tokens they gave (OAuth 2.0 Security BCP 4.14.2, as Auth0 and
+    /// Okta do): a double refresh then logs the client out.
+    pub revoke_family_on_replay: bool,
 }
 
 impl OAuthOptions {
@@ -120,6 +125,7 @@ impl OAuthOptions {
             names: vec!["auth.example.test".into()],
             expires_in: 3600,
             rotate_refresh_tokens: true,
+            revoke_family_on_replay: false,
         }
     }
 
@@ -160,6 +166,8 @@ struct Client {
 struct RefreshEntry {
     /// Mint order, for listing.
     seq: usize,
+    /// The `seq` of the minted token this one was rotated from (itself, for a minted one).
+    family: usize,
     client_id: String,
     scope: Option<String>,
     presented: usize,
@@ -168,6 +176,8 @@ struct RefreshEntry {
 
 struct AccessEntry {
     client_id: String,
+    /// The refresh-token family it came from, if any.
+    family: Option<usize>,
     scope: Option<String>,
     expires_at: Instant,
 }
@@ -208,13 +218,20 @@ impl Registry {
         token
     }
 
-    fn issue_refresh(&mut self, client_id: &str, scope: Option<String>) -> String {
+    /// A refresh token in `family`, or (`None`) the first of a new family.
+    fn issue_refresh(
+        &mut self,
+        client_id: &str,
+        scope: Option<String>,
+        family: Option<usize>,
+    ) -> String {
         let token = Self::new_token(REFRESH_PREFIX);
         self.next_seq += 1;
         self.refresh.insert(
             token.clone(),
             RefreshEntry {
                 seq: self.next_seq,
+                family: family.unwrap_or(self.next_seq),
                 client_id: client_id.to_string(),
                 scope,
                 presented: 0,
@@ -224,23 +241,40 @@ impl Registry {
         token
     }
 
-    fn issue_access(&mut self, client_id: &str, scope: Option<String>) -> String {
+    fn issue_access(
+        &mut self,
+        client_id: &str,
+        scope: Option<String>,
+        family: Option<usize>,
+    ) -> String {
         let token = Self::new_token(ACCESS_PREFIX);
         self.access.insert(
             token.clone(),
             AccessEntry {
                 client_id: client_id.to_string(),
+                family,
                 scope,
                 expires_at: Instant::now() + Duration::from_secs(self.expires_in),
             },
         );
         token
     }
+
+    /// Revokes every refresh token of `family` and the access tokens they gave.
+    fn revoke_family(&mut self, family: usize) {
+        for entry in self.refresh.values_mut() {
+            if entry.family == family && entry.state == RefreshState::Active {
+                entry.state = RefreshState::Revoked;
+            }
+        }
+        self.access.retain(|_, a| a.family != Some(family));
+    }
 }
 
 struct State {
     registry: Mutex<Registry>,
     rotate: bool,
+    revoke_family_on_replay: bool,
     token_url: String,
 }
 
@@ -295,6 +329,7 @@ impl TestOAuth {
                 ..Registry::default()
             }),
             rotate: options.rotate_refresh_tokens,
+            revoke_family_on_replay: options.revoke_family_on_replay,
             token_url: format!("https://{name}:{}/token", addr.port()),
         });
         let (tx, rx) = watch::channel(false);
@@ -369,7 +404,7 @@ impl TestOAuth {
             reg.clients.contains_key(client_id),
             "mint_refresh_token: register client {client_id} first"
         );
-        Canary::adopt(&reg.issue_refresh(client_id, scope.map(str::to_string)))
+        Canary::adopt(&reg.issue_refresh(client_id, scope.map(str::to_string), None))
     }
 
     /// Revokes one refresh token (the client's access tokens stay valid). False when the server
@@ -951,9 +986,15 @@ fn refresh_grant(
     if entry.client_id != client_id {
         return Err(invalid_grant("refresh token issued to another client"));
     }
+    let family = entry.family;
     match entry.state {
         RefreshState::Active => {}
-        RefreshState::Used => return Err(invalid_grant("refresh token already used")),
+        RefreshState::Used => {
+            if state.revoke_family_on_replay {
+                reg.revoke_family(family);
+            }
+            return Err(invalid_grant("refresh token already used"));
+        }
         RefreshState::Revoked => return Err(invalid_grant("refresh token revoked")),
     }
     let scope = entry.scope.clone();
@@ -969,11 +1010,11 @@ fn refresh_grant(
     }
     let next = if state.rotate {
         entry.state = RefreshState::Used;
-        Some(reg.issue_refresh(&client_id, scope.clone()))
+        Some(reg.issue_refresh(&client_id, scope.clone(), Some(family)))
     } else {
         None
     };
-    let access = reg.issue_access(&client_id, scope.clone());
+    let access = reg.issue_access(&client_id, scope.clone(), Some(family));
     Ok(token_body(
         &access,
         reg.expires_in,
@@ -990,7 +1031,7 @@ fn client_credentials_grant(
     let mut reg = state.lock();
     let client_id = authenticate(parts, form, &reg, true)?;
     let scope = form.get("scope").map(str::to_string);
-    let access = reg.issue_access(&client_id, scope.clone());
+    let access = reg.issue_access(&client_id, scope.clone(), None);
     Ok(token_body(&access, reg.expires_in, None, scope.as_deref()))
 }
 
@@ -1063,7 +1104,7 @@ fn jwt_bearer_grant(form: &Form, state: &State) -> Result<serde_json::Value, OAu
     }
     let scope = claims["scope"].as_str().map(str::to_string);
     let iss = iss.to_string();
-    let access = reg.issue_access(&iss, scope);
+    let access = reg.issue_access(&iss, scope, None);
     // Google answers a jwt-bearer grant without a scope or a refresh token.
     Ok(token_body(&access, reg.expires_in, None, None))
 }
@@ -1161,10 +1202,16 @@ mod tests {
         config: Arc<rustls::ClientConfig>,
         addr: SocketAddr,
         name: String,
+        /// Speak h2 (else HTTP/1.1).
+        h2: bool,
     }
 
     impl Http {
         fn new(ca: &TestCa, server: &TestOAuth) -> Self {
+            Self::with_protocol(ca, server, false)
+        }
+
+        fn with_protocol(ca: &TestCa, server: &TestOAuth, h2: bool) -> Self {
             let mut roots = rustls::RootCertStore::empty();
             roots
                 .add(CertificateDer::from_pem_file(ca.pem_path()).expect("the test CA's PEM"))
@@ -1175,11 +1222,16 @@ mod tests {
                 .expect("rustls protocol versions")
                 .with_root_certificates(roots)
                 .with_no_client_auth();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            config.alpn_protocols = vec![if h2 {
+                b"h2".to_vec()
+            } else {
+                b"http/1.1".to_vec()
+            }];
             Self {
                 config: Arc::new(config),
                 addr: server.addr(),
                 name: server.name().to_string(),
+                h2,
             }
         }
 
@@ -1203,19 +1255,32 @@ mod tests {
                     .connect(name, tcp)
                     .await
                     .expect("TLS handshake with the OAuth server, trusting the test CA");
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                    .await
-                    .expect("HTTP/1.1 handshake");
-                tokio::spawn(conn);
-                let mut req = Request::builder()
-                    .method(method)
-                    .uri(path)
-                    .header(header::HOST, self.name.as_str());
+                let mut req = Request::builder().method(method);
+                req = if self.h2 {
+                    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN h2");
+                    req.uri(format!("https://{}:{}{path}", self.name, self.addr.port()))
+                } else {
+                    req.uri(path).header(header::HOST, self.name.as_str())
+                };
                 for (name, value) in headers {
                     req = req.header(*name, value.as_str());
                 }
                 let req = req.body(Full::new(Bytes::from(body))).expect("request");
-                let resp = sender.send_request(req).await.expect("send the request");
+                let io = TokioIo::new(tls);
+                let resp = if self.h2 {
+                    let (mut sender, conn) =
+                        hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                            .await
+                            .expect("h2 handshake");
+                    tokio::spawn(conn);
+                    sender.send_request(req).await.expect("send the request")
+                } else {
+                    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                        .await
+                        .expect("HTTP/1.1 handshake");
+                    tokio::spawn(conn);
+                    sender.send_request(req).await.expect("send the request")
+                };
                 let status = resp.status().as_u16();
                 let www_authenticate = resp
                     .headers()
@@ -1715,5 +1780,65 @@ mod tests {
 
         assert_eq!(server.token_calls(Grant::JwtBearer), 8);
         assert_eq!(server.tokens_issued(Grant::JwtBearer), 1);
+    }
+
+    #[test]
+    fn replay_revokes_the_family_when_asked() {
+        let mut options = OAuthOptions::loopback();
+        options.revoke_family_on_replay = true;
+        let (_ca, server, http) = start(options);
+        let secret = Canary::new();
+        server.register_client(CLIENT, Some(secret.expose()));
+        let first = server.mint_refresh_token(CLIENT, None);
+        let other = server.mint_refresh_token(CLIENT, None);
+
+        let r = refresh(&http, first.expose(), secret.expose());
+        assert_eq!(r.status, 200, "{r:?}");
+        let (access, second) = (r.field("access_token"), r.field("refresh_token"));
+        assert_error(
+            &refresh(&http, first.expose(), secret.expose()),
+            400,
+            "invalid_grant",
+        );
+        // The replay logged the family out: its rotated token and its access token.
+        assert_error(
+            &refresh(&http, &second, secret.expose()),
+            400,
+            "invalid_grant",
+        );
+        assert_eq!(http.resource("/resource", Some(&access)).status, 401);
+        // Another grant of the same client is untouched.
+        assert_eq!(refresh(&http, other.expose(), secret.expose()).status, 200);
+        let states: Vec<_> = server.refresh_tokens().iter().map(|u| u.state).collect();
+        assert_eq!(
+            states,
+            vec![
+                RefreshState::Used,
+                RefreshState::Used,
+                RefreshState::Revoked,
+                RefreshState::Active,
+            ]
+        );
+    }
+
+    #[test]
+    fn h2_and_form_encoded_basic_credentials() {
+        let (ca, server, _) = start(OAuthOptions::loopback());
+        let h2 = Http::with_protocol(&ca, &server, true);
+        // RFC 6749 2.3.1: id and secret are form-encoded before Basic; the server decodes them.
+        let secret = "p@ss:w+rd/%é 1";
+        server.register_client("client:1", Some(secret));
+        let r = h2.token_basic("client:1", secret, &[("grant_type", "client_credentials")]);
+        assert_eq!(r.status, 200, "{r:?}");
+        let ok = h2.resource("/api/x", Some(&r.field("access_token")));
+        assert_eq!(ok.status, 200, "{ok:?}");
+        assert_eq!(ok.json["path"], "/api/x");
+        let r = h2.token(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "client:1"),
+            ("client_secret", secret),
+        ]);
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(h2.resource("/elsewhere", None).status, 404);
     }
 }
