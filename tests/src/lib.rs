@@ -28,6 +28,9 @@
 //! - [`sdks`], [`grpc`]: pinned PyPI packages agents run (the LLM SDKs, `websockets`,
 //!   `grpcio`), each in a virtualenv under /var/tmp made by [`venv`]; [`grpc::GrpcServer`] is a
 //!   real gRPC server over TLS with a certificate from a [`TestCa`].
+//! - [`oauth`]: a local OAuth 2.0 authorization server and protected resource over HTTPS
+//!   ([`oauth::TestOAuth`]): refresh-token rotation, client credentials, jwt-bearer, failure
+//!   injection and counters.
 //! - [`world`]: the world of the tests against the HTTPS test API (a cgroup, the API, a brokerd
 //!   trusting its CA, a secret in the vault), shared by several test files.
 //!
@@ -49,6 +52,7 @@ pub mod git_server;
 pub mod grpc;
 pub mod kube_api;
 pub mod netns;
+pub mod oauth;
 pub mod resolver;
 pub mod sdks;
 pub mod servers;
