@@ -120,7 +120,15 @@ struct Current {
     value: SecretValue,
     /// Unix seconds; `None`: no expiry (a file's value, until the file changes).
     expires_unix: Option<u64>,
+    /// Seconds it was valid for when fetched.
+    lifetime_secs: u64,
     fetched: Instant,
+}
+
+/// How long before its expiry a value is fetched again: [`REFRESH_BEFORE`], or a quarter of
+/// its lifetime for short-lived tokens (so a 2-minute token is not refreshed on every use).
+fn refresh_margin(current: &Current) -> u64 {
+    REFRESH_BEFORE.as_secs().min(current.lifetime_secs / 4)
 }
 
 #[derive(Clone)]
@@ -245,12 +253,13 @@ impl Credentials {
             .and_then(|t| SecretValue::from_string(t.to_string()).ok());
         let now = now_unix_secs();
         if let (Some(token), Some(expires)) = (p.access_token, p.expires_unix)
-            && expires > now + REFRESH_BEFORE.as_secs()
+            && expires > now
             && let Ok(value) = SecretValue::from_string(token.to_string())
         {
             state.current = Some(Current {
                 value,
                 expires_unix: Some(expires),
+                lifetime_secs: expires.saturating_sub(now),
                 fetched: Instant::now(),
             });
         }
@@ -325,7 +334,7 @@ impl Credentials {
             return true;
         };
         let now = now_unix_secs();
-        let margin = if soon { REFRESH_BEFORE.as_secs() } else { 0 };
+        let margin = if soon { refresh_margin(current) } else { 0 };
         match (&entry.spec, current.expires_unix) {
             (CredentialSpec::File { path }, _) => state.file_stamp != provider::stamp(path),
             (CredentialSpec::Exec { .. }, Some(expires)) => expires <= now,
@@ -442,6 +451,9 @@ impl Credentials {
                 }
                 state.current = Some(Current {
                     value: fetched.value,
+                    lifetime_secs: fetched
+                        .expires_unix
+                        .map_or(0, |e| e.saturating_sub(now_unix_secs())),
                     expires_unix: fetched.expires_unix,
                     fetched: Instant::now(),
                 });
@@ -623,7 +635,7 @@ impl Credentials {
         let now = now_unix_secs();
         let (text, failed) = match (&state.failure, &state.current) {
             (Some(f), _) if f.fatal => (format!("failed: {}", f.message), true),
-            (Some(f), None) => (format!("failed: {} (retrying)", f.message), true),
+            (Some(f), _) => (format!("failed: {} (retrying)", f.message), true),
             (_, Some(c)) if c.expires_unix.is_none_or(|e| e > now) => ("valid".into(), false),
             (_, Some(_)) => ("expired".into(), false),
             (_, None) => ("not fetched yet".into(), false),

@@ -598,12 +598,16 @@ impl Vault {
         value: &SecretValue,
         must_exist: bool,
     ) -> Result<SecretMeta, VaultError> {
-        value
-            .check_header_safe()
-            .map_err(|source| VaultError::InvalidValue {
-                name: name.clone(),
-                source,
-            })?;
+        // A credential spec (`agent_broker_core::credential`) is never injected itself; its
+        // parser checks it. A static value goes into headers as it is.
+        if !agent_broker_core::credential::is_spec(value) {
+            value
+                .check_header_safe()
+                .map_err(|source| VaultError::InvalidValue {
+                    name: name.clone(),
+                    source,
+                })?;
+        }
         let now = now_unix_secs();
         let txn = self.write_txn()?;
         let meta = {

@@ -891,7 +891,7 @@ mod tests {
         same_as_wire(RequestOutcome::ALL);
         assert_eq!(
             EventKind::ALL.len(),
-            8,
+            9,
             "a new kind needs its name in wire_names!"
         );
     }
@@ -1018,6 +1018,7 @@ mod tests {
             name: "K".into(),
             value: SecretInput::new(value.into()),
             rotate: false,
+            spec: true,
         };
         let shown = format!("{req:?}");
         assert!(!shown.contains(value), "{shown}");

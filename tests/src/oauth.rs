@@ -431,6 +431,15 @@ impl TestOAuth {
         reg.access.retain(|_, a| a.client_id != client_id);
     }
 
+    /// Revokes the client's access tokens only (its refresh tokens stay valid): an upstream
+    /// that rejects a token before its time, as after a password change.
+    pub fn revoke_access_tokens(&self, client_id: &str) {
+        self.state
+            .lock()
+            .access
+            .retain(|_, a| a.client_id != client_id);
+    }
+
     /// `expires_in` of the access tokens issued from now on (0: expired at once).
     pub fn set_expires_in(&self, seconds: u64) {
         self.state.lock().expires_in = seconds;

@@ -152,8 +152,7 @@ mod tests {
             Duration::from_secs(5),
         )
         .await
-        .err()
-        .expect("fails");
+        .expect_err("fails");
         assert!(
             e.contains("exit status 3") && e.contains("no session"),
             "{e}"
@@ -161,13 +160,11 @@ mod tests {
         assert!(!e.contains("printed-value"), "stdout is never shown: {e}");
         let e = run(&cmd(&["/bin/sleep", "5"]), Duration::from_millis(200))
             .await
-            .err()
-            .expect("times out");
+            .expect_err("times out");
         assert!(e.contains("did not finish"), "{e}");
         let e = run(&cmd(&["/bin/true"]), Duration::from_secs(5))
             .await
-            .err()
-            .expect("empty");
+            .expect_err("empty");
         assert!(e.contains("empty"), "{e}");
     }
 
