@@ -67,6 +67,18 @@ pub enum CredentialSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         scope: Option<String>,
     },
+    /// A Google service account (RFC 7523 JWT-bearer grant, as Google's client libraries use
+    /// it): brokerd signs an assertion with the account's private key and exchanges it at the
+    /// token endpoint for an access token. The key never leaves brokerd.
+    Gcp {
+        token_url: String,
+        client_email: String,
+        /// PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`), as in the account's JSON key file.
+        private_key: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        private_key_id: Option<String>,
+        scope: String,
+    },
     /// A value printed by a command (`op read ...`, `vault kv get -field=...`), run again once
     /// `ttl_secs` have passed.
     Exec {
@@ -94,6 +106,7 @@ impl CredentialSpec {
         match self {
             Self::Oauth { .. } => "oauth",
             Self::OauthClient { .. } => "oauth-client",
+            Self::Gcp { .. } => "gcp",
             Self::Exec { .. } => "exec",
             Self::File { .. } => "file",
         }
@@ -112,6 +125,11 @@ impl CredentialSpec {
                 client_id,
                 ..
             } => format!("{token_url} (client {client_id})"),
+            Self::Gcp {
+                token_url,
+                client_email,
+                ..
+            } => format!("{token_url} (service account {client_email})"),
             Self::Exec { command, .. } => format!("exec: {}", command.join(" ")),
             Self::File { path } => format!("file: {path}"),
         }
@@ -139,6 +157,28 @@ impl CredentialSpec {
                 check_token_url(token_url)?;
                 check_nonempty("client_id", client_id)?;
                 check_nonempty("client_secret", client_secret)
+            }
+            Self::Gcp {
+                token_url,
+                client_email,
+                private_key,
+                scope,
+                ..
+            } => {
+                check_token_url(token_url)?;
+                check_nonempty("client_email", client_email)?;
+                check_nonempty("scope", scope)?;
+                if !private_key
+                    .trim_start()
+                    .starts_with("-----BEGIN PRIVATE KEY-----")
+                {
+                    return Err(field(
+                        "private_key",
+                        "is not a PKCS#8 PEM key (-----BEGIN PRIVATE KEY-----), as a service \
+                         account's JSON key file holds",
+                    ));
+                }
+                Ok(())
             }
             Self::Exec {
                 command,

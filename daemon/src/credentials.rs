@@ -235,7 +235,9 @@ impl Credentials {
     fn restore(&self, entry: &Entry) {
         if !matches!(
             entry.spec,
-            CredentialSpec::Oauth { .. } | CredentialSpec::OauthClient { .. }
+            CredentialSpec::Oauth { .. }
+                | CredentialSpec::OauthClient { .. }
+                | CredentialSpec::Gcp { .. }
         ) {
             return;
         }
@@ -362,7 +364,9 @@ impl Credentials {
             };
             if !matches!(
                 entry.spec,
-                CredentialSpec::Oauth { .. } | CredentialSpec::OauthClient { .. }
+                CredentialSpec::Oauth { .. }
+                    | CredentialSpec::OauthClient { .. }
+                    | CredentialSpec::Gcp { .. }
             ) {
                 continue;
             }
@@ -390,9 +394,9 @@ impl Credentials {
             return;
         }
         let outcome = match &entry.spec {
-            CredentialSpec::Oauth { .. } | CredentialSpec::OauthClient { .. } => {
-                self.fetch_token(entry).await
-            }
+            CredentialSpec::Oauth { .. }
+            | CredentialSpec::OauthClient { .. }
+            | CredentialSpec::Gcp { .. } => self.fetch_token(entry).await,
             CredentialSpec::Exec {
                 command,
                 ttl_secs,
@@ -435,7 +439,8 @@ impl Credentials {
             ..AuditEvent::default()
         };
         if let CredentialSpec::Oauth { token_url, .. }
-        | CredentialSpec::OauthClient { token_url, .. } = &entry.spec
+        | CredentialSpec::OauthClient { token_url, .. }
+        | CredentialSpec::Gcp { token_url, .. } = &entry.spec
         {
             event.host = token_url
                 .parse::<http::Uri>()
@@ -537,10 +542,32 @@ impl Credentials {
                 }
                 oauth::form(&pairs)
             }
+            CredentialSpec::Gcp {
+                token_url,
+                client_email,
+                private_key,
+                private_key_id,
+                scope,
+            } => {
+                let jwt = oauth::assertion(
+                    private_key,
+                    private_key_id.as_deref(),
+                    client_email,
+                    token_url,
+                    scope,
+                    now_unix_secs(),
+                )
+                .map_err(|e| (e, true))?;
+                oauth::form(&[
+                    ("grant_type", oauth::JWT_BEARER),
+                    ("assertion", jwt.as_str()),
+                ])
+            }
             _ => return Err(("not an OAuth credential".into(), true)),
         };
         let (CredentialSpec::Oauth { token_url, .. }
-        | CredentialSpec::OauthClient { token_url, .. }) = &entry.spec
+        | CredentialSpec::OauthClient { token_url, .. }
+        | CredentialSpec::Gcp { token_url, .. }) = &entry.spec
         else {
             return Err(("not an OAuth credential".into(), true));
         };

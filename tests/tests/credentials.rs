@@ -430,3 +430,41 @@ fn a_file_source_is_read_again_when_the_file_changes() {
     assert_eq!(listed(&w, SECRET_NAME)["kind"], "file");
     second.assert_absent(w.broker.log().as_bytes(), "brokerd's log");
 }
+
+#[test]
+fn a_google_service_account_key_mints_tokens_through_the_jwt_bearer_grant() {
+    let (ca, oauth) = oauth_server();
+    let account = oauth.service_account("abtest-agent@abtest-project.iam.gserviceaccount.com");
+    let w = world(ca, &oauth);
+    let key = account.json();
+    let out = set(
+        &w,
+        &[
+            "secret",
+            "set",
+            TOKEN,
+            "--kind",
+            "gcp",
+            "--scope",
+            "https://www.googleapis.com/auth/cloud-platform",
+        ],
+        key.as_bytes(),
+    );
+    assert!(out.contains("gcp credential"), "{out}");
+    w.broker.add_name(AUTH, AUTH_IP);
+    for _ in 0..2 {
+        let (status, body, shown) = call_resource(&w, &oauth);
+        assert_eq!(status, 200, "{shown}\nbrokerd's log:\n{}", w.broker.log());
+        assert_eq!(body["token_valid"], true);
+    }
+    assert_eq!(
+        oauth.token_calls(Grant::JwtBearer),
+        1,
+        "cached until expiry"
+    );
+    assert_eq!(listed(&w, TOKEN)["kind"], "gcp");
+    // The key file's private key is nowhere in what brokerd says.
+    let listing = w.broker.ctl_ok(&["secret", "list", "--json"]);
+    assert!(!listing.contains("PRIVATE KEY"), "{listing}");
+    assert!(!w.broker.log().contains("PRIVATE KEY"));
+}

@@ -24,8 +24,8 @@ pub enum Command {
     /// Credentials that are not static values: `--kind oauth` (refresh-token grant: stdin holds
     /// the refresh token, or a JSON object with `refresh_token` and `client_secret`), `--kind
     /// oauth-client` (client-credentials grant: stdin holds the client secret), both with
-    /// --token-url and --client-id; brokerd fetches and refreshes the access token and injects
-    /// it. `--from exec:COMMAND` (the command's output, run again after --ttl) and `--from
+    /// --token-url and --client-id, and `--kind gcp --scope SCOPE` (stdin holds a Google service
+    /// account's JSON key file); brokerd fetches and refreshes the access token and injects it. `--from exec:COMMAND` (the command's output, run again after --ttl) and `--from
     /// file:PATH` (the file's content, read again when it changes) read nothing from stdin.
     Set {
         /// Secret name: letters, digits, `_`, `-`, `.`; starts with a letter.
@@ -58,10 +58,11 @@ pub enum Command {
 /// What kind of credential `set` and `rotate` store (default: a static value from stdin).
 #[derive(Debug, Default, clap::Args)]
 pub struct KindArgs {
-    /// `oauth` (refresh-token grant) or `oauth-client` (client-credentials grant).
-    #[arg(long, value_name = "KIND", value_parser = ["oauth", "oauth-client"], conflicts_with = "from")]
+    /// `oauth` (refresh-token grant), `oauth-client` (client-credentials grant) or `gcp` (a
+    /// Google service account's JSON key on stdin; JWT-bearer grant).
+    #[arg(long, value_name = "KIND", value_parser = ["oauth", "oauth-client", "gcp"], conflicts_with = "from")]
     kind: Option<String>,
-    /// The OAuth token endpoint (https).
+    /// The OAuth token endpoint (https) [gcp: the key file's token_uri].
     #[arg(long, value_name = "URL", requires = "kind")]
     token_url: Option<String>,
     /// The OAuth client id.
@@ -186,6 +187,28 @@ fn spec(name: &str, kind: &KindArgs) -> anyhow::Result<Option<String>> {
     let Some(k) = &kind.kind else {
         return Ok(None);
     };
+    if k == "gcp" {
+        let key = read_value(&format!("service account JSON key for {name}"))?;
+        let key: serde_json::Map<String, serde_json::Value> = serde_json::from_str(key.trim())
+            .map_err(|e| anyhow::anyhow!("stdin is not a JSON key file: {}", e.classify_name()))?;
+        let text = |field: &str| key.get(field).and_then(|v| v.as_str()).map(str::to_owned);
+        let token_url = kind
+            .token_url
+            .clone()
+            .or_else(|| text("token_uri"))
+            .context("the key file has no token_uri; give --token-url")?;
+        let mut spec = json!({
+            "kind": "gcp",
+            "token_url": token_url,
+            "client_email": text("client_email").context("the key file has no client_email")?,
+            "private_key": text("private_key").context("the key file has no private_key")?,
+            "scope": kind.scope.as_deref().context("--kind gcp needs --scope")?,
+        });
+        if let Some(id) = text("private_key_id") {
+            spec["private_key_id"] = json!(id);
+        }
+        return Ok(Some(spec.to_string()));
+    }
     let token_url = kind
         .token_url
         .as_deref()

@@ -101,6 +101,57 @@ fn encode(s: &str) -> String {
     out
 }
 
+/// The RFC 7523 grant type.
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// Lifetime of a signed assertion (Google accepts at most an hour).
+const ASSERTION_LIFETIME: u64 = 3600;
+
+/// An RS256 JWT assertion for the JWT-bearer grant (RFC 7523 2.1), as Google's client
+/// libraries make one for a service account: `iss` the account, `aud` the token endpoint,
+/// `scope`, and `iat`/`exp` an hour apart. `private_key` is PKCS#8 PEM.
+pub fn assertion(
+    private_key: &str,
+    key_id: Option<&str>,
+    client_email: &str,
+    token_url: &str,
+    scope: &str,
+    now_unix: u64,
+) -> Result<Zeroizing<String>, String> {
+    use data_encoding::BASE64URL_NOPAD;
+    let pem = pem::parse(private_key.as_bytes())
+        .map_err(|e| format!("the service account's private key is not PEM: {e}"))?;
+    let der = Zeroizing::new(pem.into_contents());
+    let key = ring::signature::RsaKeyPair::from_pkcs8(&der)
+        .map_err(|e| format!("the service account's private key is not an RSA key: {e}"))?;
+    let mut header = serde_json::json!({ "alg": "RS256", "typ": "JWT" });
+    if let Some(kid) = key_id {
+        header["kid"] = kid.into();
+    }
+    let claims = serde_json::json!({
+        "iss": client_email,
+        "scope": scope,
+        "aud": token_url,
+        "iat": now_unix,
+        "exp": now_unix + ASSERTION_LIFETIME,
+    });
+    let mut jwt = Zeroizing::new(format!(
+        "{}.{}",
+        BASE64URL_NOPAD.encode(header.to_string().as_bytes()),
+        BASE64URL_NOPAD.encode(claims.to_string().as_bytes())
+    ));
+    let mut signature = vec![0; key.public().modulus_len()];
+    key.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        jwt.as_bytes(),
+        &mut signature,
+    )
+    .map_err(|_| "signing the assertion failed".to_string())?;
+    jwt.push('.');
+    jwt.push_str(&BASE64URL_NOPAD.encode(&signature));
+    Ok(jwt)
+}
+
 /// Reads a token endpoint's answer. RFC 6749 5.2: `invalid_grant` (a refresh token revoked,
 /// expired or used already), `invalid_client` and `unauthorized_client` are final; anything
 /// else (5xx, a body that is not JSON) is worth another try later.
