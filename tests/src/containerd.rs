@@ -128,8 +128,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         containerd.mount_rootfs();
         let deadline = Instant::now() + CTR_TIMEOUT;
         while !containerd.ctr_output(&["version"]).status.success() {
-            if let Some(Some(status)) = containerd.child.as_mut().map(|c| c.try_wait().ok()) {
-                panic!("containerd exited ({status:?}): {}", containerd.log());
+            let exited = containerd
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!("containerd exited ({status}): {}", containerd.log());
             }
             assert!(
                 Instant::now() < deadline,
@@ -254,26 +258,25 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         }
     }
 
-    /// The `TASK PID STATUS` rows of `ctr task ls`.
+    /// The `TASK PID STATUS` rows of `ctr task ls`; panics when ctr fails.
     pub fn tasks(&self) -> Vec<(String, u32, String)> {
-        self.ctr_ok(&["task", "ls"])
-            .lines()
-            .skip(1)
-            .filter_map(|line| {
-                let mut f = line.split_whitespace();
-                Some((
-                    f.next()?.to_owned(),
-                    f.next()?.parse().ok()?,
-                    f.next()?.to_owned(),
-                ))
-            })
-            .collect()
+        parse_tasks(&self.ctr_ok(&["task", "ls"]))
+    }
+
+    /// [`Containerd::tasks`], or none when ctr fails (for Drop, which must not panic).
+    fn tasks_or_none(&self) -> Vec<(String, u32, String)> {
+        let out = self.ctr_output(&["task", "ls"]);
+        if out.status.success() {
+            parse_tasks(&String::from_utf8_lossy(&out.stdout))
+        } else {
+            Vec::new()
+        }
     }
 
     /// Kills the task of `id` (if any) and deletes it and the container. Returns what failed.
     fn remove(&self, id: &str) -> Vec<String> {
         let mut failed = Vec::new();
-        if self.tasks().iter().any(|(t, _, _)| t == id) {
+        if self.tasks_or_none().iter().any(|(t, _, _)| t == id) {
             let _ = self.ctr_output(&["task", "kill", "-s", "SIGKILL", id]);
             let out = self.ctr_output(&["task", "rm", "-f", id]);
             if !out.status.success() {
@@ -356,6 +359,22 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 }
 
+/// The `TASK PID STATUS` rows of `ctr task ls` output.
+fn parse_tasks(stdout: &str) -> Vec<(String, u32, String)> {
+    stdout
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            Some((
+                f.next()?.to_owned(),
+                f.next()?.parse().ok()?,
+                f.next()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
 /// The pid of the running task of container `id`, if any.
 fn task_pid(containerd: &Containerd, id: &str) -> Option<u32> {
     containerd
@@ -368,7 +387,7 @@ fn task_pid(containerd: &Containerd, id: &str) -> Option<u32> {
 impl Drop for Containerd {
     fn drop(&mut self) {
         if self.child.is_some() {
-            for (id, _, _) in self.tasks() {
+            for (id, _, _) in self.tasks_or_none() {
                 for failure in self.remove(&id) {
                     eprintln!("containerd harness: {failure}");
                 }
