@@ -134,7 +134,7 @@ impl Drop for Env {
 
 /// Whether `dir` is the root of a mount (its device differs from its parent's, or it is the
 /// same inode as `/`, as a bind of `/` is). When in doubt, says yes.
-fn is_mount_point(dir: &Path) -> bool {
+pub(crate) fn is_mount_point(dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt as _;
     let (Ok(here), Some(Ok(parent)), Ok(root)) = (
         fs::metadata(dir),
@@ -163,7 +163,7 @@ fn libpod_parents() -> Vec<PathBuf> {
 
 /// Removes the cgroup dir `dir` and every dir below it, deepest first. A dir that still holds
 /// a process (or is not a cgroup) stays: rmdir refuses it, which is what we want.
-fn remove_empty_tree(dir: &Path) {
+pub(crate) fn remove_empty_tree(dir: &Path) {
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {

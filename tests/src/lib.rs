@@ -25,6 +25,8 @@
 //! - [`TestHost`]: a non-loopback host in a network namespace of the test's own.
 //! - [`container`]: real Podman containers and `podman kube play` pods (`--network none`),
 //!   removed by name on Drop.
+//! - [`containerd`]: a containerd of the test's own and containers run with `ctr run`, removed
+//!   by ID on Drop; containerd is stopped by pid.
 //! - [`sdks`], [`grpc`]: pinned PyPI packages agents run (the LLM SDKs, `websockets`,
 //!   `grpcio`), each in a virtualenv under /var/tmp made by [`venv`]; [`grpc::GrpcServer`] is a
 //!   real gRPC server over TLS with a certificate from a [`TestCa`].
@@ -48,6 +50,7 @@ pub mod canary;
 pub mod cgroup;
 pub mod clients;
 pub mod container;
+pub mod containerd;
 pub mod git_server;
 pub mod grpc;
 pub mod kube_api;

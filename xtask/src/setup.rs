@@ -2,8 +2,8 @@
 //! already there.
 //!
 //! - Debian packages the end-to-end tests run (clients, a JDK, `ip`, `ps`; `openssl`, which
-//!   `brokerctl run` asks for the broker CA's subject hash; podman and runc for containers),
-//!   through apt-get.
+//!   `brokerctl run` asks for the broker CA's subject hash; podman, runc and containerd for
+//!   containers), through apt-get.
 //! - rustup components: rustfmt and clippy for the host toolchain, rust-src (for `-Z build-std`)
 //!   and rustfmt for nightly.
 //! - bpf-linker, built into `target/ebpf-tools` against the nightly toolchain's own libLLVM:
@@ -41,6 +41,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "podman",
     "runc",
     "catatonit",
+    // containerd as a runtime of `attach --container` (tests/src/containerd.rs,
+    // tests/tests/containerd.rs): containerd, its CLI ctr and the io.containerd.runc.v2 shim
+    // (using the runc above). The package ships only a systemd unit (no init script): without
+    // systemd, or with a policy-rc.d refusing starts, installing it starts nothing; where systemd
+    // starts the system containerd, it does not meet the tests' own, which has its own config,
+    // root, state and sockets in a temporary dir and a namespace of its own.
+    "containerd",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.

@@ -10,7 +10,7 @@ use agent_broker_protocol::{Request, Response, TaggedCgroup};
 
 use crate::control::{call, unexpected};
 
-pub use container::{Runtime, container_pid};
+pub use container::{Containerd, Runtime, container_pid};
 
 /// Tag a cgroup: every TCP connection made inside it (and below it) goes to brokerd.
 ///
@@ -54,12 +54,22 @@ pub struct AttachArgs {
     #[arg(long = "as", value_name = "NAME")]
     name: Option<String>,
     /// A running container, by name or ID: its init process is tagged as with --pid (found
-    /// through the runtime's CLI: `podman inspect`, `docker inspect`).
+    /// through the runtime's CLI: `podman inspect`, `docker inspect`, or containerd's `ctr task
+    /// ls`, where the ID is the name).
     #[arg(long, value_name = "NAME|ID", conflicts_with = "cgroup")]
     container: Option<String>,
-    /// The runtime that runs --container (default: podman if it is on PATH, else docker).
+    /// The runtime that runs --container (default: podman if it is on PATH, else docker;
+    /// containerd only when named).
     #[arg(long, value_name = "RUNTIME", requires = "container")]
     runtime: Option<Runtime>,
+    /// containerd namespace of --container, with --runtime containerd (default:
+    /// $CONTAINERD_NAMESPACE, else "default"; Kubernetes pods run in "k8s.io").
+    #[arg(long, value_name = "NS", requires = "container")]
+    namespace: Option<String>,
+    /// containerd's socket, with --runtime containerd (default: $CONTAINERD_ADDRESS, else
+    /// /run/containerd/containerd.sock).
+    #[arg(long, value_name = "SOCKET", requires = "container")]
+    address: Option<String>,
 }
 
 /// Untag a cgroup: its connections are no longer redirected, and the agent name it ran under
@@ -74,7 +84,13 @@ pub struct DetachArgs {
 pub fn attach(run_dir: &Path, args: AttachArgs) -> anyhow::Result<()> {
     let name = parse_name(args.name.as_deref())?;
     if let Some(container) = &args.container {
-        return attach_container(run_dir, args.runtime, container, name.as_ref());
+        if args.runtime != Some(Runtime::Containerd)
+            && (args.namespace.is_some() || args.address.is_some())
+        {
+            anyhow::bail!("--namespace and --address are for --runtime containerd");
+        }
+        let containerd = Containerd::resolve(args.address, args.namespace);
+        return attach_container(run_dir, args.runtime, container, &containerd, name.as_ref());
     }
     if let Some(pid) = args.pid {
         return attach_pid(run_dir, pid, name.as_ref());
@@ -101,9 +117,10 @@ fn attach_container(
     run_dir: &Path,
     runtime: Option<Runtime>,
     container: &str,
+    containerd: &Containerd,
     name: Option<&CgroupPath>,
 ) -> anyhow::Result<()> {
-    let pid = container_pid(runtime, container)?;
+    let pid = container_pid(runtime, container, containerd)?;
     let path = container::pid_cgroup(pid, container)?;
     outln!("container {container}: process {pid}, cgroup {path}");
     attach_pid_within(run_dir, pid, name, Some(&path))

@@ -1,6 +1,6 @@
 //! `brokerctl attach --container`: find a running container's init process through its
-//! runtime's own CLI (`podman inspect`, `docker inspect`), so the container can be tagged by
-//! name or ID instead of by a cgroup path the runtime chose.
+//! runtime's own CLI (`podman inspect`, `docker inspect`, containerd's `ctr task ls`), so the
+//! container can be tagged by name or ID instead of by a cgroup path the runtime chose.
 //!
 //! It only asks the runtime; it never changes a container, and never guesses a runtime's cgroup
 //! layout (paths such as `libpod_parent/libpod-<id>` or `system.slice/docker-<id>.scope` come
@@ -20,10 +20,13 @@ use agent_broker_core::cgroup::CgroupPath;
 pub enum Runtime {
     Podman,
     Docker,
+    /// containerd, through its own CLI `ctr` (never picked unless named).
+    Containerd,
 }
 
 impl Runtime {
-    /// The order in which runtimes are tried when none is named.
+    /// The order in which runtimes are tried when none is named (containerd's `ctr` needs a
+    /// namespace and a socket, so it is only asked when named).
     const PREFERENCE: [Runtime; 2] = [Runtime::Podman, Runtime::Docker];
 
     /// The runtime's CLI program, looked up on PATH.
@@ -31,13 +34,70 @@ impl Runtime {
         match self {
             Runtime::Podman => "podman",
             Runtime::Docker => "docker",
+            Runtime::Containerd => "ctr",
+        }
+    }
+
+    /// What to look for on PATH when the runtime's name is not its CLI's.
+    fn cli_hint(self) -> &'static str {
+        match self {
+            Runtime::Containerd => " (its CLI is `ctr`)",
+            Runtime::Podman | Runtime::Docker => "",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Runtime::Podman => "podman",
+            Runtime::Docker => "docker",
+            Runtime::Containerd => "containerd",
         }
     }
 }
 
 impl fmt::Display for Runtime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.program())
+        f.write_str(self.name())
+    }
+}
+
+/// containerd's namespace when neither `--namespace` nor `CONTAINERD_NAMESPACE` names one
+/// (Kubernetes pods run in `k8s.io`).
+pub const CONTAINERD_DEFAULT_NAMESPACE: &str = "default";
+/// containerd's socket when neither `--address` nor `CONTAINERD_ADDRESS` names one.
+pub const CONTAINERD_DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
+/// How long `ctr` may try to connect to containerd before it gives up.
+const CTR_CONNECT_TIMEOUT: &str = "5s";
+
+/// Where containerd keeps a container: its socket and namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Containerd {
+    pub address: String,
+    pub namespace: String,
+}
+
+impl Containerd {
+    /// The given values, else `CONTAINERD_ADDRESS` / `CONTAINERD_NAMESPACE` (as `ctr` reads
+    /// them), else containerd's defaults.
+    pub fn resolve(address: Option<String>, namespace: Option<String>) -> Self {
+        Self::resolve_with(address, namespace, |var| std::env::var(var).ok())
+    }
+
+    /// [`Containerd::resolve`] with the environment `env` (an empty value counts as unset).
+    fn resolve_with(
+        address: Option<String>,
+        namespace: Option<String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Self {
+        let env = |var: &str| env(var).filter(|v| !v.is_empty());
+        Containerd {
+            address: address
+                .or_else(|| env("CONTAINERD_ADDRESS"))
+                .unwrap_or_else(|| CONTAINERD_DEFAULT_ADDRESS.to_owned()),
+            namespace: namespace
+                .or_else(|| env("CONTAINERD_NAMESPACE"))
+                .unwrap_or_else(|| CONTAINERD_DEFAULT_NAMESPACE.to_owned()),
+        }
     }
 }
 
@@ -46,18 +106,37 @@ impl fmt::Display for Runtime {
 pub enum ContainerError {
     #[error("no container runtime found: neither podman nor docker is on PATH")]
     NoRuntime,
-    #[error("container runtime {0} is not on PATH")]
+    #[error("container runtime {0} is not on PATH{hint}", hint = .0.cli_hint())]
     RuntimeMissing(Runtime),
     #[error("{runtime} has no container named {name:?}")]
     NotFound { runtime: Runtime, name: String },
     #[error("container {name:?} is not running ({runtime} reports no process for it)")]
     NotRunning { runtime: Runtime, name: String },
-    #[error("cannot run `{runtime} inspect`")]
+    #[error(
+        "containerd has no task for container {name:?} in namespace {namespace:?} (no such \
+         container, or it was never started; Kubernetes pods are in namespace \"k8s.io\")"
+    )]
+    NoTask { name: String, namespace: String },
+    #[error("containerd task {name:?} (namespace {namespace:?}) is {status}, not running")]
+    TaskNotRunning {
+        name: String,
+        namespace: String,
+        status: String,
+    },
+    #[error("cannot run `{command}`")]
     Spawn {
-        runtime: Runtime,
+        command: String,
         #[source]
         source: std::io::Error,
     },
+    #[error("`ctr --address {address} --namespace {namespace} task ls` failed: {stderr}")]
+    TaskList {
+        address: String,
+        namespace: String,
+        stderr: String,
+    },
+    #[error("`ctr task ls` printed {line:?}, not `TASK PID STATUS` columns")]
+    TaskListUnparsable { line: String },
     #[error("`{runtime} inspect {name}` failed: {stderr}")]
     Inspect {
         runtime: Runtime,
@@ -87,11 +166,19 @@ pub enum ContainerError {
 const INSPECT_FORMAT: &str = "{{.State.Running}} {{.State.Pid}}";
 
 /// The host pid of a running container's init process, asked from `runtime` (or, when `None`,
-/// from podman if it is on PATH, else docker).
-pub fn container_pid(runtime: Option<Runtime>, name: &str) -> Result<u32, ContainerError> {
+/// from podman if it is on PATH, else docker); containerd is asked at `containerd`'s socket and
+/// namespace.
+pub fn container_pid(
+    runtime: Option<Runtime>,
+    name: &str,
+    containerd: &Containerd,
+) -> Result<u32, ContainerError> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let (runtime, program) = pick_runtime(runtime, &path)?;
-    inspect_pid(runtime, &program, name)
+    match runtime {
+        Runtime::Containerd => task_pid(&program, containerd, name),
+        Runtime::Podman | Runtime::Docker => inspect_pid(runtime, &program, name),
+    }
 }
 
 /// The cgroup (relative to the cgroup2 mount) of process `pid`, from its `/proc/PID/cgroup`.
@@ -151,7 +238,10 @@ fn inspect_pid(runtime: Runtime, program: &Path, name: &str) -> Result<u32, Cont
         .arg(name)
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| ContainerError::Spawn { runtime, source })?;
+        .map_err(|source| ContainerError::Spawn {
+            command: format!("{runtime} inspect"),
+            source,
+        })?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
@@ -194,6 +284,75 @@ fn parse_inspect(runtime: Runtime, name: &str, stdout: &str) -> Result<u32, Cont
         });
     }
     Ok(pid)
+}
+
+/// Runs `ctr task ls` at `containerd`'s socket and namespace and finds the task of container
+/// `id` in it (containerd has no names: a container's ID is its name).
+fn task_pid(program: &Path, containerd: &Containerd, id: &str) -> Result<u32, ContainerError> {
+    let output = Command::new(program)
+        .arg("--address")
+        .arg(&containerd.address)
+        .arg("--namespace")
+        .arg(&containerd.namespace)
+        .args(["--connect-timeout", CTR_CONNECT_TIMEOUT, "task", "ls"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| ContainerError::Spawn {
+            command: format!("{} task ls", program.display()),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(ContainerError::TaskList {
+            address: containerd.address.clone(),
+            namespace: containerd.namespace.clone(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    parse_task_ls(
+        &containerd.namespace,
+        id,
+        &String::from_utf8_lossy(&output.stdout),
+    )
+}
+
+/// Reads the task of `id` from `ctr task ls` (a `TASK PID STATUS` header, then one line per
+/// task). A task that is running or paused has a live process; any other status (`STOPPED`,
+/// `CREATED`, ...) is an error.
+fn parse_task_ls(namespace: &str, id: &str, stdout: &str) -> Result<u32, ContainerError> {
+    let unparsable = |line: &str| ContainerError::TaskListUnparsable {
+        line: line.trim().to_owned(),
+    };
+    let mut lines = stdout.lines();
+    let header = lines.next().unwrap_or_default();
+    if header.split_whitespace().collect::<Vec<_>>() != ["TASK", "PID", "STATUS"] {
+        return Err(unparsable(header));
+    }
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        let mut fields = line.split_whitespace();
+        let (Some(task), Some(pid), Some(status), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return Err(unparsable(line));
+        };
+        if task != id {
+            continue;
+        }
+        if !matches!(status, "RUNNING" | "PAUSED") {
+            return Err(ContainerError::TaskNotRunning {
+                name: id.to_owned(),
+                namespace: namespace.to_owned(),
+                status: status.to_owned(),
+            });
+        }
+        return match pid.parse::<u32>() {
+            Ok(0) | Err(_) => Err(unparsable(line)),
+            Ok(pid) => Ok(pid),
+        };
+    }
+    Err(ContainerError::NoTask {
+        name: id.to_owned(),
+        namespace: namespace.to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -315,6 +474,139 @@ echo "unexpected arguments: $*" >&2; exit 2"#,
         assert!(matches!(err, ContainerError::NotRunning { .. }), "{err}");
         let err = inspect_pid(Runtime::Podman, &program, "missing").expect_err("missing");
         assert!(matches!(err, ContainerError::NotFound { .. }), "{err}");
+    }
+
+    const TASKS: &str = "TASK      PID     STATUS    \nweb       4086    RUNNING\nidle      4100    PAUSED\ndone      4090    STOPPED\nnew       0       CREATED\n";
+
+    #[test]
+    fn a_running_or_paused_containerd_task_gives_its_pid() {
+        assert_eq!(parse_task_ls("default", "web", TASKS).expect("pid"), 4086);
+        assert_eq!(parse_task_ls("default", "idle", TASKS).expect("pid"), 4100);
+    }
+
+    #[test]
+    fn a_stopped_or_created_containerd_task_is_not_running() {
+        for (id, status) in [("done", "STOPPED"), ("new", "CREATED")] {
+            let err = parse_task_ls("k8s.io", id, TASKS).expect_err(id);
+            assert!(
+                matches!(err, ContainerError::TaskNotRunning { .. }),
+                "{id}: {err}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!("containerd task \"{id}\" (namespace \"k8s.io\") is {status}, not running")
+            );
+        }
+    }
+
+    #[test]
+    fn a_container_without_a_task_is_named_with_its_namespace() {
+        for out in [TASKS, "TASK    PID    STATUS    \n"] {
+            let err = parse_task_ls("agents", "nope", out).expect_err("no task");
+            assert!(matches!(err, ContainerError::NoTask { .. }), "{err}");
+            assert!(
+                err.to_string().starts_with(
+                    "containerd has no task for container \"nope\" in namespace \"agents\""
+                ),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_from_ctr_is_an_error() {
+        for out in [
+            "",
+            "CONTAINER IMAGE RUNTIME\n",
+            "TASK PID STATUS\nweb 4086\n",
+            "TASK PID STATUS\nweb 4086 RUNNING extra\n",
+            "TASK PID STATUS\nweb -1 RUNNING\n",
+            "TASK PID STATUS\nweb 0 RUNNING\n",
+        ] {
+            let err = parse_task_ls("default", "web", out).expect_err(out);
+            assert!(
+                matches!(err, ContainerError::TaskListUnparsable { .. }),
+                "{out:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn ctr_is_asked_at_the_given_socket_and_namespace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let program = fake_runtime(
+            dir.path(),
+            "ctr",
+            r#"case "$*" in
+"--address /run/c.sock --namespace k8s.io --connect-timeout 5s task ls") printf 'TASK PID STATUS\nabc123 777 RUNNING\nold 778 STOPPED\n'; exit 0;;
+"--address /nowhere --namespace"*) echo 'ctr: failed to dial "/nowhere": context deadline exceeded' >&2; exit 1;;
+esac
+echo "unexpected arguments: $*" >&2; exit 2"#,
+        );
+        let at = |address: &str| Containerd {
+            address: address.to_owned(),
+            namespace: "k8s.io".to_owned(),
+        };
+        assert_eq!(
+            task_pid(&program, &at("/run/c.sock"), "abc123").expect("pid"),
+            777
+        );
+        let err = task_pid(&program, &at("/run/c.sock"), "old").expect_err("stopped");
+        assert!(
+            matches!(err, ContainerError::TaskNotRunning { .. }),
+            "{err}"
+        );
+        let err = task_pid(&program, &at("/nowhere"), "abc123").expect_err("no daemon");
+        assert!(matches!(err, ContainerError::TaskList { .. }), "{err}");
+        assert!(err.to_string().contains("failed to dial"), "{err}");
+    }
+
+    #[test]
+    fn containerd_is_used_only_when_named_and_found_as_ctr() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fake_runtime(dir.path(), "ctr", "exit 0");
+        let (r, p) = pick_runtime(Some(Runtime::Containerd), dir.path().as_os_str()).expect("ctr");
+        assert_eq!((r, p), (Runtime::Containerd, dir.path().join("ctr")));
+        let err = pick_runtime(None, dir.path().as_os_str()).expect_err("not picked");
+        assert!(matches!(err, ContainerError::NoRuntime), "{err}");
+        let empty = tempfile::tempdir().expect("tempdir");
+        let err =
+            pick_runtime(Some(Runtime::Containerd), empty.path().as_os_str()).expect_err("no ctr");
+        assert_eq!(
+            err.to_string(),
+            "container runtime containerd is not on PATH (its CLI is `ctr`)"
+        );
+    }
+
+    #[test]
+    fn containerd_defaults_are_containerds_own() {
+        let at = |address: &str, namespace: &str| Containerd {
+            address: address.to_owned(),
+            namespace: namespace.to_owned(),
+        };
+        let no_env = |_: &str| None;
+        let env = |var: &str| match var {
+            "CONTAINERD_ADDRESS" => Some("/env.sock".to_owned()),
+            "CONTAINERD_NAMESPACE" => Some("k8s.io".to_owned()),
+            _ => None,
+        };
+        let empty_env = |_: &str| Some(String::new());
+        assert_eq!(
+            Containerd::resolve_with(None, None, no_env),
+            at("/run/containerd/containerd.sock", "default")
+        );
+        assert_eq!(
+            Containerd::resolve_with(None, None, empty_env),
+            at("/run/containerd/containerd.sock", "default")
+        );
+        assert_eq!(
+            Containerd::resolve_with(None, None, env),
+            at("/env.sock", "k8s.io")
+        );
+        assert_eq!(
+            Containerd::resolve_with(Some("/s.sock".to_owned()), Some("ns".to_owned()), env),
+            at("/s.sock", "ns")
+        );
     }
 
     #[test]
