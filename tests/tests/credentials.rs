@@ -276,6 +276,24 @@ fn a_revoked_refresh_token_fails_the_credential_once_with_its_reason_and_no_retr
         },
     );
     assert_eq!(failures.len(), 1, "audited once: {failures:?}");
+    // `doctor` names the failing credential.
+    let doctor = w.broker.ctl_output(&["doctor", "--json"]);
+    // One JSON object per line.
+    let text = String::from_utf8_lossy(&doctor.stdout).to_string();
+    let checks: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        checks.iter().any(|c| c["name"] == "credentials"
+            && c["level"] == "fail"
+            && c["found"].as_str().is_some_and(|f| f.contains(TOKEN))),
+        "doctor: {text}"
+    );
+    assert!(
+        !doctor.status.success(),
+        "a failing credential fails doctor"
+    );
 
     // Setting the credential again starts over.
     let fresh = oauth.mint_refresh_token(CLIENT, None);

@@ -205,6 +205,17 @@ pub fn run_checks(opts: &DoctorOptions<'_>) -> Vec<Check> {
                 Some(Response::CaCert { .. }) => check("broker CA", Level::Warn, "not in the system trust store: agents started another way than `brokerctl run` (which mounts a bundle with it) will fail TLS", "brokerctl ca install"),
                 _ => check("broker CA", Level::Warn, "brokerd did not hand out its CA", ""),
             });
+            match crate::control::call(opts.run_dir, &Request::SecretList) {
+                Ok(Response::Secrets { secrets }) => {
+                    checks.extend(credential_checks(&secrets));
+                }
+                _ => checks.push(check(
+                    "credentials",
+                    Level::Warn,
+                    "brokerd did not list its secrets",
+                    "",
+                )),
+            }
             match recent_tls_failures(opts.run_dir) {
                 Ok(events) => checks.extend(handshake_checks(&events)),
                 Err(e) => checks.push(check(
@@ -364,6 +375,49 @@ fn recent_tls_failures(run_dir: &Path) -> anyhow::Result<Vec<AuditEvent>> {
 
 /// One check per agent and program whose TLS client refused the broker CA: they hold their
 /// own roots (reqwest with webpki-roots, Bun, a JVM) and need to be told, or passed through.
+/// Credentials that are failing, or expired and not renewed: a request that needs one gets
+/// 503 until it is fixed (`secret set` again, or the source repaired).
+pub fn credential_checks(secrets: &[agent_broker_protocol::SecretInfo]) -> Vec<Check> {
+    let mut checks = Vec::new();
+    for s in secrets.iter().filter(|s| s.kind != "static") {
+        let state = s.state.as_deref().unwrap_or_default();
+        if let Some(why) = state.strip_prefix("failed: ") {
+            checks.push(check(
+                "credentials",
+                Level::Fail,
+                format!("{} ({}) is failing: {why}", s.name, s.kind),
+                match s.kind.as_str() {
+                    "exec" | "file" => "repair the source; brokerd tries again by itself",
+                    _ if why.contains("retrying") => {
+                        "brokerd tries again by itself; check the token endpoint"
+                    }
+                    _ => "store a new grant: brokerctl secret set NAME --kind ...",
+                },
+            ));
+        } else if state == "expired" {
+            checks.push(check(
+                "credentials",
+                Level::Warn,
+                format!(
+                    "{} ({}) holds an expired value; the next request fetches a new one",
+                    s.name, s.kind
+                ),
+                "",
+            ));
+        }
+    }
+    if checks.is_empty() {
+        let n = secrets.iter().filter(|s| s.kind != "static").count();
+        checks.push(check(
+            "credentials",
+            Level::Ok,
+            format!("{n} credential(s) that brokerd fetches, none failing"),
+            "",
+        ));
+    }
+    checks
+}
+
 fn handshake_checks(events: &[AuditEvent]) -> Vec<Check> {
     let by_client = agent_broker_protocol::tls_refusals_by_client(events);
     if by_client.is_empty() {
@@ -771,6 +825,37 @@ mod tests {
         assert!(warned.fix.contains("brokerctl run"));
         s.lsm = "active: socket_create".into();
         assert_eq!(netlink_check(&s).level, Level::Ok);
+    }
+
+    #[test]
+    fn failing_credentials_fail_doctor_and_static_ones_are_not_checked() {
+        let info =
+            |name: &str, kind: &str, state: Option<&str>| agent_broker_protocol::SecretInfo {
+                name: name.into(),
+                version: 1,
+                created_unix: 0,
+                updated_unix: 0,
+                kind: kind.into(),
+                source: None,
+                state: state.map(str::to_owned),
+                valid_until_unix: None,
+                last_used_unix: None,
+            };
+        let ok = credential_checks(&[info("K", "static", None), info("T", "oauth", Some("valid"))]);
+        assert_eq!(ok.len(), 1);
+        assert_eq!(ok[0].level, Level::Ok);
+        let bad = credential_checks(&[
+            info(
+                "T",
+                "oauth",
+                Some("failed: the token endpoint refused (400 invalid_grant)"),
+            ),
+            info("E", "exec", Some("expired")),
+        ]);
+        assert_eq!(bad.len(), 2);
+        assert_eq!(bad[0].level, Level::Fail);
+        assert!(bad[0].found.contains("invalid_grant") && bad[0].fix.contains("secret set"));
+        assert_eq!(bad[1].level, Level::Warn);
     }
 
     #[test]
