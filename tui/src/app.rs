@@ -179,6 +179,8 @@ pub struct App {
     history_loaded: bool,
     notice: Option<String>,
     now_ms: u64,
+    /// Credentials that are not static, with their states (brokerd's `secret list`).
+    credentials: Vec<agent_broker_protocol::SecretInfo>,
 }
 
 impl App {
@@ -212,6 +214,7 @@ impl App {
             history_loaded: false,
             notice: None,
             now_ms: 0,
+            credentials: Vec::new(),
         }
     }
 
@@ -238,7 +241,13 @@ impl App {
             FeedMsg::BadLine(reason) => {
                 self.notice = Some(format!("skipped a line from brokerd: {reason}"));
             }
+            FeedMsg::Credentials(credentials) => self.credentials = credentials,
         }
+    }
+
+    /// The credentials brokerd fetches, as last polled (see [`FeedMsg::Credentials`]).
+    pub fn credentials(&self) -> &[agent_broker_protocol::SecretInfo] {
+        &self.credentials
     }
 
     fn learn_status(&mut self, status: &StatusReport) {

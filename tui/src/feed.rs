@@ -54,7 +54,13 @@ pub enum FeedMsg {
     Disconnected(String),
     /// A line that was not a response the console understands (why); it was skipped.
     BadLine(String),
+    /// The credentials brokerd fetches (every kind but static), with their states, as `secret
+    /// list` shows them; polled every [`CREDENTIALS_EVERY`].
+    Credentials(Vec<protocol::SecretInfo>),
 }
+
+/// How often the console asks for the credentials' states.
+pub const CREDENTIALS_EVERY: Duration = Duration::from_secs(2);
 
 /// The request a console sends first after `status`: the recent history, then live events.
 pub fn history_request() -> Request {
@@ -140,6 +146,7 @@ pub fn socket_path(run_dir: &Path) -> PathBuf {
 pub struct Feed {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    credentials: Option<JoinHandle<()>>,
 }
 
 impl Feed {
@@ -148,6 +155,12 @@ impl Feed {
         let (tx, rx) = mpsc::sync_channel(CHANNEL_DEPTH);
         let stop = Arc::new(AtomicBool::new(false));
         let run_dir = run_dir.to_path_buf();
+        let credentials = thread::Builder::new()
+            .name("console-credentials".into())
+            .spawn({
+                let (stop, tx, run_dir) = (stop.clone(), tx.clone(), run_dir.clone());
+                move || poll_credentials(&run_dir, &tx, &stop)
+            })?;
         let thread = thread::Builder::new().name("console-feed".into()).spawn({
             let stop = stop.clone();
             move || read_forever(&run_dir, &tx, &stop)
@@ -156,6 +169,7 @@ impl Feed {
             Self {
                 stop,
                 thread: Some(thread),
+                credentials: Some(credentials),
             },
             rx,
         ))
@@ -165,7 +179,10 @@ impl Feed {
 impl Drop for Feed {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
+        for thread in [self.thread.take(), self.credentials.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = thread.join();
         }
     }
@@ -178,6 +195,31 @@ enum Ended {
     Stopped,
     /// Lost or refused, with the reason for the status line.
     Lost(String),
+}
+
+/// Asks for the secrets' list every [`CREDENTIALS_EVERY`] on a connection of its own, and
+/// hands the credentials that are not static to the UI; a failed ask is tried again later (the
+/// event reader reports the connection's state).
+fn poll_credentials(run_dir: &Path, tx: &SyncSender<FeedMsg>, stop: &AtomicBool) {
+    loop {
+        let listed = Client::connect(run_dir)
+            .ok()
+            .and_then(|mut c| c.call(&Request::SecretList).ok());
+        if let Some(Response::Secrets { secrets }) = listed {
+            let credentials = secrets.into_iter().filter(|s| s.kind != "static").collect();
+            if send(tx, stop, FeedMsg::Credentials(credentials)).is_err() {
+                return;
+            }
+        }
+        let mut waited = Duration::ZERO;
+        while waited < CREDENTIALS_EVERY {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            thread::sleep(POLL);
+            waited += POLL;
+        }
+    }
 }
 
 fn read_forever(run_dir: &Path, tx: &SyncSender<FeedMsg>, stop: &AtomicBool) {

@@ -45,6 +45,18 @@ pub struct Panes {
     pub footer: Rect,
 }
 
+/// Splits the agents pane to show `n` credentials below the agents, when there are any.
+fn split_for_credentials(agents: Rect, n: usize) -> (Rect, Option<Rect>) {
+    if n == 0 || agents.height < 8 {
+        return (agents, None);
+    }
+    let wanted = u16::try_from(n).unwrap_or(u16::MAX).saturating_add(3);
+    let height = wanted.min(agents.height / 2);
+    let [top, bottom] =
+        Layout::vertical([Constraint::Fill(1), Constraint::Length(height)]).areas(agents);
+    (top, Some(bottom))
+}
+
 /// Splits `area` into panes; None when it is too small to be useful.
 pub fn layout(area: Rect) -> Option<Panes> {
     if area.width < MIN_WIDTH || area.height < MIN_HEIGHT {
@@ -89,7 +101,11 @@ pub fn render(frame: &mut Frame, app: &App) {
     };
     render_status(frame, panes.status, app);
     render_table(frame, panes.table, app);
-    render_agents(frame, panes.agents, app);
+    let (agents, credentials) = split_for_credentials(panes.agents, app.credentials().len());
+    render_agents(frame, agents, app);
+    if let Some(area) = credentials {
+        render_credentials(frame, area, app);
+    }
     render_detail(frame, panes.detail, app);
     render_footer(frame, panes.footer);
     if app.show_help() {
@@ -395,6 +411,38 @@ fn render_agents(frame: &mut Frame, area: Rect, app: &App) {
         });
     let table = Table::new(rows, constraints)
         .header(Row::new(["  AGENT", "CALLS", "DENY", "TLS", "/MIN"]).style(HEADER))
+        .column_spacing(1)
+        .block(block);
+    frame.render_widget(table, area);
+}
+
+/// The credentials brokerd fetches: name, kind and state (failed ones highlighted).
+fn render_credentials(frame: &mut Frame, area: Rect, app: &App) {
+    let block = Block::bordered().title(Line::from(vec![Span::styled(
+        format!(" credentials {} ", app.credentials().len()),
+        HEADER,
+    )]));
+    let constraints = [
+        Constraint::Fill(2),
+        Constraint::Length(7),
+        Constraint::Fill(3),
+    ];
+    let rows = app.credentials().iter().map(|c| {
+        let state = c.state.clone().unwrap_or_default();
+        let style = if state.starts_with("failed") {
+            DENIED
+        } else {
+            Style::new()
+        };
+        Row::new(vec![
+            Cell::from(c.name.clone()),
+            Cell::from(c.kind.clone()),
+            Cell::from(state),
+        ])
+        .style(style)
+    });
+    let table = Table::new(rows, constraints)
+        .header(Row::new(["NAME", "KIND", "STATE"]).style(HEADER))
         .column_spacing(1)
         .block(block);
     frame.render_widget(table, area);

@@ -63,28 +63,53 @@ fn status() -> StatusReport {
     }
 }
 
-/// One accepted console connection, seen from brokerd's side.
+/// One accepted console connection of the event reader, seen from brokerd's side.
 struct Peer {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// The first request, read to tell the reader's connection from the credentials poller's.
+    first: Option<Request>,
 }
 
 impl Peer {
+    /// The event reader's next connection; the credentials poller's connections (a
+    /// `secret_list` each) are answered with an empty list on the way.
     fn accept(listener: &UnixListener) -> Self {
-        let (stream, _) = listener.accept().expect("accept");
-        stream.set_read_timeout(Some(WAIT)).expect("timeout");
-        Self {
-            writer: stream.try_clone().expect("clone"),
-            reader: BufReader::new(stream),
+        loop {
+            let (stream, _) = listener.accept().expect("accept");
+            stream.set_read_timeout(Some(WAIT)).expect("timeout");
+            let mut peer = Self {
+                writer: stream.try_clone().expect("clone"),
+                reader: BufReader::new(stream),
+                first: None,
+            };
+            let Some(first) = peer.read_request() else {
+                continue; // closed before it asked anything
+            };
+            if first == Request::SecretList {
+                peer.send(&Response::Secrets {
+                    secrets: Vec::new(),
+                });
+                continue;
+            }
+            peer.first = Some(first);
+            return peer;
+        }
+    }
+
+    fn read_request(&mut self) -> Option<Request> {
+        let mut line = Vec::new();
+        match self.reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(decode_line(&line).expect("a protocol request")),
         }
     }
 
     fn request(&mut self) -> Request {
-        let mut line = Vec::new();
-        self.reader
-            .read_until(b'\n', &mut line)
-            .expect("read request");
-        decode_line(&line).expect("a protocol request")
+        if let Some(first) = self.first.take() {
+            return first;
+        }
+        self.read_request().expect("read request")
     }
 
     fn send(&mut self, response: &Response) {
@@ -101,8 +126,14 @@ fn event(seq: u64) -> AuditEvent {
     }
 }
 
+/// The next message of the event reader (the credentials poller's are skipped).
 fn next(rx: &Receiver<FeedMsg>) -> FeedMsg {
-    rx.recv_timeout(WAIT).expect("a message from the reader")
+    loop {
+        match rx.recv_timeout(WAIT).expect("a message from the reader") {
+            FeedMsg::Credentials(_) => continue,
+            msg => return msg,
+        }
+    }
 }
 
 #[test]

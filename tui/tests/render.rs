@@ -158,3 +158,59 @@ fn table_rows_match_the_layout() {
     assert_eq!(ui::table_rows(Rect::new(0, 0, 120, 40)), 21);
     assert_eq!(ui::table_rows(Rect::new(0, 0, 10, 3)), 1);
 }
+
+#[test]
+fn credentials_brokerd_fetches_show_below_the_agents_with_failures_highlighted() {
+    let mut app = app();
+    let info = |name: &str, kind: &str, state: &str| agent_broker_protocol::SecretInfo {
+        name: name.into(),
+        version: 1,
+        created_unix: 0,
+        updated_unix: 0,
+        kind: kind.into(),
+        source: None,
+        state: Some(state.into()),
+        valid_until_unix: None,
+        last_used_unix: None,
+    };
+    app.apply(FeedMsg::Credentials(vec![
+        info("GITHUB_OAUTH", "oauth", "valid"),
+        info(
+            "VAULT_KEY",
+            "exec",
+            "failed: /usr/bin/op failed with exit status 1",
+        ),
+    ]));
+    let (text, terminal) = frame(&mut app, 120, 40);
+    assert!(text.contains("credentials 2"), "{text}");
+    assert!(
+        text.contains("GITHUB_OAUTH") && text.contains("oauth"),
+        "{text}"
+    );
+    assert!(
+        text.contains("VAULT_KEY") && text.contains("failed:"),
+        "{text}"
+    );
+    // The failed row is drawn in the denial colour.
+    let buffer = terminal.backend().buffer();
+    let row = (0..buffer.area.height)
+        .find(|&y| {
+            (0..buffer.area.width)
+                .map(|x| buffer[(x, y)].symbol())
+                .collect::<String>()
+                .contains("VAULT_KEY")
+        })
+        .expect("the failed credential's row");
+    let x = (0..buffer.area.width)
+        .find(|&x| buffer[(x, row)].symbol() == "V")
+        .expect("its name");
+    assert_eq!(
+        buffer[(x, row)].fg,
+        Color::Red,
+        "failed credentials are highlighted"
+    );
+    // Without credentials the pane is not drawn.
+    app.apply(FeedMsg::Credentials(Vec::new()));
+    let (text, _) = frame(&mut app, 120, 40);
+    assert!(!text.contains("credentials"), "{text}");
+}
