@@ -3,6 +3,8 @@
 //! [`policy`] decides what each agent cgroup may call and what is written into its requests;
 //! [`inject`] renders the credential templates a rule names; [`handle`] mints and recognizes the
 //! tokens an agent may hold in place of a key (`brk_...`, or shaped like the key); [`secret`] holds secret names and values;
+//! [`sigv4`] verifies AWS SigV4 signatures made with a placeholder key and signs requests again
+//! with the real one;
 //! [`cgroup`] names and finds cgroups; [`agent_name`] maps a tagged cgroup to the stable name its
 //! policies are written for. [`fmt`], [`fs`], [`percent`] and [`time`] hold the few
 //! helpers every side needs, written once.
@@ -21,6 +23,7 @@ pub mod inject;
 pub mod percent;
 pub mod policy;
 pub mod secret;
+pub mod sigv4;
 pub mod time;
 
 #[cfg(test)]
