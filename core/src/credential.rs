@@ -79,6 +79,21 @@ pub enum CredentialSpec {
         private_key_id: Option<String>,
         scope: String,
     },
+    /// AWS credentials for Signature Version 4. The agent holds the placeholder pair (an access
+    /// key id shaped like a real one and a secret key that is worth nothing elsewhere) and signs
+    /// with it; brokerd checks that signature, then signs again with the real pair. The real
+    /// secret key never travels; a session token is written only into the re-signed request.
+    Sigv4 {
+        access_key_id: String,
+        secret_access_key: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session_token: Option<String>,
+        /// Made by brokerd when the credential is stored (`secret placeholder NAME` shows them).
+        #[serde(default)]
+        placeholder_access_key_id: String,
+        #[serde(default)]
+        placeholder_secret_access_key: String,
+    },
     /// A value printed by a command (`op read ...`, `vault kv get -field=...`), run again once
     /// `ttl_secs` have passed.
     Exec {
@@ -107,6 +122,7 @@ impl CredentialSpec {
             Self::Oauth { .. } => "oauth",
             Self::OauthClient { .. } => "oauth-client",
             Self::Gcp { .. } => "gcp",
+            Self::Sigv4 { .. } => "sigv4",
             Self::Exec { .. } => "exec",
             Self::File { .. } => "file",
         }
@@ -130,6 +146,10 @@ impl CredentialSpec {
                 client_email,
                 ..
             } => format!("{token_url} (service account {client_email})"),
+            Self::Sigv4 {
+                placeholder_access_key_id,
+                ..
+            } => format!("AWS SigV4 (agents sign as {placeholder_access_key_id})"),
             Self::Exec { command, .. } => format!("exec: {}", command.join(" ")),
             Self::File { path } => format!("file: {path}"),
         }
@@ -176,6 +196,30 @@ impl CredentialSpec {
                         "private_key",
                         "is not a PKCS#8 PEM key (-----BEGIN PRIVATE KEY-----), as a service \
                          account's JSON key file holds",
+                    ));
+                }
+                Ok(())
+            }
+            Self::Sigv4 {
+                access_key_id,
+                secret_access_key,
+                placeholder_access_key_id,
+                placeholder_secret_access_key,
+                ..
+            } => {
+                check_nonempty("access_key_id", access_key_id)?;
+                check_nonempty("secret_access_key", secret_access_key)?;
+                check_nonempty("placeholder_access_key_id", placeholder_access_key_id)?;
+                check_nonempty(
+                    "placeholder_secret_access_key",
+                    placeholder_secret_access_key,
+                )?;
+                if placeholder_access_key_id == access_key_id
+                    || placeholder_secret_access_key == secret_access_key
+                {
+                    return Err(field(
+                        "placeholder_secret_access_key",
+                        "the placeholders must differ from the real credentials",
                     ));
                 }
                 Ok(())
@@ -235,6 +279,48 @@ impl CredentialSpec {
                 .map_err(|e| SpecError::Malformed(e.to_string()))
                 .and_then(|spec| spec.validate().map(|()| spec)),
         )
+    }
+}
+
+impl CredentialSpec {
+    /// Whether brokerd fetches this kind's value (OAuth, exec, file) rather than using the
+    /// material itself (SigV4 signs with it).
+    pub fn is_fetched(&self) -> bool {
+        !matches!(self, Self::Sigv4 { .. })
+    }
+
+    /// For SigV4: fills in placeholders made from `random` bytes (at least 60) where they are
+    /// empty. The access key id keeps the real one's kind: `ASIA` for temporary credentials,
+    /// `AKIA` otherwise.
+    pub fn fill_placeholders(&mut self, random: &[u8]) {
+        if let Self::Sigv4 {
+            access_key_id,
+            placeholder_access_key_id,
+            placeholder_secret_access_key,
+            ..
+        } = self
+        {
+            const ID: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+            const SECRET: &[u8] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let mut bytes = random.iter().copied().cycle();
+            if placeholder_access_key_id.is_empty() {
+                let prefix = if access_key_id.starts_with("ASIA") {
+                    "ASIA"
+                } else {
+                    "AKIA"
+                };
+                let body: String = (0..16)
+                    .map(|_| ID[usize::from(bytes.next().unwrap_or(0)) % ID.len()] as char)
+                    .collect();
+                *placeholder_access_key_id = format!("{prefix}{body}");
+            }
+            if placeholder_secret_access_key.is_empty() {
+                *placeholder_secret_access_key = (0..40)
+                    .map(|_| SECRET[usize::from(bytes.next().unwrap_or(0)) % SECRET.len()] as char)
+                    .collect();
+            }
+        }
     }
 }
 

@@ -16,6 +16,7 @@ mod inject;
 mod limits;
 mod names;
 mod request;
+mod sigv4;
 
 use std::{
     collections::HashMap,
@@ -304,7 +305,7 @@ impl Authorizer for PolicyAuthorizer {
             ..Grant::default()
         };
         handles::swap(self, facts, parts, &allowed, &mut grant)?;
-        inject::write(self, facts.host, (parts, &allowed), &mut grant)?;
+        inject::write(self, facts, (parts, &allowed), &mut grant)?;
         if !grant.scrub.covers(&grant.needles) {
             // A handle's secret that no rule names: its set is cached too.
             grant.scrub = self

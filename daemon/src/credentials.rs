@@ -204,6 +204,8 @@ impl Credentials {
             };
             let spec = match CredentialSpec::from_value(&value) {
                 None => continue,
+                // SigV4 material is used as it is, to sign (see `crate::broker`).
+                Some(Ok(spec)) if !spec.is_fetched() => continue,
                 Some(Ok(spec)) => spec,
                 Some(Err(e)) => {
                     warn!(secret = %meta.name.as_str(), error = %e, "a stored credential spec cannot be read; set the credential again");
@@ -394,6 +396,7 @@ impl Credentials {
             return;
         }
         let outcome = match &entry.spec {
+            CredentialSpec::Sigv4 { .. } => Err(("SigV4 credentials are not fetched".into(), true)),
             CredentialSpec::Oauth { .. }
             | CredentialSpec::OauthClient { .. }
             | CredentialSpec::Gcp { .. } => self.fetch_token(entry).await,

@@ -44,6 +44,7 @@
 //! `<workspace>/target/static/x86_64-unknown-linux-gnu/debug/agent-client`.
 
 pub mod agent;
+pub mod aws;
 pub mod bpf;
 pub mod broker;
 pub mod canary;

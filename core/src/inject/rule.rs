@@ -29,6 +29,44 @@ impl BasicAuth {
     }
 }
 
+/// `inject.aws_sigv4`: the agent signs with the placeholder credentials of a SigV4 credential
+/// (`crate::credential::CredentialSpec::Sigv4`); brokerd checks that signature and signs the
+/// request again with the real ones. Empty lists allow any service, region or action.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AwsSigV4 {
+    pub(crate) secret: SecretName,
+    pub(crate) services: Vec<String>,
+    pub(crate) regions: Vec<String>,
+    pub(crate) actions: Vec<String>,
+}
+
+impl AwsSigV4 {
+    /// The SigV4 credential.
+    pub fn secret(&self) -> &SecretName {
+        &self.secret
+    }
+
+    /// Whether the credential scope's service may be signed for.
+    pub fn allows_service(&self, service: &str) -> bool {
+        self.services.is_empty() || self.services.iter().any(|s| s == service)
+    }
+
+    /// Whether the credential scope's region may be signed for.
+    pub fn allows_region(&self, region: &str) -> bool {
+        self.regions.is_empty() || self.regions.iter().any(|r| r == region)
+    }
+
+    /// Whether the request's `Action` (the query's or a form body's) may be signed: with
+    /// actions listed, a request must name one of them.
+    pub fn allows_action(&self, action: Option<&str>) -> bool {
+        self.actions.is_empty() || action.is_some_and(|a| self.actions.iter().any(|x| x == a))
+    }
+
+    pub fn actions(&self) -> &[String] {
+        &self.actions
+    }
+}
+
 /// Everything one rule injects.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Injection {
@@ -36,6 +74,7 @@ pub struct Injection {
     pub(crate) basic_auth: Option<BasicAuth>,
     /// Parameter name (as written, unencoded) and value template, sorted by name.
     pub(crate) query: Vec<(String, Template)>,
+    pub(crate) aws_sigv4: Option<AwsSigV4>,
 }
 
 /// The header basic auth sets.
@@ -62,9 +101,17 @@ impl Injection {
         &self.query
     }
 
+    /// `inject.aws_sigv4`, if any.
+    pub fn aws_sigv4(&self) -> Option<&AwsSigV4> {
+        self.aws_sigv4.as_ref()
+    }
+
     /// Whether the rule injects nothing.
     pub fn is_empty(&self) -> bool {
-        self.headers.is_empty() && self.basic_auth.is_none() && self.query.is_empty()
+        self.headers.is_empty()
+            && self.basic_auth.is_none()
+            && self.query.is_empty()
+            && self.aws_sigv4.is_none()
     }
 
     /// Every header this sets, lowercase (basic auth sets `authorization`): whatever the agent
@@ -83,6 +130,7 @@ impl Injection {
             names.extend(b.password.secret_names());
         }
         names.extend(self.query.iter().flat_map(|(_, t)| t.secret_names()));
+        names.extend(self.aws_sigv4.iter().map(|s| &s.secret));
         names
     }
 
@@ -94,6 +142,11 @@ impl Injection {
             .map(|n| format!("header {n}"))
             .chain(self.basic_auth.iter().map(|_| "basic auth".to_string()))
             .chain(self.query.iter().map(|(n, _)| format!("query {n}")))
+            .chain(
+                self.aws_sigv4
+                    .iter()
+                    .map(|_| "aws sigv4 signature".to_string()),
+            )
             .collect()
     }
 
@@ -319,6 +372,7 @@ mod tests {
                 password: t("{secret:B}"),
             }),
             query: vec![("api_key".into(), t("{secret:A}")), ("v".into(), t("2"))],
+            aws_sigv4: None,
         }
     }
 

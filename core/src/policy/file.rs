@@ -35,7 +35,9 @@ use super::{
 };
 use crate::{
     cgroup::CgroupPath,
-    inject::{BasicAuth, InjectSpec, Injection, Template, parse_header_name, parse_query_name},
+    inject::{
+        AwsSigV4, BasicAuth, InjectSpec, Injection, Template, parse_header_name, parse_query_name,
+    },
     secret::SecretName,
 };
 
@@ -139,6 +141,19 @@ struct RawInject {
     basic_auth: Option<Spanned<RawBasicAuth>>,
     #[serde(default)]
     query: BTreeMap<Spanned<String>, Spanned<String>>,
+    aws_sigv4: Option<Spanned<RawSigV4>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigV4 {
+    secret: Spanned<String>,
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default)]
+    regions: Vec<String>,
+    #[serde(default)]
+    actions: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -958,6 +973,49 @@ fn compile_inject(errs: &mut RuleErrors<'_, '_>, raw: RawInject) -> Option<Injec
         }
     }
 
+    let aws_sigv4 = raw.aws_sigv4.and_then(|a| {
+        let span = a.span();
+        let a = a.into_inner();
+        if first_span.contains_key("authorization") || basic_auth.is_some() {
+            errs.at(
+                span.clone(),
+                "inject.aws_sigv4",
+                "aws_sigv4 signs the authorization header, which inject.headers or basic_auth \
+                 sets too; keep one",
+            );
+        }
+        for (what, list) in [
+            ("services", &a.services),
+            ("regions", &a.regions),
+            ("actions", &a.actions),
+        ] {
+            if let Some(bad) = list.iter().find(|v| {
+                v.is_empty()
+                    || !v.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')
+                    })
+            }) {
+                errs.at(
+                    span.clone(),
+                    &format!("inject.aws_sigv4.{what}"),
+                    format!("{bad:?} is not a service, region or action name"),
+                );
+            }
+        }
+        match SecretName::new(a.secret.get_ref().as_str()) {
+            Ok(secret) => Some(AwsSigV4 {
+                secret,
+                services: a.services,
+                regions: a.regions,
+                actions: a.actions,
+            }),
+            Err(e) => {
+                errs.at(a.secret.span(), "inject.aws_sigv4.secret", e);
+                None
+            }
+        }
+    });
+
     if errs.list.len() > before {
         return None;
     }
@@ -973,6 +1031,7 @@ fn compile_inject(errs: &mut RuleErrors<'_, '_>, raw: RawInject) -> Option<Injec
         headers,
         basic_auth,
         query,
+        aws_sigv4,
     })
 }
 

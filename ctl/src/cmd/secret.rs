@@ -25,7 +25,10 @@ pub enum Command {
     /// the refresh token, or a JSON object with `refresh_token` and `client_secret`), `--kind
     /// oauth-client` (client-credentials grant: stdin holds the client secret), both with
     /// --token-url and --client-id, and `--kind gcp --scope SCOPE` (stdin holds a Google service
-    /// account's JSON key file); brokerd fetches and refreshes the access token and injects it. `--from exec:COMMAND` (the command's output, run again after --ttl) and `--from
+    /// account's JSON key file); brokerd fetches and refreshes the access token and injects it.
+    /// `--kind sigv4` (stdin: `{"access_key_id": ..., "secret_access_key": ...}`) stores AWS keys
+    /// that brokerd signs requests with; `secret placeholder NAME` prints the placeholder pair
+    /// agents sign with instead. `--from exec:COMMAND` (the command's output, run again after --ttl) and `--from
     /// file:PATH` (the file's content, read again when it changes) read nothing from stdin.
     Set {
         /// Secret name: letters, digits, `_`, `-`, `.`; starts with a letter.
@@ -58,9 +61,10 @@ pub enum Command {
 /// What kind of credential `set` and `rotate` store (default: a static value from stdin).
 #[derive(Debug, Default, clap::Args)]
 pub struct KindArgs {
-    /// `oauth` (refresh-token grant), `oauth-client` (client-credentials grant) or `gcp` (a
-    /// Google service account's JSON key on stdin; JWT-bearer grant).
-    #[arg(long, value_name = "KIND", value_parser = ["oauth", "oauth-client", "gcp"], conflicts_with = "from")]
+    /// `oauth` (refresh-token grant), `oauth-client` (client-credentials grant), `gcp` (a
+    /// Google service account's JSON key on stdin; JWT-bearer grant) or `sigv4` (AWS keys on
+    /// stdin as JSON: `access_key_id`, `secret_access_key`, optional `session_token`).
+    #[arg(long, value_name = "KIND", value_parser = ["oauth", "oauth-client", "gcp", "sigv4"], conflicts_with = "from")]
     kind: Option<String>,
     /// The OAuth token endpoint (https) [gcp: the key file's token_uri].
     #[arg(long, value_name = "URL", requires = "kind")]
@@ -187,6 +191,21 @@ fn spec(name: &str, kind: &KindArgs) -> anyhow::Result<Option<String>> {
     let Some(k) = &kind.kind else {
         return Ok(None);
     };
+    if k == "sigv4" {
+        let keys = read_value(&format!("AWS keys (JSON) for {name}"))?;
+        let keys: serde_json::Map<String, serde_json::Value> = serde_json::from_str(keys.trim())
+            .map_err(|e| anyhow::anyhow!("stdin is not a JSON object: {}", e.classify_name()))?;
+        let mut spec = json!({ "kind": "sigv4" });
+        for (key, value) in keys {
+            anyhow::ensure!(
+                ["access_key_id", "secret_access_key", "session_token"].contains(&key.as_str()),
+                "stdin: field {key:?} does not belong to a sigv4 credential (access_key_id, \
+                 secret_access_key, session_token)"
+            );
+            spec[key] = value;
+        }
+        return Ok(Some(spec.to_string()));
+    }
     if k == "gcp" {
         let key = read_value(&format!("service account JSON key for {name}"))?;
         let key: serde_json::Map<String, serde_json::Value> = serde_json::from_str(key.trim())

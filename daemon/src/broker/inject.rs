@@ -5,16 +5,17 @@ use http::{HeaderName, HeaderValue, request::Parts};
 
 use super::{PolicyAuthorizer, request::Allowed};
 use crate::credentials::Lookup;
-use crate::proxy::{Denial, Grant};
+use crate::proxy::{Denial, Grant, RequestFacts};
 
 /// Writes what the rule injects into the request for `host`; the values go into the grant's
 /// needles, to be scrubbed from the response.
 pub(super) fn write(
     broker: &PolicyAuthorizer,
-    host: &str,
+    facts: &RequestFacts<'_>,
     (parts, allowed): (&mut Parts, &Allowed<'_>),
     grant: &mut Grant,
 ) -> Result<(), Denial> {
+    let host = facts.host;
     if allowed.inject.is_empty() {
         return Ok(());
     }
@@ -38,6 +39,9 @@ pub(super) fn write(
                 });
             }
         }
+    }
+    if let Some(rule) = allowed.inject.aws_sigv4() {
+        super::sigv4::apply(broker, facts, parts, allowed, rule, grant)?;
     }
     let rendered = allowed
         .inject

@@ -36,7 +36,14 @@ pub async fn set(
     let value = if spec {
         let parsed = serde_json::from_str::<CredentialSpec>(value.expose())
             .map_err(|e| format!("the credential spec is not valid: {e}"))
-            .and_then(|s| s.to_value().map_err(|e| e.to_string()));
+            .and_then(|mut spec| {
+                // SigV4: the placeholder pair the agent signs with is made here.
+                let mut random = zeroize::Zeroizing::new([0u8; 64]);
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut *random)
+                    .map_err(|_| "no randomness for the placeholders".to_string())?;
+                spec.fill_placeholders(&*random);
+                spec.to_value().map_err(|e| e.to_string())
+            });
         match parsed {
             Ok(v) => v,
             // serde's message names the field and position, never the value of a string.
@@ -107,12 +114,39 @@ pub async fn remove(state: &ControlState, name: String) -> Response {
     }
 }
 
-/// A random placeholder of the secret's shape, bound to nothing and stored nowhere.
+/// A random placeholder of the secret's shape, bound to nothing and stored nowhere. For a
+/// SigV4 credential: the placeholder pair its agents sign with, as environment lines.
 pub async fn placeholder(state: &ControlState, name: String) -> Response {
     let name = match SecretName::new(name) {
         Ok(n) => n,
         Err(e) => return error(ErrorKind::BadRequest, e.to_string()),
     };
+    let v = state.vault.clone();
+    let lookup = name.clone();
+    let pair = blocking(move || {
+        Ok(v.get(&lookup)?.and_then(|value| match &CredentialSpec::from_value(&value) {
+            Some(Ok(CredentialSpec::Sigv4 {
+                placeholder_access_key_id,
+                placeholder_secret_access_key,
+                ..
+            })) => Some(format!(
+                "AWS_ACCESS_KEY_ID={placeholder_access_key_id}\nAWS_SECRET_ACCESS_KEY={placeholder_secret_access_key}"
+            )),
+            _ => None,
+        }))
+    })
+    .await;
+    match pair {
+        Ok(Some(lines)) => {
+            return Response::SecretPlaceholder {
+                name: name.as_str().to_string(),
+                shape: "AWS SigV4 placeholder credentials".into(),
+                placeholder: lines,
+            };
+        }
+        Ok(None) => {}
+        Err(response) => return response,
+    }
     let shape = match shape_of(&state.vault, &name).await {
         Ok(Ok(shape)) => shape,
         Ok(Err(e)) => {

@@ -61,6 +61,35 @@ pub struct Grant {
     /// only once everything else allows the request, the name proof included, so a request
     /// refused for another reason uses none of them up. `Err`: the 429 to answer.
     pub admit: Option<Admit>,
+    /// Rewrites the request body as it streams upstream (SigV4's chunk signatures of an S3
+    /// streaming upload, signed again).
+    pub body_transform: Option<Box<dyn BodyTransform>>,
+}
+
+/// A request body the proxy read whole before authorization (in the request's extensions): a
+/// SigV4-signed request that declares no payload hash is signed over its body, which the
+/// broker must hash, and whose `Action` a rule may restrict.
+#[derive(Clone, Debug)]
+pub struct ReadBody(pub bytes::Bytes);
+
+/// Longest body read whole for [`ReadBody`]; a longer one is refused (413).
+pub const MAX_READ_BODY: usize = 1024 * 1024;
+
+/// Whether the proxy reads the request's body before authorization (see [`ReadBody`]).
+pub fn reads_body_first(parts: &Parts) -> bool {
+    parts
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .is_some_and(|a| a.as_bytes().starts_with(b"AWS4-HMAC-SHA256"))
+        && !parts.headers.contains_key("x-amz-content-sha256")
+}
+
+/// A rewrite of a request body as it streams (see [`Grant::body_transform`]): `feed` takes each
+/// piece the agent sent and appends what goes upstream; `finish` checks the body ended well.
+/// An error ends the upstream body early, so the upstream sees a truncated request and fails it.
+pub trait BodyTransform: Send {
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), String>;
+    fn finish(&mut self) -> Result<(), String>;
 }
 
 /// See [`Grant::admit`].

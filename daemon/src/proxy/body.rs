@@ -20,6 +20,8 @@ use std::{
 
 use agent_broker_core::policy::{UsageMeter, UsageReading};
 use bytes::Bytes;
+
+use super::BodyTransform;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Frame, Incoming};
@@ -170,6 +172,80 @@ impl hyper::body::Body for Counted {
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body on its way upstream, rewritten by a [`BodyTransform`] as it streams. When
+/// the transform refuses the body (a chunk signature that does not verify), the body ends
+/// there: shorter than its length, the upstream request fails, and nothing after the refused
+/// part is sent.
+pub(super) struct Transformed<B> {
+    inner: B,
+    transform: Box<dyn BodyTransform>,
+    done: bool,
+}
+
+impl<B> Transformed<B> {
+    pub(super) fn new(inner: B, transform: Box<dyn BodyTransform>) -> Self {
+        Self {
+            inner,
+            transform,
+            done: false,
+        }
+    }
+}
+
+impl<B> hyper::body::Body for Transformed<B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            let mut out = Vec::new();
+                            if let Err(why) = self.transform.feed(&data, &mut out) {
+                                tracing::warn!(reason = %why, "request body refused while streaming upstream; the upstream request is cut");
+                                self.done = true;
+                                return Poll::Ready(None);
+                            }
+                            if out.is_empty() {
+                                continue;
+                            }
+                            Frame::data(Bytes::from(out))
+                        }
+                        Err(other) => other,
+                    };
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    if let Err(why) = self.transform.finish() {
+                        tracing::warn!(reason = %why, "request body ended badly; the upstream request is cut");
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        // Same length out as in (chunk signatures have a fixed size).
         self.inner.size_hint()
     }
 }

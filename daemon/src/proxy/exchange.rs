@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use super::{
     Denial, DenialReason, Grant, Proxy, RequestFacts,
-    body::{AgentBody, BodyError, Counted, Watched, scrub_headers, scrubbed_body},
+    body::{AgentBody, BodyError, Counted, Transformed, Watched, scrub_headers, scrubbed_body},
     decode::{Coding, Decoded, Limits as DecodeLimits},
     http::{
         Refusal, check_request_shape, prepare_upstream, request_host, strip_hop_by_hop,
@@ -148,6 +148,37 @@ impl Proxy {
             port,
             tls: conn.tls,
         };
+        // A SigV4-signed request that declares no payload hash (AWS's query and JSON APIs) is
+        // signed over its body: it is read first, bounded, for the signature check and the
+        // rule's action check, and sent upstream as read.
+        let mut read_first: Option<bytes::Bytes> = None;
+        if super::reads_body_first(&parts) {
+            let Some(inner) = body.take() else {
+                let denial = Denial::forbidden(Refusal::BodyConsumed.into());
+                return Exchange::refused(&conn.origin, host, denial, None);
+            };
+            match http_body_util::Limited::new(inner, super::MAX_READ_BODY)
+                .collect()
+                .await
+            {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    parts.extensions.insert(super::ReadBody(bytes.clone()));
+                    read_first = Some(bytes);
+                }
+                Err(e) => {
+                    let denial = Denial {
+                        status: StatusCode::PAYLOAD_TOO_LARGE,
+                        ..Denial::forbidden(DenialReason::Rule(format!(
+                            "a SigV4-signed request without x-amz-content-sha256 is signed over \
+                             its body, which brokerd reads whole, up to {} bytes: {e}",
+                            super::MAX_READ_BODY
+                        )))
+                    };
+                    return Exchange::refused(&conn.origin, host, denial, None);
+                }
+            }
+        }
         if let Some(ready) = self.authorizer.prepare(&facts, &parts) {
             ready.await;
         }
@@ -190,9 +221,24 @@ impl Proxy {
         if let Err(reason) = prepare_upstream(&mut parts, (&host, port), conn.tls, scrubbing, hop) {
             return Exchange::refused(&conn.origin, host, Denial::from(reason), Some(grant));
         }
-        let Some(inner) = body.take() else {
-            let denial = Denial::forbidden(Refusal::BodyConsumed.into());
-            return Exchange::refused(&conn.origin, host, denial, Some(grant));
+        let upstream_body = match read_first {
+            Some(bytes) => {
+                bytes_in.store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                http_body_util::Full::new(bytes)
+                    .map_err(|never: std::convert::Infallible| match never {})
+                    .boxed_unsync()
+            }
+            None => {
+                let Some(inner) = body.take() else {
+                    let denial = Denial::forbidden(Refusal::BodyConsumed.into());
+                    return Exchange::refused(&conn.origin, host, denial, Some(grant));
+                };
+                UnsyncBoxBody::new(Counted::new(inner, bytes_in.clone()))
+            }
+        };
+        let upstream_body = match grant.body_transform.take() {
+            Some(transform) => UnsyncBoxBody::new(Transformed::new(upstream_body, transform)),
+            None => upstream_body,
         };
         if grant.meter_usage {
             // The usage is read as the body streams: it must not come compressed.
@@ -201,8 +247,7 @@ impl Proxy {
                 http::HeaderValue::from_static("identity"),
             );
         }
-        let counted = Counted::new(inner, bytes_in.clone());
-        let upstream_req = Request::from_parts(parts, UnsyncBoxBody::new(counted));
+        let upstream_req = Request::from_parts(parts, upstream_body);
         let protocols = if hop.upgrade {
             Protocols::Http1Only
         } else {

@@ -438,3 +438,77 @@ fn the_limiter_enforces_decided_limit_keys() {
     limiter.retain_for(&policy(&[("api.toml", "cgroup = \"agents/demo\"\n")]));
     assert!(limiter.is_empty());
 }
+
+#[test]
+fn aws_sigv4_injection_reaches_the_decision_and_conflicts_are_refused() {
+    let p = policy(&[(
+        "aws.toml",
+        r#"
+cgroup = "a"
+[[allow]]
+host = "s3.amazonaws.com"
+inject.aws_sigv4 = { secret = "AWS", services = ["s3"], regions = ["eu-west-1"], actions = [] }
+"#,
+    )]);
+    let r = req("PUT", "s3.amazonaws.com/bucket/key");
+    let RequestDecision::Allow { inject, .. } = p.decide_request(&cg("a"), &r.info()) else {
+        panic!("denied")
+    };
+    assert_eq!(inject.slots(), ["aws sigv4 signature"]);
+    let aws = inject.aws_sigv4().expect("aws_sigv4");
+    assert_eq!(aws.secret().as_str(), "AWS");
+    assert!(aws.allows_service("s3") && !aws.allows_service("iam"));
+    assert!(aws.allows_region("eu-west-1") && !aws.allows_region("us-east-1"));
+    assert!(aws.allows_action(None), "no actions listed: any");
+    let names: Vec<&str> = p
+        .secret_names()
+        .into_iter()
+        .map(SecretName::as_str)
+        .collect();
+    assert_eq!(names, ["AWS"]);
+
+    for (bad, why) in [
+        (
+            "inject.headers = { authorization = \"x\" }\ninject.aws_sigv4 = { secret = \"AWS\" }",
+            "signs the authorization header",
+        ),
+        (
+            "inject.aws_sigv4 = { secret = \"1AWS\" }",
+            "invalid secret name",
+        ),
+        (
+            "inject.aws_sigv4 = { secret = \"AWS\", services = [\"s 3\"] }",
+            "is not a service",
+        ),
+        (
+            "inject.aws_sigv4 = { secret = \"AWS\", verbs = [] }",
+            "unknown field",
+        ),
+    ] {
+        let text = format!("cgroup = \"x\"\n[[allow]]\nhost = \"h.test\"\n{bad}\n");
+        let Err(e) = try_policy(&[("p.toml", &text)]) else {
+            panic!("accepted: {bad}")
+        };
+        assert!(e.to_string().contains(why), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn aws_sigv4_actions_restrict_by_the_requests_action() {
+    let p = policy(&[(
+        "aws.toml",
+        "cgroup = \"a\"\n[[allow]]\nhost = \"sts.amazonaws.com\"\n\
+         inject.aws_sigv4 = { secret = \"AWS\", actions = [\"GetCallerIdentity\"] }\n",
+    )]);
+    let r = req("POST", "sts.amazonaws.com/");
+    let RequestDecision::Allow { inject, .. } = p.decide_request(&cg("a"), &r.info()) else {
+        panic!("denied")
+    };
+    let aws = inject.aws_sigv4().expect("aws_sigv4");
+    assert!(aws.allows_action(Some("GetCallerIdentity")));
+    assert!(!aws.allows_action(Some("AssumeRole")));
+    assert!(
+        !aws.allows_action(None),
+        "actions listed: a request must name one"
+    );
+}
