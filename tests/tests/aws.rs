@@ -242,3 +242,120 @@ fn a_wrong_real_key_fails_at_aws_and_a_wrong_placeholder_fails_at_brokerd() {
         "the refusal says why"
     );
 }
+
+/// An S3 upload with signed chunks (`STREAMING-AWS4-HMAC-SHA256-PAYLOAD`, as the Java and Go
+/// SDKs send), made by hand as AWS's documentation describes it: every chunk signed with the
+/// placeholder key, chained from the seed signature. Prints the status, then (after a GET
+/// through boto3) whether the stored object is what was sent. With `tamper`, the second chunk's
+/// signature is wrong.
+const CHUNKED_PY: &str = r#"
+import datetime, hashlib, hmac, http.client, json, ssl, sys
+import boto3, botocore.config
+cfg = json.loads(sys.argv[1])
+host, port, akid, secret, tamper = cfg["host"], cfg["port"], cfg["akid"], cfg["secret"], cfg["tamper"]
+key_name = "tampered.bin" if tamper else "streamed.bin"
+path = "/abtest-bucket/" + key_name
+data = bytes(range(256)) * 1000  # 256000 bytes: three 64 KiB chunks and a short one
+amz_date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+day = amz_date[:8]
+scope = day + "/us-east-1/s3/aws4_request"
+def hm(k, m): return hmac.new(k, m.encode(), hashlib.sha256).digest()
+k = hm(("AWS4" + secret).encode(), day); k = hm(k, "us-east-1"); k = hm(k, "s3"); k = hm(k, "aws4_request")
+size = 65536
+chunks = [data[i:i + size] for i in range(0, len(data), size)] + [b""]
+enc_len = sum(len("%x" % len(c)) + 17 + 64 + 2 + len(c) + 2 for c in chunks)
+headers = {"host": "%s:%d" % (host, port), "x-amz-date": amz_date,
+           "x-amz-content-sha256": "STREAMING-AWS4-HMAC-SHA256-PAYLOAD",
+           "content-encoding": "aws-chunked", "x-amz-decoded-content-length": str(len(data)),
+           "content-length": str(enc_len)}
+signed = sorted(headers)
+canonical = "\n".join(["PUT", path, ""] + ["%s:%s" % (h, headers[h]) for h in signed]
+                      + ["", ";".join(signed), "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"])
+sts = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+seed = hmac.new(k, sts.encode(), hashlib.sha256).hexdigest()
+auth = "AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (akid, scope, ";".join(signed), seed)
+prev, body = seed, b""
+empty = hashlib.sha256(b"").hexdigest()
+for i, c in enumerate(chunks):
+    s2s = "\n".join(["AWS4-HMAC-SHA256-PAYLOAD", amz_date, scope, prev, empty, hashlib.sha256(c).hexdigest()])
+    sig = hmac.new(k, s2s.encode(), hashlib.sha256).hexdigest()
+    prev = sig
+    if tamper and i == 1:
+        sig = "0" * 64
+    body += b"%x;chunk-signature=%s\r\n" % (len(c), sig.encode()) + c + b"\r\n"
+out = {}
+try:
+    conn = http.client.HTTPSConnection(host, port, timeout=30,
+                                       context=ssl.create_default_context(cafile=cfg["ca"]))
+    conn.request("PUT", path, body=body, headers=dict(headers, authorization=auth))
+    resp = conn.getresponse()
+    out["put"] = resp.status
+    out["put_body"] = resp.read().decode("latin-1")[:300]
+except Exception as e:
+    out["put"] = "error: %s" % e
+session = boto3.session.Session(aws_access_key_id=akid, aws_secret_access_key=secret, region_name="us-east-1")
+s3 = session.client("s3", endpoint_url="https://%s:%d" % (host, port),
+                    config=botocore.config.Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+try:
+    got = s3.get_object(Bucket="abtest-bucket", Key=key_name)["Body"].read()
+    out["same"] = got == data
+except Exception as e:
+    out["same"] = "error: %s" % type(e).__name__
+print(json.dumps(out))
+"#;
+
+#[test]
+fn an_s3_upload_with_signed_chunks_is_signed_again_chunk_by_chunk() {
+    let s = setup(None);
+    let (run, r) = run_agent(&s);
+    assert_eq!(r["create"], 200, "{r:#}\n{}", run.show());
+    for tamper in [false, true] {
+        let cfg = serde_json::json!({
+            "akid": s.akid,
+            "secret": s.secret.expose(),
+            "host": AWS_NAME,
+            "port": s.moto.addr.port(),
+            "ca": s.w.broker_ca.display().to_string(),
+            "tamper": tamper,
+        });
+        let python = aws_bin().join("python").to_string_lossy().into_owned();
+        let argv = vec![python, "-c".into(), CHUNKED_PY.into(), cfg.to_string()];
+        let mut env = s.w.trust().var("python");
+        env.push(("AWS_CA_BUNDLE", s.w.broker_ca.display().to_string()));
+        let run = clients::run_in_cgroup(&s.w.broker, &s.w.agent, "chunked", &env, &argv);
+        let stdout = String::from_utf8_lossy(&run.output.stdout).into_owned();
+        let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "no report ({e}): {}\nbrokerd:\n{}\nmoto:\n{}",
+                run.show(),
+                s.w.broker.log(),
+                s.moto.log()
+            )
+        });
+        run.assert_no_secret(&s.moto.secret);
+        if tamper {
+            assert_ne!(
+                r["put"], 200,
+                "a chunk the agent did not sign right is never signed: {r:#}"
+            );
+            assert_ne!(r["same"], true, "{r:#}");
+            assert!(
+                s.w.broker.log().contains("request body refused"),
+                "brokerd says why it cut the upload:\n{}",
+                s.w.broker.log()
+            );
+        } else {
+            assert_eq!(
+                r["put"],
+                200,
+                "{r:#}\nbrokerd:\n{}\nmoto:\n{}",
+                s.w.broker.log(),
+                s.moto.log()
+            );
+            assert_eq!(
+                r["same"], true,
+                "the object moto stored is what the agent sent: {r:#}"
+            );
+        }
+    }
+}
