@@ -20,7 +20,7 @@ use crate::secret::{SecretName, SecretValue};
 mod rule;
 
 pub(crate) use rule::parse_query_name;
-pub use rule::{AwsSigV4, BasicAuth, Injection, QueryNameError, RenderedInjection};
+pub use rule::{AwsSigV4, BasicAuth, CaptureTokens, Injection, QueryNameError, RenderedInjection};
 
 /// Errors of this module. None carries a secret value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

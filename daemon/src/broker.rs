@@ -10,6 +10,7 @@
 //! the scrubbing set of the agent's policy: every secret value its rules can inject, prebuilt
 //! once per policy, vault generation and governing file.
 
+mod capture;
 mod connection;
 mod handles;
 mod inject;
@@ -277,6 +278,12 @@ impl Authorizer for PolicyAuthorizer {
         }
         let credentials = credentials.clone();
         Some(Box::pin(async move { credentials.ensure(&pending).await }))
+    }
+
+    fn reads_body(&self, facts: &RequestFacts<'_>, parts: &Parts) -> bool {
+        let policy = self.current_policy();
+        request::decide(&policy, facts, parts)
+            .is_ok_and(|allowed| capture::reads_body(&allowed, parts))
     }
 
     fn rejected(&self, grant: &Grant) {

@@ -486,3 +486,109 @@ fn a_google_service_account_key_mints_tokens_through_the_jwt_bearer_grant() {
     assert!(!listing.contains("PRIVATE KEY"), "{listing}");
     assert!(!w.broker.log().contains("PRIVATE KEY"));
 }
+
+/// A world whose agent runs an OAuth flow itself: its token requests to the test server go
+/// through a rule that captures the tokens (`inject.capture_tokens`), its resource requests
+/// through a rule that injects nothing (placeholders are swapped like handles).
+fn capture_world(ca: TestCa, oauth: &TestOAuth) -> World {
+    let port = oauth.port();
+    World::with_ca(ca, |cg, api| {
+        vec![(
+            "agent".into(),
+            format!(
+                "cgroup = \"{agent}\"\n\
+                 [[allow]]\nhost = \"{AUTH}\"\nport = {port}\npaths = [\"/token\"]\n\
+                 inject.capture_tokens = {{ use_at = \"{AUTH}\" }}\n\
+                 [[allow]]\nhost = \"{AUTH}\"\nport = {port}\n\
+                 [[allow]]\nhost = \"api.example.test\"\nport = {api_port}\n",
+                agent = cg.child("agent"),
+                api_port = api.port(),
+            ),
+        )]
+    })
+}
+
+/// The agent's token request: a refresh with `refresh_token`; returns (status, answer).
+fn agent_refresh(w: &World, oauth: &TestOAuth, refresh_token: &str) -> (u16, serde_json::Value) {
+    let form = format!(
+        "grant_type=refresh_token&client_id={CLIENT}&client_secret=abtest-client-secret&refresh_token={}",
+        refresh_token
+    );
+    let call = Call::new(AUTH, IpAddr::V4(AUTH_IP), oauth.port(), "/token")
+        .method("POST")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(&form);
+    let (_run, report) = curl(&w.broker, &w.agent, &w.trust(), &call);
+    (report.status, report.json())
+}
+
+fn agent_resource(w: &World, oauth: &TestOAuth, access_token: &str) -> (u16, serde_json::Value) {
+    let call = Call::new(AUTH, IpAddr::V4(AUTH_IP), oauth.port(), "/resource")
+        .header("authorization", &format!("Bearer {access_token}"));
+    let (_run, report) = curl(&w.broker, &w.agent, &w.trust(), &call);
+    (report.status, report.json())
+}
+
+#[test]
+fn tokens_from_an_oauth_flow_the_agent_runs_are_kept_by_brokerd_and_placeholders_work() {
+    let (ca, oauth) = oauth_server();
+    oauth.register_client(CLIENT, Some("abtest-client-secret"));
+    let first = oauth.mint_refresh_token(CLIENT, None);
+    let w = capture_world(ca, &oauth);
+    w.broker.add_name(AUTH, AUTH_IP);
+
+    let (status, answer) = agent_refresh(&w, &oauth, first.expose());
+    assert_eq!(status, 200, "{answer}\nbrokerd's log:\n{}", w.broker.log());
+    let access = answer["access_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let refresh = answer["refresh_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    // Placeholders of the tokens' shape, worth nothing at the server.
+    assert!(
+        access.starts_with("at_") && refresh.starts_with("rt_"),
+        "{answer}"
+    );
+    assert!(
+        !oauth.access_token_valid(&access),
+        "the agent got a placeholder, not the token"
+    );
+    assert_eq!(oauth.tokens_issued(Grant::RefreshToken), 1);
+
+    // The placeholder works at the resource: brokerd swaps it for the real token.
+    let (status, body) = agent_resource(&w, &oauth, &access);
+    assert_eq!(status, 200, "{body}\nbrokerd's log:\n{}", w.broker.log());
+    assert_eq!(body["token_valid"], true);
+
+    // The agent refreshes with its placeholder refresh token: brokerd sends the real one (the
+    // server sees no replay and no unknown token), and captures the new pair.
+    let (status, answer) = agent_refresh(&w, &oauth, &refresh);
+    assert_eq!(status, 200, "{answer}\nbrokerd's log:\n{}", w.broker.log());
+    assert_eq!(oauth.tokens_issued(Grant::RefreshToken), 2);
+    assert_eq!(oauth.unknown_refresh_presented(), 0);
+    assert_eq!(oauth.reused_refresh_tokens(), 0);
+    let access2 = answer["access_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!oauth.access_token_valid(&access2));
+    let (status, _) = agent_resource(&w, &oauth, &access2);
+    assert_eq!(status, 200);
+
+    // A placeholder sent to another host (allowed, but not where it is bound) is refused as a
+    // handle's misuse, and the real token never reaches that host.
+    let call = Call::new(
+        "api.example.test",
+        agent_broker_tests::world::api_ip(),
+        w.api.port(),
+        "/hash",
+    )
+    .header("authorization", &format!("Bearer {access2}"));
+    let (_run, report) = curl(&w.broker, &w.agent, &w.trust(), &call);
+    assert_eq!(report.status, 403, "{}", report.show());
+    assert!(report.show().contains("handle"), "{}", report.show());
+    first.assert_absent(w.broker.log().as_bytes(), "brokerd's log");
+}

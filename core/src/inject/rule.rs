@@ -67,6 +67,23 @@ impl AwsSigV4 {
     }
 }
 
+/// `inject.capture_tokens`: the rule's destination is an OAuth token endpoint the agent calls
+/// itself. The real tokens in its answers are kept by brokerd, and the agent gets placeholders
+/// of their shape: the access token's usable at `use_at` (exact or `*.suffix`), the refresh
+/// token's at the token endpoint. Placeholders the agent sends back in a form body to the
+/// endpoint (a refresh) are swapped for the real tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureTokens {
+    pub(crate) use_at: String,
+}
+
+impl CaptureTokens {
+    /// Where the captured access token may be used (a host pattern as policy writes it).
+    pub fn use_at(&self) -> &str {
+        &self.use_at
+    }
+}
+
 /// Everything one rule injects.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Injection {
@@ -75,6 +92,7 @@ pub struct Injection {
     /// Parameter name (as written, unencoded) and value template, sorted by name.
     pub(crate) query: Vec<(String, Template)>,
     pub(crate) aws_sigv4: Option<AwsSigV4>,
+    pub(crate) capture_tokens: Option<CaptureTokens>,
 }
 
 /// The header basic auth sets.
@@ -106,12 +124,18 @@ impl Injection {
         self.aws_sigv4.as_ref()
     }
 
+    /// `inject.capture_tokens`, if any.
+    pub fn capture_tokens(&self) -> Option<&CaptureTokens> {
+        self.capture_tokens.as_ref()
+    }
+
     /// Whether the rule injects nothing.
     pub fn is_empty(&self) -> bool {
         self.headers.is_empty()
             && self.basic_auth.is_none()
             && self.query.is_empty()
             && self.aws_sigv4.is_none()
+            && self.capture_tokens.is_none()
     }
 
     /// Every header this sets, lowercase (basic auth sets `authorization`): whatever the agent
@@ -373,6 +397,7 @@ mod tests {
             }),
             query: vec![("api_key".into(), t("{secret:A}")), ("v".into(), t("2"))],
             aws_sigv4: None,
+            capture_tokens: None,
         }
     }
 

@@ -36,7 +36,8 @@ use super::{
 use crate::{
     cgroup::CgroupPath,
     inject::{
-        AwsSigV4, BasicAuth, InjectSpec, Injection, Template, parse_header_name, parse_query_name,
+        AwsSigV4, BasicAuth, CaptureTokens, InjectSpec, Injection, Template, parse_header_name,
+        parse_query_name,
     },
     secret::SecretName,
 };
@@ -142,6 +143,13 @@ struct RawInject {
     #[serde(default)]
     query: BTreeMap<Spanned<String>, Spanned<String>>,
     aws_sigv4: Option<Spanned<RawSigV4>>,
+    capture_tokens: Option<Spanned<RawCapture>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapture {
+    use_at: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1016,6 +1024,19 @@ fn compile_inject(errs: &mut RuleErrors<'_, '_>, raw: RawInject) -> Option<Injec
         }
     });
 
+    let capture_tokens = raw.capture_tokens.and_then(|c| {
+        let c = c.into_inner();
+        match HostPattern::parse(c.use_at.get_ref()) {
+            Ok(_) => Some(CaptureTokens {
+                use_at: c.use_at.get_ref().clone(),
+            }),
+            Err(e) => {
+                errs.at(c.use_at.span(), "inject.capture_tokens.use_at", e);
+                None
+            }
+        }
+    });
+
     if errs.list.len() > before {
         return None;
     }
@@ -1032,6 +1053,7 @@ fn compile_inject(errs: &mut RuleErrors<'_, '_>, raw: RawInject) -> Option<Injec
         basic_auth,
         query,
         aws_sigv4,
+        capture_tokens,
     })
 }
 

@@ -43,6 +43,9 @@ pub(super) fn write(
     if let Some(rule) = allowed.inject.aws_sigv4() {
         super::sigv4::apply(broker, facts, parts, allowed, rule, grant)?;
     }
+    if let Some(capture) = allowed.inject.capture_tokens() {
+        super::capture::apply(broker, facts, parts, allowed, capture, grant)?;
+    }
     let rendered = allowed
         .inject
         .render(|name| broker.secret(name))

@@ -64,7 +64,17 @@ pub struct Grant {
     /// Rewrites the request body as it streams upstream (SigV4's chunk signatures of an S3
     /// streaming upload, signed again).
     pub body_transform: Option<Box<dyn BodyTransform>>,
+    /// Rewrites a successful response's body, read whole (bounded): an OAuth token endpoint's
+    /// answer, whose real tokens brokerd keeps and replaces with placeholders. Blocking (it
+    /// writes the vault): the proxy runs it off its threads.
+    pub capture: Option<Capture>,
 }
+
+/// See [`Grant::capture`].
+pub type Capture = Box<dyn FnOnce(bytes::Bytes) -> Result<bytes::Bytes, String> + Send>;
+
+/// Longest response body [`Grant::capture`] reads.
+pub const MAX_CAPTURED_BODY: usize = 64 * 1024;
 
 /// A request body the proxy read whole before authorization (in the request's extensions): a
 /// SigV4-signed request that declares no payload hash is signed over its body, which the
@@ -282,4 +292,11 @@ pub trait Authorizer: Send + Sync + 'static {
     /// The upstream answered 401 to a request `grant` authorized: credentials it carried may
     /// be stale (an access token revoked before its time).
     fn rejected(&self, _grant: &Grant) {}
+
+    /// Whether the request's body must be read whole before [`Authorizer::authorize`] (into
+    /// [`ReadBody`]): a form the authorizer rewrites (placeholders swapped at an OAuth token
+    /// endpoint).
+    fn reads_body(&self, _facts: &RequestFacts<'_>, _parts: &Parts) -> bool {
+        false
+    }
 }

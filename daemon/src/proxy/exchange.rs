@@ -152,7 +152,7 @@ impl Proxy {
         // signed over its body: it is read first, bounded, for the signature check and the
         // rule's action check, and sent upstream as read.
         let mut read_first: Option<bytes::Bytes> = None;
-        if super::reads_body_first(&parts) {
+        if super::reads_body_first(&parts) || self.authorizer.reads_body(&facts, &parts) {
             let Some(inner) = body.take() else {
                 let denial = Denial::forbidden(Refusal::BodyConsumed.into());
                 return Exchange::refused(&conn.origin, host, denial, None);
@@ -221,6 +221,14 @@ impl Proxy {
         if let Err(reason) = prepare_upstream(&mut parts, (&host, port), conn.tls, scrubbing, hop) {
             return Exchange::refused(&conn.origin, host, Denial::from(reason), Some(grant));
         }
+        // The authorizer may have rewritten the body it read (placeholders swapped).
+        let read_first = match parts.extensions.remove::<super::ReadBody>() {
+            Some(body) if read_first.is_some() => {
+                parts.headers.remove(header::CONTENT_LENGTH);
+                Some(body.0)
+            }
+            _ => read_first,
+        };
         let upstream_body = match read_first {
             Some(bytes) => {
                 bytes_in.store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -240,8 +248,9 @@ impl Proxy {
             Some(transform) => UnsyncBoxBody::new(Transformed::new(upstream_body, transform)),
             None => upstream_body,
         };
-        if grant.meter_usage {
-            // The usage is read as the body streams: it must not come compressed.
+        if grant.meter_usage || grant.capture.is_some() {
+            // The usage is read as the body streams, a token answer whole: neither may come
+            // compressed.
             parts.headers.insert(
                 header::ACCEPT_ENCODING,
                 http::HeaderValue::from_static("identity"),
@@ -357,16 +366,51 @@ impl Proxy {
         });
         let idle = grant.idle_timeout.unwrap_or(self.deadlines.body_idle);
         let resp_body = Watched::new(resp_body, idle, host.clone());
+        // A token endpoint's answer whose tokens brokerd keeps: read whole and rewritten.
+        let answer = match grant.capture.take() {
+            Some(capture) if resp_parts.status.is_success() => {
+                match captured(resp_body, &resp_parts.headers, capture).await {
+                    Ok(body) => {
+                        resp_parts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, http::HeaderValue::from(body.len()));
+                        Answer::Whole(body)
+                    }
+                    Err(why) => {
+                        let reason = format!(
+                            "the token endpoint {host} answered, and its tokens could not be \
+                             kept: {why}; the answer is withheld"
+                        );
+                        warn!(cgroup = %conn.origin.cgroup, %reason, "token answer withheld");
+                        let body = error_body(
+                            "response withheld by agent-broker",
+                            &reason,
+                            Some(&grant.rule),
+                            &conn.origin,
+                        );
+                        let status = StatusCode::BAD_GATEWAY;
+                        return Exchange::upstream_failed(status, body, reason, host, inflight);
+                    }
+                }
+            }
+            _ => Answer::Stream(resp_body),
+        };
         let body = if !scrubbing {
-            resp_body.boxed_unsync()
+            match answer {
+                Answer::Whole(bytes) => whole(bytes),
+                Answer::Stream(resp_body) => resp_body.boxed_unsync(),
+            }
         } else {
             let replaced = scrub_headers(&mut resp_parts.headers, &needles)
                 + scrub_reason_phrase(&mut resp_parts.extensions, &needles);
             redactions.fetch_add(replaced, Ordering::Relaxed);
             // The length changes when a value is replaced.
             resp_parts.headers.remove(header::CONTENT_LENGTH);
-            match coding {
-                Ok(Some(coding)) => {
+            match (answer, coding) {
+                (Answer::Whole(bytes), _) => {
+                    scrubbed_body(whole(bytes), needles.scrubber(), redactions.clone())
+                }
+                (Answer::Stream(resp_body), Ok(Some(coding))) => {
                     // Forwarded as identity: the coding removed is never re-advertised.
                     resp_parts.headers.remove(header::CONTENT_ENCODING);
                     let decoded = match Decoded::new(resp_body, coding, DecodeLimits::default()) {
@@ -388,7 +432,9 @@ impl Proxy {
                         }
                     }
                 }
-                _ => scrubbed_body(resp_body, needles.scrubber(), redactions.clone()),
+                (Answer::Stream(resp_body), _) => {
+                    scrubbed_body(resp_body, needles.scrubber(), redactions.clone())
+                }
             }
         };
         Exchange {
@@ -400,6 +446,50 @@ impl Proxy {
             tunnel,
         }
     }
+}
+
+/// A response body as it goes on: streamed from the upstream, or read whole and rewritten.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per response, on the stack; boxing the common case would allocate per request"
+)]
+enum Answer {
+    Stream(Watched),
+    Whole(bytes::Bytes),
+}
+
+fn whole(bytes: bytes::Bytes) -> UnsyncBoxBody<bytes::Bytes, BodyError> {
+    http_body_util::Full::new(bytes)
+        .map_err(|never: std::convert::Infallible| match never {})
+        .boxed_unsync()
+}
+
+/// Reads a token endpoint's answer whole (uncompressed, bounded) and has `capture` keep its
+/// tokens, off the proxy's threads (it writes the vault).
+async fn captured<B>(
+    body: B,
+    headers: &http::HeaderMap,
+    capture: super::Capture,
+) -> Result<bytes::Bytes, String>
+where
+    B: hyper::body::Body<Data = bytes::Bytes, Error = BodyError> + Send,
+{
+    if let Some(coding) = headers.get(header::CONTENT_ENCODING)
+        && !coding.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return Err(format!(
+            "it came compressed ({}) although brokerd asked for identity",
+            String::from_utf8_lossy(coding.as_bytes())
+        ));
+    }
+    let bytes = http_body_util::Limited::new(body, super::MAX_CAPTURED_BODY)
+        .collect()
+        .await
+        .map_err(|e| format!("reading it: {e}"))?
+        .to_bytes();
+    tokio::task::spawn_blocking(move || capture(bytes))
+        .await
+        .map_err(|e| format!("the capture task failed: {e}"))?
 }
 
 /// Why a WebSocket upgrade answered with 101 cannot be relayed with its frames scrubbed: the
