@@ -147,9 +147,10 @@ fn secret_values_never_appear_in_brokerctl_output_secret_list_or_logs() {
     keys.sort_unstable();
     assert_eq!(
         keys,
-        ["created_unix", "name", "updated_unix", "version"],
-        "secret list fields"
+        ["created_unix", "kind", "name", "updated_unix", "version"],
+        "secret list fields: names, dates and the kind, never a value"
     );
+    assert_eq!(entry["kind"], "static", "{entry}");
     assert_eq!(entry["version"], 1, "{entry}");
 
     // Rotate: a new version, injected from then on.
