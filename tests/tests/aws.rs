@@ -59,6 +59,11 @@ struct Setup {
 }
 
 fn setup(real_key_json: Option<&str>) -> Setup {
+    setup_with(|moto| real_key_json.unwrap_or(moto.real_key.expose()).to_string())
+}
+
+/// [`setup`], storing the key `key` makes from the running moto.
+fn setup_with(key: impl FnOnce(&Moto) -> String) -> Setup {
     let ca = TestCa::new("abtest aws CA");
     let moto = Moto::start(&ca, IpAddr::V4(AWS_IP));
     let port = moto.addr.port();
@@ -75,7 +80,7 @@ fn setup(real_key_json: Option<&str>) -> Setup {
         )]
     });
     w.broker.add_name(AWS_NAME, AWS_IP);
-    let key = real_key_json.unwrap_or(moto.real_key.expose()).to_string();
+    let key = key(&moto);
     let out = w
         .broker
         .ctl_output_with_stdin(&["secret", "set", CRED, "--kind", "sigv4"], key.as_bytes());
@@ -96,7 +101,9 @@ fn setup(real_key_json: Option<&str>) -> Setup {
         }
     }
     assert!(
-        akid.starts_with("AKIA") && akid.len() == 20 && secret.len() == 40,
+        (akid.starts_with("AKIA") || akid.starts_with("ASIA"))
+            && akid.len() == 20
+            && secret.len() == 40,
         "placeholders shaped like AWS keys"
     );
     assert_ne!(akid, moto.access_key_id);
@@ -358,4 +365,79 @@ fn an_s3_upload_with_signed_chunks_is_signed_again_chunk_by_chunk() {
             );
         }
     }
+}
+
+/// Temporary credentials (an `ASIA...` key with a session token, from STS): the agent's
+/// placeholder is an `ASIA` key without a token; brokerd adds the real session token to the
+/// request it signs, and moto verifies the request as the temporary credentials' user.
+#[test]
+fn temporary_credentials_are_signed_with_their_session_token() {
+    // A role with every permission, assumed with the real key: moto's STS issues an ASIA key
+    // and session token that its authentication knows.
+    const SESSION_PY: &str = r#"
+import json, sys, boto3
+key = json.loads(sys.argv[2])
+kw = dict(endpoint_url=sys.argv[1], verify=False, region_name="us-east-1",
+          aws_access_key_id=key["access_key_id"], aws_secret_access_key=key["secret_access_key"])
+iam, sts = boto3.client("iam", **kw), boto3.client("sts", **kw)
+trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}]}
+arn = iam.create_role(RoleName="abtest-role", AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+iam.put_role_policy(RoleName="abtest-role", PolicyName="all", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+c = sts.assume_role(RoleArn=arn, RoleSessionName="abtest-agent", DurationSeconds=900)["Credentials"]
+print(json.dumps({"access_key_id": c["AccessKeyId"], "secret_access_key": c["SecretAccessKey"],
+                  "session_token": c["SessionToken"]}))
+"#;
+    let mut token = None;
+    let s = setup_with(|moto| {
+        let out = std::process::Command::new(aws_bin().join("python"))
+            .args(["-W", "ignore", "-c", SESSION_PY])
+            .arg(format!("https://{}", moto.addr))
+            .arg(moto.real_key.expose())
+            .output()
+            .unwrap_or_else(|e| panic!("get-session-token: {e}"));
+        assert!(
+            out.status.success(),
+            "get-session-token: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            moto.log()
+        );
+        let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let parsed: serde_json::Value = serde_json::from_str(&key).unwrap_or_default();
+        assert!(
+            parsed["access_key_id"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("ASIA")),
+            "STS issues an ASIA key"
+        );
+        token = Some(Canary::adopt(
+            parsed["session_token"].as_str().unwrap_or_default(),
+        ));
+        let _ = Canary::adopt(parsed["secret_access_key"].as_str().unwrap_or_default());
+        key
+    });
+    assert!(
+        s.akid.starts_with("ASIA"),
+        "a temporary key's placeholder is an ASIA key"
+    );
+    let (run, r) = run_agent(&s);
+    let show = || {
+        format!(
+            "{r:#}\n{}\nbrokerd's log:\n{}\nmoto:\n{}",
+            run.show(),
+            s.w.broker.log(),
+            s.moto.log()
+        )
+    };
+    assert_eq!(r["create"], 200, "{}", show());
+    assert!(
+        r["identity"]
+            .as_str()
+            .is_some_and(|arn| arn.contains("abtest-agent")),
+        "STS answers as the assumed role's session: {}",
+        show()
+    );
+    let token = token.unwrap_or_else(|| panic!("no session token"));
+    run.assert_no_secret(&token);
+    token.assert_absent(s.w.broker.log().as_bytes(), "brokerd's log");
 }
