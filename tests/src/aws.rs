@@ -36,13 +36,14 @@ pub fn aws_bin() -> &'static Path {
     })
 }
 
-/// Creates the IAM user and its key while moto still accepts unauthenticated actions; prints
+/// Creates the IAM user and its key while moto still accepts unauthenticated actions (any
+/// key is taken then: this one looks like none); prints
 /// the key as JSON on stdout (for the test to store in brokerd's vault, never printed).
 const SETUP_PY: &str = r#"
 import json, sys, boto3, botocore.config
 url, ca = sys.argv[1:3]
 iam = boto3.client("iam", endpoint_url=url, verify=ca, region_name="us-east-1",
-                   aws_access_key_id="AKIASETUPSETUPSETUP0", aws_secret_access_key="setup",
+                   aws_access_key_id="abtest-setup", aws_secret_access_key="abtest-setup",
                    config=botocore.config.Config(retries={"max_attempts": 1}))
 iam.create_user(UserName="abtest-agent")
 key = iam.create_access_key(UserName="abtest-agent")["AccessKey"]

