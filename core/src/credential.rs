@@ -279,6 +279,17 @@ impl CredentialSpec {
 }
 
 impl CredentialSpec {
+    /// The token endpoint of an OAuth kind (`oauth`, `oauth-client`, `gcp`); `None` for the
+    /// others.
+    pub fn token_url(&self) -> Option<&str> {
+        match self {
+            Self::Oauth { token_url, .. }
+            | Self::OauthClient { token_url, .. }
+            | Self::Gcp { token_url, .. } => Some(token_url),
+            Self::Sigv4 { .. } | Self::Exec { .. } | Self::File { .. } => None,
+        }
+    }
+
     /// Whether brokerd fetches this kind's value (OAuth, exec, file) rather than using the
     /// material itself (SigV4 signs with it).
     pub fn is_fetched(&self) -> bool {

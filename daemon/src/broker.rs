@@ -281,9 +281,14 @@ impl Authorizer for PolicyAuthorizer {
     }
 
     fn reads_body(&self, facts: &RequestFacts<'_>, parts: &Parts) -> bool {
+        // Only a form can be one (checked first: every request passes here), and only a
+        // capturing rule's.
+        if !capture::is_form(parts) {
+            return false;
+        }
         let policy = self.current_policy();
         request::decide(&policy, facts, parts)
-            .is_ok_and(|allowed| capture::reads_body(&allowed, parts))
+            .is_ok_and(|allowed| allowed.inject.capture_tokens().is_some())
     }
 
     fn rejected(&self, grant: &Grant) {

@@ -235,12 +235,7 @@ impl Credentials {
 
     /// Takes over what an earlier brokerd kept of an OAuth credential of the same version.
     fn restore(&self, entry: &Entry) {
-        if !matches!(
-            entry.spec,
-            CredentialSpec::Oauth { .. }
-                | CredentialSpec::OauthClient { .. }
-                | CredentialSpec::Gcp { .. }
-        ) {
+        if entry.spec.token_url().is_none() {
             return;
         }
         let blob = format!("{STATE_BLOB}{}", entry.name.as_str());
@@ -364,12 +359,7 @@ impl Credentials {
             let Some(entry) = self.entry(name) else {
                 continue;
             };
-            if !matches!(
-                entry.spec,
-                CredentialSpec::Oauth { .. }
-                    | CredentialSpec::OauthClient { .. }
-                    | CredentialSpec::Gcp { .. }
-            ) {
+            if entry.spec.token_url().is_none() {
                 continue;
             }
             let stale = lock(&entry.state)
@@ -441,10 +431,7 @@ impl Credentials {
             side: Some(Side::Broker),
             ..AuditEvent::default()
         };
-        if let CredentialSpec::Oauth { token_url, .. }
-        | CredentialSpec::OauthClient { token_url, .. }
-        | CredentialSpec::Gcp { token_url, .. } = &entry.spec
-        {
+        if let Some(token_url) = entry.spec.token_url() {
             event.host = token_url
                 .parse::<http::Uri>()
                 .ok()
@@ -568,10 +555,7 @@ impl Credentials {
             }
             _ => return Err(("not an OAuth credential".into(), true)),
         };
-        let (CredentialSpec::Oauth { token_url, .. }
-        | CredentialSpec::OauthClient { token_url, .. }
-        | CredentialSpec::Gcp { token_url, .. }) = &entry.spec
-        else {
+        let Some(token_url) = entry.spec.token_url() else {
             return Err(("not an OAuth credential".into(), true));
         };
         let response = self

@@ -289,6 +289,36 @@ impl Broker {
             .collect()
     }
 
+    /// The first audit record that `matches`, waiting up to `timeout` for the group commit that
+    /// stores it; panics naming `what` when none comes.
+    pub fn wait_record(
+        &self,
+        what: &str,
+        timeout: Duration,
+        matches: impl Fn(&agent_broker_protocol::AuditEvent) -> bool,
+    ) -> agent_broker_protocol::AuditEvent {
+        let mut found = None;
+        crate::wait_for(
+            &format!("{what} should be in the audit log"),
+            timeout,
+            || {
+                found = self.audit_records().into_iter().find(|r| matches(r));
+                found.is_some()
+            },
+        );
+        found.unwrap_or_default()
+    }
+
+    /// The tag at cgroup path `cgroup`, as `status` lists it: `None` when it is not tagged,
+    /// `Some(None)` when it runs under its path, `Some(Some(name))` under an agent name.
+    pub fn tag_name_of(&self, cgroup: &str) -> Option<Option<String>> {
+        self.status()
+            .cgroups
+            .into_iter()
+            .find(|c| c.path == cgroup)
+            .map(|c| c.name)
+    }
+
     /// brokerd's pid. Panics when it is not running.
     pub fn pid(&self) -> u32 {
         self.child

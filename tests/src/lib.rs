@@ -155,6 +155,15 @@ pub fn canon(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Waits until `done` holds, checking every 200 ms; panics naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Polls `f` every 20 ms until it returns `Some`, or `None` after `timeout`.
 pub fn poll_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;

@@ -10,7 +10,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr},
     path::Path,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use agent_broker_protocol::{AuditEvent, Decision, EventKind};
@@ -18,6 +18,7 @@ use agent_broker_tests::{
     Canary, TestCa,
     clients::{Call, curl},
     oauth::{Grant, OAuthOptions, TestOAuth},
+    wait_for,
     world::{SECRET_NAME, World},
 };
 
@@ -119,14 +120,6 @@ fn credential_records(w: &World, name: &str) -> Vec<AuditEvent> {
         .into_iter()
         .filter(|r| r.kind == Some(EventKind::Credential) && r.secrets.iter().any(|s| s == name))
         .collect()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

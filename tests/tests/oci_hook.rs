@@ -16,7 +16,7 @@ use agent_broker_protocol::{AuditEvent, EventKind};
 use agent_broker_tests::{
     Broker, Canary, TestCa, TestHost, TestUpstream, UpstreamOptions, bin,
     container::{AGENT_LABEL, PodSpec, Podman},
-    require_privileges, unique_name,
+    require_privileges, unique_name, wait_for,
     world::{API, SECRET_NAME, rule},
 };
 
@@ -61,32 +61,6 @@ time.sleep(600)
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {WAIT:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn record_of(broker: &Broker, what: &str, matches: impl Fn(&AuditEvent) -> bool) -> AuditEvent {
-    let mut found = None;
-    wait_for(&format!("{what} should be in the audit log"), || {
-        found = broker.audit_records().into_iter().find(|r| matches(r));
-        found.is_some()
-    });
-    found.unwrap_or_default()
-}
-
-fn tag_of(broker: &Broker, cgroup: &str) -> Option<Option<String>> {
-    broker
-        .status()
-        .cgroups
-        .into_iter()
-        .find(|c| c.path == cgroup)
-        .map(|c| c.name)
-}
-
 /// The file a pod's client wrote, once it is there.
 fn client_output(path: &Path, broker: &Broker) -> String {
     wait_for(
@@ -95,6 +69,7 @@ fn client_output(path: &Path, broker: &Broker) -> String {
             path.display(),
             broker.log()
         ),
+        WAIT,
         || path.exists(),
     );
     std::fs::read_to_string(path).unwrap_or_default()
@@ -224,19 +199,23 @@ fn an_annotated_pod_is_tagged_by_the_oci_hook_before_its_first_process_runs() {
     // podman gives a pod's containers the pod's name as hostname; the hook names the pod by it.
     let tag_name = format!("agents/{label}/{}", pod.name);
     assert_eq!(
-        tag_of(&w.broker, &pod.cgroup),
+        w.broker.tag_name_of(&pod.cgroup),
         Some(Some(tag_name.clone())),
         "the pod's cgroup ({}) runs as agents/<label>/<pod name>",
         pod.cgroup
     );
     let of_pod = |r: &AuditEvent| r.pod.as_ref().is_some_and(|p| p.uid == pod.id);
-    let attach = record_of(&w.broker, "the hook's attach, naming the pod", |r| {
-        of_pod(r) && r.kind == Some(EventKind::Attach)
-    });
+    let attach = w
+        .broker
+        .wait_record("the hook's attach, naming the pod", WAIT, |r| {
+            of_pod(r) && r.kind == Some(EventKind::Attach)
+        });
     assert_eq!(attach.cgroup.as_deref(), Some(tag_name.as_str()));
-    let request = record_of(&w.broker, "the first call's record, naming the pod", |r| {
-        of_pod(r) && r.kind == Some(EventKind::Request) && r.status == Some(200)
-    });
+    let request = w
+        .broker
+        .wait_record("the first call's record, naming the pod", WAIT, |r| {
+            of_pod(r) && r.kind == Some(EventKind::Request) && r.status == Some(200)
+        });
     assert!(
         request
             .cgroup
@@ -325,11 +304,17 @@ fn a_pod_source_takes_over_the_hooks_tag_and_untags_the_pod_when_it_goes() {
     let printed = client_output(&podman.share_dir().join("with-source.txt"), &w.broker);
     assert_brokered(&printed, &w);
     let tag_name = format!("agents/{label}/{hostname}");
-    assert_eq!(tag_of(&w.broker, &pod.cgroup), Some(Some(tag_name.clone())));
+    assert_eq!(
+        w.broker.tag_name_of(&pod.cgroup),
+        Some(Some(tag_name.clone()))
+    );
     // The source lists the pod (every 2 s at most) and keeps the tag: no failure is logged,
     // and the tag is unchanged.
     std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(tag_of(&w.broker, &pod.cgroup), Some(Some(tag_name.clone())));
+    assert_eq!(
+        w.broker.tag_name_of(&pod.cgroup),
+        Some(Some(tag_name.clone()))
+    );
     let log = w.broker.log();
     assert!(
         !log.contains("pod not (un)tagged"),
@@ -341,9 +326,10 @@ fn a_pod_source_takes_over_the_hooks_tag_and_untags_the_pod_when_it_goes() {
     drop(pod);
     wait_for(
         &format!("brokerd's pod source should untag removed pod {id}"),
-        || tag_of(&w.broker, &cgroup).is_none(),
+        WAIT,
+        || w.broker.tag_name_of(&cgroup).is_none(),
     );
-    record_of(&w.broker, "the untag, with the pod", |r| {
+    w.broker.wait_record("the untag, with the pod", WAIT, |r| {
         r.kind == Some(EventKind::Detach) && r.pod.as_ref().is_some_and(|p| p.uid == id)
     });
 }
@@ -361,7 +347,7 @@ fn an_annotated_container_outside_a_pod_is_tagged_itself_before_it_runs() {
     assert_brokered(&printed, &w);
     let short: String = container.id.chars().take(12).collect();
     assert_eq!(
-        tag_of(&w.broker, &container.cgroup),
+        w.broker.tag_name_of(&container.cgroup),
         Some(Some(format!("agents/{label}/{short}"))),
         "the container's own cgroup ({}) runs as agents/<label>/<short id>",
         container.cgroup

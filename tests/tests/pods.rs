@@ -6,10 +6,7 @@
 //! untagged when the pod is removed. A pod without the label is never tagged. The same for the
 //! kube source, against a mock of the Kubernetes API server.
 
-use std::{
-    net::IpAddr,
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, time::Duration};
 
 use agent_broker_protocol::{AuditEvent, EventKind};
 use agent_broker_tests::{
@@ -18,7 +15,7 @@ use agent_broker_tests::{
     container::{AGENT_LABEL, Podman},
     kube_api::{FakeKubeApi, pod as kube_pod},
     netns::TestNetns,
-    require_privileges, run_with_timeout, unique_name,
+    require_privileges, run_with_timeout, unique_name, wait_for,
     world::{API, SECRET_NAME, rule},
 };
 
@@ -50,33 +47,6 @@ print("dns %d" % (s.recv(4096)[3] & 0xF), flush=True)
 
 /// How long the pod source may take to notice a pod (it lists at least every 2 s).
 const NOTICE: Duration = Duration::from_secs(20);
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + NOTICE;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {NOTICE:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The first audit record that `matches`, waiting for the group commit that stores it.
-fn record_of(broker: &Broker, what: &str, matches: impl Fn(&AuditEvent) -> bool) -> AuditEvent {
-    let mut found = None;
-    wait_for(&format!("{what} should be in the audit log"), || {
-        found = broker.audit_records().into_iter().find(|r| matches(r));
-        found.is_some()
-    });
-    found.unwrap_or_default()
-}
-
-fn tag_of(broker: &Broker, cgroup: &str) -> Option<Option<String>> {
-    broker
-        .status()
-        .cgroups
-        .into_iter()
-        .find(|c| c.path == cgroup)
-        .map(|c| c.name)
-}
 
 #[test]
 fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
@@ -119,11 +89,12 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
             "brokerd's pod source should tag pod {} ({})",
             pod.name, pod.cgroup
         ),
-        || tag_of(&broker, &pod.cgroup).is_some(),
+        NOTICE,
+        || broker.tag_name_of(&pod.cgroup).is_some(),
     );
     let tag_name = format!("{agent}/{}", pod.name);
     assert_eq!(
-        tag_of(&broker, &pod.cgroup),
+        broker.tag_name_of(&pod.cgroup),
         Some(Some(tag_name.clone())),
         "the pod's cgroup runs as agents/<label>/<pod name>"
     );
@@ -137,7 +108,7 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
         status.workloads
     );
     assert_eq!(
-        tag_of(&broker, &unlabelled.cgroup),
+        broker.tag_name_of(&unlabelled.cgroup),
         None,
         "a pod without {AGENT_LABEL} is never tagged"
     );
@@ -184,7 +155,7 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
     );
 
     let of_pod = |r: &AuditEvent| r.pod.as_ref().is_some_and(|p| p.uid == pod.id);
-    let request = record_of(&broker, "a request record naming the pod", |r| {
+    let request = broker.wait_record("a request record naming the pod", NOTICE, |r| {
         of_pod(r) && r.kind == Some(EventKind::Request) && r.status == Some(200)
     });
     // The agent container's cgroup is below the pod's: a sub-agent of the pod's tag, governed by
@@ -209,7 +180,7 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
             .is_some_and(|p| p.starts_with(&pod.cgroup)),
         "the record keeps the real cgroup path: {request:?}"
     );
-    record_of(&broker, "the pod source's attach, with the pod", |r| {
+    broker.wait_record("the pod source's attach, with the pod", NOTICE, |r| {
         of_pod(r) && r.kind == Some(EventKind::Attach)
     });
 
@@ -219,9 +190,10 @@ fn a_labelled_pod_is_tagged_by_brokerds_pod_source_brokered_and_released() {
     drop(pod);
     wait_for(
         &format!("brokerd's pod source should untag removed pod {id}"),
-        || tag_of(&broker, &cgroup).is_none(),
+        NOTICE,
+        || broker.tag_name_of(&cgroup).is_none(),
     );
-    record_of(&broker, "the untag, with the pod", |r| {
+    broker.wait_record("the untag, with the pod", NOTICE, |r| {
         r.kind == Some(EventKind::Detach) && r.pod.as_ref().is_some_and(|p| p.uid == id)
     });
     drop(unlabelled);
@@ -304,18 +276,22 @@ fn a_labelled_kubernetes_pod_of_this_node_is_tagged_by_the_kube_source_and_relea
     ]);
     wait_for(
         &format!("brokerd's kube source should tag pod {uid} ({pod_cgroup})"),
-        || tag_of(&broker, &pod_cgroup).is_some(),
+        NOTICE,
+        || broker.tag_name_of(&pod_cgroup).is_some(),
     );
     let tag_name = format!("{agent}/coder-0");
-    assert_eq!(tag_of(&broker, &pod_cgroup), Some(Some(tag_name.clone())));
-    wait_for("the replica should be tagged too", || {
-        tag_of(&broker, &replica_cgroup).is_some()
+    assert_eq!(
+        broker.tag_name_of(&pod_cgroup),
+        Some(Some(tag_name.clone()))
+    );
+    wait_for("the replica should be tagged too", NOTICE, || {
+        broker.tag_name_of(&replica_cgroup).is_some()
     });
     assert_eq!(
-        tag_of(&broker, &replica_cgroup),
+        broker.tag_name_of(&replica_cgroup),
         Some(Some(format!("{agent}/coder-2")))
     );
-    assert_eq!(tag_of(&broker, &unlabelled_cgroup), None);
+    assert_eq!(broker.tag_name_of(&unlabelled_cgroup), None);
     let status = broker.status();
     assert_eq!(
         status.cgroups.len(),
@@ -349,6 +325,7 @@ fn a_labelled_kubernetes_pod_of_this_node_is_tagged_by_the_kube_source_and_relea
     let _ = gone.wait();
     wait_for(
         "the namespace should stay served through the pod's other container",
+        NOTICE,
         || {
             broker
                 .status()
@@ -357,7 +334,7 @@ fn a_labelled_kubernetes_pod_of_this_node_is_tagged_by_the_kube_source_and_relea
                 .any(|w| w.tag == pod_cgroup && w.pid == stays)
         },
     );
-    let attach = record_of(&broker, "the kube source's attach", |r| {
+    let attach = broker.wait_record("the kube source's attach", NOTICE, |r| {
         r.kind == Some(EventKind::Attach) && r.pod.as_ref().is_some_and(|p| p.uid == uid)
     });
     let pod = attach.pod.as_ref().unwrap_or_else(|| panic!("{attach:?}"));
@@ -390,17 +367,22 @@ fn a_labelled_kubernetes_pod_of_this_node_is_tagged_by_the_kube_source_and_relea
     broker.restart();
     wait_for(
         "the restarted brokerd should untag the replica whose label was removed while it was down",
-        || tag_of(&broker, &replica_cgroup).is_none(),
+        NOTICE,
+        || broker.tag_name_of(&replica_cgroup).is_none(),
     );
-    assert_eq!(tag_of(&broker, &pod_cgroup), Some(Some(tag_name.clone())));
+    assert_eq!(
+        broker.tag_name_of(&pod_cgroup),
+        Some(Some(tag_name.clone()))
+    );
 
     // The pod is deleted: the source untags it.
     api.set_pods(&[]);
     wait_for(
         &format!("brokerd's kube source should untag deleted pod {uid}"),
-        || tag_of(&broker, &pod_cgroup).is_none(),
+        NOTICE,
+        || broker.tag_name_of(&pod_cgroup).is_none(),
     );
-    record_of(&broker, "the untag, with the pod", |r| {
+    broker.wait_record("the untag, with the pod", NOTICE, |r| {
         r.kind == Some(EventKind::Detach) && r.pod.as_ref().is_some_and(|p| p.uid == uid)
     });
     for child in [&mut sleeper, &mut sidecar, &mut replica] {

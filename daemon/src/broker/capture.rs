@@ -36,16 +36,12 @@ const REFRESH_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 /// The fields of a token answer (RFC 6749 5.1) that carry tokens.
 const TOKEN_FIELDS: [&str; 2] = ["access_token", "refresh_token"];
 
-fn is_form(parts: &Parts) -> bool {
+/// Whether the request carries a form body (`application/x-www-form-urlencoded`).
+pub(super) fn is_form(parts: &Parts) -> bool {
     parts.headers.get(header::CONTENT_TYPE).is_some_and(|c| {
         c.as_bytes()
             .starts_with(b"application/x-www-form-urlencoded")
     })
-}
-
-/// Whether the request goes to a rule's token endpoint with a form body (read it first).
-pub(super) fn reads_body(allowed: &Allowed<'_>, parts: &Parts) -> bool {
-    allowed.inject.capture_tokens().is_some() && is_form(parts)
 }
 
 /// Swaps the placeholders in the form body for the real tokens, and arranges for the answer's

@@ -4,6 +4,8 @@
 use http::{HeaderName, HeaderValue, request::Parts};
 
 use super::{PolicyAuthorizer, request::Allowed};
+use agent_broker_core::inject::InjectError;
+
 use crate::credentials::Lookup;
 use crate::proxy::{Denial, Grant, RequestFacts};
 
@@ -27,29 +29,26 @@ pub(super) fn write(
             host
         )));
     }
-    // A credential whose value brokerd could not fetch: 503, naming why (the agent may try
-    // again; the failure is audited once by the credentials).
-    if let Some(credentials) = &broker.credentials {
-        for name in allowed.inject.secret_names() {
-            if let Lookup::NotReady(why) = credentials.lookup(name) {
-                return Err(Denial {
-                    status: http::StatusCode::SERVICE_UNAVAILABLE,
-                    retry_after: Some(crate::credentials::RETRY_AFTER),
-                    ..allowed.cannot(why)
-                });
-            }
-        }
-    }
     if let Some(rule) = allowed.inject.aws_sigv4() {
         super::sigv4::apply(broker, facts, parts, allowed, rule, grant)?;
     }
     if let Some(capture) = allowed.inject.capture_tokens() {
         super::capture::apply(broker, facts, parts, allowed, capture, grant)?;
     }
-    let rendered = allowed
-        .inject
-        .render(|name| broker.secret(name))
-        .map_err(|e| deny(format!("cannot inject credentials: {e}")))?;
+    let rendered =
+        allowed
+            .inject
+            .render(|name| broker.secret(name))
+            .map_err(|e| match not_ready(broker, &e) {
+                // A credential whose value brokerd could not fetch: 503, naming why (the agent may
+                // try again; the failure is audited once by the credentials).
+                Some(why) => Denial {
+                    status: http::StatusCode::SERVICE_UNAVAILABLE,
+                    retry_after: Some(crate::credentials::RETRY_AFTER),
+                    ..allowed.cannot(why)
+                },
+                None => deny(format!("cannot inject credentials: {e}")),
+            })?;
     for (name, value) in &rendered.headers {
         let name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|e| deny(format!("invalid header name {name} in the rule: {e}")))?;
@@ -81,4 +80,15 @@ pub(super) fn write(
     }
     grant.needles.extend(rendered.needles().cloned());
     Ok(())
+}
+
+/// Why a secret the rendering missed has no value, when it is a credential brokerd fetches.
+fn not_ready(broker: &PolicyAuthorizer, error: &InjectError) -> Option<String> {
+    let InjectError::MissingSecret { name } = error else {
+        return None;
+    };
+    match broker.credentials.as_ref()?.lookup(name) {
+        Lookup::NotReady(why) => Some(why),
+        Lookup::Ready(_) | Lookup::Static => None,
+    }
 }
