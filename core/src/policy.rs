@@ -119,6 +119,30 @@ pub struct PolicyFile {
     covering: Vec<Option<usize>>,
     /// What the file's `[shares]` sets.
     shares: SharesSpec,
+    /// `on_unknown = "ask"`: a request no rule of this file allows waits for an operator's
+    /// approval instead of being denied.
+    on_unknown_ask: bool,
+    /// Whether this is a file of decisions brokerd wrote (`approvals = true`), merged into the
+    /// policy file for the same cgroup.
+    is_approvals: bool,
+    /// Requests a rule with `approve = "ask"` lets through without asking (written by "allow
+    /// always").
+    approved: Vec<ApprovedEntry>,
+}
+
+/// A standing approval: requests to this host, port and method do not ask again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApprovedEntry {
+    /// Normalized exact host (a name or an address).
+    pub host: String,
+    pub port: u16,
+    pub methods: MethodSet,
+}
+
+impl ApprovedEntry {
+    fn matches(&self, host: Option<&str>, port: u16, method: &str) -> bool {
+        host == Some(self.host.as_str()) && port == self.port && self.methods.allows_str(method)
+    }
 }
 
 impl PolicyFile {
@@ -165,7 +189,50 @@ impl PolicyFile {
             ancestors: Vec::new(),
             covering: vec![None; count],
             shares,
+            on_unknown_ask: false,
+            is_approvals: false,
+            approved: Vec::new(),
         }
+    }
+
+    /// This file with the rules and standing approvals of `extra` (a file of decisions brokerd
+    /// wrote for the same cgroup) added, its rules first.
+    fn with_approvals(self, extra: PolicyFile) -> Self {
+        let mut rules = extra.rules;
+        rules.extend(self.rules);
+        let dns = if self.dns.is_explicit() {
+            let added = rules.iter().filter_map(|r| r.dest.host()).cloned();
+            DnsNames::new(true, self.dns.patterns().iter().cloned().chain(added))
+        } else {
+            DnsNames::new(false, file::rule_names(&rules))
+        };
+        let mut out = Self::new(
+            self.path,
+            self.cgroup,
+            rules,
+            dns,
+            self.dns_entries,
+            self.shares,
+        );
+        out.on_unknown_ask = self.on_unknown_ask;
+        out.approved = self.approved;
+        out.approved.extend(extra.approved);
+        out
+    }
+
+    /// Whether a request no rule of this file allows waits for an operator's approval.
+    pub fn on_unknown_asks(&self) -> bool {
+        self.on_unknown_ask
+    }
+
+    /// Standing approvals of requests to rules that ask.
+    pub fn approved(&self) -> &[ApprovedEntry] {
+        &self.approved
+    }
+
+    /// Whether a standing approval covers a request to `host:port` with `method`.
+    pub(crate) fn approves(&self, host: Option<&str>, port: u16, method: &str) -> bool {
+        self.approved.iter().any(|a| a.matches(host, port, method))
     }
 
     pub fn path(&self) -> &Path {
@@ -205,6 +272,13 @@ impl Policy {
     /// skipped, as editors use them for temporary files). Any invalid file fails the whole load,
     /// so a caller can keep the last good policy.
     pub fn load_dir(dir: &Path) -> Result<Self, PolicyError> {
+        Self::from_files(Self::read_dir_files(dir)?)
+    }
+
+    /// The `(path, text)` of each policy file in `dir` (`*.toml`, not hidden), as
+    /// [`Policy::load_dir`] reads them: for checking what a changed file would load to before
+    /// writing it.
+    pub fn read_dir_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, PolicyError> {
         let read_dir = |source| PolicyError::ReadDir {
             path: dir.to_path_buf(),
             source,
@@ -239,7 +313,7 @@ impl Policy {
                 }
             }
         }
-        Self::from_files(files)
+        Ok(files)
     }
 
     /// Builds a policy from `(path, text)` pairs (the path is only used in messages and rule
@@ -249,6 +323,7 @@ impl Policy {
         files.sort_by(|a, b| a.0.cmp(&b.0));
         let mut errors = Vec::new();
         let mut policy = Self::empty();
+        let mut approvals = Vec::new();
         for (path, text) in &files {
             let compiled = match file::compile(path, text) {
                 Ok(f) => f,
@@ -257,6 +332,10 @@ impl Policy {
                     continue;
                 }
             };
+            if compiled.is_approvals {
+                approvals.push((compiled, path, text));
+                continue;
+            }
             let key = compiled.cgroup.as_str().to_string();
             if let Some(&other) = policy.by_cgroup.get(&key) {
                 errors.push(file::duplicate_cgroup(
@@ -269,6 +348,27 @@ impl Policy {
             }
             policy.by_cgroup.insert(key, policy.files.len());
             policy.files.push(compiled);
+        }
+
+        // Decisions brokerd wrote join the rules of the file for their cgroup, first, so a
+        // rule written by "allow always" is picked before the rule that asked.
+        let mut merged: HashSet<String> = HashSet::new();
+        for (extra, path, text) in approvals {
+            let key = extra.cgroup.as_str().to_string();
+            let Some(&i) = policy.by_cgroup.get(&key) else {
+                errors.push(file::approvals_without_file(path, text, &extra.cgroup));
+                continue;
+            };
+            if !merged.insert(key) {
+                errors.push(file::duplicate_cgroup(
+                    path,
+                    text,
+                    &extra.cgroup,
+                    &policy.files[i].path,
+                ));
+                continue;
+            }
+            policy.files[i] = policy.files[i].clone().with_approvals(extra);
         }
 
         for i in 0..policy.files.len() {

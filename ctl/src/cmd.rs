@@ -1,6 +1,7 @@
 //! The subcommands, one module each: its clap arguments and the code that carries it out.
 //! `main` parses and dispatches; what they share is in `control` (asking brokerd) and `print`.
 
+pub mod approve;
 pub mod attach;
 pub mod ca;
 pub mod connections;

@@ -48,6 +48,8 @@ enum Command {
     Handle(cmd::handle::Command),
     #[command(subcommand)]
     Policy(cmd::policy::Command),
+    #[command(subcommand)]
+    Approve(cmd::approve::Command),
     /// Live console: brokered calls and denials as they happen (q to quit, ? for keys).
     Console,
     Doctor(cmd::doctor::Args),
@@ -78,6 +80,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Ca(c) => cmd::ca::run(run_dir, c),
         Command::Handle(c) => cmd::handle::run(run_dir, c),
         Command::Policy(c) => cmd::policy::run(run_dir, c),
+        Command::Approve(c) => cmd::approve::run(run_dir, c),
         // The console is a crate of its own (agent-broker-console).
         Command::Console => Ok(agent_broker_console::run(run_dir)?),
         Command::Doctor(a) => {

@@ -37,10 +37,14 @@ use tracing::warn;
 use zeroize::Zeroizing;
 
 use crate::{
+    approvals::{Approvals, Ask, Refused},
     capture::ConnectionOrigin,
     credentials::{Credentials, Lookup},
     dns::AnsweredNames,
-    proxy::{Authorizer, ConnectionVerdict, Denial, Grant, Needles, NeedlesError, RequestFacts},
+    proxy::{
+        Approval, Authorizer, ConnectionVerdict, Denial, DenialReason, Grant, Needles,
+        NeedlesError, Prepared, RequestFacts,
+    },
     vault::Vault,
 };
 
@@ -63,6 +67,13 @@ pub struct PolicyAuthorizer {
     /// Credentials whose values brokerd fetches (OAuth, exec, file); none in tests that use
     /// static secrets only.
     credentials: Option<Arc<Credentials>>,
+    /// Where requests that ask for an operator's approval wait; without it they are refused.
+    approvals: Option<Arc<Approvals>>,
+}
+
+/// The 403 of a request that waited for approval and may not go.
+fn refusal(refused: Refused) -> Denial {
+    Denial::forbidden(DenialReason::Policy(refused.reason))
 }
 
 /// The scrubbing sets of one policy and vault generation, by the cgroup of the governing file
@@ -86,7 +97,14 @@ impl PolicyAuthorizer {
             answered: None,
             scrub_sets: Mutex::default(),
             credentials: None,
+            approvals: None,
         }
+    }
+
+    /// Holds requests that ask for an operator's approval there.
+    pub fn with_approvals(mut self, approvals: Arc<Approvals>) -> Self {
+        self.approvals = Some(approvals);
+        self
     }
 
     /// Injects the values of credentials that are not static (see [`crate::credentials`]).
@@ -262,22 +280,66 @@ impl Authorizer for PolicyAuthorizer {
         connection::decide(self, &policy, origin, sni)
     }
 
-    fn prepare(
-        &self,
-        facts: &RequestFacts<'_>,
-        parts: &Parts,
-    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>> {
-        let credentials = self.credentials.as_ref().filter(|c| c.any())?;
+    fn prepare(&self, facts: &RequestFacts<'_>, parts: &Parts) -> Option<Prepared> {
         let policy = self.current_policy();
-        // The decision again, read-only: authorize makes it for real (and reports a refusal).
-        let allowed = request::decide(&policy, facts, parts).ok()?;
-        let names: Vec<&SecretName> = allowed.inject.secret_names().into_iter().collect();
-        let pending = credentials.pending(&names);
-        if pending.is_empty() {
-            return None;
+        // A request that asks waits for an operator first, unless a standing decision covers it.
+        let mut approval = None;
+        let mut hold = None;
+        if let Some(approvals) = &self.approvals
+            && let Some(needs) = request::needs_approval(&policy, facts, parts)
+        {
+            let method = parts.method.as_str();
+            match approvals.standing(&facts.origin.cgroup, method, facts.host, facts.port) {
+                Some(a) => approval = Some(Approval { id: a.id, by: a.by }),
+                None => {
+                    let ask = Ask {
+                        origin: facts.origin,
+                        method,
+                        host: facts.host,
+                        port: facts.port,
+                        path: parts.uri.path(),
+                        rule: needs.rule,
+                        why: needs.why,
+                    };
+                    match approvals.hold(ask) {
+                        Ok(wait) => hold = Some(wait),
+                        Err(refused) => {
+                            return Some(Box::pin(std::future::ready(Err(refusal(refused)))));
+                        }
+                    }
+                }
+            }
         }
-        let credentials = credentials.clone();
-        Some(Box::pin(async move { credentials.ensure(&pending).await }))
+        // The decision again, read-only (as if approved): authorize makes it for real.
+        let probe = approval
+            .clone()
+            .or_else(|| hold.is_some().then(Approval::probe));
+        let fetch = self
+            .credentials
+            .as_ref()
+            .filter(|c| c.any())
+            .and_then(|credentials| {
+                let allowed = request::decide(&policy, facts, parts, probe.as_ref()).ok()?;
+                let names: Vec<&SecretName> = allowed.inject.secret_names().into_iter().collect();
+                let pending = credentials.pending(&names);
+                (!pending.is_empty()).then(|| (credentials.clone(), pending))
+            });
+        if hold.is_none() && fetch.is_none() {
+            return approval.map(|a| Box::pin(std::future::ready(Ok(Some(a)))) as Prepared);
+        }
+        Some(Box::pin(async move {
+            let approval = match hold {
+                Some(wait) => match wait.await {
+                    Ok(a) => Some(Approval { id: a.id, by: a.by }),
+                    Err(refused) => return Err(refusal(refused)),
+                },
+                None => approval,
+            };
+            if let Some((credentials, pending)) = fetch {
+                credentials.ensure(&pending).await;
+            }
+            Ok(approval)
+        }))
     }
 
     fn reads_body(&self, facts: &RequestFacts<'_>, parts: &Parts) -> bool {
@@ -287,7 +349,7 @@ impl Authorizer for PolicyAuthorizer {
             return false;
         }
         let policy = self.current_policy();
-        request::decide(&policy, facts, parts)
+        request::decide(&policy, facts, parts, Some(&Approval::probe()))
             .is_ok_and(|allowed| allowed.inject.capture_tokens().is_some())
     }
 
@@ -305,7 +367,8 @@ impl Authorizer for PolicyAuthorizer {
 
     fn authorize(&self, facts: &RequestFacts<'_>, parts: &mut Parts) -> Result<Grant, Denial> {
         let policy = self.current_policy();
-        let allowed = request::decide(&policy, facts, parts)?;
+        let approval = parts.extensions.get::<Approval>().cloned();
+        let allowed = request::decide(&policy, facts, parts, approval.as_ref())?;
         let scrub = self
             .scrub_set(&policy, &facts.origin.cgroup)
             .map_err(|e| allowed.cannot(error_chain(&e)))?;

@@ -41,6 +41,47 @@ pub enum ConfigError {
     PodSource(String),
     #[error("spin_us must be at most {max} (microseconds), got {got}")]
     Spin { got: u64, max: u64 },
+    #[error("invalid approval setting: {0}")]
+    Approvals(String),
+}
+
+/// The approval settings, flags over the file over defaults.
+fn approval_config(
+    cli: &Settings,
+    file: &Settings,
+) -> Result<crate::approvals::ApprovalConfig, ConfigError> {
+    use crate::approvals::{ApprovalConfig, DEFAULT_PER_AGENT, DEFAULT_TIMEOUT, webhook::Target};
+    let timeout = match cli.approval_timeout.or(file.approval_timeout) {
+        None => DEFAULT_TIMEOUT,
+        Some(s @ 1..=3600) => std::time::Duration::from_secs(s),
+        Some(s) => {
+            return Err(ConfigError::Approvals(format!(
+                "approval_timeout must be 1 to 3600 seconds, got {s}"
+            )));
+        }
+    };
+    let per_agent = match cli.approvals_per_agent.or(file.approvals_per_agent) {
+        None => DEFAULT_PER_AGENT,
+        Some(n @ 1..=1024) => n,
+        Some(n) => {
+            return Err(ConfigError::Approvals(format!(
+                "approvals_per_agent must be 1 to 1024, got {n}"
+            )));
+        }
+    };
+    let webhook = cli
+        .approval_webhook
+        .as_deref()
+        .or(file.approval_webhook.as_deref())
+        .map(Target::parse)
+        .transpose()
+        .map_err(ConfigError::Approvals)?;
+    Ok(ApprovalConfig {
+        timeout,
+        per_agent,
+        webhook,
+        callback: cli.approval_callback.or(file.approval_callback),
+    })
 }
 
 /// The longest spin window accepted: beyond a millisecond spinning only burns CPU.
@@ -114,6 +155,22 @@ pub struct Settings {
     /// `podman:PATH` another socket [default: none].
     #[arg(long, value_name = "SOURCE")]
     pub pod_source: Option<String>,
+    /// How long a request that asks for an operator's approval (`approve = "ask"`,
+    /// `on_unknown = "ask"`) waits before it is denied, in seconds (1 to 3600) [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    pub approval_timeout: Option<u64>,
+    /// How many requests of one agent may wait for approval at once; more are denied at once
+    /// [default: 8].
+    #[arg(long, value_name = "N")]
+    pub approvals_per_agent: Option<usize>,
+    /// POST each request that starts waiting for approval (JSON, no secret values) to this
+    /// `http://` URL, with a callback URL and a token of its own [default: none].
+    #[arg(long, value_name = "URL")]
+    pub approval_webhook: Option<String>,
+    /// Accept webhook decisions (`POST /approvals/ID`, `Authorization: Bearer TOKEN`) on this
+    /// address [default: none].
+    #[arg(long, value_name = "ADDR")]
+    pub approval_callback: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -156,6 +213,8 @@ pub struct Config {
     pub spin: std::time::Duration,
     /// Where labelled pods are listed from, if anywhere.
     pub pod_source: Option<PodSourceConfig>,
+    /// Run-time approval: how long requests wait, how many, and the webhook.
+    pub approvals: crate::approvals::ApprovalConfig,
 }
 
 /// A container engine brokerd lists labelled pods from.
@@ -186,6 +245,7 @@ impl Config {
     /// A list given on the command line replaces the file's, except `upstream_ca`, which adds
     /// to it; a flag switched on on either side is on.
     pub fn layer(cli: Settings, file: Settings) -> Result<Self, ConfigError> {
+        let approvals = approval_config(&cli, &file)?;
         let dir = |name, cli: Option<PathBuf>, file: Option<PathBuf>, default: &str| {
             let p = cli.or(file).unwrap_or_else(|| PathBuf::from(default));
             if p.is_absolute() {
@@ -259,6 +319,7 @@ impl Config {
                 .or(file.pod_source)
                 .map(|raw| PodSourceConfig::parse(&raw))
                 .transpose()?,
+            approvals,
         };
         if config.audit_retention.max_records == Some(0) {
             return Err(ConfigError::Audit("audit_max_records must be at least 1"));

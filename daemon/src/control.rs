@@ -6,6 +6,7 @@
 //! [`cgroups`] (status, attach, detach, connections), [`secrets`], [`handles`], [`policy`] and
 //! [`logs`]; [`reply`] holds what they share.
 
+mod approvals;
 mod cgroups;
 mod handles;
 mod logs;
@@ -90,6 +91,8 @@ pub struct ControlState {
     pub workloads: Arc<crate::workloads::Workloads>,
     /// Credentials that are not static values (OAuth, exec, file).
     pub credentials: Arc<crate::credentials::Credentials>,
+    /// Requests waiting for an operator's approval.
+    pub approvals: Arc<crate::approvals::Approvals>,
 }
 
 /// Binds the control socket, refusing to steal it from a running brokerd.
@@ -150,6 +153,7 @@ pub async fn serve(listener: UnixListener, state: Arc<ControlState>, cancel: Can
 
 async fn serve_one(stream: UnixStream, state: &ControlState) -> io::Result<()> {
     let refusal = check_peer(&stream, state);
+    let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read).take(MAX_REQUEST_LINE as u64 + 1);
     let mut line = Vec::new();
@@ -187,7 +191,7 @@ async fn serve_one(stream: UnixStream, state: &ControlState) -> io::Result<()> {
                     return logs::stream_logs(reader, write, state, LogFilter::default(), true)
                         .await;
                 }
-                Ok(request) => dispatch(request, state).await,
+                Ok(request) => dispatch(request, state, uid).await,
                 Err(e) => error(ErrorKind::BadRequest, format!("malformed request: {e}")),
             }
         };
@@ -244,9 +248,13 @@ fn check_peer(stream: &UnixStream, state: &ControlState) -> Option<Response> {
     None
 }
 
-/// Routes one request to its family.
-async fn dispatch(request: Request, state: &ControlState) -> Response {
+/// Routes one request to its family; `uid` is the caller's (for the records of decisions).
+async fn dispatch(request: Request, state: &ControlState, uid: u32) -> Response {
     match request {
+        Request::ApprovalList => approvals::list(state),
+        Request::ApprovalDecide { id, decision, via } => {
+            approvals::decide(state, id, decision, via, uid).await
+        }
         Request::Status => cgroups::status(state).await,
         Request::Attach {
             cgroup,

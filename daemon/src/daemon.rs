@@ -109,6 +109,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .await
             .context("loading the credentials")?;
     }
+    let approvals = crate::approvals::Approvals::new(
+        config.approvals.clone(),
+        policy.clone(),
+        event_log.clone(),
+    );
+    let approval_callback = match config.approvals.callback {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the approval callback address {addr}"))?,
+        ),
+        None => None,
+    };
     let names = Arc::new(NameProof::new(answered.clone(), resolver));
     info!(upstreams = ?dns_upstreams, "DNS for agents: allowed names are forwarded there");
     let dns = Arc::new(DnsServer::new(
@@ -155,7 +168,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         authorizer: Arc::new(
             PolicyAuthorizer::new(policy.subscribe(), vault.clone())
                 .with_answered_names(answered)
-                .with_credentials(credentials.clone()),
+                .with_credentials(credentials.clone())
+                .with_approvals(approvals.clone()),
         ),
         events: event_log.clone(),
         names,
@@ -244,7 +258,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shares: share_book,
         workloads,
         credentials,
+        approvals: approvals.clone(),
     });
+    if let Some(listener) = approval_callback {
+        tracker.spawn(crate::approvals::webhook::serve(
+            listener,
+            approvals,
+            cancel.clone(),
+        ));
+    }
     policy.report_to(event_log.clone());
     tracker.spawn(policy.watch(cancel.clone()));
     if let Some(source) = &config.pod_source {

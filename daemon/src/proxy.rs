@@ -35,9 +35,9 @@ pub mod upstream;
 use std::{sync::Arc, time::Duration};
 
 pub use authorizer::{
-    Authorizer, BindReason, BodyTransform, Capture, Charge, Completion, ConnectionVerdict, Denial,
-    DenialReason, Grant, MAX_CAPTURED_BODY, MAX_READ_BODY, Meter, NameBinding, NameCheck, ReadBody,
-    RequestFacts, reads_body_first,
+    Approval, Authorizer, BindReason, BodyTransform, Capture, Charge, Completion,
+    ConnectionVerdict, Denial, DenialReason, Grant, MAX_CAPTURED_BODY, MAX_READ_BODY, Meter,
+    NameBinding, NameCheck, Prepared, ReadBody, RequestFacts, reads_body_first,
 };
 pub use scrub::{Needles, NeedlesError};
 

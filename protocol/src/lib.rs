@@ -140,6 +140,69 @@ pub enum Request {
     /// Live events only (what the console shows), as [`Response::Event`]s, until the client
     /// disconnects.
     Subscribe,
+    /// Requests waiting for an operator's approval (a rule with `approve = "ask"`, or a
+    /// destination no rule allows under `on_unknown = "ask"`), oldest first.
+    ApprovalList,
+    /// Decide a waiting request. brokerd records who decided: `via` (the client, e.g.
+    /// `cli`, `console`) and the caller's uid.
+    ApprovalDecide {
+        id: u64,
+        decision: ApprovalDecision,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        via: Option<String>,
+    },
+}
+
+/// An operator's decision about a request waiting for approval.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ApprovalDecision {
+    /// This request only (for a request an agent filed without waiting, its next matching
+    /// request, within 10 minutes).
+    AllowOnce,
+    /// Requests of this agent with the same method to the same host and port, until
+    /// `until_ms` (Unix milliseconds); kept in memory, not across a restart.
+    AllowUntil { until_ms: u64 },
+    /// Always: brokerd writes a rule (for a destination no rule allows) or a standing approval
+    /// (for a rule that asks) into the agent's approvals file in the policy directory. Refused
+    /// when the result does not load, e.g. because the parent's policy does not allow it.
+    AllowAlways,
+    /// Refuse the request, with a reason the agent is told.
+    Deny {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+}
+
+/// A request waiting for an operator's approval, as `approve list`, the console and the
+/// webhook show it. Never a secret value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingApproval {
+    pub id: u64,
+    /// The agent (its name, or cgroup path).
+    pub agent: String,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub exe: Option<String>,
+    pub method: String,
+    pub host: String,
+    pub port: u16,
+    /// The path, without the query.
+    pub path: String,
+    /// The rule that asked (`approve = "ask"`); none for a destination no rule allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Why it waits, in words.
+    pub why: String,
+    /// What the agent said it needs it for (a request it filed itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_reason: Option<String>,
+    /// Whether a request is held open for the decision (false: filed by the agent).
+    pub held: bool,
+    pub asked_ms: u64,
+    /// When it is denied for want of a decision.
+    pub expires_ms: u64,
 }
 
 /// Which audit records to return.
@@ -185,6 +248,9 @@ pub enum EventKind {
     /// not be: `secrets` names it, `host` is its token endpoint, `decision` allow (fetched) or
     /// deny (failed), `reason` what happened. Never a value.
     Credential,
+    /// A request waits for an operator's approval (`decision` none), or an operator decided
+    /// (`decision` allow or deny, `approval.by` who).
+    Approval,
 }
 
 /// What was decided about a request, connection, query or operator action.
@@ -293,6 +359,21 @@ pub struct AuditEvent {
     /// The pod the agent runs in, for agents a pod source tagged (`brokerd --pod-source`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
+    /// For a request that waited for approval, and for approval records: which, and who
+    /// decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalRef>,
+}
+
+/// An approval an audit record is about.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRef {
+    pub id: u64,
+    /// Who decided: `cli uid 0`, `console uid 1000`, `webhook`; none while it waits or when it
+    /// timed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// A container's pod as the OCI hook reads it from the runtime's annotations.
@@ -408,6 +489,7 @@ wire_names!(EventKind {
     PolicyReload => "policy_reload",
     Dns => "dns",
     Credential => "credential",
+    Approval => "approval",
 });
 wire_names!(Decision { Allow => "allow", Deny => "deny" });
 wire_names!(RequestOutcome {
@@ -590,6 +672,15 @@ pub enum Response {
     /// The answer to `LogsVerify`.
     Verified {
         report: VerifyReport,
+    },
+    /// The answer to `ApprovalList`.
+    Approvals {
+        pending: Vec<PendingApproval>,
+    },
+    /// The answer to `ApprovalDecide`: what was done.
+    ApprovalDecided {
+        id: u64,
+        outcome: String,
     },
     /// The request failed; `message` says what was wrong and what to do about it.
     Error {

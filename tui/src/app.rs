@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use agent_broker_protocol::{AuditEvent, EventKind, RequestOutcome, StatusReport};
+use agent_broker_protocol::{
+    ApprovalDecision, AuditEvent, EventKind, PendingApproval, RequestOutcome, StatusReport,
+};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
 use crate::feed::FeedMsg;
@@ -181,7 +183,18 @@ pub struct App {
     now_ms: u64,
     /// Credentials that are not static, with their states (brokerd's `secret list`).
     credentials: Vec<agent_broker_protocol::SecretInfo>,
+    /// Requests waiting for an operator's approval, oldest first (brokerd's `approve list`).
+    approvals: Vec<PendingApproval>,
+    /// The approval the decision keys act on (an index into `approvals`).
+    approval_selected: usize,
+    /// Decisions made with keys, for the event loop to send.
+    outbox: Vec<(u64, ApprovalDecision)>,
+    /// What brokerd answered to the last decision.
+    approval_note: Option<String>,
 }
+
+/// How long `t` (allow for a while) allows a request for.
+pub const ALLOW_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl App {
     /// A console for `run_dir` keeping [`DEFAULT_HISTORY`] events.
@@ -215,6 +228,10 @@ impl App {
             notice: None,
             now_ms: 0,
             credentials: Vec::new(),
+            approvals: Vec::new(),
+            approval_selected: 0,
+            outbox: Vec::new(),
+            approval_note: None,
         }
     }
 
@@ -242,7 +259,62 @@ impl App {
                 self.notice = Some(format!("skipped a line from brokerd: {reason}"));
             }
             FeedMsg::Credentials(credentials) => self.credentials = credentials,
+            FeedMsg::Approvals(approvals) => {
+                // Keep the same request selected when others come and go.
+                let selected = self.selected_approval().map(|p| p.id);
+                self.approvals = approvals;
+                self.approval_selected = selected
+                    .and_then(|id| self.approvals.iter().position(|p| p.id == id))
+                    .unwrap_or(0);
+            }
+            FeedMsg::Decided(note) => self.approval_note = Some(note),
         }
+    }
+
+    /// The requests waiting for approval, as last polled (see [`FeedMsg::Approvals`]).
+    pub fn approvals(&self) -> &[PendingApproval] {
+        &self.approvals
+    }
+
+    /// The waiting request the decision keys act on.
+    pub fn selected_approval(&self) -> Option<&PendingApproval> {
+        self.approvals.get(self.approval_selected)
+    }
+
+    /// What brokerd said about the last decision made here.
+    pub fn approval_note(&self) -> Option<&str> {
+        self.approval_note.as_deref()
+    }
+
+    /// The decisions made with keys since the last call, for the event loop to send.
+    pub fn take_decisions(&mut self) -> Vec<(u64, ApprovalDecision)> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// A decision key: `a` once, `t` for [`ALLOW_FOR`], `A` always, `x` deny; Tab picks the
+    /// next waiting request. False when no request waits (the key then means nothing here).
+    fn approval_key(&mut self, code: KeyCode) -> bool {
+        let Some(id) = self.selected_approval().map(|p| p.id) else {
+            return false;
+        };
+        let decision = match code {
+            KeyCode::Tab => {
+                self.approval_selected = (self.approval_selected + 1) % self.approvals.len();
+                return true;
+            }
+            KeyCode::Char('a') => ApprovalDecision::AllowOnce,
+            KeyCode::Char('A') => ApprovalDecision::AllowAlways,
+            KeyCode::Char('t') => ApprovalDecision::AllowUntil {
+                until_ms: self.now_ms + ALLOW_FOR.as_millis() as u64,
+            },
+            KeyCode::Char('x') => ApprovalDecision::Deny {
+                reason: Some("denied from the console".into()),
+            },
+            _ => return false,
+        };
+        self.approval_note = Some(format!("#{id}: sent"));
+        self.outbox.push((id, decision));
+        true
     }
 
     /// The credentials brokerd fetches, as last polled (see [`FeedMsg::Credentials`]).
@@ -361,6 +433,9 @@ impl App {
         if self.show_help {
             // Any other key just closes the help.
             self.show_help = false;
+            return;
+        }
+        if self.approval_key(key.code) {
             return;
         }
         let page = isize::try_from(self.viewport_rows).unwrap_or(isize::MAX);

@@ -14,6 +14,8 @@ use ratatui::{
     layout::Rect,
 };
 
+use agent_broker_protocol::ApprovalDecision;
+
 use crate::{ConsoleError, app::App, feed::FeedMsg, ui};
 
 /// How long the loop waits for a key before looking for new events again.
@@ -73,13 +75,15 @@ where
 }
 
 /// Runs until the user quits: messages from `feed` update `app`, keys from `input` drive it,
-/// and `now` gives the time for the per-minute rates.
+/// `now` gives the time for the per-minute rates, and `decide` sends the decisions about
+/// waiting requests the keys made.
 pub fn run_loop<B, I, C>(
     terminal: &mut Terminal<B>,
     app: &mut App,
     feed: &Receiver<FeedMsg>,
     input: &mut I,
     mut now: C,
+    decide: &mut dyn FnMut(u64, ApprovalDecision),
 ) -> Result<(), ConsoleError>
 where
     B: Backend,
@@ -95,7 +99,12 @@ where
             return Ok(());
         }
         match input.next_event(FRAME_EVERY).map_err(ConsoleError::Input)? {
-            Some(Event::Key(key)) if key.kind != KeyEventKind::Release => app.handle_key(key),
+            Some(Event::Key(key)) if key.kind != KeyEventKind::Release => {
+                app.handle_key(key);
+                for (id, decision) in app.take_decisions() {
+                    decide(id, decision);
+                }
+            }
             // A resize needs nothing but the redraw at the top of the loop, which lays out anew.
             Some(_) | None => {}
         }

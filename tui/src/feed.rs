@@ -57,7 +57,14 @@ pub enum FeedMsg {
     /// The credentials brokerd fetches (every kind but static), with their states, as `secret
     /// list` shows them; polled every [`CREDENTIALS_EVERY`].
     Credentials(Vec<protocol::SecretInfo>),
+    /// The requests waiting for an operator's approval, polled every [`APPROVALS_EVERY`].
+    Approvals(Vec<protocol::PendingApproval>),
+    /// What brokerd answered to a decision made in the console.
+    Decided(String),
 }
+
+/// How often the console asks for the requests waiting for approval.
+pub const APPROVALS_EVERY: Duration = Duration::from_millis(500);
 
 /// How often the console asks for the credentials' states.
 pub const CREDENTIALS_EVERY: Duration = Duration::from_secs(2);
@@ -147,6 +154,9 @@ pub struct Feed {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     credentials: Option<JoinHandle<()>>,
+    approvals: Option<JoinHandle<()>>,
+    decider: Option<JoinHandle<()>>,
+    decide: mpsc::Sender<(u64, protocol::ApprovalDecision)>,
 }
 
 impl Feed {
@@ -161,6 +171,19 @@ impl Feed {
                 let (stop, tx, run_dir) = (stop.clone(), tx.clone(), run_dir.clone());
                 move || poll_credentials(&run_dir, &tx, &stop)
             })?;
+        let approvals = thread::Builder::new()
+            .name("console-approvals".into())
+            .spawn({
+                let (stop, tx, run_dir) = (stop.clone(), tx.clone(), run_dir.clone());
+                move || poll_approvals(&run_dir, &tx, &stop)
+            })?;
+        let (decide_tx, decide_rx) = mpsc::channel();
+        let decider = thread::Builder::new()
+            .name("console-decide".into())
+            .spawn({
+                let (stop, tx, run_dir) = (stop.clone(), tx.clone(), run_dir.clone());
+                move || send_decisions(&run_dir, &decide_rx, &tx, &stop)
+            })?;
         let thread = thread::Builder::new().name("console-feed".into()).spawn({
             let stop = stop.clone();
             move || read_forever(&run_dir, &tx, &stop)
@@ -170,18 +193,32 @@ impl Feed {
                 stop,
                 thread: Some(thread),
                 credentials: Some(credentials),
+                approvals: Some(approvals),
+                decider: Some(decider),
+                decide: decide_tx,
             },
             rx,
         ))
+    }
+
+    /// Sends a decision about a waiting request to brokerd (on a thread of its own); what
+    /// brokerd answers comes back as [`FeedMsg::Decided`].
+    pub fn decide(&self, id: u64, decision: protocol::ApprovalDecision) {
+        let _ = self.decide.send((id, decision));
     }
 }
 
 impl Drop for Feed {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        for thread in [self.thread.take(), self.credentials.take()]
-            .into_iter()
-            .flatten()
+        for thread in [
+            self.thread.take(),
+            self.credentials.take(),
+            self.approvals.take(),
+            self.decider.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let _ = thread.join();
         }
@@ -218,6 +255,77 @@ fn poll_credentials(run_dir: &Path, tx: &SyncSender<FeedMsg>, stop: &AtomicBool)
             }
             thread::sleep(POLL);
             waited += POLL;
+        }
+    }
+}
+
+/// Asks for the requests waiting for approval every [`APPROVALS_EVERY`] on a connection of
+/// its own, as [`poll_credentials`] does.
+fn poll_approvals(run_dir: &Path, tx: &SyncSender<FeedMsg>, stop: &AtomicBool) {
+    let mut client: Option<Client> = None;
+    loop {
+        if client.is_none() {
+            client = Client::connect(run_dir).ok();
+        }
+        let keep_waiting = || !stop.load(Ordering::Relaxed);
+        let answer = client.as_mut().map(|c| {
+            c.send(&Request::ApprovalList)?;
+            let line = c.next_line_polling(POLL, &keep_waiting)?;
+            protocol::decode_line::<Response>(&line).map_err(|_| ClientError::NoAnswer)
+        });
+        match answer {
+            Some(Ok(Response::Approvals { pending })) => {
+                if send(tx, stop, FeedMsg::Approvals(pending)).is_err() {
+                    return;
+                }
+            }
+            // Asked again on a new connection next time.
+            _ => client = None,
+        }
+        let mut waited = Duration::ZERO;
+        while waited < APPROVALS_EVERY {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            thread::sleep(POLL);
+            waited += POLL;
+        }
+    }
+}
+
+/// Sends the console's decisions, one control call each, and reports brokerd's answers.
+fn send_decisions(
+    run_dir: &Path,
+    decisions: &Receiver<(u64, protocol::ApprovalDecision)>,
+    tx: &SyncSender<FeedMsg>,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((id, decision)) = decisions.recv_timeout(POLL) else {
+            continue;
+        };
+        let request = Request::ApprovalDecide {
+            id,
+            decision,
+            via: Some("console".into()),
+        };
+        let keep_waiting = || !stop.load(Ordering::Relaxed);
+        let answer = Client::connect(run_dir).and_then(|mut c| {
+            c.send(&request)?;
+            let line = c.next_line_polling(POLL, &keep_waiting)?;
+            protocol::decode_line::<Response>(&line).map_err(|_| ClientError::NoAnswer)
+        });
+        let note = match answer {
+            Ok(Response::ApprovalDecided { id, outcome }) => format!("#{id}: {outcome}"),
+            Ok(Response::Error { message, .. }) => format!("#{id}: refused: {message}"),
+            Ok(other) => format!(
+                "#{id}: unexpected {} response",
+                wire_name(&other, Some("response"))
+            ),
+            Err(e) => format!("#{id}: not sent: {e}"),
+        };
+        if send(tx, stop, FeedMsg::Decided(note)).is_err() {
+            return;
         }
     }
 }

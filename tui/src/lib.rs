@@ -66,6 +66,7 @@ pub fn run(run_dir: &Path) -> Result<(), ConsoleError> {
         &events,
         &mut event_loop::TerminalInput,
         agent_broker_core::time::now_unix_ms,
+        &mut |id, decision| feed.decide(id, decision),
     );
     let restored = ratatui::try_restore().map_err(ConsoleError::Restore);
     // The reader stops when its channel is gone; then joining it is quick.

@@ -30,6 +30,10 @@ const BOOKKEEPING: Style = Style::new().fg(Color::Cyan);
 const SELECTED: Modifier = Modifier::REVERSED;
 const LABEL: Style = Style::new().fg(Color::DarkGray);
 const HEADER: Style = Style::new().add_modifier(Modifier::BOLD);
+const WAITING: Style = Style::new()
+    .fg(Color::Black)
+    .bg(Color::Yellow)
+    .add_modifier(Modifier::BOLD);
 const PAUSED: Style = Style::new()
     .fg(Color::Black)
     .bg(Color::Yellow)
@@ -55,6 +59,93 @@ fn split_for_credentials(agents: Rect, n: usize) -> (Rect, Option<Rect>) {
     let [top, bottom] =
         Layout::vertical([Constraint::Fill(1), Constraint::Length(height)]).areas(agents);
     (top, Some(bottom))
+}
+
+/// Splits the calls pane to show `n` requests waiting for approval above the calls, when there
+/// are any.
+fn split_for_approvals(table: Rect, n: usize) -> (Rect, Option<Rect>) {
+    if n == 0 || table.height < 6 {
+        return (table, None);
+    }
+    // Borders, a header, a key line, and up to five requests.
+    let wanted = u16::try_from(n.min(5)).unwrap_or(5).saturating_add(4);
+    let height = wanted.min(table.height / 2);
+    let [top, bottom] =
+        Layout::vertical([Constraint::Length(height), Constraint::Fill(1)]).areas(table);
+    (bottom, Some(top))
+}
+
+/// The requests waiting for an operator, highlighted: who asks (agent, pid, exe), what
+/// (method, host, path), why (the rule that asked), and the keys that decide.
+fn render_approvals(frame: &mut Frame, area: Rect, app: &App) {
+    let mut title = vec![Span::styled(
+        format!(" {} waiting for approval ", app.approvals().len()),
+        WAITING,
+    )];
+    title.push(Span::styled(
+        " a allow once | t allow 1h | A always | x deny | Tab next ",
+        LABEL,
+    ));
+    if let Some(note) = app.approval_note() {
+        title.push(Span::raw(format!(" {note} ")));
+    }
+    let block = Block::bordered()
+        .border_style(Style::new().fg(Color::Yellow))
+        .title(Line::from(title));
+    let selected = app.selected_approval().map(|p| p.id);
+    let now = app.now_ms();
+    let rows = app.approvals().iter().map(|p| {
+        let left = p.expires_ms.saturating_sub(now) / 1000;
+        let why = match (&p.agent_reason, &p.rule) {
+            (Some(reason), _) => format!("agent says: {reason}"),
+            (None, Some(rule)) => format!("rule {rule}"),
+            (None, None) => "no rule allows it".into(),
+        };
+        let who = format!(
+            "{} {}",
+            p.pid.map_or_else(|| "-".into(), |pid| pid.to_string()),
+            p.exe.as_deref().or(p.comm.as_deref()).unwrap_or("-")
+        );
+        let row = Row::new(vec![
+            Cell::from(format!("#{}", p.id)),
+            Cell::from(p.agent.clone()),
+            Cell::from(who),
+            Cell::from(p.method.clone()),
+            Cell::from(format!("{}:{}{}", p.host, p.port, p.path)),
+            Cell::from(why),
+            Cell::from(format!("{left}s")),
+        ]);
+        if Some(p.id) == selected {
+            row.style(WAITING.add_modifier(SELECTED))
+        } else {
+            row.style(Style::new().fg(Color::Yellow))
+        }
+    });
+    let constraints = [
+        Constraint::Length(5),
+        Constraint::Fill(2),
+        Constraint::Fill(2),
+        Constraint::Length(7),
+        Constraint::Fill(4),
+        Constraint::Fill(3),
+        Constraint::Length(5),
+    ];
+    let table = Table::new(rows, constraints)
+        .header(
+            Row::new([
+                "ID",
+                "AGENT",
+                "PID EXE",
+                "METHOD",
+                "DESTINATION",
+                "WHY",
+                "LEFT",
+            ])
+            .style(HEADER),
+        )
+        .column_spacing(1)
+        .block(block);
+    frame.render_widget(table, area);
 }
 
 /// Splits `area` into panes; None when it is too small to be useful.
@@ -100,7 +191,14 @@ pub fn render(frame: &mut Frame, app: &App) {
         return;
     };
     render_status(frame, panes.status, app);
-    render_table(frame, panes.table, app);
+    let table = match split_for_approvals(panes.table, app.approvals().len()) {
+        (table, Some(approvals)) => {
+            render_approvals(frame, approvals, app);
+            table
+        }
+        (table, None) => table,
+    };
+    render_table(frame, table, app);
     let (agents, credentials) = split_for_credentials(panes.agents, app.credentials().len());
     render_agents(frame, agents, app);
     if let Some(area) = credentials {
@@ -270,6 +368,7 @@ fn kind_tag(kind: Option<EventKind>) -> &'static str {
         Some(EventKind::PolicyReload) => "RELOAD",
         Some(EventKind::Dns) => "DNS",
         Some(EventKind::Credential) => "CRED",
+        Some(EventKind::Approval) => "ASK",
     }
 }
 
@@ -550,6 +649,7 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
         count,
         cgroup_path,
         pod,
+        approval,
     } = event;
     let mut out: Vec<(&'static str, String)> = vec![("time", utc_timestamp(*time_ms))];
     let mut opt = |label: &'static str, value: Option<String>| {
@@ -564,6 +664,13 @@ pub fn detail_fields(event: &AuditEvent) -> Vec<(&'static str, String)> {
     opt("decision", decision.map(|d| d.as_str().into()));
     opt("reason", reason.clone());
     opt("rule", rule.clone());
+    opt(
+        "approval",
+        approval.as_ref().map(|a| match &a.by {
+            Some(by) => format!("#{} by {by}", a.id),
+            None => format!("#{}", a.id),
+        }),
+    );
     opt("side", side.map(|s| s.as_str().into()));
     opt("agent", cgroup.clone());
     opt("cgroup", cgroup_path.clone());
@@ -615,6 +722,11 @@ const HELP: &[(&str, &str)] = &[
     ("f", "next agent filter (all, then each)"),
     ("d", "denied-only on/off"),
     ("p, space", "pause/resume; new events wait"),
+    (
+        "a / t / A / x",
+        "waiting request: allow once, 1h, always; deny",
+    ),
+    ("Tab", "next waiting request"),
     ("?", "this help; any key closes it"),
     ("q, Esc, Ctrl-C", "quit"),
 ];

@@ -72,8 +72,8 @@ struct Peer {
 }
 
 impl Peer {
-    /// The event reader's next connection; the credentials poller's connections (a
-    /// `secret_list` each) are answered with an empty list on the way.
+    /// The event reader's next connection; the credentials and approvals pollers' connections
+    /// (a `secret_list` or `approval_list` first) are answered with an empty list on the way.
     fn accept(listener: &UnixListener) -> Self {
         loop {
             let (stream, _) = listener.accept().expect("accept");
@@ -89,6 +89,12 @@ impl Peer {
             if first == Request::SecretList {
                 peer.send(&Response::Secrets {
                     secrets: Vec::new(),
+                });
+                continue;
+            }
+            if first == Request::ApprovalList {
+                peer.send(&Response::Approvals {
+                    pending: Vec::new(),
                 });
                 continue;
             }
@@ -130,7 +136,7 @@ fn event(seq: u64) -> AuditEvent {
 fn next(rx: &Receiver<FeedMsg>) -> FeedMsg {
     loop {
         match rx.recv_timeout(WAIT).expect("a message from the reader") {
-            FeedMsg::Credentials(_) => continue,
+            FeedMsg::Credentials(_) | FeedMsg::Approvals(_) => continue,
             msg => return msg,
         }
     }

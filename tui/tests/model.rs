@@ -423,7 +423,14 @@ fn event_loop_runs_on_a_test_backend() -> Result<(), ConsoleError> {
         Event::Key(KeyEvent::from(KeyCode::Up)),
         Event::FocusLost,
     ]);
-    event_loop::run_loop(&mut terminal, &mut app, &rx, &mut script, || NOW)?;
+    event_loop::run_loop(
+        &mut terminal,
+        &mut app,
+        &rx,
+        &mut script,
+        || NOW,
+        &mut |_, _| {},
+    )?;
     assert!(app.should_quit());
     assert!(app.denied_only());
     assert_eq!(app.history().len(), 9);
@@ -459,4 +466,87 @@ fn a_summed_burst_of_refusals_counts_as_every_event_it_stands_for() {
     let stats = &app.agents()["agents/flood"];
     assert_eq!(stats.denials, 41);
     assert_eq!(stats.calls, 41);
+}
+
+fn waiting(id: u64, host: &str) -> agent_broker_protocol::PendingApproval {
+    agent_broker_protocol::PendingApproval {
+        id,
+        agent: "agents/coder".into(),
+        pid: Some(4242),
+        comm: Some("python3".into()),
+        exe: Some("/usr/bin/python3.11".into()),
+        method: "POST".into(),
+        host: host.into(),
+        port: 443,
+        path: "/v1/upload".into(),
+        rule: Some("policies/coder.toml:4 allow[0]".into()),
+        why: "rule asks".into(),
+        agent_reason: None,
+        held: true,
+        asked_ms: NOW,
+        expires_ms: NOW + 60_000,
+    }
+}
+
+#[test]
+fn waiting_requests_show_in_their_own_pane_and_keys_decide_them() {
+    use agent_broker_protocol::ApprovalDecision;
+    let mut app = app();
+    app.tick(NOW);
+    // Nothing waits: the decision keys do nothing.
+    press(&mut app, KeyCode::Char('a'));
+    assert!(app.take_decisions().is_empty());
+
+    app.apply(FeedMsg::Approvals(vec![
+        waiting(7, "upload.example.test"),
+        waiting(8, "other.example.test"),
+    ]));
+    let mut terminal = Terminal::new(TestBackend::new(160, 40)).expect("terminal");
+    terminal.draw(|f| ui::render(f, &app)).expect("draw");
+    let text = buffer_text(terminal.backend().buffer());
+    assert!(text.contains("2 waiting for approval"), "{text}");
+    for shown in [
+        "#7",
+        "agents/coder",
+        "4242",
+        "/usr/bin/python3.11",
+        "POST",
+        "upload.example.test:443/v1/upload",
+        "coder.toml:4",
+        "60s",
+    ] {
+        assert!(text.contains(shown), "{shown} missing:\n{text}");
+    }
+
+    press(&mut app, KeyCode::Char('a'));
+    assert_eq!(app.take_decisions(), vec![(7, ApprovalDecision::AllowOnce)]);
+    press(&mut app, KeyCode::Tab);
+    assert_eq!(app.selected_approval().map(|p| p.id), Some(8));
+    press(&mut app, KeyCode::Char('x'));
+    press(&mut app, KeyCode::Char('A'));
+    press(&mut app, KeyCode::Char('t'));
+    let decisions = app.take_decisions();
+    assert!(matches!(decisions[0], (8, ApprovalDecision::Deny { .. })));
+    assert_eq!(decisions[1], (8, ApprovalDecision::AllowAlways));
+    assert_eq!(
+        decisions[2],
+        (
+            8,
+            ApprovalDecision::AllowUntil {
+                until_ms: NOW + 3_600_000
+            }
+        )
+    );
+
+    // brokerd's answer is shown; a request decided elsewhere leaves the pane.
+    app.apply(FeedMsg::Decided("#8: allowed always".into()));
+    app.apply(FeedMsg::Approvals(vec![waiting(8, "other.example.test")]));
+    assert_eq!(app.selected_approval().map(|p| p.id), Some(8));
+    terminal.draw(|f| ui::render(f, &app)).expect("draw");
+    let text = buffer_text(terminal.backend().buffer());
+    assert!(text.contains("#8: allowed always"), "{text}");
+    assert!(!text.contains("upload.example.test"), "{text}");
+    app.apply(FeedMsg::Approvals(Vec::new()));
+    terminal.draw(|f| ui::render(f, &app)).expect("draw");
+    assert!(!buffer_text(terminal.backend().buffer()).contains("waiting for approval"));
 }

@@ -87,6 +87,9 @@ pub enum RequestDecision<'a> {
         /// Limits to check with a [`super::Limiter`] before forwarding, one per level whose
         /// rule has any; record the exchange's bytes and tokens against them afterwards.
         limit_keys: Vec<LimitKey>,
+        /// Set when the request may go only once an operator approves it: the first rule (closest
+        /// level first) that says `approve = "ask"` and that no standing approval covers.
+        ask: Option<&'a RuleRef>,
     },
     Deny {
         /// Plain enough for an LLM agent to act on; never names a secret value.
@@ -95,6 +98,9 @@ pub enum RequestDecision<'a> {
         rule: Option<&'a RuleRef>,
         /// The file that refused, when one covers the cgroup.
         file: Option<&'a Path>,
+        /// An operator may still allow it: every level either allows the request with a rule
+        /// or says `on_unknown = "ask"`. Approved, it goes with nothing injected.
+        askable: bool,
     },
 }
 
@@ -178,6 +184,8 @@ pub(super) struct Granted<'p> {
     pub(super) rule: &'p Rule,
     pub(super) plain_http: bool,
     pub(super) any_address: bool,
+    /// The first level's rule that asks for approval (see [`RequestDecision::Allow::ask`]).
+    pub(super) ask: Option<&'p Rule>,
 }
 
 /// How a level would handle a connection.
@@ -522,6 +530,10 @@ impl Policy {
         each_level(file, rule);
         let mut plain_http = rule.plain_http;
         let mut any_address = rule.any_address;
+        let asks = |level: &PolicyFile, r: &'p Rule| {
+            (r.ask && !level.approves(req.host.as_deref(), req.port, req.method)).then_some(r)
+        };
+        let mut ask = asks(file, rule);
         for &ai in &file.ancestors {
             let level = &self.files[ai];
             let Some(i) = level.select(req, &rule.secrets) else {
@@ -530,13 +542,36 @@ impl Policy {
             let r = &level.rules[i];
             plain_http &= r.plain_http;
             any_address &= r.any_address;
+            ask = ask.or_else(|| asks(level, r));
             each_level(level, r);
         }
         Ok(Granted {
             rule,
             plain_http,
             any_address,
+            ask,
         })
+    }
+
+    /// Whether an operator may allow a request the policy refused: every level governing
+    /// `cgroup` allows it with some rule (secrets aside: an approved request carries none) or
+    /// says `on_unknown = "ask"`, and at least one says so.
+    pub(super) fn askable(&self, cgroup: &CgroupPath, req: &Req<'_>) -> bool {
+        let Some(fi) = self.governing(cgroup.as_str()) else {
+            return false;
+        };
+        let levels = std::iter::once(fi).chain(self.files[fi].ancestors.iter().copied());
+        let mut asked = false;
+        for level in levels.map(|i| &self.files[i]) {
+            if level.select(req, &[]).is_some() {
+                continue;
+            }
+            if !level.on_unknown_ask {
+                return false;
+            }
+            asked = true;
+        }
+        asked
     }
 
     /// Decides one HTTP request from `cgroup`: every file governing it must allow it; the
@@ -569,8 +604,10 @@ impl Policy {
                 any_address: g.any_address,
                 idle_timeout: g.rule.idle_timeout,
                 limit_keys,
+                ask: g.ask.map(|r| &r.rule_ref),
             },
             Err(refusal) => RequestDecision::Deny {
+                askable: refusal.level.is_some() && self.askable(cgroup, &r),
                 reason: refusal.reason,
                 rule: refusal.rule.map(|r| &r.rule_ref),
                 file: refusal.level.map(|f| &*f.path),
@@ -686,7 +723,10 @@ impl Policy {
             .map(|i| &self.files[i])
             .enumerate()
         {
-            if !level.dns.allows(&name) {
+            // A file that asks about unknown destinations lets its agents resolve any name,
+            // unless it lists the names in `[dns]`.
+            let asks = level.on_unknown_ask && !level.dns.is_explicit();
+            if !asks && !level.dns.allows(&name) {
                 let cgroup = cgroup.clone();
                 let level = (n > 0).then(|| level.cgroup.clone());
                 // What the agent may resolve is what its own (closest) file lists.

@@ -250,6 +250,12 @@ impl Policy {
                     any_address: g.any_address,
                     ..base
                 };
+                if let Some(asking) = g.ask.map(|r| &r.rule_ref) {
+                    e.notes.push(format!(
+                        "each such request waits for an operator's approval ({asking} says \
+                         approve = \"ask\")"
+                    ));
+                }
                 if !target.tls && !g.plain_http && !g.rule.inject.is_empty() {
                     e.notes.push(
                         "over plain HTTP the broker refuses to write these credentials (no \
@@ -273,13 +279,24 @@ impl Policy {
                 }
                 e
             }
-            Err(refusal) => Explanation {
-                reason: Some(refusal.reason),
-                rule: refusal.rule.map(|r| r.rule_ref.clone()),
-                file: refusal.level.map(|l| l.path.to_path_buf()),
-                refused_by: refusal.level.map(|l| l.cgroup.clone()),
-                ..base
-            },
+            Err(refusal) => {
+                let mut notes = base.notes.clone();
+                if refusal.level.is_some() && self.askable(cgroup, &req) {
+                    notes.push(
+                        "on_unknown = \"ask\": the request would be held for an operator's \
+                         approval, and if approved it goes with no credentials written into it"
+                            .to_string(),
+                    );
+                }
+                Explanation {
+                    reason: Some(refusal.reason),
+                    rule: refusal.rule.map(|r| r.rule_ref.clone()),
+                    file: refusal.level.map(|l| l.path.to_path_buf()),
+                    refused_by: refusal.level.map(|l| l.cgroup.clone()),
+                    notes,
+                    ..base
+                }
+            }
         })
     }
 

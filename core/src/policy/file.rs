@@ -59,6 +59,26 @@ struct RawFile {
     allow: Vec<Spanned<RawRule>>,
     /// Each agent's share of brokerd (see [`super::shares`]).
     shares: Option<Spanned<RawShares>>,
+    /// What happens to a request no rule allows: `deny` (the default) or `ask` (held for an
+    /// operator's approval).
+    on_unknown: Option<Spanned<String>>,
+    /// This file holds decisions brokerd wrote ("allow always"): its rules and `approved`
+    /// entries join those of the policy file for the same cgroup, which must exist.
+    approvals: Option<Spanned<bool>>,
+    /// Requests that a rule with `approve = "ask"` lets through without asking.
+    #[serde(default)]
+    approved: Vec<Spanned<RawApproved>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApproved {
+    /// The exact host name or address.
+    host: Spanned<String>,
+    /// The destination port, default 443.
+    port: Option<u16>,
+    /// The methods; absent: all.
+    methods: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +136,8 @@ struct RawRule {
     budget: Option<Spanned<RawBudget>>,
     /// Credentials written into matching requests.
     inject: Option<Spanned<RawInject>>,
+    /// `auto` (the default) or `ask`: hold each matching request until an operator approves it.
+    approve: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -453,17 +475,7 @@ pub(super) fn compile(path: &Path, text: &str) -> Result<PolicyFile, Vec<PolicyF
             }
             DnsNames::new(true, patterns)
         }
-        None => DnsNames::new(
-            false,
-            rules
-                .iter()
-                .filter_map(|r| r.dest.host())
-                .filter(|h| match h {
-                    HostPattern::Exact(h) => h.parse::<IpAddr>().is_err(),
-                    HostPattern::Wildcard(_) => true,
-                })
-                .cloned(),
-        ),
+        None => DnsNames::new(false, rule_names(&rules)),
     };
 
     let mut shares = SharesSpec::default();
@@ -496,15 +508,71 @@ pub(super) fn compile(path: &Path, text: &str) -> Result<PolicyFile, Vec<PolicyF
         }
     }
 
+    let on_unknown_ask = match raw
+        .on_unknown
+        .as_ref()
+        .map(|o| (o.span(), o.get_ref().as_str()))
+    {
+        None | Some((_, "deny")) => false,
+        Some((_, "ask")) => true,
+        Some((span, other)) => {
+            errors.push(loc.error(
+                Some(span),
+                Some("on_unknown".into()),
+                format!("on_unknown must be \"deny\" or \"ask\", got {other:?}"),
+            ));
+            false
+        }
+    };
+    let is_approvals = raw.approvals.as_ref().is_some_and(|a| *a.get_ref());
+    let mut approved = Vec::new();
+    for (j, entry) in raw.approved.into_iter().enumerate() {
+        let span = entry.span();
+        let entry = entry.into_inner();
+        let field = |f: &str| Some(format!("approved[{j}].{f}"));
+        let host = match HostPattern::parse(entry.host.get_ref()) {
+            Ok(HostPattern::Exact(h)) => h,
+            _ => {
+                errors.push(loc.error(
+                    Some(entry.host.span()),
+                    field("host"),
+                    format!(
+                        "{:?} is not an exact host name or address",
+                        entry.host.get_ref()
+                    ),
+                ));
+                continue;
+            }
+        };
+        let methods = match entry.methods {
+            None => MethodSet::Any,
+            Some(m) => match MethodSet::parse(m.iter().map(String::as_str)) {
+                Ok(m) => m,
+                Err((i, e)) => {
+                    errors.push(loc.error(
+                        Some(span),
+                        field(&format!("methods[{i}]")),
+                        e.to_string(),
+                    ));
+                    continue;
+                }
+            },
+        };
+        approved.push(super::ApprovedEntry {
+            host,
+            port: entry.port.unwrap_or(DEFAULT_PORT),
+            methods,
+        });
+    }
+
     match cgroup {
-        Some(cgroup) if errors.is_empty() => Ok(PolicyFile::new(
-            file,
-            cgroup,
-            rules,
-            dns,
-            dns_entries,
-            shares,
-        )),
+        Some(cgroup) if errors.is_empty() => {
+            let mut file = PolicyFile::new(file, cgroup, rules, dns, dns_entries, shares);
+            file.on_unknown_ask = on_unknown_ask;
+            file.is_approvals = is_approvals;
+            file.approved = approved;
+            Ok(file)
+        }
         _ => Err(errors),
     }
 }
@@ -751,6 +819,31 @@ fn compile_rule(
             .ok()
     });
 
+    let ask = match raw
+        .approve
+        .as_ref()
+        .map(|a| (a.span(), a.get_ref().as_str()))
+    {
+        None | Some((_, "auto")) => false,
+        Some((_, "ask")) => true,
+        Some((span, other)) => {
+            errs.at(
+                span,
+                "approve",
+                format!("approve must be \"auto\" or \"ask\", got {other:?}"),
+            );
+            false
+        }
+    };
+    if ask && tcp {
+        errs.at(
+            rule_span.clone(),
+            "approve",
+            "a tcp passthrough rule cannot ask for approval: its bytes are never read as \
+             requests",
+        );
+    }
+
     let rate = raw.rate.as_ref().and_then(|r| {
         spans.set("rate", pos(&r.span()));
         compile_rate(errs, r)
@@ -834,6 +927,7 @@ fn compile_rule(
         budget,
         inject,
         secrets,
+        ask,
         limit: None,
         spans,
     })
@@ -1055,6 +1149,38 @@ fn compile_inject(errs: &mut RuleErrors<'_, '_>, raw: RawInject) -> Option<Injec
         aws_sigv4,
         capture_tokens,
     })
+}
+
+/// The names a file's `host` rules let its agents resolve (when it has no `[dns]` table).
+pub(super) fn rule_names(rules: &[Rule]) -> impl Iterator<Item = HostPattern> + '_ {
+    rules
+        .iter()
+        .filter_map(|r| r.dest.host())
+        .filter(|h| match h {
+            HostPattern::Exact(h) => h.parse::<IpAddr>().is_err(),
+            HostPattern::Wildcard(_) => true,
+        })
+        .cloned()
+}
+
+/// An approvals file (`approvals = true`) for a cgroup no policy file names.
+pub(super) fn approvals_without_file(
+    path: &Path,
+    text: &str,
+    cgroup: &CgroupPath,
+) -> PolicyFileError {
+    let loc = Locator { path, text };
+    let span = toml::from_str::<RawFile>(text)
+        .ok()
+        .map(|raw| raw.cgroup.span());
+    loc.error(
+        span,
+        Some("cgroup".into()),
+        format!(
+            "this file holds approvals for cgroup {cgroup}, but no policy file governs {cgroup}; \
+             add one, or remove this file"
+        ),
+    )
 }
 
 /// The error for a file whose `cgroup` another file already claims.

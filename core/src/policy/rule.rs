@@ -159,6 +159,8 @@ pub struct Rule {
     pub(super) inject: Injection,
     /// Every secret `inject` names, sorted, each once.
     pub(super) secrets: Vec<SecretName>,
+    /// `approve = "ask"`: each matching request waits for an operator's decision.
+    pub(super) ask: bool,
     pub(super) rule_ref: RuleRef,
     /// Set once the file's cgroup is known, for rules with a rate or budget.
     pub(super) limit: Option<LimitKey>,
@@ -232,6 +234,10 @@ impl Rule {
     }
 
     /// Whether the rule no longer matches at `now`.
+    /// Whether matching requests wait for an operator's approval (`approve = "ask"`).
+    pub fn asks(&self) -> bool {
+        self.ask
+    }
     pub fn is_expired(&self, now: SystemTime) -> bool {
         self.not_after.is_some_and(|t| now > t)
     }

@@ -9,6 +9,7 @@ use http::{HeaderMap, HeaderValue, Method};
 use super::*;
 use crate::time::parse_rfc3339;
 
+mod approve;
 mod chain;
 mod connection;
 mod explain;

@@ -8,7 +8,10 @@ use agent_broker_core::{
 };
 use http::{StatusCode, request::Parts};
 
-use crate::proxy::{Denial, DenialReason, NameBinding, RequestFacts};
+use crate::{
+    approvals::AskingRule,
+    proxy::{Approval, Denial, DenialReason, NameBinding, RequestFacts},
+};
 
 /// A request the policy allowed, and what the later steps need of the rule that allowed it.
 pub(super) struct Allowed<'p> {
@@ -49,14 +52,56 @@ impl Allowed<'_> {
     }
 }
 
-/// Asks the policy about the request; refuses plain HTTP that nothing proves reaches the host
-/// it names.
-pub(super) fn decide<'p>(
-    policy: &'p Policy,
+/// What an approved request carries when no rule allows it: nothing.
+static NOTHING: std::sync::LazyLock<Injection> = std::sync::LazyLock::new(Injection::default);
+
+/// A request that may go only once an operator approves it.
+pub(super) struct NeedsApproval {
+    /// The rule that asked (and its file's cgroup); none for a destination no rule allows.
+    pub rule: Option<AskingRule>,
+    /// Why it waits, in words.
+    pub why: String,
+}
+
+/// Whether the request must wait for an operator (a rule that asks, or a refusal an operator
+/// may overturn), and why.
+pub(super) fn needs_approval(
+    policy: &Policy,
     facts: &RequestFacts<'_>,
     parts: &Parts,
-) -> Result<Allowed<'p>, Denial> {
-    let request = RequestInfo {
+) -> Option<NeedsApproval> {
+    match policy.decide_request(&facts.origin.cgroup, &info(facts, parts)) {
+        RequestDecision::Allow {
+            ask: Some(rule), ..
+        } => {
+            let level = policy
+                .chain(&facts.origin.cgroup)
+                .into_iter()
+                .find(|f| *f.path() == *rule.file)?
+                .cgroup()
+                .clone();
+            Some(NeedsApproval {
+                why: format!("rule {rule} says approve = \"ask\""),
+                rule: Some(AskingRule {
+                    rule: rule.to_string(),
+                    level,
+                }),
+            })
+        }
+        RequestDecision::Deny {
+            askable: true,
+            reason,
+            ..
+        } => Some(NeedsApproval {
+            rule: None,
+            why: format!("no rule allows it, and the policy asks about such requests ({reason})"),
+        }),
+        _ => None,
+    }
+}
+
+fn info<'a>(facts: &RequestFacts<'a>, parts: &'a Parts) -> RequestInfo<'a> {
+    RequestInfo {
         method: &parts.method,
         path: parts.uri.path(),
         headers: &parts.headers,
@@ -65,7 +110,20 @@ pub(super) fn decide<'p>(
         dst_ip: facts.origin.original_dst.ip(),
         tls: facts.tls,
         now: SystemTime::now(),
-    };
+    }
+}
+
+/// Asks the policy about the request; refuses plain HTTP that nothing proves reaches the host
+/// it names. `approval`: an operator approved the request (it waited in
+/// [`crate::approvals`]), which a rule that asks needs, and which lets a refused request an
+/// operator may allow go, with nothing injected.
+pub(super) fn decide<'p>(
+    policy: &'p Policy,
+    facts: &RequestFacts<'_>,
+    parts: &Parts,
+    approval: Option<&Approval>,
+) -> Result<Allowed<'p>, Denial> {
+    let request = info(facts, parts);
     // A host that is the literal address dialed needs no proof.
     let by_name = !host_is_address(facts.host, facts.origin.original_dst.ip());
     let allowed = match policy.decide_request(&facts.origin.cgroup, &request) {
@@ -76,8 +134,21 @@ pub(super) fn decide<'p>(
             any_address,
             idle_timeout,
             limit_keys,
+            ask,
         } => Allowed {
-            rule: rule.to_string(),
+            rule: match (ask, approval) {
+                (None, _) => rule.to_string(),
+                (Some(_), Some(a)) => format!("{rule} (approval #{} by {})", a.id, a.by),
+                (Some(asking), None) => {
+                    return Err(Denial {
+                        rule: Some(asking.to_string()),
+                        ..Denial::forbidden(DenialReason::Policy(format!(
+                            "rule {asking} lets this request go only once an operator \
+                             approves it, and it was not approved"
+                        )))
+                    });
+                }
+            },
             inject,
             limit_keys,
             may_write_secrets: facts.tls || plain_http,
@@ -85,6 +156,19 @@ pub(super) fn decide<'p>(
             bind_name: (!facts.tls && by_name).then(|| NameBinding::matched_by_name(facts.host)),
             credential_name: (facts.tls && by_name && !any_address)
                 .then(|| NameBinding::credential(facts.host)),
+        },
+        RequestDecision::Deny {
+            askable: true,
+            rule: _,
+            ..
+        } if approval.is_some() => Allowed {
+            rule: approval.map_or_else(String::new, |a| format!("approval #{} by {}", a.id, a.by)),
+            inject: &NOTHING,
+            limit_keys: Vec::new(),
+            may_write_secrets: facts.tls,
+            idle_timeout: None,
+            bind_name: None,
+            credential_name: None,
         },
         RequestDecision::Deny { reason, rule, .. } => {
             return Err(Denial {
@@ -158,7 +242,7 @@ mod tests {
             .body(())
             .expect("request")
             .into_parts();
-        decide(policy, &facts, &parts)
+        decide(policy, &facts, &parts, None)
             .map(|a| (a.bind_name, a.credential_name))
             .map_err(|d| d.reason.to_string())
     }

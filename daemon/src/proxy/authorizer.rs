@@ -269,6 +269,29 @@ pub trait NameCheck: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 }
 
+/// What [`Authorizer::prepare`] has the proxy await.
+pub type Prepared =
+    Pin<Box<dyn Future<Output = Result<Option<Approval>, Denial>> + Send + 'static>>;
+
+/// An operator approved a request that waited (see [`Authorizer::prepare`]): which approval,
+/// and who gave it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Approval {
+    pub id: u64,
+    pub by: String,
+}
+
+impl Approval {
+    /// Stands for an approval still to come, to ask read-only what an approved request would
+    /// be granted.
+    pub fn probe() -> Self {
+        Self {
+            id: 0,
+            by: String::new(),
+        }
+    }
+}
+
 /// Decides requests and rewrites them (injection, handle swaps).
 pub trait Authorizer: Send + Sync + 'static {
     /// Decides a connection by its destination and, for TLS, the SNI (None before the
@@ -280,12 +303,10 @@ pub trait Authorizer: Send + Sync + 'static {
 
     /// Work to await before [`Authorizer::authorize`]: fetching the values of credentials the
     /// request will need that have none yet, or whose value is about to expire (an OAuth
-    /// token on first use). `None`: nothing to wait for.
-    fn prepare(
-        &self,
-        _facts: &RequestFacts<'_>,
-        _parts: &Parts,
-    ) -> Option<Pin<Box<dyn Future<Output = ()> + Send + 'static>>> {
+    /// token on first use), and holding a request that waits for an operator's approval.
+    /// `None`: nothing to wait for. The future's `Ok(Some)` is put in the request's
+    /// extensions for `authorize`; `Err` refuses the request.
+    fn prepare(&self, _facts: &RequestFacts<'_>, _parts: &Parts) -> Option<Prepared> {
         None
     }
 

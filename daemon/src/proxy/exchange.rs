@@ -180,7 +180,13 @@ impl Proxy {
             }
         }
         if let Some(ready) = self.authorizer.prepare(&facts, &parts) {
-            ready.await;
+            match ready.await {
+                Ok(Some(approval)) => {
+                    parts.extensions.insert(approval);
+                }
+                Ok(None) => {}
+                Err(denial) => return Exchange::refused(&conn.origin, host, denial, None),
+            }
         }
         let mut grant = match self.authorizer.authorize(&facts, &mut parts) {
             Ok(g) => g,

@@ -312,7 +312,9 @@ port = 80
     // The parent's rule expired: the parent level refuses, and says so.
     let mut late = r.clone();
     late.now = parse_rfc3339("2026-04-01T00:00:00Z").expect("t");
-    let RequestDecision::Deny { reason, file, rule } = p.decide_request(&coder, &late.info())
+    let RequestDecision::Deny {
+        reason, file, rule, ..
+    } = p.decide_request(&coder, &late.info())
     else {
         panic!("allowed past the parent's expiry")
     };
