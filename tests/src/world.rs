@@ -103,6 +103,15 @@ impl World {
         ca: TestCa,
         policies: impl FnOnce(&TestCgroup, &TestUpstream) -> Vec<(String, String)>,
     ) -> Self {
+        Self::with_broker_args(ca, &[], policies)
+    }
+
+    /// Like [`World::with_ca`], with more brokerd arguments (`--approval-timeout 2`).
+    pub fn with_broker_args(
+        ca: TestCa,
+        args: &[&str],
+        policies: impl FnOnce(&TestCgroup, &TestUpstream) -> Vec<(String, String)>,
+    ) -> Self {
         require_privileges();
         let cg = TestCgroup::new();
         let api = TestUpstream::start(&ca, UpstreamOptions::api());
@@ -114,6 +123,9 @@ impl World {
             .name(OTHER, TEST_API_IP);
         for (name, toml) in policies(&cg, &api) {
             builder = builder.policy(&name, &toml);
+        }
+        for arg in args {
+            builder = builder.arg(arg);
         }
         let broker = builder.start();
         let secret = Canary::new();

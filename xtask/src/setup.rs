@@ -48,6 +48,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // starts the system containerd, it does not meet the tests' own, which has its own config,
     // root, state and sockets in a temporary dir and a namespace of its own.
     "containerd",
+    // The console driven in a real terminal (tests/tests/approvals.rs).
+    "tmux",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.

@@ -171,6 +171,7 @@ pub async fn serve(listener: TcpListener, approvals: Arc<Approvals>, cancel: Can
                 async move { Ok::<_, std::convert::Infallible>(callback(&approvals, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
