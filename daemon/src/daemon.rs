@@ -12,6 +12,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
 
 use crate::{
+    agent_api::AgentApi,
     audit::AuditLog,
     broker::{NameProof, PolicyAuthorizer},
     capture::{self, CaptureConfig},
@@ -149,18 +150,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .context("starting the kernel capture path")?;
     // Credentials go over plain HTTP only to listeners that are not an agent's, which the
     // capture layer tells (see proxy::upstream).
+    let authorizer = PolicyAuthorizer::new(policy.subscribe(), vault.clone())
+        .with_answered_names(answered)
+        .with_credentials(credentials.clone());
+    // agent-broker.internal: what an agent may do, asked by the agent (issue 16.3).
+    let agent_api = AgentApi::new(policy.subscribe(), authorizer.limiter());
     let proxy = Arc::new(Proxy {
         minter,
         upstream: upstream.with_listener_check(capture.resolver.clone()),
-        authorizer: Arc::new(
-            PolicyAuthorizer::new(policy.subscribe(), vault.clone())
-                .with_answered_names(answered)
-                .with_credentials(credentials.clone()),
-        ),
+        authorizer: Arc::new(authorizer),
         events: event_log.clone(),
         names,
         deadlines: Deadlines::default(),
         shares: share_book.clone(),
+        local: Some(Arc::new(agent_api)),
     });
 
     let cancel = CancellationToken::new();
