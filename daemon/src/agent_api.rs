@@ -427,7 +427,7 @@ impl AgentApi {
                 } else {
                     StatusCode::NOT_FOUND
                 };
-                LocalAnswer::answered(plain(status), Some("mcp session closed".into()))
+                LocalAnswer::answered(plain(status), Some("mcp DELETE".into()))
             }
             (_, "/mcp") => {
                 // No server-initiated stream: every answer comes with its request.
@@ -475,6 +475,36 @@ impl AgentApi {
             );
         };
         let id = object.get("id").cloned();
+        if object.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+            return rpc_reply(
+                StatusCode::BAD_REQUEST,
+                rpc_error(
+                    id.unwrap_or(Value::Null),
+                    -32600,
+                    "not a JSON-RPC 2.0 message",
+                ),
+                None,
+            );
+        }
+        if let Some(asked) = request
+            .headers()
+            .get("mcp-protocol-version")
+            .and_then(|v| v.to_str().ok())
+            && !PROTOCOL_VERSIONS.contains(&asked)
+        {
+            return rpc_reply(
+                StatusCode::BAD_REQUEST,
+                rpc_error(
+                    id.unwrap_or(Value::Null),
+                    -32600,
+                    &format!(
+                        "unsupported MCP-Protocol-Version {asked:?}; this server speaks {}",
+                        PROTOCOL_VERSIONS.join(", ")
+                    ),
+                ),
+                None,
+            );
+        }
         let Some(method) = object.get("method").and_then(Value::as_str) else {
             // A response or error from the client: nothing to answer.
             return LocalAnswer::answered(plain(StatusCode::ACCEPTED), None);

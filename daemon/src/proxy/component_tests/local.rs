@@ -352,6 +352,24 @@ async fn sessions_are_required_and_belong_to_the_agent_that_opened_them() {
     );
     assert_eq!(allowed["structuredContent"]["rules"], json!([]));
 
+    // A protocol revision the server does not speak, and a message that is not JSON-RPC 2.0.
+    let req = mcp
+        .agent
+        .request("POST", agent_api::NAME, "/mcp")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("mcp-session-id", session.as_deref().expect("session"))
+        .header("mcp-protocol-version", "1999-01-01")
+        .body(Full::new(Bytes::from_static(
+            br#"{"jsonrpc":"2.0","id":9,"method":"tools/list"}"#,
+        )))
+        .expect("request");
+    assert_eq!(mcp.agent.fetch(req).await.status, StatusCode::BAD_REQUEST);
+    let (status, _, body) = mcp
+        .post(&json!({"jsonrpc": "1.0", "id": 3, "method": "tools/list"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], -32600);
+
     // DELETE ends the session; it is unknown afterwards.
     let req = mcp
         .agent
