@@ -148,13 +148,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         require_lsm: config.require_lsm,
     })
     .context("starting the kernel capture path")?;
-    // Credentials go over plain HTTP only to listeners that are not an agent's, which the
-    // capture layer tells (see proxy::upstream).
     let authorizer = PolicyAuthorizer::new(policy.subscribe(), vault.clone())
         .with_answered_names(answered)
         .with_credentials(credentials.clone());
     // agent-broker.internal: what an agent may do, asked by the agent (issue 16.3).
     let agent_api = AgentApi::new(policy.subscribe(), authorizer.limiter());
+    // Credentials go over plain HTTP only to listeners that are not an agent's, which the
+    // capture layer tells (see proxy::upstream).
     let proxy = Arc::new(Proxy {
         minter,
         upstream: upstream.with_listener_check(capture.resolver.clone()),
