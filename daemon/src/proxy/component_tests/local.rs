@@ -620,3 +620,24 @@ async fn calls_are_rate_limited_per_agent_and_the_refusals_recorded() {
         .count();
     assert_eq!(denials, limited);
 }
+
+#[tokio::test]
+async fn plain_http_at_the_services_address_is_served_by_name_only() {
+    let address = SocketAddr::new(IpAddr::V4(agent_api::ADDRESS), 80);
+    let w = world(Some(address), None).await;
+    let mut agent = Agent::plain(&w.broker).await;
+    let req = agent
+        .request("GET", agent_api::NAME, "/v1/allowed")
+        .body(empty())
+        .expect("request");
+    let got = agent.fetch(req).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.json()["agent"], AGENT_CGROUP);
+    let req = agent
+        .request("GET", HOST, "/v1/models/x")
+        .body(empty())
+        .expect("request");
+    assert_eq!(agent.fetch(req).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(w.upstream.count(), 0);
+    assert!(w.broker.authorizer.requests().is_empty());
+}
