@@ -232,13 +232,6 @@ impl Approvals {
 
     /// Files a request the agent makes for later (`request_access`): listed for
     /// [`FILED_EXPIRY`]; "allow once" lets its next matching request through.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the agent API's request_access is wired to it next"
-        )
-    )]
     pub fn file(
         self: &Arc<Self>,
         origin: &ConnectionOrigin,
@@ -631,6 +624,40 @@ impl Approvals {
             }),
             ..AuditEvent::default()
         });
+    }
+}
+
+/// What an agent asks for through `agent-broker.internal` (`request_access`), filed here.
+pub struct Filed {
+    approvals: Arc<Approvals>,
+    policy: Arc<PolicyStore>,
+}
+
+impl Filed {
+    pub fn new(approvals: Arc<Approvals>, policy: Arc<PolicyStore>) -> Self {
+        Self { approvals, policy }
+    }
+}
+
+impl crate::agent_api::AccessRequests for Filed {
+    fn request_access(
+        &self,
+        _agent: &str,
+        origin: &ConnectionOrigin,
+        method: &str,
+        url: &str,
+        reason: &str,
+    ) -> Result<String, String> {
+        let policy = self.policy.current();
+        let id = self.approvals.file(origin, method, url, reason, &policy)?;
+        Ok(format!(
+            "filed as request #{id}: an operator sees it (`brokerctl approve list`, the console); \
+             if allowed once, your next {} {url} within {} goes through; it is dropped after {} \
+             without a decision",
+            method.to_ascii_uppercase(),
+            humantime::format_duration(FILED_GRANT),
+            humantime::format_duration(FILED_EXPIRY)
+        ))
     }
 }
 

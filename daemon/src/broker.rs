@@ -113,6 +113,11 @@ impl PolicyAuthorizer {
         self
     }
 
+    /// The rate limits' and budgets' counters, for reading what is left (the agent API).
+    pub fn limiter(&self) -> Arc<Limiter> {
+        self.limiter.clone()
+    }
+
     /// The generations a scrubbing set is built for.
     fn generations(&self) -> (u64, u64) {
         (

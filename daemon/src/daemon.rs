@@ -12,6 +12,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
 
 use crate::{
+    agent_api::AgentApi,
     audit::AuditLog,
     broker::{NameProof, PolicyAuthorizer},
     capture::{self, CaptureConfig},
@@ -160,21 +161,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         require_lsm: config.require_lsm,
     })
     .context("starting the kernel capture path")?;
+    let authorizer = PolicyAuthorizer::new(policy.subscribe(), vault.clone())
+        .with_answered_names(answered)
+        .with_credentials(credentials.clone())
+        .with_approvals(approvals.clone());
+    // agent-broker.internal: what an agent may do, asked by the agent (issue 16.3); what it
+    // asks for is filed with the approvals.
+    let agent_api =
+        AgentApi::new(policy.subscribe(), authorizer.limiter()).with_access_requests(Arc::new(
+            crate::approvals::Filed::new(approvals.clone(), policy.clone()),
+        ));
     // Credentials go over plain HTTP only to listeners that are not an agent's, which the
     // capture layer tells (see proxy::upstream).
     let proxy = Arc::new(Proxy {
         minter,
         upstream: upstream.with_listener_check(capture.resolver.clone()),
-        authorizer: Arc::new(
-            PolicyAuthorizer::new(policy.subscribe(), vault.clone())
-                .with_answered_names(answered)
-                .with_credentials(credentials.clone())
-                .with_approvals(approvals.clone()),
-        ),
+        authorizer: Arc::new(authorizer),
         events: event_log.clone(),
         names,
         deadlines: Deadlines::default(),
         shares: share_book.clone(),
+        local: Some(Arc::new(agent_api)),
     });
 
     let cancel = CancellationToken::new();

@@ -14,6 +14,9 @@
 //! would only make clients try QUIC (refused in the kernel) or encrypted ClientHellos (which
 //! brokerd cannot read). Addresses in answers are remembered per agent cgroup
 //! ([`AnsweredNames`]) so a connection without a server name can be matched by name.
+//!
+//! One name is answered for every tagged agent, whatever its policy, and never forwarded:
+//! [`agent_api::NAME`], brokerd's own (its A record is [`agent_api::ADDRESS`]).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -47,7 +50,7 @@ pub use resolve::Resolver;
 #[cfg(test)]
 pub(crate) use resolve::fake_resolver;
 
-use crate::{audit::EventSink, capture::ConnectionOrigin, shares::ShareBook};
+use crate::{agent_api, audit::EventSink, capture::ConnectionOrigin, shares::ShareBook};
 use agent_broker_core::policy::Policy;
 
 /// Why one upstream resolver gave no usable answer.
@@ -198,6 +201,9 @@ impl DnsServer {
                 .refused_dns_rate(origin, &refused, event);
             return Some(reply_with(&question, ResponseCode::Refused));
         }
+        if question.name == agent_api::NAME {
+            return Some(self.answer_reserved(origin, &question, started));
+        }
         let policy = self.policy.borrow().clone();
         let mut event = dns_event(origin, &question);
         if let Err(reason) = policy.dns_allowed(&origin.cgroup, &question.name) {
@@ -247,6 +253,40 @@ impl DnsServer {
         debug!(cgroup = %origin.cgroup, name = %question.name, qtype = %question.qtype, "DNS query answered");
         self.events.record(event);
         Some(reply)
+    }
+
+    /// The answer for [`agent_api::NAME`], brokerd's own name: its address for an A query, no
+    /// record for any other type. Every tagged agent gets it, whatever its policy; nothing is
+    /// sent anywhere.
+    fn answer_reserved(
+        &self,
+        origin: &ConnectionOrigin,
+        question: &Question,
+        started: Instant,
+    ) -> Vec<u8> {
+        let mut reply = reply_with(question, ResponseCode::NoError);
+        if question.qtype == RecordType::A
+            && let Ok(mut message) = Message::from_vec(&reply)
+            && let Ok(name) = hickory_proto::rr::Name::from_ascii(&question.name)
+        {
+            message.metadata.authoritative = true;
+            message.answers.push(hickory_proto::rr::Record::from_rdata(
+                name,
+                agent_api::TTL_SECS,
+                RData::A(hickory_proto::rr::rdata::A(agent_api::ADDRESS)),
+            ));
+            if let Ok(bytes) = message.to_vec() {
+                reply = bytes;
+            }
+        }
+        let mut event = dns_event(origin, question);
+        event.decision = Some(Decision::Allow);
+        event.rule = Some(agent_api::NAME.to_string());
+        event.reason = Some(format!("{} is served by brokerd itself", agent_api::NAME));
+        event.status = Some(u16::from(ResponseCode::NoError));
+        event.latency_us = Some(started.elapsed().as_micros() as u64);
+        self.events.record(event);
+        reply
     }
 
     /// Sends the agent's query (with a fresh id) to the upstream resolvers in turn, over UDP

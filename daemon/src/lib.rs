@@ -16,6 +16,7 @@
 //! hosts its rule binds it to over verified TLS, show a secret value to an agent or in any log or
 //! reply, or answer control requests from inside a tagged cgroup.
 
+mod agent_api;
 mod approvals;
 mod audit;
 mod broker;

@@ -9,7 +9,8 @@
 //! compressed ([`decode`]) and scrubbed of every secret value the agent's policy can inject
 //! ([`scrub`]), and every outcome is recorded ([`record`]) into an [`EventSink`]. Denials are
 //! JSON ([`reply`]). An upgraded (WebSocket) connection is relayed frame by frame, the
-//! upstream's frames scrubbed, its bytes counted and charged ([`tunnel`]).
+//! upstream's frames scrubbed, its bytes counted and charged ([`tunnel`]). A reserved name brokerd answers itself is served by a [`LocalService`]
+//! ([`local`]), never upstream.
 //!
 //! This module does HTTP mechanics only; it never decides what is allowed.
 
@@ -21,6 +22,7 @@ mod component_tests;
 mod decode;
 mod exchange;
 mod http;
+pub mod local;
 mod record;
 mod reply;
 mod scrub;
@@ -39,6 +41,7 @@ pub use authorizer::{
     ConnectionVerdict, Denial, DenialReason, Grant, MAX_CAPTURED_BODY, MAX_READ_BODY, Meter,
     NameBinding, NameCheck, Prepared, ReadBody, RequestFacts, reads_body_first,
 };
+pub use local::{LocalAnswer, LocalService};
 pub use scrub::{Needles, NeedlesError};
 
 use crate::audit::EventSink;
@@ -88,4 +91,6 @@ pub struct Proxy {
     pub deadlines: Deadlines,
     /// Each agent's shares of brokerd: connections, handshakes, requests in flight.
     pub shares: Arc<crate::shares::ShareBook>,
+    /// The name brokerd serves itself (`agent-broker.internal`), if any ([`local`]).
+    pub local: Option<Arc<dyn LocalService>>,
 }

@@ -33,6 +33,7 @@
 //! - [`oauth`]: a local OAuth 2.0 authorization server and protected resource over HTTPS
 //!   ([`oauth::TestOAuth`]): refresh-token rotation, client credentials, jwt-bearer, failure
 //!   injection and counters.
+//! - [`mcp`]: the official MCP Python SDK (pinned, in a virtualenv under /var/tmp).
 //! - [`world`]: the world of the tests against the HTTPS test API (a cgroup, the API, a brokerd
 //!   trusting its CA, a secret in the vault), shared by several test files.
 //!
@@ -55,6 +56,7 @@ pub mod containerd;
 pub mod git_server;
 pub mod grpc;
 pub mod kube_api;
+pub mod mcp;
 pub mod netns;
 pub mod oauth;
 pub mod resolver;

@@ -362,6 +362,7 @@ fn limit_of(rule: &Rule, level: &PolicyFile) -> Option<EffectiveLimit> {
         rule: rule.rule_ref.clone(),
         rate: rule.rate,
         budget: rule.budget,
+        key: rule.limit.clone(),
     })
 }
 
@@ -404,6 +405,8 @@ pub struct EffectiveLimit {
     pub rule: RuleRef,
     pub rate: Option<Rate>,
     pub budget: Option<Budget>,
+    /// The counters' key, to read what is left ([`super::Limiter::remaining`]).
+    pub key: Option<super::LimitKey>,
 }
 
 fn quoted(items: impl IntoIterator<Item = String>) -> String {

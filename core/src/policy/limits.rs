@@ -194,6 +194,19 @@ impl fmt::Display for LimitKey {
     }
 }
 
+/// What a limit has left ([`Limiter::remaining`]); `None` where the limit sets no such bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitLeft {
+    /// Requests the rate limit lets through at once now (its bucket, rounded down).
+    pub rate_requests_now: Option<u64>,
+    /// Requests left in today's budget (UTC day).
+    pub requests_today: Option<u64>,
+    /// Bytes left in today's budget.
+    pub bytes_today: Option<u64>,
+    /// LLM tokens left in today's budget.
+    pub tokens_today: Option<u64>,
+}
+
 /// A request refused by a limit: answer 429 with `Retry-After`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
@@ -353,6 +366,29 @@ impl Limiter {
         over.map_or(Ok(()), Err)
     }
 
+    /// What `key` has left now, without counting anything: the requests its rate bucket
+    /// would take at once, and what remains of each daily budget. A key with no counter yet
+    /// (never used) has everything left.
+    pub fn remaining(&self, key: &LimitKey, now: Instant) -> LimitLeft {
+        let spec = &key.0;
+        let day = utc_day(self.wall(now));
+        let counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut c = counters
+            .get(&spec.id)
+            .cloned()
+            .unwrap_or_else(|| fresh(spec, now, day));
+        drop(counters);
+        refresh(&mut c, spec, now, day);
+        let left = |limit: Option<u64>, used: u64| limit.map(|l| l.saturating_sub(used));
+        let budget = spec.budget.unwrap_or_default();
+        LimitLeft {
+            rate_requests_now: spec.rate.map(|_| c.tokens.max(0.0).floor() as u64),
+            requests_today: left(budget.requests_per_day, c.requests),
+            bytes_today: left(budget.bytes_per_day, c.bytes),
+            tokens_today: left(budget.tokens_per_day, c.llm_tokens),
+        }
+    }
+
     /// Drops the counters of rules `policy` no longer has; the others carry on (with the new
     /// limits, if they changed).
     pub fn retain_for(&self, policy: &super::Policy) {
@@ -491,6 +527,45 @@ mod tests {
         let start = Instant::now();
         let wall = UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 10 * 3600);
         (Limiter::with_epoch(start, wall), start)
+    }
+
+    #[test]
+    fn remaining_reads_what_is_left_without_counting() {
+        let (l, t0) = limiter();
+        let budget = Budget {
+            requests_per_day: Some(5),
+            bytes_per_day: Some(1000),
+            tokens_per_day: None,
+        };
+        let k = [key("agents", "api", per_second(2, 3), Some(budget))];
+        let fresh = l.remaining(&k[0], t0);
+        assert_eq!(
+            fresh,
+            LimitLeft {
+                rate_requests_now: Some(3),
+                requests_today: Some(5),
+                bytes_today: Some(1000),
+                tokens_today: None,
+            }
+        );
+        assert!(l.is_empty(), "reading made no counter");
+        l.check(&k, t0).expect("within");
+        l.check(&k, t0).expect("within");
+        l.record(&k, 400, 0, t0);
+        let left = l.remaining(&k[0], t0);
+        assert_eq!(left.rate_requests_now, Some(1));
+        assert_eq!(left.requests_today, Some(3));
+        assert_eq!(left.bytes_today, Some(600));
+        assert_eq!(l.remaining(&k[0], t0), left, "reading counts nothing");
+        // The bucket refills with time; the day's budget does not until midnight.
+        let later = l.remaining(&k[0], t0 + Duration::from_secs(1));
+        assert_eq!(later.rate_requests_now, Some(3));
+        assert_eq!(later.requests_today, Some(3));
+        let tomorrow = l.remaining(&k[0], t0 + Duration::from_secs(15 * 3600));
+        assert_eq!(tomorrow.requests_today, Some(5));
+        // A key with no rate has no bucket to show.
+        let k2 = key("agents", "other", None, Some(budget));
+        assert_eq!(l.remaining(&k2, t0).rate_requests_now, None);
     }
 
     #[test]

@@ -523,3 +523,62 @@ fn resolv_conf_nameservers_are_read() {
         ]
     );
 }
+
+#[tokio::test]
+async fn the_reserved_name_is_answered_for_every_agent_and_never_forwarded() {
+    let upstream = FakeResolver::start().await;
+    // A policy that allows no name at all: agent-broker.internal is answered anyway.
+    let w = world_with("cgroup = \"agents/a\"\n", vec![upstream.addr]);
+    let reply = w
+        .server
+        .answer(
+            &w.origin,
+            &query(0x4242, "Agent-Broker.Internal.", RecordType::A),
+            Transport::Udp,
+        )
+        .await
+        .expect("reply");
+    let m = parse(&reply);
+    assert_eq!(m.metadata.id, 0x4242);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(m.answers.len(), 1);
+    match &m.answers[0].data {
+        RData::A(a) => assert_eq!(a.0, crate::agent_api::ADDRESS),
+        other => panic!("expected an A record, got {other:?}"),
+    }
+    for qtype in [RecordType::AAAA, RecordType::HTTPS, RecordType::TXT] {
+        let reply = w
+            .server
+            .answer(
+                &w.origin,
+                &query(7, crate::agent_api::NAME, qtype),
+                Transport::Tcp,
+            )
+            .await
+            .expect("reply");
+        let m = parse(&reply);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{qtype}");
+        assert!(m.answers.is_empty(), "{qtype}: no record but the A");
+    }
+    // A name below it is not reserved: the policy refuses it.
+    let reply = w
+        .server
+        .answer(
+            &w.origin,
+            &query(8, "x.agent-broker.internal", RecordType::A),
+            Transport::Udp,
+        )
+        .await
+        .expect("reply");
+    assert_eq!(parse(&reply).metadata.response_code, ResponseCode::Refused);
+    assert_eq!(upstream.queries(), 0, "nothing was forwarded");
+    let events = w.events.all();
+    assert_eq!(events.len(), 5);
+    assert!(
+        events[..4]
+            .iter()
+            .all(|e| e.decision == Some(Decision::Allow)
+                && e.rule.as_deref() == Some(crate::agent_api::NAME)
+                && e.kind == Some(EventKind::Dns))
+    );
+}

@@ -18,7 +18,7 @@ use crate::{
     capture::{ConnectionOrigin, ListenerOwner},
     proxy::{
         Authorizer, BindReason, Charge, Completion, ConnectionVerdict, Deadlines, Denial, Grant,
-        NameBinding, NameCheck, Proxy, RequestFacts,
+        LocalService, NameBinding, NameCheck, Proxy, RequestFacts,
         scrub::PLACEHOLDER,
         tls::{BrokerCa, LeafMinter},
         upstream::{ListenerCheck, Upstream},
@@ -34,6 +34,7 @@ mod encodings;
 mod hosts;
 mod injection;
 mod leaks;
+mod local;
 mod scrubbing;
 mod shares;
 mod streams;

@@ -138,6 +138,9 @@ impl Proxy {
                 return Exchange::refused(&conn.origin, String::new(), Denial::from(reason), None);
             }
         };
+        if let Some(response) = self.serve_local(&parts, body, &host, conn).await {
+            return Exchange::local(response, host);
+        }
         // Before the policy sees the request, so nothing it checked or the authorizer wrote is
         // removed after the decision.
         let hop = strip_request_hop_by_hop(&mut parts);
@@ -565,6 +568,18 @@ pub(super) struct Failure {
 }
 
 impl Exchange {
+    /// A request the local service answered (it recorded the call itself).
+    fn local(response: Response<AgentBody>, host: String) -> Self {
+        Self {
+            response,
+            host,
+            grant: None,
+            inflight: None,
+            failure: None,
+            tunnel: None,
+        }
+    }
+
     /// A forwarded request whose upstream failed, timed out or answered what cannot be passed
     /// on: `status` (502, 504) with `body`, recorded as the upstream's failure.
     fn upstream_failed(

@@ -168,11 +168,13 @@ impl Proxy {
             }
         };
         // A tcp rule for the destination itself: splice at once (server-first protocols too).
-        if let ConnectionVerdict::Splice {
-            rule,
-            on_done,
-            bind_name,
-        } = self.authorizer.connection(&origin, None)
+        // Never the local service's address: nothing there goes anywhere else.
+        if !self.is_local_connection(&origin, None)
+            && let ConnectionVerdict::Splice {
+                rule,
+                on_done,
+                bind_name,
+            } = self.authorizer.connection(&origin, None)
         {
             drop(handshake);
             return self
@@ -202,11 +204,12 @@ impl Proxy {
         match sniff(&first[..n]) {
             Sniffed::Tls => {
                 let sni = peek_sni(&stream).await;
-                if let ConnectionVerdict::Splice {
-                    rule,
-                    on_done,
-                    bind_name,
-                } = self.authorizer.connection(&origin, sni.as_deref())
+                if !self.is_local_connection(&origin, sni.as_deref())
+                    && let ConnectionVerdict::Splice {
+                        rule,
+                        on_done,
+                        bind_name,
+                    } = self.authorizer.connection(&origin, sni.as_deref())
                 {
                     drop(handshake);
                     return self

@@ -44,7 +44,8 @@ use zeroize::Zeroizing;
 use super::{
     AuditEvent, Authorizer, BindReason, BrokerCa, CgroupId, CgroupPath, Charge, Completion,
     ConnectionOrigin, ConnectionVerdict, Deadlines, Denial, EventKind, EventSink, Grant,
-    LeafMinter, ListenerCheck, ListenerOwner, NameCheck, Proxy, RequestFacts, Side, Upstream,
+    LeafMinter, ListenerCheck, ListenerOwner, LocalService, NameCheck, Proxy, RequestFacts, Side,
+    Upstream,
 };
 use crate::shares::{RefusalAudit, ShareBook};
 
@@ -689,7 +690,7 @@ pub(super) async fn closed_port() -> SocketAddr {
 
 // --- Broker --------------------------------------------------------------------------------
 
-const TEST_PID: u32 = 4242;
+pub(super) const TEST_PID: u32 = 4242;
 const TEST_COMM: &str = "component-agent";
 
 /// The origin capture would have found for an agent connection to `original_dst`.
@@ -840,6 +841,43 @@ impl Broker {
         deadlines: Deadlines,
         shares: &str,
     ) -> Self {
+        Self::start_inner(
+            authorizer,
+            upstream_ca_pem,
+            original_dst,
+            deadlines,
+            shares,
+            None,
+        )
+        .await
+    }
+
+    /// [`Broker::start`], serving `local` under its reserved name.
+    pub(super) async fn start_with_local(
+        authorizer: TestAuthorizer,
+        upstream_ca_pem: &str,
+        original_dst: SocketAddr,
+        local: Arc<dyn LocalService>,
+    ) -> Self {
+        Self::start_inner(
+            authorizer,
+            upstream_ca_pem,
+            original_dst,
+            Deadlines::default(),
+            "",
+            Some(local),
+        )
+        .await
+    }
+
+    async fn start_inner(
+        authorizer: TestAuthorizer,
+        upstream_ca_pem: &str,
+        original_dst: SocketAddr,
+        deadlines: Deadlines,
+        shares: &str,
+        local: Option<Arc<dyn LocalService>>,
+    ) -> Self {
         let state = tempfile::tempdir().expect("temp dir");
         let ca_file = state.path().join("upstream-ca.pem");
         std::fs::write(&ca_file, upstream_ca_pem).expect("write upstream CA");
@@ -867,6 +905,7 @@ impl Broker {
             names: names.clone(),
             deadlines,
             shares: share_book.clone(),
+            local,
         });
         let origin = test_origin(original_dst);
         let other = ConnectionOrigin {
