@@ -90,6 +90,8 @@ pub struct ControlState {
     pub workloads: Arc<crate::workloads::Workloads>,
     /// Credentials that are not static values (OAuth, exec, file).
     pub credentials: Arc<crate::credentials::Credentials>,
+    /// brokerd's metrics, for `brokerctl metrics`.
+    pub metrics: Arc<crate::metrics::Exporter>,
 }
 
 /// Binds the control socket, refusing to steal it from a running brokerd.
@@ -310,6 +312,9 @@ async fn dispatch(request: Request, state: &ControlState) -> Response {
             policy::explain(&state.policy.current(), &cgroup, &method, &url)
         }
         Request::LogsVerify => logs::verify(state).await,
+        Request::Metrics => Response::Metrics {
+            text: state.metrics.render().await,
+        },
         // Streams are served by `logs::stream_logs`, before dispatch.
         Request::Logs { .. } | Request::Subscribe => error(
             ErrorKind::BadRequest,

@@ -70,6 +70,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (audit, audit_writer) =
         AuditLog::open(&config.state_dir, config.audit_retention)?.writer()?;
     let event_log = Arc::new(audit.clone());
+    // Every recorder reports through the metered sink: the metrics count what the log records.
+    let metrics = crate::metrics::global().clone();
+    let events: Arc<dyn crate::audit::EventSink> = Arc::new(crate::metrics::MeteredSink::new(
+        event_log.clone(),
+        metrics.clone(),
+    ));
     let nofile = shares::raise_fd_limit();
     let max_open = shares::max_connections(nofile);
     info!(
@@ -77,7 +83,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         max_connections = max_open,
         "file descriptor limit; brokerd serves at most this many connections at once"
     );
-    let refusals = Arc::new(RefusalAudit::new(event_log.clone()));
+    let refusals = Arc::new(RefusalAudit::new(events.clone()));
     let share_book = Arc::new(ShareBook::new(policy.subscribe(), refusals, max_open));
     let answered = Arc::new(AnsweredNames::default());
     let dns_upstreams = if config.dns_upstream.is_empty() {
@@ -101,7 +107,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Upstream::new(&config.upstream_ca)?,
             resolver.clone(),
         )),
-        event_log.clone(),
+        events.clone(),
     ));
     {
         let credentials = credentials.clone();
@@ -114,7 +120,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let dns = Arc::new(DnsServer::new(
         dns_upstreams,
         policy.subscribe(),
-        event_log.clone(),
+        events.clone(),
         answered.clone(),
         share_book.clone(),
     ));
@@ -137,6 +143,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Take the control socket before touching the kernel, so a second brokerd on the same run
     // dir fails without disturbing the first one's programs.
     let (control_listener, control_path) = control::bind(&config.run_dir)?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
 
     let capture = capture::start(CaptureConfig {
         root: root.clone(),
@@ -157,7 +167,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .with_answered_names(answered)
                 .with_credentials(credentials.clone()),
         ),
-        events: event_log.clone(),
+        events: events.clone(),
         names,
         deadlines: Deadlines::default(),
         shares: share_book.clone(),
@@ -202,7 +212,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         resolver: capture.resolver.clone(),
         dispatch: Arc::downgrade(&dispatch),
         dns: dns.clone(),
-        events: event_log.clone(),
+        events: events.clone(),
         root: root.clone(),
         listen: addrs.clone(),
         dns_port,
@@ -226,6 +236,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             cancel.clone(),
         ));
     }
+    let exporter = Arc::new(crate::metrics::Exporter {
+        metrics: metrics.clone(),
+        capture: capture.handle.clone(),
+        audit: audit.clone(),
+    });
+    tracker.spawn(crate::metrics::follow_policy(
+        metrics,
+        policy.subscribe(),
+        cancel.clone(),
+    ));
+    if let Some(listener) = metrics_listener {
+        info!(addr = %listener.local_addr()?, "serving metrics at GET /metrics");
+        tracker.spawn(crate::metrics::serve(
+            listener,
+            exporter.clone(),
+            cancel.clone(),
+        ));
+    }
     let state = Arc::new(ControlState {
         capture: capture.handle.clone(),
         resolver: capture.resolver.clone(),
@@ -240,12 +268,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ca_pem: proxy.minter.ca().cert_pem().to_string(),
         policy: policy.clone(),
         audit: event_log.clone(),
-        events: event_log.clone(),
+        events: events.clone(),
         shares: share_book,
         workloads,
         credentials,
+        metrics: exporter,
     });
-    policy.report_to(event_log.clone());
+    policy.report_to(events.clone());
     tracker.spawn(policy.watch(cancel.clone()));
     if let Some(source) = &config.pod_source {
         let tagger = control::ControlTagger::new(state.clone());

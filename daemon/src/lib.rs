@@ -25,6 +25,7 @@ mod credentials;
 pub mod daemon;
 mod dns;
 mod harden;
+mod metrics;
 mod pods;
 mod policy_store;
 mod proxy;

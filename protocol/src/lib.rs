@@ -140,6 +140,8 @@ pub enum Request {
     /// Live events only (what the console shows), as [`Response::Event`]s, until the client
     /// disconnects.
     Subscribe,
+    /// brokerd's metrics now, as [`Response::Metrics`] (`brokerctl metrics`).
+    Metrics,
 }
 
 /// Which audit records to return.
@@ -595,6 +597,11 @@ pub enum Response {
     Error {
         kind: ErrorKind,
         message: String,
+    },
+    /// The answer to [`Request::Metrics`]: the exposition in OpenMetrics text, as brokerd's
+    /// metrics listener serves it (ends with `# EOF`).
+    Metrics {
+        text: String,
     },
 }
 

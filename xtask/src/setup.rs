@@ -48,6 +48,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // starts the system containerd, it does not meet the tests' own, which has its own config,
     // root, state and sockets in a temporary dir and a namespace of its own.
     "containerd",
+    // The metrics test's scraper (tests/tests/metrics.rs): a real Prometheus, started by the
+    // test with its own config, storage dir and loopback port. Where systemd runs, the package
+    // starts its own service on :9090; the test needs none and meets none.
+    "prometheus",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.

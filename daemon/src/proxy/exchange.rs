@@ -282,8 +282,13 @@ impl Proxy {
             upstream_req,
         );
         let head = self.deadlines.response_head;
+        let sent_at = Instant::now();
         let mut response = match tokio::time::timeout(head, sent).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                crate::metrics::global()
+                    .upstream_latency(conn.origin.cgroup.as_str(), sent_at.elapsed());
+                r
+            }
             Ok(Err(e)) if e.is_refusal() => {
                 // The credential would go to a listener that may be an agent's: refused, and
                 // the request never sent.
