@@ -250,7 +250,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         info!(addr = %listener.local_addr()?, "serving metrics at GET /metrics");
         tracker.spawn(crate::metrics::serve(
             listener,
-            exporter.clone(),
+            exporter.clone() as Arc<dyn crate::metrics::Scrape>,
             cancel.clone(),
         ));
     }

@@ -111,23 +111,41 @@ impl DenialKind {
             _ => {}
         }
         if event.status == Some(429) {
-            return if reason.starts_with("rate limit") {
-                Self::RateLimit
-            } else if reason.contains("budget") {
-                Self::Budget
-            } else {
-                Self::Share
-            };
+            return Self::of_limit(reason);
         }
         if event.method.is_none() {
             return Self::Other;
         }
-        match (event.side, event.rule.is_some()) {
-            (Some(agent_broker_protocol::Side::Agent), _) => Self::Request,
-            (_, true) => Self::Rule,
-            (_, false) => Self::Policy,
+        // The proxy's refusals of requests say their kind (see [`recording_denial`]); a
+        // request refused elsewhere is the policy's.
+        Self::Policy
+    }
+
+    /// A 429's kind, by the words `core::policy::limits` writes (a share's refusal otherwise).
+    pub fn of_limit(reason: &str) -> Self {
+        if reason.starts_with("rate limit") {
+            Self::RateLimit
+        } else if reason.starts_with("daily budget") {
+            Self::Budget
+        } else {
+            Self::Share
         }
     }
+}
+
+thread_local! {
+    /// The kind of the denial being recorded on this thread, set by [`recording_denial`].
+    static DENIAL_KIND: std::cell::Cell<Option<DenialKind>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `record`, which records one refusal's audit event through the metered sink on this
+/// thread, with the refusal's kind known to the metrics: the proxy knows why it refused a
+/// request (the policy, a rule, the request's form...), the audit event says it only in words.
+pub fn recording_denial<T>(kind: Option<DenialKind>, record: impl FnOnce() -> T) -> T {
+    let before = DENIAL_KIND.replace(kind);
+    let out = record();
+    DENIAL_KIND.set(before);
+    out
 }
 
 /// How an operator (or a timeout) decided an approval request; the `decision` label of
@@ -668,7 +686,7 @@ impl Metrics {
             handles.bytes_out.inc_by(event.bytes_out);
         }
         if event.is_denial() {
-            let kind = DenialKind::of(event);
+            let kind = DENIAL_KIND.get().unwrap_or_else(|| DenialKind::of(event));
             self.denials
                 .get_or_create(&ReasonLabels {
                     agent: handles.label.clone(),
@@ -838,6 +856,17 @@ pub struct Exporter {
     pub audit: crate::audit::AuditHandle,
 }
 
+/// What the metrics listener serves: the exposition as of now.
+pub trait Scrape: Send + Sync + 'static {
+    fn scrape(&self) -> std::pin::Pin<Box<dyn Future<Output = String> + Send + '_>>;
+}
+
+impl Scrape for Exporter {
+    fn scrape(&self) -> std::pin::Pin<Box<dyn Future<Output = String> + Send + '_>> {
+        Box::pin(self.render())
+    }
+}
+
 impl Exporter {
     /// The exposition, with the sampled values read now.
     pub async fn render(&self) -> String {
@@ -891,11 +920,11 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeErro
 /// 405.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    exporter: Arc<Exporter>,
+    exporter: Arc<dyn Scrape>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     use hyper::{server::conn::http1, service::service_fn};
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::{TokioIo, TokioTimer};
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => return,
@@ -916,6 +945,7 @@ pub async fn serve(
                 async move { Ok::<_, std::convert::Infallible>(answer(&exporter, &req).await) }
             });
             let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
@@ -924,7 +954,7 @@ pub async fn serve(
 }
 
 async fn answer<B>(
-    exporter: &Exporter,
+    exporter: &Arc<dyn Scrape>,
     req: &http::Request<B>,
 ) -> http::Response<http_body_util::Full<bytes::Bytes>> {
     use http::{StatusCode, header};
@@ -945,7 +975,7 @@ async fn answer<B>(
         return r;
     }
     let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
-        exporter.render().await,
+        exporter.scrape().await,
     )));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

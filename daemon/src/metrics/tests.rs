@@ -136,8 +136,16 @@ fn denials_are_counted_by_reason_kind_and_limits_by_limit() {
     let m = metrics_with_policy();
     let agent = "agents/a";
     let host = "api.example.test";
-    m.observe(&denied(agent, host, 403, "no rule allows GET", false));
-    m.observe(&denied(agent, host, 403, "secrets over plain HTTP", true));
+    m.observe(&denied(agent, host, 403, "no rule allows GET", true));
+    // The proxy says what kind of refusal it records; the words do not decide it.
+    recording_denial(Some(DenialKind::Rule), || {
+        m.observe(&denied(agent, host, 403, "secrets over plain HTTP", true));
+    });
+    assert_eq!(
+        DENIAL_KIND.get(),
+        None,
+        "the kind is scoped to the recording"
+    );
     m.observe(&denied(
         agent,
         host,
@@ -156,10 +164,20 @@ fn denials_are_counted_by_reason_kind_and_limits_by_limit() {
         kind: Some(EventKind::HandleMisuse),
         ..denied(agent, host, 403, "handle expired", false)
     });
-    m.observe(&AuditEvent {
-        side: Some(Side::Agent),
-        ..denied(agent, host, 403, "SNI and Host disagree", false)
+    recording_denial(Some(DenialKind::Request), || {
+        m.observe(&AuditEvent {
+            side: Some(Side::Agent),
+            ..denied(agent, host, 403, "SNI and Host disagree", false)
+        });
     });
+    // A 429 of the agent's share of brokerd.
+    m.observe(&denied(
+        agent,
+        host,
+        429,
+        "agents/a has 512 requests in flight",
+        false,
+    ));
     // A burst of refused connections recorded as one record with a count.
     m.observe(&AuditEvent {
         kind: Some(EventKind::TlsFailure),
@@ -176,6 +194,7 @@ fn denials_are_counted_by_reason_kind_and_limits_by_limit() {
         ("budget", 1.0),
         ("handle", 1.0),
         ("request", 1.0),
+        ("share", 1.0),
         ("tls", 3.0),
     ] {
         assert_eq!(
@@ -201,7 +220,7 @@ fn denials_are_counted_by_reason_kind_and_limits_by_limit() {
             &text,
             "agent_broker_requests_total{agent=\"agents/a\",host=\"api.example.test\",decision=\"deny\",status_class=\"4xx\"}"
         ),
-        6.0,
+        7.0,
         "every denied HTTP request is also a request"
     );
 }
@@ -514,4 +533,45 @@ fn the_grafana_dashboard_queries_only_exported_metrics() {
     ] {
         assert!(used.contains(needed), "no panel shows {needed}");
     }
+}
+
+/// The listener: `GET /metrics` is the exposition with the OpenMetrics content type; other
+/// paths are 404 and other methods 405.
+#[tokio::test]
+async fn the_listener_serves_get_metrics_only() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    struct Fixed;
+    impl Scrape for Fixed {
+        fn scrape(&self) -> std::pin::Pin<Box<dyn Future<Output = String> + Send + '_>> {
+            Box::pin(async { "agent_broker_connections_open 0\n# EOF\n".to_string() })
+        }
+    }
+    let listener = bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(serve(listener, Arc::new(Fixed), cancel.clone()));
+    let ask = |request: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.expect("read");
+        answer
+    };
+    let ok = ask("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.contains(CONTENT_TYPE), "{ok}");
+    assert!(
+        ok.ends_with("agent_broker_connections_open 0\n# EOF\n"),
+        "{ok}"
+    );
+    let other = ask("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+    let post =
+        ask("POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await;
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    cancel.cancel();
+    server.await.expect("the server stops when cancelled");
 }
