@@ -486,7 +486,7 @@ impl Metrics {
             Family::new_with_constructor(latency_histogram);
         registry.register(
             "request_duration_seconds",
-            "From a request's arrival to its end (response passed on, refused or failed)",
+            "From a request's arrival to brokerd's answer: the response head passed on, or the refusal",
             request_latency.clone(),
         );
         let upstream_latency: HistogramFamily<AgentLabels> =

@@ -22,10 +22,13 @@ use agent_broker_tests::{
     Broker, TestCa, TestCgroup, TestUpstream, UpstreamOptions,
     clients::{self, Call, Trust},
     require_privileges, run_with_timeout,
-    world::{API, OTHER, TEST_API_IP, api_ip, rule},
+    world::{API, OTHER, TEST_API_IP, api_ip},
 };
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
+/// Requests a minute the rate-limited rule allows, and how many the test sends past it.
+const LIMIT: usize = 2;
+const OVER_LIMIT: usize = 2;
 
 /// brokerd's metrics listener, from the line it logs at start (it was given port 0).
 fn metrics_addr(broker: &Broker) -> SocketAddr {
@@ -199,7 +202,13 @@ fn prometheus_scrapes_the_request_and_denial_counts_the_agent_made() {
         .name(OTHER, TEST_API_IP)
         .policy(
             "agent.toml",
-            &format!("cgroup = \"{agent}\"\n{}", rule(API, api.port(), false)),
+            &format!(
+                "cgroup = \"{agent}\"\n\
+                 [[allow]]\nhost = \"{API}\"\nport = {port}\npaths = [\"/hash\"]\n\
+                 [[allow]]\nhost = \"{API}\"\nport = {port}\npaths = [\"/echo\"]\n\
+                 rate = {{ per_minute = {LIMIT} }}\n",
+                port = api.port()
+            ),
         )
         .arg("--metrics-addr")
         .arg("127.0.0.1:0")
@@ -224,14 +233,36 @@ fn prometheus_scrapes_the_request_and_denial_counts_the_agent_made() {
         r.assert_denied(&agent, &run.show());
     }
 
+    // The /echo rule allows LIMIT a minute: the calls past it get 429.
+    let limited = Call::new(API, api_ip(), api.port(), "/echo");
+    let (run, reports) =
+        clients::curl_repeat(&broker, &agent, &trust, &limited, LIMIT + OVER_LIMIT);
+    for (i, r) in reports.iter().enumerate() {
+        if i < LIMIT {
+            assert_eq!(r.status, 200, "{}\n{}", r.show(), run.show());
+        } else {
+            r.assert_limited(&agent, &run.show());
+        }
+    }
+    const ALLOWED_ALL: usize = ALLOWED + LIMIT;
+    const DENIED_ALL: usize = DENIED + OVER_LIMIT;
+
     let requests = |decision: &str| {
         format!("sum(agent_broker_requests_total{{agent=\"{agent}\",decision=\"{decision}\"}})")
     };
-    prometheus.wait_value(&requests("allow"), ALLOWED as f64);
-    prometheus.wait_value(&requests("deny"), DENIED as f64);
+    prometheus.wait_value(&requests("allow"), ALLOWED_ALL as f64);
+    prometheus.wait_value(&requests("deny"), DENIED_ALL as f64);
     prometheus.wait_value(
         &format!("sum(agent_broker_denials_total{{agent=\"{agent}\"}})"),
-        DENIED as f64,
+        DENIED_ALL as f64,
+    );
+    prometheus.wait_value(
+        &format!("agent_broker_denials_total{{agent=\"{agent}\",reason=\"rate_limit\"}}"),
+        OVER_LIMIT as f64,
+    );
+    prometheus.wait_value(
+        &format!("agent_broker_limit_hits_total{{agent=\"{agent}\",limit=\"rate_limit\"}}"),
+        OVER_LIMIT as f64,
     );
     // By label: the allowed calls under the rule's host and 2xx, the denied ones under
     // `other` (no rule names other.example.test) and the reason kind `policy`.
@@ -239,7 +270,7 @@ fn prometheus_scrapes_the_request_and_denial_counts_the_agent_made() {
         &format!(
             "agent_broker_requests_total{{agent=\"{agent}\",host=\"{API}\",decision=\"allow\",status_class=\"2xx\"}}"
         ),
-        ALLOWED as f64,
+        ALLOWED_ALL as f64,
     );
     prometheus.wait_value(
         &format!(
@@ -253,7 +284,7 @@ fn prometheus_scrapes_the_request_and_denial_counts_the_agent_made() {
     );
     prometheus.wait_value(
         &format!("agent_broker_upstream_duration_seconds_count{{agent=\"{agent}\"}}"),
-        ALLOWED as f64,
+        ALLOWED_ALL as f64,
     );
     // The kernel's own counters: at least the two curl connections were redirected.
     let redirects = prometheus
@@ -266,8 +297,11 @@ fn prometheus_scrapes_the_request_and_denial_counts_the_agent_made() {
     assert!(handshakes >= 2.0, "TLS handshakes: {handshakes}");
     // Only the counts the test made: wait two more scrapes and ask again.
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(prometheus.query(&requests("allow")), Some(ALLOWED as f64));
-    assert_eq!(prometheus.query(&requests("deny")), Some(DENIED as f64));
+    assert_eq!(
+        prometheus.query(&requests("allow")),
+        Some(ALLOWED_ALL as f64)
+    );
+    assert_eq!(prometheus.query(&requests("deny")), Some(DENIED_ALL as f64));
 
     // `brokerctl metrics`: the same exposition, through the control socket.
     let text = broker.ctl_ok(&["metrics"]);
@@ -279,7 +313,7 @@ fn prometheus_scrapes_the_request_and_denial_counts_the_agent_made() {
                 "agent_broker_requests_total{{agent=\"{agent}\",host=\"{API}\",decision=\"allow\",status_class=\"2xx\"}}"
             )
         ),
-        Some(ALLOWED as f64),
+        Some(ALLOWED_ALL as f64),
         "{text}"
     );
     assert_eq!(
@@ -295,7 +329,10 @@ fn prometheus_scrapes_the_request_and_denial_counts_the_agent_made() {
             .is_some_and(|v| v >= 2.0),
         "{text}"
     );
-    assert!(!text.contains("/hash"), "no path is a label: {text}");
+    assert!(
+        !text.contains("/hash") && !text.contains("/echo"),
+        "no path is a label: {text}"
+    );
 
     // The listener serves GET /metrics only.
     let (status, body) = http_get(&format!("http://{target}/metrics"), &[]);
