@@ -244,8 +244,12 @@ fn prometheus_scrapes_the_request_and_denial_counts_the_agent_made() {
             r.assert_limited(&agent, &run.show());
         }
     }
+    // A request whose Host disagrees with its SNI: refused for its form.
+    let mismatched = Call::new(API, api_ip(), api.port(), "/hash").header("host", OTHER);
+    let (run, report) = clients::curl(&broker, &agent, &trust, &mismatched);
+    report.assert_denied(&agent, &run.show());
     const ALLOWED_ALL: usize = ALLOWED + LIMIT;
-    const DENIED_ALL: usize = DENIED + OVER_LIMIT;
+    const DENIED_ALL: usize = DENIED + OVER_LIMIT + 1;
 
     let requests = |decision: &str| {
         format!("sum(agent_broker_requests_total{{agent=\"{agent}\",decision=\"{decision}\"}})")
@@ -259,6 +263,10 @@ fn prometheus_scrapes_the_request_and_denial_counts_the_agent_made() {
     prometheus.wait_value(
         &format!("agent_broker_denials_total{{agent=\"{agent}\",reason=\"rate_limit\"}}"),
         OVER_LIMIT as f64,
+    );
+    prometheus.wait_value(
+        &format!("agent_broker_denials_total{{agent=\"{agent}\",reason=\"request\"}}"),
+        1.0,
     );
     prometheus.wait_value(
         &format!("agent_broker_limit_hits_total{{agent=\"{agent}\",limit=\"rate_limit\"}}"),
