@@ -8,6 +8,7 @@ pub mod connections;
 pub mod doctor;
 pub mod handle;
 pub mod logs;
+pub mod metrics;
 pub mod oci_hook;
 pub mod policy;
 pub mod run;

@@ -56,6 +56,7 @@ enum Command {
     Logs(cmd::logs::Args),
     Connections(cmd::connections::Args),
     OciHook(cmd::oci_hook::Args),
+    Metrics(cmd::metrics::Args),
 }
 
 fn main() -> ExitCode {
@@ -90,6 +91,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Logs(a) => cmd::logs::run(run_dir, a),
         Command::Connections(a) => cmd::connections::run(run_dir, a),
         Command::OciHook(a) => cmd::oci_hook::run(run_dir, a),
+        Command::Metrics(a) => cmd::metrics::run(run_dir, a),
     }
 }
 

@@ -286,9 +286,7 @@ impl Approvals {
         let info = {
             let mut state = self.state();
             let now = Instant::now();
-            state
-                .pending
-                .retain(|_, p| p.waiter.is_some() || p.expires > now);
+            expire_filed(&mut state.pending);
             let waiting = state
                 .pending
                 .values()
@@ -337,6 +335,7 @@ impl Approvals {
             );
             info
         };
+        crate::metrics::global().approval_asked(&info.agent);
         info!(id = info.id, agent = %info.agent, method = %info.method, host = %info.host, port = info.port, "request waits for approval");
         self.audit(&info, ask.origin, None, None, Some(&info.why));
         if let (Some(target), Some(token)) = (&self.config.webhook, &token) {
@@ -359,6 +358,8 @@ impl Approvals {
             humantime::format_duration(self.config.timeout)
         );
         if let Some(p) = pending {
+            crate::metrics::global()
+                .approval_decided(&p.info.agent, crate::metrics::ApprovalDecision::Timeout);
             self.audit_decided(&p.info, None, Decision::Deny, &reason);
         }
         Err(Refused {
@@ -370,11 +371,8 @@ impl Approvals {
 
     /// The requests waiting, oldest first (filed requests past their time are dropped).
     pub fn list(&self) -> Vec<PendingApproval> {
-        let now = Instant::now();
         let mut state = self.state();
-        state
-            .pending
-            .retain(|_, p| p.waiter.is_some() || p.expires > now);
+        expire_filed(&mut state.pending);
         state.pending.values().map(|p| p.info.clone()).collect()
     }
 
@@ -458,6 +456,7 @@ impl Approvals {
                     .unwrap_or_else(|| "an operator said no".into());
                 let reason =
                     format!("an operator denied this request (approval #{id}, {by}): {reason}");
+                count_decided(&pending.info.agent, &decision);
                 self.audit_decided(&pending.info, Some(by), Decision::Deny, &reason);
                 if let Some(waiter) = pending.waiter {
                     let _ = waiter.send(Err(Refused {
@@ -470,6 +469,7 @@ impl Approvals {
             }
         };
         info!(id, %by, %outcome, "approval decided");
+        count_decided(&pending.info.agent, &decision);
         self.audit_decided(&pending.info, Some(by), Decision::Allow, &outcome);
         if let Some(waiter) = pending.waiter {
             let _ = waiter.send(Ok(approved.clone()));
@@ -487,6 +487,7 @@ impl Approvals {
                 ids.iter().filter_map(|i| state.pending.remove(i)).collect()
             };
             for other in others {
+                count_decided(&other.info.agent, &decision);
                 self.audit_decided(&other.info, Some(by), Decision::Allow, &outcome);
                 if let Some(waiter) = other.waiter {
                     let _ = waiter.send(Ok(Approved {
@@ -737,6 +738,31 @@ fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// Counts a decision in the metrics (the request is no longer pending).
+fn count_decided(agent: &str, decision: &ApprovalDecision) {
+    use crate::metrics::ApprovalDecision as M;
+    let kind = match decision {
+        ApprovalDecision::AllowOnce => M::AllowOnce,
+        ApprovalDecision::AllowUntil { .. } => M::AllowUntil,
+        ApprovalDecision::AllowAlways => M::AllowAlways,
+        ApprovalDecision::Deny { .. } => M::Deny,
+    };
+    crate::metrics::global().approval_decided(agent, kind);
+}
+
+/// Drops filed requests past their time, counting each as timed out.
+fn expire_filed(pending: &mut BTreeMap<u64, Pending>) {
+    let now = Instant::now();
+    pending.retain(|_, p| {
+        let keep = p.waiter.is_some() || p.expires > now;
+        if !keep {
+            crate::metrics::global()
+                .approval_decided(&p.info.agent, crate::metrics::ApprovalDecision::Timeout);
+        }
+        keep
+    });
 }
 
 fn now_ms() -> u64 {

@@ -43,6 +43,10 @@ pub enum ConfigError {
     Spin { got: u64, max: u64 },
     #[error("invalid approval setting: {0}")]
     Approvals(String),
+    #[error(
+        "invalid metrics address {0}: brokerd serves metrics on loopback addresses only (e.g. 127.0.0.1:9464)"
+    )]
+    Metrics(SocketAddr),
 }
 
 /// The approval settings, flags over the file over defaults.
@@ -171,6 +175,10 @@ pub struct Settings {
     /// address [default: none].
     #[arg(long, value_name = "ADDR")]
     pub approval_callback: Option<SocketAddr>,
+    /// Serve Prometheus metrics (OpenMetrics text, `GET /metrics`) on this loopback address;
+    /// port 0 picks a free one [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -215,6 +223,8 @@ pub struct Config {
     pub pod_source: Option<PodSourceConfig>,
     /// Run-time approval: how long requests wait, how many, and the webhook.
     pub approvals: crate::approvals::ApprovalConfig,
+    /// The loopback address of the metrics listener, when metrics are served.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// A container engine brokerd lists labelled pods from.
@@ -320,6 +330,13 @@ impl Config {
                 .map(|raw| PodSourceConfig::parse(&raw))
                 .transpose()?,
             approvals,
+            metrics_addr: match cli.metrics_addr.or(file.metrics_addr) {
+                // Metrics name agents and hosts: they are for this machine's monitoring only.
+                Some(addr) if !addr.ip().is_loopback() => {
+                    return Err(ConfigError::Metrics(addr));
+                }
+                addr => addr,
+            },
         };
         if config.audit_retention.max_records == Some(0) {
             return Err(ConfigError::Audit("audit_max_records must be at least 1"));
@@ -486,6 +503,45 @@ mod tests {
             err.to_string().contains("spin_us must be at most 1000"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn metrics_are_off_unless_set_and_only_on_loopback() {
+        let off = Config::layer(Settings::default(), Settings::default()).expect("defaults");
+        assert_eq!(off.metrics_addr, None);
+        let file: Settings = toml::from_str("metrics_addr = \"127.0.0.1:9464\"").expect("toml");
+        let on = Config::layer(Settings::default(), file).expect("layer");
+        assert_eq!(
+            on.metrics_addr,
+            Some("127.0.0.1:9464".parse().expect("addr"))
+        );
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let cli = Cli::try_parse_from(["brokerd", "--metrics-addr", "[::1]:0"])
+            .expect("flags")
+            .settings;
+        let file: Settings = toml::from_str("metrics_addr = \"127.0.0.1:9464\"").expect("toml");
+        let c = Config::layer(cli, file).expect("layer");
+        assert_eq!(
+            c.metrics_addr,
+            Some("[::1]:0".parse().expect("addr")),
+            "flag over file"
+        );
+        for bad in ["0.0.0.0:9464", "192.0.2.1:9464", "[::]:9464"] {
+            let cli = Settings {
+                metrics_addr: Some(bad.parse().expect("addr")),
+                ..Default::default()
+            };
+            let err = Config::layer(cli, Settings::default()).expect_err("refused");
+            assert!(
+                err.to_string().contains("loopback") && err.to_string().contains(bad),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -93,6 +93,8 @@ pub struct ControlState {
     pub credentials: Arc<crate::credentials::Credentials>,
     /// Requests waiting for an operator's approval.
     pub approvals: Arc<crate::approvals::Approvals>,
+    /// brokerd's metrics, for `brokerctl metrics`.
+    pub metrics: Arc<crate::metrics::Exporter>,
 }
 
 /// Binds the control socket, refusing to steal it from a running brokerd.
@@ -318,6 +320,9 @@ async fn dispatch(request: Request, state: &ControlState, uid: u32) -> Response 
             policy::explain(&state.policy.current(), &cgroup, &method, &url)
         }
         Request::LogsVerify => logs::verify(state).await,
+        Request::Metrics => Response::Metrics {
+            text: state.metrics.render().await,
+        },
         // Streams are served by `logs::stream_logs`, before dispatch.
         Request::Logs { .. } | Request::Subscribe => error(
             ErrorKind::BadRequest,

@@ -71,6 +71,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (audit, audit_writer) =
         AuditLog::open(&config.state_dir, config.audit_retention)?.writer()?;
     let event_log = Arc::new(audit.clone());
+    // Every recorder reports through the metered sink: the metrics count what the log records.
+    let metrics = crate::metrics::global().clone();
+    let events: Arc<dyn crate::audit::EventSink> = Arc::new(crate::metrics::MeteredSink::new(
+        event_log.clone(),
+        metrics.clone(),
+    ));
     let nofile = shares::raise_fd_limit();
     let max_open = shares::max_connections(nofile);
     info!(
@@ -78,7 +84,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         max_connections = max_open,
         "file descriptor limit; brokerd serves at most this many connections at once"
     );
-    let refusals = Arc::new(RefusalAudit::new(event_log.clone()));
+    let refusals = Arc::new(RefusalAudit::new(events.clone()));
     let share_book = Arc::new(ShareBook::new(policy.subscribe(), refusals, max_open));
     let answered = Arc::new(AnsweredNames::default());
     let dns_upstreams = if config.dns_upstream.is_empty() {
@@ -102,7 +108,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Upstream::new(&config.upstream_ca)?,
             resolver.clone(),
         )),
-        event_log.clone(),
+        events.clone(),
     ));
     {
         let credentials = credentials.clone();
@@ -110,11 +116,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .await
             .context("loading the credentials")?;
     }
-    let approvals = crate::approvals::Approvals::new(
-        config.approvals.clone(),
-        policy.clone(),
-        event_log.clone(),
-    );
+    let approvals =
+        crate::approvals::Approvals::new(config.approvals.clone(), policy.clone(), events.clone());
     let approval_callback = match config.approvals.callback {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -128,7 +131,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let dns = Arc::new(DnsServer::new(
         dns_upstreams,
         policy.subscribe(),
-        event_log.clone(),
+        events.clone(),
         answered.clone(),
         share_book.clone(),
     ));
@@ -151,6 +154,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Take the control socket before touching the kernel, so a second brokerd on the same run
     // dir fails without disturbing the first one's programs.
     let (control_listener, control_path) = control::bind(&config.run_dir)?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
 
     let capture = capture::start(CaptureConfig {
         root: root.clone(),
@@ -177,7 +184,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         minter,
         upstream: upstream.with_listener_check(capture.resolver.clone()),
         authorizer: Arc::new(authorizer),
-        events: event_log.clone(),
+        events: events.clone(),
         names,
         deadlines: Deadlines::default(),
         shares: share_book.clone(),
@@ -223,7 +230,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         resolver: capture.resolver.clone(),
         dispatch: Arc::downgrade(&dispatch),
         dns: dns.clone(),
-        events: event_log.clone(),
+        events: events.clone(),
         root: root.clone(),
         listen: addrs.clone(),
         dns_port,
@@ -247,6 +254,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             cancel.clone(),
         ));
     }
+    let exporter = Arc::new(crate::metrics::Exporter {
+        metrics: metrics.clone(),
+        capture: capture.handle.clone(),
+        audit: audit.clone(),
+    });
+    tracker.spawn(crate::metrics::follow_policy(
+        metrics,
+        policy.subscribe(),
+        cancel.clone(),
+    ));
+    if let Some(listener) = metrics_listener {
+        info!(addr = %listener.local_addr()?, "serving metrics at GET /metrics");
+        tracker.spawn(crate::metrics::serve(
+            listener,
+            exporter.clone() as Arc<dyn crate::metrics::Scrape>,
+            cancel.clone(),
+        ));
+    }
     let state = Arc::new(ControlState {
         capture: capture.handle.clone(),
         resolver: capture.resolver.clone(),
@@ -261,11 +286,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ca_pem: proxy.minter.ca().cert_pem().to_string(),
         policy: policy.clone(),
         audit: event_log.clone(),
-        events: event_log.clone(),
+        events: events.clone(),
         shares: share_book,
         workloads,
         credentials,
         approvals: approvals.clone(),
+        metrics: exporter,
     });
     if let Some(listener) = approval_callback {
         tracker.spawn(crate::approvals::webhook::serve(
@@ -274,7 +300,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             cancel.clone(),
         ));
     }
-    policy.report_to(event_log.clone());
+    policy.report_to(events.clone());
     tracker.spawn(policy.watch(cancel.clone()));
     if let Some(source) = &config.pod_source {
         let tagger = control::ControlTagger::new(state.clone());

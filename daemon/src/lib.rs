@@ -9,8 +9,9 @@
 //! scrubbed response; `audit` records it. Beside the path: `dns` answers agents' queries,
 //! `vault` keeps secrets (`audit` and `vault` are redb files whose lock, creation, check and
 //! open `store` writes once), `policy_store` keeps the live policy, `control` serves the
-//! operator's socket, `harden` hardens brokerd itself. [`config`] layers flags over a file over defaults;
-//! [`daemon`] wires them together.
+//! operator's socket, `metrics` counts what they all do (Prometheus), `harden` hardens
+//! brokerd itself. [`config`] layers flags over a file over defaults; [`daemon`] wires them
+//! together.
 //!
 //! Never: let a tagged cgroup's connection through unrecorded, send a secret anywhere but the
 //! hosts its rule binds it to over verified TLS, show a secret value to an agent or in any log or
@@ -27,6 +28,7 @@ mod credentials;
 pub mod daemon;
 mod dns;
 mod harden;
+mod metrics;
 mod pods;
 mod policy_store;
 mod proxy;

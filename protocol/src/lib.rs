@@ -151,6 +151,8 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         via: Option<String>,
     },
+    /// brokerd's metrics now, as [`Response::Metrics`] (`brokerctl metrics`).
+    Metrics,
 }
 
 /// An operator's decision about a request waiting for approval.
@@ -686,6 +688,11 @@ pub enum Response {
     Error {
         kind: ErrorKind,
         message: String,
+    },
+    /// The answer to [`Request::Metrics`]: the exposition in OpenMetrics text, as brokerd's
+    /// metrics listener serves it (ends with `# EOF`).
+    Metrics {
+        text: String,
     },
 }
 

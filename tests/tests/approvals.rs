@@ -151,6 +151,32 @@ fn a_held_request_completes_once_allowed_from_the_cli_and_the_record_names_who()
             rule.contains(&format!("approval #{} by cli uid 0", p.id)),
             "{rule}"
         );
+        // The metrics count it: decided, and nothing pending any more.
+        let metrics = w.broker.ctl_ok(&["metrics"]);
+        let line = |name: &str, extra: &str| {
+            metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with(name)
+                        && l.contains(&format!("agent=\"{}\"", w.agent))
+                        && l.contains(extra)
+                })
+                .map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
+        };
+        assert_eq!(
+            line(
+                "agent_broker_approvals_decided_total",
+                "decision=\"allow_once\""
+            )
+            .as_deref(),
+            Some("1"),
+            "{metrics}"
+        );
+        assert_eq!(
+            line("agent_broker_approvals_pending", "").as_deref(),
+            Some("0"),
+            "{metrics}"
+        );
 
         // Once means once: the next call asks again; denied, the agent is told why.
         let agent = s.spawn(|| clients::curl(&w.broker, &w.agent, &w.trust(), &hash_call(&w)));

@@ -50,6 +50,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "containerd",
     // The console driven in a real terminal (tests/tests/approvals.rs).
     "tmux",
+    // The metrics test's scraper (tests/tests/metrics.rs): a real Prometheus, started by the
+    // test with its own config, storage dir and loopback port. Where systemd runs, the package
+    // starts its own service on :9090; the test needs none and meets none.
+    "prometheus",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.

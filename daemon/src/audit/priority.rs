@@ -104,6 +104,11 @@ impl Priority {
         }
     }
 
+    /// Records queued and not yet taken by the writer.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     /// The writer's thread id (0 before it started).
     #[cfg(test)]
     pub fn tid(&self) -> i32 {

@@ -158,6 +158,11 @@ impl AuditHandle {
         self.shared.committed_seq.load(Ordering::Acquire)
     }
 
+    /// Events queued for the writer and not yet taken (the metrics' audit queue depth).
+    pub fn queue_depth(&self) -> u64 {
+        self.shared.priority.queued() as u64
+    }
+
     /// Events dropped because the queue was full or the writer had stopped.
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
@@ -294,7 +299,11 @@ impl Writer {
                 // Take what raced the stop too, at most one queue's worth.
                 self.drain_queued();
             }
+            let started = (!self.pending.is_empty()).then(Instant::now);
             let result = self.commit().map_err(Arc::new);
+            if let Some(started) = started {
+                crate::metrics::global().audit_committed(started.elapsed());
+            }
             self.shared.priority.settle();
             let answer = || match &result {
                 Ok(()) => Ok(self.tail.seq),

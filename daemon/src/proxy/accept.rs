@@ -170,8 +170,10 @@ pub async fn run_worker(mut rx: mpsc::UnboundedReceiver<Accepted>, shared: Arc<S
             }
         };
         let shared = shared.clone();
+        let open = crate::metrics::global().connection_opened();
         tokio::spawn(async move {
             serve_connection(stream, peer, &ns, &shared).await;
+            drop(open);
         });
     }
 }

@@ -189,6 +189,18 @@ impl Denial {
         }
     }
 
+    /// What the metrics count it as (`agent_broker_denials_total{reason}`).
+    pub fn metric_kind(&self) -> crate::metrics::DenialKind {
+        use crate::metrics::DenialKind;
+        match &self.reason {
+            DenialReason::Request(_) => DenialKind::Request,
+            DenialReason::Policy(_) => DenialKind::Policy,
+            DenialReason::Rule(_) => DenialKind::Rule,
+            DenialReason::Handle(_) => DenialKind::Handle,
+            DenialReason::Limit(reason) => DenialKind::of_limit(reason),
+        }
+    }
+
     /// What the audit log calls it: a handle's misuse is recorded as such.
     pub fn event_kind(&self) -> EventKind {
         match self.reason {

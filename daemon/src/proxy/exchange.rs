@@ -2,6 +2,7 @@
 //! it upstream, and turn the answer (or the failure) into the response the agent gets, with
 //! its audit record.
 
+use crate::metrics::{self, DenialKind};
 use std::{
     sync::{
         Arc,
@@ -69,15 +70,17 @@ impl Proxy {
                 exchange.response
             }
             (Some(failure), Some(inflight)) => {
-                inflight.refuse(status, failure);
+                let kind = failure.metric;
+                metrics::recording_denial(kind, || inflight.refuse(status, failure));
                 exchange.response
             }
             (Some(failure), None) => {
                 event.host = Some(exchange.host).filter(|h| !h.is_empty());
                 event.status = Some(status.as_u16());
                 event.latency_us = Some(started.elapsed().as_micros() as u64);
+                let kind = failure.metric;
                 record::failed(&mut event, failure, exchange.grant);
-                self.events.record(event);
+                metrics::recording_denial(kind, || self.events.record(event));
                 exchange.response
             }
             (None, Some(inflight)) => match exchange.tunnel {
@@ -291,8 +294,13 @@ impl Proxy {
             upstream_req,
         );
         let head = self.deadlines.response_head;
+        let sent_at = Instant::now();
         let mut response = match tokio::time::timeout(head, sent).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                crate::metrics::global()
+                    .upstream_latency(conn.origin.cgroup.as_str(), sent_at.elapsed());
+                r
+            }
             Ok(Err(e)) if e.is_refusal() => {
                 // The credential would go to a listener that may be an agent's: refused, and
                 // the request never sent.
@@ -565,6 +573,8 @@ pub(super) struct Failure {
     pub(super) reason: String,
     pub(super) rule: Option<String>,
     pub(super) side: Side,
+    /// What the metrics count a refusal as (None for an upstream's failure).
+    pub(super) metric: Option<DenialKind>,
 }
 
 impl Exchange {
@@ -594,6 +604,7 @@ impl Exchange {
             reason,
             rule: None,
             side: Side::Upstream,
+            metric: None,
         };
         Self {
             response: json_response(status, &body),
@@ -618,6 +629,7 @@ impl Exchange {
             reason: denial.reason.to_string(),
             rule: denial.rule.clone(),
             side: Side::Broker,
+            metric: Some(denial.metric_kind()),
         };
         Self {
             response: deny(origin, denial),
@@ -640,6 +652,7 @@ impl Exchange {
             reason: denial.reason.to_string(),
             rule: denial.rule.clone(),
             side: Side::Agent,
+            metric: Some(denial.metric_kind()),
         };
         Self {
             response: deny(origin, denial),

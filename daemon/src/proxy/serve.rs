@@ -30,7 +30,7 @@ use super::{
     sniff::{Sniffed, peek_sni, sniff},
     tls::LeafName,
 };
-use crate::{capture::ConnectionOrigin, shares::Held};
+use crate::{capture::ConnectionOrigin, metrics::HandshakeOutcome, shares::Held};
 
 /// Resolves when the connection has had no request in flight for its deadline:
 /// `request_head` before its first request, `connection_idle` after.
@@ -249,10 +249,12 @@ impl Proxy {
         let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
+                crate::metrics::global().tls_handshake(HandshakeOutcome::Malformed);
                 let reason = format!("malformed TLS ClientHello: {e}");
                 return self.refused_connection(&origin, None, EventKind::TlsFailure, &reason);
             }
             Err(_) => {
+                crate::metrics::global().tls_handshake(HandshakeOutcome::Timeout);
                 let reason = "TLS ClientHello timed out";
                 return self.refused_connection(&origin, None, EventKind::TlsFailure, reason);
             }
@@ -268,6 +270,7 @@ impl Proxy {
         let config = match self.minter.server_config(&leaf) {
             Ok(c) => c,
             Err(e) => {
+                crate::metrics::global().tls_handshake(HandshakeOutcome::MintFailed);
                 let reason = format!("cannot mint a certificate for {leaf}: {}", error_chain(&e));
                 return self.refused_connection(
                     &origin,
@@ -278,8 +281,12 @@ impl Proxy {
             }
         };
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
-            Ok(Ok(t)) => t,
+            Ok(Ok(t)) => {
+                crate::metrics::global().tls_handshake(HandshakeOutcome::Ok);
+                t
+            }
             Ok(Err(e)) => {
+                crate::metrics::global().tls_handshake(HandshakeOutcome::Failed);
                 // Typically the client does not trust the broker CA (alert unknown_ca): the
                 // connection fails; it is never passed through uninspected.
                 let reason = format!(
@@ -293,6 +300,7 @@ impl Proxy {
                 );
             }
             Err(_) => {
+                crate::metrics::global().tls_handshake(HandshakeOutcome::Timeout);
                 let reason = "TLS handshake timed out";
                 return self.refused_connection(
                     &origin,

@@ -192,8 +192,10 @@ impl LeafMinter {
             .ok()
             .and_then(|c| c.configs.get(name).cloned())
         {
+            crate::metrics::global().leaf_cache(true);
             return Ok(c);
         }
+        crate::metrics::global().leaf_cache(false);
         let config = Arc::new(self.mint(name)?);
         if let Ok(mut cache) = self.cache.lock() {
             if cache.configs.len() >= LEAF_CACHE_CAPACITY

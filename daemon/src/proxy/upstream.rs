@@ -211,6 +211,21 @@ struct Pool {
     h2: HashMap<Key, http2::SendRequest<UpstreamBody>>,
     /// Whether this thread's sweeper task runs.
     sweeping: bool,
+    /// The size last added to the metrics' pool gauge (see [`Pool::report`]).
+    reported: i64,
+}
+
+impl Pool {
+    /// Adds this pool's change in size since the last report to the metrics' gauge of all
+    /// proxy threads' pools.
+    fn report(&mut self) {
+        let size = self.idle.values().map(Vec::len).sum::<usize>() + self.h2.len();
+        let size = i64::try_from(size).unwrap_or(i64::MAX);
+        if size != self.reported {
+            crate::metrics::global().upstream_pool_changed(size - self.reported);
+            self.reported = size;
+        }
+    }
 }
 
 struct Idle {
@@ -292,7 +307,11 @@ impl Upstream {
             if h2.ready().await.is_ok() {
                 return send_h2(&mut h2, req).await;
             }
-            POOL.with(|p| p.borrow_mut().h2.remove(&key));
+            POOL.with(|p| {
+                let mut pool = p.borrow_mut();
+                pool.h2.remove(&key);
+                pool.report();
+            });
         }
         let sender = match take_idle(&key).await {
             Some(sender) => sender,
@@ -305,6 +324,7 @@ impl Upstream {
                             pool.h2.clear();
                         }
                         pool.h2.insert(key.clone(), h2.clone());
+                        pool.report();
                     });
                     return send_h2(&mut h2, req).await;
                 }
@@ -438,7 +458,12 @@ async fn send_h2(
 /// closed and expired ones are dropped on the way.
 async fn take_idle(key: &Key) -> Option<http1::SendRequest<UpstreamBody>> {
     loop {
-        let idle = POOL.with(|p| p.borrow_mut().idle.get_mut(key).and_then(Vec::pop))?;
+        let idle = POOL.with(|p| {
+            let mut pool = p.borrow_mut();
+            let idle = pool.idle.get_mut(key).and_then(Vec::pop);
+            pool.report();
+            idle
+        })?;
         if idle.since.elapsed() > POOL_IDLE || idle.sender.is_closed() {
             continue;
         }
@@ -468,6 +493,7 @@ fn give_back(key: Key, sender: http1::SendRequest<UpstreamBody>) {
                 since: Instant::now(),
             });
         }
+        pool.report();
         !std::mem::replace(&mut pool.sweeping, true)
     });
     if start_sweeper && tokio::runtime::Handle::try_current().is_ok() {
@@ -487,6 +513,7 @@ async fn sweep() {
                 !idle.is_empty()
             });
             pool.h2.retain(|_, h2| !h2.is_closed());
+            pool.report();
             let empty = pool.idle.is_empty() && pool.h2.is_empty();
             if empty {
                 pool.sweeping = false;
