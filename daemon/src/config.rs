@@ -43,6 +43,8 @@ pub enum ConfigError {
     Spin { got: u64, max: u64 },
     #[error("invalid approval setting: {0}")]
     Approvals(String),
+    #[error("upstream_header_timeout must be 1 to 86400 seconds, got {0}")]
+    UpstreamHeaderTimeout(u64),
     #[error(
         "invalid metrics address {0}: brokerd serves metrics on loopback addresses only (e.g. 127.0.0.1:9464)"
     )]
@@ -179,6 +181,11 @@ pub struct Settings {
     /// port 0 picks a free one [default: off].
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// How long brokerd waits for an upstream's response head (status and headers) after
+    /// sending a request, in seconds (1 to 86400), before it answers the agent 504; streamed
+    /// bodies are bound by the rules' `idle_timeout` instead [default: 600].
+    #[arg(long, value_name = "SECONDS")]
+    pub upstream_header_timeout: Option<u64>,
 }
 
 impl Settings {
@@ -225,6 +232,8 @@ pub struct Config {
     pub approvals: crate::approvals::ApprovalConfig,
     /// The loopback address of the metrics listener, when metrics are served.
     pub metrics_addr: Option<SocketAddr>,
+    /// How long an upstream may take to send its response head.
+    pub upstream_header_timeout: std::time::Duration,
 }
 
 /// A container engine brokerd lists labelled pods from.
@@ -330,6 +339,16 @@ impl Config {
                 .map(|raw| PodSourceConfig::parse(&raw))
                 .transpose()?,
             approvals,
+            upstream_header_timeout: match cli
+                .upstream_header_timeout
+                .or(file.upstream_header_timeout)
+            {
+                None => crate::proxy::Deadlines::default().response_head,
+                Some(s @ 1..=86_400) => std::time::Duration::from_secs(s),
+                Some(s) => {
+                    return Err(ConfigError::UpstreamHeaderTimeout(s));
+                }
+            },
             metrics_addr: match cli.metrics_addr.or(file.metrics_addr) {
                 // Metrics name agents and hosts: they are for this machine's monitoring only.
                 Some(addr) if !addr.ip().is_loopback() => {

@@ -186,7 +186,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         authorizer: Arc::new(authorizer),
         events: events.clone(),
         names,
-        deadlines: Deadlines::default(),
+        deadlines: Deadlines {
+            response_head: config.upstream_header_timeout,
+            ..Deadlines::default()
+        },
         shares: share_book.clone(),
         local: Some(Arc::new(agent_api)),
     });

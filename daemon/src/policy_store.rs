@@ -129,7 +129,9 @@ impl PolicyStore {
         if let Ok(mut f) = self.fingerprint.lock() {
             *f = fp;
         }
-        match load(&self.dir) {
+        // Unlike at start, a directory that is gone is an error: the last good policy stays
+        // (an operator's `rm -rf` or a failed mount must not drop every agent's rules).
+        match Policy::load_dir(&self.dir) {
             Ok(policy) => {
                 let files = policy.files().len();
                 self.tx.send_replace(Arc::new(policy));
@@ -236,6 +238,33 @@ mod tests {
 
         std::fs::write(dir.path().join("a.toml"), GOOD).expect("write");
         assert_eq!(store.reload().ok(), Some(1));
+        assert!(store.state().error.is_none());
+    }
+
+    #[test]
+    fn a_removed_directory_keeps_the_last_good_policy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policies = dir.path().join("policies");
+        std::fs::create_dir(&policies).expect("mkdir");
+        std::fs::write(policies.join("a.toml"), GOOD).expect("write");
+        let store = PolicyStore::open(&policies).expect("open");
+        std::fs::remove_dir_all(&policies).expect("rm");
+        let err = store.reload().expect_err("a missing directory is an error");
+        assert!(
+            error_chain(&err).contains(&policies.display().to_string()),
+            "{}",
+            error_chain(&err)
+        );
+        assert_eq!(
+            store.current().files().len(),
+            1,
+            "the last good policy stays"
+        );
+        assert!(store.state().error.is_some());
+        // It comes back: loaded again.
+        std::fs::create_dir(&policies).expect("mkdir");
+        std::fs::write(policies.join("a.toml"), GOOD).expect("write");
+        assert_eq!(store.reload().expect("reload"), 1);
         assert!(store.state().error.is_none());
     }
 

@@ -1,0 +1,200 @@
+//! Faults, end to end (issue 17 part 3, the first cases): an upstream that never sends its
+//! response head is given up at brokerd's deadline (`--upstream-header-timeout`), not waited
+//! for; a stream that stalls mid-body is cut at the rule's `idle_timeout` and reaches the agent
+//! as an error, never as a complete reply; the policy directory removed while brokerd runs keeps
+//! the last good policy, and its return is picked up. Real curl clients in the agent's cgroup,
+//! the test API's `/attack/slow` and `/attack/stream-cut` (tests/src/upstream.rs).
+//!
+//! Needs root, cgroup v2 and BPF, and curl.
+//!
+//! Run as root: `cargo test -p agent-broker-tests --test faults -- --test-threads=1`.
+
+use std::time::{Duration, Instant};
+
+use agent_broker_protocol::{EventKind, Side};
+use agent_broker_tests::{
+    TestCa, TestCgroup, TestUpstream, clients, poll_until,
+    world::{API, World, api_ip, rule},
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn curl_args(w: &World, path: &str, http2: bool) -> Vec<String> {
+    let port = w.api.port();
+    let mut argv: Vec<String> = [
+        "curl",
+        "-sS",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "30",
+        "-w",
+        "%{stderr}ABTEST status=%{http_code}\\n",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.push(if http2 { "--http2" } else { "--http1.1" }.into());
+    argv.push("--resolve".into());
+    argv.push(format!("{API}:{port}:{}", api_ip()));
+    argv.push(format!("https://{API}:{port}{path}"));
+    argv
+}
+
+#[test]
+fn an_upstream_that_never_answers_is_given_up_at_the_header_deadline() {
+    let w = World::with_broker_args(
+        TestCa::new("abtest upstream CA"),
+        &["--upstream-header-timeout", "2"],
+        |cg: &TestCgroup, api: &TestUpstream| {
+            vec![(
+                "agent".into(),
+                format!(
+                    "cgroup = \"{}\"\n{}",
+                    cg.child("agent"),
+                    rule(API, api.port(), true)
+                ),
+            )]
+        },
+    );
+    for (http2, tag) in [(false, "h1"), (true, "h2")] {
+        let path = format!("/attack/slow?ms=60000&v={tag}");
+        let started = Instant::now();
+        let run = clients::run_in_cgroup(
+            &w.broker,
+            &w.agent,
+            "curl",
+            &w.trust().var("curl"),
+            &curl_args(&w, &path, http2),
+        );
+        let took = started.elapsed();
+        let stderr = String::from_utf8_lossy(&run.output.stderr).into_owned();
+        assert!(
+            stderr.contains("ABTEST status=504"),
+            "{tag}: {}",
+            run.show()
+        );
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+            "{tag}: answered after {took:?}"
+        );
+        let body = String::from_utf8_lossy(&run.output.stdout).into_owned();
+        assert!(body.contains("sent no response within 2s"), "{tag}: {body}");
+        let record = w.broker.wait_record("the 504's record", WAIT, |r| {
+            r.kind == Some(EventKind::Request)
+                && r.status == Some(504)
+                && r.path.as_deref() == Some("/attack/slow")
+                && !r.secrets.is_empty()
+                && r.reason.as_deref().is_some_and(|x| x.contains("within 2s"))
+        });
+        assert_eq!(record.side, Some(Side::Upstream), "{tag}: {record:?}");
+        // brokerd is fine: the next call goes through.
+        let run = clients::run_in_cgroup(
+            &w.broker,
+            &w.agent,
+            "curl",
+            &w.trust().var("curl"),
+            &curl_args(&w, "/hash", http2),
+        );
+        let stderr = String::from_utf8_lossy(&run.output.stderr).into_owned();
+        assert!(
+            stderr.contains("ABTEST status=200"),
+            "{tag}: {}",
+            run.show()
+        );
+    }
+    w.assert_no_secret_in_logs();
+}
+
+#[test]
+fn a_stream_that_stalls_mid_body_is_cut_at_the_idle_timeout_and_never_looks_complete() {
+    let w = World::with_policies(|cg, api| {
+        vec![(
+            "agent".into(),
+            format!(
+                "cgroup = \"{}\"\n{}idle_timeout = \"2s\"\n",
+                cg.child("agent"),
+                rule(API, api.port(), true)
+            ),
+        )]
+    });
+    for (http2, tag) in [(false, "h1"), (true, "h2")] {
+        let started = Instant::now();
+        let run = clients::run_in_cgroup(
+            &w.broker,
+            &w.agent,
+            "curl",
+            &w.trust().var("curl"),
+            &curl_args(&w, &format!("/attack/stream-cut?events=5&v={tag}"), http2),
+        );
+        let took = started.elapsed();
+        // The events sent before the stall arrived; then curl reports an error (a chunked body
+        // without its last chunk, an h2 stream reset), not a complete reply, and not its own
+        // timeout.
+        let body = String::from_utf8_lossy(&run.output.stdout).into_owned();
+        assert!(
+            body.contains("token 4 of a long answer"),
+            "{tag}: {}",
+            run.show()
+        );
+        assert!(!body.contains("[DONE]"), "{tag}: {}", run.show());
+        let code = run.output.status.code();
+        assert!(
+            code.is_some_and(|c| c != 0 && c != 28),
+            "{tag}: curl must fail on a cut stream (exit {code:?}): {}",
+            run.show()
+        );
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(15),
+            "{tag}: cut after {took:?}"
+        );
+        let record = w.broker.wait_record("the cut stream's record", WAIT, |r| {
+            r.kind == Some(EventKind::Request)
+                && r.path.as_deref() == Some("/attack/stream-cut")
+                && r.side == Some(Side::Upstream)
+                && r.bytes_out > 0
+        });
+        assert_eq!(record.status, Some(200), "{tag}: {record:?}");
+    }
+    w.assert_no_secret_in_logs();
+}
+
+#[test]
+fn the_policy_directory_removed_keeps_the_last_good_policy_until_it_returns() {
+    let w = World::new();
+    let dir = w.broker.policy_dir();
+    let saved = std::env::temp_dir().join(format!("abtest-policy-saved-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&saved);
+    std::fs::rename(&dir, &saved).expect("move the policy directory away");
+    let error = poll_until(WAIT, || w.broker.status().policy.error)
+        .unwrap_or_else(|| panic!("no policy error reported\n{}", w.broker.log()));
+    assert!(error.contains(&dir.display().to_string()), "{error}");
+    // The agent's calls still follow the last good policy.
+    let run = clients::run_in_cgroup(
+        &w.broker,
+        &w.agent,
+        "curl",
+        &w.trust().var("curl"),
+        &curl_args(&w, "/hash", false),
+    );
+    let stderr = String::from_utf8_lossy(&run.output.stderr).into_owned();
+    assert!(stderr.contains("ABTEST status=200"), "{}", run.show());
+    assert_eq!(w.broker.status().policy.files, 1);
+    // The reload failure is in the audit log.
+    w.broker.wait_record("the failed reload", WAIT, |r| {
+        r.kind == Some(EventKind::PolicyReload)
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.contains("kept the previous policy"))
+    });
+    std::fs::rename(&saved, &dir).expect("put the policy directory back");
+    poll_until(WAIT, || {
+        w.broker.status().policy.error.is_none().then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the directory's return was not picked up\n{}",
+            w.broker.log()
+        )
+    });
+}
