@@ -60,6 +60,7 @@ pub mod mcp;
 pub mod netns;
 pub mod oauth;
 pub mod resolver;
+pub mod scripted;
 pub mod sdks;
 pub mod servers;
 pub mod upstream;

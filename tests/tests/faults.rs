@@ -1,4 +1,6 @@
-//! Faults, end to end (issue 17 part 3, the first cases): an upstream that never sends its
+//! Faults, end to end (issue 17 part 3, the first cases), with the test API and a scripted
+//! upstream (tests/src/scripted.rs): a TLS alert and a certificate that changes between
+//! connections are 502s with nothing sent; an upstream that never sends its
 //! response head is given up at brokerd's deadline (`--upstream-header-timeout`), not waited
 //! for; a stream that stalls mid-body is cut at the rule's `idle_timeout` and reaches the agent
 //! as an error, never as a complete reply; the policy directory removed while brokerd runs keeps
@@ -197,4 +199,109 @@ fn the_policy_directory_removed_keeps_the_last_good_policy_until_it_returns() {
             w.broker.log()
         )
     });
+}
+
+/// A world whose agent may call `name` on the scripted upstream's port, with the key injected.
+fn scripted_world(ca: TestCa, name: &'static str, port: u16) -> World {
+    let w = World::with_ca(ca, move |cg, _| {
+        vec![(
+            "agent".into(),
+            format!(
+                "cgroup = \"{}\"\n{}",
+                cg.child("agent"),
+                rule(name, port, true)
+            ),
+        )]
+    });
+    w.broker.add_name(name, api_ip());
+    w
+}
+
+fn curl_to(w: &World, name: &str, port: u16) -> (String, String) {
+    let argv: Vec<String> = [
+        "curl",
+        "-sS",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "20",
+        "-w",
+        "%{stderr}ABTEST status=%{http_code}\\n",
+        "--resolve",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        format!("{name}:{port}:{}", api_ip()),
+        format!("https://{name}:{port}/v1/thing"),
+    ])
+    .collect();
+    let run = clients::run_in_cgroup(&w.broker, &w.agent, "curl", &w.trust().var("curl"), &argv);
+    (
+        String::from_utf8_lossy(&run.output.stdout).into_owned(),
+        String::from_utf8_lossy(&run.output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_upstream_tls_alert_is_a_502_that_names_it_and_nothing_is_sent() {
+    use agent_broker_tests::scripted::{ScriptedUpstream, Step};
+    const NAME: &str = "alerting.example.test";
+    let upstream = ScriptedUpstream::start(api_ip(), vec![Step::Alert]);
+    let w = scripted_world(TestCa::new("abtest upstream CA"), NAME, upstream.port());
+    let (body, stderr) = curl_to(&w, NAME, upstream.port());
+    assert!(stderr.contains("ABTEST status=502"), "{stderr}\n{body}");
+    assert!(
+        body.to_ascii_lowercase().contains("handshake"),
+        "the reason names the alert: {body}"
+    );
+    let record = w.broker.wait_record("the 502's record", WAIT, |r| {
+        r.kind == Some(EventKind::Request) && r.status == Some(502)
+    });
+    assert_eq!(record.side, Some(Side::Upstream), "{record:?}");
+    assert!(upstream.seen().iter().all(|s| s.request.is_none()));
+    w.assert_no_secret_in_logs();
+}
+
+#[test]
+fn a_certificate_that_changes_between_connections_is_refused_on_the_new_one() {
+    use agent_broker_tests::scripted::{ScriptedUpstream, Step};
+    const NAME: &str = "changing.example.test";
+    let trusted = TestCa::new("abtest upstream CA");
+    let stranger = TestCa::new("abtest CA nobody trusts");
+    let upstream = ScriptedUpstream::start(
+        api_ip(),
+        vec![
+            Step::serve(&trusted, &[NAME]),
+            Step::serve(&stranger, &[NAME]),
+        ],
+    );
+    let w = scripted_world(trusted, NAME, upstream.port());
+    // The first connection's certificate verifies: the call goes, with the key.
+    let (body, stderr) = curl_to(&w, NAME, upstream.port());
+    assert!(stderr.contains("ABTEST status=200"), "{stderr}\n{body}");
+    // The upstream closed it; the next connection presents another CA's certificate for the
+    // same name: refused before anything is sent, the key included.
+    let (body, stderr) = curl_to(&w, NAME, upstream.port());
+    assert!(stderr.contains("ABTEST status=502"), "{stderr}\n{body}");
+    assert!(
+        body.contains("certificate") || body.contains("UnknownIssuer"),
+        "the reason names the certificate: {body}"
+    );
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen[0].authorization_sha256.as_deref(),
+        Some(w.injected_hash().as_str()),
+        "the first connection got the key"
+    );
+    assert_eq!(
+        seen[1].request, None,
+        "nothing went over the second: {seen:?}"
+    );
+    let record = w.broker.wait_record("the 502's record", WAIT, |r| {
+        r.kind == Some(EventKind::Request) && r.status == Some(502)
+    });
+    assert_eq!(record.side, Some(Side::Upstream), "{record:?}");
+    w.assert_no_secret_in_logs();
 }

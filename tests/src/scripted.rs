@@ -1,0 +1,173 @@
+//! A scripted upstream: a TLS server whose connections each do what the test queued next
+//! (serve a request with a certificate of some CA, or answer the ClientHello with a fatal TLS
+//! alert), for the fault tests (tests/tests/faults.rs). Connections past the script repeat its
+//! last step. It records what each connection got (the SNI, and whether a request arrived and
+//! carried an Authorization header, by hash only).
+//!
+//! Plain std threads and rustls's blocking API: each connection is handled to its end before
+//! the next is accepted, which is all a script needs.
+
+use std::{
+    collections::VecDeque,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
+
+use crate::{TestCa, sha256_hex};
+
+/// What one connection does.
+#[derive(Clone)]
+pub enum Step {
+    /// Complete the handshake with this certificate chain, answer one HTTP/1.1 request with
+    /// 200 and a small JSON body, and close.
+    Serve(Arc<ServerConfig>),
+    /// Read the ClientHello and answer it with a fatal `handshake_failure` alert.
+    Alert,
+}
+
+impl Step {
+    /// Serve with a leaf for `names` issued by `ca`.
+    pub fn serve(ca: &TestCa, names: &[&str]) -> Self {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let (chain, key) = ca.leaf(&names);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|e| panic!("rustls protocol versions: {e}"))
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap_or_else(|e| panic!("scripted upstream certificate: {e}"));
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self::Serve(Arc::new(config))
+    }
+}
+
+/// What a connection got.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    pub sni: Option<String>,
+    /// The request line, when a request arrived.
+    pub request: Option<String>,
+    /// sha256 hex of the Authorization header's value, when there was one.
+    pub authorization_sha256: Option<String>,
+}
+
+struct State {
+    script: VecDeque<Step>,
+    last: Option<Step>,
+    seen: Vec<Seen>,
+}
+
+/// The server; it stops accepting when dropped (its thread ends at the next connection).
+pub struct ScriptedUpstream {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+impl ScriptedUpstream {
+    /// Listens on `ip` (port chosen by the kernel) and follows `script`.
+    pub fn start(ip: IpAddr, script: Vec<Step>) -> Self {
+        let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("addr: {e}"));
+        let state = Arc::new(Mutex::new(State {
+            script: script.into(),
+            last: None,
+            seen: Vec::new(),
+        }));
+        let weak = Arc::downgrade(&state);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Some(state) = weak.upgrade() else {
+                    return;
+                };
+                let Ok(stream) = stream else { continue };
+                let step = {
+                    let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                    let next = s.script.pop_front().or_else(|| s.last.clone());
+                    s.last.clone_from(&next);
+                    next
+                };
+                let seen = match step {
+                    Some(step) => handle(stream, step),
+                    None => Seen::default(),
+                };
+                state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .seen
+                    .push(seen);
+            }
+        });
+        Self { addr, state }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// What each connection so far got, in order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen
+            .clone()
+    }
+}
+
+fn handle(stream: TcpStream, step: Step) -> Seen {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    match step {
+        Step::Alert => {
+            let mut stream = stream;
+            let mut hello = [0u8; 5];
+            let _ = stream.read_exact(&mut hello);
+            // A TLS 1.2 record: alert, fatal (2), handshake_failure (40).
+            let _ = stream.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]);
+            let _ = stream.flush();
+            Seen::default()
+        }
+        Step::Serve(config) => {
+            let Ok(conn) = ServerConnection::new(config) else {
+                return Seen::default();
+            };
+            let mut tls = StreamOwned::new(conn, stream);
+            let mut seen = Seen::default();
+            let mut reader = BufReader::new(&mut tls);
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                seen.sni = tls.conn.server_name().map(str::to_string);
+                return seen;
+            }
+            seen.request = Some(line.trim_end().to_string());
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = header.split_once(':')
+                    && name.eq_ignore_ascii_case("authorization")
+                {
+                    seen.authorization_sha256 = Some(sha256_hex(value.trim().as_bytes()));
+                }
+            }
+            seen.sni = tls.conn.server_name().map(str::to_string);
+            let body = r#"{"scripted":true}"#;
+            let _ = write!(
+                tls,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+            seen
+        }
+    }
+}
