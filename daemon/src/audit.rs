@@ -190,8 +190,9 @@ pub struct AuditLog {
 
 /// What the log and the writer share.
 struct Store {
-    // Declared before `_lock`: the database closes before the lock is released.
-    db: Database,
+    // Declared before `_lock`: the database closes before the lock is released. None only
+    // while it is being reopened after an I/O error (see [`Store::begin_write`]).
+    db: std::sync::RwLock<Option<Database>>,
     path: PathBuf,
     retention: Retention,
     _lock: Flock<File>,
@@ -236,7 +237,7 @@ impl AuditLog {
             chain_state(&txn, &checked).map(drop)
         })?;
         let store = Store {
-            db,
+            db: std::sync::RwLock::new(Some(db)),
             path,
             retention,
             _lock: lock,
@@ -364,9 +365,85 @@ impl Store {
     }
 
     fn read_txn(&self) -> Result<ReadTransaction, AuditError> {
-        self.db
+        let db = self
+            .db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        db.as_ref()
+            .ok_or_else(|| self.reopening())?
             .begin_read()
             .map_err(self.storage("starting a read transaction"))
+    }
+
+    /// A write transaction. After an I/O error (a full or read-only disk) redb refuses every
+    /// transaction until the database is opened again: then it is reopened here (redb
+    /// recovers to the last commit, which is all the chain has), and the transaction begun on
+    /// the new handle.
+    fn begin_write(&self) -> Result<redb::WriteTransaction, AuditError> {
+        {
+            let db = self
+                .db
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match db.as_ref().ok_or_else(|| self.reopening())?.begin_write() {
+                Ok(txn) => return Ok(txn),
+                Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {}
+                Err(e) => return Err(self.storage("starting a write transaction")(e)),
+            }
+        }
+        self.reopen()?;
+        let db = self
+            .db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        db.as_ref()
+            .ok_or_else(|| self.reopening())?
+            .begin_write()
+            .map_err(self.storage("starting a write transaction"))
+    }
+
+    /// Closes the database and opens it again from its file.
+    fn reopen(&self) -> Result<(), AuditError> {
+        let mut db = self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The old handle holds the file's lock: it goes first.
+        drop(db.take());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| self.storage("reopening after an I/O error")(redb::StorageError::Io(e)))?;
+        let reopened = redb::backends::FileBackend::new(file)
+            .map_err(|e| {
+                AuditError::from(StoreError::storage(
+                    NAME,
+                    &self.path,
+                    "reopening after an I/O error",
+                )(e))
+            })
+            .and_then(|backend| {
+                redb::Builder::new()
+                    .create_with_backend(backend)
+                    .map_err(|e| {
+                        AuditError::from(StoreError::storage(
+                            NAME,
+                            &self.path,
+                            "reopening after an I/O error",
+                        )(e))
+                    })
+            })?;
+        *db = Some(reopened);
+        tracing::info!(path = %self.path.display(), "audit log reopened after an I/O error");
+        Ok(())
+    }
+
+    fn reopening(&self) -> AuditError {
+        StoreError::storage(NAME, &self.path, "reopening after an I/O error")(
+            redb::StorageError::PreviousIo,
+        )
+        .into()
     }
 
     fn storage<E: Into<redb::Error>>(&self, action: &'static str) -> impl FnOnce(E) -> AuditError {
@@ -447,6 +524,10 @@ impl EventSink for AuditHandle {
     fn record(&self, event: AuditEvent) {
         AuditHandle::record(self, event);
     }
+
+    fn writable(&self) -> Result<(), String> {
+        AuditHandle::writable(self)
+    }
 }
 
 /// What the control socket serves `logs`, `logs verify` and `subscribe` from.
@@ -461,5 +542,13 @@ impl AuditAccess for AuditHandle {
 
     fn verify(&self) -> Result<VerifyReport, AuditError> {
         AuditHandle::verify(self)
+    }
+
+    fn failing(&self) -> Option<String> {
+        AuditHandle::failing(self)
+    }
+
+    fn dropped(&self) -> u64 {
+        AuditHandle::dropped(self)
     }
 }

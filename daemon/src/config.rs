@@ -45,6 +45,8 @@ pub enum ConfigError {
     Approvals(String),
     #[error("upstream_header_timeout must be 1 to 86400 seconds, got {0}")]
     UpstreamHeaderTimeout(u64),
+    #[error("audit_unwritable must be \"refuse\" or \"continue\", got {0:?}")]
+    AuditUnwritable(String),
     #[error(
         "invalid metrics address {0}: brokerd serves metrics on loopback addresses only (e.g. 127.0.0.1:9464)"
     )]
@@ -186,6 +188,12 @@ pub struct Settings {
     /// bodies are bound by the rules' `idle_timeout` instead [default: 600].
     #[arg(long, value_name = "SECONDS")]
     pub upstream_header_timeout: Option<u64>,
+    /// What brokerd does while the audit log cannot be written (its disk full or read-only):
+    /// `refuse` answers every request 503 until a commit succeeds again, `continue` lets
+    /// calls go on and drops (and counts) the records that do not fit its queue
+    /// [default: refuse].
+    #[arg(long, value_name = "refuse|continue")]
+    pub audit_unwritable: Option<String>,
 }
 
 impl Settings {
@@ -234,6 +242,8 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// How long an upstream may take to send its response head.
     pub upstream_header_timeout: std::time::Duration,
+    /// Refuse requests while the audit log cannot be written.
+    pub audit_refuse_unwritable: bool,
 }
 
 /// A container engine brokerd lists labelled pods from.
@@ -339,6 +349,17 @@ impl Config {
                 .map(|raw| PodSourceConfig::parse(&raw))
                 .transpose()?,
             approvals,
+            audit_refuse_unwritable: match cli
+                .audit_unwritable
+                .as_deref()
+                .or(file.audit_unwritable.as_deref())
+            {
+                None | Some("refuse") => true,
+                Some("continue") => false,
+                Some(other) => {
+                    return Err(ConfigError::AuditUnwritable(other.to_string()));
+                }
+            },
             upstream_header_timeout: match cli
                 .upstream_header_timeout
                 .or(file.upstream_header_timeout)

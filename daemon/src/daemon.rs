@@ -70,6 +70,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let upstream = Upstream::new(&config.upstream_ca)?;
     let (audit, audit_writer) =
         AuditLog::open(&config.state_dir, config.audit_retention)?.writer()?;
+    audit.refuse_when_failing(config.audit_refuse_unwritable);
     let event_log = Arc::new(audit.clone());
     // Every recorder reports through the metered sink: the metrics count what the log records.
     let metrics = crate::metrics::global().clone();

@@ -826,6 +826,10 @@ impl EventSink for MeteredSink {
         self.metrics.observe(&event);
         self.inner.record(event);
     }
+
+    fn writable(&self) -> Result<(), String> {
+        self.inner.writable()
+    }
 }
 
 /// What a scrape reads besides the counters: the kernel's counters and the audit queue.

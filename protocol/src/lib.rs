@@ -766,6 +766,13 @@ pub struct StatusReport {
     /// Workload network namespaces brokerd serves listeners in.
     #[serde(default)]
     pub workloads: Vec<WorkloadStatus>,
+    /// Why the audit log cannot be written now (its last commit failed), when it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_error: Option<String>,
+    /// Audit records dropped since brokerd started (the queue overflowed while the disk was
+    /// slow, full or read-only).
+    #[serde(default)]
+    pub audit_dropped: u64,
 }
 
 /// An inet socket held by a process in a tagged cgroup but made outside every tagged cgroup.

@@ -112,6 +112,17 @@ impl World {
         args: &[&str],
         policies: impl FnOnce(&TestCgroup, &TestUpstream) -> Vec<(String, String)>,
     ) -> Self {
+        Self::with_setup(ca, args, |_| {}, policies)
+    }
+
+    /// Like [`World::with_broker_args`], running `setup` on brokerd's directories before it
+    /// starts (a test mounts a file system of its own over the state directory).
+    pub fn with_setup(
+        ca: TestCa,
+        args: &[&str],
+        setup: impl FnOnce(&Broker),
+        policies: impl FnOnce(&TestCgroup, &TestUpstream) -> Vec<(String, String)>,
+    ) -> Self {
         require_privileges();
         let cg = TestCgroup::new();
         let api = TestUpstream::start(&ca, UpstreamOptions::api());
@@ -127,7 +138,9 @@ impl World {
         for arg in args {
             builder = builder.arg(arg);
         }
-        let broker = builder.start();
+        let mut broker = builder.prepare();
+        setup(&broker);
+        broker.restart();
         let secret = Canary::new();
         broker.secret_set(SECRET_NAME, secret.expose().as_bytes());
         let placeholder = Canary::with_prefix("abtest-placeholder-");

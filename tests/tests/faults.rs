@@ -305,3 +305,158 @@ fn a_certificate_that_changes_between_connections_is_refused_on_the_new_one() {
     assert_eq!(record.side, Some(Side::Upstream), "{record:?}");
     w.assert_no_secret_in_logs();
 }
+
+/// Unmounts what a test mounted over brokerd's state directory, after brokerd is gone
+/// (declared before the world, so it drops after it).
+struct Unmount(std::sync::Mutex<Option<std::path::PathBuf>>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.lock().ok().and_then(|mut d| d.take()) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&dir)
+                .status();
+        }
+    }
+}
+
+fn mount(args: &[&str]) {
+    let out = std::process::Command::new("mount")
+        .args(args)
+        .output()
+        .expect("mount");
+    assert!(
+        out.status.success(),
+        "mount {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A world whose brokerd keeps its state (vault, CA, audit log) on a small tmpfs of its own.
+fn world_on_tmpfs(unmount: &Unmount, args: &[&str]) -> World {
+    World::with_setup(
+        TestCa::new("abtest upstream CA"),
+        args,
+        |broker| {
+            let dir = broker.state_dir();
+            let dir_s = dir.display().to_string();
+            mount(&[
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=16m,mode=0700",
+                "abtest-state",
+                &dir_s,
+            ]);
+            if let Ok(mut d) = unmount.0.lock() {
+                *d = Some(dir);
+            }
+        },
+        |cg, api| {
+            vec![(
+                "agent".into(),
+                format!(
+                    "cgroup = \"{}\"\n{}",
+                    cg.child("agent"),
+                    rule(API, api.port(), true)
+                ),
+            )]
+        },
+    )
+}
+
+/// Fills the state directory's file system to the last byte; the filler's path.
+fn fill(w: &World) -> std::path::PathBuf {
+    let filler = w.broker.state_dir().join("abtest-filler");
+    let mut file = std::fs::File::create(&filler).expect("create the filler");
+    let block = vec![0u8; 64 * 1024];
+    loop {
+        use std::io::Write as _;
+        if file.write_all(&block).is_err() {
+            break;
+        }
+    }
+    // The last partial block, byte by byte in small pieces.
+    loop {
+        use std::io::Write as _;
+        if file.write_all(&[0u8; 512]).is_err() {
+            break;
+        }
+    }
+    let _ = file.sync_all();
+    filler
+}
+
+fn status_of(w: &World, path: &str) -> String {
+    let run = clients::run_in_cgroup(
+        &w.broker,
+        &w.agent,
+        "curl",
+        &w.trust().var("curl"),
+        &curl_args(w, path, false),
+    );
+    let stderr = String::from_utf8_lossy(&run.output.stderr).into_owned();
+    let status = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("ABTEST status="))
+        .unwrap_or("none")
+        .to_string();
+    format!("{status} {}", String::from_utf8_lossy(&run.output.stdout))
+}
+
+#[test]
+fn an_audit_disk_that_is_full_refuses_calls_until_space_returns_and_nothing_is_corrupted() {
+    let unmount = Unmount(std::sync::Mutex::new(None));
+    let w = world_on_tmpfs(&unmount, &[]);
+    assert!(status_of(&w, "/hash?n=1").starts_with("200"));
+    let filler = fill(&w);
+    // The next commit fails; from then on calls are refused, saying why.
+    let refused = poll_until(WAIT, || {
+        let got = status_of(&w, "/hash?n=2");
+        got.starts_with("503").then_some(got)
+    })
+    .unwrap_or_else(|| panic!("calls were never refused\n{}", w.broker.log()));
+    assert!(refused.contains("audit log cannot be written"), "{refused}");
+    let error = w.broker.status().audit_error.unwrap_or_default();
+    assert!(!error.is_empty(), "status names the audit error");
+    // Space returns: the queued records commit, calls go again.
+    std::fs::remove_file(&filler).expect("free the space");
+    poll_until(WAIT, || {
+        status_of(&w, "/hash?n=3").starts_with("200").then_some(())
+    })
+    .unwrap_or_else(|| panic!("calls did not resume\n{}", w.broker.log()));
+    assert_eq!(w.broker.status().audit_error, None);
+    let verified = w.broker.ctl_ok(&["logs", "verify"]);
+    assert!(verified.contains("audit log intact"), "{verified}");
+    // The call made before the disk went read-only is on record.
+    w.broker.wait_record("the first call", WAIT, |r| {
+        r.kind == Some(EventKind::Request)
+            && r.status == Some(200)
+            && r.path.as_deref() == Some("/hash")
+    });
+}
+
+#[test]
+fn with_audit_unwritable_continue_calls_go_on_and_the_log_recovers() {
+    let unmount = Unmount(std::sync::Mutex::new(None));
+    let w = world_on_tmpfs(&unmount, &["--audit-unwritable", "continue"]);
+    assert!(status_of(&w, "/hash").starts_with("200"));
+    let filler = fill(&w);
+    // Calls whose records need space make the commit fail.
+    poll_until(WAIT, || {
+        let _ = status_of(&w, "/hash");
+        w.broker.status().audit_error.map(|_| ())
+    })
+    .unwrap_or_else(|| panic!("the audit error was not reported\n{}", w.broker.log()));
+    for _ in 0..3 {
+        assert!(status_of(&w, "/hash").starts_with("200"));
+    }
+    std::fs::remove_file(&filler).expect("free the space");
+    poll_until(WAIT, || {
+        w.broker.status().audit_error.is_none().then_some(())
+    })
+    .unwrap_or_else(|| panic!("the audit log did not recover\n{}", w.broker.log()));
+    let verified = w.broker.ctl_ok(&["logs", "verify"]);
+    assert!(verified.contains("audit log intact"), "{verified}");
+}

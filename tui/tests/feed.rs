@@ -60,6 +60,8 @@ fn status() -> StatusReport {
         open_connections: 0,
         max_connections: 0,
         workloads: Vec::new(),
+        audit_error: None,
+        audit_dropped: 0,
     }
 }
 

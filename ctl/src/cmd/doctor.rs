@@ -728,6 +728,8 @@ mod tests {
             open_connections: 0,
             max_connections: 0,
             workloads: Vec::new(),
+            audit_error: None,
+            audit_dropped: 0,
         }
     }
 

@@ -101,6 +101,15 @@ fn print_status(s: &StatusReport) {
         s.policy.files,
         date(s.policy.loaded_unix)
     );
+    if let Some(e) = &s.audit_error {
+        outln!("audit error    the audit log cannot be written: {e}");
+    }
+    if s.audit_dropped > 0 {
+        outln!(
+            "audit dropped  {} records did not fit the queue",
+            s.audit_dropped
+        );
+    }
     if let Some(e) = &s.policy.error {
         outln!("policy error   the newest files did not load, the previous policy is active: {e}");
     }

@@ -10,6 +10,12 @@ use tokio::sync::broadcast;
 /// Where each exchange, denial, failed handshake, DNS answer and operator action is reported.
 pub trait EventSink: Send + Sync + 'static {
     fn record(&self, event: AuditEvent);
+
+    /// `Err` (why) when a request must be refused because its record cannot be kept (the
+    /// audit log's disk is full or read-only, and brokerd is set to refuse then).
+    fn writable(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The audit log as the control socket sees it. `query` and `verify` are synchronous (the
@@ -21,6 +27,14 @@ pub trait AuditAccess: Send + Sync + 'static {
     fn query(&self, filter: &LogFilter) -> Result<Vec<AuditEvent>, AuditError>;
     /// Checks the hash chain.
     fn verify(&self) -> Result<VerifyReport, AuditError>;
+    /// Why the log cannot be written now, if so.
+    fn failing(&self) -> Option<String> {
+        None
+    }
+    /// Records dropped since start.
+    fn dropped(&self) -> u64 {
+        0
+    }
 }
 
 /// Whether an event passes a filter (subtree of the agent or of the real cgroup path, denials

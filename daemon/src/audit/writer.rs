@@ -78,6 +78,11 @@ struct Shared {
     live: broadcast::Sender<AuditEvent>,
     /// The writer's scheduling class (see [`super::priority`]).
     priority: super::priority::Priority,
+    /// Why the last commit failed, while commits fail (a full or read-only disk); cleared by
+    /// the next commit that succeeds.
+    failing: std::sync::Mutex<Option<String>>,
+    /// Refuse new requests while commits fail (brokerd's `audit_unwritable = "refuse"`).
+    refuse_when_failing: std::sync::atomic::AtomicBool,
 }
 
 /// The way into the audit log once its writer runs: cheap to clone, `Send + Sync`.
@@ -163,6 +168,33 @@ impl AuditHandle {
         self.shared.priority.queued() as u64
     }
 
+    /// Why the audit log cannot be written now (its last commit failed), if so.
+    pub fn failing(&self) -> Option<String> {
+        self.shared.failing.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Whether requests are refused while the log cannot be written (see
+    /// [`AuditHandle::writable`]); off unless set.
+    pub fn refuse_when_failing(&self, refuse: bool) {
+        self.shared
+            .refuse_when_failing
+            .store(refuse, Ordering::Relaxed);
+    }
+
+    /// `Err` (why) when requests must be refused because the log cannot record them.
+    pub fn writable(&self) -> Result<(), String> {
+        if !self.shared.refuse_when_failing.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match self.failing() {
+            None => Ok(()),
+            Some(why) => Err(format!(
+                "the audit log cannot be written ({why}); brokerd refuses requests it cannot \
+                 record until it can"
+            )),
+        }
+    }
+
     /// Events dropped because the queue was full or the writer had stopped.
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
@@ -221,6 +253,8 @@ pub(super) fn start(
         committed_seq: AtomicU64::new(tail.seq),
         live,
         priority: super::priority::Priority::default(),
+        failing: std::sync::Mutex::new(None),
+        refuse_when_failing: std::sync::atomic::AtomicBool::new(false),
     });
     let mut writer = Writer {
         shared: shared.clone(),
@@ -328,6 +362,9 @@ impl Writer {
                     let _ = stop.send(answer());
                 }
                 return result.map_err(|source| AuditError::WriterFailed { source });
+            }
+            if let Ok(mut failing) = self.shared.failing.lock() {
+                *failing = result.as_ref().err().map(|e| error_chain(e));
             }
             if let Err(e) = result {
                 self.log_failure(&e);
@@ -463,10 +500,7 @@ impl Writer {
             return Ok(());
         }
         let store = &self.shared.store;
-        let mut txn = store
-            .db
-            .begin_write()
-            .map_err(store.storage("starting a write transaction"))?;
+        let mut txn = store.begin_write()?;
         // Two-phase commit and a saved allocator state: a crash never needs a full-file repair,
         // and the primary commit slot is always valid.
         txn.set_quick_repair(true);

@@ -59,6 +59,8 @@ pub async fn status(state: &ControlState) -> Response {
                 open_connections: state.shares.open_connections().0 as u64,
                 max_connections: state.shares.open_connections().1 as u64,
                 workloads: state.workloads.status(),
+                audit_error: state.audit.failing(),
+                audit_dropped: state.audit.dropped(),
             })
         }
         Err(e) => capture_error(e),

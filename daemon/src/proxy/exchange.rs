@@ -135,6 +135,15 @@ impl Proxy {
         if let Err(reason) = check_request_shape(&parts) {
             return Exchange::refused(&conn.origin, String::new(), Denial::from(reason), None);
         }
+        // A call that cannot be recorded does not go (when brokerd is set to refuse then).
+        if let Err(why) = self.events.writable() {
+            let denial = Denial {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                retry_after: Some(std::time::Duration::from_secs(5)),
+                ..Denial::forbidden(DenialReason::Rule(why))
+            };
+            return Exchange::refused(&conn.origin, String::new(), denial, None);
+        }
         let host = match request_host(&parts, conn) {
             Ok(h) => h,
             Err(reason) => {
