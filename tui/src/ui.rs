@@ -722,10 +722,7 @@ const HELP: &[(&str, &str)] = &[
     ("f", "next agent filter (all, then each)"),
     ("d", "denied-only on/off"),
     ("p, space", "pause/resume; new events wait"),
-    (
-        "a / t / A / x",
-        "waiting request: allow once, 1h, always; deny",
-    ),
+    ("a, t, A, x", "waiting: allow once/1h/always, deny"),
     ("Tab", "next waiting request"),
     ("?", "this help; any key closes it"),
     ("q, Esc, Ctrl-C", "quit"),
