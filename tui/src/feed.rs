@@ -240,8 +240,8 @@ enum Ended {
 fn poll_credentials(run_dir: &Path, tx: &SyncSender<FeedMsg>, stop: &AtomicBool) {
     loop {
         let listed = Client::connect(run_dir)
-            .ok()
-            .and_then(|mut c| c.call(&Request::SecretList).ok());
+            .and_then(|mut c| ask(&mut c, &Request::SecretList, stop))
+            .ok();
         if let Some(Response::Secrets { secrets }) = listed {
             let credentials = secrets.into_iter().filter(|s| s.kind != "static").collect();
             if send(tx, stop, FeedMsg::Credentials(credentials)).is_err() {
@@ -259,6 +259,15 @@ fn poll_credentials(run_dir: &Path, tx: &SyncSender<FeedMsg>, stop: &AtomicBool)
     }
 }
 
+/// Sends `request` and reads its answer, giving up as soon as the console stops (a brokerd
+/// that accepted the connection but does not answer must not keep the console from quitting).
+fn ask(client: &mut Client, request: &Request, stop: &AtomicBool) -> Result<Response, ClientError> {
+    let keep_waiting = || !stop.load(Ordering::Relaxed);
+    client.send(request)?;
+    let line = client.next_line_polling(POLL, &keep_waiting)?;
+    protocol::decode_line::<Response>(&line).map_err(|_| ClientError::NoAnswer)
+}
+
 /// Asks for the requests waiting for approval every [`APPROVALS_EVERY`] on a connection of
 /// its own, as [`poll_credentials`] does.
 fn poll_approvals(run_dir: &Path, tx: &SyncSender<FeedMsg>, stop: &AtomicBool) {
@@ -267,12 +276,9 @@ fn poll_approvals(run_dir: &Path, tx: &SyncSender<FeedMsg>, stop: &AtomicBool) {
         if client.is_none() {
             client = Client::connect(run_dir).ok();
         }
-        let keep_waiting = || !stop.load(Ordering::Relaxed);
-        let answer = client.as_mut().map(|c| {
-            c.send(&Request::ApprovalList)?;
-            let line = c.next_line_polling(POLL, &keep_waiting)?;
-            protocol::decode_line::<Response>(&line).map_err(|_| ClientError::NoAnswer)
-        });
+        let answer = client
+            .as_mut()
+            .map(|c| ask(c, &Request::ApprovalList, stop));
         match answer {
             Some(Ok(Response::Approvals { pending })) => {
                 if send(tx, stop, FeedMsg::Approvals(pending)).is_err() {
@@ -309,12 +315,7 @@ fn send_decisions(
             decision,
             via: Some("console".into()),
         };
-        let keep_waiting = || !stop.load(Ordering::Relaxed);
-        let answer = Client::connect(run_dir).and_then(|mut c| {
-            c.send(&request)?;
-            let line = c.next_line_polling(POLL, &keep_waiting)?;
-            protocol::decode_line::<Response>(&line).map_err(|_| ClientError::NoAnswer)
-        });
+        let answer = Client::connect(run_dir).and_then(|mut c| ask(&mut c, &request, stop));
         let note = match answer {
             Ok(Response::ApprovalDecided { id, outcome }) => format!("#{id}: {outcome}"),
             Ok(Response::Error { message, .. }) => format!("#{id}: refused: {message}"),
