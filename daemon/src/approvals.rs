@@ -283,16 +283,18 @@ impl Approvals {
         let key = Key::of(&ask.origin.cgroup, ask.method, ask.host, ask.port);
         let token = self.config.webhook.as_ref().map(|_| webhook::new_token());
         let now_ms = now_ms();
-        let info = {
+        let (info, gone) = {
             let mut state = self.state();
             let now = Instant::now();
-            expire_filed(&mut state.pending);
+            let gone = prune(&mut state.pending);
             let waiting = state
                 .pending
                 .values()
                 .filter(|p| p.key.agent == key.agent)
                 .count();
             if waiting >= self.config.per_agent {
+                drop(state);
+                self.audit_gone(gone);
                 return Err(Refused {
                     id: None,
                     by: None,
@@ -333,8 +335,9 @@ impl Approvals {
                     expires: now + wait,
                 },
             );
-            info
+            (info, gone)
         };
+        self.audit_gone(gone);
         crate::metrics::global().approval_asked(&info.agent);
         info!(id = info.id, agent = %info.agent, method = %info.method, host = %info.host, port = info.port, "request waits for approval");
         self.audit(&info, ask.origin, None, None, Some(&info.why));
@@ -371,9 +374,23 @@ impl Approvals {
 
     /// The requests waiting, oldest first (filed requests past their time are dropped).
     pub fn list(&self) -> Vec<PendingApproval> {
-        let mut state = self.state();
-        expire_filed(&mut state.pending);
-        state.pending.values().map(|p| p.info.clone()).collect()
+        let (list, gone) = {
+            let mut state = self.state();
+            let gone = prune(&mut state.pending);
+            (
+                state.pending.values().map(|p| p.info.clone()).collect(),
+                gone,
+            )
+        };
+        self.audit_gone(gone);
+        list
+    }
+
+    /// Records the requests [`prune`] dropped.
+    fn audit_gone(&self, gone: Vec<(PendingApproval, &'static str)>) {
+        for (info, why) in gone {
+            self.audit_decided(&info, None, Decision::Deny, why);
+        }
     }
 
     /// Decides request `id`; `by` names who (`cli uid 0`, `console uid 0`, `webhook`).
@@ -752,17 +769,26 @@ fn count_decided(agent: &str, decision: &ApprovalDecision) {
     crate::metrics::global().approval_decided(agent, kind);
 }
 
-/// Drops filed requests past their time, counting each as timed out.
-fn expire_filed(pending: &mut BTreeMap<u64, Pending>) {
+/// Drops filed requests past their time and held requests whose agent stopped waiting (its
+/// connection closed), counting each as timed out; what was dropped, and why, for the record.
+fn prune(pending: &mut BTreeMap<u64, Pending>) -> Vec<(PendingApproval, &'static str)> {
     let now = Instant::now();
+    let mut gone = Vec::new();
     pending.retain(|_, p| {
-        let keep = p.waiter.is_some() || p.expires > now;
-        if !keep {
-            crate::metrics::global()
-                .approval_decided(&p.info.agent, crate::metrics::ApprovalDecision::Timeout);
-        }
-        keep
+        let why = match &p.waiter {
+            Some(waiter) if waiter.is_closed() => {
+                "the agent stopped waiting (its connection closed)"
+            }
+            Some(_) => return true,
+            None if p.expires > now => return true,
+            None => "nobody decided the filed request in time",
+        };
+        crate::metrics::global()
+            .approval_decided(&p.info.agent, crate::metrics::ApprovalDecision::Timeout);
+        gone.push((p.info.clone(), why));
+        false
     });
+    gone
 }
 
 fn now_ms() -> u64 {

@@ -438,3 +438,29 @@ fn webhook_urls_are_plain_http_with_a_host() {
     assert!(webhook::Target::parse("https://example.test/approve").is_err());
     assert!(webhook::Target::parse("/approve").is_err());
 }
+
+#[tokio::test]
+async fn a_request_whose_agent_gave_up_no_longer_waits_or_counts() {
+    let config = ApprovalConfig {
+        per_agent: 1,
+        ..ApprovalConfig::default()
+    };
+    let f = fixture(&[("coder.toml", UNKNOWN_ASKS)], config);
+    let o = origin("agents/coder");
+    let wait = f
+        .approvals
+        .hold(ask(&o, "a.example.test", None))
+        .expect("held");
+    assert_eq!(f.approvals.list().len(), 1);
+    // The agent's connection closes: its request's task (and the future) is dropped.
+    drop(wait);
+    assert!(f.approvals.list().is_empty(), "dropped from the list");
+    // It no longer counts against the agent's bound.
+    assert!(f.approvals.hold(ask(&o, "b.example.test", None)).is_ok());
+    let gave_up = f.events.approvals().into_iter().any(|e| {
+        e.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("stopped waiting"))
+    });
+    assert!(gave_up, "recorded");
+}
