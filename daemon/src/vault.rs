@@ -199,6 +199,16 @@ pub enum VaultError {
     InvalidHandle { reason: String },
     #[error("handle {id} has the same token hash as handle {other}")]
     HandleTokenConflict { id: String, other: String },
+    #[error(
+        "the vault file {path} was replaced or removed while brokerd runs; refusing to write to the file brokerd opened (it would be lost at the next start): restart brokerd to open what is there now"
+    )]
+    Replaced { path: PathBuf },
+}
+
+/// The device and inode `path` names now, if it exists.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl VaultError {
@@ -223,6 +233,9 @@ pub struct Vault {
     handle_shapes: RwLock<Arc<[TokenShape]>>,
     /// Bumped whenever a secret is stored, rotated or removed (see [`Vault::generation`]).
     generation: AtomicU64,
+    /// The device and inode of the file opened: a write is refused once the path names
+    /// another file (see [`Vault::write_txn`]).
+    file_id: (u64, u64),
     _lock: Flock<File>,
 }
 
@@ -270,7 +283,9 @@ impl Vault {
         }
         let checked = locked.path().to_path_buf();
         let Opened { db, path, lock } = locked.open(|db| check_key(db, &cipher, &checked))?;
+        let file_id = file_id(&path).ok_or_else(|| VaultError::Replaced { path: path.clone() })?;
         let vault = Vault {
+            file_id,
             db,
             cipher,
             path,
@@ -720,6 +735,12 @@ impl Vault {
     }
 
     fn write_txn(&self) -> Result<WriteTransaction, VaultError> {
+        // What is written to a file the path no longer names would be lost at the next start.
+        if file_id(&self.path) != Some(self.file_id) {
+            return Err(VaultError::Replaced {
+                path: self.path.clone(),
+            });
+        }
         self.db
             .begin_write()
             .map_err(self.storage("starting a write transaction"))

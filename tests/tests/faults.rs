@@ -4,7 +4,9 @@
 //! response head is given up at brokerd's deadline (`--upstream-header-timeout`), not waited
 //! for; a stream that stalls mid-body is cut at the rule's `idle_timeout` and reaches the agent
 //! as an error, never as a complete reply; the policy directory removed while brokerd runs keeps
-//! the last good policy, and its return is picked up. Real curl clients in the agent's cgroup,
+//! the last good policy, and its return is picked up; a full audit disk refuses calls (or lets
+//! them go, if so set) until space returns; a vault file replaced under brokerd refuses writes.
+//! Real curl clients in the agent's cgroup,
 //! the test API's `/attack/slow` and `/attack/stream-cut` (tests/src/upstream.rs).
 //!
 //! Needs root, cgroup v2 and BPF, and curl.
@@ -459,4 +461,27 @@ fn with_audit_unwritable_continue_calls_go_on_and_the_log_recovers() {
     .unwrap_or_else(|| panic!("the audit log did not recover\n{}", w.broker.log()));
     let verified = w.broker.ctl_ok(&["logs", "verify"]);
     assert!(verified.contains("audit log intact"), "{verified}");
+}
+
+#[test]
+fn a_vault_file_replaced_while_brokerd_runs_refuses_writes_and_calls_go_on() {
+    let w = World::new();
+    let path = w.broker.state_dir().join("vault.redb");
+    let moved = w.broker.state_dir().join("vault.redb.moved");
+    std::fs::rename(&path, &moved).expect("move the vault away");
+    std::fs::copy(&moved, &path).expect("put a copy in its place");
+    // A write would go to the file brokerd opened, which the path no longer names: refused.
+    let out = w.broker.ctl_output_with_stdin(
+        &["secret", "set", "ABTEST_OTHER"],
+        b"abtest-value-not-a-key",
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("was replaced") && err.contains("restart brokerd"),
+        "{err}"
+    );
+    // The calls go on with what brokerd holds.
+    assert!(status_of(&w, "/hash").starts_with("200"));
+    w.assert_no_secret_in_logs();
 }

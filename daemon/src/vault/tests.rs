@@ -765,3 +765,27 @@ fn errors_and_debug_never_show_values() {
     assert!(!error_chain(&e).contains("SHOULD-NEVER"));
     assert!(!format!("{e:?}").contains("SHOULD-NEVER"));
 }
+
+#[test]
+fn a_vault_file_replaced_while_open_refuses_writes_and_keeps_serving_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vault = open_default(dir.path()).expect("open");
+    vault.set(&name("KEEP"), value("kept value")).expect("set");
+    // Another file takes the vault's path (a restore, an editor, a careless cp).
+    let path = dir.path().join("vault.redb");
+    let moved = dir.path().join("vault.redb.old");
+    std::fs::rename(&path, &moved).expect("move away");
+    std::fs::write(&path, b"not the vault").expect("replace");
+    let err = vault
+        .set(&name("LOST"), value("would be lost"))
+        .expect_err("a write to the replaced file is refused");
+    assert!(
+        matches!(err, VaultError::Replaced { .. }),
+        "{}",
+        agent_broker_core::fmt::error_chain(&err)
+    );
+    assert!(err.to_string().contains("restart brokerd"), "{err}");
+    // Reads go on from the file opened.
+    let kept = vault.get(&name("KEEP")).expect("get").expect("present");
+    assert!(is(&kept, "kept value"));
+}
