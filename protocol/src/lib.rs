@@ -11,6 +11,7 @@
 use std::{fmt, net::SocketAddr};
 
 pub mod client;
+pub mod docs;
 
 use serde::{Deserialize, Serialize};
 

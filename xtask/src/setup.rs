@@ -48,6 +48,16 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // starts the system containerd, it does not meet the tests' own, which has its own config,
     // root, state and sockets in a temporary dir and a namespace of its own.
     "containerd",
+    // The Debian package (xtask/src/package.rs, tests/tests/package.rs): dpkg-shlibdeps finds its
+    // library dependencies; the test checks the unit with systemd-analyze, renders the man pages
+    // with man, and loads the completions in bash, zsh and fish.
+    "dpkg-dev",
+    "systemd",
+    "man-db",
+    "groff-base",
+    "bash-completion",
+    "zsh",
+    "fish",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.
