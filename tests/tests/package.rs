@@ -23,8 +23,8 @@ use std::{
 };
 
 use agent_broker_tests::{
-    Broker, SHORT, TestCgroup, TestServer, bin, require_privileges, run_with_timeout,
-    wait_with_timeout, workspace_dir,
+    Broker, SHORT, TestCgroup, TestServer, bin, cgroup2_mount, require_privileges,
+    run_with_timeout, wait_with_timeout, workspace_dir,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -490,11 +490,10 @@ fn capability_mask(names: &[String]) -> u64 {
     names
         .iter()
         .map(|n| match n.as_str() {
-            "dac_read_search" => 2,
+            "dac_override" => 1,
             "net_admin" => 12,
             "ipc_lock" => 14,
             "sys_ptrace" => 19,
-            "sys_admin" => 21,
             "perfmon" => 38,
             "bpf" => 39,
             other => panic!("the test does not know the bit of CAP_{other}"),
@@ -621,6 +620,11 @@ fn the_packaged_brokerd_brokers_an_agent_with_only_the_units_capabilities() {
     ]);
     assert_success(&explained, "brokerctl policy explain");
 
+    // The agent's cgroup is created by brokerd in a directory root has no write bit on, as in a
+    // cgroup2 root mounted 0555: only CAP_DAC_OVERRIDE lets it.
+    let parent = cgroup2_mount().join(cg.path());
+    fs::set_permissions(&parent, fs::Permissions::from_mode(0o555))
+        .unwrap_or_else(|e| panic!("{e}"));
     let url = format!("http://{}/", http.addr());
     let mut run = broker.ctl();
     run.args(["run", "--cgroup", &agent, "--create", "--"])
@@ -630,6 +634,8 @@ fn the_packaged_brokerd_brokers_an_agent_with_only_the_units_capabilities() {
         .stderr(Stdio::piped());
     let child = run.spawn().unwrap_or_else(|e| panic!("{run:?}: {e}"));
     let out = wait_with_timeout(child, SHORT * 2, "brokerctl run -- curl");
+    fs::set_permissions(&parent, fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(
         out.status.success(),
         "brokerctl run -- curl failed ({}): {}\nbrokerd's log:\n{}",
