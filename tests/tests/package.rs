@@ -22,6 +22,7 @@ use std::{
     time::Duration,
 };
 
+use agent_broker_protocol::{Request, Response};
 use agent_broker_tests::{
     Broker, SHORT, TestCgroup, TestServer, bin, cgroup2_mount, require_privileges,
     run_with_timeout, wait_with_timeout, workspace_dir,
@@ -610,15 +611,20 @@ fn the_packaged_brokerd_brokers_an_agent_with_only_the_units_capabilities() {
         "{:?}",
         status.policy
     );
-    let explained = broker.ctl_output(&[
-        "policy",
-        "explain",
-        "--cgroup",
-        "agents/example",
-        "GET",
-        "https://example.com/",
-    ]);
-    assert_success(&explained, "brokerctl policy explain");
+    // What the README says of it: GET https://example.com/ is allowed, POST is not.
+    for (method, allowed) in [("GET", true), ("POST", false)] {
+        let request = Request::PolicyExplain {
+            cgroup: "agents/example".into(),
+            method: method.into(),
+            url: "https://example.com/".into(),
+        };
+        match broker.request(&request) {
+            Response::PolicyExplained { allowed: a, text } => {
+                assert_eq!(a, allowed, "{method} https://example.com/: {text}")
+            }
+            other => panic!("policy explain answered {other:?}"),
+        }
+    }
 
     // The agent's cgroup is created by brokerd in a directory root has no write bit on, as in a
     // cgroup2 root mounted 0555: only CAP_DAC_OVERRIDE lets it.
