@@ -230,6 +230,62 @@ fn the_package_describes_itself_and_holds_every_file_as_root() {
     assert!(!contents.contains("master.key"), "{contents}");
 }
 
+/// dpkg itself unpacks the package into a scratch root with a dpkg database of its own (no
+/// maintainer script runs: configuring would run postinst chrooted there), registers its
+/// conffiles, and finds every unpacked file as the package's checksums say.
+#[test]
+fn dpkg_unpacks_it_into_a_scratch_root_and_registers_the_conffiles() {
+    require_privileges();
+    let p = package();
+    let root = p.root.with_file_name("dpkg-root");
+    if root.exists() {
+        fs::remove_dir_all(&root).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let db = root.join("var/lib/dpkg");
+    for dir in ["info", "updates"] {
+        fs::create_dir_all(db.join(dir)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    fs::write(db.join("status"), "").unwrap_or_else(|e| panic!("{e}"));
+    let dpkg = || {
+        let mut cmd = Command::new("dpkg");
+        cmd.arg(format!("--root={}", root.display()));
+        cmd
+    };
+    // Dependencies (libc6, ...) are not in the empty database.
+    stdout(dpkg().args(["--force-depends", "--unpack"]).arg(&p.deb));
+    let status = stdout(dpkg().args(["--status", "agent-broker"]));
+    assert_eq!(field(&status, "Status"), "install ok unpacked", "{status}");
+    assert!(
+        status.contains(" /etc/agent-broker/brokerd.toml ")
+            && status.contains(" /etc/agent-broker/policies/example.toml "),
+        "{status}"
+    );
+    let listed = stdout(dpkg().args(["--listfiles", "agent-broker"]));
+    for path in [
+        "/usr/bin/brokerd",
+        "/lib/systemd/system/agent-broker.service",
+        "/etc/agent-broker/policies/example.toml",
+    ] {
+        assert!(
+            listed.lines().any(|l| l == path),
+            "{path} not in:\n{listed}"
+        );
+        // A conffile waits as .dpkg-new until the package is configured.
+        let unpacked = if path.starts_with("/etc/") {
+            root.join(format!("{}.dpkg-new", &path[1..]))
+        } else {
+            root.join(&path[1..])
+        };
+        assert!(unpacked.is_file(), "{} not unpacked", unpacked.display());
+    }
+    // Every file matches its checksum; only the conffiles are not in place before configuring.
+    assert_eq!(
+        stdout(dpkg().args(["--verify", "agent-broker"])),
+        "missing   c /etc/agent-broker/brokerd.toml\n\
+         missing   c /etc/agent-broker/policies/example.toml\n"
+    );
+}
+
 #[test]
 fn the_packaged_binaries_answer_version_and_help() {
     require_privileges();
