@@ -25,7 +25,7 @@ use std::{
 use agent_broker_protocol::{Request, Response};
 use agent_broker_tests::{
     Broker, SHORT, TestCgroup, TestServer, bin, cgroup2_mount, require_privileges,
-    run_with_timeout, wait_with_timeout, workspace_dir,
+    run_with_timeout, spawn_in_cgroup, wait_with_timeout, workspace_dir,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -607,7 +607,13 @@ fn the_packaged_brokerd_brokers_an_agent_with_only_the_units_capabilities() {
             .join(",")
     );
     let brokerd = p.root.join("usr/bin/brokerd");
+    // In a mount namespace of its own, as the unit's ProtectSystem= and PrivateTmp= give it.
     let command: Vec<OsString> = vec![
+        "unshare".into(),
+        "--mount".into(),
+        "--propagation".into(),
+        "slave".into(),
+        "--".into(),
         "setpriv".into(),
         format!("--bounding-set={bounding}").into(),
         "--inh-caps=-all".into(),
@@ -712,5 +718,30 @@ fn the_packaged_brokerd_brokers_an_agent_with_only_the_units_capabilities() {
         accepted[0].owner,
         Some(broker.pid()),
         "the server should have been reached by the packaged brokerd: {accepted:?}"
+    );
+
+    // A process put into the agent's cgroup without the launcher, in the host's mount namespace:
+    // brokerd, in a mount namespace of its own, still tells it shares the host's.
+    assert_ne!(
+        fs::read_link(format!("/proc/{}/ns/mnt", broker.pid())).ok(),
+        fs::read_link("/proc/self/ns/mnt").ok(),
+        "brokerd should run in a mount namespace of its own"
+    );
+    let mut sleep = Command::new("sleep");
+    sleep.arg("30");
+    let mut outsider = spawn_in_cgroup(&agent, &mut sleep);
+    let listed = broker.status().unprotected;
+    let _ = outsider.kill();
+    let _ = outsider.wait();
+    let entry = listed
+        .iter()
+        .find(|p| p.pid == outsider.id())
+        .unwrap_or_else(|| panic!("the outsider is not listed as unprotected: {listed:?}"));
+    assert!(
+        entry
+            .missing
+            .iter()
+            .any(|m| m == "shares the host's mount namespace"),
+        "{entry:?}"
     );
 }
