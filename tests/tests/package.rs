@@ -401,6 +401,20 @@ fn every_man_page_renders_without_warnings() {
             "man -l {} rendered:\n{text}",
             page.display()
         );
+        // Every page another page refers to (SUBCOMMANDS: `brokerctl-secret-set(1)`) exists.
+        for word in text.split_whitespace() {
+            if let Some(name) = word
+                .strip_suffix("(1)")
+                .or_else(|| word.strip_suffix("(8)"))
+                && (name.starts_with("brokerctl") || name.starts_with("brokerd"))
+            {
+                assert!(
+                    names.iter().any(|n| n.split('.').next() == Some(name)),
+                    "{} refers to {word}, which has no page: {names:?}",
+                    page.display()
+                );
+            }
+        }
     }
 }
 
