@@ -7,7 +7,7 @@
 //! the scratch root under `setpriv` with exactly the capabilities its unit leaves it.
 //!
 //! Needs root (the mount namespace, brokerd), cgroup v2 and BPF; dpkg-deb and dpkg-shlibdeps
-//! (dpkg-dev), systemd-analyze (systemd), man (man-db), bash-completion, zsh, fish, setpriv,
+//! (dpkg-dev), systemd-analyze (systemd), man (man-db), zsh, fish, setpriv,
 //! unshare and curl, all installed by `cargo xtask setup`.
 //!
 //! Run as root: `cargo test -p agent-broker-tests --test package -- --test-threads=1`.

@@ -3,7 +3,8 @@
 //!
 //! - Debian packages the end-to-end tests run (clients, a JDK, `ip`, `ps`; `openssl`, which
 //!   `brokerctl run` asks for the broker CA's subject hash; podman, runc and containerd for
-//!   containers), through apt-get.
+//!   containers; dpkg-dev, systemd, man-db, zsh and fish for the Debian package and its test),
+//!   through apt-get.
 //! - rustup components: rustfmt and clippy for the host toolchain, rust-src (for `-Z build-std`)
 //!   and rustfmt for nightly.
 //! - bpf-linker, built into `target/ebpf-tools` against the nightly toolchain's own libLLVM:
@@ -55,7 +56,6 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",
     "man-db",
     "groff-base",
-    "bash-completion",
     "zsh",
     "fish",
 ];
