@@ -8,6 +8,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use agent_broker_protocol::DEFAULT_RUN_DIR;
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 // First: its output macros are used everywhere below.
@@ -57,6 +58,12 @@ enum Command {
     Connections(cmd::connections::Args),
     OciHook(cmd::oci_hook::Args),
     Metrics(cmd::metrics::Args),
+    /// Write brokerctl's man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -92,6 +99,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Connections(a) => cmd::connections::run(run_dir, a),
         Command::OciHook(a) => cmd::oci_hook::run(run_dir, a),
         Command::Metrics(a) => cmd::metrics::run(run_dir, a),
+        Command::GenerateDocs { dir } => {
+            let cmd = <Args as clap::CommandFactory>::command();
+            agent_broker_protocol::docs::write(cmd, "1", &dir)
+                .with_context(|| format!("cannot write the docs into {}", dir.display()))
+        }
     }
 }
 

@@ -15,6 +15,7 @@ mod pods;
 pub use pods::ControlTagger;
 mod policy;
 mod protections;
+pub use protections::remember_host_namespaces;
 mod reply;
 mod secrets;
 

@@ -46,6 +46,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("brokerd must run as root: it loads eBPF programs and manages cgroups");
     }
+    crate::control::remember_host_namespaces();
     let hardening = crate::harden::harden();
     if hardening.failures.is_empty() {
         info!(%hardening, "brokerd hardened");

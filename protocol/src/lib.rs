@@ -2,7 +2,8 @@
 //!
 //! Framing: newline-delimited JSON over brokerd's Unix socket (`<run-dir>/control.sock`). A client
 //! writes one [`Request`] per line and reads one [`Response`] per line, in order. This crate is
-//! serde types only (plus the blocking client): it must never depend on aya, redb, rustls or tokio, so the console can link
+//! serde types only (plus the blocking client, and [`docs`], which writes the binaries' man pages
+//! and completions): it must never depend on aya, redb, rustls or tokio, so the console can link
 //! it without linking the daemon. [`client`] is the one blocking client of the socket, with
 //! bounded lines, for both. A secret value travels in one direction only, from brokerctl to
 //! brokerd in [`Request::SecretSet`], wrapped in [`SecretInput`] (redacted `Debug`, zeroized on
@@ -11,6 +12,7 @@
 use std::{fmt, net::SocketAddr};
 
 pub mod client;
+pub mod docs;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,6 +1,7 @@
 //! A brokerd of the test's own, and typed access to it through brokerctl.
 
 use std::{
+    ffi::OsString,
     fs::{self, OpenOptions},
     io::{BufRead as _, BufReader, Write as _},
     net::IpAddr,
@@ -48,6 +49,8 @@ pub struct Broker {
     extra_args: Vec<String>,
     /// Extra environment variables for brokerd (e.g. `KUBECONFIG`).
     envs: Vec<(String, String)>,
+    /// The command line brokerd's arguments follow, when not the built brokerd.
+    command: Option<Vec<OsString>>,
     /// The resolver brokerd asks, unless the test named its own.
     resolver: Option<TestResolver>,
     starts: u32,
@@ -69,6 +72,7 @@ pub struct BrokerBuilder {
     extra_args: Vec<String>,
     envs: Vec<(String, String)>,
     names: Vec<(String, IpAddr)>,
+    command: Option<Vec<OsString>>,
 }
 
 impl BrokerBuilder {
@@ -81,6 +85,13 @@ impl BrokerBuilder {
     /// An environment variable for brokerd (e.g. `KUBECONFIG` for the kube pod source).
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Start brokerd as `command` followed by brokerd's arguments, instead of the built brokerd
+    /// (e.g. the packaged brokerd under `setpriv` with its unit's capabilities).
+    pub fn command(mut self, command: &[OsString]) -> Self {
+        self.command = Some(command.to_vec());
         self
     }
 
@@ -160,6 +171,7 @@ impl BrokerBuilder {
             upstream_cas: self.upstream_cas,
             extra_args,
             envs: self.envs,
+            command: self.command,
             resolver,
             starts: 0,
             log_start: 0,
@@ -203,7 +215,14 @@ impl Broker {
             .open(&log_path)
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", log_path.display()));
         let _ = writeln!(log, "===== harness: brokerd start #{} =====", self.starts);
-        let mut cmd = Command::new(bin("brokerd"));
+        let mut cmd = match self.command.as_deref() {
+            Some([program, args @ ..]) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args);
+                cmd
+            }
+            _ => Command::new(bin("brokerd")),
+        };
         cmd.arg("--state-dir")
             .arg(self.state_dir())
             .arg("--run-dir")

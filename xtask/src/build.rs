@@ -71,7 +71,7 @@ fn build_static_client(profile: Profile) -> Result<()> {
     Ok(())
 }
 
-fn build_ebpf() -> Result<()> {
+pub fn build_ebpf() -> Result<()> {
     // aya-ebpf selects the kernel's register layout for the host architecture through this cfg;
     // BTF lets the kernel check the maps and programs against their types.
     let rustflags = [

@@ -6,7 +6,7 @@
 //! host workspace. Every command is idempotent and prints each external command before running it.
 //!
 //! It must never write outside the workspace's `target/` directory, except for the Debian packages
-//! and rustup components it installs, and it must never let a test be skipped silently: an ignored
+//! and rustup components it installs and a directory named with `package --out`, and it must never let a test be skipped silently: an ignored
 //! test, or a privileged end-to-end suite that ran nothing, fails `cargo xtask test`.
 
 mod bench;
@@ -14,6 +14,7 @@ mod build;
 mod cmd;
 mod demo;
 mod names;
+mod package;
 mod paths;
 mod run;
 mod setup;
@@ -76,6 +77,20 @@ enum Command {
         #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::WORKLOADS))]
         only: Vec<String>,
     },
+    /// Build a Debian package of brokerd and brokerctl (binaries, hardened systemd unit, config,
+    /// policy directory, man pages, shell completions) into target/package.
+    Package {
+        /// Package the brokerd and brokerctl already built in DIR (e.g. target/debug) instead of
+        /// building the eBPF programs and the release binaries.
+        #[arg(long, value_name = "DIR")]
+        bin_dir: Option<std::path::PathBuf>,
+        /// Write the package and its staging tree into DIR [default: target/package].
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+        /// Compress with gzip -1 instead of xz: much faster, a larger package (for tests).
+        #[arg(long)]
+        fast_compression: bool,
+    },
     /// The bench's streaming origin, which `bench` starts from the release build; runs until
     /// it is stopped.
     #[command(hide = true)]
@@ -111,6 +126,15 @@ fn main() -> ExitCode {
             seconds,
             profile,
             only,
+        }),
+        Command::Package {
+            bin_dir,
+            out,
+            fast_compression,
+        } => package::package(&package::Options {
+            bin_dir,
+            out,
+            fast_compression,
         }),
         Command::BenchOrigin {
             listen,

@@ -3,7 +3,8 @@
 //!
 //! - Debian packages the end-to-end tests run (clients, a JDK, `ip`, `ps`; `openssl`, which
 //!   `brokerctl run` asks for the broker CA's subject hash; podman, runc and containerd for
-//!   containers), through apt-get.
+//!   containers; dpkg-dev, systemd, man-db, zsh and fish for the Debian package and its test),
+//!   through apt-get.
 //! - rustup components: rustfmt and clippy for the host toolchain, rust-src (for `-Z build-std`)
 //!   and rustfmt for nightly.
 //! - bpf-linker, built into `target/ebpf-tools` against the nightly toolchain's own libLLVM:
@@ -54,6 +55,15 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // test with its own config, storage dir and loopback port. Where systemd runs, the package
     // starts its own service on :9090; the test needs none and meets none.
     "prometheus",
+    // The Debian package (xtask/src/package.rs, tests/tests/package.rs): dpkg-shlibdeps finds its
+    // library dependencies; the test checks the unit with systemd-analyze, renders the man pages
+    // with man, and loads the completions in bash, zsh and fish.
+    "dpkg-dev",
+    "systemd",
+    "man-db",
+    "groff-base",
+    "zsh",
+    "fish",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.

@@ -27,6 +27,9 @@ struct Args {
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: Settings,
+    /// Write brokerd's man page and shell completions into DIR and exit (for packaging).
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_docs: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -39,6 +42,16 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    if let Some(dir) = &args.generate_docs {
+        let cmd = <Args as clap::CommandFactory>::command();
+        return match agent_broker_protocol::docs::write(cmd, "8", dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("brokerd: cannot write the docs into {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match load_config(args) {
         Ok(c) => c,
         Err(e) => {

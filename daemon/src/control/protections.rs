@@ -65,11 +65,38 @@ pub fn mounts_type(mountinfo: &str, types: &[&str]) -> bool {
     })
 }
 
+/// The namespaces of brokerd's parent when brokerd started (see [`remember_host_namespaces`]).
+static PARENT_NAMESPACES: std::sync::OnceLock<Vec<(&'static str, std::path::PathBuf)>> =
+    std::sync::OnceLock::new();
+
+/// Remembers the user and mount namespaces of brokerd's parent, which stand for the host's
+/// beside brokerd's own: brokerd may have a mount namespace of its own (the systemd unit's
+/// ProtectSystem= and PrivateTmp= give it one, and its parent is then pid 1). Called once at
+/// start, while the parent is still there.
+pub fn remember_host_namespaces() {
+    let parent = std::os::unix::process::parent_id();
+    PARENT_NAMESPACES.get_or_init(|| {
+        ["user", "mnt"]
+            .into_iter()
+            .filter_map(|ns| {
+                fs::read_link(format!("/proc/{parent}/ns/{ns}"))
+                    .ok()
+                    .map(|link| (ns, link))
+            })
+            .collect()
+    });
+}
+
 fn same_ns(pid: u32, ns: &str) -> bool {
-    let ours = fs::read_link(format!("/proc/{pid}/ns/{ns}"));
-    // brokerd's own namespaces stand for the host's (pid 1 may be an init of its own).
-    let host = fs::read_link(format!("/proc/self/ns/{ns}"));
-    matches!((ours, host), (Ok(a), Ok(b)) if a == b)
+    let Ok(theirs) = fs::read_link(format!("/proc/{pid}/ns/{ns}")) else {
+        return false;
+    };
+    // brokerd's own namespaces stand for the host's (pid 1 may be an init of its own), and so
+    // do its parent's.
+    fs::read_link(format!("/proc/self/ns/{ns}")).is_ok_and(|own| own == theirs)
+        || PARENT_NAMESPACES
+            .get()
+            .is_some_and(|parent| parent.iter().any(|(n, link)| *n == ns && *link == theirs))
 }
 
 /// Reads what `pid` has. Fails when the process is gone.
