@@ -13,6 +13,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod fuzz;
 mod names;
 mod paths;
 mod run;
@@ -93,6 +94,16 @@ enum Command {
         #[arg(long)]
         authorization_file: std::path::PathBuf,
     },
+    /// Run the fuzz targets (cargo-fuzz, libFuzzer, nightly; installs cargo-fuzz if missing)
+    /// for N minutes each; crashing inputs go to fuzz/regressions/NAME/, which `test` replays.
+    Fuzz {
+        /// Minutes per target.
+        #[arg(long, default_value_t = fuzz::DEFAULT_MINUTES)]
+        minutes: u64,
+        /// Run only this target (a name of fuzz/fuzz_targets/*.rs).
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,6 +129,7 @@ fn main() -> ExitCode {
             key,
             authorization_file,
         } => bench::serve_origin(listen, cert, key, &authorization_file),
+        Command::Fuzz { minutes, target } => fuzz::fuzz(minutes, target),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
