@@ -44,7 +44,8 @@ pub fn targets() -> Result<Vec<String>> {
 }
 
 /// `cargo +nightly` in `fuzz/`, with none of the host build's settings (cargo-fuzz sets its own
-/// flags), building into `target/fuzz/`.
+/// flags). It builds into cargo-fuzz's own `fuzz/target/` (ignored by git): the instrumented
+/// build shares nothing with the host one.
 fn fuzz_cargo() -> Result<Command> {
     let mut cmd = cmd::ebpf_cargo()?;
     cmd.current_dir(fuzz_dir());
@@ -81,16 +82,11 @@ pub fn fuzz(minutes: u64, only: Option<String>) -> Result<()> {
         None => all,
     };
     ensure_cargo_fuzz()?;
-    let target_dir = work_dir().join("build");
-    let target_dir = target_dir
-        .to_str()
-        .context("the target directory is not UTF-8")?;
-    cmd::run(fuzz_cargo()?.args(["fuzz", "build", "--target-dir", target_dir]))
-        .context("building the fuzz targets")?;
+    cmd::run(fuzz_cargo()?.args(["fuzz", "build"])).context("building the fuzz targets")?;
     let seconds = (minutes * 60).max(1);
     let mut outcomes = Vec::new();
     for name in &selected {
-        outcomes.push(run_target(name, seconds, target_dir)?);
+        outcomes.push(run_target(name, seconds)?);
     }
     eprintln!();
     eprintln!("{:<14} {:>14} {:>8}", "target", "executions", "crashes");
@@ -112,7 +108,7 @@ pub fn fuzz(minutes: u64, only: Option<String>) -> Result<()> {
     Ok(())
 }
 
-fn run_target(name: &str, seconds: u64, target_dir: &str) -> Result<Outcome> {
+fn run_target(name: &str, seconds: u64) -> Result<Outcome> {
     let work = work_dir();
     let corpus = work.join("corpus").join(name);
     let artifacts = work.join("artifacts").join(name);
@@ -127,7 +123,7 @@ fn run_target(name: &str, seconds: u64, target_dir: &str) -> Result<Outcome> {
     let mut artifact_prefix = artifacts.clone().into_os_string();
     artifact_prefix.push("/");
     let mut run = fuzz_cargo()?;
-    run.args(["fuzz", "run", "--target-dir", target_dir, name])
+    run.args(["fuzz", "run", name])
         .arg(&corpus)
         .arg(&seeds)
         .arg("--")
