@@ -166,7 +166,7 @@ pub fn scrub(data: &[u8]) {
         rest = &tail[len..];
     }
     let (cuts, body) = split_at_sep(rest, b"\xff\xff");
-    let Some(needles) = daemon::needles(&secrets) else {
+    let Some(needles) = cached_needles(&secrets) else {
         return;
     };
     let once = daemon::scrub_once(&needles, body).unwrap_or_else(|| body.to_vec());
@@ -206,6 +206,29 @@ pub fn scrub(data: &[u8]) {
             secret.len()
         );
     }
+}
+
+thread_local! {
+    /// The needles of the last secrets seen: building them (hundreds of encoded forms and their
+    /// automata) costs far more than a scan, and the fuzzer mostly mutates the body.
+    static LAST_NEEDLES: std::cell::RefCell<Option<(Vec<Vec<u8>>, daemon::Needles)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn cached_needles(secrets: &[&[u8]]) -> Option<daemon::Needles> {
+    LAST_NEEDLES.with_borrow_mut(|last| {
+        if let Some((seen, needles)) = last.as_ref()
+            && seen.iter().map(Vec::as_slice).eq(secrets.iter().copied())
+        {
+            return Some(needles.clone());
+        }
+        let needles = daemon::needles(secrets)?;
+        *last = Some((
+            secrets.iter().map(|s| s.to_vec()).collect(),
+            needles.clone(),
+        ));
+        Some(needles)
+    })
 }
 
 /// The response decoders with their caps: `data` is a coding byte, a byte of chunk size, then
