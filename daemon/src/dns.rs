@@ -636,3 +636,43 @@ fn dns_event(origin: &ConnectionOrigin, question: &Question) -> AuditEvent {
 
 #[cfg(test)]
 mod tests;
+
+/// The pure steps of [`DnsServer::answer`], for the fuzz targets (`crate::fuzzing`) only.
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzzing {
+    use super::*;
+
+    /// A checked query's id, name and type.
+    pub type Checked = (u16, String, RecordType);
+
+    /// [`check_query`]: `Ok` with the question, `Err(Some(reply))` for an error answer,
+    /// `Err(None)` when dropped.
+    pub fn check(query: &[u8]) -> Result<Checked, Option<Vec<u8>>> {
+        check_query(query).map(|q| (q.id, q.name, q.qtype))
+    }
+
+    /// [`reply_with`] for a checked question.
+    pub fn reply(checked: &Checked, code: ResponseCode) -> Vec<u8> {
+        reply_with(&question(checked), code)
+    }
+
+    /// [`same_question`]: the upstream's reply if it answers the question.
+    pub fn upstream_reply(reply: Vec<u8>, checked: &Checked) -> Option<Vec<u8>> {
+        same_question(reply, &question(checked)).ok()
+    }
+
+    /// [`truncate_for_udp`] and [`is_truncated`].
+    pub fn for_udp(reply: Vec<u8>, query: &[u8]) -> (Vec<u8>, bool) {
+        let cut = truncate_for_udp(reply, query);
+        let truncated = is_truncated(&cut);
+        (cut, truncated)
+    }
+
+    fn question(checked: &Checked) -> Question {
+        Question {
+            id: checked.0,
+            name: checked.1.clone(),
+            qtype: checked.2,
+        }
+    }
+}

@@ -40,3 +40,7 @@ mod workloads;
 /// The audit log, for the audit-cost microbenchmark (`daemon/benches/audit.rs`) only.
 #[cfg(feature = "bench")]
 pub use audit::AuditLog;
+
+/// Narrow entry points into the private modules, for the fuzz targets (`fuzz/targets`) only.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;

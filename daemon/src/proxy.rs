@@ -43,6 +43,14 @@ pub use authorizer::{
 };
 pub use local::{LocalAnswer, LocalService};
 pub use scrub::{Needles, NeedlesError};
+/// For the fuzz targets (`crate::fuzzing`) only.
+#[cfg(feature = "fuzzing")]
+pub use {
+    body::BodyError,
+    decode::{Capped, Coding, Limits as DecodeLimits},
+    scrub::PLACEHOLDER,
+    sniff::{Peeked, Sniffed, client_hello_sni, sniff},
+};
 
 use crate::audit::EventSink;
 use tls::LeafMinter;

@@ -33,7 +33,14 @@ pub fn build(profile: Profile) -> Result<()> {
     build_ebpf().context("building the eBPF programs")?;
 
     let mut host = cmd::workspace_cargo()?;
-    host.args(["build", "--workspace", "--bins"]);
+    // The fuzz targets' crate enables brokerd's `fuzzing` feature: keep it out of the binaries.
+    host.args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "agent-broker-fuzz-targets",
+        "--bins",
+    ]);
     if let Profile::Release = profile {
         host.arg("--release");
     }

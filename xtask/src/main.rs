@@ -6,13 +6,16 @@
 //! host workspace. Every command is idempotent and prints each external command before running it.
 //!
 //! It must never write outside the workspace's `target/` directory, except for the Debian packages
-//! and rustup components it installs and a directory named with `package --out`, and it must never let a test be skipped silently: an ignored
-//! test, or a privileged end-to-end suite that ran nothing, fails `cargo xtask test`.
+//! and rustup components it installs, a directory named with `package --out` (and, for `fuzz`,
+//! cargo-fuzz itself, its build in `fuzz/target/` and the crashing inputs it keeps in
+//! `fuzz/regressions/`), and it must never let a test be skipped silently: an ignored test, or a
+//! privileged end-to-end suite that ran nothing, fails `cargo xtask test`.
 
 mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod fuzz;
 mod names;
 mod package;
 mod paths;
@@ -108,6 +111,16 @@ enum Command {
         #[arg(long)]
         authorization_file: std::path::PathBuf,
     },
+    /// Run the fuzz targets (cargo-fuzz, libFuzzer, nightly; installs cargo-fuzz if missing)
+    /// for N minutes each; crashing inputs go to fuzz/regressions/NAME/, which `test` replays.
+    Fuzz {
+        /// Minutes per target.
+        #[arg(long, default_value_t = fuzz::DEFAULT_MINUTES)]
+        minutes: u64,
+        /// Run only this target (a name of fuzz/fuzz_targets/*.rs).
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -142,6 +155,7 @@ fn main() -> ExitCode {
             key,
             authorization_file,
         } => bench::serve_origin(listen, cert, key, &authorization_file),
+        Command::Fuzz { minutes, target } => fuzz::fuzz(minutes, target),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -47,6 +47,7 @@ pub fn test() -> Result<()> {
     }
 
     // --no-fail-fast: one failing test binary must not hide the results of the others.
+    // The workspace includes fuzz/targets, whose tests replay every fuzz corpus and crasher.
     let unit = run_tests(
         "unit and component tests",
         cargo(&format!(

@@ -172,13 +172,61 @@ impl Decoder {
     }
 }
 
-/// A compressed upstream body, decoded as it streams.
-pub(super) struct Decoded {
-    inner: Watched,
+/// A decoder with its limits: compressed bytes in, decoded bytes out, an error past a limit.
+pub struct Capped {
     decoder: Decoder,
     limits: Limits,
     encoded: u64,
     decoded: u64,
+}
+
+impl Capped {
+    pub fn new(coding: Coding, limits: Limits) -> io::Result<Self> {
+        Ok(Self {
+            decoder: Decoder::new(coding)?,
+            limits,
+            encoded: 0,
+            decoded: 0,
+        })
+    }
+
+    /// Decodes `data` in steps, checking the limits after each.
+    pub fn decode(&mut self, data: &[u8]) -> Result<Vec<u8>, BodyError> {
+        let mut out = Vec::new();
+        for step in data.chunks(STEP) {
+            self.encoded += step.len() as u64;
+            let decoded = self.decoder.push(step).map_err(BodyError::Decode)?;
+            out.extend(self.account(decoded)?);
+        }
+        Ok(out)
+    }
+
+    /// The end of the input: the rest of the decoded bytes, counted against the limits; a
+    /// truncated stream is an error.
+    pub fn finish(&mut self) -> Result<Vec<u8>, BodyError> {
+        let rest = self.decoder.finish().map_err(BodyError::Decode)?;
+        self.account(rest)
+    }
+
+    /// Counts `out` against the limits.
+    fn account(&mut self, out: Vec<u8>) -> Result<Vec<u8>, BodyError> {
+        self.decoded += out.len() as u64;
+        if self.decoded > self.limits.max_decoded {
+            return Err(BodyError::TooLarge(self.limits.max_decoded));
+        }
+        if self.decoded > RATIO_FLOOR
+            && self.decoded > self.encoded.saturating_mul(self.limits.max_ratio)
+        {
+            return Err(BodyError::Bomb(self.limits.max_ratio));
+        }
+        Ok(out)
+    }
+}
+
+/// A compressed upstream body, decoded as it streams.
+pub(super) struct Decoded {
+    inner: Watched,
+    capped: Capped,
     /// Trailers waiting for the decoder's last bytes to go first.
     pending: Option<Frame<Bytes>>,
     /// The first frame, read before the response head is sent (see [`Decoded::prime`]).
@@ -190,10 +238,7 @@ impl Decoded {
     pub(super) fn new(inner: Watched, coding: Coding, limits: Limits) -> io::Result<Self> {
         Ok(Self {
             inner,
-            decoder: Decoder::new(coding)?,
-            limits,
-            encoded: 0,
-            decoded: 0,
+            capped: Capped::new(coding, limits)?,
             pending: None,
             primed: None,
             ended: false,
@@ -212,31 +257,6 @@ impl Decoded {
             Some(Err(e)) => Err(e),
             None => Ok(()),
         }
-    }
-
-    /// Decodes `data` in steps, checking the limits after each.
-    fn decode(&mut self, data: &[u8]) -> Result<Vec<u8>, BodyError> {
-        let mut out = Vec::new();
-        for step in data.chunks(STEP) {
-            self.encoded += step.len() as u64;
-            let decoded = self.decoder.push(step).map_err(BodyError::Decode)?;
-            out.extend(self.account(decoded)?);
-        }
-        Ok(out)
-    }
-
-    /// Counts `out` against the limits.
-    fn account(&mut self, out: Vec<u8>) -> Result<Vec<u8>, BodyError> {
-        self.decoded += out.len() as u64;
-        if self.decoded > self.limits.max_decoded {
-            return Err(BodyError::TooLarge(self.limits.max_decoded));
-        }
-        if self.decoded > RATIO_FLOOR
-            && self.decoded > self.encoded.saturating_mul(self.limits.max_ratio)
-        {
-            return Err(BodyError::Bomb(self.limits.max_ratio));
-        }
-        Ok(out)
     }
 
     fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
@@ -268,24 +288,21 @@ impl hyper::body::Body for Decoded {
             };
             let (rest, trailers) = match frame {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => match this.decode(&data) {
+                    Ok(data) => match this.capped.decode(&data) {
                         Ok(out) if out.is_empty() => continue,
                         Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out.into())))),
                         Err(e) => return this.fail(e),
                     },
-                    Err(trailers) => (this.decoder.finish(), Some(trailers)),
+                    Err(trailers) => (this.capped.finish(), Some(trailers)),
                 },
                 Some(Err(e)) => {
                     this.ended = true;
                     return Poll::Ready(Some(Err(e)));
                 }
-                None => (this.decoder.finish(), None),
+                None => (this.capped.finish(), None),
             };
             this.ended = true;
-            let rest = match rest
-                .map_err(BodyError::Decode)
-                .and_then(|r| this.account(r))
-            {
+            let rest = match rest {
                 Ok(rest) => rest,
                 Err(e) => return this.fail(e),
             };

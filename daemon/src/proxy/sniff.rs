@@ -35,24 +35,45 @@ pub(super) async fn peek_sni(stream: &TcpStream) -> Option<String> {
     let mut buf = vec![0u8; 16 * 1024];
     for _ in 0..20 {
         let n = stream.peek(&mut buf).await.ok()?;
-        let mut acceptor = rustls::server::Acceptor::default();
-        let mut slice = &buf[..n];
-        if acceptor.read_tls(&mut slice).is_err() {
-            return None;
-        }
-        match acceptor.accept() {
-            Ok(Some(accepted)) => {
-                return accepted
-                    .client_hello()
-                    .server_name()
-                    .map(|s| s.to_ascii_lowercase());
-            }
+        match client_hello_sni(&buf[..n]) {
+            Peeked::Hello(sni) => return sni,
             // Not all of it has arrived yet.
-            Ok(None) if n < buf.len() => tokio::time::sleep(Duration::from_millis(5)).await,
+            Peeked::Incomplete if n < buf.len() => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
             _ => return None,
         }
     }
     None
+}
+
+/// What the first bytes of a connection hold, read as a TLS ClientHello.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Peeked {
+    /// A whole ClientHello, with its SNI (ASCII-lowercased) if it has one.
+    Hello(Option<String>),
+    /// The start of one; more bytes are needed.
+    Incomplete,
+    /// Not a ClientHello.
+    Invalid,
+}
+
+/// Reads the bytes at the start of a connection as a TLS ClientHello (rustls's `Acceptor`).
+pub fn client_hello_sni(mut bytes: &[u8]) -> Peeked {
+    let mut acceptor = rustls::server::Acceptor::default();
+    if acceptor.read_tls(&mut bytes).is_err() {
+        return Peeked::Invalid;
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => Peeked::Hello(
+            accepted
+                .client_hello()
+                .server_name()
+                .map(|s| s.to_ascii_lowercase()),
+        ),
+        Ok(None) => Peeked::Incomplete,
+        Err(_) => Peeked::Invalid,
+    }
 }
 
 #[cfg(test)]
