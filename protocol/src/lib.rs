@@ -998,7 +998,7 @@ mod tests {
         same_as_wire(RequestOutcome::ALL);
         assert_eq!(
             EventKind::ALL.len(),
-            9,
+            10,
             "a new kind needs its name in wire_names!"
         );
     }
