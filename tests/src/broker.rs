@@ -299,6 +299,15 @@ impl Broker {
             .add(name, ip.into());
     }
 
+    /// Makes brokerd's resolver answer `name` with `ips` only, with this TTL (see
+    /// [`TestResolver::set`]).
+    pub fn set_name(&self, name: &str, ips: &[IpAddr], ttl: u32) {
+        self.resolver
+            .as_ref()
+            .unwrap_or_else(|| panic!("brokerd asks the test's own resolver, not the harness's"))
+            .set(name, ips, ttl);
+    }
+
     /// Every audit record, as `brokerctl logs --json` prints them.
     pub fn audit_records(&self) -> Vec<agent_broker_protocol::AuditEvent> {
         self.ctl_ok(&["logs", "--json"])

@@ -15,8 +15,12 @@ use std::{
     time::Duration,
 };
 
-/// The names a resolver answers, lowercase, without the final dot.
-type Names = Arc<Mutex<HashMap<String, Vec<IpAddr>>>>;
+/// The names a resolver answers, lowercase, without the final dot, and the TTL of each
+/// name's answer (60 s unless [`TestResolver::set`] gave another).
+type Names = Arc<Mutex<HashMap<String, (Vec<IpAddr>, u32)>>>;
+
+/// The TTL of an answer unless the test set another.
+const DEFAULT_TTL: u32 = 60;
 
 /// A running test resolver; stops when dropped.
 pub struct TestResolver {
@@ -66,12 +70,22 @@ impl TestResolver {
     /// brokerd is asked about it.
     pub fn add(&self, name: &str, ip: IpAddr) {
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-        let addrs = names
+        let (addrs, _) = names
             .entry(name.trim_end_matches('.').to_ascii_lowercase())
-            .or_default();
+            .or_insert_with(|| (Vec::new(), DEFAULT_TTL));
         if !addrs.contains(&ip) {
             addrs.push(ip);
         }
+    }
+
+    /// Answers `name` with `ips` only, with this TTL (seconds), from now on: a name whose
+    /// address changes.
+    pub fn set(&self, name: &str, ips: &[IpAddr], ttl: u32) {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        names.insert(
+            name.trim_end_matches('.').to_ascii_lowercase(),
+            (ips.to_vec(), ttl),
+        );
     }
 
     /// Where brokerd should send its queries.
@@ -87,7 +101,7 @@ impl Drop for TestResolver {
 }
 
 /// The answer to one query, or `None` for one that is not worth an answer.
-fn answer(query: &[u8], names: &HashMap<String, Vec<IpAddr>>) -> Option<Vec<u8>> {
+fn answer(query: &[u8], names: &HashMap<String, (Vec<IpAddr>, u32)>) -> Option<Vec<u8>> {
     if query.len() < 12 || u16::from_be_bytes([query[4], query[5]]) != 1 {
         return None;
     }
@@ -106,7 +120,10 @@ fn answer(query: &[u8], names: &HashMap<String, Vec<IpAddr>>) -> Option<Vec<u8>>
     let qtype = u16::from_be_bytes([*query.get(at)?, *query.get(at + 1)?]);
     let question_end = at + 4;
     let question = query.get(12..question_end)?;
-    let found = names.get(&labels.join("."));
+    let found = names.get(&labels.join(".")).map(|(ips, _)| ips);
+    let ttl = names
+        .get(&labels.join("."))
+        .map_or(DEFAULT_TTL, |(_, ttl)| *ttl);
     // A (1) gets the IPv4 addresses, AAAA (28) the IPv6 ones; other types none.
     let records: Vec<Vec<u8>> = found
         .into_iter()
@@ -127,10 +144,11 @@ fn answer(query: &[u8], names: &HashMap<String, Vec<IpAddr>>) -> Option<Vec<u8>>
     reply.extend_from_slice(&[0, 0, 0, 0]);
     reply.extend_from_slice(question);
     for data in records {
-        // A pointer to the question's name, the type, class IN, TTL 60, the address.
+        // A pointer to the question's name, the type, class IN, the TTL, the address.
         reply.extend_from_slice(&[0xc0, 0x0c]);
         reply.extend_from_slice(&qtype.to_be_bytes());
-        reply.extend_from_slice(&[0, 1, 0, 0, 0, 60]);
+        reply.extend_from_slice(&[0, 1]);
+        reply.extend_from_slice(&ttl.to_be_bytes());
         reply.extend_from_slice(&u16::try_from(data.len()).ok()?.to_be_bytes());
         reply.extend_from_slice(&data);
     }
@@ -158,11 +176,14 @@ mod tests {
     fn answers_known_names_and_nxdomain_for_others() {
         let names = HashMap::from([(
             "api.example.test".to_string(),
-            vec![
-                "127.0.0.2".parse().expect("ip"),
-                "127.0.0.4".parse().expect("ip"),
-                "::1".parse().expect("ip"),
-            ],
+            (
+                vec![
+                    "127.0.0.2".parse().expect("ip"),
+                    "127.0.0.4".parse().expect("ip"),
+                    "::1".parse().expect("ip"),
+                ],
+                7,
+            ),
         )]);
         let q = query(&["api", "example", "test"], 1);
         let r = answer(&q, &names).expect("answer");
@@ -170,6 +191,8 @@ mod tests {
         assert_eq!(r[3] & 0x0f, 0, "NOERROR");
         assert_eq!(u16::from_be_bytes([r[6], r[7]]), 2, "two A answers");
         assert_eq!(&r[r.len() - 4..], [127, 0, 0, 4]);
+        // Each answer's TTL is the name's (the 4 bytes before the data length).
+        assert_eq!(&r[r.len() - 10..r.len() - 6], 7u32.to_be_bytes());
         let r = answer(&query(&["API", "example", "test"], 28), &names).expect("answer");
         assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1, "one AAAA answer");
         let mut one = [0u8; 16];

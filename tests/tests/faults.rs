@@ -5,7 +5,9 @@
 //! for; a stream that stalls mid-body is cut at the rule's `idle_timeout` and reaches the agent
 //! as an error, never as a complete reply; the policy directory removed while brokerd runs keeps
 //! the last good policy, and its return is picked up; a full audit disk refuses calls (or lets
-//! them go, if so set) until space returns; a vault file replaced under brokerd refuses writes.
+//! them go, if so set) until space returns; a vault file replaced under brokerd refuses writes;
+//! a name whose address flips stops getting the credential at the old address once brokerd's
+//! knowledge of it expires, and gets it again when it flips back.
 //! Real curl clients in the agent's cgroup,
 //! the test API's `/attack/slow` and `/attack/stream-cut` (tests/src/upstream.rs).
 //!
@@ -483,5 +485,79 @@ fn a_vault_file_replaced_while_brokerd_runs_refuses_writes_and_calls_go_on() {
     );
     // The calls go on with what brokerd holds.
     assert!(status_of(&w, "/hash").starts_with("200"));
+    w.assert_no_secret_in_logs();
+}
+
+#[test]
+fn a_credential_stops_going_to_an_address_once_the_name_no_longer_resolves_to_it() {
+    // A name the test API's certificate covers, so only the address is in question.
+    const FLIP: &str = agent_broker_tests::world::OTHER;
+    let w = World::with_policies(|cg, api| {
+        vec![(
+            "agent".into(),
+            format!(
+                "cgroup = \"{}\"\n{}",
+                cg.child("agent"),
+                rule(FLIP, api.port(), true)
+            ),
+        )]
+    });
+    let port = w.api.port();
+    w.broker.set_name(FLIP, &[api_ip()], 1);
+    let call = |what: &str| {
+        let argv: Vec<String> = [
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "20",
+            "-w",
+            "%{stderr}ABTEST status=%{http_code}\\n",
+            "--resolve",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            format!("{FLIP}:{port}:{}", api_ip()),
+            format!("https://{FLIP}:{port}/hash?{what}"),
+        ])
+        .collect();
+        let run =
+            clients::run_in_cgroup(&w.broker, &w.agent, "curl", &w.trust().var("curl"), &argv);
+        String::from_utf8_lossy(&run.output.stderr).into_owned()
+    };
+    let delivered = || {
+        w.api
+            .requests()
+            .iter()
+            .filter(|r| r.header_hash("authorization") == Some(&w.injected_hash()))
+            .count()
+    };
+    assert!(call("before").contains("ABTEST status=200"));
+    assert_eq!(delivered(), 1);
+    // The name moves to another address; the agent keeps dialing the old one. Once what
+    // brokerd knew of the name expires (its TTL, at least 5 s), the key no longer goes there.
+    w.broker
+        .set_name(FLIP, &["127.0.0.9".parse().expect("ip")], 1);
+    let refused = poll_until(Duration::from_secs(20), || {
+        let got = call("after");
+        got.contains("ABTEST status=403").then_some(got)
+    })
+    .unwrap_or_else(|| panic!("the key kept going to the old address\n{}", w.broker.log()));
+    assert!(refused.contains("403"), "{refused}");
+    let before_back = delivered();
+    // And back: the address is the name's again, and the key goes.
+    w.broker.set_name(FLIP, &[api_ip()], 1);
+    poll_until(Duration::from_secs(20), || {
+        call("back").contains("ABTEST status=200").then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the name's address was not proven again\n{}",
+            w.broker.log()
+        )
+    });
+    assert_eq!(delivered(), before_back + 1);
     w.assert_no_secret_in_logs();
 }
