@@ -418,6 +418,14 @@ impl Policy {
         &self.files
     }
 
+    /// Whether any request could wait for an operator: some file says `on_unknown = "ask"` or
+    /// has a rule with `approve = "ask"`. When none does, no request needs to be asked about.
+    pub fn may_ask(&self) -> bool {
+        self.files
+            .iter()
+            .any(|f| f.on_unknown_ask || f.rules.iter().any(|r| r.ask))
+    }
+
     /// Index of the file that governs `cgroup`: the closest ancestor-or-self with a file.
     fn governing(&self, cgroup: &str) -> Option<usize> {
         let mut path = cgroup;

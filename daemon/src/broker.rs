@@ -290,7 +290,9 @@ impl Authorizer for PolicyAuthorizer {
         // A request that asks waits for an operator first, unless a standing decision covers it.
         let mut approval = None;
         let mut hold = None;
+        // Deciding again is work on every request: only where some file can ask.
         if let Some(approvals) = &self.approvals
+            && policy.may_ask()
             && let Some(needs) = request::needs_approval(&policy, facts, parts)
         {
             let method = parts.method.as_str();

@@ -81,6 +81,8 @@ struct Shared {
     /// Why the last commit failed, while commits fail (a full or read-only disk); cleared by
     /// the next commit that succeeds.
     failing: std::sync::Mutex<Option<String>>,
+    /// Whether `failing` holds an error: what every request checks, without the lock.
+    failed: std::sync::atomic::AtomicBool,
     /// Refuse new requests while commits fail (brokerd's `audit_unwritable = "refuse"`).
     refuse_when_failing: std::sync::atomic::AtomicBool,
 }
@@ -183,7 +185,9 @@ impl AuditHandle {
 
     /// `Err` (why) when requests must be refused because the log cannot record them.
     pub fn writable(&self) -> Result<(), String> {
-        if !self.shared.refuse_when_failing.load(Ordering::Relaxed) {
+        if !self.shared.refuse_when_failing.load(Ordering::Relaxed)
+            || !self.shared.failed.load(Ordering::Relaxed)
+        {
             return Ok(());
         }
         match self.failing() {
@@ -254,6 +258,7 @@ pub(super) fn start(
         live,
         priority: super::priority::Priority::default(),
         failing: std::sync::Mutex::new(None),
+        failed: std::sync::atomic::AtomicBool::new(false),
         refuse_when_failing: std::sync::atomic::AtomicBool::new(false),
     });
     let mut writer = Writer {
@@ -365,6 +370,9 @@ impl Writer {
             }
             if let Ok(mut failing) = self.shared.failing.lock() {
                 *failing = result.as_ref().err().map(|e| error_chain(e));
+                self.shared
+                    .failed
+                    .store(failing.is_some(), Ordering::Relaxed);
             }
             if let Err(e) = result {
                 self.log_failure(&e);
