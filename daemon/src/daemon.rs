@@ -47,6 +47,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         bail!("brokerd must run as root: it loads eBPF programs and manages cgroups");
     }
     crate::control::remember_host_namespaces();
+    crate::metrics::runtime::register(tokio::runtime::Handle::current());
     let hardening = crate::harden::harden();
     if hardening.failures.is_empty() {
         info!(%hardening, "brokerd hardened");
@@ -390,6 +391,7 @@ fn spawn_proxy_workers(
             .enable_all()
             .build()
             .context("starting a proxy thread's runtime")?;
+        crate::metrics::runtime::register(runtime.handle().clone());
         let handle = std::thread::Builder::new()
             .name(format!("proxy-{i}"))
             .spawn(move || {

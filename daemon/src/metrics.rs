@@ -30,7 +30,9 @@ use std::{
 };
 
 use agent_broker_core::policy::{Destination, HostPattern, Policy};
-use agent_broker_protocol::{AuditEvent, Counters, Decision, EventKind, RequestOutcome};
+use agent_broker_protocol::{
+    AuditEvent, Counters, Decision, EventKind, RequestOutcome, RuntimeGauges,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
@@ -45,6 +47,8 @@ use prometheus_client::{
 };
 
 use crate::audit::EventSink;
+
+pub mod runtime;
 
 /// Prefix of every metric name.
 pub const PREFIX: &str = "agent_broker";
@@ -391,6 +395,12 @@ impl Collector for KernelCounters {
 struct Sampled {
     audit_queue: AtomicI64,
     pool: AtomicI64,
+    leaf_cache: AtomicI64,
+    answered_names: AtomicI64,
+    /// The rest of [`RuntimeGauges`], as of the last [`Metrics::sample`].
+    tasks: AtomicI64,
+    rss_bytes: AtomicI64,
+    open_fds: AtomicI64,
 }
 
 #[derive(Debug)]
@@ -408,6 +418,31 @@ impl Collector for SampledGauges {
                 "upstream_pool_connections",
                 "Upstream connections pooled by the proxy threads (idle HTTP/1.1 and HTTP/2)",
                 self.0.pool.load(Ordering::Relaxed),
+            ),
+            (
+                "runtime_tasks",
+                "Tasks alive on brokerd's async runtimes (the main one and every proxy thread's)",
+                self.0.tasks.load(Ordering::Relaxed),
+            ),
+            (
+                "runtime_leaf_cache_entries",
+                "Leaf certificates cached for the agents' TLS connections",
+                self.0.leaf_cache.load(Ordering::Relaxed),
+            ),
+            (
+                "runtime_answered_names",
+                "Entries in the table of names brokerd's DNS answered, by agent and address",
+                self.0.answered_names.load(Ordering::Relaxed),
+            ),
+            (
+                "runtime_rss_bytes",
+                "brokerd's resident memory (VmRSS)",
+                self.0.rss_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "runtime_open_fds",
+                "File descriptors brokerd holds open",
+                self.0.open_fds.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, v) in gauges {
@@ -735,15 +770,47 @@ impl Metrics {
         self.audit_commit.observe(took.as_secs_f64());
     }
 
-    /// Values read at scrape time: the eBPF counters and the audit queue depth.
-    pub fn sample(&self, kernel: Option<Counters>, audit_queue: u64) {
+    /// The leaf certificate cache now holds `entries`.
+    pub fn leaf_cache_size(&self, entries: usize) {
+        self.sampled.leaf_cache.store(
+            i64::try_from(entries).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The answered-names table now holds `entries`.
+    pub fn answered_names_size(&self, entries: usize) {
+        self.sampled.answered_names.store(
+            i64::try_from(entries).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Values read at scrape time: the eBPF counters, the audit queue depth and the rest of
+    /// the runtime gauges (tasks, memory, descriptors), which it returns.
+    pub fn sample(&self, kernel: Option<Counters>, audit_queue: u64) -> RuntimeGauges {
         if let (Some(c), Ok(mut k)) = (kernel, self.kernel.0.lock()) {
             *k = Some(c);
         }
-        self.sampled.audit_queue.store(
-            i64::try_from(audit_queue).unwrap_or(i64::MAX),
-            Ordering::Relaxed,
-        );
+        let process = runtime::sample_process();
+        let tasks = runtime::alive_tasks();
+        let store = |gauge: &AtomicI64, v: u64| {
+            gauge.store(i64::try_from(v).unwrap_or(i64::MAX), Ordering::Relaxed);
+        };
+        store(&self.sampled.audit_queue, audit_queue);
+        store(&self.sampled.tasks, tasks);
+        store(&self.sampled.rss_bytes, process.rss_bytes);
+        store(&self.sampled.open_fds, process.open_fds);
+        let read = |gauge: &AtomicI64| u64::try_from(gauge.load(Ordering::Relaxed)).unwrap_or(0);
+        RuntimeGauges {
+            tasks,
+            upstream_pool: read(&self.sampled.pool),
+            leaf_cache: read(&self.sampled.leaf_cache),
+            answered_names: read(&self.sampled.answered_names),
+            audit_queue,
+            rss_bytes: process.rss_bytes,
+            open_fds: process.open_fds,
+        }
     }
 }
 
@@ -862,6 +929,11 @@ impl Exporter {
         };
         self.metrics.sample(kernel, self.audit.queue_depth());
         self.metrics.encode()
+    }
+
+    /// The runtime gauges as of now (the eBPF counters are left as last read).
+    pub fn runtime(&self) -> RuntimeGauges {
+        self.metrics.sample(None, self.audit.queue_depth())
     }
 }
 

@@ -775,6 +775,29 @@ pub struct StatusReport {
     /// slow, full or read-only).
     #[serde(default)]
     pub audit_dropped: u64,
+    /// What brokerd's process and runtimes hold now.
+    #[serde(default)]
+    pub runtime: RuntimeGauges,
+}
+
+/// What brokerd holds now, sampled when asked: the gauges a soak watches for drift.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeGauges {
+    /// Tasks alive on brokerd's async runtimes (the main one and every proxy thread's).
+    pub tasks: u64,
+    /// Upstream connections pooled (idle HTTP/1.1 and HTTP/2).
+    pub upstream_pool: u64,
+    /// Leaf certificates cached for agents' TLS connections.
+    pub leaf_cache: u64,
+    /// Entries in the table of names brokerd's DNS answered, by agent and address.
+    pub answered_names: u64,
+    /// Audit records waiting for the writer.
+    pub audit_queue: u64,
+    /// brokerd's resident memory (VmRSS), in bytes.
+    pub rss_bytes: u64,
+    /// File descriptors brokerd holds open.
+    pub open_fds: u64,
 }
 
 /// An inet socket held by a process in a tagged cgroup but made outside every tagged cgroup.

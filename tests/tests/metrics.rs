@@ -342,6 +342,24 @@ fn prometheus_scrapes_the_request_and_denial_counts_the_agent_made() {
         "no path is a label: {text}"
     );
 
+    // The runtime gauges, in status and in the exposition: the tasks alive, a cached leaf
+    // for each of the two names the agent dialed, brokerd's memory and descriptors.
+    let runtime = broker.status().runtime;
+    assert!(runtime.tasks > 0, "{runtime:?}");
+    assert_eq!(runtime.leaf_cache, 2, "{runtime:?}");
+    assert!(runtime.rss_bytes > 1 << 20, "{runtime:?}");
+    assert!(runtime.open_fds > 3, "{runtime:?}");
+    let text = broker.ctl_ok(&["metrics"]);
+    assert!(
+        sample(&text, "agent_broker_runtime_tasks").is_some_and(|v| v > 0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "agent_broker_runtime_leaf_cache_entries"),
+        Some(2.0),
+        "{text}"
+    );
+
     // The listener serves GET /metrics only.
     let (status, body) = http_get(&format!("http://{target}/metrics"), &[]);
     assert_eq!(status, 200, "{body}");

@@ -62,6 +62,7 @@ fn status() -> StatusReport {
         workloads: Vec::new(),
         audit_error: None,
         audit_dropped: 0,
+        runtime: Default::default(),
     }
 }
 

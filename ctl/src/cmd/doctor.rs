@@ -730,6 +730,7 @@ mod tests {
             workloads: Vec::new(),
             audit_error: None,
             audit_dropped: 0,
+            runtime: Default::default(),
         }
     }
 

@@ -113,6 +113,17 @@ fn print_status(s: &StatusReport) {
     if let Some(e) = &s.policy.error {
         outln!("policy error   the newest files did not load, the previous policy is active: {e}");
     }
+    let r = &s.runtime;
+    outln!(
+        "runtime        {} tasks, {} pooled upstream, {} cached leaves, {} answered names, {} audit queued, {:.1} MiB resident, {} fds",
+        r.tasks,
+        r.upstream_pool,
+        r.leaf_cache,
+        r.answered_names,
+        r.audit_queue,
+        r.rss_bytes as f64 / (1024.0 * 1024.0),
+        r.open_fds
+    );
     if s.max_connections > 0 {
         outln!(
             "connections    {} open, at most {} at once (from brokerd's file descriptor limit)",

@@ -61,6 +61,7 @@ pub async fn status(state: &ControlState) -> Response {
                 workloads: state.workloads.status(),
                 audit_error: state.audit.failing(),
                 audit_dropped: state.audit.dropped(),
+                runtime: state.metrics.runtime(),
             })
         }
         Err(e) => capture_error(e),

@@ -64,6 +64,7 @@ impl AnsweredNames {
                 (name.to_ascii_lowercase(), until),
             );
         }
+        crate::metrics::global().answered_names_size(entries.len());
     }
 
     /// The name brokerd's DNS last gave `cgroup` for `addr`, if that answer is still current.

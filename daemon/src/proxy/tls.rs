@@ -206,6 +206,7 @@ impl LeafMinter {
             if cache.configs.insert(name.clone(), config.clone()).is_none() {
                 cache.order.push_back(name.clone());
             }
+            crate::metrics::global().leaf_cache_size(cache.configs.len());
         }
         Ok(config)
     }
