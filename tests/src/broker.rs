@@ -603,7 +603,8 @@ impl Broker {
     }
 
     /// SIGTERM brokerd (by pid) and wait up to 10 s for it to exit (SIGKILL after that).
-    pub fn stop(&mut self) {
+    /// Returns how it exited, or None when it had to be killed.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self
             .child
             .take()
@@ -615,6 +616,7 @@ impl Broker {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             let _ = child.wait();
         }
+        exited
     }
 
     /// Whether brokerd (the child this harness started) is running.

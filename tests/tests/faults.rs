@@ -7,7 +7,8 @@
 //! the last good policy, and its return is picked up; a full audit disk refuses calls (or lets
 //! them go, if so set) until space returns; a vault file replaced under brokerd refuses writes;
 //! a name whose address flips stops getting the credential at the old address once brokerd's
-//! knowledge of it expires, and gets it again when it flips back.
+//! knowledge of it expires, and gets it again when it flips back; SIGTERM to `cargo xtask run`
+//! stops the brokerd it started (the command becomes brokerd).
 //! Real curl clients in the agent's cgroup,
 //! the test API's `/attack/slow` and `/attack/stream-cut` (tests/src/upstream.rs).
 //!
@@ -560,4 +561,97 @@ fn a_credential_stops_going_to_an_address_once_the_name_no_longer_resolves_to_it
     });
     assert_eq!(delivered(), before_back + 1);
     w.assert_no_secret_in_logs();
+}
+
+/// Processes whose command line mentions `needle` (brokerd's state dir: only the brokerd this
+/// test started has it).
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+#[test]
+fn sigterm_to_cargo_xtask_run_stops_the_brokerd_it_started() {
+    agent_broker_tests::require_privileges();
+    // `cargo xtask run -- ARGS` as an operator types it, from the workspace: cargo runs xtask,
+    // which builds (nothing to do after `cargo xtask build`) and then becomes brokerd, so the
+    // pid the operator's shell or service manager holds is brokerd's own.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // From a shell's environment: without what `cargo test` sets for this test, which would make
+    // cargo build everything again.
+    let kept = [
+        "CARGO_HOME",
+        "CARGO_TERM_",
+        "CARGO_NET_",
+        "CARGO_HTTP_",
+        "CARGO_REGISTR",
+    ];
+    let unset: Vec<String> = std::env::vars_os()
+        .map(|(name, _)| name.to_string_lossy().into_owned())
+        .filter(|name| {
+            (name.starts_with("CARGO") && !kept.iter().any(|k| name.starts_with(k)))
+                || name.starts_with("RUSTC")
+                || name.starts_with("RUSTFLAGS")
+                || name.starts_with("RUSTDOCFLAGS")
+                || name == "LD_LIBRARY_PATH"
+        })
+        .collect();
+    // Built first, untimed: a test run may have left brokerd built with other features.
+    let mut build = std::process::Command::new(&cargo);
+    for name in &unset {
+        build.env_remove(name);
+    }
+    let built = build
+        .args(["xtask", "build"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cargo xtask build: {e}"));
+    assert!(
+        built.status.success(),
+        "cargo xtask build: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    // `env` execs cargo, so the pid stays the one the harness started.
+    let mut command: Vec<std::ffi::OsString> = vec!["env".into()];
+    for name in &unset {
+        command.extend(["-u".into(), name.into()]);
+    }
+    command.extend([cargo, "xtask".into(), "run".into(), "--".into()]);
+    let mut broker = agent_broker_tests::Broker::builder()
+        .command(&command)
+        .start();
+    // The harness waited until `status` answered with the pid it started: cargo's.
+    let pid = broker.status().pid;
+    let state_dir = broker.state_dir().display().to_string();
+    assert_eq!(processes_mentioning(&state_dir), vec![pid]);
+    let exited = broker.stop();
+    let status = exited.unwrap_or_else(|| {
+        panic!(
+            "`cargo xtask run` ignored SIGTERM for 10 s and was killed; brokerd's log:\n{}",
+            broker.log()
+        )
+    });
+    assert!(
+        status.success(),
+        "{status}; brokerd's log:\n{}",
+        broker.log()
+    );
+    assert!(
+        processes_mentioning(&state_dir).is_empty(),
+        "still running after SIGTERM: {:?}",
+        processes_mentioning(&state_dir)
+    );
+    assert!(
+        !broker
+            .run_dir()
+            .join(agent_broker_protocol::SOCKET_NAME)
+            .exists(),
+        "the control socket outlived brokerd"
+    );
 }
