@@ -1,6 +1,7 @@
 //! A scripted upstream: a TLS server whose connections each do what the test queued next
 //! (serve a request with a certificate of some CA, or answer the ClientHello with a fatal TLS
-//! alert), for the fault tests (tests/tests/faults.rs). Connections past the script repeat its
+//! alert, or stream events and end the stream by a reset, a half-close or a close), for the
+//! fault tests (tests/tests/faults.rs). Connections past the script repeat its
 //! last step. It records what each connection got (the SNI, and whether a request arrived and
 //! carried an Authorization header, by hash only).
 //!
@@ -28,6 +29,30 @@ pub enum Step {
     Serve(Arc<ServerConfig>),
     /// Read the ClientHello and answer it with a fatal `handshake_failure` alert.
     Alert,
+    /// Complete the handshake, answer one request with 200 and a `text/event-stream` body of
+    /// `events` events (the last one `data: [DONE]`, so a whole stream is recognisable), and
+    /// end as `end` says.
+    Stream {
+        config: Arc<ServerConfig>,
+        events: usize,
+        end: End,
+    },
+}
+
+/// How a [`Step::Stream`] ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// Chunked; after all but the last event, the connection is reset (TCP RST).
+    Reset,
+    /// Chunked; after all but the last event, the upstream shuts down its sending side (a TCP
+    /// FIN, no TLS close_notify, no last chunk) and goes on reading for a while.
+    HalfClose,
+    /// Neither a length nor chunked: the body ends when the connection does. Every event, then
+    /// TLS close_notify and FIN: a complete reply by HTTP/1.1's rules.
+    CloseDelimited,
+    /// As [`End::CloseDelimited`], but after all but the last event, a FIN without close_notify:
+    /// a truncated reply, which TLS lets the client tell from a complete one.
+    CloseDelimitedTruncated,
 }
 
 impl Step {
@@ -45,7 +70,28 @@ impl Step {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Self::Serve(Arc::new(config))
     }
+
+    /// Stream `events` server-sent events with a leaf for `names` issued by `ca`, ending as
+    /// `end` says.
+    pub fn stream(ca: &TestCa, names: &[&str], events: usize, end: End) -> Self {
+        let Self::Serve(config) = Self::serve(ca, names) else {
+            unreachable!("serve makes a Serve step")
+        };
+        Self::Stream {
+            config,
+            events,
+            end,
+        }
+    }
 }
+
+/// The `i`th event of a scripted stream.
+pub fn event(i: usize) -> String {
+    format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"scripted token {i}\"}}}}]}}\n\n")
+}
+
+/// The last event of a whole scripted stream.
+pub const LAST_EVENT: &str = "data: [DONE]\n\n";
 
 /// What a connection got.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -134,40 +180,109 @@ fn handle(stream: TcpStream, step: Step) -> Seen {
             let _ = stream.flush();
             Seen::default()
         }
-        Step::Serve(config) => {
-            let Ok(conn) = ServerConnection::new(config) else {
-                return Seen::default();
-            };
-            let mut tls = StreamOwned::new(conn, stream);
-            let mut seen = Seen::default();
-            let mut reader = BufReader::new(&mut tls);
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                seen.sni = tls.conn.server_name().map(str::to_string);
-                return seen;
-            }
-            seen.request = Some(line.trim_end().to_string());
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
-                    break;
-                }
-                if let Some((name, value)) = header.split_once(':')
-                    && name.eq_ignore_ascii_case("authorization")
-                {
-                    seen.authorization_sha256 = Some(sha256_hex(value.trim().as_bytes()));
-                }
-            }
-            seen.sni = tls.conn.server_name().map(str::to_string);
-            let body = r#"{"scripted":true}"#;
-            let _ = write!(
-                tls,
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            tls.conn.send_close_notify();
-            let _ = tls.flush();
-            seen
+        Step::Serve(config) => serve(stream, config, None),
+        Step::Stream {
+            config,
+            events,
+            end,
+        } => serve(stream, config, Some((events, end))),
+    }
+}
+
+/// Completes the handshake, reads one request head, and answers it (see [`Step`]).
+fn serve(stream: TcpStream, config: Arc<ServerConfig>, sse: Option<(usize, End)>) -> Seen {
+    let Ok(conn) = ServerConnection::new(config) else {
+        return Seen::default();
+    };
+    let mut tls = StreamOwned::new(conn, stream);
+    let mut seen = Seen::default();
+    let mut reader = BufReader::new(&mut tls);
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        seen.sni = tls.conn.server_name().map(str::to_string);
+        return seen;
+    }
+    seen.request = Some(line.trim_end().to_string());
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("authorization")
+        {
+            seen.authorization_sha256 = Some(sha256_hex(value.trim().as_bytes()));
         }
     }
+    seen.sni = tls.conn.server_name().map(str::to_string);
+    if let Some((events, end)) = sse {
+        stream_events(&mut tls, events, end);
+        return seen;
+    }
+    let body = r#"{"scripted":true}"#;
+    let _ = write!(
+        tls,
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+    seen
+}
+
+/// Writes a [`Step::Stream`]'s answer and ends it as `end` says.
+fn stream_events(tls: &mut StreamOwned<ServerConnection, TcpStream>, events: usize, end: End) {
+    let chunked = matches!(end, End::Reset | End::HalfClose);
+    let framing = if chunked {
+        "transfer-encoding: chunked"
+    } else {
+        "connection: close"
+    };
+    let _ = write!(
+        tls,
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n{framing}\r\n\r\n"
+    );
+    let whole = matches!(end, End::CloseDelimited);
+    let sent = if whole { events } else { events.saturating_sub(1) };
+    for i in 0..sent {
+        let data = if whole && i + 1 == events {
+            LAST_EVENT.to_string()
+        } else {
+            event(i)
+        };
+        let _ = if chunked {
+            write!(tls, "{:x}\r\n{data}\r\n", data.len())
+        } else {
+            tls.write_all(data.as_bytes())
+        };
+        let _ = tls.flush();
+        // Each event on its own, as a model streams tokens.
+        thread::sleep(Duration::from_millis(20));
+    }
+    match end {
+        End::Reset => {
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            let _ = nix::sys::socket::setsockopt(
+                &tls.sock,
+                nix::sys::socket::sockopt::Linger,
+                &linger,
+            );
+        }
+        End::HalfClose => {
+            let _ = tls.sock.shutdown(std::net::Shutdown::Write);
+            // Still reading: whatever the client sends, until it gives up or 5 s pass.
+            let _ = tls.sock.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut sink = [0u8; 4096];
+            while matches!(tls.sock.read(&mut sink), Ok(n) if n > 0) {}
+        }
+        End::CloseDelimited => {
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        }
+        End::CloseDelimitedTruncated => {}
+    }
+    // Dropping the stream closes the socket: a FIN, or an RST after a zero linger.
 }

@@ -223,6 +223,15 @@ fn scripted_world(ca: TestCa, name: &'static str, port: u16) -> World {
 }
 
 fn curl_to(w: &World, name: &str, port: u16) -> (String, String) {
+    let out = curl_output(w, name, port, false);
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// curl in the agent's cgroup to `https://name:port/v1/thing`, over HTTP/2 or HTTP/1.1.
+fn curl_output(w: &World, name: &str, port: u16, http2: bool) -> std::process::Output {
     let argv: Vec<String> = [
         "curl",
         "-sS",
@@ -232,6 +241,7 @@ fn curl_to(w: &World, name: &str, port: u16) -> (String, String) {
         "20",
         "-w",
         "%{stderr}ABTEST status=%{http_code}\\n",
+        if http2 { "--http2" } else { "--http1.1" },
         "--resolve",
     ]
     .iter()
@@ -241,11 +251,90 @@ fn curl_to(w: &World, name: &str, port: u16) -> (String, String) {
         format!("https://{name}:{port}/v1/thing"),
     ])
     .collect();
-    let run = clients::run_in_cgroup(&w.broker, &w.agent, "curl", &w.trust().var("curl"), &argv);
-    (
-        String::from_utf8_lossy(&run.output.stdout).into_owned(),
-        String::from_utf8_lossy(&run.output.stderr).into_owned(),
-    )
+    clients::run_in_cgroup(&w.broker, &w.agent, "curl", &w.trust().var("curl"), &argv).output
+}
+
+#[test]
+fn a_stream_the_upstream_resets_half_closes_or_truncates_never_looks_complete() {
+    use agent_broker_tests::scripted::{End, LAST_EVENT, ScriptedUpstream, Step, event};
+    const NAME: &str = "streaming.example.test";
+    const EVENTS: usize = 5;
+    let ca = TestCa::new("abtest upstream CA");
+    let ends = [
+        End::Reset,
+        End::HalfClose,
+        End::CloseDelimitedTruncated,
+        End::CloseDelimited,
+    ];
+    // Each stream takes a connection of its own (none of them can be reused), in this order.
+    let script = ends
+        .iter()
+        .flat_map(|end| [*end, *end])
+        .map(|end| Step::stream(&ca, &[NAME], EVENTS, end))
+        .collect();
+    let upstream = ScriptedUpstream::start(api_ip(), script);
+    let w = scripted_world(ca, NAME, upstream.port());
+    for end in ends {
+        for (http2, tag) in [(false, "h1"), (true, "h2")] {
+            let started = Instant::now();
+            let out = curl_output(&w, NAME, upstream.port(), http2);
+            let took = started.elapsed();
+            let body = String::from_utf8_lossy(&out.stdout).into_owned();
+            let show = format!(
+                "{end:?} {tag}: curl {:?}, after {took:?}\n{}\n{body}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("ABTEST status=200"),
+                "{show}"
+            );
+            // What the upstream sent before its end arrived, at once.
+            for i in 0..EVENTS - 1 {
+                assert!(body.contains(&event(i)), "{show}");
+            }
+            assert!(took < Duration::from_secs(10), "{show}");
+            if end == End::CloseDelimited {
+                assert!(out.status.success(), "a whole stream: {show}");
+                assert!(body.ends_with(LAST_EVENT), "{show}");
+            } else {
+                // An error (a chunked body without its last chunk, an h2 stream reset), not a
+                // complete reply and not curl's own timeout.
+                let code = out.status.code();
+                assert!(code.is_some_and(|c| c != 0 && c != 28), "{show}");
+                assert!(!body.contains(LAST_EVENT), "{show}");
+            }
+        }
+    }
+    // One record per stream: the cut ones say the upstream failed, and why; the whole ones
+    // do not.
+    let records = poll_until(WAIT, || {
+        let done: Vec<_> = w
+            .broker
+            .audit_records()
+            .into_iter()
+            .filter(|r| {
+                r.kind == Some(EventKind::Request)
+                    && r.path.as_deref() == Some("/v1/thing")
+                    && r.status.is_some()
+            })
+            .collect();
+        (done.len() == 2 * ends.len()).then_some(done)
+    })
+    .unwrap_or_else(|| panic!("not one record per stream: {:#?}", w.broker.audit_records()));
+    let cut = records
+        .iter()
+        .filter(|r| r.side == Some(Side::Upstream) && r.reason.is_some() && r.bytes_out > 0)
+        .count();
+    assert_eq!(cut, 2 * (ends.len() - 1), "{records:#?}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2 * ends.len(), "one connection per stream: {seen:?}");
+    assert!(
+        seen.iter()
+            .all(|s| s.authorization_sha256.as_deref() == Some(w.injected_hash().as_str())),
+        "every stream carried the key: {seen:?}"
+    );
+    w.assert_no_secret_in_logs();
 }
 
 #[test]
