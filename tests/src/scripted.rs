@@ -29,6 +29,14 @@ pub enum Step {
     Serve(Arc<ServerConfig>),
     /// Read the ClientHello and answer it with a fatal `handshake_failure` alert.
     Alert,
+    /// Complete the handshake and answer `requests` requests on the connection with 200 and a
+    /// small JSON body (keep-alive: no `connection: close`); then read the next request's head
+    /// and close the connection without an answer, as a server does that evicts an idle
+    /// connection just as a request arrives on it.
+    KeepAlive {
+        config: Arc<ServerConfig>,
+        requests: usize,
+    },
     /// Complete the handshake, answer one request with 200 and a `text/event-stream` body of
     /// `events` events (the last one `data: [DONE]`, so a whole stream is recognisable), and
     /// end as `end` says.
@@ -83,6 +91,15 @@ impl Step {
             end,
         }
     }
+
+    /// Answer `requests` requests per connection with a leaf for `names` issued by `ca`, then
+    /// drop the next one (see [`Step::KeepAlive`]).
+    pub fn keep_alive(ca: &TestCa, names: &[&str], requests: usize) -> Self {
+        let Self::Serve(config) = Self::serve(ca, names) else {
+            unreachable!("serve makes a Serve step")
+        };
+        Self::KeepAlive { config, requests }
+    }
 }
 
 /// The `i`th event of a scripted stream.
@@ -101,6 +118,8 @@ pub struct Seen {
     pub request: Option<String>,
     /// sha256 hex of the Authorization header's value, when there was one.
     pub authorization_sha256: Option<String>,
+    /// Whether a [`Step::KeepAlive`] connection answered the request.
+    pub answered: bool,
 }
 
 struct State {
@@ -140,15 +159,18 @@ impl ScriptedUpstream {
                     s.last.clone_from(&next);
                     next
                 };
-                let seen = match step {
-                    Some(step) => handle(stream, step),
-                    None => Seen::default(),
-                };
-                state
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .seen
-                    .push(seen);
+                // Each connection on a thread of its own, so a client may hold several.
+                thread::spawn(move || {
+                    let seen = match step {
+                        Some(step) => handle(stream, step),
+                        None => Vec::new(),
+                    };
+                    state
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .seen
+                        .extend(seen);
+                });
             }
         });
         Self { addr, state }
@@ -158,7 +180,8 @@ impl ScriptedUpstream {
         self.addr.port()
     }
 
-    /// What each connection so far got, in order.
+    /// What each request so far got (a connection that got none: one entry without a
+    /// request), in the order their connections ended.
     pub fn seen(&self) -> Vec<Seen> {
         self.state
             .lock()
@@ -168,7 +191,7 @@ impl ScriptedUpstream {
     }
 }
 
-fn handle(stream: TcpStream, step: Step) -> Seen {
+fn handle(stream: TcpStream, step: Step) -> Vec<Seen> {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     match step {
         Step::Alert => {
@@ -178,14 +201,15 @@ fn handle(stream: TcpStream, step: Step) -> Seen {
             // A TLS 1.2 record: alert, fatal (2), handshake_failure (40).
             let _ = stream.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]);
             let _ = stream.flush();
-            Seen::default()
+            vec![Seen::default()]
         }
-        Step::Serve(config) => serve(stream, config, None),
+        Step::Serve(config) => vec![serve(stream, config, None)],
         Step::Stream {
             config,
             events,
             end,
-        } => serve(stream, config, Some((events, end))),
+        } => vec![serve(stream, config, Some((events, end)))],
+        Step::KeepAlive { config, requests } => keep_alive(stream, config, requests),
     }
 }
 
@@ -195,26 +219,11 @@ fn serve(stream: TcpStream, config: Arc<ServerConfig>, sse: Option<(usize, End)>
         return Seen::default();
     };
     let mut tls = StreamOwned::new(conn, stream);
-    let mut seen = Seen::default();
     let mut reader = BufReader::new(&mut tls);
-    let mut line = String::new();
-    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-        seen.sni = tls.conn.server_name().map(str::to_string);
+    let seen = read_head(&mut reader);
+    if seen.request.is_none() {
         return seen;
     }
-    seen.request = Some(line.trim_end().to_string());
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
-            break;
-        }
-        if let Some((name, value)) = header.split_once(':')
-            && name.eq_ignore_ascii_case("authorization")
-        {
-            seen.authorization_sha256 = Some(sha256_hex(value.trim().as_bytes()));
-        }
-    }
-    seen.sni = tls.conn.server_name().map(str::to_string);
     if let Some((events, end)) = sse {
         stream_events(&mut tls, events, end);
         return seen;
@@ -227,6 +236,61 @@ fn serve(stream: TcpStream, config: Arc<ServerConfig>, sse: Option<(usize, End)>
     );
     tls.conn.send_close_notify();
     let _ = tls.flush();
+    seen
+}
+
+/// Reads one request head (no body: the tests send none), noting what [`Seen`] records.
+fn read_head(reader: &mut BufReader<&mut StreamOwned<ServerConnection, TcpStream>>) -> Seen {
+    let mut seen = Seen::default();
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) > 0 {
+        seen.request = Some(line.trim_end().to_string());
+    }
+    while seen.request.is_some() {
+        let mut header = String::new();
+        if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("authorization")
+        {
+            seen.authorization_sha256 = Some(sha256_hex(value.trim().as_bytes()));
+        }
+    }
+    seen.sni = reader.get_ref().conn.server_name().map(str::to_string);
+    seen
+}
+
+/// A [`Step::KeepAlive`] connection: what each of its requests got, the dropped one last
+/// (with `answered` false).
+fn keep_alive(stream: TcpStream, config: Arc<ServerConfig>, requests: usize) -> Vec<Seen> {
+    let Ok(conn) = ServerConnection::new(config) else {
+        return vec![Seen::default()];
+    };
+    let mut tls = StreamOwned::new(conn, stream);
+    let mut reader = BufReader::new(&mut tls);
+    let mut seen = Vec::new();
+    for _ in 0..requests {
+        let mut one = read_head(&mut reader);
+        if one.request.is_none() {
+            return seen;
+        }
+        let body = r#"{"scripted":true}"#;
+        let tls = reader.get_mut();
+        let answered = write!(
+            tls,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .and_then(|()| tls.flush());
+        one.answered = answered.is_ok();
+        seen.push(one);
+    }
+    // The next request arrives and the connection closes under it.
+    let dropped = read_head(&mut reader);
+    if dropped.request.is_some() {
+        seen.push(dropped);
+    }
     seen
 }
 
@@ -243,7 +307,11 @@ fn stream_events(tls: &mut StreamOwned<ServerConnection, TcpStream>, events: usi
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n{framing}\r\n\r\n"
     );
     let whole = matches!(end, End::CloseDelimited);
-    let sent = if whole { events } else { events.saturating_sub(1) };
+    let sent = if whole {
+        events
+    } else {
+        events.saturating_sub(1)
+    };
     for i in 0..sent {
         let data = if whole && i + 1 == events {
             LAST_EVENT.to_string()
@@ -265,11 +333,8 @@ fn stream_events(tls: &mut StreamOwned<ServerConnection, TcpStream>, events: usi
                 l_onoff: 1,
                 l_linger: 0,
             };
-            let _ = nix::sys::socket::setsockopt(
-                &tls.sock,
-                nix::sys::socket::sockopt::Linger,
-                &linger,
-            );
+            let _ =
+                nix::sys::socket::setsockopt(&tls.sock, nix::sys::socket::sockopt::Linger, &linger);
         }
         End::HalfClose => {
             let _ = tls.sock.shutdown(std::net::Shutdown::Write);

@@ -328,11 +328,109 @@ fn a_stream_the_upstream_resets_half_closes_or_truncates_never_looks_complete() 
         .count();
     assert_eq!(cut, 2 * (ends.len() - 1), "{records:#?}");
     let seen = upstream.seen();
-    assert_eq!(seen.len(), 2 * ends.len(), "one connection per stream: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        2 * ends.len(),
+        "one connection per stream: {seen:?}"
+    );
     assert!(
         seen.iter()
             .all(|s| s.authorization_sha256.as_deref() == Some(w.injected_hash().as_str())),
         "every stream carried the key: {seen:?}"
+    );
+    w.assert_no_secret_in_logs();
+}
+
+#[test]
+fn pooled_connections_the_upstream_evicts_under_load_cost_no_call() {
+    use agent_broker_tests::scripted::{ScriptedUpstream, Step};
+    const NAME: &str = "evicting.example.test";
+    const AGENTS: usize = 4;
+    const CALLS: usize = 25;
+    // Every upstream connection answers three requests, then closes under the fourth: the
+    // pooled connection brokerd picks for it is gone once the request is on its way.
+    let ca = TestCa::new("abtest upstream CA");
+    let upstream = ScriptedUpstream::start(api_ip(), vec![Step::keep_alive(&ca, &[NAME], 3)]);
+    let w = scripted_world(ca, NAME, upstream.port());
+    let port = upstream.port();
+    let outputs: Vec<std::process::Output> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..AGENTS)
+            .map(|_| {
+                let w = &w;
+                scope.spawn(move || {
+                    // One curl per agent: CALLS requests on one keep-alive connection.
+                    let mut argv: Vec<String> = [
+                        "curl",
+                        "-sS",
+                        "--noproxy",
+                        "*",
+                        "--max-time",
+                        "60",
+                        "--http1.1",
+                        "-w",
+                        "%{stderr}ABTEST status=%{http_code}\\n",
+                        "--resolve",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                    argv.push(format!("{NAME}:{port}:{}", api_ip()));
+                    argv.extend(
+                        (0..CALLS).map(|i| format!("https://{NAME}:{port}/v1/thing?i={i}")),
+                    );
+                    clients::run_in_cgroup(
+                        &w.broker,
+                        &w.agent,
+                        "curl",
+                        &w.trust().var("curl"),
+                        &argv,
+                    )
+                    .output
+                })
+            })
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| {
+                c.join()
+                    .unwrap_or_else(|_| panic!("a curl thread panicked"))
+            })
+            .collect()
+    });
+    for out in &outputs {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let ok = stderr.matches("ABTEST status=200").count();
+        assert_eq!(ok, CALLS, "every call succeeds: {stderr}");
+    }
+    let seen = poll_until(WAIT, || {
+        let seen = upstream.seen();
+        (seen.iter().filter(|s| s.answered).count() >= AGENTS * CALLS).then_some(seen)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the upstream did not answer every call: {:?}",
+            upstream.seen()
+        )
+    });
+    let answered = seen.iter().filter(|s| s.answered).count();
+    let dropped = seen
+        .iter()
+        .filter(|s| s.request.is_some() && !s.answered)
+        .count();
+    assert_eq!(
+        answered,
+        AGENTS * CALLS,
+        "each call answered once: {seen:?}"
+    );
+    assert!(
+        dropped >= AGENTS * CALLS / 4 - AGENTS,
+        "the upstream evicted connections under requests ({dropped} times)"
+    );
+    assert!(
+        seen.iter()
+            .filter(|s| s.request.is_some())
+            .all(|s| s.authorization_sha256.as_deref() == Some(w.injected_hash().as_str())),
+        "every request carried the key"
     );
     w.assert_no_secret_in_logs();
 }

@@ -26,8 +26,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, Uri, Version, header, uri::PathAndQuery};
-use http_body_util::combinators::UnsyncBoxBody;
+use http::{HeaderValue, Method, Request, Response, Uri, Version, header, uri::PathAndQuery};
+use http_body_util::{BodyExt as _, combinators::UnsyncBoxBody};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn::{http1, http2},
@@ -39,7 +39,7 @@ use rustls::{
 };
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::capture::ListenerOwner;
 
@@ -313,10 +313,10 @@ impl Upstream {
                 pool.report();
             });
         }
-        let sender = match take_idle(&key).await {
-            Some(sender) => sender,
+        let (mut sender, reused) = match take_idle(&key).await {
+            Some(sender) => (sender, true),
             None => match self.connect(&key, authority.host()).await? {
-                Connection::Http1(sender) => sender,
+                Connection::Http1(sender) => (sender, false),
                 Connection::Http2(mut h2) => {
                     POOL.with(|p| {
                         let mut pool = p.borrow_mut();
@@ -340,11 +340,38 @@ impl Upstream {
         *req.uri_mut() = Uri::from(path);
         req.headers_mut().insert(header::HOST, host);
         *req.version_mut() = Version::HTTP_11;
-        let mut sender = sender;
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(RequestError::Request)?;
+        let response = if reused {
+            // The upstream may have closed this connection while it sat in the pool, even as
+            // the request goes out on it (servers drop idle connections on their own clocks).
+            // Then the request goes once more, on a new connection: when none of it was sent,
+            // or when sending it twice means nothing (see `replayable`).
+            let replay = replayable(&req);
+            match sender.try_send_request(req).await {
+                Ok(response) => response,
+                Err(mut failed) => {
+                    let Some(req) = failed.take_message().or(replay) else {
+                        return Err(RequestError::Request(failed.into_error()));
+                    };
+                    debug!(error = %failed.error(), "a pooled upstream connection was gone; sending again on a new one");
+                    let Connection::Http1(fresh) = self.connect(&key, authority.host()).await?
+                    else {
+                        // The upstream now speaks HTTP/2 on new connections; the request is in
+                        // HTTP/1.1's form. Rare enough to leave to the agent's own retry.
+                        return Err(RequestError::Request(failed.into_error()));
+                    };
+                    sender = fresh;
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(RequestError::Request)?
+                }
+            }
+        } else {
+            sender
+                .send_request(req)
+                .await
+                .map_err(RequestError::Request)?
+        };
         // An upgraded connection (WebSocket) belongs to the upgrade, not to the pool.
         let give_back =
             (response.status() != http::StatusCode::SWITCHING_PROTOCOLS).then_some((key, sender));
@@ -452,6 +479,28 @@ async fn send_h2(
         .await
         .map_err(RequestError::Request)?;
     Ok(response.map(|body| PooledBody::new(body, None)))
+}
+
+/// A copy of `req` to send again should the connection it goes out on turn out to be closed:
+/// only for a request without a body whose method means the same when it arrives twice
+/// (RFC 9110, 9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE), as browsers and nginx
+/// (`proxy_next_upstream`) retry. Extensions are not copied (none is set on the way upstream).
+fn replayable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(UpstreamBody::new(
+        http_body_util::Empty::new().map_err(|never| match never {}),
+    ));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
 }
 
 /// The most recently used idle connection for `key` that is still open and ready, if any;
@@ -605,7 +654,7 @@ mod tests {
 
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use http_body_util::{BodyExt as _, Empty};
+    use http_body_util::Empty;
 
     use crate::proxy::tls::{BrokerCa, LeafMinter, LeafName};
 
@@ -792,6 +841,36 @@ mod tests {
                 .expect("refused");
             assert!(matches!(err, RequestError::Tls(_)), "{err:?}");
         });
+    }
+
+    #[test]
+    fn only_bodiless_idempotent_requests_are_sent_again() {
+        let request = |method: Method, body: &'static [u8]| {
+            let body = if body.is_empty() {
+                UpstreamBody::new(http_body_util::Empty::new().map_err(|never| match never {}))
+            } else {
+                UpstreamBody::new(
+                    http_body_util::Full::new(Bytes::from_static(body))
+                        .map_err(|never| match never {}),
+                )
+            };
+            Request::builder()
+                .method(method)
+                .uri("/v1/thing?i=1")
+                .header("authorization", "Bearer abtest-not-a-secret")
+                .body(body)
+                .expect("request")
+        };
+        for method in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE] {
+            let copy = replayable(&request(method.clone(), b"")).expect("replayable");
+            assert_eq!(copy.method(), method);
+            assert_eq!(copy.uri(), "/v1/thing?i=1");
+            assert_eq!(copy.headers().len(), 1);
+            assert!(copy.body().is_end_stream());
+        }
+        assert!(replayable(&request(Method::POST, b"")).is_none());
+        assert!(replayable(&request(Method::PATCH, b"")).is_none());
+        assert!(replayable(&request(Method::PUT, b"{}")).is_none());
     }
 
     #[test]
