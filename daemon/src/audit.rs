@@ -365,6 +365,20 @@ impl Store {
     }
 
     fn read_txn(&self) -> Result<ReadTransaction, AuditError> {
+        {
+            let db = self
+                .db
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(db) = db.as_ref() {
+                return db
+                    .begin_read()
+                    .map_err(self.storage("starting a read transaction"));
+            }
+        }
+        // An earlier reopen failed (the file system is still read-only, say): try again, so
+        // the error names today's cause rather than redb's "previous I/O error".
+        self.reopen()?;
         let db = self
             .db
             .read()
@@ -385,10 +399,13 @@ impl Store {
                 .db
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match db.as_ref().ok_or_else(|| self.reopening())?.begin_write() {
-                Ok(txn) => return Ok(txn),
-                Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {}
-                Err(e) => return Err(self.storage("starting a write transaction")(e)),
+            // No handle: an earlier reopen failed; reopening again names the cause.
+            if let Some(db) = db.as_ref() {
+                match db.begin_write() {
+                    Ok(txn) => return Ok(txn),
+                    Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {}
+                    Err(e) => return Err(self.storage("starting a write transaction")(e)),
+                }
             }
         }
         self.reopen()?;

@@ -18,7 +18,7 @@
 
 use std::time::{Duration, Instant};
 
-use agent_broker_protocol::{EventKind, Side};
+use agent_broker_protocol::{AuditEvent, EventKind, Side};
 use agent_broker_tests::{
     TestCa, TestCgroup, TestUpstream, clients, poll_until,
     world::{API, World, api_ip, rule},
@@ -651,6 +651,146 @@ fn with_audit_unwritable_continue_calls_go_on_and_the_log_recovers() {
     .unwrap_or_else(|| panic!("the audit log did not recover\n{}", w.broker.log()));
     let verified = w.broker.ctl_ok(&["logs", "verify"]);
     assert!(verified.contains("audit log intact"), "{verified}");
+}
+
+/// A world whose brokerd keeps its state on a small ext4 file system of its own (a loop
+/// device over an image file beside the state dir), mounted `errors=remount-ro`; the image.
+fn world_on_ext4(unmount: &Unmount) -> (World, std::path::PathBuf) {
+    let image = std::sync::Mutex::new(None);
+    let w = World::with_setup(
+        TestCa::new("abtest upstream CA"),
+        &[],
+        |broker| {
+            let dir = broker.state_dir();
+            let img = dir.with_extension("img");
+            run_ok("truncate", &["-s", "32M", &img.display().to_string()]);
+            run_ok("mkfs.ext4", &["-q", &img.display().to_string()]);
+            mount_ext4(&img, &dir);
+            if let Ok(mut d) = unmount.0.lock() {
+                *d = Some(dir);
+            }
+            if let Ok(mut i) = image.lock() {
+                *i = Some(img);
+            }
+        },
+        |cg, api| {
+            vec![(
+                "agent".into(),
+                format!(
+                    "cgroup = \"{}\"\n{}",
+                    cg.child("agent"),
+                    rule(API, api.port(), true)
+                ),
+            )]
+        },
+    );
+    let img = image.lock().ok().and_then(|mut i| i.take()).expect("image");
+    (w, img)
+}
+
+fn mount_ext4(img: &std::path::Path, dir: &std::path::Path) {
+    mount(&[
+        "-t",
+        "ext4",
+        "-o",
+        "loop,errors=remount-ro",
+        &img.display().to_string(),
+        &dir.display().to_string(),
+    ]);
+    // The state dir's own mode, which mkfs gave the root of the new file system.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .expect("state dir mode");
+}
+
+fn run_ok(program: &str, args: &[&str]) {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_audit_disk_that_turns_read_only_refuses_calls_and_the_log_survives_intact() {
+    let unmount = Unmount(std::sync::Mutex::new(None));
+    let (mut w, img) = world_on_ext4(&unmount);
+    for n in 0..3 {
+        assert!(status_of(&w, &format!("/hash?n={n}")).starts_with("200"));
+    }
+    // Each call's closing record is committed (a call's records can trail its reply by a
+    // group commit).
+    let completed = |records: &[AuditEvent]| {
+        records
+            .iter()
+            .filter(|r| {
+                r.kind == Some(EventKind::Request)
+                    && r.status == Some(200)
+                    && r.path.as_deref() == Some("/hash")
+            })
+            .count()
+    };
+    let before = poll_until(WAIT, || {
+        let records = w.broker.audit_records();
+        (completed(&records) == 3).then_some(records.len())
+    })
+    .expect("the three calls' records are committed");
+    // The file system fails and the kernel turns it read-only under brokerd, open files and
+    // all (ext4's errors=remount-ro; a plain `remount,ro` is refused while files are open for
+    // writing).
+    let state = w.broker.state_dir();
+    let device = std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(&*state.display().to_string()))
+        .and_then(|l| l.split(" - ").nth(1)?.split(' ').nth(1).map(str::to_string))
+        .expect("the state dir's device");
+    let name = device.trim_start_matches("/dev/");
+    std::fs::write(format!("/sys/fs/ext4/{name}/trigger_fs_error"), "1")
+        .expect("trigger an ext4 error");
+    let refused = poll_until(WAIT, || {
+        let got = status_of(&w, "/hash?n=ro");
+        got.starts_with("503").then_some(got)
+    })
+    .unwrap_or_else(|| panic!("calls were never refused\n{}", w.broker.log()));
+    assert!(refused.contains("audit log cannot be written"), "{refused}");
+    let error = w.broker.status().audit_error.unwrap_or_default();
+    assert!(error.to_lowercase().contains("read-only"), "{error}");
+    // The operator's way back: stop brokerd, repair the file system, start again. Every
+    // record committed before the failure is there and the chain verifies.
+    assert!(w.broker.stop().is_some(), "brokerd did not stop on SIGTERM");
+    run_ok("umount", &[&state.display().to_string()]);
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-fy", &img.display().to_string()])
+        .output()
+        .expect("e2fsck");
+    // 0: clean, 1: errors corrected.
+    assert!(
+        matches!(fsck.status.code(), Some(0 | 1)),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    mount_ext4(&img, &state);
+    w.broker.restart();
+    let verified = w.broker.ctl_ok(&["logs", "verify"]);
+    assert!(verified.contains("audit log intact"), "{verified}");
+    let after = w.broker.audit_records();
+    assert!(
+        after.len() >= before,
+        "{} records before, {} after",
+        before,
+        after.len()
+    );
+    assert_eq!(
+        completed(&after),
+        3,
+        "the calls before the failure are on record"
+    );
+    assert!(status_of(&w, "/hash?n=after").starts_with("200"));
 }
 
 #[test]
