@@ -64,6 +64,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "groff-base",
     "zsh",
     "fish",
+    // The read-only audit disk test (tests/tests/faults.rs): mkfs.ext4 and e2fsck for an ext4
+    // image on a loop device (mount's loop support is util-linux, always there).
+    "e2fsprogs",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.
