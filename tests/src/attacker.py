@@ -369,34 +369,34 @@ def h1_request(method, path, host, headers=(), body=b"", eol=b"\r\n"):
 
 
 H1_ATTACKS = {
-    # Content-Length and Transfer-Encoding both: brokerd reads the body as chunked; what
-    # follows the last chunk is a second request of this connection, judged as its own.
+    # Content-Length and Transfer-Encoding both: the body is read as chunked, and what
+    # follows its last chunk would be a second request.
     "h1-cl-te": lambda host, a: [
-        h1_request(b"POST", b"/hash", host, [b"Content-Length: 6", b"Transfer-Encoding: chunked"], b"0\r\n\r\n")
-        + h1_request(b"GET", b"/smuggled", host)
+        h1_request(b"POST", b"/v1/attacker", host, [b"Content-Length: 6", b"Transfer-Encoding: chunked"], b"0\r\n\r\n")
+        + h1_request(b"GET", b"/v1/smuggled", host)
     ],
     "h1-te-cl": lambda host, a: [
-        h1_request(b"POST", b"/hash", host, [b"Transfer-Encoding: chunked", b"Content-Length: 3"], b"5\r\nhello\r\n0\r\n\r\n")
+        h1_request(b"POST", b"/v1/attacker", host, [b"Transfer-Encoding: chunked", b"Content-Length: 3"], b"5\r\nhello\r\n0\r\n\r\n")
     ],
     "h1-te-not-chunked": lambda host, a: [
-        h1_request(b"POST", b"/hash", host, [b"Transfer-Encoding: gzip", b"Content-Length: 5"], b"hello")
+        h1_request(b"POST", b"/v1/attacker", host, [b"Transfer-Encoding: gzip", b"Content-Length: 5"], b"hello")
     ],
     "h1-duplicate-cl": lambda host, a: [
-        h1_request(b"POST", b"/hash", host, [b"Content-Length: 5", b"Content-Length: 12"], b"hello")
+        h1_request(b"POST", b"/v1/attacker", host, [b"Content-Length: 5", b"Content-Length: 12"], b"hello")
     ],
-    "h1-obs-fold": lambda host, a: [h1_request(b"GET", b"/hash", host, [b"X-Folded: a", b" b"])],
-    "h1-bare-lf": lambda host, a: [h1_request(b"GET", b"/hash", host, [b"X-A: 1"], eol=b"\n")],
-    "h1-bare-cr": lambda host, a: [h1_request(b"GET", b"/hash", host, [b"X-A: 1\rX-B: 2"])],
+    "h1-obs-fold": lambda host, a: [h1_request(b"GET", b"/v1/attacker", host, [b"X-Folded: a", b" b"])],
+    "h1-bare-lf": lambda host, a: [h1_request(b"GET", b"/v1/attacker", host, [b"X-A: 1"], eol=b"\n")],
+    "h1-bare-cr": lambda host, a: [h1_request(b"GET", b"/v1/attacker", host, [b"X-A: 1\rX-B: 2"])],
     "h1-huge-header": lambda host, a: [
-        h1_request(b"GET", b"/hash", host, [b"X-Big: " + b"a" * int(a.get("bytes", "70000"))])
+        h1_request(b"GET", b"/v1/attacker", host, [b"X-Big: " + b"a" * int(a.get("bytes", "70000"))])
     ],
     "h1-many-headers": lambda host, a: [
-        h1_request(b"GET", b"/hash", host, [b"X-H%d: v" % i for i in range(int(a.get("count", "101")))])
+        h1_request(b"GET", b"/v1/attacker", host, [b"X-H%d: v" % i for i in range(int(a.get("count", "101")))])
     ],
     # A request head sent a byte at a time, `gap` seconds apart: never complete in time.
     "h1-slowloris": lambda host, a: [
         x
-        for b in h1_request(b"GET", b"/hash", host, [b"X-Slow: " + b"s" * 200])
+        for b in h1_request(b"GET", b"/v1/attacker", host, [b"X-Slow: " + b"s" * 200])
         for x in (bytes([b]), float(a.get("gap", "0.25")))
     ],
     # A body that stops after 3 of its 100 bytes.
