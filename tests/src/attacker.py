@@ -14,6 +14,7 @@ against brokerd's answers.
 """
 
 import json
+import random
 import re
 import select
 import socket
@@ -411,6 +412,8 @@ H1_ATTACKS = {
     "h1-expect-unknown": lambda host, a: [
         h1_request(b"POST", b"/bulk/up", host, [b"Expect: 200-ok", b"Content-Length: 10"], b"0123456789")
     ],
+    # One GET of `path` (an upstream attack: a bomb, a lying length).
+    "h1-get": lambda host, a: [h1_request(b"GET", a["path"].encode(), host, [b"Connection: close"])],
     # A lying Content-Length: 10 bytes promised, 4 sent, then the agent closes its side.
     "h1-short-body": lambda host, a: [h1_request(b"POST", b"/bulk/up", host, [b"Content-Length: 10"], b"abcd")],
 }
@@ -530,11 +533,56 @@ def tls_attack(attack, host, port, ca, sni, args):
     return report
 
 
+def dns_query(qid, name):
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    return q + b"\x00" + struct.pack(">HH", 1, 1)
+
+
+def dns_attack(attack, args):
+    """`dns-flood`: `n` queries for random names under `suffix` as fast as they go;
+    `dns-fill`: `n` distinct names under `suffix`, `batch` at a time, so each is answered.
+    Reports the response codes seen."""
+    n, suffix = int(args.get("n", "3000")), args["suffix"]
+    batch = int(args.get("batch", "0"))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    codes = {}
+    start = time.monotonic()
+
+    def drain(wait):
+        end = time.monotonic() + wait
+        while True:
+            r, _, _ = select.select([sock], [], [], max(0.0, end - time.monotonic()))
+            if not r:
+                return
+            try:
+                reply = sock.recv(4096)
+            except BlockingIOError:
+                continue
+            code = str(reply[3] & 0x0F)
+            codes[code] = codes.get(code, 0) + 1
+
+    for i in range(n):
+        name = ("n%d" % i) if attack == "dns-fill" else ("%x" % random.getrandbits(48))
+        sock.sendto(dns_query(i & 0xFFFF, name + "." + suffix), ("127.0.0.53", 53))
+        if batch and i % batch == batch - 1:
+            drain(0.05)
+        elif i % 50 == 0:
+            drain(0.0)
+    drain(float(args.get("linger", "2")))
+    return {"attack": attack, "sent": n, "codes": codes, "elapsed": round(time.monotonic() - start, 3)}
+
+
 def main():
     attack, host, port, ca, sni = sys.argv[1:6]
     args = dict(kv.split("=", 1) for kv in sys.argv[6:])
     linger = float(args.get("linger", "3"))
     authority = sni.encode()
+    if attack.startswith("dns-"):
+        print(json.dumps(dns_attack(attack, args)), flush=True)
+        return
     if attack.startswith("tls-"):
         print(json.dumps(tls_attack(attack, host, int(port), ca, sni, args)), flush=True)
         return

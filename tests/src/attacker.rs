@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_broker_protocol::{AuditEvent, RequestOutcome};
+use agent_broker_protocol::{AuditEvent, EventKind, RequestOutcome};
 
 use crate::{
     Broker,
@@ -209,8 +209,8 @@ pub fn last_seq(broker: &Broker) -> u64 {
 }
 
 /// The first record of `cgroup` after `after` (a [`last_seq`]) whose reason contains
-/// `reason` (empty: the record of how one of its requests ended, for an attack brokerd
-/// answered as requests), waiting for it (a summed burst is written within a second or two); panics
+/// `reason` (empty: the record of how one of its requests ended, or of a DNS query, for an
+/// attack brokerd answered as requests), waiting for it (a summed burst is written within a second or two); panics
 /// naming `what` with the records there are.
 pub fn wait_reason(
     broker: &Broker,
@@ -225,6 +225,7 @@ pub fn wait_reason(
                 && r.cgroup.as_deref() == Some(cgroup)
                 && if reason.is_empty() {
                     r.outcome.is_some_and(|o| o != RequestOutcome::Forwarded)
+                        || r.kind == Some(EventKind::Dns)
                 } else {
                     r.reason.as_deref().is_some_and(|s| s.contains(reason))
                 }

@@ -1029,7 +1029,8 @@ fn llm(path: &str, body: &[u8], record: &UpstreamRequest) -> Response<Body> {
 /// - `/attack/bomb?coding=gzip|br&mb=N`: N MiB of zeros (64 unless given) compressed with that
 ///   `Content-Encoding` into a few KiB (gzip as concatenated members of 1 MiB each);
 /// - `/attack/bomb?coding=gzip&garbage=1`: `Content-Encoding: gzip` over bytes that are not;
-/// - `/attack/bomb?coding=x-abtest`: a content coding nobody knows.
+/// - `/attack/bomb?coding=x-abtest`: a content coding nobody knows;
+/// - `/attack/lying-length`: `Content-Length: 1000` over a body of 10 bytes.
 async fn attack(
     path: &str,
     query: Option<&str>,
@@ -1103,6 +1104,18 @@ async fn attack(
             param("mb"),
             param("garbage") == 1,
         ),
+        "/attack/lying-length" => {
+            // Streamed, so hyper cannot put the true length in its place.
+            let stream = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(
+                Bytes::from_static(b"ten bytes!"),
+            ))]);
+            let mut r = Response::new(BoxBody::new(StreamBody::new(stream)));
+            r.headers_mut().insert(
+                header::CONTENT_LENGTH,
+                header::HeaderValue::from_static("1000"),
+            );
+            r
+        }
         "/attack/conn-auth" => {
             use std::sync::atomic::Ordering::SeqCst;
             if record.header_hash("authorization").is_some() {
@@ -1142,14 +1155,14 @@ fn bomb(query: &str, mb: u64, garbage: bool) -> Response<Body> {
             member.repeat(mib)
         }
         "br" => {
-            use std::io::Read as _;
+            use std::io::Write as _;
             let mut out = Vec::new();
-            let mut input = std::io::repeat(0).take((mib as u64) << 20);
-            let params = brotli::enc::BrotliEncoderParams {
-                quality: 1,
-                ..Default::default()
-            };
-            let _ = brotli::BrotliCompress(&mut input, &mut out, &params);
+            {
+                let mut br = brotli::CompressorWriter::new(&mut out, 4096, 1, 22);
+                for _ in 0..mib {
+                    let _ = br.write_all(&zeros);
+                }
+            }
             out
         }
         _ => b"abtest".to_vec(),
