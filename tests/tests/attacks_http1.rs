@@ -15,7 +15,7 @@
 //!
 //! Run as root: `cargo test -p agent-broker-tests --test attacks_http1 -- --test-threads=1`.
 
-use agent_broker_protocol::{RequestOutcome, Side};
+use agent_broker_protocol::Side;
 use agent_broker_tests::{
     attacker::{self, attack},
     world::World,

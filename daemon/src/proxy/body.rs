@@ -178,8 +178,11 @@ pub(super) struct Counted {
     inner: Incoming,
     bytes: Arc<AtomicU64>,
     idle: Duration,
-    /// Armed when a poll finds nothing ready; `None` once a frame came since.
+    /// Made when a poll first finds nothing ready, for `idle` after the last frame at most;
+    /// when it fires early (frames came since), it is re-armed then, so a frame costs a clock
+    /// read, not a timer update.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    last_frame: tokio::time::Instant,
     fault: Arc<AgentFault>,
 }
 
@@ -195,6 +198,7 @@ impl Counted {
             bytes,
             idle,
             timer: None,
+            last_frame: tokio::time::Instant::now(),
             fault,
         }
     }
@@ -220,7 +224,7 @@ impl hyper::body::Body for Counted {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.timer = None;
+                this.last_frame = tokio::time::Instant::now();
                 if let Some(data) = frame.data_ref() {
                     this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
@@ -229,14 +233,22 @@ impl hyper::body::Body for Counted {
             Poll::Ready(Some(Err(e))) => this.failed(RequestBodyError::Agent(e)),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                let idle = this.idle;
+                let due = this.last_frame + this.idle;
                 let timer = this
                     .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => this.failed(RequestBodyError::Idle(idle)),
-                    Poll::Pending => Poll::Pending,
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                let stalled = loop {
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) if due > timer.deadline() => timer.as_mut().reset(due),
+                        Poll::Ready(()) => break true,
+                        Poll::Pending => break false,
+                    }
+                };
+                if stalled {
+                    let idle = this.idle;
+                    return this.failed(RequestBodyError::Idle(idle));
                 }
+                Poll::Pending
             }
         }
     }
