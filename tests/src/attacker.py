@@ -186,11 +186,12 @@ class H1Reader:
         }
 
 
-def pump(sock, reader, steps, linger, noread=0.0):
+def pump(sock, reader, steps, linger, noread=0.0, expect=0):
     """Writes `steps` (bytes to send, each a whole number of frames, or a float: seconds to
     wait before the next) while reading into `reader`, then reads for `linger` more seconds or
     until brokerd closes. Replies the reader queues (a SETTINGS ACK) go between two steps,
-    never inside one. `noread`: seconds from the start during which nothing is read (a slow
+    never inside one. `expect`: stop lingering once that many responses came (HTTP/2).
+    `noread`: seconds from the start during which nothing is read (a slow
     reader)."""
     start = time.monotonic()
     queue = []
@@ -225,6 +226,8 @@ def pump(sock, reader, steps, linger, noread=0.0):
             cur = queue.pop(0)
             queued -= len(cur)
         if closed or (exhausted and not cur and now >= deadline):
+            break
+        if exhausted and not cur and expect and len(getattr(reader, "heads", ())) >= expect:
             break
         reading = now - start >= noread
         writing = bool(cur) and write_error is None
@@ -588,7 +591,8 @@ def main():
         return
     if attack in H2_ATTACKS:
         sock = connect(host, int(port), ca, sni, "h2")
-        report = pump(sock, H2Reader(), H2_ATTACKS[attack](authority, args), linger)
+        expect = int(args.get("expect", "0"))
+        report = pump(sock, H2Reader(), H2_ATTACKS[attack](authority, args), linger, expect=expect)
     elif attack in H1_ATTACKS:
         sock = connect(host, int(port), ca, sni, "http/1.1", rcvbuf=int(args.get("rcvbuf", "0")))
         steps = H1_ATTACKS[attack](authority, args)

@@ -134,7 +134,7 @@ fn http2_stream_and_data_floods_get_bounded_answers() {
     let (_, record) = attack(
         &w,
         "h2-streams",
-        &["n=150", "ms=1500", "linger=10"],
+        &["n=150", "ms=1500", "expect=100", "linger=30"],
         RSS_GROWTH,
         "",
         |r| {
