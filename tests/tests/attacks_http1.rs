@@ -156,7 +156,7 @@ fn oversized_heads_get_431_and_slow_agents_are_cut_at_their_deadlines() {
         "h1-slowloris",
         &["gap=0.25", "linger=1"],
         RSS_GROWTH,
-        "no complete HTTP/1.1 request head within 2 s",
+        "no complete HTTP/1.1 request head within 2s",
         |r| {
             assert_eq!(r["all_sent"], false, "cut before the head was sent: {r}");
             let elapsed = r["elapsed"].as_f64().unwrap_or(0.0);

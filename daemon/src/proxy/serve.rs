@@ -51,9 +51,13 @@ pub(super) const H2_MAX_LOCAL_ERROR_RESETS: usize = 100;
 
 /// Why an agent connection that ended with `error` was the agent's breach of the protocol,
 /// for its audit record; `None` for an agent that merely went away (a reset or a close).
+/// `head_begun`: whether the agent sent bytes since its last request ended (or since the
+/// connection reached HTTP), which tells a head sent too slowly from a keep-alive connection
+/// that merely stayed idle until the same deadline closed it.
 fn protocol_violation(
     error: &(dyn std::error::Error + 'static),
     head_timeout: Duration,
+    head_begun: bool,
 ) -> Option<String> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
@@ -79,10 +83,12 @@ fn protocol_violation(
                 ));
             }
             if hyper.is_timeout() {
-                return Some(format!(
-                    "no complete HTTP/1.1 request head within {} s; the connection was closed",
-                    head_timeout.as_secs()
-                ));
+                return head_begun.then(|| {
+                    format!(
+                        "no complete HTTP/1.1 request head within {}; the connection was closed",
+                        humantime::format_duration(head_timeout)
+                    )
+                });
             }
         }
         source = e.source();
@@ -161,12 +167,87 @@ pub(super) struct Activity {
     last_ms: AtomicU64,
     /// Whether a request has started.
     seen: AtomicBool,
+    /// Milliseconds since `epoch` of the last read that brought bytes from the agent.
+    last_read_ms: AtomicU64,
 }
 
 impl Activity {
     fn touch(&self, epoch: Instant) {
         let ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether bytes came from the agent since its last request started or ended (or since
+    /// the connection reached HTTP): with nothing in flight, the start of a request head.
+    fn head_begun(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && self.last_read_ms.load(Ordering::Relaxed) > self.last_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// The agent's side of a connection, noting when bytes last came from it (see
+/// [`Activity::head_begun`]).
+struct ReadClock<I> {
+    inner: I,
+    activity: Arc<Activity>,
+    epoch: Instant,
+}
+
+impl<I: hyper::rt::Read + Unpin> hyper::rt::Read for ReadClock<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        // SAFETY: the inner reader only writes initialized bytes into this slice (ReadBuf
+        // tracks how many), and `advance` below counts exactly those.
+        let raw = unsafe { buf.as_mut() };
+        let mut inner_buf = hyper::rt::ReadBuf::uninit(raw);
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, inner_buf.unfilled());
+        let n = inner_buf.filled().len();
+        if n > 0 {
+            // SAFETY: the inner reader filled (initialized) the first `n` bytes.
+            unsafe { buf.advance(n) };
+            let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.activity.last_read_ms.store(ms, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for ReadClock<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 }
 
@@ -407,6 +488,11 @@ impl Proxy {
             .max_header_list_size(H2_MAX_HEADER_LIST)
             .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
             .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
+        let io = ReadClock {
+            inner: io,
+            activity: conn.activity.clone(),
+            epoch,
+        };
         let served = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(served);
         let result = tokio::select! {
@@ -424,7 +510,8 @@ impl Proxy {
         if let Err(e) = result {
             // Malformed HTTP from the agent ends up here: the connection closes.
             info!(cgroup = %conn.origin.cgroup, pid = conn.origin.pid, error = %e, "agent connection ended with an error");
-            if let Some(reason) = protocol_violation(&*e, self.deadlines.request_head) {
+            let head_begun = conn.activity.head_begun();
+            if let Some(reason) = protocol_violation(&*e, self.deadlines.request_head, head_begun) {
                 let mut event = connection_event(&conn.origin, conn.sni.as_deref());
                 event.kind = Some(EventKind::Denial);
                 event.decision = Some(Decision::Deny);

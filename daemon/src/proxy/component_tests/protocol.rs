@@ -175,3 +175,48 @@ async fn a_request_body_the_agent_cuts_is_the_agents_failure() {
         "{event:?}"
     );
 }
+
+#[tokio::test]
+async fn a_head_sent_too_slowly_is_recorded_and_an_idle_keep_alive_connection_is_not() {
+    let deadlines = Deadlines {
+        request_head: Duration::from_millis(400),
+        ..Deadlines::default()
+    };
+    let (_upstream, broker) = broker(deadlines).await;
+    // A keep-alive connection after one request, then silence: closed at the deadline, and
+    // nothing to record but the request.
+    let mut idle = TcpStream::connect(broker.addr).await.expect("connect");
+    idle.write_all(b"GET /one HTTP/1.1\r\nHost: api.example.test\r\n\r\n")
+        .await
+        .expect("write");
+    let answer = read_to_close(&mut idle).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A head sent a byte at a time, never finished.
+    let mut slow = TcpStream::connect(broker.addr).await.expect("connect");
+    let mut closed = false;
+    for b in b"GET /two HTTP/1.1\r\nHost: api.example.test\r\nx-slow: abcdefghijklmnop" {
+        if slow.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(closed || read_to_close(&mut slow).await.is_empty());
+    broker.shares.refusals().flush(true);
+    broker.events.wait_for(2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let events: Vec<_> = broker
+        .events
+        .raw()
+        .into_iter()
+        .filter(|e| e.kind == Some(EventKind::Denial))
+        .collect();
+    assert_eq!(events.len(), 1, "one record, the slow head's: {events:#?}");
+    assert!(
+        events[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("no complete HTTP/1.1 request head within 400ms")),
+        "{events:#?}"
+    );
+}
