@@ -175,7 +175,8 @@ fn http2_stream_and_data_floods_get_bounded_answers() {
                 Some(ENHANCE_YOUR_CALM),
                 "empty DATA flood: {r}"
             );
-            assert_eq!(r["all_sent"], false, "cut before the flood was sent: {r}");
+            // (Its 1.8 MB may all fit in the sockets' buffers before the GOAWAY comes.)
+            assert_eq!(r["responses"], 0, "{r}");
         },
     );
 }
