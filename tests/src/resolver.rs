@@ -229,4 +229,36 @@ mod tests {
         assert_eq!(r[3] & 0x0f, 3, "NXDOMAIN");
         assert_eq!(u16::from_be_bytes([r[6], r[7]]), 0);
     }
+
+    #[test]
+    fn a_wildcard_of_0_0_0_0_gives_each_name_an_address_of_its_own() {
+        let names = HashMap::from([(
+            "*.flood.test".to_string(),
+            (vec!["0.0.0.0".parse().expect("ip")], 60),
+        )]);
+        let address = |label: &str| {
+            let r = answer(&query(&[label, "flood", "test"], 1), &names).expect("answer");
+            assert_eq!(r[3] & 0x0f, 0, "NOERROR for {label}");
+            assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1, "one A answer");
+            let ip = [
+                r[r.len() - 4],
+                r[r.len() - 3],
+                r[r.len() - 2],
+                r[r.len() - 1],
+            ];
+            assert_eq!(ip[..2], [198, 18 | (ip[1] & 1)], "in 198.18.0.0/15: {ip:?}");
+            ip
+        };
+        assert_eq!(
+            address("n1"),
+            address("n1"),
+            "the same name, the same address"
+        );
+        let distinct: std::collections::HashSet<_> =
+            (0..1000).map(|i| address(&format!("n{i}"))).collect();
+        assert!(distinct.len() > 990, "{} distinct of 1000", distinct.len());
+        // Two labels under it, or the suffix itself: not covered.
+        let r = answer(&query(&["a", "b", "flood", "test"], 1), &names).expect("answer");
+        assert_eq!(r[3] & 0x0f, 3, "NXDOMAIN");
+    }
 }
