@@ -45,6 +45,8 @@ pub enum ConfigError {
     Approvals(String),
     #[error("upstream_header_timeout must be 1 to 86400 seconds, got {0}")]
     UpstreamHeaderTimeout(u64),
+    #[error("agent_header_timeout must be 1 to 3600 seconds, got {0}")]
+    AgentHeaderTimeout(u64),
     #[error("audit_unwritable must be \"refuse\" or \"continue\", got {0:?}")]
     AuditUnwritable(String),
     #[error(
@@ -188,6 +190,13 @@ pub struct Settings {
     /// bodies are bound by the rules' `idle_timeout` instead [default: 600].
     #[arg(long, value_name = "SECONDS")]
     pub upstream_header_timeout: Option<u64>,
+    /// How long an agent may take to send a request head, in seconds (1 to 3600): a
+    /// connection's first request must arrive this long after it reached HTTP, and each
+    /// HTTP/1.1 request head (a keep-alive connection waits this long for its next one) within
+    /// this long of the connection becoming ready for it; past it the connection is closed
+    /// [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub agent_header_timeout: Option<u64>,
     /// What brokerd does while the audit log cannot be written (its disk full or read-only):
     /// `refuse` answers every request 503 until a commit succeeds again, `continue` lets
     /// calls go on and drops (and counts) the records that do not fit its queue
@@ -242,6 +251,8 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// How long an upstream may take to send its response head.
     pub upstream_header_timeout: std::time::Duration,
+    /// How long an agent may take to send a request head.
+    pub agent_header_timeout: std::time::Duration,
     /// Refuse requests while the audit log cannot be written.
     pub audit_refuse_unwritable: bool,
 }
@@ -369,6 +380,11 @@ impl Config {
                 Some(s) => {
                     return Err(ConfigError::UpstreamHeaderTimeout(s));
                 }
+            },
+            agent_header_timeout: match cli.agent_header_timeout.or(file.agent_header_timeout) {
+                None => crate::proxy::Deadlines::default().request_head,
+                Some(s @ 1..=3600) => std::time::Duration::from_secs(s),
+                Some(s) => return Err(ConfigError::AgentHeaderTimeout(s)),
             },
             metrics_addr: match cli.metrics_addr.or(file.metrics_addr) {
                 // Metrics name agents and hosts: they are for this machine's monitoring only.
@@ -543,6 +559,35 @@ mod tests {
             err.to_string().contains("spin_us must be at most 1000"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_agent_header_timeout_is_layered_and_bounded() {
+        let default = Config::layer(Settings::default(), Settings::default()).expect("layer");
+        assert_eq!(
+            default.agent_header_timeout,
+            crate::proxy::Deadlines::default().request_head
+        );
+        let file: Settings = toml::from_str("agent_header_timeout = 5").expect("toml");
+        let cli = Settings {
+            agent_header_timeout: Some(2),
+            ..Default::default()
+        };
+        let c = Config::layer(cli, file).expect("layer");
+        assert_eq!(c.agent_header_timeout, std::time::Duration::from_secs(2));
+        for bad in [0, 3601] {
+            let cli = Settings {
+                agent_header_timeout: Some(bad),
+                ..Default::default()
+            };
+            let err = Config::layer(cli, Settings::default()).expect_err("refused");
+            assert!(
+                err.to_string().contains(&format!(
+                    "agent_header_timeout must be 1 to 3600 seconds, got {bad}"
+                )),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -191,6 +191,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         names,
         deadlines: Deadlines {
             response_head: config.upstream_header_timeout,
+            request_head: config.agent_header_timeout,
             ..Deadlines::default()
         },
         shares: share_book.clone(),

@@ -505,6 +505,14 @@ impl RefusalAudit {
         );
     }
 
+    /// A connection brokerd closed because the agent broke the protocol (malformed or
+    /// oversized HTTP, an HTTP/2 flood answered with GOAWAY, a request head too slow): `event`
+    /// names the connection and the reason. Like ones of the same agent are summed, so a flood
+    /// of such connections grows the log by a record a second.
+    pub fn protocol_error(&self, origin: &ConnectionOrigin, event: AuditEvent) -> bool {
+        self.record((Some(origin.cgroup_id), "connection:protocol"), event)
+    }
+
     /// A DNS query the policy refused: like ones of the same agent are summed. Whether it was
     /// recorded at once (the caller logs only those).
     pub fn refused_dns_name(&self, origin: &ConnectionOrigin, event: AuditEvent) -> bool {

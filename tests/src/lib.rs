@@ -34,6 +34,8 @@
 //!   ([`oauth::TestOAuth`]): refresh-token rotation, client credentials, jwt-bearer, failure
 //!   injection and counters.
 //! - [`mcp`]: the official MCP Python SDK (pinned, in a virtualenv under /var/tmp).
+//! - [`attacker`]: the protocol attacker of issue 17.2 (raw HTTP/2 frames and HTTP/1.1 bytes
+//!   over TLS from inside an agent cgroup) and brokerd's runtime gauges, sampled during it.
 //! - [`world`]: the world of the tests against the HTTPS test API (a cgroup, the API, a brokerd
 //!   trusting its CA, a secret in the vault), shared by several test files.
 //!
@@ -45,6 +47,7 @@
 //! `<workspace>/target/static/x86_64-unknown-linux-gnu/debug/agent-client`.
 
 pub mod agent;
+pub mod attacker;
 pub mod aws;
 pub mod bpf;
 pub mod broker;

@@ -66,7 +66,9 @@ impl TestResolver {
     }
 
     /// Answers `name` with `ip` as well, from now on (a name may have several addresses).
-    /// brokerd remembers what it looked up for a few seconds at least, so add a name before
+    /// `*.suffix` answers the names one label under `suffix` that have no entry of their own;
+    /// with 0.0.0.0 as its address, each such name gets an address of its own in
+    /// 198.18.0.0/15 (a test filling brokerd's table of answered names). brokerd remembers what it looked up for a few seconds at least, so add a name before
     /// brokerd is asked about it.
     pub fn add(&self, name: &str, ip: IpAddr) {
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
@@ -101,6 +103,17 @@ impl Drop for TestResolver {
 }
 
 /// The answer to one query, or `None` for one that is not worth an answer.
+/// An address in 198.18.0.0/15 (for benchmarks, never routed here) for a name under a
+/// wildcard (see [`TestResolver::add`]): distinct names get distinct addresses, mostly.
+fn derived_address(name: &str) -> IpAddr {
+    // FNV-1a.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let low = u32::try_from(hash % (1 << 17)).unwrap_or(0);
+    IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 + low))
+}
+
 fn answer(query: &[u8], names: &HashMap<String, (Vec<IpAddr>, u32)>) -> Option<Vec<u8>> {
     if query.len() < 12 || u16::from_be_bytes([query[4], query[5]]) != 1 {
         return None;
@@ -120,10 +133,24 @@ fn answer(query: &[u8], names: &HashMap<String, (Vec<IpAddr>, u32)>) -> Option<V
     let qtype = u16::from_be_bytes([*query.get(at)?, *query.get(at + 1)?]);
     let question_end = at + 4;
     let question = query.get(12..question_end)?;
-    let found = names.get(&labels.join(".")).map(|(ips, _)| ips);
-    let ttl = names
-        .get(&labels.join("."))
-        .map_or(DEFAULT_TTL, |(_, ttl)| *ttl);
+    let name = labels.join(".");
+    let derived;
+    let found = match names.get(&name) {
+        Some((ips, _)) => Some(ips),
+        None => {
+            // `*.suffix` given as 0.0.0.0: every name under it answers an address of its own.
+            let wild = labels.get(1..).map(|rest| format!("*.{}", rest.join(".")));
+            match wild.as_ref().and_then(|w| names.get(w)) {
+                Some((ips, _)) if ips == &[IpAddr::from([0, 0, 0, 0])] => {
+                    derived = vec![derived_address(&name)];
+                    Some(&derived)
+                }
+                Some((ips, _)) => Some(ips),
+                None => None,
+            }
+        }
+    };
+    let ttl = names.get(&name).map_or(DEFAULT_TTL, |(_, ttl)| *ttl);
     // A (1) gets the IPv4 addresses, AAAA (28) the IPv6 ones; other types none.
     let records: Vec<Vec<u8>> = found
         .into_iter()
@@ -201,5 +228,37 @@ mod tests {
         let r = answer(&query(&["xyz", "example", "test"], 1), &names).expect("answer");
         assert_eq!(r[3] & 0x0f, 3, "NXDOMAIN");
         assert_eq!(u16::from_be_bytes([r[6], r[7]]), 0);
+    }
+
+    #[test]
+    fn a_wildcard_of_0_0_0_0_gives_each_name_an_address_of_its_own() {
+        let names = HashMap::from([(
+            "*.flood.test".to_string(),
+            (vec!["0.0.0.0".parse().expect("ip")], 60),
+        )]);
+        let address = |label: &str| {
+            let r = answer(&query(&[label, "flood", "test"], 1), &names).expect("answer");
+            assert_eq!(r[3] & 0x0f, 0, "NOERROR for {label}");
+            assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1, "one A answer");
+            let ip = [
+                r[r.len() - 4],
+                r[r.len() - 3],
+                r[r.len() - 2],
+                r[r.len() - 1],
+            ];
+            assert_eq!(ip[..2], [198, 18 | (ip[1] & 1)], "in 198.18.0.0/15: {ip:?}");
+            ip
+        };
+        assert_eq!(
+            address("n1"),
+            address("n1"),
+            "the same name, the same address"
+        );
+        let distinct: std::collections::HashSet<_> =
+            (0..1000).map(|i| address(&format!("n{i}"))).collect();
+        assert!(distinct.len() > 990, "{} distinct of 1000", distinct.len());
+        // Two labels under it, or the suffix itself: not covered.
+        let r = answer(&query(&["a", "b", "flood", "test"], 1), &names).expect("answer");
+        assert_eq!(r[3] & 0x0f, 3, "NXDOMAIN");
     }
 }

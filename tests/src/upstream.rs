@@ -1023,6 +1023,14 @@ fn llm(path: &str, body: &[u8], record: &UpstreamRequest) -> Response<Body> {
 ///   before its usage event (a stream the agent cuts before its usage);
 /// - `/attack/conn-auth`: authenticates the connection when the request carries an
 ///   Authorization header, and says whether the connection is authenticated.
+///
+/// And of the issue-17 protocol attacks (`tests/tests/attacks_wire.rs`):
+///
+/// - `/attack/bomb?coding=gzip|br&mb=N`: N MiB of zeros (64 unless given) compressed with that
+///   `Content-Encoding` into a few KiB (gzip as concatenated members of 1 MiB each);
+/// - `/attack/bomb?coding=gzip&garbage=1`: `Content-Encoding: gzip` over bytes that are not;
+/// - `/attack/bomb?coding=x-abtest`: a content coding nobody knows;
+/// - `/attack/lying-length`: `Content-Length: 1000` over a body of 10 bytes.
 async fn attack(
     path: &str,
     query: Option<&str>,
@@ -1091,6 +1099,23 @@ async fn attack(
             );
             r
         }
+        "/attack/bomb" => bomb(
+            query.unwrap_or_default(),
+            param("mb"),
+            param("garbage") == 1,
+        ),
+        "/attack/lying-length" => {
+            // Streamed, so hyper cannot put the true length in its place.
+            let stream = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(
+                Bytes::from_static(b"ten bytes!"),
+            ))]);
+            let mut r = Response::new(BoxBody::new(StreamBody::new(stream)));
+            r.headers_mut().insert(
+                header::CONTENT_LENGTH,
+                header::HeaderValue::from_static("1000"),
+            );
+            r
+        }
         "/attack/conn-auth" => {
             use std::sync::atomic::Ordering::SeqCst;
             if record.header_hash("authorization").is_some() {
@@ -1109,6 +1134,48 @@ async fn attack(
             &serde_json::json!({"error": "no such attack endpoint", "path": path}),
         ),
     }
+}
+
+/// `/attack/bomb`: see [`attack`].
+fn bomb(query: &str, mb: u64, garbage: bool) -> Response<Body> {
+    let coding = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("coding="))
+        .unwrap_or("gzip")
+        .to_string();
+    let mib = usize::try_from(if mb == 0 { 64 } else { mb }).unwrap_or(64);
+    let zeros = vec![0u8; 1 << 20];
+    let body: Vec<u8> = match coding.as_str() {
+        _ if garbage => b"this is not what its Content-Encoding says".to_vec(),
+        "gzip" => {
+            use std::io::Write as _;
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            let _ = gz.write_all(&zeros);
+            let member = gz.finish().unwrap_or_default();
+            member.repeat(mib)
+        }
+        "br" => {
+            use std::io::Write as _;
+            let mut out = Vec::new();
+            {
+                let mut br = brotli::CompressorWriter::new(&mut out, 4096, 1, 22);
+                for _ in 0..mib {
+                    let _ = br.write_all(&zeros);
+                }
+            }
+            out
+        }
+        _ => b"abtest".to_vec(),
+    };
+    let mut r = Response::new(full(body));
+    if let Ok(v) = header::HeaderValue::from_str(&coding) {
+        r.headers_mut().insert(header::CONTENT_ENCODING, v);
+    }
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    r
 }
 
 /// The credential of a request: the token after `Bearer ` in its Authorization header.

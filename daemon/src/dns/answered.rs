@@ -19,11 +19,24 @@ const MIN_KEEP: Duration = Duration::from_secs(60);
 const MAX_KEEP: Duration = Duration::from_secs(24 * 3600);
 /// Bound on remembered (cgroup, address) pairs.
 const CAPACITY: usize = 65_536;
+/// Bound on one agent's remembered addresses, so an agent resolving names made up to fill the
+/// table (an allowed `*.suffix` answers any of them) only ever forgets its own answers.
+const PER_AGENT: usize = 4_096;
+
+/// Each agent's answers: address -> (name, remembered until).
+type Answers = HashMap<IpAddr, (String, Instant)>;
 
 /// See the module documentation.
 #[derive(Default)]
 pub struct AnsweredNames {
-    entries: Mutex<HashMap<(CgroupPath, IpAddr), (String, Instant)>>,
+    entries: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    by_agent: HashMap<CgroupPath, Answers>,
+    /// Entries of all agents.
+    len: usize,
 }
 
 impl AnsweredNames {
@@ -47,24 +60,39 @@ impl AnsweredNames {
         now: Instant,
     ) {
         let until = now + ttl.clamp(MIN_KEEP, MAX_KEEP);
-        let Ok(mut entries) = self.entries.lock() else {
+        let Ok(mut table) = self.entries.lock() else {
             return;
         };
+        let name = name.to_ascii_lowercase();
         for addr in addrs {
-            if entries.len() >= CAPACITY {
-                entries.retain(|_, (_, t)| *t > now);
-                if entries.len() >= CAPACITY {
-                    // Still full of live answers: forget them all rather than grow. A forgotten
-                    // name only makes a later connection fall back to address rules.
-                    entries.clear();
+            let addr = addr.to_canonical();
+            if table.len >= CAPACITY {
+                table.expire(now);
+                if table.len >= CAPACITY {
+                    // Still full of live answers (many agents at their bound): forget them all
+                    // rather than grow. A forgotten name only makes a later connection fall
+                    // back to address rules.
+                    table.by_agent.clear();
+                    table.len = 0;
                 }
             }
-            entries.insert(
-                (cgroup.clone(), addr.to_canonical()),
-                (name.to_ascii_lowercase(), until),
-            );
+            let answers = table.by_agent.entry(cgroup.clone()).or_default();
+            let before = answers.len();
+            if before >= PER_AGENT && !answers.contains_key(&addr) {
+                answers.retain(|_, (_, t)| *t > now);
+                if answers.len() >= PER_AGENT {
+                    // Full of live answers: this agent forgets the one that expires first.
+                    let soonest = answers.iter().min_by_key(|(_, (_, t))| *t).map(|(a, _)| *a);
+                    if let Some(soonest) = soonest {
+                        answers.remove(&soonest);
+                    }
+                }
+            }
+            answers.insert(addr, (name.clone(), until));
+            let after = answers.len();
+            table.len = table.len + after - before;
         }
-        crate::metrics::global().answered_names_size(entries.len());
+        crate::metrics::global().answered_names_size(table.len);
     }
 
     /// The name brokerd's DNS last gave `cgroup` for `addr`, if that answer is still current.
@@ -73,9 +101,29 @@ impl AnsweredNames {
     }
 
     fn lookup_at(&self, cgroup: &CgroupPath, addr: IpAddr, now: Instant) -> Option<String> {
-        let entries = self.entries.lock().ok()?;
-        let (name, until) = entries.get(&(cgroup.clone(), addr.to_canonical()))?;
+        let table = self.entries.lock().ok()?;
+        let (name, until) = table.by_agent.get(cgroup)?.get(&addr.to_canonical())?;
         (*until > now).then(|| name.clone())
+    }
+
+    /// How many addresses `cgroup`'s answers hold now.
+    #[cfg(test)]
+    fn len_of(&self, cgroup: &CgroupPath) -> usize {
+        self.entries
+            .lock()
+            .map(|t| t.by_agent.get(cgroup).map_or(0, HashMap::len))
+            .unwrap_or(0)
+    }
+}
+
+impl Table {
+    /// Drops every expired answer, and agents left with none.
+    fn expire(&mut self, now: Instant) {
+        self.by_agent.retain(|_, answers| {
+            answers.retain(|_, (_, t)| *t > now);
+            !answers.is_empty()
+        });
+        self.len = self.by_agent.values().map(HashMap::len).sum();
     }
 }
 
@@ -151,6 +199,59 @@ mod tests {
         assert_eq!(
             names.lookup_at(&cg("a"), ip("192.0.2.1"), now),
             Some("two.test".into())
+        );
+    }
+
+    #[test]
+    fn one_agent_filling_the_table_forgets_only_its_own_answers() {
+        let names = AnsweredNames::default();
+        let now = Instant::now();
+        let ttl = Duration::from_secs(300);
+        let victim = cg("agents/victim");
+        let attacker = cg("agents/attacker");
+        names.record_at(&victim, "git.example.test", [ip("192.0.2.1")], ttl, now);
+        for i in 0..(PER_AGENT as u32 * 3) {
+            let addr = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            let later = now + Duration::from_millis(u64::from(i));
+            names.record_at(&attacker, &format!("n{i}.flood.test"), [addr], ttl, later);
+        }
+        assert_eq!(names.len_of(&attacker), PER_AGENT, "bounded per agent");
+        assert_eq!(
+            names.lookup_at(&victim, ip("192.0.2.1"), now),
+            Some("git.example.test".into()),
+            "the other agent's answer stays"
+        );
+        // The attacker keeps its newest answers, and lost its oldest.
+        let last = IpAddr::from(std::net::Ipv4Addr::from(
+            0x0a00_0000 + PER_AGENT as u32 * 3 - 1,
+        ));
+        assert!(names.lookup_at(&attacker, last, now).is_some());
+        assert!(names.lookup_at(&attacker, ip("10.0.0.0"), now).is_none());
+        let total = names.entries.lock().map(|t| t.len).unwrap_or(0);
+        assert_eq!(total, PER_AGENT + 1, "the count follows the entries");
+    }
+
+    #[test]
+    fn an_agent_at_its_bound_drops_expired_answers_first() {
+        let names = AnsweredNames::default();
+        let now = Instant::now();
+        let a = cg("agents/a");
+        for i in 0..PER_AGENT as u32 {
+            let addr = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            names.record_at(&a, "x.test", [addr], Duration::ZERO, now);
+        }
+        let later = now + Duration::from_secs(61);
+        names.record_at(
+            &a,
+            "y.test",
+            [ip("192.0.2.9")],
+            Duration::from_secs(300),
+            later,
+        );
+        assert_eq!(
+            names.len_of(&a),
+            1,
+            "the expired ones went, not the new one"
         );
     }
 }

@@ -138,33 +138,119 @@ impl hyper::body::Body for Watched {
     }
 }
 
-/// A request body on its way upstream, counted.
+/// Why an agent's request body ended before its end on its way upstream. The upstream
+/// request is cut, and the failure is the agent's ([`AgentFault`]).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    #[error(
+        "the agent's request body failed (it reset its stream, or its connection closed \
+         before the body ended)"
+    )]
+    Agent(#[source] hyper::Error),
+    #[error(
+        "the agent sent nothing of its request body for {}",
+        humantime::format_duration(*.0)
+    )]
+    Idle(Duration),
+}
+
+/// Set when the agent's request body fails on its way upstream: what then fails (the
+/// upstream request, the response stream) is recorded as the agent's doing, not the
+/// upstream's.
+#[derive(Debug, Default)]
+pub(super) struct AgentFault(std::sync::OnceLock<String>);
+
+impl AgentFault {
+    fn set(&self, why: &RequestBodyError) {
+        let _ = self.0.set(agent_broker_core::fmt::error_chain(why));
+    }
+
+    /// Why the agent's body failed, if it did.
+    pub(super) fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+}
+
+/// A request body on its way upstream, counted. Each piece must come within `idle` of the
+/// previous one (as an upstream's response body must), so an agent that stops sending its
+/// body holds no upstream request open past it; a body that fails or stalls sets `fault`.
 pub(super) struct Counted {
     inner: Incoming,
     bytes: Arc<AtomicU64>,
+    idle: Duration,
+    /// Made when a poll first finds nothing ready, for `idle` after the last frame at most;
+    /// when it fires early (frames came since), it is re-armed then, so a frame costs a clock
+    /// read, not a timer update.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    last_frame: tokio::time::Instant,
+    fault: Arc<AgentFault>,
 }
 
 impl Counted {
-    pub(super) fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
-        Self { inner, bytes }
+    pub(super) fn new(
+        inner: Incoming,
+        bytes: Arc<AtomicU64>,
+        idle: Duration,
+        fault: Arc<AgentFault>,
+    ) -> Self {
+        Self {
+            inner,
+            bytes,
+            idle,
+            timer: None,
+            last_frame: tokio::time::Instant::now(),
+            fault,
+        }
+    }
+
+    fn failed(
+        &mut self,
+        why: RequestBodyError,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        tracing::info!(error = %why, "the agent's request body failed; the upstream request is cut");
+        self.fault.set(&why);
+        Poll::Ready(Some(Err(why)))
     }
 }
 
 impl hyper::body::Body for Counted {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = RequestBodyError;
 
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.last_frame = tokio::time::Instant::now();
+                if let Some(data) = frame.data_ref() {
+                    this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => this.failed(RequestBodyError::Agent(e)),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let due = this.last_frame + this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                let stalled = loop {
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) if due > timer.deadline() => timer.as_mut().reset(due),
+                        Poll::Ready(()) => break true,
+                        Poll::Pending => break false,
+                    }
+                };
+                if stalled {
+                    let idle = this.idle;
+                    return this.failed(RequestBodyError::Idle(idle));
+                }
+                Poll::Pending
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -198,15 +284,15 @@ impl<B> Transformed<B> {
 
 impl<B> hyper::body::Body for Transformed<B>
 where
-    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    B: hyper::body::Body<Data = Bytes, Error = RequestBodyError> + Unpin,
 {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = RequestBodyError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         use std::task::Poll;
         loop {
             if self.done {

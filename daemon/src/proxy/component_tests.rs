@@ -35,6 +35,7 @@ mod hosts;
 mod injection;
 mod leaks;
 mod local;
+mod protocol;
 mod scrubbing;
 mod shares;
 mod streams;

@@ -20,7 +20,10 @@ use tracing::{info, warn};
 
 use super::{
     Denial, DenialReason, Grant, Proxy, RequestFacts,
-    body::{AgentBody, BodyError, Counted, Transformed, Watched, scrub_headers, scrubbed_body},
+    body::{
+        AgentBody, AgentFault, BodyError, Counted, Transformed, Watched, scrub_headers,
+        scrubbed_body,
+    },
     decode::{Coding, Decoded, Limits as DecodeLimits},
     http::{
         Refusal, check_request_shape, prepare_upstream, request_host, strip_hop_by_hop,
@@ -65,8 +68,8 @@ impl Proxy {
             );
         }
         match (exchange.failure, exchange.inflight) {
-            (Some(failure), Some(inflight)) if failure.side == Side::Upstream => {
-                inflight.fail(status, failure.reason);
+            (Some(failure), Some(inflight)) if failure.metric.is_none() => {
+                inflight.fail(status, failure.reason, failure.side);
                 exchange.response
             }
             (Some(failure), Some(inflight)) => {
@@ -250,6 +253,7 @@ impl Proxy {
             }
             _ => read_first,
         };
+        let fault = Arc::new(AgentFault::default());
         let upstream_body = match read_first {
             Some(bytes) => {
                 bytes_in.store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -262,7 +266,9 @@ impl Proxy {
                     let denial = Denial::forbidden(Refusal::BodyConsumed.into());
                     return Exchange::refused(&conn.origin, host, denial, Some(grant));
                 };
-                UnsyncBoxBody::new(Counted::new(inner, bytes_in.clone()))
+                // The agent's body pauses no longer than the upstream's may.
+                let idle = grant.idle_timeout.unwrap_or(self.deadlines.body_idle);
+                UnsyncBoxBody::new(Counted::new(inner, bytes_in.clone(), idle, fault.clone()))
             }
         };
         let upstream_body = match grant.body_transform.take() {
@@ -287,7 +293,7 @@ impl Proxy {
         // Connections are pooled per agent and credential: one an upstream authenticated for a
         // credential never carries another agent's requests, nor this agent's without it.
         let partition = Partition::new(conn.origin.cgroup.as_str(), &grant.secrets);
-        let inflight = InFlight::start(
+        let mut inflight = InFlight::start(
             event,
             &host,
             &mut grant,
@@ -295,6 +301,7 @@ impl Proxy {
             self.events.clone(),
             started,
         );
+        inflight.watch_agent_body(fault.clone());
         let sent = self.upstream.request(
             conn.origin.original_dst,
             protocols,
@@ -320,6 +327,21 @@ impl Proxy {
                     ..Denial::forbidden(DenialReason::Rule(reason))
                 };
                 return Exchange::refused_in_flight(&conn.origin, host, denial, inflight);
+            }
+            Ok(Err(_)) if fault.get().is_some() => {
+                // The agent's body failed (reset, cut, stalled): the upstream request was cut
+                // for it, and the fault is the agent's.
+                let why = fault.get().unwrap_or_default();
+                let reason = format!("request to {host} cut: {why}");
+                info!(cgroup = %conn.origin.cgroup, %reason, "agent request body failed");
+                let body = error_body("request body failed", &reason, None, &conn.origin);
+                return Exchange::agent_failed(
+                    StatusCode::BAD_REQUEST,
+                    body,
+                    reason,
+                    host,
+                    inflight,
+                );
             }
             Ok(Err(e)) => {
                 let reason = format!(
@@ -613,6 +635,32 @@ impl Exchange {
             reason,
             rule: None,
             side: Side::Upstream,
+            metric: None,
+        };
+        Self {
+            response: json_response(status, &body),
+            host,
+            grant: None,
+            inflight: Some(inflight),
+            failure: Some(failure),
+            tunnel: None,
+        }
+    }
+
+    /// A forwarded request the agent's own body cut (reset, closed, or stalled past the idle
+    /// deadline): `status` (400) with `body`, recorded as the agent's failure.
+    fn agent_failed(
+        status: StatusCode,
+        body: serde_json::Value,
+        reason: String,
+        host: String,
+        inflight: InFlight,
+    ) -> Self {
+        let failure = Failure {
+            kind: EventKind::Request,
+            reason,
+            rule: None,
+            side: Side::Agent,
             metric: None,
         };
         Self {

@@ -23,7 +23,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use super::{
     Completion, Grant,
     authorizer::OnComplete,
-    body::{AgentBody, End, Ended, Observed},
+    body::{AgentBody, AgentFault, End, Ended, Observed},
     exchange::Failure,
     tunnel::Tunnel,
 };
@@ -97,6 +97,8 @@ struct Pending {
     events: Arc<dyn EventSink>,
     /// Secret values replaced in what the agent got.
     redactions: Arc<AtomicU64>,
+    /// Set when the agent's request body failed: a stream cut after that is the agent's doing.
+    agent_fault: Option<Arc<AgentFault>>,
 }
 
 /// How a forwarded request ended, for its record.
@@ -143,7 +145,16 @@ impl InFlight {
             on_complete: grant.on_complete.take(),
             events,
             redactions: Arc::default(),
+            agent_fault: None,
         }))
+    }
+
+    /// Watches the request body going upstream: when it fails, what fails after it (the
+    /// response stream) is recorded as the agent's failure, not the upstream's.
+    pub(super) fn watch_agent_body(&mut self, fault: Arc<AgentFault>) {
+        if let Some(pending) = self.0.as_mut() {
+            pending.agent_fault = Some(fault);
+        }
     }
 
     /// Counts the secret values the scrubber replaces into `redactions`, for the record.
@@ -173,9 +184,10 @@ impl InFlight {
         }
     }
 
-    /// Records the upstream's failure: it could not be reached, sent no answer in time, or
-    /// answered what cannot be passed on; the agent got `status` with `reason`.
-    pub(super) fn fail(mut self, status: StatusCode, reason: String) {
+    /// Records the request's failure, `side`'s doing: the upstream could not be reached, sent
+    /// no answer in time, or answered what cannot be passed on, or the agent's request body
+    /// failed; the agent got `status` with `reason`.
+    pub(super) fn fail(mut self, status: StatusCode, reason: String, side: Side) {
         if let Some(pending) = self.0.take() {
             let usage = pending.meter_usage.then(|| UsageMeter::new().finish(false));
             pending.end(Ending {
@@ -184,7 +196,7 @@ impl InFlight {
                 bytes_out: 0,
                 usage,
                 reason: Some(reason),
-                side: None,
+                side: Some(side),
             });
         }
     }
@@ -227,9 +239,20 @@ impl InFlight {
         let meter = pending.meter_usage;
         let (parts, body) = response.into_parts();
         let done = Box::new(move |ended: Ended| {
+            let agent_fault = pending
+                .agent_fault
+                .as_ref()
+                .and_then(|f| f.get().map(str::to_string));
+            let mut side = None;
             let (outcome, reason) = match ended.end {
                 End::Completed => (RequestOutcome::Completed, None),
-                End::Cut(why) => (RequestOutcome::Failed, Some(why)),
+                End::Cut(why) => match agent_fault {
+                    Some(fault) => {
+                        side = Some(Side::Agent);
+                        (RequestOutcome::Failed, Some(format!("{fault}; then {why}")))
+                    }
+                    None => (RequestOutcome::Failed, Some(why)),
+                },
                 End::Dropped => (
                     RequestOutcome::Cancelled,
                     Some(
@@ -245,7 +268,7 @@ impl InFlight {
                 bytes_out: ended.bytes_out,
                 usage: ended.usage,
                 reason,
-                side: None,
+                side,
             });
         });
         let observed = Observed::new(body, meter, bodyless, done);

@@ -32,6 +32,70 @@ use super::{
 };
 use crate::{capture::ConnectionOrigin, metrics::HandshakeOutcome, shares::Held};
 
+/// HTTP/1.1: the most an agent's request head (request line and headers) may take, as hyper's
+/// read buffer; past it the agent gets 431 and the connection closes.
+pub(super) const H1_MAX_HEAD: usize = 64 * 1024;
+/// HTTP/2: streams an agent may have open at once on one connection (SETTINGS); more are
+/// refused (RST_STREAM REFUSED_STREAM).
+pub(super) const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// HTTP/2: the most a request's decoded header list may take (SETTINGS); past it the stream
+/// gets 431, and at twice it (an HPACK bomb) the connection GOAWAY ENHANCE_YOUR_CALM.
+pub(super) const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
+/// HTTP/2: streams the agent opened and reset before brokerd served them (Rapid Reset,
+/// CVE-2023-44487) that may be pending at once; past it, GOAWAY ENHANCE_YOUR_CALM.
+pub(super) const H2_MAX_PENDING_ACCEPT_RESETS: usize = 50;
+/// HTTP/2: streams brokerd had to reset for the agent's errors (MadeYouReset, CVE-2025-8671:
+/// WINDOW_UPDATE overflow, DATA past the window or on a closed stream) on one connection;
+/// past it, GOAWAY ENHANCE_YOUR_CALM.
+pub(super) const H2_MAX_LOCAL_ERROR_RESETS: usize = 100;
+
+/// Why an agent connection that ended with `error` was the agent's breach of the protocol,
+/// for its audit record; `None` for an agent that merely went away (a reset or a close).
+/// `head_begun`: whether the agent sent bytes since its last request ended (or since the
+/// connection reached HTTP), which tells a head sent too slowly from a keep-alive connection
+/// that merely stayed idle until the same deadline closed it.
+fn protocol_violation(
+    error: &(dyn std::error::Error + 'static),
+    head_timeout: Duration,
+    head_begun: bool,
+) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            // brokerd's own GOAWAY for the agent's error (a flood, a malformed frame).
+            return (h2.is_go_away() && h2.is_library()).then(|| {
+                let reason = h2.reason().unwrap_or(h2::Reason::PROTOCOL_ERROR);
+                format!("HTTP/2 connection closed with GOAWAY {reason:?}: {h2}")
+            });
+        }
+        if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+            if hyper.is_parse_too_large() {
+                return Some(format!(
+                    "HTTP/1.1 request head over {} KiB or over 100 header fields (431): {}",
+                    H1_MAX_HEAD / 1024,
+                    error_chain(hyper)
+                ));
+            }
+            if hyper.is_parse() {
+                return Some(format!(
+                    "malformed HTTP/1.1 request (400): {}",
+                    error_chain(hyper)
+                ));
+            }
+            if hyper.is_timeout() {
+                return head_begun.then(|| {
+                    format!(
+                        "no complete HTTP/1.1 request head within {}; the connection was closed",
+                        humantime::format_duration(head_timeout)
+                    )
+                });
+            }
+        }
+        source = e.source();
+    }
+    None
+}
+
 /// Resolves when the connection has had no request in flight for its deadline:
 /// `request_head` before its first request, `connection_idle` after.
 async fn idle(activity: &Activity, epoch: Instant, deadlines: Deadlines) {
@@ -103,12 +167,87 @@ pub(super) struct Activity {
     last_ms: AtomicU64,
     /// Whether a request has started.
     seen: AtomicBool,
+    /// Milliseconds since `epoch` of the last read that brought bytes from the agent.
+    last_read_ms: AtomicU64,
 }
 
 impl Activity {
     fn touch(&self, epoch: Instant) {
         let ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether bytes came from the agent since its last request started or ended (or since
+    /// the connection reached HTTP): with nothing in flight, the start of a request head.
+    fn head_begun(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && self.last_read_ms.load(Ordering::Relaxed) > self.last_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// The agent's side of a connection, noting when bytes last came from it (see
+/// [`Activity::head_begun`]).
+struct ReadClock<I> {
+    inner: I,
+    activity: Arc<Activity>,
+    epoch: Instant,
+}
+
+impl<I: hyper::rt::Read + Unpin> hyper::rt::Read for ReadClock<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        // SAFETY: the inner reader only writes initialized bytes into this slice (ReadBuf
+        // tracks how many), and `advance` below counts exactly those.
+        let raw = unsafe { buf.as_mut() };
+        let mut inner_buf = hyper::rt::ReadBuf::uninit(raw);
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, inner_buf.unfilled());
+        let n = inner_buf.filled().len();
+        if n > 0 {
+            // SAFETY: the inner reader filled (initialized) the first `n` bytes.
+            unsafe { buf.advance(n) };
+            let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.activity.last_read_ms.store(ms, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for ReadClock<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 }
 
@@ -336,10 +475,24 @@ impl Proxy {
             }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper's default of 100 header fields (431 past it) stays: setting it moves every
+        // request's header array to the heap.
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.deadlines.request_head);
+            .header_read_timeout(self.deadlines.request_head)
+            .max_buf_size(H1_MAX_HEAD);
+        builder
+            .http2()
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(H2_MAX_HEADER_LIST)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
+        let io = ReadClock {
+            inner: io,
+            activity: conn.activity.clone(),
+            epoch,
+        };
         let served = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(served);
         let result = tokio::select! {
@@ -357,6 +510,15 @@ impl Proxy {
         if let Err(e) = result {
             // Malformed HTTP from the agent ends up here: the connection closes.
             info!(cgroup = %conn.origin.cgroup, pid = conn.origin.pid, error = %e, "agent connection ended with an error");
+            let head_begun = conn.activity.head_begun();
+            if let Some(reason) = protocol_violation(&*e, self.deadlines.request_head, head_begun) {
+                let mut event = connection_event(&conn.origin, conn.sni.as_deref());
+                event.kind = Some(EventKind::Denial);
+                event.decision = Some(Decision::Deny);
+                event.reason = Some(reason);
+                event.side = Some(Side::Agent);
+                self.shares.refusals().protocol_error(&conn.origin, event);
+            }
         }
     }
 

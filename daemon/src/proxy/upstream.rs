@@ -44,7 +44,7 @@ use tracing::{debug, warn};
 use crate::capture::ListenerOwner;
 
 /// Request bodies sent upstream.
-pub type UpstreamBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type UpstreamBody = UnsyncBoxBody<Bytes, super::body::RequestBodyError>;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
