@@ -74,6 +74,8 @@
 //! record, or block a request on the disk.
 
 mod chain;
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzzing;
 mod ports;
 mod priority;
 mod tables;

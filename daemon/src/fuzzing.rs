@@ -121,3 +121,20 @@ pub fn decode_capped(coding: Coding, limits: DecodeLimits, chunks: &[&[u8]]) -> 
         Err(e) => (out, end(e)),
     }
 }
+
+/// The audit log's steps for the `audit` target: append through the writer's own code, edit
+/// the stored records behind the log's back, open and verify as `brokerctl logs verify` does.
+pub mod audit {
+    pub use crate::audit::fuzzing::{
+        RawRecord, Verified, append_batches, open_and_verify, read_records, write_records,
+    };
+}
+
+/// The `proxy` target's rig: the real proxy between an agent and a scripted upstream (see
+/// `proxy/component_tests/fuzzing.rs`).
+pub mod proxy {
+    pub use crate::proxy::fuzz_rig::{
+        AgentRequest, Case, Coding, End, Exchange, Outcome, Piece, Proto, Received,
+        UpstreamResponse, leaks, run,
+    };
+}

@@ -17,7 +17,8 @@
 pub mod accept;
 mod authorizer;
 mod body;
-#[cfg(test)]
+// Also the `proxy` fuzz target's rig (`crate::fuzzing::proxy`), which reuses the harness.
+#[cfg(any(test, feature = "fuzzing"))]
 mod component_tests;
 mod decode;
 mod exchange;
@@ -51,6 +52,10 @@ pub use {
     scrub::PLACEHOLDER,
     sniff::{Peeked, Sniffed, client_hello_sni, sniff},
 };
+
+/// The `proxy` fuzz target's rig (`crate::fuzzing::proxy`).
+#[cfg(feature = "fuzzing")]
+pub(crate) use component_tests::fuzzing as fuzz_rig;
 
 use crate::audit::EventSink;
 use tls::LeafMinter;

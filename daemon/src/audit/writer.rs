@@ -288,7 +288,7 @@ pub(super) fn start(
 /// Where the next record chains on: the head, unless records past it exist (written outside
 /// the broker). Those are never overwritten: new records follow them, chained to the last
 /// one's stored hash, and `verify` judges them.
-fn tail(txn: &redb::ReadTransaction, store: &Store) -> Result<Link, AuditError> {
+pub(super) fn tail(txn: &redb::ReadTransaction, store: &Store) -> Result<Link, AuditError> {
     let state = chain_state(txn, &store.path)?;
     let table = txn
         .open_table(RECORDS)
@@ -565,7 +565,7 @@ impl Writer {
 }
 
 /// Writes `events` after `tail`, setting their seq; returns the new tail. Never overwrites.
-fn append(
+pub(super) fn append(
     txn: &WriteTransaction,
     store: &Store,
     mut tail: Link,

@@ -8,6 +8,12 @@
 //!
 //! The crate paths this suite depends on are all imported here, so a move of the proxy or its
 //! neighbours means re-pointing these lines only.
+//!
+//! With the `fuzzing` feature the harness is built outside tests too, for the `proxy` fuzz
+//! target's rig (`fuzzing.rs`); the tests themselves are not.
+
+// Some of these serve only the tests.
+#![cfg_attr(not(test), allow(unused_imports))]
 
 use agent_broker_protocol::{AuditEvent, EventKind, Side};
 
@@ -25,23 +31,43 @@ use crate::{
     },
 };
 
+// Built for the `proxy` fuzz target too (the `fuzzing` feature), which uses a part of it.
+#[cfg_attr(not(test), allow(dead_code, unused_imports))]
 mod harness;
 
+/// The `proxy` fuzz target's rig, on this harness.
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzzing;
+
+#[cfg(test)]
 mod aborts;
+#[cfg(test)]
 mod connections;
+#[cfg(test)]
 mod denials;
+#[cfg(test)]
 mod encodings;
+#[cfg(test)]
 mod hosts;
+#[cfg(test)]
 mod injection;
+#[cfg(test)]
 mod leaks;
+#[cfg(test)]
 mod local;
+#[cfg(test)]
 mod protocol;
+#[cfg(test)]
 mod scrubbing;
+#[cfg(test)]
 mod shares;
+#[cfg(test)]
 mod streams;
+#[cfg(test)]
 mod upgrades;
 
 /// The agent cgroup of the harness's first agent.
+#[cfg(test)]
 fn harness_agent_cgroup() -> &'static str {
     harness::AGENT_CGROUP
 }

@@ -128,7 +128,7 @@ impl BrokerCa {
     }
 
     /// The CA certificate in DER.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
     }

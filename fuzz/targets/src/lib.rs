@@ -23,6 +23,13 @@ use agent_broker_core::{
 };
 use agent_broker_protocol::{Request, decode_line, encode_line};
 
+mod audit;
+mod input;
+mod proxy;
+
+pub use audit::audit;
+pub use proxy::proxy;
+
 /// A target's body.
 pub type Target = fn(&[u8]);
 
@@ -37,6 +44,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("template", template),
     ("handle_swap", handle_swap),
     ("control", control),
+    ("audit", audit),
+    ("proxy", proxy),
 ];
 
 /// Splits `data` at the first occurrence of `sep`; the second part is empty when there is none.

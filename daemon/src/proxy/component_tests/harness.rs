@@ -382,6 +382,20 @@ impl TestEvents {
         events.remove(0)
     }
 
+    /// Forgets every event recorded so far (the fuzz target's events, between inputs).
+    #[cfg(feature = "fuzzing")]
+    pub(super) fn forget(&self) {
+        self.events.lock().expect("events").clear();
+        self.raw.lock().expect("raw events").clear();
+    }
+
+    /// Every event recorded so far, a forwarded request's `forwarded` record replaced by the
+    /// record of how it ended.
+    #[cfg(feature = "fuzzing")]
+    pub(super) fn merged(&self) -> Vec<AuditEvent> {
+        self.events.lock().expect("events").clone()
+    }
+
     /// Every event recorded, in order, as it came (a forwarded request's `forwarded` record
     /// and the record of how it ended apart).
     pub(super) fn raw(&self) -> Vec<AuditEvent> {
@@ -610,6 +624,12 @@ impl TestUpstream {
             }
         });
         Self { addr, ca_pem, seen }
+    }
+
+    /// Forgets the requests seen so far (the fuzz target's upstream, between inputs).
+    #[cfg(feature = "fuzzing")]
+    pub(super) fn forget(&self) {
+        self.seen.lock().expect("seen").clear();
     }
 
     /// How many requests reached the upstream.
@@ -848,6 +868,7 @@ impl Broker {
             deadlines,
             shares,
             None,
+            None,
         )
         .await
     }
@@ -866,6 +887,29 @@ impl Broker {
             Deadlines::default(),
             "",
             Some(local),
+            None,
+        )
+        .await
+    }
+
+    /// [`Broker::start`], with the proxy asking `serving` (the policy authorizer, for the
+    /// `proxy` fuzz target) instead of a test authorizer; [`Broker::authorizer`] is then an
+    /// unused [`TestAuthorizer::allow`].
+    #[cfg(feature = "fuzzing")]
+    pub(super) async fn start_serving(
+        serving: Arc<dyn Authorizer>,
+        upstream_ca_pem: &str,
+        original_dst: SocketAddr,
+        deadlines: Deadlines,
+    ) -> Self {
+        Self::start_inner(
+            TestAuthorizer::allow(),
+            upstream_ca_pem,
+            original_dst,
+            deadlines,
+            "",
+            None,
+            Some(serving),
         )
         .await
     }
@@ -877,6 +921,7 @@ impl Broker {
         deadlines: Deadlines,
         shares: &str,
         local: Option<Arc<dyn LocalService>>,
+        serving: Option<Arc<dyn Authorizer>>,
     ) -> Self {
         let state = tempfile::tempdir().expect("temp dir");
         let ca_file = state.path().join("upstream-ca.pem");
@@ -900,7 +945,7 @@ impl Broker {
             upstream: Upstream::new(&[ca_file])
                 .expect("upstream client")
                 .with_listener_check(listeners.clone()),
-            authorizer: authorizer.clone(),
+            authorizer: serving.unwrap_or_else(|| authorizer.clone() as Arc<dyn Authorizer>),
             events: events.clone(),
             names: names.clone(),
             deadlines,
