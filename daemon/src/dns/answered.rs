@@ -19,11 +19,22 @@ const MIN_KEEP: Duration = Duration::from_secs(60);
 const MAX_KEEP: Duration = Duration::from_secs(24 * 3600);
 /// Bound on remembered (cgroup, address) pairs.
 const CAPACITY: usize = 65_536;
+/// How often expired answers are dropped (when an answer is recorded). Without it the answers
+/// of agents that have left would stay until the table is full (a soak's short-lived agents
+/// grow it by one entry each).
+const PRUNE_EVERY: Duration = MIN_KEEP;
 
 /// See the module documentation.
 #[derive(Default)]
 pub struct AnsweredNames {
-    entries: Mutex<HashMap<(CgroupPath, IpAddr), (String, Instant)>>,
+    entries: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    map: HashMap<(CgroupPath, IpAddr), (String, Instant)>,
+    /// When expired answers were last dropped.
+    pruned: Option<Instant>,
 }
 
 impl AnsweredNames {
@@ -47,9 +58,17 @@ impl AnsweredNames {
         now: Instant,
     ) {
         let until = now + ttl.clamp(MIN_KEEP, MAX_KEEP);
-        let Ok(mut entries) = self.entries.lock() else {
+        let Ok(mut table) = self.entries.lock() else {
             return;
         };
+        if table
+            .pruned
+            .is_none_or(|at| now.saturating_duration_since(at) >= PRUNE_EVERY)
+        {
+            table.map.retain(|_, (_, t)| *t > now);
+            table.pruned = Some(now);
+        }
+        let entries = &mut table.map;
         for addr in addrs {
             if entries.len() >= CAPACITY {
                 entries.retain(|_, (_, t)| *t > now);
@@ -73,8 +92,8 @@ impl AnsweredNames {
     }
 
     fn lookup_at(&self, cgroup: &CgroupPath, addr: IpAddr, now: Instant) -> Option<String> {
-        let entries = self.entries.lock().ok()?;
-        let (name, until) = entries.get(&(cgroup.clone(), addr.to_canonical()))?;
+        let table = self.entries.lock().ok()?;
+        let (name, until) = table.map.get(&(cgroup.clone(), addr.to_canonical()))?;
         (*until > now).then(|| name.clone())
     }
 }
@@ -138,6 +157,28 @@ mod tests {
             names
                 .lookup_at(&cg("a"), ip("192.0.2.1"), now + Duration::from_secs(61))
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn expired_answers_are_dropped_as_new_ones_come() {
+        let names = AnsweredNames::default();
+        let len = || names.entries.lock().expect("lock").map.len();
+        let now = Instant::now();
+        let minute = Duration::from_secs(60);
+        // One short-lived agent after another, each told one address, a minute's TTL.
+        for i in 0..10u32 {
+            let at = now + i * minute;
+            names.record_at(&cg(&format!("a/{i}")), "x.test", [ip("192.0.2.1")], minute, at);
+            assert!(len() <= 2, "{} answers kept after {i} minutes", len());
+        }
+        // A live answer is never dropped.
+        names.record_at(&cg("b"), "y.test", [ip("192.0.2.2")], minute * 5, now);
+        names.record_at(&cg("c"), "z.test", [ip("192.0.2.3")], minute, now + minute * 2);
+        assert!(
+            names
+                .lookup_at(&cg("b"), ip("192.0.2.2"), now + minute * 2)
+                .is_some()
         );
     }
 
