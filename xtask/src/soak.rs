@@ -170,8 +170,8 @@ fn soak_with(
     let warm_up = options.warm_up();
     let interval = options.interval();
     let csv_path = out.join("soak.csv");
-    let mut csv = fs::File::create(&csv_path)
-        .with_context(|| format!("creating {}", csv_path.display()))?;
+    let mut csv =
+        fs::File::create(&csv_path).with_context(|| format!("creating {}", csv_path.display()))?;
     writeln!(csv, "{}", sample::csv_header())?;
     eprintln!(
         "soak: {} minutes of load, sampled every {} s, warm-up {} s; brokerd pid {}",
@@ -204,7 +204,12 @@ fn soak_with(
         options.minutes,
         bench::commit()
     );
-    plot::draw(&out.join("soak.svg"), &samples, warm_up.as_secs_f64(), &title)?;
+    plot::draw(
+        &out.join("soak.svg"),
+        &samples,
+        warm_up.as_secs_f64(),
+        &title,
+    )?;
     Ok(problems)
 }
 
@@ -362,14 +367,8 @@ pub fn plot_csv(csv: &Path, svg: Option<PathBuf>, warm_up_seconds: Option<f64>) 
     let samples = sample::read_csv(csv)?;
     let end = samples.last().map_or(0.0, |s| s.seconds);
     let minutes = (end / 60.0).round().max(1.0) as u64;
-    let warm_up = warm_up_seconds.unwrap_or_else(|| {
-        Options {
-            minutes,
-            out: None,
-        }
-        .warm_up()
-        .as_secs_f64()
-    });
+    let warm_up =
+        warm_up_seconds.unwrap_or_else(|| Options { minutes, out: None }.warm_up().as_secs_f64());
     let svg = svg.unwrap_or_else(|| csv.with_extension("svg"));
     let title = format!("agent-broker soak: {minutes} min (from {})", csv.display());
     plot::draw(&svg, &samples, warm_up, &title)?;
@@ -393,9 +392,7 @@ mod tests {
 
     #[test]
     fn warm_up_is_half_of_a_short_run_and_a_quarter_of_a_long_one() {
-        let warm_up = |minutes| {
-            Options { minutes, out: None }.warm_up().as_secs()
-        };
+        let warm_up = |minutes| Options { minutes, out: None }.warm_up().as_secs();
         assert_eq!(warm_up(5), 150);
         assert_eq!(warm_up(60), 900);
         assert_eq!(warm_up(1), 30);

@@ -169,12 +169,24 @@ mod tests {
         // One short-lived agent after another, each told one address, a minute's TTL.
         for i in 0..10u32 {
             let at = now + i * minute;
-            names.record_at(&cg(&format!("a/{i}")), "x.test", [ip("192.0.2.1")], minute, at);
+            names.record_at(
+                &cg(&format!("a/{i}")),
+                "x.test",
+                [ip("192.0.2.1")],
+                minute,
+                at,
+            );
             assert!(len() <= 2, "{} answers kept after {i} minutes", len());
         }
         // A live answer is never dropped.
         names.record_at(&cg("b"), "y.test", [ip("192.0.2.2")], minute * 5, now);
-        names.record_at(&cg("c"), "z.test", [ip("192.0.2.3")], minute, now + minute * 2);
+        names.record_at(
+            &cg("c"),
+            "z.test",
+            [ip("192.0.2.3")],
+            minute,
+            now + minute * 2,
+        );
         assert!(
             names
                 .lookup_at(&cg("b"), ip("192.0.2.2"), now + minute * 2)

@@ -1,9 +1,9 @@
 //! Everything a soak starts, on loopback only: the test API (`test-api`, h2 and http/1.1 over
 //! TLS, SSE and a WebSocket echo) on 127.0.0.2, a DNS responder that gives the soak's names that
 //! address (brokerd's `--dns-upstream`: the host's resolver is never asked), and brokerd with
-//! the soak's policy, key and pins of its own. Agents run in cgroups below [`PARENT`], each
-//! tagged by `brokerctl run --create`. [`Lab::stop`] undoes all of it: it untags every cgroup
-//! below [`PARENT`], stops each process by pid, removes the pins and the cgroups.
+//! the soak's policy, key and pins of its own. Agents run in cgroups below `agents/soak-PID`,
+//! each tagged by `brokerctl run --create`. [`Lab::stop`] undoes all of it: it untags every
+//! cgroup below that one, stops each process by pid, removes the pins and the cgroups.
 
 use std::{
     fs,
@@ -20,9 +20,10 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{bench::process::Services, cmd, names};
 
-/// The cgroup the soak's policy governs; every agent runs in a cgroup below it.
-pub const PARENT: &str = "agents/soak";
-/// brokerd's bpffs pin directory, apart from the default one.
+/// The cgroup the soak's policy governs, with the soak's pid after it (two soaks never share
+/// one); every agent runs in a cgroup below it.
+const PARENT: &str = "agents/soak";
+/// brokerd's bpffs pin directory, apart from the default one, also with the soak's pid after it.
 const PIN_DIR: &str = "/sys/fs/bpf/agent-broker-soak";
 /// Where the test API listens.
 pub const API_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -50,6 +51,10 @@ pub fn name(i: usize) -> String {
 pub struct Lab {
     dir: PathBuf,
     bin: PathBuf,
+    /// `agents/soak-PID`.
+    parent: String,
+    /// `/sys/fs/bpf/agent-broker-soak-PID`.
+    pin_dir: String,
     /// Locked only to start, check and stop them (never while a load thread waits on it).
     services: Mutex<Services>,
     pub api_port: u16,
@@ -71,6 +76,8 @@ impl Lab {
         Ok(Self {
             dir: dir.to_owned(),
             bin: bin.to_owned(),
+            parent: format!("{PARENT}-{}", std::process::id()),
+            pin_dir: format!("{PIN_DIR}-{}", std::process::id()),
             services: Mutex::new(Services::new(dir)),
             api_port,
             brokerd_pid: None,
@@ -81,12 +88,15 @@ impl Lab {
 
     /// Starts the test API, the DNS responder and brokerd, and stores the first key.
     pub fn start(&mut self) -> Result<()> {
-        remove_stale();
         let api_ca = self.dir.join("test-api-ca.pem");
         let api = SocketAddr::new(IpAddr::V4(API_IP), self.api_port);
-        step(&format!("test API on {api} (h2 and http/1.1, SSE, WebSocket)"));
+        step(&format!(
+            "test API on {api} (h2 and http/1.1, SSE, WebSocket)"
+        ));
         let mut test_api = Command::new(self.bin.join("test-api"));
-        test_api.args(["--listen", &api.to_string(), "--ca-out"]).arg(&api_ca);
+        test_api
+            .args(["--listen", &api.to_string(), "--ca-out"])
+            .arg(&api_ca);
         for name in all_names() {
             test_api.args(["--name", &name]);
         }
@@ -101,9 +111,13 @@ impl Lab {
 
         let policies = self.dir.join("policies");
         fs::create_dir_all(&policies)?;
-        fs::write(policies.join("soak.toml"), policy(self.api_port, false))?;
+        fs::write(
+            policies.join("soak.toml"),
+            policy(&self.parent, self.api_port, false),
+        )?;
         step(&format!(
-            "brokerd (pins in {PIN_DIR}, log in {})",
+            "brokerd (pins in {}, log in {})",
+            self.pin_dir,
             cmd::relative(&self.dir.join("brokerd.log"))
         ));
         let mut brokerd = Command::new(self.bin.join("brokerd"));
@@ -115,7 +129,7 @@ impl Lab {
             .arg(self.run_dir())
             .arg("--policy-dir")
             .arg(&policies)
-            .args(["--pin-dir", PIN_DIR])
+            .args(["--pin-dir", &self.pin_dir])
             .args(["--listen", "127.0.0.1:0", "--listen", "[::1]:0"])
             .arg("--upstream-ca")
             .arg(&api_ca);
@@ -195,7 +209,7 @@ impl Lab {
             .map_err(|_| anyhow::anyhow!("the toggle's lock is poisoned"))?;
         let next = !*toggled;
         let file = self.dir.join("policies").join("soak.toml");
-        fs::write(&file, policy(self.api_port, next))
+        fs::write(&file, policy(&self.parent, self.api_port, next))
             .with_context(|| format!("writing {}", file.display()))?;
         let out = self
             .brokerctl()
@@ -244,19 +258,25 @@ impl Lab {
         self.brokerd_pid
     }
 
-    /// `brokerctl run` of `program` in the cgroup `PARENT/sub` (created and tagged).
+    /// `brokerctl run` of `program` in the cgroup `sub` below the soak's (created and tagged).
     pub fn agent(&self, sub: &str, program: &Path) -> Command {
         let mut command = self.brokerctl();
         command
-            .args(["run", "--cgroup", &format!("{PARENT}/{sub}"), "--create", "--"])
+            .args([
+                "run",
+                "--cgroup",
+                &format!("{}/{sub}", self.parent),
+                "--create",
+                "--",
+            ])
             .arg(program);
         command
     }
 
-    /// Untags the cgroup `PARENT/sub` and removes it (and any cgroup below it): the agent is
+    /// Untags the cgroup `sub` below the soak's and removes it (and any cgroup below it): the agent is
     /// gone.
     pub fn remove_agent(&self, sub: &str) -> Result<()> {
-        let cgroup = format!("{PARENT}/{sub}");
+        let cgroup = format!("{}/{sub}", self.parent);
         let out = self
             .brokerctl()
             .args(["detach", "--cgroup", &cgroup])
@@ -275,20 +295,21 @@ impl Lab {
         Ok(())
     }
 
-    /// Untags every cgroup below [`PARENT`], stops everything by pid, removes the pins and the
+    /// Untags every cgroup below the soak's, stops everything by pid, removes the pins and the
     /// cgroups.
     pub fn stop(&mut self) {
         step(&format!(
-            "cleaning up: untag the cgroups below {PARENT}, stop what the soak started, remove {PIN_DIR}"
+            "cleaning up: untag the cgroups below {}, stop what the soak started, remove {}",
+            self.parent, self.pin_dir
         ));
         let mount = cgroup2_mount();
         if self.brokerd_pid.is_some()
             && let Some(mount) = &mount
-            && let Ok(entries) = fs::read_dir(mount.join(PARENT))
+            && let Ok(entries) = fs::read_dir(mount.join(&self.parent))
         {
             for entry in entries.flatten() {
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    let cgroup = format!("{PARENT}/{}", entry.file_name().to_string_lossy());
+                    let cgroup = format!("{}/{}", self.parent, entry.file_name().to_string_lossy());
                     let _ = self
                         .brokerctl()
                         .args(["detach", "--cgroup", &cgroup])
@@ -301,12 +322,12 @@ impl Lab {
         if let Ok(mut services) = self.services.lock() {
             services.stop_all();
         }
-        if Path::new(PIN_DIR).exists() {
-            let _ = fs::remove_dir_all(PIN_DIR);
+        if Path::new(&self.pin_dir).exists() {
+            let _ = fs::remove_dir_all(&self.pin_dir);
         }
         if let Some(mount) = &mount {
             // Every agent has exited by now; `agents` stays when something else uses it.
-            let _ = remove_cgroup_tree(&mount.join(PARENT));
+            let _ = remove_cgroup_tree(&mount.join(&self.parent));
             let _ = fs::remove_dir(mount.join("agents"));
         }
     }
@@ -329,11 +350,11 @@ fn all_names() -> Vec<String> {
     names
 }
 
-/// The soak's policy for [`PARENT`] (and so every agent below it): the key injected for the
+/// The soak's policy for `parent` (and so every agent below it): the key injected for the
 /// API, the short-lived agents' names and the limited name; the toggled name when `toggled`.
 /// Its shares are far above what the load uses: the soak looks for leaks, not limits (the
 /// limited rule's rate limit is the one limit it meets).
-fn policy(port: u16, toggled: bool) -> String {
+fn policy(parent: &str, port: u16, toggled: bool) -> String {
     let rule = |host: &str, extra: &str| {
         format!(
             "\n[[allow]]\nhost = \"{host}\"\nport = {port}\n{extra}\
@@ -344,7 +365,7 @@ fn policy(port: u16, toggled: bool) -> String {
                   pending_handshakes = 100000\nrequests_in_flight = 100000\n\
                   dns_queries_per_second = 100000\n";
     let mut text = format!(
-        "# Written by cargo xtask soak.\ncgroup = \"{PARENT}\"\n{shares}{}{}{}",
+        "# Written by cargo xtask soak.\ncgroup = \"{parent}\"\n{shares}{}{}{}",
         rule(API, ""),
         rule("*.names.soak.test", ""),
         rule(LIMITED, &format!("{LIMITED_RATE}\n")),
@@ -353,16 +374,6 @@ fn policy(port: u16, toggled: bool) -> String {
         text.push_str(&rule(TOGGLED, ""));
     }
     text
-}
-
-/// Removes pins and cgroups a killed soak may have left.
-fn remove_stale() {
-    if Path::new(PIN_DIR).exists() {
-        let _ = fs::remove_dir_all(PIN_DIR);
-    }
-    if let Some(mount) = cgroup2_mount() {
-        let _ = remove_cgroup_tree(&mount.join(PARENT));
-    }
 }
 
 /// Removes a cgroup and the cgroups below it, deepest first (only empty cgroups can go). A
@@ -416,8 +427,8 @@ mod tests {
 
     #[test]
     fn the_policy_injects_the_key_for_every_rule_and_toggles_one() {
-        let off = policy(9443, false);
-        assert!(off.contains("cgroup = \"agents/soak\""));
+        let off = policy("agents/soak-7", 9443, false);
+        assert!(off.contains("cgroup = \"agents/soak-7\""));
         assert!(off.contains("host = \"api.soak.test\"\nport = 9443\n"));
         assert!(off.contains("host = \"*.names.soak.test\"\nport = 9443\n"));
         assert!(off.contains(&format!(
@@ -426,7 +437,7 @@ mod tests {
         assert!(!off.contains(TOGGLED));
         assert!(!off.contains(DENIED));
         assert_eq!(off.matches("{secret:SOAK_KEY}").count(), 3);
-        let on = policy(9443, true);
+        let on = policy("agents/soak-7", 9443, true);
         assert!(on.contains("host = \"toggle.soak.test\"\nport = 9443\n"));
         assert_eq!(on.matches("{secret:SOAK_KEY}").count(), 4);
     }

@@ -1,4 +1,4 @@
-//! The soak's mixed load: real processes in agent cgroups below [`lab::PARENT`], started with
+//! The soak's mixed load: real processes in agent cgroups below the soak's, started with
 //! `brokerctl run`, so every call goes through the kernel's capture path (the eBPF redirect),
 //! TLS termination with a minted leaf, policy, injection and audit, like an agent's. Each kind
 //! of load is a thread that repeats one operation until the run ends, and each operation checks
@@ -254,9 +254,11 @@ impl<'a> Load<'a> {
                 let hash = body["authorization_sha256"].as_str().unwrap_or_default();
                 let (known, newest) = self.lab.key_hash(hash);
                 if !known {
-                    return Err("the API received an Authorization that is no key the vault \
+                    return Err(
+                        "the API received an Authorization that is no key the vault \
                                 has held"
-                        .into());
+                            .into(),
+                    );
                 }
                 if newest {
                     tally.noted.fetch_add(1, Ordering::Relaxed);
@@ -265,7 +267,9 @@ impl<'a> Load<'a> {
             }
             let words: Vec<&str> = line.split_whitespace().collect();
             if words.len() != 3 || words[0] != "200" || words[1] != "2" {
-                return Err(format!("expected `200 2 N` (an h2 answer 200), got {line:?}"));
+                return Err(format!(
+                    "expected `200 2 N` (an h2 answer 200), got {line:?}"
+                ));
             }
             answers += 1;
             connects += words[2].parse::<u64>().unwrap_or(0);
@@ -299,8 +303,14 @@ impl<'a> Load<'a> {
         let ran = run(&mut python);
         // Then one h2 call of the same agent (a pooled h2 connection of its own upstream).
         let mut curl = self.curl(&sub);
-        curl.args(["--http2", "-o", "/dev/null", "-w", "%{http_code} %{http_version}"])
-            .arg(self.url(lab::API, "/v1/models"));
+        curl.args([
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+        ])
+        .arg(self.url(lab::API, "/v1/models"));
         let h2 = run(&mut curl);
         // The agent is gone either way: untag and remove its cgroup.
         let removed = self
@@ -311,7 +321,9 @@ impl<'a> Load<'a> {
         let h2 = h2?;
         removed?;
         if h2.trim() != "200 2" {
-            return Err(format!("agent {sub}'s h2 call answered {h2:?}, expected `200 2`"));
+            return Err(format!(
+                "agent {sub}'s h2 call answered {h2:?}, expected `200 2`"
+            ));
         }
         let report: Value = serde_json::from_str(out.trim())
             .map_err(|e| format!("the agent printed {out:?}: {e}"))?;
@@ -329,7 +341,11 @@ impl<'a> Load<'a> {
     }
 
     fn sse(&self, round: u64) -> Result<(), String> {
-        let version = if round % 2 == 0 { "--http2" } else { "--http1.1" };
+        let version = if round % 2 == 0 {
+            "--http2"
+        } else {
+            "--http1.1"
+        };
         let mut curl = self.curl("sse");
         curl.args([version, "-N", "-w", "\\n%{http_code}"])
             .args(["-H", "content-type: application/json"])
@@ -387,7 +403,9 @@ impl<'a> Load<'a> {
         let out = run(&mut curl)?;
         let codes: Vec<&str> = out.lines().collect();
         if codes.len() != REQUESTS || !codes.iter().all(|c| *c == "200" || *c == "429") {
-            return Err(format!("expected {REQUESTS} answers 200 or 429, got {codes:?}"));
+            return Err(format!(
+                "expected {REQUESTS} answers 200 or 429, got {codes:?}"
+            ));
         }
         let limited = codes.iter().filter(|c| **c == "429").count() as u64;
         tally.noted.fetch_add(limited, Ordering::Relaxed);
@@ -522,7 +540,11 @@ fn args_of(command: &Command) -> String {
         .unwrap_or_default()
         .iter()
         .take(2)
-        .map(|a| Path::new(a).file_name().map_or(a.clone(), |n| n.to_string_lossy().into()))
+        .map(|a| {
+            Path::new(a)
+                .file_name()
+                .map_or(a.clone(), |n| n.to_string_lossy().into())
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
