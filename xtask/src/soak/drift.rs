@@ -200,7 +200,7 @@ mod tests {
         let values: Vec<f64> = (0..times.len())
             .map(|i| 180.0 + 10.0 * noise.next() + if i % 20 == 0 { 60.0 } else { 0.0 })
             .collect();
-        let verdict = judge(&times, &values, WARM_UP, RSS).unwrap();
+        let verdict = judge(&times, &values, WARM_UP, RSS).expect("judged");
         assert!(!verdict.drifting, "{verdict}");
         assert_eq!(verdict.samples, 75);
     }
@@ -214,7 +214,7 @@ mod tests {
             .iter()
             .map(|t| 180.0 + t * 1.0 + 10.0 * noise.next())
             .collect();
-        let verdict = judge(&times, &values, WARM_UP, RSS).unwrap();
+        let verdict = judge(&times, &values, WARM_UP, RSS).expect("judged");
         assert!(verdict.drifting, "{verdict}");
         assert!(verdict.slope_per_hour > 3000.0, "{verdict}");
     }
@@ -228,14 +228,22 @@ mod tests {
             relative: 0.1,
         };
         let values: Vec<f64> = times.iter().map(|t| 40.0 + (t / 3.0).floor()).collect();
-        assert!(judge(&times, &values, WARM_UP, pool).unwrap().drifting);
+        assert!(
+            judge(&times, &values, WARM_UP, pool)
+                .expect("judged")
+                .drifting
+        );
         // The same pool, steady around 80 with churn of +-10.
         let mut noise = Noise(3);
         let steady: Vec<f64> = times
             .iter()
             .map(|_| (80.0 + 10.0 * noise.next()).round())
             .collect();
-        assert!(!judge(&times, &steady, WARM_UP, pool).unwrap().drifting);
+        assert!(
+            !judge(&times, &steady, WARM_UP, pool)
+                .expect("judged")
+                .drifting
+        );
     }
 
     #[test]
@@ -256,14 +264,14 @@ mod tests {
                 level + 4.0 * noise.next()
             })
             .collect();
-        let verdict = judge(&times, &values, WARM_UP, RSS).unwrap();
+        let verdict = judge(&times, &values, WARM_UP, RSS).expect("judged");
         assert!(!verdict.drifting, "{verdict}");
         // The same step between the second and last thirds is a rise the rule sees.
         let late: Vec<f64> = times
             .iter()
             .map(|t| if *t < 250.0 { 92.0 } else { 180.0 })
             .collect();
-        assert!(judge(&times, &late, WARM_UP, RSS).unwrap().drifting);
+        assert!(judge(&times, &late, WARM_UP, RSS).expect("judged").drifting);
     }
 
     #[test]
@@ -275,20 +283,28 @@ mod tests {
             .iter()
             .map(|t| if *t < 280.0 { 180.0 } else { 196.0 })
             .collect();
-        assert!(!judge(&times, &values, WARM_UP, RSS).unwrap().drifting);
+        assert!(
+            !judge(&times, &values, WARM_UP, RSS)
+                .expect("judged")
+                .drifting
+        );
     }
 
     #[test]
     fn a_falling_series_passes() {
         let times = times();
         let values: Vec<f64> = times.iter().map(|t| 500.0 - t).collect();
-        assert!(!judge(&times, &values, WARM_UP, RSS).unwrap().drifting);
+        assert!(
+            !judge(&times, &values, WARM_UP, RSS)
+                .expect("judged")
+                .drifting
+        );
     }
 
     #[test]
     fn too_few_samples_are_an_error_that_says_so() {
         let times = [0.0, 100.0, 200.0, 210.0];
-        let err = judge(&times, &[1.0; 4], WARM_UP, RSS).unwrap_err();
+        let err = judge(&times, &[1.0; 4], WARM_UP, RSS).expect_err("an error");
         assert_eq!(
             err,
             DriftError::TooFewSamples {

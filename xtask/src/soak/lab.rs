@@ -130,6 +130,8 @@ impl Lab {
             .arg("--policy-dir")
             .arg(&policies)
             .args(["--pin-dir", &self.pin_dir])
+            // A DNS port of its own: the default one may be another brokerd's.
+            .args(["--dns-port", "0"])
             .args(["--listen", "127.0.0.1:0", "--listen", "[::1]:0"])
             .arg("--upstream-ca")
             .arg(&api_ca);

@@ -341,7 +341,7 @@ impl<'a> Load<'a> {
     }
 
     fn sse(&self, round: u64) -> Result<(), String> {
-        let version = if round % 2 == 0 {
+        let version = if round.is_multiple_of(2) {
             "--http2"
         } else {
             "--http1.1"

@@ -76,7 +76,7 @@ mod tests {
 
     #[test]
     fn draws_every_gauge_into_an_svg() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("temporary directory");
         let svg = dir.path().join("soak.svg");
         let samples: Vec<Sample> = (0..30)
             .map(|i| Sample {
@@ -86,8 +86,8 @@ mod tests {
                 failures: 0,
             })
             .collect();
-        draw(&svg, &samples, 20.0, "soak test plot").unwrap();
-        let text = std::fs::read_to_string(&svg).unwrap();
+        draw(&svg, &samples, 20.0, "soak test plot").expect("drawn");
+        let text = std::fs::read_to_string(&svg).expect("the SVG");
         assert!(text.starts_with("<svg"), "{}", &text[..80.min(text.len())]);
         for gauge in GAUGES {
             assert!(text.contains(gauge.column), "no panel for {}", gauge.column);

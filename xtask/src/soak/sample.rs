@@ -291,7 +291,7 @@ agent_broker_runtime_rss_bytes 104857600
 
     #[test]
     fn a_missing_gauge_is_named() {
-        let err = gauges_from(METRICS).unwrap_err();
+        let err = gauges_from(METRICS).expect_err("an error");
         assert!(
             err.to_string().contains("agent_broker_runtime_open_fds"),
             "{err}"
@@ -307,15 +307,15 @@ agent_broker_runtime_rss_bytes 104857600
             failures: 1,
         };
         let text = format!("{}\n{}\n", csv_header(), csv_line(&sample));
-        assert_eq!(parse_csv(&text, "t.csv").unwrap(), vec![sample]);
+        assert_eq!(parse_csv(&text, "t.csv").expect("parsed"), vec![sample]);
     }
 
     #[test]
     fn a_bad_csv_says_where() {
-        let err = parse_csv("seconds,x\n1,2\n", "t.csv").unwrap_err();
+        let err = parse_csv("seconds,x\n1,2\n", "t.csv").expect_err("an error");
         assert!(err.to_string().starts_with("t.csv: line 1:"), "{err}");
         let text = format!("{}\n1,2\n", csv_header());
-        let err = parse_csv(&text, "t.csv").unwrap_err();
+        let err = parse_csv(&text, "t.csv").expect_err("an error");
         assert!(err.to_string().contains("line 2: 2 fields"), "{err}");
     }
 }
