@@ -1,8 +1,8 @@
 //! The soak's mixed load: real processes in agent cgroups below the soak's, started with
 //! `brokerctl run`, so every call goes through the kernel's capture path (the eBPF redirect),
 //! TLS termination with a minted leaf, policy, injection and audit, like an agent's. Each kind
-//! of load is a thread that repeats one operation until the run ends, and each operation checks
-//! what came back:
+//! of load is a thread that starts one operation at a fixed rate ([`period`]) until the run
+//! ends, and each operation checks what came back:
 //!
 //! - **h1 keep-alive**: curl, 20 requests on one HTTP/1.1 connection; all 200, the connection
 //!   reused.
@@ -64,6 +64,20 @@ pub const KINDS: &[&str] = &[
     "policy reload",
     "secret rotation",
 ];
+
+/// How often each kind of load starts an operation. Each period is about twice what an
+/// operation takes on a busy two-core machine with a debug brokerd, so the rate holds.
+fn period(kind: &str) -> Duration {
+    Duration::from_millis(match kind {
+        "short-lived agents" | "SSE" => 3_000,
+        "h1 keep-alive" | "h2 keep-alive" => 2_000,
+        "WebSocket" => 1_500,
+        "rate limit" => 4_000,
+        "policy reload" => 15_000,
+        "secret rotation" => 20_000,
+        _ => 1_000,
+    })
+}
 
 /// One kind's counts.
 #[derive(Default)]
@@ -143,21 +157,15 @@ impl<'a> Load<'a> {
 
     fn repeat(&self, index: usize, kind: &str) {
         let tally = &self.tallies[index];
+        let period = period(kind);
         let mut round: u64 = 0;
-        // Periodic kinds wait first, so the load's other kinds start before the first change.
-        let pause = match kind {
-            "policy reload" => Duration::from_secs(15),
-            "secret rotation" => Duration::from_secs(20),
-            "rate limit" => Duration::from_secs(3),
-            "short-lived agents" => Duration::from_millis(200),
-            _ => Duration::from_millis(500),
-        };
-        let periodic = matches!(kind, "policy reload" | "secret rotation");
+        // Periodic changes wait a period first, so the rest of the load runs before the first.
+        let mut next = Instant::now();
+        if matches!(kind, "policy reload" | "secret rotation") {
+            next += period;
+        }
         loop {
-            if periodic && !self.sleep(pause) {
-                break;
-            }
-            if self.over() {
+            if !self.sleep(next.saturating_duration_since(Instant::now())) || self.over() {
                 break;
             }
             round += 1;
@@ -173,9 +181,10 @@ impl<'a> Load<'a> {
                 other => Err(format!("no load called {other}")),
             };
             tally.record(result.map_err(|e| format!("{kind}: {e}")));
-            if !periodic && !self.sleep(pause) {
-                break;
-            }
+            // A fixed rate, not as fast as the machine allows: the pool, tasks and descriptors
+            // follow the load's rate, which must not follow what else the machine runs. An
+            // operation that overran its period is not made up for.
+            next = (next + period).max(Instant::now());
         }
     }
 
