@@ -6,10 +6,10 @@
 //! host workspace. Every command is idempotent and prints each external command before running it.
 //!
 //! It must never write outside the workspace's `target/` directory, except for the Debian packages
-//! and rustup components it installs, a directory named with `package --out` or `soak --out` (and, for `fuzz`,
-//! cargo-fuzz itself, its build in `fuzz/target/` and the crashing inputs it keeps in
-//! `fuzz/regressions/`), and it must never let a test be skipped silently: an ignored test, or a
-//! privileged end-to-end suite that ran nothing, fails `cargo xtask test`.
+//! and rustup components it installs, a directory named with `package --out` or `soak --out`
+//! (and, for `fuzz`, cargo-fuzz itself, its build in `fuzz/target/` and the crashing inputs it
+//! keeps in `fuzz/regressions/`), and it must never let a test be skipped silently: an ignored
+//! test, or a privileged end-to-end suite that ran nothing, fails `cargo xtask test`.
 
 mod bench;
 mod build;
