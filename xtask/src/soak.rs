@@ -180,6 +180,8 @@ fn soak_with(
         warm_up.as_secs(),
         lab.brokerd_pid().unwrap_or(0)
     );
+    // What was built and runs, before anyone can commit meanwhile.
+    let commit = bench::commit();
     let start = Instant::now();
     let until = start + duration;
     let mut samples = Vec::new();
@@ -195,14 +197,14 @@ fn soak_with(
         sampling
     });
     sampled?;
-    let (document, problems) = summarize(&load, &samples, warm_up, options, lab);
+    let (mut document, problems) = summarize(&load, &samples, warm_up, options, lab);
+    document["commit"] = json!(commit);
     let path = out.join("summary.json");
     fs::write(&path, serde_json::to_string_pretty(&document)?)
         .with_context(|| format!("writing {}", path.display()))?;
     let title = format!(
         "agent-broker soak: {} min, debug brokerd, commit {}",
-        options.minutes,
-        bench::commit()
+        options.minutes, commit
     );
     plot::draw(
         &out.join("soak.svg"),
@@ -347,7 +349,6 @@ fn summarize(
         "generated_unix_seconds": SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        "commit": bench::commit(),
         "machine": bench::machine(),
         "build": "debug",
         "minutes": options.minutes,
