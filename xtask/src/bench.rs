@@ -27,7 +27,7 @@ mod load;
 mod mitm;
 mod nginx;
 mod pki;
-mod process;
+pub(crate) mod process;
 mod relay;
 mod report;
 mod stream_origin;
@@ -57,7 +57,7 @@ extern "C" fn on_signal(_: nix::libc::c_int) {
 }
 
 /// Whether the bench has been asked to stop.
-fn stopping() -> bool {
+pub(crate) fn stopping() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
@@ -191,7 +191,7 @@ pub fn bench(options: &Options) -> Result<()> {
     Ok(())
 }
 
-fn catch_signals() -> Result<()> {
+pub(crate) fn catch_signals() -> Result<()> {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
     let action = SigAction::new(
         SigHandler::Handler(on_signal),
@@ -208,7 +208,7 @@ fn catch_signals() -> Result<()> {
 
 /// Raises the soft limit on open files to the hard limit, for this process and the ones it
 /// starts (the idle-connection workload holds 10,000 connections), and returns the new limit.
-fn raise_open_files_limit() -> u64 {
+pub(crate) fn raise_open_files_limit() -> u64 {
     let mut limit = nix::libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -267,7 +267,7 @@ fn warn_if_busy(load: Option<f64>) {
 }
 
 /// The workspace's commit, with `+dirty` when the work tree has changes: what was measured.
-fn commit() -> String {
+pub(crate) fn commit() -> String {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
             .args(args)
@@ -288,7 +288,7 @@ fn commit() -> String {
 }
 
 /// What the numbers depend on: processor, core count, kernel.
-fn machine() -> serde_json::Value {
+pub(crate) fn machine() -> serde_json::Value {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()

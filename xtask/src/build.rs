@@ -71,8 +71,13 @@ fn build_static_client(profile: Profile) -> Result<()> {
         if let Some(dir) = dest.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        std::fs::copy(&built, &dest)
-            .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
+        // Copied beside it, then renamed over it: a running copy (a soak's agent) keeps its
+        // file, where writing into it would fail with "Text file busy".
+        let partial = dest.with_extension("partial");
+        std::fs::copy(&built, &partial)
+            .with_context(|| format!("copying {} to {}", built.display(), partial.display()))?;
+        std::fs::rename(&partial, &dest)
+            .with_context(|| format!("renaming {} to {}", partial.display(), dest.display()))?;
         eprintln!("build: static {bin} at {}", cmd::relative(&dest));
     }
     Ok(())

@@ -6,10 +6,10 @@
 //! host workspace. Every command is idempotent and prints each external command before running it.
 //!
 //! It must never write outside the workspace's `target/` directory, except for the Debian packages
-//! and rustup components it installs, a directory named with `package --out` (and, for `fuzz`,
-//! cargo-fuzz itself, its build in `fuzz/target/` and the crashing inputs it keeps in
-//! `fuzz/regressions/`), and it must never let a test be skipped silently: an ignored test, or a
-//! privileged end-to-end suite that ran nothing, fails `cargo xtask test`.
+//! and rustup components it installs, a directory named with `package --out` or `soak --out`
+//! (and, for `fuzz`, cargo-fuzz itself, its build in `fuzz/target/` and the crashing inputs it
+//! keeps in `fuzz/regressions/`), and it must never let a test be skipped silently: an ignored
+//! test, or a privileged end-to-end suite that ran nothing, fails `cargo xtask test`.
 
 mod bench;
 mod build;
@@ -21,6 +21,7 @@ mod package;
 mod paths;
 mod run;
 mod setup;
+mod soak;
 mod test;
 
 use std::ffi::OsString;
@@ -63,7 +64,8 @@ enum Command {
         calls: Option<u32>,
     },
     /// Build, check formatting and lints, run unit/component tests, then the privileged
-    /// end-to-end tests (need root); fails if any test failed, was ignored, or none ran.
+    /// end-to-end tests and a 5-minute soak (need root); fails if any test failed, was ignored,
+    /// or none ran, or the soak failed.
     Test,
     /// Measure brokerd against the direct path, nginx and mitmproxy in one run; print the table
     /// and write target/bench/latest.json (needs root, about 5 minutes).
@@ -111,6 +113,29 @@ enum Command {
         #[arg(long)]
         authorization_file: std::path::PathBuf,
     },
+    /// Run mixed load against a real brokerd (debug build) for N minutes while sampling its
+    /// memory, descriptors, tasks, pool, leaf cache, answered names and audit queue; write
+    /// soak.csv, summary.json and soak.svg; fail when a gauge drifts upward after warm-up
+    /// (needs root).
+    Soak {
+        /// How long the load runs, in minutes.
+        #[arg(long, default_value_t = soak::CI_MINUTES)]
+        minutes: u64,
+        /// Write the CSV, summary and plot into DIR [default: target/soak].
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Draw a soak's plot again from its CSV (into CSV with the extension .svg, or --out).
+    SoakPlot {
+        /// The soak.csv a soak wrote.
+        csv: std::path::PathBuf,
+        /// Write the SVG here.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+        /// Shade this many seconds as warm-up [default: what the soak of that length used].
+        #[arg(long, value_name = "SECONDS")]
+        warm_up: Option<f64>,
+    },
     /// Run the fuzz targets (cargo-fuzz, libFuzzer, nightly; installs cargo-fuzz if missing)
     /// for N minutes each; crashing inputs go to fuzz/regressions/NAME/, which `test` replays.
     Fuzz {
@@ -156,6 +181,8 @@ fn main() -> ExitCode {
             authorization_file,
         } => bench::serve_origin(listen, cert, key, &authorization_file),
         Command::Fuzz { minutes, target } => fuzz::fuzz(minutes, target),
+        Command::Soak { minutes, out } => soak::soak(&soak::Options { minutes, out }),
+        Command::SoakPlot { csv, out, warm_up } => soak::plot_csv(&csv, out, warm_up),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: everything CI checks, in order, on a build that is known to be current:
-//! formatting, clippy, unit and component tests, then the privileged end-to-end tests.
+//! formatting, clippy, unit and component tests, then the privileged end-to-end tests, then a
+//! 5-minute soak (see [`crate::soak`]).
 //!
 //! Every step runs even when an earlier one failed, so one run reports every problem. The run
 //! fails if any step failed, if any test was ignored, or if no privileged test passed: a test
@@ -12,7 +13,7 @@ use std::process::Command;
 use anyhow::{Result, bail};
 
 use crate::build::{self, Profile};
-use crate::{cmd, paths, running_as_root};
+use crate::{cmd, paths, running_as_root, soak};
 
 /// The crate holding the privileged end-to-end tests.
 const END_TO_END_PACKAGE: &str = "agent-broker-tests";
@@ -80,6 +81,17 @@ pub fn test() -> Result<()> {
         &mut problems,
     );
     print_battery_tables(&battery_out);
+
+    // The 5-minute soak (about 5.2 minutes with its start and cleanup): mixed load against a
+    // real brokerd, failing on a gauge that drifts upward (a leak) or on failed operations.
+    // Without root it fails and says why, like the end-to-end tests.
+    if let Err(err) = soak::run(&soak::Options {
+        minutes: soak::CI_MINUTES,
+        out: None,
+    }) {
+        eprintln!("error: soak: {err:#}");
+        problems.push(format!("the {}-minute soak failed", soak::CI_MINUTES));
+    }
 
     let total = unit + end_to_end;
     println!(

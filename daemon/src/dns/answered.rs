@@ -22,6 +22,10 @@ const CAPACITY: usize = 65_536;
 /// Bound on one agent's remembered addresses, so an agent resolving names made up to fill the
 /// table (an allowed `*.suffix` answers any of them) only ever forgets its own answers.
 const PER_AGENT: usize = 4_096;
+/// How often expired answers are dropped (when an answer is recorded). Without it the answers
+/// of agents that have left would stay until the table is full (a soak's short-lived agents
+/// grow it by one entry each).
+const PRUNE_EVERY: Duration = MIN_KEEP;
 
 /// Each agent's answers: address -> (name, remembered until).
 type Answers = HashMap<IpAddr, (String, Instant)>;
@@ -37,6 +41,8 @@ struct Table {
     by_agent: HashMap<CgroupPath, Answers>,
     /// Entries of all agents.
     len: usize,
+    /// When expired answers were last dropped.
+    pruned: Option<Instant>,
 }
 
 impl AnsweredNames {
@@ -64,6 +70,13 @@ impl AnsweredNames {
             return;
         };
         let name = name.to_ascii_lowercase();
+        if table
+            .pruned
+            .is_none_or(|at| now.saturating_duration_since(at) >= PRUNE_EVERY)
+        {
+            table.expire(now);
+            table.pruned = Some(now);
+        }
         for addr in addrs {
             let addr = addr.to_canonical();
             if table.len >= CAPACITY {
@@ -186,6 +199,40 @@ mod tests {
             names
                 .lookup_at(&cg("a"), ip("192.0.2.1"), now + Duration::from_secs(61))
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn expired_answers_are_dropped_as_new_ones_come() {
+        let names = AnsweredNames::default();
+        let len = || names.entries.lock().expect("lock").len;
+        let now = Instant::now();
+        let minute = Duration::from_secs(60);
+        // One short-lived agent after another, each told one address, a minute's TTL.
+        for i in 0..10u32 {
+            let at = now + i * minute;
+            names.record_at(
+                &cg(&format!("a/{i}")),
+                "x.test",
+                [ip("192.0.2.1")],
+                minute,
+                at,
+            );
+            assert!(len() <= 2, "{} answers kept after {i} minutes", len());
+        }
+        // A live answer is never dropped.
+        names.record_at(&cg("b"), "y.test", [ip("192.0.2.2")], minute * 5, now);
+        names.record_at(
+            &cg("c"),
+            "z.test",
+            [ip("192.0.2.3")],
+            minute,
+            now + minute * 2,
+        );
+        assert!(
+            names
+                .lookup_at(&cg("b"), ip("192.0.2.2"), now + minute * 2)
+                .is_some()
         );
     }
 

@@ -207,8 +207,10 @@ struct Key {
 struct Pool {
     /// Idle HTTP/1.1 connections, most recently used last.
     idle: HashMap<Key, Vec<Idle>>,
-    /// One multiplexed HTTP/2 connection per destination.
-    h2: HashMap<Key, http2::SendRequest<UpstreamBody>>,
+    /// One multiplexed HTTP/2 connection per destination, with when a request last went out
+    /// on it: one unused for [`POOL_IDLE`] is dropped like an idle HTTP/1.1 connection (else an
+    /// agent that left would keep its connections for as long as the upstream does).
+    h2: HashMap<Key, PooledH2>,
     /// Whether this thread's sweeper task runs.
     sweeping: bool,
     /// The size last added to the metrics' pool gauge (see [`Pool::report`]).
@@ -231,6 +233,33 @@ impl Pool {
 struct Idle {
     sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
+}
+
+struct PooledH2 {
+    sender: http2::SendRequest<UpstreamBody>,
+    last_used: Instant,
+}
+
+impl Pool {
+    /// Drops the connections idle (HTTP/1.1) or unused (h2) for longer than [`POOL_IDLE`] at
+    /// `now`, and the closed ones. Dropping an h2 sender lets its connection close once its
+    /// streams in flight end. Returns whether the pool is now empty.
+    fn sweep(&mut self, now: Instant) -> bool {
+        let fresh = |since: Instant| now.saturating_duration_since(since) <= POOL_IDLE;
+        self.idle.retain(|_, idle| {
+            idle.retain(|i| fresh(i.since) && !i.sender.is_closed());
+            !idle.is_empty()
+        });
+        self.h2
+            .retain(|_, h2| fresh(h2.last_used) && !h2.sender.is_closed());
+        self.report();
+        self.idle.is_empty() && self.h2.is_empty()
+    }
+
+    /// Marks the sweeper running; true when it was not (the caller starts it).
+    fn start_sweeping(&mut self) -> bool {
+        !std::mem::replace(&mut self.sweeping, true)
+    }
 }
 
 thread_local! {
@@ -303,7 +332,14 @@ impl Upstream {
             checked: credentialed && !tls,
             partition,
         };
-        if let Some(mut h2) = POOL.with(|p| p.borrow().h2.get(&key).cloned()) {
+        let pooled = POOL.with(|p| {
+            let mut pool = p.borrow_mut();
+            pool.h2.get_mut(&key).map(|h2| {
+                h2.last_used = Instant::now();
+                h2.sender.clone()
+            })
+        });
+        if let Some(mut h2) = pooled {
             if h2.ready().await.is_ok() {
                 return send_h2(&mut h2, req).await;
             }
@@ -318,14 +354,24 @@ impl Upstream {
             None => match self.connect(&key, authority.host()).await? {
                 Connection::Http1(sender) => (sender, false),
                 Connection::Http2(mut h2) => {
-                    POOL.with(|p| {
+                    let start_sweeper = POOL.with(|p| {
                         let mut pool = p.borrow_mut();
                         if pool.h2.len() >= MAX_DESTINATIONS {
                             pool.h2.clear();
                         }
-                        pool.h2.insert(key.clone(), h2.clone());
+                        pool.h2.insert(
+                            key.clone(),
+                            PooledH2 {
+                                sender: h2.clone(),
+                                last_used: Instant::now(),
+                            },
+                        );
                         pool.report();
+                        pool.start_sweeping()
                     });
+                    if start_sweeper {
+                        tokio::spawn(sweep());
+                    }
                     return send_h2(&mut h2, req).await;
                 }
             },
@@ -543,27 +589,21 @@ fn give_back(key: Key, sender: http1::SendRequest<UpstreamBody>) {
             });
         }
         pool.report();
-        !std::mem::replace(&mut pool.sweeping, true)
+        pool.start_sweeping()
     });
     if start_sweeper && tokio::runtime::Handle::try_current().is_ok() {
         tokio::spawn(sweep());
     }
 }
 
-/// Closes this thread's connections idle for longer than [`POOL_IDLE`] (and forgets closed
-/// ones), every [`SWEEP_EVERY`], until the pool is empty.
+/// Closes this thread's connections idle or unused for longer than [`POOL_IDLE`] (and forgets
+/// closed ones), every [`SWEEP_EVERY`], until the pool is empty.
 async fn sweep() {
     loop {
         tokio::time::sleep(SWEEP_EVERY).await;
         let empty = POOL.with(|p| {
             let mut pool = p.borrow_mut();
-            pool.idle.retain(|_, idle| {
-                idle.retain(|i| i.since.elapsed() <= POOL_IDLE && !i.sender.is_closed());
-                !idle.is_empty()
-            });
-            pool.h2.retain(|_, h2| !h2.is_closed());
-            pool.report();
-            let empty = pool.idle.is_empty() && pool.h2.is_empty();
+            let empty = pool.sweep(Instant::now());
             if empty {
                 pool.sweeping = false;
             }
@@ -792,6 +832,39 @@ mod tests {
                 1024
             );
             assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+        });
+    }
+
+    #[test]
+    fn an_unused_h2_connection_leaves_the_pool_after_the_idle_time() {
+        runtime().block_on(async {
+            let server = test_server(1024).await;
+            let upstream = Upstream::new(&[server.ca_file.path().into()]).expect("upstream");
+            let any = Protocols::Any;
+            assert_eq!(fetch(&upstream, &server, "d.test", any).await, 1024);
+            let h2 = || {
+                POOL.with(|p| {
+                    let pool = p.borrow();
+                    (pool.h2.len(), pool.h2.values().map(|h| h.last_used).max())
+                })
+            };
+            let (entries, first_use) = h2();
+            assert_eq!(entries, 1);
+            // Each request restarts its clock.
+            assert_eq!(fetch(&upstream, &server, "d.test", any).await, 1024);
+            let (_, last_use) = h2();
+            assert!(last_use > first_use);
+            assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+            let sweep_at = |at: Instant| POOL.with(|p| p.borrow_mut().sweep(at));
+            let last_use = last_use.expect("an h2 entry");
+            // Kept while it has been used within the idle time, though the upstream keeps it open.
+            assert!(!sweep_at(last_use + POOL_IDLE));
+            assert_eq!(h2().0, 1);
+            // Dropped once unused for longer: an agent that left takes its connections along.
+            assert!(sweep_at(last_use + POOL_IDLE + Duration::from_secs(1)));
+            assert_eq!(h2().0, 0);
+            assert_eq!(fetch(&upstream, &server, "d.test", any).await, 1024);
+            assert_eq!(server.connections.load(Ordering::SeqCst), 2);
         });
     }
 
