@@ -1,8 +1,8 @@
 //! Each agent's share of brokerd, counted: connections open, new connections per second,
-//! pending handshakes, requests in flight, DNS queries per second (the sizes come from the
-//! policy's `[shares]`, see [`agent_broker_core::policy::Shares`]). One agent at its share is
-//! refused more of it; the others do not notice (THREAT-MODEL: one agent must not make brokerd
-//! unavailable to all). On top of the agents' shares, brokerd keeps the connections it serves
+//! pending handshakes, requests in flight, requests per second, DNS queries per second (the
+//! sizes come from the policy's `[shares]`, see [`agent_broker_core::policy::Shares`]). One
+//! agent at its share is refused more of it; the others do not notice (THREAT-MODEL: one agent
+//! must not make brokerd unavailable to all). On top of the agents' shares, brokerd keeps the connections it serves
 //! below what its file descriptor limit allows, so its control socket always gets one.
 //!
 //! Refusals are audited through [`RefusalAudit`]: a flood is recorded as its first refusal, then
@@ -50,6 +50,10 @@ pub struct AgentShare {
     handshakes: AtomicU32,
     requests: AtomicU32,
     new_connections: Mutex<Bucket>,
+    /// Requests started: checked before anything else about a request is looked at, so a
+    /// stream flood on a few connections (which the connection shares do not see) is refused
+    /// at the rate it arrives.
+    request_rate: Mutex<Bucket>,
     dns_queries: Mutex<Bucket>,
     last_used: Mutex<Instant>,
 }
@@ -60,7 +64,9 @@ impl AgentShare {
             ShareKind::Connections => Some(&self.connections),
             ShareKind::PendingHandshakes => Some(&self.handshakes),
             ShareKind::RequestsInFlight => Some(&self.requests),
-            ShareKind::NewConnectionsPerSecond | ShareKind::DnsQueriesPerSecond => None,
+            ShareKind::NewConnectionsPerSecond
+            | ShareKind::DnsQueriesPerSecond
+            | ShareKind::RequestsPerSecond => None,
         }
     }
 
@@ -230,8 +236,22 @@ impl ShareBook {
         self.hold_more(admitted, ShareKind::PendingHandshakes)
     }
 
-    /// One of the agent's requests in flight, held until the response ends.
+    /// One of the agent's requests this second, and one of its requests in flight, held until
+    /// the response ends.
     pub fn request(&self, admitted: &Held) -> Result<Held, Refused> {
+        let agent = &admitted.agent;
+        let rate = agent.limit(ShareKind::RequestsPerSecond);
+        let started = agent
+            .request_rate
+            .lock()
+            .map(|mut b| b.take(rate, Instant::now()))
+            .unwrap_or(false);
+        if !started {
+            return Err(Refused {
+                kind: Some(ShareKind::RequestsPerSecond),
+                reason: over_share(agent, ShareKind::RequestsPerSecond),
+            });
+        }
         self.hold_more(admitted, ShareKind::RequestsInFlight)
     }
 
@@ -278,6 +298,7 @@ impl ShareBook {
                     handshakes_limit: limits.get(ShareKind::PendingHandshakes),
                     requests: a.requests.load(Ordering::Relaxed),
                     requests_limit: limits.get(ShareKind::RequestsInFlight),
+                    requests_per_second_limit: limits.get(ShareKind::RequestsPerSecond),
                     refused: self.refusals.refused_total(a.cgroup_id),
                 }
             })
@@ -335,6 +356,7 @@ fn new_agent(origin: &ConnectionOrigin, shares: Shares, now: Instant) -> AgentSh
             shares.get(ShareKind::NewConnectionsPerSecond),
             now,
         )),
+        request_rate: Mutex::new(Bucket::full(shares.get(ShareKind::RequestsPerSecond), now)),
         dns_queries: Mutex::new(Bucket::full(
             shares.get(ShareKind::DnsQueriesPerSecond),
             now,
@@ -489,20 +511,20 @@ impl RefusalAudit {
         );
     }
 
-    /// A request refused for the agent's requests-in-flight share.
-    pub fn refused_request(&self, origin: &ConnectionOrigin, mut event: AuditEvent) {
+    /// A request refused for one of the agent's request shares (`kind`: in flight, or per
+    /// second).
+    pub fn refused_request(
+        &self,
+        origin: &ConnectionOrigin,
+        kind: ShareKind,
+        mut event: AuditEvent,
+    ) {
         self.count(origin.cgroup_id);
-        self.record(
-            (
-                Some(origin.cgroup_id),
-                share_key(ShareKind::RequestsInFlight),
-            ),
-            {
-                event.kind = Some(EventKind::Denial);
-                event.decision = Some(Decision::Deny);
-                event
-            },
-        );
+        self.record((Some(origin.cgroup_id), share_key(kind)), {
+            event.kind = Some(EventKind::Denial);
+            event.decision = Some(Decision::Deny);
+            event
+        });
     }
 
     /// A DNS query the policy refused: like ones of the same agent are summed. Whether it was
@@ -595,6 +617,7 @@ fn share_key(kind: ShareKind) -> &'static str {
         ShareKind::PendingHandshakes => "share:handshakes",
         ShareKind::RequestsInFlight => "share:requests",
         ShareKind::DnsQueriesPerSecond => "share:dns",
+        ShareKind::RequestsPerSecond => "share:request_rate",
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_broker_core::fmt::error_chain;
+use agent_broker_core::{fmt::error_chain, policy::ShareKind};
 use agent_broker_protocol::{Decision, EventKind, Side};
 use http::StatusCode;
 use http_body_util::BodyExt as _;
@@ -360,7 +360,8 @@ impl Proxy {
         }
     }
 
-    /// Serves a request within the agent's share of requests in flight; over it, a 429.
+    /// Serves a request within the agent's shares of requests per second and in flight; over
+    /// either, a 429.
     async fn serve_within_share(
         &self,
         req: hyper::Request<hyper::body::Incoming>,
@@ -374,7 +375,10 @@ impl Proxy {
                 event.status = Some(StatusCode::TOO_MANY_REQUESTS.as_u16());
                 event.reason = Some(refused.reason.clone());
                 event.side = Some(Side::Agent);
-                self.shares.refusals().refused_request(&conn.origin, event);
+                let kind = refused.kind.unwrap_or(ShareKind::RequestsInFlight);
+                self.shares
+                    .refusals()
+                    .refused_request(&conn.origin, kind, event);
                 return reply::deny(
                     &conn.origin,
                     Denial {

@@ -134,6 +134,30 @@ fn handshakes_and_requests_are_held_within_a_connection() {
 }
 
 #[test]
+fn requests_are_refused_past_the_agents_rate_however_few_are_in_flight() {
+    let (book, _events, _p) = book("requests_per_second = 5\nrequests_in_flight = 100", 1000);
+    let a = agent("agents/a", 1);
+    let b = agent("agents/b", 2);
+    let (ca, cb) = (book.admit(&a).expect("a"), book.admit(&b).expect("b"));
+    // Each request ends at once (nothing held), as a fast stream flood's do.
+    let ok = (0..50).filter(|_| book.request(&ca).is_ok()).count();
+    assert_eq!(ok, 5, "the burst is one second's worth");
+    let refused = book.request(&ca).err().expect("over the rate");
+    assert_eq!(refused.kind, Some(ShareKind::RequestsPerSecond));
+    assert!(
+        refused.reason.contains("shares.requests_per_second"),
+        "{}",
+        refused.reason
+    );
+    // The other agent has its own.
+    assert_eq!((0..5).filter(|_| book.request(&cb).is_ok()).count(), 5);
+    assert_eq!(book.usage()[0].requests_per_second_limit, 5);
+    std::thread::sleep(Duration::from_millis(450));
+    let ok = (0..20).filter(|_| book.request(&ca).is_ok()).count();
+    assert!((2..=3).contains(&ok), "refilled at 5 a second: {ok}");
+}
+
+#[test]
 fn a_policy_change_applies_to_the_next_admission() {
     let (book, _events, tx) = book("connections = 1", 1000);
     let a = agent("agents/a", 1);
