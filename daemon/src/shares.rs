@@ -54,6 +54,11 @@ pub struct AgentShare {
     /// stream flood on a few connections (which the connection shares do not see) is refused
     /// at the rate it arrives.
     request_rate: Mutex<Bucket>,
+    /// Reads of the agent's connections while it is past its requests per second, at that
+    /// rate for all its connections together.
+    paced_reads: Mutex<Bucket>,
+    /// Requests refused for the agent's requests per second whose 429 is being held back.
+    held_refusals: AtomicU32,
     dns_queries: Mutex<Bucket>,
     last_used: Mutex<Instant>,
 }
@@ -115,6 +120,46 @@ impl Bucket {
     }
 }
 
+impl Bucket {
+    /// How long until a token is there (zero: one is there now), without taking it.
+    fn wait(&mut self, rate: u32, now: Instant) -> Duration {
+        let per_second = f64::from(rate.max(1));
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * per_second).min(per_second);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / per_second)
+        }
+    }
+}
+
+/// The most refusals of one agent's requests per second held back at once
+/// ([`Held::hold_refusal`]): a few MiB of waiting streams at most.
+const MAX_HELD_REFUSALS: u32 = 4096;
+
+/// A refusal being held back; counted until dropped.
+pub struct HeldRefusal(Arc<AgentShare>);
+
+impl Drop for HeldRefusal {
+    fn drop(&mut self) {
+        self.0.held_refusals.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How an agent's connection may be read now ([`Held::read_pace`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPace {
+    /// As much as is there: the agent is within its requests per second.
+    Free,
+    /// A little (about one request's worth): the agent is past its share, and this read took
+    /// one of its paced reads.
+    Paced,
+    /// Not before this long: the agent's paced reads are spent.
+    Wait(Duration),
+}
+
 /// Part of a share, held until dropped.
 pub struct Held {
     agent: Arc<AgentShare>,
@@ -131,6 +176,53 @@ impl Drop for Held {
             global.fetch_sub(1, Ordering::Relaxed);
         }
         self.agent.touch();
+    }
+}
+
+impl Held {
+    /// A place to hold back the 429 of a request refused for the agent's requests per second,
+    /// if fewer than [`MAX_HELD_REFUSALS`] are held: while held, the stream stays open, so a
+    /// stream flood is also bounded by the streams its connections may have open.
+    pub fn hold_refusal(&self) -> Option<HeldRefusal> {
+        self.agent
+            .held_refusals
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_HELD_REFUSALS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| HeldRefusal(self.agent.clone()))
+    }
+
+    /// Whether one of the agent's connections may be read now: freely while the agent has
+    /// requests per second left; past that share, a little at a time, all its connections
+    /// together at the share's rate (see `proxy::serve`), so a stream flood waits in the
+    /// kernel's buffers instead of costing brokerd a decoded and refused stream each.
+    pub fn read_pace(&self) -> ReadPace {
+        let rate = self.agent.limit(ShareKind::RequestsPerSecond);
+        let now = Instant::now();
+        // Past the share is less than a tenth of a second's worth left: with one token left,
+        // a free read would bring in hundreds of streams for it.
+        let reserve = (f64::from(rate) / 10.0).max(1.0);
+        let over = self
+            .agent
+            .request_rate
+            .lock()
+            .map(|mut b| {
+                b.wait(rate, now);
+                b.tokens < reserve
+            })
+            .unwrap_or(false);
+        if !over {
+            return ReadPace::Free;
+        }
+        let Ok(mut reads) = self.agent.paced_reads.lock() else {
+            return ReadPace::Free;
+        };
+        if reads.take(rate, now) {
+            ReadPace::Paced
+        } else {
+            ReadPace::Wait(reads.wait(rate, now))
+        }
     }
 }
 
@@ -357,6 +449,11 @@ fn new_agent(origin: &ConnectionOrigin, shares: Shares, now: Instant) -> AgentSh
             now,
         )),
         request_rate: Mutex::new(Bucket::full(shares.get(ShareKind::RequestsPerSecond), now)),
+        paced_reads: Mutex::new(Bucket {
+            tokens: 0.0,
+            at: now,
+        }),
+        held_refusals: AtomicU32::new(0),
         dns_queries: Mutex::new(Bucket::full(
             shares.get(ShareKind::DnsQueriesPerSecond),
             now,

@@ -30,7 +30,11 @@ use super::{
     sniff::{Sniffed, peek_sni, sniff},
     tls::LeafName,
 };
-use crate::{capture::ConnectionOrigin, metrics::HandshakeOutcome, shares::Held};
+use crate::{
+    capture::ConnectionOrigin,
+    metrics::HandshakeOutcome,
+    shares::{Held, ReadPace},
+};
 
 /// Resolves when the connection has had no request in flight for its deadline:
 /// `request_head` before its first request, `connection_idle` after.
@@ -80,6 +84,98 @@ impl hyper::body::Body for Guarded {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// How much of a connection is read at a time while its agent is past its requests per
+/// second: about one HTTP/2 request (a HEADERS frame of a repeated request is some 20 bytes).
+const PACED_READ: usize = 32;
+
+/// How long the 429 of a request refused for its agent's requests per second is held back
+/// (up to a bound per agent, see [`Held::hold_refusal`]): its stream stays open meanwhile, so a
+/// stream flood is bounded by the streams its connections may have open (200 each), not only
+/// by how fast brokerd answers.
+const RATE_REFUSAL_HOLD: Duration = Duration::from_secs(1);
+
+/// The agent's side of a connection, read freely while its agent has requests per second
+/// left. Past that share, the requests already read get 429s, and the agent's connections are
+/// read [`PACED_READ`] bytes at a time, at the share's rate for all of them together: an
+/// HTTP/2 stream flood then waits in the kernel's socket buffers (and the sender's flow
+/// control) instead of costing brokerd a decoded, refused and audited stream each, so the
+/// other agents keep the CPU. Writes pass through.
+struct Paced<I> {
+    io: I,
+    conn: Arc<Conn>,
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I: hyper::rt::Read + Unpin> hyper::rt::Read for Paced<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        loop {
+            if let Some(wait) = self.wait.as_mut() {
+                std::task::ready!(std::future::Future::poll(wait.as_mut(), cx));
+                self.wait = None;
+            }
+            match self.conn.admitted.read_pace() {
+                ReadPace::Free => return std::pin::Pin::new(&mut self.io).poll_read(cx, buf),
+                ReadPace::Paced => break,
+                ReadPace::Wait(wait) => {
+                    self.wait = Some(Box::pin(tokio::time::sleep(wait)));
+                }
+            }
+        }
+        // Past the share, one request's worth of bytes per read: a read of a whole buffer
+        // would bring hundreds of HTTP/2 streams in at once.
+        let mut small = [0u8; PACED_READ];
+        let mut limit = PACED_READ.min(buf.remaining());
+        if limit == 0 {
+            limit = PACED_READ;
+        }
+        let mut read = hyper::rt::ReadBuf::new(&mut small[..limit]);
+        std::task::ready!(std::pin::Pin::new(&mut self.io).poll_read(cx, read.unfilled()))?;
+        let mut buf = buf;
+        buf.put_slice(read.filled());
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Paced<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
 
@@ -340,6 +436,11 @@ impl Proxy {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(self.deadlines.request_head);
+        let io = Paced {
+            io,
+            conn: conn.clone(),
+            wait: None,
+        };
         let served = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(served);
         let result = tokio::select! {
@@ -379,6 +480,11 @@ impl Proxy {
                 self.shares
                     .refusals()
                     .refused_request(&conn.origin, kind, event);
+                if kind == ShareKind::RequestsPerSecond
+                    && let Some(_held) = conn.admitted.hold_refusal()
+                {
+                    tokio::time::sleep(RATE_REFUSAL_HOLD).await;
+                }
                 return reply::deny(
                     &conn.origin,
                     Denial {
