@@ -249,10 +249,26 @@ pub struct ConnectionOrigin {
     /// Thread id.
     pub tid: u32,
     pub comm: String,
-    /// The process's executable, when it could still be read at accept time.
+    /// The process's executable, when it could still be read once the agent's share admitted
+    /// the connection or query ([`ConnectionOrigin::with_exe`]); none on refusals for a share.
     pub exe: Option<String>,
     /// The destination the agent asked for.
     pub original_dst: SocketAddr,
+}
+
+impl ConnectionOrigin {
+    /// The origin with its process's executable, read from /proc now. Done only for what an
+    /// agent's share admits (a readlink per refused connection would let a flood spend
+    /// brokerd's time on lookups). A short-lived process may be gone already; the record keeps
+    /// pid and comm.
+    pub fn with_exe(mut self) -> Self {
+        if self.exe.is_none() {
+            self.exe = std::fs::read_link(format!("/proc/{}/exe", self.pid))
+                .ok()
+                .map(|p| p.display().to_string());
+        }
+        self
+    }
 }
 
 /// Why an accepted connection has no origin.
@@ -431,10 +447,9 @@ impl OriginResolver {
             pid: origin.tgid,
             tid: origin.pid,
             comm: String::from_utf8_lossy(&origin.comm[..comm_len]).into_owned(),
-            // A short-lived process may be gone already; the record keeps pid and comm.
-            exe: std::fs::read_link(format!("/proc/{}/exe", origin.tgid))
-                .ok()
-                .map(|p| p.display().to_string()),
+            // Read once the connection or query is within the agent's share
+            // ([`ConnectionOrigin::with_exe`]): a flood past it costs no /proc lookup.
+            exe: None,
             original_dst: original_dst(&origin),
         })
     }

@@ -87,6 +87,10 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_IN_FLIGHT: usize = 256;
 /// Largest DNS message brokerd reads (UDP with EDNS, or TCP).
 const MAX_MESSAGE: usize = 4096;
+/// The receive buffer asked for on each UDP listener (the kernel's default is about 200 KiB,
+/// a few hundred queries): room for a burst of queries while the loop catches up, so another
+/// agent's query is not dropped by the kernel behind a flood before its share is looked at.
+const UDP_RECEIVE_BUFFER: usize = 8 << 20;
 /// How long an idle DNS-over-TCP connection is kept.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
@@ -185,22 +189,42 @@ impl DnsServer {
         query: &[u8],
         transport: Transport,
     ) -> Option<Vec<u8>> {
+        if !self.within_share(origin) {
+            return refused_unread(query);
+        }
+        self.answer_admitted(origin, query, transport).await
+    }
+
+    /// Takes one of the agent's DNS queries this second. Over its share: audited in aggregate
+    /// (the record names no query: none was read) and false, and the caller answers with
+    /// [`refused_unread`].
+    fn within_share(&self, origin: &ConnectionOrigin) -> bool {
+        let Err(refused) = self.shares.dns_query(origin) else {
+            return true;
+        };
+        let event = AuditEvent {
+            status: Some(u16::from(ResponseCode::Refused)),
+            ..origin_event(origin)
+        };
+        self.shares
+            .refusals()
+            .refused_dns_rate(origin, &refused, event);
+        false
+    }
+
+    /// [`Self::answer`] for a query within the agent's share.
+    async fn answer_admitted(
+        &self,
+        origin: &ConnectionOrigin,
+        query: &[u8],
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
         let started = Instant::now();
         let question = match check_query(query) {
             Ok(q) => q,
             Err(Some(reply)) => return Some(reply),
             Err(None) => return None,
         };
-        if let Err(refused) = self.shares.dns_query(origin) {
-            // Over the agent's queries per second: refused without a look at the name, and
-            // audited in aggregate.
-            let mut event = dns_event(origin, &question);
-            event.status = Some(u16::from(ResponseCode::Refused));
-            self.shares
-                .refusals()
-                .refused_dns_rate(origin, &refused, event);
-            return Some(reply_with(&question, ResponseCode::Refused));
-        }
         if question.name == agent_api::NAME {
             return Some(self.answer_reserved(origin, &question, started));
         }
@@ -378,6 +402,7 @@ impl DnsServer {
         origin_of: Arc<dyn Fn(SocketAddr) -> Option<ConnectionOrigin> + Send + Sync>,
         cancel: CancellationToken,
     ) {
+        set_receive_buffer(&socket, UDP_RECEIVE_BUFFER);
         let socket = Arc::new(socket);
         let mut buf = vec![0u8; MAX_MESSAGE];
         loop {
@@ -396,11 +421,26 @@ impl DnsServer {
                 debug!(%peer, "DNS datagram without a redirect record dropped");
                 continue;
             };
+            // The agent's share first, in this loop: a query past it costs one receive, one
+            // map lookup and one send, nothing is parsed or spawned, and the loop gets back to
+            // the socket at once, so a flood does not fill the socket's buffer with queries
+            // waiting behind a slow loop and push the other agents' out.
+            if !self.within_share(&origin) {
+                if let Some(reply) = refused_unread(&buf[..len]) {
+                    // Never waits: a full send buffer drops the answer, not the loop's turn.
+                    let _ = socket.try_send_to(&reply, peer);
+                }
+                continue;
+            }
             let query = buf[..len].to_vec();
             let server = self.clone();
             let socket = socket.clone();
             tokio::spawn(async move {
-                if let Some(reply) = server.answer(&origin, &query, Transport::Udp).await {
+                let origin = origin.with_exe();
+                if let Some(reply) = server
+                    .answer_admitted(&origin, &query, Transport::Udp)
+                    .await
+                {
                     let reply = truncate_for_udp(reply, &query);
                     if let Err(e) = socket.send_to(&reply, peer).await {
                         debug!(%peer, error = %e, "DNS reply not sent");
@@ -446,6 +486,72 @@ impl DnsServer {
             }
         }
     }
+}
+
+/// Sets the receive buffer of `socket` to `bytes`, past `net.core.rmem_max` where brokerd may
+/// (`SO_RCVBUFFORCE`, CAP_NET_ADMIN), else as far as that limit allows. A failure is logged:
+/// the listener works with a smaller buffer.
+fn set_receive_buffer(socket: &UdpSocket, bytes: usize) {
+    use std::os::fd::AsRawFd as _;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let set = |option| {
+        // SAFETY: a valid socket descriptor, and a c_int option value of the size given.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                std::ptr::from_ref(&value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    if set(libc::SO_RCVBUFFORCE) != 0 && set(libc::SO_RCVBUF) != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot enlarge the DNS listener's receive buffer");
+    }
+}
+
+/// REFUSED for `query` without decoding it: its header with QR, RA and RCODE 5 set, and its
+/// question copied as it came (its end found by walking the labels), or no question when that
+/// walk fails. `None` for what gets no answer at all: less than a header, or a response (no
+/// reflection loops). Costs a copy of a few dozen bytes, so a flood past the agent's share is
+/// answered at the rate it arrives.
+fn refused_unread(query: &[u8]) -> Option<Vec<u8>> {
+    if query.len() < 12 || query[2] & 0x80 != 0 {
+        return None;
+    }
+    let one_question = u16::from_be_bytes([query[4], query[5]]) == 1;
+    let question_end = one_question.then(|| question_end(query)).flatten();
+    let mut reply = query[..question_end.unwrap_or(12)].to_vec();
+    // QR set; opcode and RD kept; AA and TC clear.
+    reply[2] = 0x80 | (query[2] & 0x79);
+    // RA set; RCODE REFUSED.
+    reply[3] = 0x80 | ResponseCode::Refused.low();
+    reply[4..6].copy_from_slice(&u16::from(question_end.is_some()).to_be_bytes());
+    reply[6..12].fill(0);
+    Some(reply)
+}
+
+/// Where the first question of `query` ends (after its type and class), if its name is a plain
+/// sequence of labels within 255 bytes.
+fn question_end(query: &[u8]) -> Option<usize> {
+    let mut at = 12;
+    loop {
+        let len = usize::from(*query.get(at)?);
+        at += 1;
+        match len {
+            0 => break,
+            // A compression pointer (or a reserved label type) has no place in a query's
+            // first name.
+            l if l & 0xc0 != 0 => return None,
+            l => at += l,
+        }
+        if at - 12 > 255 {
+            return None;
+        }
+    }
+    let end = at + 4;
+    (end <= query.len()).then_some(end)
 }
 
 /// Checks that `query` is one standard query for one IN name. `Err(Some(reply))`: answer with
@@ -619,6 +725,15 @@ fn rand_id() -> u16 {
 
 fn dns_event(origin: &ConnectionOrigin, question: &Question) -> AuditEvent {
     AuditEvent {
+        method: Some(question.qtype.to_string()),
+        host: Some(question.name.clone()),
+        ..origin_event(origin)
+    }
+}
+
+/// A DNS record of `origin`'s that names no query.
+fn origin_event(origin: &ConnectionOrigin) -> AuditEvent {
+    AuditEvent {
         time_ms: now_unix_ms(),
         kind: Some(EventKind::Dns),
         cgroup: Some(origin.cgroup.to_string()),
@@ -628,8 +743,6 @@ fn dns_event(origin: &ConnectionOrigin, question: &Question) -> AuditEvent {
         comm: Some(origin.comm.clone()),
         exe: origin.exe.clone(),
         original_dst: Some(origin.original_dst),
-        method: Some(question.qtype.to_string()),
-        host: Some(question.name.clone()),
         ..AuditEvent::default()
     }
 }

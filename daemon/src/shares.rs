@@ -1,8 +1,8 @@
 //! Each agent's share of brokerd, counted: connections open, new connections per second,
-//! pending handshakes, requests in flight, DNS queries per second (the sizes come from the
-//! policy's `[shares]`, see [`agent_broker_core::policy::Shares`]). One agent at its share is
-//! refused more of it; the others do not notice (THREAT-MODEL: one agent must not make brokerd
-//! unavailable to all). On top of the agents' shares, brokerd keeps the connections it serves
+//! pending handshakes, requests in flight, requests per second, DNS queries per second (the
+//! sizes come from the policy's `[shares]`, see [`agent_broker_core::policy::Shares`]). One
+//! agent at its share is refused more of it; the others do not notice (THREAT-MODEL: one agent
+//! must not make brokerd unavailable to all). On top of the agents' shares, brokerd keeps the connections it serves
 //! below what its file descriptor limit allows, so its control socket always gets one.
 //!
 //! Refusals are audited through [`RefusalAudit`]: a flood is recorded as its first refusal, then
@@ -50,6 +50,15 @@ pub struct AgentShare {
     handshakes: AtomicU32,
     requests: AtomicU32,
     new_connections: Mutex<Bucket>,
+    /// Requests started: checked before anything else about a request is looked at, so a
+    /// stream flood on a few connections (which the connection shares do not see) is refused
+    /// at the rate it arrives.
+    request_rate: Mutex<Bucket>,
+    /// Reads of the agent's connections while it is past its requests per second, at that
+    /// rate for all its connections together.
+    paced_reads: Mutex<Bucket>,
+    /// Requests refused for the agent's requests per second whose 429 is being held back.
+    held_refusals: AtomicU32,
     dns_queries: Mutex<Bucket>,
     last_used: Mutex<Instant>,
 }
@@ -60,7 +69,9 @@ impl AgentShare {
             ShareKind::Connections => Some(&self.connections),
             ShareKind::PendingHandshakes => Some(&self.handshakes),
             ShareKind::RequestsInFlight => Some(&self.requests),
-            ShareKind::NewConnectionsPerSecond | ShareKind::DnsQueriesPerSecond => None,
+            ShareKind::NewConnectionsPerSecond
+            | ShareKind::DnsQueriesPerSecond
+            | ShareKind::RequestsPerSecond => None,
         }
     }
 
@@ -109,6 +120,46 @@ impl Bucket {
     }
 }
 
+impl Bucket {
+    /// How long until a token is there (zero: one is there now), without taking it.
+    fn wait(&mut self, rate: u32, now: Instant) -> Duration {
+        let per_second = f64::from(rate.max(1));
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * per_second).min(per_second);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / per_second)
+        }
+    }
+}
+
+/// The most refusals of one agent's requests per second held back at once
+/// ([`Held::hold_refusal`]): a few MiB of waiting streams at most.
+const MAX_HELD_REFUSALS: u32 = 4096;
+
+/// A refusal being held back; counted until dropped.
+pub struct HeldRefusal(Arc<AgentShare>);
+
+impl Drop for HeldRefusal {
+    fn drop(&mut self) {
+        self.0.held_refusals.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How an agent's connection may be read now ([`Held::read_pace`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPace {
+    /// As much as is there: the agent is within its requests per second.
+    Free,
+    /// A little (about one request's worth): the agent is past its share, and this read took
+    /// one of its paced reads.
+    Paced,
+    /// Not before this long: the agent's paced reads are spent.
+    Wait(Duration),
+}
+
 /// Part of a share, held until dropped.
 pub struct Held {
     agent: Arc<AgentShare>,
@@ -125,6 +176,53 @@ impl Drop for Held {
             global.fetch_sub(1, Ordering::Relaxed);
         }
         self.agent.touch();
+    }
+}
+
+impl Held {
+    /// A place to hold back the 429 of a request refused for the agent's requests per second,
+    /// if fewer than [`MAX_HELD_REFUSALS`] are held: while held, the stream stays open, so a
+    /// stream flood is also bounded by the streams its connections may have open.
+    pub fn hold_refusal(&self) -> Option<HeldRefusal> {
+        self.agent
+            .held_refusals
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_HELD_REFUSALS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| HeldRefusal(self.agent.clone()))
+    }
+
+    /// Whether one of the agent's connections may be read now: freely while the agent has
+    /// requests per second left; past that share, a little at a time, all its connections
+    /// together at the share's rate (see `proxy::serve`), so a stream flood waits in the
+    /// kernel's buffers instead of costing brokerd a decoded and refused stream each.
+    pub fn read_pace(&self) -> ReadPace {
+        let rate = self.agent.limit(ShareKind::RequestsPerSecond);
+        let now = Instant::now();
+        // Past the share is less than a tenth of a second's worth left: with one token left,
+        // a free read would bring in hundreds of streams for it.
+        let reserve = (f64::from(rate) / 10.0).max(1.0);
+        let over = self
+            .agent
+            .request_rate
+            .lock()
+            .map(|mut b| {
+                b.wait(rate, now);
+                b.tokens < reserve
+            })
+            .unwrap_or(false);
+        if !over {
+            return ReadPace::Free;
+        }
+        let Ok(mut reads) = self.agent.paced_reads.lock() else {
+            return ReadPace::Free;
+        };
+        if reads.take(rate, now) {
+            ReadPace::Paced
+        } else {
+            ReadPace::Wait(reads.wait(rate, now))
+        }
     }
 }
 
@@ -230,8 +328,22 @@ impl ShareBook {
         self.hold_more(admitted, ShareKind::PendingHandshakes)
     }
 
-    /// One of the agent's requests in flight, held until the response ends.
+    /// One of the agent's requests this second, and one of its requests in flight, held until
+    /// the response ends.
     pub fn request(&self, admitted: &Held) -> Result<Held, Refused> {
+        let agent = &admitted.agent;
+        let rate = agent.limit(ShareKind::RequestsPerSecond);
+        let started = agent
+            .request_rate
+            .lock()
+            .map(|mut b| b.take(rate, Instant::now()))
+            .unwrap_or(false);
+        if !started {
+            return Err(Refused {
+                kind: Some(ShareKind::RequestsPerSecond),
+                reason: over_share(agent, ShareKind::RequestsPerSecond),
+            });
+        }
         self.hold_more(admitted, ShareKind::RequestsInFlight)
     }
 
@@ -278,6 +390,7 @@ impl ShareBook {
                     handshakes_limit: limits.get(ShareKind::PendingHandshakes),
                     requests: a.requests.load(Ordering::Relaxed),
                     requests_limit: limits.get(ShareKind::RequestsInFlight),
+                    requests_per_second_limit: limits.get(ShareKind::RequestsPerSecond),
                     refused: self.refusals.refused_total(a.cgroup_id),
                 }
             })
@@ -335,6 +448,12 @@ fn new_agent(origin: &ConnectionOrigin, shares: Shares, now: Instant) -> AgentSh
             shares.get(ShareKind::NewConnectionsPerSecond),
             now,
         )),
+        request_rate: Mutex::new(Bucket::full(shares.get(ShareKind::RequestsPerSecond), now)),
+        paced_reads: Mutex::new(Bucket {
+            tokens: 0.0,
+            at: now,
+        }),
+        held_refusals: AtomicU32::new(0),
         dns_queries: Mutex::new(Bucket::full(
             shares.get(ShareKind::DnsQueriesPerSecond),
             now,
@@ -489,20 +608,20 @@ impl RefusalAudit {
         );
     }
 
-    /// A request refused for the agent's requests-in-flight share.
-    pub fn refused_request(&self, origin: &ConnectionOrigin, mut event: AuditEvent) {
+    /// A request refused for one of the agent's request shares (`kind`: in flight, or per
+    /// second).
+    pub fn refused_request(
+        &self,
+        origin: &ConnectionOrigin,
+        kind: ShareKind,
+        mut event: AuditEvent,
+    ) {
         self.count(origin.cgroup_id);
-        self.record(
-            (
-                Some(origin.cgroup_id),
-                share_key(ShareKind::RequestsInFlight),
-            ),
-            {
-                event.kind = Some(EventKind::Denial);
-                event.decision = Some(Decision::Deny);
-                event
-            },
-        );
+        self.record((Some(origin.cgroup_id), share_key(kind)), {
+            event.kind = Some(EventKind::Denial);
+            event.decision = Some(Decision::Deny);
+            event
+        });
     }
 
     /// A connection brokerd closed because the agent broke the protocol (malformed or
@@ -603,6 +722,7 @@ fn share_key(kind: ShareKind) -> &'static str {
         ShareKind::PendingHandshakes => "share:handshakes",
         ShareKind::RequestsInFlight => "share:requests",
         ShareKind::DnsQueriesPerSecond => "share:dns",
+        ShareKind::RequestsPerSecond => "share:request_rate",
     }
 }
 

@@ -844,6 +844,9 @@ pub struct AgentShareUse {
     /// HTTP requests in flight.
     pub requests: u32,
     pub requests_limit: u32,
+    /// HTTP requests the agent may start a second (a rate: nothing is held).
+    #[serde(default)]
+    pub requests_per_second_limit: u32,
     /// Connections, requests and DNS queries refused for a share since brokerd started.
     pub refused: u64,
 }

@@ -79,16 +79,21 @@ def drain():
             return
         rc = str(r[3] & 0x0f)
         codes[rc] = codes.get(rc, 0) + 1
+paced = 0
 for i in range(n):
     label = "%x" % random.getrandbits(48)
-    s.sendto(query(i & 0xffff, label + "." + suffix), ("127.0.0.53", 53))
+    try:
+        s.sendto(query(i & 0xffff, label + "." + suffix), ("127.0.0.53", 53))
+    except PermissionError:
+        # Past the kernel's pace of one cgroup's DNS datagrams (2048 a second).
+        paced += 1
     if i % 50 == 0:
         drain()
 deadline = time.time() + 2
 while time.time() < deadline:
     drain()
     time.sleep(0.05)
-out = {"sent": n, "codes": codes}
+out = {"sent": n, "paced": paced, "codes": codes}
 if name:
     time.sleep(1.2)  # a new second of the share
     s.setblocking(True)

@@ -22,6 +22,7 @@
 //! anywhere but loopback.
 
 mod clients;
+mod fairness;
 mod lab;
 mod load;
 mod mitm;

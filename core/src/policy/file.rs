@@ -94,6 +94,8 @@ struct RawShares {
     requests_in_flight: Option<Spanned<i64>>,
     /// DNS queries per second.
     dns_queries_per_second: Option<Spanned<i64>>,
+    /// HTTP requests started per second.
+    requests_per_second: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -490,6 +492,7 @@ pub(super) fn compile(path: &Path, text: &str) -> Result<PolicyFile, Vec<PolicyF
             (ShareKind::PendingHandshakes, raw.pending_handshakes),
             (ShareKind::RequestsInFlight, raw.requests_in_flight),
             (ShareKind::DnsQueriesPerSecond, raw.dns_queries_per_second),
+            (ShareKind::RequestsPerSecond, raw.requests_per_second),
         ];
         for (kind, value) in fields {
             let Some(value) = value else { continue };

@@ -7,6 +7,9 @@
 
 use std::fmt;
 
+/// How many kinds of share there are.
+const KINDS: usize = 6;
+
 /// One kind of share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ShareKind {
@@ -20,15 +23,18 @@ pub enum ShareKind {
     RequestsInFlight,
     /// DNS queries per second.
     DnsQueriesPerSecond,
+    /// HTTP requests started per second (an HTTP/2 stream is a request).
+    RequestsPerSecond,
 }
 
 impl ShareKind {
-    pub const ALL: [ShareKind; 5] = [
+    pub const ALL: [ShareKind; KINDS] = [
         Self::Connections,
         Self::NewConnectionsPerSecond,
         Self::PendingHandshakes,
         Self::RequestsInFlight,
         Self::DnsQueriesPerSecond,
+        Self::RequestsPerSecond,
     ];
 
     /// The field's name in `[shares]`.
@@ -39,6 +45,7 @@ impl ShareKind {
             Self::PendingHandshakes => "pending_handshakes",
             Self::RequestsInFlight => "requests_in_flight",
             Self::DnsQueriesPerSecond => "dns_queries_per_second",
+            Self::RequestsPerSecond => "requests_per_second",
         }
     }
 
@@ -46,7 +53,7 @@ impl ShareKind {
     pub fn is_rate(self) -> bool {
         matches!(
             self,
-            Self::NewConnectionsPerSecond | Self::DnsQueriesPerSecond
+            Self::NewConnectionsPerSecond | Self::DnsQueriesPerSecond | Self::RequestsPerSecond
         )
     }
 
@@ -63,13 +70,14 @@ impl fmt::Display for ShareKind {
             Self::PendingHandshakes => "pending handshakes",
             Self::RequestsInFlight => "requests in flight",
             Self::DnsQueriesPerSecond => "DNS queries per second",
+            Self::RequestsPerSecond => "requests per second",
         })
     }
 }
 
 /// An agent's shares: one value per [`ShareKind`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Shares([u32; 5]);
+pub struct Shares([u32; KINDS]);
 
 impl Shares {
     /// What an agent gets when no governing file says otherwise. Generous for one agent (a
@@ -81,6 +89,7 @@ impl Shares {
         128,  // pending handshakes
         512,  // requests in flight
         256,  // DNS queries per second
+        1000, // requests per second
     ]);
 
     pub fn get(&self, kind: ShareKind) -> u32 {
@@ -114,7 +123,7 @@ impl fmt::Display for Shares {
 
 /// What one file's `[shares]` sets: each field optional.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SharesSpec([Option<u32>; 5]);
+pub struct SharesSpec([Option<u32>; KINDS]);
 
 impl SharesSpec {
     pub fn get(&self, kind: ShareKind) -> Option<u32> {
@@ -132,7 +141,7 @@ impl SharesSpec {
     /// The shares when `specs` are every governing file's: the smallest value set, else the
     /// default.
     pub fn combine<'a>(specs: impl IntoIterator<Item = &'a SharesSpec>) -> Shares {
-        let mut set: [Option<u32>; 5] = [None; 5];
+        let mut set: [Option<u32>; KINDS] = [None; KINDS];
         for spec in specs {
             for (acc, v) in set.iter_mut().zip(spec.0) {
                 *acc = match (*acc, v) {

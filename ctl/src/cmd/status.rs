@@ -133,20 +133,22 @@ fn print_status(s: &StatusReport) {
     }
     if !s.shares.is_empty() {
         outln!(
-            "{:<40} {:>13} {:>13} {:>13} {:>8}",
+            "{:<40} {:>13} {:>13} {:>13} {:>8} {:>8}",
             "AGENT SHARES (now/limit)",
             "CONNECTIONS",
             "HANDSHAKES",
             "REQUESTS",
+            "REQ/S",
             "REFUSED"
         );
         for a in &s.shares {
             outln!(
-                "{:<40} {:>13} {:>13} {:>13} {:>8}",
+                "{:<40} {:>13} {:>13} {:>13} {:>8} {:>8}",
                 a.cgroup,
                 format!("{}/{}", a.connections, a.connections_limit),
                 format!("{}/{}", a.handshakes, a.handshakes_limit),
                 format!("{}/{}", a.requests, a.requests_limit),
+                a.requests_per_second_limit,
                 a.refused
             );
         }

@@ -582,3 +582,163 @@ async fn the_reserved_name_is_answered_for_every_agent_and_never_forwarded() {
                 && e.kind == Some(EventKind::Dns))
     );
 }
+
+#[test]
+fn a_refusal_unread_echoes_the_header_and_question_and_parses() {
+    let q = query(0x1234, "x1.tunnel.test", RecordType::AAAA);
+    let reply = refused_unread(&q).expect("a reply");
+    let m = parse(&reply);
+    assert_eq!(m.metadata.id, 0x1234);
+    assert_eq!(m.metadata.message_type, MessageType::Response);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    assert!(m.metadata.recursion_desired && m.metadata.recursion_available);
+    assert_eq!(m.queries.len(), 1);
+    assert_eq!(m.queries[0].name().to_ascii(), "x1.tunnel.test.");
+    assert_eq!(m.queries[0].query_type(), RecordType::AAAA);
+    assert!(m.answers.is_empty() && m.additionals.is_empty());
+
+    // An EDNS record after the question is not echoed.
+    let mut with_edns = Message::from_vec(&q).expect("query");
+    with_edns.edns = Some(hickory_proto::op::Edns::new());
+    let with_edns = with_edns.to_vec().expect("encode");
+    assert!(with_edns.len() > q.len());
+    assert_eq!(refused_unread(&with_edns).expect("reply"), reply);
+}
+
+#[test]
+fn a_refusal_unread_of_what_cannot_be_walked_has_no_question_and_responses_get_none() {
+    // Too short, or a response: nothing.
+    assert_eq!(refused_unread(&[0u8; 11]), None);
+    let mut response = query(1, "a.test", RecordType::A);
+    response[2] |= 0x80;
+    assert_eq!(refused_unread(&response), None);
+    // Cut inside the name, a compression pointer, two questions, a name past 255 bytes: the
+    // header alone, still REFUSED with the id.
+    let q = query(9, "abc.example.test", RecordType::A);
+    let mut pointer = q[..12].to_vec();
+    pointer.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+    let mut two = q.clone();
+    two[5] = 2;
+    let mut long = q[..12].to_vec();
+    for _ in 0..5 {
+        long.push(63);
+        long.extend_from_slice(&[b'a'; 63]);
+    }
+    long.extend_from_slice(&[0, 0, 1, 0, 1]);
+    for (what, bad) in [
+        ("cut", q[..16].to_vec()),
+        ("pointer", pointer),
+        ("two questions", two),
+        ("long", long),
+    ] {
+        let reply = refused_unread(&bad).unwrap_or_else(|| panic!("{what}: no reply"));
+        assert_eq!(reply.len(), 12, "{what}");
+        let m = parse(&reply);
+        assert_eq!(
+            m.metadata.id,
+            u16::from_be_bytes([bad[0], bad[1]]),
+            "{what}"
+        );
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused, "{what}");
+        assert!(m.queries.is_empty(), "{what}");
+    }
+}
+
+/// Over UDP, through the listener's own loop: one agent floods far past its share while
+/// another resolves. The flood is refused in the loop (never forwarded, one summed record),
+/// and every one of the other agent's queries is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flood_past_its_share_does_not_cost_another_agent_an_answer() {
+    let upstream = FakeResolver::start().await;
+    let policy = format!("{POLICY}\n[shares]\ndns_queries_per_second = 10\n");
+    let victim_policy = "cgroup = \"agents/b\"\n\n[dns]\nallow = [\"api.example.test\"]\n";
+    let policy = Policy::from_files(vec![
+        (PathBuf::from("a.toml"), policy),
+        (PathBuf::from("b.toml"), victim_policy.to_string()),
+    ])
+    .expect("policy");
+    let w = world(vec![upstream.addr]);
+    w._policy.send(Arc::new(policy)).expect("policy sent");
+
+    let listener = UdpSocket::bind("127.0.0.1:0").await.expect("listener");
+    let addr = listener.local_addr().expect("addr");
+    let flooder = std::net::UdpSocket::bind("127.0.0.1:0").expect("flooder");
+    let victim = std::net::UdpSocket::bind("127.0.0.1:0").expect("victim");
+    let (flooder_addr, victim_addr) = (
+        flooder.local_addr().expect("addr"),
+        victim.local_addr().expect("addr"),
+    );
+    let attacker = w.origin.clone();
+    let other = ConnectionOrigin {
+        cgroup: CgroupPath::parse("agents/b").expect("cgroup"),
+        cgroup_id: CgroupId(8),
+        ..w.origin.clone()
+    };
+    let origin_of: Arc<dyn Fn(SocketAddr) -> Option<ConnectionOrigin> + Send + Sync> =
+        Arc::new(move |peer| {
+            if peer == flooder_addr {
+                Some(attacker.clone())
+            } else if peer == victim_addr {
+                Some(other.clone())
+            } else {
+                None
+            }
+        });
+    let cancel = CancellationToken::new();
+    let served = tokio::spawn(
+        w.server
+            .clone()
+            .serve_udp(listener, origin_of, cancel.clone()),
+    );
+
+    let flood = 3000u16;
+    let answered = tokio::task::spawn_blocking(move || {
+        for i in 0..flood {
+            let q = query(i, &format!("x{i}.tunnel.test"), RecordType::A);
+            flooder.send_to(&q, addr).expect("flood");
+        }
+        // The victim, right behind the flood: every query answered.
+        victim
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut codes = Vec::new();
+        for i in 0..20u16 {
+            victim
+                .send_to(&query(i, "api.example.test", RecordType::A), addr)
+                .expect("send");
+            let mut buf = [0u8; 4096];
+            let (n, _) = victim.recv_from(&mut buf).expect("the victim is answered");
+            codes.push(parse(&buf[..n]).metadata.response_code);
+        }
+        codes
+    })
+    .await
+    .expect("clients");
+    assert!(
+        answered.iter().all(|c| *c == ResponseCode::NoError),
+        "{answered:?}"
+    );
+    cancel.cancel();
+    served.await.expect("listener stops");
+    w.server.shares.refusals().flush(true);
+    let refused: u64 = w
+        .events
+        .all()
+        .iter()
+        .filter(|e| {
+            e.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("shares.dns_queries_per_second"))
+        })
+        .map(|e| {
+            // Refused unread: the record names no query.
+            assert_eq!(e.host, None, "{e:?}");
+            e.count.unwrap_or(1)
+        })
+        .sum();
+    // All but the first ten (the kernel may drop some of a burst where brokerd cannot
+    // enlarge its buffer).
+    assert!(refused >= 200, "{refused} of {flood} refused");
+    // The flood's names were never forwarded: only the victim's 20 queries were.
+    assert_eq!(upstream.queries(), 20);
+}

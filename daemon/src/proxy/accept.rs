@@ -5,7 +5,9 @@
 //! than the one at the far end of the connection: a process that took over an agent socket's
 //! address) is refused, logged and audited (a denial naming no agent, with the reason), so
 //! brokerd is never a credential oracle for processes outside the tagged cgroups. A resolved
-//! connection is admitted within its agent's shares ([`crate::shares`]) or closed.
+//! connection is admitted within its agent's shares ([`crate::shares`]) or closed, before
+//! anything costlier than the redirect record and the far end's identity is looked up: a
+//! connection storm past the agent's share costs brokerd no /proc lookup.
 
 use std::{
     collections::VecDeque,
@@ -234,6 +236,7 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, ns: &NetnsCtx, sha
         // (the host's) instead, another service. Refused, and audited. DNS over TCP to a
         // loopback resolver (127.0.0.53 in many resolv.conf files) is answered by brokerd
         // itself below, never dialled, so it is not refused.
+        let origin = origin.with_exe();
         let reason = netns::LOOPBACK_REFUSED;
         log_connection(&origin, ns, peer, "refused", Some(reason));
         shared.proxy.events.record(AuditEvent {
@@ -259,7 +262,8 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, ns: &NetnsCtx, sha
         ));
         return;
     }
-    // The agent's share of connections (audited, in aggregate, when refused).
+    // The agent's share of connections (audited, in aggregate, when refused), before any
+    // lookup the record does not answer: the /proc one below is for admitted connections only.
     let admitted = match shared.proxy.shares.admit(&origin) {
         Ok(held) => held,
         Err(refused) => {
@@ -276,6 +280,7 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, ns: &NetnsCtx, sha
             return;
         }
     };
+    let origin = origin.with_exe();
     log_connection(&origin, ns, peer, "brokered", None);
     recent.push(record(time_ms, peer, &origin, Outcome::Brokered));
     if origin.original_dst.port() == agent_broker_common::DNS_PORT {

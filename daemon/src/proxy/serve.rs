@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_broker_core::fmt::error_chain;
+use agent_broker_core::{fmt::error_chain, policy::ShareKind};
 use agent_broker_protocol::{Decision, EventKind, Side};
 use http::StatusCode;
 use http_body_util::BodyExt as _;
@@ -30,7 +30,11 @@ use super::{
     sniff::{Sniffed, peek_sni, sniff},
     tls::LeafName,
 };
-use crate::{capture::ConnectionOrigin, metrics::HandshakeOutcome, shares::Held};
+use crate::{
+    capture::ConnectionOrigin,
+    metrics::HandshakeOutcome,
+    shares::{Held, ReadPace},
+};
 
 /// HTTP/1.1: the most an agent's request head (request line and headers) may take, as hyper's
 /// read buffer; past it the agent gets 431 and the connection closes.
@@ -144,6 +148,98 @@ impl hyper::body::Body for Guarded {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// How much of a connection is read at a time while its agent is past its requests per
+/// second: about one HTTP/2 request (a HEADERS frame of a repeated request is some 20 bytes).
+const PACED_READ: usize = 32;
+
+/// How long the 429 of a request refused for its agent's requests per second is held back
+/// (up to a bound per agent, see [`Held::hold_refusal`]): its stream stays open meanwhile, so a
+/// stream flood is bounded by the streams its connections may have open (200 each), not only
+/// by how fast brokerd answers.
+const RATE_REFUSAL_HOLD: Duration = Duration::from_secs(1);
+
+/// The agent's side of a connection, read freely while its agent has requests per second
+/// left. Past that share, the requests already read get 429s, and the agent's connections are
+/// read [`PACED_READ`] bytes at a time, at the share's rate for all of them together: an
+/// HTTP/2 stream flood then waits in the kernel's socket buffers (and the sender's flow
+/// control) instead of costing brokerd a decoded, refused and audited stream each, so the
+/// other agents keep the CPU. Writes pass through.
+struct Paced<I> {
+    io: I,
+    conn: Arc<Conn>,
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I: hyper::rt::Read + Unpin> hyper::rt::Read for Paced<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        loop {
+            if let Some(wait) = self.wait.as_mut() {
+                std::task::ready!(std::future::Future::poll(wait.as_mut(), cx));
+                self.wait = None;
+            }
+            match self.conn.admitted.read_pace() {
+                ReadPace::Free => return std::pin::Pin::new(&mut self.io).poll_read(cx, buf),
+                ReadPace::Paced => break,
+                ReadPace::Wait(wait) => {
+                    self.wait = Some(Box::pin(tokio::time::sleep(wait)));
+                }
+            }
+        }
+        // Past the share, one request's worth of bytes per read: a read of a whole buffer
+        // would bring hundreds of HTTP/2 streams in at once.
+        let mut small = [0u8; PACED_READ];
+        let mut limit = PACED_READ.min(buf.remaining());
+        if limit == 0 {
+            limit = PACED_READ;
+        }
+        let mut read = hyper::rt::ReadBuf::new(&mut small[..limit]);
+        std::task::ready!(std::pin::Pin::new(&mut self.io).poll_read(cx, read.unfilled()))?;
+        let mut buf = buf;
+        buf.put_slice(read.filled());
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Paced<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
 
@@ -488,8 +584,13 @@ impl Proxy {
             .max_header_list_size(H2_MAX_HEADER_LIST)
             .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
             .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
+        // The clock sees what the agent sent; the pace slows an agent over its request rate.
         let io = ReadClock {
-            inner: io,
+            inner: Paced {
+                io,
+                conn: conn.clone(),
+                wait: None,
+            },
             activity: conn.activity.clone(),
             epoch,
         };
@@ -522,7 +623,8 @@ impl Proxy {
         }
     }
 
-    /// Serves a request within the agent's share of requests in flight; over it, a 429.
+    /// Serves a request within the agent's shares of requests per second and in flight; over
+    /// either, a 429.
     async fn serve_within_share(
         &self,
         req: hyper::Request<hyper::body::Incoming>,
@@ -536,7 +638,15 @@ impl Proxy {
                 event.status = Some(StatusCode::TOO_MANY_REQUESTS.as_u16());
                 event.reason = Some(refused.reason.clone());
                 event.side = Some(Side::Agent);
-                self.shares.refusals().refused_request(&conn.origin, event);
+                let kind = refused.kind.unwrap_or(ShareKind::RequestsInFlight);
+                self.shares
+                    .refusals()
+                    .refused_request(&conn.origin, kind, event);
+                if kind == ShareKind::RequestsPerSecond
+                    && let Some(_held) = conn.admitted.hold_refusal()
+                {
+                    tokio::time::sleep(RATE_REFUSAL_HOLD).await;
+                }
                 return reply::deny(
                     &conn.origin,
                     Denial {

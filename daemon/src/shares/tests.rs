@@ -134,6 +134,30 @@ fn handshakes_and_requests_are_held_within_a_connection() {
 }
 
 #[test]
+fn requests_are_refused_past_the_agents_rate_however_few_are_in_flight() {
+    let (book, _events, _p) = book("requests_per_second = 5\nrequests_in_flight = 100", 1000);
+    let a = agent("agents/a", 1);
+    let b = agent("agents/b", 2);
+    let (ca, cb) = (book.admit(&a).expect("a"), book.admit(&b).expect("b"));
+    // Each request ends at once (nothing held), as a fast stream flood's do.
+    let ok = (0..50).filter(|_| book.request(&ca).is_ok()).count();
+    assert_eq!(ok, 5, "the burst is one second's worth");
+    let refused = book.request(&ca).err().expect("over the rate");
+    assert_eq!(refused.kind, Some(ShareKind::RequestsPerSecond));
+    assert!(
+        refused.reason.contains("shares.requests_per_second"),
+        "{}",
+        refused.reason
+    );
+    // The other agent has its own.
+    assert_eq!((0..5).filter(|_| book.request(&cb).is_ok()).count(), 5);
+    assert_eq!(book.usage()[0].requests_per_second_limit, 5);
+    std::thread::sleep(Duration::from_millis(450));
+    let ok = (0..20).filter(|_| book.request(&ca).is_ok()).count();
+    assert!((2..=3).contains(&ok), "refilled at 5 a second: {ok}");
+}
+
+#[test]
 fn a_policy_change_applies_to_the_next_admission() {
     let (book, _events, tx) = book("connections = 1", 1000);
     let a = agent("agents/a", 1);
@@ -202,4 +226,39 @@ fn the_connection_limit_follows_the_fd_limit() {
     assert_eq!(max_connections(1024), 384);
     assert_eq!(max_connections(1_048_576), (1_048_576 - 256) / 2);
     assert_eq!(max_connections(10), 16, "never below a floor");
+}
+
+#[test]
+fn past_its_request_rate_an_agent_is_read_at_that_rate_and_its_held_refusals_are_bounded() {
+    let (book, _events, _p) = book("requests_per_second = 100", 1000);
+    let a = agent("agents/a", 1);
+    let b = agent("agents/b", 2);
+    let (ca, cb) = (book.admit(&a).expect("a"), book.admit(&b).expect("b"));
+    // Within the share: read freely.
+    assert_eq!(ca.read_pace(), ReadPace::Free);
+    while book.request(&ca).is_ok() {}
+    // Past it: paced reads, at the share's rate for all the agent's connections together.
+    let ca2 = book.admit(&a).expect("a again");
+    let paced = (0..50)
+        .filter(|i| {
+            let conn = if i % 2 == 0 { &ca } else { &ca2 };
+            conn.read_pace() == ReadPace::Paced
+        })
+        .count();
+    assert!(paced <= 2, "{paced} paced reads at once");
+    match ca.read_pace() {
+        ReadPace::Wait(d) => assert!(d <= Duration::from_millis(10), "{d:?}"),
+        other => panic!("expected a wait, got {other:?}"),
+    }
+    // The other agent is read freely.
+    assert_eq!(cb.read_pace(), ReadPace::Free);
+    // Held refusals: bounded per agent, given back when dropped.
+    let held: Vec<HeldRefusal> = std::iter::from_fn(|| ca.hold_refusal())
+        .take(10_000)
+        .collect();
+    assert_eq!(held.len(), MAX_HELD_REFUSALS as usize);
+    assert!(ca2.hold_refusal().is_none(), "the bound is the agent's");
+    assert!(cb.hold_refusal().is_some());
+    drop(held);
+    assert!(ca.hold_refusal().is_some());
 }

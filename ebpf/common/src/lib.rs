@@ -36,6 +36,10 @@ pub mod maps {
     /// cgroup_skb/egress, read by brokerd for every datagram; not consumed, since one socket may
     /// send many queries).
     pub const DNS_BY_PEER: &str = "DNS_BY_NSPEER";
+    /// `LruHashMap<u64 cgroup id, u64>`: each sending cgroup's DNS pace (the theoretical
+    /// arrival time, in `bpf_ktime_get_ns` nanoseconds, of its next datagram within
+    /// [`super::DNS_DATAGRAMS_PER_SECOND`]). Written and read by cgroup_skb/egress only.
+    pub const DNS_PACE: &str = "DNS_PACE";
     /// `HashMap<u64 netns cookie, NetnsListener>`: the network namespaces brokerd listens in,
     /// and where its listeners are there. Written by brokerd (its own namespace at start),
     /// read by connect4/6 and sendmsg4/6. A namespace with no entry is refused.
@@ -86,6 +90,16 @@ pub mod programs {
     /// lsm/socket_create (optional: only where the kernel lets BPF LSM programs load)
     pub const LSM_SOCKET_CREATE: &str = "lsm_socket_families";
 }
+
+/// The most DNS datagrams a second one cgroup may send to brokerd (a second's worth may come
+/// at once); more are dropped in the kernel, their `send` failing with EPERM. brokerd reads
+/// every DNS datagram of every agent from one socket: without this, one agent sending faster
+/// than brokerd reads would fill that socket's buffer and the kernel would drop the other
+/// agents' queries before brokerd saw them. Well above any agent's `dns_queries_per_second`
+/// share, which brokerd enforces on what arrives.
+pub const DNS_DATAGRAMS_PER_SECOND: u64 = 2048;
+/// Capacity of [`maps::DNS_PACE`].
+pub const DNS_PACE_CAPACITY: u32 = 16_384;
 
 /// Capacity of [`maps::TAGGED_IDS`].
 pub const TAGGED_CAPACITY: u32 = 4096;

@@ -27,7 +27,8 @@
 
 use agent_broker_common::{
     AF_INET, AF_INET6, BrokerConfig, COUNTER_COUNT, Counter, DNS_PORT, MAX_CGROUP_DEPTH,
-    NETNS_CAPACITY, NetnsListener, ORIGIN_MAP_CAPACITY, Origin, PeerKey, Redirect, TAGGED_CAPACITY,
+    DNS_DATAGRAMS_PER_SECOND, DNS_PACE_CAPACITY, NETNS_CAPACITY, NetnsListener,
+    ORIGIN_MAP_CAPACITY, Origin, PeerKey, Redirect, TAGGED_CAPACITY,
     is_v4_mapped, v4_mapped,
 };
 use aya_ebpf::{
@@ -38,6 +39,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         },
@@ -85,6 +87,28 @@ static TAGGED_IDS: HashMap<u64, u8> = HashMap::pinned(TAGGED_CAPACITY, 0);
 
 #[map(name = "DNS_BY_NSPEER")]
 static DNS_BY_PEER: LruHashMap<PeerKey, Origin> = LruHashMap::pinned(ORIGIN_MAP_CAPACITY, 0);
+
+#[map]
+static DNS_PACE: LruHashMap<u64, u64> = LruHashMap::pinned(DNS_PACE_CAPACITY, 0);
+
+/// Whether a cgroup may send one more DNS datagram now, within
+/// [`DNS_DATAGRAMS_PER_SECOND`] (a GCRA: one timestamp per cgroup). Two CPUs racing may both
+/// pass; that only lets a few more through.
+#[inline(always)]
+fn dns_paced(cgroup_id: u64) -> bool {
+    const INTERVAL_NS: u64 = 1_000_000_000 / DNS_DATAGRAMS_PER_SECOND;
+    const BURST_NS: u64 = 1_000_000_000;
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: copied out immediately.
+    let tat = unsafe { DNS_PACE.get(&cgroup_id) }.copied().unwrap_or(0);
+    let tat = if tat > now { tat } else { now };
+    if tat - now > BURST_NS {
+        return false;
+    }
+    let _ = DNS_PACE.insert(&cgroup_id, &(tat + INTERVAL_NS), 0);
+    true
+}
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -506,6 +530,9 @@ pub fn loopback_egress(ctx: SkBuffContext) -> i32 {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             // SAFETY: copied out immediately.
             if let Some(origin) = unsafe { ORIGIN_BY_COOKIE.get(&cookie) }.copied() {
+                if !dns_paced(origin.cgroup_id) {
+                    return DROP;
+                }
                 let key = PeerKey {
                     netns_cookie: origin.netns_cookie,
                     addr: packet.src,

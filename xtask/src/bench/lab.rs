@@ -47,6 +47,9 @@ const SECRET_NAME: &str = "BENCH_KEY";
 /// The container agent's cgroup (issue 14): its processes run in [`CONTAINER_NETNS`], a network
 /// namespace with only `lo`, as `podman run --network none` makes, tagged with `attach --pid`.
 const CONTAINER_CGROUP: &str = "agents/bench-ct";
+/// The agent that floods brokerd in the fairness rows, with the default shares (its policy
+/// sets none), while the bench agent measures its calls.
+pub const FLOOD_CGROUP: &str = "agents/bench-flood";
 const CONTAINER_NETNS: &str = "abbench-ct";
 /// The root end of a veth pair in brokerd's namespace holding [`CONTAINER_ORIGIN_IP`] (the other
 /// end is in [`CONTAINER_PEER_NETNS`], with no address): from a container a loopback address is
@@ -213,6 +216,10 @@ impl Lab {
         let policies = self.dir.join("policies");
         fs::create_dir_all(&policies)?;
         let container_port = self.container_relay.as_ref().ok().map(|r| r.addr().port());
+        fs::write(
+            policies.join("bench-flood.toml"),
+            flood_policy(FLOOD_CGROUP, self.origin_http1.port()),
+        )?;
         for (file, cgroup) in [("bench.toml", CGROUP), ("bench-ct.toml", CONTAINER_CGROUP)] {
             fs::write(
                 policies.join(file),
@@ -466,6 +473,33 @@ impl Lab {
         })
     }
 
+    /// How a program is started in the agent cgroup `cgroup` (tagged on the way, through
+    /// `brokerctl run --create`).
+    pub fn agent_launch(&self, cgroup: &str) -> Launch {
+        Launch::InAgentCgroup {
+            brokerctl: self.bin.join("brokerctl"),
+            run_dir: self.brokerd_run_dir(),
+            cgroup: cgroup.to_owned(),
+        }
+    }
+
+    /// A program of the release build (`fairness-load`).
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+
+    /// brokerd's CA certificate, exported to a file in the lab, for clients that verify.
+    pub fn export_broker_ca(&self) -> Result<PathBuf> {
+        let path = self.dir.join("broker-ca.pem");
+        let mut export = self.brokerctl();
+        export
+            .args(["ca", "export", "--out"])
+            .arg(&path)
+            .stdout(Stdio::null());
+        cmd::run(&mut export).context("exporting brokerd's CA")?;
+        Ok(path)
+    }
+
     /// The pid at the root of `column`'s proxy process tree (none for the direct path).
     pub fn proxy_pid(&self, column: Column) -> Option<u32> {
         match column {
@@ -498,7 +532,7 @@ impl Lab {
         ));
         if self.brokerd_pid.is_some() {
             // Not bounded by the interrupt flag: cleanup runs after Ctrl-C too.
-            for cgroup in [CGROUP, CONTAINER_CGROUP] {
+            for cgroup in [CGROUP, CONTAINER_CGROUP, FLOOD_CGROUP] {
                 let _ = self
                     .brokerctl()
                     .args(["detach", "--cgroup", cgroup])
@@ -529,6 +563,7 @@ impl Lab {
             // stays when something else uses it.
             let _ = fs::remove_dir(mount.join(CGROUP));
             let _ = fs::remove_dir(mount.join(CONTAINER_CGROUP));
+            let _ = fs::remove_dir(mount.join(FLOOD_CGROUP));
             let _ = fs::remove_dir(mount.join("agents"));
         }
     }
@@ -716,7 +751,7 @@ fn policy(
     // workload uses (the new-connection workloads open hundreds a second).
     let shares = "\n[shares]\nconnections = 100000\nnew_connections_per_second = 100000\n\
                   pending_handshakes = 100000\nrequests_in_flight = 100000\n\
-                  dns_queries_per_second = 100000\n";
+                  requests_per_second = 10000000\ndns_queries_per_second = 100000\n";
     format!(
         "# Written by cargo xtask bench.\ncgroup = \"{cgroup}\"\n{shares}{}{}{}{}{}any_address = true\n",
         rule("127.0.0.2", origin_port),
@@ -766,6 +801,16 @@ fn cgroup2_mount() -> Option<PathBuf> {
         (right.split_whitespace().next()? == "cgroup2")
             .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
     })
+}
+
+/// The flooding agent's policy: the origin with the key injected, as the bench agent has it,
+/// and no `[shares]`, so the defaults apply (what an operator gets without tuning).
+fn flood_policy(cgroup: &str, origin_port: u16) -> String {
+    format!(
+        "# Written by cargo xtask bench.\ncgroup = \"{cgroup}\"\n\n[[allow]]\nhost = \"127.0.0.2\"\n\
+         port = {origin_port}\n\
+         inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n"
+    )
 }
 
 fn step(text: &str) {

@@ -73,7 +73,7 @@ const CONTAINER_P50_TARGET: f64 = 1.10;
 const CONTAINER_ROUNDS: usize = 3;
 
 /// The workloads' keys, in the order they run, for `--only`.
-pub const WORKLOADS: [&str; 11] = [
+pub const WORKLOADS: [&str; 12] = [
     "keepalive1",
     "keepalive32",
     "newconn",
@@ -85,6 +85,7 @@ pub const WORKLOADS: [&str; 11] = [
     "hostnames",
     "micro",
     "container",
+    "fairness",
 ];
 
 impl Settings<'_> {
@@ -252,6 +253,9 @@ pub fn measure(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     }
     if settings.wanted("container") {
         rows.push(container_row(lab, settings)?);
+    }
+    if settings.wanted("fairness") {
+        rows.extend(super::fairness::rows(lab, settings)?);
     }
     Ok(rows)
 }

@@ -513,7 +513,7 @@ fn a_level_that_does_not_hand_out_the_secrets_says_so() {
 #[test]
 fn shares_are_the_smallest_of_the_levels_and_default_elsewhere() {
     let parent = format!("{PARENT}\n[shares]\nconnections = 100\nrequests_in_flight = 20\n");
-    let coder = "cgroup = \"agents/coder\"\n[shares]\nconnections = 300\nrequests_in_flight = 5\ndns_queries_per_second = 7\n";
+    let coder = "cgroup = \"agents/coder\"\n[shares]\nconnections = 300\nrequests_in_flight = 5\ndns_queries_per_second = 7\nrequests_per_second = 40\n";
     let p = policy(&[("agents.toml", &parent), ("coder.toml", coder)]);
     let cg = |s: &str| CgroupPath::parse(s).expect("cgroup");
     let coder = p.shares(&cg("agents/coder/run-1"));
@@ -528,6 +528,7 @@ fn shares_are_the_smallest_of_the_levels_and_default_elsewhere() {
         "the child's is smaller"
     );
     assert_eq!(coder.get(ShareKind::DnsQueriesPerSecond), 7);
+    assert_eq!(coder.get(ShareKind::RequestsPerSecond), 40);
     assert_eq!(
         coder.get(ShareKind::PendingHandshakes),
         Shares::DEFAULT.get(ShareKind::PendingHandshakes)
