@@ -25,7 +25,8 @@
 //!   undone, when it decodes);
 //! - exactly one record per request the proxy accepted: a request whose response head reached
 //!   the agent has exactly one record, one that got no answer at most one, and no record is
-//!   still `forwarded` once the exchanges ended. A request hyper's server cannot parse (the raw
+//!   still `forwarded` once the exchanges ended; an empty 400 (hyper's own answer to a head it
+//!   cannot take) at most one. A request hyper's server cannot parse (the raw
 //!   exchanges) is answered by hyper itself (400, or the connection closed) before the proxy's
 //!   service sees it, and gets no record today: the raw exchanges are held to the secret
 //!   invariant only.
@@ -282,11 +283,22 @@ pub fn proxy(data: &[u8]) {
             .iter()
             .filter(|r| r.path.as_deref().is_some_and(|p| p.starts_with(prefix)))
             .count();
-        if received.status.is_some() {
+        if received.status == Some(400) && received.body.is_empty() {
+            // hyper's server answers a head it cannot take (e.g. a `Transfer-Encoding` that does
+            // not end in chunked) with an empty 400 before the proxy's service sees it: that is
+            // the connection's protocol record (summed per agent, so not necessarily one per
+            // input), not a request's. brokerd's own 400s carry a reason, except to HEAD.
+            assert!(
+                records <= 1,
+                "exchange {i}: a request answered with an empty 400 has {records} records"
+            );
+        } else if received.status.is_some() {
             assert_eq!(
-                records, 1,
-                "exchange {i}: a request answered with {:?} has {records} records",
-                received.status
+                records,
+                1,
+                "exchange {i}: a request answered with {:?} has {records} records; the answer: {}",
+                received.status,
+                String::from_utf8_lossy(&received.body)
             );
         } else {
             assert!(
