@@ -546,7 +546,7 @@ def dns_query(qid, name):
 def dns_attack(attack, args):
     """`dns-flood`: `n` queries for random names under `suffix` as fast as they go;
     `dns-fill`: `n` distinct names under `suffix`, `batch` at a time, so each is answered.
-    Reports the response codes seen."""
+    Reports the response codes seen and how many sends the kernel's DNS pace refused."""
     n, suffix = int(args.get("n", "3000")), args["suffix"]
     batch = int(args.get("batch", "0"))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -567,15 +567,28 @@ def dns_attack(attack, args):
             code = str(reply[3] & 0x0F)
             codes[code] = codes.get(code, 0) + 1
 
+    paced = 0
     for i in range(n):
         name = ("n%d" % i) if attack == "dns-fill" else ("%x" % random.getrandbits(48))
-        sock.sendto(dns_query(i & 0xFFFF, name + "." + suffix), ("127.0.0.53", 53))
+        query = dns_query(i & 0xFFFF, name + "." + suffix)
+        while True:
+            try:
+                sock.sendto(query, ("127.0.0.53", 53))
+                break
+            except PermissionError:
+                # The kernel's DNS pace (2048 datagrams a second per cgroup) refused the send.
+                # A flood counts it and goes on; a fill waits, since each name must be asked.
+                paced += 1
+                if attack == "dns-fill":
+                    drain(0.01)
+                    continue
+                break
         if batch and i % batch == batch - 1:
             drain(0.05)
         elif i % 50 == 0:
             drain(0.0)
     drain(float(args.get("linger", "2")))
-    return {"attack": attack, "sent": n, "codes": codes, "elapsed": round(time.monotonic() - start, 3)}
+    return {"attack": attack, "sent": n, "paced": paced, "codes": codes, "elapsed": round(time.monotonic() - start, 3)}
 
 
 def main():

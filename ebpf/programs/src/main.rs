@@ -26,10 +26,9 @@
 #![no_main]
 
 use agent_broker_common::{
-    AF_INET, AF_INET6, BrokerConfig, COUNTER_COUNT, Counter, DNS_PORT, MAX_CGROUP_DEPTH,
-    DNS_DATAGRAMS_PER_SECOND, DNS_PACE_CAPACITY, NETNS_CAPACITY, NetnsListener,
-    ORIGIN_MAP_CAPACITY, Origin, PeerKey, Redirect, TAGGED_CAPACITY,
-    is_v4_mapped, v4_mapped,
+    AF_INET, AF_INET6, BrokerConfig, COUNTER_COUNT, Counter, DNS_DATAGRAMS_PER_SECOND,
+    DNS_PACE_CAPACITY, DNS_PORT, MAX_CGROUP_DEPTH, NETNS_CAPACITY, NetnsListener,
+    ORIGIN_MAP_CAPACITY, Origin, PeerKey, Redirect, TAGGED_CAPACITY, is_v4_mapped, v4_mapped,
 };
 use aya_ebpf::{
     EbpfContext as _,
