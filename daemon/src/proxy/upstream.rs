@@ -16,7 +16,7 @@
 
 use std::{
     cell::RefCell,
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     pin::Pin,
@@ -37,7 +37,7 @@ use rustls::{
     ClientConfig, RootCertStore,
     pki_types::{CertificateDer, ServerName},
 };
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::Notify};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
@@ -211,6 +211,12 @@ struct Pool {
     /// on it: one unused for [`POOL_IDLE`] is dropped like an idle HTTP/1.1 connection (else an
     /// agent that left would keep its connections for as long as the upstream does).
     h2: HashMap<Key, PooledH2>,
+    /// Destinations a new connection is being made to that may speak h2, each with how the
+    /// requests waiting for it learn it is done (see [`Lead`]).
+    connecting: HashMap<Key, Arc<Notify>>,
+    /// Destinations whose last new connection negotiated HTTP/1.1: their concurrent requests
+    /// each connect at once, since they cannot share a connection.
+    speaks_http1: HashSet<Key>,
     /// Whether this thread's sweeper task runs.
     sweeping: bool,
     /// The size last added to the metrics' pool gauge (see [`Pool::report`]).
@@ -252,6 +258,8 @@ impl Pool {
         });
         self.h2
             .retain(|_, h2| fresh(h2.last_used) && !h2.sender.is_closed());
+        // What a destination negotiated is kept while connections to it are.
+        self.speaks_http1.retain(|key| self.idle.contains_key(key));
         self.report();
         self.idle.is_empty() && self.h2.is_empty()
     }
@@ -259,6 +267,91 @@ impl Pool {
     /// Marks the sweeper running; true when it was not (the caller starts it).
     fn start_sweeping(&mut self) -> bool {
         !std::mem::replace(&mut self.sweeping, true)
+    }
+
+    /// The pooled h2 connection to `key`'s destination, marked used.
+    fn h2_sender(&mut self, key: &Key) -> Option<http2::SendRequest<UpstreamBody>> {
+        self.h2.get_mut(key).map(|h2| {
+            h2.last_used = Instant::now();
+            h2.sender.clone()
+        })
+    }
+
+    /// Remembers which protocol a new connection to `key`'s destination negotiated.
+    fn negotiated(&mut self, key: &Key, http1: bool) {
+        if !http1 {
+            self.speaks_http1.remove(key);
+        } else if !self.speaks_http1.contains(key) {
+            if self.speaks_http1.len() >= MAX_DESTINATIONS {
+                self.speaks_http1.clear();
+            }
+            self.speaks_http1.insert(key.clone());
+        }
+    }
+}
+
+/// One request's part in making a new connection to a destination that may speak h2.
+///
+/// Without it, a burst of requests to a new h2 upstream (or one whose connection just closed)
+/// would each open a connection of their own, and all but one of them would be idle after: 100
+/// concurrent streams from an agent made 101 upstream connections. So the first request leads:
+/// it connects while the others follow, waiting until it is done, and then take the h2
+/// connection it pooled (or, when it negotiated HTTP/1.1 or failed, connect on their own).
+enum Coalesce {
+    /// This request connects; the others wait until the [`Lead`] is dropped.
+    Lead(Lead),
+    /// Another request is connecting: wait for it.
+    Follow(Arc<Notify>),
+    /// Connect at once (plain HTTP, HTTP/1.1 only, or a destination known to speak HTTP/1.1).
+    Alone,
+}
+
+impl Coalesce {
+    fn for_key(key: &Key) -> Self {
+        if !key.tls || key.protocols != Protocols::Any {
+            return Coalesce::Alone;
+        }
+        POOL.with(|p| {
+            let mut pool = p.borrow_mut();
+            if pool.speaks_http1.contains(key) {
+                return Coalesce::Alone;
+            }
+            if let Some(notify) = pool.connecting.get(key) {
+                return Coalesce::Follow(notify.clone());
+            }
+            if pool.connecting.len() >= MAX_DESTINATIONS {
+                return Coalesce::Alone;
+            }
+            let notify = Arc::new(Notify::new());
+            pool.connecting.insert(key.clone(), notify.clone());
+            Coalesce::Lead(Lead {
+                key: key.clone(),
+                notify,
+            })
+        })
+    }
+}
+
+/// The request connecting for the others to `key`'s destination; dropped (done, failed or
+/// cancelled), it wakes them.
+struct Lead {
+    key: Key,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        let _ = POOL.try_with(|p| {
+            let mut pool = p.borrow_mut();
+            if pool
+                .connecting
+                .get(&self.key)
+                .is_some_and(|n| Arc::ptr_eq(n, &self.notify))
+            {
+                pool.connecting.remove(&self.key);
+            }
+        });
+        self.notify.notify_waiters();
     }
 }
 
@@ -332,14 +425,7 @@ impl Upstream {
             checked: credentialed && !tls,
             partition,
         };
-        let pooled = POOL.with(|p| {
-            let mut pool = p.borrow_mut();
-            pool.h2.get_mut(&key).map(|h2| {
-                h2.last_used = Instant::now();
-                h2.sender.clone()
-            })
-        });
-        if let Some(mut h2) = pooled {
+        if let Some(mut h2) = POOL.with(|p| p.borrow_mut().h2_sender(&key)) {
             if h2.ready().await.is_ok() {
                 return send_h2(&mut h2, req).await;
             }
@@ -351,30 +437,58 @@ impl Upstream {
         }
         let (mut sender, reused) = match take_idle(&key).await {
             Some(sender) => (sender, true),
-            None => match self.connect(&key, authority.host()).await? {
-                Connection::Http1(sender) => (sender, false),
-                Connection::Http2(mut h2) => {
-                    let start_sweeper = POOL.with(|p| {
-                        let mut pool = p.borrow_mut();
-                        if pool.h2.len() >= MAX_DESTINATIONS {
-                            pool.h2.clear();
+            None => {
+                let lead = match Coalesce::for_key(&key) {
+                    Coalesce::Lead(lead) => Some(lead),
+                    Coalesce::Alone => None,
+                    Coalesce::Follow(notify) => {
+                        let notified = notify.notified();
+                        // The leader's connect has its own deadline; this one only bounds the
+                        // wait should the leader's task stall on something else.
+                        let _ = tokio::time::timeout(CONNECT_TIMEOUT, notified).await;
+                        if let Some(mut h2) = POOL.with(|p| p.borrow_mut().h2_sender(&key))
+                            && h2.ready().await.is_ok()
+                        {
+                            return send_h2(&mut h2, req).await;
                         }
-                        pool.h2.insert(
-                            key.clone(),
-                            PooledH2 {
-                                sender: h2.clone(),
-                                last_used: Instant::now(),
-                            },
-                        );
-                        pool.report();
-                        pool.start_sweeping()
-                    });
-                    if start_sweeper {
-                        tokio::spawn(sweep());
+                        None
                     }
-                    return send_h2(&mut h2, req).await;
+                };
+                let connection = self.connect(&key, authority.host()).await;
+                if let Ok(connection) = &connection {
+                    let http1 = matches!(connection, Connection::Http1(_));
+                    POOL.with(|p| p.borrow_mut().negotiated(&key, http1));
                 }
-            },
+                match connection? {
+                    Connection::Http1(sender) => {
+                        drop(lead);
+                        (sender, false)
+                    }
+                    Connection::Http2(mut h2) => {
+                        let start_sweeper = POOL.with(|p| {
+                            let mut pool = p.borrow_mut();
+                            if pool.h2.len() >= MAX_DESTINATIONS {
+                                pool.h2.clear();
+                            }
+                            pool.h2.insert(
+                                key.clone(),
+                                PooledH2 {
+                                    sender: h2.clone(),
+                                    last_used: Instant::now(),
+                                },
+                            );
+                            pool.report();
+                            pool.start_sweeping()
+                        });
+                        // The followers find it pooled.
+                        drop(lead);
+                        if start_sweeper {
+                            tokio::spawn(sweep());
+                        }
+                        return send_h2(&mut h2, req).await;
+                    }
+                }
+            }
         };
         // HTTP/1.1 on the wire: origin-form target and a Host header.
         let path = req
@@ -832,6 +946,58 @@ mod tests {
                 1024
             );
             assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+        });
+    }
+
+    #[test]
+    fn concurrent_requests_to_a_new_h2_destination_share_one_connection() {
+        runtime().block_on(async {
+            let server = test_server(1024).await;
+            let upstream = Upstream::new(&[server.ca_file.path().into()]).expect("upstream");
+            let burst = (0..50).map(|_| fetch(&upstream, &server, "burst.test", Protocols::Any));
+            let lengths = futures_util::future::join_all(burst).await;
+            assert!(lengths.iter().all(|&n| n == 1024), "{lengths:?}");
+            assert_eq!(
+                server.connections.load(Ordering::SeqCst),
+                1,
+                "50 concurrent requests, one h2 connection"
+            );
+            POOL.with(|p| assert!(p.borrow().connecting.is_empty()));
+        });
+    }
+
+    #[test]
+    fn a_failed_leading_connect_wakes_the_waiting_requests() {
+        runtime().block_on(async {
+            // A port nothing listens on: the leader's connect is refused, and each follower
+            // then tries (and fails) on its own rather than waiting out a deadline.
+            let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let dst = closed.local_addr().expect("addr");
+            drop(closed);
+            let (ca, _key) = BrokerCa::generate().expect("ca");
+            let mut ca_file = tempfile::NamedTempFile::new().expect("tempfile");
+            std::io::Write::write_all(&mut ca_file, ca.cert_pem().as_bytes()).expect("write ca");
+            let upstream = Upstream::new(&[ca_file.path().into()]).expect("upstream");
+            let started = Instant::now();
+            let burst = (0..10)
+                .map(|_| upstream.request(dst, Protocols::Any, false, agent(), get("down.test")));
+            let results = futures_util::future::join_all(burst).await;
+            assert!(
+                results
+                    .iter()
+                    .all(|r| matches!(r, Err(RequestError::Connect(_)))),
+                "{:?}",
+                results
+                    .iter()
+                    .map(|r| r.as_ref().err().map(|e| e.to_string()))
+                    .collect::<Vec<_>>()
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                started.elapsed()
+            );
+            POOL.with(|p| assert!(p.borrow().connecting.is_empty()));
         });
     }
 
