@@ -234,8 +234,19 @@ pub fn run(case: &Case) -> Outcome {
     with_world(|w| w.run(case))
 }
 
+/// Ignores SIGPIPE, as every Rust `main` does before it runs (and so brokerd does). libFuzzer
+/// owns `main` in the fuzz build, so without this a write to a socket the peer already closed
+/// (hyper's vectored writes use `writev`, which has no `MSG_NOSIGNAL`) kills the fuzzer with
+/// signal 13 instead of returning `EPIPE` to the proxy.
+fn ignore_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: installs SIG_IGN, no handler code; the previous disposition is not used.
+    unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) }.expect("ignoring SIGPIPE");
+}
+
 impl World {
     fn build() -> Self {
+        ignore_sigpipe();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
