@@ -69,6 +69,38 @@ pub struct PolicyAuthorizer {
     credentials: Option<Arc<Credentials>>,
     /// Where requests that ask for an operator's approval wait; without it they are refused.
     approvals: Option<Arc<Approvals>>,
+    /// Static secrets already decrypted, for one vault generation and policy snapshot.
+    decrypted: Mutex<Decrypted>,
+}
+
+/// The vault's static secrets, decrypted once per vault generation and policy snapshot rather
+/// than per request (a redb read and an AES-GCM open each; ARCHITECTURE.md invariant 1 allows
+/// this). The values are [`SecretValue`]s: zeroized when dropped, which is when a secret is
+/// stored, rotated or removed (the vault's generation moves), when the policy is reloaded, and
+/// when brokerd exits; redacted in `Debug`; in brokerd's memory, which it locks and keeps out
+/// of core dumps (`harden`). Only names some request needed are here, and a name the vault
+/// lacks is remembered as missing; a vault read that fails is not remembered.
+#[derive(Default)]
+struct Decrypted {
+    generation: u64,
+    values: HashMap<SecretName, Option<SecretValue>>,
+}
+
+impl Decrypted {
+    /// The cached value of `name` for the vault's `generation`, forgetting every value first
+    /// when the generation moved.
+    fn get(&mut self, generation: u64, name: &SecretName) -> Option<Option<SecretValue>> {
+        if self.generation != generation {
+            self.forget();
+            self.generation = generation;
+        }
+        self.values.get(name).cloned()
+    }
+
+    fn forget(&mut self) {
+        // Dropping the values zeroizes them.
+        self.values.clear();
+    }
 }
 
 /// The 403 of a request that waited for approval and may not go.
@@ -98,6 +130,7 @@ impl PolicyAuthorizer {
             scrub_sets: Mutex::default(),
             credentials: None,
             approvals: None,
+            decrypted: Mutex::default(),
         }
     }
 
@@ -143,6 +176,7 @@ impl PolicyAuthorizer {
         {
             *seen = id;
             self.limiter.retain_for(&policy);
+            self.decrypted().forget();
         }
         policy
     }
@@ -157,16 +191,33 @@ impl PolicyAuthorizer {
                 Lookup::Static => {}
             }
         }
-        match self.vault.get(name) {
+        // Read before the vault is, so a value stored meanwhile is cached under the old
+        // generation and forgotten at the next lookup.
+        let generation = self.vault.generation();
+        if let Some(cached) = self.decrypted().get(generation, name) {
+            return cached;
+        }
+        let value = match self.vault.get(name) {
             // A credential spec is never a value to inject (one the credentials have not
             // loaded yet is missing until they do).
             Ok(Some(v)) if credential::is_spec(&v) => None,
             Ok(v) => v,
             Err(e) => {
                 warn!(secret = %name.as_str(), error = %error_chain(&e), "cannot read secret");
-                None
+                return None;
             }
+        };
+        let mut decrypted = self.decrypted();
+        if decrypted.generation == generation {
+            decrypted.values.insert(name.clone(), value.clone());
         }
+        value
+    }
+
+    fn decrypted(&self) -> std::sync::MutexGuard<'_, Decrypted> {
+        self.decrypted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The scrubbing set of `cgroup`'s policy file plus the secrets `grant` carries that it
