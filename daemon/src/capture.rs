@@ -1142,6 +1142,7 @@ impl CaptureOwner {
             egress_dropped: sum(Counter::EgressDropped),
             ingress_dropped: sum(Counter::IngressDropped),
             netns_refused: sum(Counter::NetnsRefused),
+            connect_paced: sum(Counter::ConnectPaced),
         }
     }
 

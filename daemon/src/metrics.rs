@@ -376,6 +376,7 @@ impl Collector for KernelCounters {
             ("egress", c.egress_dropped),
             ("ingress", c.ingress_dropped),
             ("netns", c.netns_refused),
+            ("connect_paced", c.connect_paced),
         ];
         let mut m = encoder.encode_descriptor(
             "ebpf_refusals",

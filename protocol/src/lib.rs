@@ -946,6 +946,10 @@ pub struct Counters {
     /// Connects and sends refused for coming from another network namespace.
     #[serde(default)]
     pub netns_refused: u64,
+    /// TCP connects refused for coming faster than the kernel's pace of one cgroup's new
+    /// connections.
+    #[serde(default)]
+    pub connect_paced: u64,
 }
 
 /// One connection brokerd accepted.

@@ -193,6 +193,7 @@ fn one_agent_flooding_in_every_way_leaves_another_served_within_its_latency_boun
     let mut summary = Vec::new();
     for (mode, extra) in floods {
         let refused_before = flooder_refused(&w);
+        let paced_before = w.broker.status().counters.connect_paced;
         let flood = start_flood(&w, mode, extra);
         let during = victim(&w, mode);
         let flooded = finish_flood(flood, mode);
@@ -232,6 +233,14 @@ fn one_agent_flooding_in_every_way_leaves_another_served_within_its_latency_boun
             "storm" => {
                 assert!(n(&flooded, &["closed_by_broker"]) >= 200, "{flooded}");
                 assert!(refused >= 200, "{mode}: {refused} refusals counted");
+                // Past the kernel's pace (2048 a second from one cgroup) its connects failed
+                // before reaching brokerd at all.
+                assert!(n(&flooded, &["connect_failed"]) >= 1000, "{flooded}");
+                let paced = w.broker.status().counters.connect_paced - paced_before;
+                assert!(
+                    paced >= 1000,
+                    "{mode}: {paced} connects paced in the kernel"
+                );
             }
             "h2-flood" => {
                 assert!(n(&flooded, &["statuses", "429"]) >= 100, "{flooded}");

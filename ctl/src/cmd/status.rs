@@ -96,6 +96,10 @@ fn print_status(s: &StatusReport) {
         c.netns_refused
     );
     outln!(
+        "               {} connects refused past one cgroup's pace",
+        c.connect_paced
+    );
+    outln!(
         "policy         {} ({} file(s), loaded {})",
         s.policy.dir,
         s.policy.files,

@@ -29,8 +29,13 @@ pub mod maps {
     /// `Array<BrokerConfig>` with one entry: brokerd's ports. Zero port means "no broker
     /// configured": connects fail with EPERM rather than going direct.
     pub const CONFIG: &str = "CONFIG";
-    /// `PerCpuArray<u64>` of [`super::Counter`] values, for `brokerctl status`.
-    pub const COUNTERS: &str = "COUNTERS";
+    /// `PerCpuArray<u64>` of [`super::Counter`] values, for `brokerctl status` (named anew
+    /// when a counter is added, since its size is part of its layout).
+    pub const COUNTERS: &str = "COUNTERS2";
+    /// `LruHashMap<u64 cgroup id, u64>`: each connecting cgroup's pace of new TCP connections
+    /// (as [`DNS_PACE`], within [`super::CONNECTS_PER_SECOND`]). Written and read by
+    /// connect4/6 only.
+    pub const CONNECT_PACE: &str = "CONNECT_PACE";
     /// `LruHashMap<PeerKey, Origin>`: who sent the DNS datagrams arriving at brokerd's DNS
     /// listener from a given source address in a given network namespace (written by
     /// cgroup_skb/egress, read by brokerd for every datagram; not consumed, since one socket may
@@ -49,7 +54,8 @@ pub mod maps {
     pub const TAGGED_IDS: &str = "TAGGED_IDS";
     /// Pins of maps earlier builds used, under names whose layout has changed since (or that
     /// nothing reads any more). brokerd removes them at start.
-    pub const LEGACY: [&str; 4] = [
+    pub const LEGACY: [&str; 5] = [
+        "COUNTERS",
         "ORIGIN_BY_PEER",
         "ORIGIN_BY_COOKIE",
         "REDIRECT_BY_PEER",
@@ -100,6 +106,16 @@ pub mod programs {
 pub const DNS_DATAGRAMS_PER_SECOND: u64 = 2048;
 /// Capacity of [`maps::DNS_PACE`].
 pub const DNS_PACE_CAPACITY: u32 = 16_384;
+
+/// The most new TCP connections a second one cgroup may open to brokerd (a second's worth may
+/// come at once); past it `connect` fails with EPERM before any handshake. brokerd accepts
+/// every agent's connections from one listener: without this, one agent connecting in a loop
+/// makes brokerd accept and close tens of thousands of connections a second, and the others'
+/// connections queue behind them. Eight times the default `new_connections_per_second` share,
+/// which brokerd enforces on what arrives; a policy's larger share is capped here.
+pub const CONNECTS_PER_SECOND: u64 = 2048;
+/// Capacity of [`maps::CONNECT_PACE`].
+pub const CONNECT_PACE_CAPACITY: u32 = 16_384;
 
 /// Capacity of [`maps::TAGGED_IDS`].
 pub const TAGGED_CAPACITY: u32 = 4096;
@@ -240,9 +256,11 @@ pub enum Counter {
     /// Connects and sends refused because they came from a network namespace brokerd has no
     /// listener in (no [`maps::NETNS_LISTENERS`] entry).
     NetnsRefused = 9,
+    /// TCP connects refused for coming faster than [`CONNECTS_PER_SECOND`] from one cgroup.
+    ConnectPaced = 10,
 }
 /// Number of entries in [`maps::COUNTERS`].
-pub const COUNTER_COUNT: u32 = 10;
+pub const COUNTER_COUNT: u32 = 11;
 
 /// The DNS port agents' resolvers send to, redirected to brokerd's DNS listener.
 pub const DNS_PORT: u16 = 53;

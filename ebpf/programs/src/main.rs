@@ -26,9 +26,10 @@
 #![no_main]
 
 use agent_broker_common::{
-    AF_INET, AF_INET6, BrokerConfig, COUNTER_COUNT, Counter, DNS_DATAGRAMS_PER_SECOND,
-    DNS_PACE_CAPACITY, DNS_PORT, MAX_CGROUP_DEPTH, NETNS_CAPACITY, NetnsListener,
-    ORIGIN_MAP_CAPACITY, Origin, PeerKey, Redirect, TAGGED_CAPACITY, is_v4_mapped, v4_mapped,
+    AF_INET, AF_INET6, BrokerConfig, CONNECT_PACE_CAPACITY, CONNECTS_PER_SECOND, COUNTER_COUNT,
+    Counter, DNS_DATAGRAMS_PER_SECOND, DNS_PACE_CAPACITY, DNS_PORT, MAX_CGROUP_DEPTH,
+    NETNS_CAPACITY, NetnsListener, ORIGIN_MAP_CAPACITY, Origin, PeerKey, Redirect, TAGGED_CAPACITY,
+    is_v4_mapped, v4_mapped,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -78,7 +79,7 @@ static NETNS_LISTENERS: HashMap<u64, NetnsListener> = HashMap::pinned(NETNS_CAPA
 #[map]
 static CONFIG: Array<BrokerConfig> = Array::pinned(1, 0);
 
-#[map]
+#[map(name = "COUNTERS2")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
 
 #[map]
@@ -90,23 +91,44 @@ static DNS_BY_PEER: LruHashMap<PeerKey, Origin> = LruHashMap::pinned(ORIGIN_MAP_
 #[map]
 static DNS_PACE: LruHashMap<u64, u64> = LruHashMap::pinned(DNS_PACE_CAPACITY, 0);
 
-/// Whether a cgroup may send one more DNS datagram now, within
-/// [`DNS_DATAGRAMS_PER_SECOND`] (a GCRA: one timestamp per cgroup). Two CPUs racing may both
-/// pass; that only lets a few more through.
+#[map]
+static CONNECT_PACE: LruHashMap<u64, u64> = LruHashMap::pinned(CONNECT_PACE_CAPACITY, 0);
+
+/// Whether `cgroup_id` may have one more of `per_second` now, `pace` holding each cgroup's
+/// theoretical arrival time (a GCRA: one timestamp per cgroup, up to a second's worth at once).
+/// Two CPUs racing may both pass; that only lets a few more through.
 #[inline(always)]
-fn dns_paced(cgroup_id: u64) -> bool {
-    const INTERVAL_NS: u64 = 1_000_000_000 / DNS_DATAGRAMS_PER_SECOND;
+fn paced(pace: &LruHashMap<u64, u64>, cgroup_id: u64, per_second: u64) -> bool {
     const BURST_NS: u64 = 1_000_000_000;
+    let interval_ns = 1_000_000_000 / per_second;
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: copied out immediately.
-    let tat = unsafe { DNS_PACE.get(&cgroup_id) }.copied().unwrap_or(0);
+    let tat = unsafe { pace.get(&cgroup_id) }.copied().unwrap_or(0);
     let tat = if tat > now { tat } else { now };
     if tat - now > BURST_NS {
         return false;
     }
-    let _ = DNS_PACE.insert(&cgroup_id, &(tat + INTERVAL_NS), 0);
+    let _ = pace.insert(&cgroup_id, &(tat + interval_ns), 0);
     true
+}
+
+/// Whether a cgroup may send one more DNS datagram now, within [`DNS_DATAGRAMS_PER_SECOND`].
+#[inline(always)]
+fn dns_paced(cgroup_id: u64) -> bool {
+    paced(&DNS_PACE, cgroup_id, DNS_DATAGRAMS_PER_SECOND)
+}
+
+/// Whether the current task's cgroup may open one more TCP connection to brokerd now, within
+/// [`CONNECTS_PER_SECOND`]. Past it the connect fails with EPERM before a handshake, so a
+/// connection storm costs brokerd nothing beyond the pace: without it one agent connecting in
+/// a loop keeps brokerd accepting and closing tens of thousands of connections a second, and
+/// the other agents' connections wait behind them in the one accept queue.
+#[inline(always)]
+fn connect_paced() -> bool {
+    // SAFETY: no arguments; allowed in cgroup sock_addr programs.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    paced(&CONNECT_PACE, cgroup_id, CONNECTS_PER_SECOND)
 }
 
 #[inline(always)]
@@ -229,6 +251,10 @@ fn verdict(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_port_be: u32) -> Optio
     }
     let (ty, protocol) = (sa.type_, sa.protocol);
     if ty == SOCK_STREAM && protocol == IPPROTO_TCP {
+        if !connect_paced() {
+            count(Counter::ConnectPaced);
+            return None;
+        }
         return Some(Verdict::Broker(listener, netns));
     }
     if ty == SOCK_DGRAM

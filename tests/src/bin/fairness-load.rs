@@ -13,6 +13,9 @@
 //!   all times, for `--seconds`; counts the answers by status.
 //! - `dns-flood`: DNS queries as fast as one socket sends them, for `--seconds`; counts the
 //!   answers by response code.
+//! - `spin`: no call at all, only CPU burnt on as many threads as the floods run on, for
+//!   `--seconds`: the part of a flood's cost that is the machine's (two agents sharing its
+//!   CPUs), not brokerd's.
 //!
 //! It trusts the roots rustls-native-certs finds (`SSL_CERT_FILE`) and never resolves names:
 //! `--connect IP:PORT` says where to dial and `--host` is the TLS server name and Host. It only
@@ -43,7 +46,7 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-const USAGE: &str = "usage: fairness-load victim|half-open|storm|h2-flood|dns-flood \
+const USAGE: &str = "usage: fairness-load victim|half-open|storm|h2-flood|dns-flood|spin \
                      [--connect IP:PORT] [--host NAME] [--dns-name NAME] [--path PATH] \
                      [--header 'name: value'] \
                      [--resolver IP:PORT] [--seconds N] [--count N] [--concurrency N] \
@@ -158,6 +161,9 @@ impl Args {
     }
 }
 
+/// The runtime's worker threads, in every mode: a flooder can keep this many CPUs busy.
+const WORKER_THREADS: usize = 2;
+
 fn main() {
     let args = match parse_args() {
         Ok(a) => a,
@@ -167,7 +173,7 @@ fn main() {
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(WORKER_THREADS)
         .enable_all()
         .build()
     {
@@ -184,6 +190,7 @@ fn main() {
             "storm" => storm(&args).await,
             "h2-flood" => h2_flood(&args).await,
             "dns-flood" => dns_flood(&args).await,
+            "spin" => spin(&args).await,
             other => Err(format!("unknown mode {other:?}; {USAGE}")),
         }
     });
@@ -556,4 +563,25 @@ async fn dns_flood(args: &Args) -> Result<String, String> {
     let _ = reader.await;
     let codes = codes.lock().map(|c| c.clone()).unwrap_or_default();
     Ok(json!({ "sent": sent, "codes": codes }).to_string())
+}
+
+async fn spin(args: &Args) -> Result<String, String> {
+    let until = Instant::now() + args.duration();
+    let mut tasks = Vec::new();
+    for _ in 0..WORKER_THREADS {
+        tasks.push(tokio::task::spawn_blocking(move || {
+            let mut rounds = 0u64;
+            while Instant::now() < until {
+                for i in 0..1024u64 {
+                    rounds = std::hint::black_box(rounds.wrapping_add(i));
+                }
+            }
+            rounds
+        }));
+    }
+    announce_flooding();
+    for t in tasks {
+        t.await.map_err(|e| format!("spinning thread: {e}"))?;
+    }
+    Ok(json!({ "threads": WORKER_THREADS }).to_string())
 }

@@ -6,7 +6,8 @@
 //! for brokerd's own name (answered by brokerd, never forwarded) and a GET on a new TLS
 //! connection to the origin through brokerd; the flooding agent (`agents/bench-flood`, default
 //! shares) in turn with thousands of half-open connections, a new-connection storm, HTTP/2 stream
-//! floods on many connections, and a DNS flood. The direct column holds the victim's p99 alone,
+//! floods on many connections, and a DNS flood; last, for reference, an agent that calls nothing
+//! and only burns CPU on as many threads as a flooder runs. The direct column holds the victim's p99 alone,
 //! the brokerd column its p99 under the flood, so the target reads "at most 2x direct"; a failed
 //! call marks the cell failed. What the flooder got (how much brokerd refused) is printed.
 
@@ -31,8 +32,11 @@ use super::{
 /// The most the victim's p99 under a flood may be, as a multiple of its p99 alone.
 const P99_TARGET: f64 = 2.0;
 
-/// The floods, in the order they run: key, what the row calls it, extra arguments.
-const FLOODS: [(&str, &str, &[&str]); 4] = [
+/// The floods, in the order they run: key, what the row calls it, extra arguments. The last is
+/// no flood but the reference: an agent that only burns CPU on as many threads as a flooder
+/// runs, so the table shows how much of a flood's cost is two agents sharing the machine's
+/// CPUs rather than brokerd. Its row has no target.
+const FLOODS: [(&str, &str, &[&str]); 5] = [
     (
         "half-open",
         "3000 half-open connections",
@@ -49,6 +53,11 @@ const FLOODS: [(&str, &str, &[&str]); 4] = [
         &["--connections", "16", "--streams", "100"],
     ),
     ("dns-flood", "a DNS flood", &[]),
+    (
+        "spin",
+        "an agent burning 2 CPUs, no calls (reference: the machine's part)",
+        &[],
+    ),
 ];
 
 /// The resolver address the agents send DNS to (redirected to brokerd, whatever it is).
@@ -99,8 +108,10 @@ pub fn rows(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
             format!("fairness: another agent's call p99 under {what} (direct: it alone)"),
             "ms",
             Lower,
-        )
-        .with_targets(&[TimesDirect(P99_TARGET)]);
+        );
+        if key != "spin" {
+            row = row.with_targets(&[TimesDirect(P99_TARGET)]);
+        }
         row.set(
             Column::Direct,
             Cell::Value {
