@@ -508,9 +508,23 @@ pub fn max_connections(nofile: u64) -> usize {
         .max(16)
 }
 
-/// Raises the soft open-file limit to the hard one, so the shares, not the limit, decide who
-/// gets a connection. Returns the limit now in force.
+/// The open-file limit brokerd asks for when its hard limit is lower and it may raise it (as
+/// root, `CAP_SYS_RESOURCE`): room for [`max_connections`] of about 32,000 connections, the
+/// order of systemd's default hard limit for services, and within the kernel's `fs.nr_open`.
+pub const WANTED_NOFILE: u64 = 65_536;
+
+/// Raises the open-file limit, so the shares, not the limit, decide who gets a connection: the
+/// hard limit to [`WANTED_NOFILE`] (never past `fs.nr_open`) where brokerd is allowed to, and
+/// the soft limit to the hard one. Returns the limit now in force.
 pub fn raise_fd_limit() -> u64 {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(WANTED_NOFILE);
+    raise_fd_limit_to(WANTED_NOFILE.min(nr_open))
+}
+
+fn raise_fd_limit_to(wanted: u64) -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -519,6 +533,17 @@ pub fn raise_fd_limit() -> u64 {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         warn!(error = %std::io::Error::last_os_error(), "cannot read RLIMIT_NOFILE");
         return 1024;
+    }
+    if limit.rlim_max < wanted {
+        let raised = libc::rlimit {
+            rlim_cur: wanted,
+            rlim_max: wanted,
+        };
+        // SAFETY: valid rlimit. Refused (EPERM) without CAP_SYS_RESOURCE: then the soft limit
+        // goes as far as the hard one below.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return wanted;
+        }
     }
     if limit.rlim_cur < limit.rlim_max {
         let raised = libc::rlimit {

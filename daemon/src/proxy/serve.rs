@@ -3,6 +3,8 @@
 //! and anything else is refused and recorded.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -412,8 +414,7 @@ impl Proxy {
             } = self.authorizer.connection(&origin, None)
         {
             drop(handshake);
-            return self
-                .splice_proven(stream, origin, None, rule, on_done, bind_name)
+            return Box::pin(self.splice_proven(stream, origin, None, rule, on_done, bind_name))
                 .await;
         }
         let mut first = [0u8; 8];
@@ -447,9 +448,10 @@ impl Proxy {
                     } = self.authorizer.connection(&origin, sni.as_deref())
                 {
                     drop(handshake);
-                    return self
-                        .splice_proven(stream, origin, sni, rule, on_done, bind_name)
-                        .await;
+                    return Box::pin(
+                        self.splice_proven(stream, origin, sni, rule, on_done, bind_name),
+                    )
+                    .await;
                 }
                 self.serve_tls(stream, origin, admitted, handshake).await
             }
@@ -480,8 +482,11 @@ impl Proxy {
         admitted: Held,
         handshake: Held,
     ) {
+        // The handshake's futures are boxed, as the splice above is: a connection's task keeps
+        // the size of its largest state for as long as it lives, and what an idle connection
+        // holds is the HTTP state below.
         let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
-        let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+        let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, Box::pin(acceptor)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 crate::metrics::global().tls_handshake(HandshakeOutcome::Malformed);
@@ -515,7 +520,9 @@ impl Proxy {
                 );
             }
         };
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, Box::pin(start.into_stream(config)))
+            .await
+        {
             Ok(Ok(t)) => {
                 crate::metrics::global().tls_handshake(HandshakeOutcome::Ok);
                 t
@@ -566,9 +573,13 @@ impl Proxy {
         let service = hyper::service::service_fn(move |req| {
             let proxy = proxy.clone();
             let conn = service_conn.clone();
-            async move {
+            // Boxed: hyper keeps room for one in-flight request future in every connection,
+            // idle or not, and this one's state machine is kilobytes. On the heap only while a
+            // request is served, an idle connection holds a pointer.
+            let serve: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
                 Ok::<_, std::convert::Infallible>(proxy.serve_within_share(req, &conn, epoch).await)
-            }
+            });
+            serve
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // hyper's default of 100 header fields (431 past it) stays: setting it moves every

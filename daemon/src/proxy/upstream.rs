@@ -147,8 +147,12 @@ pub enum Protocols {
 /// threads keeps its own pool (a thread-local): an agent connection, the upstream connection
 /// its request takes and both connections' tasks stay on one thread, and taking a pooled
 /// connection needs no lock. A pool entry is keyed by the original destination address, the
-/// scheme and authority of the request (the TLS server name) and the protocols allowed, so a
-/// connection verified for one host name is never reused for another.
+/// scheme and authority of the request (the TLS server name) and the protocols allowed. A TLS
+/// connection is reused for another host name only when the certificate verified on it is valid
+/// for that name too, to the same address and port, for the same agent and credentials
+/// (connection reuse as RFC 9110, 4.3.4 and RFC 9113, 9.1.1 allow it): what proves a name is
+/// the certificate, and it proves this one as a new handshake would. A first-seen host name of
+/// a wildcard or multi-name certificate then costs brokerd a leaf, not an upstream handshake.
 pub struct Upstream {
     /// ALPN h2 and http/1.1.
     tls_any: TlsConnector,
@@ -237,13 +241,45 @@ impl Pool {
 }
 
 struct Idle {
-    sender: http1::SendRequest<UpstreamBody>,
+    conn: Http1Conn,
     since: Instant,
 }
 
+/// An HTTP/1.1 connection upstream, with the certificate verified on it (TLS only).
+struct Http1Conn {
+    sender: http1::SendRequest<UpstreamBody>,
+    cert: Option<PeerCert>,
+}
+
+/// The end-entity certificate an upstream presented and brokerd verified, kept to tell whether
+/// the connection may carry requests for another host name ([`Key::reusable_for`]).
+type PeerCert = Arc<CertificateDer<'static>>;
+
 struct PooledH2 {
     sender: http2::SendRequest<UpstreamBody>,
+    cert: Option<PeerCert>,
     last_used: Instant,
+}
+
+impl Key {
+    /// Whether a connection pooled under `self`, whose verified certificate is `cert`, may carry
+    /// a request for `other`: the same destination, protocols and partition, over TLS, with a
+    /// certificate valid for `other`'s host name as well.
+    fn reusable_for(&self, other: &Key, cert: Option<&PeerCert>, host: &ServerName<'_>) -> bool {
+        self.tls
+            && other.tls
+            && self.dst == other.dst
+            && self.protocols == other.protocols
+            && self.checked == other.checked
+            && self.partition == other.partition
+            && cert.is_some_and(|cert| certificate_names(cert, host))
+    }
+}
+
+/// Whether `cert` (verified when its connection was made) is valid for `host`.
+fn certificate_names(cert: &CertificateDer<'_>, host: &ServerName<'_>) -> bool {
+    rustls::server::ParsedCertificate::try_from(cert)
+        .is_ok_and(|parsed| rustls::client::verify_server_name(&parsed, host).is_ok())
 }
 
 impl Pool {
@@ -253,7 +289,7 @@ impl Pool {
     fn sweep(&mut self, now: Instant) -> bool {
         let fresh = |since: Instant| now.saturating_duration_since(since) <= POOL_IDLE;
         self.idle.retain(|_, idle| {
-            idle.retain(|i| fresh(i.since) && !i.sender.is_closed());
+            idle.retain(|i| fresh(i.since) && !i.conn.sender.is_closed());
             !idle.is_empty()
         });
         self.h2
@@ -275,6 +311,36 @@ impl Pool {
             h2.last_used = Instant::now();
             h2.sender.clone()
         })
+    }
+
+    /// A pooled h2 connection made for another name of `key`'s destination whose certificate
+    /// is valid for `host`, marked used.
+    fn h2_reusable(
+        &mut self,
+        key: &Key,
+        host: &ServerName<'_>,
+    ) -> Option<http2::SendRequest<UpstreamBody>> {
+        self.h2
+            .iter_mut()
+            .find(|(pooled, h2)| {
+                pooled.reusable_for(key, h2.cert.as_ref(), host) && !h2.sender.is_closed()
+            })
+            .map(|(_, h2)| {
+                h2.last_used = Instant::now();
+                h2.sender.clone()
+            })
+    }
+
+    /// Takes the most recently pooled idle HTTP/1.1 connection made for another name of `key`'s
+    /// destination whose certificate is valid for `host`.
+    fn take_reusable(&mut self, key: &Key, host: &ServerName<'_>) -> Option<Idle> {
+        let (_, idle) = self.idle.iter_mut().find(|(pooled, idle)| {
+            idle.last()
+                .is_some_and(|i| pooled.reusable_for(key, i.conn.cert.as_ref(), host))
+        })?;
+        let taken = idle.pop();
+        self.report();
+        taken
     }
 
     /// Remembers which protocol a new connection to `key`'s destination negotiated.
@@ -435,8 +501,26 @@ impl Upstream {
                 pool.report();
             });
         }
-        let (mut sender, reused) = match take_idle(&key).await {
-            Some(sender) => (sender, true),
+        // A host name not yet pooled may share a connection made for another name of the same
+        // certificate (see [`Upstream`]).
+        let tls_name = tls
+            .then(|| tls_server_name(authority.host()).ok())
+            .flatten();
+        if let Some(name) = &tls_name
+            && let Some(mut h2) = POOL.with(|p| p.borrow_mut().h2_reusable(&key, name))
+            && h2.ready().await.is_ok()
+        {
+            return send_h2(&mut h2, req).await;
+        }
+        let idle = match take_idle(&key).await {
+            Some(conn) => Some(conn),
+            None => match &tls_name {
+                Some(name) => take_reusable(&key, name).await,
+                None => None,
+            },
+        };
+        let (mut conn, reused) = match idle {
+            Some(conn) => (conn, true),
             None => {
                 let lead = match Coalesce::for_key(&key) {
                     Coalesce::Lead(lead) => Some(lead),
@@ -460,11 +544,11 @@ impl Upstream {
                     POOL.with(|p| p.borrow_mut().negotiated(&key, http1));
                 }
                 match connection? {
-                    Connection::Http1(sender) => {
+                    Connection::Http1(conn) => {
                         drop(lead);
-                        (sender, false)
+                        (conn, false)
                     }
-                    Connection::Http2(mut h2) => {
+                    Connection::Http2(mut h2, cert) => {
                         let start_sweeper = POOL.with(|p| {
                             let mut pool = p.borrow_mut();
                             if pool.h2.len() >= MAX_DESTINATIONS {
@@ -474,6 +558,7 @@ impl Upstream {
                                 key.clone(),
                                 PooledH2 {
                                     sender: h2.clone(),
+                                    cert,
                                     last_used: Instant::now(),
                                 },
                             );
@@ -506,7 +591,7 @@ impl Upstream {
             // Then the request goes once more, on a new connection: when none of it was sent,
             // or when sending it twice means nothing (see `replayable`).
             let replay = replayable(&req);
-            match sender.try_send_request(req).await {
+            match conn.sender.try_send_request(req).await {
                 Ok(response) => response,
                 Err(mut failed) => {
                     let Some(req) = failed.take_message().or(replay) else {
@@ -519,22 +604,23 @@ impl Upstream {
                         // HTTP/1.1's form. Rare enough to leave to the agent's own retry.
                         return Err(RequestError::Request(failed.into_error()));
                     };
-                    sender = fresh;
-                    sender
+                    conn = fresh;
+                    conn.sender
                         .send_request(req)
                         .await
                         .map_err(RequestError::Request)?
                 }
             }
         } else {
-            sender
+            conn.sender
                 .send_request(req)
                 .await
                 .map_err(RequestError::Request)?
         };
-        // An upgraded connection (WebSocket) belongs to the upgrade, not to the pool.
+        // An upgraded connection (WebSocket) belongs to the upgrade, not to the pool. A
+        // connection taken for another name goes back under this request's name.
         let give_back =
-            (response.status() != http::StatusCode::SWITCHING_PROTOCOLS).then_some((key, sender));
+            (response.status() != http::StatusCode::SWITCHING_PROTOCOLS).then_some((key, conn));
         Ok(response.map(|body| PooledBody::new(body, give_back)))
     }
 
@@ -550,13 +636,9 @@ impl Upstream {
             if key.checked {
                 self.check_listener(&tcp).await?;
             }
-            return http1_connection(TokioIo::new(tcp)).await;
+            return http1_connection(TokioIo::new(tcp), None).await;
         }
-        let name = host.trim_start_matches('[').trim_end_matches(']');
-        let server_name =
-            ServerName::try_from(name.to_owned()).map_err(|_| RequestError::ServerName {
-                host: name.to_owned(),
-            })?;
+        let server_name = tls_server_name(host)?;
         let connector = match key.protocols {
             Protocols::Any => &self.tls_any,
             Protocols::Http1Only => &self.tls_http1,
@@ -565,6 +647,12 @@ impl Upstream {
             .await
             .map_err(|_| RequestError::ConnectTimeout(CONNECT_TIMEOUT))?
             .map_err(RequestError::Tls)?;
+        let cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(<[_]>::first)
+            .map(|cert| Arc::new(cert.clone().into_owned()));
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
             let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
                 .await
@@ -572,9 +660,9 @@ impl Upstream {
             tokio::spawn(async move {
                 let _ = connection.await;
             });
-            return Ok(Connection::Http2(sender));
+            return Ok(Connection::Http2(sender, cert));
         }
-        http1_connection(TokioIo::new(tls)).await
+        http1_connection(TokioIo::new(tls), cert).await
     }
 }
 
@@ -611,12 +699,20 @@ impl Upstream {
 }
 
 enum Connection {
-    Http1(http1::SendRequest<UpstreamBody>),
-    Http2(http2::SendRequest<UpstreamBody>),
+    Http1(Http1Conn),
+    Http2(http2::SendRequest<UpstreamBody>, Option<PeerCert>),
+}
+
+/// The TLS server name for `host` as a URI writes it (an IPv6 address in brackets).
+fn tls_server_name(host: &str) -> Result<ServerName<'static>, RequestError> {
+    let name = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(name.to_owned()).map_err(|_| RequestError::ServerName {
+        host: name.to_owned(),
+    })
 }
 
 /// An HTTP/1.1 client connection over `io`, driven by a task of its own on this thread.
-async fn http1_connection<I>(io: I) -> Result<Connection, RequestError>
+async fn http1_connection<I>(io: I, cert: Option<PeerCert>) -> Result<Connection, RequestError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -626,7 +722,7 @@ where
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });
-    Ok(Connection::Http1(sender))
+    Ok(Connection::Http1(Http1Conn { sender, cert }))
 }
 
 async fn send_h2(
@@ -665,7 +761,7 @@ fn replayable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
 
 /// The most recently used idle connection for `key` that is still open and ready, if any;
 /// closed and expired ones are dropped on the way.
-async fn take_idle(key: &Key) -> Option<http1::SendRequest<UpstreamBody>> {
+async fn take_idle(key: &Key) -> Option<Http1Conn> {
     loop {
         let idle = POOL.with(|p| {
             let mut pool = p.borrow_mut();
@@ -673,20 +769,37 @@ async fn take_idle(key: &Key) -> Option<http1::SendRequest<UpstreamBody>> {
             pool.report();
             idle
         })?;
-        if idle.since.elapsed() > POOL_IDLE || idle.sender.is_closed() {
-            continue;
-        }
-        let mut sender = idle.sender;
-        // Ready at once unless the previous response's end has not been processed yet.
-        if sender.ready().await.is_ok() {
-            return Some(sender);
+        if let Some(conn) = ready(idle).await {
+            return Some(conn);
         }
     }
 }
 
+/// [`take_idle`] for a connection made for another host name whose certificate is valid for
+/// `host` too ([`Key::reusable_for`]).
+async fn take_reusable(key: &Key, host: &ServerName<'_>) -> Option<Http1Conn> {
+    loop {
+        let idle = POOL.with(|p| p.borrow_mut().take_reusable(key, host))?;
+        if let Some(conn) = ready(idle).await {
+            return Some(conn);
+        }
+    }
+}
+
+/// An idle connection, if it is still open, fresh and ready to send.
+async fn ready(idle: Idle) -> Option<Http1Conn> {
+    if idle.since.elapsed() > POOL_IDLE || idle.conn.sender.is_closed() {
+        return None;
+    }
+    let mut conn = idle.conn;
+    // Ready at once unless the previous response's end has not been processed yet.
+    conn.sender.ready().await.ok()?;
+    Some(conn)
+}
+
 /// Puts a connection whose exchange is over back into this thread's pool.
-fn give_back(key: Key, sender: http1::SendRequest<UpstreamBody>) {
-    if sender.is_closed() {
+fn give_back(key: Key, conn: Http1Conn) {
+    if conn.sender.is_closed() {
         return;
     }
     let start_sweeper = POOL.with(|p| {
@@ -698,7 +811,7 @@ fn give_back(key: Key, sender: http1::SendRequest<UpstreamBody>) {
         let idle = pool.idle.entry(key).or_default();
         if idle.len() < MAX_IDLE_PER_DESTINATION {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -733,11 +846,11 @@ async fn sweep() {
 /// pool. Dropped before its end, the connection is dropped with it (and closed).
 pub struct PooledBody {
     inner: Incoming,
-    give_back: Option<(Key, http1::SendRequest<UpstreamBody>)>,
+    give_back: Option<(Key, Http1Conn)>,
 }
 
 impl PooledBody {
-    fn new(inner: Incoming, give_back: Option<(Key, http1::SendRequest<UpstreamBody>)>) -> Self {
+    fn new(inner: Incoming, give_back: Option<(Key, Http1Conn)>) -> Self {
         let mut body = Self { inner, give_back };
         if body.inner.is_end_stream() {
             body.finish();
@@ -746,8 +859,8 @@ impl PooledBody {
     }
 
     fn finish(&mut self) {
-        if let Some((key, sender)) = self.give_back.take() {
-            give_back(key, sender);
+        if let Some((key, conn)) = self.give_back.take() {
+            give_back(key, conn);
         }
     }
 }
@@ -821,6 +934,12 @@ mod tests {
     }
 
     async fn test_server(body_len: usize) -> TestServer {
+        test_server_named(body_len, None).await
+    }
+
+    /// [`test_server`] presenting a certificate for `name` (a wildcard, say) whatever the SNI;
+    /// without one, for the SNI alone.
+    async fn test_server_named(body_len: usize, name: Option<&'static str>) -> TestServer {
         let (ca, _key) = BrokerCa::generate().expect("ca");
         let mut ca_file = tempfile::NamedTempFile::new().expect("tempfile");
         std::io::Write::write_all(&mut ca_file, ca.cert_pem().as_bytes()).expect("write ca");
@@ -844,9 +963,8 @@ mod tests {
                         tcp,
                     );
                     let Ok(start) = acceptor.await else { return };
-                    let name = start
-                        .client_hello()
-                        .server_name()
+                    let name = name
+                        .or(start.client_hello().server_name())
                         .unwrap_or("unnamed")
                         .to_owned();
                     let config = minter.server_config(&LeafName::Dns(name)).expect("leaf");
@@ -922,6 +1040,44 @@ mod tests {
             drop(response);
             assert_eq!(fetch(&upstream, &server, "a.test", h1).await, 64 * 1024);
             assert_eq!(server.connections.load(Ordering::SeqCst), 3);
+        });
+    }
+
+    #[test]
+    fn a_connection_is_reused_for_another_name_only_when_its_certificate_names_it() {
+        runtime().block_on(async {
+            let server = test_server_named(1024, Some("*.shared.test")).await;
+            let upstream = Upstream::new(&[server.ca_file.path().into()]).expect("upstream");
+            let count = || server.connections.load(Ordering::SeqCst);
+            for protocols in [Protocols::Http1Only, Protocols::Any] {
+                let before = count();
+                for host in ["a.shared.test", "b.shared.test", "c.shared.test"] {
+                    assert_eq!(fetch(&upstream, &server, host, protocols).await, 1024);
+                }
+                assert_eq!(
+                    count() - before,
+                    1,
+                    "{protocols:?}: three names of one wildcard certificate share a connection"
+                );
+                // Not a name of the certificate: a new connection, whose verification fails.
+                let refused = upstream
+                    .request(server.addr, protocols, false, agent(), get("other.test"))
+                    .await;
+                assert!(
+                    matches!(refused, Err(RequestError::Tls(_))),
+                    "{protocols:?}: {:?}",
+                    refused.map(|r| r.status())
+                );
+                assert_eq!(count() - before, 2);
+                // Another agent, or another set of credentials, never shares it.
+                let other = Partition::new("agents/b", &[]);
+                let response = upstream
+                    .request(server.addr, protocols, false, other, get("a.shared.test"))
+                    .await
+                    .expect("response");
+                drop(response.into_body().collect().await.expect("body"));
+                assert_eq!(count() - before, 3);
+            }
         });
     }
 
