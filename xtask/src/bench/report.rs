@@ -113,6 +113,9 @@ pub enum Target {
     /// brokerd no worse than nginx. For a latency row against the same direct floor this is also
     /// "brokerd adds no more than nginx adds".
     NoWorseThanNginx,
+    /// brokerd at most this multiple of nginx's value (a latency or a cost), or at least this
+    /// fraction of it (a rate).
+    TimesNginx(f64),
     /// brokerd strictly better than the direct path.
     BetterThanDirect,
     /// brokerd at least this many times better than mitmproxy.
@@ -192,6 +195,12 @@ impl Row {
             (Target::NoWorseThanNginx, Better::Lower) => {
                 brokerd.zip(value(Column::Nginx)).map(|(b, n)| b <= n)
             }
+            (Target::TimesNginx(times), Better::Higher) => brokerd
+                .zip(value(Column::Nginx))
+                .map(|(b, n)| b >= times * n),
+            (Target::TimesNginx(times), Better::Lower) => brokerd
+                .zip(value(Column::Nginx))
+                .map(|(b, n)| b <= times * n),
             (Target::BetterThanDirect, Better::Higher) => {
                 brokerd.zip(value(Column::Direct)).map(|(b, d)| b > d)
             }
@@ -232,6 +241,7 @@ impl Row {
         };
         match target {
             Target::NoWorseThanNginx => format!("{at_least} nginx"),
+            Target::TimesNginx(times) => format!("{at_least} {times}x nginx"),
             Target::BetterThanDirect => match self.better {
                 Better::Higher => "> direct".into(),
                 Better::Lower => "< direct".into(),
@@ -501,6 +511,12 @@ mod tests {
         let mut missing = throughput;
         missing.set(Column::Direct, Cell::Failed("no".into()));
         assert_eq!(missing.verdict(Target::TimesDirect(0.8)), Verdict::Unknown);
+        let mut memory = Row::new("idle memory", "KiB", Better::Lower);
+        memory.set(Column::Brokerd, Cell::value(26.0));
+        memory.set(Column::Nginx, Cell::value(13.5));
+        assert_eq!(memory.verdict(Target::TimesNginx(2.0)), Verdict::Met);
+        assert_eq!(memory.verdict(Target::TimesNginx(1.25)), Verdict::Missed);
+        assert_eq!(memory.target_text(Target::TimesNginx(2.0)), "≤ 2x nginx");
     }
 
     #[test]
