@@ -500,16 +500,20 @@ fn over_share(agent: &AgentShare, kind: ShareKind) -> String {
     )
 }
 
-/// The most connections brokerd serves at once, from its open-file limit: every proxied
-/// connection may need a second descriptor upstream, and [`FD_RESERVE`] stay free.
+/// The most agent connections brokerd serves at once, from its open-file limit: three quarters
+/// of what is left after [`FD_RESERVE`], the last quarter for upstream connections. An idle
+/// agent connection holds no upstream descriptor (upstream connections are pooled and taken per
+/// request), so the upstream side needs one only per request in flight, and those are bounded
+/// per agent by its shares; should they still run out, the request gets a 502 naming the
+/// error, and the control socket and the audit log keep the reserve.
 pub fn max_connections(nofile: u64) -> usize {
-    usize::try_from(nofile.saturating_sub(FD_RESERVE) / 2)
+    usize::try_from(nofile.saturating_sub(FD_RESERVE) / 4 * 3)
         .unwrap_or(usize::MAX)
         .max(16)
 }
 
 /// The open-file limit brokerd asks for when its hard limit is lower and it may raise it (as
-/// root, `CAP_SYS_RESOURCE`): room for [`max_connections`] of about 32,000 connections, the
+/// root, `CAP_SYS_RESOURCE`): room for [`max_connections`] of about 49,000 connections, the
 /// order of systemd's default hard limit for services, and within the kernel's `fs.nr_open`.
 pub const WANTED_NOFILE: u64 = 65_536;
 

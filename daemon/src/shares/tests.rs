@@ -223,8 +223,8 @@ fn bursts_are_kept_apart_by_agent_and_kind() {
 
 #[test]
 fn the_connection_limit_follows_the_fd_limit() {
-    assert_eq!(max_connections(1024), 384);
-    assert_eq!(max_connections(1_048_576), (1_048_576 - 256) / 2);
+    assert_eq!(max_connections(1024), 576);
+    assert_eq!(max_connections(1_048_576), (1_048_576 - 256) / 4 * 3);
     assert_eq!(max_connections(10), 16, "never below a floor");
 }
 
