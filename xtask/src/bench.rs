@@ -23,6 +23,7 @@
 
 mod clients;
 mod fairness;
+mod fleet;
 mod lab;
 mod load;
 mod mitm;
@@ -73,6 +74,13 @@ pub struct Options {
 }
 
 pub use workloads::WORKLOADS;
+
+pub use fleet::ClientOptions as FleetClientOptions;
+
+/// `cargo xtask bench-fleet-client` (hidden): one agent of the fleet row; see [`fleet`].
+pub fn fleet_client(options: &FleetClientOptions) -> Result<()> {
+    fleet::run_client(options)
+}
 
 /// `cargo xtask bench-origin` (hidden): runs the streaming origin ([`stream_origin`]) until the
 /// process is stopped. The bench starts it from the release build, so the direct path's floor is

@@ -77,8 +77,8 @@ enum Command {
         #[arg(long)]
         profile: bool,
         /// Run only these workloads (comma-separated): keepalive1, keepalive32, newconn, h2,
-        /// widearea, sse, bulk, idle, hostnames, micro, container, fairness. The table then has
-        /// only their rows.
+        /// widearea, sse, bulk, idle, hostnames, micro, container, fairness, fleet, manyidle.
+        /// The table then has only their rows.
         #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::WORKLOADS))]
         only: Vec<String>,
     },
@@ -112,6 +112,27 @@ enum Command {
         /// A file holding the whole Authorization value requests must carry.
         #[arg(long)]
         authorization_file: std::path::PathBuf,
+    },
+    /// One agent of the bench's fleet row, which `bench` starts from the release build in each
+    /// agent's cgroup: opens its connections, prints `fleet-ready`, waits for a line on stdin,
+    /// loads them for the seconds given and prints what it measured.
+    #[command(hide = true)]
+    BenchFleetClient {
+        /// Address to connect to (TLS, no SNI).
+        #[arg(long)]
+        connect: std::net::SocketAddr,
+        /// Keep-alive connections, one request at a time on each.
+        #[arg(long)]
+        connections: u32,
+        /// How long to load them once the gate opens.
+        #[arg(long)]
+        seconds: u64,
+        /// The request's path.
+        #[arg(long)]
+        path: String,
+        /// The whole Authorization value of every request.
+        #[arg(long)]
+        authorization: String,
     },
     /// Run mixed load against a real brokerd (debug build) for N minutes while sampling its
     /// memory, descriptors, tasks, pool, leaf cache, answered names and audit queue; write
@@ -173,6 +194,19 @@ fn main() -> ExitCode {
             bin_dir,
             out,
             fast_compression,
+        }),
+        Command::BenchFleetClient {
+            connect,
+            connections,
+            seconds,
+            path,
+            authorization,
+        } => bench::fleet_client(&bench::FleetClientOptions {
+            connect,
+            connections,
+            seconds,
+            authorization,
+            path,
         }),
         Command::BenchOrigin {
             listen,

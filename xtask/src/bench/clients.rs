@@ -6,7 +6,7 @@
 
 use std::{
     fs,
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     os::unix::process::CommandExt as _,
     path::Path,
     process::{Child, Stdio},
@@ -46,8 +46,10 @@ print(json.dumps({"median_ms": statistics.median(times) * 1e3, "failures": failu
 "#;
 
 /// Opens `count` TLS connections (no SNI: it dials the address), makes one keep-alive request on
-/// each, prints `ready <held> <failures>`, and keeps them open until its stdin closes.
-const IDLE_PY: &str = r#"import resource, socket, ssl, sys
+/// each, prints `ready <held> <failures>`, and keeps them open until its stdin closes. For each
+/// line it reads meanwhile it prints `open <n>`: how many of them the other end has not closed
+/// (nothing to read, or only TLS handshake messages such as session tickets).
+const IDLE_PY: &str = r#"import resource, select, socket, ssl, sys
 host, port, count, authorization = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -86,8 +88,25 @@ for _ in range(count):
             tls.close()
     except OSError:
         failures += 1
+def closed(tls):
+    tls.setblocking(False)
+    try:
+        return tls.recv(1) == b""
+    except ssl.SSLWantReadError:
+        return False
+    except OSError:
+        return True
+    finally:
+        tls.settimeout(10)
+
 print(f"ready {len(held)} {failures}", flush=True)
-sys.stdin.read()
+poller = select.poll()
+by_fd = {tls.fileno(): tls for tls in held}
+for fd in by_fd:
+    poller.register(fd, select.POLLIN)
+for _ in sys.stdin:
+    gone = sum(1 for fd, _ in poller.poll(0) if closed(by_fd[fd]))
+    print(f"open {len(held) - gone}", flush=True)
 "#;
 
 /// Opens a new TLS connection per run, sends `GET /v1/events` and notes when each event (ended by
@@ -388,70 +407,130 @@ pub fn idle_memory_per_connection(
     proxy_pid: u32,
 ) -> Result<f64> {
     let before = process::tree_rss_kib(proxy_pid)?;
-    let mut command = endpoint.launch.command(python);
-    command
-        .args(script(dir, "idle.py")?)
-        .arg(endpoint.addr.ip().to_string())
-        .arg(endpoint.addr.port().to_string())
-        .arg(count.to_string())
-        .arg(&endpoint.authorization)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .process_group(0);
-    let shown = cmd::echo(&command);
-    let mut holder = command
-        .spawn()
-        .with_context(|| format!("starting `{shown}`"))?;
-    let result = read_ready(&mut holder, Duration::from_secs(180)).and_then(|(held, failures)| {
-        if failures > 0 || held != count {
-            bail!("idle.py opened {held} of {count} connections ({failures} failed)");
-        }
-        // Let the proxy finish the last request's bookkeeping before reading its memory.
-        thread::sleep(Duration::from_millis(500));
-        let after = process::tree_rss_kib(proxy_pid)?;
-        Ok(after.saturating_sub(before) as f64 / f64::from(count))
-    });
-    // Closing stdin tells the holder to close its connections and exit.
-    drop(holder.stdin.take());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while matches!(holder.try_wait(), Ok(None)) && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(50));
+    let idle = IdleConnections::open(python, dir, endpoint, count)?;
+    if idle.failures > 0 || idle.held != count {
+        bail!(
+            "idle.py opened {} of {count} connections ({} failed)",
+            idle.held,
+            idle.failures
+        );
     }
-    if matches!(holder.try_wait(), Ok(None)) {
-        let _ = holder.kill();
-    }
-    let _ = holder.wait();
-    result
+    // Let the proxy finish the last request's bookkeeping before reading its memory.
+    thread::sleep(Duration::from_millis(500));
+    let after = process::tree_rss_kib(proxy_pid)?;
+    Ok(after.saturating_sub(before) as f64 / f64::from(count))
 }
 
-/// Waits for the holder's `ready <held> <failures>` line.
-fn read_ready(holder: &mut Child, deadline: Duration) -> Result<(u32, u32)> {
-    let stdout = holder
-        .stdout
-        .take()
-        .context("idle.py's stdout is not piped")?;
-    let (line_tx, line_rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = line_tx.send(line);
-    });
-    let give_up = Instant::now() + deadline;
-    let line = loop {
-        match line_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => break line,
-            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("idle.py's output reader failed"),
-            Err(mpsc::RecvTimeoutError::Timeout) if stopping() => bail!("interrupted"),
-            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > give_up => {
-                bail!("idle.py did not report within {deadline:?}")
+/// Idle TLS connections held open by `idle.py` (one request each, then nothing) until dropped.
+pub struct IdleConnections {
+    holder: Child,
+    lines: mpsc::Receiver<String>,
+    /// Connections that answered 200 and are held.
+    pub held: u32,
+    /// Connections that could not be opened or did not answer 200.
+    pub failures: u32,
+}
+
+impl IdleConnections {
+    /// Runs `idle.py` from `dir` through `endpoint` and returns once it has tried `count`
+    /// connections, however many of them it holds.
+    pub fn open(python: &Path, dir: &Path, endpoint: &Endpoint, count: u32) -> Result<Self> {
+        let mut command = endpoint.launch.command(python);
+        command
+            .args(script(dir, "idle.py")?)
+            .arg(endpoint.addr.ip().to_string())
+            .arg(endpoint.addr.port().to_string())
+            .arg(count.to_string())
+            .arg(&endpoint.authorization)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0);
+        let shown = cmd::echo(&command);
+        let mut holder = command
+            .spawn()
+            .with_context(|| format!("starting `{shown}`"))?;
+        let stdout = holder
+            .stdout
+            .take()
+            .context("idle.py's stdout is not piped")?;
+        let (line_tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line_tx.send(line).is_err() {
+                    break;
+                }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        });
+        let mut idle = Self {
+            holder,
+            lines,
+            held: 0,
+            failures: 0,
+        };
+        let line = idle.next_line(Duration::from_secs(300))?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["ready", held, failures] => {
+                idle.held = held.parse()?;
+                idle.failures = failures.parse()?;
+                Ok(idle)
+            }
+            _ => bail!("idle.py did not report ready (it printed {line:?})"),
         }
-    };
-    let words: Vec<&str> = line.split_whitespace().collect();
-    match words.as_slice() {
-        ["ready", held, failures] => Ok((held.parse()?, failures.parse()?)),
-        _ => bail!("idle.py ended without reporting (it printed {line:?})"),
+    }
+
+    /// How many of the held connections the other end has not closed.
+    pub fn still_open(&mut self) -> Result<u32> {
+        let stdin = self
+            .holder
+            .stdin
+            .as_mut()
+            .context("idle.py's stdin is closed")?;
+        stdin.write_all(b"check\n")?;
+        stdin.flush()?;
+        let line = self.next_line(Duration::from_secs(60))?;
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["open", n] => Ok(n.parse()?),
+            _ => bail!("idle.py answered {line:?} to a check"),
+        }
+    }
+
+    /// The holder's next line of output, within `deadline`.
+    fn next_line(&mut self, deadline: Duration) -> Result<String> {
+        let give_up = Instant::now() + deadline;
+        loop {
+            match self.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => return Ok(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!(
+                        "idle.py ended ({:?})",
+                        self.holder.try_wait().ok().flatten()
+                    )
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if stopping() => bail!("interrupted"),
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > give_up => {
+                    bail!("idle.py did not report within {deadline:?}")
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+}
+
+impl Drop for IdleConnections {
+    /// Closing stdin tells the holder to close its connections and exit; it is killed if it
+    /// has not within 30 s.
+    fn drop(&mut self) {
+        drop(self.holder.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while matches!(self.holder.try_wait(), Ok(None)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(self.holder.try_wait(), Ok(None)) {
+            let _ = self.holder.kill();
+        }
+        let _ = self.holder.wait();
     }
 }

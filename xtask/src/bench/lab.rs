@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    clients,
+    clients, fleet,
     load::{Endpoint, Launch},
     mitm, nginx, pki,
     process::Services,
@@ -71,6 +71,10 @@ pub enum Route {
     /// To the streaming origin ([`super::stream_origin`]) instead of the nginx origin; mitmproxy
     /// has no route there.
     Streaming,
+    /// Straight over loopback, through nginx's listener with the fleet row's 1,000-entry map
+    /// (see [`fleet`]); brokerd's agents for it are below [`fleet::FLEET_PARENT`], mitmproxy has
+    /// none.
+    Fleet,
 }
 
 /// A peer proxy: its pid (the root of its process tree) and its listener for each route.
@@ -79,6 +83,7 @@ struct Peer {
     local: SocketAddr,
     wide_area: SocketAddr,
     streaming: Option<SocketAddr>,
+    fleet: Option<SocketAddr>,
 }
 
 /// The running lab; see the module documentation.
@@ -220,6 +225,14 @@ impl Lab {
             policies.join("bench-flood.toml"),
             flood_policy(FLOOD_CGROUP, self.origin_http1.port()),
         )?;
+        fs::write(
+            policies.join("bench-fleet.toml"),
+            fleet::policy(
+                fleet::FLEET_PARENT,
+                &ORIGIN_IP.to_string(),
+                self.origin_http1.port(),
+            ),
+        )?;
         for (file, cgroup) in [("bench.toml", CGROUP), ("bench-ct.toml", CONTAINER_CGROUP)] {
             fs::write(
                 policies.join(file),
@@ -246,6 +259,12 @@ impl Lab {
             .arg(&policies)
             .args(["--pin-dir", PIN_DIR])
             .args(["--listen", "127.0.0.1:0", "--listen", "[::1]:0"])
+            // nginx's keepalive_timeout (see `nginx`), not brokerd's 30 s: the many-connections
+            // row keeps 9,900 connections idle longer than that while it measures.
+            .args([
+                "--agent-header-timeout",
+                &nginx::KEEPALIVE_SECONDS.to_string(),
+            ])
             .arg("--upstream-ca")
             .arg(upstream_ca);
         self.brokerd_pid = Some(self.services.start("brokerd", brokerd)?);
@@ -273,10 +292,11 @@ impl Lab {
         wide_area: SocketAddr,
         streaming: SocketAddr,
     ) -> Result<()> {
-        let [local, far, to_streaming] =
+        let [local, far, to_streaming, for_fleet] =
             free_ports(PROXY_IP)?.map(|port| SocketAddr::new(PROXY_IP, port));
         step(&format!(
-            "nginx peer on {local}, {far} and {to_streaming} (unbuffered, to the streaming origin)"
+            "nginx peer on {local}, {far}, {to_streaming} (unbuffered, to the streaming origin) \
+             and {for_fleet} (the fleet row's 1,000-host map)"
         ));
         let common = nginx::Common {
             dir: &self.dir,
@@ -288,16 +308,26 @@ impl Lab {
                 listen: local,
                 upstream: self.origin_http1,
                 streaming: false,
+                hosts: None,
             },
             nginx::Route {
                 listen: far,
                 upstream: wide_area,
                 streaming: false,
+                hosts: None,
             },
             nginx::Route {
                 listen: to_streaming,
                 upstream: streaming,
                 streaming: true,
+                hosts: None,
+            },
+            nginx::Route {
+                listen: for_fleet,
+                upstream: self.origin_http1,
+                streaming: false,
+                // The clients name nginx's address, so that is the origin's entry.
+                hosts: Some(fleet::fleet_hosts(&PROXY_IP.to_string())),
             },
         ];
         let config = nginx::proxy_config(&common, &routes, &pki.ca, authorization);
@@ -309,11 +339,13 @@ impl Lab {
         self.services.wait_listening("the nginx peer", far)?;
         self.services
             .wait_listening("the nginx peer", to_streaming)?;
+        self.services.wait_listening("the nginx peer", for_fleet)?;
         self.nginx = Some(Peer {
             pid,
             local,
             wide_area: far,
             streaming: Some(to_streaming),
+            fleet: Some(for_fleet),
         });
         Ok(())
     }
@@ -345,6 +377,7 @@ impl Lab {
                 local: SocketAddr::new(PROXY_IP, local),
                 wide_area: SocketAddr::new(PROXY_IP, far),
                 streaming: None,
+                fleet: None,
             };
             self.services.wait_listening("mitmproxy", peer.local)?;
             self.services.wait_listening("mitmproxy", peer.wide_area)?;
@@ -368,18 +401,23 @@ impl Lab {
         if refused.failures != 1 {
             bail!("the origin API answered 200 to a request without the real key");
         }
-        for column in [Column::Direct, Column::Brokerd, Column::Nginx] {
-            for route in [Route::Local, Route::WideArea] {
-                let endpoint = self.endpoint(column, route)?;
-                let answer =
-                    clients::connect_times(python, &self.dir, &endpoint, clients::NO_SNI, 1)?;
-                if answer.failures > 0 {
-                    bail!(
-                        "the {} path ({route:?}) did not answer 200; see the logs in {}",
-                        column.name(),
-                        cmd::relative(&self.dir)
-                    );
-                }
+        for (column, route) in [
+            (Column::Direct, Route::Local),
+            (Column::Direct, Route::WideArea),
+            (Column::Brokerd, Route::Local),
+            (Column::Brokerd, Route::WideArea),
+            (Column::Nginx, Route::Local),
+            (Column::Nginx, Route::WideArea),
+            (Column::Nginx, Route::Fleet),
+        ] {
+            let endpoint = self.endpoint(column, route)?;
+            let answer = clients::connect_times(python, &self.dir, &endpoint, clients::NO_SNI, 1)?;
+            if answer.failures > 0 {
+                bail!(
+                    "the {} path ({route:?}) did not answer 200; see the logs in {}",
+                    column.name(),
+                    cmd::relative(&self.dir)
+                );
             }
         }
         // The streaming origin: refused without the key, one small transfer each way through
@@ -428,7 +466,7 @@ impl Lab {
     /// running (mitmproxy, when it could not be installed or started).
     pub fn endpoint(&self, column: Column, route: Route) -> Result<Endpoint> {
         let origin = |listener: SocketAddr| match route {
-            Route::Local => Some(listener),
+            Route::Local | Route::Fleet => Some(listener),
             Route::WideArea => self.wide_area,
             Route::Streaming => self.streaming,
         };
@@ -437,6 +475,7 @@ impl Lab {
                 Route::Local => Some(p.local),
                 Route::WideArea => Some(p.wide_area),
                 Route::Streaming => p.streaming,
+                Route::Fleet => p.fleet,
             })
         };
         let (addr, authorization, launch) = match column {
@@ -481,6 +520,42 @@ impl Lab {
             run_dir: self.brokerd_run_dir(),
             cgroup: cgroup.to_owned(),
         }
+    }
+
+    /// Detaches and removes the fleet row's agent cgroups (below [`fleet::FLEET_PARENT`]),
+    /// whichever of them exist, and their parent. Every agent's process has exited by then.
+    pub fn remove_fleet_agents(&self) {
+        let Some(mount) = cgroup2_mount() else {
+            return;
+        };
+        let parent = mount.join(fleet::FLEET_PARENT);
+        let Ok(entries) = fs::read_dir(&parent) else {
+            return;
+        };
+        let mut agents: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        agents.sort();
+        step(&format!(
+            "untagging and removing the fleet's {} agent cgroups below {}",
+            agents.len(),
+            fleet::FLEET_PARENT
+        ));
+        for agent in agents {
+            let cgroup = format!("{}/{agent}", fleet::FLEET_PARENT);
+            if self.brokerd_pid.is_some() {
+                let _ = self
+                    .brokerctl()
+                    .args(["detach", "--cgroup", &cgroup])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            let _ = fs::remove_dir(mount.join(&cgroup));
+        }
+        let _ = fs::remove_dir(&parent);
     }
 
     /// A program of the release build (`fairness-load`).
@@ -530,6 +605,8 @@ impl Lab {
         step(&format!(
             "cleaning up: untag {CGROUP}, stop what the bench started, remove {PIN_DIR}"
         ));
+        // Before brokerd stops, so it can untag them.
+        self.remove_fleet_agents();
         if self.brokerd_pid.is_some() {
             // Not bounded by the interrupt flag: cleanup runs after Ctrl-C too.
             for cgroup in [CGROUP, CONTAINER_CGROUP, FLOOD_CGROUP] {
@@ -741,19 +818,9 @@ fn policy(
     streaming_port: u16,
     container_port: Option<u16>,
 ) -> String {
-    let rule = |host: &str, port: u16| {
-        format!(
-            "\n[[allow]]\nhost = \"{host}\"\nport = {port}\n\
-             inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n"
-        )
-    };
-    // The bench measures speed, not fairness: the agent's shares are far above what any
-    // workload uses (the new-connection workloads open hundreds a second).
-    let shares = "\n[shares]\nconnections = 100000\nnew_connections_per_second = 100000\n\
-                  pending_handshakes = 100000\nrequests_in_flight = 100000\n\
-                  requests_per_second = 10000000\ndns_queries_per_second = 100000\n";
+    let rule = injecting_rule;
     format!(
-        "# Written by cargo xtask bench.\ncgroup = \"{cgroup}\"\n{shares}{}{}{}{}{}any_address = true\n",
+        "# Written by cargo xtask bench.\ncgroup = \"{cgroup}\"\n{AGENT_SHARES}{}{}{}{}{}any_address = true\n",
         rule("127.0.0.2", origin_port),
         rule("127.0.0.2", wide_area_port),
         rule("127.0.0.2", streaming_port),
@@ -762,6 +829,20 @@ fn policy(
             port
         )),
         rule("*.bench.test", origin_port),
+    )
+}
+
+/// The bench agents' shares of brokerd. The bench measures speed, not fairness: they are far
+/// above what any workload uses (the new-connection workloads open hundreds a second).
+pub const AGENT_SHARES: &str = "\n[shares]\nconnections = 100000\nnew_connections_per_second = 100000\n\
+                  pending_handshakes = 100000\nrequests_in_flight = 100000\n\
+                  requests_per_second = 10000000\ndns_queries_per_second = 100000\n";
+
+/// A rule that allows `host` on `port` and injects the bench key as the Authorization header.
+pub fn injecting_rule(host: &str, port: u16) -> String {
+    format!(
+        "\n[[allow]]\nhost = \"{host}\"\nport = {port}\n\
+         inject.headers = {{ authorization = \"Bearer {{secret:{SECRET_NAME}}}\" }}\n"
     )
 }
 

@@ -46,8 +46,8 @@ pub fn origin_config(
     let _ = write!(
         conf,
         r#"    server {{
-        listen {h2_and_http1} ssl http2;
-        listen {http1_only} ssl;
+        listen {h2_and_http1} ssl http2 backlog={LISTEN_BACKLOG};
+        listen {http1_only} ssl backlog={LISTEN_BACKLOG};
 {tls}
         location = /v1/whoami {{
             default_type application/json;
@@ -67,6 +67,24 @@ pub fn origin_config(
     conf
 }
 
+/// The accept queue of every nginx listener: the kernel's most (`net.core.somaxconn` is 4096
+/// on current kernels), not nginx's default of 511, which 1,000 connections opened at once
+/// overflow (the fleet row's first version, with wrk), so that some wait a second or more for
+/// the kernel to retry them and a row measures the queue rather than the proxy. brokerd's
+/// queue is tokio's, 1,024.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Idle upstream connections each nginx peer worker keeps (`keepalive`): one per client
+/// connection of the fleet row (1,000), even were they all on one worker. Past it nginx closes
+/// a connection after its request and opens a new one, a TLS handshake to the origin per
+/// request, which is not what an nginx sized for its load does. The other rows but
+/// `manyidle` (100) run at most 32 connections at once and never reached the 64 this was.
+const UPSTREAM_KEEPALIVE: u32 = 1024;
+
+/// How long both nginx instances keep an idle connection open (`keepalive_timeout`); the bench
+/// gives brokerd the same (`--agent-header-timeout`).
+pub const KEEPALIVE_SECONDS: u64 = 300;
+
 /// One listener of the nginx peer and the upstream it forwards to.
 pub struct Route {
     pub listen: SocketAddr,
@@ -74,6 +92,10 @@ pub struct Route {
     /// Pass bodies through as they stream, both ways, instead of buffering them: for the SSE and
     /// bulk rows (issue 12), which compare brokerd with nginx set up for streaming.
     pub streaming: bool,
+    /// Set the header only for requests to these hosts (exact names or `*.` wildcards), looked
+    /// up by the request's host in a `map`, and refuse (403) any other: the fleet row's
+    /// counterpart of brokerd's 1,000 rules. None: every request gets the header.
+    pub hosts: Option<Vec<String>>,
 }
 
 /// What a streaming route adds to its location: no response buffering (`proxy_buffering off`,
@@ -90,8 +112,9 @@ const STREAMING: &str = "
             client_body_buffer_size 64k;";
 
 /// The nginx peer's config: for each route a TLS listener that forwards to its upstream over
-/// verified TLS, writes `authorization` into every request, and keeps up to 64 idle upstream
-/// connections per worker; a streaming route also passes bodies through unbuffered
+/// verified TLS, writes `authorization` into every request (or, for a route with `hosts`, the
+/// value its map gives the request's host), and keeps up to [`UPSTREAM_KEEPALIVE`] idle
+/// upstream connections per worker; a streaming route also passes bodies through unbuffered
 /// ([`STREAMING`]). Its access log is on (buffered), as brokerd's audit log is.
 pub fn proxy_config(
     common: &Common,
@@ -107,22 +130,48 @@ pub fn proxy_config(
             .display()
     );
     let mut conf = head(common, &access_log);
+    if routes.iter().any(|route| route.hosts.is_some()) {
+        // nginx sizes the map's hash within these bounds, and refuses to start when 1,000
+        // names do not fit the defaults (2048 entries of 32 or 64 bytes).
+        conf.push_str("    map_hash_max_size 8192;\n    map_hash_bucket_size 128;\n");
+    }
     for (index, route) in routes.iter().enumerate() {
+        let authorization = match &route.hosts {
+            None => format!("\"{authorization}\""),
+            Some(hosts) => {
+                let _ = writeln!(
+                    conf,
+                    "    map $host $authorization_{index} {{\n        hostnames;\n        default \"\";"
+                );
+                for host in hosts {
+                    let _ = writeln!(conf, "        \"{host}\" \"{authorization}\";");
+                }
+                conf.push_str("    }\n");
+                format!("$authorization_{index}")
+            }
+        };
+        let refuse_others = if route.hosts.is_some() {
+            format!(
+                "\n            if ($authorization_{index} = \"\") {{\n                return 403;\n            }}"
+            )
+        } else {
+            String::new()
+        };
         let _ = write!(
             conf,
             r#"    upstream origin_{index} {{
         server {upstream};
-        keepalive 64;
+        keepalive {UPSTREAM_KEEPALIVE};
     }}
     server {{
-        listen {listen} ssl http2;
+        listen {listen} ssl http2 backlog={LISTEN_BACKLOG};
 {tls}
-        location / {{
+        location / {{{refuse_others}
             proxy_pass https://origin_{index};
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host api.example.test;
-            proxy_set_header Authorization "{authorization}";
+            proxy_set_header Authorization {authorization};
             proxy_ssl_server_name on;
             proxy_ssl_name api.example.test;
             proxy_ssl_verify on;
@@ -167,7 +216,7 @@ events {{
 http {{
     {access_log}
     keepalive_requests 10000000;
-    keepalive_timeout 300s;
+    keepalive_timeout {KEEPALIVE_SECONDS}s;
     ssl_protocols TLSv1.2 TLSv1.3;
     proxy_ssl_protocols TLSv1.2 TLSv1.3;
     client_body_temp_path {temp}/body;
@@ -234,8 +283,8 @@ mod tests {
             "127.0.0.2:9444".parse().expect("addr"),
             "Bearer k1",
         );
-        assert!(conf.contains("listen 127.0.0.2:9443 ssl http2;"));
-        assert!(conf.contains("listen 127.0.0.2:9444 ssl;"));
+        assert!(conf.contains("listen 127.0.0.2:9443 ssl http2 backlog=4096;"));
+        assert!(conf.contains("listen 127.0.0.2:9444 ssl backlog=4096;"));
         assert!(conf.contains(r#"if ($http_authorization != "Bearer k1")"#));
         assert!(conf.contains("access_log off;"));
         assert!(conf.contains("ssl_certificate_key /b/c.key;"));
@@ -250,11 +299,13 @@ mod tests {
                 listen: "127.0.0.1:1".parse().expect("addr"),
                 upstream: "127.0.0.2:2".parse().expect("addr"),
                 streaming: false,
+                hosts: None,
             },
             Route {
                 listen: "127.0.0.1:3".parse().expect("addr"),
                 upstream: "127.0.0.2:4".parse().expect("addr"),
                 streaming: true,
+                hosts: None,
             },
         ];
         let conf = proxy_config(&common(&cert), &routes, Path::new("/b/ca.pem"), "Bearer k1");
@@ -268,8 +319,32 @@ mod tests {
         assert_eq!(conf.matches("proxy_buffering off;").count(), 1);
         assert_eq!(conf.matches("proxy_request_buffering off;").count(), 1);
         let streaming_server = conf.split("server {").nth(2).unwrap_or_default();
-        assert!(streaming_server.contains("listen 127.0.0.1:3 ssl http2;"));
+        assert!(streaming_server.contains("listen 127.0.0.1:3 ssl http2 backlog=4096;"));
         assert!(streaming_server.contains("proxy_buffering off;"));
         assert!(streaming_server.contains("client_max_body_size 0;"));
+        assert!(!conf.contains("map "));
+    }
+
+    #[test]
+    fn a_route_with_hosts_sets_the_header_only_for_them() {
+        let cert = cert();
+        let routes = [Route {
+            listen: "127.0.0.1:1".parse().expect("addr"),
+            upstream: "127.0.0.2:2".parse().expect("addr"),
+            streaming: false,
+            hosts: Some(vec!["api1.fleet.test".into(), "*.svc0.fleet.test".into()]),
+        }];
+        let conf = proxy_config(&common(&cert), &routes, Path::new("/b/ca.pem"), "Bearer k1");
+        assert!(
+            conf.contains(
+                "map $host $authorization_0 {\n        hostnames;\n        default \"\";"
+            )
+        );
+        assert!(conf.contains("        \"api1.fleet.test\" \"Bearer k1\";\n"));
+        assert!(conf.contains("        \"*.svc0.fleet.test\" \"Bearer k1\";\n"));
+        assert!(conf.contains("if ($authorization_0 = \"\") {\n                return 403;"));
+        assert!(conf.contains("proxy_set_header Authorization $authorization_0;"));
+        assert!(conf.contains("map_hash_bucket_size 128;"));
+        assert_eq!(conf.matches('{').count(), conf.matches('}').count());
     }
 }

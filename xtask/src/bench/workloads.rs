@@ -77,7 +77,7 @@ const CONTAINER_P50_TARGET: f64 = 1.10;
 const CONTAINER_ROUNDS: usize = 3;
 
 /// The workloads' keys, in the order they run, for `--only`.
-pub const WORKLOADS: [&str; 12] = [
+pub const WORKLOADS: [&str; 14] = [
     "keepalive1",
     "keepalive32",
     "newconn",
@@ -90,10 +90,12 @@ pub const WORKLOADS: [&str; 12] = [
     "micro",
     "container",
     "fairness",
+    "fleet",
+    "manyidle",
 ];
 
 impl Settings<'_> {
-    fn wanted(&self, key: &str) -> bool {
+    pub(super) fn wanted(&self, key: &str) -> bool {
         debug_assert!(WORKLOADS.contains(&key), "{key}");
         self.only.is_empty() || self.only.iter().any(|k| k == key)
     }
@@ -262,6 +264,7 @@ pub fn measure(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     if settings.wanted("fairness") {
         rows.extend(super::fairness::rows(lab, settings)?);
     }
+    rows.extend(super::fleet::rows(lab, settings)?);
     Ok(rows)
 }
 
@@ -381,7 +384,7 @@ fn wrk_each(
 }
 
 /// Runs `measure` for each of `columns` in turn, printing each result as it comes.
-fn each_column<T: std::fmt::Debug>(
+pub(super) fn each_column<T: std::fmt::Debug>(
     what: &str,
     lab: &Lab,
     route: Route,
@@ -414,7 +417,11 @@ fn each_column<T: std::fmt::Debug>(
 }
 
 /// `row` with a cell per measured column, made by `cell`, or the reason it is missing.
-fn fill<T>(mut row: Row, results: &[(Column, Result<T, Cell>)], cell: impl Fn(&T) -> Cell) -> Row {
+pub(super) fn fill<T>(
+    mut row: Row,
+    results: &[(Column, Result<T, Cell>)],
+    cell: impl Fn(&T) -> Cell,
+) -> Row {
     for (column, outcome) in results {
         row.set(
             *column,
@@ -427,7 +434,7 @@ fn fill<T>(mut row: Row, results: &[(Column, Result<T, Cell>)], cell: impl Fn(&T
     row
 }
 
-fn measured(value: f64, failures: u64) -> Cell {
+pub(super) fn measured(value: f64, failures: u64) -> Cell {
     Cell::Value { value, failures }
 }
 
@@ -1071,7 +1078,7 @@ fn trim_lines(text: &str) -> String {
         .collect()
 }
 
-fn thousands(n: u32) -> String {
+pub(super) fn thousands(n: u32) -> String {
     if n >= 1_000 && n.is_multiple_of(1_000) {
         format!("{},000", n / 1_000)
     } else {
