@@ -260,6 +260,8 @@ pub struct Policy {
     by_cgroup: HashMap<String, usize>,
     /// Every limited rule's counter identity (for [`Limiter::retain_for`]).
     limit_ids: HashSet<LimitId>,
+    /// Whether any file can ask an operator ([`Policy::may_ask`]), worked out once at load.
+    asks: bool,
 }
 
 impl Policy {
@@ -397,6 +399,11 @@ impl Policy {
             .filter_map(|r| r.limit.as_ref())
             .map(|k| k.id().clone())
             .collect();
+        // Asked on every request: a scan of every rule would cost a large policy per request.
+        policy.asks = policy
+            .files
+            .iter()
+            .any(|f| f.on_unknown_ask || f.rules.iter().any(|r| r.ask));
         Ok(policy)
     }
 
@@ -421,9 +428,7 @@ impl Policy {
     /// Whether any request could wait for an operator: some file says `on_unknown = "ask"` or
     /// has a rule with `approve = "ask"`. When none does, no request needs to be asked about.
     pub fn may_ask(&self) -> bool {
-        self.files
-            .iter()
-            .any(|f| f.on_unknown_ask || f.rules.iter().any(|r| r.ask))
+        self.asks
     }
 
     /// Index of the file that governs `cgroup`: the closest ancestor-or-self with a file.
