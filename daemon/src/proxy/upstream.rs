@@ -538,7 +538,10 @@ impl Upstream {
                         None
                     }
                 };
-                let connection = self.connect(&key, authority.host()).await;
+                // Boxed, here and below: connecting is most of this future's size, and a request
+                // on a pooled connection (the usual case) would otherwise carry, and copy, room
+                // for it wherever its future is moved.
+                let connection = Box::pin(self.connect(&key, authority.host())).await;
                 if let Ok(connection) = &connection {
                     let http1 = matches!(connection, Connection::Http1(_));
                     POOL.with(|p| p.borrow_mut().negotiated(&key, http1));
@@ -598,7 +601,8 @@ impl Upstream {
                         return Err(RequestError::Request(failed.into_error()));
                     };
                     debug!(error = %failed.error(), "a pooled upstream connection was gone; sending again on a new one");
-                    let Connection::Http1(fresh) = self.connect(&key, authority.host()).await?
+                    let Connection::Http1(fresh) =
+                        Box::pin(self.connect(&key, authority.host())).await?
                     else {
                         // The upstream now speaks HTTP/2 on new connections; the request is in
                         // HTTP/1.1's form. Rare enough to leave to the agent's own retry.
