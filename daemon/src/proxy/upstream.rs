@@ -221,6 +221,9 @@ struct Pool {
     /// Destinations whose last new connection negotiated HTTP/1.1: their concurrent requests
     /// each connect at once, since they cannot share a connection.
     speaks_http1: HashSet<Key>,
+    /// Destinations that answered 421 to a request on a connection made for another of the
+    /// certificate's names: they route by SNI, and get no such request again.
+    sni_routed: HashSet<SocketAddr>,
     /// Whether this thread's sweeper task runs.
     sweeping: bool,
     /// The size last added to the metrics' pool gauge (see [`Pool::report`]).
@@ -320,6 +323,9 @@ impl Pool {
         key: &Key,
         host: &ServerName<'_>,
     ) -> Option<http2::SendRequest<UpstreamBody>> {
+        if self.sni_routed.contains(&key.dst) {
+            return None;
+        }
         self.h2
             .iter_mut()
             .find(|(pooled, h2)| {
@@ -334,6 +340,9 @@ impl Pool {
     /// Takes the most recently pooled idle HTTP/1.1 connection made for another name of `key`'s
     /// destination whose certificate is valid for `host`.
     fn take_reusable(&mut self, key: &Key, host: &ServerName<'_>) -> Option<Idle> {
+        if self.sni_routed.contains(&key.dst) {
+            return None;
+        }
         let (_, idle) = self.idle.iter_mut().find(|(pooled, idle)| {
             idle.last()
                 .is_some_and(|i| pooled.reusable_for(key, i.conn.cert.as_ref(), host))
@@ -473,14 +482,44 @@ impl Upstream {
     /// request carries a credential brokerd wrote into it (over plain HTTP it then goes only to
     /// a listener that is not an agent's). Must run on a Tokio runtime; the response body gives
     /// its connection back to this thread's pool when it ends.
+    ///
+    /// A request that went out on a connection made for another host name of the same
+    /// certificate and was answered 421 (Misdirected Request: the server routes by SNI) goes
+    /// once more on a connection of its own, when it can be sent twice (see `replayable`).
     pub async fn request(
+        &self,
+        dst: SocketAddr,
+        protocols: Protocols,
+        credentialed: bool,
+        mut partition: Partition,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, RequestError> {
+        let mut other_names = true;
+        loop {
+            let sent = self
+                .request_on(dst, protocols, credentialed, partition, req, other_names)
+                .await?;
+            match sent {
+                Sent::Response(response) => return Ok(response),
+                Sent::Misdirected(again, back) => {
+                    debug!("421 on a connection made for another name; sending on its own");
+                    (req, partition, other_names) = (again, back, false);
+                }
+            }
+        }
+    }
+
+    /// [`Upstream::request`], on a connection made for another name of the same certificate
+    /// only when `other_names`.
+    async fn request_on(
         &self,
         dst: SocketAddr,
         protocols: Protocols,
         credentialed: bool,
         partition: Partition,
         mut req: Request<UpstreamBody>,
-    ) -> Result<Response<PooledBody>, RequestError> {
+        other_names: bool,
+    ) -> Result<Sent, RequestError> {
         let authority = req.uri().authority().ok_or(RequestError::NoHost)?.clone();
         let tls = req.uri().scheme() == Some(&http::uri::Scheme::HTTPS);
         let key = Key {
@@ -493,7 +532,7 @@ impl Upstream {
         };
         if let Some(mut h2) = POOL.with(|p| p.borrow_mut().h2_sender(&key)) {
             if h2.ready().await.is_ok() {
-                return send_h2(&mut h2, req).await;
+                return send_h2(&mut h2, req).await.map(Sent::Response);
             }
             POOL.with(|p| {
                 let mut pool = p.borrow_mut();
@@ -506,17 +545,25 @@ impl Upstream {
         let tls_name = tls
             .then(|| tls_server_name(authority.host()).ok())
             .flatten();
-        if let Some(name) = &tls_name
+        if other_names
+            && let Some(name) = &tls_name
             && let Some(mut h2) = POOL.with(|p| p.borrow_mut().h2_reusable(&key, name))
             && h2.ready().await.is_ok()
         {
-            return send_h2(&mut h2, req).await;
+            let again = replayable(&req);
+            let response = send_h2(&mut h2, req).await?;
+            return Ok(misdirected(response, again, key));
         }
+        let mut other_name = false;
         let idle = match take_idle(&key).await {
             Some(conn) => Some(conn),
             None => match &tls_name {
-                Some(name) => take_reusable(&key, name).await,
-                None => None,
+                Some(name) if other_names => {
+                    let conn = take_reusable(&key, name).await;
+                    other_name = conn.is_some();
+                    conn
+                }
+                _ => None,
             },
         };
         let (mut conn, reused) = match idle {
@@ -533,7 +580,7 @@ impl Upstream {
                         if let Some(mut h2) = POOL.with(|p| p.borrow_mut().h2_sender(&key))
                             && h2.ready().await.is_ok()
                         {
-                            return send_h2(&mut h2, req).await;
+                            return send_h2(&mut h2, req).await.map(Sent::Response);
                         }
                         None
                     }
@@ -573,11 +620,12 @@ impl Upstream {
                         if start_sweeper {
                             tokio::spawn(sweep());
                         }
-                        return send_h2(&mut h2, req).await;
+                        return send_h2(&mut h2, req).await.map(Sent::Response);
                     }
                 }
             }
         };
+        let again = if other_name { replayable(&req) } else { None };
         // HTTP/1.1 on the wire: origin-form target and a Host header.
         let path = req
             .uri()
@@ -623,9 +671,19 @@ impl Upstream {
         };
         // An upgraded connection (WebSocket) belongs to the upgrade, not to the pool. A
         // connection taken for another name goes back under this request's name.
+        if other_name && response.status() == http::StatusCode::MISDIRECTED_REQUEST {
+            // The connection goes with the answer (dropped unread); the request goes again.
+            return Ok(misdirected(
+                response.map(|body| PooledBody::new(body, None)),
+                again,
+                key,
+            ));
+        }
         let give_back =
             (response.status() != http::StatusCode::SWITCHING_PROTOCOLS).then_some((key, conn));
-        Ok(response.map(|body| PooledBody::new(body, give_back)))
+        Ok(Sent::Response(
+            response.map(|body| PooledBody::new(body, give_back)),
+        ))
     }
 
     /// A new connection to `key.dst`, TLS verified for `host` when `key.tls`.
@@ -699,6 +757,35 @@ impl Upstream {
                 }
             }
         }
+    }
+}
+
+/// What one attempt at a request came to.
+enum Sent {
+    Response(Response<PooledBody>),
+    /// 421 on a connection made for another host name: the request to send again, and its
+    /// partition.
+    Misdirected(Request<UpstreamBody>, Partition),
+}
+
+/// `response`, unless it is a 421 and the request can go again (`again`).
+fn misdirected(
+    response: Response<PooledBody>,
+    again: Option<Request<UpstreamBody>>,
+    key: Key,
+) -> Sent {
+    match again {
+        Some(again) if response.status() == http::StatusCode::MISDIRECTED_REQUEST => {
+            POOL.with(|p| {
+                let mut pool = p.borrow_mut();
+                if pool.sni_routed.len() >= MAX_DESTINATIONS {
+                    pool.sni_routed.clear();
+                }
+                pool.sni_routed.insert(key.dst);
+            });
+            Sent::Misdirected(again, key.partition)
+        }
+        _ => Sent::Response(response),
     }
 }
 
@@ -938,12 +1025,17 @@ mod tests {
     }
 
     async fn test_server(body_len: usize) -> TestServer {
-        test_server_named(body_len, None).await
+        test_server_named(body_len, None, false).await
     }
 
     /// [`test_server`] presenting a certificate for `name` (a wildcard, say) whatever the SNI;
-    /// without one, for the SNI alone.
-    async fn test_server_named(body_len: usize, name: Option<&'static str>) -> TestServer {
+    /// without one, for the SNI alone. `by_sni`: a request for another host than the
+    /// connection's SNI is answered 421, as a server that routes by SNI does.
+    async fn test_server_named(
+        body_len: usize,
+        name: Option<&'static str>,
+        by_sni: bool,
+    ) -> TestServer {
         let (ca, _key) = BrokerCa::generate().expect("ca");
         let mut ca_file = tempfile::NamedTempFile::new().expect("tempfile");
         std::io::Write::write_all(&mut ca_file, ca.cert_pem().as_bytes()).expect("write ca");
@@ -967,18 +1059,30 @@ mod tests {
                         tcp,
                     );
                     let Ok(start) = acceptor.await else { return };
-                    let name = name
-                        .or(start.client_hello().server_name())
-                        .unwrap_or("unnamed")
-                        .to_owned();
+                    let sni = start.client_hello().server_name().map(str::to_owned);
+                    let name = name.or(sni.as_deref()).unwrap_or("unnamed").to_owned();
                     let config = minter.server_config(&LeafName::Dns(name)).expect("leaf");
                     let Ok(tls) = start.into_stream(config).await else {
                         return;
                     };
-                    let service = hyper::service::service_fn(move |_req| async move {
-                        let body = http_body_util::Full::new(Bytes::from(vec![b'x'; body_len]));
-                        Ok::<_, std::convert::Infallible>(Response::new(body))
-                    });
+                    let service =
+                        hyper::service::service_fn(move |req: Request<Incoming>| {
+                            let host = req
+                                .uri()
+                                .host()
+                                .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+                                .map(|h| h.split(':').next().unwrap_or(h).to_owned());
+                            let misdirected = by_sni && host != sni;
+                            async move {
+                                let mut response = Response::new(http_body_util::Full::new(
+                                    Bytes::from(vec![b'x'; body_len]),
+                                ));
+                                if misdirected {
+                                    *response.status_mut() = http::StatusCode::MISDIRECTED_REQUEST;
+                                }
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), service)
                         .await;
@@ -1050,7 +1154,7 @@ mod tests {
     #[test]
     fn a_connection_is_reused_for_another_name_only_when_its_certificate_names_it() {
         runtime().block_on(async {
-            let server = test_server_named(1024, Some("*.shared.test")).await;
+            let server = test_server_named(1024, Some("*.shared.test"), false).await;
             let upstream = Upstream::new(&[server.ca_file.path().into()]).expect("upstream");
             let count = || server.connections.load(Ordering::SeqCst);
             for protocols in [Protocols::Http1Only, Protocols::Any] {
@@ -1081,6 +1185,43 @@ mod tests {
                     .expect("response");
                 drop(response.into_body().collect().await.expect("body"));
                 assert_eq!(count() - before, 3);
+            }
+        });
+    }
+
+    #[test]
+    fn a_421_on_a_connection_made_for_another_name_sends_the_request_on_its_own() {
+        runtime().block_on(async {
+            // A server each: what one learns about its destination must not hide the other.
+            for protocols in [Protocols::Http1Only, Protocols::Any] {
+                let server = test_server_named(1024, Some("*.shared.test"), true).await;
+                let upstream = Upstream::new(&[server.ca_file.path().into()]).expect("upstream");
+                let count = || server.connections.load(Ordering::SeqCst);
+                let before = count();
+                assert_eq!(
+                    fetch(&upstream, &server, "a.shared.test", protocols).await,
+                    1024
+                );
+                // Tried on a.shared.test's connection, answered 421, sent again on its own.
+                assert_eq!(
+                    fetch(&upstream, &server, "b.shared.test", protocols).await,
+                    1024
+                );
+                assert_eq!(count() - before, 2, "{protocols:?}");
+                // The destination routes by SNI: no name shares a connection with another
+                // there again. (The HTTP/1.1 connection that got the 421 went with it.)
+                for host in ["b.shared.test", "a.shared.test", "c.shared.test"] {
+                    assert_eq!(fetch(&upstream, &server, host, protocols).await, 1024);
+                }
+                let made = count() - before;
+                for host in ["a.shared.test", "b.shared.test", "c.shared.test"] {
+                    assert_eq!(fetch(&upstream, &server, host, protocols).await, 1024);
+                }
+                assert_eq!(
+                    count() - before,
+                    made,
+                    "{protocols:?}: each name's own, pooled"
+                );
             }
         });
     }
