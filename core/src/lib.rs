@@ -20,6 +20,7 @@ pub mod fmt;
 pub mod fs;
 pub mod handle;
 pub mod inject;
+pub mod net;
 pub mod percent;
 pub mod policy;
 pub mod secret;

@@ -80,6 +80,7 @@ use agent_broker_core::{
 mod link_update;
 mod names;
 pub mod netns;
+pub mod original_dst;
 pub mod sock_diag;
 mod unix_hooks;
 use unix_hooks::{UNIX_HOOKS, UnixPrograms};
@@ -159,6 +160,11 @@ pub enum CaptureError {
     Detach { path: CgroupPath, message: String },
     #[error("the capture thread has stopped")]
     Stopped,
+    #[error(
+        "this brokerd runs --unprivileged: it loads no eBPF programs, so it cannot tag \
+         cgroups; start agents with `brokerctl run --unprivileged --as NAME -- CMD`"
+    )]
+    Unprivileged,
     #[error(
         "--require-lsm: the BPF LSM program cannot be used on this host: {0} (BPF LSM needs \
          `bpf` in the kernel's lsm= list and a kernel that lets LSM programs load)"
@@ -254,9 +260,23 @@ pub struct ConnectionOrigin {
     pub exe: Option<String>,
     /// The destination the agent asked for.
     pub original_dst: SocketAddr,
+    /// From an unprivileged sandbox ([`crate::sandbox`]): brokerd dials for it with the user's
+    /// own network reach, so a destination that is not a public address must be proven to
+    /// be the name a rule matched ([`ConnectionOrigin::needs_proven_address`]).
+    pub sandboxed: bool,
 }
 
 impl ConnectionOrigin {
+    /// Whether a rule that matches this connection by name lets it through only once the
+    /// address it dialed is proven to be the name's (brokerd's DNS answer to the agent, or
+    /// brokerd's own lookup), even where a verified certificate proves the name: an
+    /// unprivileged sandbox's connection to an address that is not public (loopback, private,
+    /// link-local such as cloud metadata, unique-local, carrier-grade NAT, multicast). An `ip`
+    /// rule naming the address needs no proof.
+    pub fn needs_proven_address(&self) -> bool {
+        self.sandboxed && !agent_broker_core::net::is_public(self.original_dst.ip())
+    }
+
     /// The origin with its process's executable, read from /proc now. Done only for what an
     /// agent's share admits (a readlink per refused connection would let a flood spend
     /// brokerd's time on lookups). A short-lived process may be gone already; the record keeps
@@ -313,8 +333,10 @@ pub enum ListenerOwner {
 
 /// Resolves accepted connections to their origin. Shared by all accept tasks.
 pub struct OriginResolver {
-    by_peer: Mutex<BpfHashMap<MapData, PeerKey, Redirect>>,
-    dns_by_peer: Mutex<BpfHashMap<MapData, PeerKey, Origin>>,
+    /// The programs' redirect and DNS records; none in the unprivileged mode
+    /// ([`start_unprivileged`]), where no connection has one.
+    by_peer: Option<Mutex<BpfHashMap<MapData, PeerKey, Redirect>>>,
+    dns_by_peer: Option<Mutex<BpfHashMap<MapData, PeerKey, Origin>>>,
     root: CgroupRoot,
     tags: watch::Receiver<TagSet>,
     paths: Mutex<HashMap<CgroupId, CgroupPath>>,
@@ -382,6 +404,8 @@ impl OriginResolver {
         let origin = {
             let map = self
                 .dns_by_peer
+                .as_ref()
+                .ok_or(ResolveError::NoRecord(peer))?
                 .lock()
                 .map_err(|_| ResolveError::Map("resolver lock poisoned".into()))?;
             match map.get(&peer_key(netns_cookie, peer), 0) {
@@ -405,6 +429,8 @@ impl OriginResolver {
         let read = || -> Result<Redirect, ResolveError> {
             let map = self
                 .by_peer
+                .as_ref()
+                .ok_or(ResolveError::NoRecord(peer))?
                 .lock()
                 .map_err(|_| ResolveError::Map("resolver lock poisoned".into()))?;
             match map.get(&key, 0) {
@@ -417,6 +443,8 @@ impl OriginResolver {
         check_far_end(peer, record.cookie, far_end_cookie()?)?;
         let mut map = self
             .by_peer
+            .as_ref()
+            .ok_or(ResolveError::NoRecord(peer))?
             .lock()
             .map_err(|_| ResolveError::Map("resolver lock poisoned".into()))?;
         // Consume it only if it is still that socket's. A failed delete leaves a record that
@@ -451,6 +479,7 @@ impl OriginResolver {
             // ([`ConnectionOrigin::with_exe`]): a flood past it costs no /proc lookup.
             exe: None,
             original_dst: original_dst(&origin),
+            sandboxed: false,
         })
     }
 
@@ -488,7 +517,7 @@ impl OriginResolver {
     /// workload's that is no longer served). Returns how many went.
     pub fn forget_netns(&self, netns_cookie: u64) -> usize {
         let mut removed = 0;
-        if let Ok(mut map) = self.by_peer.lock() {
+        if let Some(Ok(mut map)) = self.by_peer.as_ref().map(Mutex::lock) {
             let keys: Vec<PeerKey> = map
                 .keys()
                 .filter_map(Result::ok)
@@ -496,7 +525,7 @@ impl OriginResolver {
                 .collect();
             removed += keys.iter().filter(|k| map.remove(k).is_ok()).count();
         }
-        if let Ok(mut map) = self.dns_by_peer.lock() {
+        if let Some(Ok(mut map)) = self.dns_by_peer.as_ref().map(Mutex::lock) {
             let keys: Vec<PeerKey> = map
                 .keys()
                 .filter_map(Result::ok)
@@ -510,8 +539,10 @@ impl OriginResolver {
     /// Deletes the redirect records of the namespace `ns` whose socket is gone (see
     /// [`prune_stale_records`]), through a sock_diag socket of that namespace.
     pub fn prune_netns(&self, ns: &netns::NetnsCtx) -> Result<usize, String> {
-        let mut map = self
-            .by_peer
+        let Some(map) = &self.by_peer else {
+            return Ok(0);
+        };
+        let mut map = map
             .lock()
             .map_err(|_| "resolver lock poisoned".to_string())?;
         prune_stale_records(&mut map, ns.cookie, || {
@@ -650,7 +681,8 @@ fn original_dst(origin: &Origin) -> SocketAddr {
 /// connects are redirected. brokerd's own entry is written at start; workloads' entries are
 /// inserted once their listeners are open and served, and deleted first when they are released.
 pub struct NetnsMap {
-    map: Mutex<BpfHashMap<MapData, u64, NetnsListener>>,
+    /// None in the unprivileged mode, which serves no namespace through the programs.
+    map: Option<Mutex<BpfHashMap<MapData, u64, NetnsListener>>>,
     host: NetnsListener,
     host_cookie: u64,
 }
@@ -662,6 +694,8 @@ impl NetnsMap {
     pub fn insert(&self, cookie: u64, v6: bool, tag: CgroupId) -> Result<(), String> {
         let value = workload_listener(&self.host, v6, tag);
         self.map
+            .as_ref()
+            .ok_or_else(|| CaptureError::Unprivileged.to_string())?
             .lock()
             .map_err(|_| "NETNS_LISTENERS lock poisoned".to_string())?
             .insert(cookie, value, 0)
@@ -673,8 +707,10 @@ impl NetnsMap {
         if cookie == self.host_cookie {
             return Err("refusing to delete brokerd's own namespace's entry".into());
         }
-        let mut map = self
-            .map
+        let Some(map) = &self.map else {
+            return Ok(());
+        };
+        let mut map = map
             .lock()
             .map_err(|_| "NETNS_LISTENERS lock poisoned".to_string())?;
         if map.get(&cookie, 0).is_err() {
@@ -685,10 +721,13 @@ impl NetnsMap {
 
     /// Every served namespace's cookie, brokerd's own included.
     pub fn cookies(&self) -> Vec<u64> {
-        self.map
-            .lock()
-            .map(|m| m.keys().filter_map(Result::ok).collect())
-            .unwrap_or_default()
+        match &self.map {
+            Some(map) => map
+                .lock()
+                .map(|m| m.keys().filter_map(Result::ok).collect())
+                .unwrap_or_default(),
+            None => vec![self.host_cookie],
+        }
     }
 
     /// brokerd's own namespace's cookie.
@@ -876,10 +915,10 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
     let host_listener = write_config(&mut ebpf, &config, netns_cookie)?;
     let netns_map = take_map(&mut ebpf, common::maps::NETNS_LISTENERS)?;
     let netns_map = Arc::new(NetnsMap {
-        map: Mutex::new(
+        map: Some(Mutex::new(
             BpfHashMap::try_from(netns_map)
                 .map_err(|e| map_error(common::maps::NETNS_LISTENERS, e))?,
-        ),
+        )),
         host: host_listener,
         host_cookie: netns_cookie,
     });
@@ -934,8 +973,8 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
     owner.adopt_pinned_links();
 
     let resolver = Arc::new(OriginResolver {
-        by_peer: Mutex::new(by_peer),
-        dns_by_peer: Mutex::new(dns_by_peer),
+        by_peer: Some(Mutex::new(by_peer)),
+        dns_by_peer: Some(Mutex::new(dns_by_peer)),
         root: config.root,
         tags: tags_rx,
         paths: Mutex::new(HashMap::new()),
@@ -955,6 +994,62 @@ pub fn start(config: CaptureConfig) -> Result<Capture, CaptureError> {
         logger,
         lsm,
         netns_map,
+        _owner: owner,
+    })
+}
+
+/// The capture layer of the unprivileged mode (`brokerd --unprivileged`, issue 19): no eBPF
+/// program is loaded and no cgroup can be tagged (attach and detach answer
+/// [`CaptureError::Unprivileged`], status lists nothing). Agents reach brokerd through the
+/// listeners `brokerctl run --unprivileged` opens in their own network namespaces
+/// ([`crate::sandbox`]), whose connections carry their destination (`SO_ORIGINAL_DST`) and
+/// need no redirect record; every other connection has none and is refused.
+pub fn start_unprivileged(root: CgroupRoot) -> Result<Capture, CaptureError> {
+    let host_cookie = own_netns_cookie().map_err(|e| CaptureError::Map {
+        name: "SO_NETNS_COOKIE",
+        message: e.to_string(),
+    })?;
+    let (_tags_tx, tags_rx) = watch::channel(TagSet::default());
+    let resolver = Arc::new(OriginResolver {
+        by_peer: None,
+        dns_by_peer: None,
+        root,
+        tags: tags_rx,
+        paths: Mutex::new(HashMap::new()),
+        pods: Mutex::new(std::collections::BTreeMap::new()),
+    });
+    let (tx, mut rx) = mpsc::channel::<Command>(64);
+    let owner = std::thread::Builder::new()
+        .name("capture".into())
+        .spawn(move || {
+            while let Some(command) = rx.blocking_recv() {
+                match command {
+                    Command::Attach { reply, .. } => {
+                        let _ = reply.send(Err(CaptureError::Unprivileged));
+                    }
+                    Command::Detach { reply, .. } => {
+                        let _ = reply.send(Err(CaptureError::Unprivileged));
+                    }
+                    Command::Status { reply } => {
+                        let _ = reply.send((Vec::new(), Counters::default()));
+                    }
+                }
+            }
+        })
+        .map_err(|e| CaptureError::Program {
+            name: "capture thread",
+            message: e.to_string(),
+        })?;
+    Ok(Capture {
+        handle: CaptureHandle { tx },
+        resolver,
+        logger: None,
+        lsm: "not loaded: brokerd runs --unprivileged (no eBPF)".into(),
+        netns_map: Arc::new(NetnsMap {
+            map: None,
+            host: NetnsListener::default(),
+            host_cookie,
+        }),
         _owner: owner,
     })
 }

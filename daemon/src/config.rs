@@ -152,6 +152,16 @@ pub struct Settings {
     #[arg(long)]
     #[serde(default)]
     pub require_lsm: bool,
+    /// Run without root and without eBPF (issue 19): tag no cgroups, and serve only the agents
+    /// `brokerctl run --unprivileged --as NAME` starts in sandboxes of their own, whose
+    /// listeners it hands over on <run-dir>/sandbox.sock. The directories then default to the
+    /// user's: state $XDG_STATE_HOME/agent-broker (~/.local/state/agent-broker), run
+    /// $XDG_RUNTIME_DIR/agent-broker (/tmp/agent-broker-UID), policy
+    /// $XDG_CONFIG_HOME/agent-broker/policies (~/.config/agent-broker/policies); the host
+    /// listeners and DNS port default to free ports, as no redirect needs fixed ones.
+    #[arg(long)]
+    #[serde(default)]
+    pub unprivileged: bool,
     /// After each request a proxy thread keeps polling its sockets for this long (µs) before
     /// it sleeps, so the upstream's answer and the agent's next request do not wait for a
     /// wake-up; 0 turns it off, at most 1000 [default: 100].
@@ -241,6 +251,8 @@ pub struct Config {
     pub dns_upstream: Vec<SocketAddr>,
     /// Refuse to start unless the BPF LSM programs load.
     pub require_lsm: bool,
+    /// The unprivileged capture mode: no eBPF, sandboxes only (see [`Settings::unprivileged`]).
+    pub unprivileged: bool,
     /// How long a proxy thread busy-polls after a request before sleeping (see `proxy::spin`).
     pub spin: std::time::Duration,
     /// Where labelled pods are listed from, if anywhere.
@@ -280,14 +292,55 @@ impl PodSourceConfig {
     }
 }
 
+/// The directories brokerd uses when none is given.
+#[derive(Debug, PartialEq, Eq)]
+struct Defaults {
+    state: PathBuf,
+    run: PathBuf,
+    policy: PathBuf,
+}
+
+impl Defaults {
+    /// Root's: /var/lib, /run, /etc.
+    fn system() -> Self {
+        Self {
+            state: DEFAULT_STATE_DIR.into(),
+            run: DEFAULT_RUN_DIR.into(),
+            policy: DEFAULT_POLICY_DIR.into(),
+        }
+    }
+
+    /// A user's (the unprivileged mode), from the XDG base directories and `HOME` as `env`
+    /// gives them: relative or empty values are ignored, as the XDG specification says.
+    fn user(euid: u32, env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Self {
+        let absolute = |k: &str| env(k).map(PathBuf::from).filter(|p| p.is_absolute());
+        let home = absolute("HOME").unwrap_or_else(|| PathBuf::from("/"));
+        let base = |k: &str, fallback: &str| absolute(k).unwrap_or_else(|| home.join(fallback));
+        Self {
+            state: base("XDG_STATE_HOME", ".local/state").join("agent-broker"),
+            run: agent_broker_protocol::sandbox::default_run_dir(
+                euid,
+                absolute("XDG_RUNTIME_DIR").as_deref().map(Path::as_os_str),
+            ),
+            policy: base("XDG_CONFIG_HOME", ".config").join("agent-broker/policies"),
+        }
+    }
+}
+
 impl Config {
     /// Layers CLI over file over defaults and validates the result.
     /// A list given on the command line replaces the file's, except `upstream_ca`, which adds
     /// to it; a flag switched on on either side is on.
     pub fn layer(cli: Settings, file: Settings) -> Result<Self, ConfigError> {
         let approvals = approval_config(&cli, &file)?;
-        let dir = |name, cli: Option<PathBuf>, file: Option<PathBuf>, default: &str| {
-            let p = cli.or(file).unwrap_or_else(|| PathBuf::from(default));
+        let unprivileged = cli.unprivileged || file.unprivileged;
+        let defaults = if unprivileged {
+            Defaults::user(nix::unistd::geteuid().as_raw(), &|k| std::env::var_os(k))
+        } else {
+            Defaults::system()
+        };
+        let dir = |name, cli: Option<PathBuf>, file: Option<PathBuf>, default: &Path| {
+            let p = cli.or(file).unwrap_or_else(|| default.to_path_buf());
             if p.is_absolute() {
                 Ok(p)
             } else {
@@ -298,6 +351,8 @@ impl Config {
             cli.listen
         } else if !file.listen.is_empty() {
             file.listen
+        } else if unprivileged {
+            vec![SocketAddr::from(([127, 0, 0, 1], 0))]
         } else {
             DEFAULT_LISTEN
                 .iter()
@@ -309,16 +364,21 @@ impl Config {
                 "--state-dir",
                 cli.state_dir,
                 file.state_dir,
-                DEFAULT_STATE_DIR,
+                &defaults.state,
             )?,
-            run_dir: dir("--run-dir", cli.run_dir, file.run_dir, DEFAULT_RUN_DIR)?,
+            run_dir: dir("--run-dir", cli.run_dir, file.run_dir, &defaults.run)?,
             policy_dir: dir(
                 "--policy-dir",
                 cli.policy_dir,
                 file.policy_dir,
-                DEFAULT_POLICY_DIR,
+                &defaults.policy,
             )?,
-            pin_dir: dir("--pin-dir", cli.pin_dir, file.pin_dir, DEFAULT_PIN_DIR)?,
+            pin_dir: dir(
+                "--pin-dir",
+                cli.pin_dir,
+                file.pin_dir,
+                Path::new(DEFAULT_PIN_DIR),
+            )?,
             listen,
             upstream_ca: file
                 .upstream_ca
@@ -337,13 +397,18 @@ impl Config {
                     }),
                 max_records: cli.audit_max_records.or(file.audit_max_records),
             },
-            dns_port: cli.dns_port.or(file.dns_port).unwrap_or(DEFAULT_DNS_PORT),
+            dns_port: cli.dns_port.or(file.dns_port).unwrap_or(if unprivileged {
+                0
+            } else {
+                DEFAULT_DNS_PORT
+            }),
             dns_upstream: if cli.dns_upstream.is_empty() {
                 file.dns_upstream
             } else {
                 cli.dns_upstream
             },
             require_lsm: cli.require_lsm || file.require_lsm,
+            unprivileged,
             spin: match cli.spin_us.or(file.spin_us) {
                 None => crate::proxy::spin::DEFAULT_WINDOW,
                 Some(got) if got > MAX_SPIN_US => {

@@ -90,6 +90,10 @@ pub struct ControlState {
     pub shares: Arc<crate::shares::ShareBook>,
     /// Workload network namespaces served (containers).
     pub workloads: Arc<crate::workloads::Workloads>,
+    /// Unprivileged sandboxes (`brokerctl run --unprivileged`).
+    pub sandboxes: Arc<crate::sandbox::Sandboxes>,
+    /// brokerd runs `--unprivileged`: control clients must be in its own user namespace too.
+    pub unprivileged: bool,
     /// Credentials that are not static values (OAuth, exec, file).
     pub credentials: Arc<crate::credentials::Credentials>,
     /// Requests waiting for an operator's approval.
@@ -226,6 +230,14 @@ fn check_peer(stream: &UnixStream, state: &ControlState) -> Option<Response> {
             "peer process id unknown".into(),
         ));
     };
+    // Unprivileged, brokerd's agents run as its own uid: a sandbox's process (in a nested user
+    // namespace) that reached this socket despite the mount namespace masking it is refused.
+    if state.unprivileged && !crate::sandbox::same_user_namespace(pid) {
+        return Some(error(
+            ErrorKind::Forbidden,
+            format!("process {pid} runs in another user namespace than brokerd (a sandbox's?)"),
+        ));
+    }
     let caller = match state.root.cgroup_of(pid) {
         Ok(Some(cg)) => cg,
         // Outside what our cgroup2 mount shows: not below any tag either.

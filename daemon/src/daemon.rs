@@ -43,8 +43,11 @@ const CA_CERT_FILE: &str = "ca.pem";
 
 /// Runs brokerd until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("brokerd must run as root: it loads eBPF programs and manages cgroups");
+    if !config.unprivileged && !nix::unistd::geteuid().is_root() {
+        bail!(
+            "brokerd must run as root: it loads eBPF programs and manages cgroups (or start it \
+             with --unprivileged, and its agents with `brokerctl run --unprivileged`)"
+        );
     }
     crate::control::remember_host_namespaces();
     crate::metrics::runtime::register(tokio::runtime::Handle::current());
@@ -54,7 +57,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         tracing::warn!(%hardening, "brokerd hardening incomplete");
     }
-    let root = CgroupRoot::discover()?;
+    let root = match CgroupRoot::discover() {
+        Ok(root) => root,
+        // The unprivileged mode tags no cgroup: a host without cgroup2 only loses the check
+        // that control clients are not inside a tagged one (there are none).
+        Err(e) if config.unprivileged => {
+            tracing::warn!(error = %e, "no cgroup2 hierarchy; serving sandboxes only");
+            CgroupRoot::at("/sys/fs/cgroup")
+        }
+        Err(e) => return Err(e.into()),
+    };
     info!(mount = %root.mount().display(), "cgroup2 hierarchy");
 
     // Everything that can be refused for bad input (key, vault, policy, CA files) is checked
@@ -162,15 +174,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
-    let capture = capture::start(CaptureConfig {
-        root: root.clone(),
-        pin_dir: config.pin_dir.clone(),
-        listen_v4,
-        listen_v6,
-        dns_port,
-        require_lsm: config.require_lsm,
-    })
-    .context("starting the kernel capture path")?;
+    let capture = if config.unprivileged {
+        capture::start_unprivileged(root.clone()).context("starting the unprivileged mode")?
+    } else {
+        capture::start(CaptureConfig {
+            root: root.clone(),
+            pin_dir: config.pin_dir.clone(),
+            listen_v4,
+            listen_v6,
+            dns_port,
+            require_lsm: config.require_lsm,
+        })
+        .context("starting the kernel capture path")?
+    };
+    let (sandbox_listener, sandbox_path) = crate::sandbox::bind(&config.run_dir)?;
     let authorizer = PolicyAuthorizer::new(policy.subscribe(), vault.clone())
         .with_answered_names(answered)
         .with_credentials(credentials.clone())
@@ -245,6 +262,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cancel: cancel.clone(),
     });
     workloads.restore(capture.resolver.tags()).await;
+    // Unprivileged sandboxes' listeners too (`brokerctl run --unprivileged`).
+    let sandboxes = crate::sandbox::Sandboxes::new(
+        Arc::downgrade(&dispatch),
+        dns.clone(),
+        events.clone(),
+        capture.netns_map.host_cookie(),
+        proxy.minter.ca().cert_pem().to_string(),
+    );
+    tracker.spawn(sandboxes.clone().serve(sandbox_listener, cancel.clone()));
     // The accept loops hold the only strong handles now: when they stop, the proxy threads do
     // too.
     drop(dispatch);
@@ -296,6 +322,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         events: events.clone(),
         shares: share_book,
         workloads,
+        sandboxes,
+        unprivileged: config.unprivileged,
         credentials,
         approvals: approvals.clone(),
         metrics: exporter,
@@ -346,7 +374,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!(
         listen = ?addrs,
         control = %control_path.display(),
+        sandboxes = %sandbox_path.display(),
         pin_dir = %config.pin_dir.display(),
+        unprivileged = config.unprivileged,
         "brokerd ready"
     );
 
@@ -375,6 +405,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "audit log flush task failed"),
     }
     let _ = std::fs::remove_file(&control_path);
+    let _ = std::fs::remove_file(&sandbox_path);
     Ok(())
 }
 

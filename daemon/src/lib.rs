@@ -32,6 +32,7 @@ mod metrics;
 mod pods;
 mod policy_store;
 mod proxy;
+mod sandbox;
 mod shares;
 mod store;
 mod vault;

@@ -86,14 +86,14 @@ mod tests {
             pid: 42,
             sockets: vec![SandboxSocket::Tcp, SandboxSocket::Tcp, SandboxSocket::Dns],
         };
-        let line = serde_json::to_string(&hello).unwrap();
+        let line = serde_json::to_string(&hello).expect("json");
         assert_eq!(
             line,
             r#"{"name":"agents/foo","pid":42,"sockets":["tcp","tcp","dns"]}"#
         );
-        assert_eq!(serde_json::from_str::<SandboxHello>(&line).unwrap(), hello);
+        assert_eq!(serde_json::from_str::<SandboxHello>(&line).expect("json"), hello);
         let refused: SandboxReply =
-            serde_json::from_str(r#"{"reply":"refused","message":"no"}"#).unwrap();
+            serde_json::from_str(r#"{"reply":"refused","message":"no"}"#).expect("json");
         assert_eq!(
             refused,
             SandboxReply::Refused {

@@ -36,6 +36,7 @@ fn origin(cgroup: &str) -> ConnectionOrigin {
         comm: "agent".into(),
         exe: Some("/usr/bin/agent".into()),
         original_dst: "127.0.0.9:443".parse().expect("addr"),
+        sandboxed: false,
     }
 }
 

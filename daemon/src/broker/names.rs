@@ -117,6 +117,7 @@ mod tests {
             cgroup_path: None,
             pod: None,
             original_dst: dst.parse().expect("addr"),
+            sandboxed: false,
         }
     }
 

@@ -153,7 +153,10 @@ pub(super) fn decide<'p>(
             limit_keys,
             may_write_secrets: facts.tls || plain_http,
             idle_timeout,
-            bind_name: (!facts.tls && by_name).then(|| NameBinding::matched_by_name(facts.host)),
+            // A name matched over plain HTTP is the agent's word alone; an unprivileged
+            // sandbox's non-public destination needs the name proven even over TLS.
+            bind_name: ((!facts.tls || facts.origin.needs_proven_address()) && by_name)
+                .then(|| NameBinding::matched_by_name(facts.host)),
             credential_name: (facts.tls && by_name && !any_address)
                 .then(|| NameBinding::credential(facts.host)),
         },
@@ -219,6 +222,7 @@ mod tests {
             cgroup_path: None,
             pod: None,
             original_dst: dst.parse().expect("addr"),
+            sandboxed: false,
         }
     }
 

@@ -268,12 +268,19 @@ pub struct NetnsCtx {
     /// A sock_diag socket made in a workload's namespace; `None` for brokerd's own, whose
     /// lookups use each thread's own socket (the fast path).
     diag: Option<Mutex<Diag>>,
+    /// An unprivileged sandbox's namespace: whose its connections are, with no redirect record
+    /// to look up (see [`super::original_dst`]).
+    sandbox: Option<super::original_dst::SandboxAgent>,
 }
 
 impl NetnsCtx {
     /// brokerd's own namespace.
     pub fn host(cookie: u64) -> Self {
-        Self { cookie, diag: None }
+        Self {
+            cookie,
+            diag: None,
+            sandbox: None,
+        }
     }
 
     /// A workload's namespace, with a sock_diag socket made there.
@@ -281,7 +288,22 @@ impl NetnsCtx {
         Self {
             cookie,
             diag: Some(Mutex::new(diag)),
+            sandbox: None,
         }
+    }
+
+    /// An unprivileged sandbox's namespace, all of whose connections are `agent`'s.
+    pub fn sandbox(cookie: u64, agent: super::original_dst::SandboxAgent) -> Self {
+        Self {
+            cookie,
+            diag: None,
+            sandbox: Some(agent),
+        }
+    }
+
+    /// The sandbox's agent, for an unprivileged sandbox's namespace.
+    pub fn sandbox_agent(&self) -> Option<&super::original_dst::SandboxAgent> {
+        self.sandbox.as_ref()
     }
 
     /// Whether this is a workload's namespace (not brokerd's own).

@@ -58,7 +58,11 @@ pub async fn status(state: &ControlState) -> Response {
                 shares: state.shares.usage(),
                 open_connections: state.shares.open_connections().0 as u64,
                 max_connections: state.shares.open_connections().1 as u64,
-                workloads: state.workloads.status(),
+                workloads: {
+                    let mut w = state.workloads.status();
+                    w.extend(state.sandboxes.status());
+                    w
+                },
                 audit_error: state.audit.failing(),
                 audit_dropped: state.audit.dropped(),
                 runtime: state.metrics.runtime(),

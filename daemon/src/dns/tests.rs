@@ -159,6 +159,7 @@ fn world_with(policy: &str, upstreams: Vec<SocketAddr>) -> World {
             cgroup_path: None,
             pod: None,
             original_dst: "8.8.8.8:53".parse().expect("addr"),
+            sandboxed: false,
         },
         _policy: tx,
     }

@@ -183,9 +183,12 @@ pub async fn run_worker(mut rx: mpsc::UnboundedReceiver<Accepted>, shared: Arc<S
 async fn serve_connection(agent: TcpStream, peer: SocketAddr, ns: &NetnsCtx, shared: &Shared) {
     let (resolver, recent, listeners) = (&shared.resolver, &shared.recent, &shared.listeners);
     let time_ms = now_unix_ms();
-    let resolved = match agent.local_addr() {
-        Ok(local) => resolver.resolve(ns, peer, local),
-        Err(e) => Err(crate::capture::ResolveError::Diag {
+    let resolved = match (ns.sandbox_agent(), agent.local_addr()) {
+        // An unprivileged sandbox's: the agent is the sandbox's, the destination the one its
+        // namespace's redirect rule recorded.
+        (Some(sandbox), _) => sandbox.origin_of(&agent),
+        (None, Ok(local)) => resolver.resolve(ns, peer, local),
+        (None, Err(e)) => Err(crate::capture::ResolveError::Diag {
             peer,
             message: format!("the accepted socket has no local address: {e}"),
         }),
@@ -215,7 +218,10 @@ async fn serve_connection(agent: TcpStream, peer: SocketAddr, ns: &NetnsCtx, sha
             return; // dropping `agent` closes it
         }
     };
-    if is_broker_itself(origin.original_dst, listeners) {
+    let own_listeners = ns
+        .sandbox_agent()
+        .map_or(&listeners[..], |s| &s.listeners[..]);
+    if is_broker_itself(origin.original_dst, own_listeners) {
         let reason = "the agent dialed brokerd's own listener";
         log_connection(&origin, ns, peer, "refused", Some(reason));
         recent.push(record(

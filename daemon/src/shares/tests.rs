@@ -45,6 +45,7 @@ fn agent(name: &str, id: u64) -> ConnectionOrigin {
         cgroup_path: None,
         pod: None,
         original_dst: "127.0.0.1:443".parse().expect("addr"),
+        sandboxed: false,
     }
 }
 

@@ -725,6 +725,7 @@ pub(super) fn test_origin(original_dst: SocketAddr) -> ConnectionOrigin {
         cgroup_path: None,
         pod: None,
         original_dst,
+        sandboxed: false,
     }
 }
 
