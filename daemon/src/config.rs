@@ -512,6 +512,61 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// `--unprivileged` without directories: the user's own, from the XDG base directories
+    /// (absolute values only) and HOME; root keeps the system's.
+    #[test]
+    fn an_unprivileged_brokerd_defaults_to_the_users_directories() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        let user = Defaults::user(
+            1000,
+            &env(&[("HOME", "/home/u"), ("XDG_RUNTIME_DIR", "/run/user/1000")]),
+        );
+        assert_eq!(
+            user,
+            Defaults {
+                state: "/home/u/.local/state/agent-broker".into(),
+                run: "/run/user/1000/agent-broker".into(),
+                policy: "/home/u/.config/agent-broker/policies".into(),
+            }
+        );
+        let xdg = Defaults::user(
+            1000,
+            &env(&[
+                ("HOME", "/home/u"),
+                ("XDG_STATE_HOME", "/s"),
+                ("XDG_CONFIG_HOME", "relative/ignored"),
+            ]),
+        );
+        assert_eq!(xdg.state, PathBuf::from("/s/agent-broker"));
+        assert_eq!(xdg.run, PathBuf::from("/tmp/agent-broker-1000"));
+        assert_eq!(
+            xdg.policy,
+            PathBuf::from("/home/u/.config/agent-broker/policies")
+        );
+        assert_eq!(
+            Defaults::user(0, &env(&[])).run,
+            PathBuf::from(DEFAULT_RUN_DIR)
+        );
+        // The mode itself: the user's listeners default to free ports.
+        let c = Config::layer(
+            Settings {
+                unprivileged: true,
+                ..Settings::default()
+            },
+            Settings::default(),
+        )
+        .expect("config");
+        assert!(c.unprivileged);
+        assert_eq!(c.listen, vec![SocketAddr::from(([127, 0, 0, 1], 0))]);
+        assert_eq!(c.dns_port, 0);
+    }
+
     #[test]
     fn defaults_are_embedded() {
         let c = Config::layer(Settings::default(), Settings::default()).expect("defaults");

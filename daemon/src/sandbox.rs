@@ -230,76 +230,33 @@ impl Sandboxes {
         cancel: &CancellationToken,
     ) -> Result<(u64, CgroupPath), HelloError> {
         check_peer(stream)?;
-        let (hello, fds) = tokio::time::timeout(HELLO_TIMEOUT, receive_hello(stream))
+        let checked = tokio::time::timeout(HELLO_TIMEOUT, read_hello(stream, self.host_cookie))
             .await
             .map_err(|_| HelloError::Timeout(HELLO_TIMEOUT))??;
-        let name = CgroupPath::parse(&hello.name).map_err(|e| HelloError::Name {
-            name: hello.name.clone(),
-            message: e.to_string(),
-        })?;
-        if fds.len() != hello.sockets.len() {
-            return Err(HelloError::Count {
-                listed: hello.sockets.len(),
-                attached: fds.len(),
-            });
-        }
-        if !hello.sockets.contains(&SandboxSocket::Tcp) {
-            return Err(HelloError::NoListener);
-        }
-        let mut cookie = None;
-        let mut tcp = Vec::new();
-        let mut udp = Vec::new();
-        for (index, (kind, fd)) in hello.sockets.iter().zip(fds).enumerate() {
-            let bad = |message: String| HelloError::Socket {
-                index,
-                kind: *kind,
-                message,
-            };
-            let this = netns::socket_netns_cookie(&fd).map_err(|e| bad(e.to_string()))?;
-            match cookie {
-                None => cookie = Some(this),
-                Some(c) if c != this => return Err(HelloError::MixedNamespaces),
-                Some(_) => {}
-            }
-            check_kind(&fd, *kind).map_err(bad)?;
-            match kind {
-                SandboxSocket::Tcp => {
-                    let l = std::net::TcpListener::from(fd);
-                    l.set_nonblocking(true).map_err(|e| bad(e.to_string()))?;
-                    tcp.push(l);
-                }
-                SandboxSocket::Dns => {
-                    let s = std::net::UdpSocket::from(fd);
-                    s.set_nonblocking(true).map_err(|e| bad(e.to_string()))?;
-                    udp.push(s);
-                }
-            }
-        }
-        let cookie = cookie.ok_or(HelloError::NoListener)?;
-        if cookie == self.host_cookie {
-            return Err(HelloError::HostNamespace);
-        }
-        let process_ns = netns::netns_id(Path::new(&format!("/proc/{}/ns/net", hello.pid)))
-            .map_err(|e| HelloError::Process {
-                pid: hello.pid,
-                reason: e.to_string(),
-            })?;
-        if process_ns != cookie {
-            return Err(HelloError::Process {
-                pid: hello.pid,
-                reason: format!("it is in network namespace {process_ns}, the sockets in {cookie}"),
-            });
-        }
-        let comm = std::fs::read_to_string(format!("/proc/{}/comm", hello.pid))
-            .map(|c| c.trim_end().to_string())
-            .unwrap_or_default();
+        self.serve_checked(checked, cancel)
+    }
+
+    /// Serves the checked sockets until `cancel` fires.
+    fn serve_checked(
+        &self,
+        checked: Checked,
+        cancel: &CancellationToken,
+    ) -> Result<(u64, CgroupPath), HelloError> {
+        let Checked {
+            name,
+            pid,
+            comm,
+            cookie,
+            tcp,
+            udp,
+        } = checked;
         let dispatch = self.dispatch.upgrade().ok_or(HelloError::ShuttingDown)?;
         let listeners: Vec<SocketAddr> = tcp.iter().filter_map(|l| l.local_addr().ok()).collect();
         let dns_listeners: Vec<SocketAddr> =
             udp.iter().filter_map(|s| s.local_addr().ok()).collect();
         let agent = SandboxAgent {
             name: name.clone(),
-            pid: hello.pid,
+            pid,
             comm,
             listeners: listeners.clone(),
         };
@@ -342,18 +299,18 @@ impl Sandboxes {
             netns_cookie: cookie,
             cgroup: name.to_string(),
             tag: "sandbox (unprivileged)".into(),
-            pid: hello.pid,
+            pid,
             listeners,
             dns_listeners,
             state: "serving".into(),
             opened_ms: now_unix_ms(),
         };
-        info!(agent = %name, netns = cookie, pid = hello.pid, listeners = ?status.listeners, "serving an unprivileged sandbox");
+        info!(agent = %name, netns = cookie, pid = pid, listeners = ?status.listeners, "serving an unprivileged sandbox");
         self.record(
             Some(&name),
             format!(
                 "sandbox served: listeners in network namespace {cookie} (process {})",
-                hello.pid
+                pid
             ),
             false,
         );
@@ -378,6 +335,93 @@ impl Sandboxes {
             ..AuditEvent::default()
         });
     }
+}
+
+/// A hello whose sockets passed every check (see the module docs).
+#[derive(Debug)]
+struct Checked {
+    name: CgroupPath,
+    pid: u32,
+    comm: String,
+    cookie: u64,
+    tcp: Vec<std::net::TcpListener>,
+    udp: Vec<std::net::UdpSocket>,
+}
+
+/// Receives the hello on `stream` and checks it and its sockets; brokerd's own network
+/// namespace is `host_cookie`.
+async fn read_hello(stream: &UnixStream, host_cookie: u64) -> Result<Checked, HelloError> {
+    let (hello, fds) = receive_hello(stream).await?;
+    let name = CgroupPath::parse(&hello.name).map_err(|e| HelloError::Name {
+        name: hello.name.clone(),
+        message: e.to_string(),
+    })?;
+    if fds.len() != hello.sockets.len() {
+        return Err(HelloError::Count {
+            listed: hello.sockets.len(),
+            attached: fds.len(),
+        });
+    }
+    if !hello.sockets.contains(&SandboxSocket::Tcp) {
+        return Err(HelloError::NoListener);
+    }
+    let mut cookie = None;
+    let mut tcp = Vec::new();
+    let mut udp = Vec::new();
+    for (index, (kind, fd)) in hello.sockets.iter().zip(fds).enumerate() {
+        let bad = |message: String| HelloError::Socket {
+            index,
+            kind: *kind,
+            message,
+        };
+        let this = netns::socket_netns_cookie(&fd).map_err(|e| bad(e.to_string()))?;
+        match cookie {
+            None => cookie = Some(this),
+            Some(c) if c != this => return Err(HelloError::MixedNamespaces),
+            Some(_) => {}
+        }
+        check_kind(&fd, *kind).map_err(bad)?;
+        match kind {
+            SandboxSocket::Tcp => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true).map_err(|e| bad(e.to_string()))?;
+                tcp.push(l);
+            }
+            SandboxSocket::Dns => {
+                let s = std::net::UdpSocket::from(fd);
+                s.set_nonblocking(true).map_err(|e| bad(e.to_string()))?;
+                udp.push(s);
+            }
+        }
+    }
+    let cookie = cookie.ok_or(HelloError::NoListener)?;
+    if cookie == host_cookie {
+        return Err(HelloError::HostNamespace);
+    }
+    let process_ns =
+        netns::netns_id(Path::new(&format!("/proc/{}/ns/net", hello.pid))).map_err(|e| {
+            HelloError::Process {
+                pid: hello.pid,
+                reason: e.to_string(),
+            }
+        })?;
+    if process_ns != cookie {
+        return Err(HelloError::Process {
+            pid: hello.pid,
+            reason: format!("it is in network namespace {process_ns}, the sockets in {cookie}"),
+        });
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", hello.pid))
+        .map(|c| c.trim_end().to_string())
+        .unwrap_or_default();
+    Ok(Checked {
+        name,
+        pid: hello.pid,
+        comm,
+        cookie,
+        tcp,
+        udp,
+    })
 }
 
 /// Binds `<run_dir>/sandbox.sock` (mode 0600: brokerd's user only; root passes anyway).
@@ -425,7 +469,7 @@ pub fn same_user_namespace(pid: u32) -> bool {
 /// Reads the one hello message and the descriptors attached to it.
 async fn receive_hello(stream: &UnixStream) -> Result<(SandboxHello, Vec<OwnedFd>), HelloError> {
     let mut buf = vec![0u8; MAX_HELLO + 1];
-    let (len, fds, truncated) = loop {
+    let (len, fds, too_many) = loop {
         stream.readable().await.map_err(HelloError::Receive)?;
         match stream.try_io(Interest::READABLE, || {
             recv_with_fds(stream.as_fd().as_raw_fd(), &mut buf)
@@ -435,7 +479,7 @@ async fn receive_hello(stream: &UnixStream) -> Result<(SandboxHello, Vec<OwnedFd
             Err(e) => return Err(HelloError::Receive(e)),
         }
     };
-    if truncated {
+    if too_many {
         return Err(HelloError::TooMany);
     }
     let line = &buf[..len];
@@ -446,11 +490,16 @@ async fn receive_hello(stream: &UnixStream) -> Result<(SandboxHello, Vec<OwnedFd
     Ok((hello, fds))
 }
 
-/// One `recvmsg` with room for `MAX_SANDBOX_SOCKETS` descriptors, each taken into an
-/// [`OwnedFd`] at once (close-on-exec); reports whether descriptors were cut off.
+/// The most descriptors one `SCM_RIGHTS` message can carry (`SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
+
+/// One `recvmsg` with room for every descriptor a message can carry, so none is ever cut off
+/// (a cut-off message's descriptors could not be closed here), each taken into an [`OwnedFd`]
+/// at once (close-on-exec); reports whether there are more than a hello may carry (they are
+/// closed when dropped).
 fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
     let mut iov = [IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; MAX_SANDBOX_SOCKETS]);
+    let mut space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let msg = socket::recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
         .map_err(io::Error::from)?;
     let mut fds = Vec::new();
@@ -464,8 +513,8 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, 
             );
         }
     }
-    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-    Ok((msg.bytes, fds, truncated))
+    let too_many = fds.len() > MAX_SANDBOX_SOCKETS;
+    Ok((msg.bytes, fds, too_many))
 }
 
 /// Whether `fd` is the kind of socket the hello says.
@@ -499,3 +548,6 @@ fn reply_line(reply: &SandboxReply) -> Vec<u8> {
     line.push(b'\n');
     line
 }
+
+#[cfg(test)]
+mod tests;

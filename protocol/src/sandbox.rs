@@ -91,7 +91,10 @@ mod tests {
             line,
             r#"{"name":"agents/foo","pid":42,"sockets":["tcp","tcp","dns"]}"#
         );
-        assert_eq!(serde_json::from_str::<SandboxHello>(&line).expect("json"), hello);
+        assert_eq!(
+            serde_json::from_str::<SandboxHello>(&line).expect("json"),
+            hello
+        );
         let refused: SandboxReply =
             serde_json::from_str(r#"{"reply":"refused","message":"no"}"#).expect("json");
         assert_eq!(

@@ -58,6 +58,8 @@ pub struct Broker {
     log_start: u64,
     /// stdout and stderr of every brokerctl run through this harness, for leak scans.
     transcript: Mutex<Vec<u8>>,
+    /// `brokerd --unprivileged` running as this uid (see [`BrokerBuilder::unprivileged`]).
+    unprivileged: Option<u32>,
 }
 
 /// How to start a [`Broker`]: where, with which policy files and upstream CAs.
@@ -73,6 +75,7 @@ pub struct BrokerBuilder {
     envs: Vec<(String, String)>,
     names: Vec<(String, IpAddr)>,
     command: Option<Vec<OsString>>,
+    unprivileged: Option<u32>,
 }
 
 impl BrokerBuilder {
@@ -92,6 +95,14 @@ impl BrokerBuilder {
     /// (e.g. the packaged brokerd under `setpriv` with its unit's capabilities).
     pub fn command(mut self, command: &[OsString]) -> Self {
         self.command = Some(command.to_vec());
+        self
+    }
+
+    /// Start `brokerd --unprivileged` as the uid `uid` (and gid, the same number), without
+    /// root and without eBPF (issue 19): its directories belong to that uid, and agents are
+    /// started with `brokerctl run --unprivileged` as that uid too ([`crate::clients`]).
+    pub fn unprivileged(mut self, uid: u32) -> Self {
+        self.unprivileged = Some(uid);
         self
     }
 
@@ -149,6 +160,21 @@ impl BrokerBuilder {
                 .unwrap_or_else(|e| panic!("cannot write policy {}: {e}", path.display()));
         }
         let mut extra_args = self.extra_args;
+        let mut command = self.command;
+        if let Some(uid) = self.unprivileged {
+            let run = dir.path().join("run");
+            fs::create_dir(&run).unwrap_or_else(|e| panic!("cannot create the run dir: {e}"));
+            for sub in [dir.path().join("state"), run] {
+                nix::unistd::chown(&sub, Some(uid.into()), Some(uid.into()))
+                    .unwrap_or_else(|e| panic!("cannot give {} to uid {uid}: {e}", sub.display()));
+            }
+            assert!(
+                command.is_none(),
+                "an unprivileged brokerd runs the built brokerd"
+            );
+            command = Some(crate::as_uid(uid, &bin("brokerd")));
+            extra_args.push("--unprivileged".into());
+        }
         let resolver = if extra_args.iter().any(|a| a == "--dns-upstream") {
             assert!(
                 self.names.is_empty(),
@@ -171,11 +197,12 @@ impl BrokerBuilder {
             upstream_cas: self.upstream_cas,
             extra_args,
             envs: self.envs,
-            command: self.command,
+            command,
             resolver,
             starts: 0,
             log_start: 0,
             transcript: Mutex::new(Vec::new()),
+            unprivileged: self.unprivileged,
         }
     }
 }
@@ -345,6 +372,11 @@ impl Broker {
             .into_iter()
             .find(|c| c.path == cgroup)
             .map(|c| c.name)
+    }
+
+    /// The uid an unprivileged brokerd runs as (`None`: root, with eBPF).
+    pub fn unprivileged(&self) -> Option<u32> {
+        self.unprivileged
     }
 
     /// brokerd's pid. Panics when it is not running.

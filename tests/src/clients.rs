@@ -242,6 +242,13 @@ pub fn run_in_cgroup(
         fs::create_dir_all(cgroup_dir(cgroup))
             .unwrap_or_else(|e| panic!("{what}: cannot create cgroup {cgroup}: {e}"));
         Command::new("sh")
+    } else if let Some(uid) = broker.unprivileged() {
+        // Issue 19: the agent is started by its user, in a sandbox of its own, and runs as the
+        // agent named like the cgroup would be.
+        let argv = crate::as_uid(uid, &bin("brokerctl"));
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        cmd
     } else {
         Command::new(bin("brokerctl"))
     };
@@ -256,7 +263,16 @@ pub fn run_in_cgroup(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    if !under_tag {
+    if broker.unprivileged().is_some() {
+        cmd.arg("--run-dir").arg(broker.run_dir()).args([
+            "run",
+            "--unprivileged",
+            "--as",
+            cgroup,
+            "--",
+            "sh",
+        ]);
+    } else if !under_tag {
         cmd.arg("--run-dir")
             .arg(broker.run_dir())
             .args(["run", "--cgroup", cgroup, "--create", "--", "sh"]);

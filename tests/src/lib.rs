@@ -116,6 +116,17 @@ pub fn require_privileges() {
     }
 }
 
+/// A command line that runs `program` as `uid` (and the gid of the same number), without
+/// supplementary groups: `setpriv --reuid UID --regid UID --clear-groups PROGRAM`.
+pub fn as_uid(uid: u32, program: &std::path::Path) -> Vec<std::ffi::OsString> {
+    let id = uid.to_string();
+    ["setpriv", "--reuid", &id, "--regid", &id, "--clear-groups"]
+        .iter()
+        .map(std::ffi::OsString::from)
+        .chain([program.as_os_str().to_os_string()])
+        .collect()
+}
+
 /// Path of one of the project's binaries. Panics with a clear message when it is missing.
 pub fn bin(name: &str) -> PathBuf {
     let dir = match std::env::var_os("AGENT_BROKER_BIN_DIR") {

@@ -116,6 +116,12 @@ impl TestCa {
             .prefix("abtest-ca-")
             .tempdir()
             .unwrap_or_else(|e| panic!("temp dir for the test CA: {e}"));
+        // A public certificate: an unprivileged brokerd (issue 19) reads it too.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap_or_else(|e| panic!("cannot open up the test CA's dir: {e}"));
         let pem_path = dir.path().join("test-ca.pem");
         std::fs::write(&pem_path, cert.pem())
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", pem_path.display()));

@@ -123,6 +123,46 @@ impl World {
         setup: impl FnOnce(&Broker),
         policies: impl FnOnce(&TestCgroup, &TestUpstream) -> Vec<(String, String)>,
     ) -> Self {
+        Self::build(ca, args, None, setup, policies)
+    }
+
+    /// The default world's policy with an unprivileged brokerd running as `uid`, whose agents
+    /// `brokerctl run --unprivileged` starts as that uid (issue 19). The agent name is still
+    /// `<cg>/agent`, a name only: no cgroup is tagged.
+    pub fn unprivileged(uid: u32) -> Self {
+        Self::unprivileged_with(uid, |cg, api| {
+            vec![(
+                "agent".into(),
+                format!(
+                    "cgroup = \"{}\"\n{}",
+                    cg.child("agent"),
+                    rule(API, api.port(), true)
+                ),
+            )]
+        })
+    }
+
+    /// [`World::unprivileged`] with the test's policies.
+    pub fn unprivileged_with(
+        uid: u32,
+        policies: impl FnOnce(&TestCgroup, &TestUpstream) -> Vec<(String, String)>,
+    ) -> Self {
+        Self::build(
+            TestCa::new("abtest upstream CA"),
+            &[],
+            Some(uid),
+            |_| {},
+            policies,
+        )
+    }
+
+    fn build(
+        ca: TestCa,
+        args: &[&str],
+        unprivileged: Option<u32>,
+        setup: impl FnOnce(&Broker),
+        policies: impl FnOnce(&TestCgroup, &TestUpstream) -> Vec<(String, String)>,
+    ) -> Self {
         require_privileges();
         let cg = TestCgroup::new();
         let api = TestUpstream::start(&ca, UpstreamOptions::api());
@@ -137,6 +177,9 @@ impl World {
         }
         for arg in args {
             builder = builder.arg(arg);
+        }
+        if let Some(uid) = unprivileged {
+            builder = builder.unprivileged(uid);
         }
         let mut broker = builder.prepare();
         setup(&broker);
@@ -228,9 +271,17 @@ impl World {
             "{what}: SNI brokerd sent upstream: {record:?}"
         );
         // The kernel path: brokerd attributes the connection to the client's pid and cgroup,
-        // with the address the client dialled.
+        // with the address the client dialled. An unprivileged sandbox's connections carry the
+        // sandbox's pid (no kernel hook names the connecting process), and the client's `$$`
+        // is a pid of the sandbox's own pid namespace: matched by agent and destination.
+        let dst = std::net::SocketAddr::new(api_ip(), self.api.port());
         let conn = self.broker.wait_connection(what, |c| {
-            c.origin.as_ref().is_some_and(|o| o.pid == run.pid)
+            c.origin
+                .as_ref()
+                .is_some_and(|o| match self.broker.unprivileged() {
+                    None => o.pid == run.pid,
+                    Some(_) => o.cgroup == self.agent && o.original_dst == dst,
+                })
         });
         let origin = conn
             .origin

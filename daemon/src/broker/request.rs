@@ -323,6 +323,65 @@ inject.headers = { authorization = "Bearer {secret:K}" }
         assert_eq!(credential, None);
     }
 
+    /// Issue 19: brokerd dials for an unprivileged sandbox with its user's own reach, so a
+    /// name-matched rule reaches a non-public address only once the address is proven to be
+    /// the name's, over TLS too and whatever `any_address` says; a public address, or a rule
+    /// naming the address itself, needs no proof.
+    #[test]
+    fn a_sandboxs_non_public_destination_is_bound_to_the_name_a_rule_matched() {
+        let policy = Policy::from_files(vec![(PathBuf::from("agents.toml"), PARENT.to_string())])
+            .expect("policy");
+        let sandboxed = |dst: &str, host: &str| {
+            let mut origin = origin("agents/a", dst);
+            origin.sandboxed = true;
+            let facts = RequestFacts {
+                origin: &origin,
+                host,
+                port: origin.original_dst.port(),
+                tls: true,
+            };
+            let (parts, ()) = http::Request::get("/v1/x")
+                .body(())
+                .expect("request")
+                .into_parts();
+            decide(&policy, &facts, &parts, None)
+                .map(|a| a.bind_name.map(|b| (b.name, b.why)))
+                .expect("allowed")
+        };
+        let bound = |host: &str| Some((host.to_string(), BindReason::MatchedByName));
+        for private in [
+            "127.0.0.9:443",
+            "10.1.2.3:443",
+            "169.254.169.254:443",
+            "[fd00::1]:443",
+        ] {
+            assert_eq!(
+                sandboxed(private, "cdn.example.test"),
+                bound("cdn.example.test"),
+                "{private}"
+            );
+            assert_eq!(
+                sandboxed(private, "api.example.test"),
+                bound("api.example.test"),
+                "{private}"
+            );
+        }
+        assert_eq!(sandboxed("192.0.2.9:443", "cdn.example.test"), None);
+        assert_eq!(sandboxed("127.0.0.2:443", "127.0.0.2"), None);
+        // The same request from a root-mode agent: the certificate alone proves the name.
+        assert_eq!(
+            binding(
+                &policy,
+                "agents/a",
+                "10.1.2.3:443",
+                "cdn.example.test",
+                true
+            )
+            .expect("allowed"),
+            (None, None)
+        );
+    }
+
     #[test]
     fn only_the_literal_address_counts() {
         let ip = "127.0.0.1".parse().expect("ip");
