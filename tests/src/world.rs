@@ -203,6 +203,12 @@ impl World {
         }
     }
 
+    /// The CA the test API's certificate is from (which brokerd trusts), to start more
+    /// upstreams with.
+    pub fn upstream_ca(&self) -> &TestCa {
+        &self._ca
+    }
+
     pub fn trust(&self) -> Trust {
         Trust::Env(self.broker_ca.clone())
     }
