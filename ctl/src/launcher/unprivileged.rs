@@ -576,6 +576,63 @@ fn nest_user_namespace(uid: u32, gid: u32) -> Result<(), LaunchError> {
     Ok(())
 }
 
+/// Whether this host lets an ordinary user make the sandbox's namespaces: a child (dropped to
+/// uid and gid `as_id` first, when brokerctl is root, since root may always) tries
+/// `unshare(USER|NET)`. `brokerctl doctor` reports it. Must be called while single-threaded.
+pub fn probe_namespaces(as_id: Option<u32>) -> std::io::Result<()> {
+    // SAFETY: single-threaded (documented); the child only makes async-signal-safe calls.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: plain system calls, then _exit with the errno (0 on success).
+        unsafe {
+            if let Some(id) = as_id
+                && (libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setresgid(id, id, id) != 0
+                    || libc::setresuid(id, id, id) != 0)
+            {
+                libc::_exit(255);
+            }
+            let r = libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET);
+            libc::_exit(if r == 0 {
+                0
+            } else {
+                *libc::__errno_location() & 0xff
+            });
+        }
+    }
+    let code = wait_for(pid).map_err(|e| std::io::Error::other(e.to_string()))?;
+    match code {
+        0 => Ok(()),
+        255 => Err(std::io::Error::other(
+            "could not drop to the probe's uid".to_string(),
+        )),
+        errno => Err(std::io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// The running kernel's Landlock ABI version, or the errno that says why there is none
+/// (EOPNOTSUPP: built but disabled at boot; ENOSYS: not built).
+pub fn landlock_abi() -> Result<i32, std::io::Error> {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: the documented version query: no attribute, size 0.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r as i32)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
