@@ -149,8 +149,8 @@ fn brokerctl() -> PathBuf {
 
 /// `brokerctl --run-dir RUN run --unprivileged --as agents/unpriv -- CMD...` as uid 65534.
 fn spawn_brokerctl(run: &Path, work: &Path, cmd: &[&str]) -> Child {
-    let host_netns = std::fs::read_link("/proc/self/ns/net").expect("netns");
-    Command::new("/usr/bin/setpriv")
+    let mut command = Command::new("/usr/bin/setpriv");
+    command
         .args([
             "--reuid",
             "65534",
@@ -159,7 +159,14 @@ fn spawn_brokerctl(run: &Path, work: &Path, cmd: &[&str]) -> Child {
             "--clear-groups",
             "--",
         ])
-        .arg(brokerctl())
+        .arg(brokerctl());
+    spawn_with(command, run, work, cmd)
+}
+
+/// The same, run by `command` (setpriv, or brokerctl itself as root).
+fn spawn_with(mut command: Command, run: &Path, work: &Path, cmd: &[&str]) -> Child {
+    let host_netns = std::fs::read_link("/proc/self/ns/net").expect("netns");
+    command
         .arg("--run-dir")
         .arg(run)
         .args([
@@ -200,7 +207,9 @@ fn receive_hello(conn: &UnixStream) -> (SandboxHello, Vec<OwnedFd>) {
         conn.as_raw_fd(),
         &mut iov,
         Some(&mut cmsg),
-        MsgFlags::empty(),
+        // Close-on-exec: the other test's brokerctl must not inherit them (and keep a listener
+        // open after this fake brokerd closed its copies).
+        MsgFlags::MSG_CMSG_CLOEXEC,
     )
     .expect("recvmsg");
     let mut fds = Vec::new();
@@ -313,17 +322,18 @@ fn serve(
                 let v6 = l.local_addr().expect("addr").is_ipv6();
                 let dst = original_dst(conn.as_raw_fd(), v6);
                 conn.set_nonblocking(false).expect("blocking");
+                // Recorded before the answer, which the test waits for.
+                let _ = seen.send(Seen::Tcp(dst));
                 // One write: the agent reads once.
                 let _ = conn.write_all(format!("orig {dst}\n").as_bytes());
-                let _ = seen.send(Seen::Tcp(dst));
             }
         }
         for u in &dns {
             let mut buf = [0u8; 512];
             if let Ok((n, peer)) = u.recv_from(&mut buf) {
                 idle = false;
-                let _ = u.send_to(b"answer", peer);
                 let _ = seen.send(Seen::Dns(buf[..n].to_vec()));
+                let _ = u.send_to(b"answer", peer);
             }
         }
         if idle {
@@ -548,6 +558,59 @@ fn a_refused_sandbox_starts_nothing_and_exit_statuses_pass_through() {
         let status = wait_with_deadline(&mut child);
         assert_eq!(status.code(), Some(code), "{script}: {status:?}");
     }
+
+    // Signals to brokerctl reach the agent (pid 2 of its namespace, so not ignored as a pid 1
+    // would ignore them), and the status says so.
+    let mut child = spawn_brokerctl(
+        run.path(),
+        work.path(),
+        &["/bin/sh", "-c", "echo started; exec sleep 30"],
+    );
+    let (conn, _) = listener.accept().expect("brokerctl connects");
+    let (hello, _fds) = receive_hello(&conn);
+    reply(
+        &conn,
+        &SandboxReply::Serving {
+            agent: hello.name,
+            ca_pem: TEST_CA.into(),
+        },
+    );
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert_eq!(line, "started\n");
+    // SAFETY: signals our own child (brokerctl; setpriv executed it in place).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = wait_with_deadline(&mut child);
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+
+    // Run by root, the sandbox is the same: uid 65534 and no supplementary groups (root's
+    // would survive a user namespace otherwise).
+    let mut child = spawn_with(
+        Command::new(brokerctl()),
+        run.path(),
+        work.path(),
+        &["/bin/sh", "-c", "id -u; grep '^Groups:' /proc/self/status"],
+    );
+    let (conn, _) = listener.accept().expect("brokerctl connects");
+    let (hello, _fds) = receive_hello(&conn);
+    reply(
+        &conn,
+        &SandboxReply::Serving {
+            agent: hello.name,
+            ca_pem: TEST_CA.into(),
+        },
+    );
+    let status = wait_with_deadline(&mut child);
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out)
+        .expect("stdout");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["65534", "Groups:"]
+    );
 
     // No brokerd: the error names the socket and what to start.
     drop(listener);

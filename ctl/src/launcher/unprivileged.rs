@@ -106,6 +106,11 @@ struct SandboxPlan {
     /// one.
     uid: u32,
     gid: u32,
+    /// When brokerctl is root: the sandbox drops to these ids (and no supplementary groups)
+    /// before it makes its namespaces, so it is the same sandbox an ordinary user gets.
+    drop_to_root_fallback: bool,
+    /// brokerctl's pid (the sandbox ends when it does).
+    parent: i32,
     confine: Plan,
     filter: BpfProgram,
     program: CString,
@@ -165,6 +170,9 @@ pub fn launch(spec: &Spec) -> Result<i32, LaunchError> {
         masks: masked_paths(&mask_candidates(&spec.run_dir, euid)),
         uid,
         gid,
+        drop_to_root_fallback: euid == 0,
+        // SAFETY: plain system call.
+        parent: unsafe { libc::getpid() },
         confine: Plan {
             workdir: spec.workdir.clone(),
             workdir_given: spec.workdir_given,
@@ -227,9 +235,9 @@ pub fn launch(spec: &Spec) -> Result<i32, LaunchError> {
             wait_for(setup)
         }
         Err(Failure::Error(e)) => {
+            // Every sandbox process waits on this socket pair (or on its child that does): at
+            // its end they exit without starting anything, and none is left behind.
             drop(ours);
-            // SAFETY: our own child; its death takes the sandbox's pid namespace with it.
-            unsafe { libc::kill(setup, libc::SIGKILL) };
             let _ = wait_for(setup);
             Err(e)
         }
@@ -344,8 +352,31 @@ fn ignore_forwarded_signals(disposition: libc::sighandler_t) {
 /// The sandbox's first process; returns only on failure (the caller exits 126).
 fn setup_process(plan: &SandboxPlan, sock: OwnedFd) -> Result<Infallible, LaunchError> {
     ignore_forwarded_signals(libc::SIG_IGN);
-    // SAFETY: plain prctl; brokerctl dying takes the sandbox with it.
+    if plan.drop_to_root_fallback {
+        let id = ROOT_FALLBACK_ID;
+        // SAFETY: plain system calls with valid arguments.
+        unsafe {
+            check(
+                libc::setgroups(0, std::ptr::null()),
+                "clearing supplementary groups",
+            )?;
+            check(libc::setresgid(id, id, id), "dropping to gid 65534")?;
+            check(libc::setresuid(id, id, id), "dropping to uid 65534")?;
+            // Changing ids made the process non-dumpable; its own /proc files (the nested
+            // namespace's id maps) must stay its own.
+            check(
+                libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0),
+                "keeping the sandbox dumpable",
+            )?;
+        }
+    }
+    // SAFETY: plain prctl (after any id change, which would clear it); brokerctl dying takes
+    // the sandbox with it.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    // SAFETY: plain system call.
+    if unsafe { libc::getppid() } != plan.parent {
+        return Err(LaunchError::Invalid("brokerctl exited".into()));
+    }
     let raw = sock.as_raw_fd();
     // SAFETY: plain system call.
     check(
