@@ -591,7 +591,11 @@ fn a_refused_sandbox_starts_nothing_and_exit_statuses_pass_through() {
         Command::new(brokerctl()),
         run.path(),
         work.path(),
-        &["/bin/sh", "-c", "id -u; grep '^Groups:' /proc/self/status"],
+        &[
+            "/bin/sh",
+            "-c",
+            "id -u; grep -E '^(Groups|SigIgn):' /proc/self/status",
+        ],
     );
     let (conn, _) = listener.accept().expect("brokerctl connects");
     let (hello, _fds) = receive_hello(&conn);
@@ -607,10 +611,11 @@ fn a_refused_sandbox_starts_nothing_and_exit_statuses_pass_through() {
     std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out)
         .expect("stdout");
     assert!(status.success(), "{status:?}");
-    assert_eq!(
-        out.split_whitespace().collect::<Vec<_>>(),
-        ["65534", "Groups:"]
-    );
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(words[..3], ["65534", "Groups:", "SigIgn:"], "{out}");
+    // brokerctl's own SIGPIPE disposition (ignored by Rust's runtime) is not inherited.
+    let ignored = u64::from_str_radix(words[3], 16).expect("SigIgn mask");
+    assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "{out}");
 
     // No brokerd: the error names the socket and what to start.
     drop(listener);

@@ -561,6 +561,10 @@ fn agent_process(
         mask(path)?;
     }
     ignore_forwarded_signals(libc::SIG_DFL);
+    // Rust's runtime ignores SIGPIPE in brokerctl; an ignored signal stays ignored across
+    // execve, and the agent's pipelines expect the default.
+    // SAFETY: SIG_DFL is a valid disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     nest_user_namespace(plan.uid, plan.gid)?;
     confine::drop_bounding_set()?;
     confine::confine_and_exec(&plan.confine, &plan.filter, &plan.program, &plan.argv)
