@@ -29,6 +29,10 @@
 //!
 //! brokerctl stays as the agent's parent: it forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT and
 //! exits with the agent's status (128 + signal when it was killed).
+//!
+//! `brokerctl run --unprivileged` is [`unprivileged`]: no cgroup and no root, the agent in
+//! namespaces of its own whose redirect rules send its connections to brokerd; it shares steps
+//! 1 and 3 to 6 with this launcher.
 
 mod confine;
 pub mod trust;

@@ -1,4 +1,6 @@
-//! The child's side of the launcher: the steps between `clone3` and `execve`.
+//! The child's side of the launcher: the steps between `clone3` and `execve`. The unprivileged
+//! launcher (`super::unprivileged`) uses the same mount layers ([`private_mounts`]) and last
+//! steps ([`confine_and_exec`]) around its own namespaces.
 //!
 //! Runs in the freshly cloned, single-threaded child. Every failure is returned with the step
 //! that failed; the caller prints it and exits 126 without starting the agent.
