@@ -29,9 +29,14 @@
 //!
 //! brokerctl stays as the agent's parent: it forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT and
 //! exits with the agent's status (128 + signal when it was killed).
+//!
+//! `brokerctl run --unprivileged` is [`unprivileged`]: no cgroup and no root, the agent in
+//! namespaces of its own whose redirect rules send its connections to brokerd; it shares steps
+//! 1 and 3 to 6 with this launcher.
 
 mod confine;
 pub mod trust;
+pub mod unprivileged;
 
 pub use trust::TrustStores;
 
@@ -222,11 +227,9 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
     refuse_inet_stdio(&[0, 1, 2])?;
     let filter = confine::seccomp_filter()?;
     let plan = confine::Plan {
-        identity: spec.identity,
         workdir: spec.workdir.clone(),
         workdir_given: spec.workdir_given,
         allow_write: spec.allow_write.clone(),
-        trust: spec.trust.clone(),
     };
     let (ready_r, ready_w) = pipe()?; // child -> parent: user namespace created
     let (go_r, go_w) = pipe()?; // parent -> child: ids mapped
@@ -257,7 +260,16 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
     if pid == 0 {
         drop(ready_r);
         drop(go_w);
-        let code = match confine::child(&plan, &filter, ready_w, go_r, &program, &argv) {
+        let code = match confine::child(
+            spec.identity,
+            &spec.trust,
+            &plan,
+            &filter,
+            ready_w,
+            go_r,
+            &program,
+            &argv,
+        ) {
             Ok(never) => match never {},
             Err(e) => {
                 let _ = writeln!(

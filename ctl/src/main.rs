@@ -7,7 +7,6 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use agent_broker_protocol::DEFAULT_RUN_DIR;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
@@ -26,8 +25,10 @@ mod launcher;
 #[derive(Debug, Parser)]
 #[command(name = "brokerctl", version)]
 struct Args {
-    /// Run directory of the brokerd to talk to (where control.sock lives).
-    #[arg(long, value_name = "DIR", env = "AGENT_BROKER_RUN_DIR", default_value = DEFAULT_RUN_DIR, global = true)]
+    /// Run directory of the brokerd to talk to (where control.sock and sandbox.sock live)
+    /// [default: /run/agent-broker for root; $XDG_RUNTIME_DIR/agent-broker, or
+    /// /tmp/agent-broker-UID without it, for any other user].
+    #[arg(long, value_name = "DIR", env = "AGENT_BROKER_RUN_DIR", default_value_os_t = default_run_dir(), hide_default_value = true, global = true)]
     run_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -64,6 +65,15 @@ enum Command {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
+}
+
+/// The run directory of this user's brokerd: root's is the system one, any other user's is
+/// per user (so a non-root brokerctl finds a `brokerd --unprivileged` of the same user).
+fn default_run_dir() -> PathBuf {
+    agent_broker_protocol::sandbox::default_run_dir(
+        nix::unistd::geteuid().as_raw(),
+        std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+    )
 }
 
 fn main() -> ExitCode {

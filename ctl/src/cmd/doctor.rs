@@ -25,7 +25,10 @@ use agent_broker_protocol::client::Client;
 /// tagged cgroup (no hook sees those), netlink, the BPF LSM layer, brokerd's
 /// hardening, the broker CA in the system store, agents' clients that refused the broker CA in
 /// the last hour (per agent and program), master key and state dir permissions, and relevant
-/// sysctls. Prints what is missing and how to fix it; exits 1 if anything failed.
+/// sysctls; and what `brokerctl run --unprivileged` needs: unprivileged user namespaces (a
+/// probe, and the sysctls that turn them off), nftables and iproute2, the Landlock ABI. Run as
+/// another user than root, the checks only root mode needs are warnings ("root mode:").
+/// Prints what is missing and how to fix it; exits 1 if anything failed.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// One JSON object per check.
@@ -230,7 +233,12 @@ pub fn run_checks(opts: &DoctorOptions<'_>) -> Vec<Check> {
             "brokerd",
             Level::Fail,
             format!("not reachable: {e:#}"),
-            "start brokerd (cargo xtask run, or the brokerd binary as root)",
+            if nix::unistd::geteuid().is_root() {
+                "start brokerd (cargo xtask run, or the brokerd binary as root)"
+            } else {
+                "start `brokerd --unprivileged` as this user (or point --run-dir at a brokerd's \
+                 run directory)"
+            },
         )),
     }
 
@@ -331,6 +339,143 @@ pub fn run_checks(opts: &DoctorOptions<'_>) -> Vec<Check> {
     checks.push(match sysctl("kernel.yama.ptrace_scope") {
         Some(v) => check("kernel.yama.ptrace_scope", Level::Ok, v, ""),
         None => check("kernel.yama.ptrace_scope", Level::Ok, "no Yama: agents are kept from ptrace by their uid, the seccomp filter and brokerd being non-dumpable", ""),
+    });
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        root_mode_only(&mut checks);
+    }
+    checks.extend(unprivileged_checks(root));
+    checks
+}
+
+/// Checks that concern only root mode (eBPF, cgroups, root's state directory): for another
+/// user a failure there says nothing about what they can run, so it is a warning, named so.
+const ROOT_MODE_CHECKS: [&str; 8] = [
+    "kernel",
+    "btf",
+    "cgroup v2",
+    "bpffs",
+    "master key",
+    "state dir",
+    "kernel.unprivileged_bpf_disabled",
+    "net_cls/net_prio (cgroup v1)",
+];
+
+/// Turns the root-mode checks' failures into warnings marked "root mode:".
+pub fn root_mode_only(checks: &mut [Check]) {
+    for c in checks.iter_mut() {
+        if ROOT_MODE_CHECKS.contains(&c.name) && c.level != Level::Ok {
+            c.level = Level::Warn;
+            c.found = format!("root mode: {}", c.found);
+        }
+    }
+}
+
+/// What `brokerctl run --unprivileged` needs from the host. Failures are failures for an
+/// ordinary user (nothing else works for them) and warnings for root (root mode remains).
+pub fn unprivileged_checks(root: bool) -> Vec<Check> {
+    use crate::launcher::unprivileged as unpriv;
+    let missing = if root { Level::Warn } else { Level::Fail };
+    let mut checks = Vec::new();
+    // Root may always unshare: probe as nobody, as an ordinary user would.
+    let probe = unpriv::probe_namespaces(root.then_some(unpriv::ROOT_FALLBACK_ID));
+    let who = if root {
+        "uid 65534".to_string()
+    } else {
+        format!("uid {}", nix::unistd::geteuid())
+    };
+    let mut off = Vec::new();
+    let mut fixes = Vec::new();
+    if sysctl("user.max_user_namespaces").as_deref() == Some("0") {
+        off.push("user.max_user_namespaces is 0");
+        fixes.push("sysctl user.max_user_namespaces=65536");
+    }
+    if sysctl("kernel.unprivileged_userns_clone").as_deref() == Some("0") {
+        off.push("kernel.unprivileged_userns_clone is 0");
+        fixes.push("sysctl kernel.unprivileged_userns_clone=1");
+    }
+    if sysctl("kernel.apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
+        off.push("kernel.apparmor_restrict_unprivileged_userns is 1 (Ubuntu 23.10+)");
+        fixes.push(
+            "an AppArmor profile for brokerctl with `userns,` (see docs/design/unprivileged.md), \
+             or sysctl kernel.apparmor_restrict_unprivileged_userns=0",
+        );
+    }
+    checks.push(match probe {
+        Ok(()) => check(
+            "unprivileged user namespaces",
+            Level::Ok,
+            format!("{who} can make user and network namespaces (brokerctl run --unprivileged)"),
+            "",
+        ),
+        Err(e) => check(
+            "unprivileged user namespaces",
+            missing,
+            format!(
+                "{who} cannot make a user and network namespace: {e}{}{}",
+                if off.is_empty() { "" } else { "; " },
+                off.join(", ")
+            ),
+            if fixes.is_empty() {
+                "allow unprivileged user namespaces (a container's seccomp profile may refuse \
+                 unshare: run on the host or with a profile that allows it)"
+                    .to_string()
+            } else {
+                fixes.join("; ")
+            },
+        ),
+    });
+    let path = std::env::var_os("PATH");
+    checks.push(match unpriv::netfilter::NetTools::find(path.as_deref()) {
+        Ok(tools) => check(
+            "nftables (unprivileged mode)",
+            Level::Ok,
+            match &tools.firewall {
+                unpriv::netfilter::Firewall::Nft(nft) => {
+                    format!("{} and {}", nft.display(), tools.ip.display())
+                }
+                unpriv::netfilter::Firewall::IptablesNft { v4, v6 } => format!(
+                    "no nft; {} and {} instead, and {}",
+                    v4.display(),
+                    v6.display(),
+                    tools.ip.display()
+                ),
+            },
+            "",
+        ),
+        Err(e) => check(
+            "nftables (unprivileged mode)",
+            missing,
+            e.to_string(),
+            "apt-get install nftables iproute2 (or dnf install nftables iproute)",
+        ),
+    });
+    checks.push(match unpriv::landlock_abi() {
+        Ok(abi) if abi >= 6 => check(
+            "landlock ABI",
+            Level::Ok,
+            format!("{abi}: files, signals and abstract UNIX sockets are confined"),
+            "",
+        ),
+        Ok(abi) => check(
+            "landlock ABI",
+            Level::Warn,
+            format!(
+                "{abi}: files are confined, signals and abstract UNIX sockets are not scoped \
+                 (ABI 6, Linux 6.12); the sandbox's pid and network namespaces still hide \
+                 other processes and the host's abstract sockets"
+            ),
+            "Linux 6.12 or later",
+        ),
+        Err(e) => check(
+            "landlock ABI",
+            Level::Warn,
+            format!(
+                "no Landlock ({e}): agents can write wherever their uid may (the unprivileged \
+                 sandbox runs them as your own uid)"
+            ),
+            "a kernel with CONFIG_SECURITY_LANDLOCK=y booted with lsm=...,landlock",
+        ),
     });
     checks
 }
@@ -859,6 +1004,48 @@ mod tests {
         assert_eq!(bad[0].level, Level::Fail);
         assert!(bad[0].found.contains("invalid_grant") && bad[0].fix.contains("secret set"));
         assert_eq!(bad[1].level, Level::Warn);
+    }
+
+    #[test]
+    fn root_mode_failures_are_warnings_for_other_users() {
+        let mut checks = vec![
+            check(
+                "kernel",
+                Level::Fail,
+                "Linux 5.10",
+                "use Linux 6.7 or later",
+            ),
+            check("brokerd", Level::Fail, "not reachable", "start it"),
+            check("bpffs", Level::Ok, "mounted", ""),
+        ];
+        root_mode_only(&mut checks);
+        assert_eq!(checks[0].level, Level::Warn);
+        assert_eq!(checks[0].found, "root mode: Linux 5.10");
+        assert_eq!(
+            checks[1].level,
+            Level::Fail,
+            "brokerd is needed in both modes"
+        );
+        assert_eq!(checks[2].found, "mounted");
+    }
+
+    /// This host (CI installs nftables) can run the unprivileged sandbox: the probe runs as
+    /// nobody when the test runs as root.
+    #[test]
+    fn on_this_host_the_unprivileged_mode_is_possible() {
+        let checks = unprivileged_checks(nix::unistd::geteuid().is_root());
+        let names: Vec<&str> = checks.iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            [
+                "unprivileged user namespaces",
+                "nftables (unprivileged mode)",
+                "landlock ABI"
+            ]
+        );
+        for c in &checks[..2] {
+            assert_eq!(c.level, Level::Ok, "{c:?}");
+        }
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! The child's side of the launcher: the steps between `clone3` and `execve`.
+//! The child's side of the launcher: the steps between `clone3` and `execve`. The unprivileged
+//! launcher (`super::unprivileged`) uses the same mount layers ([`private_mounts`]) and last
+//! steps ([`confine_and_exec`]) around its own namespaces.
 //!
 //! Runs in the freshly cloned, single-threaded child. Every failure is returned with the step
 //! that failed; the caller prints it and exits 126 without starting the agent.
@@ -28,14 +30,21 @@ use super::{
     trust::{BROKER_CA_FILE, CA_BUNDLE_PATHS, CA_DIR, CA_ENV, TrustStores},
 };
 
-/// What the child applies.
+/// The confinement both launchers apply last (Landlock and the work directory).
 pub struct Plan {
-    pub identity: Identity,
     pub workdir: PathBuf,
     /// Whether the work directory was asked for (`--workdir`) rather than inherited.
     pub workdir_given: bool,
     pub allow_write: Vec<PathBuf>,
-    pub trust: TrustStores,
+}
+
+/// A small file brokerctl writes into the sandbox's staging tmpfs and bind-mounts read-only
+/// over `target` (when `target` exists), e.g. the unprivileged sandbox's `/etc/resolv.conf`.
+pub struct StagedFile {
+    /// File name in the staging directory.
+    pub name: &'static str,
+    pub target: PathBuf,
+    pub contents: Vec<u8>,
 }
 
 /// Socket families refused by the seccomp filter: the cgroup hooks only see AF_INET, AF_INET6
@@ -130,16 +139,22 @@ pub fn seccomp_filter() -> Result<BpfProgram, LaunchError> {
     BpfProgram::try_from(filter).map_err(err)
 }
 
-fn last_os(what: &str) -> LaunchError {
+pub fn last_os(what: &str) -> LaunchError {
     io(what.to_string())(std::io::Error::last_os_error())
 }
 
-fn check(r: libc::c_int, what: &str) -> Result<(), LaunchError> {
+pub fn check(r: libc::c_int, what: &str) -> Result<(), LaunchError> {
     if r < 0 { Err(last_os(what)) } else { Ok(()) }
 }
 
 /// Runs the steps and executes the agent; returns only on failure.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the root launcher's child state, passed once"
+)]
 pub fn child(
+    identity: Identity,
+    trust: &TrustStores,
     plan: &Plan,
     filter: &BpfProgram,
     ready: OwnedFd,
@@ -147,8 +162,8 @@ pub fn child(
     program: &CStr,
     argv: &[CString],
 ) -> Result<Infallible, LaunchError> {
-    private_mounts(plan)?;
-    match plan.identity {
+    private_mounts(trust, &[], KernelFs::Unmount)?;
+    match identity {
         Identity::User { uid, gid } => {
             drop_bounding_set()?;
             // SAFETY: plain system calls with valid arguments.
@@ -193,6 +208,18 @@ pub fn child(
             drop_bounding_set()?;
         }
     }
+    confine_and_exec(plan, filter, program, argv)
+}
+
+/// Steps 3 to 6, shared with the unprivileged launcher: no capabilities, no_new_privs,
+/// Landlock, the work directory, seccomp, only stdio open, execve. The bounding set must be
+/// dropped already (it needs a capability this drops). Returns only on failure.
+pub fn confine_and_exec(
+    plan: &Plan,
+    filter: &BpfProgram,
+    program: &CStr,
+    argv: &[CString],
+) -> Result<Infallible, LaunchError> {
     drop_capabilities()?;
     // SAFETY: plain prctl.
     check(
@@ -230,8 +257,25 @@ pub fn child(
     )))
 }
 
-/// Step 1: private mount namespace without cgroupfs and bpffs, the broker CA trusted.
-fn private_mounts(plan: &Plan) -> Result<(), LaunchError> {
+/// How cgroupfs and bpffs are taken out of the agent's mount namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFs {
+    /// Unmounted (real root can), and it is an error if one is still mounted: the root
+    /// launcher's protection rests on it.
+    Unmount,
+    /// Unmounted where possible, else covered with an empty tmpfs: in a user namespace the
+    /// inherited mounts are locked and stay in mountinfo under the cover. The unprivileged
+    /// sandbox's protection does not rest on cgroups.
+    Cover,
+}
+
+/// Step 1: private mount namespace without cgroupfs and bpffs, the broker CA trusted, and the
+/// `files` staged over their targets.
+pub fn private_mounts(
+    trust: &TrustStores,
+    files: &[StagedFile],
+    kernel_fs: KernelFs,
+) -> Result<(), LaunchError> {
     // SAFETY: plain system call.
     check(
         unsafe { libc::unshare(libc::CLONE_NEWNS) },
@@ -260,16 +304,21 @@ fn private_mounts(plan: &Plan) -> Result<(), LaunchError> {
             .map_err(|e| io(format!("hiding {}", point.display()))(e.into()))?;
         }
     }
-    let still = mounts_of_types(
-        &fs::read_to_string("/proc/self/mountinfo").map_err(io("reading /proc/self/mountinfo"))?,
-        &["cgroup", "cgroup2", "bpf"],
-    );
+    let still = if kernel_fs == KernelFs::Cover {
+        Vec::new()
+    } else {
+        mounts_of_types(
+            &fs::read_to_string("/proc/self/mountinfo")
+                .map_err(io("reading /proc/self/mountinfo"))?,
+            &["cgroup", "cgroup2", "bpf"],
+        )
+    };
     if !still.is_empty() {
         return Err(LaunchError::Invalid(format!(
             "cgroup or bpf file systems are still mounted at {still:?}"
         )));
     }
-    mount_trust(&plan.trust)
+    mount_trust(trust, files)
 }
 
 /// Writes `bytes` as a read-only file at `path`.
@@ -323,7 +372,7 @@ fn stage_ca_dir(layer: &Path, trust: &TrustStores, hash: &str) -> Result<(), Lau
         .map_err(io(format!("linking {link} to the broker CA")))
 }
 
-fn mount_trust(trust: &TrustStores) -> Result<(), LaunchError> {
+fn mount_trust(trust: &TrustStores, files: &[StagedFile]) -> Result<(), LaunchError> {
     let targets: Vec<&str> = CA_BUNDLE_PATHS
         .iter()
         .copied()
@@ -350,6 +399,16 @@ fn mount_trust(trust: &TrustStores) -> Result<(), LaunchError> {
     let jvm_store = staging.join("agent-broker-cacerts.jks");
     if let Some(jvm) = &trust.jvm {
         write_read_only(&jvm_store, &jvm.store)?;
+    }
+    // Each staged file goes over a target that exists (a bind mount needs one); a dangling
+    // symbolic link (resolv.conf of a resolver that is not running) is left as it is.
+    let mut staged_files = Vec::new();
+    for file in files {
+        if file.target.is_file() {
+            let source = staging.join(file.name);
+            write_read_only(&source, &file.contents)?;
+            staged_files.push((source, file.target.as_path()));
+        }
     }
     let ca_layer = staging.join("ca-dir");
     let ca_dir_layer = match &trust.subject_hash {
@@ -398,6 +457,9 @@ fn mount_trust(trust: &TrustStores) -> Result<(), LaunchError> {
             bind_read_only(&jvm_store, target)?;
         }
     }
+    for (source, target) in &staged_files {
+        bind_read_only(source, target)?;
+    }
     // The variables name a standard path when there is one (what tools expect), else the
     // staged file itself (a host without a system bundle).
     let bundle = targets
@@ -417,7 +479,7 @@ fn last_cap() -> u32 {
         .unwrap_or(40)
 }
 
-fn drop_bounding_set() -> Result<(), LaunchError> {
+pub fn drop_bounding_set() -> Result<(), LaunchError> {
     for cap in 0..=last_cap() {
         // SAFETY: plain prctl; EINVAL for a capability this kernel does not know is ignored.
         let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
