@@ -385,8 +385,26 @@ fn wait_with_deadline(child: &mut Child) -> std::process::ExitStatus {
     }
 }
 
+/// How the sandbox's rules are loaded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Firewall {
+    Nft,
+    /// `nft` hidden (/dev/null over it in a private mount namespace of brokerctl's): brokerctl
+    /// falls back to iptables-nft-restore and ip6tables-nft-restore.
+    IptablesNft,
+}
+
 #[test]
 fn an_unprivileged_sandbox_redirects_everything_to_brokerd_and_fails_closed() {
+    redirects_everything_and_fails_closed(Firewall::Nft);
+}
+
+#[test]
+fn without_nft_the_iptables_nft_rules_do_the_same() {
+    redirects_everything_and_fails_closed(Firewall::IptablesNft);
+}
+
+fn redirects_everything_and_fails_closed(firewall: Firewall) {
     require_root();
     let run = nobody_dir();
     let work = nobody_dir();
@@ -394,11 +412,35 @@ fn an_unprivileged_sandbox_redirects_everything_to_brokerd_and_fails_closed() {
     std::fs::write(&agent, AGENT).expect("agent script");
     std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let listener = sandbox_listener(run.path());
-    let mut child = spawn_brokerctl(
-        run.path(),
-        work.path(),
-        &[PYTHON, agent.to_str().expect("utf-8")],
-    );
+    let cmd = [PYTHON, agent.to_str().expect("utf-8")];
+    let mut child = match firewall {
+        Firewall::Nft => spawn_brokerctl(run.path(), work.path(), &cmd),
+        Firewall::IptablesNft => {
+            let nft = ["/usr/sbin/nft", "/sbin/nft"]
+                .into_iter()
+                .find(|p| Path::new(p).exists())
+                .expect("nft is installed (it is hidden for this test)");
+            // util-linux unshare makes the new mount namespace's mounts private; each command
+            // executes the next in place, so the child's pid is brokerctl's.
+            let mut command = Command::new("unshare");
+            command
+                .args(["--mount", "--", "/bin/sh", "-c"])
+                .arg(format!(
+                    "mount --bind /dev/null {nft} && exec \"$0\" \"$@\""
+                ))
+                .args([
+                    "/usr/bin/setpriv",
+                    "--reuid",
+                    "65534",
+                    "--regid",
+                    "65534",
+                    "--clear-groups",
+                    "--",
+                ])
+                .arg(brokerctl());
+            spawn_with(command, run.path(), work.path(), &cmd)
+        }
+    };
     let brokerctl_pid = child.id();
     let mut stdin = child.stdin.take().expect("stdin");
     writeln!(stdin, "{brokerctl_pid}").expect("write the pid");
@@ -447,6 +489,11 @@ fn an_unprivileged_sandbox_redirects_everything_to_brokerd_and_fails_closed() {
         "{got:#?}"
     );
     assert_eq!(line_of(&got, "uid"), "uid 65534 pid 2");
+    if firewall == Firewall::IptablesNft {
+        // The hiding worked (nft is /dev/null here), so the rules came from iptables-nft.
+        let line = line_of(&got, "nft-flush");
+        assert!(line.contains(" ERR "), "{line}");
+    }
     for escape in ["nft-flush", "iptables-flush", "route-del"] {
         let line = line_of(&got, escape);
         assert!(!line.ends_with("rc=0"), "{line}");
