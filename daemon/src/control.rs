@@ -232,7 +232,9 @@ fn check_peer(stream: &UnixStream, state: &ControlState) -> Option<Response> {
     };
     // Unprivileged, brokerd's agents run as its own uid: a sandbox's process (in a nested user
     // namespace) that reached this socket despite the mount namespace masking it is refused.
-    if state.unprivileged && !crate::sandbox::same_user_namespace(pid) {
+    // (A sandbox's processes are brokerd's uid, never root: brokerctl runs root's sandboxes as
+    // 65534, whom the check above refuses.)
+    if state.unprivileged && cred.uid() == own_uid && !crate::sandbox::same_user_namespace(pid) {
         return Some(error(
             ErrorKind::Forbidden,
             format!("process {pid} runs in another user namespace than brokerd (a sandbox's?)"),

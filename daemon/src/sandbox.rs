@@ -453,17 +453,41 @@ fn check_peer(stream: &UnixStream) -> Result<(), HelloError> {
         .pid()
         .and_then(|p| u32::try_from(p).ok())
         .ok_or_else(|| HelloError::Peer("no peer pid".into()))?;
-    if !same_user_namespace(pid) {
+    // A sandbox's processes run as brokerd's uid (root's sandboxes as 65534, refused above),
+    // never as root, whose /proc entries brokerd's user could not read anyway.
+    if cred.uid() == own && !same_user_namespace(pid) {
         return Err(HelloError::UserNamespace);
     }
     Ok(())
 }
 
-/// Whether process `pid` runs in brokerd's user namespace (false when either cannot be read).
+/// Whether process `pid` runs in brokerd's namespaces, as far as brokerd's user can tell: at
+/// the same pid namespace depth (`NSpid` in `/proc/<pid>/status`, readable whatever the
+/// process; a sandbox's processes are always in a pid namespace below brokerctl's), and in the
+/// same user namespace where its `/proc/<pid>/ns/user` can be read (not for a process that made
+/// itself non-dumpable, as brokerctl does). False when its status cannot be read.
 pub fn same_user_namespace(pid: u32) -> bool {
-    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/user"));
-    let ours = std::fs::read_link("/proc/self/ns/user");
-    matches!((theirs, ours), (Ok(t), Ok(o)) if t == o)
+    let depth = |status: std::io::Result<String>| {
+        status.ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .map(|ids| ids.split_whitespace().count())
+        })
+    };
+    let (theirs, ours) = (
+        depth(std::fs::read_to_string(format!("/proc/{pid}/status"))),
+        depth(std::fs::read_to_string("/proc/self/status")),
+    );
+    if theirs.is_none() || theirs != ours {
+        return false;
+    }
+    match (
+        std::fs::read_link(format!("/proc/{pid}/ns/user")),
+        std::fs::read_link("/proc/self/ns/user"),
+    ) {
+        (Ok(t), Ok(o)) => t == o,
+        _ => true,
+    }
 }
 
 /// Reads the one hello message and the descriptors attached to it.

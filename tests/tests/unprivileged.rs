@@ -441,7 +441,10 @@ print(json.dumps(out), flush=True)
 #[test]
 fn once_brokerd_is_gone_the_agents_connects_are_refused() {
     let mut w = World::unprivileged(UID);
-    let go = w.broker.scratch_dir().join(format!("go-{}", std::process::id()));
+    let go = w
+        .broker
+        .scratch_dir()
+        .join(format!("go-{}", std::process::id()));
     // TEST-NET: brokerd answers it (403, no rule); nothing routes it anywhere.
     let dst = SocketAddr::from(([192, 0, 2, 10], 80));
     let python = agent_python().to_string_lossy().into_owned();
