@@ -71,6 +71,8 @@ pub enum HelloError {
     Timeout(Duration),
     #[error("cannot receive the hello: {0}")]
     Receive(#[source] io::Error),
+    #[error("the connection closed before a hello")]
+    Closed,
     #[error("the hello is not one JSON line of at most {MAX_HELLO} bytes ending in a newline")]
     Framing,
     #[error("malformed hello: {0}")]
@@ -174,6 +176,8 @@ impl Sandboxes {
         let sandbox_cancel = cancel.child_token();
         let served = match self.accept_hello(&stream, &sandbox_cancel).await {
             Ok(served) => served,
+            // A sandbox that failed before handing over (brokerctl reports why).
+            Err(HelloError::Closed) => return,
             Err(e) => {
                 let message = e.to_string();
                 warn!(reason = %message, "sandbox handoff refused");
@@ -507,6 +511,9 @@ async fn receive_hello(stream: &UnixStream) -> Result<(SandboxHello, Vec<OwnedFd
         return Err(HelloError::TooMany);
     }
     let line = &buf[..len];
+    if len == 0 && fds.is_empty() {
+        return Err(HelloError::Closed);
+    }
     if len == 0 || len > MAX_HELLO || line.last() != Some(&b'\n') {
         return Err(HelloError::Framing);
     }

@@ -67,6 +67,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The read-only audit disk test (tests/tests/faults.rs): mkfs.ext4 and e2fsck for an ext4
     // image on a loop device (mount's loop support is util-linux, always there).
     "e2fsprogs",
+    // The unprivileged mode's redirect rules in the agent's network namespace
+    // (ctl/src/launcher/unprivileged, tests/tests/unprivileged.rs): nft, and iptables-nft for
+    // the fallback where nft is not installed; util-linux's setpriv runs brokerd and brokerctl
+    // as uid 65534.
+    "nftables",
+    "iptables",
 ];
 
 /// Debian packages installed when the configured apt sources have them, skipped otherwise.

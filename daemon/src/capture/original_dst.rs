@@ -22,7 +22,8 @@ const SO_ORIGINAL_DST: libc::c_int = 80;
 pub struct SandboxAgent {
     /// The agent name the sandbox runs as (`brokerctl run --unprivileged --as NAME`).
     pub name: CgroupPath,
-    /// The sandbox's first process (a pid of brokerd's namespace), and its command.
+    /// The sandbox's agent process (a pid of brokerd's namespace, the one `brokerctl run`
+    /// executes the command in), and its command when the sandbox was handed over.
     pub pid: u32,
     pub comm: String,
     /// The sandbox's own listeners (in its namespace): a connect to one of them directly is
@@ -40,7 +41,12 @@ impl SandboxAgent {
                 self.name
             ),
         })?;
-        Ok(self.origin(original_dst))
+        let mut origin = self.origin(original_dst);
+        // The sandbox's process has likely executed the agent since the hello: name that.
+        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{}/comm", self.pid)) {
+            origin.comm = comm.trim_end().to_string();
+        }
+        Ok(origin)
     }
 
     /// The origin of anything from the sandbox to `original_dst`.
