@@ -77,7 +77,8 @@ enum Command {
         #[arg(long)]
         profile: bool,
         /// Run only these workloads (comma-separated): keepalive1, keepalive32, newconn, h2,
-        /// widearea, sse, bulk, idle, hostnames, micro, container, fairness, fleet, manyidle.
+        /// widearea, sse, bulk, idle, hostnames, micro, container, unprivileged, fairness, fleet,
+        /// manyidle.
         /// The table then has only their rows.
         #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::WORKLOADS))]
         only: Vec<String>,

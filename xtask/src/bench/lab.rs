@@ -51,6 +51,8 @@ const CONTAINER_CGROUP: &str = "agents/bench-ct";
 /// sets none), while the bench agent measures its calls.
 pub const FLOOD_CGROUP: &str = "agents/bench-flood";
 const CONTAINER_NETNS: &str = "abbench-ct";
+/// The user the unprivileged row's brokerd and its agent run as (issue 19).
+const UNPRIVILEGED_UID: u32 = 65534;
 /// The root end of a veth pair in brokerd's namespace holding [`CONTAINER_ORIGIN_IP`] (the other
 /// end is in [`CONTAINER_PEER_NETNS`], with no address): from a container a loopback address is
 /// the container's own, so both agents of the container row call the origin through a relay on
@@ -111,6 +113,20 @@ pub struct Lab {
     container_relay: Result<DelayRelay, String>,
     /// Whether the container agent's namespace is tagged and served, or why not.
     container: Result<(), String>,
+    /// The unprivileged brokerd of the unprivileged row (issue 19), or why it is missing.
+    unprivileged: Result<UnprivilegedBrokerd, String>,
+}
+
+/// A second brokerd, `--unprivileged` as [`UNPRIVILEGED_UID`], with the bench policy and key, in
+/// a directory of its own that uid can reach (the lab's directory is root's alone).
+struct UnprivilegedBrokerd {
+    dir: PathBuf,
+}
+
+impl UnprivilegedBrokerd {
+    fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
 }
 
 impl Lab {
@@ -139,6 +155,7 @@ impl Lab {
             mitmproxy: Err("not started".into()),
             container_relay: Err("not started".into()),
             container: Err("not started".into()),
+            unprivileged: Err("not started".into()),
         })
     }
 
@@ -202,6 +219,11 @@ impl Lab {
         self.container = self.start_container_agent();
         if let Err(why) = &self.container {
             eprintln!("bench: container agent unavailable: {why}");
+        }
+        self.unprivileged =
+            self.start_unprivileged_brokerd(&pki.ca, &key_file, wide_area, streaming);
+        if let Err(why) = &self.unprivileged {
+            eprintln!("bench: unprivileged brokerd unavailable: {why}");
         }
         self.start_nginx_peer(tools, &pki, &authorization, wide_area, streaming)?;
         self.mitmproxy = self.start_mitmproxy(tools, &authorization_file, wide_area);
@@ -282,6 +304,124 @@ impl Lab {
             .stdin(fs::File::open(key_file)?)
             .stdout(Stdio::null());
         cmd::run(&mut set).context("storing the bench key in brokerd's vault")
+    }
+
+    /// The unprivileged row's brokerd: `brokerd --unprivileged` as [`UNPRIVILEGED_UID`], with
+    /// the bench agent's policy (its agent name is [`CGROUP`]) and the key in a vault of its own.
+    /// Its resolver is a loopback port nobody answers on: the bench names need no lookup, and
+    /// nothing may ask the host's resolver.
+    fn start_unprivileged_brokerd(
+        &mut self,
+        upstream_ca: &Path,
+        key_file: &Path,
+        wide_area: SocketAddr,
+        streaming: SocketAddr,
+    ) -> Result<UnprivilegedBrokerd, String> {
+        let fail = |e: anyhow::Error| format!("{e:#}");
+        let dir = std::env::temp_dir().join(format!(
+            "agent-broker-bench-unprivileged-{}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        let made = (|| -> Result<()> {
+            for sub in ["", "state", "run", "policies"] {
+                fs::create_dir_all(dir.join(sub))?;
+            }
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+            for sub in ["state", "run"] {
+                let path = dir.join(sub);
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o700))?;
+                std::os::unix::fs::chown(&path, Some(UNPRIVILEGED_UID), Some(UNPRIVILEGED_UID))?;
+            }
+            fs::copy(upstream_ca, dir.join("ca.pem"))?;
+            fs::set_permissions(dir.join("ca.pem"), fs::Permissions::from_mode(0o644))?;
+            fs::write(
+                dir.join("policies/bench.toml"),
+                policy(
+                    CGROUP,
+                    self.origin_http1.port(),
+                    wide_area.port(),
+                    streaming.port(),
+                    None,
+                ),
+            )?;
+            Ok(())
+        })();
+        made.map_err(fail)?;
+        let brokerd = UnprivilegedBrokerd { dir };
+        step(&format!(
+            "brokerd --unprivileged as uid {UNPRIVILEGED_UID} (files in {})",
+            brokerd.dir.display()
+        ));
+        let id = UNPRIVILEGED_UID.to_string();
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid", &id, "--regid", &id, "--clear-groups", "--"])
+            .arg(self.bin.join("brokerd"))
+            .arg("--unprivileged")
+            .arg("--state-dir")
+            .arg(brokerd.dir.join("state"))
+            .arg("--run-dir")
+            .arg(brokerd.run_dir())
+            .arg("--policy-dir")
+            .arg(brokerd.dir.join("policies"))
+            .args(["--dns-upstream", "127.0.0.1:9"])
+            .args([
+                "--agent-header-timeout",
+                &nginx::KEEPALIVE_SECONDS.to_string(),
+            ])
+            .arg("--upstream-ca")
+            .arg(brokerd.dir.join("ca.pem"));
+        self.services
+            .start("brokerd-unprivileged", command)
+            .map_err(fail)?;
+        let brokerctl = |args: &[&str]| {
+            let mut c = Command::new(self.bin.join("brokerctl"));
+            c.arg("--run-dir").arg(brokerd.run_dir()).args(args);
+            c
+        };
+        let mut status = brokerctl(&["status"]);
+        status.stdout(Stdio::null()).stderr(Stdio::null());
+        self.services
+            .wait_until("the unprivileged brokerd to answer", || {
+                status.status().is_ok_and(|s| s.success())
+            })
+            .map_err(fail)?;
+        let mut set = brokerctl(&["secret", "set", SECRET_NAME]);
+        set.stdin(fs::File::open(key_file).map_err(|e| e.to_string())?)
+            .stdout(Stdio::null());
+        cmd::run(&mut set)
+            .context("storing the bench key in the unprivileged brokerd's vault")
+            .map_err(fail)?;
+        Ok(brokerd)
+    }
+
+    /// The unprivileged row's agents: the bench agent in its tagged cgroup (root mode), and the
+    /// same agent in a sandbox of `brokerctl run --unprivileged` served by the unprivileged
+    /// brokerd, both calling the origin directly by address.
+    pub fn unprivileged_endpoints(&self) -> Result<[Endpoint; 2]> {
+        let brokerd = self
+            .unprivileged
+            .as_ref()
+            .map_err(|why| anyhow::anyhow!("{why}"))?;
+        let endpoint = |launch| Endpoint {
+            addr: self.origin_http1,
+            authorization: PLACEHOLDER.to_owned(),
+            launch,
+        };
+        Ok([
+            endpoint(Launch::InAgentCgroup {
+                brokerctl: self.bin.join("brokerctl"),
+                run_dir: self.brokerd_run_dir(),
+                cgroup: CGROUP.to_owned(),
+            }),
+            endpoint(Launch::Unprivileged {
+                uid: UNPRIVILEGED_UID,
+                brokerctl: self.bin.join("brokerctl"),
+                run_dir: brokerd.run_dir(),
+                name: CGROUP.to_owned(),
+            }),
+        ])
     }
 
     fn start_nginx_peer(
@@ -619,6 +759,10 @@ impl Lab {
             }
         }
         self.services.stop_all();
+        if let Ok(brokerd) = &self.unprivileged {
+            let _ = fs::remove_dir_all(&brokerd.dir);
+        }
+        self.unprivileged = Err("stopped".into());
         self.relay = None;
         self.container_relay = Err("stopped".into());
         for args in [

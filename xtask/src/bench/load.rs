@@ -31,6 +31,14 @@ pub enum Launch {
         run_dir: PathBuf,
         cgroup: String,
     },
+    /// In a sandbox of `brokerctl run --unprivileged` (issue 19), started as `uid`, served by
+    /// the unprivileged brokerd of `run_dir` as the agent `name`.
+    Unprivileged {
+        uid: u32,
+        brokerctl: PathBuf,
+        run_dir: PathBuf,
+        name: String,
+    },
 }
 
 impl Launch {
@@ -67,6 +75,23 @@ impl Launch {
                     .arg("--run-dir")
                     .arg(run_dir)
                     .args(["run", "--cgroup", cgroup, "--create", "--"])
+                    .arg(program);
+                command
+            }
+            Self::Unprivileged {
+                uid,
+                brokerctl,
+                run_dir,
+                name,
+            } => {
+                let id = uid.to_string();
+                let mut command = Command::new("setpriv");
+                command
+                    .args(["--reuid", &id, "--regid", &id, "--clear-groups", "--"])
+                    .arg(brokerctl)
+                    .arg("--run-dir")
+                    .arg(run_dir)
+                    .args(["run", "--unprivileged", "--as", name, "--"])
                     .arg(program);
                 command
             }

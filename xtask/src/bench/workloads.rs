@@ -72,12 +72,15 @@ pub struct Settings<'a> {
 
 /// The most an agent in a container may add to the keep-alive p50 of the same agent on the host.
 const CONTAINER_P50_TARGET: f64 = 1.10;
-/// Alternating rounds (host, container) in the container workload; each agent's p50 is the
-/// median of its rounds.
+/// The most the unprivileged mode may add to the keep-alive p50 of the same agent in root mode
+/// (issue 19).
+const UNPRIVILEGED_P50_TARGET: f64 = 1.10;
+/// Alternating rounds (host, container; root mode, unprivileged) in the paired rows; each
+/// agent's p50 is the median of its rounds.
 const CONTAINER_ROUNDS: usize = 3;
 
 /// The workloads' keys, in the order they run, for `--only`.
-pub const WORKLOADS: [&str; 14] = [
+pub const WORKLOADS: [&str; 15] = [
     "keepalive1",
     "keepalive32",
     "newconn",
@@ -89,6 +92,7 @@ pub const WORKLOADS: [&str; 14] = [
     "hostnames",
     "micro",
     "container",
+    "unprivileged",
     "fairness",
     "fleet",
     "manyidle",
@@ -261,6 +265,9 @@ pub fn measure(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
     if settings.wanted("container") {
         rows.push(container_row(lab, settings)?);
     }
+    if settings.wanted("unprivileged") {
+        rows.push(unprivileged_row(lab, settings)?);
+    }
     if settings.wanted("fairness") {
         rows.extend(super::fairness::rows(lab, settings)?);
     }
@@ -274,13 +281,52 @@ pub fn measure(lab: &Lab, settings: &Settings) -> Result<Vec<Row>> {
 /// agent's p50 and the brokerd column the container agent's, so the target reads "at most 1.1x
 /// direct".
 fn container_row(lab: &Lab, settings: &Settings) -> Result<Row> {
-    let mut row = Row::new(
+    let row = Row::new(
         "keep-alive, 1 connection: p50, agent in a container (direct column: the host agent)",
         "µs",
         Lower,
     )
     .with_targets(&[TimesDirect(CONTAINER_P50_TARGET)]);
-    let [host, container] = match lab.container_endpoints() {
+    paired_p50_row(
+        row,
+        "container row",
+        ["host agent", "container agent"],
+        lab.container_endpoints(),
+        settings,
+    )
+}
+
+/// Issue 19's row: the keep-alive p50 of the bench agent started by `brokerctl run
+/// --unprivileged` and served by `brokerd --unprivileged` (no eBPF, no root), against the same
+/// agent in its tagged cgroup served by the root brokerd, both calling the origin by address.
+/// The direct column holds the root-mode agent's p50 and the brokerd column the unprivileged
+/// one's, so the target reads "within 10% of root mode".
+fn unprivileged_row(lab: &Lab, settings: &Settings) -> Result<Row> {
+    let row = Row::new(
+        "keep-alive, 1 connection: p50, unprivileged mode (direct column: root mode)",
+        "µs",
+        Lower,
+    )
+    .with_targets(&[TimesDirect(UNPRIVILEGED_P50_TARGET)]);
+    paired_p50_row(
+        row,
+        "unprivileged row",
+        ["root-mode agent", "unprivileged agent"],
+        lab.unprivileged_endpoints(),
+        settings,
+    )
+}
+
+/// A row comparing two agents' keep-alive p50 in alternating rounds: the first in the direct
+/// column, the second in brokerd's; each the median of its [`CONTAINER_ROUNDS`] rounds.
+fn paired_p50_row(
+    mut row: Row,
+    what: &str,
+    names: [&str; 2],
+    endpoints: Result<[super::load::Endpoint; 2]>,
+    settings: &Settings,
+) -> Result<Row> {
+    let [first, second] = match endpoints {
         Ok(endpoints) => endpoints,
         Err(e) => {
             row.set(Column::Brokerd, Cell::Failed(format!("{e:#}")));
@@ -295,17 +341,17 @@ fn container_row(lab: &Lab, settings: &Settings) -> Result<Row> {
     let mut p50s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut failures = [0u64; 2];
     for round in 1..=CONTAINER_ROUNDS {
-        for (i, (name, endpoint)) in [("host agent", &host), ("container agent", &container)]
+        for (i, (name, endpoint)) in [(names[0], &first), (names[1], &second)]
             .into_iter()
             .enumerate()
         {
             if stopping() {
                 bail!("interrupted");
             }
-            eprintln!("bench: container row, round {round}: {name} ...");
+            eprintln!("bench: {what}, round {round}: {name} ...");
             match load::wrk(&settings.tools.wrk, endpoint, &run) {
                 Ok(wrk) => {
-                    eprintln!("bench: container row, round {round}: {name}: {wrk:?}");
+                    eprintln!("bench: {what}, round {round}: {name}: {wrk:?}");
                     p50s[i].push(wrk.p50_us);
                     failures[i] += wrk.failures;
                 }
