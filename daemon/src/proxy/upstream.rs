@@ -541,13 +541,18 @@ impl Upstream {
             });
         }
         // A host name not yet pooled may share a connection made for another name of the same
-        // certificate (see [`Upstream`]).
-        let tls_name = tls
-            .then(|| tls_server_name(authority.host()).ok())
-            .flatten();
-        if other_names
-            && let Some(name) = &tls_name
-            && let Some(mut h2) = POOL.with(|p| p.borrow_mut().h2_reusable(&key, name))
+        // certificate (see [`Upstream`]). Its server name is made only when something pooled
+        // could be shared: a request on its own pooled connection (the usual case) needs none.
+        let server_name = || {
+            (tls && other_names)
+                .then(|| tls_server_name(authority.host()).ok())
+                .flatten()
+        };
+        if tls
+            && other_names
+            && POOL.with(|p| !p.borrow().h2.is_empty())
+            && let Some(name) = server_name()
+            && let Some(mut h2) = POOL.with(|p| p.borrow_mut().h2_reusable(&key, &name))
             && h2.ready().await.is_ok()
         {
             let again = replayable(&req);
@@ -557,13 +562,13 @@ impl Upstream {
         let mut other_name = false;
         let idle = match take_idle(&key).await {
             Some(conn) => Some(conn),
-            None => match &tls_name {
-                Some(name) if other_names => {
-                    let conn = take_reusable(&key, name).await;
+            None => match server_name() {
+                Some(name) => {
+                    let conn = take_reusable(&key, &name).await;
                     other_name = conn.is_some();
                     conn
                 }
-                _ => None,
+                None => None,
             },
         };
         let (mut conn, reused) = match idle {
