@@ -8,8 +8,6 @@ use std::{
 
 use serde::Deserialize;
 
-use agent_broker_protocol::{DEFAULT_POLICY_DIR, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
-
 /// Default bpffs directory for pinned maps and links.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/agent-broker";
 /// Default listeners for redirected connections.
@@ -292,40 +290,7 @@ impl PodSourceConfig {
     }
 }
 
-/// The directories brokerd uses when none is given.
-#[derive(Debug, PartialEq, Eq)]
-struct Defaults {
-    state: PathBuf,
-    run: PathBuf,
-    policy: PathBuf,
-}
-
-impl Defaults {
-    /// Root's: /var/lib, /run, /etc.
-    fn system() -> Self {
-        Self {
-            state: DEFAULT_STATE_DIR.into(),
-            run: DEFAULT_RUN_DIR.into(),
-            policy: DEFAULT_POLICY_DIR.into(),
-        }
-    }
-
-    /// A user's (the unprivileged mode), from the XDG base directories and `HOME` as `env`
-    /// gives them: relative or empty values are ignored, as the XDG specification says.
-    fn user(euid: u32, env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Self {
-        let absolute = |k: &str| env(k).map(PathBuf::from).filter(|p| p.is_absolute());
-        let home = absolute("HOME").unwrap_or_else(|| PathBuf::from("/"));
-        let base = |k: &str, fallback: &str| absolute(k).unwrap_or_else(|| home.join(fallback));
-        Self {
-            state: base("XDG_STATE_HOME", ".local/state").join("agent-broker"),
-            run: agent_broker_protocol::sandbox::default_run_dir(
-                euid,
-                absolute("XDG_RUNTIME_DIR").as_deref().map(Path::as_os_str),
-            ),
-            policy: base("XDG_CONFIG_HOME", ".config").join("agent-broker/policies"),
-        }
-    }
-}
+use agent_broker_protocol::sandbox::Dirs as Defaults;
 
 impl Config {
     /// Layers CLI over file over defaults and validates the result.
@@ -335,7 +300,7 @@ impl Config {
         let approvals = approval_config(&cli, &file)?;
         let unprivileged = cli.unprivileged || file.unprivileged;
         let defaults = if unprivileged {
-            Defaults::user(nix::unistd::geteuid().as_raw(), &|k| std::env::var_os(k))
+            Defaults::of_this_user(nix::unistd::geteuid().as_raw())
         } else {
             Defaults::system()
         };
@@ -511,6 +476,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agent_broker_protocol::DEFAULT_RUN_DIR;
 
     /// `--unprivileged` without directories: the user's own, from the XDG base directories
     /// (absolute values only) and HOME; root keeps the system's.

@@ -779,6 +779,10 @@ pub struct StatusReport {
     /// What brokerd's process and runtimes hold now.
     #[serde(default)]
     pub runtime: RuntimeGauges,
+    /// brokerd runs `--unprivileged` (issue 19): no eBPF, no tagged cgroups; its agents are
+    /// the sandboxes `brokerctl run --unprivileged` hands it, listed in `workloads`.
+    #[serde(default)]
+    pub unprivileged: bool,
 }
 
 /// What brokerd holds now, sampled when asked: the gauges a soak watches for drift.

@@ -75,6 +75,52 @@ pub fn default_run_dir(euid: u32, xdg_runtime_dir: Option<&std::ffi::OsStr>) -> 
     }
 }
 
+/// The directories brokerd and brokerctl use when none is given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dirs {
+    /// Vault, CA, audit log.
+    pub state: std::path::PathBuf,
+    /// The control and sandbox sockets.
+    pub run: std::path::PathBuf,
+    /// Policy files.
+    pub policy: std::path::PathBuf,
+}
+
+impl Dirs {
+    /// Root's (root mode): /var/lib, /run, /etc.
+    pub fn system() -> Self {
+        Self {
+            state: crate::DEFAULT_STATE_DIR.into(),
+            run: crate::DEFAULT_RUN_DIR.into(),
+            policy: crate::DEFAULT_POLICY_DIR.into(),
+        }
+    }
+
+    /// A user's (the unprivileged mode), from the XDG base directories and `HOME` as `env`
+    /// gives them (relative or empty values are ignored, as the XDG specification says):
+    /// `$XDG_STATE_HOME/agent-broker` (`~/.local/state/agent-broker`), [`default_run_dir`], and
+    /// `$XDG_CONFIG_HOME/agent-broker/policies` (`~/.config/agent-broker/policies`).
+    pub fn user(euid: u32, env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Self {
+        use std::path::{Path, PathBuf};
+        let absolute = |k: &str| env(k).map(PathBuf::from).filter(|p| p.is_absolute());
+        let home = absolute("HOME").unwrap_or_else(|| PathBuf::from("/"));
+        let base = |k: &str, fallback: &str| absolute(k).unwrap_or_else(|| home.join(fallback));
+        Self {
+            state: base("XDG_STATE_HOME", ".local/state").join("agent-broker"),
+            run: default_run_dir(
+                euid,
+                absolute("XDG_RUNTIME_DIR").as_deref().map(Path::as_os_str),
+            ),
+            policy: base("XDG_CONFIG_HOME", ".config").join("agent-broker/policies"),
+        }
+    }
+
+    /// This process's user's, from its environment.
+    pub fn of_this_user(euid: u32) -> Self {
+        Self::user(euid, &|k| std::env::var_os(k))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

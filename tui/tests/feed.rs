@@ -63,6 +63,7 @@ fn status() -> StatusReport {
         audit_error: None,
         audit_dropped: 0,
         runtime: Default::default(),
+        unprivileged: false,
     }
 }
 

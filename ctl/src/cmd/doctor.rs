@@ -34,16 +34,26 @@ pub struct Args {
     /// One JSON object per check.
     #[arg(long)]
     json: bool,
-    /// brokerd's state directory (for the key file and directory checks).
-    #[arg(long, value_name = "DIR", default_value = agent_broker_protocol::DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
+    /// brokerd's state directory (for the key file and directory checks) [default: root's
+    /// /var/lib/agent-broker; another user's, that user's unprivileged brokerd's:
+    /// $XDG_STATE_HOME/agent-broker or ~/.local/state/agent-broker].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 /// Runs and prints every check; exits 1 if one failed.
 pub fn run(run_dir: &Path, args: Args) {
+    let euid = nix::unistd::geteuid().as_raw();
+    let state_dir = args.state_dir.unwrap_or_else(|| {
+        if euid == 0 {
+            agent_broker_protocol::sandbox::Dirs::system().state
+        } else {
+            agent_broker_protocol::sandbox::Dirs::of_this_user(euid).state
+        }
+    });
     let checks = run_checks(&DoctorOptions {
         run_dir,
-        state_dir: &args.state_dir,
+        state_dir: &state_dir,
     });
     if !print(&checks, args.json) {
         std::process::exit(1);
@@ -254,16 +264,18 @@ pub fn run_checks(opts: &DoctorOptions<'_>) -> Vec<Check> {
             ),
             format!("chmod 600 {}", key.display()),
         ),
-        Ok(m) if m.uid() != 0 => check(
+        // brokerd reads a key file only when it is its own user's: root's, or (unprivileged)
+        // the user's who runs doctor.
+        Ok(m) if m.uid() != 0 && m.uid() != nix::unistd::geteuid().as_raw() => check(
             "master key",
             Level::Fail,
             format!("{} is owned by uid {}", key.display(), m.uid()),
             format!("chown root {}", key.display()),
         ),
-        Ok(_) => check(
+        Ok(m) => check(
             "master key",
             Level::Ok,
-            format!("{} is root's, mode 600", key.display()),
+            format!("{} is uid {}'s, mode 600", key.display(), m.uid()),
             "",
         ),
         Err(_) => check(
@@ -599,12 +611,25 @@ fn status_checks(s: &StatusReport, checks: &mut Vec<Check>) {
         ),
         "",
     ));
-    checks.push(check(
-        "hooks",
-        Level::Ok,
-        format!("{} per tagged cgroup: {}", s.hooks.len(), s.hooks.join(" ")),
-        "",
-    ));
+    checks.push(if s.unprivileged {
+        check(
+            "mode",
+            Level::Ok,
+            format!(
+                "unprivileged: no eBPF, no tagged cgroups; {} sandbox(es) of `brokerctl run \
+                 --unprivileged` served",
+                s.workloads.len()
+            ),
+            "",
+        )
+    } else {
+        check(
+            "hooks",
+            Level::Ok,
+            format!("{} per tagged cgroup: {}", s.hooks.len(), s.hooks.join(" ")),
+            "",
+        )
+    });
     for c in &s.cgroups {
         let complete = c.links as usize == s.hooks.len();
         // A named tag is attached again under its name.
@@ -876,6 +901,7 @@ mod tests {
             audit_error: None,
             audit_dropped: 0,
             runtime: Default::default(),
+            unprivileged: false,
         }
     }
 

@@ -28,17 +28,51 @@ pub fn run(run_dir: &Path, args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// The kernel programs' counters (root mode).
+fn print_counters(c: &agent_broker_protocol::Counters) {
+    outln!(
+        "kernel         {} redirected, {} refused, {} not re-keyed",
+        c.redirected,
+        c.refused,
+        c.rekey_failed
+    );
+    outln!(
+        "               {} DNS redirected, {} UDP refused, {} sockets refused, {} binds refused",
+        c.dns_redirected,
+        c.udp_refused,
+        c.socket_refused,
+        c.bind_refused
+    );
+    outln!(
+        "               {} egress and {} ingress packets dropped, {} from other netns refused",
+        c.egress_dropped,
+        c.ingress_dropped,
+        c.netns_refused
+    );
+    outln!(
+        "               {} connects refused past one cgroup's pace",
+        c.connect_paced
+    );
+}
+
 fn print_status(s: &StatusReport) {
     outln!("brokerd {} is up (pid {})", s.version, s.pid);
     let listeners: Vec<String> = s.listeners.iter().map(ToString::to_string).collect();
     outln!("listening on   {}", listeners.join(", "));
-    outln!("cgroup2 mount  {}", s.cgroup_root);
-    outln!("pin dir        {}", s.pin_dir);
+    if s.unprivileged {
+        outln!(
+            "mode           unprivileged: no eBPF, no tagged cgroups; agents are the sandboxes \
+             of `brokerctl run --unprivileged`"
+        );
+    } else {
+        outln!("cgroup2 mount  {}", s.cgroup_root);
+        outln!("pin dir        {}", s.pin_dir);
+    }
     if !s.dns_listeners.is_empty() {
         let dns: Vec<String> = s.dns_listeners.iter().map(ToString::to_string).collect();
         outln!("dns (udp)      {}", dns.join(", "));
     }
-    if !s.hooks.is_empty() {
+    if !s.hooks.is_empty() && !s.unprivileged {
         outln!("hooks          {}", s.hooks.join(" "));
     }
     if !s.lsm.is_empty() {
@@ -75,30 +109,9 @@ fn print_status(s: &StatusReport) {
     if let Some(note) = &s.outside_sockets_note {
         outln!("socket scan    partial: {note}");
     }
-    outln!(
-        "kernel         {} redirected, {} refused, {} not re-keyed",
-        s.counters.redirected,
-        s.counters.refused,
-        s.counters.rekey_failed
-    );
-    let c = &s.counters;
-    outln!(
-        "               {} DNS redirected, {} UDP refused, {} sockets refused, {} binds refused",
-        c.dns_redirected,
-        c.udp_refused,
-        c.socket_refused,
-        c.bind_refused
-    );
-    outln!(
-        "               {} egress and {} ingress packets dropped, {} from other netns refused",
-        c.egress_dropped,
-        c.ingress_dropped,
-        c.netns_refused
-    );
-    outln!(
-        "               {} connects refused past one cgroup's pace",
-        c.connect_paced
-    );
+    if !s.unprivileged {
+        print_counters(&s.counters);
+    }
     outln!(
         "policy         {} ({} file(s), loaded {})",
         s.policy.dir,
@@ -183,6 +196,12 @@ fn print_status(s: &StatusReport) {
                 listeners.join(" ")
             );
         }
+    }
+    if s.unprivileged {
+        if s.workloads.is_empty() {
+            outln!("no sandboxes");
+        }
+        return;
     }
     if s.cgroups.is_empty() {
         outln!("no tagged cgroups");

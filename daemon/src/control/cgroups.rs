@@ -66,6 +66,7 @@ pub async fn status(state: &ControlState) -> Response {
                 audit_error: state.audit.failing(),
                 audit_dropped: state.audit.dropped(),
                 runtime: state.metrics.runtime(),
+                unprivileged: state.unprivileged,
             })
         }
         Err(e) => capture_error(e),
