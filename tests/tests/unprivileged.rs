@@ -47,6 +47,7 @@ const UNALLOWED: &str = "exfil.example.test";
 fn real_clients_get_the_secret_injected_from_a_sandbox_without_root() {
     let w = World::unprivileged(UID);
     let status = w.broker.status();
+    assert!(status.unprivileged, "status says the mode");
     assert!(
         status.cgroups.is_empty(),
         "an unprivileged brokerd tags no cgroup: {:?}",
