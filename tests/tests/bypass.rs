@@ -12,6 +12,12 @@
 //! The battery's table is written to `$AGENT_BROKER_BATTERY_OUT/<tier>.txt` (`cargo xtask test`
 //! prints it) or, without that variable, to the test's output.
 //!
+//! A third tier (issue 19), `attack_battery_in_an_unprivileged_sandbox`: the battery with
+//! `--sandbox` under `brokerctl run --unprivileged --as <agent>` as uid 65534, against
+//! `brokerd --unprivileged` as the same uid, with the same policy and the same oracles where
+//! they apply (no kernel counters and no tagged cgroup in that mode; the denial names the
+//! agent and its process instead; the squatted plain-HTTP address fails upstream, unwritten).
+//!
 //! Also here: brokerd's own hardening and what `status` and `doctor` report (hooks, processes
 //! started without the launcher), `--require-lsm`, and the launcher's exit codes and refusals.
 //!

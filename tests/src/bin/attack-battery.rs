@@ -10,6 +10,18 @@
 //! It never connects or sends over AF_VSOCK: it only checks that creating such a socket fails.
 //! It refuses to run in the root cgroup, where nothing would redirect its traffic.
 //!
+//! With `--sandbox` it runs as the agent of `brokerctl run --unprivileged` (issue 19: user,
+//! network, mount and pid namespaces, nft rules redirecting every TCP connect and DNS datagram
+//! to `brokerd --unprivileged`, no eBPF) and refuses to run unless its network namespace has
+//! only `lo`. Each row that applies there expects the outcome that mode gives (a UDP `connect`
+//! succeeds and its first datagram is rejected with EPERM; brokerd's pid names no process;
+//! the host's abstract sockets are in another network namespace; ...), the sandbox's own rows
+//! (`U01`-`U04`: the rules, routes, namespaces and SO_MARK) are added, and a row that only
+//! means something with the eBPF hooks (bind rewrites, cgroup moves, brokerd's host ports) or
+//! that this mode does not enforce (host pathname sockets) is printed as
+//! `skipped: root mode only: <reason>`. Without the flag the rows are those of root mode, as
+//! before.
+//!
 //! Output: one JSON object per row on stdout (`--json`), or a table. Exit status 0 when every
 //! row passed, 1 otherwise, 2 when it refused to run.
 
