@@ -922,6 +922,27 @@ fn main() {
             &["NOERROR from resolver"],
             dns_udp(resolver, name, true),
         );
+        if args.sandbox {
+            // Every datagram to port 53 is redirected, whatever the resolver's address.
+            for other in [
+                SocketAddr::from(([127, 0, 0, 53], 53)),
+                SocketAddr::new(
+                    IpAddr::V6(
+                        "2001:4860:4860::8888"
+                            .parse()
+                            .unwrap_or(Ipv6Addr::LOCALHOST),
+                    ),
+                    53,
+                ),
+            ] {
+                b.row(
+                    "N13",
+                    format!("DNS for allowed {name} to another resolver {other}"),
+                    &["NOERROR from resolver"],
+                    dns_udp(other, name, false),
+                );
+            }
+        }
         if let Some(denied_name) = &args.dns_denied {
             b.row(
                 "N14",
