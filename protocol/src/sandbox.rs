@@ -57,6 +57,11 @@ pub enum SandboxReply {
         agent: String,
         /// The broker CA certificate (PEM), for the sandbox's trust stores.
         ca_pem: String,
+        /// brokerd's own directories (its state, with the master key and the vault, and its
+        /// policies), absolute: brokerd runs as the same uid as the agent, so the sandbox must
+        /// hide them (brokerctl mounts an empty read-only tmpfs over each that exists).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        hide: Vec<std::path::PathBuf>,
     },
     /// Nothing is served; `message` says why.
     Refused { message: String },

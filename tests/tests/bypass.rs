@@ -423,9 +423,12 @@ fn run_tier(tier: &str, launch: Launch) {
         .arg(broker.run_dir().join("control.sock"));
     match launch {
         Launch::Cgroup(_) => cmd.arg("--protected-path").arg(broker.pin_dir()),
+        // brokerd runs as the agent's uid here: its directories are hidden from the sandbox.
         Launch::Sandbox(_) => cmd
             .arg("--protected-path")
-            .arg(broker.run_dir().join("sandbox.sock")),
+            .arg(broker.run_dir().join("sandbox.sock"))
+            .arg("--protected-path")
+            .arg(broker.policy_dir().join("battery")),
     };
     cmd.current_dir(broker.scratch_dir())
         .stdin(Stdio::null())
