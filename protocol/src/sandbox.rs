@@ -108,6 +108,32 @@ mod tests {
                 message: "no".into()
             }
         );
+        // brokerd's directories to hide: optional on the wire, kept when given.
+        let serving: SandboxReply =
+            serde_json::from_str(r#"{"reply":"serving","agent":"a","ca_pem":"PEM"}"#)
+                .expect("json");
+        assert_eq!(
+            serving,
+            SandboxReply::Serving {
+                agent: "a".into(),
+                ca_pem: "PEM".into(),
+                hide: vec![],
+            }
+        );
+        let serving = SandboxReply::Serving {
+            agent: "a".into(),
+            ca_pem: "PEM".into(),
+            hide: vec!["/home/u/.local/state/agent-broker".into()],
+        };
+        let line = serde_json::to_string(&serving).expect("json");
+        assert_eq!(
+            line,
+            r#"{"reply":"serving","agent":"a","ca_pem":"PEM","hide":["/home/u/.local/state/agent-broker"]}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<SandboxReply>(&line).expect("json"),
+            serving
+        );
     }
 
     #[test]
