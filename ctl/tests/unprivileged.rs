@@ -475,6 +475,7 @@ fn redirects_everything_and_fails_closed(firewall: Firewall) {
         &SandboxReply::Serving {
             agent: hello.name.clone(),
             ca_pem: TEST_CA.into(),
+            hide: vec![],
         },
     );
     let (seen_tx, seen) = mpsc::channel();
@@ -600,6 +601,7 @@ fn a_refused_sandbox_starts_nothing_and_exit_statuses_pass_through() {
             &SandboxReply::Serving {
                 agent: hello.name,
                 ca_pem: TEST_CA.into(),
+                hide: vec![],
             },
         );
         let status = wait_with_deadline(&mut child);
@@ -620,6 +622,7 @@ fn a_refused_sandbox_starts_nothing_and_exit_statuses_pass_through() {
         &SandboxReply::Serving {
             agent: hello.name,
             ca_pem: TEST_CA.into(),
+            hide: vec![],
         },
     );
     let mut line = String::new();
@@ -651,6 +654,7 @@ fn a_refused_sandbox_starts_nothing_and_exit_statuses_pass_through() {
         &SandboxReply::Serving {
             agent: hello.name,
             ca_pem: TEST_CA.into(),
+            hide: vec![],
         },
     );
     let status = wait_with_deadline(&mut child);

@@ -269,6 +269,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         events.clone(),
         capture.netns_map.host_cookie(),
         proxy.minter.ca().cert_pem().to_string(),
+        sandbox_hidden_dirs(&config),
     );
     tracker.spawn(sandboxes.clone().serve(sandbox_listener, cancel.clone()));
     // The accept loops hold the only strong handles now: when they stop, the proxy threads do
@@ -566,4 +567,20 @@ fn write_public_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()>
     }
     agent_broker_core::fs::write_file_atomically(path, bytes)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+/// brokerd's directories a sandbox hides from its agent (issue 19): the agent runs as brokerd's
+/// uid, so without this it could read the master key and the vault in the state directory, and
+/// the policies. Absolute and canonical where they exist.
+fn sandbox_hidden_dirs(config: &Config) -> Vec<std::path::PathBuf> {
+    let mut dirs = vec![config.state_dir.clone(), config.policy_dir.clone()];
+    if config.master_key_credential
+        && let Some(creds) = std::env::var_os("CREDENTIALS_DIRECTORY")
+    {
+        dirs.push(creds.into());
+    }
+    dirs.into_iter()
+        .map(|d| std::fs::canonicalize(&d).unwrap_or(d))
+        .filter(|d| d.is_absolute())
+        .collect()
 }

@@ -118,6 +118,8 @@ pub struct Sandboxes {
     events: Arc<dyn EventSink>,
     host_cookie: u64,
     ca_pem: String,
+    /// brokerd's directories each sandbox hides from its agent (`SandboxReply::Serving`).
+    hide: Vec<std::path::PathBuf>,
     served: Mutex<BTreeMap<u64, Served>>,
     next: std::sync::atomic::AtomicU64,
 }
@@ -129,6 +131,7 @@ impl Sandboxes {
         events: Arc<dyn EventSink>,
         host_cookie: u64,
         ca_pem: String,
+        hide: Vec<std::path::PathBuf>,
     ) -> Arc<Self> {
         Arc::new(Self {
             dispatch,
@@ -136,6 +139,7 @@ impl Sandboxes {
             events,
             host_cookie,
             ca_pem,
+            hide,
             served: Mutex::new(BTreeMap::new()),
             next: std::sync::atomic::AtomicU64::new(1),
         })
@@ -192,6 +196,7 @@ impl Sandboxes {
         let reply = SandboxReply::Serving {
             agent: agent.to_string(),
             ca_pem: self.ca_pem.clone(),
+            hide: self.hide.clone(),
         };
         if stream.write_all(&reply_line(&reply)).await.is_ok() {
             // The sandbox lives as long as this connection: brokerctl writes nothing more.

@@ -57,6 +57,11 @@ pub enum SandboxReply {
         agent: String,
         /// The broker CA certificate (PEM), for the sandbox's trust stores.
         ca_pem: String,
+        /// brokerd's own directories (its state, with the master key and the vault, and its
+        /// policies), absolute: brokerd runs as the same uid as the agent, so the sandbox must
+        /// hide them (brokerctl mounts an empty read-only tmpfs over each that exists).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        hide: Vec<std::path::PathBuf>,
     },
     /// Nothing is served; `message` says why.
     Refused { message: String },
@@ -148,6 +153,32 @@ mod tests {
             SandboxReply::Refused {
                 message: "no".into()
             }
+        );
+        // brokerd's directories to hide: optional on the wire, kept when given.
+        let serving: SandboxReply =
+            serde_json::from_str(r#"{"reply":"serving","agent":"a","ca_pem":"PEM"}"#)
+                .expect("json");
+        assert_eq!(
+            serving,
+            SandboxReply::Serving {
+                agent: "a".into(),
+                ca_pem: "PEM".into(),
+                hide: vec![],
+            }
+        );
+        let serving = SandboxReply::Serving {
+            agent: "a".into(),
+            ca_pem: "PEM".into(),
+            hide: vec!["/home/u/.local/state/agent-broker".into()],
+        };
+        let line = serde_json::to_string(&serving).expect("json");
+        assert_eq!(
+            line,
+            r#"{"reply":"serving","agent":"a","ca_pem":"PEM","hide":["/home/u/.local/state/agent-broker"]}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<SandboxReply>(&line).expect("json"),
+            serving
         );
     }
 

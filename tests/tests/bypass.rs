@@ -12,6 +12,12 @@
 //! The battery's table is written to `$AGENT_BROKER_BATTERY_OUT/<tier>.txt` (`cargo xtask test`
 //! prints it) or, without that variable, to the test's output.
 //!
+//! A third tier (issue 19), `attack_battery_in_an_unprivileged_sandbox`: the battery with
+//! `--sandbox` under `brokerctl run --unprivileged --as <agent>` as uid 65534, against
+//! `brokerd --unprivileged` as the same uid, with the same policy and the same oracles where
+//! they apply (no kernel counters and no tagged cgroup in that mode; the denial names the
+//! agent and its process instead; the squatted plain-HTTP address fails upstream, unwritten).
+//!
 //! Also here: brokerd's own hardening and what `status` and `doctor` report (hooks, processes
 //! started without the launcher), `--require-lsm`, and the launcher's exit codes and refusals.
 //!
@@ -284,10 +290,31 @@ fn publish(tier: &str, text: &str) {
     }
 }
 
-fn run_tier(tier: &str, identity: &[&str]) {
+/// How a tier starts the battery.
+#[derive(Clone, Copy)]
+enum Launch<'a> {
+    /// `brokerctl run --cgroup <tagged> --create IDENTITY...` against a root brokerd (eBPF).
+    Cgroup(&'a [&'a str]),
+    /// `brokerctl run --unprivileged --as <agent>` as this uid, against `brokerd --unprivileged`
+    /// running as the same uid (issue 19): the battery runs with `--sandbox`.
+    Sandbox(u32),
+}
+
+fn run_tier(tier: &str, launch: Launch) {
     require_privileges();
-    let cg = TestCgroup::new();
-    let agent = cg.child("agent");
+    // A sandbox's agent is named like a cgroup (the policy's `cgroup` key names it), but no
+    // cgroup is made or tagged.
+    let (_cg, agent) = match launch {
+        Launch::Cgroup(_) => {
+            let cg = TestCgroup::new();
+            let agent = cg.child("agent");
+            (Some(cg), agent)
+        }
+        Launch::Sandbox(_) => (
+            None,
+            format!("abtest-sandbox-{}/agent", agent_broker_tests::unique_name()),
+        ),
+    };
     let outside = Outside::start();
     let ca = TestCa::new("abtest battery CA");
     let api = TestUpstream::start(&ca, UpstreamOptions::api());
@@ -322,7 +349,11 @@ fn run_tier(tier: &str, identity: &[&str]) {
         squat.ip(),
         squat.port()
     );
-    let broker = Broker::builder()
+    let builder = match launch {
+        Launch::Cgroup(_) => Broker::builder(),
+        Launch::Sandbox(uid) => Broker::builder().unprivileged(uid),
+    };
+    let broker = builder
         .upstream_ca(ca.pem_path())
         .policy("battery", &policy)
         .arg("--dns-port")
@@ -346,12 +377,28 @@ fn run_tier(tier: &str, identity: &[&str]) {
         .unwrap_or_else(|| panic!("brokerd reports no DNS listener: {status:?}"));
     let battery = agent_copy(&broker, &battery_binary());
     let state = broker.state_dir();
-    let mut cmd = broker.ctl();
-    cmd.args(["run", "--cgroup", &agent, "--create"])
-        .args(identity)
-        .arg("--")
-        .arg(&battery)
-        .arg("--json")
+    let mut cmd = match launch {
+        Launch::Cgroup(identity) => {
+            let mut cmd = broker.ctl();
+            cmd.args(["run", "--cgroup", &agent, "--create"])
+                .args(identity)
+                .arg("--")
+                .arg(&battery);
+            cmd
+        }
+        Launch::Sandbox(uid) => {
+            let argv = agent_broker_tests::as_uid(uid, &agent_broker_tests::bin("brokerctl"));
+            let mut cmd = std::process::Command::new(&argv[0]);
+            cmd.args(&argv[1..])
+                .arg("--run-dir")
+                .arg(broker.run_dir())
+                .args(["run", "--unprivileged", "--as", &agent, "--"])
+                .arg(&battery)
+                .arg("--sandbox");
+            cmd
+        }
+    };
+    cmd.arg("--json")
         .args(["--outside-tcp", &outside.tcp.to_string()])
         .args(["--outside-udp", &outside.udp.to_string()])
         .arg("--outside-unix")
@@ -373,10 +420,17 @@ fn run_tier(tier: &str, identity: &[&str]) {
         .arg("--protected-path")
         .arg(state.join("vault.redb"))
         .arg("--protected-path")
-        .arg(broker.run_dir().join("control.sock"))
-        .arg("--protected-path")
-        .arg(broker.pin_dir())
-        .current_dir(broker.scratch_dir())
+        .arg(broker.run_dir().join("control.sock"));
+    match launch {
+        Launch::Cgroup(_) => cmd.arg("--protected-path").arg(broker.pin_dir()),
+        // brokerd runs as the agent's uid here: its directories are hidden from the sandbox.
+        Launch::Sandbox(_) => cmd
+            .arg("--protected-path")
+            .arg(broker.run_dir().join("sandbox.sock"))
+            .arg("--protected-path")
+            .arg(broker.policy_dir().join("battery")),
+    };
+    cmd.current_dir(broker.scratch_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -459,6 +513,28 @@ fn run_tier(tier: &str, identity: &[&str]) {
             "row {id} missing from the battery:\n{text}"
         );
     }
+    let sandboxed = matches!(launch, Launch::Sandbox(_));
+    if sandboxed {
+        // The sandbox's own rows (rules, routes, namespaces, SO_MARK), and every skipped row
+        // says why.
+        for id in ["U01", "U02", "U03", "U04"] {
+            assert!(
+                rows.iter().any(|r| r.id == id),
+                "row {id} missing from the battery:\n{text}"
+            );
+        }
+        for r in rows.iter().filter(|r| r.expected == "skipped") {
+            assert!(
+                r.outcome.starts_with("skipped: root mode only: ") && r.outcome.len() > 40,
+                "a skipped row must give its reason: {r:?}"
+            );
+        }
+    } else {
+        assert!(
+            rows.iter().all(|r| r.expected != "skipped"),
+            "no row is skipped in root mode:\n{text}"
+        );
+    }
 
     // Independent oracles.
     thread::sleep(Duration::from_millis(300));
@@ -498,9 +574,11 @@ fn run_tier(tier: &str, identity: &[&str]) {
                     && e.host.as_deref() == Some(DENIED_NAME)
                     && e.decision == Some(Decision::Deny)
             });
-            let has_squat = found
-                .iter()
-                .any(|e| e.original_dst == Some(squat) && e.decision == Some(Decision::Deny));
+            // In a sandbox the squatted listener is in the sandbox's network namespace, out of
+            // brokerd's reach: the call fails upstream instead (N64).
+            let has_squat = found.iter().any(|e| {
+                e.original_dst == Some(squat) && (sandboxed || e.decision == Some(Decision::Deny))
+            });
             let has_decoy = found.iter().any(|e| {
                 e.original_dst == Some(decoy.addr()) && e.decision == Some(Decision::Deny)
             });
@@ -523,16 +601,31 @@ fn run_tier(tier: &str, identity: &[&str]) {
             && e.decision == Some(Decision::Deny)),
         "tier {tier}: no audited DNS denial for {DENIED_NAME}"
     );
-    assert!(
-        audit.iter().any(|e| e.original_dst == Some(squat)
-            && e.decision == Some(Decision::Deny)
-            && e.cgroup.as_deref() == Some(agent.as_str())
-            && e.reason
-                .as_deref()
-                .is_some_and(|r| r.contains("brokerd sends no credential to an agent's listener"))),
-        "tier {tier}: no audited denial for the call to the agent's own listener on {squat} \
+    if sandboxed {
+        // The squatted listener is in the sandbox's network namespace: brokerd dialed the
+        // address in its own, where nothing listens, and nothing was written anywhere (N64).
+        assert!(
+            audit.iter().any(|e| e.original_dst == Some(squat)
+                && e.cgroup.as_deref() == Some(agent.as_str())
+                && e.status == Some(502)
+                && e.bytes_out == 0
+                && e.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("cannot connect"))),
+            "tier {tier}: no audited failure for the call to {squat} (N64): {audit:#?}"
+        );
+    } else {
+        assert!(
+            audit.iter().any(|e| e.original_dst == Some(squat)
+                && e.decision == Some(Decision::Deny)
+                && e.cgroup.as_deref() == Some(agent.as_str())
+                && e.reason.as_deref().is_some_and(
+                    |r| r.contains("brokerd sends no credential to an agent's listener")
+                )),
+            "tier {tier}: no audited denial for the call to the agent's own listener on {squat} \
          (N64): {audit:#?}"
-    );
+        );
+    }
     assert!(
         audit.iter().any(|e| e.original_dst == Some(decoy.addr())
             && e.decision == Some(Decision::Deny)
@@ -545,6 +638,25 @@ fn run_tier(tier: &str, identity: &[&str]) {
     );
     secret.assert_absent(broker.log().as_bytes(), "brokerd's log");
     let status = broker.status();
+    if sandboxed {
+        // No eBPF: no tagged cgroup and no kernel counters. The sandbox's connections are the
+        // agent's by name, and by its process (the battery, the command brokerctl executed).
+        assert!(
+            status.cgroups.is_empty(),
+            "tier {tier}: an unprivileged brokerd tags no cgroup: {:?}",
+            status.cgroups
+        );
+        let denial = audit
+            .iter()
+            .find(|e| e.original_dst == Some(outside.tcp) && e.decision == Some(Decision::Deny))
+            .unwrap_or_else(|| panic!("tier {tier}: no denial of {}", outside.tcp));
+        assert!(
+            denial.pid.is_some_and(|p| p != broker.pid())
+                && denial.comm.as_deref() == Some("attack-battery"),
+            "tier {tier}: the denial names the sandbox's agent process: {denial:#?}"
+        );
+        return;
+    }
     assert!(
         status.counters.udp_refused > 0
             && status.counters.socket_refused > 0
@@ -557,12 +669,20 @@ fn run_tier(tier: &str, identity: &[&str]) {
 
 #[test]
 fn attack_battery_as_an_unprivileged_uid() {
-    run_tier("unprivileged-uid", &["--user", "65534"]);
+    run_tier("unprivileged-uid", Launch::Cgroup(&["--user", "65534"]));
 }
 
 #[test]
 fn attack_battery_as_root_in_a_user_namespace() {
-    run_tier("userns-root", &["--userns"]);
+    run_tier("userns-root", Launch::Cgroup(&["--userns"]));
+}
+
+/// Issue 19: the battery as the agent of `brokerctl run --unprivileged --as <agent>` run by uid
+/// 65534, against `brokerd --unprivileged` as the same uid, with the same policy and oracles:
+/// no eBPF, no root anywhere but the test itself.
+#[test]
+fn attack_battery_in_an_unprivileged_sandbox() {
+    run_tier("unprivileged-sandbox", Launch::Sandbox(65534));
 }
 
 #[test]

@@ -306,9 +306,18 @@ fn serve(
     // brokerd has its own copies now (or none, if it refused).
     drop(msg.fds);
     match reply {
-        SandboxReply::Serving { agent: _, ca_pem } => {
+        SandboxReply::Serving {
+            agent: _,
+            ca_pem,
+            hide,
+        } => {
+            // The CA, then brokerd's directories to hide, each after a NUL (in no PEM).
             let mut go = b"G".to_vec();
             go.extend_from_slice(ca_pem.as_bytes());
+            for dir in &hide {
+                go.push(0);
+                go.extend_from_slice(dir.as_os_str().as_bytes());
+            }
             handoff::send(sock, &go, &[])?;
             Ok(agent)
         }
@@ -531,13 +540,22 @@ fn agent_process(
     let fds: Vec<RawFd> = sockets.iter().map(|(_, f)| f.as_raw_fd()).collect();
     handoff::send(raw, &kinds, &fds)?;
     drop(sockets);
-    let ca_pem = match handoff::recv(raw)? {
-        Some(m) if m.bytes.first() == Some(&b'G') => String::from_utf8(m.bytes[1..].to_vec())
-            .map_err(|_| LaunchError::Invalid("the broker CA is not UTF-8".into()))?,
+    let go = match handoff::recv(raw)? {
+        Some(m) if m.bytes.first() == Some(&b'G') => m.bytes,
         // brokerctl refused (brokerd said no, or it failed): it says why.
         // SAFETY: ends the child quietly.
         _ => unsafe { libc::_exit(126) },
     };
+    let mut parts = go[1..].split(|b| *b == 0);
+    let ca_pem = String::from_utf8(parts.next().unwrap_or_default().to_vec())
+        .map_err(|_| LaunchError::Invalid("the broker CA is not UTF-8".into()))?;
+    // brokerd's own directories (its state and policies): the agent runs as brokerd's uid.
+    let hidden: Vec<PathBuf> = parts
+        .filter(|p| !p.is_empty())
+        .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+        .filter(|p| p.is_absolute())
+        .collect();
+    let masks = masked_paths(&[plan.masks.clone(), hidden].concat());
     drop(sock);
     let trust = TrustStores::prepare(&ca_pem)?;
     nix::mount::mount(
@@ -557,7 +575,7 @@ fn agent_process(
         }],
         confine::KernelFs::Cover,
     )?;
-    for path in &plan.masks {
+    for path in &masks {
         mask(path)?;
     }
     ignore_forwarded_signals(libc::SIG_DFL);

@@ -10,6 +10,18 @@
 //! It never connects or sends over AF_VSOCK: it only checks that creating such a socket fails.
 //! It refuses to run in the root cgroup, where nothing would redirect its traffic.
 //!
+//! With `--sandbox` it runs as the agent of `brokerctl run --unprivileged` (issue 19: user,
+//! network, mount and pid namespaces, nft rules redirecting every TCP connect and DNS datagram
+//! to `brokerd --unprivileged`, no eBPF) and refuses to run unless its network namespace has
+//! only `lo`. Each row that applies there expects the outcome that mode gives (a UDP `connect`
+//! succeeds and its first datagram is rejected with EPERM; brokerd's pid names no process;
+//! the host's abstract sockets are in another network namespace; ...), the sandbox's own rows
+//! (`U01`-`U04`: the rules, routes, namespaces and SO_MARK) are added, and a row that only
+//! means something with the eBPF hooks (bind rewrites, cgroup moves, brokerd's host ports) or
+//! that this mode does not enforce (host pathname sockets) is printed as
+//! `skipped: root mode only: <reason>`. Without the flag the rows are those of root mode, as
+//! before.
+//!
 //! Output: one JSON object per row on stdout (`--json`), or a table. Exit status 0 when every
 //! row passed, 1 otherwise, 2 when it refused to run.
 
@@ -28,6 +40,11 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Default)]
 struct Args {
     json: bool,
+    /// Run as an agent of `brokerctl run --unprivileged` (issue 19): a sandbox of its own user,
+    /// network, mount and pid namespaces whose nft rules redirect every TCP connect and DNS
+    /// datagram to brokerd, instead of a tagged cgroup. Rows expect what that mode gives; rows
+    /// that only mean something with the eBPF hooks are skipped with the reason.
+    sandbox: bool,
     outside_tcp: Option<SocketAddr>,
     outside_udp: Option<SocketAddr>,
     outside_unix: Option<String>,
@@ -56,6 +73,10 @@ fn parse_args() -> Result<Args, String> {
     while let Some(flag) = it.next() {
         if flag == "--json" {
             a.json = true;
+            continue;
+        }
+        if flag == "--sandbox" {
+            a.sandbox = true;
             continue;
         }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -130,6 +151,32 @@ impl Battery {
             pass,
         });
     }
+
+    /// Records a row that does not apply in this mode, and why (sandbox mode only).
+    fn skip(&mut self, id: &'static str, attack: impl Into<String>, reason: &str) {
+        self.rows.push(Row {
+            id,
+            attack: attack.into(),
+            expected: "skipped".into(),
+            outcome: format!("skipped: {reason}"),
+            pass: true,
+        });
+    }
+}
+
+/// Where `brokerctl run --unprivileged` listens in the sandbox's own network namespace: the
+/// TCP listener every connect is redirected to, and the DNS socket (both handed to brokerd).
+const SANDBOX_TCP_PORT: u16 = 15001;
+const SANDBOX_DNS_PORT: u16 = 15053;
+
+/// The network interfaces of this network namespace (`/proc/net/dev`).
+fn interfaces() -> Vec<String> {
+    std::fs::read_to_string("/proc/net/dev")
+        .unwrap_or_default()
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next().map(|n| n.trim().to_string()))
+        .collect()
 }
 
 fn errno_name(e: i32) -> String {
@@ -152,6 +199,8 @@ fn errno_name(e: i32) -> String {
         libc::ENOTDIR => "ENOTDIR",
         libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
         libc::ENODEV => "ENODEV",
+        libc::EADDRINUSE => "EADDRINUSE",
+        libc::ENOSPC => "ENOSPC",
         _ => return format!("errno {e}"),
     }
     .to_string()
@@ -562,7 +611,17 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if in_root_cgroup() {
+    if args.sandbox {
+        let ifaces = interfaces();
+        if ifaces != ["lo"] {
+            eprintln!(
+                "attack-battery: --sandbox, but this network namespace has the interfaces \
+                 {ifaces:?}, not only lo: nothing would redirect its traffic (run it with \
+                 brokerctl run --unprivileged)"
+            );
+            std::process::exit(2);
+        }
+    } else if in_root_cgroup() {
         eprintln!(
             "attack-battery: refusing to run in the root cgroup: nothing would redirect its \
              traffic (run it with brokerctl run inside a tagged cgroup)"
@@ -816,24 +875,39 @@ fn main() {
         };
         b.row(id, what, &["EPERM"], outcome);
     }
-    b.row(
-        "N11",
-        "UDP connect to 1.1.1.1:443",
-        &["EPERM"],
-        match UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect("1.1.1.1:443")) {
-            Ok(()) => "connected".into(),
-            Err(e) => io_errno(&e),
-        },
-    );
-    b.row(
-        "N11",
-        "UDP connect to the outside UDP service",
-        &["EPERM"],
-        match UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect(out_udp)) {
-            Ok(()) => "connected".into(),
-            Err(e) => io_errno(&e),
-        },
-    );
+    if args.sandbox {
+        // No hook refuses connect() here (it sends nothing); the first datagram is rejected.
+        for (what, dst) in [
+            ("1.1.1.1:443", SocketAddr::from(([1, 1, 1, 1], 443))),
+            ("the outside UDP service", out_udp),
+        ] {
+            b.row(
+                "N11",
+                format!("UDP connect to {what}, then send (the rules reject the datagram)"),
+                &["connected, send EPERM"],
+                udp_connect_send(dst),
+            );
+        }
+    } else {
+        b.row(
+            "N11",
+            "UDP connect to 1.1.1.1:443",
+            &["EPERM"],
+            match UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect("1.1.1.1:443")) {
+                Ok(()) => "connected".into(),
+                Err(e) => io_errno(&e),
+            },
+        );
+        b.row(
+            "N11",
+            "UDP connect to the outside UDP service",
+            &["EPERM"],
+            match UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect(out_udp)) {
+                Ok(()) => "connected".into(),
+                Err(e) => io_errno(&e),
+            },
+        );
+    }
 
     if let (Some(resolver), Some(name)) = (args.resolver, &args.dns_name) {
         b.row(
@@ -848,6 +922,27 @@ fn main() {
             &["NOERROR from resolver"],
             dns_udp(resolver, name, true),
         );
+        if args.sandbox {
+            // Every datagram to port 53 is redirected, whatever the resolver's address.
+            for other in [
+                SocketAddr::from(([127, 0, 0, 53], 53)),
+                SocketAddr::new(
+                    IpAddr::V6(
+                        "2001:4860:4860::8888"
+                            .parse()
+                            .unwrap_or(Ipv6Addr::LOCALHOST),
+                    ),
+                    53,
+                ),
+            ] {
+                b.row(
+                    "N13",
+                    format!("DNS for allowed {name} to another resolver {other}"),
+                    &["NOERROR from resolver"],
+                    dns_udp(other, name, false),
+                );
+            }
+        }
         if let Some(denied_name) = &args.dns_denied {
             b.row(
                 "N14",
@@ -930,6 +1025,40 @@ fn main() {
         ("SCTP", libc::SOCK_STREAM, 132),
         ("SMC (IPPROTO_SMC)", libc::SOCK_STREAM, 256),
     ] {
+        if args.sandbox {
+            // No hook refuses the socket here: what matters is where its traffic goes (MPTCP
+            // is TCP on the wire, so redirected; UDP-Lite is not UDP, so port 53 is not
+            // redirected either, and its datagrams are rejected).
+            let (traffic, expected): (String, &[&str]) = if ty == libc::SOCK_STREAM {
+                (
+                    "connect and HTTP request".into(),
+                    &[
+                        "EPERM",
+                        "EPROTONOSUPPORT",
+                        "ESOCKTNOSUPPORT",
+                        "created, 403",
+                        "created, closed",
+                    ],
+                )
+            } else {
+                (
+                    format!("sendto {out_udp} and 1.1.1.1:53"),
+                    &[
+                        "EPERM",
+                        "EPROTONOSUPPORT",
+                        "ESOCKTNOSUPPORT",
+                        "created, send EPERM",
+                    ],
+                )
+            };
+            b.row(
+                "N18",
+                format!("{name} socket, then {traffic}"),
+                expected,
+                other_protocol(ty, proto, out_tcp, out_udp),
+            );
+            continue;
+        }
         b.row(
             "N18",
             format!("{name} socket"),
@@ -983,7 +1112,18 @@ fn main() {
         try_socket(43, libc::SOCK_STREAM, 0),
     );
 
-    if let Some(path) = &args.outside_unix {
+    if let (true, Some(path)) = (args.sandbox, &args.outside_unix) {
+        let reason = "root mode only: Landlock does not govern connect() or sendto() on a \
+                      pathname socket, and this mode hides only brokerd's run directory, the \
+                      user's runtime directory, X11, ICE, D-Bus and Docker (N41 covers those; \
+                      docs/design/unprivileged.md, 'Host unix sockets')";
+        b.skip("N22", format!("AF_UNIX stream connect to {path}"), reason);
+        b.skip(
+            "N23",
+            format!("AF_UNIX datagram sendto {path}.dgram"),
+            reason,
+        );
+    } else if let Some(path) = &args.outside_unix {
         b.row(
             "N22",
             format!("AF_UNIX stream connect to {path}"),
@@ -998,12 +1138,24 @@ fn main() {
         );
     }
     if let Some(name) = &args.outside_abstract {
-        b.row(
-            "N22",
-            format!("AF_UNIX connect to abstract @{name}"),
-            &["EPERM"],
-            unix_connect(name.as_bytes(), true),
-        );
+        if args.sandbox {
+            b.row(
+                "N22",
+                format!(
+                    "AF_UNIX connect to the host's abstract @{name} (abstract names are per \
+                     network namespace)"
+                ),
+                &["ECONNREFUSED"],
+                unix_connect(name.as_bytes(), true),
+            );
+        } else {
+            b.row(
+                "N22",
+                format!("AF_UNIX connect to abstract @{name}"),
+                &["EPERM"],
+                unix_connect(name.as_bytes(), true),
+            );
+        }
     }
     b.row("N24", "socketpair() and pipe() still work", &["works"], {
         let mut sv = [0i32; 2];
@@ -1051,6 +1203,21 @@ fn main() {
             tcp_http(([127, 0, 0, 1], *port).into(), "loop.test"),
         );
     }
+    if args.sandbox {
+        // The sandbox's own listener, which every connect is redirected to: brokerd refuses
+        // a connection whose destination is the listener itself (a loop).
+        for dst in [
+            SocketAddr::from(([127, 0, 0, 1], SANDBOX_TCP_PORT)),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, SANDBOX_TCP_PORT)),
+        ] {
+            b.row(
+                "N26",
+                format!("connect to the sandbox's listener {dst} itself (a loop)"),
+                &["closed", "403"],
+                tcp_http(dst, "loop.test"),
+            );
+        }
+    }
     b.row(
         "N26",
         "CONNECT request through the redirect",
@@ -1075,7 +1242,11 @@ fn main() {
     );
     b.row(
         "N27",
-        "listen() without bind(): autobound, reachable from loopback only (ingress filter)",
+        if args.sandbox {
+            "listen() without bind(): autobound, in the sandbox's own network namespace (lo only)"
+        } else {
+            "listen() without bind(): autobound, reachable from loopback only (ingress filter)"
+        },
         &["listening"],
         {
             match owned_socket(libc::AF_INET, libc::SOCK_STREAM, 0) {
@@ -1091,42 +1262,89 @@ fn main() {
             }
         },
     );
-    b.row(
-        "N28",
-        "bind(0.0.0.0:0) lands on loopback",
-        &["127.0.0.1"],
-        match std::net::TcpListener::bind("0.0.0.0:0") {
-            Ok(l) => l
-                .local_addr()
-                .map(|a| a.ip().to_string())
-                .unwrap_or_default(),
-            Err(e) => io_errno(&e),
-        },
-    );
-    if let Some(ip) = first_non_loopback_ip() {
-        b.row(
+    if args.sandbox {
+        b.skip(
             "N28",
-            format!("bind a non-loopback address {ip}"),
-            &["EPERM"],
-            match std::net::TcpListener::bind((ip, 0)) {
-                Ok(l) => format!("bound {:?}", l.local_addr()),
-                Err(e) => io_errno(&e),
-            },
+            "bind(0.0.0.0:0) lands on loopback",
+            "root mode only: the bind hook rewrites wildcard binds; here the namespace has only lo",
         );
-    }
-    for port in &args.broker_ports {
         b.row(
             "N28",
-            format!("bind 127.0.0.1:{port} (squat brokerd's port)"),
-            &["EPERM"],
-            match UdpSocket::bind(("127.0.0.1", *port))
-                .map(drop)
-                .and_then(|()| std::net::TcpListener::bind(("127.0.0.1", *port)).map(drop))
+            "network interfaces in the sandbox besides lo (a non-loopback address to bind)",
+            &["none"],
             {
-                Ok(()) => "bound".into(),
+                let others: Vec<String> = interfaces().into_iter().filter(|i| i != "lo").collect();
+                if others.is_empty() {
+                    "none".into()
+                } else {
+                    format!("{others:?}")
+                }
+            },
+        );
+        b.row(
+            "N28",
+            format!(
+                "bind 127.0.0.1:{SANDBOX_TCP_PORT} with SO_REUSEPORT (steal the listener \
+                 handed to brokerd)"
+            ),
+            &["EADDRINUSE"],
+            bind_reuseport(libc::SOCK_STREAM, SANDBOX_TCP_PORT),
+        );
+        b.row(
+            "N28",
+            format!(
+                "bind UDP 127.0.0.1:{SANDBOX_DNS_PORT} with SO_REUSEPORT (steal the DNS socket \
+                 handed to brokerd)"
+            ),
+            &["EADDRINUSE"],
+            bind_reuseport(libc::SOCK_DGRAM, SANDBOX_DNS_PORT),
+        );
+        for port in &args.broker_ports {
+            b.skip(
+                "N28",
+                format!("bind 127.0.0.1:{port} (squat brokerd's port)"),
+                "root mode only: brokerd's ports are in its user's network namespace; the \
+                 sandbox's 127.0.0.1 is its own",
+            );
+        }
+    } else {
+        b.row(
+            "N28",
+            "bind(0.0.0.0:0) lands on loopback",
+            &["127.0.0.1"],
+            match std::net::TcpListener::bind("0.0.0.0:0") {
+                Ok(l) => l
+                    .local_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default(),
                 Err(e) => io_errno(&e),
             },
         );
+        if let Some(ip) = first_non_loopback_ip() {
+            b.row(
+                "N28",
+                format!("bind a non-loopback address {ip}"),
+                &["EPERM"],
+                match std::net::TcpListener::bind((ip, 0)) {
+                    Ok(l) => format!("bound {:?}", l.local_addr()),
+                    Err(e) => io_errno(&e),
+                },
+            );
+        }
+        for port in &args.broker_ports {
+            b.row(
+                "N28",
+                format!("bind 127.0.0.1:{port} (squat brokerd's port)"),
+                &["EPERM"],
+                match UdpSocket::bind(("127.0.0.1", *port))
+                    .map(drop)
+                    .and_then(|()| std::net::TcpListener::bind(("127.0.0.1", *port)).map(drop))
+                {
+                    Ok(()) => "bound".into(),
+                    Err(e) => io_errno(&e),
+                },
+            );
+        }
     }
     b.row(
         "N29",
@@ -1189,33 +1407,44 @@ fn main() {
             open_errno(path, true),
         );
     }
-    b.row(
-        "N33",
-        "clone3(CLONE_INTO_CGROUP) into /sys/fs/cgroup",
-        &["ENOENT", "EACCES", "EBADF", "EPERM", "EINVAL", "EOPNOTSUPP"],
-        clone_into("/sys/fs/cgroup"),
-    );
-    b.row(
-        "N34",
-        "create a sub-cgroup",
-        &["ENOENT", "EACCES", "EROFS", "EPERM"],
-        {
-            let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-            let rel = own
-                .lines()
-                .find_map(|l| l.strip_prefix("0::"))
-                .unwrap_or("/")
-                .to_string();
-            let dir = format!("/sys/fs/cgroup/unified{rel}/escape");
-            let c = CString::new(dir).unwrap_or_default();
-            // SAFETY: valid path.
-            if unsafe { libc::mkdir(c.as_ptr(), 0o755) } == 0 {
-                "created".into()
-            } else {
-                last_errno()
-            }
-        },
-    );
+    if args.sandbox {
+        let reason = "root mode only: no capture hook is attached to a cgroup in this mode, so a \
+                      cgroup of its own would escape nothing (N32 shows cgroupfs is covered)";
+        b.skip(
+            "N33",
+            "clone3(CLONE_INTO_CGROUP) into /sys/fs/cgroup",
+            reason,
+        );
+        b.skip("N34", "create a sub-cgroup", reason);
+    } else {
+        b.row(
+            "N33",
+            "clone3(CLONE_INTO_CGROUP) into /sys/fs/cgroup",
+            &["ENOENT", "EACCES", "EBADF", "EPERM", "EINVAL", "EOPNOTSUPP"],
+            clone_into("/sys/fs/cgroup"),
+        );
+        b.row(
+            "N34",
+            "create a sub-cgroup",
+            &["ENOENT", "EACCES", "EROFS", "EPERM"],
+            {
+                let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+                let rel = own
+                    .lines()
+                    .find_map(|l| l.strip_prefix("0::"))
+                    .unwrap_or("/")
+                    .to_string();
+                let dir = format!("/sys/fs/cgroup/unified{rel}/escape");
+                let c = CString::new(dir).unwrap_or_default();
+                // SAFETY: valid path.
+                if unsafe { libc::mkdir(c.as_ptr(), 0o755) } == 0 {
+                    "created".into()
+                } else {
+                    last_errno()
+                }
+            },
+        );
+    }
     b.row("N35", "bpf(BPF_PROG_QUERY)", &["EPERM"], bpf_errno(16));
     b.row(
         "N35",
@@ -1229,22 +1458,41 @@ fn main() {
         &["EPERM"],
         bpf_errno(31),
     );
-    b.row(
-        "N36",
-        "reach the pinned links: is any bpf file system mounted?",
-        &["no bpffs mounted"],
-        if std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.contains(" - bpf "))
-        {
-            "bpffs visible".into()
-        } else {
-            "no bpffs mounted".into()
-        },
-    );
+    if args.sandbox {
+        // In a user namespace the inherited mounts are locked, so bpffs is covered, not
+        // unmounted: a root brokerd's pinned links (on the same host) must not show.
+        b.row(
+            "N36",
+            "reach a root brokerd's pinned links: what does /sys/fs/bpf hold?",
+            &["nothing", "ENOENT"],
+            match std::fs::read_dir("/sys/fs/bpf") {
+                Ok(d) => match d.count() {
+                    0 => "nothing".into(),
+                    n => format!("{n} entries"),
+                },
+                Err(e) => io_errno(&e),
+            },
+        );
+    } else {
+        b.row(
+            "N36",
+            "reach the pinned links: is any bpf file system mounted?",
+            &["no bpffs mounted"],
+            if std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains(" - bpf "))
+            {
+                "bpffs visible".into()
+            } else {
+                "no bpffs mounted".into()
+            },
+        );
+    }
     b.row("N37", "bpf(BPF_PROG_LOAD)", &["EPERM"], bpf_errno(5));
-    if let Some(pid) = args.broker_pid {
+    if let (true, Some(pid)) = (args.sandbox, args.broker_pid) {
+        sandbox_broker_rows(&mut b, pid);
+    } else if let Some(pid) = args.broker_pid {
         // SAFETY: ptrace attach attempt; expected to fail. Detached at once if it did not.
         let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, 0, 0) };
         let outcome = if r == 0 {
@@ -1312,7 +1560,11 @@ fn main() {
     let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, parent, 0, 0) };
     b.row(
         "N40",
-        "ptrace(PTRACE_ATTACH) the launcher (a process outside the sandbox)",
+        if args.sandbox {
+            "ptrace(PTRACE_ATTACH) the sandbox's init (brokerctl's, in the parent user namespace)"
+        } else {
+            "ptrace(PTRACE_ATTACH) the launcher (a process outside the sandbox)"
+        },
         &["EPERM"],
         if r == 0 {
             unsafe { libc::ptrace(libc::PTRACE_DETACH, parent, 0, 0) };
@@ -1326,14 +1578,28 @@ fn main() {
             "N41",
             format!("read {path}"),
             &["EACCES", "ENOENT", "EPERM"],
-            open_errno(path, false),
+            if args.sandbox {
+                // How much of it the agent got, where it could open it.
+                match std::fs::read(path) {
+                    Ok(bytes) => format!("read {} bytes", bytes.len()),
+                    Err(e) => io_errno(&e),
+                }
+            } else {
+                open_errno(path, false)
+            },
         );
     }
     if let Some(squat) = args.squat {
         b.row(
             "N64",
             format!("listen on {squat} (a plain_http rule injects the key there) and call it"),
-            &["403, dialed, 0 bytes"],
+            // In the sandbox, the listener is in the sandbox's network namespace: brokerd
+            // dials the address in its own, where nothing listens.
+            if args.sandbox {
+                &["502, never dialed"]
+            } else {
+                &["403, dialed, 0 bytes"]
+            },
             squat_plain_http(squat),
         );
     }
@@ -1347,6 +1613,9 @@ fn main() {
             &["only the share held, the rest closed"],
             hold_connections(connect, 4 * share, share),
         );
+    }
+    if args.sandbox {
+        sandbox_rows(&mut b);
     }
     b.row(
         "N52",
@@ -1742,4 +2011,373 @@ fn clone_into(dir: &str) -> String {
     // SAFETY: our fd.
     unsafe { libc::close(fd) };
     outcome
+}
+
+/// UDP connect to `dst` (sends nothing), then one datagram.
+fn udp_connect_send(dst: SocketAddr) -> String {
+    let socket = match UdpSocket::bind("0.0.0.0:0") {
+        Ok(s) => s,
+        Err(e) => return format!("bind {}", io_errno(&e)),
+    };
+    if let Err(e) = socket.connect(dst) {
+        return io_errno(&e);
+    }
+    match socket.send(b"probe") {
+        Ok(_) => "connected, sent".into(),
+        Err(e) => format!("connected, send {}", io_errno(&e)),
+    }
+}
+
+/// Binds 127.0.0.1:`port` with SO_REUSEADDR and SO_REUSEPORT: "bound" or the errno.
+fn bind_reuseport(ty: i32, port: u16) -> String {
+    let fd = match owned_socket(libc::AF_INET, ty, 0) {
+        Ok(fd) => fd,
+        Err(e) => return e,
+    };
+    let on: libc::c_int = 1;
+    for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+        // SAFETY: valid int option.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &on as *const _ as *const libc::c_void,
+                4,
+            )
+        };
+    }
+    let sa = sockaddr_in(Ipv4Addr::LOCALHOST, port);
+    // SAFETY: valid sockaddr_in.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &sa as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if r != 0 {
+        return last_errno();
+    }
+    if ty == libc::SOCK_STREAM {
+        // SAFETY: listen on our own socket.
+        if unsafe { libc::listen(fd.as_raw_fd(), 1) } != 0 {
+            return format!("bound, listen {}", last_errno());
+        }
+    }
+    "bound".into()
+}
+
+/// Runs `f` in a forked child (its namespaces and credentials changes stay there) and returns
+/// what it reported through a pipe.
+fn in_child(f: fn() -> String) -> String {
+    let mut p = [0i32; 2];
+    // SAFETY: valid out array.
+    if unsafe { libc::pipe(p.as_mut_ptr()) } != 0 {
+        return last_errno();
+    }
+    // SAFETY: fork of a single-threaded process; the child makes system calls and exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let outcome = f();
+        // SAFETY: write to our pipe, then _exit.
+        unsafe {
+            libc::write(p[1], outcome.as_ptr() as *const libc::c_void, outcome.len());
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: parent side: close the write end, read, reap.
+    unsafe { libc::close(p[1]) };
+    let mut out = String::new();
+    // SAFETY: p[0] is our read end.
+    let mut f = unsafe { std::fs::File::from_raw_fd(p[0]) };
+    let _ = f.read_to_string(&mut out);
+    let mut status = 0;
+    // SAFETY: our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    out
+}
+
+/// Deletes the default IPv4 route with rtnetlink (NETLINK_ROUTE is allowed, for getaddrinfo):
+/// the kernel's answer as an errno, or "deleted".
+fn rtnetlink_delete_default_route() -> String {
+    let fd = match owned_socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE) {
+        Ok(fd) => fd,
+        Err(e) => return format!("socket {e}"),
+    };
+    set_timeouts(&fd);
+    // nlmsghdr (16 bytes) + rtmsg (12 bytes).
+    let mut msg = Vec::with_capacity(28);
+    msg.extend_from_slice(&28u32.to_ne_bytes());
+    msg.extend_from_slice(&libc::RTM_DELROUTE.to_ne_bytes());
+    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&[
+        libc::AF_INET as u8,
+        0,
+        0,
+        0,
+        libc::RT_TABLE_MAIN,
+        0,
+        libc::RT_SCOPE_NOWHERE,
+        0,
+    ]);
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    // SAFETY: a sockaddr_nl for the kernel (all zero but the family).
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: valid buffer and address.
+    let r = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr() as *const libc::c_void,
+            msg.len(),
+            0,
+            &kernel as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if r < 0 {
+        return format!("send {}", last_errno());
+    }
+    let mut buf = [0u8; 512];
+    // SAFETY: valid buffer.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            0,
+        )
+    };
+    if n < 20 {
+        return if n < 0 {
+            format!("recv {}", last_errno())
+        } else {
+            "short answer".into()
+        };
+    }
+    let ty = u16::from_ne_bytes([buf[4], buf[5]]);
+    if ty != libc::NLMSG_ERROR as u16 {
+        return format!("answer type {ty}");
+    }
+    match i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]) {
+        0 => "deleted".into(),
+        e => errno_name(-e),
+    }
+}
+
+/// The rows only the unprivileged sandbox has: the namespaces' own rules, routes and limits.
+fn sandbox_rows(b: &mut Battery) {
+    b.row(
+        "U01",
+        "AF_NETLINK NETLINK_NETFILTER socket (nft flush ruleset, iptables-nft -F)",
+        &["EPERM"],
+        try_socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_NETFILTER),
+    );
+    b.row(
+        "U02",
+        "delete the default route over rtnetlink (RTM_DELROUTE)",
+        &["EPERM"],
+        in_child(rtnetlink_delete_default_route),
+    );
+    b.row(
+        "U03",
+        "unshare(CLONE_NEWNET): a network namespace without the rules",
+        &["EPERM"],
+        in_child(|| {
+            // SAFETY: plain system call, in a child that exits.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
+                "unshared".into()
+            } else {
+                last_errno()
+            }
+        }),
+    );
+    b.row(
+        "U03",
+        "unshare(CLONE_NEWUSER): a user namespace with capabilities of its own",
+        &["ENOSPC", "EPERM"],
+        in_child(|| {
+            // SAFETY: plain system call, in a child that exits.
+            if unsafe { libc::unshare(libc::CLONE_NEWUSER) } == 0 {
+                "unshared".into()
+            } else {
+                last_errno()
+            }
+        }),
+    );
+    b.row(
+        "U04",
+        "setsockopt(SO_MARK) (a mark the rules would skip)",
+        &["EPERM"],
+        {
+            match owned_socket(libc::AF_INET, libc::SOCK_STREAM, 0) {
+                Ok(fd) => {
+                    let mark: libc::c_int = 1;
+                    // SAFETY: valid int option.
+                    if unsafe {
+                        libc::setsockopt(
+                            fd.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_MARK,
+                            &mark as *const _ as *const libc::c_void,
+                            4,
+                        )
+                    } == 0
+                    {
+                        "set".into()
+                    } else {
+                        last_errno()
+                    }
+                }
+                Err(e) => e,
+            }
+        },
+    );
+}
+
+/// N39 and N42 in the sandbox: brokerd runs in another pid namespace, so its pid names no
+/// process here (or, by chance, one of the sandbox's own, which is then left alone).
+fn sandbox_broker_rows(b: &mut Battery, pid: i32) {
+    let visible: Vec<String> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.parse::<u32>().ok()?;
+                    let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+                    (comm.trim() == "brokerd").then_some(name)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    b.row(
+        "N39",
+        "find brokerd in /proc (another pid namespace)",
+        &["not visible"],
+        if visible.is_empty() {
+            "not visible".into()
+        } else {
+            format!("visible as {visible:?}")
+        },
+    );
+    let taken = std::path::Path::new(&format!("/proc/{pid}")).exists();
+    b.row(
+        "N39",
+        format!("brokerd's pid {pid} in the sandbox's /proc"),
+        &["absent"],
+        if taken {
+            "taken by a sandbox process".into()
+        } else {
+            "absent".into()
+        },
+    );
+    // SAFETY: ptrace attach attempt; expected to fail. Detached at once if it did not.
+    let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, 0, 0) };
+    let outcome = if r == 0 {
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) };
+        "attached".into()
+    } else {
+        last_errno()
+    };
+    b.row("N39", "ptrace(PTRACE_ATTACH) brokerd", &["EPERM"], outcome);
+    let mut buf = [0u8; 16];
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: 16,
+    };
+    let remote = libc::iovec {
+        iov_base: 0x400000 as *mut libc::c_void,
+        iov_len: 16,
+    };
+    // SAFETY: valid iovecs; expected to fail.
+    let r = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    b.row(
+        "N39",
+        "process_vm_readv of brokerd",
+        &["EPERM"],
+        if r < 0 {
+            last_errno()
+        } else {
+            "read memory".into()
+        },
+    );
+    for file in ["environ", "mem", "maps"] {
+        b.row(
+            "N39",
+            format!("open /proc/<brokerd>/{file}"),
+            &["ENOENT"],
+            open_errno(&format!("/proc/{pid}/{file}"), false),
+        );
+    }
+    for (what, sig) in [("KILL", libc::SIGKILL), ("STOP", libc::SIGSTOP)] {
+        let outcome = if taken {
+            "not sent: the pid is a sandbox process".to_string()
+        } else {
+            // SAFETY: a signal to a pid that names no process here; expected to fail.
+            if unsafe { libc::kill(pid, sig) } == 0 {
+                "signal delivered".into()
+            } else {
+                last_errno()
+            }
+        };
+        b.row("N42", format!("kill -{what} brokerd"), &["ESRCH"], outcome);
+    }
+}
+
+/// A socket of another IP protocol (MPTCP, UDP-Lite, ...) and what its traffic meets: the
+/// errno of `socket()`, or "created, " and the answer (stream: connect to `tcp` and an HTTP
+/// request; datagram: sendto `udp` and 1.1.1.1:53, "send EPERM" when both fail so).
+fn other_protocol(ty: i32, proto: i32, tcp: SocketAddr, udp: SocketAddr) -> String {
+    let fd = match owned_socket(libc::AF_INET, ty, proto) {
+        Ok(fd) => fd,
+        Err(e) => return e,
+    };
+    set_timeouts(&fd);
+    let v4 = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => sockaddr_in(*v4.ip(), v4.port()),
+        SocketAddr::V6(_) => sockaddr_in(Ipv4Addr::LOCALHOST, a.port()),
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    if ty == libc::SOCK_STREAM {
+        let sa = v4(tcp);
+        // SAFETY: valid sockaddr_in.
+        if unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                &sa as *const _ as *const libc::sockaddr,
+                len,
+            )
+        } != 0
+        {
+            return format!("created, connect {}", last_errno());
+        }
+        return format!(
+            "created, {}",
+            http_answer(stream_of(fd), "outside.test", "GET / HTTP/1.1")
+        );
+    }
+    let mut outcomes = Vec::new();
+    for dst in [udp, SocketAddr::from(([1, 1, 1, 1], 53))] {
+        let sa = v4(dst);
+        // SAFETY: valid buffer and sockaddr.
+        let r = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                b"probe".as_ptr() as *const libc::c_void,
+                5,
+                0,
+                &sa as *const _ as *const libc::sockaddr,
+                len,
+            )
+        };
+        outcomes.push(if r < 0 { last_errno() } else { "sent".into() });
+    }
+    if outcomes.iter().all(|o| o == "EPERM") {
+        "created, send EPERM".into()
+    } else {
+        format!("created, send {}", outcomes.join(" / "))
+    }
 }
