@@ -771,3 +771,82 @@ fn the_agent_cannot_rewrite_its_own_policy_from_its_work_directory() {
         report.status
     );
 }
+
+/// Opens as many connections as it can (up to argv[1]) to a TEST-NET address, without sending,
+/// prints how many it holds, and keeps them for argv[2] seconds.
+const HOLD_PY: &str = r#"
+import json, resource, socket, sys, time
+n, hold = int(sys.argv[1]), float(sys.argv[2])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held, err = [], None
+for i in range(n):
+    try:
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("192.0.2.10", 80))
+        held.append(s)
+    except OSError as e:
+        err = e.strerror
+        break
+print(json.dumps({"held": len(held), "error": err}), flush=True)
+time.sleep(hold)
+"#;
+
+/// Break: one sandbox holding thousands of connections to brokerd starves another agent's
+/// sandbox: brokerd keys every agent's share by `cgroup_id`, which is 0 for every sandbox
+/// (daemon/src/capture/original_dst.rs), so all sandboxes, whatever their names, share one
+/// share. The control socket still answers.
+#[test]
+fn one_sandbox_flooding_brokerd_does_not_starve_another_agents_sandbox() {
+    let w = World::unprivileged(UID);
+    let python = agent_python().to_string_lossy().into_owned();
+    let argv = as_uid(UID, &bin("brokerctl"));
+    let holder_name = format!("{}-flood", w.agent);
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
+        .arg("--run-dir")
+        .arg(w.broker.run_dir())
+        .args(["run", "--unprivileged", "--as", &holder_name, "--"])
+        .args([python.as_str(), "-c", HOLD_PY, "6000", "25"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut holder = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start the holder: {e}"));
+    // Give it time to open its connections.
+    thread::sleep(Duration::from_secs(8));
+    let started = std::time::Instant::now();
+    let status = w.broker.status();
+    let status_took = started.elapsed();
+    let (run, report) =
+        agent_broker_tests::clients::curl(&w.broker, &w.agent, &w.trust(), &w.call("/hash"));
+    let _ = holder.kill();
+    let out = holder.wait_with_output().ok();
+    eprintln!(
+        "holder: {:?}; status took {status_took:?}; workloads {}",
+        out.as_ref()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned()),
+        status.workloads.len()
+    );
+    if report.status != 200 {
+        for r in w.broker.audit_records() {
+            if r.cgroup.as_deref() == Some(w.agent.as_str())
+                || r.reason.as_deref().is_some_and(|x| x.contains("refused"))
+            {
+                eprintln!("record: {:?} {:?} {:?}", r.cgroup, r.kind, r.reason);
+            }
+        }
+    }
+    w.assert_injected("curl while another sandbox floods brokerd", &run, &report);
+    assert!(
+        status_took < Duration::from_secs(5),
+        "the control socket answered in {status_took:?}"
+    );
+}
