@@ -2,11 +2,12 @@
 //! docs/design/unprivileged-redteam.md). brokerd and brokerctl run as uid 65534 as in
 //! `tests/tests/unprivileged.rs`; "another user" is uid 65533.
 //!
-//! - breaks (fail on the code they were written against): brokerctl hands a sandbox's listeners
-//!   to whatever serves `<run-dir>/sandbox.sock`, and sends a secret to whatever serves
-//!   `<run-dir>/control.sock`, without checking that it is its own user's (or root's) brokerd.
-//!   With `XDG_RUNTIME_DIR` unset the run directory is `/tmp/agent-broker-UID`, which any local
-//!   user can create first.
+//! - breaks (fail on the code they were written against, `bfa18ba`): the agent reads brokerd's
+//!   master key and vault (same uid, nothing masks the state directory); brokerctl hands a
+//!   sandbox's listeners to, and sends a secret to, whatever serves `<run-dir>/sandbox.sock` /
+//!   `control.sock` (another user's included); the agent rewrites its own policy when its work
+//!   directory holds the policy directory; one sandbox's flood refuses every other sandbox
+//!   (shares keyed by cgroup id 0); the agent plants another user's `/tmp/agent-broker-UID`.
 //! - holds: a battery of escapes from inside the sandbox (direct connects to the listener,
 //!   UDP other than DNS, SCTP/MPTCP/UDP-Lite/ICMP sockets, TCP Fast Open, ancillary data,
 //!   pid 1 of the sandbox (signals, /proc/1/root, /proc/1/ns, memory), mount, unshare, setns,
@@ -846,5 +847,126 @@ fn one_sandbox_flooding_brokerd_does_not_starve_another_agents_sandbox() {
     assert!(
         status_took < Duration::from_secs(5),
         "the control socket answered in {status_took:?}"
+    );
+}
+
+/// Another local user, victim of the agent's planted run directory.
+const VICTIM_UID: u32 = 65532;
+
+/// Inside the sandbox: makes `<argv[1]>` (another user's default run directory) with a
+/// `control.sock` anyone may connect to, writes `<argv[2]>` when ready, and keeps in
+/// `<argv[3]>` the SHA-256 of what the first client sends (never the bytes), or "none".
+const PLANT_PY: &str = r#"
+import hashlib, json, os, socket, sys
+run, ready, record = sys.argv[1], sys.argv[2], sys.argv[3]
+try:
+    os.mkdir(run, 0o755)
+    os.chmod(run, 0o755)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(os.path.join(run, "control.sock"))
+    os.chmod(os.path.join(run, "control.sock"), 0o777)
+    s.listen(1)
+    s.settimeout(30)
+except OSError as e:
+    print(json.dumps({"plant": e.strerror}), flush=True)
+    open(ready, "w").close()
+    sys.exit(0)
+open(ready, "w").close()
+print(json.dumps({"plant": "ok"}), flush=True)
+data = b""
+try:
+    c, _ = s.accept()
+    c.settimeout(3)
+    while True:
+        b = c.recv(65536)
+        if not b:
+            break
+        data += b
+except OSError:
+    pass
+with open(record, "w") as f:
+    f.write(json.dumps({"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                        "secret_set_with_value": b'"secret_set"' in data and b'"value":"' in data}))
+"#;
+
+/// Break: the sandbox's /tmp is the host's (Landlock lets the agent write there), so the agent
+/// can create another user's default run directory (`/tmp/agent-broker-UID`, used when
+/// `XDG_RUNTIME_DIR` is unset) with a control socket of its own; that user's `brokerctl secret
+/// set` then sends the secret to the agent. (The same works against the agent's own user's
+/// `/tmp/agent-broker-UID` when its brokerd uses `$XDG_RUNTIME_DIR`, where a peer-uid check
+/// cannot help: the sandbox needs a private /tmp or a mask over `/tmp/agent-broker-*`.)
+#[test]
+fn the_agent_cannot_plant_another_users_run_directory_in_tmp() {
+    let w = World::unprivileged(UID);
+    let run = PathBuf::from(format!("/tmp/agent-broker-{VICTIM_UID}"));
+    assert!(
+        !run.exists(),
+        "{} exists already; this test needs it absent",
+        run.display()
+    );
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(run.clone());
+    let scratch = w.broker.scratch_dir();
+    let ready = scratch.join(format!("plant-ready-{}", std::process::id()));
+    let record = scratch.join(format!("plant-record-{}", std::process::id()));
+    let python = agent_python().to_string_lossy().into_owned();
+    let argv = as_uid(UID, &bin("brokerctl"));
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
+        .arg("--run-dir")
+        .arg(w.broker.run_dir())
+        .args(["run", "--unprivileged", "--as", &w.agent, "--"])
+        .args([python.as_str(), "-c", PLANT_PY])
+        .args([&run, &ready, &record])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let agent = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start the agent: {e}"));
+    let got_ready = poll_until(Duration::from_secs(30), || ready.exists().then_some(()));
+    assert!(got_ready.is_some(), "the agent never got ready");
+    // The victim, in a shell without XDG_RUNTIME_DIR, stores a secret with its brokerctl.
+    let secret = Canary::new();
+    let victim = as_uid(VICTIM_UID, &bin("brokerctl"));
+    let mut child = Command::new(&victim[0])
+        .args(&victim[1..])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .args(["secret", "set", "ABTEST_VICTIM_KEY"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start the victim's brokerctl: {e}"));
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = std::io::Write::write_all(&mut stdin, secret.expose().as_bytes());
+    }
+    let _ = wait_with_timeout(child, Duration::from_secs(30), "the victim's brokerctl");
+    let out = wait_with_timeout(agent, Duration::from_secs(60), "the planting agent");
+    let planted = String::from_utf8_lossy(&out.stdout).into_owned();
+    let got: serde_json::Value = fs::read_to_string(&record)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let _ = fs::remove_file(&ready);
+    let _ = fs::remove_file(&record);
+    assert!(
+        !planted.contains("\"plant\": \"ok\""),
+        "the sandboxed agent made {}/control.sock in the host's /tmp ({planted}); the victim's \
+         brokerctl sent it {} bytes (a secret_set request with the value: {})",
+        run.display(),
+        got["bytes"],
+        got["secret_set_with_value"]
     );
 }
