@@ -970,3 +970,41 @@ fn the_agent_cannot_plant_another_users_run_directory_in_tmp() {
         got["secret_set_with_value"]
     );
 }
+
+/// Names itself (`PR_SET_NAME`) with a newline in the middle, then makes one request.
+const COMM_PY: &str = r#"
+import ctypes, socket
+ctypes.CDLL(None).prctl(15, b"x\nFORGED-LINE", 0, 0, 0)
+try:
+    s = socket.create_connection(("192.0.2.10", 80), timeout=10)
+    s.sendall(b"GET /comm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.recv(100)
+except Exception as e:
+    print(type(e).__name__, flush=True)
+"#;
+
+/// Holds or breaks: brokerd's log names the sandbox's process by its command, which the agent
+/// sets itself; a newline in it must not start a line of brokerd's log.
+#[test]
+fn the_agents_process_name_cannot_forge_a_brokerd_log_line() {
+    let w = World::unprivileged(UID);
+    let python = agent_python().to_string_lossy().into_owned();
+    let run = run_in_cgroup(
+        &w.broker,
+        &w.agent,
+        "comm forger",
+        &[],
+        &[python, "-c".into(), COMM_PY.into()],
+    );
+    thread::sleep(Duration::from_millis(500));
+    let log = w.broker.log();
+    let forged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("FORGED-LINE"))
+        .collect();
+    assert!(
+        forged.is_empty(),
+        "the agent's process name started lines of brokerd's log: {forged:?} ({})",
+        run.show()
+    );
+}
