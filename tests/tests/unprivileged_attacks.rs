@@ -2,7 +2,9 @@
 //! docs/design/unprivileged-redteam.md). brokerd and brokerctl run as uid 65534 as in
 //! `tests/tests/unprivileged.rs`; "another user" is uid 65533.
 //!
-//! - breaks (fail on the code they were written against, `bfa18ba`): the agent reads brokerd's
+//! - breaks (fail on the code they were written against, `bfa18ba`): the agent types commands
+//!   into the user's terminal (TIOCSTI), which the user's shell runs outside the sandbox; the
+//!   agent reads brokerd's
 //!   master key and vault (same uid, nothing masks the state directory); brokerctl hands a
 //!   sandbox's listeners to, and sends a secret to, whatever serves `<run-dir>/sandbox.sock` /
 //!   `control.sock` (another user's included); the agent rewrites its own policy when its work
@@ -1006,5 +1008,99 @@ fn the_agents_process_name_cannot_forge_a_brokerd_log_line() {
         forged.is_empty(),
         "the agent's process name started lines of brokerd's log: {forged:?} ({})",
         run.show()
+    );
+}
+
+/// As root: becomes a session leader with a fresh pty as its controlling terminal (the user's
+/// terminal), runs argv[1:] (brokerctl run ... as the test user) on it, and once that exited
+/// reads what is left in the terminal's input queue: what the user's shell would read and run
+/// next. Prints JSON.
+const PTY_HARNESS_PY: &str = r#"
+import fcntl, json, os, select, subprocess, sys, termios, time
+master, slave = os.openpty()
+os.setsid()
+fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+p = subprocess.Popen(sys.argv[1:], stdin=slave, stdout=slave, stderr=slave)
+out = b""
+deadline = time.monotonic() + 60
+while p.poll() is None and time.monotonic() < deadline:
+    r, _, _ = select.select([master], [], [], 0.2)
+    if r:
+        try:
+            out += os.read(master, 4096)
+        except OSError:
+            break
+if p.poll() is None:
+    p.kill()
+    p.wait()
+os.set_blocking(slave, False)
+pending = b""
+try:
+    pending = os.read(slave, 4096)
+except OSError:
+    pass
+print(json.dumps({"status": p.returncode, "pending": pending.decode("latin-1"),
+                  "output": out.decode("latin-1")[-500:]}), flush=True)
+"#;
+
+/// The agent: pushes a command into its terminal's input queue (TIOCSTI).
+const TIOCSTI_PY: &str = r#"
+import fcntl, termios
+try:
+    for c in b"echo ABTEST-INJECTED\n":
+        fcntl.ioctl(0, termios.TIOCSTI, bytes([c]))
+    print("tiocsti ok", flush=True)
+except OSError as e:
+    print("tiocsti", e.strerror, flush=True)
+"#;
+
+/// Break: the sandbox keeps the user's terminal as its controlling terminal and the seccomp
+/// filter lets TIOCSTI through, so (where `dev.tty.legacy_tiocsti` is 1, as here) the agent
+/// types a command into the user's shell, which runs it outside the sandbox once the agent
+/// exits (the bubblewrap CVE-2017-5226 class). The sandbox needs `setsid()` (or a pty of its
+/// own) and a seccomp rule refusing TIOCSTI and TIOCLINUX.
+#[test]
+fn the_agent_cannot_type_into_the_users_terminal() {
+    let w = World::unprivileged(UID);
+    let python = agent_python().to_string_lossy().into_owned();
+    let brokerctl = as_uid(UID, &bin("brokerctl"));
+    let run_dir = w.broker.run_dir().to_string_lossy().into_owned();
+    let mut cmd = Command::new(&python);
+    cmd.arg("-c")
+        .arg(PTY_HARNESS_PY)
+        .args(&brokerctl)
+        .args([
+            "--run-dir",
+            &run_dir,
+            "run",
+            "--unprivileged",
+            "--as",
+            &w.agent,
+            "--",
+        ])
+        .args([python.as_str(), "-c", TIOCSTI_PY])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start the pty harness: {e}"));
+    let out = wait_with_timeout(child, Duration::from_secs(90), "the pty harness");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no JSON from the pty harness: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let pending = report["pending"].as_str().unwrap_or("");
+    assert!(
+        !pending.contains("ABTEST-INJECTED"),
+        "the sandboxed agent typed {pending:?} into the user's terminal (the shell would run it \
+         outside the sandbox): {report}"
     );
 }
