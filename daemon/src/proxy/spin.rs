@@ -10,7 +10,8 @@
 //! After a [`kick`] (a request started, a response arrived, a connection was accepted) the
 //! thread's spinner keeps its runtime polling the sockets without sleeping for up to the spin
 //! window: each round yields to the runtime (which then checks for I/O with a zero timeout)
-//! and to the kernel (`sched_yield`, so another process runnable on this CPU goes first). When
+//! and, when the round found no new work, to the kernel (`sched_yield`, so another process
+//! runnable on this CPU goes first). When
 //! the window passes with no new kick the spinner waits, and the thread sleeps as before. An
 //! idle broker therefore costs nothing; a busy one spins at most one window after its last
 //! request. A window of zero turns spinning off.
@@ -66,9 +67,15 @@ pub async fn run(window: Duration) {
         let mut deadline = Instant::now() + window;
         loop {
             tokio::task::yield_now().await;
-            std::thread::yield_now();
-            let now = Instant::now();
             let kicks = state.kicks.get();
+            // Give the CPU away only in a round that found no new work: while requests keep
+            // coming, a `sched_yield` each round only switched to other processes and back
+            // (about 3% of brokerd's CPU per request and 5% of its throughput on 32 busy
+            // connections, with the same 1-connection latency).
+            if kicks == seen {
+                std::thread::yield_now();
+            }
+            let now = Instant::now();
             if kicks != seen {
                 seen = kicks;
                 deadline = now + window;
