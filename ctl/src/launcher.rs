@@ -24,7 +24,8 @@
 //! 5. installs a seccomp filter returning EPERM for socket families the cgroup hooks cannot see
 //!    (AF_PACKET, AF_VSOCK, AF_XDP, AF_SMC, AF_KEY, AF_ALG, and AF_NETLINK but NETLINK_ROUTE), for `bpf`, `ptrace`,
 //!    `process_vm_readv/writev`, `perf_event_open`, kernel keyrings, module and kexec calls,
-//!    `userfaultfd`, and for io_uring (whose socket operations would bypass the `socket` check);
+//!    `userfaultfd`, for io_uring (whose socket operations would bypass the `socket` check),
+//!    and for the `TIOCSTI` and `TIOCLINUX` ioctls (input pushed into the user's terminal);
 //! 6. closes every descriptor above stderr and executes the command.
 //!
 //! brokerctl stays as the agent's parent: it forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT and

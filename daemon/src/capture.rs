@@ -285,10 +285,18 @@ impl ConnectionOrigin {
         if self.exe.is_none() {
             self.exe = std::fs::read_link(format!("/proc/{}/exe", self.pid))
                 .ok()
-                .map(|p| p.display().to_string());
+                .map(|p| printable(&p.display().to_string()));
         }
         self
     }
+}
+
+/// `text` (a process's command or executable, which the agent chooses) with its control
+/// characters as `?`: a newline in a command name must not start a line of brokerd's log.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// Why an accepted connection has no origin.
@@ -474,7 +482,7 @@ impl OriginResolver {
             cgroup_id,
             pid: origin.tgid,
             tid: origin.pid,
-            comm: String::from_utf8_lossy(&origin.comm[..comm_len]).into_owned(),
+            comm: printable(&String::from_utf8_lossy(&origin.comm[..comm_len])),
             // Read once the connection or query is within the agent's share
             // ([`ConnectionOrigin::with_exe`]): a flood past it costs no /proc lookup.
             exe: None,

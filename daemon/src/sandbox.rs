@@ -265,6 +265,7 @@ impl Sandboxes {
             udp.iter().filter_map(|s| s.local_addr().ok()).collect();
         let agent = SandboxAgent {
             name: name.clone(),
+            id: SandboxAgent::id_for(cookie),
             pid,
             comm,
             listeners: listeners.clone(),
@@ -421,7 +422,7 @@ async fn read_hello(stream: &UnixStream, host_cookie: u64) -> Result<Checked, He
         });
     }
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", hello.pid))
-        .map(|c| c.trim_end().to_string())
+        .map(|c| crate::capture::printable(c.trim_end()))
         .unwrap_or_default();
     Ok(Checked {
         name,
@@ -470,33 +471,10 @@ fn check_peer(stream: &UnixStream) -> Result<(), HelloError> {
     Ok(())
 }
 
-/// Whether process `pid` runs in brokerd's namespaces, as far as brokerd's user can tell: at
-/// the same pid namespace depth (`NSpid` in `/proc/<pid>/status`, readable whatever the
-/// process; a sandbox's processes are always in a pid namespace below brokerctl's), and in the
-/// same user namespace where its `/proc/<pid>/ns/user` can be read (not for a process that made
-/// itself non-dumpable, as brokerctl does). False when its status cannot be read.
+/// Whether process `pid` runs in brokerd's namespaces (see
+/// [`agent_broker_protocol::peer::same_namespaces`]).
 pub fn same_user_namespace(pid: u32) -> bool {
-    let depth = |status: std::io::Result<String>| {
-        status.ok().and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .map(|ids| ids.split_whitespace().count())
-        })
-    };
-    let (theirs, ours) = (
-        depth(std::fs::read_to_string(format!("/proc/{pid}/status"))),
-        depth(std::fs::read_to_string("/proc/self/status")),
-    );
-    if theirs.is_none() || theirs != ours {
-        return false;
-    }
-    match (
-        std::fs::read_link(format!("/proc/{pid}/ns/user")),
-        std::fs::read_link("/proc/self/ns/user"),
-    ) {
-        (Ok(t), Ok(o)) => t == o,
-        _ => true,
-    }
+    agent_broker_protocol::peer::same_namespaces(pid)
 }
 
 /// Reads the one hello message and the descriptors attached to it.

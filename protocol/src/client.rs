@@ -39,6 +39,8 @@ pub enum ClientError {
     Decode(#[from] serde_json::Error),
     #[error("stopped while waiting for brokerd")]
     Stopped,
+    #[error("refusing to talk to {}: {reason}", path.display())]
+    NotBrokerd { path: PathBuf, reason: String },
 }
 
 /// The control socket inside a run directory.
@@ -56,8 +58,12 @@ impl Client {
     /// Connects to `<run_dir>/control.sock`.
     pub fn connect(run_dir: &Path) -> Result<Self, ClientError> {
         let path = socket_path(run_dir);
-        let stream =
-            UnixStream::connect(&path).map_err(|source| ClientError::Connect { path, source })?;
+        let stream = UnixStream::connect(&path).map_err(|source| ClientError::Connect {
+            path: path.clone(),
+            source,
+        })?;
+        crate::peer::check_server(&stream)
+            .map_err(|reason| ClientError::NotBrokerd { path, reason })?;
         stream.set_read_timeout(Some(CALL_TIMEOUT))?;
         let writer = stream.try_clone()?;
         Ok(Self {

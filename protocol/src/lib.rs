@@ -13,6 +13,7 @@ use std::{fmt, net::SocketAddr};
 
 pub mod client;
 pub mod docs;
+pub mod peer;
 pub mod sandbox;
 
 use serde::{Deserialize, Serialize};

@@ -2,14 +2,17 @@
 //! docs/design/unprivileged-redteam.md). brokerd and brokerctl run as uid 65534 as in
 //! `tests/tests/unprivileged.rs`; "another user" is uid 65533.
 //!
-//! - breaks (fail on the code they were written against, `bfa18ba`): the agent types commands
-//!   into the user's terminal (TIOCSTI), which the user's shell runs outside the sandbox; the
-//!   agent reads brokerd's
-//!   master key and vault (same uid, nothing masks the state directory); brokerctl hands a
-//!   sandbox's listeners to, and sends a secret to, whatever serves `<run-dir>/sandbox.sock` /
-//!   `control.sock` (another user's included); the agent rewrites its own policy when its work
-//!   directory holds the policy directory; one sandbox's flood refuses every other sandbox
-//!   (shares keyed by cgroup id 0); the agent plants another user's `/tmp/agent-broker-UID`.
+//! - breaks found on the code they were written against (`bfa18ba`), each now fixed and each
+//!   a test here: the agent typed commands into the user's terminal (TIOCSTI), which the
+//!   user's shell would run outside the sandbox (the seccomp filter refuses TIOCSTI and
+//!   TIOCLINUX); the agent read brokerd's master key and vault, and rewrote its own policy when
+//!   its work directory held the policy directory (same uid: the sandbox now hides brokerd's
+//!   state and policy directories); brokerctl handed a sandbox's listeners to, and sent a secret
+//!   to, whatever served `<run-dir>/sandbox.sock` / `control.sock`, another user's or one an
+//!   agent planted in `/tmp/agent-broker-UID` (brokerctl now checks who serves a socket:
+//!   `agent_broker_protocol::peer`); one sandbox's flood refused every other sandbox (shares
+//!   were keyed by cgroup id 0; each sandbox has an id of its own); the agent's process name
+//!   forged lines of brokerd's log (control characters are shown as `?`).
 //! - holds: a battery of escapes from inside the sandbox (direct connects to the listener,
 //!   UDP other than DNS, SCTP/MPTCP/UDP-Lite/ICMP sockets, TCP Fast Open, ancillary data,
 //!   pid 1 of the sandbox (signals, /proc/1/root, /proc/1/ns, memory), mount, unshare, setns,
@@ -954,7 +957,7 @@ fn the_agent_cannot_plant_another_users_run_directory_in_tmp() {
     if let Some(mut stdin) = child.stdin.take() {
         let _ = std::io::Write::write_all(&mut stdin, secret.expose().as_bytes());
     }
-    let _ = wait_with_timeout(child, Duration::from_secs(30), "the victim's brokerctl");
+    let victim_out = wait_with_timeout(child, Duration::from_secs(30), "the victim's brokerctl");
     let out = wait_with_timeout(agent, Duration::from_secs(60), "the planting agent");
     let planted = String::from_utf8_lossy(&out.stdout).into_owned();
     let got: serde_json::Value = fs::read_to_string(&record)
@@ -963,10 +966,21 @@ fn the_agent_cannot_plant_another_users_run_directory_in_tmp() {
         .unwrap_or(serde_json::Value::Null);
     let _ = fs::remove_file(&ready);
     let _ = fs::remove_file(&record);
+    // /tmp is the host's (the agent's work may live there), so the agent can make the
+    // directory; what must not happen is anyone talking to what it serves there. brokerctl
+    // checks who serves a socket before it sends anything: another uid is not its brokerd.
+    let stderr = String::from_utf8_lossy(&victim_out.stderr);
+    secret.assert_absent(&victim_out.stderr, "the victim's brokerctl stderr");
     assert!(
-        !planted.contains("\"plant\": \"ok\""),
-        "the sandboxed agent made {}/control.sock in the host's /tmp ({planted}); the victim's \
-         brokerctl sent it {} bytes (a secret_set request with the value: {})",
+        !victim_out.status.success() && stderr.contains("not this user's brokerd"),
+        "the victim's brokerctl must refuse the planted socket and say why ({}): {stderr}",
+        victim_out.status
+    );
+    assert!(
+        got["bytes"].as_u64().unwrap_or(0) == 0
+            && !got["secret_set_with_value"].as_bool().unwrap_or(false),
+        "the planted socket in {} received {} bytes from the victim's brokerctl (a secret_set \
+         request with the value: {}); planting: {planted}",
         run.display(),
         got["bytes"],
         got["secret_set_with_value"]

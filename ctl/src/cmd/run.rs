@@ -26,7 +26,7 @@ use crate::{cmd, launcher};
 /// a seccomp filter refusing AF_PACKET, AF_VSOCK, AF_XDP, AF_SMC, AF_KEY and AF_ALG sockets
 /// and netlink other than NETLINK_ROUTE,
 /// bpf, ptrace, process_vm_readv/writev, perf_event_open, keyrings, modules, kexec,
-/// userfaultfd and io_uring. brokerctl waits for CMD, forwards SIGINT, SIGTERM, SIGHUP and
+/// userfaultfd and io_uring, and the TIOCSTI and TIOCLINUX ioctls. brokerctl waits for CMD, forwards SIGINT, SIGTERM, SIGHUP and
 /// SIGQUIT to it, and exits with its status (128 + signal if it was killed; 126 if it could
 /// not be started). Needs root.
 ///

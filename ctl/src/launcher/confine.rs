@@ -79,6 +79,9 @@ const DENIED_SYSCALLS: [(libc::c_long, &str); 17] = [
     (libc::SYS_io_uring_register, "io_uring_register"),
 ];
 
+/// ioctl requests refused (EPERM): `TIOCSTI` and `TIOCLINUX` (see [`seccomp_filter`]).
+const DENIED_IOCTLS: [u64; 2] = [libc::TIOCSTI, libc::TIOCLINUX];
+
 /// The seccomp filter (built before the clone, so the child does not allocate for it).
 pub fn seccomp_filter() -> Result<BpfProgram, LaunchError> {
     let err = |e: seccompiler::BackendError| LaunchError::Invalid(format!("seccomp filter: {e}"));
@@ -127,6 +130,20 @@ pub fn seccomp_filter() -> Result<BpfProgram, LaunchError> {
         }
         rules.insert(syscall, by_family);
     }
+    // Terminal ioctls that make a terminal act on the agent's behalf: TIOCSTI pushes bytes into
+    // the terminal's input (the user's shell would run them once the agent exits), TIOCLINUX
+    // reaches the console's selection. The agent keeps its terminal for input and output.
+    let mut ioctls = Vec::new();
+    for request in DENIED_IOCTLS {
+        ioctls.push(
+            SeccompRule::new(vec![
+                SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
+                    .map_err(err)?,
+            ])
+            .map_err(err)?,
+        );
+    }
+    rules.insert(libc::SYS_ioctl, ioctls);
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| LaunchError::Invalid(format!("seccomp: {e}")))?;
     let filter = SeccompFilter::new(

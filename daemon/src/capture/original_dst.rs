@@ -22,6 +22,10 @@ const SO_ORIGINAL_DST: libc::c_int = 80;
 pub struct SandboxAgent {
     /// The agent name the sandbox runs as (`brokerctl run --unprivileged --as NAME`).
     pub name: CgroupPath,
+    /// Stands in for a cgroup id where brokerd keys state by one (an agent's shares): one of
+    /// its own per sandbox ([`SandboxAgent::id_for`]), so one sandbox's flood never uses up
+    /// another's share.
+    pub id: CgroupId,
     /// The sandbox's agent process (a pid of brokerd's namespace, the one `brokerctl run`
     /// executes the command in), and its command when the sandbox was handed over.
     pub pid: u32,
@@ -32,6 +36,13 @@ pub struct SandboxAgent {
 }
 
 impl SandboxAgent {
+    /// The stand-in cgroup id of the sandbox whose network namespace is `netns_cookie`: the
+    /// cookie with the top bit set, which no cgroup id has (they are inode numbers of the
+    /// cgroup file system).
+    pub fn id_for(netns_cookie: u64) -> CgroupId {
+        CgroupId(netns_cookie | 1 << 63)
+    }
+
     /// The origin of a connection the sandbox's listener accepted, or why it has none.
     pub fn origin_of(&self, socket: &impl AsRawFd) -> Result<ConnectionOrigin, ResolveError> {
         let original_dst = original_dst(socket).map_err(|e| ResolveError::Diag {
@@ -44,7 +55,7 @@ impl SandboxAgent {
         let mut origin = self.origin(original_dst);
         // The sandbox's process has likely executed the agent since the hello: name that.
         if let Ok(comm) = std::fs::read_to_string(format!("/proc/{}/comm", self.pid)) {
-            origin.comm = comm.trim_end().to_string();
+            origin.comm = super::printable(comm.trim_end());
         }
         Ok(origin)
     }
@@ -55,7 +66,7 @@ impl SandboxAgent {
             cgroup: self.name.clone(),
             cgroup_path: None,
             pod: None,
-            cgroup_id: CgroupId(0),
+            cgroup_id: self.id,
             pid: self.pid,
             tid: self.pid,
             comm: self.comm.clone(),

@@ -102,14 +102,23 @@ pub fn sandbox_socket(run_dir: &Path) -> PathBuf {
 /// Connects to brokerd's sandbox socket, before anything is started.
 pub fn connect(run_dir: &Path) -> Result<UnixStream, LaunchError> {
     let path = sandbox_socket(run_dir);
-    UnixStream::connect(&path).map_err(|e| {
+    let stream = UnixStream::connect(&path).map_err(|e| {
         LaunchError::Invalid(format!(
             "cannot reach brokerd's sandbox socket {}: {e}; start `brokerd --unprivileged` as \
              this user first (or point --run-dir / AGENT_BROKER_RUN_DIR at the run directory \
              of the brokerd to use); the agent was not started",
             path.display()
         ))
-    })
+    })?;
+    // Its listeners and its traffic go to whoever serves this socket: only this user's
+    // brokerd (or root's) may.
+    agent_broker_protocol::peer::check_server(&stream).map_err(|reason| {
+        LaunchError::Invalid(format!(
+            "refusing brokerd's sandbox socket {}: {reason}; the agent was not started",
+            path.display()
+        ))
+    })?;
+    Ok(stream)
 }
 
 /// Sends the hello with the sockets attached (one `sendmsg`) and reads brokerd's reply line.
