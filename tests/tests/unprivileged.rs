@@ -509,3 +509,77 @@ fn once_brokerd_is_gone_the_agents_connects_are_refused() {
         "with brokerd gone the connect is refused, never sent on: {last}"
     );
 }
+
+/// Handles work by agent name in a sandbox as for a tagged cgroup: a handle minted for the
+/// sandbox's agent and the API is swapped for the secret there, and refused from a sandbox
+/// running as another agent, whose upstream then sees nothing of it.
+#[test]
+fn a_handle_is_swapped_for_its_sandboxs_agent_only() {
+    let w = World::unprivileged_with(UID, |cg, api| {
+        ["agent", "other"]
+            .iter()
+            .map(|sub| {
+                (
+                    (*sub).to_string(),
+                    format!(
+                        "cgroup = \"{}\"\n{}",
+                        cg.child(sub),
+                        rule(API, api.port(), false)
+                    ),
+                )
+            })
+            .collect()
+    });
+    // Printing the token once is mint's job: run outside the harness's transcript, which is
+    // scanned for secrets.
+    let out = agent_broker_tests::run_with_timeout(
+        w.broker.ctl().args([
+            "handle",
+            "mint",
+            "--cgroup",
+            &w.agent,
+            "--secret",
+            agent_broker_tests::world::SECRET_NAME,
+            "--host",
+            API,
+            "--ttl",
+            "15m",
+        ]),
+        agent_broker_tests::SHORT,
+    );
+    assert!(
+        out.status.success(),
+        "handle mint failed ({}): {}",
+        out.status,
+        agent_broker_tests::canary::redact(&String::from_utf8_lossy(&out.stderr))
+    );
+    let token = agent_broker_tests::Canary::adopt(String::from_utf8_lossy(&out.stdout).trim());
+    w.api.watch_for("handle", &token);
+    let call = Call::new(API, api_ip(), w.api.port(), "/hash")
+        .header("authorization", &format!("Bearer {}", token.expose()));
+    let (run, report) = clients::curl(&w.broker, &w.agent, &w.trust(), &call);
+    assert_eq!(
+        report.status,
+        200,
+        "the handle's own agent: {}\n{}",
+        report.show(),
+        w.broker.log()
+    );
+    assert_eq!(
+        report.json()["authorization_sha256"].as_str(),
+        Some(w.injected_hash().as_str()),
+        "the API must receive the secret in place of the handle: {}",
+        report.show()
+    );
+    run.assert_no_secret(&w.secret);
+    let before = w.api.requests().len();
+    let other = w.cg.child("other");
+    let (_, report) = clients::curl(&w.broker, &other, &w.trust(), &call);
+    report.assert_denied(&other, "a handle from another agent's sandbox");
+    assert_eq!(
+        w.api.requests().len(),
+        before,
+        "the API must see nothing of the refused call"
+    );
+    w.assert_no_secret_in_logs();
+}
