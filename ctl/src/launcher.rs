@@ -199,6 +199,19 @@ struct CloneArgs {
 
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
+/// Ends a forked child of brokerctl whose setup failed before `execve` (`result`, an error by
+/// then): says why on stderr and exits 126 ("could not be started") without running the
+/// parent's exit handlers.
+fn end_child(result: Result<std::convert::Infallible, LaunchError>) -> ! {
+    let Err(e) = result;
+    let _ = writeln!(
+        std::io::stderr(),
+        "brokerctl run: {e}; the agent was not started"
+    );
+    // SAFETY: _exit ends the child without running the parent's atexit handlers twice.
+    unsafe { libc::_exit(126) }
+}
+
 fn pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 writes.
@@ -261,7 +274,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
     if pid == 0 {
         drop(ready_r);
         drop(go_w);
-        let code = match confine::child(
+        end_child(confine::child(
             spec.identity,
             &spec.trust,
             &plan,
@@ -270,18 +283,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
             go_r,
             &program,
             &argv,
-        ) {
-            Ok(never) => match never {},
-            Err(e) => {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "brokerctl run: {e}; the agent was not started"
-                );
-                126
-            }
-        };
-        // SAFETY: _exit ends the child without running the parent's atexit handlers twice.
-        unsafe { libc::_exit(code) };
+        ));
     }
     let pid = pid as i32;
     CHILD.store(pid, Ordering::SeqCst);

@@ -234,7 +234,10 @@ fn check_peer(stream: &UnixStream, state: &ControlState) -> Option<Response> {
     // namespace) that reached this socket despite the mount namespace masking it is refused.
     // (A sandbox's processes are brokerd's uid, never root: brokerctl runs root's sandboxes as
     // 65534, whom the check above refuses.)
-    if state.unprivileged && cred.uid() == own_uid && !crate::sandbox::same_user_namespace(pid) {
+    if state.unprivileged
+        && cred.uid() == own_uid
+        && !agent_broker_protocol::peer::same_namespaces(pid)
+    {
         return Some(error(
             ErrorKind::Forbidden,
             format!("process {pid} runs in another user namespace than brokerd (a sandbox's?)"),

@@ -465,16 +465,10 @@ fn check_peer(stream: &UnixStream) -> Result<(), HelloError> {
         .ok_or_else(|| HelloError::Peer("no peer pid".into()))?;
     // A sandbox's processes run as brokerd's uid (root's sandboxes as 65534, refused above),
     // never as root, whose /proc entries brokerd's user could not read anyway.
-    if cred.uid() == own && !same_user_namespace(pid) {
+    if cred.uid() == own && !agent_broker_protocol::peer::same_namespaces(pid) {
         return Err(HelloError::UserNamespace);
     }
     Ok(())
-}
-
-/// Whether process `pid` runs in brokerd's namespaces (see
-/// [`agent_broker_protocol::peer::same_namespaces`]).
-pub fn same_user_namespace(pid: u32) -> bool {
-    agent_broker_protocol::peer::same_namespaces(pid)
 }
 
 /// Reads the one hello message and the descriptors attached to it.

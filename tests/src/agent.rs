@@ -242,3 +242,21 @@ pub fn connect(rel: &str, mode: Mode, dst: SocketAddr) -> AgentRun {
         report,
     }
 }
+
+/// A python3 script: sends an A query for each name given to `127.0.0.53:53` (the agent's
+/// DNS, whichever way it is captured) and prints each answer's RCODE, one per line.
+pub const DNS_RCODES_PY: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+for i, name in enumerate(sys.argv[1:]):
+    q = struct.pack(">HHHHHH", 100 + i, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    s.sendto(q + b"\x00" + struct.pack(">HH", 1, 1), ("127.0.0.53", 53))
+    while True:
+        r = s.recv(4096)
+        if struct.unpack(">H", r[:2])[0] == 100 + i:
+            print(r[3] & 0x0f, flush=True)
+            break
+"#;

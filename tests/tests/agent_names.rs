@@ -32,25 +32,6 @@ use agent_broker_tests::{
     world::{API, SECRET_NAME, World, rule},
 };
 
-/// Sends one DNS query (type A) for each name in argv to 127.0.0.53:53 (brokerd answers it:
-/// the redirect takes every DNS datagram of a tagged cgroup to brokerd's DNS listener) and
-/// prints the response codes, one per line.
-const DNS_PY: &str = r#"
-import socket, struct, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(5)
-for i, name in enumerate(sys.argv[1:]):
-    q = struct.pack(">HHHHHH", 100 + i, 0x0100, 1, 0, 0, 0)
-    for label in name.split("."):
-        q += bytes([len(label)]) + label.encode()
-    s.sendto(q + b"\x00" + struct.pack(">HH", 1, 1), ("127.0.0.53", 53))
-    while True:
-        r = s.recv(4096)
-        if struct.unpack(">H", r[:2])[0] == 100 + i:
-            print(r[3] & 0x0f, flush=True)
-            break
-"#;
-
 /// A name no policy allows.
 const UNALLOWED: &str = "exfil.example.test";
 
@@ -169,9 +150,14 @@ fn tagged(w: &World, path: &str) -> Option<agent_broker_protocol::TaggedCgroup> 
 /// both queries are recorded under `agent` with the real cgroup path.
 fn assert_dns_as(w: &World, cgroup: &str, agent: &str, when: &str) {
     let mut cmd = Command::new(agent_python());
-    cmd.args(["-c", DNS_PY, API, UNALLOWED])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "-c",
+        agent_broker_tests::agent::DNS_RCODES_PY,
+        API,
+        UNALLOWED,
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let child = spawn_in_cgroup(cgroup, &mut cmd);
     let pid = child.id();
     let out = wait_with_timeout(child, Duration::from_secs(30), "the DNS client");

@@ -133,23 +133,6 @@ fn a_stream_arrives_in_pieces_and_an_echoed_secret_is_scrubbed() {
     w.assert_no_secret_in_logs();
 }
 
-/// Sends a DNS query for each name to `127.0.0.53:53` and prints each answer's RCODE.
-const DNS_PY: &str = r#"
-import socket, struct, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(5)
-for i, name in enumerate(sys.argv[1:]):
-    q = struct.pack(">HHHHHH", 100 + i, 0x0100, 1, 0, 0, 0)
-    for label in name.split("."):
-        q += bytes([len(label)]) + label.encode()
-    s.sendto(q + b"\x00" + struct.pack(">HH", 1, 1), ("127.0.0.53", 53))
-    while True:
-        r = s.recv(4096)
-        if struct.unpack(">H", r[:2])[0] == 100 + i:
-            print(r[3] & 0x0f, flush=True)
-            break
-"#;
-
 #[test]
 fn denials_and_dns_are_audited_under_the_agents_name_and_shown_in_the_console() {
     let w = World::unprivileged(UID);
@@ -170,7 +153,7 @@ fn denials_and_dns_are_audited_under_the_agents_name_and_shown_in_the_console() 
         &[
             python,
             "-c".into(),
-            DNS_PY.into(),
+            agent_broker_tests::agent::DNS_RCODES_PY.into(),
             API.into(),
             UNALLOWED.into(),
         ],

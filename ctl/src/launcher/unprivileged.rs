@@ -203,18 +203,7 @@ pub fn launch(spec: &Spec) -> Result<i32, LaunchError> {
     if setup == 0 {
         drop(ours);
         drop(brokerd);
-        let code = match setup_process(&plan, theirs) {
-            Ok(never) => match never {},
-            Err(e) => {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "brokerctl run: {e}; the agent was not started"
-                );
-                126
-            }
-        };
-        // SAFETY: ends the child without running the parent's exit handlers.
-        unsafe { libc::_exit(code) };
+        super::end_child(setup_process(&plan, theirs));
     }
     drop(theirs);
     match serve(spec, &plan, setup, &ours, &brokerd) {
@@ -473,18 +462,7 @@ fn init_process(plan: &SandboxPlan, sock: OwnedFd, sockets: Vec<(SandboxSocket, 
     // SAFETY: single-threaded.
     let agent = unsafe { libc::fork() };
     if agent == 0 {
-        let code = match agent_process(plan, sock, sockets) {
-            Ok(never) => match never {},
-            Err(e) => {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "brokerctl run: {e}; the agent was not started"
-                );
-                126
-            }
-        };
-        // SAFETY: ends the child without running exit handlers.
-        unsafe { libc::_exit(code) };
+        super::end_child(agent_process(plan, sock, sockets));
     }
     drop(sockets);
     drop(sock);
